@@ -1,0 +1,5 @@
+"""``python -m snapfs`` is the ``snapfs`` command."""
+
+from snapfs.cli import main
+
+main()

@@ -1,0 +1,29 @@
+"""What every command gets from the top-level options: where the repository is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import click
+
+from snapfs.errors import UsageError
+from snapfs.repo.repository import Repository
+from snapfs.store import open_store
+
+
+@dataclass(frozen=True)
+class CliConfig:
+    repo: str | None
+    endpoint_url: str | None
+    debug: bool
+
+    def open_repository(self) -> Repository:
+        return Repository.open(open_store(self.require_repo(), self.endpoint_url))
+
+    def require_repo(self) -> str:
+        if not self.repo:
+            raise UsageError("no repository given: use -r REPO or set SNAPFS_REPO")
+        return self.repo
+
+
+pass_config = click.make_pass_decorator(CliConfig)

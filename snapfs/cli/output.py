@@ -1,0 +1,93 @@
+"""What the CLI shows: progress bars on a terminal, JSON for scripts, sizes both ways."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+import trio
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from snapfs.errors import UsageError
+from snapfs.progress import NO_PROGRESS
+from snapfs.progress import Progress as ProgressSink
+from snapfs.repo.parallel import single_error
+
+T = TypeVar("T")
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``16K``, ``4M``, ``1G``, ``1.5T`` or plain bytes (binary units; a trailing B or iB is ok)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise UsageError(f"not a size: {text!r} (try 16K, 4M, 1G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError
+
+
+def emit_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=False))
+
+
+class TerminalProgress:
+    """A rich progress bar on stderr, shown only when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self._bar: Progress | None = None
+        self._task: Any = None
+
+    def start(self, label: str, total: int) -> None:
+        if self._bar is None:
+            self._bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                TransferSpeedColumn(), TimeRemainingColumn(), transient=True,
+                console=None, redirect_stdout=False, redirect_stderr=False,
+            )
+            self._bar.start()
+        self._task = self._bar.add_task(label, total=total)
+
+    def advance(self, amount: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, amount)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def progress_for(json_output: bool) -> TerminalProgress | None:
+    if json_output or not sys.stderr.isatty():
+        return None
+    return TerminalProgress()
+
+
+def run_async(fn: Callable[[ProgressSink], Awaitable[T]], json_output: bool = False) -> T:
+    """Run one async library call under trio with a progress bar if on a terminal."""
+    bar = progress_for(json_output)
+    try:
+        with single_error():
+            return trio.run(fn, bar or NO_PROGRESS)
+    finally:
+        if bar is not None:
+            bar.close()

@@ -1,0 +1,89 @@
+"""Commands about the repository as a whole: init, export, verify, prune."""
+
+from __future__ import annotations
+
+import click
+
+from snapfs.cli.context import CliConfig, pass_config
+from snapfs.cli.output import emit_json, human_size, parse_size, run_async
+from snapfs.errors import IntegrityError
+from snapfs.format.repoconfig import check_block_size
+from snapfs.repo.export import export_snapshot
+from snapfs.repo.gc import collect_garbage
+from snapfs.repo.repository import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, Repository
+from snapfs.repo.verify import verify_snapshots
+from snapfs.store import open_store
+
+
+@click.command()
+@click.option("--block-size", default=str(DEFAULT_BLOCK_SIZE // 1024) + "K", show_default=True,
+              help="Unit of change tracking and dedup: a power of two from 4K to 4M.")
+@click.option("--compression-level", default=DEFAULT_COMPRESSION_LEVEL, show_default=True,
+              type=int, help="zstd level for blocks (-7 to 22).")
+@click.option("--json", "json_output", is_flag=True, help="Print the new repository as JSON.")
+@pass_config
+def init(config: CliConfig, block_size: str, compression_level: int, json_output: bool) -> None:
+    """Create a new, empty repository at REPO."""
+    store = open_store(config.require_repo(), config.endpoint_url)
+    repo = Repository.init(store, check_block_size(parse_size(block_size)), compression_level)
+    if json_output:
+        emit_json({"repository": store.url, "id": repo.config.id,
+                   "block_size": repo.block_size, "compression_level": compression_level})
+    else:
+        click.echo(f"created snapfs repository {repo.config.id} at {store.url}")
+
+
+@click.command()
+@click.argument("snap")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace OUT if it is an existing file.")
+@click.option("--json", "json_output", is_flag=True)
+@pass_config
+def export(config: CliConfig, snap: str, out: str, force: bool, json_output: bool) -> None:
+    """Write snapshot SNAP out as a raw image file (or onto a block device)."""
+    repo = config.open_repository()
+    root = repo.resolve(snap)
+    result = run_async(lambda p: export_snapshot(repo, root, out, force, p), json_output)
+    if json_output:
+        emit_json(result)
+    else:
+        click.echo(f"exported {root.name} ({root.id}) to {out}: {human_size(root.size)}")
+
+
+@click.command()
+@click.argument("snaps", nargs=-1, metavar="[SNAP]...")
+@click.option("--json", "json_output", is_flag=True)
+@pass_config
+def verify(config: CliConfig, snaps: tuple[str, ...], json_output: bool) -> None:
+    """Check that every block of SNAPs (default: all) is present and intact."""
+    repo = config.open_repository()
+    roots = repo.snapshots()
+    chosen = [repo.resolve(s, roots) for s in snaps] if snaps else roots
+    report = run_async(lambda p: verify_snapshots(repo, chosen, p), json_output)
+    if json_output:
+        emit_json(report.as_dict())
+    else:
+        for line in report.problems:
+            click.echo(f"problem: {line}")
+        click.echo(f"checked {report.snapshots} snapshots, {report.blobs_checked} blobs, "
+                   f"{human_size(report.bytes_checked)}: "
+                   + ("no problems" if report.ok else f"{len(report.problems)} problems"))
+    if not report.ok:
+        raise SystemExit(IntegrityError.exit_code)
+
+
+@click.command()
+@click.option("--json", "json_output", is_flag=True)
+@pass_config
+def prune(config: CliConfig, json_output: bool) -> None:
+    """Delete the blobs no snapshot uses (delete does this too) and repack sparse packs."""
+    repo = config.open_repository()
+    stats = run_async(lambda _p: collect_garbage(repo), json_output)
+    if json_output:
+        emit_json(stats)
+    else:
+        click.echo(f"freed {human_size(stats['bytes_freed'])}: {stats['packs_deleted']} packs "
+                   f"deleted, {stats['packs_repacked']} repacked")
+
+
+COMMANDS = (init, export, verify, prune)

@@ -1,0 +1,103 @@
+"""Snapshot manifests: a small root plus content-addressed pages of block references.
+
+A page holds the block IDs of ``entries_per_page`` consecutive blocks (``ZERO_ID`` for an
+all-zero block). Pages are stored as blobs in packs, addressed by their keyed content hash, so
+snapshots share every page they did not change: an incremental snapshot writes only the pages
+whose entries changed, and a sparse disk's runs of identical pages cost one page.
+
+The root is JSON with a magic and a version. It is the only mutable-looking thing in a
+repository and it is written exactly once, after every page and block it names is stored
+(and indexed), so a crash leaves either a whole snapshot or none.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from snapfs.errors import CorruptBlock, FormatError
+from snapfs.format.block import ID_SIZE, ZERO_ID
+
+PAGE_MAGIC = b"SNMP"
+PAGE_VERSION = 1
+PAGE_HEADER = struct.Struct("<4sBI")
+ROOT_FORMAT = "snapfs-snapshot"
+ROOT_VERSION = 1
+
+DEFAULT_ENTRIES_PER_PAGE = 4096
+
+
+def encode_page(ids: list[bytes]) -> bytes:
+    return PAGE_HEADER.pack(PAGE_MAGIC, PAGE_VERSION, len(ids)) + b"".join(ids)
+
+
+def decode_page(plain: bytes) -> list[bytes]:
+    if len(plain) < PAGE_HEADER.size:
+        raise CorruptBlock("manifest page is truncated")
+    magic, version, count = PAGE_HEADER.unpack_from(plain)
+    if magic != PAGE_MAGIC:
+        raise CorruptBlock("manifest page has a bad magic")
+    if version != PAGE_VERSION:
+        raise FormatError(f"unknown manifest page version {version}")
+    body = plain[PAGE_HEADER.size :]
+    if len(body) != count * ID_SIZE:
+        raise CorruptBlock("manifest page length does not match its count")
+    return [body[i * ID_SIZE : (i + 1) * ID_SIZE] for i in range(count)]
+
+
+def empty_page(count: int) -> list[bytes]:
+    return [ZERO_ID] * count
+
+
+@dataclass
+class SnapshotRoot:
+    """Everything about one snapshot; ``pages`` are hex page IDs in disk order."""
+
+    id: str
+    name: str
+    disk: str
+    parent: str | None
+    size: int
+    block_size: int
+    created: str
+    entries_per_page: int
+    pages: list[str]
+    state: str = "accomplished"
+    tags: list[str] = field(default_factory=list)
+    group: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def blocks_total(self) -> int:
+        return -(-self.size // self.block_size)
+
+    def encode(self) -> bytes:
+        doc = {"format": ROOT_FORMAT, "version": ROOT_VERSION, **asdict(self)}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> SnapshotRoot:
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise CorruptBlock("snapshot root is not valid JSON") from None
+        if not isinstance(doc, dict) or doc.get("format") != ROOT_FORMAT:
+            raise CorruptBlock("object is not a snapfs snapshot root")
+        if doc.get("version") != ROOT_VERSION:
+            raise FormatError(f"unknown snapshot format version {doc.get('version')}")
+        doc.pop("format")
+        doc.pop("version")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in doc.items() if k in known})
+
+    def summary(self) -> dict[str, Any]:
+        """The public description printed by ``snapshot list/show --json``."""
+        d = asdict(self)
+        d.pop("pages")
+        d.pop("entries_per_page")
+        stats = d.pop("stats")
+        d["blocks_total"] = self.blocks_total
+        d.update(stats)
+        return d

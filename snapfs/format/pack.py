@@ -1,0 +1,91 @@
+"""Packs: many encoded blobs appended into one object of several MiB.
+
+Layout of a pack object::
+
+    blob | blob | ... | trailer entries | footer
+
+Each trailer entry is ``id (32) | kind u8 | offset u32 | length u32 | raw length u32`` and the
+footer is ``magic "SNPK" | version u8 | entry count u32``. The trailer makes a pack
+self-describing (an index can be rebuilt from packs alone); readers normally find a blob
+through the repository index and fetch only its byte range.
+
+A pack's name is the BLAKE3 hash of its whole contents, so a pack can be checked end to end.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import blake3
+
+from snapfs.errors import CorruptBlock, FormatError
+
+PACK_MAGIC = b"SNPK"
+PACK_VERSION = 1
+ENTRY = struct.Struct("<32sBIII")
+FOOTER = struct.Struct("<4sBI")
+
+KIND_DATA = 0
+KIND_PAGE = 1
+
+
+@dataclass(frozen=True, slots=True)
+class PackEntry:
+    blob_id: bytes
+    kind: int
+    offset: int
+    length: int
+    raw_length: int
+
+
+class PackBuilder:
+    """Accumulates encoded blobs; ``finish`` returns the pack's name, bytes and entries."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.entries: list[PackEntry] = []
+
+    @property
+    def size(self) -> int:
+        return len(self._buf)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, blob_id: bytes, kind: int, encoded: bytes, raw_length: int) -> None:
+        self.entries.append(PackEntry(blob_id, kind, len(self._buf), len(encoded), raw_length))
+        self._buf += encoded
+
+    def finish(self) -> tuple[str, bytes, list[PackEntry]]:
+        out = self._buf
+        for e in self.entries:
+            out += ENTRY.pack(e.blob_id, e.kind, e.offset, e.length, e.raw_length)
+        out += FOOTER.pack(PACK_MAGIC, PACK_VERSION, len(self.entries))
+        data = bytes(out)
+        return pack_name(data), data, self.entries
+
+
+def pack_name(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+def read_trailer(data: bytes) -> list[PackEntry]:
+    """Parse the entries of a whole pack (used by verify and repack)."""
+    if len(data) < FOOTER.size:
+        raise CorruptBlock("pack too short for a footer")
+    magic, version, count = FOOTER.unpack_from(data, len(data) - FOOTER.size)
+    if magic != PACK_MAGIC:
+        raise CorruptBlock("pack footer has a bad magic")
+    if version != PACK_VERSION:
+        raise FormatError(f"unknown pack format version {version}")
+    start = len(data) - FOOTER.size - count * ENTRY.size
+    if start < 0:
+        raise CorruptBlock("pack trailer is longer than the pack")
+    entries = []
+    for i in range(count):
+        bid, kind, off, length, raw = ENTRY.unpack_from(data, start + i * ENTRY.size)
+        if off + length > start:
+            raise CorruptBlock("pack entry points past the blobs")
+        entries.append(PackEntry(bid, kind, off, length, raw))
+    return entries

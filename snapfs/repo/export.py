@@ -1,0 +1,167 @@
+"""Writing a snapshot back out as a raw image file or onto a block device.
+
+To a file: the image is written to ``OUT.snapfs-partial`` beside it (zero blocks left as
+holes), fsynced, then renamed to OUT, so OUT is either absent, the old file (untouched unless
+``force``), or the complete, verified image. Any error (a missing or corrupt block, a full disk)
+removes the partial file. To a block device: written in place (zero blocks written as zeros,
+since a device keeps old contents), after checking the device is large enough.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from collections import defaultdict
+from typing import Any
+
+import trio
+
+from snapfs.errors import NoSpace, SnapfsError
+from snapfs.format.block import ZERO_ID
+from snapfs.format.manifest import SnapshotRoot
+from snapfs.progress import NO_PROGRESS, Progress
+from snapfs.repo.parallel import map_in_threads, single_error
+from snapfs.repo.readplan import Run, plan_runs
+from snapfs.repo.repository import Repository
+
+PARTIAL_SUFFIX = ".snapfs-partial"
+
+
+class _Target:
+    def __init__(self, path: str, size: int, force: bool) -> None:
+        self.path = path
+        self.is_device = False
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise SnapfsError(f"cannot use {path}: {e.strerror}") from None
+        if st is not None and stat.S_ISBLK(st.st_mode):
+            self.is_device = True
+            self.write_path = path
+            flags = os.O_WRONLY
+        elif st is not None and not stat.S_ISREG(st.st_mode):
+            raise SnapfsError(f"{path} is neither a regular file nor a block device")
+        else:
+            if st is not None and not force:
+                raise SnapfsError(f"{path} exists; use --force to replace it")
+            self.write_path = path + PARTIAL_SUFFIX
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            self.fd = os.open(self.write_path, flags | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise SnapfsError(f"cannot write {self.write_path}: {e.strerror}") from None
+        try:
+            if self.is_device:
+                have = os.lseek(self.fd, 0, os.SEEK_END)
+                if have < size:
+                    raise SnapfsError(f"{path} holds {have} bytes; the snapshot needs {size}")
+            else:
+                os.ftruncate(self.fd, size)
+        except OSError as e:
+            self.abort()
+            raise self.error(e) from None
+        except SnapfsError:
+            self.abort()
+            raise
+
+    def error(self, e: OSError) -> SnapfsError:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return NoSpace(f"no space left on device writing {self.path}; nothing was exported")
+        return SnapfsError(f"writing {self.path}: {e.strerror}")
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.pwrite(self.fd, view, offset)
+            except OSError as e:
+                raise self.error(e) from None
+            view, offset = view[n:], offset + n
+
+    def commit(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise self.error(e) from None
+        os.close(self.fd)
+        if not self.is_device:
+            os.rename(self.write_path, self.path)
+
+    def abort(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        if not self.is_device:
+            try:
+                os.unlink(self.write_path)
+            except FileNotFoundError:
+                pass
+
+
+async def export_snapshot(
+    repo: Repository,
+    root: SnapshotRoot,
+    out: str,
+    force: bool = False,
+    progress: Progress = NO_PROGRESS,
+) -> dict[str, Any]:
+    started = time.monotonic()
+    limiter = trio.CapacityLimiter(repo.store.concurrency)
+    index = await trio.to_thread.run_sync(repo.load_index, limiter=limiter)
+    block_map = await trio.to_thread.run_sync(repo.block_map, index, root, limiter=limiter)
+    bs = root.block_size
+    where: dict[bytes, list[int]] = defaultdict(list)
+    zero_blocks = []
+    for n, bid in enumerate(block_map):
+        if bid == ZERO_ID:
+            zero_blocks.append(n)
+        else:
+            where[bid].append(n)
+    runs = plan_runs(where, index)
+    target = _Target(out, root.size, force)
+    progress.start("export", sum(loc.raw_length * len(where[b]) for _, run in runs for b, loc in run))
+    written = 0
+
+    def fetch(job: tuple[str, Run]) -> int:
+        pack, run = job
+        data = repo.fetch_run(pack, run)
+        start = run[0][1].offset
+        nbytes = 0
+        for bid, loc in run:
+            plain = repo.decode_piece(data, start, bid, loc)
+            for n in where[bid]:
+                target.pwrite(plain, n * bs)
+                nbytes += len(plain)
+        return nbytes
+
+    def done(_job: tuple[str, Run], nbytes: int) -> None:
+        nonlocal written
+        written += nbytes
+        progress.advance(nbytes)
+
+    try:
+        with single_error():
+            await map_in_threads(fetch, runs, limiter, done)
+            if target.is_device:
+                zero = bytes(bs)
+                for n in zero_blocks:
+                    length = min(bs, root.size - n * bs)
+                    await trio.to_thread.run_sync(target.pwrite, zero[:length], n * bs)
+            await trio.to_thread.run_sync(target.commit)
+    except BaseException:
+        target.abort()
+        raise
+    return {
+        "snapshot": root.id,
+        "output": out,
+        "size": root.size,
+        "bytes_written": written,
+        "blocks_fetched": len(where),
+        "requests": len(runs),
+        "seconds": round(time.monotonic() - started, 3),
+    }

@@ -1,0 +1,132 @@
+"""Repository locks: shared for snapshot creation, exclusive for deleting blobs.
+
+Why: a snapshot being created may reuse blobs that are already stored (dedup) before its root
+exists; if a deletion collected those blobs meanwhile, the new snapshot would point at nothing.
+So ``create`` holds a shared lock from before it loads the index until its root is stored, and
+garbage collection holds an exclusive one. Removing a snapshot root alone is always safe.
+
+A lock is an object ``locks/ID`` with its holder's host, pid, kind and time. A lock is stale,
+and ignored (and removed by the next exclusive locker), when its holder is a dead process on this
+host, or when it was not refreshed for ``STALE_AFTER`` seconds (holders refresh every
+``REFRESH_EVERY``). Two lockers racing both see each other after writing and the later one backs
+off, so at worst both fail and are retried by their users, never both proceed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from snapfs.errors import ObjectNotFound, RepositoryLocked
+from snapfs.repo.repository import local_hostname, new_id
+from snapfs.store.base import ObjectStore
+
+log = logging.getLogger(__name__)
+
+STALE_AFTER = 30 * 60
+REFRESH_EVERY = 5 * 60
+
+
+@dataclass
+class LockInfo:
+    key: str
+    host: str
+    pid: int
+    kind: str
+    purpose: str
+    time: float
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.time))
+        return f"{self.purpose} (pid {self.pid} on {self.host}, since {when})"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RepositoryLock:
+    def __init__(self, store: ObjectStore, kind: str, purpose: str) -> None:
+        assert kind in ("shared", "exclusive")
+        self.store = store
+        self.kind = kind
+        self.purpose = purpose
+        self.key = f"locks/{new_id(8)}"
+        self.host = local_hostname()
+        self.started = time.time()
+        self.held = False
+
+    def _body(self) -> bytes:
+        doc = {"host": self.host, "pid": os.getpid(), "kind": self.kind,
+               "purpose": self.purpose, "time": time.time()}
+        return json.dumps(doc).encode()
+
+    def _others(self) -> list[LockInfo]:
+        found = []
+        for key, _ in self.store.list("locks/"):
+            if key == self.key:
+                continue
+            try:
+                doc = json.loads(self.store.get(key))
+                info = LockInfo(key, doc["host"], int(doc["pid"]), doc["kind"],
+                                doc.get("purpose", "?"), float(doc["time"]))
+            except ObjectNotFound:
+                continue
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring unreadable lock object %s", key)
+                continue
+            if self._stale(info):
+                if self.kind == "exclusive":
+                    log.info("removing stale lock %s", info.describe())
+                    self.store.delete(key)
+                continue
+            found.append(info)
+        return found
+
+    def _stale(self, info: LockInfo) -> bool:
+        if info.host == self.host and not _pid_alive(info.pid):
+            return True
+        return time.time() - info.time > STALE_AFTER
+
+    def _conflicts(self) -> list[LockInfo]:
+        others = self._others()
+        if self.kind == "exclusive":
+            return others
+        return [o for o in others if o.kind == "exclusive"]
+
+    def acquire(self) -> RepositoryLock:
+        blocking = self._conflicts()
+        if not blocking:
+            self.store.put(self.key, self._body())
+            blocking = self._conflicts()
+            if blocking:
+                self.store.delete(self.key)
+        if blocking:
+            what = "; ".join(b.describe() for b in blocking)
+            raise RepositoryLocked(f"{self.store.url} is locked by {what}; try again when it ends")
+        self.held = True
+        return self
+
+    def refresh(self) -> None:
+        if self.held:
+            self.store.put(self.key, self._body())
+
+    def release(self) -> None:
+        if self.held:
+            self.store.delete(self.key)
+            self.held = False
+
+    def __enter__(self) -> RepositoryLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

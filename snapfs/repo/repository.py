@@ -1,0 +1,283 @@
+"""Open, create and read a repository: its config, catalog of snapshots, index and manifests.
+
+Object layout in the store::
+
+    config                 the repository's format version, block size, codec, secret
+    snapshots/ID           one immutable snapshot root per snapshot
+    index/ID               index objects: which blobs live where in which pack
+    packs/XX/NAME          packs of encoded blobs (blocks and manifest pages)
+    locks/ID               locks held by running processes (see ``lock``)
+
+This module never writes blobs; ``create`` and ``gc`` do, through ``PackWriter``. Every blob it
+returns has been decoded and checked twice: the codec's xxh3 checksum, and the keyed BLAKE3 of
+the plain bytes against the ID the caller asked for (so a blob in the wrong place is caught too).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from snapfs.errors import (
+    AmbiguousSnapshot,
+    CorruptBlock,
+    MissingBlock,
+    ObjectNotFound,
+    RepositoryExists,
+    RepositoryNotFound,
+    SnapshotNotFound,
+)
+from snapfs.format.block import ZERO_ID, BlockCodec, BlockKeyer
+from snapfs.format.index import IndexFile
+from snapfs.format.manifest import SnapshotRoot, decode_page, empty_page
+from snapfs.format.pack import KIND_PAGE, PackEntry
+from snapfs.format.repoconfig import (
+    RepoConfig,
+    check_block_size,
+    check_compression_level,
+)
+from snapfs.store.base import ObjectStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_SIZE = 16 * 1024
+DEFAULT_PACK_SIZE = 16 << 20
+DEFAULT_COMPRESSION_LEVEL = 3
+
+
+def pack_key(name: str) -> str:
+    return f"packs/{name[:2]}/{name}"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_id(nbytes: int = 8) -> str:
+    return secrets.token_hex(nbytes)
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where one blob is: a byte range of a pack."""
+
+    pack: str
+    offset: int
+    length: int
+    raw_length: int
+    kind: int
+
+
+class BlobIndex:
+    """The union of the repository's index objects: blob ID -> Location, O(1) per lookup."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[bytes, Location] = {}
+        self.packs: dict[str, list[PackEntry]] = {}
+        self.index_names: list[str] = []
+
+    def add_pack(self, pack: str, entries: Iterable[PackEntry]) -> None:
+        entries = list(entries)
+        self.packs[pack] = entries
+        for e in entries:
+            self.blobs.setdefault(e.blob_id, Location(pack, e.offset, e.length, e.raw_length, e.kind))
+
+    def __contains__(self, blob_id: object) -> bool:
+        return blob_id in self.blobs
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def locate(self, blob_id: bytes) -> Location:
+        try:
+            return self.blobs[blob_id]
+        except KeyError:
+            raise MissingBlock(f"blob {blob_id.hex()[:16]} is not in the repository index") from None
+
+
+class Repository:
+    def __init__(self, store: ObjectStore, config: RepoConfig) -> None:
+        self.store = store
+        self.config = config
+        self.keyer = BlockKeyer(config.secret_bytes)
+        self.codec = BlockCodec(config.compression_level)
+
+    # -- opening -----------------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        store: ObjectStore,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+        pack_size: int = DEFAULT_PACK_SIZE,
+    ) -> Repository:
+        """Create a new repository; refuses to touch anything that already holds objects."""
+        check_block_size(block_size)
+        check_compression_level(compression_level)
+        if store.container_exists():
+            if store.exists("config"):
+                raise RepositoryExists(f"{store.url} is already a snapfs repository; not touching it")
+            for key, _size in store.list(""):
+                raise RepositoryExists(f"{store.url} is not empty (has {key}); refusing to init there")
+        store.ensure_container()
+        config = RepoConfig(
+            id=new_id(16),
+            block_size=block_size,
+            codec="zstd",
+            compression_level=compression_level,
+            pack_size=pack_size,
+            secret=secrets.token_hex(32),
+            created=now_iso(),
+        )
+        store.put("config", config.encode())
+        return cls(store, config)
+
+    @classmethod
+    def open(cls, store: ObjectStore) -> Repository:
+        try:
+            data = store.get("config")
+        except ObjectNotFound:
+            if not store.container_exists():
+                raise RepositoryNotFound(f"no repository at {store.url}") from None
+            raise RepositoryNotFound(f"{store.url} is not a snapfs repository (no config)") from None
+        return cls(store, RepoConfig.decode(data, store.url))
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    # -- catalog -----------------------------------------------------------------------
+
+    def snapshots(self) -> list[SnapshotRoot]:
+        """Every snapshot, oldest first."""
+        roots = []
+        for key, _size in self.store.list("snapshots/"):
+            try:
+                roots.append(SnapshotRoot.decode(self.store.get(key)))
+            except ObjectNotFound:
+                continue  # deleted while we listed
+        roots.sort(key=lambda r: (r.created, r.id))
+        return roots
+
+    def resolve(self, ref: str, roots: list[SnapshotRoot] | None = None) -> SnapshotRoot:
+        """A snapshot by exact id, exact name, or unique id prefix (at least 4 characters)."""
+        if roots is None:
+            roots = self.snapshots()
+        exact = [r for r in roots if r.id == ref] or [r for r in roots if r.name == ref]
+        if len(exact) == 1:
+            return exact[0]
+        if len(exact) > 1:
+            raise AmbiguousSnapshot(f"snapshot name {ref!r} is ambiguous; use an id")
+        prefixed = [r for r in roots if len(ref) >= 4 and r.id.startswith(ref)]
+        if len(prefixed) == 1:
+            return prefixed[0]
+        if len(prefixed) > 1:
+            ids = ", ".join(r.id for r in prefixed)
+            raise AmbiguousSnapshot(f"snapshot {ref!r} is ambiguous: {ids}")
+        raise SnapshotNotFound(f"no snapshot {ref!r} in {self.store.url}")
+
+    def write_root(self, root: SnapshotRoot) -> None:
+        self.store.put(f"snapshots/{root.id}", root.encode())
+
+    def delete_root(self, snapshot_id: str) -> None:
+        self.store.delete(f"snapshots/{snapshot_id}")
+
+    # -- index -------------------------------------------------------------------------
+
+    def load_index(self) -> BlobIndex:
+        files: dict[str, IndexFile] = {}
+        for key, _size in self.store.list("index/"):
+            name = key.rpartition("/")[2]
+            try:
+                files[name] = IndexFile.decode(self.store.get(key))
+            except ObjectNotFound:
+                continue
+        superseded = {s for f in files.values() for s in f.supersedes}
+        index = BlobIndex()
+        for name, f in sorted(files.items()):
+            if name in superseded:
+                continue
+            index.index_names.append(name)
+            for pack, entries in f.packs.items():
+                index.add_pack(pack, entries)
+        # Names of superseded files are kept too, so the next rewrite deletes them.
+        index.index_names.extend(sorted(superseded & files.keys()))
+        return index
+
+    def write_index(self, index_file: IndexFile) -> tuple[str, int]:
+        name = new_id(16)
+        data = index_file.encode()
+        self.store.put(f"index/{name}", data)
+        return name, len(data)
+
+    # -- blobs -------------------------------------------------------------------------
+
+    def decode_verified(self, blob_id: bytes, encoded: bytes | memoryview, what: str) -> bytes:
+        plain = self.codec.decode(encoded, what)
+        if self.keyer.block_id(plain) != blob_id:
+            raise CorruptBlock(f"{what}: content does not match its ID")
+        return plain
+
+    def read_blob(self, index: BlobIndex, blob_id: bytes) -> bytes:
+        loc = index.locate(blob_id)
+        data = self._get_range(loc.pack, loc.offset, loc.length)
+        return self.decode_verified(blob_id, data, f"blob {blob_id.hex()[:16]} in pack {loc.pack[:12]}")
+
+    def fetch_run(self, pack: str, wanted: list[tuple[bytes, Location]]) -> memoryview:
+        """One ranged GET covering ``wanted`` (sorted by offset), from the first blob's start to
+        the last one's end. Decode each piece with ``piece`` and ``decode_verified``."""
+        start = wanted[0][1].offset
+        end = max(loc.offset + loc.length for _, loc in wanted)
+        return memoryview(self._get_range(pack, start, end - start))
+
+    def decode_piece(self, run: memoryview, run_start: int, blob_id: bytes, loc: Location) -> bytes:
+        piece = run[loc.offset - run_start : loc.offset - run_start + loc.length]
+        return self.decode_verified(blob_id, piece, f"blob {blob_id.hex()[:16]} in pack {loc.pack[:12]}")
+
+    def _get_range(self, pack: str, offset: int, length: int) -> bytes:
+        try:
+            data = self.store.get_range(pack_key(pack), offset, length)
+        except ObjectNotFound:
+            raise MissingBlock(f"pack {pack[:12]} is missing from {self.store.url}") from None
+        if len(data) != length:
+            raise CorruptBlock(f"pack {pack[:12]} is shorter than the index says")
+        return data
+
+    # -- manifests ---------------------------------------------------------------------
+
+    def read_page(self, index: BlobIndex, page_id: bytes, count: int) -> list[bytes]:
+        if page_id == ZERO_ID:
+            return empty_page(count)
+        loc = index.locate(page_id)
+        if loc.kind != KIND_PAGE:
+            raise CorruptBlock(f"blob {page_id.hex()[:16]} is not a manifest page")
+        ids = decode_page(self.read_blob(index, page_id))
+        if len(ids) != count:
+            raise CorruptBlock(f"manifest page {page_id.hex()[:16]} has {len(ids)} entries, not {count}")
+        return ids
+
+    def page_lengths(self, root: SnapshotRoot) -> list[int]:
+        total = root.blocks_total
+        per = root.entries_per_page
+        return [min(per, total - i * per) for i in range(len(root.pages))]
+
+    def block_map(self, index: BlobIndex, root: SnapshotRoot) -> list[bytes]:
+        """The whole block map of a snapshot (one ID per block). For export and verify;
+        the lazy mount reads pages one at a time instead."""
+        ids: list[bytes] = []
+        cache: dict[str, list[bytes]] = {}
+        for page_hex, count in zip(root.pages, self.page_lengths(root), strict=True):
+            key = f"{page_hex}:{count}"
+            if key not in cache:
+                cache[key] = self.read_page(index, bytes.fromhex(page_hex), count)
+            ids.extend(cache[key])
+        return ids
+
+
+def local_hostname() -> str:
+    return os.uname().nodename

@@ -1,0 +1,52 @@
+"""The object-store interface every backend implements.
+
+Keys are ``/``-separated relative paths (``packs/ab/abcd…``). Every call blocks and is safe to
+make from many threads at once; async callers go through ``trio.to_thread.run_sync`` with a
+``CapacityLimiter`` of at most ``concurrency``. ``put`` is atomic: a reader sees the whole
+object or none of it. Errors are ``ObjectNotFound`` for a missing key, ``StoreUnavailable`` or
+``AccessDenied`` after bounded retries, never a backend's own exception type.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+
+
+class ObjectStore(ABC):
+    #: how many calls may usefully run at once (sizes the callers' limiters and pools)
+    concurrency: int = 8
+
+    #: where the store is, for messages: never contains credentials
+    url: str
+
+    @abstractmethod
+    def get(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset``; fewer only if the object ends first."""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; removing a missing key is not an error."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """(key, size) of every object whose key starts with ``prefix``, in no set order."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    def ensure_container(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Create whatever must exist before the first ``put`` (a bucket, a directory)."""
+
+    def container_exists(self) -> bool:
+        """Whether the place the repository would live in exists at all."""
+        return True
+
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        pass

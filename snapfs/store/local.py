@@ -1,0 +1,122 @@
+"""A directory on the local filesystem as an object store (the embedded default).
+
+Writes go to a temporary file in the same directory, are fsynced, then renamed over the key and
+the directory is fsynced, so a reader (or a crash) never sees half an object.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from snapfs.errors import AccessDenied, NoSpace, ObjectNotFound, SnapfsError, StoreError
+from snapfs.store.base import ObjectStore
+
+TMP_SUFFIX = ".tmp-snapfs"
+
+
+class LocalStore(ObjectStore):
+    concurrency = 4
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
+        self.url = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"bad key {key!r}")
+        return self.root / key
+
+    def _fail(self, e: OSError, key: str) -> SnapfsError:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return AccessDenied(f"{self.url}: permission denied for {key}")
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return NoSpace(f"{self.url}: no space left writing {key}")
+        return StoreError(f"{self.url}: {key}: {e.strerror}")
+
+    def get(self, key: str) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{self.url}: no object {key}") from None
+        except OSError as e:
+            raise self._fail(e, key) from None
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{self.url}: no object {key}") from None
+        except OSError as e:
+            raise self._fail(e, key) from None
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data):x}{TMP_SUFFIX}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise self._fail(e, key) from None
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise self._fail(e, key) from None
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        # Walk only the directory the prefix names, then filter by the rest of the prefix.
+        base, _, _ = prefix.rpartition("/")
+        top = self.root / base if base else self.root
+        if not top.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(top):
+            for name in files:
+                if name.endswith(TMP_SUFFIX):
+                    continue
+                full = os.path.join(dirpath, name)
+                key = os.path.relpath(full, self.root).replace(os.sep, "/")
+                if key.startswith(prefix):
+                    try:
+                        yield key, os.stat(full).st_size
+                    except FileNotFoundError:
+                        continue
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def ensure_container(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise self._fail(e, "") from None
+
+    def container_exists(self) -> bool:
+        return self.root.is_dir()
