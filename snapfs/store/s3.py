@@ -1,0 +1,325 @@
+"""An S3 bucket (AWS, SeaweedFS, Ceph, MinIO) as an object store, through boto3.
+
+Owns one boto3 client per store, created lazily on first use (after a daemon forks) and shared by
+every thread, and the translation of botocore's errors into ``snapfs.errors``: a missing key or
+bucket is ``ObjectNotFound``, refused credentials are ``AccessDenied``, an endpoint that cannot be
+reached, times out, or keeps failing with 5xx or throttling after bounded retries is
+``StoreUnavailable``. It must not let a botocore exception escape, and must never put
+credentials into a message or into ``url``.
+
+Objects live at ``PREFIX/KEY`` in the bucket (just ``KEY`` when the prefix is empty). A PUT is
+atomic in S3, so ``put`` needs no temporary object. Keys ending in ``/`` are directory markers
+that some servers (SeaweedFS among them) may list; snapfs never writes such keys, so ``list``
+skips them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+
+from snapfs.errors import AccessDenied, ObjectNotFound, SnapfsError, StoreError, StoreUnavailable
+from snapfs.store.base import ObjectStore
+
+# Error codes, as S3 and S3-compatible servers spell them (HEAD responses carry only the status).
+_NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404"})
+_DENIED = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AllAccessDisabled",
+        "AccountProblem",
+        "InvalidToken",
+        "ExpiredToken",
+        "TokenRefreshRequired",
+        "403",
+    }
+)
+_UNAVAILABLE = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+        "ServiceUnavailable",
+        "InternalError",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+    }
+)
+
+
+def _without_userinfo(endpoint: str) -> str:
+    """``endpoint`` with any ``user:password@`` removed, fit to print."""
+    parts = urlsplit(endpoint)
+    if parts.username is None and parts.password is None:
+        return endpoint
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+class S3Store(ObjectStore):
+    """Objects under ``prefix`` in ``bucket``.
+
+    ``endpoint_url`` selects an S3-compatible server (falling back to ``AWS_ENDPOINT_URL_S3``,
+    then ``AWS_ENDPOINT_URL``); without one it is AWS. Credentials and region come the standard
+    boto3 way (environment, ``~/.aws``, instance roles). With a custom endpoint, path-style
+    addressing is used, since such servers rarely have a wildcard DNS name per bucket.
+    """
+
+    concurrency = 16
+
+    #: an unreachable store fails in seconds, not minutes: 4 attempts in all (standard mode), so
+    #: a refused connection fails within about a second, a silent host within 4 x 3 s, and
+    #: throttling or 5xx after backoffs of at most 1 + 2 + 4 s.
+    connect_timeout = 3.0
+    read_timeout = 30.0
+    total_attempts = 4
+
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None) -> None:
+        if not bucket:
+            raise ValueError("an S3 location needs a bucket: s3://BUCKET[/PREFIX]")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = (
+            endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or None
+        )
+        self._base = f"{self.prefix}/" if self.prefix else ""
+        location = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        if self.endpoint_url:
+            self._where = _without_userinfo(self.endpoint_url)
+            self.url = f"{location} at {self._where}"
+        else:
+            self._where = "AWS S3"
+            self.url = location
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+
+    # -- the client ---------------------------------------------------------------------------
+
+    def _s3(self) -> Any:
+        client = self._client
+        if client is not None:
+            return client
+        with self._client_lock:
+            if self._client is None:
+                self._client = self._make_client()
+            return self._client
+
+    def _make_client(self) -> Any:
+        options: dict[str, Any] = {}
+        if self.endpoint_url:
+            options["s3"] = {"addressing_style": "path"}
+        config = Config(
+            max_pool_connections=self.concurrency,
+            retries={"mode": "standard", "total_max_attempts": self.total_attempts},
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            **options,
+        )
+        # A session per store: boto3's default session is not safe to share between threads.
+        session = boto3.session.Session()
+        return session.client("s3", endpoint_url=self.endpoint_url, config=config)
+
+    def close(self) -> None:
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    # -- keys and errors ----------------------------------------------------------------------
+
+    def _key(self, key: str) -> str:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"bad key {key!r}")
+        return self._base + key
+
+    def _fail(self, e: Exception, key: str, action: str) -> SnapfsError:
+        """The snapfs error for botocore's ``e`` raised while doing ``action`` on ``key``."""
+        what = f"{action} {key}" if key else action
+        if isinstance(e, ClientError):
+            error = e.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if code == "NoSuchBucket":
+                return ObjectNotFound(f"{self._where}: no bucket {self.bucket}")
+            if code in _NOT_FOUND or status == 404:
+                return ObjectNotFound(f"{self.url}: no object {key}")
+            if code in _DENIED or status == 403:
+                return AccessDenied(
+                    f"{self._where} refused access to bucket {self.bucket} ({code or status}): "
+                    "check the credentials and their permissions"
+                )
+            if code in _UNAVAILABLE or status >= 500 or status == 429:
+                return StoreUnavailable(
+                    f"{self._where} is unavailable ({code or status}) for {what} "
+                    f"in bucket {self.bucket}, after {self.total_attempts} attempts"
+                )
+            return StoreError(f"{self.url}: {what}: {code or status} {error.get('Message', '')}")
+        if isinstance(e, (ConnectionError, HTTPClientError, IncompleteReadError)):
+            # Connection refused, DNS, TLS, connect/read timeouts, a connection cut mid-body.
+            return StoreUnavailable(
+                f"cannot reach {self._where} for {what} in bucket {self.bucket} "
+                f"after {self.total_attempts} attempts ({type(e).__name__})"
+            )
+        if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
+            return AccessDenied(
+                f"no S3 credentials for {self._where} (bucket {self.bucket}): set "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or configure ~/.aws"
+            )
+        return StoreError(f"{self.url}: {what}: {type(e).__name__}")
+
+    @staticmethod
+    def _code(e: Exception) -> str:
+        if isinstance(e, ClientError):
+            return str(e.response.get("Error", {}).get("Code", ""))
+        return ""
+
+    @staticmethod
+    def _status(e: Exception) -> int:
+        if isinstance(e, ClientError):
+            return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return 0
+
+    # -- the interface ------------------------------------------------------------------------
+
+    def get(self, key: str) -> bytes:
+        full = self._key(key)
+        try:
+            response = self._s3().get_object(Bucket=self.bucket, Key=full)
+            with response["Body"] as body:
+                data: bytes = body.read()
+            return data
+        except (BotoCoreError, ClientError) as e:
+            raise self._fail(e, key, "get") from e
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError(f"bad range {offset}+{length}")
+        full = self._key(key)
+        if length == 0:
+            # An empty Range header is invalid; still tell a missing key from an empty read.
+            if not self.exists(key):
+                raise ObjectNotFound(f"{self.url}: no object {key}")
+            return b""
+        try:
+            response = self._s3().get_object(
+                Bucket=self.bucket, Key=full, Range=f"bytes={offset}-{offset + length - 1}"
+            )
+            with response["Body"] as body:
+                data: bytes = body.read()
+        except (BotoCoreError, ClientError) as e:
+            if self._status(e) == 416 or self._code(e) == "InvalidRange":
+                return b""  # the range starts at or past the end of the object
+            raise self._fail(e, key, "get") from e
+        if not response.get("ContentRange"):
+            # A server that ignored the Range header sent the whole object.
+            data = data[offset : offset + length]
+        return data
+
+    def put(self, key: str, data: bytes) -> None:
+        full = self._key(key)
+        try:
+            self._s3().put_object(Bucket=self.bucket, Key=full, Body=data)
+        except (BotoCoreError, ClientError) as e:
+            if self._code(e) == "NoSuchBucket":
+                raise StoreError(
+                    f"{self._where}: bucket {self.bucket} does not exist (create the repository first)"
+                ) from e
+            raise self._fail(e, key, "put") from e
+
+    def delete(self, key: str) -> None:
+        full = self._key(key)
+        try:
+            self._s3().delete_object(Bucket=self.bucket, Key=full)
+        except (BotoCoreError, ClientError) as e:
+            error = self._fail(e, key, "delete")
+            if isinstance(error, ObjectNotFound):
+                return  # a missing key, or a missing bucket: nothing to delete
+            raise error from e
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        if prefix.startswith("/"):
+            raise ValueError(f"bad prefix {prefix!r}")
+        pages = (
+            self._s3()
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=self.bucket, Prefix=self._base + prefix)
+        )
+        start = len(self._base)
+        try:
+            for page in pages:
+                for item in page.get("Contents", ()):
+                    name: str = item["Key"]
+                    if name.endswith("/"):
+                        continue
+                    yield name[start:], int(item["Size"])
+        except (BotoCoreError, ClientError) as e:
+            if self._code(e) == "NoSuchBucket":
+                return  # as a missing directory lists nothing for the local store
+            raise self._fail(e, prefix, "list") from e
+
+    def exists(self, key: str) -> bool:
+        full = self._key(key)
+        try:
+            self._s3().head_object(Bucket=self.bucket, Key=full)
+        except (BotoCoreError, ClientError) as e:
+            error = self._fail(e, key, "head")
+            if isinstance(error, ObjectNotFound):
+                return False
+            raise error from e
+        return True
+
+    def ensure_container(self) -> None:
+        if self.container_exists():
+            return
+        client = self._s3()
+        region = client.meta.region_name
+        request: dict[str, Any] = {"Bucket": self.bucket}
+        if region and region != "us-east-1":
+            request["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        try:
+            client.create_bucket(**request)
+        except (BotoCoreError, ClientError) as e:
+            code = self._code(e)
+            if code == "BucketAlreadyOwnedByYou":
+                return  # another process created it between our check and our request
+            if code == "BucketAlreadyExists":
+                if self.container_exists():
+                    return
+                raise AccessDenied(
+                    f"{self._where}: bucket {self.bucket} belongs to someone else"
+                ) from e
+            raise self._fail(e, "", f"create bucket {self.bucket}") from e
+
+    def container_exists(self) -> bool:
+        try:
+            self._s3().head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as e:
+            error = self._fail(e, "", f"head bucket {self.bucket}")
+            if isinstance(error, ObjectNotFound):
+                return False
+            raise error from e
+        return True

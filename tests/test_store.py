@@ -1,0 +1,375 @@
+"""The object-store contract, run against every store (a local directory and SeaweedFS's S3),
+then what only one kind of store can get wrong: unreachable endpoints and refused credentials
+for S3, temporary files left behind by a failed write for the local directory.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from snapfs.errors import AccessDenied, ObjectNotFound, SnapfsError, StoreUnavailable
+from snapfs.store import ObjectStore
+from snapfs.store.local import TMP_SUFFIX, LocalStore
+from snapfs.store.s3 import S3Store
+from snapfs.testing.seaweedfs import SeaweedServer
+
+MakeStore = Callable[..., ObjectStore]
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+@pytest.fixture
+def store(store_url: str, make_store: MakeStore) -> ObjectStore:
+    """A fresh, empty store of each kind, its container created."""
+    s = make_store(store_url)
+    s.ensure_container()
+    return s
+
+
+def missing_container_location(store_url: str, tmp_path: Path) -> str:
+    """A location of the same kind as ``store_url`` whose container does not exist."""
+    if store_url.startswith("s3://"):
+        return f"s3://snapfs-missing-{uuid.uuid4().hex[:12]}/repo"
+    return str(tmp_path / "absent" / "repo")
+
+
+# -- the contract every store keeps ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 1024 * 1024 + 7])
+def test_put_then_get_returns_the_same_bytes(store: ObjectStore, size: int) -> None:
+    data = payload(size, seed=size)
+    store.put("packs/ab/object", data)
+    assert store.get("packs/ab/object") == data
+    assert list(store.list("packs/ab/")) == [("packs/ab/object", size)]
+
+
+def test_get_range_reads_only_the_range(store: ObjectStore) -> None:
+    data = payload(100_000, seed=1)
+    store.put("pack", data)
+    assert store.get_range("pack", 0, 10) == data[:10]
+    assert store.get_range("pack", 1000, 5000) == data[1000:6000]
+    assert store.get_range("pack", 99_999, 1) == data[99_999:]
+
+
+def test_get_range_past_the_end_returns_fewer_bytes(store: ObjectStore) -> None:
+    data = payload(100_000, seed=2)
+    store.put("pack", data)
+    tail = store.get_range("pack", 99_000, 5000)
+    assert len(tail) == 1000
+    assert tail == data[99_000:]
+    assert store.get_range("pack", 100_000, 10) == b""
+    assert store.get_range("pack", 200_000, 10) == b""
+    assert store.get_range("pack", 50, 0) == b""
+
+
+def test_overwrite_replaces_the_whole_object(store: ObjectStore) -> None:
+    store.put("config", payload(50_000, seed=3))
+    small = b"version 2"
+    store.put("config", small)
+    assert store.get("config") == small
+    assert store.get_range("config", 0, 50_000) == small
+    assert list(store.list("config")) == [("config", len(small))]
+
+
+def test_readers_see_an_overwritten_object_whole_never_mixed(store: ObjectStore) -> None:
+    versions = [b"a" * 300_000, b"b" * 200_000]
+    store.put("root", versions[0])
+    seen: list[bytes] = []
+    done = threading.Event()
+
+    def read_until_done() -> None:
+        while not done.is_set():
+            seen.append(store.get("root"))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        readers = [pool.submit(read_until_done) for _ in range(2)]
+        try:
+            for i in range(30):
+                store.put("root", versions[i % 2])
+        finally:
+            done.set()
+        for r in readers:
+            r.result()
+
+    assert seen, "the readers read nothing"
+    mixed = [len(d) for d in seen if d not in versions]
+    assert mixed == [], f"{len(mixed)} of {len(seen)} reads saw a partial object"
+
+
+def test_delete_removes_and_tolerates_missing(store: ObjectStore) -> None:
+    store.put("snapshots/one", b"root")
+    store.put("snapshots/two", b"kept")
+    store.delete("snapshots/one")
+    assert not store.exists("snapshots/one")
+    with pytest.raises(ObjectNotFound):
+        store.get("snapshots/one")
+    assert store.get("snapshots/two") == b"kept"
+    store.delete("snapshots/one")  # again
+    store.delete("never/was/there")
+    assert sorted(store.list("")) == [("snapshots/two", 4)]
+
+
+def test_list_by_prefix(store: ObjectStore) -> None:
+    objects = {
+        "config": 3,
+        "packs/aa/p1": 10,
+        "packs/aa/p2": 20,
+        "packs/bb/p3": 30,
+        "packsX": 1,
+        "index/i1": 5,
+    }
+    for i, (key, size) in enumerate(objects.items()):
+        store.put(key, payload(size, seed=i))
+
+    def listed(prefix: str) -> dict[str, int]:
+        items = list(store.list(prefix))
+        assert len(items) == len({k for k, _ in items}), "a key was listed twice"
+        return dict(items)
+
+    assert listed("") == objects
+    assert listed("packs/") == {"packs/aa/p1": 10, "packs/aa/p2": 20, "packs/bb/p3": 30}
+    assert listed("packs/a") == {"packs/aa/p1": 10, "packs/aa/p2": 20}
+    assert listed("packs") == {k: v for k, v in objects.items() if k.startswith("packs")}
+    assert listed("packs/aa/p2") == {"packs/aa/p2": 20}
+    assert listed("nothing/") == {}
+
+
+def test_list_stays_inside_the_store(store_url: str, make_store: MakeStore) -> None:
+    # "repo-other" starts with "repo": a store must not list its neighbour's keys.
+    here = make_store(store_url)
+    neighbour = make_store(store_url + "-other")
+    for s in (here, neighbour):
+        s.ensure_container()
+    here.put("packs/p1", b"mine")
+    neighbour.put("packs/p2", b"theirs!")
+    assert list(here.list("")) == [("packs/p1", 4)]
+    assert list(neighbour.list("")) == [("packs/p2", 7)]
+    assert not here.exists("packs/p2")
+
+
+def test_exists(store: ObjectStore) -> None:
+    store.put("manifests/root", b"x")
+    assert store.exists("manifests/root")
+    assert not store.exists("manifests/other")
+    assert not store.exists("manifests")  # a prefix of a key is not an object
+
+
+def test_missing_key_is_object_not_found(store: ObjectStore) -> None:
+    with pytest.raises(ObjectNotFound):
+        store.get("packs/missing")
+    with pytest.raises(ObjectNotFound):
+        store.get_range("packs/missing", 0, 100)
+    with pytest.raises(ObjectNotFound):
+        store.get_range("packs/missing", 0, 0)
+
+
+def test_missing_container(store_url: str, make_store: MakeStore, tmp_path: Path) -> None:
+    s = make_store(missing_container_location(store_url, tmp_path))
+    assert not s.container_exists()
+    assert not s.exists("config")
+    assert list(s.list("")) == []
+    with pytest.raises(ObjectNotFound):
+        s.get("config")
+    s.ensure_container()
+    s.ensure_container()  # again: already there is fine
+    assert s.container_exists()
+    s.put("config", b"v1")
+    assert s.get("config") == b"v1"
+
+
+def test_bad_keys_are_refused(store: ObjectStore) -> None:
+    for key in ("/etc/passwd", "../outside", "packs/../../outside"):
+        with pytest.raises(ValueError):
+            store.put(key, b"x")
+        with pytest.raises(ValueError):
+            store.get(key)
+
+
+def test_many_threads_share_one_store(store_url: str, make_store: MakeStore) -> None:
+    s = make_store(store_url)  # no connection yet: the first calls race to create it
+    s.ensure_container()
+    fresh = make_store(store_url)
+
+    def round_trip(i: int) -> bytes:
+        data = payload(1000 + i, seed=i)
+        fresh.put(f"blocks/{i:02d}", data)
+        return fresh.get(f"blocks/{i:02d}")
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(round_trip, range(32)))
+    assert results == [payload(1000 + i, seed=i) for i in range(32)]
+    assert len(list(s.list("blocks/"))) == 32
+
+
+def test_url_names_the_place_without_secrets(
+    store: ObjectStore, store_url: str, store_endpoint: str | None
+) -> None:
+    if isinstance(store, S3Store):
+        assert store.url == f"{store_url} at {store_endpoint}"
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] not in store.url
+    else:
+        assert store_endpoint is None
+        assert store.url == store_url
+
+
+# -- S3 only (the first two need no SeaweedFS, so they are not marked s3) ----------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def test_s3_unreachable_endpoint_fails_fast(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "anything")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "anything-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    s = make_store("s3://snapfs-test/repo", endpoint_url=endpoint)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable) as caught:
+        s.get("config")
+    elapsed = time.monotonic() - started
+    assert elapsed < 15, f"gave up only after {elapsed:.1f} s"
+    assert endpoint in str(caught.value)
+    assert "anything-secret" not in str(caught.value)
+
+
+SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>'
+    b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+)
+
+
+def slow_down_handler(seen: list[str]) -> type[BaseHTTPRequestHandler]:
+    """A handler that answers every request as an overloaded S3 does, noting each in ``seen``."""
+
+    class SlowDown(BaseHTTPRequestHandler):
+        def _refuse(self) -> None:
+            seen.append(f"{self.command} {self.path}")
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            self.send_response(503)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(SLOW_DOWN)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(SLOW_DOWN)
+
+        do_GET = do_PUT = do_HEAD = do_DELETE = _refuse
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    return SlowDown
+
+
+def test_s3_persistent_slowdown_is_unavailable_after_bounded_retries(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "anything")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "anything-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    seen: list[str] = []
+    with ThreadingHTTPServer(("127.0.0.1", 0), slow_down_handler(seen)) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+            s = make_store("s3://snapfs-test/repo", endpoint_url=endpoint)
+            with pytest.raises(StoreUnavailable) as caught:
+                s.get("config")
+            s.close()
+        finally:
+            server.shutdown()
+            thread.join()
+    assert endpoint in str(caught.value)
+    assert "SlowDown" in str(caught.value)
+    assert seen == ["GET /snapfs-test/repo/config"] * S3Store.total_attempts
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("wrong", ["secret", "access-key"])
+def test_s3_wrong_credentials_are_access_denied(
+    seaweed: SeaweedServer,
+    s3_bucket: str,
+    make_store: MakeStore,
+    monkeypatch: pytest.MonkeyPatch,
+    wrong: str,
+) -> None:
+    location = f"s3://{s3_bucket}/denied-{uuid.uuid4().hex[:8]}"
+    good = make_store(location)
+    good.put("config", b"v1")
+    secret_key = "wrong-secret-5f1e2d"
+    access_key = seaweed.access_key if wrong == "secret" else "unknown-access-key"
+    assert access_key is not None and seaweed.secret_key is not None
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret_key)
+    bad = make_store(location)
+
+    calls = {
+        "get": lambda: bad.get("config"),
+        "get_range": lambda: bad.get_range("config", 0, 1),
+        "put": lambda: bad.put("config", b"v2"),
+        "exists": lambda: bad.exists("config"),
+        "list": lambda: list(bad.list("")),
+        "container_exists": bad.container_exists,
+    }
+    for name, call in calls.items():
+        with pytest.raises(AccessDenied) as caught:
+            call()
+        message = str(caught.value)
+        assert seaweed.endpoint_url in message, name
+        assert s3_bucket in message, name
+        assert secret_key not in message, name
+        assert seaweed.secret_key not in message, name
+    assert good.get("config") == b"v1"  # the refused put changed nothing
+
+
+# -- the local directory only ------------------------------------------------------------------
+
+
+def test_local_put_under_a_regular_file_fails_cleanly(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"not a directory")
+    s = LocalStore(blocker / "repo")
+    with pytest.raises(SnapfsError) as caught:
+        s.put("packs/p1", b"data")
+    assert "packs/p1" in str(caught.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["file"]
+    assert blocker.read_bytes() == b"not a directory"
+
+
+def test_local_failed_rename_leaves_no_temp_file(tmp_path: Path) -> None:
+    s = LocalStore(tmp_path / "repo")
+    s.ensure_container()
+    # The temporary file is written, then renaming it over a non-empty directory fails.
+    (tmp_path / "repo" / "key").mkdir()
+    (tmp_path / "repo" / "key" / "inside").write_bytes(b"x")
+    with pytest.raises(SnapfsError):
+        s.put("key", payload(10_000))
+    leftovers = [p for p in (tmp_path / "repo").rglob("*") if p.name.endswith(TMP_SUFFIX)]
+    assert leftovers == []
+    assert sorted(p.name for p in (tmp_path / "repo").rglob("*")) == ["inside", "key"]
+    assert list(s.list("")) == [("key/inside", 1)]
