@@ -1,0 +1,126 @@
+"""BlockCache: verified reads, persistence across restarts, eviction by segment, bad directories."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from snapfs.cache import BlockCache
+from snapfs.errors import SnapfsError
+
+
+def block(n: int, size: int = 16384) -> tuple[bytes, bytes]:
+    data = os.urandom(size)
+    return n.to_bytes(32, "big"), data
+
+
+def test_put_get_and_miss(tmp_path: Path) -> None:
+    cache = BlockCache(tmp_path / "c", capacity=64 << 20)
+    bid, data = block(1)
+    assert cache.get(bid) is None
+    cache.put(bid, data)
+    assert cache.get(bid) == data
+    assert cache.contains(bid)
+    assert cache.missing([bid, block(2)[0]]) == [block(2)[0]]
+    assert (cache.hits, cache.misses) == (1, 1)
+    cache.close()
+
+
+def test_survives_restart(tmp_path: Path) -> None:
+    cache = BlockCache(tmp_path / "c", capacity=64 << 20)
+    items = [block(i) for i in range(50)]
+    for bid, data in items:
+        cache.put(bid, data)
+    cache.close()
+    again = BlockCache(tmp_path / "c", capacity=64 << 20)
+    assert all(again.get(bid) == data for bid, data in items)
+    bid, data = block(99)
+    again.put(bid, data)  # appends after what was there
+    assert again.get(bid) == data and again.get(items[0][0]) == items[0][1]
+    again.close()
+
+
+def test_corrupt_bytes_are_a_miss_never_a_wrong_read(tmp_path: Path) -> None:
+    cache = BlockCache(tmp_path / "c", capacity=64 << 20)
+    bid, data = block(1)
+    cache.put(bid, data)
+    cache.flush()
+    seg = next((tmp_path / "c").glob("seg-*.dat"))
+    with open(seg, "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert cache.get(bid) is None
+    assert cache.bad == 1
+    assert not cache.contains(bid)  # dropped, so the next read refetches
+    cache.close()
+
+
+def test_truncated_segment_after_crash_is_a_miss(tmp_path: Path) -> None:
+    cache = BlockCache(tmp_path / "c", capacity=64 << 20)
+    items = [block(i) for i in range(4)]
+    for bid, data in items:
+        cache.put(bid, data)
+    cache.close()
+    seg = next((tmp_path / "c").glob("seg-*.dat"))
+    os.truncate(seg, 16384 * 2 + 10)  # as if the last writes never reached the disk
+    again = BlockCache(tmp_path / "c", capacity=64 << 20)
+    got = [again.get(bid) for bid, _ in items]
+    assert got[:2] == [items[0][1], items[1][1]]
+    assert got[2:] == [None, None]
+    again.close()
+
+
+def test_eviction_keeps_size_under_capacity(tmp_path: Path) -> None:
+    capacity = 4 << 20
+    cache = BlockCache(tmp_path / "c", capacity=capacity, segment_size=1 << 20)
+    items = [block(i) for i in range(1024)]  # 16 MiB through a 4 MiB cache
+    for bid, data in items:
+        cache.put(bid, data)
+    assert cache.size <= capacity + (1 << 20)
+    files = list((tmp_path / "c").glob("seg-*.dat"))
+    assert sum(f.stat().st_size for f in files) <= capacity + (1 << 20)
+    # the newest blocks are there, the oldest are gone, and nothing returned is wrong
+    assert cache.get(items[-1][0]) == items[-1][1]
+    assert cache.get(items[0][0]) is None
+    for bid, data in items:
+        got = cache.get(bid)
+        assert got is None or got == data
+    assert cache.entries() == sum(1 for bid, _ in items if cache.contains(bid))
+    cache.close()
+
+
+def test_concurrent_readers_and_writers(tmp_path: Path) -> None:
+    cache = BlockCache(tmp_path / "c", capacity=8 << 20, segment_size=1 << 20)
+    items = [block(i, 4096) for i in range(2000)]
+    errors: list[str] = []
+
+    def writer(part: list[tuple[bytes, bytes]]) -> None:
+        for bid, data in part:
+            cache.put(bid, data)
+
+    def reader() -> None:
+        for bid, data in items:
+            got = cache.get(bid)
+            if got is not None and got != data:
+                errors.append(bid.hex())
+
+    threads = [threading.Thread(target=writer, args=(items[i::3],)) for i in range(3)]
+    threads += [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    cache.close()
+
+
+def test_unwritable_directory_is_one_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"x")
+    with pytest.raises(SnapfsError, match="not writable"):
+        BlockCache(blocker / "cache", capacity=1 << 20)
