@@ -18,6 +18,7 @@ deleting blobs this snapshot reuses.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -142,6 +143,11 @@ class ManifestBuilder:
         return done
 
 
+@functools.cache
+def _zeros(n: int) -> bytes:
+    return bytes(n)
+
+
 def encode_chunk(
     repo: Repository, data: bytes, index: BlobIndex, pending: set[bytes]
 ) -> tuple[list[bytes], list[tuple[bytes, bytes, int]], int]:
@@ -154,25 +160,27 @@ def encode_chunk(
     bs = repo.block_size
     ids: list[bytes] = []
     new: list[tuple[bytes, bytes, int]] = []
-    zeros = 0
-    if data.count(0) == len(data):
+    if data == _zeros(len(data)):  # memcmp: stops at the first nonzero byte
         n = -(-len(data) // bs)
         return [ZERO_ID] * n, new, n
-    zero_block = bytes(bs)
+    zeros = 0
+    zero_block = _zeros(bs)
     seen: set[bytes] = set()
     block_id = repo.keyer.block_id
+    encode = repo.codec.encode
+    known = index.blobs
     for off in range(0, len(data), bs):
         block = data[off : off + bs]
-        if block == zero_block[: len(block)]:
+        if block == zero_block or (len(block) < bs and block == _zeros(len(block))):
             ids.append(ZERO_ID)
             zeros += 1
             continue
         bid = block_id(block)
         ids.append(bid)
-        if bid in index.blobs or bid in pending or bid in seen:
+        if bid in known or bid in pending or bid in seen:
             continue
         seen.add(bid)
-        new.append((bid, repo.codec.encode(block), len(block)))
+        new.append((bid, encode(block), len(block)))
     return ids, new, zeros
 
 
