@@ -10,14 +10,6 @@ from typing import Any, TypeVar
 
 import click
 import trio
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from snapfs.errors import UsageError
 from snapfs.progress import NO_PROGRESS
@@ -53,11 +45,21 @@ class TerminalProgress:
     """A rich progress bar on stderr, shown only when stderr is a terminal."""
 
     def __init__(self) -> None:
-        self._bar: Progress | None = None
+        self._bar: Any = None
         self._task: Any = None
 
     def start(self, label: str, total: int) -> None:
         if self._bar is None:
+            # imported here: rich costs ~0.1 s at start-up, and scripts never draw a bar
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
             self._bar = Progress(
                 TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                 TransferSpeedColumn(), TimeRemainingColumn(), transient=True,

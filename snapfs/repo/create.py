@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 4 << 20
 CPU_WORKERS = max(1, min(4, os.cpu_count() or 1))
-UPLOADERS = 4
 
 
 @dataclass(frozen=True)
@@ -313,7 +312,7 @@ async def _create_locked(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_refresh_lock, lock, store_limiter)
         async with trio.open_nursery() as pipeline:
-            for _ in range(UPLOADERS):
+            for _ in range(min(8, repo.store.concurrency)):  # PUT streams: 8 is where S3 flattens
                 pipeline.start_soon(uploader.run, pack_recv.clone())
             pack_recv.close()
             async with pack_send:
