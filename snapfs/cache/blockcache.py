@@ -136,21 +136,30 @@ class BlockCache:
     # -- reads ------------------------------------------------------------------------
 
     def get(self, block_id: bytes) -> bytes | None:
+        return self.get_many([block_id])[0]
+
+    def get_many(self, block_ids: list[bytes]) -> list[bytes | None]:
+        """Cached bytes for each ID, or None where it is not cached (or failed its check)."""
         with self._env.begin() as txn:
-            raw = txn.get(block_id, db=self._blocks)
-        if raw is None:
-            self.misses += 1
-            return None
-        seg, offset, length, digest = ENTRY.unpack(raw)
-        data = self._pread(seg, offset, length)
-        if len(data) != length or xxhash.xxh3_128_digest(data) != digest:
-            self.bad += 1
-            self.misses += 1
-            log.warning("cached block %s failed its checksum; dropping it", block_id.hex()[:16])
-            self._drop(block_id, seg)
-            return None
-        self.hits += 1
-        return data
+            raws = [txn.get(bid, db=self._blocks) for bid in block_ids]
+        out: list[bytes | None] = []
+        for block_id, raw in zip(block_ids, raws, strict=True):
+            if raw is None:
+                self.misses += 1
+                out.append(None)
+                continue
+            seg, offset, length, digest = ENTRY.unpack(raw)
+            data = self._pread(seg, offset, length)
+            if len(data) != length or xxhash.xxh3_128_digest(data) != digest:
+                self.bad += 1
+                self.misses += 1
+                log.warning("cached block %s failed its checksum; dropping it", block_id.hex()[:16])
+                self._drop(block_id, seg)
+                out.append(None)
+                continue
+            self.hits += 1
+            out.append(data)
+        return out
 
     def contains(self, block_id: bytes) -> bool:
         with self._env.begin() as txn:

@@ -7,6 +7,7 @@ Object layout in the store::
     index/ID               index objects: which blobs live where in which pack
     packs/XX/NAME          packs of encoded blobs (blocks and manifest pages)
     locks/ID               locks held by running processes (see ``lock``)
+    profiles/ID            access profiles of snapshot ID: which blocks mounts read first
 
 This module never writes blobs; ``create`` and ``gc`` do, through ``PackWriter``. Every blob it
 returns has been decoded and checked twice: the codec's xxh3 checksum, and the keyed BLAKE3 of
@@ -25,6 +26,7 @@ from datetime import UTC, datetime
 from snapfs.errors import (
     AmbiguousSnapshot,
     CorruptBlock,
+    FormatError,
     MissingBlock,
     ObjectNotFound,
     RepositoryExists,
@@ -35,6 +37,7 @@ from snapfs.format.block import ZERO_ID, BlockCodec, BlockKeyer
 from snapfs.format.index import IndexFile
 from snapfs.format.manifest import SnapshotRoot, decode_page, empty_page
 from snapfs.format.pack import KIND_PAGE, PackEntry
+from snapfs.format.profile import decode_profile, encode_profile
 from snapfs.format.repoconfig import (
     RepoConfig,
     check_block_size,
@@ -186,6 +189,7 @@ class Repository:
 
     def delete_root(self, snapshot_id: str) -> None:
         self.store.delete(f"snapshots/{snapshot_id}")
+        self.store.delete(f"profiles/{snapshot_id}")
 
     # -- index -------------------------------------------------------------------------
 
@@ -247,6 +251,21 @@ class Repository:
         if len(data) != length:
             raise CorruptBlock(f"pack {pack[:12]} is shorter than the index says")
         return data
+
+    # -- access profiles ---------------------------------------------------------------
+
+    def read_profile(self, snapshot_id: str) -> list[int]:
+        """Block numbers earlier mounts read first; empty if none was stored (or it is bad)."""
+        try:
+            return decode_profile(self.store.get(f"profiles/{snapshot_id}"))
+        except ObjectNotFound:
+            return []
+        except (CorruptBlock, FormatError) as e:
+            log.warning("ignoring access profile of %s: %s", snapshot_id, e)
+            return []
+
+    def write_profile(self, snapshot_id: str, blocks: list[int]) -> None:
+        self.store.put(f"profiles/{snapshot_id}", encode_profile(blocks))
 
     # -- manifests ---------------------------------------------------------------------
 

@@ -1,0 +1,77 @@
+"""SnapshotCatalog: the images one mount serves, kept in step with the repository.
+
+``refresh`` re-lists the snapshots (at most every ``interval`` seconds unless forced); new
+snapshots get a view (and the repository index is reloaded, since their packs are new), deleted
+ones are dropped. Views are stable objects: a refresh never replaces the view of a snapshot that
+is still there, so open files keep their read-ahead state and statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from snapfs.hydration.scheduler import Hydrator
+from snapfs.image.view import ImageView
+from snapfs.repo.repository import Repository
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotCatalog:
+    def __init__(self, repo: Repository, hydrator: Hydrator, interval: float = 2.0) -> None:
+        self.repo = repo
+        self.hydrator = hydrator
+        self.interval = interval
+        self._views: dict[str, ImageView] = {}  # file name -> view
+        self._by_id: dict[str, ImageView] = {}
+        self._last_refresh = -1e9
+        self._refreshing: trio.Event | None = None
+        self.hydrator.on_cached.append(self._block_cached)
+        #: wakes the sweep when images appear
+        self.changed = trio.Event()
+
+    def images(self) -> dict[str, ImageView]:
+        return self._views
+
+    def by_snapshot_id(self, snapshot_id: str) -> ImageView | None:
+        return self._by_id.get(snapshot_id)
+
+    async def refresh(self, force: bool = False) -> None:
+        if self._refreshing is not None:  # one refresh at a time; others wait for it
+            await self._refreshing.wait()
+            return
+        if not force and trio.current_time() - self._last_refresh < self.interval:
+            return
+        self._refreshing = trio.Event()
+        try:
+            roots = await trio.to_thread.run_sync(self.repo.snapshots)
+            ids = {r.id for r in roots}
+            if ids - self._by_id.keys():
+                self.hydrator.index = await trio.to_thread.run_sync(self.repo.load_index)
+            views: dict[str, ImageView] = {}
+            by_id: dict[str, ImageView] = {}
+            for root in roots:
+                view = self._by_id.get(root.id)
+                if view is None:
+                    name = f"{root.name}.img"
+                    if name in views:  # names are unique unless two creates raced
+                        name = f"{root.name}-{root.id}.img"
+                    view = ImageView(self.repo, root, self.hydrator, name)
+                views[view.name] = view
+                by_id[root.id] = view
+            appeared = by_id.keys() - self._by_id.keys()
+            self._views, self._by_id = views, by_id
+            self._last_refresh = trio.current_time()
+            if appeared:
+                self.changed.set()
+                self.changed = trio.Event()
+        finally:
+            self._refreshing.set()
+            self._refreshing = None
+
+    def _block_cached(self, block_id: bytes) -> None:
+        for view in self._views.values():
+            if view.pending:
+                view.block_cached(block_id)

@@ -1,0 +1,139 @@
+"""Hints and the background sweep: what the hydrator fetches when no one is waiting.
+
+For every image, once: first the hints (the access profile earlier mounts stored for this
+snapshot, and the user's ``--prefetch-list``) at HINT priority; then a scan of the block map that
+finds which blocks are not cached yet (this is what ``stats`` reports as hydration progress);
+then, if background hydration is on, those blocks in disk order at BACKGROUND priority. The sweep
+queues a little at a time, pauses while reads are waiting on the store (unless the workload is
+itself streaming the image, when full speed is better for everyone), and is throttled by
+``--hydrate-rate`` in the hydrator.
+
+A prefetch list is a text file, one entry a line: ``NAME.img`` (the whole image) or
+``NAME.img OFFSET LENGTH`` (a byte range; sizes may use K/M/G suffixes). ``#`` starts a comment.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+
+import trio
+
+from snapfs.errors import SnapfsError, UsageError
+from snapfs.format.block import ZERO_ID
+from snapfs.hydration.scheduler import HydrationConfig, Hydrator, Priority
+from snapfs.image.catalog import SnapshotCatalog
+from snapfs.image.view import ImageView
+
+log = logging.getLogger(__name__)
+
+BATCH = 32
+PRESCAN_REFRESH = 30.0
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMGT]?)", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(text)
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def parse_prefetch_list(path: str) -> dict[str, list[tuple[int, int | None]]]:
+    """Image name -> byte ranges (length None: to the end). Raises UsageError on bad lines."""
+    out: dict[str, list[tuple[int, int | None]]] = {}
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise UsageError(f"cannot read prefetch list {path}: {e.strerror}") from None
+    for lineno, line in enumerate(lines, 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        try:
+            if len(words) == 1:
+                out.setdefault(words[0], []).append((0, None))
+            elif len(words) == 3:
+                out.setdefault(words[0], []).append((_size(words[1]), _size(words[2])))
+            else:
+                raise ValueError(line)
+        except ValueError:
+            raise UsageError(
+                f"{path}:{lineno}: expected 'NAME.img' or 'NAME.img OFFSET LENGTH'"
+            ) from None
+    return out
+
+
+class Sweeper:
+    def __init__(self, catalog: SnapshotCatalog, hydrator: Hydrator, config: HydrationConfig) -> None:
+        self.catalog = catalog
+        self.hydrator = hydrator
+        self.config = config
+        self.prefetch = parse_prefetch_list(config.prefetch_list) if config.prefetch_list else {}
+        self._hinted: set[str] = set()
+        self._scanned: set[str] = set()
+
+    async def run(self) -> None:
+        while True:
+            changed = self.catalog.changed
+            for view in list(self.catalog.images().values()):
+                if view.root.id not in self._hinted:
+                    self._hinted.add(view.root.id)
+                    await self._guard(self._hint(view), view)
+            for view in list(self.catalog.images().values()):
+                if view.root.id not in self._scanned:
+                    self._scanned.add(view.root.id)
+                    await self._guard(self._scan_and_hydrate(view), view)
+            with trio.move_on_after(PRESCAN_REFRESH):
+                await changed.wait()
+            await self._guard(self.catalog.refresh(), None)
+
+    async def _guard(self, work: object, view: ImageView | None) -> None:
+        """Background work must not take the daemon down: log its failures and go on."""
+        try:
+            await work  # type: ignore[misc]
+        except SnapfsError as e:
+            log.warning("background work for %s stopped: %s", view.name if view else "catalog", e)
+
+    async def _hint(self, view: ImageView) -> None:
+        blocks: list[int] = await trio.to_thread.run_sync(self.hydrator.repo.read_profile, view.root.id)
+        for offset, length in self.prefetch.get(view.name, []):
+            end = view.size if length is None else min(view.size, offset + length)
+            blocks.extend(range(offset // view.block_size, -(-end // view.block_size)))
+        if blocks:
+            ids = await self._ids_of(view, blocks)
+            missing = await trio.to_thread.run_sync(self.hydrator.cache.missing, ids)
+            n = self.hydrator.prefetch(missing, Priority.HINT)
+            log.info("%s: %d hinted blocks queued (%d already cached)", view.name, n, len(ids) - n)
+
+    async def _ids_of(self, view: ImageView, blocks: Iterable[int]) -> list[bytes]:
+        out: dict[bytes, None] = {}
+        for n in blocks:
+            if 0 <= n < view.nblocks:
+                bid = (await view.block_ids(n, n + 1))[0]
+                if bid != ZERO_ID:
+                    out[bid] = None
+        return list(out)
+
+    async def _scan_and_hydrate(self, view: ImageView) -> None:
+        seen: set[bytes] = set()
+        order: list[bytes] = []
+        view.pending = set()
+        for p in range(len(view.root.pages)):
+            ids = await view.page(p)
+            fresh = [b for b in dict.fromkeys(ids) if b != ZERO_ID and b not in seen]
+            seen.update(fresh)
+            missing = await trio.to_thread.run_sync(self.hydrator.cache.missing, fresh)
+            view.pending.update(missing)
+            order.extend(missing)
+        view.data_blocks = len(seen)
+        if not self.config.background:
+            return
+        backlog_limit = 4 * self.config.fetchers
+        for i in range(0, len(order), BATCH):
+            await self.hydrator.background_turn(backlog_limit)
+            batch = [b for b in order[i : i + BATCH] if b in view.pending]
+            self.hydrator.prefetch(batch, Priority.BACKGROUND)
