@@ -111,3 +111,12 @@ class RepositoryLocked(SnapfsError):
 
 class NoSpace(SnapfsError):
     """The local disk filled up while writing."""
+
+
+class MountError(SnapfsError):
+    """A mount point or mount daemon that cannot be used as asked (not empty, already mounted,
+    busy, a daemon that does not answer)."""
+
+
+class NotMounted(NotFoundError):
+    """Nothing (or no snapfs daemon) is mounted where the user pointed."""

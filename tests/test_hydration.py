@@ -64,9 +64,9 @@ def repo_and_image(tmp_path: Path) -> Iterator[tuple[Repository, CountingStore, 
     yield repo, store, data, result.root.id
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float) -> None:
-    """Poll ``condition`` (state owned by other tasks) until it holds; fail after ``timeout``."""
-    with trio.fail_after(timeout):
+async def wait_until(condition: Callable[[], bool], seconds: float) -> None:
+    """Poll ``condition`` (state owned by other tasks) until it holds; fail after ``seconds``."""
+    with trio.fail_after(seconds):
         while True:
             if condition():
                 return
