@@ -24,7 +24,7 @@ import enum
 import heapq
 import itertools
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +39,7 @@ from snapfs.throttle import RateLimiter
 log = logging.getLogger(__name__)
 
 
+RECENT_BYTES = 32 << 20
 BULK_WINDOW = 2.0
 BULK_BYTES = 32 << 20
 
@@ -124,6 +125,10 @@ class Hydrator:
         self._active_background = 0
         self._readahead_queued = 0
         self._background_queued = 0
+        #: blocks fetched lately, with their bytes (bounded by RECENT_BYTES): closes the gap
+        #: between a cache lookup on a worker thread and the decision to fetch
+        self._recent: OrderedDict[bytes, bytes] = OrderedDict()
+        self._recent_bytes = 0
         self._recent_waiting: deque[tuple[float, int]] = deque()  # (time, bytes) of waiting misses
         self._last_waiting = -1e9
         self._store_limiter = trio.CapacityLimiter(config.fetchers)
@@ -139,6 +144,11 @@ class Hydrator:
         cached = await trio.to_thread.run_sync(self.cache.get_many, block_ids,
                                                limiter=self._cache_limiter)
         out: list[bytes | None] = list(cached)
+        for i, data in enumerate(out):
+            if data is None:
+                # a fetch may have finished (and cached it) after our lookup: no await from
+                # here to _request, so "recent, in flight, or fetch it" is decided atomically
+                out[i] = self._recent.get(block_ids[i])
         missing = [i for i, d in enumerate(out) if d is None]
         self.stats.cache_hits += len(block_ids) - len(missing)
         if missing:
@@ -162,10 +172,12 @@ class Hydrator:
         return (await self.read_blocks([blob_id]))[0]
 
     def prefetch(self, block_ids: Iterable[bytes], priority: Priority) -> int:
-        """Queue fetches nobody waits on; return how many were new. Blocks already cached are
-        fetched anyway only if the caller did not check: callers filter with ``cache.missing``."""
+        """Queue fetches nobody waits on; return how many were new. Callers pass blocks that
+        ``cache.missing`` found missing; ones fetched since are skipped here."""
         n = 0
         for bid in block_ids:
+            if bid in self._recent:
+                continue
             if bid in self._inflight:
                 self._raise(self._inflight[bid], priority)
                 continue
@@ -369,6 +381,12 @@ class Hydrator:
         f.data = data
         f.error = error
         self._inflight.pop(f.block_id, None)
+        if data is not None:
+            self._recent[f.block_id] = data
+            self._recent_bytes += len(data)
+            while self._recent_bytes > RECENT_BYTES:
+                _, old = self._recent.popitem(last=False)
+                self._recent_bytes -= len(old)
         f.done.set()
 
     def snapshot_stats(self) -> dict[str, Any]:

@@ -1,0 +1,186 @@
+"""``snapfs mount``, ``snapfs umount``, ``snapfs stats``: a repository's snapshots as image files.
+
+Thin: options become a ``MountOptions`` and go to ``snapfs.mount``; ``umount`` and ``stats`` go
+to ``snapfs.control``, which finds the daemon from the mount point alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import click
+
+from snapfs.cli.context import CliConfig, pass_config
+from snapfs.cli.output import emit_json, human_size, parse_size
+from snapfs.control import daemon_stats, unmount
+from snapfs.errors import UsageError
+from snapfs.hydration.scheduler import HydrationConfig
+from snapfs.mount import MountOptions
+from snapfs.mount import mount as mount_repository
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("SNAPFS_CACHE_DIR") or os.path.expanduser("~/.cache/snapfs")
+
+
+_DURATION_UNITS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "": 1e-3}
+_RATE_UNITS = {"": 1e6, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9,
+               "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def parse_duration(text: str) -> float:
+    """``20ms``, ``0.5s``, ``250us`` (a bare number is milliseconds) -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(us|µs|ms|s)?\s*", text)
+    if not m:
+        raise UsageError(f"not a duration: {text!r} (try 20ms or 0.5s)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2) or ""]
+
+
+def parse_rate(text: str) -> float:
+    """``100MB/s``, ``1.5GB/s``, ``50MiB/s`` (a bare number is MB/s, 10^6 bytes) -> bytes/s."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?i?b)?(?:/s)?\s*", text, re.IGNORECASE)
+    if not m or (m.group(2) or "").lower() not in _RATE_UNITS:
+        raise UsageError(f"not a rate: {text!r} (try 100MB/s)")
+    return float(m.group(1)) * _RATE_UNITS[(m.group(2) or "").lower()]
+
+
+@click.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--cache-dir", metavar="DIR", help="Local block cache, kept across mounts "
+              "(default: $SNAPFS_CACHE_DIR or ~/.cache/snapfs).")
+@click.option("--cache-size", default="20G", show_default=True,
+              help="Cap on the cache's size (K, M, G, T).")
+@click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C unmounts.")
+@click.option("--no-background", is_flag=True,
+              help="Fetch only what is read (and read-ahead, hints): no background hydration.")
+@click.option("--hydrate-rate", type=float, metavar="MB/s",
+              help="Cap background hydration (10^6 bytes/s); reads are never capped.")
+@click.option("--prefetch-list", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Fetch these first: lines of 'NAME.img' or 'NAME.img OFFSET LENGTH'.")
+@click.option("--allow-other", is_flag=True,
+              help="Let every user read the images (needs user_allow_other if not root).")
+@click.option("--simulate-latency", metavar="20ms",
+              help="Add this latency to every store request (for measurements).")
+@click.option("--simulate-bandwidth", metavar="100MB/s",
+              help="Cap the link to the store at this rate (for measurements).")
+@pass_config
+def mount(config: CliConfig, mountpoint: str, cache_dir: str | None, cache_size: str,
+          foreground: bool, no_background: bool, hydrate_rate: float | None,
+          prefetch_list: str | None, allow_other: bool, simulate_latency: str | None,
+          simulate_bandwidth: str | None) -> None:
+    """Serve every snapshot of REPO as MOUNTPOINT/snapshots/NAME.img, fetched as it is read."""
+    if hydrate_rate is not None and hydrate_rate <= 0:
+        raise UsageError("--hydrate-rate must be a positive number of MB/s")
+    options = MountOptions(
+        repository=config.require_repo(),
+        endpoint_url=config.endpoint_url,
+        mountpoint=mountpoint,
+        cache_dir=cache_dir or default_cache_dir(),
+        cache_size=parse_size(cache_size),
+        foreground=foreground,
+        allow_other=allow_other,
+        debug=config.debug,
+        hydration=HydrationConfig(
+            background=not no_background,
+            hydrate_rate=hydrate_rate * 1e6 if hydrate_rate else None,
+            prefetch_list=os.path.abspath(prefetch_list) if prefetch_list else None,
+        ),
+        simulate_latency=parse_duration(simulate_latency) if simulate_latency else None,
+        simulate_bandwidth=parse_rate(simulate_bandwidth) if simulate_bandwidth else None,
+    )
+    mount_repository(options, click.echo)
+
+
+@click.command()
+@click.argument("mountpoint", type=click.Path())
+@click.option("--timeout", default=60.0, show_default=True, metavar="SECONDS",
+              help="How long to wait for the daemon to exit before killing it.")
+def umount(mountpoint: str, timeout: float) -> None:
+    """Unmount MOUNTPOINT and wait until its daemon has exited (also cleans up after a daemon
+    that died)."""
+    click.echo(unmount(mountpoint, timeout))
+
+
+@click.command()
+@click.argument("mountpoint", type=click.Path())
+@click.option("--json", "json_output", is_flag=True, help="Print the daemon's raw statistics.")
+def stats(mountpoint: str, json_output: bool) -> None:
+    """Show how far each image is hydrated and how the store is doing."""
+    doc = daemon_stats(mountpoint)
+    if json_output:
+        emit_json(doc)
+    else:
+        for line in format_stats(doc):
+            click.echo(line)
+
+
+# -- the human view ------------------------------------------------------------------------------
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds // 60 % 60:02d}m"
+
+
+def _ms(value: Any) -> str:
+    return f"{value:.1f} ms" if isinstance(value, int | float) else "-"
+
+
+def _percent(fraction: Any) -> str:
+    return f"{fraction * 100:.1f}%" if isinstance(fraction, int | float) else "scanning"
+
+
+def format_stats(doc: dict[str, Any]) -> list[str]:
+    """The ``stats`` table: one row per image, then the store and cache figures."""
+    h = doc.get("hydrator", {})
+    cache = doc.get("cache", {})
+    lines = [f"{doc.get('repository')} at {doc.get('mountpoint')} "
+             f"(pid {doc.get('pid')}, up {_duration(doc.get('uptime_seconds'))})", ""]
+    rows = [("IMAGE", "SIZE", "HYDRATED", "MISSING", "READS", "READ")]
+    missing_blocks = 0
+    for name, image in doc.get("images", {}).items():
+        missing = image.get("blocks_missing")
+        missing_blocks += missing or 0
+        rows.append((name, human_size(image.get("size", 0)), _percent(image.get("hydrated_fraction")),
+                     f"{missing} blocks" if missing is not None else "-",
+                     str(image.get("reads", 0)), human_size(image.get("bytes_read", 0))))
+    if len(rows) == 1:
+        lines.append("no snapshots in the repository yet")
+    else:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                  for row in rows]
+    lines.append("")
+    lines.append(f"fetched     {h.get('blocks_fetched', 0)} blocks, "
+                 f"{human_size(h.get('bytes_fetched', 0))} in {h.get('requests', 0)} requests "
+                 f"({h.get('failed_requests', 0)} failed, {h.get('corrupt_blocks', 0)} corrupt)")
+    lines.append(f"latency     p50 {_ms(h.get('fetch_latency_ms_p50'))}, "
+                 f"p99 {_ms(h.get('fetch_latency_ms_p99'))} per request")
+    lines.append(f"waiting     {h.get('waiting_reads', 0)} blocks were waited for; "
+                 f"{h.get('wait_seconds', 0):.2f} s waiting on the store in all")
+    lines.append(f"cache       {h.get('cache_hits', 0)} hits; "
+                 f"{human_size(cache.get('bytes', 0))} of {human_size(cache.get('capacity', 0))} "
+                 f"used ({cache.get('blocks', 0)} blocks)")
+    done = h.get("background_blocks", 0)
+    eta = h.get("eta_seconds")
+    if eta is None and done and missing_blocks and doc.get("uptime_seconds"):
+        eta = missing_blocks / (done / doc["uptime_seconds"])
+    background = f"{done} blocks ({human_size(h.get('background_bytes', 0))}) so far"
+    if missing_blocks:
+        background += f"; {missing_blocks} to go, {_duration(eta) if eta else 'time left unknown'}"
+    elif doc.get("images"):
+        background += "; nothing left to fetch" if all(
+            i.get("blocks_missing") == 0 for i in doc["images"].values()) else ""
+    lines.append(f"background  {background}")
+    return lines
+
+
+COMMANDS = (mount, umount, stats)

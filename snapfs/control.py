@@ -1,0 +1,364 @@
+"""Finding and talking to a running mount daemon: its run files, its control socket, unmounting.
+
+A daemon is found from its mount point alone, so ``umount`` and ``stats`` need nothing else. Its
+run files live in a per-user runtime directory, named by the SHA-1 of the mount point's real
+path (``KEY`` below, 16 hex digits)::
+
+    RUNDIR/KEY.pid     the daemon's pid; the daemon holds an exclusive flock on it while it lives
+    RUNDIR/KEY.sock    its control socket (mode 0600)
+
+RUNDIR is ``$SNAPFS_RUNTIME_DIR`` if set, else ``$XDG_RUNTIME_DIR/snapfs``, else ``/run/snapfs``
+for root and ``/tmp/snapfs-UID`` for anyone else; it is created mode 0700 and must belong to the
+user. It is not under the cache directory because a cache directory can be chosen per mount (and
+a Unix socket path must stay under 108 bytes).
+
+Whether a daemon lives is decided by the lock, never by the pid alone: a lock is released the
+moment its process dies (even by kill -9, even while it lingers as a zombie), and a recycled pid
+holds no lock.
+
+The protocol: the client connects, sends one JSON object on one line, and reads one JSON object
+on one line back. ``{"op": "stats"}`` answers ``{"ok": true, "stats": {...}}``; ``{"op":
+"shutdown"}`` answers ``{"ok": true}`` and the daemon then unmounts and exits; anything else
+answers ``{"ok": false, "error": "..."}``.
+
+This module blocks (it is for the CLI); the daemon's side of the socket is in ``mount``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from snapfs.errors import MountError, NotMounted, SnapfsError
+
+log = logging.getLogger(__name__)
+
+FSNAME = "snapfs"
+FSTYPE = "fuse.snapfs"  # fuse.SUBTYPE, from the subtype= mount option
+MAX_MESSAGE = 1 << 20
+REQUEST_TIMEOUT = 10.0
+FUSERMOUNT = "fusermount3"
+
+
+# -- where things are ----------------------------------------------------------------------------
+
+
+def runtime_dir() -> Path:
+    """The directory of pid files and sockets (see the module docstring); created if missing."""
+    explicit = os.environ.get("SNAPFS_RUNTIME_DIR")
+    if explicit:
+        path = Path(explicit)
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        path = Path(os.environ["XDG_RUNTIME_DIR"]) / "snapfs"
+    elif os.geteuid() == 0:
+        path = Path("/run/snapfs")
+    else:
+        path = Path(f"/tmp/snapfs-{os.geteuid()}")
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.lstat()
+    except OSError as e:
+        raise MountError(f"runtime directory {path} cannot be used: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise MountError(f"runtime directory {path} is not a directory owned by this user")
+    return path
+
+
+def mount_key(mountpoint: str) -> str:
+    return hashlib.sha1(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The pid file and control socket of the daemon of one mount point."""
+
+    mountpoint: str
+    key: str
+    pid_file: Path
+    socket: Path
+
+    @classmethod
+    def for_mountpoint(cls, mountpoint: str) -> RunFiles:
+        path = os.path.realpath(mountpoint)
+        key = mount_key(path)
+        directory = runtime_dir()
+        return cls(path, key, directory / f"{key}.pid", directory / f"{key}.sock")
+
+    def log_file(self, cache_dir: str | os.PathLike[str]) -> Path:
+        return Path(cache_dir) / f"daemon-{self.key}.log"
+
+    def remove(self) -> None:
+        for path in (self.socket, self.pid_file):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+# -- mount table ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+
+    @property
+    def is_snapfs(self) -> bool:
+        return self.fstype == FSTYPE
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_entry(path: str) -> MountEntry | None:
+    """What is mounted at ``path`` (the topmost mount), from /proc/self/mountinfo.
+
+    Unlike ``os.path.ismount``, this sees a FUSE mount whose daemon died (stat fails there)."""
+    target = os.path.realpath(path)
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            try:
+                sep = fields.index("-")
+            except ValueError:
+                continue
+            if _unescape(fields[4]) == target and len(fields) > sep + 2:
+                found = MountEntry(target, fields[sep + 1], _unescape(fields[sep + 2]))
+    return found
+
+
+def fusermount(mountpoint: str, lazy: bool = False) -> None:
+    """Unmount a FUSE mount; raises ``MountError`` with fusermount's reason."""
+    cmd = [FUSERMOUNT, "-u", *(["-z"] if lazy else []), mountpoint]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise MountError(f"{FUSERMOUNT} is not installed (apt-get install fuse3)") from None
+    if result.returncode != 0:
+        reason = result.stderr.strip().rpartition(": ")[2] or f"exit status {result.returncode}"
+        if "busy" in reason.lower():
+            raise MountError(f"{mountpoint} is busy: a process still uses it (see fuser -m)")
+        raise MountError(f"cannot unmount {mountpoint}: {reason}")
+
+
+# -- the pid file and its lock -------------------------------------------------------------------
+
+
+class PidFile:
+    """A pid file whose exclusive flock this process holds for as long as it lives."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+
+    @classmethod
+    def try_claim(cls, path: Path) -> PidFile | None:
+        """Lock ``path`` exclusively for this process (and the children it forks to), or None
+        if another process holds it.
+
+        Retries if the file was replaced between open and lock, so two claimants can never
+        both believe they own the path (the classic pid-file race)."""
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return cls(path, fd)
+            os.close(fd)
+
+    @staticmethod
+    def holder(path: Path) -> int | None:
+        """The pid written in ``path`` (for messages about who holds it)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            return _read_pid(fd)
+        finally:
+            os.close(fd)
+
+    def write_pid(self, pid: int) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{pid}\n".encode(), 0)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except ValueError:
+        return None
+
+
+@dataclass
+class Daemon:
+    """A live daemon, seen from outside: its pid and an open descriptor of its pid file."""
+
+    pid: int | None
+    fd: int
+
+    def alive(self) -> bool:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        return False
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until the daemon has exited; whether it did within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def find_daemon(files: RunFiles) -> Daemon | None:
+    """The live daemon of a mount point, or None (stale run files are removed)."""
+    try:
+        fd = os.open(files.pid_file, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return Daemon(_read_pid(fd), fd)
+    try:
+        # Stale: removed while we hold the lock, so a daemon starting now cannot lose its files.
+        files.remove()
+    finally:
+        os.close(fd)
+    return None
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+
+def request(files: RunFiles, message: dict[str, Any], timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
+    """Send one request to the daemon of ``files`` and return its reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(files.socket))
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            reply = bytearray()
+            while b"\n" not in reply and len(reply) < MAX_MESSAGE:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise NotMounted(f"no snapfs daemon answers for {files.mountpoint}") from None
+        except TimeoutError:
+            raise MountError(f"the snapfs daemon of {files.mountpoint} did not answer "
+                             f"within {timeout:.0f} s") from None
+        except OSError as e:
+            raise MountError(f"cannot talk to the snapfs daemon of {files.mountpoint}: "
+                             f"{e.strerror}") from None
+    try:
+        doc = json.loads(reply)
+    except ValueError:
+        raise MountError(f"the snapfs daemon of {files.mountpoint} sent a garbled reply") from None
+    if not isinstance(doc, dict):
+        raise MountError(f"the snapfs daemon of {files.mountpoint} sent a garbled reply")
+    if not doc.get("ok"):
+        raise MountError(f"the snapfs daemon of {files.mountpoint} refused: {doc.get('error')}")
+    return doc
+
+
+def daemon_stats(mountpoint: str) -> dict[str, Any]:
+    files = RunFiles.for_mountpoint(mountpoint)
+    daemon = find_daemon(files)
+    if daemon is None:
+        raise NotMounted(f"no snapfs daemon serves {files.mountpoint}")
+    daemon.close()
+    stats: dict[str, Any] = request(files, {"op": "stats"})["stats"]
+    return stats
+
+
+# -- unmounting ----------------------------------------------------------------------------------
+
+
+def unmount(mountpoint: str, timeout: float = 60.0) -> str:
+    """Unmount a snapfs mount and wait until its daemon has exited; a one-line account of it.
+
+    The normal way is ``fusermount3 -u`` (refused while files are open), after which the daemon
+    sees its session end, saves its access profiles and exits. A daemon that is alive but not
+    mounted (starting or stopping) is asked to shut down through its socket. A daemon that does
+    not exit within ``timeout`` seconds is killed. A mount whose daemon died (the mount point
+    says "Transport endpoint is not connected") is detached with ``fusermount3 -u -z``.
+    """
+    files = RunFiles.for_mountpoint(mountpoint)
+    mp = files.mountpoint
+    entry = mount_entry(mp)
+    if entry is not None and not entry.is_snapfs:
+        raise MountError(f"{mp} is not a snapfs mount (it is {entry.fstype} from {entry.source})")
+    daemon = find_daemon(files)
+    if daemon is None:
+        if entry is None:
+            raise NotMounted(f"nothing is mounted at {mp}")
+        fusermount(mp, lazy=True)
+        return f"detached {mp}: its daemon had died"
+    try:
+        if entry is not None:
+            fusermount(mp)
+        else:
+            try:
+                request(files, {"op": "shutdown"})
+            except NotMounted:
+                pass  # it is on its way out already
+        if daemon.wait(timeout):
+            return f"unmounted {mp}"
+        _kill(daemon.pid)
+        daemon.wait(10)
+        if mount_entry(mp) is not None:
+            fusermount(mp, lazy=True)
+        files.remove()
+        return f"unmounted {mp}; its daemon (pid {daemon.pid}) did not exit in {timeout:.0f} s and was killed"
+    finally:
+        daemon.close()
+
+
+def _kill(pid: int | None) -> None:
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except OSError as e:
+        if e.errno != errno.EPERM:
+            raise
+        raise SnapfsError(f"cannot kill the snapfs daemon (pid {pid}): {e.strerror}") from None

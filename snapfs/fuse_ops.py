@@ -1,0 +1,285 @@
+"""The FUSE adapter: the kernel's requests, answered from a ``SnapshotCatalog``.
+
+The tree it serves::
+
+    /                      read-only directory
+    /snapshots/            one NAME.img per snapshot of the repository (mode 0444, read-only)
+    /disks/                empty for now: writable disks come with issue 4
+
+This module is a protocol adapter and nothing else: it turns names into inodes and inodes into
+``ImageView``s, and calls ``ImageView.read``. What an image is, how blocks are fetched and
+cached, lives below it (``image``, ``hydration``); it must not grow business logic, and it never
+blocks the trio thread.
+
+The rules it keeps:
+
+- One error boundary (``_errno_boundary``): only ``pyfuse3.FUSEError`` leaves a handler. A
+  ``SnapfsError`` becomes EIO and is logged with its message; anything else becomes EIO and is
+  logged with its traceback. ``forget`` never raises.
+- Snapshots are immutable, so open files get ``keep_cache`` and entries and attributes get long
+  timeouts. A name can only come to mean another image if its snapshot is deleted and a new one
+  takes the name; the catalog then hands out a new ``ImageView``, which gets a new inode, and the
+  kernel's entry for the old one is invalidated.
+- Inodes are never reused while mounted: an image's inode stays valid (and readable, for files
+  already open) after its snapshot disappears from the catalog. There is one inode per image the
+  mount has ever seen, so ``forget`` has nothing to free.
+- New snapshots appear without remounting: listing ``snapshots/`` and looking up a name that is
+  not known refresh the catalog (which rate-limits itself). Failed lookups are not cached by the
+  kernel (ENOENT, never a negative entry), so a name looked up too early appears later.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+
+import pyfuse3
+
+from snapfs.errors import SnapfsError
+
+if TYPE_CHECKING:
+    from snapfs.image.catalog import SnapshotCatalog
+    from snapfs.image.view import ImageView
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = pyfuse3.ROOT_INODE
+SNAPSHOTS_INODE = ROOT_INODE + 1
+DISKS_INODE = ROOT_INODE + 2
+FIRST_IMAGE_INODE = 16
+
+SNAPSHOTS_DIR = b"snapshots"
+DISKS_DIR = b"disks"
+
+#: seconds the kernel may trust a name -> inode entry, and an inode's attributes
+IMAGE_TIMEOUT = 3600.0
+DIR_TIMEOUT = 60.0
+#: st_blksize: the preferred I/O size tools like cp and dd take from stat
+IO_SIZE = 128 * 1024
+STATFS_BLOCK = 4096
+NAME_MAX = 255
+
+Ops = TypeVar("Ops", bound="SnapshotFS")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _errno_boundary(
+    handler: Callable[Concatenate[Ops, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[Ops, P], Coroutine[Any, Any, R]]:
+    """Let only ``FUSEError`` out of a handler; everything else is logged and becomes EIO."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Ops, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await handler(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except SnapfsError as e:
+            log.error("%s%r failed: %s", handler.__name__, args, e.message)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("%s%r failed unexpectedly", handler.__name__, args)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _fail(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+@dataclass
+class _OpenDir:
+    inode: int
+    listing: list[tuple[bytes, int]] | None = None
+
+
+class SnapshotFS(pyfuse3.Operations):
+    """pyfuse3 operations over one ``SnapshotCatalog``. Read-only throughout."""
+
+    def __init__(self, catalog: SnapshotCatalog, uid: int | None = None,
+                 gid: int | None = None) -> None:
+        super().__init__()
+        self._catalog = catalog
+        self._uid = os.getuid() if uid is None else uid
+        self._gid = os.getgid() if gid is None else gid
+        self._created_ns = time.time_ns()
+        self._views: dict[int, ImageView] = {}  # inode -> view; never shrinks (see module doc)
+        self._inode_of_view: dict[int, int] = {}  # id(view) -> inode; views are kept alive above
+        self._names: dict[bytes, int] = {}  # the catalog's current names -> inodes
+        self._next_inode = FIRST_IMAGE_INODE
+        self._open_files: dict[int, ImageView] = {}
+        self._open_dirs: dict[int, _OpenDir] = {}
+        self._next_handle = 1
+        self._session_live = False
+
+    # -- names and inodes ----------------------------------------------------------------------
+
+    def init(self) -> None:
+        """Called by pyfuse3 once the session is up: from now on the kernel can be notified."""
+        self._session_live = True
+
+    def _sync_names(self) -> None:
+        """Map the catalog's current images to inodes, allocating inodes for new views."""
+        names: dict[bytes, int] = {}
+        for name, view in self._catalog.images().items():
+            inode = self._inode_of_view.get(id(view))
+            if inode is None:
+                inode = self._next_inode
+                self._next_inode += 1
+                self._views[inode] = view
+                self._inode_of_view[id(view)] = inode
+            names[os.fsencode(name)] = inode
+        stale = [name for name, inode in self._names.items() if names.get(name) != inode]
+        self._names = names
+        if self._session_live:
+            for old in stale:
+                pyfuse3.invalidate_entry_async(SNAPSHOTS_INODE, old, ignore_enoent=True)
+
+    async def _refresh(self) -> None:
+        await self._catalog.refresh()
+        self._sync_names()
+
+    def _children(self, inode: int) -> list[tuple[bytes, int]]:
+        """(name, inode) of a directory's entries, sorted by name."""
+        if inode == ROOT_INODE:
+            return [(DISKS_DIR, DISKS_INODE), (SNAPSHOTS_DIR, SNAPSHOTS_INODE)]
+        if inode == SNAPSHOTS_INODE:
+            return sorted(self._names.items())
+        if inode == DISKS_INODE:
+            return []
+        raise _fail(errno.ENOTDIR if inode in self._views else errno.ENOENT)
+
+    def _attributes(self, inode: int) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode
+        attr.generation = 0
+        attr.st_uid = self._uid
+        attr.st_gid = self._gid
+        attr.st_rdev = 0
+        attr.st_blksize = IO_SIZE
+        view = self._views.get(inode)
+        if view is not None:
+            attr.st_mode = stat.S_IFREG | 0o444
+            attr.st_nlink = 1
+            attr.st_size = view.size
+            attr.st_blocks = -(-view.size // 512)
+            mtime = view.mtime_ns
+            attr.entry_timeout = attr.attr_timeout = IMAGE_TIMEOUT
+        elif inode in (ROOT_INODE, SNAPSHOTS_INODE, DISKS_INODE):
+            attr.st_mode = stat.S_IFDIR | 0o555
+            attr.st_nlink = 4 if inode == ROOT_INODE else 2
+            attr.st_size = 0
+            attr.st_blocks = 0
+            mtime = self._created_ns
+            attr.entry_timeout = attr.attr_timeout = DIR_TIMEOUT
+        else:
+            raise _fail(errno.ENOENT)
+        attr.st_atime_ns = attr.st_ctime_ns = attr.st_mtime_ns = mtime
+        return attr
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    @_errno_boundary
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            return self._attributes(parent_inode)
+        if name == b"..":
+            return self._attributes(ROOT_INODE)
+        if parent_inode == SNAPSHOTS_INODE:
+            self._sync_names()
+            if name not in self._names:
+                await self._refresh()
+        for child, inode in self._children(parent_inode):
+            if child == name:
+                return self._attributes(inode)
+        raise _fail(errno.ENOENT)
+
+    @_errno_boundary
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attributes(inode)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        """Nothing to free: inodes live as long as the mount (see the module docstring)."""
+
+    @_errno_boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        self._sync_names()
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = STATFS_BLOCK
+        data.f_blocks = sum(-(-self._views[i].size // STATFS_BLOCK) for i in self._names.values())
+        data.f_bfree = data.f_bavail = 0
+        data.f_files = len(self._names) + 3
+        data.f_ffree = data.f_favail = 0
+        data.f_namemax = NAME_MAX
+        return data
+
+    # -- directories ---------------------------------------------------------------------------
+
+    def _new_handle(self) -> int:
+        handle = self._next_handle
+        self._next_handle += 1
+        return handle
+
+    @_errno_boundary
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self._children(inode)  # ENOTDIR / ENOENT
+        handle = self._new_handle()
+        self._open_dirs[handle] = _OpenDir(inode)
+        return handle
+
+    @_errno_boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # The listing is taken once per open directory (at offset 0), so a refresh between two
+        # readdir calls of one listing cannot shift the offsets under it.
+        directory = self._open_dirs.get(fh)
+        if directory is None:
+            raise _fail(errno.EBADF)
+        if directory.listing is None or start_id == 0:
+            if directory.inode == SNAPSHOTS_INODE:
+                await self._refresh()
+            directory.listing = self._children(directory.inode)
+        for position in range(start_id, len(directory.listing)):
+            name, child = directory.listing[position]
+            if not pyfuse3.readdir_reply(token, name, self._attributes(child), position + 1):
+                break
+
+    @_errno_boundary
+    async def releasedir(self, fh: int) -> None:
+        self._open_dirs.pop(fh, None)
+
+    # -- files ---------------------------------------------------------------------------------
+
+    @_errno_boundary
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        view = self._views.get(inode)
+        if view is None:
+            self._attributes(inode)  # ENOENT for unknown inodes
+            raise _fail(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise _fail(errno.EROFS)
+        handle = self._new_handle()
+        self._open_files[handle] = view
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+
+    @_errno_boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        view = self._open_files.get(fh)
+        if view is None:
+            raise _fail(errno.EBADF)
+        if off >= view.size:
+            return b""
+        return await view.read(off, size)
+
+    @_errno_boundary
+    async def release(self, fh: int) -> None:
+        self._open_files.pop(fh, None)
