@@ -106,7 +106,7 @@ def test_random_concurrent_reads_return_the_source_bytes(repo_and_image, tmp_pat
         async with trio.open_nursery() as readers:
             for i, (offset, length) in enumerate(ranges):
                 readers.start_soon(reader, i, offset, length)
-        return results, hydrator.stats
+        return results, hydrator.counters
 
     results, stats = trio.run(with_hydrator, repo, cache, HydrationConfig(background=False), body)
     for i, (offset, length) in enumerate(ranges):
@@ -208,7 +208,7 @@ def test_corrupt_block_fails_its_read_and_is_never_cached(repo_and_image, tmp_pa
                      if data[i : i + BS] != bytes(BS) and repo.keyer.block_id(data[i : i + BS]) != bad_id
                      and hydrator.index.locate(repo.keyer.block_id(data[i : i + BS])).pack != loc.pack)
         assert await view.read(other, 4096) == data[other : other + 4096]
-        return hydrator.stats.corrupt_blocks
+        return hydrator.counters.corrupt_blocks
 
     corrupt = trio.run(with_hydrator, repo, cache, HydrationConfig(background=False), body)
     assert corrupt == 1
@@ -226,7 +226,7 @@ def test_sequential_reads_trigger_readahead(repo_and_image, tmp_path: Path) -> N
         for offset in range(0, len(data), 131072):  # the kernel's 128 KiB reads
             out.append(await view.read(offset, 131072))
             await trio.sleep(0.01)  # a reader that does something with its data
-        return b"".join(out), hydrator.stats
+        return b"".join(out), hydrator.counters
 
     got, stats = trio.run(with_hydrator, repo, cache, HydrationConfig(background=False), body)
     assert got == data

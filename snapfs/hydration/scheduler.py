@@ -25,8 +25,8 @@ import heapq
 import itertools
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import trio
@@ -115,7 +115,7 @@ class Hydrator:
         self.index = index
         self.cache = cache
         self.config = config
-        self.stats = HydrationStats()
+        self.counters = HydrationStats()
         self.latency = LatencyWindow()
         self._heap: list[tuple[int, int, _Fetch]] = []
         self._seq = itertools.count()
@@ -135,7 +135,9 @@ class Hydrator:
         self._cache_limiter = trio.CapacityLimiter(8)
         self._rate = RateLimiter(config.hydrate_rate)
         #: called with each block ID once it is in the cache (the image layer's progress)
-        self.on_cached: list[Any] = []
+        self.on_cached: list[Callable[[bytes], None]] = []
+        #: awaited by ``save`` on a clean shutdown (the image layer stores access profiles)
+        self.on_save: list[Callable[[], Awaitable[None]]] = []
 
     # -- asking for blocks ------------------------------------------------------------
 
@@ -150,17 +152,17 @@ class Hydrator:
                 # here to _request, so "recent, in flight, or fetch it" is decided atomically
                 out[i] = self._recent.get(block_ids[i])
         missing = [i for i, d in enumerate(out) if d is None]
-        self.stats.cache_hits += len(block_ids) - len(missing)
+        self.counters.cache_hits += len(block_ids) - len(missing)
         if missing:
             fetches = {block_ids[i]: self._request(block_ids[i], Priority.WAITING) for i in missing}
-            self.stats.waiting_reads += len(fetches)
+            self.counters.waiting_reads += len(fetches)
             self._last_waiting = trio.current_time()
             self._recent_waiting.append(
                 (self._last_waiting, sum(f.loc.raw_length for f in fetches.values())))
             started = trio.current_time()
             for f in fetches.values():
                 await f.done.wait()
-            self.stats.wait_seconds += trio.current_time() - started
+            self.counters.wait_seconds += trio.current_time() - started
             for i in missing:
                 f = fetches[block_ids[i]]
                 if f.error is not None:
@@ -326,17 +328,17 @@ class Hydrator:
             for f in run:
                 self._finish(f, error=e)
             return
-        self.stats.bytes_fetched += span
+        self.counters.bytes_fetched += span
         for f, (plain, error) in zip(run, results, strict=True):
             if error is not None:
-                self.stats.corrupt_blocks += 1
+                self.counters.corrupt_blocks += 1
                 log.error("%s", error)
                 self._finish(f, error=error)
                 continue
-            self.stats.blocks_fetched += 1
+            self.counters.blocks_fetched += 1
             if background:
-                self.stats.background_blocks += 1
-                self.stats.background_bytes += f.loc.length
+                self.counters.background_blocks += 1
+                self.counters.background_bytes += f.loc.length
             self._finish(f, data=plain)
             for callback in self.on_cached:
                 callback(f.block_id)
@@ -345,15 +347,15 @@ class Hydrator:
         delay = self.config.retry_delay
         for attempt in range(1, self.config.attempts + 1):
             started = trio.current_time()
-            self.stats.requests += 1
+            self.counters.requests += 1
             try:
                 data = await trio.to_thread.run_sync(self.repo.fetch_run, pack, wanted,
                                                      limiter=self._store_limiter)
             except IntegrityError:
-                self.stats.failed_requests += 1
+                self.counters.failed_requests += 1
                 raise
             except StoreError as e:
-                self.stats.failed_requests += 1
+                self.counters.failed_requests += 1
                 if attempt == self.config.attempts:
                     log.warning("giving up on pack %s after %d attempts: %s", pack[:12], attempt, e)
                     raise StoreUnavailable(f"store unavailable: {e}") from None
@@ -389,11 +391,19 @@ class Hydrator:
                 self._recent_bytes -= len(old)
         f.done.set()
 
-    def snapshot_stats(self) -> dict[str, Any]:
+    async def save(self) -> None:
+        """What should outlive this daemon: called once on a clean shutdown."""
+        for save in self.on_save:
+            try:
+                await save()
+            except SnapfsError as e:
+                log.warning("could not save hydration state: %s", e)
+
+    def stats(self) -> dict[str, Any]:
         p50 = self.latency.percentile(50)
         p99 = self.latency.percentile(99)
         return {
-            **self.stats.__dict__,
+            **asdict(self.counters),
             "fetch_latency_ms_p50": round(p50 * 1000, 2) if p50 is not None else None,
             "fetch_latency_ms_p99": round(p99 * 1000, 2) if p99 is not None else None,
             "queued": len(self._inflight),

@@ -13,7 +13,7 @@ import logging
 import trio
 
 from snapfs.hydration.scheduler import Hydrator
-from snapfs.image.view import ImageView
+from snapfs.image.view import PROFILE_MAX, ImageView
 from snapfs.repo.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ class SnapshotCatalog:
         self._last_refresh = -1e9
         self._refreshing: trio.Event | None = None
         self.hydrator.on_cached.append(self._block_cached)
+        self.hydrator.on_save.append(self.save_profiles)
         #: wakes the sweep when images appear
         self.changed = trio.Event()
 
@@ -70,6 +71,18 @@ class SnapshotCatalog:
         finally:
             self._refreshing.set()
             self._refreshing = None
+
+    async def save_profiles(self) -> None:
+        """Store each read image's access profile beside its snapshot: this mount's first reads
+        first, then what earlier profiles had that this mount did not read."""
+        for view in list(self._views.values()):
+            if not view.profile:
+                continue
+            old = await trio.to_thread.run_sync(self.repo.read_profile, view.root.id)
+            mine = set(view.profile)
+            merged = view.profile + [n for n in old if n not in mine]
+            await trio.to_thread.run_sync(self.repo.write_profile, view.root.id,
+                                          merged[:PROFILE_MAX])
 
     def _block_cached(self, block_id: bytes) -> None:
         for view in self._views.values():
