@@ -35,7 +35,7 @@ def init(config: CliConfig, block_size: str, compression_level: int, json_output
 
 @click.command()
 @click.argument("snap")
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("out")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an existing file.")
 @click.option("--json", "json_output", is_flag=True)
 @pass_config

@@ -17,7 +17,7 @@ def snapshot() -> None:
 
 
 @snapshot.command()
-@click.argument("source", type=click.Path(dir_okay=False))
+@click.argument("source")
 @click.option("--name", help="A unique name (default: DISK-YYYYMMDD-HHMMSS).")
 @click.option("--disk", help="The disk this is a snapshot of (default: SOURCE's file name).")
 @click.option("--parent", metavar="SNAP",

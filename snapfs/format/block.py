@@ -95,6 +95,10 @@ class BlockCodec:
             raise CorruptBlock(f"{what}: implausible length {raw_len}")
         if codec == CODEC_ZSTD:
             try:
+                # zstd believes the size in the frame header over max_output_size: a corrupt
+                # header must not make us allocate whatever it claims
+                if zstandard.frame_content_size(payload) not in (raw_len, -1):
+                    raise CorruptBlock(f"{what}: frame size does not match the header")
                 plain = self._decompressor().decompress(payload, max_output_size=raw_len)
             except zstandard.ZstdError as e:
                 raise CorruptBlock(f"{what}: does not decompress ({e})") from None

@@ -24,6 +24,7 @@ from snapfs.format.pack import ENTRY, PackEntry
 INDEX_MAGIC = b"SNIX"
 INDEX_VERSION = 1
 U32 = struct.Struct("<I")
+MAX_INDEX_BYTES = 1 << 32  # one index object describes at most this much (entries are 45 bytes)
 
 
 @dataclass
@@ -46,12 +47,15 @@ class IndexFile:
 
     @classmethod
     def decode(cls, data: bytes) -> IndexFile:
-        if data[:4] != INDEX_MAGIC:
+        if len(data) < 5 or data[:4] != INDEX_MAGIC:
             raise CorruptBlock("index object has a bad magic")
         if data[4] != INDEX_VERSION:
             raise FormatError(f"unknown index format version {data[4]}")
         try:
-            body = zstandard.decompress(data[5:])
+            claimed = zstandard.frame_content_size(data[5:])
+            if claimed < 0 or claimed > MAX_INDEX_BYTES:
+                raise CorruptBlock(f"index object claims an implausible size ({claimed})")
+            body = zstandard.decompress(data[5:], max_output_size=claimed)
         except zstandard.ZstdError as e:
             raise CorruptBlock(f"index object does not decompress: {e}") from None
         try:

@@ -352,15 +352,12 @@ async def _create_locked(
     root.stats = {
         **asdict(counts),
         "blocks_total": nblocks,
-        "bytes_uploaded": uploader.stats.bytes,
+        "bytes_uploaded": uploader.stats.bytes,  # packs and index; the root is not counted
         "objects_written": uploader.stats.objects + 1,
     }
     if parent is None:
         root.stats.pop("blocks_changed")
-    encoded_root = root.encode()
     await trio.to_thread.run_sync(repo.write_root, root, limiter=store_limiter)
-    uploader.count(len(encoded_root))
-    root.stats["bytes_uploaded"] = uploader.stats.bytes
     stats = dict(root.stats)
     stats["seconds"] = round(time.monotonic() - started, 3)
     return CreateResult(root, stats)

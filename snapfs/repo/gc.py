@@ -92,7 +92,7 @@ async def _collect(repo: Repository, limiter: trio.CapacityLimiter) -> dict[str,
     claimed: set[bytes] = set()  # a blob kept once is dead in any other pack that has it
     for pack, entries in index.packs.items():
         if pack not in stored_packs:
-            log.warning("index names pack %s, which is not in the store", pack[:12])
+            log.info("index names pack %s, which is not in the store", pack[:12])
             continue
         total = sum(e.length for e in entries)
         live_entries = [e for e in entries if e.blob_id in live and e.blob_id not in claimed]

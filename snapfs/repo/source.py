@@ -23,7 +23,9 @@ class Source:
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below);
+            # it changes nothing for reads of regular files and block devices.
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise SourceError(f"source {path} does not exist") from None
         except OSError as e:

@@ -1,0 +1,195 @@
+"""Disk images for repository and CLI tests, and the independent measures tests check them by.
+
+Images are real: ``make_image`` runs ``tools/make-image`` (an ext4 filesystem of real files from
+/usr), ``change_image`` runs ``tools/change-image`` (changes files through a loop mount, so ext4
+decides which blocks move). ``random_image`` and ``sparse_image`` build raw disks whose content
+the test controls exactly.
+
+The measures (``block_contents``, ``same_bytes``, ``sha256_file``) read images directly and never
+use snapfs code, so a test can compare what snapfs says it did with what the bytes say.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MAKE_IMAGE = ROOT / "tools" / "make-image"
+CHANGE_IMAGE = ROOT / "tools" / "change-image"
+
+MiB = 1 << 20
+
+
+def make_image(out: Path, size: str = "64M", data: str = "24M", seed: int = 0) -> Path:
+    subprocess.run(
+        [str(MAKE_IMAGE), str(out), "--size", size, "--data", data, "--seed", str(seed)],
+        check=True, capture_output=True, timeout=120,
+    )
+    return out
+
+
+def change_image(image: Path, percent: float = 1.0, seed: int = 0) -> Path:
+    subprocess.run(
+        [str(CHANGE_IMAGE), str(image), "--percent", str(percent), "--seed", str(seed)],
+        check=True, capture_output=True, timeout=120,
+    )
+    return image
+
+
+def copy_image(src: Path, dst: Path) -> Path:
+    """A copy that keeps holes (so a 64M image with 24M of files stays small on disk)."""
+    subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
+    return dst
+
+
+def random_image(out: Path, size: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(out, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 4 * MiB)
+            f.write(rng.randbytes(n))
+            left -= n
+    return out
+
+
+def write_at(path: Path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def release_fifo_reader(path: Path) -> bool:
+    """Let a process blocked opening the FIFO ``path`` for reading go on, by opening it for
+    writing. Whether anyone had it open for reading (else nothing happens)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        return False
+    return True
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_zero(block: bytes) -> bool:
+    return block.count(0) == len(block)
+
+
+def nonzero_blocks(path: Path, block_size: int) -> dict[int, bytes]:
+    """Block number -> plain bytes of every block of ``path`` that is not all zeros (the last
+    block may be short). Only allocated regions are read: holes read as zeros anyway."""
+    out: dict[int, bytes] = {}
+    seen: set[int] = set()
+    with open(path, "rb") as f:
+        for start, end in data_extents(path):
+            for n in range(start // block_size, -(-end // block_size)):
+                if n in seen:
+                    continue
+                seen.add(n)
+                f.seek(n * block_size)
+                block = f.read(block_size)
+                if block and not is_zero(block):
+                    out[n] = block
+    return out
+
+
+def block_hashes(path: Path, block_size: int) -> dict[int, bytes]:
+    """Block number -> sha256 of every non-zero block."""
+    return {n: hashlib.sha256(b).digest() for n, b in nonzero_blocks(path, block_size).items()}
+
+
+def distinct_nonzero(path: Path, block_size: int) -> dict[bytes, bytes]:
+    """sha256 -> plain bytes of every distinct non-zero block of ``path``."""
+    return {hashlib.sha256(b).digest(): b for b in nonzero_blocks(path, block_size).values()}
+
+
+def changed_blocks(before: dict[int, bytes], after: dict[int, bytes]) -> set[int]:
+    """Block numbers whose content differs between two ``block_hashes`` results."""
+    return {n for n in before.keys() | after.keys() if before.get(n) != after.get(n)}
+
+
+def data_extents(path: Path) -> list[tuple[int, int]]:
+    """(start, end) of the allocated regions of a (sparse) file."""
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            out.append((start, end))
+            pos = end
+    finally:
+        os.close(fd)
+    return out
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    """Whether two (possibly huge, sparse) files hold the same bytes.
+
+    Only the union of both files' data regions is read and compared; everywhere else both are
+    holes, which read as zeros. Cheaper than hashing a 1 GiB file of mostly holes."""
+    size = os.path.getsize(a)
+    if os.path.getsize(b) != size:
+        return False
+    regions = sorted(data_extents(a) + data_extents(b))
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        for start, end in regions:
+            pos = start
+            while pos < end:
+                n = min(end - pos, 4 * MiB)
+                fa.seek(pos)
+                fb.seek(pos)
+                if fa.read(n) != fb.read(n):
+                    return False
+                pos += n
+    return True
+
+
+def have_root() -> bool:
+    return os.geteuid() == 0 and shutil.which("mount") is not None
+
+
+def shared_image(base_dir: Path, name: str, build: Callable[[Path], Path]) -> Path:
+    """``base_dir/name``, built by ``build(path)`` the first time any test module asks for it.
+
+    Built under a temporary name and renamed, so a half-built image is never reused."""
+    path = base_dir / name
+    if not path.exists():
+        base_dir.mkdir(parents=True, exist_ok=True)
+        partial = base_dir / f".{name}.partial"
+        partial.unlink(missing_ok=True)
+        build(partial)
+        partial.rename(path)
+    return path
+
+
+def standard_images(base_temp: Path) -> tuple[Path, Path, Path]:
+    """The images the repository and CLI tests share (under pytest's session base temp dir):
+    a 64 MiB ext4 image with ~24 MiB of real files, the same with ~1% of its file data changed
+    through the filesystem (needs root), and a second ext4 image of other files."""
+    d = base_temp / "shared-images"
+    base = shared_image(d, "base.img", lambda p: make_image(p, seed=1))
+    changed = shared_image(d, "changed.img",
+                           lambda p: change_image(copy_image(base, p), percent=1, seed=2))
+    other = shared_image(d, "other.img", lambda p: make_image(p, seed=3))
+    return base, changed, other

@@ -1,0 +1,663 @@
+"""The ``snapfs`` command, run as a real process against both stores (a local directory and
+SeaweedFS's S3): the whole life of a snapshot, and every kind of bad input an operator can give.
+
+Every failure must be one line on stderr that starts with ``snapfs: ``, a non-zero exit code
+(``snapfs.errors`` documents them), no traceback, no secret, and no lost or half-written data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from diskimages import (
+    MiB,
+    block_hashes,
+    changed_blocks,
+    distinct_nonzero,
+    have_root,
+    random_image,
+    release_fifo_reader,
+    sha256_file,
+    standard_images,
+    write_at,
+)
+
+from snapfs.format.block import HEADER_SIZE, ZERO_ID
+from snapfs.format.index import IndexFile
+from snapfs.format.manifest import SnapshotRoot
+from snapfs.format.pack import KIND_DATA
+from snapfs.repo.repository import Repository, pack_key
+from snapfs.store import ObjectStore
+from snapfs.store.local import LocalStore
+
+MakeStore = Callable[..., ObjectStore]
+
+SNAPFS = str(Path(sys.executable).with_name("snapfs"))
+CREATE_KEYS = {"id", "name", "disk", "parent", "size", "block_size", "blocks_total",
+               "blocks_uploaded", "bytes_uploaded", "seconds"}
+EXIT_GENERAL, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTEGRITY, EXIT_STORE = 1, 2, 3, 4, 5
+
+needs_root = pytest.mark.skipif(not have_root(), reason="needs root (loop mount, tmpfs, mknod)")
+
+
+# -- running snapfs ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Snapfs:
+    """``snapfs -r REPO [--endpoint-url URL] ARGS...`` as a subprocess."""
+
+    repo: str
+    endpoint: str | None
+    env: dict[str, str]
+
+    def command(self, args: tuple[Any, ...]) -> list[str]:
+        cmd = [SNAPFS, "-r", self.repo]
+        if self.endpoint:
+            cmd += ["--endpoint-url", self.endpoint]
+        return cmd + [str(a) for a in args]
+
+    def __call__(self, *args: Any, timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.command(args), capture_output=True, text=True,
+                              timeout=timeout, env=kwargs.pop("env", self.env), **kwargs)
+
+    def ok(self, *args: Any) -> str:
+        result = self(*args)
+        assert result.returncode == 0, (result.stdout, result.stderr)
+        assert result.stderr == ""
+        return result.stdout
+
+    def json(self, *args: Any) -> Any:
+        return json.loads(self.ok(*args, "--json"))
+
+    def popen(self, *args: Any) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.command(args), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=self.env)
+
+    def each(self, *commands: tuple[Any, ...], timeout: float = 120
+             ) -> list[tuple[tuple[Any, ...], subprocess.CompletedProcess[str]]]:
+        """Run independent commands side by side; (args, result) of each, in order."""
+        procs = [(args, self.popen(*args)) for args in commands]
+        results = []
+        for args, proc in procs:
+            stdout, stderr = proc.communicate(timeout=timeout)
+            results.append((args, subprocess.CompletedProcess(proc.args, proc.returncode,
+                                                              stdout, stderr)))
+        return results
+
+
+def one_error(result: subprocess.CompletedProcess[str], code: int) -> str:
+    """The single stderr line of a failed command, after checking the exit code and form."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("snapfs: "), lines[0]
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def env(store_url: str, request: pytest.FixtureRequest) -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith("AWS_") and not k.startswith("SNAPFS_")}
+    if store_url.startswith("s3://"):
+        seaweed = request.getfixturevalue("seaweed")
+        environ.update(AWS_ACCESS_KEY_ID=seaweed.access_key, AWS_SECRET_ACCESS_KEY=seaweed.secret_key,
+                       AWS_DEFAULT_REGION="us-east-1",
+                       AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+    return environ
+
+
+@pytest.fixture
+def snapfs(store_url: str, store_endpoint: str | None, env: dict[str, str]) -> Snapfs:
+    return Snapfs(store_url, store_endpoint, env)
+
+
+@pytest.fixture
+def store(store_url: str, make_store: MakeStore) -> ObjectStore:
+    """The same location as ``snapfs`` uses, for looking at (and damaging) objects directly."""
+    return make_store(store_url)
+
+
+@dataclasses.dataclass(frozen=True)
+class Images:
+    base: Path
+    changed: Path
+    other: Path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
+    if not have_root():
+        pytest.skip("changing an ext4 image needs root (loop mount)")
+    return Images(*standard_images(tmp_path_factory.getbasetemp()))
+
+
+def objects(store: ObjectStore, prefix: str = "") -> dict[str, bytes]:
+    """Every object and its bytes: to show that a failed command changed nothing."""
+    return {key: store.get(key) for key, _ in store.list(prefix)}
+
+
+def pack_names(store: ObjectStore) -> set[str]:
+    return {key.rpartition("/")[2] for key, _ in store.list("packs/")}
+
+
+def indexed_packs(store: ObjectStore) -> set[str]:
+    packs: set[str] = set()
+    for key, _ in store.list("index/"):
+        packs |= set(IndexFile.decode(store.get(key)).packs)
+    return packs
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+# -- the life of a snapshot --------------------------------------------------------------------
+
+
+@needs_root
+def test_snapshot_lifecycle(snapfs: Snapfs, images: Images, tmp_path: Path, store_url: str) -> None:
+    bs = 16384
+    init = snapfs.json("init")
+    assert init["block_size"] == bs and init["repository"].startswith(store_url)
+
+    first = snapfs.json("snapshot", "create", images.base, "--disk", "vm", "--name", "vm-1",
+                        "--tag", "nightly")
+    assert CREATE_KEYS <= first.keys()
+    distinct_base = distinct_nonzero(images.base, bs)
+    assert (first["name"], first["disk"], first["parent"]) == ("vm-1", "vm", None)
+    assert first["size"] == os.path.getsize(images.base) and first["block_size"] == bs
+    assert first["blocks_total"] == os.path.getsize(images.base) // bs
+    assert first["blocks_uploaded"] == len(distinct_base)
+    assert first["tags"] == ["nightly"]
+    assert first["bytes_uploaded"] > 0 and isinstance(first["seconds"], float | int)
+
+    second = snapfs.json("snapshot", "create", images.changed, "--disk", "vm", "--name", "vm-2")
+    new = set(distinct_nonzero(images.changed, bs)) - set(distinct_base)
+    changed_at = changed_blocks(block_hashes(images.base, bs), block_hashes(images.changed, bs))
+    assert second["parent"] == first["id"]
+    assert second["blocks_uploaded"] == len(new)
+    assert second["blocks_changed"] == len(changed_at)
+    assert second["bytes_uploaded"] < first["bytes_uploaded"] / 10
+
+    # read-only commands, side by side
+    out1, out2 = tmp_path / "vm-1.img", tmp_path / "vm-2.img"
+    results = dict(snapfs.each(
+        ("snapshot", "list", "--json"), ("snapshot", "list", "--disk", "other", "--json"),
+        ("snapshot", "list"), ("snapshot", "show", second["id"][:6], "--json"),
+        ("export", "vm-1", out1), ("export", second["id"], out2, "--json"),
+        ("verify", "--json"), ("verify", "vm-1")))
+    for args, result in results.items():
+        assert result.returncode == 0 and result.stderr == "", (args, result.stderr)
+    stdout = {" ".join(str(a) for a in args): r.stdout for args, r in results.items()}
+    listed = json.loads(stdout["snapshot list --json"])
+    assert [(s["id"], s["name"]) for s in listed] == [(first["id"], "vm-1"), (second["id"], "vm-2")]
+    assert json.loads(stdout["snapshot list --disk other --json"]) == []
+    assert "vm-2" in stdout["snapshot list"] and first["id"] in stdout["snapshot list"]
+    shown = json.loads(stdout[f"snapshot show {second['id'][:6]} --json"])
+    assert (shown["id"], shown["parent"], shown["blocks_total"]) == (
+        second["id"], first["id"], second["blocks_total"])
+    assert "vm-1" in stdout[f"export vm-1 {out1}"]
+    assert json.loads(stdout[f"export {second['id']} {out2} --json"])["size"] == second["size"]
+    assert sha256_file(out1) == sha256_file(images.base)
+    assert sha256_file(out2) == sha256_file(images.changed)
+    report = json.loads(stdout["verify --json"])
+    assert report["ok"] is True and report["snapshots"] == 2 and report["problems"] == []
+    assert "no problems" in stdout["verify vm-1"]
+
+    deleted = snapfs.json("snapshot", "delete", "vm-1")
+    assert deleted["deleted"] == [first["id"]]
+    assert deleted["bytes_freed"] > 0
+    assert [s["id"] for s in snapfs.json("snapshot", "list")] == [second["id"]]
+    report = snapfs.json("verify")
+    assert report["ok"] is True and report["snapshots"] == 1
+    pruned = snapfs.json("prune")
+    assert pruned["packs_deleted"] == 0 and pruned["bytes_freed"] == 0
+
+    # what show reported later is what create reported then
+    for key in ("blocks_uploaded", "blocks_changed", "bytes_read", "bytes_uploaded"):
+        assert shown[key] == second[key], (key, shown[key], second[key])
+
+
+# -- no repository, a foreign or future one, init over one -------------------------------------
+
+
+def test_no_repository(snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> None:
+    for _args, result in snapfs.each(
+            ("snapshot", "list"), ("verify",), ("export", "x", tmp_path / "x.img"),
+            ("snapshot", "create", tmp_path / "missing.img"), ("prune",)):
+        line = one_error(result, EXIT_NOT_FOUND)
+        assert "no repository at" in line or "is not a snapfs repository" in line
+        assert snapfs.repo in line
+    assert not (tmp_path / "x.img").exists()
+
+    # a location that holds something else
+    store.ensure_container()
+    store.put("photos/cat.jpg", b"\xff\xd8\xff not a repository")
+    line = one_error(snapfs("snapshot", "list"), EXIT_NOT_FOUND)
+    assert line == f"snapfs: {store.url} is not a snapfs repository (no config)"
+    assert objects(store) == {"photos/cat.jpg": b"\xff\xd8\xff not a repository"}
+
+    no_repo = Snapfs("", None, snapfs.env)
+    result = subprocess.run([SNAPFS, "snapshot", "list"], capture_output=True, text=True,
+                            env=no_repo.env, timeout=60)
+    assert "-r REPO" in one_error(result, EXIT_USAGE)
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # both: test_repository.py
+def test_unknown_format_version_is_refused(snapfs: Snapfs, store: ObjectStore,
+                                           tmp_path: Path) -> None:
+    snapfs.ok("init")
+    source = random_image(tmp_path / "d.img", MiB, seed=1)
+    snapfs.ok("snapshot", "create", source, "--name", "one")
+    config = json.loads(store.get("config"))
+    config["version"] = 99
+    store.put("config", json.dumps(config).encode())
+    before = objects(store)
+    for _args, result in snapfs.each(
+            ("snapshot", "list"), ("snapshot", "create", source), ("verify",),
+            ("export", "one", tmp_path / "out.img"), ("snapshot", "delete", "one"), ("prune",)):
+        line = one_error(result, EXIT_GENERAL)
+        assert "version 99" in line and "not supported" in line, line
+    assert one_error(snapfs("init"), EXIT_GENERAL).endswith("already a snapfs repository; not touching it")
+    assert objects(store) == before
+    assert not (tmp_path / "out.img").exists()
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # both: test_repository.py
+def test_init_never_overwrites(snapfs: Snapfs, store: ObjectStore, tmp_path: Path,
+                               make_store: MakeStore) -> None:
+    snapfs.ok("init")
+    snapfs.ok("snapshot", "create", random_image(tmp_path / "d.img", MiB, seed=2))
+    before = objects(store)
+    line = one_error(snapfs("init"), EXIT_GENERAL)
+    assert "already a snapfs repository" in line
+    line = one_error(snapfs("init", "--block-size", "64K"), EXIT_GENERAL)
+    assert objects(store) == before
+
+    elsewhere = dataclasses.replace(snapfs, repo=snapfs.repo + "-data")
+    other = make_store(elsewhere.repo)
+    other.ensure_container()
+    other.put("important/data.bin", b"do not lose")
+    line = one_error(elsewhere("init"), EXIT_GENERAL)
+    assert "not empty" in line and "important/data.bin" in line
+    assert objects(other) == {"important/data.bin": b"do not lose"}
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # both: test_repository.py
+def test_bad_block_size_is_a_usage_error(snapfs: Snapfs, store: ObjectStore) -> None:
+    for size in ("3K", "12K", "8M", "lots"):
+        one_error(snapfs("init", "--block-size", size), EXIT_USAGE)
+    assert not store.container_exists() or objects(store) == {}
+
+
+# -- snapshots: unknown, ambiguous, duplicate --------------------------------------------------
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # both: test_repository.py
+def test_unknown_and_ambiguous_snapshots(snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> None:
+    snapfs.ok("init")
+    created = snapfs.json("snapshot", "create", random_image(tmp_path / "d.img", MiB, seed=3),
+                          "--name", "monday")
+    out = tmp_path / "out.img"
+    for _args, result in snapfs.each(
+            ("snapshot", "show", "tuesday"), ("export", "tuesday", out), ("verify", "tuesday"),
+            ("snapshot", "delete", "monday", "tuesday")):
+        line = one_error(result, EXIT_NOT_FOUND)
+        assert "no snapshot 'tuesday'" in line
+    assert snapfs.json("snapshot", "show", "monday")["id"] == created["id"]
+    # two roots whose ids share a prefix (written as another snapfs would have)
+    root = SnapshotRoot.decode(store.get(f"snapshots/{created['id']}"))
+    for n in (1, 2):
+        twin = dataclasses.replace(root, id=f"abcdef{n:010d}", name=f"twin-{n}")
+        store.put(f"snapshots/{twin.id}", twin.encode())
+    before = objects(store)
+    for _args, result in snapfs.each(
+            ("snapshot", "show", "abcdef"), ("export", "abcdef", out), ("snapshot", "delete", "abcdef")):
+        line = one_error(result, EXIT_GENERAL)
+        assert "ambiguous" in line and "abcdef0000000001" in line and "abcdef0000000002" in line
+    assert objects(store) == before
+    assert not out.exists()
+    assert snapfs.json("snapshot", "show", "abcdef0000000002")["name"] == "twin-2"
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # both: test_repository.py
+def test_duplicate_name_is_refused(snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> None:
+    snapfs.ok("init")
+    snapfs.ok("snapshot", "create", random_image(tmp_path / "a.img", MiB, seed=4), "--name", "daily")
+    before = objects(store)
+    line = one_error(snapfs("snapshot", "create", random_image(tmp_path / "b.img", MiB, seed=5),
+                            "--name", "daily"), EXIT_GENERAL)
+    assert "'daily' already exists" in line
+    assert objects(store) == before
+
+
+# -- bad sources -------------------------------------------------------------------------------
+
+
+SOURCE_KINDS = ["missing", "odd-size", "empty", "directory", "fifo", "no-device",
+                "permission-denied"]
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part
+@pytest.mark.parametrize("kind", SOURCE_KINDS)
+def test_bad_source(kind: str, snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> None:
+    if kind in ("no-device", "permission-denied") and not have_root():
+        pytest.skip("needs root")
+    snapfs.ok("init")
+    before = objects(store)
+    source = tmp_path / "source.img"
+    command = snapfs.command(("snapshot", "create", source))
+    expect = str(source)
+    if kind == "odd-size":
+        source.write_bytes(os.urandom(1000))
+        expect = "not a multiple of 512"
+    elif kind == "empty":
+        source.write_bytes(b"")
+        expect = "is empty"
+    elif kind == "directory":
+        source.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(source)
+    elif kind == "no-device":
+        os.mknod(source, 0o600 | 0o060000, os.makedev(240, 0))  # a block device with no driver
+        expect = "No such device"
+    elif kind == "permission-denied":
+        source.write_bytes(os.urandom(MiB))
+        source.chmod(0o000)
+        # root without the capabilities that let it read any file
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+        expect = "Permission denied"
+
+    # A FIFO with no writer blocks a plain open(). If snapfs is still holding it open after
+    # 5 s, this releases it, and the test fails instead of hanging.
+    rescued: list[bool] = []
+    rescue = threading.Timer(5, lambda: rescued.append(release_fifo_reader(source)))
+    if kind == "fifo":
+        rescue.start()
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                                env=snapfs.env)
+    finally:
+        rescue.cancel()
+        if rescue.ident is not None:  # started
+            rescue.join()
+    assert rescued != [True], "snapshot create blocked opening a FIFO"
+    line = one_error(result, EXIT_GENERAL)
+    assert str(source) in line and expect in line, line
+    assert objects(store) == before
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part
+@pytest.mark.parametrize("change", ["write", "unlink"])
+def test_source_changed_or_vanished_during_snapshot(
+    change: str, snapfs: Snapfs, store: ObjectStore, tmp_path: Path
+) -> None:
+    snapfs.ok("init")
+    kept = snapfs.json("snapshot", "create", random_image(tmp_path / "a.img", MiB, seed=6))
+    packs_before = pack_names(store)
+    source = random_image(tmp_path / "b.img", 20 * MiB, seed=7)
+    # The first 16 MiB pack is stored at once; --rate holds the rest back for ~2 s.
+    proc = snapfs.popen("snapshot", "create", source, "--rate", "8")
+    try:
+        wait_for(lambda: len(pack_names(store)) > len(packs_before) or proc.poll() is not None,
+                 60, "the first pack")
+        assert proc.poll() is None, "the snapshot ended before the source could be changed"
+        if change == "write":
+            write_at(source, 5 * MiB, b"a write during the snapshot")
+        else:
+            source.unlink()
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    line = one_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
+                     EXIT_GENERAL)
+    assert str(source) in line
+    assert ("changed during the snapshot" if change == "write" else "vanished") in line
+    assert [s["id"] for s in snapfs.json("snapshot", "list")] == [kept["id"]]
+    assert snapfs.json("verify")["ok"] is True
+    snapfs.ok("prune")
+    assert pack_names(store) == packs_before
+
+
+# -- crashes -----------------------------------------------------------------------------------
+
+
+def test_kill_9_during_snapshot(snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> None:
+    snapfs.ok("init")
+    kept = snapfs.json("snapshot", "create", random_image(tmp_path / "a.img", MiB, seed=8),
+                       "--name", "kept")
+    packs_before = pack_names(store)
+    source = random_image(tmp_path / "big.img", 40 * MiB, seed=9)
+    proc = snapfs.popen("snapshot", "create", source, "--rate", "4")
+    try:
+        wait_for(lambda: len(pack_names(store)) > len(packs_before) or proc.poll() is not None,
+                 60, "the first pack")
+        assert proc.poll() is None, "the snapshot ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    orphans = pack_names(store) - packs_before
+    assert orphans
+    assert len(list(store.list("locks/"))) == 1, "the dead process's lock is left behind"
+
+    assert [s["id"] for s in snapfs.json("snapshot", "list")] == [kept["id"]]
+    report = snapfs.json("verify")
+    assert report["ok"] is True and report["snapshots"] == 1
+
+    # the dead process's lock blocks neither a create nor a collection
+    redo = snapfs.json("snapshot", "create", source, "--name", "redo")
+    assert redo["blocks_uploaded"] == redo["blocks_total"]
+    out = tmp_path / "redo.img"
+    snapfs.ok("export", "redo", out)
+    assert sha256_file(out) == sha256_file(source)
+    pruned = snapfs.json("prune")
+    assert pruned["packs_deleted"] == len(orphans - indexed_packs(store))
+    assert pack_names(store) == indexed_packs(store), "no orphan pack is left"
+    assert list(store.list("locks/")) == []
+    assert snapfs.json("verify")["snapshots"] == 2
+
+
+# -- stores that cannot be reached or refuse us (S3) -------------------------------------------
+
+
+@pytest.mark.s3
+def test_unreachable_store(tmp_path: Path) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    secret = "unreachable-secret-" + uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ACCESS_KEY_ID="some-access-key", AWS_SECRET_ACCESS_KEY=secret,
+               AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE=os.devnull,
+               AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+    bad = Snapfs("s3://snapfs-test/nowhere", endpoint, env)
+    source = random_image(tmp_path / "d.img", MiB, seed=10)
+    for args in (("snapshot", "list"), ("init",), ("snapshot", "create", source)):
+        started = time.monotonic()
+        result = bad(*args, timeout=60)
+        elapsed = time.monotonic() - started
+        line = one_error(result, EXIT_STORE)
+        assert elapsed < 20, f"{args}: gave up after {elapsed:.1f} s"
+        assert endpoint in line
+        assert secret not in result.stderr + result.stdout
+
+
+@pytest.fixture
+def s3_snapfs(seaweed: Any, s3_bucket: str) -> Snapfs:
+    """``snapfs`` on a fresh S3 location, for what only S3 can do."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ACCESS_KEY_ID=seaweed.access_key, AWS_SECRET_ACCESS_KEY=seaweed.secret_key,
+               AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE=os.devnull,
+               AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+    return Snapfs(f"s3://{s3_bucket}/cli-{uuid.uuid4().hex[:12]}", seaweed.endpoint_url, env)
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("wrong", ["secret", "access-key"])
+def test_refused_credentials(wrong: str, s3_snapfs: Snapfs, make_store: MakeStore,
+                             tmp_path: Path) -> None:
+    snapfs = s3_snapfs
+    assert snapfs.endpoint is not None
+    store = make_store(snapfs.repo)
+    snapfs.ok("init")
+    source = random_image(tmp_path / "d.img", MiB, seed=11)
+    snapfs.ok("snapshot", "create", source, "--name", "one")
+    before = objects(store)
+    secret = "wrong-secret-" + uuid.uuid4().hex
+    env = {**snapfs.env, "AWS_SECRET_ACCESS_KEY": secret}
+    if wrong == "access-key":
+        env["AWS_ACCESS_KEY_ID"] = "no-such-access-key"
+    bad = dataclasses.replace(snapfs, env=env)
+    for _args, result in bad.each(
+            ("snapshot", "list"), ("snapshot", "create", source), ("verify",),
+            ("snapshot", "delete", "one"), ("init",)):
+        line = one_error(result, EXIT_STORE)
+        assert snapfs.endpoint in line
+        assert "refused access" in line and "credentials" in line, line
+        assert secret not in result.stderr + result.stdout
+        assert snapfs.env["AWS_SECRET_ACCESS_KEY"] not in result.stderr + result.stdout
+    assert objects(store) == before
+
+
+# -- damaged repositories ----------------------------------------------------------------------
+
+
+def flip_byte(store: ObjectStore, key: str, offset: int) -> None:
+    if isinstance(store, LocalStore):
+        with open(store.root / key, "r+b") as f:
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 0x40]))
+    else:
+        data = bytearray(store.get(key))
+        data[offset] ^= 0x40
+        store.put(key, bytes(data))
+
+
+@needs_root
+def test_corrupt_block(snapfs: Snapfs, store: ObjectStore, images: Images, tmp_path: Path) -> None:
+    snapfs.ok("init")
+    root_id = snapfs.json("snapshot", "create", images.base, "--name", "vm-1")["id"]
+    repo = Repository.open(store)
+    index = repo.load_index()
+    block_map = repo.block_map(index, repo.resolve(root_id))
+    uses: dict[bytes, list[int]] = {}
+    for n, bid in enumerate(block_map):
+        if bid != ZERO_ID:
+            uses.setdefault(bid, []).append(n)
+    once = sorted((ns[0], b) for b, ns in uses.items() if len(ns) == 1)
+    n, bid = once[len(once) // 3]
+    loc = index.locate(bid)
+    flip_byte(store, pack_key(loc.pack), loc.offset + HEADER_SIZE + loc.length // 2)
+
+    result = snapfs("verify")
+    assert result.returncode == EXIT_INTEGRITY
+    problems = [line for line in result.stdout.splitlines() if line.startswith("problem: ")]
+    assert len(problems) == 1
+    assert problems[0].startswith(f"problem: snapshot vm-1 ({root_id}): block at offset {n * 16384}: ")
+    assert "1 problems" in result.stdout
+    report = json.loads(snapfs("verify", "--json").stdout)
+    assert report["ok"] is False and len(report["problems"]) == 1
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    line = one_error(snapfs("export", "vm-1", out_dir / "vm.img"), EXIT_INTEGRITY)
+    assert bid.hex()[:16] in line
+    assert list(out_dir.iterdir()) == []
+
+
+@needs_root
+def test_missing_block(snapfs: Snapfs, store: ObjectStore, images: Images, tmp_path: Path) -> None:
+    snapfs.ok("init")
+    root_id = snapfs.json("snapshot", "create", images.base, "--name", "vm-1")["id"]
+    snapfs.ok("snapshot", "create", images.other, "--name", "other-1")
+    repo = Repository.open(store)
+    index = repo.load_index()
+    used = {bid for bid in repo.block_map(index, repo.resolve(root_id)) if bid != ZERO_ID}
+    victim = index.locate(next(iter(used))).pack
+    assert index.packs[victim][0].kind == KIND_DATA
+    store.delete(pack_key(victim))
+
+    result = snapfs("verify", "vm-1")
+    assert result.returncode == EXIT_INTEGRITY
+    problems = [line for line in result.stdout.splitlines() if line.startswith("problem: ")]
+    assert problems and all(f"snapshot vm-1 ({root_id}): block at offset" in p for p in problems)
+    assert all("missing" in p for p in problems)
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    line = one_error(snapfs("export", "vm-1", out_dir / "vm.img"), EXIT_INTEGRITY)
+    assert victim[:12] in line and "missing" in line
+    assert list(out_dir.iterdir()) == []
+
+    before = objects(store)
+    line = one_error(snapfs("prune"), EXIT_INTEGRITY)  # refuses to collect around a hole
+    assert "verify" in line
+    assert objects(store) == before
+
+
+# -- the local disk fills up -------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(mountpoint)], check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+@needs_root
+def test_export_to_a_full_disk(snapfs: Snapfs, images: Images, small_tmpfs: Path) -> None:
+    snapfs.ok("init")
+    snapfs.ok("snapshot", "create", images.base, "--name", "vm-1")
+    result = snapfs("export", "vm-1", small_tmpfs / "vm.img")
+    line = one_error(result, EXIT_GENERAL)
+    assert "no space left" in line and str(small_tmpfs / "vm.img") in line
+    assert list(small_tmpfs.iterdir()) == []
+    assert shutil.disk_usage(small_tmpfs).used == 0
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # both: test_repository.py
+def test_export_does_not_replace_a_file(snapfs: Snapfs, tmp_path: Path) -> None:
+    snapfs.ok("init")
+    source = random_image(tmp_path / "d.img", MiB, seed=12)
+    snapfs.ok("snapshot", "create", source, "--name", "one")
+    out = tmp_path / "out.img"
+    out.write_bytes(b"precious")
+    assert "--force" in one_error(snapfs("export", "one", out), EXIT_GENERAL)
+    assert out.read_bytes() == b"precious"
+    snapfs.ok("export", "one", out, "--force")
+    assert sha256_file(out) == sha256_file(source)

@@ -1,0 +1,774 @@
+"""The repository library against both stores (a local directory and SeaweedFS's S3): snapshots of
+real ext4 images, export, verify, delete with garbage collection, and what goes wrong.
+
+Claims are checked against independent measures, never against snapfs's word alone: images are
+compared block by block in the test to know which blocks changed and which contents are new; what
+a snapshot wrote is counted by listing the store and decoding the new index objects and packs;
+exports are compared byte for byte with their source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import blake3
+import pytest
+import trio
+from diskimages import (
+    MiB,
+    block_hashes,
+    changed_blocks,
+    copy_image,
+    distinct_nonzero,
+    have_root,
+    nonzero_blocks,
+    random_image,
+    release_fifo_reader,
+    same_bytes,
+    sha256_file,
+    standard_images,
+    write_at,
+)
+
+from snapfs.errors import (
+    AmbiguousSnapshot,
+    CorruptBlock,
+    DuplicateName,
+    FormatError,
+    IntegrityError,
+    MissingBlock,
+    RepositoryExists,
+    RepositoryNotFound,
+    SnapfsError,
+    SnapshotNotFound,
+    SourceChanged,
+    SourceError,
+)
+from snapfs.format.block import HEADER_SIZE, ZERO_ID
+from snapfs.format.index import IndexFile
+from snapfs.format.manifest import SnapshotRoot
+from snapfs.format.pack import KIND_DATA, KIND_PAGE, read_trailer
+from snapfs.repo.create import CreateOptions, CreateResult, create_snapshot
+from snapfs.repo.export import PARTIAL_SUFFIX, export_snapshot
+from snapfs.repo.gc import collect_garbage, delete_snapshots
+from snapfs.repo.repository import BlobIndex, Repository, pack_key
+from snapfs.repo.verify import VerifyReport, verify_snapshots
+from snapfs.store import ObjectStore
+from snapfs.store.local import LocalStore
+
+MakeStore = Callable[..., ObjectStore]
+
+needs_root = pytest.mark.skipif(not have_root(), reason="changing an ext4 image needs a loop mount")
+
+
+# -- images, built once per module -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Images:
+    base: Path  # 64 MiB ext4 with ~24 MiB of real files
+    changed: Path  # base with ~1% of its file data changed through the filesystem
+    other: Path  # another ext4 image, other files
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
+    if not have_root():
+        pytest.skip("changing an ext4 image needs root (loop mount)")
+    return Images(*standard_images(tmp_path_factory.getbasetemp()))
+
+
+# -- calling the library -----------------------------------------------------------------------
+
+
+def create(repo: Repository, source: Path, progress: Any = None, **options: Any) -> CreateResult:
+    if progress is None:
+        return trio.run(create_snapshot, repo, str(source), CreateOptions(**options))
+    return trio.run(create_snapshot, repo, str(source), CreateOptions(**options), progress)
+
+
+def export(repo: Repository, root: SnapshotRoot, out: Path) -> dict[str, Any]:
+    result: dict[str, Any] = trio.run(export_snapshot, repo, root, str(out))
+    return result
+
+
+def verify(repo: Repository, roots: list[SnapshotRoot] | None = None) -> VerifyReport:
+    report: VerifyReport = trio.run(verify_snapshots, repo, repo.snapshots() if roots is None else roots)
+    return report
+
+
+def delete(repo: Repository, *roots: SnapshotRoot) -> dict[str, Any]:
+    stats: dict[str, Any] = trio.run(delete_snapshots, repo, list(roots))
+    return stats
+
+
+# -- looking at the store directly -------------------------------------------------------------
+
+
+def objects(store: ObjectStore, prefix: str = "") -> dict[str, int]:
+    return dict(store.list(prefix))
+
+
+def pack_names(store: ObjectStore) -> dict[str, int]:
+    return {key.rpartition("/")[2]: size for key, size in store.list("packs/")}
+
+
+def stored_index(store: ObjectStore) -> dict[str, IndexFile]:
+    return {key: IndexFile.decode(store.get(key)) for key, _ in store.list("index/")}
+
+
+def keyed_ids(repo: Repository, plain_blocks: Iterable[bytes]) -> set[bytes]:
+    """Block IDs computed by the test from plain bytes and the repository's secret."""
+    secret = repo.config.secret_bytes
+    return {blake3.blake3(b, key=secret).digest() for b in plain_blocks}
+
+
+def flip_byte(store: ObjectStore, key: str, offset: int) -> None:
+    """Damage one byte of a stored object in place, as bit rot or a bad disk would."""
+    if isinstance(store, LocalStore):
+        with open(store.root / key, "r+b") as f:
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 0x40]))
+    else:
+        data = bytearray(store.get(key))
+        data[offset] ^= 0x40
+        store.put(key, bytes(data))
+
+
+def check_written(
+    repo: Repository, before: dict[str, int], result: CreateResult, new_plain: Iterable[bytes]
+) -> None:
+    """What one create stored, read back from the store: exactly one root, one index object
+    naming exactly the new packs, and in those packs exactly one copy of each new block."""
+    store = repo.store
+    after = objects(store)
+    assert before.items() <= after.items(), "a create changed or removed an existing object"
+    written = {k: s for k, s in after.items() if k not in before}
+    kinds = {k.split("/")[0] for k in written}
+    assert kinds <= {"packs", "index", "snapshots"}, written
+    assert [k for k in written if k.startswith("snapshots/")] == [f"snapshots/{result.root.id}"]
+    new_packs = {k.rpartition("/")[2] for k in written if k.startswith("packs/")}
+    new_index = [k for k in written if k.startswith("index/")]
+    expected = {hashlib.sha256(b).digest() for b in new_plain}
+
+    stored_data: list[bytes] = []
+    pages = 0
+    if new_packs:
+        assert len(new_index) == 1
+        index_file = IndexFile.decode(store.get(new_index[0]))
+        assert set(index_file.packs) == new_packs
+        for name in new_packs:
+            data = store.get(pack_key(name))
+            assert blake3.blake3(data).hexdigest() == name
+            assert read_trailer(data) == index_file.packs[name]
+            for e in index_file.packs[name]:
+                plain = repo.codec.decode(data[e.offset : e.offset + e.length])
+                assert repo.keyer.block_id(plain) == e.blob_id
+                if e.kind == KIND_DATA:
+                    stored_data.append(hashlib.sha256(plain).digest())
+                else:
+                    assert e.kind == KIND_PAGE
+                    pages += 1
+    else:
+        assert new_index == []
+
+    assert len(stored_data) == len(set(stored_data)), "a block was stored twice"
+    assert set(stored_data) == expected
+    stats = result.stats
+    assert stats["blocks_uploaded"] == len(expected)
+    assert stats["pages_written"] == pages
+    assert stats["objects_written"] == len(written)
+    # every object written, the root included (or, by another reasonable definition, without
+    # the root, whose size depends on this very number)
+    root_size = written[f"snapshots/{result.root.id}"]
+    assert stats["bytes_uploaded"] in (sum(written.values()), sum(written.values()) - root_size)
+
+
+# -- full and incremental snapshots ------------------------------------------------------------
+
+
+@needs_root
+def test_full_and_incremental_snapshots_export_identical_and_store_only_new_blocks(
+    store_url: str, make_store: MakeStore, images: Images, tmp_path: Path
+) -> None:
+    repo = Repository.init(make_store(store_url))
+    bs = repo.block_size
+    base, changed = nonzero_blocks(images.base, bs), nonzero_blocks(images.changed, bs)
+    base_hashes, changed_hashes = block_hashes(images.base, bs), block_hashes(images.changed, bs)
+    nblocks = os.path.getsize(images.base) // bs
+
+    before = objects(repo.store)
+    full = create(repo, images.base, disk="vm", name="vm-monday")
+    check_written(repo, before, full, base.values())
+    distinct_base = distinct_nonzero(images.base, bs)
+    assert full.stats["blocks_uploaded"] == len(distinct_base)
+    assert full.stats["blocks_total"] == nblocks
+    assert full.stats["blocks_data"] == len(base)
+    assert full.stats["blocks_zero"] == nblocks - len(base)
+    assert "blocks_changed" not in full.stats
+    assert full.root.parent is None
+    # Holes are not read: a 64 MiB image with ~24 MiB of files. (Allocated is the bound, not
+    # SEEK_DATA's extents now: ext4 reports unwritten extents as data until written back.)
+    allocated = os.stat(images.base).st_blocks * 512
+    assert full.stats["bytes_read"] <= allocated + MiB < nblocks * bs * 0.7
+
+    before = objects(repo.store)
+    incremental = create(repo, images.changed, disk="vm", name="vm-tuesday")
+    new_contents = {h: b for h, b in distinct_nonzero(images.changed, bs).items() if h not in distinct_base}
+    changed_at = changed_blocks(base_hashes, changed_hashes)
+    check_written(repo, before, incremental, new_contents.values())
+    assert incremental.root.parent == full.root.id
+    assert incremental.stats["blocks_changed"] == len(changed_at)
+    assert incremental.stats["blocks_uploaded"] == len(new_contents) <= len(changed_at)
+    assert 0 < len(changed_at) < nblocks // 10, "a 1% change touched a few blocks"
+    assert incremental.stats["blocks_data"] == len(changed)
+
+    for root, source in ((full.root, images.base), (incremental.root, images.changed)):
+        out = tmp_path / f"{root.name}.img"
+        result = export(repo, root, out)
+        assert sha256_file(out) == sha256_file(source)
+        assert result["size"] == os.path.getsize(source)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(PARTIAL_SUFFIX)) == []
+
+    report = verify(repo)
+    assert report.ok, report.problems
+    assert report.snapshots == 2
+    # every distinct block of both images, plus one manifest page each
+    assert report.blobs_checked == len(distinct_base) + len(new_contents) + 2
+
+
+def test_sparse_disk_reads_only_data_and_stores_no_zero_blocks(
+    store_url: str, make_store: MakeStore, tmp_path: Path
+) -> None:
+    repo = Repository.init(make_store(store_url))
+    bs = repo.block_size
+    size = (1 << 30) + 1536  # 1 GiB and a short last block of 3 sectors
+    source = tmp_path / "sparse.img"
+    with open(source, "wb") as f:
+        f.truncate(size)
+    words = b"snapfs keeps block-level snapshots of disks in object storage. " * 20_000
+    pieces = [
+        (0, random_bytes(1 * MiB, 1)),
+        (400 * MiB + 4096, random_bytes(2 * MiB, 2)),  # not aligned to the 16K block
+        (700 * MiB, bytes(512 * 1024)),  # zeros that are allocated: read, but not stored
+        ((1 << 30) - MiB, words[:MiB]),
+        (1 << 30, random_bytes(1536, 3)),
+    ]
+    for offset, data in pieces:
+        write_at(source, offset, data)
+    written = sum(len(d) for _, d in pieces)
+    distinct = distinct_nonzero(source, bs)
+
+    before = objects(repo.store)
+    result = create(repo, source, disk="sparse")
+    check_written(repo, before, result, distinct.values())
+    stats = result.stats
+    assert written <= stats["bytes_read"] <= written + 2 * bs * len(pieces)
+    assert stats["blocks_total"] == -(-size // bs)
+    assert stats["blocks_data"] == len(nonzero_blocks(source, bs))
+    assert stats["blocks_zero"] == stats["blocks_total"] - stats["blocks_data"]
+    assert stats["bytes_uploaded"] < written
+
+    out = tmp_path / "restored.img"
+    export(repo, result.root, out)
+    assert os.path.getsize(out) == size
+    assert same_bytes(out, source)
+    assert os.stat(out).st_blocks * 512 < written + 2 * MiB, "the export kept the holes"
+    assert verify(repo).ok
+
+
+def random_bytes(n: int, seed: int) -> bytes:
+    import random
+
+    return random.Random(seed).randbytes(n)
+
+
+@needs_root
+def test_same_blocks_are_stored_once_across_disks(
+    store_url: str, make_store: MakeStore, images: Images, tmp_path: Path
+) -> None:
+    repo = Repository.init(make_store(store_url))
+    bs = repo.block_size
+    first = create(repo, images.base, disk="alpha")
+    assert first.stats["blocks_uploaded"] == len(distinct_nonzero(images.base, bs))
+
+    # the same disk content under another disk's name: nothing but a root is stored
+    before = objects(repo.store)
+    clone = create(repo, images.base, disk="beta")
+    assert clone.root.parent is None
+    assert clone.stats["blocks_uploaded"] == 0
+    assert clone.stats["pages_written"] == 0
+    assert set(objects(repo.store)) - set(before) == {f"snapshots/{clone.root.id}"}
+    check_written(repo, before, clone, [])
+
+    # a third disk, first snapshot (no parent), that is mostly the first disk's content
+    before = objects(repo.store)
+    third = create(repo, images.changed, disk="gamma")
+    assert third.root.parent is None
+    assert "blocks_changed" not in third.stats
+    seen = distinct_nonzero(images.base, bs)
+    new = {h: b for h, b in distinct_nonzero(images.changed, bs).items() if h not in seen}
+    check_written(repo, before, third, new.values())
+    assert third.stats["blocks_uploaded"] < third.stats["blocks_data"] // 10
+
+    out = tmp_path / "beta.img"
+    export(repo, clone.root, out)
+    assert sha256_file(out) == sha256_file(images.base)
+
+
+# -- delete and garbage collection -------------------------------------------------------------
+
+
+@dataclass
+class GcExpectation:
+    kept: set[str]
+    repacked: dict[str, set[bytes]]  # pack -> its live blobs, to be copied into new packs
+    emptied: set[str]
+
+
+def expect_gc(index: BlobIndex, live: set[bytes]) -> GcExpectation:
+    """What the documented rule says collection does to each pack: none live -> deleted, live
+    bytes below half -> repacked, otherwise kept whole."""
+    every = [e.blob_id for entries in index.packs.values() for e in entries]
+    assert len(every) == len(set(every)), "a blob in two packs: the expectation below is wrong"
+    out = GcExpectation(set(), {}, set())
+    for pack, entries in index.packs.items():
+        total = sum(e.length for e in entries)
+        live_here = {e.blob_id for e in entries if e.blob_id in live}
+        live_bytes = sum(e.length for e in entries if e.blob_id in live)
+        if not live_here:
+            out.emptied.add(pack)
+        elif live_bytes < total / 2:
+            out.repacked[pack] = live_here
+        else:
+            out.kept.add(pack)
+    return out
+
+
+def live_blobs(repo: Repository, remaining: dict[str, Path]) -> set[bytes]:
+    """Every blob the remaining snapshots (root id -> source image) need, computed from the
+    images themselves and the roots' page lists."""
+    live = set()
+    roots = {r.id: r for r in repo.snapshots()}
+    assert set(roots) == set(remaining)
+    for root_id, image in remaining.items():
+        live |= keyed_ids(repo, nonzero_blocks(image, repo.block_size).values())
+        live |= {bytes.fromhex(p) for p in roots[root_id].pages} - {ZERO_ID}
+    return live
+
+
+def delete_and_check(
+    repo: Repository, victim: SnapshotRoot, remaining: dict[str, Path]
+) -> tuple[dict[str, Any], GcExpectation]:
+    store = repo.store
+    index_before = repo.load_index()
+    packs_before = pack_names(store)
+    assert set(index_before.packs) == set(packs_before)
+    stats = delete(repo, victim)
+    assert not store.exists(f"snapshots/{victim.id}")
+    live = live_blobs(repo, remaining)
+    want = expect_gc(index_before, live)
+
+    packs_after = pack_names(store)
+    new_packs = set(packs_after) - set(packs_before)
+    assert want.kept <= set(packs_after)
+    assert not (want.emptied | set(want.repacked)) & set(packs_after)
+    assert set(packs_after) == want.kept | new_packs
+    assert stats["packs_deleted"] == len(want.emptied)
+    assert stats["packs_repacked"] == len(want.repacked)
+    assert stats["bytes_freed"] == sum(packs_before.values()) - sum(packs_after.values())
+
+    index_after = repo.load_index()
+    assert len(stored_index(store)) == 1, "collection leaves one index object"
+    assert set(index_after.packs) == set(packs_after), "every stored pack is indexed, no orphans"
+    moved = {e.blob_id for p in new_packs for e in index_after.packs[p]}
+    assert moved == set().union(*want.repacked.values())
+    assert live <= set(index_after.blobs)
+    for pack in want.kept:
+        assert index_after.packs[pack] == index_before.packs[pack]
+    dead_in_kept = {e.blob_id for p in want.kept for e in index_before.packs[p]} - live
+    assert set(index_after.blobs) == live | dead_in_kept
+
+    report = verify(repo)
+    assert report.ok, report.problems
+    assert report.blobs_checked == len(live)
+    return stats, want
+
+
+@needs_root
+def test_delete_frees_exactly_the_blobs_no_snapshot_needs(
+    store_url: str, make_store: MakeStore, images: Images, tmp_path: Path
+) -> None:
+    repo = Repository.init(make_store(store_url), pack_size=256 * 1024)
+    a = create(repo, images.base, disk="vm").root
+    after_a = pack_names(repo.store)
+    b = create(repo, images.changed, disk="vm").root
+    after_b = pack_names(repo.store)
+    c = create(repo, images.other, disk="other").root
+    c_packs = set(pack_names(repo.store)) - set(after_b)
+    assert len(after_a) > 10
+
+    # B's own blocks and page are in the packs B wrote; A's and C's packs are all live
+    stats, want = delete_and_check(repo, b, {a.id: images.base, c.id: images.other})
+    assert set(after_a) | c_packs <= set(pack_names(repo.store)), "a pack B did not write went"
+    assert want.emptied and want.emptied <= set(after_b) - set(after_a)
+    assert stats["bytes_freed"] > 0
+
+    # A's blocks that C does not share
+    stats, _ = delete_and_check(repo, a, {c.id: images.other})
+    assert stats["bytes_freed"] > 0
+    out = tmp_path / "other.img"
+    export(repo, c, out)
+    assert sha256_file(out) == sha256_file(images.other)
+
+    # the last one: nothing is left but the config and one empty index
+    delete_and_check(repo, c, {})
+    assert pack_names(repo.store) == {}
+    assert set(objects(repo.store)) == {"config", *stored_index(repo.store)}
+    assert all(f.packs == {} for f in stored_index(repo.store).values())
+
+
+def test_mostly_dead_pack_is_repacked_and_dead_packs_deleted(
+    store_url: str, make_store: MakeStore, tmp_path: Path
+) -> None:
+    repo = Repository.init(make_store(store_url), pack_size=1 << 20)
+    bs = repo.block_size
+    disk = random_image(tmp_path / "disk.img", 4 * MiB, seed=10)  # 256 incompressible blocks
+    a = create(repo, disk, disk="d").root
+    index = repo.load_index()
+    where = {repo.keyer.block_id(b): n for n, b in nonzero_blocks(disk, bs).items()}
+    assert len(where) == 256
+    data_packs = sorted((p for p, es in index.packs.items() if es[0].kind == KIND_DATA),
+                        key=lambda p: -len(index.packs[p]))
+    assert len(data_packs) >= 3 and len(index.packs[data_packs[1]]) >= 8
+    mostly, wholly = data_packs[0], data_packs[1]
+    mostly_blocks = [where[e.blob_id] for e in index.packs[mostly]]
+    wholly_blocks = [where[e.blob_id] for e in index.packs[wholly]]
+    # rewrite three quarters of one pack's blocks and all of another's
+    rewrite = mostly_blocks[: len(mostly_blocks) * 3 // 4] + wholly_blocks
+    for i, n in enumerate(rewrite):
+        write_at(disk, n * bs, random_bytes(bs, 1000 + i))
+    b = create(repo, disk, disk="d").root
+    assert b.stats["blocks_changed"] == len(rewrite)
+    assert b.stats["blocks_uploaded"] == len(rewrite)
+
+    stats, want = delete_and_check(repo, a, {b.id: disk})
+    assert set(want.repacked) == {mostly}
+    assert want.repacked[mostly] == {e.blob_id for e in index.packs[mostly]
+                                     if where[e.blob_id] not in rewrite}
+    assert wholly in want.emptied
+    assert stats["packs_repacked"] == 1
+    assert stats["bytes_repacked"] > 0
+    out = tmp_path / "b.img"
+    export(repo, b, out)
+    assert sha256_file(out) == sha256_file(disk)
+
+
+# -- damage: a flipped byte, a missing pack ----------------------------------------------------
+
+
+def single_use_block(repo: Repository, root: SnapshotRoot) -> tuple[bytes, int]:
+    """A data block used at exactly one place of ``root``: (its id, its block number)."""
+    block_map = repo.block_map(repo.load_index(), root)
+    uses: dict[bytes, list[int]] = {}
+    for n, bid in enumerate(block_map):
+        if bid != ZERO_ID:
+            uses.setdefault(bid, []).append(n)
+    # one in the middle of the disk, not the first
+    once = [(ns[0], bid) for bid, ns in uses.items() if len(ns) == 1]
+    n, bid = sorted(once)[len(once) // 2]
+    return bid, n
+
+
+@needs_root
+def test_flipped_byte_is_reported_by_verify_and_export_writes_nothing(
+    store_url: str, make_store: MakeStore, images: Images, tmp_path: Path
+) -> None:
+    repo = Repository.init(make_store(store_url))
+    root = create(repo, images.base, disk="vm", name="vm-1").root
+    other = create(repo, images.other, disk="other", name="other-1").root
+    bid, n = single_use_block(repo, root)
+    loc = repo.load_index().locate(bid)
+    flip_byte(repo.store, pack_key(loc.pack), loc.offset + HEADER_SIZE + loc.length // 3)
+
+    report = verify(repo)
+    assert not report.ok
+    assert len(report.problems) == 1, report.problems
+    problem = report.problems[0]
+    assert f"snapshot vm-1 ({root.id}): block at offset {n * repo.block_size}" in problem
+    assert verify(repo, [other]).ok  # the other snapshot does not use that block
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(IntegrityError) as caught:
+        export(repo, root, out_dir / "vm.img")
+    assert isinstance(caught.value, CorruptBlock)
+    assert bid.hex()[:16] in str(caught.value)
+    assert list(out_dir.iterdir()) == [], "no output and no partial file"
+
+
+@needs_root
+def test_missing_pack_is_reported_by_verify_and_export_writes_nothing(
+    store_url: str, make_store: MakeStore, images: Images, tmp_path: Path
+) -> None:
+    repo = Repository.init(make_store(store_url), pack_size=1 << 20)
+    root = create(repo, images.base, disk="vm", name="vm-1").root
+    index = repo.load_index()
+    block_map = repo.block_map(index, root)
+    victim = next(p for p, es in index.packs.items() if es[0].kind == KIND_DATA)
+    lost = {e.blob_id for e in index.packs[victim]}
+    repo.store.delete(pack_key(victim))
+
+    report = verify(repo)
+    assert len(report.problems) == len(lost)
+    assert all(p.startswith(f"snapshot vm-1 ({root.id}): block at offset ") for p in report.problems)
+    assert all("missing" in p for p in report.problems)
+    first_lost = min(n for n, bid in enumerate(block_map) if bid in lost)
+    assert any(f"offset {first_lost * repo.block_size}:" in p for p in report.problems)
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(MissingBlock, match=victim[:12]):
+        export(repo, root, out_dir / "vm.img")
+    assert list(out_dir.iterdir()) == []
+
+    # collection refuses to run over a broken snapshot rather than delete more
+    with pytest.raises(IntegrityError):
+        trio.run(collect_garbage, repo)
+    assert set(pack_names(repo.store)) == set(index.packs) - {victim}
+
+
+# -- crashes and sources that change -----------------------------------------------------------
+
+
+class OnProgress:
+    """A progress sink that does something real, once, as soon as a chunk has been processed
+    and ``when()`` holds."""
+
+    def __init__(self, action: Callable[[], None], when: Callable[[], bool] = lambda: True) -> None:
+        self.action = action
+        self.when = when
+        self.done = False
+
+    def start(self, label: str, total: int) -> None:
+        pass
+
+    def advance(self, amount: int) -> None:
+        if not self.done and self.when():
+            self.done = True
+            self.action()
+
+
+@needs_root
+@pytest.mark.parametrize("change", ["write", "truncate", "unlink"])
+def test_source_changed_during_snapshot_records_nothing(
+    store_url: str, make_store: MakeStore, images: Images, tmp_path: Path, change: str
+) -> None:
+    repo = Repository.init(make_store(store_url), pack_size=1 << 20)
+    good = create(repo, images.other, disk="other").root
+    packs_good = pack_names(repo.store)
+    source = copy_image(images.base, tmp_path / "vm.img")
+
+    def act() -> None:
+        if change == "write":
+            write_at(source, 0, b"written during the snapshot")
+        elif change == "truncate":
+            os.truncate(source, 8 * MiB)
+        else:
+            os.unlink(source)
+
+    with pytest.raises(SourceChanged) as caught:
+        create(repo, source, OnProgress(act), disk="vm")
+    assert str(source) in str(caught.value)
+    assert [r.id for r in repo.snapshots()] == [good.id]
+    assert objects(repo.store, "locks/") == {}
+    assert verify(repo).ok
+
+    stats = trio.run(collect_garbage, repo)
+    assert pack_names(repo.store) == packs_good, "the orphan packs are collected"
+    assert stats["packs_repacked"] == 0
+    if change == "unlink":
+        return
+    copy_image(images.base, source)
+    again = create(repo, source, disk="vm").root
+    out = tmp_path / "again.img"
+    export(repo, again, out)
+    assert sha256_file(out) == sha256_file(images.base)
+
+
+@needs_root
+def test_interrupted_create_leaves_no_snapshot_and_orphans_are_collected(
+    store_url: str, make_store: MakeStore, images: Images, tmp_path: Path
+) -> None:
+    repo = Repository.init(make_store(store_url), pack_size=256 * 1024)
+    good = create(repo, images.other, disk="other").root
+    packs_good = pack_names(repo.store)
+
+    def has_orphans() -> bool:
+        return len(pack_names(repo.store)) > len(packs_good)
+
+    async def interrupted() -> bool:
+        with trio.CancelScope() as scope:
+            await create_snapshot(repo, str(images.base), CreateOptions(disk="vm"),
+                                  OnProgress(scope.cancel, has_orphans))
+        return scope.cancelled_caught
+
+    assert trio.run(interrupted)
+    orphans = set(pack_names(repo.store)) - set(packs_good)
+    assert orphans, "the interrupted create had stored packs"
+    assert [r.id for r in repo.snapshots()] == [good.id]
+    assert objects(repo.store, "locks/") == {}
+    assert verify(repo).ok
+
+    redo = create(repo, images.base, disk="vm").root
+    # Packs are named by their content: the redo may have stored (and indexed) some of the very
+    # packs the interrupted run left behind. The rest are orphans, and only they go.
+    indexed = set(repo.load_index().packs)
+    stats = trio.run(collect_garbage, repo)
+    assert stats["packs_deleted"] == len(orphans - indexed)
+    assert stats["packs_repacked"] == 0
+    assert set(pack_names(repo.store)) == indexed
+    out = tmp_path / "redo.img"
+    export(repo, redo, out)
+    assert sha256_file(out) == sha256_file(images.base)
+    assert verify(repo).ok
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def test_open_where_there_is_no_repository(store_url: str, make_store: MakeStore) -> None:
+    # a local directory that does not exist; an S3 prefix with nothing under it
+    with pytest.raises(RepositoryNotFound, match="no repository at|is not a snapfs repository"):
+        Repository.open(make_store(store_url))
+    store = make_store(store_url)
+    store.ensure_container()
+    store.put("holiday-photos/1.jpg", b"\xff\xd8 not a repository")
+    with pytest.raises(RepositoryNotFound, match="is not a snapfs repository"):
+        Repository.open(store)
+    store.put("config", b"[core]\nbare = false\n")  # someone else's config
+    with pytest.raises(RepositoryNotFound, match="is not a snapfs repository"):
+        Repository.open(store)
+
+
+def test_unknown_format_version_is_refused(store_url: str, make_store: MakeStore) -> None:
+    store = make_store(store_url)
+    Repository.init(store)
+    doc = json.loads(store.get("config"))
+    doc["version"] = 99
+    changed = json.dumps(doc).encode()
+    store.put("config", changed)
+    with pytest.raises(FormatError, match="version 99"):
+        Repository.open(store)
+    with pytest.raises(RepositoryExists):
+        Repository.init(store)
+    assert store.get("config") == changed
+
+
+def test_init_never_overwrites(store_url: str, make_store: MakeStore, tmp_path: Path) -> None:
+    store = make_store(store_url)
+    repo = Repository.init(store)
+    source = random_image(tmp_path / "d.img", MiB, seed=5)
+    create(repo, source, disk="d")
+    everything = {k: store.get(k) for k, _ in store.list("")}
+    with pytest.raises(RepositoryExists, match="already a snapfs repository"):
+        Repository.init(make_store(store_url))
+    assert {k: store.get(k) for k, _ in store.list("")} == everything
+
+    other = make_store(store_url + "-notempty")
+    other.ensure_container()
+    other.put("data/keep-me", b"precious")
+    with pytest.raises(RepositoryExists, match="not empty"):
+        Repository.init(other)
+    assert dict(other.list("")) == {"data/keep-me": 8}
+
+
+def test_unknown_and_ambiguous_snapshot_references(store_url: str, make_store: MakeStore,
+                                                   tmp_path: Path) -> None:
+    repo = Repository.init(make_store(store_url))
+    source = random_image(tmp_path / "d.img", MiB, seed=6)
+    root = create(repo, source, disk="d", name="monday").root
+    assert repo.resolve("monday").id == root.id
+    assert repo.resolve(root.id).id == root.id
+    assert repo.resolve(root.id[:6]).id == root.id
+    with pytest.raises(SnapshotNotFound, match="'tuesday'"):
+        repo.resolve("tuesday")
+    with pytest.raises(SnapshotNotFound):
+        repo.resolve(root.id[:3])  # too short to be a prefix
+    # two roots whose ids share a prefix, and two with one name (as two hosts racing could make)
+    for suffix, name in (("01", "twin"), ("02", "twin")):
+        twin = dataclasses.replace(root, id="abcdef" + suffix * 5, name=name)
+        repo.write_root(twin)
+    with pytest.raises(AmbiguousSnapshot, match="abcdef0101010101"):
+        repo.resolve("abcdef")
+    with pytest.raises(AmbiguousSnapshot, match="'twin' is ambiguous"):
+        repo.resolve("twin")
+    assert repo.resolve("abcdef01").name == "twin"
+
+
+def test_duplicate_name_is_refused_and_stores_nothing(store_url: str, make_store: MakeStore,
+                                                      tmp_path: Path) -> None:
+    repo = Repository.init(make_store(store_url))
+    create(repo, random_image(tmp_path / "a.img", MiB, seed=7), disk="a", name="nightly")
+    before = objects(repo.store)
+    with pytest.raises(DuplicateName, match="'nightly'"):
+        create(repo, random_image(tmp_path / "b.img", MiB, seed=8), disk="b", name="nightly")
+    assert objects(repo.store) == before
+
+
+@pytest.mark.parametrize("kind", ["missing", "odd-size", "empty", "directory", "fifo"])
+def test_bad_sources_are_refused_and_store_nothing(
+    store_url: str, make_store: MakeStore, tmp_path: Path, kind: str
+) -> None:
+    repo = Repository.init(make_store(store_url))
+    source = tmp_path / "source"
+    if kind == "odd-size":
+        source.write_bytes(random_bytes(1000, 9))
+    elif kind == "empty":
+        source.write_bytes(b"")
+    elif kind == "directory":
+        source.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(source)
+    before = objects(repo.store)
+    # A FIFO with no writer blocks a plain open(). If snapfs is still holding it open after
+    # 5 s, this releases it, and the test fails instead of hanging.
+    rescued: list[bool] = []
+    rescue = threading.Timer(5, lambda: rescued.append(release_fifo_reader(source)))
+    if kind == "fifo":
+        rescue.start()
+    try:
+        with pytest.raises(SourceError) as caught:
+            create(repo, source)
+    finally:
+        rescue.cancel()
+        if rescue.ident is not None:  # started
+            rescue.join()
+    assert rescued != [True], "snapshot create blocked opening a FIFO"
+    assert str(source) in str(caught.value)
+    assert objects(repo.store) == before
+
+
+def test_export_does_not_replace_an_existing_file_unless_forced(
+    store_url: str, make_store: MakeStore, tmp_path: Path
+) -> None:
+    repo = Repository.init(make_store(store_url))
+    source = random_image(tmp_path / "d.img", 2 * MiB + 512, seed=11)
+    root = create(repo, source, disk="d").root
+    out = tmp_path / "out.img"
+    out.write_bytes(b"keep me")
+    with pytest.raises(SnapfsError, match="--force"):
+        export(repo, root, out)
+    assert out.read_bytes() == b"keep me"
+    trio.run(export_snapshot, repo, root, str(out), True)
+    assert sha256_file(out) == sha256_file(source)
