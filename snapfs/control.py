@@ -302,6 +302,10 @@ def daemon_stats(mountpoint: str) -> dict[str, Any]:
     files = RunFiles.for_mountpoint(mountpoint)
     daemon = find_daemon(files)
     if daemon is None:
+        entry = mount_entry(files.mountpoint)
+        if entry is not None and entry.is_snapfs:
+            raise NotMounted(f"the snapfs daemon of {files.mountpoint} has died; "
+                             f"clean up with: snapfs umount {files.mountpoint}")
         raise NotMounted(f"no snapfs daemon serves {files.mountpoint}")
     daemon.close()
     stats: dict[str, Any] = request(files, {"op": "stats"})["stats"]

@@ -20,12 +20,16 @@ The rules it keeps:
   timeouts. A name can only come to mean another image if its snapshot is deleted and a new one
   takes the name; the catalog then hands out a new ``ImageView``, which gets a new inode, and the
   kernel's entry for the old one is invalidated.
-- Inodes are never reused while mounted: an image's inode stays valid (and readable, for files
-  already open) after its snapshot disappears from the catalog. There is one inode per image the
-  mount has ever seen, so ``forget`` has nothing to free.
+- Inode numbers are never reused while mounted. An image's inode (and its view, which holds
+  page caches worth freeing) is kept while the catalog lists it or the kernel still knows it
+  (its lookup count, which ``forget`` lowers; an open file keeps it known), so a file opened
+  before its snapshot was deleted stays readable, and a long-lived mount that sees snapshots
+  come and go does not grow.
 - New snapshots appear without remounting: listing ``snapshots/`` and looking up a name that is
   not known refresh the catalog (which rate-limits itself). Failed lookups are not cached by the
-  kernel (ENOENT, never a negative entry), so a name looked up too early appears later.
+  kernel (ENOENT, never a negative entry), so a name looked up too early appears later. If the
+  store cannot be read, a listing shows the images already known (and logs why); a lookup of an
+  unknown name fails with EIO rather than claim it does not exist.
 """
 
 from __future__ import annotations
@@ -85,8 +89,8 @@ def _errno_boundary(
         except SnapfsError as e:
             log.error("%s%r failed: %s", handler.__name__, args, e.message)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        except Exception:
-            log.exception("%s%r failed unexpectedly", handler.__name__, args)
+        except Exception as e:
+            log.exception("%s%r failed unexpectedly: %s", handler.__name__, args, e)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
@@ -112,9 +116,10 @@ class SnapshotFS(pyfuse3.Operations):
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
         self._created_ns = time.time_ns()
-        self._views: dict[int, ImageView] = {}  # inode -> view; never shrinks (see module doc)
-        self._inode_of_view: dict[int, int] = {}  # id(view) -> inode; views are kept alive above
+        self._views: dict[int, ImageView] = {}  # inode -> view, while listed or known (see above)
+        self._inode_of_view: dict[int, int] = {}  # id(view) -> inode, for the views above
         self._names: dict[bytes, int] = {}  # the catalog's current names -> inodes
+        self._lookups: dict[int, int] = {}  # image inode -> the kernel's lookup count
         self._next_inode = FIRST_IMAGE_INODE
         self._open_files: dict[int, ImageView] = {}
         self._open_dirs: dict[int, _OpenDir] = {}
@@ -138,11 +143,19 @@ class SnapshotFS(pyfuse3.Operations):
                 self._views[inode] = view
                 self._inode_of_view[id(view)] = inode
             names[os.fsencode(name)] = inode
-        stale = [name for name, inode in self._names.items() if names.get(name) != inode]
+        stale = [(old, inode) for old, inode in self._names.items() if names.get(old) != inode]
         self._names = names
-        if self._session_live:
-            for old in stale:
+        for old, inode in stale:
+            if self._session_live:
                 pyfuse3.invalidate_entry_async(SNAPSHOTS_INODE, old, ignore_enoent=True)
+            self._drop_if_unused(inode)
+
+    def _drop_if_unused(self, inode: int) -> None:
+        if self._lookups.get(inode, 0) <= 0 and inode not in self._names.values():
+            self._lookups.pop(inode, None)
+            view = self._views.pop(inode, None)
+            if view is not None:
+                del self._inode_of_view[id(view)]
 
     async def _refresh(self) -> None:
         await self._catalog.refresh()
@@ -201,7 +214,10 @@ class SnapshotFS(pyfuse3.Operations):
                 await self._refresh()
         for child, inode in self._children(parent_inode):
             if child == name:
-                return self._attributes(inode)
+                attr = self._attributes(inode)
+                if inode in self._views:
+                    self._lookups[inode] = self._lookups.get(inode, 0) + 1
+                return attr
         raise _fail(errno.ENOENT)
 
     @_errno_boundary
@@ -209,7 +225,14 @@ class SnapshotFS(pyfuse3.Operations):
         return self._attributes(inode)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        """Nothing to free: inodes live as long as the mount (see the module docstring)."""
+        """The kernel dropped ``count`` references to each inode. Never raises."""
+        try:
+            for inode, count in inode_list:
+                if inode in self._lookups:
+                    self._lookups[inode] -= count
+                    self._drop_if_unused(inode)
+        except Exception:
+            log.exception("forget%r failed", inode_list)
 
     @_errno_boundary
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -246,8 +269,14 @@ class SnapshotFS(pyfuse3.Operations):
             raise _fail(errno.EBADF)
         if directory.listing is None or start_id == 0:
             if directory.inode == SNAPSHOTS_INODE:
-                await self._refresh()
-            directory.listing = self._children(directory.inode)
+                try:
+                    await self._refresh()
+                except SnapfsError as e:  # the images already known stay listable
+                    log.warning("listing %s without refreshing: %s", SNAPSHOTS_DIR.decode(),
+                                e.message)
+                    self._sync_names()
+            directory.listing = [(b".", directory.inode), (b"..", ROOT_INODE),
+                                 *self._children(directory.inode)]
         for position in range(start_id, len(directory.listing)):
             name, child = directory.listing[position]
             if not pyfuse3.readdir_reply(token, name, self._attributes(child), position + 1):

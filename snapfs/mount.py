@@ -15,7 +15,8 @@
    fork.
 3. The child opens the store, repository, index and block cache, refreshes the catalog, then
    under one trio run: the signal watcher (SIGTERM, SIGINT: unmount and exit), the hydrator's
-   workers, the control socket, and ``pyfuse3.main()``. It reports ``ready`` once the kernel
+   fetch workers, the sweep (hints, then background hydration), the control socket, and
+   ``pyfuse3.main()``. It reports ``ready`` once the kernel
    has the mount.
 4. The session ends when the file system is unmounted (``snapfs umount``, ``fusermount3 -u``),
    on a signal, or on a ``shutdown`` request: then ``pyfuse3.close(unmount=True)`` (a lazy
@@ -57,6 +58,7 @@ from snapfs.errors import MountError, NotFoundError, SnapfsError, UsageError
 from snapfs.fuse_ops import SnapshotFS
 from snapfs.hydration.scheduler import HydrationConfig, Hydrator
 from snapfs.image.catalog import SnapshotCatalog
+from snapfs.image.sweep import Sweeper
 from snapfs.repo.parallel import single_error
 from snapfs.repo.repository import Repository
 from snapfs.store import ObjectStore, open_store
@@ -140,10 +142,11 @@ def mount(options: MountOptions, announce: Callable[[str], None]) -> None:
                  f"(pid {child}, log {log_file})")
         return
     os.waitpid(child, 0)
-    code, _, message = report.removeprefix("error ").partition(" ")
-    if not message:
-        raise MountError(f"the mount daemon exited before mounting; see {log_file}")
-    raise SnapfsError(message.strip(), int(code))
+    kind, _, rest = report.partition(" ")
+    code, _, message = rest.partition(" ")
+    if kind == "error" and code.isdigit() and message.strip():
+        raise SnapfsError(message.strip(), int(code))
+    raise MountError(f"the mount daemon exited before mounting; see {log_file}")
 
 
 def _absolute(options: MountOptions) -> MountOptions:
@@ -175,25 +178,23 @@ def check_mountpoint(path: str) -> None:
     """Refuse a mount point that is missing, not a directory, mounted already, or not empty."""
     try:
         st = os.stat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise MountError(f"mount point {path} is not a directory")
+        names = os.listdir(path)  # on a dead FUSE mount, stat may still be answered from cache
     except FileNotFoundError:
         raise NotFoundError(f"mount point {path} does not exist") from None
     except OSError as e:
-        if e.errno == errno.ENOTCONN:
+        if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
             raise MountError(f"{path} is a dead mount (its daemon died); "
                              f"clean it up with: snapfs umount {path}") from None
         raise MountError(f"mount point {path}: {e.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise MountError(f"mount point {path} is not a directory")
     entry = mount_entry(path)
     if entry is not None or os.path.ismount(path):
         what = "snapfs" if entry is not None and entry.is_snapfs else (
             entry.fstype if entry is not None else "something")
         raise MountError(f"{path} is already a mount point ({what} is mounted there)")
-    try:
-        if os.listdir(path):
-            raise MountError(f"mount point {path} is not empty")
-    except OSError as e:
-        raise MountError(f"mount point {path}: {e.strerror}") from None
+    if names:
+        raise MountError(f"mount point {path} is not empty")
 
 
 def claim_cache_dir(directory: str) -> PidFile:
@@ -339,6 +340,7 @@ class MountDaemon:
         self.cache = cache
         self.hydrator = hydrator
         self.catalog = catalog
+        self.sweeper = Sweeper(catalog, hydrator, options.hydration)  # hints, background
         self.ops = SnapshotFS(catalog)
         self.started = time.time()
         self._fuse_live = False
@@ -350,6 +352,7 @@ class MountDaemon:
             await nursery.start(self._watch_signals)
             await self.catalog.refresh()
             await nursery.start(self.hydrator.run)
+            nursery.start_soon(self.sweeper.run)
             await nursery.start(self._serve_control)
             try:
                 pyfuse3.init(self.ops, self.options.mountpoint, self.options.fuse_options())

@@ -47,7 +47,7 @@ def parse_rate(text: str) -> float:
 
 
 @click.command()
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("mountpoint")
 @click.option("--cache-dir", metavar="DIR", help="Local block cache, kept across mounts "
               "(default: $SNAPFS_CACHE_DIR or ~/.cache/snapfs).")
 @click.option("--cache-size", default="20G", show_default=True,
@@ -164,8 +164,8 @@ def format_stats(doc: dict[str, Any]) -> list[str]:
                  f"({h.get('failed_requests', 0)} failed, {h.get('corrupt_blocks', 0)} corrupt)")
     lines.append(f"latency     p50 {_ms(h.get('fetch_latency_ms_p50'))}, "
                  f"p99 {_ms(h.get('fetch_latency_ms_p99'))} per request")
-    lines.append(f"waiting     {h.get('waiting_reads', 0)} blocks were waited for; "
-                 f"{h.get('wait_seconds', 0):.2f} s waiting on the store in all")
+    lines.append(f"waiting     reads waited on the store for {h.get('waiting_reads', 0)} blocks, "
+                 f"{h.get('wait_seconds', 0):.2f} s in all")
     lines.append(f"cache       {h.get('cache_hits', 0)} hits; "
                  f"{human_size(cache.get('bytes', 0))} of {human_size(cache.get('capacity', 0))} "
                  f"used ({cache.get('blocks', 0)} blocks)")
@@ -175,7 +175,8 @@ def format_stats(doc: dict[str, Any]) -> list[str]:
         eta = missing_blocks / (done / doc["uptime_seconds"])
     background = f"{done} blocks ({human_size(h.get('background_bytes', 0))}) so far"
     if missing_blocks:
-        background += f"; {missing_blocks} to go, {_duration(eta) if eta else 'time left unknown'}"
+        background += f"; {missing_blocks} to go, " + (
+            f"about {_duration(eta)} left" if eta else "time left unknown")
     elif doc.get("images"):
         background += "; nothing left to fetch" if all(
             i.get("blocks_missing") == 0 for i in doc["images"].values()) else ""

@@ -1,0 +1,149 @@
+"""Running the real ``snapfs`` command and its mount daemon from tests.
+
+``mounted(...)`` is the mount fixture's body: it runs ``snapfs mount`` (which daemonizes), waits
+until the path is a mount point, and in ``finally`` unmounts with ``fusermount3 -u -z``, waits
+for the daemon's pid to exit, and kills it if it lingers (``MountedDaemon.kill``, the same code
+the kill -9 test uses, so the cleanup branch is exercised). The daemon's run files live in a
+short per-session directory (``SNAPFS_RUNTIME_DIR``) so tests never touch /run/snapfs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from snapfs.control import mount_key
+
+SNAPFS = str(Path(sys.executable).with_name("snapfs"))
+FUSERMOUNT = "fusermount3"
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def pid_running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def is_mount_point(path: Path) -> bool:
+    """Like ``os.path.ismount``, but also true for a FUSE mount whose daemon died."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+@dataclasses.dataclass
+class Snapfs:
+    """``snapfs [-r REPO] [--endpoint-url URL] ARGS...`` as a subprocess."""
+
+    repo: str | None
+    endpoint: str | None
+    env: dict[str, str]
+
+    def command(self, args: tuple[Any, ...]) -> list[str]:
+        cmd = [SNAPFS]
+        if self.repo is not None:
+            cmd += ["-r", self.repo]
+        if self.endpoint:
+            cmd += ["--endpoint-url", self.endpoint]
+        return cmd + [str(a) for a in args]
+
+    def __call__(self, *args: Any, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.command(args), capture_output=True, text=True,
+                              timeout=timeout, env=self.env)
+
+    def ok(self, *args: Any) -> str:
+        result = self(*args)
+        assert result.returncode == 0, (result.stdout, result.stderr)
+        assert result.stderr == "", result.stderr
+        return result.stdout
+
+    def json(self, *args: Any) -> Any:
+        return json.loads(self.ok(*args, "--json"))
+
+    def with_repo(self, repo: str | None) -> Snapfs:
+        return dataclasses.replace(self, repo=repo)
+
+
+def one_error(result: subprocess.CompletedProcess[str], code: int) -> str:
+    """The single stderr line of a failed command, after checking the exit code and form."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("snapfs: "), lines[0]
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+@dataclasses.dataclass
+class MountedDaemon:
+    mountpoint: Path
+    pid: int
+    cache_dir: Path
+    runtime_dir: Path
+
+    @property
+    def images(self) -> Path:
+        return self.mountpoint / "snapshots"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.runtime_dir / f"{mount_key(str(self.mountpoint))}.pid"
+
+    @property
+    def socket(self) -> Path:
+        return self.runtime_dir / f"{mount_key(str(self.mountpoint))}.sock"
+
+    @property
+    def log(self) -> Path:
+        return self.cache_dir / f"daemon-{mount_key(str(self.mountpoint))}.log"
+
+    def kill(self) -> None:
+        """SIGKILL the daemon and wait until it is gone."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        wait_for(lambda: not pid_running(self.pid), 10, f"daemon {self.pid} to die")
+
+
+@contextmanager
+def mounted(snapfs: Snapfs, mountpoint: Path, cache_dir: Path, *args: Any) -> Iterator[MountedDaemon]:
+    """``snapfs mount MOUNTPOINT --cache-dir CACHE ARGS...``, unmounted and reaped afterwards."""
+    mountpoint.mkdir(exist_ok=True)
+    runtime_dir = Path(snapfs.env["SNAPFS_RUNTIME_DIR"])
+    result = snapfs("mount", mountpoint, "--cache-dir", cache_dir, *args)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    pid_file = runtime_dir / f"{mount_key(str(mountpoint))}.pid"
+    daemon = MountedDaemon(mountpoint, int(pid_file.read_text()), cache_dir, runtime_dir)
+    try:
+        wait_for(lambda: os.path.ismount(mountpoint), 10, f"{mountpoint} to be mounted")
+        yield daemon
+    finally:
+        if is_mount_point(mountpoint):
+            subprocess.run([FUSERMOUNT, "-u", "-z", str(mountpoint)], capture_output=True)
+        try:
+            wait_for(lambda: not pid_running(daemon.pid), 30, f"daemon {daemon.pid} to exit")
+        except AssertionError:
+            daemon.kill()
+            raise

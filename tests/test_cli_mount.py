@@ -1,0 +1,54 @@
+"""The pure parts of ``snapfs mount``/``stats``: option parsing and the human stats view."""
+
+from __future__ import annotations
+
+import pytest
+
+from snapfs.cli.mount import format_stats, parse_duration, parse_rate
+from snapfs.errors import UsageError
+
+
+@pytest.mark.parametrize("text, seconds", [("20ms", 0.02), ("0.5s", 0.5), ("250us", 0.00025),
+                                           ("20", 0.02), (" 3 s ", 3.0)])
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text, rate", [("100MB/s", 100e6), ("1.5GB/s", 1.5e9), ("50MiB/s", 50 << 20),
+                                        ("100", 100e6), ("512KB", 512e3)])
+def test_rates(text: str, rate: float) -> None:
+    assert parse_rate(text) == pytest.approx(rate)
+
+
+@pytest.mark.parametrize("bad", ["soon", "-5ms", "5 minutes", "1e3ms"])
+def test_bad_durations(bad: str) -> None:
+    with pytest.raises(UsageError):
+        parse_duration(bad)
+
+
+@pytest.mark.parametrize("bad", ["fast", "10 TB/s", "MB/s", "10Mb/ss"])
+def test_bad_rates(bad: str) -> None:
+    with pytest.raises(UsageError):
+        parse_rate(bad)
+
+
+def test_stats_view_shows_progress_and_time_left() -> None:
+    doc = {
+        "repository": "s3://b/p", "mountpoint": "/mnt", "pid": 42, "uptime_seconds": 10.0,
+        "images": {
+            "vm-1.img": {"size": 64 << 20, "hydrated_fraction": 0.25, "blocks_missing": 300,
+                         "reads": 7, "bytes_read": 1 << 20},
+            "new.img": {"size": 1 << 30, "hydrated_fraction": None, "blocks_missing": None},
+        },
+        "hydrator": {"blocks_fetched": 120, "bytes_fetched": 3 << 20, "requests": 9,
+                     "failed_requests": 1, "corrupt_blocks": 0, "fetch_latency_ms_p50": 3.25,
+                     "fetch_latency_ms_p99": 40.0, "waiting_reads": 20, "wait_seconds": 0.5,
+                     "cache_hits": 5, "background_blocks": 100, "background_bytes": 2 << 20},
+        "cache": {"bytes": 3 << 20, "capacity": 20 << 30, "blocks": 120},
+    }
+    text = "\n".join(format_stats(doc))
+    assert "s3://b/p at /mnt (pid 42, up 10s)" in text
+    assert "vm-1.img  64.0 MiB  25.0%" in text and "new.img" in text and "scanning" in text
+    assert "p50 3.2 ms, p99 40.0 ms" in text or "p50 3.3 ms, p99 40.0 ms" in text
+    assert "300 to go, about 30s left" in text  # 100 blocks in 10 s, 300 left
+    assert "1 failed" in text and "5 hits" in text

@@ -1,0 +1,393 @@
+"""``snapfs mount`` / ``umount`` / ``stats`` for real: a daemonized FUSE mount of a repository
+made by the ``snapfs`` command from a real ext4 image, read through the kernel, and loop-mounted.
+
+Covers what an operator meets: the served image is the snapshot byte for byte (on a local and an
+S3 store), snapshots taken after mounting appear, nothing is writable, ``umount`` returns only
+once the daemon has exited, a daemon killed with -9 leaves a mount that ``umount`` cleans up (and
+the cache it filled serves the next mount), corrupt data reads as EIO without taking the mount
+down, and every bad input is one line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import errno
+import filecmp
+import os
+import shutil
+import signal
+import stat
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from diskimages import have_root, make_image, random_image, sha256_file, shared_image
+from mountutil import (
+    Snapfs,
+    is_mount_point,
+    mounted,
+    one_error,
+    pid_running,
+    wait_for,
+)
+
+from snapfs.control import mount_key
+from snapfs.store import ObjectStore
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(not have_root() or not os.path.exists("/dev/fuse"),
+                       reason="needs root and /dev/fuse (FUSE and loop mounts)"),
+]
+
+EXIT_GENERAL, EXIT_USAGE, EXIT_NOT_FOUND = 1, 2, 3
+MiB = 1 << 20
+
+STATS_KEYS = {"mountpoint", "repository", "pid", "started", "uptime_seconds", "log", "images",
+              "hydrator", "cache"}
+IMAGE_KEYS = {"snapshot", "size", "block_size", "reads", "bytes_read", "data_blocks",
+              "blocks_missing", "hydrated_fraction"}
+HYDRATOR_KEYS = {"blocks_fetched", "bytes_fetched", "requests", "failed_requests", "cache_hits",
+                 "waiting_reads", "wait_seconds", "background_blocks", "background_bytes",
+                 "corrupt_blocks", "fetch_latency_ms_p50", "fetch_latency_ms_p99"}
+CACHE_KEYS = {"directory", "capacity", "bytes", "blocks", "hits", "misses", "bad"}
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 64 MiB ext4 image with ~24 MiB of real files (the one test_cli and others share)."""
+    return shared_image(tmp_path_factory.getbasetemp() / "shared-images", "base.img",
+                        lambda p: make_image(p, seed=1))
+
+
+@pytest.fixture(scope="session")
+def runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    # Short, because a Unix socket path must fit in 108 bytes.
+    path = Path(f"/tmp/snapfs-test-run-{os.getpid()}")
+    path.mkdir(mode=0o700)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def make_env(runtime_dir: Path, request: pytest.FixtureRequest, s3: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AWS_") and not k.startswith("SNAPFS_")}
+    env["SNAPFS_RUNTIME_DIR"] = str(runtime_dir)
+    if s3:
+        seaweed = request.getfixturevalue("seaweed")
+        env.update(AWS_ACCESS_KEY_ID=seaweed.access_key, AWS_SECRET_ACCESS_KEY=seaweed.secret_key,
+                   AWS_DEFAULT_REGION="us-east-1",
+                   AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+    return env
+
+
+@pytest.fixture
+def snapfs_any_store(store_url: str, store_endpoint: str | None, runtime_dir: Path,
+                     request: pytest.FixtureRequest) -> Snapfs:
+    """``snapfs`` on a fresh repository location, local or S3."""
+    return Snapfs(store_url, store_endpoint,
+                  make_env(runtime_dir, request, store_url.startswith("s3://")))
+
+
+@pytest.fixture(scope="module")
+def module_repo(tmp_path_factory: pytest.TempPathFactory, base_image: Path) -> Path:
+    """A local repository holding one snapshot of ``base_image`` named vm-1."""
+    repo = tmp_path_factory.mktemp("mount-repo") / "repo"
+    snapfs = Snapfs(str(repo), None, {k: v for k, v in os.environ.items()
+                                      if not k.startswith("SNAPFS_")})
+    snapfs.ok("init")
+    snapfs.ok("snapshot", "create", base_image, "--name", "vm-1")
+    return repo
+
+
+@pytest.fixture
+def snapfs(module_repo: Path, tmp_path: Path, runtime_dir: Path,
+           request: pytest.FixtureRequest) -> Snapfs:
+    """``snapfs`` on a private copy of ``module_repo`` (tests may add to it or damage it)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(module_repo, repo)
+    return Snapfs(str(repo), None, make_env(runtime_dir, request, s3=False))
+
+
+def read_all(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+# -- serving -------------------------------------------------------------------------------------
+
+
+def test_mount_serves_each_snapshot_as_its_image(
+    snapfs_any_store: Snapfs, base_image: Path, tmp_path: Path,
+    make_store: Callable[..., ObjectStore], store_url: str,
+) -> None:
+    snapfs = snapfs_any_store
+    snapfs.ok("init")
+    snap_id = snapfs.ok("snapshot", "create", base_image, "--name", "vm-1").strip()
+    with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache", "--no-background") as daemon:
+        mnt = daemon.mountpoint
+        assert sorted(os.listdir(mnt)) == ["disks", "snapshots"]
+        assert os.listdir(mnt / "disks") == []
+        assert os.listdir(daemon.images) == ["vm-1.img"]
+        st = os.stat(daemon.images / "vm-1.img")
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o444
+        assert st.st_size == os.path.getsize(base_image)
+
+        doc = snapfs.json("stats", mnt)
+        assert STATS_KEYS <= doc.keys() and doc["pid"] == daemon.pid
+        assert doc["mountpoint"] == str(mnt) and doc["repository"].startswith(store_url)
+        image = doc["images"]["vm-1.img"]
+        assert IMAGE_KEYS <= image.keys() and image["snapshot"] == snap_id
+        assert HYDRATOR_KEYS <= doc["hydrator"].keys() and CACHE_KEYS <= doc["cache"].keys()
+
+        assert sha256_file(daemon.images / "vm-1.img") == sha256_file(base_image)
+
+        doc = snapfs.json("stats", mnt)
+        assert doc["images"]["vm-1.img"]["bytes_read"] >= st.st_size
+        assert doc["hydrator"]["blocks_fetched"] > 0 and doc["hydrator"]["bytes_fetched"] > 0
+        human = snapfs.ok("stats", mnt)
+        assert "vm-1.img" in human and "64.0 MiB" in human and "latency" in human
+
+        result = snapfs("umount", mnt)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        # umount returned: the daemon has exited, unmounted, and removed its run files
+        assert not pid_running(daemon.pid)
+        assert not is_mount_point(mnt)
+        assert not daemon.pid_file.exists() and not daemon.socket.exists()
+        assert "exiting with status 0" in daemon.log.read_text()
+    # a clean shutdown stored the access profile of what was read
+    store = make_store(store_url)
+    assert [k for k, _ in store.list("profiles/")] == [f"profiles/{snap_id}"]
+
+
+def test_snapshots_taken_after_mounting_appear_and_deleted_ones_go(
+    snapfs: Snapfs, tmp_path: Path
+) -> None:
+    late = random_image(tmp_path / "late.img", 3 * MiB + 4096, seed=7)
+    with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache") as daemon:
+        assert os.listdir(daemon.images) == ["vm-1.img"]
+        snapfs.ok("snapshot", "create", late, "--name", "late")
+        # looked up by name (a miss refreshes the catalog) ...
+        wait_for(lambda: (daemon.images / "late.img").exists(), 10, "late.img to appear")
+        assert read_all(daemon.images / "late.img") == read_all(late)
+        # ... and listed
+        snapfs.ok("snapshot", "create", late, "--name", "later")
+        wait_for(lambda: "later.img" in os.listdir(daemon.images), 10, "later.img in the listing")
+        assert sorted(os.listdir(daemon.images)) == ["late.img", "later.img", "vm-1.img"]
+        # a deleted snapshot leaves the listing, and the kernel forgets its name (which it had
+        # been told to trust for an hour; the daemon tells it otherwise, asynchronously)
+        assert (daemon.images / "late.img").exists()
+        snapfs.ok("snapshot", "delete", "late")
+        wait_for(lambda: "late.img" not in os.listdir(daemon.images), 10, "late.img to go")
+        wait_for(lambda: not (daemon.images / "late.img").exists(), 5, "late.img to be forgotten")
+        assert read_all(daemon.images / "later.img") == read_all(late)
+
+
+def test_nothing_is_writable(snapfs: Snapfs, tmp_path: Path) -> None:
+    with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache") as daemon:
+        image = daemon.images / "vm-1.img"
+        for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+            with pytest.raises(OSError) as e:
+                os.open(image, flags)
+            assert e.value.errno in (errno.EROFS, errno.EACCES)
+        for attempt in (lambda: (daemon.images / "new.img").write_bytes(b"x"),
+                        lambda: (daemon.mountpoint / "disks" / "d").mkdir(),
+                        lambda: image.unlink(),
+                        lambda: image.chmod(0o666)):
+            with pytest.raises(OSError) as e:
+                attempt()
+            assert e.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+        assert read_all(image)[:1024] == read_all(image)[:1024]  # still serving
+
+
+def test_umount_after_kill_9_cleans_up_and_the_cache_serves_the_next_mount(
+    snapfs: Snapfs, base_image: Path, tmp_path: Path
+) -> None:
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    with mounted(snapfs, mnt, cache, "--no-background") as daemon:
+        assert sha256_file(daemon.images / "vm-1.img") == sha256_file(base_image)
+        daemon.kill()
+        with pytest.raises(OSError) as e:
+            os.listdir(daemon.images)
+        assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+        assert "has died" in one_error(snapfs("stats", mnt), EXIT_NOT_FOUND)
+        assert "dead mount" in one_error(snapfs("mount", mnt, "--cache-dir", cache), EXIT_GENERAL)
+
+        assert "daemon had died" in snapfs.ok("umount", mnt)
+        assert not is_mount_point(mnt) and os.listdir(mnt) == []
+        assert not daemon.pid_file.exists() and not daemon.socket.exists()
+
+    with mounted(snapfs, mnt, cache, "--no-background") as daemon:
+        assert sha256_file(daemon.images / "vm-1.img") == sha256_file(base_image)
+        hydrator = snapfs.json("stats", mnt)["hydrator"]
+        assert hydrator["cache_hits"] > 0
+        assert hydrator["blocks_fetched"] == 0  # kill -9 lost nothing the kernel had been given
+        snapfs.ok("umount", mnt)
+
+
+def test_corrupt_data_reads_as_eio_and_the_mount_lives_on(snapfs: Snapfs, tmp_path: Path) -> None:
+    assert snapfs.repo is not None
+    for pack in Path(snapfs.repo, "packs").rglob("*"):
+        if pack.is_file():
+            with open(pack, "r+b") as f:  # scribble over the middle of every pack
+                size = f.seek(0, os.SEEK_END)
+                f.seek(size // 2)
+                f.write(b"\xa5" * 4096)
+    with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache", "--no-background") as daemon:
+        with pytest.raises(OSError) as e:
+            read_all(daemon.images / "vm-1.img")
+        assert e.value.errno == errno.EIO
+        assert os.listdir(daemon.images) == ["vm-1.img"]  # still answering
+        assert snapfs.json("stats", daemon.mountpoint)["hydrator"]["corrupt_blocks"] > 0
+    log = daemon.log.read_text()
+    assert "ERROR snapfs.fuse_ops: read" in log and "Traceback" not in log
+
+
+# -- the kernel's view: a loop device on the served image ----------------------------------------
+
+
+def test_loop_mount_of_a_served_image(snapfs: Snapfs, base_image: Path, tmp_path: Path) -> None:
+    served_fs, source_fs = tmp_path / "served", tmp_path / "source"
+    served_fs.mkdir()
+    source_fs.mkdir()
+    loops: list[str] = []
+    mounts: list[Path] = []
+
+    def loop_mount(image: Path, where: Path) -> None:
+        loop = subprocess.run(["losetup", "-f", "--show", "-r", str(image)], check=True,
+                              capture_output=True, text=True).stdout.strip()
+        loops.append(loop)
+        subprocess.run(["mount", "-o", "ro,noload", loop, str(where)], check=True)
+        mounts.append(where)
+
+    with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache", "--no-background") as daemon:
+        try:
+            loop_mount(daemon.images / "vm-1.img", served_fs)
+            loop_mount(base_image, source_fs)
+            files = [p.relative_to(source_fs) for p in source_fs.rglob("*") if p.is_file()]
+            assert len(files) > 100
+            biggest = max(files, key=lambda p: (source_fs / p).stat().st_size)
+            assert read_all(served_fs / biggest) == read_all(source_fs / biggest)
+            match, mismatch, errors = filecmp.cmpfiles(source_fs, served_fs,
+                                                       [str(p) for p in files], shallow=False)
+            assert (mismatch, errors) == ([], []) and len(match) == len(files)
+            # in use by the loop device: umount refuses, and the mount stays up
+            assert "busy" in one_error(snapfs("umount", daemon.mountpoint), EXIT_GENERAL)
+            assert os.listdir(daemon.images) == ["vm-1.img"]
+        finally:
+            for where in reversed(mounts):
+                subprocess.run(["umount", str(where)], check=True)
+            for loop in loops:
+                subprocess.run(["losetup", "-d", loop], check=True)
+        # the loop device lets go of the image asynchronously
+        wait_for(lambda: snapfs("umount", daemon.mountpoint).returncode == 0, 10,
+                 "umount once the loop device is gone")
+        assert not pid_running(daemon.pid)
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+def test_bad_mount_points_and_caches_are_one_line_errors(
+    snapfs: Snapfs, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "something").write_text("x")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(readonly)], check=True)
+    try:
+        def mount_error(*args: object, code: int = EXIT_GENERAL) -> str:
+            return one_error(snapfs("mount", *args), code)
+
+        assert "does not exist" in mount_error(tmp_path / "missing", "--cache-dir", cache,
+                                               code=EXIT_NOT_FOUND)
+        assert "not a directory" in mount_error(a_file, "--cache-dir", cache)
+        assert "not empty" in mount_error(full, "--cache-dir", cache)
+        assert "already a mount point" in mount_error(readonly, "--cache-dir", cache)
+        assert "not writable" in mount_error(plain, "--cache-dir", readonly / "cache")
+        assert "no repository" in one_error(
+            snapfs.with_repo(str(tmp_path / "no-repo"))("mount", plain, "--cache-dir", cache),
+            EXIT_NOT_FOUND)
+        assert "-r REPO" in one_error(snapfs.with_repo(None)("mount", plain), EXIT_USAGE)
+        assert "duration" in mount_error(plain, "--simulate-latency", "soon", code=EXIT_USAGE)
+        # none of that left a mount, a daemon or its run files behind
+        assert not is_mount_point(plain) and os.listdir(plain) == []
+        assert list(Path(snapfs.env["SNAPFS_RUNTIME_DIR"]).glob(f"{mount_key(str(plain))}.*")) == []
+
+        assert "nothing is mounted" in one_error(snapfs("umount", plain), EXIT_NOT_FOUND)
+        assert "no snapfs daemon" in one_error(snapfs("stats", plain), EXIT_NOT_FOUND)
+        assert "not a snapfs mount" in one_error(snapfs("umount", readonly), EXIT_GENERAL)
+    finally:
+        subprocess.run(["umount", str(readonly)], check=True)
+
+
+def test_a_mount_point_or_cache_in_use_is_refused(snapfs: Snapfs, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    other = tmp_path / "other"
+    other.mkdir()
+    with mounted(snapfs, tmp_path / "mnt", cache) as daemon:
+        error = one_error(snapfs("mount", daemon.mountpoint, "--cache-dir", tmp_path / "c2"),
+                          EXIT_GENERAL)
+        assert "already a mount point" in error
+        error = one_error(snapfs("mount", other, "--cache-dir", cache), EXIT_GENERAL)
+        assert "in use by another snapfs daemon" in error and str(daemon.pid) in error
+        assert not is_mount_point(other)
+        assert os.listdir(daemon.images) == ["vm-1.img"]
+
+
+# -- stopping ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_unmounts_and_the_daemon_exits_cleanly(snapfs: Snapfs, tmp_path: Path,
+                                                        signum: int) -> None:
+    with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache") as daemon:
+        os.kill(daemon.pid, signum)
+        wait_for(lambda: not pid_running(daemon.pid), 30, "the daemon to exit")
+        assert not is_mount_point(daemon.mountpoint)
+        assert not daemon.pid_file.exists() and not daemon.socket.exists()
+        assert "exiting with status 0" in daemon.log.read_text()
+
+
+def test_umount_kills_a_daemon_that_does_not_exit(snapfs: Snapfs, tmp_path: Path) -> None:
+    with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache") as daemon:
+        os.kill(daemon.pid, signal.SIGSTOP)  # hung: it will never see its session end
+        out = snapfs.ok("umount", daemon.mountpoint, "--timeout", "1")
+        assert "was killed" in out and str(daemon.pid) in out
+        assert not pid_running(daemon.pid)
+        assert not is_mount_point(daemon.mountpoint)
+        assert not daemon.pid_file.exists() and not daemon.socket.exists()
+
+
+def test_foreground_mount_stays_attached_until_interrupted(snapfs: Snapfs, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    process = subprocess.Popen(snapfs.command(("mount", mnt, "--cache-dir", tmp_path / "cache",
+                                               "--foreground")),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=snapfs.env)
+    try:
+        wait_for(lambda: os.path.ismount(mnt) or process.poll() is not None, 20, "the mount")
+        assert process.poll() is None, process.communicate()
+        assert os.listdir(mnt / "snapshots") == ["vm-1.img"]
+        assert snapfs.json("stats", mnt)["pid"] == process.pid
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    assert process.returncode == 0, stderr
+    assert stdout.startswith("serving ") and stderr == ""
+    assert not is_mount_point(mnt)
