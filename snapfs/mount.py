@@ -4,9 +4,8 @@
 
 1. Checks that need no repository, each a one-line ``SnapfsError``: the mount point exists, is
    a directory, is empty and is not a mount point already (a dead FUSE mount included); no
-   daemon serves it (its pid file is locked, see ``control``); the cache directory is writable
-   and no other daemon uses it (``<cache>/daemon.lock``: ``BlockCache`` appends to its segment
-   files from one process only).
+   daemon serves it (its pid file is locked, see ``control``); the cache directory is writable.
+   (Several daemons may share one cache directory: ``BlockCache`` is multi-process safe.)
 2. Unless ``foreground``: fork. The parent waits on a pipe for one line from the child,
    ``ready`` or ``error CODE MESSAGE``, then returns or raises that error; the child starts a
    new session (``setsid``), moves to ``/`` (so it keeps no directory busy), and sends its
@@ -109,14 +108,12 @@ def mount(options: MountOptions, announce: Callable[[str], None]) -> None:
     if pid_file is None:
         holder = PidFile.holder(files.pid_file)
         raise MountError(f"{files.mountpoint} is already being mounted by snapfs (pid {holder})")
-    cache_lock = None
     handed_over = False  # to the forked child, which then owns the run files
     try:
-        cache_lock = claim_cache_dir(options.cache_dir)
+        check_cache_dir(options.cache_dir)
         log_file = files.log_file(options.cache_dir)
         if options.foreground:
             pid_file.write_pid(os.getpid())
-            cache_lock.write_pid(os.getpid())
             _serve(options, files, lambda: announce(
                 f"serving {options.repository} at {files.mountpoint} (pid {os.getpid()}); "
                 f"stop with Ctrl-C or: snapfs umount {files.mountpoint}"))
@@ -127,15 +124,13 @@ def mount(options: MountOptions, announce: Callable[[str], None]) -> None:
         child = os.fork()
         if child == 0:
             os.close(read_end)
-            _daemon_child(options, files, pid_file, cache_lock, log_file, write_end)
+            _daemon_child(options, files, pid_file, log_file, write_end)
         handed_over = True
         os.close(write_end)
         report = _read_all(read_end)
     finally:
         if not handed_over:
             files.remove()  # still under our lock, so nobody else's files
-        if cache_lock is not None:
-            cache_lock.close()
         pid_file.close()  # a forked child holds the same locks on
     if report.startswith("ready"):
         announce(f"mounted {options.repository} at {files.mountpoint} "
@@ -197,19 +192,16 @@ def check_mountpoint(path: str) -> None:
         raise MountError(f"mount point {path} is not empty")
 
 
-def claim_cache_dir(directory: str) -> PidFile:
-    """Create the cache directory if needed and lock it for this daemon."""
-    lock_path = Path(directory) / "daemon.lock"
+def check_cache_dir(directory: str) -> None:
+    """Create the cache directory if needed and make sure we can write in it (before forking,
+    so the user sees the error)."""
+    probe = Path(directory) / f".probe-{os.getpid()}"
     try:
         os.makedirs(directory, exist_ok=True)
-        lock = PidFile.try_claim(lock_path)
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as e:
         raise SnapfsError(f"cache directory {directory} is not writable: {e.strerror}") from None
-    if lock is None:
-        holder = PidFile.holder(lock_path)
-        raise MountError(f"cache directory {directory} is in use by another snapfs daemon "
-                         f"(pid {holder}); give this mount its own --cache-dir")
-    return lock
 
 
 # -- the child -----------------------------------------------------------------------------------
@@ -246,7 +238,7 @@ class _Report:
         self._send(f"error {e.exit_code} {e.message}")
 
 
-def _daemon_child(options: MountOptions, files: RunFiles, pid_file: PidFile, cache_lock: PidFile,
+def _daemon_child(options: MountOptions, files: RunFiles, pid_file: PidFile,
                   log_file: Path, report_fd: int) -> NoReturn:
     """The forked daemon: detach, serve until unmounted, clean up, exit. Never returns."""
     report = _Report(report_fd)
@@ -257,7 +249,6 @@ def _daemon_child(options: MountOptions, files: RunFiles, pid_file: PidFile, cac
         _redirect_stdio(log_file)
         _log_to_stderr(options.debug)
         pid_file.write_pid(os.getpid())
-        cache_lock.write_pid(os.getpid())
         _serve(options, files, report.ready)
         code = 0
     except SnapfsError as e:

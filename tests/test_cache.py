@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -124,3 +127,63 @@ def test_unwritable_directory_is_one_clear_error(tmp_path: Path) -> None:
     blocker.write_bytes(b"x")
     with pytest.raises(SnapfsError, match="not writable"):
         BlockCache(blocker / "cache", capacity=1 << 20)
+
+
+WRITER = """
+import sys, hashlib
+from snapfs.cache import BlockCache
+cache = BlockCache(sys.argv[1], capacity=int(sys.argv[2]), segment_size=1 << 20)
+tag, count = sys.argv[3], int(sys.argv[4])
+for i in range(count):
+    data = hashlib.sha256(f"{tag}-{i}".encode()).digest() * 512  # 16 KiB, reproducible
+    cache.put(hashlib.sha256(f"id-{tag}-{i}".encode()).digest(), data)
+if sys.argv[5] == "close":
+    cache.close()
+else:
+    import os
+    os._exit(0)  # dies without closing: its last segment stays marked open
+"""
+
+
+def expected(tag: str, i: int) -> tuple[bytes, bytes]:
+    return (hashlib.sha256(f"id-{tag}-{i}".encode()).digest(),
+            hashlib.sha256(f"{tag}-{i}".encode()).digest() * 512)
+
+
+def run_writers(directory: Path, capacity: int, specs: list[tuple[str, int, str]]) -> None:
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(directory), str(capacity),
+                               tag, str(count), how]) for tag, count, how in specs]
+    assert [p.wait(timeout=120) for p in procs] == [0] * len(procs)
+
+
+def test_processes_share_one_cache(tmp_path: Path) -> None:
+    directory = tmp_path / "c"
+    run_writers(directory, 256 << 20, [("a", 300, "close"), ("b", 300, "close")])
+    cache = BlockCache(directory, capacity=256 << 20)
+    for tag in "ab":
+        for i in range(300):
+            bid, data = expected(tag, i)
+            assert cache.get(bid) == data
+    assert cache.size == 600 * 16384
+    assert cache.entries() == 600
+    # no two processes ever appended to one segment file
+    assert len(list(directory.glob("seg-*.dat"))) >= 2 * 5
+    cache.close()
+
+
+def test_eviction_reaches_segments_of_other_and_dead_processes(tmp_path: Path) -> None:
+    directory = tmp_path / "c"
+    capacity = 4 << 20
+    run_writers(directory, 64 << 20, [("old", 128, "close"), ("dead", 64, "die")])
+    cache = BlockCache(directory, capacity=capacity, segment_size=1 << 20)
+    assert cache.size == 192 * 16384
+    for i in range(256):  # 4 MiB more: the old segments must go
+        bid, data = expected("new", i)
+        cache.put(bid, data)
+    assert cache.size <= capacity + (1 << 20)
+    on_disk = sum(f.stat().st_size for f in directory.glob("seg-*.dat"))
+    assert on_disk <= capacity + (1 << 20)
+    gone = [expected(t, i) for t, n in (("old", 128), ("dead", 64)) for i in range(n)]
+    assert all(cache.get(bid) is None for bid, _ in gone)
+    assert cache.get(expected("new", 255)[0]) == expected("new", 255)[1]
+    cache.close()

@@ -1,11 +1,16 @@
 """BlockCache: block ID -> plain bytes, in append-only segment files indexed by lmdb.
 
+One cache directory serves every process on the host that opens it (several mount daemons may
+share it): lmdb is multi-process safe, and each process appends only to segments it allocated
+itself, so no two writers ever share a file.
+
 Layout of the cache directory::
 
-    index.lmdb/          lmdb: "blocks"  id -> segment u32 | offset u64 | length u32 | xxh3-128
-                               "segments" segment u32 -> nothing (which segments exist, oldest first)
-                               "members" segment u32 | id -> nothing (what to drop with a segment)
-    seg-00000001.dat     plain block bytes, appended
+    index.lmdb/          lmdb: "blocks"   id -> segment u32 | offset u64 | length u32 | xxh3-128
+                               "segments" segment u32 -> bytes u64 | writer pid u32 | open u8
+                               "members"  segment u32 | id -> nothing (what goes with a segment)
+                               "meta"     next segment number, total bytes
+    seg-00000001.dat     plain block bytes, appended by the segment's writer
 
 The crash rule: a cached block is returned only if its bytes match the xxh3-128 recorded beside
 its location, so a crash that leaves an entry pointing at bytes that never reached the disk (or a
@@ -15,8 +20,10 @@ periodically and at close). An lmdb file that cannot be opened is moved aside an
 starts empty.
 
 Eviction is by segment, oldest first (a FIFO of segments, as log-structured caches do): when the
-segments' total size passes the capacity, the oldest segment's entries are deleted and the file
-unlinked. A pread already under way in that segment finishes first (its file is closed after).
+total passes the capacity, the oldest segment that no live process is still appending to loses
+its entries and its file is unlinked. A pread already under way in this process finishes first
+(its file is closed after); other processes never find entries for it again, and their open file
+handles keep the bytes readable until they close them.
 
 Thread-safe: every method may be called from any worker thread; never call one on the trio
 thread (they block). An lmdb transaction never outlives the method that opened it.
@@ -29,6 +36,7 @@ import os
 import struct
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import IO
 
@@ -41,8 +49,23 @@ log = logging.getLogger(__name__)
 
 ENTRY = struct.Struct("<IQI16s")
 SEG = struct.Struct(">I")  # big-endian so lmdb's byte order is numeric order
+SEGINFO = struct.Struct("<QIB")
+U64 = struct.Struct("<Q")
+NEXT_SEGMENT = b"next-segment"
+TOTAL_BYTES = b"total-bytes"
 DEFAULT_SEGMENT_SIZE = 64 << 20
 MAP_SIZE = 1 << 36  # address space only; lmdb grows the file as needed
+OPEN_FILES = 64
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class BlockCache:
@@ -55,7 +78,7 @@ class BlockCache:
         self.segment_size = min(segment_size, max(capacity // 4, 1 << 20))
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / ".write-test"
+            probe = self.dir / f".write-test-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
@@ -64,20 +87,13 @@ class BlockCache:
         self._blocks = self._env.open_db(b"blocks")
         self._segments = self._env.open_db(b"segments")
         self._members = self._env.open_db(b"members")
+        self._meta = self._env.open_db(b"meta")
         self._lock = threading.Lock()  # guards the append position and the file table
-        self._files: dict[int, IO[bytes]] = {}
-        self._readers: dict[int, int] = {}  # segment -> preads under way
-        self._doomed: dict[int, IO[bytes]] = {}  # evicted, closed when its last pread ends
-        self._sizes: dict[int, int] = {}
-        with self._env.begin() as txn:
-            for key, _ in txn.cursor(db=self._segments):
-                seg = SEG.unpack(key)[0]
-                path = self._seg_path(seg)
-                self._sizes[seg] = path.stat().st_size if path.exists() else 0
-        self._current = max(self._sizes, default=0)
-        self._append_pos = self._sizes.get(self._current, 0)
-        if not self._sizes or self._append_pos >= self.segment_size:
-            self._start_segment()
+        self._files: OrderedDict[int, IO[bytes]] = OrderedDict()  # open segment files, LRU
+        self._readers: dict[int, int] = {}  # segment -> preads under way in this process
+        self._doomed: dict[int, IO[bytes]] = {}  # closed when its last pread ends
+        self._current: int | None = None  # the segment this process appends to
+        self._append_pos = 0
         self.hits = 0
         self.misses = 0
         self.bad = 0
@@ -85,32 +101,38 @@ class BlockCache:
 
     def _open_env(self) -> lmdb.Environment:
         path = self.dir / "index.lmdb"
+        def open_env() -> lmdb.Environment:
+            return lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=4, sync=False,
+                             metasync=False, readahead=False)
+
         try:
-            return lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=4, sync=False, metasync=False,
-                             readahead=False)
+            return open_env()
         except lmdb.Error as e:
             aside = path.with_name(f"index.lmdb.broken-{int(time.time())}")
             log.warning("cache index %s unreadable (%s); starting an empty cache", path, e)
             path.rename(aside)
             for seg in self.dir.glob("seg-*.dat"):
                 seg.unlink()
-            return lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=4, sync=False, metasync=False,
-                             readahead=False)
+            return open_env()
 
     def _seg_path(self, seg: int) -> Path:
         return self.dir / f"seg-{seg:08d}.dat"
+
+    # -- files ----------------------------------------------------------------------------
 
     def _pread(self, seg: int, offset: int, length: int) -> bytes:
         """Read from a segment; an eviction meanwhile waits for us to close the file."""
         with self._lock:
             f = self._files.get(seg)
             if f is None:
-                if seg not in self._sizes:
-                    return b""
                 try:
-                    f = self._files[seg] = open(self._seg_path(seg), "r+b")
+                    f = open(self._seg_path(seg), "rb")
                 except FileNotFoundError:
                     return b""
+                self._files[seg] = f
+                self._trim_files()
+            else:
+                self._files.move_to_end(seg)
             self._readers[seg] = self._readers.get(seg, 0) + 1
         try:
             return os.pread(f.fileno(), length, offset)
@@ -123,17 +145,44 @@ class BlockCache:
                     if doomed is not None:
                         doomed.close()
 
-    def _start_segment(self) -> None:
-        """Open a new segment for appends. Called with ``_lock`` held (or from __init__)."""
-        self._current += 1
-        path = self._seg_path(self._current)
-        self._files[self._current] = open(path, "w+b")
-        self._sizes[self._current] = 0
-        self._append_pos = 0
-        with self._env.begin(write=True) as txn:
-            txn.put(SEG.pack(self._current), b"", db=self._segments)
+    def _retire_file(self, seg: int) -> None:
+        """Stop using a segment's file: close it now, or after the preads under way. Lock held."""
+        f = self._files.pop(seg, None)
+        if f is None:
+            return
+        if self._readers.get(seg):
+            self._doomed[seg] = f
+        else:
+            f.close()
 
-    # -- reads ------------------------------------------------------------------------
+    def _trim_files(self) -> None:
+        """Keep at most OPEN_FILES segment files open (not our own). Lock held."""
+        for seg in list(self._files):
+            if len(self._files) <= OPEN_FILES:
+                return
+            if seg != self._current:
+                self._retire_file(seg)
+
+    def _start_segment(self) -> None:
+        """Allocate a segment of our own for appends. Lock held."""
+        with self._env.begin(write=True) as txn:
+            if self._current is not None:
+                self._set_open(txn, self._current, False)
+            raw = txn.get(NEXT_SEGMENT, db=self._meta)
+            seg = SEG.unpack(raw)[0] if raw else 1
+            txn.put(NEXT_SEGMENT, SEG.pack(seg + 1), db=self._meta)
+            txn.put(SEG.pack(seg), SEGINFO.pack(0, os.getpid(), 1), db=self._segments)
+        self._files[seg] = open(self._seg_path(seg), "w+b")
+        self._current = seg
+        self._append_pos = 0
+
+    def _set_open(self, txn: lmdb.Transaction, seg: int, is_open: bool) -> None:
+        raw = txn.get(SEG.pack(seg), db=self._segments)
+        if raw is not None:
+            size, pid, _ = SEGINFO.unpack(raw)
+            txn.put(SEG.pack(seg), SEGINFO.pack(size, pid, int(is_open)), db=self._segments)
+
+    # -- reads ----------------------------------------------------------------------------
 
     def get(self, block_id: bytes) -> bytes | None:
         return self.get_many([block_id])[0]
@@ -170,70 +219,88 @@ class BlockCache:
         with self._env.begin() as txn:
             return [b for b in block_ids if txn.get(b, db=self._blocks) is None]
 
-    # -- writes -----------------------------------------------------------------------
+    # -- writes ---------------------------------------------------------------------------
 
     def put(self, block_id: bytes, plain: bytes) -> None:
         with self._lock:
-            if self._append_pos >= self.segment_size:
+            if self._current is None or self._append_pos >= self.segment_size:
                 self._start_segment()
+            assert self._current is not None
             seg, offset = self._current, self._append_pos
             self._append_pos += len(plain)
-            self._sizes[seg] = self._append_pos
             f = self._files[seg]
         os.pwrite(f.fileno(), plain, offset)
         entry = ENTRY.pack(seg, offset, len(plain), xxhash.xxh3_128_digest(plain))
         with self._env.begin(write=True) as txn:
+            old = txn.get(block_id, db=self._blocks)
             txn.put(block_id, entry, db=self._blocks)
             txn.put(SEG.pack(seg) + block_id, b"", db=self._members)
-        self._evict_if_needed()
+            info = txn.get(SEG.pack(seg), db=self._segments)
+            size, pid, is_open = SEGINFO.unpack(info) if info else (0, os.getpid(), 1)
+            grown = max(size, offset + len(plain))
+            txn.put(SEG.pack(seg), SEGINFO.pack(grown, pid, is_open), db=self._segments)
+            total = self._add_total(txn, grown - size)
+            if old is not None:  # another thread or process cached it too: keep one entry
+                old_seg = ENTRY.unpack(old)[0]
+                if old_seg != seg:
+                    txn.delete(SEG.pack(old_seg) + block_id, db=self._members)
+        if total > self.capacity:
+            self._evict(total)
         if time.monotonic() - self._last_flush > 5:
             self.flush()
+
+    def _add_total(self, txn: lmdb.Transaction, delta: int) -> int:
+        raw = txn.get(TOTAL_BYTES, db=self._meta)
+        total = max(0, (U64.unpack(raw)[0] if raw else 0) + delta)
+        txn.put(TOTAL_BYTES, U64.pack(total), db=self._meta)
+        return total
 
     def _drop(self, block_id: bytes, seg: int) -> None:
         with self._env.begin(write=True) as txn:
             txn.delete(block_id, db=self._blocks)
             txn.delete(SEG.pack(seg) + block_id, db=self._members)
 
-    def _evict_if_needed(self) -> None:
-        while True:
-            with self._lock:
-                total = sum(self._sizes.values())
-                if total <= self.capacity or len(self._sizes) <= 1:
-                    return
-                oldest = min(self._sizes)
-                if oldest == self._current:
-                    return
-                del self._sizes[oldest]
-                f = self._files.pop(oldest, None)
-                if f is not None:
-                    if self._readers.get(oldest):
-                        self._doomed[oldest] = f
-                    else:
-                        f.close()
-            prefix = SEG.pack(oldest)
+    def _evict(self, total: int) -> None:
+        while total > self.capacity:
+            victim = None
+            victim_size = 0
             with self._env.begin(write=True) as txn:
+                for key, info in txn.cursor(db=self._segments):
+                    size, pid, is_open = SEGINFO.unpack(info)
+                    if is_open and (pid == os.getpid() or _pid_alive(pid)):
+                        continue  # someone still appends to it
+                    victim, victim_size = SEG.unpack(key)[0], size
+                    break
+                if victim is None:
+                    return
+                prefix = SEG.pack(victim)
                 cur = txn.cursor(db=self._members)
                 if cur.set_range(prefix):
                     while cur.key()[:4] == prefix:
                         block_id = cur.key()[4:]
                         raw = txn.get(block_id, db=self._blocks)
-                        if raw is not None and ENTRY.unpack(raw)[0] == oldest:
+                        if raw is not None and ENTRY.unpack(raw)[0] == victim:
                             txn.delete(block_id, db=self._blocks)
                         if not cur.delete():
                             break
                 txn.delete(prefix, db=self._segments)
+                total = self._add_total(txn, -victim_size)
+            with self._lock:
+                self._retire_file(victim)
             try:
-                self._seg_path(oldest).unlink()
+                self._seg_path(victim).unlink()
             except FileNotFoundError:
                 pass
-            log.debug("evicted cache segment %d", oldest)
+            log.debug("evicted cache segment %d", victim)
 
-    # -- housekeeping -----------------------------------------------------------------
+    # -- housekeeping ---------------------------------------------------------------------
 
     @property
     def size(self) -> int:
-        with self._lock:
-            return sum(self._sizes.values())
+        """Bytes in all segments, from every process sharing this cache."""
+        with self._env.begin() as txn:
+            raw = txn.get(TOTAL_BYTES, db=self._meta)
+        return U64.unpack(raw)[0] if raw else 0
 
     def entries(self) -> int:
         with self._env.begin() as txn:
@@ -241,18 +308,21 @@ class BlockCache:
 
     def flush(self) -> None:
         with self._lock:
-            files = list(self._files.values())
-        for f in files:
-            try:
-                os.fsync(f.fileno())
-            except (OSError, ValueError):
-                pass
+            current = self._files.get(self._current) if self._current is not None else None
+            if current is not None:
+                try:
+                    os.fsync(current.fileno())
+                except OSError:
+                    pass
         self._env.sync(True)
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
         self.flush()
         with self._lock:
+            if self._current is not None:
+                with self._env.begin(write=True) as txn:
+                    self._set_open(txn, self._current, False)
             for f in [*self._files.values(), *self._doomed.values()]:
                 f.close()
             self._files.clear()
