@@ -37,18 +37,22 @@ def test_stats_view_shows_progress_and_time_left() -> None:
         "repository": "s3://b/p", "mountpoint": "/mnt", "pid": 42, "uptime_seconds": 10.0,
         "images": {
             "vm-1.img": {"size": 64 << 20, "hydrated_fraction": 0.25, "blocks_missing": 300,
-                         "reads": 7, "bytes_read": 1 << 20},
+                         "bytes_missing": 300 << 14, "eta_seconds": 30.0, "reads": 7,
+                         "bytes_read": 1 << 20, "cache_hits": 5, "blocks_fetched": 20,
+                         "wait_seconds": 0.5},
             "new.img": {"size": 1 << 30, "hydrated_fraction": None, "blocks_missing": None},
         },
         "hydrator": {"blocks_fetched": 120, "bytes_fetched": 3 << 20, "requests": 9,
                      "failed_requests": 1, "corrupt_blocks": 0, "fetch_latency_ms_p50": 3.25,
                      "fetch_latency_ms_p99": 40.0, "waiting_reads": 20, "wait_seconds": 0.5,
-                     "cache_hits": 5, "background_blocks": 100, "background_bytes": 2 << 20},
+                     "cache_hits": 5, "background_blocks": 100, "background_bytes": 2 << 20,
+                     "background_rate_bytes_per_s": 160 << 10},
         "cache": {"bytes": 3 << 20, "capacity": 20 << 30, "blocks": 120},
     }
     text = "\n".join(format_stats(doc))
     assert "s3://b/p at /mnt (pid 42, up 10s)" in text
     assert "vm-1.img  64.0 MiB  25.0%" in text and "new.img" in text and "scanning" in text
     assert "p50 3.2 ms, p99 40.0 ms" in text or "p50 3.3 ms, p99 40.0 ms" in text
-    assert "300 to go, about 30s left" in text  # 100 blocks in 10 s, 300 left
+    assert "300 to go at 160.0 KiB/s, about 30s left" in text  # 4.7 MiB at 160 KiB/s
+    assert "vm-1.img  64.0 MiB  25.0%     300 blocks  30s   7      5     20 blocks  0.50 s" in text
     assert "1 failed" in text and "5 hits" in text

@@ -144,14 +144,18 @@ def format_stats(doc: dict[str, Any]) -> list[str]:
     cache = doc.get("cache", {})
     lines = [f"{doc.get('repository')} at {doc.get('mountpoint')} "
              f"(pid {doc.get('pid')}, up {_duration(doc.get('uptime_seconds'))})", ""]
-    rows = [("IMAGE", "SIZE", "HYDRATED", "MISSING", "READS", "READ")]
-    missing_blocks = 0
+    rows = [("IMAGE", "SIZE", "HYDRATED", "MISSING", "LEFT", "READS", "HITS", "FETCHED", "WAITED")]
+    missing_blocks = missing_bytes = 0
     for name, image in doc.get("images", {}).items():
         missing = image.get("blocks_missing")
         missing_blocks += missing or 0
+        missing_bytes += image.get("bytes_missing") or 0
         rows.append((name, human_size(image.get("size", 0)), _percent(image.get("hydrated_fraction")),
                      f"{missing} blocks" if missing is not None else "-",
-                     str(image.get("reads", 0)), human_size(image.get("bytes_read", 0))))
+                     _duration(image.get("eta_seconds")) if missing else "-",
+                     str(image.get("reads", 0)), str(image.get("cache_hits", 0)),
+                     f"{image.get('blocks_fetched', 0)} blocks",
+                     f"{image.get('wait_seconds', 0):.2f} s"))
     if len(rows) == 1:
         lines.append("no snapshots in the repository yet")
     else:
@@ -170,12 +174,11 @@ def format_stats(doc: dict[str, Any]) -> list[str]:
                  f"{human_size(cache.get('bytes', 0))} of {human_size(cache.get('capacity', 0))} "
                  f"used ({cache.get('blocks', 0)} blocks)")
     done = h.get("background_blocks", 0)
-    eta = h.get("eta_seconds")
-    if eta is None and done and missing_blocks and doc.get("uptime_seconds"):
-        eta = missing_blocks / (done / doc["uptime_seconds"])
+    rate = h.get("background_rate_bytes_per_s") or 0
     background = f"{done} blocks ({human_size(h.get('background_bytes', 0))}) so far"
     if missing_blocks:
-        background += f"; {missing_blocks} to go, " + (
+        eta = missing_bytes / rate if rate else None
+        background += f"; {missing_blocks} to go at {human_size(rate)}/s, " + (
             f"about {_duration(eta)} left" if eta else "time left unknown")
     elif doc.get("images"):
         background += "; nothing left to fetch" if all(

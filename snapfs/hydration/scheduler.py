@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 
 RECENT_BYTES = 32 << 20
+RATE_WINDOW = 10.0
 BULK_WINDOW = 2.0
 BULK_BYTES = 32 << 20
 
@@ -108,6 +109,15 @@ class HydrationStats:
     corrupt_blocks: int = 0
 
 
+@dataclass
+class ReadTally:
+    """What one image's reads cost: the image layer keeps one per image."""
+
+    cache_hits: int = 0
+    blocks_fetched: int = 0  # blocks its readers had to wait on the store for
+    wait_seconds: float = 0.0
+
+
 class Hydrator:
     def __init__(self, repo: Repository, index: BlobIndex, cache: BlockCache,
                  config: HydrationConfig = HydrationConfig()) -> None:
@@ -130,6 +140,7 @@ class Hydrator:
         self._recent: OrderedDict[bytes, bytes] = OrderedDict()
         self._recent_bytes = 0
         self._recent_waiting: deque[tuple[float, int]] = deque()  # (time, bytes) of waiting misses
+        self._background_done: deque[tuple[float, int]] = deque()  # (time, raw bytes) hydrated
         self._last_waiting = -1e9
         self._store_limiter = trio.CapacityLimiter(config.fetchers)
         self._cache_limiter = trio.CapacityLimiter(8)
@@ -141,8 +152,9 @@ class Hydrator:
 
     # -- asking for blocks ------------------------------------------------------------
 
-    async def read_blocks(self, block_ids: list[bytes]) -> list[bytes]:
+    async def read_blocks(self, block_ids: list[bytes], tally: ReadTally | None = None) -> list[bytes]:
         """The verified plain bytes of each block, fetching what the cache lacks (WAITING)."""
+        tally = tally or ReadTally()
         cached = await trio.to_thread.run_sync(self.cache.get_many, block_ids,
                                                limiter=self._cache_limiter)
         out: list[bytes | None] = list(cached)
@@ -153,6 +165,7 @@ class Hydrator:
                 out[i] = self._recent.get(block_ids[i])
         missing = [i for i, d in enumerate(out) if d is None]
         self.counters.cache_hits += len(block_ids) - len(missing)
+        tally.cache_hits += len(block_ids) - len(missing)
         if missing:
             fetches = {block_ids[i]: self._request(block_ids[i], Priority.WAITING) for i in missing}
             self.counters.waiting_reads += len(fetches)
@@ -162,7 +175,10 @@ class Hydrator:
             started = trio.current_time()
             for f in fetches.values():
                 await f.done.wait()
-            self.counters.wait_seconds += trio.current_time() - started
+            waited = trio.current_time() - started
+            self.counters.wait_seconds += waited
+            tally.wait_seconds += waited
+            tally.blocks_fetched += len(fetches)
             for i in missing:
                 f = fetches[block_ids[i]]
                 if f.error is not None:
@@ -339,6 +355,7 @@ class Hydrator:
             if background:
                 self.counters.background_blocks += 1
                 self.counters.background_bytes += f.loc.length
+                self._background_done.append((trio.current_time(), f.loc.raw_length))
             self._finish(f, data=plain)
             for callback in self.on_cached:
                 callback(f.block_id)
@@ -391,6 +408,13 @@ class Hydrator:
                 self._recent_bytes -= len(old)
         f.done.set()
 
+    def background_rate(self) -> float:
+        """Raw bytes per second the background sweep hydrated over the last RATE_WINDOW s."""
+        now = trio.current_time()
+        while self._background_done and now - self._background_done[0][0] > RATE_WINDOW:
+            self._background_done.popleft()
+        return sum(n for _, n in self._background_done) / RATE_WINDOW
+
     async def save(self) -> None:
         """What should outlive this daemon: called once on a clean shutdown."""
         for save in self.on_save:
@@ -407,6 +431,7 @@ class Hydrator:
             "fetch_latency_ms_p50": round(p50 * 1000, 2) if p50 is not None else None,
             "fetch_latency_ms_p99": round(p99 * 1000, 2) if p99 is not None else None,
             "queued": len(self._inflight),
+            "background_rate_bytes_per_s": round(self.background_rate()),
             "cache_bytes": self.cache.size,
             "cache_capacity": self.cache.capacity,
         }

@@ -64,11 +64,13 @@ class SnapshotCatalog:
                 by_id[root.id] = view
             appeared = by_id.keys() - self._by_id.keys()
             self._views, self._by_id = views, by_id
-            self._last_refresh = trio.current_time()
             if appeared:
                 self.changed.set()
                 self.changed = trio.Event()
         finally:
+            # a failed refresh waits its turn too: with the store down, every lookup of an
+            # unknown name must not pay the store's retries again
+            self._last_refresh = trio.current_time()
             self._refreshing.set()
             self._refreshing = None
 

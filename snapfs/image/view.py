@@ -28,7 +28,7 @@ import trio
 from snapfs.errors import CorruptBlock
 from snapfs.format.block import ZERO_ID
 from snapfs.format.manifest import SnapshotRoot, decode_page
-from snapfs.hydration.scheduler import Hydrator, Priority
+from snapfs.hydration.scheduler import Hydrator, Priority, ReadTally
 from snapfs.repo.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class ImageView:
         # access profile and progress
         self._touched = bytearray(self.nblocks // 8 + 1)
         self.profile: list[int] = []
+        self.tally = ReadTally()
         self.reads = 0
         self.bytes_read = 0
         self.data_blocks: int | None = None  # unique non-zero blocks, once the sweep scanned
@@ -123,7 +124,8 @@ class ImageView:
         first, stop = offset // bs, (end - 1) // bs + 1
         ids = await self.block_ids(first, stop)
         wanted = list(dict.fromkeys(b for b in ids if b != ZERO_ID))
-        blocks = dict(zip(wanted, await self.hydrator.read_blocks(wanted), strict=True)) if wanted else {}
+        blocks = dict(zip(wanted, await self.hydrator.read_blocks(wanted, self.tally), strict=True)) \
+            if wanted else {}
         parts = []
         for n, bid in zip(range(first, stop), ids, strict=True):
             parts.append(blocks[bid] if bid != ZERO_ID else _zeros(min(bs, self.size - n * bs)))
@@ -170,9 +172,13 @@ class ImageView:
         self.pending.discard(block_id)
 
     def stats(self) -> dict[str, Any]:
-        hydrated = None
+        hydrated = remaining = eta = None
         if self.data_blocks is not None:
             hydrated = 1.0 if not self.data_blocks else 1 - len(self.pending) / self.data_blocks
+            blobs = self.hydrator.index.blobs
+            remaining = sum(blobs[b].raw_length for b in list(self.pending) if b in blobs)
+            rate = self.hydrator.background_rate()
+            eta = round(remaining / rate, 1) if remaining and rate > 0 else (0.0 if not remaining else None)
         return {
             "snapshot": self.root.id,
             "size": self.size,
@@ -182,4 +188,9 @@ class ImageView:
             "data_blocks": self.data_blocks,
             "blocks_missing": len(self.pending) if self.data_blocks is not None else None,
             "hydrated_fraction": round(hydrated, 4) if hydrated is not None else None,
+            "bytes_missing": remaining,
+            "eta_seconds": eta,  # at the recent background rate; None while it is unknown
+            "cache_hits": self.tally.cache_hits,
+            "blocks_fetched": self.tally.blocks_fetched,
+            "wait_seconds": round(self.tally.wait_seconds, 3),
         }
