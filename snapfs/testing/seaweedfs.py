@@ -130,6 +130,7 @@ class SeaweedServer:
         self._grpc_ports: dict[str, int] = {}
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_start = 0
+        self._cmd: list[str] = []
 
     @property
     def endpoint_url(self) -> str:
@@ -220,8 +221,9 @@ class SeaweedServer:
                 self.stop()
                 raise
 
-    def _launch(self) -> None:
-        cmd = self._command()
+    def _launch(self, cmd: list[str] | None = None) -> None:
+        cmd = cmd or self._command()
+        self._cmd = cmd
         with open(self.log_path, "ab") as log:
             self._log_start = log.tell()
             log.write(f"--- snapfs: launching {' '.join(cmd)}\n".encode())
@@ -269,6 +271,26 @@ class SeaweedServer:
             f"S3 at {self.endpoint_url} did not answer within {self.start_timeout:.0f} s "
             f"(last error: {last}):\n" + self.log_tail()
         )
+
+    def crash(self) -> None:
+        """SIGKILL the server now (the store "goes down"), keeping its ports and data so that
+        ``restart`` brings the same endpoint back."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        self._remove_grpc_sockets()
+
+    def restart(self) -> None:
+        """Start again on the same ports and data after ``crash`` or ``stop``."""
+        if self._proc is not None:
+            raise SeaweedError("SeaweedFS is already running")
+        self._launch(self._cmd)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
 
     def log_tail(self, lines: int = 40) -> str:
         try:
