@@ -17,6 +17,8 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -399,3 +401,39 @@ def test_foreground_mount_stays_attached_until_interrupted(snapfs: Snapfs, tmp_p
     assert process.returncode == 0, stderr
     assert stdout.startswith("serving ") and stderr == ""
     assert not is_mount_point(mnt)
+
+
+READER = """
+import os, random, sys, hashlib
+served, source, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rng = random.Random(seed)
+size = os.path.getsize(source)
+a, b = os.open(served, os.O_RDONLY), os.open(source, os.O_RDONLY)
+for _ in range(300):
+    offset, length = rng.randrange(size), rng.choice([1, 4096, 65536, 200000])
+    if os.pread(a, length, offset) != os.pread(b, length, offset):
+        sys.exit(f"mismatch at {offset}+{length}")
+"""
+
+
+def test_many_concurrent_readers_read_the_source_bytes(
+    snapfs: Snapfs, base_image: Path, tmp_path: Path
+) -> None:
+    """Processes reading at random and threads reading sequentially, all at once, on a cold
+    cache with background hydration running: every byte equals the source's."""
+    with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache") as daemon:
+        served = daemon.images / "vm-1.img"
+        procs = [subprocess.Popen([sys.executable, "-c", READER, str(served), str(base_image),
+                                   str(seed)]) for seed in range(4)]
+        digests: list[str] = []
+
+        def sequential() -> None:
+            digests.append(sha256_file(served))
+
+        threads = [threading.Thread(target=sequential) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [p.wait(timeout=300) for p in procs] == [0, 0, 0, 0]
+        assert digests == [sha256_file(base_image)] * 3
