@@ -44,6 +44,7 @@ import lmdb
 import xxhash
 
 from snapfs.errors import SnapfsError
+from snapfs.host import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +58,6 @@ DEFAULT_SEGMENT_SIZE = 64 << 20
 MAP_SIZE = 1 << 36  # address space only; lmdb grows the file as needed
 OPEN_FILES = 64
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class BlockCache:
@@ -267,7 +259,7 @@ class BlockCache:
             with self._env.begin(write=True) as txn:
                 for key, info in txn.cursor(db=self._segments):
                     size, pid, is_open = SEGINFO.unpack(info)
-                    if is_open and (pid == os.getpid() or _pid_alive(pid)):
+                    if is_open and (pid == os.getpid() or pid_alive(pid)):
                         continue  # someone still appends to it
                     victim, victim_size = SEG.unpack(key)[0], size
                     break

@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass
 
 from snapfs.errors import ObjectNotFound, RepositoryLocked
-from snapfs.repo.repository import local_hostname, new_id
+from snapfs.host import hostname, pid_alive
+from snapfs.repo.repository import new_id
 from snapfs.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -44,15 +45,6 @@ class LockInfo:
         return f"{self.purpose} (pid {self.pid} on {self.host}, since {when})"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 class RepositoryLock:
     def __init__(self, store: ObjectStore, kind: str, purpose: str) -> None:
@@ -61,7 +53,7 @@ class RepositoryLock:
         self.kind = kind
         self.purpose = purpose
         self.key = f"locks/{new_id(8)}"
-        self.host = local_hostname()
+        self.host = hostname()
         self.started = time.time()
         self.held = False
 
@@ -93,7 +85,7 @@ class RepositoryLock:
         return found
 
     def _stale(self, info: LockInfo) -> bool:
-        if info.host == self.host and not _pid_alive(info.pid):
+        if info.host == self.host and not pid_alive(info.pid):
             return True
         return time.time() - info.time > STALE_AFTER
 

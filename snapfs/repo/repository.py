@@ -17,7 +17,6 @@ the plain bytes against the ID the caller asked for (so a blob in the wrong plac
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -296,7 +295,3 @@ class Repository:
                 cache[key] = self.read_page(index, bytes.fromhex(page_hex), count)
             ids.extend(cache[key])
         return ids
-
-
-def local_hostname() -> str:
-    return os.uname().nodename
