@@ -1,0 +1,491 @@
+"""Browsing the files inside a snapshot: ``browse`` mounts them read-only, ``unbrowse`` undoes it.
+
+A snapshot is a disk image; its files are one more mount away. ``browse(options)`` does, in
+order, and undoes what it did (in reverse) if a later step fails:
+
+1. Checks: DIR exists, is an empty directory, is not a mount point and is not browsed already;
+   SNAP resolves in the repository (``Repository.resolve``).
+2. A mount daemon serving the repository: a running one is reused, found by asking every live
+   daemon of this user (``RUNDIR/*.pid``, see ``control``) for its ``stats``, whose
+   ``repository`` is the store's URL. Browse's own daemon is preferred if several serve it.
+   Otherwise browse starts its own (``snapfs.mount.mount``, daemonized, no background
+   hydration: it exists to serve what is browsed) at a private mount point,
+   ``CACHE/browse-mnt/RKEY`` (RKEY: 16 hex digits of the SHA-1 of the store URL). A daemon at
+   such a mount point is *browse's own*: the last ``unbrowse`` that used it stops it. Any other
+   daemon is the user's and is never stopped.
+3. The image, ``MNT/snapshots/NAME.img`` (the one whose ``stats`` entry names the snapshot's
+   id), is probed with ``blkid -p``. Only ext2/ext3/ext4 are opened; anything else is one line
+   naming what was found ("found: swap", "found: nothing recognisable").
+4. As root: ``losetup -f --show -r IMAGE`` and ``mount -t ext4 -o ro,noload,nosuid,nodev`` of
+   the loop device on DIR (``noload``: a journal is never replayed on a snapshot; ``nosuid``,
+   ``nodev``: a snapshot's set-id programs and device nodes grant nothing). Otherwise, or with
+   ``use_fuse2fs``: ``fuse2fs -o ro,fakeroot IMAGE DIR``. The kernel path is preferred because
+   fuse2fs 1.47 misbehaves after a read error.
+5. What was done is written to ``RUNDIR/browse-KEY.json`` (KEY: ``control.mount_key(DIR)``):
+   the loop device and its image, the daemon's mount point, whether the daemon is browse's own.
+   ``unbrowse DIR`` reads only that file: it unmounts DIR (``umount``, or ``fusermount3 -u``
+   for fuse2fs), detaches the loop device if it is still bound to the recorded image (a number
+   the kernel gave to someone else since is left alone), removes the state file, and stops
+   browse's own daemon if no other browse state names it (a loop device or fuse2fs lets go of
+   the image asynchronously, so a busy daemon is retried for a few seconds).
+
+RUNDIR is per user and, for root, under /run: a reboot, which ends every mount and loop device,
+also forgets every state. All of browse and unbrowse's bookkeeping (finding or starting the
+daemon, counting its users, stopping it) runs under ``RUNDIR/browse.lock``, a POSIX record lock:
+unlike a flock, it is not inherited by the daemon ``mount`` forks. A browse killed half way
+(kill -9) can leave a loop device attached; ``losetup -a`` shows it.
+
+``restore_from_snapshot`` is ``restore-files``: browse at a temporary directory under
+``CACHE/browse-mnt``, ``restore.restore_files`` from there, unbrowse however that ends.
+
+This module blocks (subprocesses, the control socket); it is for the CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from snapfs.control import (
+    RunFiles,
+    find_daemon,
+    fusermount,
+    mount_entry,
+    mount_key,
+    request,
+    runtime_dir,
+    unmount,
+)
+from snapfs.errors import FormatError, MountError, NotMounted, SnapfsError, SnapshotNotFound
+from snapfs.format.manifest import SnapshotRoot
+from snapfs.hydration.scheduler import HydrationConfig
+from snapfs.mount import MountOptions, check_mountpoint, mount
+from snapfs.progress import NO_PROGRESS, Progress
+from snapfs.repo.repository import Repository
+from snapfs.restore import RestoreOptions, RestoreReport, restore_files
+from snapfs.store import open_store
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "snapfs-browse"
+STATE_VERSION = 1
+#: filesystems the kernel (and fuse2fs) open read-only for us
+OPENABLE = ("ext2", "ext3", "ext4")
+KERNEL_MOUNT_OPTIONS = "ro,noload,nosuid,nodev"
+PRIVATE_DIR = "browse-mnt"
+#: how long a new snapshot may take to appear in a running daemon's catalog (it refreshes at
+#: most every 2 s)
+IMAGE_WAIT = 6.0
+#: how long a daemon may stay busy after its image was let go of (loop device, fuse2fs exiting)
+RELEASE_WAIT = 10.0
+STATS_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class BrowseOptions:
+    repository: str  # a directory path or s3://bucket/prefix
+    snapshot: str  # id, name or id prefix
+    directory: str
+    cache_dir: str  # of a daemon browse starts; its private mount point is under it too
+    cache_size: int
+    endpoint_url: str | None = None
+    use_fuse2fs: bool = False  # default: a loop device as root, fuse2fs otherwise
+    debug: bool = False
+
+
+@dataclass(frozen=True)
+class BrowseState:
+    """What one browse did: everything ``unbrowse`` needs to undo it exactly."""
+
+    directory: str
+    repository: str  # the store's URL
+    snapshot_id: str
+    snapshot_name: str
+    image: str  # the image file on the daemon's mount
+    filesystem: str
+    method: str  # "loop" or "fuse2fs"
+    loop_device: str | None
+    daemon_mountpoint: str
+    daemon_pid: int | None
+    #: browse's own daemon (at a private mount point): the last unbrowse using it stops it
+    daemon_private: bool
+    #: this browse started the daemon (for messages only; ownership is ``daemon_private``)
+    daemon_started: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def encode(self) -> bytes:
+        return json.dumps({"format": STATE_FORMAT, "version": STATE_VERSION,
+                           **self.as_dict()}).encode()
+
+    @classmethod
+    def decode(cls, data: bytes, where: Path) -> BrowseState:
+        try:
+            doc = json.loads(data)
+            if doc.get("format") != STATE_FORMAT:
+                raise ValueError("not a browse state")
+        except (ValueError, AttributeError):
+            raise FormatError(f"{where} is not a snapfs browse state") from None
+        if doc.get("version") != STATE_VERSION:
+            raise FormatError(f"{where}: browse state version {doc.get('version')!r} is not "
+                              f"one this snapfs knows ({STATE_VERSION})")
+        del doc["format"], doc["version"]
+        try:
+            return cls(**doc)
+        except TypeError:
+            raise FormatError(f"{where} is not a snapfs browse state") from None
+
+
+# -- where things are ----------------------------------------------------------------------------
+
+
+def repository_location(repository: str) -> str:
+    """The location as a daemon sees it (``mount`` makes directory paths absolute)."""
+    return repository if "://" in repository else os.path.abspath(repository)
+
+
+def private_root(cache_dir: str) -> Path:
+    """``CACHE/browse-mnt``: browse's daemon mount points and restore's temporary mounts."""
+    path = Path(os.path.abspath(cache_dir)) / PRIVATE_DIR
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def private_mountpoint(cache_dir: str, store_url: str) -> Path:
+    return (Path(os.path.abspath(cache_dir)) / PRIVATE_DIR
+            / hashlib.sha1(store_url.encode()).hexdigest()[:16])
+
+
+def is_private_mountpoint(path: str, store_url: str) -> bool:
+    p = Path(path)
+    return p.parent.name == PRIVATE_DIR and p.name == hashlib.sha1(
+        store_url.encode()).hexdigest()[:16]
+
+
+def state_file(directory: str) -> Path:
+    return runtime_dir() / f"browse-{mount_key(directory)}.json"
+
+
+def read_state(directory: str) -> BrowseState | None:
+    path = state_file(directory)
+    try:
+        return BrowseState.decode(path.read_bytes(), path)
+    except FileNotFoundError:
+        return None
+
+
+def all_states() -> list[BrowseState]:
+    states = []
+    for path in sorted(runtime_dir().glob("browse-*.json")):
+        try:
+            states.append(BrowseState.decode(path.read_bytes(), path))
+        except FileNotFoundError:
+            continue
+        except FormatError as e:
+            log.warning("ignored: %s", e.message)
+    return states
+
+
+def _write_state(state: BrowseState) -> None:
+    path = state_file(state.directory)
+    partial = path.with_suffix(f".tmp-{os.getpid()}")
+    partial.write_bytes(state.encode())
+    partial.replace(path)
+
+
+@contextmanager
+def _bookkeeping_lock() -> Iterator[None]:
+    """The lock around finding, starting, counting and stopping daemons (see the docstring)."""
+    fd = os.open(runtime_dir() / "browse.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# -- browse --------------------------------------------------------------------------------------
+
+
+def browse(options: BrowseOptions) -> BrowseState:
+    """Mount the filesystem inside a snapshot read-only at ``options.directory``."""
+    directory = os.path.realpath(options.directory)
+    with _bookkeeping_lock(), ExitStack() as undo:  # the lock: two browses of DIR, one wins
+        existing = read_state(directory)
+        if existing is not None:
+            raise MountError(f"{directory} is browsed already (snapshot "
+                             f"{existing.snapshot_name}); undo it with: snapfs unbrowse "
+                             f"{directory}")
+        check_mountpoint(directory)
+        location = repository_location(options.repository)
+        store = open_store(location, options.endpoint_url)
+        try:
+            root = Repository.open(store).resolve(options.snapshot)
+            store_url = store.url
+        finally:
+            store.close()  # before mount() forks: no store client crosses a fork
+        daemon_mp, started = _daemon_for(options, location, store_url)
+        private = is_private_mountpoint(daemon_mp, store_url)
+        if started:
+            undo.callback(_quietly, _stop_daemon, daemon_mp)
+        files = RunFiles.for_mountpoint(daemon_mp)
+        image, pid = _image_of(files, root)
+        filesystem = check_filesystem(image, root)
+        use_fuse2fs = options.use_fuse2fs or os.geteuid() != 0
+        loop_device = _attach(image, directory, filesystem, use_fuse2fs, undo)
+        state = BrowseState(
+            directory=directory, repository=store_url, snapshot_id=root.id,
+            snapshot_name=root.name, image=str(image), filesystem=filesystem,
+            method="fuse2fs" if use_fuse2fs else "loop",
+            loop_device=loop_device, daemon_mountpoint=daemon_mp, daemon_pid=pid,
+            daemon_private=private, daemon_started=started,
+        )
+        _write_state(state)
+        undo.pop_all()
+    return state
+
+
+def _attach(image: Path, directory: str, filesystem: str, use_fuse2fs: bool,
+            undo: ExitStack) -> str | None:
+    """Mount the image's filesystem read-only at ``directory``; the loop device used, if any.
+    Each step done pushes its undoing onto ``undo``."""
+    if use_fuse2fs:
+        _run(["fuse2fs", "-o", "ro,fakeroot", str(image), directory],
+             f"fuse2fs cannot mount {image.name}")
+        undo.callback(_quietly, fusermount, directory)
+        return None
+    loop_device = _run(["losetup", "-f", "--show", "-r", str(image)],
+                       "cannot attach a loop device").strip()
+    undo.callback(_quietly, _detach, loop_device, str(image))
+    _run(["mount", "-t", "ext4", "-o", KERNEL_MOUNT_OPTIONS, loop_device, directory],
+         f"cannot mount the {filesystem} filesystem of {image.name}")
+    undo.callback(_quietly, _run, ["umount", directory], f"cannot unmount {directory}")
+    return loop_device
+
+
+def _daemon_for(options: BrowseOptions, location: str, store_url: str) -> tuple[str, bool]:
+    """The mount point of a daemon serving the repository, and whether we started it."""
+    private = private_mountpoint(options.cache_dir, store_url)
+    serving = find_daemons(store_url)
+    if serving:
+        return min(serving, key=lambda mp: (mp != str(private), mp)), False
+    private_root(options.cache_dir)
+    private.mkdir(mode=0o700, exist_ok=True)
+    mount(MountOptions(
+        repository=location, endpoint_url=options.endpoint_url, mountpoint=str(private),
+        cache_dir=options.cache_dir, cache_size=options.cache_size, debug=options.debug,
+        hydration=HydrationConfig(background=False),
+    ), log.info)
+    return str(private), True
+
+
+def find_daemons(store_url: str) -> list[str]:
+    """The mount points of the live, mounted daemons of this user that serve ``store_url``."""
+    found = []
+    for pid_file in sorted(runtime_dir().glob("*.pid")):
+        key = pid_file.stem
+        files = RunFiles(f"(the daemon of {pid_file})", key, pid_file, pid_file.with_suffix(".sock"))
+        daemon = find_daemon(files)
+        if daemon is None:
+            continue
+        daemon.close()
+        try:
+            stats = request(files, {"op": "stats"}, STATS_TIMEOUT)["stats"]
+        except SnapfsError as e:  # starting, stopping or hung: not one to build on
+            log.debug("skipped %s: %s", pid_file, e.message)
+            continue
+        mountpoint = stats.get("mountpoint")
+        if stats.get("repository") != store_url or not isinstance(mountpoint, str):
+            continue
+        entry = mount_entry(mountpoint)
+        if entry is not None and entry.is_snapfs and mount_key(mountpoint) == key:
+            found.append(mountpoint)
+    return found
+
+
+def _image_of(files: RunFiles, root: SnapshotRoot) -> tuple[Path, int | None]:
+    """The daemon's image file of ``root`` (and the daemon's pid).
+
+    The file is ``NAME.img``, or ``NAME-ID.img`` should two snapshots share a name; the daemon's
+    stats say which one is this snapshot. A snapshot newer than the daemon's catalog appears
+    within a refresh interval; looking its name up asks for that refresh."""
+    snapshots = Path(files.mountpoint) / "snapshots"
+    deadline = time.monotonic() + IMAGE_WAIT
+    while True:
+        stats = request(files, {"op": "stats"}, STATS_TIMEOUT)["stats"]
+        for name, image in stats.get("images", {}).items():
+            if isinstance(image, dict) and image.get("snapshot") == root.id:
+                return snapshots / name, stats.get("pid")
+        if time.monotonic() > deadline:
+            raise SnapshotNotFound(f"the snapfs daemon at {files.mountpoint} does not serve "
+                                   f"snapshot {root.name} ({root.id})")
+        (snapshots / f"{root.name}.img").exists()  # a lookup miss refreshes the catalog
+        time.sleep(0.1)
+
+
+def detect_filesystem(image: str) -> str | None:
+    """What ``blkid`` finds on ``image``: a filesystem type, a partition table, or None."""
+    try:
+        result = subprocess.run(["blkid", "-p", "-o", "export", image], capture_output=True,
+                                text=True, timeout=120)
+    except FileNotFoundError:
+        raise SnapfsError("blkid is not installed (apt-get install util-linux)") from None
+    if result.returncode not in (0, 2):  # 2: nothing found
+        raise SnapfsError(f"cannot probe {image}: {_first_line(result)}")
+    fields = dict(line.partition("=")[::2] for line in result.stdout.splitlines())
+    if fields.get("TYPE"):
+        return fields["TYPE"]
+    if fields.get("PTTYPE"):
+        return f"a {fields['PTTYPE']} partition table"
+    return None
+
+
+def check_filesystem(image: Path, root: SnapshotRoot) -> str:
+    found = detect_filesystem(str(image))
+    if found not in OPENABLE:
+        raise SnapfsError(f"snapshot {root.name} holds no filesystem snapfs can open "
+                          f"(found: {found or 'nothing recognisable'}; it opens "
+                          f"{', '.join(OPENABLE)})")
+    return found
+
+
+# -- unbrowse ------------------------------------------------------------------------------------
+
+
+def unbrowse(directory: str, timeout: float = 60.0) -> str:
+    """Undo the browse at ``directory``; a one-line account of what was done."""
+    directory = os.path.realpath(directory)
+    with _bookkeeping_lock():
+        state = read_state(directory)
+        if state is None:
+            raise NotMounted(f"{directory} is not browsed (no snapfs browse state for it)")
+        entry = mount_entry(directory)
+        if entry is not None:
+            if state.method == "fuse2fs":
+                fusermount(directory)
+            else:
+                _run(["umount", directory], f"cannot unmount {directory}")
+        if state.loop_device is not None:
+            _detach(state.loop_device, state.image)
+        state_file(directory).unlink()
+        done = f"unbrowsed {directory}"
+        if not state.daemon_private:
+            return done
+        if any(s.daemon_mountpoint == state.daemon_mountpoint for s in all_states()):
+            return done + f"; the snapfs daemon at {state.daemon_mountpoint} serves other browses"
+        try:
+            stopped = _stop_daemon(state.daemon_mountpoint, timeout)
+        except SnapfsError as e:
+            raise MountError(f"{done}, but its snapfs daemon could not be stopped: "
+                             f"{e.message}") from None
+        return f"{done}; stopped its snapfs daemon ({stopped})"
+
+
+def _stop_daemon(mountpoint: str, timeout: float = 60.0) -> str:
+    """Stop browse's own daemon (retried while the image is still being let go of); what
+    ``control.unmount`` said."""
+    deadline = time.monotonic() + RELEASE_WAIT
+    while True:
+        try:
+            said = unmount(mountpoint, timeout)
+            break
+        except NotMounted:
+            said = f"{mountpoint} was not mounted any more"
+            break
+        except MountError as e:
+            if "busy" not in e.message or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    try:
+        os.rmdir(mountpoint)
+    except OSError:
+        pass  # not ours to insist on: someone put something there
+    return said
+
+
+@contextmanager
+def browsing(options: BrowseOptions) -> Iterator[BrowseState]:
+    """``browse``, and ``unbrowse`` when the block ends, however it ends."""
+    state = browse(options)
+    try:
+        yield state
+    finally:
+        unbrowse(state.directory)
+
+
+def restore_from_snapshot(options: BrowseOptions, target: str, restore: RestoreOptions,
+                          progress: Progress = NO_PROGRESS) -> tuple[BrowseState, RestoreReport]:
+    """``restore_files`` from the snapshot, browsed at a temporary directory under
+    ``CACHE/browse-mnt`` (``options.directory`` is not used) and unbrowsed however it ends."""
+    temp = tempfile.mkdtemp(prefix="restore-", dir=private_root(options.cache_dir))
+    try:
+        with browsing(dataclasses.replace(options, directory=temp)) as state:
+            report = restore_files(temp, target, restore, progress)
+        return state, report
+    finally:
+        try:
+            os.rmdir(temp)
+        except OSError as e:  # still mounted: unbrowse failed, and said why
+            log.debug("%s left behind: %s", temp, e.strerror)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _quietly(undo: Callable[..., object], *args: Any) -> None:
+    """One undo step of a failed browse: a failure here is logged, so that the error the user
+    sees is the one that made browse fail."""
+    try:
+        undo(*args)
+    except SnapfsError as e:
+        log.warning("could not undo a step of the failed browse: %s", e.message)
+
+
+def _detach(loop_device: str, image: str) -> None:
+    """``losetup -d`` the device if it is still bound to ``image`` (else the kernel has given
+    its number to someone else since, or it is detached already)."""
+    backing = Path("/sys/block") / os.path.basename(loop_device) / "loop" / "backing_file"
+    try:
+        bound_to = backing.read_text().strip()
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENXIO):
+            return
+        raise
+    if bound_to.removesuffix(" (deleted)") != image:
+        log.info("%s now serves %s: left alone", loop_device, bound_to)
+        return
+    _run(["losetup", "-d", loop_device], f"cannot detach {loop_device}")
+
+
+def _run(cmd: list[str], failure: str) -> str:
+    """Run a system tool; its stdout, or a ``MountError`` with ``failure`` and the tool's
+    first line of complaint."""
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise MountError(f"{failure}: {cmd[0]} is not installed") from None
+    if result.returncode != 0:
+        reason = _first_line(result)
+        if "busy" in reason:
+            raise MountError(f"{failure}: it is busy (a process still uses it, see fuser -m)")
+        raise MountError(f"{failure}: {reason}")
+    return result.stdout
+
+
+def _first_line(result: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    return lines[0].strip() if lines else f"exit status {result.returncode}"

@@ -1,0 +1,103 @@
+"""``snapfs browse``, ``snapfs unbrowse``, ``snapfs restore-files``: the files inside a snapshot.
+
+Thin: options become a ``BrowseOptions`` (and ``RestoreOptions``) and go to ``snapfs.browse``,
+which finds or starts the mount daemon, attaches the image and keeps the state ``unbrowse``
+undoes.
+"""
+
+from __future__ import annotations
+
+import click
+
+from snapfs.browse import BrowseOptions, BrowseState, restore_from_snapshot
+from snapfs.browse import browse as browse_snapshot
+from snapfs.browse import unbrowse as unbrowse_directory
+from snapfs.cli.context import CliConfig, pass_config
+from snapfs.cli.mount import default_cache_dir
+from snapfs.cli.output import emit_json, human_size, parse_size, progress_for
+from snapfs.progress import NO_PROGRESS
+from snapfs.restore import ON_CONFLICT, RestoreOptions
+
+#: the cache of a daemon browse starts (as ``snapfs mount``'s default)
+CACHE_SIZE = "20G"
+
+
+def _options(config: CliConfig, snap: str, directory: str, fuse2fs: bool) -> BrowseOptions:
+    return BrowseOptions(
+        repository=config.require_repo(), snapshot=snap, directory=directory,
+        cache_dir=default_cache_dir(), cache_size=parse_size(CACHE_SIZE),
+        endpoint_url=config.endpoint_url, use_fuse2fs=fuse2fs, debug=config.debug,
+    )
+
+
+def _describe(state: BrowseState) -> str:
+    how = f"{state.filesystem} on {state.loop_device}" if state.loop_device else (
+        f"{state.filesystem} via fuse2fs")
+    daemon = "started" if state.daemon_started else "reused"
+    return (f"browsing {state.snapshot_name} ({state.snapshot_id}) at {state.directory}: {how}; "
+            f"snapfs daemon {daemon} at {state.daemon_mountpoint} (pid {state.daemon_pid})")
+
+
+@click.command()
+@click.argument("snap")
+@click.argument("directory", type=click.Path())
+@click.option("--fuse2fs", is_flag=True,
+              help="Mount with fuse2fs instead of a loop device (the default when not root).")
+@click.option("--json", "json_output", is_flag=True, help="Print what was done as JSON.")
+@pass_config
+def browse(config: CliConfig, snap: str, directory: str, fuse2fs: bool,
+           json_output: bool) -> None:
+    """Mount the files inside snapshot SNAP read-only at DIRECTORY (undo with unbrowse)."""
+    state = browse_snapshot(_options(config, snap, directory, fuse2fs))
+    if json_output:
+        emit_json(state.as_dict())
+    else:
+        click.echo(_describe(state))
+
+
+@click.command()
+@click.argument("directory", type=click.Path())
+def unbrowse(directory: str) -> None:
+    """Unmount a browsed DIRECTORY, detach its loop device, stop the daemon browse started."""
+    click.echo(unbrowse_directory(directory))
+
+
+@click.command("restore-files")
+@click.argument("snap")
+@click.option("--to", "target", required=True, type=click.Path(file_okay=False),
+              help="Directory to restore into (created if missing).")
+@click.option("--include", "includes", multiple=True, metavar="GLOB",
+              help="Restore only paths matching GLOB (repeatable; ** spans directories).")
+@click.option("--exclude", "excludes", multiple=True, metavar="GLOB",
+              help="Leave out paths matching GLOB (repeatable).")
+@click.option("--on-conflict", type=click.Choice(ON_CONFLICT), default="skip",
+              show_default=True, help="What to do with an entry already in the target.")
+@click.option("--fuse2fs", is_flag=True,
+              help="Read the snapshot through fuse2fs instead of a loop device.")
+@click.option("--json", "json_output", is_flag=True, help="Print the report as JSON.")
+@pass_config
+def restore_files(config: CliConfig, snap: str, target: str, includes: tuple[str, ...],
+                  excludes: tuple[str, ...], on_conflict: str, fuse2fs: bool,
+                  json_output: bool) -> None:
+    """Copy files out of snapshot SNAP into a directory, keeping their metadata."""
+    restore = RestoreOptions(includes, excludes, on_conflict)  # bad patterns fail first
+    bar = progress_for(json_output)
+    try:
+        state, report = restore_from_snapshot(_options(config, snap, "", fuse2fs), target,
+                                              restore, bar or NO_PROGRESS)
+    finally:
+        if bar is not None:
+            bar.close()
+    if json_output:
+        emit_json({"snapshot": state.snapshot_id, "target": target, **report.as_dict()})
+    else:
+        for failure in report.failures:
+            click.echo(f"snapfs: failed: {failure}", err=True)
+        click.echo(f"restored {report.restored} files ({human_size(report.bytes)}) from "
+                   f"{state.snapshot_name} into {target}: {report.skipped} skipped, "
+                   f"{report.failed} failed")
+    if report.failed:
+        raise SystemExit(1)
+
+
+COMMANDS = (browse, unbrowse, restore_files)
