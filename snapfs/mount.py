@@ -59,7 +59,7 @@ from snapfs.hydration.scheduler import HydrationConfig, Hydrator
 from snapfs.image.catalog import SnapshotCatalog
 from snapfs.image.sweep import Sweeper
 from snapfs.repo.parallel import single_error
-from snapfs.repo.repository import Repository
+from snapfs.repo.repository import BlobIndex, Repository
 from snapfs.store import ObjectStore, open_store
 from snapfs.store.simulated import SimulatedStore
 
@@ -302,10 +302,10 @@ def _serve(options: MountOptions, files: RunFiles, ready: Callable[[], None]) ->
     store = _open_store(options)
     try:
         repo = Repository.open(store)
-        index = repo.load_index()
         cache = BlockCache(options.cache_dir, options.cache_size)
         try:
-            hydrator = Hydrator(repo, index, cache, options.hydration)
+            # the catalog's first refresh loads the index (with the snapshot list it matches)
+            hydrator = Hydrator(repo, BlobIndex(), cache, options.hydration)
             daemon = MountDaemon(options, files, repo, cache, hydrator,
                                  SnapshotCatalog(repo, hydrator))
             try:

@@ -173,6 +173,7 @@ def test_waiting_read_goes_before_queued_background_work(repo_and_image, tmp_pat
         store.ranges.clear()
         target = ids[-1]
         hydrator.prefetch(ids[:-1], Priority.BACKGROUND)
+        await wait_until(lambda: len(store.ranges) >= 1, 10)  # a background GET is under way
         got = await hydrator.read_blob(target)
         loc = hydrator.index.locate(target)
         ours = next(i for i, (key, offset, length) in enumerate(store.ranges)

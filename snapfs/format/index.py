@@ -71,8 +71,11 @@ class IndexFile:
                 name = body[pos : pos + 32].hex()
                 (count,) = U32.unpack_from(body, pos + 32)
                 pos += 36
-                entries = [PackEntry(*ENTRY.unpack_from(body, pos + i * ENTRY.size)) for i in range(count)]
-                pos += count * ENTRY.size
+                end = pos + count * ENTRY.size
+                if end > len(body):
+                    raise struct.error("truncated")
+                entries = list(map(PackEntry._make, ENTRY.iter_unpack(body[pos:end])))
+                pos = end
                 packs[name] = entries
         except struct.error:
             raise CorruptBlock("index object is truncated") from None

@@ -15,7 +15,7 @@ A pack's name is the BLAKE3 hash of its whole contents, so a pack can be checked
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import blake3
 
@@ -30,8 +30,9 @@ KIND_DATA = 0
 KIND_PAGE = 1
 
 
-@dataclass(frozen=True, slots=True)
-class PackEntry:
+class PackEntry(NamedTuple):
+    """One blob in a pack; field order is the trailer's (so ``_make`` takes unpacked entries)."""
+
     blob_id: bytes
     kind: int
     offset: int
@@ -82,10 +83,7 @@ def read_trailer(data: bytes) -> list[PackEntry]:
     start = len(data) - FOOTER.size - count * ENTRY.size
     if start < 0:
         raise CorruptBlock("pack trailer is longer than the pack")
-    entries = []
-    for i in range(count):
-        bid, kind, off, length, raw = ENTRY.unpack_from(data, start + i * ENTRY.size)
-        if off + length > start:
-            raise CorruptBlock("pack entry points past the blobs")
-        entries.append(PackEntry(bid, kind, off, length, raw))
+    entries = list(map(PackEntry._make, ENTRY.iter_unpack(memoryview(data)[start : len(data) - FOOTER.size])))
+    if any(e.offset + e.length > start for e in entries):
+        raise CorruptBlock("pack entry points past the blobs")
     return entries

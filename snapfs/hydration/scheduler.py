@@ -152,8 +152,11 @@ class Hydrator:
 
     # -- asking for blocks ------------------------------------------------------------
 
-    async def read_blocks(self, block_ids: list[bytes], tally: ReadTally | None = None) -> list[bytes]:
-        """The verified plain bytes of each block, fetching what the cache lacks (WAITING)."""
+    async def read_blocks(self, block_ids: list[bytes], tally: ReadTally | None = None,
+                          priority: Priority = Priority.WAITING) -> list[bytes]:
+        """The verified plain bytes of each block, fetching what the cache lacks. A caller
+        that is not a reader someone waits on (the sweep loading manifest pages) passes a lower
+        ``priority``; a waiting reader who needs the same block raises it."""
         tally = tally or ReadTally()
         cached = await trio.to_thread.run_sync(self.cache.get_many, block_ids,
                                                limiter=self._cache_limiter)
@@ -167,11 +170,12 @@ class Hydrator:
         self.counters.cache_hits += len(block_ids) - len(missing)
         tally.cache_hits += len(block_ids) - len(missing)
         if missing:
-            fetches = {block_ids[i]: self._request(block_ids[i], Priority.WAITING) for i in missing}
-            self.counters.waiting_reads += len(fetches)
-            self._last_waiting = trio.current_time()
-            self._recent_waiting.append(
-                (self._last_waiting, sum(f.loc.raw_length for f in fetches.values())))
+            fetches = {block_ids[i]: self._request(block_ids[i], priority) for i in missing}
+            if priority == Priority.WAITING:
+                self.counters.waiting_reads += len(fetches)
+                self._last_waiting = trio.current_time()
+                self._recent_waiting.append(
+                    (self._last_waiting, sum(f.loc.raw_length for f in fetches.values())))
             started = trio.current_time()
             for f in fetches.values():
                 await f.done.wait()
@@ -186,8 +190,8 @@ class Hydrator:
                 out[i] = f.data
         return out  # type: ignore[return-value]
 
-    async def read_blob(self, blob_id: bytes) -> bytes:
-        return (await self.read_blocks([blob_id]))[0]
+    async def read_blob(self, blob_id: bytes, priority: Priority = Priority.WAITING) -> bytes:
+        return (await self.read_blocks([blob_id], priority=priority))[0]
 
     def prefetch(self, block_ids: Iterable[bytes], priority: Priority) -> int:
         """Queue fetches nobody waits on; return how many were new. Callers pass blocks that

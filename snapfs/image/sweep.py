@@ -123,7 +123,7 @@ class Sweeper:
         order: list[bytes] = []
         view.pending = set()
         for p in range(len(view.root.pages)):
-            ids = await view.page(p)
+            ids = await view.page(p, Priority.BACKGROUND)
             fresh = [b for b in dict.fromkeys(ids) if b != ZERO_ID and b not in seen]
             seen.update(fresh)
             missing = await trio.to_thread.run_sync(self.hydrator.cache.missing, fresh)

@@ -58,7 +58,6 @@ class ImageView:
         self.mtime_ns = int(created.timestamp() * 1e9)
         self._page_lens = repo.page_lengths(root)
         self._pages: OrderedDict[int, list[bytes]] = OrderedDict()
-        self._page_loads: dict[int, trio.Event] = {}
         # read-ahead state
         self._next_block = -1
         self._sequential = 0
@@ -75,32 +74,25 @@ class ImageView:
 
     # -- the block map ------------------------------------------------------------------
 
-    async def page(self, p: int) -> list[bytes]:
+    async def page(self, p: int, priority: Priority = Priority.WAITING) -> list[bytes]:
+        """Block IDs of page ``p``. Two callers loading one page share its fetch through the
+        hydrator (which also raises a background load's priority for a waiting reader)."""
         ids = self._pages.get(p)
         if ids is not None:
             self._pages.move_to_end(p)
             return ids
-        loading = self._page_loads.get(p)
-        if loading is not None:  # another reader is loading it: wait, then use theirs
-            await loading.wait()
-            return await self.page(p)
-        event = self._page_loads[p] = trio.Event()
-        try:
-            page_id = bytes.fromhex(self.root.pages[p])
-            if page_id == ZERO_ID:
-                ids = [ZERO_ID] * self._page_lens[p]
-            else:
-                plain = await self.hydrator.read_blob(page_id)
-                ids = await trio.to_thread.run_sync(decode_page, plain)
-                if len(ids) != self._page_lens[p]:
-                    raise CorruptBlock(f"manifest page {p} of {self.name} has {len(ids)} entries")
-            self._pages[p] = ids
-            if len(self._pages) > PAGE_CACHE:
-                self._pages.popitem(last=False)
-            return ids
-        finally:
-            del self._page_loads[p]
-            event.set()
+        page_id = bytes.fromhex(self.root.pages[p])
+        if page_id == ZERO_ID:
+            ids = [ZERO_ID] * self._page_lens[p]
+        else:
+            plain = await self.hydrator.read_blob(page_id, priority)
+            ids = await trio.to_thread.run_sync(decode_page, plain)
+            if len(ids) != self._page_lens[p]:
+                raise CorruptBlock(f"manifest page {p} of {self.name} has {len(ids)} entries")
+        self._pages[p] = ids
+        if len(self._pages) > PAGE_CACHE:
+            self._pages.popitem(last=False)
+        return ids
 
     async def block_ids(self, first: int, stop: int) -> list[bytes]:
         """IDs of blocks ``first`` .. ``stop - 1``."""

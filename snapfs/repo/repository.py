@@ -19,8 +19,8 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from snapfs.errors import (
     AmbiguousSnapshot,
@@ -63,8 +63,7 @@ def new_id(nbytes: int = 8) -> str:
     return secrets.token_hex(nbytes)
 
 
-@dataclass(frozen=True, slots=True)
-class Location:
+class Location(NamedTuple):
     """Where one blob is: a byte range of a pack."""
 
     pack: str
@@ -85,8 +84,10 @@ class BlobIndex:
     def add_pack(self, pack: str, entries: Iterable[PackEntry]) -> None:
         entries = list(entries)
         self.packs[pack] = entries
-        for e in entries:
-            self.blobs.setdefault(e.blob_id, Location(pack, e.offset, e.length, e.raw_length, e.kind))
+        blobs = self.blobs
+        for bid, kind, offset, length, raw in entries:
+            if bid not in blobs:  # a blob in two packs: either copy serves
+                blobs[bid] = Location(pack, offset, length, raw, kind)
 
     def __contains__(self, blob_id: object) -> bool:
         return blob_id in self.blobs
