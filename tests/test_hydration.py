@@ -249,6 +249,7 @@ def test_sweep_hydrates_everything_and_reports_progress(repo_and_image, tmp_path
 
     stats = trio.run(with_hydrator, repo, cache, config, body)
     assert stats["hydrated_fraction"] == 1.0
+    assert stats["bytes_missing"] == 0 and stats["eta_seconds"] == 0.0
     ids = {repo.keyer.block_id(data[i : i + BS]) for i in range(0, len(data), BS)
            if data[i : i + BS] != bytes(BS)}
     assert stats["data_blocks"] == len(ids)

@@ -170,7 +170,9 @@ class Hydrator:
         self.counters.cache_hits += len(block_ids) - len(missing)
         tally.cache_hits += len(block_ids) - len(missing)
         if missing:
-            fetches = {block_ids[i]: self._request(block_ids[i], priority) for i in missing}
+            fetches = {block_ids[i]: self._request(block_ids[i], priority, notify=False)
+                       for i in missing}
+            self._notify()
             if priority == Priority.WAITING:
                 self.counters.waiting_reads += len(fetches)
                 self._last_waiting = trio.current_time()
@@ -205,14 +207,16 @@ class Hydrator:
                 continue
             if bid not in self.index:
                 continue
-            self._request(bid, priority)
+            self._request(bid, priority, notify=False)
             n += 1
+        if n:
+            self._notify()  # once for the batch: each wake-up costs every idle worker a turn
         return n
 
     def readahead_room(self) -> int:
         return self.config.readahead_budget - self._readahead_queued
 
-    def _request(self, bid: bytes, priority: int) -> _Fetch:
+    def _request(self, bid: bytes, priority: int, notify: bool = True) -> _Fetch:
         f = self._inflight.get(bid)
         if f is not None:
             self._raise(f, priority)
@@ -222,7 +226,8 @@ class Hydrator:
         self._queued_by_pack.setdefault(f.loc.pack, set()).add(f)
         self._count_queued(f, +1)
         heapq.heappush(self._heap, (priority, next(self._seq), f))
-        self._notify()
+        if notify:
+            self._notify()
         return f
 
     def _raise(self, f: _Fetch, priority: int) -> None:

@@ -121,13 +121,13 @@ class Sweeper:
     async def _scan_and_hydrate(self, view: ImageView) -> None:
         seen: set[bytes] = set()
         order: list[bytes] = []
-        view.pending = set()
+        view.set_pending(set())
         for p in range(len(view.root.pages)):
             ids = await view.page(p, Priority.BACKGROUND)
             fresh = [b for b in dict.fromkeys(ids) if b != ZERO_ID and b not in seen]
             seen.update(fresh)
             missing = await trio.to_thread.run_sync(self.hydrator.cache.missing, fresh)
-            view.pending.update(missing)
+            view.add_pending(missing)
             order.extend(missing)
         view.data_blocks = len(seen)
         if not self.config.background:

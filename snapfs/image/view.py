@@ -71,6 +71,7 @@ class ImageView:
         self.bytes_read = 0
         self.data_blocks: int | None = None  # unique non-zero blocks, once the sweep scanned
         self.pending: set[bytes] = set()  # of those, the ones not cached yet
+        self.pending_bytes = 0  # their raw size
 
     # -- the block map ------------------------------------------------------------------
 
@@ -161,14 +162,25 @@ class ImageView:
     # -- progress -------------------------------------------------------------------------
 
     def block_cached(self, block_id: bytes) -> None:
-        self.pending.discard(block_id)
+        if block_id in self.pending:
+            self.pending.discard(block_id)
+            self.pending_bytes -= self.hydrator.index.locate(block_id).raw_length
+
+    def set_pending(self, pending: set[bytes]) -> None:
+        """The sweep's scan found these blocks uncached (it keeps adding as it goes)."""
+        self.pending = pending
+        self.pending_bytes = sum(self.hydrator.index.locate(b).raw_length for b in pending)
+
+    def add_pending(self, block_ids: list[bytes]) -> None:
+        fresh = [b for b in block_ids if b not in self.pending]
+        self.pending.update(fresh)
+        self.pending_bytes += sum(self.hydrator.index.locate(b).raw_length for b in fresh)
 
     def stats(self) -> dict[str, Any]:
         hydrated = remaining = eta = None
         if self.data_blocks is not None:
             hydrated = 1.0 if not self.data_blocks else 1 - len(self.pending) / self.data_blocks
-            blobs = self.hydrator.index.blobs
-            remaining = sum(blobs[b].raw_length for b in list(self.pending) if b in blobs)
+            remaining = self.pending_bytes  # kept up to date: stats must be O(1) on the trio thread
             rate = self.hydrator.background_rate()
             eta = round(remaining / rate, 1) if remaining and rate > 0 else (0.0 if not remaining else None)
         return {
