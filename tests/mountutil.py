@@ -10,20 +10,19 @@ short per-session directory (``SNAPFS_RUNTIME_DIR``) so tests never touch /run/s
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from testkit import Snapfs
+
 from snapfs.control import mount_key
 
-SNAPFS = str(Path(sys.executable).with_name("snapfs"))
 FUSERMOUNT = "fusermount3"
 
 
@@ -50,49 +49,6 @@ def is_mount_point(path: Path) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == target for line in f)
-
-
-@dataclasses.dataclass
-class Snapfs:
-    """``snapfs [-r REPO] [--endpoint-url URL] ARGS...`` as a subprocess."""
-
-    repo: str | None
-    endpoint: str | None
-    env: dict[str, str]
-
-    def command(self, args: tuple[Any, ...]) -> list[str]:
-        cmd = [SNAPFS]
-        if self.repo is not None:
-            cmd += ["-r", self.repo]
-        if self.endpoint:
-            cmd += ["--endpoint-url", self.endpoint]
-        return cmd + [str(a) for a in args]
-
-    def __call__(self, *args: Any, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.command(args), capture_output=True, text=True,
-                              timeout=timeout, env=self.env)
-
-    def ok(self, *args: Any) -> str:
-        result = self(*args)
-        assert result.returncode == 0, (result.stdout, result.stderr)
-        assert result.stderr == "", result.stderr
-        return result.stdout
-
-    def json(self, *args: Any) -> Any:
-        return json.loads(self.ok(*args, "--json"))
-
-    def with_repo(self, repo: str | None) -> Snapfs:
-        return dataclasses.replace(self, repo=repo)
-
-
-def one_error(result: subprocess.CompletedProcess[str], code: int) -> str:
-    """The single stderr line of a failed command, after checking the exit code and form."""
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("snapfs: "), lines[0]
-    assert "Traceback" not in result.stderr
-    return lines[0]
 
 
 @dataclasses.dataclass

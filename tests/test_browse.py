@@ -25,7 +25,8 @@ from typing import Any
 
 import pytest
 from diskimages import change_image, copy_image, have_root, make_image, random_image, shared_image
-from mountutil import Snapfs, mounted, one_error, pid_running, wait_for
+from mountutil import mounted, pid_running, wait_for
+from testkit import Snapfs, one_error
 
 pytestmark = [
     pytest.mark.root,

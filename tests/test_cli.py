@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -35,6 +34,7 @@ from diskimages import (
     standard_images,
     write_at,
 )
+from testkit import SNAPFS, Snapfs, flip_byte, one_error
 
 from snapfs.format.block import HEADER_SIZE, ZERO_ID
 from snapfs.format.index import IndexFile
@@ -42,11 +42,9 @@ from snapfs.format.manifest import SnapshotRoot
 from snapfs.format.pack import KIND_DATA
 from snapfs.repo.repository import Repository, pack_key
 from snapfs.store import ObjectStore
-from snapfs.store.local import LocalStore
 
 MakeStore = Callable[..., ObjectStore]
 
-SNAPFS = str(Path(sys.executable).with_name("snapfs"))
 CREATE_KEYS = {"id", "name", "disk", "parent", "size", "block_size", "blocks_total",
                "blocks_uploaded", "bytes_uploaded", "seconds"}
 EXIT_GENERAL, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTEGRITY, EXIT_STORE = 1, 2, 3, 4, 5
@@ -55,59 +53,6 @@ needs_root = pytest.mark.skipif(not have_root(), reason="needs root (loop mount,
 
 
 # -- running snapfs ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Snapfs:
-    """``snapfs -r REPO [--endpoint-url URL] ARGS...`` as a subprocess."""
-
-    repo: str
-    endpoint: str | None
-    env: dict[str, str]
-
-    def command(self, args: tuple[Any, ...]) -> list[str]:
-        cmd = [SNAPFS, "-r", self.repo]
-        if self.endpoint:
-            cmd += ["--endpoint-url", self.endpoint]
-        return cmd + [str(a) for a in args]
-
-    def __call__(self, *args: Any, timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.command(args), capture_output=True, text=True,
-                              timeout=timeout, env=kwargs.pop("env", self.env), **kwargs)
-
-    def ok(self, *args: Any) -> str:
-        result = self(*args)
-        assert result.returncode == 0, (result.stdout, result.stderr)
-        assert result.stderr == ""
-        return result.stdout
-
-    def json(self, *args: Any) -> Any:
-        return json.loads(self.ok(*args, "--json"))
-
-    def popen(self, *args: Any) -> subprocess.Popen[str]:
-        return subprocess.Popen(self.command(args), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=self.env)
-
-    def each(self, *commands: tuple[Any, ...], timeout: float = 120
-             ) -> list[tuple[tuple[Any, ...], subprocess.CompletedProcess[str]]]:
-        """Run independent commands side by side; (args, result) of each, in order."""
-        procs = [(args, self.popen(*args)) for args in commands]
-        results = []
-        for args, proc in procs:
-            stdout, stderr = proc.communicate(timeout=timeout)
-            results.append((args, subprocess.CompletedProcess(proc.args, proc.returncode,
-                                                              stdout, stderr)))
-        return results
-
-
-def one_error(result: subprocess.CompletedProcess[str], code: int) -> str:
-    """The single stderr line of a failed command, after checking the exit code and form."""
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("snapfs: "), lines[0]
-    assert "Traceback" not in result.stderr
-    return lines[0]
 
 
 @pytest.fixture
@@ -550,17 +495,7 @@ def test_refused_credentials(wrong: str, s3_snapfs: Snapfs, make_store: MakeStor
 # -- damaged repositories ----------------------------------------------------------------------
 
 
-def flip_byte(store: ObjectStore, key: str, offset: int) -> None:
-    if isinstance(store, LocalStore):
-        with open(store.root / key, "r+b") as f:
-            f.seek(offset)
-            byte = f.read(1)
-            f.seek(offset)
-            f.write(bytes([byte[0] ^ 0x40]))
-    else:
-        data = bytearray(store.get(key))
-        data[offset] ^= 0x40
-        store.put(key, bytes(data))
+
 
 
 @needs_root

@@ -25,13 +25,12 @@ from pathlib import Path
 import pytest
 from diskimages import have_root, make_image, random_image, sha256_file, shared_image
 from mountutil import (
-    Snapfs,
     is_mount_point,
     mounted,
-    one_error,
     pid_running,
     wait_for,
 )
+from testkit import Snapfs, one_error
 
 from snapfs.control import mount_key
 from snapfs.store import ObjectStore

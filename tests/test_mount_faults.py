@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 from diskimages import make_image
-from mountutil import Snapfs, mounted, pid_running
+from mountutil import mounted, pid_running
+from testkit import Snapfs
 
 from snapfs.errors import SnapfsError
 from snapfs.store.s3 import S3Store

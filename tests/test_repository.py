@@ -37,6 +37,7 @@ from diskimages import (
     standard_images,
     write_at,
 )
+from testkit import flip_byte
 
 from snapfs.errors import (
     AmbiguousSnapshot,
@@ -62,7 +63,6 @@ from snapfs.repo.gc import collect_garbage, delete_snapshots
 from snapfs.repo.repository import BlobIndex, Repository, pack_key
 from snapfs.repo.verify import VerifyReport, verify_snapshots
 from snapfs.store import ObjectStore
-from snapfs.store.local import LocalStore
 
 MakeStore = Callable[..., ObjectStore]
 
@@ -131,18 +131,7 @@ def keyed_ids(repo: Repository, plain_blocks: Iterable[bytes]) -> set[bytes]:
     return {blake3.blake3(b, key=secret).digest() for b in plain_blocks}
 
 
-def flip_byte(store: ObjectStore, key: str, offset: int) -> None:
-    """Damage one byte of a stored object in place, as bit rot or a bad disk would."""
-    if isinstance(store, LocalStore):
-        with open(store.root / key, "r+b") as f:
-            f.seek(offset)
-            byte = f.read(1)
-            f.seek(offset)
-            f.write(bytes([byte[0] ^ 0x40]))
-    else:
-        data = bytearray(store.get(key))
-        data[offset] ^= 0x40
-        store.put(key, bytes(data))
+
 
 
 def check_written(

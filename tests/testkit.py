@@ -1,0 +1,88 @@
+"""What several test files share: running the real ``snapfs`` command, checking its one-line
+errors, and damaging a stored object the way bit rot would."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from snapfs.store import ObjectStore
+from snapfs.store.local import LocalStore
+
+SNAPFS = str(Path(sys.executable).with_name("snapfs"))
+
+
+@dataclasses.dataclass
+class Snapfs:
+    """``snapfs [-r REPO] [--endpoint-url URL] ARGS...`` as a subprocess."""
+
+    repo: str | None
+    endpoint: str | None
+    env: dict[str, str]
+
+    def command(self, args: tuple[Any, ...]) -> list[str]:
+        cmd = [SNAPFS]
+        if self.repo is not None:
+            cmd += ["-r", self.repo]
+        if self.endpoint:
+            cmd += ["--endpoint-url", self.endpoint]
+        return cmd + [str(a) for a in args]
+
+    def __call__(self, *args: Any, timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.command(args), capture_output=True, text=True,
+                              timeout=timeout, env=kwargs.pop("env", self.env), **kwargs)
+
+    def ok(self, *args: Any) -> str:
+        result = self(*args)
+        assert result.returncode == 0, (result.stdout, result.stderr)
+        assert result.stderr == "", result.stderr
+        return result.stdout
+
+    def json(self, *args: Any) -> Any:
+        return json.loads(self.ok(*args, "--json"))
+
+    def popen(self, *args: Any) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.command(args), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=self.env)
+
+    def each(self, *commands: tuple[Any, ...], timeout: float = 120
+             ) -> list[tuple[tuple[Any, ...], subprocess.CompletedProcess[str]]]:
+        """Run independent commands side by side; (args, result) of each, in order."""
+        procs = [(args, self.popen(*args)) for args in commands]
+        results = []
+        for args, proc in procs:
+            stdout, stderr = proc.communicate(timeout=timeout)
+            results.append((args, subprocess.CompletedProcess(proc.args, proc.returncode,
+                                                              stdout, stderr)))
+        return results
+
+    def with_repo(self, repo: str | None) -> Snapfs:
+        return dataclasses.replace(self, repo=repo)
+
+
+def one_error(result: subprocess.CompletedProcess[str], code: int) -> str:
+    """The single stderr line of a failed command, after checking the exit code and form."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("snapfs: "), lines[0]
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def flip_byte(store: ObjectStore, key: str, offset: int) -> None:
+    """Damage one byte of a stored object in place, as bit rot or a bad disk would."""
+    if isinstance(store, LocalStore):
+        with open(store.root / key, "r+b") as f:
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 0x40]))
+    else:
+        data = bytearray(store.get(key))
+        data[offset] ^= 0x40
+        store.put(key, bytes(data))
