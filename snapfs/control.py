@@ -6,6 +6,7 @@ path (``KEY`` below, 16 hex digits)::
 
     RUNDIR/KEY.pid     the daemon's pid; the daemon holds an exclusive flock on it while it lives
     RUNDIR/KEY.sock    its control socket (mode 0600)
+    RUNDIR/KEY.json    what it serves: repository, repository id, mount point, pid, disks (bool)
 
 RUNDIR is ``$SNAPFS_RUNTIME_DIR`` if set, else ``$XDG_RUNTIME_DIR/snapfs``, else ``/run/snapfs``
 for root and ``/tmp/snapfs-UID`` for anyone else; it is created mode 0700 and must belong to the
@@ -18,8 +19,12 @@ holds no lock.
 
 The protocol: the client connects, sends one JSON object on one line, and reads one JSON object
 on one line back. ``{"op": "stats"}`` answers ``{"ok": true, "stats": {...}}``; ``{"op":
-"shutdown"}`` answers ``{"ok": true}`` and the daemon then unmounts and exits; anything else
-answers ``{"ok": false, "error": "..."}``.
+"shutdown"}`` answers ``{"ok": true}`` and the daemon then unmounts and exits; the disk and
+snapshot requests are listed in ``mount``. A refusal is ``{"ok": false, "error": "...",
+"code": N}``, which ``request`` raises as a ``SnapfsError`` with that message and exit code.
+
+Commands that work on a repository's disks find its daemon with ``find_repository_daemon``
+(the live daemons whose ``KEY.json`` names the same repository).
 
 This module blocks (it is for the CLI); the daemon's side of the socket is in ``mount``.
 """
@@ -97,11 +102,27 @@ class RunFiles:
         directory = runtime_dir()
         return cls(path, key, directory / f"{key}.pid", directory / f"{key}.sock")
 
+    @property
+    def info(self) -> Path:
+        return self.pid_file.with_suffix(".json")
+
+    def write_info(self, info: dict[str, Any]) -> None:
+        tmp = self.info.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(info))
+        tmp.replace(self.info)
+
+    def read_info(self) -> dict[str, Any] | None:
+        try:
+            doc = json.loads(self.info.read_text())
+        except (OSError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) else None
+
     def log_file(self, cache_dir: str | os.PathLike[str]) -> Path:
         return Path(cache_dir) / f"daemon-{self.key}.log"
 
     def remove(self) -> None:
-        for path in (self.socket, self.pid_file):
+        for path in (self.socket, self.info, self.pid_file):
             try:
                 path.unlink()
             except FileNotFoundError:
@@ -294,8 +315,40 @@ def request(files: RunFiles, message: dict[str, Any], timeout: float = REQUEST_T
     if not isinstance(doc, dict):
         raise MountError(f"the snapfs daemon of {files.mountpoint} sent a garbled reply")
     if not doc.get("ok"):
+        if isinstance(doc.get("code"), int) and doc.get("error"):
+            raise SnapfsError(str(doc["error"]), doc["code"])
         raise MountError(f"the snapfs daemon of {files.mountpoint} refused: {doc.get('error')}")
     return doc
+
+
+def same_repository(a: str, b: str) -> bool:
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def find_repository_daemon(repository: str) -> RunFiles:
+    """The run files of the live daemon serving ``repository``'s disks on this host."""
+    found: list[tuple[RunFiles, dict[str, Any]]] = []
+    for pid_file in sorted(runtime_dir().glob("*.pid")):
+        files = RunFiles("", pid_file.stem, pid_file, pid_file.with_suffix(".sock"))
+        info = files.read_info()
+        if info is None or not same_repository(str(info.get("repository", "")), repository):
+            continue
+        daemon = find_daemon(files)
+        if daemon is None:
+            continue
+        daemon.close()
+        files = RunFiles(str(info.get("mountpoint", "")), files.key, files.pid_file, files.socket)
+        found.append((files, info))
+    serving = [files for files, info in found if info.get("disks")]
+    if serving:
+        return serving[0]
+    if found:
+        raise NotMounted(f"the snapfs mounts of {repository} on this host do not serve disks "
+                         f"(another daemon holds their state directory); see their logs")
+    raise NotMounted(f"no snapfs mount of {repository} runs on this host; "
+                     f"start one with: snapfs -r {repository} mount MOUNTPOINT")
 
 
 def daemon_stats(mountpoint: str) -> dict[str, Any]:

@@ -3,11 +3,13 @@
 The tree it serves::
 
     /                      read-only directory
-    /snapshots/            one NAME.img per snapshot of the repository (mode 0444, read-only)
-    /disks/                empty for now: writable disks come with issue 4
+    /snapshots/            one NAME.img per snapshot of the repository (mode 0444, read-only),
+                           and per snapshot of a disk still uploading (read from local data)
+    /disks/                one NAME.img per writable disk (mode 0600, read-write, fixed size)
 
 This module is a protocol adapter and nothing else: it turns names into inodes and inodes into
-``ImageView``s, and calls ``ImageView.read``. What an image is, how blocks are fetched and
+``ImageView``s (or pending snapshots, or ``Disk``s), and calls their ``read`` (and a disk's
+``write`` and ``sync``). What an image is, how blocks are fetched and
 cached, lives below it (``image``, ``hydration``); it must not grow business logic, and it never
 blocks the trio thread.
 
@@ -25,6 +27,12 @@ The rules it keeps:
   (its lookup count, which ``forget`` lowers; an open file keeps it known), so a file opened
   before its snapshot was deleted stays readable, and a long-lived mount that sees snapshots
   come and go does not grow.
+- Disks (``DiskService``) are not immutable: their attributes time out in a second, they are
+  opened without ``keep_cache``, a write past the end fails with ENOSPC and their size cannot be
+  changed (``truncate`` fails with EPERM). ``fsync`` returns once the disk's written data and
+  changed-block marks are durable. Open handles are counted on the disk, so a disk that is in
+  use is never deleted or rolled back. Disks created or deleted through the control socket
+  appear and go at once (the service notifies us; we invalidate the kernel's entries).
 - New snapshots appear without remounting: listing ``snapshots/`` and looking up a name that is
   not known refresh the catalog (which rate-limits itself). Failed lookups are not cached by the
   kernel (ENOENT, never a negative entry), so a name looked up too early appears later. If the
@@ -42,7 +50,7 @@ import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import pyfuse3
 
@@ -50,7 +58,18 @@ from snapfs.errors import SnapfsError
 
 if TYPE_CHECKING:
     from snapfs.image.catalog import SnapshotCatalog
-    from snapfs.image.view import ImageView
+    from snapfs.write.disk import Disk
+    from snapfs.write.service import DiskService
+
+
+class ReadOnlyImage(Protocol):
+    """A snapshot's image: stored (``ImageView``) or still uploading (``PendingSnapshot``)."""
+
+    name: str
+    size: int
+    mtime_ns: int
+
+    async def read(self, offset: int, length: int) -> bytes: ...
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +84,7 @@ DISKS_DIR = b"disks"
 #: seconds the kernel may trust a name -> inode entry, and an inode's attributes
 IMAGE_TIMEOUT = 3600.0
 DIR_TIMEOUT = 60.0
+DISK_TIMEOUT = 1.0
 #: st_blksize: the preferred I/O size tools like cp and dd take from stat
 IO_SIZE = 128 * 1024
 STATFS_BLOCK = 4096
@@ -107,21 +127,28 @@ class _OpenDir:
 
 
 class SnapshotFS(pyfuse3.Operations):
-    """pyfuse3 operations over one ``SnapshotCatalog``. Read-only throughout."""
+    """pyfuse3 operations over one ``SnapshotCatalog`` (read-only snapshots) and, when given,
+    one ``DiskService`` (writable disks and snapshots still uploading)."""
 
-    def __init__(self, catalog: SnapshotCatalog, uid: int | None = None,
-                 gid: int | None = None) -> None:
+    def __init__(self, catalog: SnapshotCatalog, disks: DiskService | None = None,
+                 uid: int | None = None, gid: int | None = None) -> None:
         super().__init__()
         self._catalog = catalog
+        self._disks = disks
+        self._disk_inodes: dict[str, int] = {}  # disk name -> inode, for disks that exist
+        self._disk_of: dict[int, Disk] = {}
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
         self._created_ns = time.time_ns()
-        self._views: dict[int, ImageView] = {}  # inode -> view, while listed or known (see above)
+        self._views: dict[int, ReadOnlyImage] = {}  # inode -> view, while listed or known
         self._inode_of_view: dict[int, int] = {}  # id(view) -> inode, for the views above
         self._names: dict[bytes, int] = {}  # the catalog's current names -> inodes
         self._lookups: dict[int, int] = {}  # image inode -> the kernel's lookup count
         self._next_inode = FIRST_IMAGE_INODE
-        self._open_files: dict[int, ImageView] = {}
+        self._open_files: dict[int, ReadOnlyImage] = {}
+        self._open_disks: dict[int, Disk] = {}
+        if disks is not None:
+            disks.changed.append(self._sync_disks)
         self._open_dirs: dict[int, _OpenDir] = {}
         self._next_handle = 1
         self._session_live = False
@@ -132,10 +159,17 @@ class SnapshotFS(pyfuse3.Operations):
         """Called by pyfuse3 once the session is up: from now on the kernel can be notified."""
         self._session_live = True
 
+    def _images(self) -> dict[str, ReadOnlyImage]:
+        images: dict[str, ReadOnlyImage] = {}
+        if self._disks is not None:
+            images.update(self._disks.pending_images())
+        images.update(self._catalog.images())  # a stored snapshot wins over its pending view
+        return images
+
     def _sync_names(self) -> None:
-        """Map the catalog's current images to inodes, allocating inodes for new views."""
+        """Map the current images to inodes, allocating inodes for new views."""
         names: dict[bytes, int] = {}
-        for name, view in self._catalog.images().items():
+        for name, view in self._images().items():
             inode = self._inode_of_view.get(id(view))
             if inode is None:
                 inode = self._next_inode
@@ -157,6 +191,31 @@ class SnapshotFS(pyfuse3.Operations):
             if view is not None:
                 del self._inode_of_view[id(view)]
 
+    def _sync_disks(self, rewritten: str | None = None) -> None:
+        """Map the service's disks to inodes. The service calls this (never from inside a
+        request handler) when disks come, go or change; ``rewritten`` names a disk whose
+        contents changed under the kernel's page cache (a rollback, while nothing had it open)."""
+        assert self._disks is not None
+        current = self._disks.disks
+        for name, inode in list(self._disk_inodes.items()):
+            disk = self._disk_of[inode]
+            if current.get(name) is not disk:
+                del self._disk_inodes[name]
+                if not disk.opens:
+                    del self._disk_of[inode]
+                if self._session_live:
+                    pyfuse3.invalidate_entry_async(DISKS_INODE, os.fsencode(f"{name}.img"),
+                                                   ignore_enoent=True)
+            elif self._session_live and rewritten == name:
+                pyfuse3.invalidate_inode(inode, attr_only=False)
+        for name, disk in current.items():
+            if name not in self._disk_inodes:
+                inode = self._next_inode
+                self._next_inode += 1
+                self._disk_inodes[name] = inode
+                self._disk_of[inode] = disk
+        self._sync_names()
+
     async def _refresh(self) -> None:
         await self._catalog.refresh()
         self._sync_names()
@@ -168,8 +227,9 @@ class SnapshotFS(pyfuse3.Operations):
         if inode == SNAPSHOTS_INODE:
             return sorted(self._names.items())
         if inode == DISKS_INODE:
-            return []
-        raise _fail(errno.ENOTDIR if inode in self._views else errno.ENOENT)
+            return sorted((os.fsencode(f"{n}.img"), i) for n, i in self._disk_inodes.items())
+        raise _fail(errno.ENOTDIR if inode in self._views or inode in self._disk_of
+                    else errno.ENOENT)
 
     def _attributes(self, inode: int) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -180,7 +240,15 @@ class SnapshotFS(pyfuse3.Operations):
         attr.st_rdev = 0
         attr.st_blksize = IO_SIZE
         view = self._views.get(inode)
-        if view is not None:
+        disk = self._disk_of.get(inode)
+        if disk is not None:
+            attr.st_mode = stat.S_IFREG | 0o600
+            attr.st_nlink = 1
+            attr.st_size = disk.size
+            attr.st_blocks = -(-disk.size // 512)
+            mtime = disk.mtime_ns
+            attr.entry_timeout = attr.attr_timeout = DISK_TIMEOUT
+        elif view is not None:
             attr.st_mode = stat.S_IFREG | 0o444
             attr.st_nlink = 1
             attr.st_size = view.size
@@ -212,6 +280,7 @@ class SnapshotFS(pyfuse3.Operations):
             self._sync_names()
             if name not in self._names:
                 await self._refresh()
+
         for child, inode in self._children(parent_inode):
             if child == name:
                 attr = self._attributes(inode)
@@ -239,9 +308,11 @@ class SnapshotFS(pyfuse3.Operations):
         self._sync_names()
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = STATFS_BLOCK
-        data.f_blocks = sum(-(-self._views[i].size // STATFS_BLOCK) for i in self._names.values())
+        sizes = [self._views[i].size for i in self._names.values()]
+        sizes += [self._disk_of[i].size for i in self._disk_inodes.values()]
+        data.f_blocks = sum(-(-size // STATFS_BLOCK) for size in sizes)
         data.f_bfree = data.f_bavail = 0
-        data.f_files = len(self._names) + 3
+        data.f_files = len(sizes) + 3
         data.f_ffree = data.f_favail = 0
         data.f_namemax = NAME_MAX
         return data
@@ -290,6 +361,16 @@ class SnapshotFS(pyfuse3.Operations):
 
     @_errno_boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        disk = self._disk_of.get(inode)
+        if disk is not None:
+            if disk is not (self._disks.disks.get(disk.name) if self._disks else None):
+                raise _fail(errno.ENOENT)  # deleted
+            if flags & os.O_TRUNC:
+                raise _fail(errno.EPERM)  # a disk's size is fixed
+            handle = self._new_handle()
+            self._open_disks[handle] = disk
+            disk.opens += 1
+            return pyfuse3.FileInfo(fh=handle, keep_cache=False)
         view = self._views.get(inode)
         if view is None:
             self._attributes(inode)  # ENOENT for unknown inodes
@@ -302,7 +383,7 @@ class SnapshotFS(pyfuse3.Operations):
 
     @_errno_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        view = self._open_files.get(fh)
+        view: ReadOnlyImage | Disk | None = self._open_files.get(fh) or self._open_disks.get(fh)
         if view is None:
             raise _fail(errno.EBADF)
         if off >= view.size:
@@ -310,5 +391,43 @@ class SnapshotFS(pyfuse3.Operations):
         return await view.read(off, size)
 
     @_errno_boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        disk = self._open_disks.get(fh)
+        if disk is None:
+            raise _fail(errno.EBADF if fh not in self._open_files else errno.EROFS)
+        if off + len(buf) > disk.size:
+            raise _fail(errno.ENOSPC)  # a disk does not grow by writing past its end
+        return await disk.write(off, buf)
+
+    @_errno_boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        disk = self._open_disks.get(fh)
+        if disk is not None:
+            await disk.sync()
+
+    @_errno_boundary
+    async def flush(self, fh: int) -> None:
+        pass  # every write reached the overlay before it was acknowledged; fsync makes it durable
+
+    @_errno_boundary
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        disk = self._disk_of.get(inode)
+        if disk is None:
+            raise _fail(errno.EROFS if inode in self._views else errno.EPERM)
+        if fields.update_size and attr.st_size != disk.size:
+            raise _fail(errno.EPERM)  # a disk's size is fixed (``disk create --size``)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise _fail(errno.EPERM)
+        return self._attributes(inode)  # times: accepted, not kept (the image's mtime is ours)
+
+    @_errno_boundary
     async def release(self, fh: int) -> None:
         self._open_files.pop(fh, None)
+        disk = self._open_disks.pop(fh, None)
+        if disk is not None:
+            disk.opens -= 1
+            if self._disks is not None and disk is not self._disks.disks.get(disk.name) \
+                    and not disk.opens:
+                self._disk_of = {i: d for i, d in self._disk_of.items() if d is not disk}

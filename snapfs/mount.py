@@ -24,10 +24,16 @@
    the process exits and releases its locks. ``snapfs umount`` waits for exactly that.
 
 FUSE options: ``fsname=snapfs,subtype=snapfs`` (the mount table shows ``fuse.snapfs``, which
-is how ``umount`` knows a mount is ours), ``ro``, and ``default_permissions`` (the kernel
-checks the 0444/0555 modes, so nothing is writable even for root). ``allow_other`` only when
-asked: a snapshot holds a whole disk's secrets, and without it only the mounting user (root
-included) sees the files; with it, every user can read them.
+is how ``umount`` knows a mount is ours) and ``default_permissions`` (the kernel checks the
+modes: snapshots 0444, disks 0600; the adapter refuses writes to snapshots even for root).
+``allow_other`` only when asked: a snapshot holds a whole disk's secrets, and without it only
+the mounting user (root included) sees the files; with it, every user can.
+
+Writable disks (``snapfs.write``): the daemon serves the disks kept in its cache directory for
+its repository (``DiskService``), unless another daemon on this host already does. The control
+socket takes the disk and snapshot requests the CLI sends (``disk-create``, ``disk-list``,
+``disk-delete``, ``disk-rollback``, ``snapshot``, ``task``, ``tasks``); a run file
+``RUNDIR/KEY.json`` names the repository, so the CLI finds the daemon from ``-r REPO`` alone.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from snapfs.repo.parallel import single_error
 from snapfs.repo.repository import BlobIndex, Repository
 from snapfs.store import ObjectStore, open_store
 from snapfs.store.simulated import SimulatedStore
+from snapfs.write.service import DiskService
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +95,7 @@ class MountOptions:
     simulate_bandwidth: float | None = None
 
     def fuse_options(self) -> set[str]:
-        options = {"fsname=snapfs", "subtype=snapfs", "ro", "default_permissions"}
+        options = {"fsname=snapfs", "subtype=snapfs", "default_permissions"}
         if self.allow_other:
             options.add("allow_other")
         return options
@@ -306,14 +313,23 @@ def _serve(options: MountOptions, files: RunFiles, ready: Callable[[], None]) ->
         try:
             # the catalog's first refresh loads the index (with the snapshot list it matches)
             hydrator = Hydrator(repo, BlobIndex(), cache, options.hydration)
-            daemon = MountDaemon(options, files, repo, cache, hydrator,
-                                 SnapshotCatalog(repo, hydrator))
+            catalog = SnapshotCatalog(repo, hydrator)
+            disks = DiskService(options.cache_dir, repo, hydrator, catalog,
+                                disk_path=lambda name: f"{options.mountpoint}/disks/{name}.img")
+            disks.open()
             try:
-                files.socket.unlink()  # a dead predecessor's; we hold the pid file's lock
-            except FileNotFoundError:
-                pass
-            with single_error():
-                trio.run(daemon.run, ready)
+                daemon = MountDaemon(options, files, repo, cache, hydrator, catalog, disks)
+                try:
+                    files.socket.unlink()  # a dead predecessor's; we hold the pid file's lock
+                except FileNotFoundError:
+                    pass
+                files.write_info({"repository": options.repository, "repository_id": repo.config.id,
+                                  "mountpoint": options.mountpoint, "pid": os.getpid(),
+                                  "disks": disks.enabled})
+                with single_error():
+                    trio.run(daemon.run, ready)
+            finally:
+                disks.close()
         finally:
             cache.close()
     finally:
@@ -324,7 +340,8 @@ class MountDaemon:
     """One mount's trio side: FUSE session, hydrator, control socket, signals."""
 
     def __init__(self, options: MountOptions, files: RunFiles, repo: Repository,
-                 cache: BlockCache, hydrator: Hydrator, catalog: SnapshotCatalog) -> None:
+                 cache: BlockCache, hydrator: Hydrator, catalog: SnapshotCatalog,
+                 disks: DiskService | None = None) -> None:
         self.options = options
         self.files = files
         self.repo = repo
@@ -332,7 +349,8 @@ class MountDaemon:
         self.hydrator = hydrator
         self.catalog = catalog
         self.sweeper = Sweeper(catalog, hydrator, options.hydration)  # hints, background
-        self.ops = SnapshotFS(catalog)
+        self.disks = disks
+        self.ops = SnapshotFS(catalog, disks)
         self.started = time.time()
         self._fuse_live = False
         self._cancel_scope: trio.CancelScope | None = None
@@ -344,6 +362,10 @@ class MountDaemon:
             await self.catalog.refresh()
             await nursery.start(self.hydrator.run)
             nursery.start_soon(self.sweeper.run)
+            if self.disks is not None and self.disks.enabled:
+                await self.disks.start()
+                self.ops._sync_disks()
+                await nursery.start(self.disks.run)
             await nursery.start(self._serve_control)
             try:
                 pyfuse3.init(self.ops, self.options.mountpoint, self.options.fuse_options())
@@ -401,14 +423,23 @@ class MountDaemon:
             try:
                 with trio.fail_after(REQUEST_TIMEOUT):
                     line = await _receive_line(stream)
-                    request = json.loads(line)
-                    op = request.get("op") if isinstance(request, dict) else None
-                    if op == "stats":
-                        reply: dict[str, Any] = {"ok": True, "stats": await self.stats()}
-                    elif op == "shutdown":
-                        reply, shutdown = {"ok": True}, True
-                    else:
-                        reply = {"ok": False, "error": f"unknown request {op!r}"}
+                request = json.loads(line)
+                if not isinstance(request, dict):
+                    raise ValueError("a request is a JSON object")
+                op = request.get("op")
+                if op == "shutdown":
+                    reply: dict[str, Any] = {"ok": True}
+                    shutdown = True
+                else:
+                    reply = await self._reply(op, request)
+            except (trio.TooSlowError, trio.BrokenResourceError, ValueError) as e:
+                log.warning("control request dropped: %s", e or type(e).__name__)
+                return
+            except Exception:
+                log.exception("control request failed")
+                return
+            try:
+                with trio.fail_after(REQUEST_TIMEOUT):
                     await stream.send_all(json.dumps(reply, default=str).encode() + b"\n")
             except (trio.TooSlowError, trio.BrokenResourceError, ValueError) as e:
                 log.warning("control request dropped: %s", e or type(e).__name__)
@@ -417,6 +448,48 @@ class MountDaemon:
         if shutdown:
             log.info("shutdown requested")
             self.shutdown()
+
+    async def _reply(self, op: object, request: dict[str, Any]) -> dict[str, Any]:
+        """The answer to one request other than ``shutdown``: ``{"ok": true, ...}``, or
+        ``{"ok": false, "error": MESSAGE, "code": EXIT_CODE}`` for a ``SnapfsError``."""
+        disks = self.disks
+        try:
+            if op == "stats":
+                return {"ok": True, "stats": await self.stats()}
+            if disks is None or not disks.enabled:
+                if op in ("tasks", "disk-list"):
+                    return {"ok": True, "tasks": [], "disks": []}
+                reason = disks.disabled_reason if disks is not None else None
+                return {"ok": False, "code": 1,
+                        "error": reason or f"unknown request {op!r}"}
+            if op == "disk-create":
+                disk = await disks.create_disk(str(request["name"]), request.get("from"),
+                                               request.get("size"))
+                return {"ok": True, "disk": disk.stats()}
+            if op == "disk-list":
+                return {"ok": True, "disks": disks.disk_list()}
+            if op == "disk-delete":
+                await disks.delete_disk(str(request["name"]))
+                return {"ok": True}
+            if op == "disk-rollback":
+                return {"ok": True, "rollback": await disks.rollback(str(request["name"]),
+                                                                     str(request["snapshot"]))}
+            if op == "snapshot":
+                task = await disks.snapshot(
+                    [str(n) for n in request["disks"]], request.get("name"),
+                    [str(t) for t in request.get("tags", [])],
+                    consistency=str(request.get("consistency", "crash")),
+                    deadline=request.get("deadline"))
+                return {"ok": True, "task": disks.task_summary(task.id)}
+            if op == "task":
+                return {"ok": True, "task": disks.task_summary(str(request["id"]))}
+            if op == "tasks":
+                return {"ok": True, "tasks": disks.task_list()}
+            return {"ok": False, "code": 2, "error": f"unknown request {op!r}"}
+        except SnapfsError as e:
+            return {"ok": False, "code": e.exit_code, "error": e.message}
+        except (KeyError, TypeError) as e:
+            return {"ok": False, "code": 2, "error": f"malformed {op} request: {e}"}
 
     async def stats(self) -> dict[str, Any]:
         cache = await trio.to_thread.run_sync(self._cache_stats)
@@ -430,6 +503,7 @@ class MountDaemon:
             "log": None if self.options.foreground else str(
                 self.files.log_file(self.options.cache_dir)),
             "images": images,
+            "disks": self.disks.disk_list() if self.disks is not None and self.disks.enabled else [],
             "hydrator": self.hydrator.stats(),
             "cache": cache,
         }

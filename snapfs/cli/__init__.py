@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from snapfs.cli import browse, mount, repository, snapshot
+from snapfs.cli import browse, disk, mount, repository, snapshot
 from snapfs.cli.context import CliConfig
 from snapfs.errors import SnapfsError
 
@@ -45,7 +45,8 @@ def cli(ctx: click.Context, repo: str | None, endpoint_url: str | None, debug: b
     ctx.obj = CliConfig(repo, endpoint_url, debug)
 
 
-for command in (*repository.COMMANDS, snapshot.snapshot, *mount.COMMANDS, *browse.COMMANDS):
+for command in (*repository.COMMANDS, snapshot.snapshot, *disk.COMMANDS, *mount.COMMANDS,
+                *browse.COMMANDS):
     cli.add_command(command)
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from snapfs.cli.context import CliConfig, pass_config
-from snapfs.cli.output import emit_json, human_size, run_async
-from snapfs.errors import UsageError
+from snapfs.cli.output import emit_json, human_size, progress_for, run_async
+from snapfs.errors import NotMounted, SnapfsError, UsageError
+from snapfs.progress import NO_PROGRESS
 from snapfs.repo.create import CreateOptions, create_snapshot
 from snapfs.repo.gc import delete_snapshots
 
@@ -17,24 +20,44 @@ def snapshot() -> None:
 
 
 @snapshot.command()
-@click.argument("source")
+@click.argument("source", required=False)
 @click.option("--name", help="A unique name (default: DISK-YYYYMMDD-HHMMSS).")
-@click.option("--disk", help="The disk this is a snapshot of (default: SOURCE's file name).")
+@click.option("--disk", "disks", multiple=True, metavar="NAME",
+              help="Without SOURCE: a disk the running mount serves (repeat for a consistency "
+                   "group). With SOURCE: the disk SOURCE is a snapshot of (default: its file "
+                   "name).")
 @click.option("--parent", metavar="SNAP",
-              help="The snapshot this one follows (default: the newest of the same disk).")
+              help="With SOURCE: the snapshot this one follows (default: the newest of the "
+                   "same disk).")
+@click.option("--freeze", "freeze", multiple=True, metavar="MOUNTPOINT",
+              help="Served disks: freeze this file system (FIFREEZE) for the instant of "
+                   "closing (repeatable).")
+@click.option("--freeze-timeout", type=float, default=10.0, show_default=True, metavar="SECONDS",
+              help="Thaw after this long and take a crash-consistent snapshot instead.")
+@click.option("--no-wait", is_flag=True,
+              help="Served disks: return once the snapshot is closed (it uploads meanwhile).")
 @click.option("--tag", "tags", multiple=True, help="A tag to attach (repeatable).")
 @click.option("--rate", type=float, metavar="MB/s", help="Cap upload throughput (10^6 bytes/s).")
 @click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
-def create(config: CliConfig, source: str, name: str | None, disk: str | None,
-           parent: str | None, tags: tuple[str, ...], rate: float | None,
-           json_output: bool) -> None:
-    """Snapshot SOURCE (an image file or block device): full the first time, then incremental."""
+def create(config: CliConfig, source: str | None, name: str | None, disks: tuple[str, ...],
+           parent: str | None, freeze: tuple[str, ...], freeze_timeout: float, no_wait: bool,
+           tags: tuple[str, ...], rate: float | None, json_output: bool) -> None:
+    """Snapshot SOURCE (an image file or block device: full the first time, then incremental),
+    or, without SOURCE, the --disk disks the running mount serves (only their changed blocks)."""
     if rate is not None and rate <= 0:
         raise UsageError("--rate must be a positive number of MB/s")
+    if source is None:
+        _create_of_disks(config, list(disks), name, parent, freeze, freeze_timeout, no_wait,
+                         tags, rate, json_output)
+        return
+    if len(disks) > 1:
+        raise UsageError("with SOURCE, give at most one --disk (the label of its lineage)")
+    if freeze or no_wait:
+        raise UsageError("--freeze and --no-wait are for disks the mount serves (no SOURCE)")
     repo = config.open_repository()
-    options = CreateOptions(name=name, disk=disk, parent=parent, tags=tags,
-                            rate=rate * 1e6 if rate else None)
+    options = CreateOptions(name=name, disk=disks[0] if disks else None, parent=parent,
+                            tags=tags, rate=rate * 1e6 if rate else None)
     result = run_async(lambda p: create_snapshot(repo, source, options, p), json_output)
     if json_output:
         emit_json(result.summary())
@@ -42,22 +65,84 @@ def create(config: CliConfig, source: str, name: str | None, disk: str | None,
         click.echo(result.root.id)
 
 
+def _create_of_disks(config: CliConfig, disks: list[str], name: str | None, parent: str | None,
+                     freeze: tuple[str, ...], freeze_timeout: float, no_wait: bool,
+                     tags: tuple[str, ...], rate: float | None, json_output: bool) -> None:
+    from snapfs.write.client import snapshot_disks
+
+    if not disks:
+        raise UsageError("give a SOURCE image or device, or --disk NAME of a served disk")
+    if parent or rate:
+        raise UsageError("--parent and --rate are for SOURCE snapshots; a disk's snapshot "
+                         "follows its last one")
+    if freeze_timeout <= 0:
+        raise UsageError("--freeze-timeout must be positive")
+    bar = progress_for(json_output)
+    try:
+        task = snapshot_disks(config.require_repo(), disks, name, list(tags), list(freeze),
+                              freeze_timeout, wait=not no_wait, progress=bar or NO_PROGRESS)
+    finally:
+        if bar is not None:
+            bar.close()
+    if json_output:
+        emit_json(task)
+    if task["state"] == "failed":
+        raise SnapfsError(f"snapshot failed: {task['reason']}")
+    if freeze and task["consistency"] == "crash":
+        click.echo(f"warning: the file systems stayed frozen longer than {freeze_timeout:g} s "
+                   "and were thawed: the snapshot is crash-consistent", err=True)
+    if not json_output:
+        for part in task["parts"]:
+            click.echo(part["snapshot_id"] if task["state"] == "accomplished"
+                       else f"{part['snapshot_id']} ({task['state']})")
+
+
 @snapshot.command("list")
 @click.option("--disk", help="Only snapshots of this disk.")
 @click.option("--json", "json_output", is_flag=True)
 @pass_config
 def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
-    """List snapshots, oldest first."""
+    """List snapshots, oldest first; snapshots of served disks still uploading (or failed) are
+    listed too, with their state."""
     roots = [r for r in config.open_repository().snapshots() if disk is None or r.disk == disk]
+    docs = [r.summary() for r in roots]
+    stored = {r.id for r in roots}
+    for doc in _unfinished(config):
+        if doc["id"] not in stored and (disk is None or doc["disk"] == disk):
+            docs.append(doc)
     if json_output:
-        emit_json([r.summary() for r in roots])
+        emit_json(docs)
         return
-    rows = [("ID", "NAME", "DISK", "SIZE", "CREATED", "PARENT")]
-    rows += [(r.id, r.name, r.disk, human_size(r.size), r.created[:19].replace("T", " "),
-              r.parent or "-") for r in roots]
+    rows = [("ID", "NAME", "DISK", "SIZE", "CREATED", "STATE", "PARENT")]
+    rows += [(d["id"], d["name"], d["disk"], human_size(d["size"]),
+              d["created"][:19].replace("T", " "), d["state"], d["parent"] or "-") for d in docs]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _unfinished(config: CliConfig) -> list[dict[str, Any]]:
+    """Snapshots of served disks that are not stored: progressing, or failed (with why)."""
+    from snapfs.write.client import call
+
+    try:
+        tasks = call(config.require_repo(), {"op": "tasks"}, timeout=10.0)["tasks"]
+    except NotMounted:
+        return []  # no daemon serves this repository's disks here
+    out = []
+    for task in tasks:
+        if task["state"] == "accomplished":
+            continue
+        for part in task["parts"]:
+            if part["done"]:
+                continue
+            out.append({"id": part["snapshot_id"], "name": part["name"], "disk": part["disk"],
+                        "parent": part["parent"], "size": part["size"],
+                        "created": task["created"], "state": task["state"],
+                        "reason": task["reason"], "group": task["group"],
+                        "tags": task["tags"], "blocks_changed": part["blocks"],
+                        "progress": part.get("progress")})
+    return out
 
 
 @snapshot.command()

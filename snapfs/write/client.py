@@ -1,0 +1,64 @@
+"""The CLI's side of disks: requests to the daemon that serves a repository's disks.
+
+Disks live in a running mount daemon (it serves ``disks/NAME.img`` and owns their state), so
+every disk command is a request on that daemon's control socket, found from the repository
+alone (``control.find_repository_daemon``). Blocking: for the CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+from snapfs.control import find_repository_daemon, request
+from snapfs.progress import NO_PROGRESS, Progress
+from snapfs.write.freeze import check_mountpoint, frozen
+
+#: a closing waits for every disk's in-flight write and one lmdb commit; a generous bound
+CLOSE_TIMEOUT = 60.0
+POLL_INTERVAL = 0.2
+
+
+def call(repository: str, message: dict[str, Any], timeout: float = CLOSE_TIMEOUT) -> dict[str, Any]:
+    return request(find_repository_daemon(repository), message, timeout=timeout)
+
+
+def snapshot_disks(repository: str, disks: list[str], name: str | None, tags: list[str],
+                   freeze: list[str], freeze_timeout: float, wait: bool = True,
+                   progress: Progress = NO_PROGRESS) -> dict[str, Any]:
+    """Snapshot served disks at one instant (a consistency group if several), with the file
+    systems in ``freeze`` frozen just for that instant. Returns the task's summary, after the
+    upload unless ``wait`` is False."""
+    files = find_repository_daemon(repository)
+    for mountpoint in freeze:
+        check_mountpoint(mountpoint)  # before freezing anything
+    message: dict[str, Any] = {"op": "snapshot", "disks": disks, "name": name, "tags": tags,
+                               "consistency": "frozen" if freeze else "crash"}
+    with contextlib.ExitStack() as stack:
+        started = time.monotonic()
+        freezes = [stack.enter_context(frozen(mp, freeze_timeout)) for mp in freeze]
+        if freezes:
+            message["deadline"] = max(0.0, freeze_timeout - (time.monotonic() - started))
+        reply = request(files, message, timeout=CLOSE_TIMEOUT)
+    task: dict[str, Any] = reply["task"]
+    if any(f.thawed_early for f in freezes):
+        task["consistency"] = "crash"
+    task["frozen_seconds"] = round(max((f.frozen_seconds for f in freezes), default=0.0), 3)
+    if not wait:
+        return task
+    total = sum(p["blocks"] for p in task["parts"])
+    progress.start("snapshot", total)
+    done = 0
+    while task["state"] == "progressing":
+        time.sleep(POLL_INTERVAL)
+        fresh = request(files, {"op": "task", "id": task["id"]})["task"]
+        fresh["frozen_seconds"] = task["frozen_seconds"]
+        if task["consistency"] == "crash":
+            fresh["consistency"] = "crash"
+        task = fresh
+        now = sum(p.get("progress", {}).get("blocks_done", 0) for p in task["parts"])
+        if now > done:
+            progress.advance(now - done)
+            done = now
+    return task

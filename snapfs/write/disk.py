@@ -1,0 +1,353 @@
+"""A writable disk: its base snapshot's blocks, with the blocks written to it on top.
+
+A block is read from the overlay if it was ever written (``present``), else from the image below
+(the snapshot the disk was created from, read lazily through the shared hydrator and cache, so
+ten disks of one snapshot fetch each block once), else it is zeros (past the end of a smaller
+base, or a disk created empty).
+
+Writes (``Disk.write``), in order, under the disk's write lock:
+
+1. A block the write covers only partly gets its other bytes from where it reads now (the base
+   part is fetched before the lock is taken, so a slow store does not hold other writes up).
+2. Copy-on-write: if the block's contents at the closing of a generation that is still being
+   uploaded would be overwritten, they are saved to that generation's copy-on-write file first.
+3. ``pwrite`` to the overlay, then one lmdb commit marking the blocks present and changed in
+   the open generation (before the write is acknowledged: dm-era's rule).
+
+An fsync (``Disk.sync``) makes the overlay, the copy-on-write files and the marks durable.
+
+Closing a generation (``Disk.close_generation``) happens under the write lock, so every write
+acknowledged before it belongs to the closed generation and every later one to the next: that
+instant is the snapshot's point in time. The uploader reads a closed generation's blocks with
+``read_closed`` (also under the lock, so that a copy-on-write cannot interleave with it).
+
+A ``PendingSnapshot`` is a closed generation seen as an image: its blocks from the copy-on-write
+file or the overlay, the rest from the image below it. It is what ``snapshots/NAME.img`` shows
+(and what a new disk can be made from) while the upload runs; once the snapshot is stored it
+reads through the stored snapshot instead.
+
+No pyfuse3 here: the FUSE adapter calls these methods.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from snapfs.errors import SnapfsError
+from snapfs.write.bitmap import Bitmap
+from snapfs.write.overlay import Overlay
+from snapfs.write.state import DiskRecord, DiskState
+
+log = logging.getLogger(__name__)
+
+
+class Image(Protocol):
+    """What a disk or pending snapshot reads its untouched blocks from."""
+
+    size: int
+
+    async def read(self, offset: int, length: int) -> bytes: ...
+
+
+@functools.cache
+def _zeros(n: int) -> bytes:
+    return bytes(n)
+
+
+async def read_layered(offset: int, length: int, size: int, block_size: int,
+                       is_local: Callable[[int], bool],
+                       read_local: Callable[[int, int], Awaitable[bytes]],
+                       lower: Image | None) -> bytes:
+    """Bytes ``offset .. offset + length`` of an image whose ``is_local`` blocks come from
+    ``read_local(offset, length)`` and the others from ``lower`` (zeros past its end)."""
+    end = min(size, offset + length)
+    if offset >= end:
+        return b""
+    bs = block_size
+    first, stop = offset // bs, (end - 1) // bs + 1
+    parts: list[bytes] = []
+    n = first
+    while n < stop:
+        local = is_local(n)
+        m = n + 1
+        while m < stop and is_local(m) == local:
+            m += 1
+        lo, hi = max(offset, n * bs), min(end, m * bs)
+        if local:
+            parts.append(await read_local(lo, hi - lo))
+        else:
+            parts.append(await read_lower(lower, lo, hi - lo))
+        n = m
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def read_lower(lower: Image | None, offset: int, length: int) -> bytes:
+    if lower is None or offset >= lower.size:
+        return _zeros(length)
+    take = min(length, lower.size - offset)
+    data = await lower.read(offset, take)
+    return data if take == length else data + _zeros(length - take)
+
+
+@dataclass(eq=False)
+class ClosedGeneration:
+    """A generation closed for a snapshot and not stored yet."""
+
+    gen: int
+    blocks: Bitmap  # written during it
+    task_id: str
+    snapshot_id: str
+    cowed: dict[int, int] = field(default_factory=dict)  # block -> offset in its cow file
+    view: PendingSnapshot | None = None
+
+
+@dataclass
+class DiskCounters:
+    reads: int = 0
+    bytes_read: int = 0
+    writes: int = 0
+    bytes_written: int = 0
+    blocks_copied_on_write: int = 0
+    #: blocks the uploader read for snapshots (the changed ones, never the rest of the disk)
+    snapshot_blocks_read: int = 0
+    fsyncs: int = 0
+
+
+class Disk:
+    def __init__(self, record: DiskRecord, state: DiskState, overlay: Overlay,
+                 base: Image | None, present: Bitmap, changed: Bitmap) -> None:
+        self.record = record
+        self.state = state
+        self.overlay = overlay
+        self.base = base
+        self.present = present
+        self.changed = changed  # of the open generation
+        self.closed: list[ClosedGeneration] = []
+        self.write_lock = trio.Lock()
+        self.opens = 0  # open file handles (the FUSE adapter counts them)
+        self.counters = DiskCounters()
+        self.mtime_ns = time.time_ns()
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def size(self) -> int:
+        return self.record.size
+
+    @property
+    def block_size(self) -> int:
+        return self.record.block_size
+
+    @property
+    def nblocks(self) -> int:
+        return self.record.nblocks
+
+    def _extent(self, n: int) -> int:
+        """Bytes of block ``n`` (the last block of a disk may be short)."""
+        return min(self.block_size, self.size - n * self.block_size)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        data = await read_layered(offset, length, self.size, self.block_size,
+                                  self.present.__contains__, self._read_overlay, self.base)
+        self.counters.reads += 1
+        self.counters.bytes_read += len(data)
+        return data
+
+    async def _read_overlay(self, offset: int, length: int) -> bytes:
+        return await trio.to_thread.run_sync(self.overlay.pread, offset, length)
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    async def write(self, offset: int, data: bytes) -> int:
+        """Write ``data`` at ``offset`` (inside the disk: the caller checks the bounds)."""
+        if not data:
+            return 0
+        bs = self.block_size
+        end = offset + len(data)
+        first, stop = offset // bs, (end - 1) // bs + 1
+        partial = [n for n in dict.fromkeys((first, stop - 1))
+                   if offset > n * bs or end < n * bs + self._extent(n)]
+        # the lower image's bytes of partly written blocks, fetched before taking the lock
+        fills = {n: await read_lower(self.base, n * bs, self._extent(n))
+                 for n in partial if n not in self.present}
+        async with self.write_lock:
+            fresh = [n for n in range(first, stop) if n not in self.changed]
+            cow = self._cow_targets(fresh)
+            new_present = [n for n in range(first, stop) if n not in self.present]
+            gen = self.record.gen
+            saved = await trio.to_thread.run_sync(
+                self._write_sync, offset, data, partial, fills, cow, new_present, fresh, gen)
+            for n in new_present:
+                self.present.add(n)
+            for n in fresh:
+                self.changed.add(n)
+            for (closed, n), at in zip(cow, saved, strict=True):
+                closed.cowed[n] = at
+        self.counters.writes += 1
+        self.counters.bytes_written += len(data)
+        self.counters.blocks_copied_on_write += len(cow)
+        self.mtime_ns = time.time_ns()
+        return len(data)
+
+    def _cow_targets(self, fresh: list[int]) -> list[tuple[ClosedGeneration, int]]:
+        """Blocks written for the first time in the open generation whose current contents a
+        closed generation still needs: they are its contents at its closing, because nothing
+        wrote them since (this is the first write after it)."""
+        if not self.closed:
+            return []
+        out = []
+        for n in fresh:
+            for closed in reversed(self.closed):
+                if n in closed.blocks:
+                    if n not in closed.cowed:
+                        out.append((closed, n))
+                    break
+        return out
+
+    def _write_sync(self, offset: int, data: bytes, partial: list[int], fills: dict[int, bytes],
+                    cow: list[tuple[ClosedGeneration, int]], new_present: list[int],
+                    fresh: list[int], gen: int) -> list[int]:
+        bs = self.block_size
+        overlay = self.overlay
+        saved = []
+        by_gen: dict[int, list[tuple[int, int]]] = {}
+        for closed, n in cow:
+            at = overlay.cow(closed.gen).append(overlay.pread(n * bs, self._extent(n)))
+            saved.append(at)
+            by_gen.setdefault(closed.gen, []).append((n, at))
+        for g, entries in by_gen.items():
+            self.state.put_cow(self.record, g, entries)
+        if partial:
+            first = offset // bs
+            stop = (offset + len(data) - 1) // bs + 1
+            buf = bytearray(min(stop * bs, self.size) - first * bs)
+            for n in partial:
+                # present now (another write got in first) or not: then the lower image's bytes
+                current = overlay.pread(n * bs, self._extent(n)) if n in self.present else fills[n]
+                at = (n - first) * bs
+                buf[at : at + len(current)] = current
+            at = offset - first * bs
+            buf[at : at + len(data)] = data
+            overlay.pwrite(first * bs, buf)
+        else:
+            overlay.pwrite(offset, data)
+        if new_present or fresh:
+            self.state.mark(self.record, gen, new_present, fresh)
+        return saved
+
+    async def sync(self) -> None:
+        """Make every acknowledged write, and its marks, durable."""
+        def sync() -> None:
+            self.overlay.sync()
+            self.state.sync()
+
+        await trio.to_thread.run_sync(sync)
+        self.counters.fsyncs += 1
+
+    # -- generations -----------------------------------------------------------------------------
+
+    def close_generation(self, task_id: str, snapshot_id: str) -> ClosedGeneration:
+        """Close the open generation (the caller holds ``write_lock`` and has stored the task
+        and the record with ``gen`` already advanced)."""
+        closed = ClosedGeneration(self.record.gen - 1, self.changed, task_id, snapshot_id)
+        self.closed.append(closed)
+        self.changed = Bitmap(self.nblocks)
+        return closed
+
+    async def read_closed(self, closed: ClosedGeneration, blocks: list[int]) -> list[bytes]:
+        """The contents ``blocks`` of ``closed`` had at its closing (for its upload)."""
+        async with self.write_lock:
+            data = await trio.to_thread.run_sync(self._read_closed_sync, closed, blocks)
+        self.counters.snapshot_blocks_read += len(blocks)
+        return data
+
+    def _read_closed_sync(self, closed: ClosedGeneration, blocks: list[int]) -> list[bytes]:
+        bs = self.block_size
+        out = []
+        cow = None
+        for n in blocks:
+            at = closed.cowed.get(n)
+            if at is None:
+                out.append(self.overlay.pread(n * bs, self._extent(n)))
+            else:
+                cow = cow or self.overlay.cow(closed.gen)
+                out.append(cow.pread(at, self._extent(n)))
+        return out
+
+    async def read_closed_range(self, closed: ClosedGeneration, offset: int,
+                                length: int) -> bytes | None:
+        """Bytes of ``closed``'s blocks in a range (all of them changed in ``closed``), or None
+        once ``closed`` is finished (stored: read the stored snapshot instead)."""
+        bs = self.block_size
+        first, stop = offset // bs, (offset + length - 1) // bs + 1
+        async with self.write_lock:
+            if closed not in self.closed:
+                return None
+            blocks = await trio.to_thread.run_sync(self._read_closed_sync, closed,
+                                                   list(range(first, stop)))
+        data = b"".join(blocks)
+        skip = offset - first * bs
+        return data[skip : skip + length]
+
+    def finish_generation(self, closed: ClosedGeneration) -> None:
+        """Forget ``closed`` (stored, or given up); the caller drops its cow file."""
+        self.closed.remove(closed)
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "size": self.size,
+            "block_size": self.block_size,
+            "source": self.record.source,
+            "parent": self.record.parent,
+            "generation": self.record.gen,
+            "blocks_written": len(self.present),
+            "blocks_changed": len(self.changed),  # since the last snapshot closed
+            "uploading": [c.snapshot_id for c in self.closed],
+            "open": self.opens,
+            "trusted": self.record.trusted,
+            **self.counters.__dict__,
+        }
+
+
+class PendingSnapshot:
+    """A snapshot closed but not stored yet, readable from this host's local copy."""
+
+    def __init__(self, disk: Disk, closed: ClosedGeneration, lower: Image | None, name: str,
+                 snapshot_id: str, size: int) -> None:
+        self.disk = disk
+        self.closed = closed
+        self.lower = lower
+        self.name = name  # the file name, NAME.img
+        self.snapshot_id = snapshot_id
+        self.size = size
+        self.block_size = disk.block_size
+        self.mtime_ns = time.time_ns()
+        self.stored: Image | None = None  # once uploaded: read through the stored snapshot
+        self.reads = 0
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self.reads += 1
+        if self.stored is not None:
+            return await self.stored.read(offset, length)
+        return await read_layered(offset, length, self.size, self.block_size,
+                                  self.closed.blocks.__contains__, self._read_local, self.lower)
+
+    async def _read_local(self, offset: int, length: int) -> bytes:
+        data = await self.disk.read_closed_range(self.closed, offset, length)
+        if data is None:  # stored (and its cow file dropped) meanwhile, or given up
+            if self.stored is None:
+                raise SnapfsError(f"snapshot {self.name} failed to upload; it is gone")
+            return await self.stored.read(offset, length)
+        return data

@@ -1,0 +1,147 @@
+"""A disk's local bytes: the overlay file of its written blocks and its copy-on-write files.
+
+The overlay is a sparse file as large as the disk: block ``n`` lives at ``n * block_size``, so a
+write is one ``pwrite`` and finding a block needs no map (which blocks are valid is the
+``present`` set kept in ``state``). A block's bytes are written before it is marked present, so
+a crash between the two leaves the block reading as before the write.
+
+A copy-on-write file belongs to one closed generation: the contents that blocks of that
+generation had at its closing, saved just before a later write overwrote them, appended in the
+order they were saved (their offsets are kept in ``state``). It lives until the generation's
+snapshot is stored.
+
+Blocking file I/O: call from worker threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+from pathlib import Path
+
+from snapfs.errors import NoSpace, SnapfsError
+
+log = logging.getLogger(__name__)
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+
+
+def _io_error(what: str, e: OSError) -> SnapfsError:
+    if e.errno == errno.ENOSPC:
+        return NoSpace(f"{what}: no space left on the state directory's file system")
+    return SnapfsError(f"{what}: {e.strerror}")
+
+
+class Overlay:
+    def __init__(self, directory: Path, disk_id: str, size: int) -> None:
+        self.dir = directory
+        self.disk_id = disk_id
+        self.path = directory / f"{disk_id}.overlay"
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if os.fstat(self.fd).st_size < size:
+                os.ftruncate(self.fd, size)
+        except OSError as e:
+            raise _io_error(f"overlay {self.path}", e) from None
+        self._cow: dict[int, CowFile] = {}
+
+    def close(self) -> None:
+        for cow in self._cow.values():
+            cow.close()
+        self._cow.clear()
+        os.close(self.fd)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:  # a hole past the end of a file grown by ftruncate reads short
+            data += bytes(length - len(data))
+        return data
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                done = os.pwrite(self.fd, view, offset)
+                view = view[done:]
+                offset += done
+        except OSError as e:
+            raise _io_error(f"overlay {self.path}", e) from None
+
+    def grow(self, size: int) -> None:
+        if os.fstat(self.fd).st_size < size:
+            os.ftruncate(self.fd, size)
+
+    def punch(self, offset: int, length: int) -> None:
+        """Give the space of a byte range back (its contents are no longer valid anyway)."""
+        if _libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length):
+            log.debug("punching a hole in %s failed: %s", self.path,
+                      os.strerror(ctypes.get_errno()))
+
+    def clear(self) -> None:
+        """Drop every byte, keeping the size (a rollback that resets the whole overlay)."""
+        size = os.fstat(self.fd).st_size
+        os.ftruncate(self.fd, 0)
+        os.ftruncate(self.fd, size)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+        for cow in self._cow.values():
+            cow.sync()
+
+    def cow(self, gen: int) -> CowFile:
+        cow = self._cow.get(gen)
+        if cow is None:
+            cow = self._cow[gen] = CowFile(self.dir / f"{self.disk_id}.cow-{gen}")
+        return cow
+
+    def drop_cow(self, gen: int) -> None:
+        cow = self._cow.pop(gen, None)
+        if cow is not None:
+            cow.close()
+        try:
+            (self.dir / f"{self.disk_id}.cow-{gen}").unlink()
+        except FileNotFoundError:
+            pass
+
+    def remove(self) -> None:
+        """Delete every file of this disk (after ``close``)."""
+        for path in self.dir.glob(f"{self.disk_id}.*"):
+            path.unlink(missing_ok=True)
+
+
+class CowFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self.end = os.fstat(self.fd).st_size
+        except OSError as e:
+            raise _io_error(f"copy-on-write file {path}", e) from None
+
+    def append(self, data: bytes) -> int:
+        offset = self.end
+        try:
+            if os.pwrite(self.fd, data, offset) != len(data):
+                raise OSError(errno.EIO, "short write")
+        except OSError as e:
+            raise _io_error(f"copy-on-write file {self.path}", e) from None
+        self.end += len(data)
+        return offset
+
+    def pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise SnapfsError(f"copy-on-write file {self.path} is truncated")
+        return data
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -1,0 +1,635 @@
+"""DiskService: the writable disks one daemon serves, and their snapshots.
+
+It owns the disks' durable state (``state``), their overlays, the queue of snapshot uploads and
+the pending snapshots that are readable while they upload. The mount daemon creates one per
+repository and state directory (``STATE/disks/REPO-ID``, locked with ``flock`` so that only one
+daemon on a host serves a repository's disks from one state directory; another one serves
+snapshots only), and calls it from its control socket; the FUSE adapter asks it for disks and
+pending snapshots.
+
+Snapshots of disks (``snapshot``): every named disk's open generation is closed under all their
+write locks at once (a consistency group when there are several), in one lmdb transaction that
+also records the task, so the snapshot is one instant for all of them. Uploads then run one task
+at a time, in order (a disk's next snapshot is incremental to the one before). A task ends
+``accomplished`` (roots stored; the copy-on-write files dropped; the changed sets kept, for
+``rollback``) or ``failed`` after retries (its changed blocks merge back into the open
+generation, so the next snapshot uploads them; later tasks of the same disks fail with it, as
+their parent is gone). A task whose pending snapshot a disk was created from never fails: it
+keeps retrying, since that disk reads from it. After kill -9 the next daemon finds the task
+still ``progressing`` and uploads it again from the durable local copy.
+
+Every method runs on the trio thread; blocking work goes to worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from snapfs.errors import (
+    DuplicateName,
+    NotFoundError,
+    SnapfsError,
+    SnapshotNotFound,
+    UsageError,
+)
+from snapfs.format.manifest import SnapshotRoot
+from snapfs.hydration.scheduler import Hydrator, Priority
+from snapfs.image.catalog import SnapshotCatalog
+from snapfs.image.view import ImageView
+from snapfs.repo.create import default_snapshot_name
+from snapfs.repo.repository import Repository, new_id, now_iso
+from snapfs.write.bitmap import Bitmap
+from snapfs.write.disk import ClosedGeneration, Disk, Image, PendingSnapshot
+from snapfs.write.overlay import Overlay
+from snapfs.write.state import DiskRecord, DiskState, SnapshotPart, SnapshotTask
+from snapfs.write.uploader import UploadProgress, upload_generation
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+UPLOAD_ATTEMPTS = 3
+RETRY_DELAY = 2.0
+DEPENDED_RETRY_DELAY = 30.0
+KEEP_FAILED = 20
+
+
+class DiskBusy(SnapfsError):
+    """A disk that is open, attached or uploading cannot be changed that way now."""
+
+
+def check_disk_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name):
+        raise UsageError(f"bad disk name {name!r}: use letters, digits, '.', '_' and '-' "
+                         "(up to 100, not starting with '.', '_' or '-')")
+    return name
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+class DiskService:
+    def __init__(self, state_dir: str | os.PathLike[str], repo: Repository, hydrator: Hydrator,
+                 catalog: SnapshotCatalog, disk_path: Callable[[str], str] | None = None) -> None:
+        self.repo = repo
+        self.hydrator = hydrator
+        self.catalog = catalog
+        self.dir = Path(state_dir) / "disks" / repo.config.id
+        #: where the kernel sees a disk's image (to find loop devices attached to it)
+        self.disk_path = disk_path or (lambda name: name)
+        self.disks: dict[str, Disk] = {}
+        self.pending: dict[str, PendingSnapshot] = {}  # snapshot id -> view, while uploading
+        self.tasks: dict[str, SnapshotTask] = {}
+        self.progress: dict[str, UploadProgress] = {}  # snapshot id -> its upload's progress
+        self.stored: dict[str, SnapshotRoot] = {}  # roots this daemon uploaded
+        self.enabled = False
+        self.disabled_reason: str | None = None
+        self._lock_fd: int | None = None
+        self._state: DiskState | None = None
+        self._loaded_changed: dict[str, dict[int, list[int]]] = {}  # between open and start
+        self._queue_send, self._queue_recv = trio.open_memory_channel[str](1000)
+        #: called when disks or pending snapshots come or go, with the name of a disk whose
+        #: contents were rewritten (a rollback) if any: the FUSE adapter invalidates its caches
+        self.changed: list[Callable[[str | None], None]] = []
+
+    # -- start and stop ----------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Take the state directory's lock and load every disk (blocking: before trio runs or
+        in a thread). Without the lock, disks are not served here (``enabled`` is False)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            self.disabled_reason = f"another snapfs daemon serves the disks of {self.dir}"
+            log.warning("%s; this one serves snapshots only", self.disabled_reason)
+            return
+        self._lock_fd = fd
+        self._state = DiskState(self.dir)
+        trusted = self._state.start(boot_id())
+        if not trusted:
+            log.warning("the last daemon did not stop cleanly before a reboot: changed-block "
+                        "records may miss writes; the next snapshot of each disk compares "
+                        "checksums instead")
+        self.enabled = True
+        records = self._state.disks()
+        for record in records:
+            if not trusted and record.trusted:
+                record.trusted = False
+                self._state.put_disk(record)
+            self._load_disk(record)
+        for task in self._state.tasks():
+            self.tasks[task.id] = task
+
+    def _load_disk(self, record: DiskRecord) -> None:
+        assert self._state is not None
+        overlay = Overlay(self.dir, record.id, record.size)
+        present = Bitmap(record.nblocks, self._state.present(record))
+        changed = self._state.changed(record)
+        disk = Disk(record, self._state, overlay, None, present,
+                    Bitmap(record.nblocks, changed.get(record.gen, ())))
+        self._loaded_changed[record.name] = changed
+        self.disks[record.name] = disk
+
+    async def start(self) -> None:
+        """After the catalog's first refresh: resolve bases, rebuild pending snapshots of
+        uploads a dead daemon left, and queue them."""
+        if not self.enabled:
+            return
+        assert self._state is not None
+        for task in sorted(self.tasks.values(), key=lambda t: t.created):
+            if task.state != "progressing":
+                continue
+            for part in task.parts:
+                disk = self.disks.get(part.disk)
+                if disk is None or part.done:
+                    continue
+                blocks = self._loaded_changed.get(disk.name, {}).get(part.gen, [])
+                closed = ClosedGeneration(part.gen, Bitmap(disk.nblocks, blocks), task.id,
+                                          part.snapshot_id)
+                closed.cowed = await trio.to_thread.run_sync(self._state.cow, disk.record, part.gen)
+                disk.closed.append(closed)
+            log.info("resuming the upload of snapshot task %s (%s)", task.id,
+                     ", ".join(p.name for p in task.parts))
+        self._loaded_changed.clear()
+        # pending views, in task order, so each one's lower image exists before it is needed
+        for task in sorted(self.tasks.values(), key=lambda t: t.created):
+            if task.state != "progressing":
+                continue
+            for part in task.parts:
+                disk = self.disks.get(part.disk)
+                if disk is None or part.done:
+                    continue
+                closed = next(c for c in disk.closed if c.gen == part.gen)
+                self._add_pending(disk, closed, part)
+            self._queue_send.send_nowait(task.id)
+        for disk in self.disks.values():
+            try:
+                disk.base = await self._image(disk.record.base)
+            except SnapshotNotFound as e:
+                log.error("disk %s: %s", disk.name, e.message)
+                disk.base = MissingImage(e.message)
+
+    def close(self) -> None:
+        for disk in self.disks.values():
+            try:
+                disk.overlay.close()
+            except OSError:
+                pass
+        if self._state is not None:
+            self._state.stop()
+            self._state.close()
+            self._state = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """The upload queue: one task at a time, in the order they were closed."""
+        task_status.started()
+        async for task_id in self._queue_recv:
+            task = self.tasks.get(task_id)
+            if task is not None and task.state == "progressing":
+                await self._upload_task(task)
+
+    # -- looking things up -------------------------------------------------------------------
+
+    def _require(self) -> DiskState:
+        if self._state is None:
+            raise SnapfsError(self.disabled_reason or "this daemon does not serve disks")
+        return self._state
+
+    def disk(self, name: str) -> Disk:
+        self._require()
+        disk = self.disks.get(name)
+        if disk is None:
+            raise NotFoundError(f"no disk named {name!r}")
+        return disk
+
+    async def _image(self, snapshot_id: str | None) -> Image | None:
+        """The image of a stored or pending snapshot, by ID (None for None)."""
+        if snapshot_id is None:
+            return None
+        pending = self.pending.get(snapshot_id)
+        if pending is not None:
+            return pending
+        view = self.catalog.by_snapshot_id(snapshot_id)
+        if view is None:
+            await self.catalog.refresh(force=True)
+            view = self.catalog.by_snapshot_id(snapshot_id)
+        if view is None:
+            root = self.stored.get(snapshot_id)
+            if root is not None:
+                return ImageView(self.repo, root, self.hydrator, f"{root.name}.img")
+            raise SnapshotNotFound(f"snapshot {snapshot_id} is not in the repository "
+                                   "(deleted?); a disk made from it cannot read its blocks")
+        return view
+
+    async def resolve(self, ref: str) -> tuple[str, int, str]:
+        """(snapshot ID, size, name) of a stored or pending snapshot named or ID-prefixed
+        ``ref``."""
+        for view in self.pending.values():
+            if ref in (view.snapshot_id, view.name.removesuffix(".img")):
+                return view.snapshot_id, view.size, view.name.removesuffix(".img")
+        await self.catalog.refresh(force=True)
+        roots = [v.root for v in self.catalog.images().values()]
+        root = self.repo.resolve(ref, roots)
+        return root.id, root.size, root.name
+
+    def _taken_names(self) -> set[str]:
+        names = {v.root.name for v in self.catalog.images().values()}
+        names |= {v.name.removesuffix(".img") for v in self.pending.values()}
+        return names
+
+    # -- disks ---------------------------------------------------------------------------------
+
+    async def create_disk(self, name: str, source: str | None, size: int | None) -> Disk:
+        state = self._require()
+        check_disk_name(name)
+        if name in self.disks:
+            raise DuplicateName(f"a disk named {name!r} already exists")
+        bs = self.repo.block_size
+        if source is None:
+            if size is None:
+                raise UsageError("give --from SNAP, --size SIZE, or both")
+            snapshot_id, base_size, source_name = None, 0, None
+        else:
+            snapshot_id, base_size, source_name = await self.resolve(source)
+            if size is None:
+                size = base_size
+            elif size < base_size:
+                raise UsageError(f"a disk cannot be smaller than its snapshot: {source_name} is "
+                                 f"{base_size} bytes, --size asks for {size}")
+        if size <= 0 or size % 512:
+            raise UsageError(f"disk size must be a positive multiple of 512 bytes, not {size}")
+        record = DiskRecord(name=name, id=new_id(), size=size, block_size=bs,
+                            base=snapshot_id, parent=snapshot_id, source=source_name,
+                            created=now_iso(), gen=1,
+                            lineage=[[snapshot_id, 0]] if snapshot_id else [])
+        base = await self._image(snapshot_id)
+
+        def create() -> Overlay:
+            overlay = Overlay(self.dir, record.id, size)
+            state.put_disk(record)
+            return overlay
+
+        overlay = await trio.to_thread.run_sync(create)
+        disk = Disk(record, state, overlay, base, Bitmap(record.nblocks), Bitmap(record.nblocks))
+        self.disks[name] = disk
+        log.info("disk %s created (%d bytes, from %s)", name, size, source_name or "nothing")
+        self._notify()
+        return disk
+
+    def _check_idle(self, disk: Disk, doing: str) -> None:
+        loops = attached_loops(self.disk_path(disk.name))
+        if loops:
+            raise DiskBusy(f"cannot {doing} disk {disk.name}: it is attached to "
+                           f"{', '.join(loops)} (detach it with losetup -d)")
+        if disk.opens:
+            raise DiskBusy(f"cannot {doing} disk {disk.name}: it is open ({disk.opens} handles)")
+        if disk.closed:
+            raise DiskBusy(f"cannot {doing} disk {disk.name}: its snapshot "
+                           f"{disk.closed[0].snapshot_id} is still uploading")
+
+    async def delete_disk(self, name: str) -> None:
+        state = self._require()
+        disk = self.disk(name)
+        self._check_idle(disk, "delete")
+
+        def delete() -> None:
+            state.delete_disk(disk.record)
+            disk.overlay.close()
+            disk.overlay.remove()
+
+        del self.disks[name]
+        await trio.to_thread.run_sync(delete)
+        log.info("disk %s deleted", name)
+        self._notify()
+
+    async def rollback(self, name: str, ref: str) -> dict[str, Any]:
+        """Make disk ``name`` equal snapshot ``ref``, resetting only the blocks that changed
+        since, when ``ref`` is one of the disk's own snapshots (or its source) of its size;
+        else resetting every block it wrote."""
+        state = self._require()
+        disk = self.disk(name)
+        self._check_idle(disk, "roll back")
+        snapshot_id, size, snap_name = await self.resolve(ref)
+        if snapshot_id in self.pending:
+            raise DiskBusy(f"snapshot {snap_name} is still uploading; roll back once it is stored")
+        base = await self._image(snapshot_id)
+        record = disk.record
+        at = next((i for i, (sid, _g) in enumerate(record.lineage) if sid == snapshot_id), None)
+        async with disk.write_lock:
+            if at is not None and size == record.size:
+                since_gen = record.lineage[at][1]
+                changed = await trio.to_thread.run_sync(state.changed, record)
+                drop = [g for g in changed if g > since_gen]
+                reset = sorted({n for g in drop for n in changed[g]})
+                new = dataclasses.replace(record, base=snapshot_id, parent=snapshot_id,
+                                          gen=record.gen + 1, lineage=record.lineage[: at + 1],
+                                          trusted=True)
+                clear_all = False
+            else:
+                drop = list(range(0, record.gen + 1))
+                reset = []
+                new = dataclasses.replace(record, base=snapshot_id, parent=snapshot_id, size=size,
+                                          gen=record.gen + 1, lineage=[[snapshot_id, record.gen]],
+                                          trusted=True)
+                clear_all = True
+
+            def apply() -> None:
+                state.rollback(new, reset, drop, clear_all)
+                if clear_all:
+                    disk.overlay.clear()
+                    disk.overlay.grow(new.size)
+                else:
+                    bs = record.block_size
+                    for n in reset:
+                        disk.overlay.punch(n * bs, bs)
+
+            await trio.to_thread.run_sync(apply)
+            disk.record = new
+            disk.base = base
+            if clear_all:
+                disk.present = Bitmap(new.nblocks)
+            else:
+                for n in reset:
+                    disk.present.discard(n)
+            disk.changed = Bitmap(new.nblocks)
+        self._notify(rewritten=name)
+        log.info("disk %s rolled back to %s (%s)", name, snap_name,
+                 "all written blocks reset" if clear_all else f"{len(reset)} blocks reset")
+        return {"disk": name, "snapshot": snapshot_id, "snapshot_name": snap_name,
+                "blocks_reset": len(reset) if not clear_all else None, "whole_overlay": clear_all}
+
+    def disk_list(self) -> list[dict[str, Any]]:
+        self._require()
+        return [disk.stats() for _, disk in sorted(self.disks.items())]
+
+    # -- snapshots ----------------------------------------------------------------------------
+
+    async def snapshot(self, names: list[str], name: str | None = None, tags: list[str] | None = None,
+                       consistency: str = "crash", deadline: float | None = None) -> SnapshotTask:
+        """Close the open generation of every disk in ``names`` at one instant and queue the
+        upload. ``deadline``: seconds within which the closing must happen for the requested
+        ``consistency`` to hold (a frozen file system is waiting); later, it is ``crash``."""
+        state = self._require()
+        if not names:
+            raise UsageError("no disk named")
+        disks = [self.disk(n) for n in dict.fromkeys(names)]
+        taken = self._taken_names()
+        parts = []
+        for disk in disks:
+            if name is None:
+                snap_name = default_snapshot_name(disk.name, taken)
+            else:
+                snap_name = name if len(disks) == 1 else f"{name}-{disk.name}"
+                if snap_name in taken:
+                    raise DuplicateName(f"a snapshot named {snap_name!r} already exists")
+            taken.add(snap_name)
+            parts.append(SnapshotPart(disk=disk.name, disk_id=disk.record.id, gen=0,
+                                      snapshot_id=new_id(), name=snap_name, parent=None,
+                                      size=disk.size))
+        task = SnapshotTask(id=new_id(), state="progressing", created=now_iso(), parts=parts,
+                            group=new_id() if len(disks) > 1 else None, tags=list(tags or []),
+                            consistency=consistency)
+        async with contextlib.AsyncExitStack() as stack:
+            started = trio.current_time()
+            for disk in sorted(disks, key=lambda d: d.name):  # one order: no deadlock
+                await stack.enter_async_context(disk.write_lock)
+            if deadline is not None and trio.current_time() - started > deadline:
+                task.consistency = "crash"
+            for disk in disks:
+                if not disk.record.trusted:  # compare every written block, as of this instant
+                    await trio.to_thread.run_sync(state.mark, disk.record, disk.record.gen, [],
+                                                  list(disk.present))
+                    disk.changed.update(disk.present)
+            records = []
+            for disk, part in zip(disks, parts, strict=True):
+                part.gen = disk.record.gen
+                part.parent = disk.closed[-1].snapshot_id if disk.closed else disk.record.parent
+                part.blocks = len(disk.changed)
+                records.append(dataclasses.replace(disk.record, gen=disk.record.gen + 1))
+            await trio.to_thread.run_sync(state.put_task, task, records)
+            for disk, part, record in zip(disks, parts, records, strict=True):
+                disk.record = record
+                closed = disk.close_generation(task.id, part.snapshot_id)
+                self._add_pending(disk, closed, part)
+        self.tasks[task.id] = task
+        self._queue_send.send_nowait(task.id)
+        log.info("snapshot task %s closed %s", task.id,
+                 ", ".join(f"{p.disk} ({p.blocks} changed blocks) as {p.name}" for p in parts))
+        self._notify()
+        return task
+
+    def _add_pending(self, disk: Disk, closed: ClosedGeneration, part: SnapshotPart) -> None:
+        earlier = [c for c in disk.closed if c.gen < closed.gen]
+        lower: Image | None
+        if earlier:
+            lower = earlier[-1].view
+        else:
+            lower = self.catalog.by_snapshot_id(part.parent) if part.parent else None
+            if part.parent and lower is None:
+                lower = self.pending.get(part.parent) or (
+                    ImageView(self.repo, self.stored[part.parent], self.hydrator,
+                              f"{self.stored[part.parent].name}.img")
+                    if part.parent in self.stored else None)
+        view = PendingSnapshot(disk, closed, lower, f"{part.name}.img", part.snapshot_id, part.size)
+        closed.view = view
+        self.pending[part.snapshot_id] = view
+        self.progress[part.snapshot_id] = UploadProgress(blocks_total=part.blocks)
+
+    def pending_images(self) -> dict[str, PendingSnapshot]:
+        return {v.name: v for v in self.pending.values()}
+
+    async def _upload_task(self, task: SnapshotTask) -> None:
+        state = self._require()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                for part in task.parts:
+                    if not part.done:
+                        await self._upload_part(task, part)
+                break
+            except SnapfsError as e:
+                depended = self._depended_on(task)
+                if attempt < UPLOAD_ATTEMPTS or depended:
+                    delay = DEPENDED_RETRY_DELAY if attempt >= UPLOAD_ATTEMPTS else RETRY_DELAY * attempt
+                    log.warning("snapshot task %s: upload failed (%s); retrying in %.0f s%s",
+                                task.id, e.message, delay,
+                                " (a disk reads from it, so it is never given up)" if depended else "")
+                    task.reason = e.message
+                    await trio.sleep(delay)
+                    continue
+                await self._fail(task, e.message)
+                return
+        task.state = "accomplished"
+        task.reason = None
+        task.finished = now_iso()
+        await trio.to_thread.run_sync(state.delete_task, task.id)
+        await self.catalog.refresh(force=True)
+        for part in task.parts:
+            self.pending.pop(part.snapshot_id, None)
+        self._notify()
+        log.info("snapshot task %s accomplished", task.id)
+
+    def _depended_on(self, task: SnapshotTask) -> bool:
+        ids = {p.snapshot_id for p in task.parts}
+        return any(d.record.base in ids for d in self.disks.values())
+
+    async def _upload_part(self, task: SnapshotTask, part: SnapshotPart) -> None:
+        state = self._require()
+        disk = self.disks[part.disk]
+        closed = next(c for c in disk.closed if c.gen == part.gen)
+        parent = await self._parent_root(part.parent)
+        parent_view = (ImageView(self.repo, parent, self.hydrator, f"{parent.name}.img")
+                       if parent is not None else None)
+
+        async def parent_page(p: int) -> list[bytes]:
+            assert parent_view is not None
+            return await parent_view.page(p, Priority.READAHEAD)
+
+        progress = self.progress.setdefault(part.snapshot_id, UploadProgress())
+        progress.blocks_done = progress.blocks_uploaded = 0
+        root, packs = await upload_generation(
+            self.repo, self.hydrator.index, disk, closed, part, parent, parent_page,
+            group=task.group, tags=task.tags, progress=progress)
+        for pack, entries in packs.items():
+            self.hydrator.index.add_pack(pack, entries)
+        self.stored[root.id] = root
+        view = closed.view
+        if view is not None:
+            view.stored = ImageView(self.repo, root, self.hydrator, view.name)
+        part.done = True
+        async with disk.write_lock:  # closings and rollbacks change the record too
+            record = dataclasses.replace(disk.record, parent=root.id, trusted=True,
+                                         lineage=[*disk.record.lineage, [root.id, part.gen]])
+            await trio.to_thread.run_sync(state.put_task, task, [record])
+            disk.record = record
+            disk.finish_generation(closed)
+
+            def drop() -> None:
+                state.drop_cow(record, closed.gen)
+                disk.overlay.drop_cow(closed.gen)
+
+            await trio.to_thread.run_sync(drop)
+        log.info("snapshot %s of disk %s stored: %s", root.name, disk.name, root.stats)
+
+    async def _parent_root(self, parent_id: str | None) -> SnapshotRoot | None:
+        if parent_id is None:
+            return None
+        if parent_id in self.stored:
+            return self.stored[parent_id]
+        view = self.catalog.by_snapshot_id(parent_id)
+        if view is None:
+            await self.catalog.refresh(force=True)
+            view = self.catalog.by_snapshot_id(parent_id)
+        if view is None:
+            raise SnapshotNotFound(f"the parent snapshot {parent_id} is gone from the repository")
+        return view.root
+
+    async def _fail(self, task: SnapshotTask, reason: str) -> None:
+        """Give ``task`` up: its changed blocks count as changed again, and later tasks of the
+        same disks (whose parents it was) fail with it."""
+        state = self._require()
+        doomed = [task]
+        disks = {p.disk for p in task.parts if not p.done}
+        for other in sorted(self.tasks.values(), key=lambda t: t.created):
+            if other is not task and other.state == "progressing" and other.created >= task.created \
+                    and disks & {p.disk for p in other.parts}:
+                doomed.append(other)
+        for t in doomed:
+            t.state = "failed"
+            t.reason = reason if t is task else f"its parent snapshot failed: {reason}"
+            t.finished = now_iso()
+            for part in t.parts:
+                disk = self.disks.get(part.disk)
+                if part.done or disk is None:
+                    continue
+                closed = next((c for c in disk.closed if c.gen == part.gen), None)
+                if closed is None:
+                    continue
+                async with disk.write_lock:
+                    await trio.to_thread.run_sync(state.merge_changed, disk.record, part.gen,
+                                                  disk.record.gen)
+                    disk.changed.update(closed.blocks)
+                    disk.finish_generation(closed)
+                    await trio.to_thread.run_sync(disk.overlay.drop_cow, part.gen)
+                self.pending.pop(part.snapshot_id, None)
+            await trio.to_thread.run_sync(state.put_task, t)
+            log.error("snapshot task %s failed: %s", t.id, t.reason)
+        failed = [t for t in self.tasks.values() if t.state == "failed"]
+        for old in sorted(failed, key=lambda t: t.created)[:-KEEP_FAILED]:
+            del self.tasks[old.id]
+            await trio.to_thread.run_sync(state.delete_task, old.id)
+        self._notify()
+
+    def task_summary(self, task_id: str) -> dict[str, Any]:
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise NotFoundError(f"no snapshot task {task_id}")
+        return self._summary(task)
+
+    def _summary(self, task: SnapshotTask) -> dict[str, Any]:
+        parts = []
+        for part in task.parts:
+            doc = dataclasses.asdict(part)
+            progress = self.progress.get(part.snapshot_id)
+            if progress is not None:
+                doc["progress"] = dataclasses.asdict(progress)
+            root = self.stored.get(part.snapshot_id)
+            if root is not None:
+                doc["snapshot"] = root.summary()
+            parts.append(doc)
+        doc = dataclasses.asdict(task)
+        doc["parts"] = parts
+        return doc
+
+    def task_list(self) -> list[dict[str, Any]]:
+        return [self._summary(t) for t in sorted(self.tasks.values(), key=lambda t: t.created)]
+
+    def _notify(self, rewritten: str | None = None) -> None:
+        for callback in self.changed:
+            callback(rewritten)
+
+
+class MissingImage:
+    """The base of a disk whose snapshot is gone: its untouched blocks cannot be read."""
+
+    size = 1 << 62
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    async def read(self, offset: int, length: int) -> bytes:
+        raise SnapshotNotFound(self.reason)
+
+
+def attached_loops(path: str) -> list[str]:
+    """Loop devices whose backing file is ``path``."""
+    out = []
+    real = os.path.realpath(path)
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            name = backing.read_text().strip()
+        except OSError:
+            continue
+        if name.removesuffix(" (deleted)") in (path, real):
+            out.append("/dev/" + backing.parent.parent.name)
+    return out

@@ -1,0 +1,304 @@
+"""The durable state of a host's writable disks: one lmdb environment per repository.
+
+Lives in ``STATE/disks/REPO-ID/state.lmdb`` (STATE is the daemon's cache directory) beside each
+disk's overlay and copy-on-write files (``overlay``). Named databases:
+
+``disks``    name -> ``DiskRecord`` (JSON)
+``present``  disk id (8 bytes) + block (8) -> ``b""``: the block lives in the overlay
+``changed``  disk id + generation (4) + block -> ``b""``: written during that generation
+``cow``      disk id + generation + block -> offset (8) in that generation's copy-on-write file
+``tasks``    task id -> ``SnapshotTask`` (JSON): snapshots being uploaded, and how they ended
+``meta``     ``boot_id`` and ``clean``: was the last daemon stopped cleanly in this boot
+
+A generation is the set of writes between two snapshots. The open one is the record's ``gen``;
+closing it for a snapshot records the task and opens ``gen + 1`` in one transaction (one per
+consistency group), which is the snapshot's instant. Its ``changed`` entries stay after its upload
+(they tell ``rollback`` what changed since each snapshot); its ``cow`` entries go with its upload.
+
+Durability: the environment is opened without a sync per commit (a write's marks are committed
+before the write is acknowledged, which survives kill -9 since the pages are in the kernel's
+cache); ``sync`` (from an fsync of a disk image, a closing, a clean shutdown) makes everything
+durable. After a reboot that was not preceded by a clean shutdown, commits since the last sync
+may be gone: the daemon then distrusts the changed sets (``trusted``), and the next snapshot of
+each disk compares checksums instead.
+
+Every method is one transaction and blocks: call it from a worker thread, never across an
+``await`` (an lmdb transaction never moves between threads).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from snapfs.errors import SnapfsError
+
+log = logging.getLogger(__name__)
+
+MAP_SIZE = 1 << 36
+_BLOCK = struct.Struct(">Q")
+_GEN = struct.Struct(">I")
+_OFFSET = struct.Struct("<Q")
+
+
+@dataclass
+class DiskRecord:
+    name: str
+    id: str  # 16 hex digits, the key prefix of everything this disk owns
+    size: int
+    block_size: int
+    base: str | None  # the snapshot untouched blocks are read from (None: all zeros)
+    parent: str | None  # what the next snapshot is incremental to (None: a full one)
+    source: str | None  # the snapshot the disk was created from, for people
+    created: str
+    gen: int = 1  # the open generation
+    #: [snapshot id, last generation it holds] of this disk's own snapshots and of ``base``,
+    #: oldest first: what ``rollback`` can reach by resetting only what changed since
+    lineage: list[list[Any]] = field(default_factory=list)
+    #: False after an unclean reboot: the changed sets may miss writes
+    trusted: bool = True
+
+    @property
+    def key(self) -> bytes:
+        return bytes.fromhex(self.id)
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.size // self.block_size)
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> DiskRecord:
+        doc = json.loads(data)
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in doc.items() if k in known})
+
+
+@dataclass
+class SnapshotPart:
+    """One disk's share of a snapshot task."""
+
+    disk: str
+    disk_id: str
+    gen: int  # the closed generation
+    snapshot_id: str
+    name: str
+    parent: str | None
+    size: int
+    blocks: int = 0  # changed blocks to upload
+    done: bool = False  # its root is stored
+
+
+@dataclass
+class SnapshotTask:
+    id: str
+    state: str  # progressing | accomplished | failed
+    created: str
+    parts: list[SnapshotPart]
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    reason: str | None = None
+    finished: str | None = None
+    consistency: str = "crash"  # or "frozen" when --freeze held for the instant
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> SnapshotTask:
+        doc = json.loads(data)
+        doc["parts"] = [SnapshotPart(**p) for p in doc.get("parts", [])]
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in doc.items() if k in known})
+
+
+def _present_key(disk: bytes, block: int) -> bytes:
+    return disk + _BLOCK.pack(block)
+
+
+def _gen_key(disk: bytes, gen: int, block: int) -> bytes:
+    return disk + _GEN.pack(gen) + _BLOCK.pack(block)
+
+
+class DiskState:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._env = lmdb.open(str(directory / "state.lmdb"), map_size=MAP_SIZE, max_dbs=8,
+                                  sync=False, metasync=False, readahead=False)
+        except (OSError, lmdb.Error) as e:
+            raise SnapfsError(f"disk state in {directory} cannot be opened: {e}") from None
+        self._disks = self._env.open_db(b"disks")
+        self._present = self._env.open_db(b"present")
+        self._changed = self._env.open_db(b"changed")
+        self._cow = self._env.open_db(b"cow")
+        self._tasks = self._env.open_db(b"tasks")
+        self._meta = self._env.open_db(b"meta")
+
+    def close(self) -> None:
+        self._env.sync(True)
+        self._env.close()
+
+    def sync(self) -> None:
+        self._env.sync(True)
+
+    # -- the clean-shutdown marker -----------------------------------------------------------
+
+    def start(self, boot_id: str) -> bool:
+        """Record that a daemon runs in this boot; True if the state can be trusted (the last
+        daemon stopped cleanly, or this boot is the one it ran in)."""
+        with self._env.begin(write=True, db=self._meta) as txn:
+            clean = txn.get(b"clean") == b"1"
+            same_boot = txn.get(b"boot_id") == boot_id.encode()
+            txn.put(b"boot_id", boot_id.encode())
+            txn.put(b"clean", b"0")
+        self._env.sync(True)
+        return clean or same_boot
+
+    def stop(self) -> None:
+        with self._env.begin(write=True, db=self._meta) as txn:
+            txn.put(b"clean", b"1")
+        self._env.sync(True)
+
+    # -- records ---------------------------------------------------------------------------------
+
+    def disks(self) -> list[DiskRecord]:
+        with self._env.begin(db=self._disks) as txn:
+            return [DiskRecord.decode(v) for _, v in txn.cursor()]
+
+    def tasks(self) -> list[SnapshotTask]:
+        with self._env.begin(db=self._tasks) as txn:
+            return sorted((SnapshotTask.decode(v) for _, v in txn.cursor()), key=lambda t: t.created)
+
+    def put_disk(self, record: DiskRecord) -> None:
+        with self._env.begin(write=True, db=self._disks) as txn:
+            txn.put(record.name.encode(), record.encode())
+        self._env.sync(True)
+
+    def put_task(self, task: SnapshotTask, records: Iterable[DiskRecord] = ()) -> None:
+        with self._env.begin(write=True) as txn:
+            txn.put(task.id.encode(), task.encode(), db=self._tasks)
+            for record in records:
+                txn.put(record.name.encode(), record.encode(), db=self._disks)
+        self._env.sync(True)
+
+    def delete_task(self, task_id: str) -> None:
+        with self._env.begin(write=True, db=self._tasks) as txn:
+            txn.delete(task_id.encode())
+
+    def delete_disk(self, record: DiskRecord) -> None:
+        key = record.key
+        with self._env.begin(write=True) as txn:
+            txn.delete(record.name.encode(), db=self._disks)
+            for db in (self._present, self._changed, self._cow):
+                _delete_prefix(txn, db, key)
+        self._env.sync(True)
+
+    # -- blocks ----------------------------------------------------------------------------------
+
+    def present(self, record: DiskRecord) -> list[int]:
+        return [_BLOCK.unpack_from(k, 8)[0] for k in _keys(self._env, self._present, record.key)]
+
+    def changed(self, record: DiskRecord) -> dict[int, list[int]]:
+        """Every generation's changed blocks (open, closed and uploaded ones)."""
+        out: dict[int, list[int]] = {}
+        for k in _keys(self._env, self._changed, record.key):
+            out.setdefault(_GEN.unpack_from(k, 8)[0], []).append(_BLOCK.unpack_from(k, 12)[0])
+        return out
+
+    def cow(self, record: DiskRecord, gen: int) -> dict[int, int]:
+        prefix = record.key + _GEN.pack(gen)
+        with self._env.begin(db=self._cow) as txn:
+            cursor = txn.cursor()
+            out = {}
+            if cursor.set_range(prefix):
+                for k, v in cursor:
+                    if not k.startswith(prefix):
+                        break
+                    out[_BLOCK.unpack_from(k, 12)[0]] = _OFFSET.unpack(v)[0]
+            return out
+
+    def mark(self, record: DiskRecord, gen: int, present: Iterable[int], changed: Iterable[int]) -> None:
+        """Blocks now in the overlay, and blocks written in generation ``gen``."""
+        key = record.key
+        with self._env.begin(write=True) as txn:
+            for n in present:
+                txn.put(_present_key(key, n), b"", db=self._present)
+            for n in changed:
+                txn.put(_gen_key(key, gen, n), b"", db=self._changed)
+
+    def put_cow(self, record: DiskRecord, gen: int, entries: Iterable[tuple[int, int]]) -> None:
+        with self._env.begin(write=True, db=self._cow) as txn:
+            for n, offset in entries:
+                txn.put(_gen_key(record.key, gen, n), _OFFSET.pack(offset))
+
+    def drop_cow(self, record: DiskRecord, gen: int) -> None:
+        with self._env.begin(write=True, db=self._cow) as txn:
+            _delete_prefix(txn, self._cow, record.key + _GEN.pack(gen))
+
+    def merge_changed(self, record: DiskRecord, from_gen: int, into_gen: int) -> None:
+        """A failed upload: generation ``from_gen``'s blocks count as changed in ``into_gen``
+        (so the next snapshot uploads them), and ``from_gen`` is gone."""
+        key = record.key
+        prefix = key + _GEN.pack(from_gen)
+        with self._env.begin(write=True) as txn:
+            cursor = txn.cursor(db=self._changed)
+            blocks = []
+            if cursor.set_range(prefix):
+                for k, _ in cursor:
+                    if not k.startswith(prefix):
+                        break
+                    blocks.append(_BLOCK.unpack_from(k, 12)[0])
+            _delete_prefix(txn, self._changed, prefix)
+            _delete_prefix(txn, self._cow, prefix)
+            for n in blocks:
+                txn.put(_gen_key(key, into_gen, n), b"", db=self._changed)
+        self._env.sync(True)
+
+    def rollback(self, record: DiskRecord, unpresent: Iterable[int], drop_gens: Iterable[int],
+                 clear_present: bool) -> None:
+        """Forget overlay blocks (all of them with ``clear_present``) and generations, and store
+        the new record, in one transaction."""
+        key = record.key
+        with self._env.begin(write=True) as txn:
+            if clear_present:
+                _delete_prefix(txn, self._present, key)
+            else:
+                for n in unpresent:
+                    txn.delete(_present_key(key, n), db=self._present)
+            for gen in drop_gens:
+                _delete_prefix(txn, self._changed, key + _GEN.pack(gen))
+                _delete_prefix(txn, self._cow, key + _GEN.pack(gen))
+            txn.put(record.name.encode(), record.encode(), db=self._disks)
+        self._env.sync(True)
+
+
+def _keys(env: lmdb.Environment, db: Any, prefix: bytes) -> list[bytes]:
+    with env.begin(db=db) as txn:
+        cursor = txn.cursor()
+        out = []
+        if cursor.set_range(prefix):
+            for k in cursor.iternext(keys=True, values=False):
+                if not k.startswith(prefix):
+                    break
+                out.append(k)
+        return out
+
+
+def _delete_prefix(txn: lmdb.Transaction, db: Any, prefix: bytes) -> None:
+    cursor = txn.cursor(db=db)
+    if not cursor.set_range(prefix):
+        return
+    while bytes(cursor.key()).startswith(prefix):
+        if not cursor.delete():
+            break

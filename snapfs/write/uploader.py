@@ -1,0 +1,250 @@
+"""Storing a closed generation of a disk as a snapshot.
+
+Only the generation's changed blocks are read (from its copy-on-write file or the overlay, as
+they were at the closing), hashed, and compressed and uploaded if the repository does not hold
+them yet; the rest of the disk is never read. The manifest is the parent's: its untouched pages
+are referenced as they are, and only pages holding a changed entry (or whose length changed
+because the disk grew) are rewritten.
+
+Commit order, as for every snapshot: packs, then the index object naming them, then the root;
+the shared repository lock is held throughout so ``gc`` cannot delete a blob the new manifest
+reuses. A crash before the root is stored leaves unreferenced packs for ``gc``, never a half
+snapshot; the daemon then uploads the generation again from its durable local copy.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from snapfs.format.block import ZERO_ID
+from snapfs.format.manifest import DEFAULT_ENTRIES_PER_PAGE, SnapshotRoot, encode_page
+from snapfs.format.pack import KIND_DATA, KIND_PAGE
+from snapfs.repo.lock import REFRESH_EVERY, RepositoryLock
+from snapfs.repo.packer import FinishedPack, PackAssembler, PackUploader
+from snapfs.repo.repository import BlobIndex, Repository, now_iso
+from snapfs.throttle import RateLimiter
+from snapfs.write.disk import ClosedGeneration, Disk
+from snapfs.write.state import SnapshotPart
+
+log = logging.getLogger(__name__)
+
+BATCH_BLOCKS = 256  # blocks read, hashed and compressed per step (4 MiB at 16 KiB)
+PUT_STREAMS = 4
+
+PageLoader = Callable[[int], Awaitable[list[bytes]]]
+
+
+@functools.cache
+def _zeros(n: int) -> bytes:
+    return bytes(n)
+
+
+@dataclass
+class UploadProgress:
+    blocks_total: int = 0
+    blocks_done: int = 0
+    blocks_uploaded: int = 0  # new in the repository
+    bytes_uploaded: int = 0
+
+
+async def upload_generation(
+    repo: Repository,
+    index: BlobIndex,
+    disk: Disk,
+    closed: ClosedGeneration,
+    part: SnapshotPart,
+    parent: SnapshotRoot | None,
+    parent_page: PageLoader,
+    *,
+    group: str | None,
+    tags: list[str],
+    progress: UploadProgress,
+    trusted: bool = True,
+    rate: float | None = None,
+) -> tuple[SnapshotRoot, dict[str, list]]:
+    """Store ``closed`` as snapshot ``part.snapshot_id``; return its root and the packs it
+    added (for the caller's index). ``parent_page(p)`` gives the IDs of the parent's page ``p``.
+    Without ``trusted`` changed sets, every block ever written is compared instead."""
+    started = time.monotonic()
+    lock = RepositoryLock(repo.store, "shared", f"snapshot of disk {disk.name}")
+    store_limiter = trio.CapacityLimiter(repo.store.concurrency)
+    await trio.to_thread.run_sync(lock.acquire, limiter=store_limiter)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_refresh_lock, lock, store_limiter)
+            root, packs = await _upload(repo, index, disk, closed, part, parent, parent_page,
+                                        group, tags, progress, trusted, rate, store_limiter)
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(lock.release, limiter=store_limiter)
+    root.stats["seconds"] = round(time.monotonic() - started, 3)
+    return root, packs
+
+
+async def _refresh_lock(lock: RepositoryLock, limiter: trio.CapacityLimiter) -> None:
+    while True:
+        await trio.sleep(REFRESH_EVERY)
+        await trio.to_thread.run_sync(lock.refresh, limiter=limiter)
+
+
+def _hash_and_encode(repo: Repository, blocks: list[bytes], index: BlobIndex,
+                     pending: set[bytes]) -> list[tuple[bytes, bytes | None, int]]:
+    """Worker thread: (ID, encoded-or-None-if-known, raw length) of each block."""
+    out: list[tuple[bytes, bytes | None, int]] = []
+    seen: set[bytes] = set()
+    for plain in blocks:
+        if plain == _zeros(len(plain)):  # all zeros (a memcmp): never stored
+            out.append((ZERO_ID, None, len(plain)))
+            continue
+        bid = repo.keyer.block_id(plain)
+        if bid in index or bid in pending or bid in seen:
+            out.append((bid, None, len(plain)))
+            continue
+        seen.add(bid)
+        out.append((bid, repo.codec.encode(plain), len(plain)))
+    return out
+
+
+async def _upload(
+    repo: Repository, index: BlobIndex, disk: Disk, closed: ClosedGeneration,
+    part: SnapshotPart, parent: SnapshotRoot | None, parent_page: PageLoader,
+    group: str | None, tags: list[str], progress: UploadProgress, trusted: bool,
+    rate: float | None, store_limiter: trio.CapacityLimiter,
+) -> tuple[SnapshotRoot, dict[str, list]]:
+    bs = disk.block_size
+    nblocks = -(-part.size // bs)
+    per_page = DEFAULT_ENTRIES_PER_PAGE
+    if trusted:
+        changed = list(closed.blocks)
+    else:  # compare every block this disk ever wrote with the parent's entry
+        changed = list(disk.present)
+        log.warning("disk %s: its changed-block record is not trusted after an unclean "
+                    "restart; comparing the checksums of its %d written blocks instead",
+                    disk.name, len(changed))
+    changed = [n for n in changed if n < nblocks]
+    progress.blocks_total = len(changed)
+    assembler = PackAssembler(repo.config.pack_size)
+    uploader = PackUploader(repo, store_limiter, RateLimiter(rate))
+    ids: dict[int, bytes] = {}
+
+    async def add(send: trio.MemorySendChannel[FinishedPack], bid: bytes, kind: int,
+                  encoded: bytes, raw: int) -> None:
+        if bid in index or bid in assembler.pending:
+            return
+        if kind == KIND_DATA:
+            progress.blocks_uploaded += 1
+        full = assembler.add(bid, kind, encoded, raw)
+        if full is not None:
+            await send.send(full)
+
+    pack_send, pack_recv = trio.open_memory_channel[FinishedPack](1)
+    async with trio.open_nursery() as putters:
+        for _ in range(min(PUT_STREAMS, repo.store.concurrency)):
+            putters.start_soon(uploader.run, pack_recv.clone())
+        pack_recv.close()
+        async with pack_send:
+            for at in range(0, len(changed), BATCH_BLOCKS):
+                batch = changed[at : at + BATCH_BLOCKS]
+                contents = await disk.read_closed(closed, batch)
+                encoded = await trio.to_thread.run_sync(
+                    _hash_and_encode, repo, contents, index, assembler.pending)
+                for n, (bid, blob, raw) in zip(batch, encoded, strict=True):
+                    ids[n] = bid
+                    if blob is not None:
+                        await add(pack_send, bid, KIND_DATA, blob, raw)
+                progress.blocks_done += len(batch)
+            pages, blocks_changed, pages_written = await _pages(
+                repo, ids, nblocks, per_page, parent, parent_page, index, assembler, pack_send)
+            for full in assembler.flush():
+                await pack_send.send(full)
+    packs = dict(uploader.index_file.packs)
+    if packs:
+        _name, nbytes = await trio.to_thread.run_sync(repo.write_index, uploader.index_file,
+                                                      limiter=store_limiter)
+        uploader.count(nbytes)
+    root = SnapshotRoot(
+        id=part.snapshot_id,
+        name=part.name,
+        disk=disk.name,
+        parent=parent.id if parent else None,
+        size=part.size,
+        block_size=bs,
+        created=now_iso(),
+        entries_per_page=per_page,
+        pages=[p.hex() for p in pages],
+        tags=list(tags),
+        group=group,
+    )
+    root.stats = {
+        "blocks_total": nblocks,
+        "blocks_read": len(changed),
+        "blocks_changed": blocks_changed,
+        "blocks_uploaded": progress.blocks_uploaded,
+        "pages_written": pages_written,
+        "bytes_uploaded": uploader.stats.bytes,
+        "objects_written": uploader.stats.objects + 1,
+        "source": "changed-block tracking" if trusted else "checksum comparison",
+    }
+    await trio.to_thread.run_sync(repo.write_root, root, limiter=store_limiter)
+    progress.bytes_uploaded = uploader.stats.bytes
+    return root, packs
+
+
+async def _pages(
+    repo: Repository, ids: dict[int, bytes], nblocks: int, per_page: int,
+    parent: SnapshotRoot | None, parent_page: PageLoader, index: BlobIndex,
+    assembler: PackAssembler, send: trio.MemorySendChannel[FinishedPack],
+) -> tuple[list[bytes], int, int]:
+    """The new manifest's page IDs: the parent's where nothing changed, new pages elsewhere.
+    Returns (page IDs, entries that differ from the parent, pages written)."""
+    npages = -(-nblocks // per_page)
+    parent_nblocks = parent.blocks_total if parent else 0
+    parent_pages = [bytes.fromhex(p) for p in parent.pages] if parent else []
+    if parent is not None and parent.entries_per_page != per_page:
+        raise AssertionError("a parent manifest with another page size")  # not made by snapfs
+
+    def page_len(p: int, total: int) -> int:
+        return max(0, min(per_page, total - p * per_page))
+
+    touched: dict[int, dict[int, bytes]] = {}
+    for n, bid in ids.items():
+        touched.setdefault(n // per_page, {})[n % per_page] = bid
+    out: list[bytes] = []
+    blocks_changed = 0
+    written = 0
+    for p in range(npages):
+        length = page_len(p, nblocks)
+        old_length = page_len(p, parent_nblocks)
+        changes = touched.get(p)
+        if not changes and length == old_length:
+            out.append(parent_pages[p] if p < len(parent_pages) else ZERO_ID)
+            continue
+        if p < len(parent_pages) and parent_pages[p] != ZERO_ID:
+            old = await parent_page(p)
+        else:
+            old = [ZERO_ID] * old_length
+        entries = old[:length] + [ZERO_ID] * (length - len(old))
+        for i, bid in (changes or {}).items():
+            if entries[i] != bid:
+                blocks_changed += 1
+                entries[i] = bid
+        if all(e == ZERO_ID for e in entries):
+            out.append(ZERO_ID)
+            continue
+        plain = encode_page(entries)
+        pid = repo.keyer.block_id(plain)
+        out.append(pid)
+        if pid not in index and pid not in assembler.pending:
+            encoded = await trio.to_thread.run_sync(repo.codec.encode, plain)
+            written += 1
+            full = assembler.add(pid, KIND_PAGE, encoded, len(plain))
+            if full is not None:
+                await send.send(full)
+    return out, blocks_changed, written
