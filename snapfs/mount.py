@@ -64,6 +64,7 @@ from snapfs.fuse_ops import SnapshotFS
 from snapfs.hydration.scheduler import HydrationConfig, Hydrator
 from snapfs.image.catalog import SnapshotCatalog
 from snapfs.image.sweep import Sweeper
+from snapfs.repo.indexcache import IndexCache
 from snapfs.repo.parallel import single_error
 from snapfs.repo.repository import BlobIndex, Repository
 from snapfs.store import ObjectStore, open_store
@@ -313,7 +314,8 @@ def _serve(options: MountOptions, files: RunFiles, ready: Callable[[], None]) ->
         try:
             # the catalog's first refresh loads the index (with the snapshot list it matches)
             hydrator = Hydrator(repo, BlobIndex(), cache, options.hydration)
-            catalog = SnapshotCatalog(repo, hydrator)
+            catalog = SnapshotCatalog(repo, hydrator,
+                                      index_cache=IndexCache(options.cache_dir))
             disks = DiskService(options.cache_dir, repo, hydrator, catalog,
                                 disk_path=lambda name: f"{options.mountpoint}/disks/{name}.img")
             disks.open()

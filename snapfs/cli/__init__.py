@@ -2,6 +2,12 @@
 
 Errors from the library are ``SnapfsError``s: the CLI prints their one line and exits with their
 code; a traceback only with ``--debug``.
+
+Start-up time is part of every command (and of "time to first file" for a mount), so the CLI
+modules import only click and light snapfs modules at their top; a command imports the library
+it calls inside its body (trio, pyfuse3, lmdb, the codecs, boto3 for S3: together most of a
+second on a cold start), so ``snapfs --help`` pays for none of them and each command only for
+its own. ``tests/test_cli_imports.py`` keeps it so.
 """
 
 from __future__ import annotations

@@ -7,22 +7,28 @@ undoes.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
-from snapfs.browse import BrowseOptions, BrowseState, restore_from_snapshot
-from snapfs.browse import browse as browse_snapshot
-from snapfs.browse import unbrowse as unbrowse_directory
 from snapfs.cli.context import CliConfig, pass_config
 from snapfs.cli.mount import default_cache_dir
 from snapfs.cli.output import emit_json, human_size, parse_size, progress_for
 from snapfs.progress import NO_PROGRESS
-from snapfs.restore import ON_CONFLICT, RestoreOptions
+
+if TYPE_CHECKING:
+    from snapfs.browse import BrowseOptions, BrowseState
 
 #: the cache of a daemon browse starts (as ``snapfs mount``'s default)
 CACHE_SIZE = "20G"
+#: ``snapfs.restore.ON_CONFLICT`` spelled out (``RestoreOptions`` checks it again): importing
+#: the restorer just to draw the options would cost every command its imports
+ON_CONFLICT = ("skip", "overwrite")
 
 
 def _options(config: CliConfig, snap: str, directory: str, fuse2fs: bool) -> BrowseOptions:
+    from snapfs.browse import BrowseOptions
+
     return BrowseOptions(
         repository=config.require_repo(), snapshot=snap, directory=directory,
         cache_dir=default_cache_dir(), cache_size=parse_size(CACHE_SIZE),
@@ -48,6 +54,8 @@ def _describe(state: BrowseState) -> str:
 def browse(config: CliConfig, snap: str, directory: str, fuse2fs: bool,
            json_output: bool) -> None:
     """Mount the files inside snapshot SNAP read-only at DIRECTORY (undo with unbrowse)."""
+    from snapfs.browse import browse as browse_snapshot
+
     state = browse_snapshot(_options(config, snap, directory, fuse2fs))
     if json_output:
         emit_json(state.as_dict())
@@ -59,6 +67,8 @@ def browse(config: CliConfig, snap: str, directory: str, fuse2fs: bool,
 @click.argument("directory", type=click.Path())
 def unbrowse(directory: str) -> None:
     """Unmount a browsed DIRECTORY, detach its loop device, stop the daemon browse started."""
+    from snapfs.browse import unbrowse as unbrowse_directory
+
     click.echo(unbrowse_directory(directory))
 
 
@@ -80,6 +90,9 @@ def restore_files(config: CliConfig, snap: str, target: str, includes: tuple[str
                   excludes: tuple[str, ...], on_conflict: str, fuse2fs: bool,
                   json_output: bool) -> None:
     """Copy files out of snapshot SNAP into a directory, keeping their metadata."""
+    from snapfs.browse import restore_from_snapshot
+    from snapfs.restore import RestoreOptions
+
     restore = RestoreOptions(includes, excludes, on_conflict)  # bad patterns fail first
     bar = progress_for(json_output)
     try:

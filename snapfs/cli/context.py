@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import click
 
 from snapfs.errors import UsageError
-from snapfs.repo.repository import Repository
-from snapfs.store import open_store
+
+if TYPE_CHECKING:
+    from snapfs.repo.repository import Repository
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,9 @@ class CliConfig:
     debug: bool
 
     def open_repository(self) -> Repository:
+        from snapfs.repo.repository import Repository
+        from snapfs.store import open_store
+
         return Repository.open(open_store(self.require_repo(), self.endpoint_url))
 
     def require_repo(self) -> str:

@@ -10,7 +10,6 @@ import click
 from snapfs.cli.context import CliConfig, pass_config
 from snapfs.cli.output import emit_json, human_size, parse_size
 from snapfs.errors import UsageError
-from snapfs.write.client import call
 
 
 @click.group()
@@ -27,6 +26,8 @@ def disk() -> None:
 def create(config: CliConfig, name: str, source: str | None, size: str | None,
            json_output: bool) -> None:
     """Create disk NAME from a snapshot (usable at once), or empty with --size alone."""
+    from snapfs.write.client import call
+
     if source is None and size is None:
         raise UsageError("give --from SNAP, --size SIZE, or both")
     nbytes = parse_size(size) if size is not None else None
@@ -45,6 +46,8 @@ def create(config: CliConfig, name: str, source: str | None, size: str | None,
 @pass_config
 def list_(config: CliConfig, json_output: bool) -> None:
     """List the disks, with what was written and what is uploading."""
+    from snapfs.write.client import call
+
     disks: list[dict[str, Any]] = call(config.require_repo(), {"op": "disk-list"})["disks"]
     if json_output:
         emit_json(disks)
@@ -65,6 +68,8 @@ def list_(config: CliConfig, json_output: bool) -> None:
 @pass_config
 def delete(config: CliConfig, name: str) -> None:
     """Delete disk NAME and everything written to it (refused while it is open or attached)."""
+    from snapfs.write.client import call
+
     call(config.require_repo(), {"op": "disk-delete", "name": name})
     click.echo(f"disk {name} deleted")
 
@@ -77,6 +82,8 @@ def delete(config: CliConfig, name: str) -> None:
 @pass_config
 def rollback(config: CliConfig, name: str, snap: str, yes: bool, json_output: bool) -> None:
     """Make disk NAME equal snapshot SNAP; what was written since is lost."""
+    from snapfs.write.client import call
+
     if not yes:
         if not sys.stdin.isatty():
             raise UsageError("rollback loses what was written since the snapshot: "

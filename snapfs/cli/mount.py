@@ -14,11 +14,7 @@ import click
 
 from snapfs.cli.context import CliConfig, pass_config
 from snapfs.cli.output import emit_json, human_size, parse_size
-from snapfs.control import daemon_stats, unmount
 from snapfs.errors import UsageError
-from snapfs.hydration.scheduler import HydrationConfig
-from snapfs.mount import MountOptions
-from snapfs.mount import mount as mount_repository
 
 
 def default_cache_dir() -> str:
@@ -71,6 +67,10 @@ def mount(config: CliConfig, mountpoint: str, cache_dir: str | None, cache_size:
           prefetch_list: str | None, allow_other: bool, simulate_latency: str | None,
           simulate_bandwidth: str | None) -> None:
     """Serve every snapshot of REPO as MOUNTPOINT/snapshots/NAME.img, fetched as it is read."""
+    from snapfs.hydration.scheduler import HydrationConfig
+    from snapfs.mount import MountOptions
+    from snapfs.mount import mount as mount_repository
+
     if hydrate_rate is not None and hydrate_rate <= 0:
         raise UsageError("--hydrate-rate must be a positive number of MB/s")
     options = MountOptions(
@@ -100,6 +100,8 @@ def mount(config: CliConfig, mountpoint: str, cache_dir: str | None, cache_size:
 def umount(mountpoint: str, timeout: float) -> None:
     """Unmount MOUNTPOINT and wait until its daemon has exited (also cleans up after a daemon
     that died)."""
+    from snapfs.control import unmount
+
     click.echo(unmount(mountpoint, timeout))
 
 
@@ -108,6 +110,8 @@ def umount(mountpoint: str, timeout: float) -> None:
 @click.option("--json", "json_output", is_flag=True, help="Print the daemon's raw statistics.")
 def stats(mountpoint: str, json_output: bool) -> None:
     """Show how far each image is hydrated and how the store is doing."""
+    from snapfs.control import daemon_stats
+
     doc = daemon_stats(mountpoint)
     if json_output:
         emit_json(doc)

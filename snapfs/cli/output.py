@@ -6,15 +6,14 @@ import json
 import re
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import trio
 
 from snapfs.errors import UsageError
-from snapfs.progress import NO_PROGRESS
-from snapfs.progress import Progress as ProgressSink
-from snapfs.repo.parallel import single_error
+
+if TYPE_CHECKING:
+    from snapfs.progress import Progress as ProgressSink
 
 T = TypeVar("T")
 
@@ -86,6 +85,11 @@ def progress_for(json_output: bool) -> TerminalProgress | None:
 
 def run_async(fn: Callable[[ProgressSink], Awaitable[T]], json_output: bool = False) -> T:
     """Run one async library call under trio with a progress bar if on a terminal."""
+    import trio  # imported here, as everything heavy in the CLI: only commands that use it pay
+
+    from snapfs.progress import NO_PROGRESS
+    from snapfs.repo.parallel import single_error
+
     bar = progress_for(json_output)
     try:
         with single_error():

@@ -7,12 +7,7 @@ import click
 from snapfs.cli.context import CliConfig, pass_config
 from snapfs.cli.output import emit_json, human_size, parse_size, run_async
 from snapfs.errors import IntegrityError
-from snapfs.format.repoconfig import check_block_size
-from snapfs.repo.export import export_snapshot
-from snapfs.repo.gc import collect_garbage
-from snapfs.repo.repository import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, Repository
-from snapfs.repo.verify import verify_snapshots
-from snapfs.store import open_store
+from snapfs.repo.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL
 
 
 @click.command()
@@ -24,6 +19,10 @@ from snapfs.store import open_store
 @pass_config
 def init(config: CliConfig, block_size: str, compression_level: int, json_output: bool) -> None:
     """Create a new, empty repository at REPO."""
+    from snapfs.format.repoconfig import check_block_size
+    from snapfs.repo.repository import Repository
+    from snapfs.store import open_store
+
     store = open_store(config.require_repo(), config.endpoint_url)
     repo = Repository.init(store, check_block_size(parse_size(block_size)), compression_level)
     if json_output:
@@ -41,6 +40,8 @@ def init(config: CliConfig, block_size: str, compression_level: int, json_output
 @pass_config
 def export(config: CliConfig, snap: str, out: str, force: bool, json_output: bool) -> None:
     """Write snapshot SNAP out as a raw image file (or onto a block device)."""
+    from snapfs.repo.export import export_snapshot
+
     repo = config.open_repository()
     root = repo.resolve(snap)
     result = run_async(lambda p: export_snapshot(repo, root, out, force, p), json_output)
@@ -56,6 +57,8 @@ def export(config: CliConfig, snap: str, out: str, force: bool, json_output: boo
 @pass_config
 def verify(config: CliConfig, snaps: tuple[str, ...], json_output: bool) -> None:
     """Check that every block of SNAPs (default: all) is present and intact."""
+    from snapfs.repo.verify import verify_snapshots
+
     repo = config.open_repository()
     roots = repo.snapshots()
     chosen = [repo.resolve(s, roots) for s in snaps] if snaps else roots
@@ -77,6 +80,8 @@ def verify(config: CliConfig, snaps: tuple[str, ...], json_output: bool) -> None
 @pass_config
 def prune(config: CliConfig, json_output: bool) -> None:
     """Delete the blobs no snapshot uses (delete does this too) and repack sparse packs."""
+    from snapfs.repo.gc import collect_garbage
+
     repo = config.open_repository()
     stats = run_async(lambda _p: collect_garbage(repo), json_output)
     if json_output:

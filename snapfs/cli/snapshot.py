@@ -10,8 +10,6 @@ from snapfs.cli.context import CliConfig, pass_config
 from snapfs.cli.output import emit_json, human_size, progress_for, run_async
 from snapfs.errors import NotMounted, SnapfsError, UsageError
 from snapfs.progress import NO_PROGRESS
-from snapfs.repo.create import CreateOptions, create_snapshot
-from snapfs.repo.gc import delete_snapshots
 
 
 @click.group()
@@ -55,6 +53,8 @@ def create(config: CliConfig, source: str | None, name: str | None, disks: tuple
         raise UsageError("with SOURCE, give at most one --disk (the label of its lineage)")
     if freeze or no_wait:
         raise UsageError("--freeze and --no-wait are for disks the mount serves (no SOURCE)")
+    from snapfs.repo.create import CreateOptions, create_snapshot
+
     repo = config.open_repository()
     options = CreateOptions(name=name, disk=disks[0] if disks else None, parent=parent,
                             tags=tags, rate=rate * 1e6 if rate else None)
@@ -166,6 +166,8 @@ def show(config: CliConfig, snap: str, json_output: bool) -> None:
 @pass_config
 def delete(config: CliConfig, snaps: tuple[str, ...], json_output: bool) -> None:
     """Delete snapshots and the blocks no other snapshot uses."""
+    from snapfs.repo.gc import delete_snapshots
+
     repo = config.open_repository()
     roots = repo.snapshots()
     chosen = {r.id: r for r in (repo.resolve(s, roots) for s in snaps)}

@@ -1,9 +1,10 @@
 """SnapshotCatalog: the images one mount serves, kept in step with the repository.
 
 ``refresh`` re-lists the snapshots (at most every ``interval`` seconds unless forced); new
-snapshots get a view (and the repository index is reloaded, since their packs are new), deleted
-ones are dropped. Views are stable objects: a refresh never replaces the view of a snapshot that
-is still there, so open files keep their read-ahead state and statistics.
+snapshots get a view (and the repository index is reloaded, since their packs are new: through
+the host's ``IndexCache`` when the daemon passes one, so only new index objects are fetched),
+deleted ones are dropped. Views are stable objects: a refresh never replaces the view of a
+snapshot that is still there, so open files keep their read-ahead state and statistics.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ import trio
 
 from snapfs.hydration.scheduler import Hydrator
 from snapfs.image.view import PROFILE_MAX, ImageView
+from snapfs.repo.indexcache import IndexCache
 from snapfs.repo.repository import Repository
 
 log = logging.getLogger(__name__)
 
 
 class SnapshotCatalog:
-    def __init__(self, repo: Repository, hydrator: Hydrator, interval: float = 2.0) -> None:
+    def __init__(self, repo: Repository, hydrator: Hydrator, interval: float = 2.0,
+                 index_cache: IndexCache | None = None) -> None:
         self.repo = repo
+        self.index_cache = index_cache
         self.hydrator = hydrator
         self.interval = interval
         self._views: dict[str, ImageView] = {}  # file name -> view
@@ -50,7 +54,8 @@ class SnapshotCatalog:
             roots = await trio.to_thread.run_sync(self.repo.snapshots)
             ids = {r.id for r in roots}
             if ids - self._by_id.keys():
-                self.hydrator.index = await trio.to_thread.run_sync(self.repo.load_index)
+                self.hydrator.index = await trio.to_thread.run_sync(self.repo.load_index,
+                                                                    self.index_cache)
             views: dict[str, ImageView] = {}
             by_id: dict[str, ImageView] = {}
             for root in roots:

@@ -20,7 +20,7 @@ import logging
 import secrets
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from snapfs.errors import (
     AmbiguousSnapshot,
@@ -42,13 +42,13 @@ from snapfs.format.repoconfig import (
     check_block_size,
     check_compression_level,
 )
+from snapfs.repo.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
 from snapfs.store.base import ObjectStore
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from snapfs.repo.indexcache import IndexCache
 
-DEFAULT_BLOCK_SIZE = 16 * 1024
-DEFAULT_PACK_SIZE = 16 << 20
-DEFAULT_COMPRESSION_LEVEL = 3
+log = logging.getLogger(__name__)
 
 
 def pack_key(name: str) -> str:
@@ -73,33 +73,86 @@ class Location(NamedTuple):
     kind: int
 
 
-class BlobIndex:
-    """The union of the repository's index objects: blob ID -> Location, O(1) per lookup."""
+class PackedLocations(Protocol):
+    """A read-only blob ID -> Location table that is not made of per-blob Python objects (the
+    host's index cache, ``snapfs.repo.indexcache``): lookups decode on demand."""
 
-    def __init__(self) -> None:
-        self.blobs: dict[bytes, Location] = {}
-        self.packs: dict[str, list[PackEntry]] = {}
+    def get(self, blob_id: bytes) -> Location | None: ...
+
+    def __len__(self) -> int: ...
+
+    def unpack(self) -> dict[str, list[PackEntry]]:
+        """Every pack's entries, as the index objects list them."""
+
+
+class BlobIndex:
+    """The union of the repository's index objects: blob ID -> Location, O(1) per lookup.
+
+    Built either in dicts (``add_pack`` of every index object), or over a ``PackedLocations``
+    base (read from the host's index cache) with the packs of newer index objects added on top.
+    ``locate`` and ``in`` never unpack the base. ``blobs`` and ``packs`` are plain dicts: on a
+    packed index their first use unpacks it once (O(blobs); for snapshot creation, gc and tests,
+    which the mount never needs).
+    """
+
+    def __init__(self, base: PackedLocations | None = None) -> None:
+        self._base = base
+        self._blobs: dict[bytes, Location] = {}  # beyond the base (all of them without one)
+        self._packs: dict[str, list[PackEntry]] = {}
         self.index_names: list[str] = []
 
     def add_pack(self, pack: str, entries: Iterable[PackEntry]) -> None:
         entries = list(entries)
-        self.packs[pack] = entries
-        blobs = self.blobs
+        self._packs[pack] = entries
+        blobs = self._blobs
+        base = self._base
         for bid, kind, offset, length, raw in entries:
-            if bid not in blobs:  # a blob in two packs: either copy serves
+            # a blob in two packs: either copy serves, the first one added is kept
+            if bid not in blobs and (base is None or base.get(bid) is None):
                 blobs[bid] = Location(pack, offset, length, raw, kind)
 
+    @property
+    def blobs(self) -> dict[bytes, Location]:
+        self._unpack()
+        return self._blobs
+
+    @property
+    def packs(self) -> dict[str, list[PackEntry]]:
+        self._unpack()
+        return self._packs
+
+    def _unpack(self) -> None:
+        base = self._base
+        if base is None:
+            return
+        packs = base.unpack()
+        blobs: dict[bytes, Location] = {}
+        for pack, entries in packs.items():
+            for bid, kind, offset, length, raw in entries:
+                if bid not in blobs:
+                    blobs[bid] = Location(pack, offset, length, raw, kind)
+        for bid, loc in self._blobs.items():
+            blobs.setdefault(bid, loc)
+        packs.update(self._packs)
+        self._blobs, self._packs, self._base = blobs, packs, None
+
+    def get(self, blob_id: bytes) -> Location | None:
+        loc = self._blobs.get(blob_id)
+        if loc is None and self._base is not None:
+            loc = self._base.get(blob_id)
+        return loc
+
     def __contains__(self, blob_id: object) -> bool:
-        return blob_id in self.blobs
+        return isinstance(blob_id, bytes) and self.get(blob_id) is not None
 
     def __len__(self) -> int:
-        return len(self.blobs)
+        return len(self._blobs) + (len(self._base) if self._base is not None else 0)
 
     def locate(self, blob_id: bytes) -> Location:
-        try:
-            return self.blobs[blob_id]
-        except KeyError:
-            raise MissingBlock(f"blob {blob_id.hex()[:16]} is not in the repository index") from None
+        loc = self.get(blob_id)
+        if loc is None:
+            raise MissingBlock(f"blob {blob_id.hex()[:16]} is not in the repository index")
+        return loc
 
 
 class Repository:
@@ -193,14 +246,29 @@ class Repository:
 
     # -- index -------------------------------------------------------------------------
 
-    def load_index(self) -> BlobIndex:
+    def load_index(self, cache: IndexCache | None = None) -> BlobIndex:
+        """The union of every index object in the store. With ``cache`` (the host's index
+        cache, see ``indexcache``), only index objects the cache has not seen are fetched."""
+        if cache is not None:
+            return cache.load(self)
+        files = self.fetch_index_files(self.list_index_names())
+        return self.index_from_files(files)
+
+    def list_index_names(self) -> set[str]:
+        return {key.rpartition("/")[2] for key, _size in self.store.list("index/")}
+
+    def fetch_index_files(self, names: Iterable[str]) -> dict[str, IndexFile]:
+        """The named index objects, decoded; names deleted since they were listed are left out."""
         files: dict[str, IndexFile] = {}
-        for key, _size in self.store.list("index/"):
-            name = key.rpartition("/")[2]
+        for name in names:
             try:
-                files[name] = IndexFile.decode(self.store.get(key))
+                files[name] = IndexFile.decode(self.store.get(f"index/{name}"))
             except ObjectNotFound:
                 continue
+        return files
+
+    @staticmethod
+    def index_from_files(files: dict[str, IndexFile]) -> BlobIndex:
         superseded = {s for f in files.values() for s in f.supersedes}
         index = BlobIndex()
         for name, f in sorted(files.items()):

@@ -1,6 +1,6 @@
-"""An S3 bucket (AWS, SeaweedFS, Ceph, MinIO) as an object store, through boto3.
+"""An S3 bucket (AWS, SeaweedFS, Ceph, MinIO) as an object store, through boto3's botocore.
 
-Owns one boto3 client per store, created lazily on first use (after a daemon forks) and shared by
+Owns one S3 client per store, created lazily on first use (after a daemon forks) and shared by
 every thread, and the translation of botocore's errors into ``snapfs.errors``: a missing key or
 bucket is ``ObjectNotFound``, refused credentials are ``AccessDenied``, an endpoint that cannot be
 reached, times out, or keeps failing with 5xx or throttling after bounded retries is
@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import boto3
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -139,9 +139,11 @@ class S3Store(ObjectStore):
             read_timeout=self.read_timeout,
             **options,
         )
-        # A session per store: boto3's default session is not safe to share between threads.
-        session = boto3.session.Session()
-        return session.client("s3", endpoint_url=self.endpoint_url, config=config)
+        # A session per store: a default session is not safe to share between threads. botocore
+        # directly, not boto3 (which wraps this same session and client): importing boto3 costs
+        # start-up time on top of botocore's, and snapfs needs none of its resource layer.
+        session = botocore.session.get_session()
+        return session.create_client("s3", endpoint_url=self.endpoint_url, config=config)
 
     def close(self) -> None:
         with self._client_lock:

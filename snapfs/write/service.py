@@ -622,14 +622,15 @@ class MissingImage:
 
 
 def attached_loops(path: str) -> list[str]:
-    """Loop devices whose backing file is ``path``."""
+    """Loop devices whose backing file is ``path`` (an absolute path without symlinks: the
+    daemon must never resolve paths under its own mount point, since a FUSE request it sends
+    to itself from the trio thread could never be answered)."""
     out = []
-    real = os.path.realpath(path)
     for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
         try:
             name = backing.read_text().strip()
         except OSError:
             continue
-        if name.removesuffix(" (deleted)") in (path, real):
+        if name.removesuffix(" (deleted)") == path:
             out.append("/dev/" + backing.parent.parent.name)
     return out

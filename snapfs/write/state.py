@@ -158,7 +158,8 @@ class DiskState:
         """Record that a daemon runs in this boot; True if the state can be trusted (the last
         daemon stopped cleanly, or this boot is the one it ran in)."""
         with self._env.begin(write=True, db=self._meta) as txn:
-            clean = txn.get(b"clean") == b"1"
+            fresh = txn.get(b"boot_id") is None
+            clean = fresh or txn.get(b"clean") == b"1"
             same_boot = txn.get(b"boot_id") == boot_id.encode()
             txn.put(b"boot_id", boot_id.encode())
             txn.put(b"clean", b"0")
