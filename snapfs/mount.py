@@ -484,7 +484,8 @@ class MountDaemon:
                     deadline=request.get("deadline"))
                 return {"ok": True, "task": disks.task_summary(task.id)}
             if op == "task":
-                return {"ok": True, "task": disks.task_summary(str(request["id"]))}
+                wait = min(float(request.get("wait", 0)), REQUEST_TIMEOUT / 2)
+                return {"ok": True, "task": await disks.wait_task(str(request["id"]), wait)}
             if op == "tasks":
                 return {"ok": True, "tasks": disks.task_list()}
             return {"ok": False, "code": 2, "error": f"unknown request {op!r}"}

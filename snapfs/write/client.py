@@ -17,7 +17,8 @@ from snapfs.write.freeze import check_mountpoint, frozen
 
 #: a closing waits for every disk's in-flight write and one lmdb commit; a generous bound
 CLOSE_TIMEOUT = 60.0
-POLL_INTERVAL = 0.2
+#: how long one request waits for the upload to end before reporting progress
+POLL_WAIT = 0.5
 
 
 def call(repository: str, message: dict[str, Any], timeout: float = CLOSE_TIMEOUT) -> dict[str, Any]:
@@ -51,8 +52,7 @@ def snapshot_disks(repository: str, disks: list[str], name: str | None, tags: li
     progress.start("snapshot", total)
     done = 0
     while task["state"] == "progressing":
-        time.sleep(POLL_INTERVAL)
-        fresh = request(files, {"op": "task", "id": task["id"]})["task"]
+        fresh = request(files, {"op": "task", "id": task["id"], "wait": POLL_WAIT})["task"]
         fresh["frozen_seconds"] = task["frozen_seconds"]
         if task["consistency"] == "crash":
             fresh["consistency"] = "crash"

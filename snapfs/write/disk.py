@@ -134,6 +134,7 @@ class Disk:
         self.opens = 0  # open file handles (the FUSE adapter counts them)
         self.counters = DiskCounters()
         self.mtime_ns = time.time_ns()
+        self.last_io = -1e9  # trio clock of the last read or write someone waited on
 
     @property
     def name(self) -> str:
@@ -162,6 +163,7 @@ class Disk:
                                   self.present.__contains__, self._read_overlay, self.base)
         self.counters.reads += 1
         self.counters.bytes_read += len(data)
+        self.last_io = trio.current_time()
         return data
 
     async def _read_overlay(self, offset: int, length: int) -> bytes:
@@ -198,6 +200,7 @@ class Disk:
         self.counters.bytes_written += len(data)
         self.counters.blocks_copied_on_write += len(cow)
         self.mtime_ns = time.time_ns()
+        self.last_io = trio.current_time()
         return len(data)
 
     def _cow_targets(self, fresh: list[int]) -> list[tuple[ClosedGeneration, int]]:

@@ -29,6 +29,7 @@ import fcntl
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,10 @@ UPLOAD_ATTEMPTS = 3
 RETRY_DELAY = 2.0
 DEPENDED_RETRY_DELAY = 30.0
 KEEP_FAILED = 20
+#: while disks are read or written, uploads take at most this share of the time (the "at most
+#: ~10% of disk I/O" that cloud snapshots promise), so foreground I/O keeps the CPU and disk
+UPLOAD_SHARE_WHEN_BUSY = 0.1
+BUSY_WINDOW = 0.25  # seconds since the last disk read or write that count as busy
 
 
 class DiskBusy(SnapfsError):
@@ -101,6 +106,7 @@ class DiskService:
         self._state: DiskState | None = None
         self._loaded_changed: dict[str, dict[int, list[int]]] = {}  # between open and start
         self._queue_send, self._queue_recv = trio.open_memory_channel[str](1000)
+        self._finished: dict[str, trio.Event] = {}  # task id -> set when it ends
         #: called when disks or pending snapshots come or go, with the name of a disk whose
         #: contents were rewritten (a rollback) if any: the FUSE adapter invalidates its caches
         self.changed: list[Callable[[str | None], None]] = []
@@ -322,10 +328,12 @@ class DiskService:
         self._notify()
 
     async def rollback(self, name: str, ref: str) -> dict[str, Any]:
-        """Make disk ``name`` equal snapshot ``ref``, resetting only the blocks that changed
-        since, when ``ref`` is one of the disk's own snapshots (or its source) of its size;
-        else resetting every block it wrote."""
+        """Make disk ``name`` equal snapshot ``ref``: resetting only the blocks that changed
+        since when ``ref`` is one of the disk's own snapshots or its source, else every block
+        it wrote. A rollback never shrinks a disk: past the end of a smaller snapshot (the
+        source of a disk created bigger) it reads zeros, as it did when it was created."""
         state = self._require()
+        started = time.monotonic()
         disk = self.disk(name)
         self._check_idle(disk, "roll back")
         snapshot_id, size, snap_name = await self.resolve(ref)
@@ -335,7 +343,7 @@ class DiskService:
         record = disk.record
         at = next((i for i, (sid, _g) in enumerate(record.lineage) if sid == snapshot_id), None)
         async with disk.write_lock:
-            if at is not None and size == record.size:
+            if at is not None and size <= record.size:
                 since_gen = record.lineage[at][1]
                 changed = await trio.to_thread.run_sync(state.changed, record)
                 drop = [g for g in changed if g > since_gen]
@@ -347,8 +355,9 @@ class DiskService:
             else:
                 drop = list(range(0, record.gen + 1))
                 reset = []
-                new = dataclasses.replace(record, base=snapshot_id, parent=snapshot_id, size=size,
-                                          gen=record.gen + 1, lineage=[[snapshot_id, record.gen]],
+                new = dataclasses.replace(record, base=snapshot_id, parent=snapshot_id,
+                                          size=max(size, record.size), gen=record.gen + 1,
+                                          lineage=[[snapshot_id, record.gen]],
                                           trusted=True)
                 clear_all = True
 
@@ -375,7 +384,8 @@ class DiskService:
         log.info("disk %s rolled back to %s (%s)", name, snap_name,
                  "all written blocks reset" if clear_all else f"{len(reset)} blocks reset")
         return {"disk": name, "snapshot": snapshot_id, "snapshot_name": snap_name,
-                "blocks_reset": len(reset) if not clear_all else None, "whole_overlay": clear_all}
+                "blocks_reset": len(reset) if not clear_all else None, "whole_overlay": clear_all,
+                "seconds": round(time.monotonic() - started, 4)}
 
     def disk_list(self) -> list[dict[str, Any]]:
         self._require()
@@ -483,11 +493,33 @@ class DiskService:
         task.reason = None
         task.finished = now_iso()
         await trio.to_thread.run_sync(state.delete_task, task.id)
-        await self.catalog.refresh(force=True)
+        self._ended(task)
+        log.info("snapshot task %s accomplished", task.id)
+        try:  # the stored snapshots take the pending views' names
+            await self.catalog.refresh(force=True)
+        except SnapfsError as e:
+            log.warning("listing the new snapshots failed (they appear later): %s", e.message)
         for part in task.parts:
             self.pending.pop(part.snapshot_id, None)
         self._notify()
-        log.info("snapshot task %s accomplished", task.id)
+
+    async def _pace(self, batch_seconds: float) -> None:
+        """After an upload batch: if disks are in use, rest so the upload keeps its share."""
+        now = trio.current_time()
+        if any(now - d.last_io < BUSY_WINDOW for d in self.disks.values()):
+            await trio.sleep(batch_seconds * (1 - UPLOAD_SHARE_WHEN_BUSY) / UPLOAD_SHARE_WHEN_BUSY)
+
+    async def wait_task(self, task_id: str, patience: float) -> dict[str, Any]:
+        """The task's summary once it has ended, or after ``patience`` seconds."""
+        task = self.tasks.get(task_id)
+        if task is not None and task.state == "progressing":
+            event = self._finished.setdefault(task_id, trio.Event())
+            with trio.move_on_after(patience):
+                await event.wait()
+        return self.task_summary(task_id)
+
+    def _ended(self, task: SnapshotTask) -> None:
+        self._finished.pop(task.id, trio.Event()).set()
 
     def _depended_on(self, task: SnapshotTask) -> bool:
         ids = {p.snapshot_id for p in task.parts}
@@ -509,7 +541,7 @@ class DiskService:
         progress.blocks_done = progress.blocks_uploaded = 0
         root, packs = await upload_generation(
             self.repo, self.hydrator.index, disk, closed, part, parent, parent_page,
-            group=task.group, tags=task.tags, progress=progress)
+            group=task.group, tags=task.tags, progress=progress, pace=self._pace)
         for pack, entries in packs.items():
             self.hydrator.index.add_pack(pack, entries)
         self.stored[root.id] = root
@@ -573,6 +605,7 @@ class DiskService:
                     await trio.to_thread.run_sync(disk.overlay.drop_cow, part.gen)
                 self.pending.pop(part.snapshot_id, None)
             await trio.to_thread.run_sync(state.put_task, t)
+            self._ended(t)
             log.error("snapshot task %s failed: %s", t.id, t.reason)
         failed = [t for t in self.tasks.values() if t.state == "failed"]
         for old in sorted(failed, key=lambda t: t.created)[:-KEEP_FAILED]:

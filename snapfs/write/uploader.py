@@ -38,6 +38,8 @@ BATCH_BLOCKS = 256  # blocks read, hashed and compressed per step (4 MiB at 16 K
 PUT_STREAMS = 4
 
 PageLoader = Callable[[int], Awaitable[list[bytes]]]
+#: awaited after each batch with the seconds it took: lets foreground I/O go first
+Pacer = Callable[[float], Awaitable[None]]
 
 
 @functools.cache
@@ -67,6 +69,7 @@ async def upload_generation(
     progress: UploadProgress,
     trusted: bool = True,
     rate: float | None = None,
+    pace: Pacer | None = None,
 ) -> tuple[SnapshotRoot, dict[str, list]]:
     """Store ``closed`` as snapshot ``part.snapshot_id``; return its root and the packs it
     added (for the caller's index). ``parent_page(p)`` gives the IDs of the parent's page ``p``.
@@ -79,7 +82,7 @@ async def upload_generation(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_refresh_lock, lock, store_limiter)
             root, packs = await _upload(repo, index, disk, closed, part, parent, parent_page,
-                                        group, tags, progress, trusted, rate, store_limiter)
+                                        group, tags, progress, trusted, rate, store_limiter, pace)
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
@@ -116,7 +119,7 @@ async def _upload(
     repo: Repository, index: BlobIndex, disk: Disk, closed: ClosedGeneration,
     part: SnapshotPart, parent: SnapshotRoot | None, parent_page: PageLoader,
     group: str | None, tags: list[str], progress: UploadProgress, trusted: bool,
-    rate: float | None, store_limiter: trio.CapacityLimiter,
+    rate: float | None, store_limiter: trio.CapacityLimiter, pace: Pacer | None,
 ) -> tuple[SnapshotRoot, dict[str, list]]:
     bs = disk.block_size
     nblocks = -(-part.size // bs)
@@ -151,6 +154,7 @@ async def _upload(
         pack_recv.close()
         async with pack_send:
             for at in range(0, len(changed), BATCH_BLOCKS):
+                batch_started = trio.current_time()
                 batch = changed[at : at + BATCH_BLOCKS]
                 contents = await disk.read_closed(closed, batch)
                 encoded = await trio.to_thread.run_sync(
@@ -160,6 +164,8 @@ async def _upload(
                     if blob is not None:
                         await add(pack_send, bid, KIND_DATA, blob, raw)
                 progress.blocks_done += len(batch)
+                if pace is not None:
+                    await pace(trio.current_time() - batch_started)
             pages, blocks_changed, pages_written = await _pages(
                 repo, ids, nblocks, per_page, parent, parent_page, index, assembler, pack_send)
             for full in assembler.flush():

@@ -1,0 +1,423 @@
+#!/usr/bin/env python3
+"""Benchmark runner for writable disks: incremental snapshots from changed-block tracking,
+foreground writes during an upload, and rollback, each beside its reference.
+
+    .venv/bin/python bench/run_disks.py [--runs 3] [--stores local,s3] [--size 1G --data 725M]
+        [--write-size 256M] [--rollback-blocks 2000] [--out bench/results/disks.json]
+        [--work bench/work/disks] [--base-dir bench/work/snapshot]
+
+Set-up, once per store: the realistic ext4 image (``tools/make-image``, cached in
+``--base-dir``, shared with ``run_snapshot.py``) is snapshotted as ``s0`` into a fresh snapfs
+repository and backed up by restic into a restic repository (``restic backup`` of the image
+file at a fixed path, so that later backups of that path are restic's incremental ones); then
+``snapfs mount`` (local store: a directory; s3: one SeaweedFS server on loopback).
+
+Every run, for every store:
+
+1. ``disk create dN --from s0``; ``tools/change-image MNT/disks/dN.img --seed N`` changes about
+   1% of the file data through the filesystem (loop-mounted from the disk image, as a user's
+   system would).
+2. Incremental snapshot of the disk: ``snapshot create --disk dN --json``, timed from the
+   command's start to its end (closing, upload of the changed blocks, manifest).
+3. The disk's bytes are copied to a local file (the correctness guard: ``export`` of the new
+   snapshot must have the same sha256), then, beside it:
+   - a full snapshot of the same disk: ``snapshot create COPY`` into a fresh repository on the
+     same store (page cache dropped first);
+   - restic: the copy is put at the path restic backed up at set-up and ``restic backup`` runs
+     again (page cache dropped first): restic's incremental backup of the same change.
+
+Local store only (they measure the host, not the store), every run:
+
+4. Foreground writes: the disk's ext4 is loop-mounted and ``fio`` writes ``--write-size`` of
+   new data sequentially (1 MiB writes, fsync at the end); once alone, and once while a
+   snapshot of the disk uploads (beforehand, ``--write-size`` of random data was written to the
+   filesystem, so the upload has that much to do; ``snapshot create`` is started, and fio
+   starts when it reports the snapshot closed). The upload's time is recorded so the overlap
+   can be checked.
+5. Rollback: a 1 GiB disk and a 100 GiB disk made from ``s0``, the same ``--rollback-blocks``
+   scattered blocks written to each (with fsync); ``disk rollback NAME s0 --yes --json``,
+   timed (the command, and the daemon's own time from its reply); the written blocks must read
+   back as ``s0``'s bytes afterwards.
+
+Nothing asserts on a time: the machine is shared, so the JSON keeps every raw figure and the
+load averages, and the table is medians. Cleanup, always (``finally``): ext4 mounts, loop
+devices, snapfs mounts (``snapfs umount``), SeaweedFS (by its pid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+import restic_peer as rp  # noqa: E402  (a sibling module, not a package)
+import run_snapshot as rs  # noqa: E402
+
+SNAPFS = [str(ROOT / ".venv" / "bin" / "snapfs")]
+CHANGE_IMAGE = ROOT / "tools" / "change-image"
+MIB = 1 << 20
+BLOCK = 16384
+
+
+@dataclass(frozen=True)
+class Config:
+    runs: int
+    stores: tuple[str, ...]
+    size: int
+    data: int
+    write_size: int
+    rollback_blocks: int
+    out: Path
+    work: Path
+    base_dir: Path
+
+
+say = rs.say
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return rs.run_tool([str(c) for c in cmd], env)
+
+
+def sha256(path: Path) -> str:
+    return rs.sha256_file(path)
+
+
+class Bench:
+    def __init__(self, cfg: Config, store: rs.Store) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.env = rs.snapfs_env(store)
+        self.env["SNAPFS_RUNTIME_DIR"] = str(cfg.work / "run")
+        self.repo = store.snapfs_repo(0, BLOCK)
+        self.mnt = store.run_dir / "mnt"
+        self.cache = store.run_dir / "cache"
+        self.fs = store.run_dir / "fs"
+        self._loops: list[str] = []
+
+    def snapfs(self, *args: Any) -> subprocess.CompletedProcess[str]:
+        return run([*self.store.snapfs_args(self.repo), *map(str, args)], self.env)
+
+    def snapfs_json(self, *args: Any) -> Any:
+        return json.loads(self.snapfs(*args, "--json").stdout)
+
+    def disk_path(self, name: str) -> Path:
+        return self.mnt / "disks" / f"{name}.img"
+
+    @contextlib.contextmanager
+    def mounted(self) -> Iterator[None]:
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        self.snapfs("mount", self.mnt, "--cache-dir", self.cache, "--cache-size", "8G")
+        try:
+            yield
+        finally:
+            for _ in range(20):
+                proc = subprocess.run([*SNAPFS, "umount", str(self.mnt)], env=self.env,
+                                      capture_output=True, text=True)
+                if proc.returncode == 0:
+                    break
+                time.sleep(0.5)
+            else:
+                say(f"warning: snapfs umount {self.mnt}: {proc.stderr.strip()}")
+
+    @contextlib.contextmanager
+    def ext4(self, image: Path) -> Iterator[Path]:
+        loop = run(["losetup", "-f", "--show", image]).stdout.strip()
+        self.fs.mkdir(parents=True, exist_ok=True)
+        try:
+            run(["mount", loop, self.fs])
+            try:
+                yield self.fs
+            finally:
+                run(["umount", self.fs])
+        finally:
+            run(["losetup", "-d", loop])
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], float]:
+    start = time.perf_counter()
+    proc = run(cmd, env)
+    return proc, time.perf_counter() - start
+
+
+def fio_write(directory: Path, size: int, name: str) -> dict[str, Any]:
+    target = directory / name
+    proc = run(["fio", "--name=fg", f"--filename={target}", "--rw=write", "--bs=1M",
+                f"--size={size}", "--ioengine=psync", "--end_fsync=1", "--output-format=json"])
+    job = json.loads(proc.stdout)["jobs"][0]["write"]
+    target.unlink()
+    return {"bytes": job["io_bytes"], "seconds": job["runtime"] / 1000,
+            "mib_per_s": job["bw_bytes"] / MIB}
+
+
+def write_random_file(path: Path, size: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        for _ in range(size // MIB):
+            f.write(rng.randbytes(MIB))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def one_run(b: Bench, n: int, base: Path, restic_path: Path, writes: bool) -> dict[str, Any]:
+    store = b.store
+    out: dict[str, Any] = {"load_before": os.getloadavg()}
+    disk = f"d{n}"
+    b.snapfs("disk", "create", disk, "--from", "s0")
+    say(f"[{store.name} run {n}] changing 1% of {disk} through its filesystem")
+    run([sys.executable, CHANGE_IMAGE, b.disk_path(disk), "--seed", n])
+    rp.drop_caches()
+    proc, seconds = timed([*store.snapfs_args(b.repo), "snapshot", "create", "--disk", disk,
+                           "--json"], b.env)
+    task = json.loads(proc.stdout)
+    snap = task["parts"][0]["snapshot"]
+    out["incremental"] = {"seconds": seconds, "snapfs_seconds": snap["seconds"],
+                          "blocks_read": snap["blocks_read"],
+                          "blocks_changed": snap["blocks_changed"],
+                          "blocks_uploaded": snap["blocks_uploaded"],
+                          "bytes_uploaded": snap["bytes_uploaded"],
+                          "pages_written": snap["pages_written"]}
+    say(f"[{store.name} run {n}] incremental: {seconds:.2f} s, {snap['blocks_read']} blocks read")
+    copy = store.run_dir / "changed.img"
+    run(["cp", "--sparse=always", b.disk_path(disk), copy])
+    exported = store.run_dir / "export.img"
+    b.snapfs("export", snap["id"], exported)
+    if sha256(exported) != sha256(copy):
+        raise rs.BenchError(f"export of {snap['name']} differs from the disk it was taken of")
+    exported.unlink()
+    # the full snapshot of the same disk, into a fresh repository
+    full_repo = store.snapfs_repo(n, BLOCK)
+    store.remove(full_repo)
+    rs.snapfs_init(store, full_repo, BLOCK)
+    proc, full_wall, _cpu = rs.timed([*store.snapfs_args(full_repo), "snapshot", "create",
+                                      str(copy), "--json"], b.env)
+    full = json.loads(proc.stdout)
+    out["full"] = {"seconds": full_wall, "bytes_uploaded": full["bytes_uploaded"]}
+    store.remove(full_repo)
+    say(f"[{store.name} run {n}] full: {full_wall:.2f} s")
+    # restic, incremental after the same change (same path as its set-up backup)
+    shutil.copyfile(copy, restic_path)
+    restic = rp.restic_backup(restic_path, store.restic_repo(0), store.restic_env())
+    out["restic_incremental"] = {"seconds": restic["seconds"],
+                                 "stored_bytes_added": restic["stored_bytes_added"]}
+    say(f"[{store.name} run {n}] restic incremental: {restic['seconds']:.2f} s")
+    shutil.copyfile(base, restic_path)  # the next run's change starts from s0 again
+    rp.restic_backup(restic_path, store.restic_repo(0), store.restic_env(), count_objects=False)
+    copy.unlink()
+    if writes:
+        out["writes"] = foreground_writes(b, disk, n)
+        out["rollback"] = rollback(b, n)
+    b.snapfs("disk", "delete", disk)
+    out["load_after"] = os.getloadavg()
+    return out
+
+
+def foreground_writes(b: Bench, disk: str, n: int) -> dict[str, Any]:
+    size = b.cfg.write_size
+    with b.ext4(b.disk_path(disk)) as fs:
+        alone = fio_write(fs, size, "alone.dat")
+        write_random_file(fs / f"upload-{n}.dat", size, seed=n)
+        run(["sync"])
+        snap = subprocess.Popen([*b.store.snapfs_args(b.repo), "snapshot", "create", "--disk",
+                                 disk, "--json"], env=b.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        started = time.perf_counter()
+        try:
+            during = fio_write(fs, size, "during.dat")
+            fio_end = time.perf_counter() - started
+        finally:
+            stdout, stderr = snap.communicate(timeout=600)
+        upload = time.perf_counter() - started
+        if snap.returncode != 0:
+            raise rs.BenchError(f"snapshot during writes failed: {stderr.strip()}")
+        task = json.loads(stdout)
+        (fs / f"upload-{n}.dat").unlink()
+    result = {"alone": alone, "during": during,
+              "during_snapshot_seconds": upload, "fio_finished_at": fio_end,
+              "upload_blocks": task["parts"][0]["snapshot"]["blocks_read"],
+              "ratio": during["mib_per_s"] / alone["mib_per_s"]}
+    say(f"[writes run {n}] alone {alone['mib_per_s']:.0f} MiB/s, during an upload "
+        f"{during['mib_per_s']:.0f} MiB/s (upload {upload:.1f} s, fio {during['seconds']:.1f} s)")
+    return result
+
+
+def rollback(b: Bench, n: int) -> dict[str, Any]:
+    rng = random.Random(1000 + n)
+    nblocks = b.cfg.size // BLOCK
+    blocks = sorted(rng.sample(range(nblocks), b.cfg.rollback_blocks))
+    s0 = b.store.run_dir / "s0.img"
+    out: dict[str, Any] = {}
+    for label, size in (("1G", None), ("100G", "100G")):
+        name = f"rb{n}-{label}"
+        args = ["disk", "create", name, "--from", "s0"] + (["--size", size] if size else [])
+        b.snapfs(*args)
+        path = b.disk_path(name)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for blk in blocks:
+                os.pwrite(fd, rng.randbytes(BLOCK), blk * BLOCK)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        proc, wall = timed([*b.store.snapfs_args(b.repo), "disk", "rollback", name, "s0",
+                            "--yes", "--json"], b.env)
+        reply = json.loads(proc.stdout)
+        with open(path, "rb") as disk, open(s0, "rb") as ref:
+            for blk in blocks:
+                disk.seek(blk * BLOCK)
+                ref.seek(blk * BLOCK)
+                if disk.read(BLOCK) != ref.read(BLOCK):
+                    raise rs.BenchError(f"{name}: block {blk} differs from s0 after rollback")
+        b.snapfs("disk", "delete", name)
+        out[label] = {"seconds": wall, "daemon_seconds": reply["seconds"],
+                      "blocks_reset": reply["blocks_reset"]}
+        say(f"[rollback run {n}] {label}: {wall:.3f} s (daemon {reply['seconds']:.4f} s, "
+            f"{reply['blocks_reset']} blocks reset)")
+    return out
+
+
+def bench_store(cfg: Config, store: rs.Store, base: Path) -> dict[str, Any]:
+    b = Bench(cfg, store)
+    shutil.rmtree(store.run_dir, ignore_errors=True)
+    store.run_dir.mkdir(parents=True)
+    store.remove(b.repo)
+    rs.snapfs_init(store, b.repo, BLOCK)
+    b.snapfs("snapshot", "create", base, "--name", "s0", "--disk", "base")
+    shutil.copyfile(base, store.run_dir / "s0.img")
+    restic_path = store.run_dir / "restic" / "disk.img"
+    restic_path.parent.mkdir()
+    shutil.copyfile(base, restic_path)
+    store.remove(store.restic_repo(0))
+    rp.restic_init(store.restic_repo(0), store.restic_env())
+    rp.restic_backup(restic_path, store.restic_repo(0), store.restic_env(), count_objects=False)
+    runs = []
+    with b.mounted():
+        for n in range(1, cfg.runs + 1):
+            runs.append(one_run(b, n, base, restic_path, writes=store.name == "local"))
+    store.remove(b.repo)
+    store.remove(store.restic_repo(0))
+    shutil.rmtree(store.run_dir, ignore_errors=True)
+    return {"runs": runs}
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def summarize(doc: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for store, result in doc["stores"].items():
+        runs = result["runs"]
+        s: dict[str, Any] = {
+            "incremental_seconds": median([r["incremental"]["seconds"] for r in runs]),
+            "incremental_blocks_read": median([r["incremental"]["blocks_read"] for r in runs]),
+            "incremental_bytes_uploaded": median([r["incremental"]["bytes_uploaded"] for r in runs]),
+            "full_seconds": median([r["full"]["seconds"] for r in runs]),
+            "restic_incremental_seconds": median([r["restic_incremental"]["seconds"] for r in runs]),
+        }
+        s["incremental_to_full"] = median([r["incremental"]["seconds"] / r["full"]["seconds"]
+                                           for r in runs])
+        s["restic_to_incremental"] = median([r["restic_incremental"]["seconds"]
+                                             / r["incremental"]["seconds"] for r in runs])
+        if all("writes" in r for r in runs):
+            s["write_alone_mib_s"] = median([r["writes"]["alone"]["mib_per_s"] for r in runs])
+            s["write_during_mib_s"] = median([r["writes"]["during"]["mib_per_s"] for r in runs])
+            s["write_ratio"] = median([r["writes"]["ratio"] for r in runs])
+            for label in ("1G", "100G"):
+                s[f"rollback_{label}_seconds"] = median([r["rollback"][label]["seconds"]
+                                                         for r in runs])
+                s[f"rollback_{label}_daemon_seconds"] = median(
+                    [r["rollback"][label]["daemon_seconds"] for r in runs])
+            s["rollback_100G_to_1G"] = median([r["rollback"]["100G"]["daemon_seconds"]
+                                               / r["rollback"]["1G"]["daemon_seconds"]
+                                               for r in runs])
+        out[store] = s
+    return out
+
+
+def table(summary: dict[str, Any]) -> str:
+    lines = ["| figure | store | snapfs | reference | ratio | aim |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for store, s in summary.items():
+        lines.append(f"| incremental snapshot after 1% change | {store} | "
+                     f"{s['incremental_seconds']:.2f} s | full {s['full_seconds']:.2f} s | "
+                     f"{s['incremental_to_full']:.3f} | < 0.05 |")
+        lines.append(f"| incremental snapshot after 1% change | {store} | "
+                     f"{s['incremental_seconds']:.2f} s | restic {s['restic_incremental_seconds']:.2f} s"
+                     f" | {s['restic_to_incremental']:.1f}x faster | >= 10x |")
+        if "write_ratio" in s:
+            lines.append(f"| fio write during an upload | {store} | {s['write_during_mib_s']:.0f} MiB/s"
+                         f" | alone {s['write_alone_mib_s']:.0f} MiB/s | {s['write_ratio']:.2f} |"
+                         " >= 0.90 |")
+            lines.append(f"| rollback, same blocks changed | {store} | 100 GiB "
+                         f"{s['rollback_100G_daemon_seconds'] * 1000:.1f} ms "
+                         f"({s['rollback_100G_seconds']:.2f} s with the CLI) | 1 GiB "
+                         f"{s['rollback_1G_daemon_seconds'] * 1000:.1f} ms "
+                         f"({s['rollback_1G_seconds']:.2f} s) | {s['rollback_100G_to_1G']:.2f} |"
+                         " about 1 |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--stores", default="local,s3")
+    p.add_argument("--size", type=rs.parse_size, default=rs.parse_size("1G"))
+    p.add_argument("--data", type=rs.parse_size, default=rs.parse_size("725M"))
+    p.add_argument("--write-size", type=rs.parse_size, default=rs.parse_size("256M"))
+    p.add_argument("--rollback-blocks", type=int, default=2000)
+    p.add_argument("--out", type=Path, default=BENCH / "results" / "disks.json")
+    p.add_argument("--work", type=Path, default=BENCH / "work" / "disks")
+    p.add_argument("--base-dir", type=Path, default=BENCH / "work" / "snapshot")
+    a = p.parse_args(argv)
+    stores = tuple(s for s in a.stores.split(",") if s)
+    return Config(a.runs, stores, a.size, a.data, a.write_size, a.rollback_blocks, a.out,
+                  a.work.resolve(), a.base_dir.resolve())
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    if os.geteuid() != 0:
+        print("run_disks.py needs root (loop devices, mounts, dropping caches)", file=sys.stderr)
+        return 1
+    cfg.work.mkdir(parents=True, exist_ok=True)
+    snap_cfg = rs.BenchConfig(runs=1, stores=cfg.stores, size=cfg.size, data=cfg.data,
+                              block_sizes=(BLOCK,), out=cfg.out, work=cfg.base_dir, keep=False)
+    base, _ = rs.base_image(snap_cfg)
+    doc: dict[str, Any] = {"config": {k: str(v) for k, v in cfg.__dict__.items()},
+                           "machine": {"cpu": rs.cpu_model(), "cores": os.cpu_count()},
+                           "versions": rs.versions(), "stores": {}}
+    seaweed_cfg = rs.BenchConfig(runs=1, stores=cfg.stores, size=cfg.size, data=cfg.data,
+                                 block_sizes=(BLOCK,), out=cfg.out, work=cfg.work, keep=False)
+    with tempfile.TemporaryDirectory(dir=cfg.work), rs.seaweed(seaweed_cfg) as endpoint:
+        for name in cfg.stores:
+            store = rs.Store(name, cfg.work / f"store-{name}",
+                             endpoint if name == "s3" else None)
+            doc["stores"][name] = bench_store(cfg, store, base)
+    doc["summary"] = summarize(doc)
+    doc["table"] = table(doc["summary"])
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    cfg.out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(doc["table"])
+    say(f"wrote {cfg.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
