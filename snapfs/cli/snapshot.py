@@ -121,6 +121,23 @@ def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
+def _refuse_if_disks_need(config: CliConfig, chosen: dict[str, Any]) -> None:
+    """A served disk reads its untouched blocks from its base snapshot, and its next snapshot
+    is made from its parent's manifest: neither may go while the disk exists."""
+    from snapfs.write.client import call
+
+    try:
+        disks = call(config.require_repo(), {"op": "disk-list"}, timeout=10.0)["disks"]
+    except NotMounted:
+        return
+    for d in disks:
+        for role in ("base", "parent"):
+            if d.get(role) in chosen:
+                name = chosen[d[role]].name
+                raise UsageError(f"snapshot {name} is the {role} of disk {d['name']}: delete the "
+                                 f"disk (or roll it back to another snapshot) first")
+
+
 def _unfinished(config: CliConfig) -> list[dict[str, Any]]:
     """Snapshots of served disks that are not stored: progressing, or failed (with why)."""
     from snapfs.write.client import call
@@ -171,6 +188,7 @@ def delete(config: CliConfig, snaps: tuple[str, ...], json_output: bool) -> None
     repo = config.open_repository()
     roots = repo.snapshots()
     chosen = {r.id: r for r in (repo.resolve(s, roots) for s in snaps)}
+    _refuse_if_disks_need(config, chosen)
     stats = run_async(lambda _p: delete_snapshots(repo, list(chosen.values())), json_output)
     if json_output:
         emit_json(stats)

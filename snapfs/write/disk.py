@@ -313,6 +313,7 @@ class Disk:
             "size": self.size,
             "block_size": self.block_size,
             "source": self.record.source,
+            "base": self.record.base,  # the snapshot its untouched blocks are read from
             "parent": self.record.parent,
             "generation": self.record.gen,
             "blocks_written": len(self.present),
