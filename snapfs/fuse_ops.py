@@ -369,7 +369,7 @@ class SnapshotFS(pyfuse3.Operations):
                 raise _fail(errno.EPERM)  # a disk's size is fixed
             handle = self._new_handle()
             self._open_disks[handle] = disk
-            disk.opens += 1
+            disk.handle_opened()
             return pyfuse3.FileInfo(fh=handle, keep_cache=False)
         view = self._views.get(inode)
         if view is None:
@@ -427,7 +427,7 @@ class SnapshotFS(pyfuse3.Operations):
         self._open_files.pop(fh, None)
         disk = self._open_disks.pop(fh, None)
         if disk is not None:
-            disk.opens -= 1
+            disk.handle_released()
             if self._disks is not None and disk is not self._disks.disks.get(disk.name) \
                     and not disk.opens:
                 self._disk_of = {i: d for i, d in self._disk_of.items() if d is not disk}

@@ -132,6 +132,8 @@ class Disk:
         self.closed: list[ClosedGeneration] = []
         self.write_lock = trio.Lock()
         self.opens = 0  # open file handles (the FUSE adapter counts them)
+        self.idle = trio.Event()  # set while no handle is open
+        self.idle.set()
         self.counters = DiskCounters()
         self.mtime_ns = time.time_ns()
         self.last_io = -1e9  # trio clock of the last read or write someone waited on
@@ -155,6 +157,16 @@ class Disk:
     def _extent(self, n: int) -> int:
         """Bytes of block ``n`` (the last block of a disk may be short)."""
         return min(self.block_size, self.size - n * self.block_size)
+
+    def handle_opened(self) -> None:
+        self.opens += 1
+        if self.idle.is_set():
+            self.idle = trio.Event()
+
+    def handle_released(self) -> None:
+        self.opens -= 1
+        if not self.opens:
+            self.idle.set()
 
     # -- reading ---------------------------------------------------------------------------------
 

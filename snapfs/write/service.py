@@ -66,6 +66,7 @@ KEEP_FAILED = 20
 #: ~10% of disk I/O" that cloud snapshots promise), so foreground I/O keeps the CPU and disk
 UPLOAD_SHARE_WHEN_BUSY = 0.1
 BUSY_WINDOW = 0.25  # seconds since the last disk read or write that count as busy
+RELEASE_GRACE = 2.0  # seconds a closed handle may take to be released by the kernel
 
 
 class DiskBusy(SnapfsError):
@@ -301,7 +302,11 @@ class DiskService:
         self._notify()
         return disk
 
-    def _check_idle(self, disk: Disk, doing: str) -> None:
+    async def _check_idle(self, disk: Disk, doing: str) -> None:
+        # The kernel releases a file (and a detached loop device its backing file) a moment
+        # after close() returns: give handles that are going away that moment.
+        with trio.move_on_after(RELEASE_GRACE):
+            await disk.idle.wait()
         loops = attached_loops(self.disk_path(disk.name))
         if loops:
             raise DiskBusy(f"cannot {doing} disk {disk.name}: it is attached to "
@@ -315,7 +320,7 @@ class DiskService:
     async def delete_disk(self, name: str) -> None:
         state = self._require()
         disk = self.disk(name)
-        self._check_idle(disk, "delete")
+        await self._check_idle(disk, "delete")
 
         def delete() -> None:
             state.delete_disk(disk.record)
@@ -335,7 +340,7 @@ class DiskService:
         state = self._require()
         started = time.monotonic()
         disk = self.disk(name)
-        self._check_idle(disk, "roll back")
+        await self._check_idle(disk, "roll back")
         snapshot_id, size, snap_name = await self.resolve(ref)
         if snapshot_id in self.pending:
             raise DiskBusy(f"snapshot {snap_name} is still uploading; roll back once it is stored")
