@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 BATCH_BLOCKS = 256  # blocks read, hashed and compressed per step (4 MiB at 16 KiB)
 PUT_STREAMS = 4
+CPU_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 PageLoader = Callable[[int], Awaitable[list[bytes]]]
 #: awaited after each batch with the seconds it took: lets foreground I/O go first
@@ -115,6 +117,24 @@ def _hash_and_encode(repo: Repository, blocks: list[bytes], index: BlobIndex,
     return out
 
 
+async def _encode_on_all_cores(repo: Repository, blocks: list[bytes], index: BlobIndex,
+                               pending: set[bytes]) -> list[tuple[bytes, bytes | None, int]]:
+    """``_hash_and_encode`` of ``blocks`` split over the cores (zstd and BLAKE3 release the
+    GIL). A block new to two parts is encoded twice and stored once (``add`` checks again)."""
+    step = -(-len(blocks) // CPU_WORKERS)
+    parts = [blocks[i : i + step] for i in range(0, len(blocks), step)]
+    results: list[list[tuple[bytes, bytes | None, int]]] = [[] for _ in parts]
+
+    async def encode(i: int) -> None:
+        results[i] = await trio.to_thread.run_sync(_hash_and_encode, repo, parts[i], index,
+                                                   pending)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(parts)):
+            nursery.start_soon(encode, i)
+    return [r for part in results for r in part]
+
+
 async def _upload(
     repo: Repository, index: BlobIndex, disk: Disk, closed: ClosedGeneration,
     part: SnapshotPart, parent: SnapshotRoot | None, parent_page: PageLoader,
@@ -153,19 +173,26 @@ async def _upload(
             putters.start_soon(uploader.run, pack_recv.clone())
         pack_recv.close()
         async with pack_send:
-            for at in range(0, len(changed), BATCH_BLOCKS):
-                batch_started = trio.current_time()
-                batch = changed[at : at + BATCH_BLOCKS]
-                contents = await disk.read_closed(closed, batch)
-                encoded = await trio.to_thread.run_sync(
-                    _hash_and_encode, repo, contents, index, assembler.pending)
-                for n, (bid, blob, raw) in zip(batch, encoded, strict=True):
-                    ids[n] = bid
-                    if blob is not None:
-                        await add(pack_send, bid, KIND_DATA, blob, raw)
-                progress.blocks_done += len(batch)
-                if pace is not None:
-                    await pace(trio.current_time() - batch_started)
+            batches_send, batches_recv = trio.open_memory_channel[tuple[list[int], list[bytes]]](1)
+
+            async def read_batches() -> None:  # one batch ahead of the encoders
+                async with batches_send:
+                    for at in range(0, len(changed), BATCH_BLOCKS):
+                        batch = changed[at : at + BATCH_BLOCKS]
+                        await batches_send.send((batch, await disk.read_closed(closed, batch)))
+
+            async with trio.open_nursery() as reader:
+                reader.start_soon(read_batches)
+                async for batch, contents in batches_recv:
+                    batch_started = trio.current_time()
+                    encoded = await _encode_on_all_cores(repo, contents, index, assembler.pending)
+                    for n, (bid, blob, raw) in zip(batch, encoded, strict=True):
+                        ids[n] = bid
+                        if blob is not None:
+                            await add(pack_send, bid, KIND_DATA, blob, raw)
+                    progress.blocks_done += len(batch)
+                    if pace is not None:
+                        await pace(trio.current_time() - batch_started)
             pages, blocks_changed, pages_written = await _pages(
                 repo, ids, nblocks, per_page, parent, parent_page, index, assembler, pack_send)
             for full in assembler.flush():
