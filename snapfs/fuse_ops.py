@@ -207,7 +207,10 @@ class SnapshotFS(pyfuse3.Operations):
                     pyfuse3.invalidate_entry_async(DISKS_INODE, os.fsencode(f"{name}.img"),
                                                    ignore_enoent=True)
             elif self._session_live and rewritten == name:
-                pyfuse3.invalidate_inode(inode, attr_only=False)
+                try:
+                    pyfuse3.invalidate_inode(inode, attr_only=False)
+                except FileNotFoundError:
+                    pass  # the kernel has forgotten the inode: nothing cached to drop
         for name, disk in current.items():
             if name not in self._disk_inodes:
                 inode = self._next_inode

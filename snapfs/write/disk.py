@@ -47,6 +47,8 @@ from snapfs.write.state import DiskRecord, DiskState
 
 log = logging.getLogger(__name__)
 
+LOCKED_READ = 16  # blocks an upload reads per hold of a disk's write lock
+
 
 class Image(Protocol):
     """What a disk or pending snapshot reads its untouched blocks from."""
@@ -281,11 +283,15 @@ class Disk:
         return closed
 
     async def read_closed(self, closed: ClosedGeneration, blocks: list[int]) -> list[bytes]:
-        """The contents ``blocks`` of ``closed`` had at its closing (for its upload)."""
-        async with self.write_lock:
-            data = await trio.to_thread.run_sync(self._read_closed_sync, closed, blocks)
+        """The contents ``blocks`` of ``closed`` had at its closing (for its upload). The write
+        lock is taken per ``LOCKED_READ`` blocks, so writes wait for one short read at most."""
+        out: list[bytes] = []
+        for at in range(0, len(blocks), LOCKED_READ):
+            part = blocks[at : at + LOCKED_READ]
+            async with self.write_lock:
+                out += await trio.to_thread.run_sync(self._read_closed_sync, closed, part)
         self.counters.snapshot_blocks_read += len(blocks)
-        return data
+        return out
 
     def _read_closed_sync(self, closed: ClosedGeneration, blocks: list[int]) -> list[bytes]:
         bs = self.block_size

@@ -15,8 +15,6 @@ Blocking file I/O: call from worker threads.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -25,11 +23,6 @@ from pathlib import Path
 from snapfs.errors import NoSpace, SnapfsError
 
 log = logging.getLogger(__name__)
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 
 
 def _io_error(what: str, e: OSError) -> SnapfsError:
@@ -76,12 +69,6 @@ class Overlay:
     def grow(self, size: int) -> None:
         if os.fstat(self.fd).st_size < size:
             os.ftruncate(self.fd, size)
-
-    def punch(self, offset: int, length: int) -> None:
-        """Give the space of a byte range back (its contents are no longer valid anyway)."""
-        if _libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length):
-            log.debug("punching a hole in %s failed: %s", self.path,
-                      os.strerror(ctypes.get_errno()))
 
     def clear(self) -> None:
         """Drop every byte, keeping the size (a rollback that resets the whole overlay)."""
