@@ -50,7 +50,7 @@ from snapfs.image.view import ImageView
 from snapfs.repo.create import default_snapshot_name
 from snapfs.repo.repository import Repository, new_id, now_iso
 from snapfs.write.bitmap import Bitmap
-from snapfs.write.disk import ClosedGeneration, Disk, Image, PendingSnapshot
+from snapfs.write.disk import ClosedGeneration, Disk, Image, PendingSnapshot, read_lower
 from snapfs.write.overlay import Overlay
 from snapfs.write.state import DiskRecord, DiskState, SnapshotPart, SnapshotTask
 from snapfs.write.uploader import UploadProgress, upload_generation
@@ -300,9 +300,23 @@ class DiskService:
         overlay = await trio.to_thread.run_sync(create)
         disk = Disk(record, state, overlay, base, Bitmap(record.nblocks), Bitmap(record.nblocks))
         self.disks[name] = disk
+        await self._pad_short_base_block(disk)
         log.info("disk %s created (%d bytes, from %s)", name, size, source_name or "nothing")
         self._notify()
         return disk
+
+    async def _pad_short_base_block(self, disk: Disk) -> None:
+        """A disk bigger than a base whose size is not a whole number of blocks: the base's
+        short last block is a whole block of the disk (zeros after the base's end). It is
+        written to the overlay as such (and so counts as changed), because a snapshot's
+        manifest may hold a short block only at its very end."""
+        base, bs = disk.base, disk.block_size
+        if base is None or base.size >= disk.size or not base.size % bs:
+            return
+        n = base.size // bs
+        if n not in disk.present:
+            length = min(bs, disk.size - n * bs)
+            await disk.write(n * bs, await read_lower(base, n * bs, length))
 
     async def _check_idle(self, disk: Disk, doing: str) -> None:
         # The kernel releases a file (and a detached loop device its backing file) a moment
@@ -395,6 +409,7 @@ class DiskService:
                 for n in reset:
                     disk.present.discard(n)
             disk.changed = Bitmap(new.nblocks)
+        await self._pad_short_base_block(disk)
         self._notify(rewritten=name)
         lap("notify")
         log.info("disk %s rolled back to %s (%s)", name, snap_name,

@@ -1,0 +1,864 @@
+"""Writable disks for real: ``disk create/list/delete/rollback`` and ``snapshot create --disk``
+against a daemonized FUSE mount, with the disks attached to loop devices and used as ext4.
+
+The measures are independent of snapfs: a copy of ``disks/NAME.img`` taken at the moment of a
+snapshot, compared byte for byte with the snapshot's ``export``; fsck.ext4 on the export; and
+disks written by the test with a known pattern (a sequence number in every write), so that a
+snapshot taken while they are written must be exactly the state after some number of writes.
+
+Loop devices and ext4 mounts are always undone in ``finally`` blocks inside the FUSE mount's
+context, so they are gone before the FUSE mount is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import random
+import shutil
+import struct
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from diskimages import (
+    distinct_nonzero,
+    have_root,
+    is_zero,
+    make_image,
+    same_bytes,
+    sha256_file,
+    shared_image,
+)
+from mountutil import MountedDaemon, mounted, wait_for
+from testkit import Snapfs, one_error
+
+from snapfs.repo.lock import RepositoryLock
+from snapfs.store import open_store
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(not have_root() or not os.path.exists("/dev/fuse"),
+                       reason="needs root and /dev/fuse (FUSE and loop mounts)"),
+]
+
+EXIT_GENERAL, EXIT_USAGE, EXIT_NOT_FOUND = 1, 2, 3
+MiB = 1 << 20
+BS = 16 * 1024  # the repositories' block size (snapfs init's default)
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 64 MiB ext4 image with ~24 MiB of real files (the one test_cli and others share)."""
+    return shared_image(tmp_path_factory.getbasetemp() / "shared-images", "base.img",
+                        lambda p: make_image(p, seed=1))
+
+
+@pytest.fixture(scope="session")
+def runtime_dir() -> Iterator[Path]:
+    # Short, because a Unix socket path must fit in 108 bytes.
+    path = Path(f"/tmp/snapfs-disks-run-{os.getpid()}")
+    path.mkdir(mode=0o700)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def make_env(runtime_dir: Path, request: pytest.FixtureRequest, s3: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AWS_") and not k.startswith("SNAPFS_")}
+    env["SNAPFS_RUNTIME_DIR"] = str(runtime_dir)
+    if s3:
+        seaweed = request.getfixturevalue("seaweed")
+        env.update(AWS_ACCESS_KEY_ID=seaweed.access_key, AWS_SECRET_ACCESS_KEY=seaweed.secret_key,
+                   AWS_DEFAULT_REGION="us-east-1",
+                   AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+    return env
+
+
+@pytest.fixture(scope="module")
+def module_repo(tmp_path_factory: pytest.TempPathFactory, base_image: Path) -> Path:
+    """A local repository holding one snapshot of ``base_image`` named vm-1."""
+    repo = tmp_path_factory.mktemp("disks-repo") / "repo"
+    snapfs = Snapfs(str(repo), None, {k: v for k, v in os.environ.items()
+                                      if not k.startswith("SNAPFS_")})
+    snapfs.ok("init")
+    snapfs.ok("snapshot", "create", base_image, "--name", "vm-1")
+    return repo
+
+
+@pytest.fixture
+def snapfs(module_repo: Path, tmp_path: Path, runtime_dir: Path,
+           request: pytest.FixtureRequest) -> Snapfs:
+    """``snapfs`` on a private copy of ``module_repo``."""
+    repo = tmp_path / "repo"
+    shutil.copytree(module_repo, repo)
+    return Snapfs(str(repo), None, make_env(runtime_dir, request, s3=False))
+
+
+@pytest.fixture
+def snapfs_any_store(store_url: str, store_endpoint: str | None, runtime_dir: Path,
+                     request: pytest.FixtureRequest, base_image: Path) -> Snapfs:
+    """``snapfs`` on a fresh repository, local or S3, holding a snapshot of ``base_image``
+    named vm-1."""
+    snapfs = Snapfs(store_url, store_endpoint,
+                    make_env(runtime_dir, request, store_url.startswith("s3://")))
+    snapfs.ok("init")
+    snapfs.ok("snapshot", "create", base_image, "--name", "vm-1")
+    return snapfs
+
+
+@dataclasses.dataclass
+class Served:
+    """A running mount of a repository, and the disk commands on it."""
+
+    snapfs: Snapfs
+    daemon: MountedDaemon
+    tmp: Path
+
+    @property
+    def mountpoint(self) -> Path:
+        return self.daemon.mountpoint
+
+    def disk(self, name: str) -> Path:
+        return self.mountpoint / "disks" / f"{name}.img"
+
+    def image(self, name: str) -> Path:
+        return self.mountpoint / "snapshots" / f"{name}.img"
+
+    def disks(self) -> dict[str, dict[str, Any]]:
+        return {d["name"]: d for d in self.snapfs.json("disk", "list")}
+
+    def snapshot(self, *args: Any) -> dict[str, Any]:
+        """``snapshot create ARGS --json``: the task."""
+        task: dict[str, Any] = self.snapfs.json("snapshot", "create", *args)
+        return task
+
+    def snapshots(self) -> dict[str, dict[str, Any]]:
+        return {d["name"]: d for d in self.snapfs.json("snapshot", "list")}
+
+    def export(self, snap: str) -> Path:
+        out = self.tmp / f"export-{snap}.img"
+        self.snapfs.ok("export", snap, out, "--force")
+        return out
+
+    def copy(self, name: str, label: str) -> Path:
+        """A copy of disk ``name`` as it is now (read through the mount)."""
+        out = self.tmp / f"copy-{name}-{label}.img"
+        shutil.copyfile(self.disk(name), out)
+        return out
+
+    def hydrator(self) -> dict[str, Any]:
+        stats: dict[str, Any] = self.snapfs.json("stats", self.mountpoint)["hydrator"]
+        return stats
+
+
+@contextmanager
+def serving(snapfs: Snapfs, tmp_path: Path, *args: Any, cache: str = "cache") -> Iterator[Served]:
+    with mounted(snapfs, tmp_path / "mnt", tmp_path / cache, "--no-background", *args) as daemon:
+        yield Served(snapfs, daemon, tmp_path)
+
+
+@pytest.fixture
+def served(snapfs: Snapfs, tmp_path: Path) -> Iterator[Served]:
+    with serving(snapfs, tmp_path) as s:
+        yield s
+
+
+# -- loop devices and ext4, always undone ------------------------------------------------------
+
+
+@contextmanager
+def attached(image: Path) -> Iterator[str]:
+    """``image`` attached read-write to a loop device, detached afterwards."""
+    loop = subprocess.run(["losetup", "-f", "--show", str(image)], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    try:
+        yield loop
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+
+
+@contextmanager
+def ext4_mounted(device: str, where: Path, *options: str) -> Iterator[Path]:
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", *(["-o", ",".join(options)] if options else []), device, str(where)],
+                   check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def fsck_clean(image: Path) -> None:
+    result = subprocess.run(["fsck.ext4", "-n", "-f", str(image)], capture_output=True, text=True)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+
+
+# -- what the test writes, and how to recognise it ---------------------------------------------
+
+
+def pattern(seq: int) -> bytes:
+    """The content of write number ``seq`` (1, 2, ...): its number, then random bytes."""
+    return struct.pack("<Q", seq) + random.Random(seq).randbytes(BS - 8)
+
+
+def random_blocks(seed: int, count: int) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.randbytes(BS) for _ in range(count)]
+
+
+def write_blocks(path: Path, blocks: dict[int, bytes]) -> None:
+    """pwrite each block at its number, then fsync."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for n, data in blocks.items():
+            assert os.pwrite(fd, data, n * BS) == len(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_blocks(path: Path, numbers: list[int]) -> dict[int, bytes]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return {n: os.pread(fd, BS, n * BS) for n in numbers}
+    finally:
+        os.close(fd)
+
+
+class Writer(threading.Thread):
+    """Writes ``pattern(1)``, ``pattern(2)``, ... to block ``(seq - 1) % nblocks`` of each disk
+    in turn (each write acknowledged before the next), until stopped. ``count``: the last
+    sequence number written to every disk."""
+
+    def __init__(self, paths: list[Path], nblocks: int) -> None:
+        super().__init__(daemon=True)
+        self.paths = paths
+        self.nblocks = nblocks
+        self.count = 0
+        self.error: BaseException | None = None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        fds = [os.open(p, os.O_RDWR) for p in self.paths]
+        try:
+            seq = 0
+            while not self._stop_event.is_set():
+                seq += 1
+                data = pattern(seq)
+                for fd in fds:
+                    assert os.pwrite(fd, data, (seq - 1) % self.nblocks * BS) == BS
+                self.count = seq
+        except BaseException as e:  # noqa: B036 - reported by stop()
+            self.error = e
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def wait_for_count(self, n: int) -> None:
+        wait_for(lambda: self.count >= n or self.error is not None or not self.is_alive(), 60,
+                 f"the writer to reach write {n}")
+        assert self.error is None, self.error
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(60)
+        assert not self.is_alive(), "the writer hangs"
+        assert self.error is None, self.error
+
+
+def writes_held(image: Path, nblocks: int) -> int:
+    """The k such that ``image`` holds exactly what ``Writer`` had written after its write k
+    (asserting that there is one)."""
+    data = image.read_bytes()
+    assert len(data) == nblocks * BS
+    seqs = [struct.unpack_from("<Q", data, n * BS)[0] for n in range(nblocks)]
+    k = max(seqs)
+    for n in range(nblocks):
+        block = data[n * BS : (n + 1) * BS]
+        if k < n + 1:  # not written yet after k writes
+            assert is_zero(block), f"block {n} written after write {k}"
+        else:
+            last = n + 1 + (k - (n + 1)) // nblocks * nblocks  # the last write to n, up to k
+            assert block == pattern(last), (
+                f"block {n} holds write {seqs[n]}, not {last}: not the state after write {k}")
+    return k
+
+
+@contextmanager
+def uploads_held(snapfs: Snapfs) -> Iterator[None]:
+    """An exclusive repository lock held by this (live) process, as ``prune`` holds it: a
+    disk's snapshot closes, but its upload cannot take its shared lock (it retries) until the
+    block ends."""
+    store = open_store(str(snapfs.repo))
+    try:
+        lock = RepositoryLock(store, "exclusive", "test: holding uploads back").acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+    finally:
+        store.close()
+
+
+def wait_accomplished(served: Served, name: str, timeout: float = 60) -> dict[str, Any]:
+    def done() -> bool:
+        doc = served.snapshots().get(name)
+        assert doc is None or doc["state"] != "failed", doc
+        return doc is not None and doc["state"] == "accomplished"
+
+    wait_for(done, timeout, f"snapshot {name} to be accomplished")
+    return served.snapshots()[name]
+
+
+# -- a disk used as ext4 -------------------------------------------------------------------------
+
+
+def test_a_disk_used_as_ext4_is_snapshotted_as_it_was_and_exports_a_clean_filesystem(
+    snapfs_any_store: Snapfs, base_image: Path, tmp_path: Path
+) -> None:
+    snapfs = snapfs_any_store
+    with serving(snapfs, tmp_path) as s:
+        snapfs.ok("disk", "create", "d1", "--from", "vm-1")
+        disk = s.disk("d1")
+        assert os.stat(disk).st_mode & 0o777 == 0o600
+        assert os.path.getsize(disk) == os.path.getsize(base_image)
+        # before any write, the disk is the snapshot's image byte for byte
+        assert sha256_file(disk) == sha256_file(base_image)
+        before = s.disks()["d1"]
+        assert (before["blocks_written"], before["blocks_changed"], before["source"]) == (0, 0, "vm-1")
+
+        new_file = random.Random(7).randbytes(3 * MiB + 123)
+        with attached(disk) as loop:
+            with ext4_mounted(loop, tmp_path / "fs") as fs:
+                victim = sorted(p for p in (fs / "usr").iterdir() if p.is_dir())[0]
+                shutil.rmtree(victim)
+                (fs / "new.bin").write_bytes(new_file)
+                (fs / "note.txt").write_text("written on a snapfs disk\n")
+        changed = s.disks()["d1"]["blocks_changed"]
+        assert changed > 0
+        copy = s.copy("d1", "at-snapshot")
+
+        task = s.snapshot("--disk", "d1", "--name", "s1")
+        assert task["state"] == "accomplished" and task["consistency"] == "crash"
+        (part,) = task["parts"]
+        assert (part["disk"], part["name"], part["parent"]) == ("d1", "s1", before["parent"])
+        stats = part["snapshot"]
+        assert stats["source"] == "changed-block tracking"
+        assert stats["blocks_read"] == part["blocks"] == changed
+        assert s.disks()["d1"]["snapshot_blocks_read"] == changed
+
+        exported = s.export("s1")
+        assert same_bytes(exported, copy)
+        fsck_clean(exported)
+        assert s.snapshots()["s1"]["state"] == "accomplished"
+        # the snapshot served by the mount is the same image
+        assert sha256_file(s.image("s1")) == sha256_file(copy)
+
+    # and the export holds the files as written (read by the kernel's ext4, read-only)
+    with attached(exported) as loop, ext4_mounted(loop, tmp_path / "check", "ro", "noload") as fs:
+        assert (fs / "new.bin").read_bytes() == new_file
+        assert (fs / "note.txt").read_text() == "written on a snapfs disk\n"
+        assert not (fs / "usr" / victim.name).exists()
+
+
+# -- a point in time while writes go on --------------------------------------------------------
+
+
+def test_snapshots_taken_while_a_writer_writes_are_the_disk_at_one_instant(
+    served: Served, tmp_path: Path
+) -> None:
+    """Two snapshots closed while the disk is written, both uploading (held back) while every
+    block they closed is overwritten: each is readable at once, usable as --from, and stored
+    as the disk was at its closing."""
+    s = served
+    nblocks = 256
+    s.snapfs.ok("disk", "create", "w", "--size", f"{nblocks * BS // 1024}K")
+    writer = Writer([s.disk("w")], nblocks)
+    writer.start()
+    try:
+        writer.wait_for_count(nblocks + 17)  # every block written once, some twice
+        with uploads_held(s.snapfs):
+            before = writer.count
+            task = s.snapshot("--disk", "w", "--name", "cut", "--no-wait")
+            after = writer.count
+            assert task["state"] == "progressing"
+            (part,) = task["parts"]
+            assert part["blocks"] == nblocks
+            # usable as --from at once, before its upload ends
+            s.snapfs.ok("disk", "create", "w2", "--from", "cut")
+            # a whole round of writes after the closing: every closed block is overwritten
+            writer.wait_for_count(after + nblocks)
+            before2 = writer.count
+            task2 = s.snapshot("--disk", "w", "--name", "cut2", "--no-wait")
+            after2 = writer.count
+            (part2,) = task2["parts"]
+            assert task2["state"] == "progressing" and part2["blocks"] == nblocks
+            assert part2["parent"] == part["snapshot_id"]
+            writer.wait_for_count(after2 + nblocks)
+            writer.stop()
+            listed = s.snapshots()
+            assert listed["cut"]["state"] == listed["cut2"]["state"] == "progressing"
+            pending = s.image("cut").read_bytes()
+            pending2 = s.image("cut2").read_bytes()
+            from_pending = s.disk("w2").read_bytes()
+            listed = s.snapshots()
+            assert listed["cut"]["state"] == listed["cut2"]["state"] == "progressing"
+            # the old contents of the closed blocks were kept, once per generation
+            assert s.disks()["w"]["blocks_copied_on_write"] == 2 * nblocks
+        wait_accomplished(s, "cut")
+        wait_accomplished(s, "cut2")
+    finally:
+        writer.stop()
+    exported = s.export("cut")
+    assert before <= writes_held(exported, nblocks) <= after
+    assert exported.read_bytes() == pending == from_pending
+    exported2 = s.export("cut2")
+    assert before2 <= writes_held(exported2, nblocks) <= after2
+    assert exported2.read_bytes() == pending2
+    # the disk itself has every write
+    assert writes_held(s.disk("w"), nblocks) == writer.count
+    assert s.disks()["w"]["snapshot_blocks_read"] == 2 * nblocks
+    assert s.snapshots()["cut2"]["parent"] == s.snapshots()["cut"]["id"]
+
+
+def test_a_consistency_group_of_two_disks_written_in_alternation(served: Served) -> None:
+    s = served
+    nblocks = 256
+    for name in ("a", "b"):
+        s.snapfs.ok("disk", "create", name, "--size", f"{nblocks * BS // 1024}K")
+    writer = Writer([s.disk("a"), s.disk("b")], nblocks)  # each write to a, then to b
+    writer.start()
+    try:
+        writer.wait_for_count(nblocks + 5)
+        task = s.snapshot("--disk", "a", "--disk", "b", "--name", "g")
+        writer.wait_for_count(writer.count + 10)
+    finally:
+        writer.stop()
+    assert task["state"] == "accomplished"
+    assert task["group"] is not None
+    names = {p["disk"]: p["name"] for p in task["parts"]}
+    assert names == {"a": "g-a", "b": "g-b"}
+    listed = s.snapshots()
+    assert listed["g-a"]["group"] == listed["g-b"]["group"] == task["group"]
+    assert {p["snapshot"]["group"] for p in task["parts"]} == {task["group"]}
+    k_a = writes_held(s.export("g-a"), nblocks)
+    k_b = writes_held(s.export("g-b"), nblocks)
+    assert k_a - k_b in (0, 1)  # every write to b is in a; a may have the next one
+    assert k_b > nblocks
+
+
+# -- changed-block tracking ----------------------------------------------------------------------
+
+
+def test_an_incremental_snapshot_reads_and_uploads_exactly_the_changed_blocks(
+    snapfs_any_store: Snapfs, base_image: Path, tmp_path: Path
+) -> None:
+    snapfs = snapfs_any_store
+    with serving(snapfs, tmp_path) as s:
+        snapfs.ok("disk", "create", "d", "--from", "vm-1")
+        nblocks = os.path.getsize(base_image) // BS
+        numbers = random.Random(3).sample(range(128, nblocks - 1), 37)
+        write_blocks(s.disk("d"), dict(zip(numbers, random_blocks(4, 37), strict=True)))
+        listed = s.disks()["d"]
+        assert (listed["blocks_written"], listed["blocks_changed"]) == (37, 37)
+        assert listed["snapshot_blocks_read"] == 0
+        fetched = s.hydrator()["blocks_fetched"]
+
+        task = s.snapshot("--disk", "d", "--name", "one")
+        stats = task["parts"][0]["snapshot"]
+        assert (stats["blocks_read"], stats["blocks_uploaded"], stats["blocks_changed"]) == (37, 37, 37)
+        assert s.disks()["d"]["snapshot_blocks_read"] == 37
+        # no block of the base was fetched for it; at most the parent's one manifest page
+        assert s.hydrator()["blocks_fetched"] - fetched <= 1
+        assert same_bytes(s.export("one"), s.copy("d", "one"))
+
+        # again, incremental to "one": 3 whole blocks and a write across a block boundary
+        again = {numbers[0]: random_blocks(5, 1)[0], 0: random_blocks(6, 1)[0],
+                 nblocks - 1: random_blocks(7, 1)[0]}
+        write_blocks(s.disk("d"), again)
+        fd = os.open(s.disk("d"), os.O_RDWR)
+        try:
+            os.pwrite(fd, b"\xa5" * 300, 100 * BS - 100)  # blocks 99 and 100, partly
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        task = s.snapshot("--disk", "d", "--name", "two")
+        (part,) = task["parts"]
+        assert part["parent"] == s.snapshots()["one"]["id"]
+        stats = part["snapshot"]
+        assert (stats["blocks_read"], stats["blocks_uploaded"]) == (5, 5)
+        assert s.disks()["d"]["snapshot_blocks_read"] == 37 + 5
+        copy = s.copy("d", "two")
+        assert same_bytes(s.export("two"), copy)
+        data = read_blocks(copy, [99, 100])
+        assert data[99][-100:] == b"\xa5" * 100 and data[100][:200] == b"\xa5" * 200
+        base = read_blocks(base_image, [99, 100])
+        assert data[99][:-100] == base[99][:-100] and data[100][200:] == base[100][200:]
+        snapfs.ok("verify", "two")
+
+
+def test_three_disks_of_one_snapshot_fetch_each_block_once(
+    served: Served, base_image: Path
+) -> None:
+    s = served
+    names = ["x", "y", "z"]
+    for name in names:
+        s.snapfs.ok("disk", "create", name, "--from", "vm-1")
+    digests: dict[str, str] = {}
+
+    def read(name: str) -> None:
+        digests[name] = sha256_file(s.disk(name))
+
+    threads = [threading.Thread(target=read, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert digests == dict.fromkeys(names, sha256_file(base_image))
+    # each distinct block once, and the snapshot's one manifest page (4096 entries a page)
+    assert os.path.getsize(base_image) // BS <= 4096
+    assert s.hydrator()["blocks_fetched"] == len(distinct_nonzero(base_image, BS)) + 1
+
+
+def test_a_disk_larger_than_its_snapshot(served: Served, base_image: Path) -> None:
+    s = served
+    s.snapfs.ok("disk", "create", "big", "--from", "vm-1", "--size", "96M")
+    disk = s.disk("big")
+    size = os.path.getsize(base_image)
+    assert os.path.getsize(disk) == 96 * MiB
+    data = disk.read_bytes()
+    assert data[:size] == base_image.read_bytes()
+    assert is_zero(data[size:])
+    extra = {size // BS + 3: random_blocks(8, 1)[0], 96 * MiB // BS - 1: random_blocks(9, 1)[0]}
+    write_blocks(disk, extra)
+    assert read_blocks(disk, list(extra)) == extra
+    task = s.snapshot("--disk", "big", "--name", "grown")
+    stats = task["parts"][0]["snapshot"]
+    assert stats["size"] == 96 * MiB and stats["blocks_read"] == 2
+    exported = s.export("grown")
+    assert os.path.getsize(exported) == 96 * MiB
+    assert same_bytes(exported, s.copy("big", "grown"))
+
+    # back to vm-1: only the two blocks written since are reset; a rollback never shrinks
+    result = s.snapfs.json("disk", "rollback", "big", "vm-1", "--yes")
+    assert (result["whole_overlay"], result["blocks_reset"]) == (False, 2)
+    assert os.path.getsize(disk) == 96 * MiB
+    data = disk.read_bytes()
+    assert data[:size] == base_image.read_bytes()
+    assert is_zero(data[size:])
+
+
+def test_a_disk_grown_past_an_odd_sized_snapshot(served: Served, tmp_path: Path) -> None:
+    s = served
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(random.Random(31).randbytes(62 * BS + BS // 2))  # a short last block
+    s.snapfs.ok("snapshot", "create", odd, "--name", "odd")
+    s.snapfs.ok("disk", "create", "g", "--from", "odd", "--size", "2M")
+    disk = s.disk("g")
+    data = disk.read_bytes()
+    assert data[: odd.stat().st_size] == odd.read_bytes() and is_zero(data[odd.stat().st_size :])
+    write_blocks(disk, {100: random_blocks(32, 1)[0]})
+    s.snapshot("--disk", "g", "--name", "g1")
+    copy = s.copy("g", "g1")
+    assert same_bytes(s.export("g1"), copy)
+    # the stored snapshot as the mount serves it, and a disk made from it
+    assert s.image("g1").read_bytes() == copy.read_bytes()
+    s.snapfs.ok("disk", "create", "g2", "--from", "g1")
+    assert s.disk("g2").read_bytes() == copy.read_bytes()
+
+
+def test_a_failed_upload_is_reported_and_the_next_snapshot_uploads_its_blocks(
+    served: Served,
+) -> None:
+    s = served
+    s.snapfs.ok("disk", "create", "d", "--size", "4M")
+    first = dict(zip(range(0, 18, 2), random_blocks(41, 9), strict=True))
+    write_blocks(s.disk("d"), first)
+    with uploads_held(s.snapfs):  # every attempt finds the repository locked
+        error = one_error(s.snapfs("snapshot", "create", "--disk", "d", "--name", "doomed"),
+                          EXIT_GENERAL)
+    assert "snapshot failed" in error and "locked" in error
+    doc = s.snapshots()["doomed"]
+    assert doc["state"] == "failed" and "locked" in doc["reason"]
+    listed = s.disks()["d"]
+    assert (listed["blocks_changed"], listed["uploading"]) == (9, [])  # merged back
+    assert s.snapfs.json("snapshot", "list", "--disk", "d") == [doc]
+    with pytest.raises(FileNotFoundError):
+        s.image("doomed").stat()
+
+    write_blocks(s.disk("d"), {0: random_blocks(42, 1)[0], 1: random_blocks(43, 1)[0]})
+    task = s.snapshot("--disk", "d", "--name", "retried")
+    stats = task["parts"][0]["snapshot"]
+    assert (stats["blocks_read"], stats["parent"]) == (10, None)
+    assert same_bytes(s.export("retried"), s.copy("d", "retried"))
+
+
+# -- kill -9 -------------------------------------------------------------------------------------
+
+
+def test_kill_9_after_fsynced_writes_loses_neither_the_writes_nor_the_changed_set(
+    snapfs: Snapfs, tmp_path: Path, base_image: Path
+) -> None:
+    nblocks = os.path.getsize(base_image) // BS
+    blocks = dict(zip(random.Random(11).sample(range(nblocks), 20), random_blocks(12, 20),
+                      strict=True))
+    with serving(snapfs, tmp_path) as s:
+        snapfs.ok("disk", "create", "d", "--from", "vm-1")
+        write_blocks(s.disk("d"), blocks)
+        s.daemon.kill()
+        assert "daemon had died" in snapfs.ok("umount", s.mountpoint)
+
+    with serving(snapfs, tmp_path) as s:
+        assert read_blocks(s.disk("d"), list(blocks)) == blocks
+        listed = s.disks()["d"]
+        assert (listed["blocks_written"], listed["blocks_changed"]) == (20, 20)
+        assert listed["trusted"] is True
+        task = s.snapshot("--disk", "d", "--name", "after-kill")
+        stats = task["parts"][0]["snapshot"]
+        assert (stats["blocks_read"], stats["blocks_uploaded"]) == (20, 20)
+        assert stats["source"] == "changed-block tracking"
+        assert same_bytes(s.export("after-kill"), s.copy("d", "after-kill"))
+
+
+def test_kill_9_during_an_upload_resumes_it_after_the_restart(
+    snapfs: Snapfs, tmp_path: Path
+) -> None:
+    nblocks = 512  # 8 MiB of random data: its upload takes seconds at 1 MB/s
+    with serving(snapfs, tmp_path, "--simulate-bandwidth", "1MB/s") as s:
+        snapfs.ok("disk", "create", "d", "--size", "8M")
+        write_blocks(s.disk("d"), dict(enumerate(random_blocks(13, nblocks - 12))))
+        at_closing = s.copy("d", "closing")
+        task = s.snapshot("--disk", "d", "--name", "cut", "--no-wait")
+        assert task["state"] == "progressing" and task["parts"][0]["blocks"] == nblocks - 12
+        # writes after the closing go to the next generation (their old contents kept for it)
+        later = {n: random_blocks(14 + n, 1)[0] for n in (0, 5, nblocks - 1)}
+        write_blocks(s.disk("d"), later)
+
+        def reading() -> bool:
+            (doc,) = s.snapfs.json("snapshot", "list", "--disk", "d")
+            assert doc["state"] == "progressing", doc
+            return bool(doc["progress"] and doc["progress"]["blocks_done"] > 0)
+
+        wait_for(reading, 30, "the upload to start reading blocks")
+        s.daemon.kill()
+        snapfs.ok("umount", s.mountpoint)
+    # never a half snapshot: nothing is stored under its name
+    assert snapfs.json("snapshot", "list", "--disk", "d") == []
+
+    with serving(snapfs, tmp_path) as s:
+        listed = s.snapshots()
+        assert listed["cut"]["state"] in ("progressing", "accomplished")
+        doc = wait_accomplished(s, "cut")
+        assert doc["blocks_read"] == nblocks - 12
+        assert same_bytes(s.export("cut"), at_closing)
+        assert read_blocks(s.disk("d"), list(later)) == later
+        assert s.disks()["d"]["blocks_changed"] == len(later)
+        snapfs.ok("verify", "cut")
+
+
+def test_kill_9_with_two_snapshots_waiting_to_upload_stores_both_after_the_restart(
+    snapfs: Snapfs, tmp_path: Path
+) -> None:
+    """Two generations closed and kept (copy-on-write) while their uploads cannot start, then
+    kill -9: the next daemon rebuilds both from the durable local copy, in order."""
+    blocks = random_blocks(51, 30)
+    with serving(snapfs, tmp_path) as s:
+        snapfs.ok("disk", "create", "d", "--size", "4M")
+        disk = s.disk("d")
+        write_blocks(disk, dict(zip(range(10), blocks[:10], strict=True)))
+        with uploads_held(snapfs):
+            at_c1 = s.copy("d", "c1")
+            s.snapshot("--disk", "d", "--name", "c1", "--no-wait")
+            write_blocks(disk, dict(zip(range(5, 15), blocks[10:20], strict=True)))
+            at_c2 = s.copy("d", "c2")
+            task = s.snapshot("--disk", "d", "--name", "c2", "--no-wait")
+            assert task["parts"][0]["blocks"] == 10
+            write_blocks(disk, dict(zip((0, 12, 20), blocks[20:23], strict=True)))
+            final = s.copy("d", "final")
+            # kept for c1: blocks 5..9, then 0; for c2: block 12
+            assert s.disks()["d"]["blocks_copied_on_write"] == 5 + 1 + 1
+            assert s.image("c2").read_bytes() == at_c2.read_bytes()
+            s.daemon.kill()
+            snapfs.ok("umount", s.mountpoint)
+    assert snapfs.json("snapshot", "list", "--disk", "d") == []
+
+    with serving(snapfs, tmp_path) as s:
+        wait_accomplished(s, "c1")
+        doc = wait_accomplished(s, "c2")
+        assert doc["parent"] == s.snapshots()["c1"]["id"]
+        assert (doc["blocks_read"], s.snapshots()["c1"]["blocks_read"]) == (10, 10)
+        assert same_bytes(s.export("c1"), at_c1)
+        assert same_bytes(s.export("c2"), at_c2)
+        assert same_bytes(s.copy("d", "after"), final)
+        assert s.disks()["d"]["blocks_changed"] == 3
+
+
+def test_a_disk_whose_size_is_not_a_multiple_of_the_block_size(served: Served) -> None:
+    s = served
+    s.snapfs.ok("disk", "create", "e", "--size", "1000K")  # 62.5 blocks
+    disk = s.disk("e")
+    size = 1000 * 1024
+    assert os.path.getsize(disk) == size and is_zero(disk.read_bytes())
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        assert os.pwrite(fd, b"\x5a" * 300, size - 300) == 300  # the end of the short block
+        assert os.pwrite(fd, b"\x3c" * 100, size - 8192 + 50) == 100  # inside it
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"x", size)
+        assert e.value.errno == errno.ENOSPC
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    task = s.snapshot("--disk", "e", "--name", "e1")
+    stats = task["parts"][0]["snapshot"]
+    assert (stats["size"], stats["blocks_read"], stats["blocks_total"]) == (size, 1, 63)
+    exported = s.export("e1")
+    assert exported.read_bytes() == disk.read_bytes() == s.image("e1").read_bytes()
+    data = exported.read_bytes()
+    assert data[-300:] == b"\x5a" * 300 and data[size - 8192 + 50 : size - 8192 + 150] == b"\x3c" * 100
+    assert is_zero(data[: size - 8192 + 50])
+
+
+# -- rollback ------------------------------------------------------------------------------------
+
+
+def test_rollback_is_refused_while_attached_and_resets_only_what_changed(
+    served: Served, base_image: Path
+) -> None:
+    s = served
+    s.snapfs.ok("disk", "create", "d", "--from", "vm-1")
+    disk = s.disk("d")
+    with attached(disk) as loop:
+        error = one_error(s.snapfs("disk", "rollback", "d", "vm-1", "--yes"), EXIT_GENERAL)
+        assert loop in error and "attached" in error
+        error = one_error(s.snapfs("disk", "delete", "d"), EXIT_GENERAL)
+        assert loop in error
+
+    nblocks = os.path.getsize(base_image) // BS
+    numbers = random.Random(21).sample(range(nblocks), 22)
+    first, second, third = numbers[:10], numbers[10:17], numbers[17:]
+    write_blocks(disk, dict(zip(first, random_blocks(22, 10), strict=True)))
+    s.snapshot("--disk", "d", "--name", "s1")
+    write_blocks(disk, dict(zip(second, random_blocks(23, 7), strict=True)))
+    s.snapshot("--disk", "d", "--name", "s2")
+    write_blocks(disk, dict(zip(third, random_blocks(24, 5), strict=True)))
+
+    result = s.snapfs.json("disk", "rollback", "d", "s2", "--yes")
+    assert (result["snapshot_name"], result["blocks_reset"]) == ("s2", 5)
+    assert same_bytes(s.copy("d", "s2"), s.export("s2"))
+    assert s.disks()["d"]["blocks_changed"] == 0
+
+    result = s.snapfs.json("disk", "rollback", "d", "s1", "--yes")
+    assert (result["snapshot_name"], result["blocks_reset"]) == ("s1", 7)
+    assert same_bytes(s.copy("d", "s1"), s.export("s1"))
+
+    out = s.snapfs.ok("disk", "rollback", "d", "vm-1", "--yes")
+    assert "10 blocks reset" in out
+    assert sha256_file(disk) == sha256_file(base_image)
+
+    # the disk goes on from there: a write, a snapshot incremental to vm-1
+    write_blocks(disk, {3: random_blocks(25, 1)[0]})
+    task = s.snapshot("--disk", "d", "--name", "s3")
+    assert task["parts"][0]["parent"] == s.snapshots()["vm-1"]["id"]
+    assert task["parts"][0]["snapshot"]["blocks_read"] == 1
+    assert same_bytes(s.export("s3"), s.copy("d", "s3"))
+
+    s.snapfs.ok("disk", "delete", "d")
+    assert s.disks() == {} and os.listdir(s.mountpoint / "disks") == []
+
+
+def test_rollback_of_a_disk_the_kernel_never_looked_up(served: Served) -> None:
+    """The kernel has no inode of the disk to invalidate (a forgotten inode is not an error)."""
+    s = served
+    s.snapfs.ok("disk", "create", "d", "--from", "vm-1")
+    out = s.snapfs.ok("disk", "rollback", "d", "vm-1", "--yes")
+    assert "0 blocks reset" in out
+
+
+# -- freeze --------------------------------------------------------------------------------------
+
+
+def test_freeze_makes_a_clean_filesystem_snapshot_and_thaws(served: Served, tmp_path: Path) -> None:
+    s = served
+    s.snapfs.ok("disk", "create", "d", "--from", "vm-1")
+    text = "not fsync'd, but frozen file systems are written back first\n"
+    with attached(s.disk("d")) as loop, ext4_mounted(loop, tmp_path / "fs") as fs:
+        (fs / "unsynced.txt").write_text(text)
+        task = s.snapshot("--disk", "d", "--name", "frozen", "--freeze", fs)
+        assert task["state"] == "accomplished" and task["consistency"] == "frozen"
+        # thawed: the file system takes writes again
+        (fs / "after.txt").write_text("after\n")
+        fd = os.open(fs / "after.txt", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    exported = s.export("frozen")
+    fsck_clean(exported)  # frozen ext4 needs no journal replay
+    with attached(exported) as loop, ext4_mounted(loop, tmp_path / "check", "ro") as fs:
+        assert (fs / "unsynced.txt").read_text() == text
+        assert not (fs / "after.txt").exists()
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+def test_bad_input_is_one_line_and_a_non_zero_exit(served: Served, tmp_path: Path) -> None:
+    s = served
+    snapfs = s.snapfs
+    snapfs.ok("disk", "create", "d", "--from", "vm-1")
+
+    def error(*args: Any, code: int = EXIT_GENERAL) -> str:
+        return one_error(snapfs(*args, stdin=subprocess.DEVNULL), code)
+
+    assert "already exists" in error("disk", "create", "d", "--from", "vm-1")
+    assert "nosuch" in error("disk", "create", "e", "--from", "nosuch", code=EXIT_NOT_FOUND)
+    assert "smaller" in error("disk", "create", "e", "--from", "vm-1", "--size", "1M",
+                              code=EXIT_USAGE)
+    assert "bad disk name" in error("disk", "create", "a/b", "--size", "1M", code=EXIT_USAGE)
+    assert "nosuch" in error("snapshot", "create", "--disk", "nosuch", code=EXIT_NOT_FOUND)
+    plain = tmp_path / "plain-dir"
+    plain.mkdir()
+    assert "not a mount point" in error("snapshot", "create", "--disk", "d", "--freeze", plain,
+                                        code=EXIT_USAGE)
+    assert "--yes" in error("disk", "rollback", "d", "vm-1", code=EXIT_USAGE)
+    assert "nosuch" in error("disk", "delete", "nosuch", code=EXIT_NOT_FOUND)
+    assert "base of disk d" in error("snapshot", "delete", "vm-1", code=EXIT_USAGE)
+
+    # a repository no mount serves
+    other = snapfs.with_repo(str(tmp_path / "other"))
+    other.ok("init")
+    for args in (("disk", "list"), ("disk", "create", "e", "--size", "1M"),
+                 ("snapshot", "create", "--disk", "d")):
+        assert "no snapfs mount" in one_error(other(*args), EXIT_NOT_FOUND)
+
+    # nothing was created or snapshotted by all that
+    assert list(s.disks()) == ["d"]
+    assert set(s.snapshots()) == {"vm-1"}
+
+    # the image file keeps its size
+    disk = s.disk("d")
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"x" * BS, os.path.getsize(disk) - BS // 2)
+        assert e.value.errno == errno.ENOSPC
+        with pytest.raises(OSError) as e:
+            os.ftruncate(fd, 1 * MiB)
+        assert e.value.errno == errno.EPERM
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as e:
+        os.truncate(disk, os.path.getsize(disk) + MiB)
+    assert e.value.errno == errno.EPERM
+    assert os.path.getsize(disk) == 64 * MiB
+    assert s.disks()["d"]["blocks_written"] == 0

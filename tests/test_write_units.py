@@ -1,0 +1,214 @@
+"""The pieces of writable disks without FUSE: ``Bitmap`` against a set, ``DiskState`` (lmdb)
+transactions and trust, and a ``Disk`` over a real snapshot (real repository on a local store,
+real hydrator and block cache) written, closed, copied on write and uploaded under trio, checked
+against a bytearray model of the disk."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+import pytest
+import trio
+
+from snapfs.cache import BlockCache
+from snapfs.format.block import ZERO_ID
+from snapfs.hydration.scheduler import HydrationConfig, Hydrator
+from snapfs.image.catalog import SnapshotCatalog
+from snapfs.image.view import ImageView
+from snapfs.repo.create import CreateOptions, create_snapshot
+from snapfs.repo.repository import Repository
+from snapfs.store.local import LocalStore
+from snapfs.write.bitmap import Bitmap
+from snapfs.write.disk import Disk, PendingSnapshot
+from snapfs.write.overlay import Overlay
+from snapfs.write.state import DiskRecord, DiskState, SnapshotPart, SnapshotTask
+from snapfs.write.uploader import UploadProgress, upload_generation
+
+BS = 16 * 1024
+
+
+# -- Bitmap --------------------------------------------------------------------------------------
+
+
+def test_bitmap_behaves_as_a_set_of_block_numbers() -> None:
+    rng = random.Random(1)
+    size = 5000
+    bitmap, model = Bitmap(size), set()
+    for _ in range(20000):
+        n = rng.randrange(size)
+        if rng.random() < 0.6:
+            assert bitmap.add(n) == (n not in model)
+            model.add(n)
+        else:
+            assert bitmap.discard(n) == (n in model)
+            model.discard(n)
+    assert len(bitmap) == len(model)
+    assert list(bitmap) == sorted(model)
+    assert all((n in bitmap) == (n in model) for n in range(size))
+    assert -1 not in bitmap and size not in bitmap and "3" not in bitmap
+    copy = bitmap.copy()
+    copy.add(next(n for n in range(size) if n not in model))
+    assert len(bitmap) == len(model) and len(copy) == len(model) + 1
+    small = bitmap.resized(100)
+    assert (small.size, list(small)) == (100, sorted(n for n in model if n < 100))
+    assert list(Bitmap(10, [9, 0, 9])) == [0, 9] and len(Bitmap(10, [9, 0, 9])) == 2
+
+
+# -- DiskState -----------------------------------------------------------------------------------
+
+
+def record(name: str, disk_id: str, size: int = 64 * BS) -> DiskRecord:
+    return DiskRecord(name=name, id=disk_id, size=size, block_size=BS, base=None, parent=None,
+                      source=None, created="2026-01-01T00:00:00Z")
+
+
+def test_disk_state_keeps_blocks_per_disk_and_generation(tmp_path: Path) -> None:
+    state = DiskState(tmp_path / "state")
+    a, b = record("a", "00000000000000aa"), record("b", "00000000000000ab")
+    for r in (a, b):
+        state.put_disk(r)
+    state.mark(a, 1, present=[1, 2, 3], changed=[1, 2, 3])
+    state.mark(a, 2, present=[4], changed=[2, 4])
+    state.mark(b, 1, present=[7], changed=[7])
+    state.put_cow(a, 1, [(2, 0), (3, BS)])
+    assert state.present(a) == [1, 2, 3, 4] and state.present(b) == [7]
+    assert state.changed(a) == {1: [1, 2, 3], 2: [2, 4]}
+    assert state.cow(a, 1) == {2: 0, 3: BS} and state.cow(a, 2) == {}
+
+    # a failed upload of generation 1: its blocks count as changed in 2, its cow entries go
+    state.merge_changed(a, 1, 2)
+    assert state.changed(a) == {2: [1, 2, 3, 4]} and state.cow(a, 1) == {}
+
+    task = SnapshotTask(id="t1", state="progressing", created="2026-01-01T00:00:01Z",
+                        parts=[SnapshotPart("a", a.id, 2, "s1", "a-1", None, a.size, blocks=4)])
+    advanced = dataclasses.replace(a, gen=3)
+    state.put_task(task, [advanced])
+    assert state.tasks() == [task]
+    assert {r.name: r.gen for r in state.disks()} == {"a": 3, "b": 1}
+    state.delete_task("t1")
+    assert state.tasks() == []
+
+    # rollback: forget some overlay blocks and generations, store the record, at once
+    state.rollback(dataclasses.replace(advanced, gen=4), unpresent=[4], drop_gens=[2],
+                   clear_present=False)
+    assert state.present(a) == [1, 2, 3] and state.changed(a) == {}
+    state.delete_disk(a)
+    assert [r.name for r in state.disks()] == ["b"]
+    assert state.present(a) == [] and state.changed(b) == {1: [7]}  # b untouched
+    state.close()
+
+
+def test_disk_state_is_distrusted_only_after_an_unclean_stop_in_another_boot(
+    tmp_path: Path,
+) -> None:
+    def start(boot: str, stop: bool) -> bool:
+        state = DiskState(tmp_path / "state")
+        trusted = state.start(boot)
+        if stop:
+            state.stop()
+        state.close()
+        return trusted
+
+    assert start("boot-1", stop=False) is True  # fresh
+    assert start("boot-1", stop=True) is True  # killed, but in the same boot: page cache kept
+    assert start("boot-2", stop=False) is True  # the last one stopped cleanly
+    assert start("boot-3", stop=True) is False  # a reboot after an unclean stop
+
+
+# -- a Disk over a real snapshot -----------------------------------------------------------------
+
+
+@pytest.fixture
+def repo_with_snapshot(tmp_path: Path) -> tuple[Repository, bytes]:
+    data = bytearray(random.Random(2).randbytes(40 * BS))
+    data[10 * BS : 14 * BS] = bytes(4 * BS)  # some zero blocks
+    (tmp_path / "base.img").write_bytes(data)
+    repo = Repository.init(LocalStore(tmp_path / "repo"), block_size=BS, pack_size=256 << 10)
+    trio.run(create_snapshot, repo, str(tmp_path / "base.img"), CreateOptions(name="base"))
+    return repo, bytes(data)
+
+
+def test_a_disk_written_closed_and_uploaded_is_its_contents_at_the_closing(
+    repo_with_snapshot: tuple[Repository, bytes], tmp_path: Path
+) -> None:
+    repo, base = repo_with_snapshot
+    size = 48 * BS  # grown past its base (whose size is a multiple of the block size)
+
+    async def main() -> None:
+        cache = BlockCache(tmp_path / "cache", capacity=64 << 20)
+        hydrator = Hydrator(repo, repo.load_index(), cache, HydrationConfig(background=False))
+        catalog = SnapshotCatalog(repo, hydrator)
+        await catalog.refresh(force=True)
+        view = catalog.images()["base.img"]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hydrator.run)
+            await scenario(repo, hydrator, view, size, base, tmp_path)
+            nursery.cancel_scope.cancel()
+        cache.close()
+
+    trio.run(main)
+
+
+async def scenario(repo: Repository, hydrator: Hydrator, view: ImageView, size: int, base: bytes,
+                   tmp_path: Path) -> None:
+    state = DiskState(tmp_path / "state")
+    rec = dataclasses.replace(record("d", "00000000000000d1", size), base=view.root.id,
+                              parent=view.root.id)
+    state.put_disk(rec)
+    overlay = Overlay(tmp_path / "state", rec.id, size)
+    disk = Disk(rec, state, overlay, view, Bitmap(rec.nblocks), Bitmap(rec.nblocks))
+    model = bytearray(base + bytes(size - len(base)))
+    rng = random.Random(3)
+
+    async def write(offset: int, data: bytes) -> None:
+        assert await disk.write(offset, data) == len(data)
+        model[offset : offset + len(data)] = data
+
+    assert await disk.read(0, size) == model
+    await write(3 * BS + 100, rng.randbytes(50))  # inside one block
+    await write(5 * BS - 10, rng.randbytes(BS + 20))  # across three blocks, partly
+    await write(20 * BS, rng.randbytes(2 * BS))  # whole blocks
+    await write(44 * BS + 7, rng.randbytes(9))  # past the base's end
+    changed = {3, 4, 5, 6, 20, 21, 44}
+    assert set(disk.changed) == changed == set(disk.present)
+    assert await disk.read(0, size) == model
+    await disk.sync()
+
+    # close generation 1, as DiskService.snapshot does (under the write lock)
+    async with disk.write_lock:
+        disk.record = dataclasses.replace(disk.record, gen=2)
+        closed = disk.close_generation("t1", "0000000000000051")
+    at_closing = bytes(model)
+    pending = PendingSnapshot(disk, closed, view, "s1.img", "0000000000000051", size)
+
+    # writes after the closing: to closed blocks (kept for the snapshot), and to others
+    await write(4 * BS, rng.randbytes(BS))
+    await write(3 * BS + 200, rng.randbytes(10))
+    await write(30 * BS, rng.randbytes(BS))
+    assert disk.counters.blocks_copied_on_write == 2
+    assert set(disk.changed) == {3, 4, 30}
+    assert await disk.read(0, size) == model
+    assert await pending.read(0, size) == at_closing
+    assert await pending.read(4 * BS - 5, 10) == at_closing[4 * BS - 5 : 4 * BS + 5]
+
+    part = SnapshotPart("d", rec.id, 1, "0000000000000051", "s1", view.root.id, size,
+                        blocks=len(closed.blocks))
+
+    async def parent_page(p: int) -> list[bytes]:
+        return await view.page(p)
+
+    root, _packs = await upload_generation(
+        repo, hydrator.index, disk, closed, part, view.root, parent_page,
+        group=None, tags=[], progress=UploadProgress())
+    assert root.stats["blocks_read"] == len(changed)
+    assert disk.counters.snapshot_blocks_read == len(changed)
+
+    # the stored snapshot, read back from the repository alone
+    index = await trio.to_thread.run_sync(repo.load_index)
+    ids = await trio.to_thread.run_sync(repo.block_map, index, root)
+    assert len(ids) == size // BS
+    stored = b"".join(bytes(BS) if bid == ZERO_ID else repo.read_blob(index, bid) for bid in ids)
+    assert stored == at_closing
+    state.close()
