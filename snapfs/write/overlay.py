@@ -56,6 +56,11 @@ class Overlay:
             data += bytes(length - len(data))
         return data
 
+    def will_need(self, ranges: list[tuple[int, int]]) -> None:
+        """Ask the kernel to start reading these (offset, length) ranges now, in parallel."""
+        for offset, length in ranges:
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         try:
             view = memoryview(data)

@@ -187,11 +187,15 @@ class DiskState:
         self._env.sync(True)
 
     def put_task(self, task: SnapshotTask, records: Iterable[DiskRecord] = ()) -> None:
+        """Store a task and the records it changed, atomically. Not synced: it is the instant
+        of a closing, which writes wait for. If a power loss takes it back, the closing never
+        happened (the generation's blocks are still the open generation's: the next snapshot
+        takes them) or the upload is done again under the same snapshot ID; kill -9 loses
+        nothing, the commit is in the kernel's cache."""
         with self._env.begin(write=True) as txn:
             txn.put(task.id.encode(), task.encode(), db=self._tasks)
             for record in records:
                 txn.put(record.name.encode(), record.encode(), db=self._disks)
-        self._env.sync(True)
 
     def delete_task(self, task_id: str) -> None:
         with self._env.begin(write=True, db=self._tasks) as txn:

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -55,6 +55,7 @@ class UploadProgress:
     blocks_done: int = 0
     blocks_uploaded: int = 0  # new in the repository
     bytes_uploaded: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds of each step
 
 
 async def upload_generation(
@@ -80,6 +81,7 @@ async def upload_generation(
     lock = RepositoryLock(repo.store, "shared", f"snapshot of disk {disk.name}")
     store_limiter = trio.CapacityLimiter(repo.store.concurrency)
     await trio.to_thread.run_sync(lock.acquire, limiter=store_limiter)
+    progress.timings["lock"] = round(time.monotonic() - started, 4)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_refresh_lock, lock, store_limiter)
@@ -90,6 +92,7 @@ async def upload_generation(
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(lock.release, limiter=store_limiter)
     root.stats["seconds"] = round(time.monotonic() - started, 3)
+    root.stats["timings"] = progress.timings
     return root, packs
 
 
@@ -167,6 +170,7 @@ async def _upload(
         if full is not None:
             await send.send(full)
 
+    step = trio.current_time()
     pack_send, pack_recv = trio.open_memory_channel[FinishedPack](1)
     async with trio.open_nursery() as putters:
         for _ in range(min(PUT_STREAMS, repo.store.concurrency)):
@@ -177,8 +181,11 @@ async def _upload(
 
             async def read_batches() -> None:  # one batch ahead of the encoders
                 async with batches_send:
+                    await disk.prefetch_closed(closed, changed[:BATCH_BLOCKS])
                     for at in range(0, len(changed), BATCH_BLOCKS):
                         batch = changed[at : at + BATCH_BLOCKS]
+                        await disk.prefetch_closed(
+                            closed, changed[at + BATCH_BLOCKS : at + 2 * BATCH_BLOCKS])
                         await batches_send.send((batch, await disk.read_closed(closed, batch)))
 
             async with trio.open_nursery() as reader:
@@ -193,10 +200,16 @@ async def _upload(
                     progress.blocks_done += len(batch)
                     if pace is not None:
                         await pace(trio.current_time() - batch_started)
+            progress.timings["blocks"] = round(trio.current_time() - step, 4)
+            step = trio.current_time()
             pages, blocks_changed, pages_written = await _pages(
                 repo, ids, nblocks, per_page, parent, parent_page, index, assembler, pack_send)
+            progress.timings["pages"] = round(trio.current_time() - step, 4)
+            step = trio.current_time()
             for full in assembler.flush():
                 await pack_send.send(full)
+    progress.timings["packs"] = round(trio.current_time() - step, 4)
+    step = trio.current_time()
     packs = dict(uploader.index_file.packs)
     if packs:
         _name, nbytes = await trio.to_thread.run_sync(repo.write_index, uploader.index_file,
@@ -225,7 +238,10 @@ async def _upload(
         "objects_written": uploader.stats.objects + 1,
         "source": "changed-block tracking" if trusted else "checksum comparison",
     }
+    progress.timings["index"] = round(trio.current_time() - step, 4)
+    step = trio.current_time()
     await trio.to_thread.run_sync(repo.write_root, root, limiter=store_limiter)
+    progress.timings["root"] = round(trio.current_time() - step, 4)
     progress.bytes_uploaded = uploader.stats.bytes
     return root, packs
 
