@@ -534,10 +534,13 @@ class DiskService:
             self.pending.pop(part.snapshot_id, None)
         self._notify()
 
+    def _busy(self) -> bool:
+        now = trio.current_time()
+        return any(now - d.last_io < BUSY_WINDOW for d in self.disks.values())
+
     async def _pace(self, batch_seconds: float) -> None:
         """After an upload batch: if disks are in use, rest so the upload keeps its share."""
-        now = trio.current_time()
-        if any(now - d.last_io < BUSY_WINDOW for d in self.disks.values()):
+        if self._busy():
             await trio.sleep(batch_seconds * (1 - UPLOAD_SHARE_WHEN_BUSY) / UPLOAD_SHARE_WHEN_BUSY)
 
     async def wait_task(self, task_id: str, patience: float) -> dict[str, Any]:
@@ -572,7 +575,8 @@ class DiskService:
         progress.blocks_done = progress.blocks_uploaded = 0
         root, packs = await upload_generation(
             self.repo, self.hydrator.index, disk, closed, part, parent, parent_page,
-            group=task.group, tags=task.tags, progress=progress, pace=self._pace)
+            group=task.group, tags=task.tags, progress=progress, pace=self._pace,
+            busy=self._busy)
         for pack, entries in packs.items():
             self.hydrator.index.add_pack(pack, entries)
         self.stored[root.id] = root

@@ -73,6 +73,7 @@ async def upload_generation(
     trusted: bool = True,
     rate: float | None = None,
     pace: Pacer | None = None,
+    busy: Callable[[], bool] = lambda: False,
 ) -> tuple[SnapshotRoot, dict[str, list]]:
     """Store ``closed`` as snapshot ``part.snapshot_id``; return its root and the packs it
     added (for the caller's index). ``parent_page(p)`` gives the IDs of the parent's page ``p``.
@@ -86,7 +87,8 @@ async def upload_generation(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_refresh_lock, lock, store_limiter)
             root, packs = await _upload(repo, index, disk, closed, part, parent, parent_page,
-                                        group, tags, progress, trusted, rate, store_limiter, pace)
+                                        group, tags, progress, trusted, rate, store_limiter, pace,
+                                        busy)
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
@@ -120,11 +122,11 @@ def _hash_and_encode(repo: Repository, blocks: list[bytes], index: BlobIndex,
     return out
 
 
-async def _encode_on_all_cores(repo: Repository, blocks: list[bytes], index: BlobIndex,
-                               pending: set[bytes]) -> list[tuple[bytes, bytes | None, int]]:
-    """``_hash_and_encode`` of ``blocks`` split over the cores (zstd and BLAKE3 release the
-    GIL). A block new to two parts is encoded twice and stored once (``add`` checks again)."""
-    step = -(-len(blocks) // CPU_WORKERS)
+async def _encode_on_cores(repo: Repository, blocks: list[bytes], index: BlobIndex,
+                           pending: set[bytes], cores: int) -> list[tuple[bytes, bytes | None, int]]:
+    """``_hash_and_encode`` of ``blocks`` split over ``cores`` threads (zstd and BLAKE3 release
+    the GIL). A block new to two parts is encoded twice and stored once (``add`` checks)."""
+    step = -(-len(blocks) // cores)
     parts = [blocks[i : i + step] for i in range(0, len(blocks), step)]
     results: list[list[tuple[bytes, bytes | None, int]]] = [[] for _ in parts]
 
@@ -143,6 +145,7 @@ async def _upload(
     part: SnapshotPart, parent: SnapshotRoot | None, parent_page: PageLoader,
     group: str | None, tags: list[str], progress: UploadProgress, trusted: bool,
     rate: float | None, store_limiter: trio.CapacityLimiter, pace: Pacer | None,
+    busy: Callable[[], bool],
 ) -> tuple[SnapshotRoot, dict[str, list]]:
     bs = disk.block_size
     nblocks = -(-part.size // bs)
@@ -192,7 +195,9 @@ async def _upload(
                 reader.start_soon(read_batches)
                 async for batch, contents in batches_recv:
                     batch_started = trio.current_time()
-                    encoded = await _encode_on_all_cores(repo, contents, index, assembler.pending)
+                    # all cores when the disks are quiet, one while they are in use
+                    encoded = await _encode_on_cores(repo, contents, index, assembler.pending,
+                                                     1 if busy() else CPU_WORKERS)
                     for n, (bid, blob, raw) in zip(batch, encoded, strict=True):
                         ids[n] = bid
                         if blob is not None:
