@@ -187,3 +187,43 @@ def test_eviction_reaches_segments_of_other_and_dead_processes(tmp_path: Path) -
     assert all(cache.get(bid) is None for bid, _ in gone)
     assert cache.get(expected("new", 255)[0]) == expected("new", 255)[1]
     cache.close()
+
+
+def test_put_many_is_one_append_and_get_many_checks_each_block(tmp_path: Path) -> None:
+    cache = BlockCache(tmp_path / "c", capacity=64 << 20)
+    items = [block(i) for i in range(64)]
+    cache.put_many(items)
+    cache.put_many([])  # nothing to do
+    assert cache.entries() == 64
+    assert cache.size == 64 * 16384
+    assert [p.stat().st_size for p in (tmp_path / "c").glob("seg-*.dat")] == [64 * 16384]
+    ids = [bid for bid, _ in items]
+    assert cache.get_many(ids) == [data for _, data in items]
+    cache.flush()
+    # one bad block in the middle of a run is a miss; its neighbours are still served
+    seg = next((tmp_path / "c").glob("seg-*.dat"))
+    with open(seg, "r+b") as f:
+        f.seek(10 * 16384 + 7)
+        byte = f.read(1)
+        f.seek(10 * 16384 + 7)
+        f.write(bytes([byte[0] ^ 1]))
+    got = cache.get_many([*ids, block(99)[0]])
+    assert got[10] is None and got[64] is None
+    assert [g for i, g in enumerate(got[:64]) if i != 10] == [d for i, (_, d) in enumerate(items) if i != 10]
+    assert cache.bad == 1 and not cache.contains(ids[10])
+    cache.close()
+    again = BlockCache(tmp_path / "c", capacity=64 << 20)
+    assert again.get(ids[63]) == items[63][1]
+    again.put_many([block(100)])  # appends after what was there
+    assert again.get(block(100)[0]) is not None and again.get(ids[0]) == items[0][1]
+    again.close()
+
+
+def test_put_many_of_a_block_cached_elsewhere_keeps_one_entry(tmp_path: Path) -> None:
+    cache = BlockCache(tmp_path / "c", capacity=64 << 20, segment_size=1 << 20)
+    items = [block(i) for i in range(70)]  # more than one segment
+    cache.put_many(items[:64])
+    cache.put_many(items[60:])  # 60..63 again, now in the next segment
+    assert cache.entries() == 70
+    assert cache.get_many([bid for bid, _ in items]) == [data for _, data in items]
+    cache.close()

@@ -8,6 +8,7 @@ fetches; it changes no behaviour.
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import trio
 from snapfs.cache import BlockCache
 from snapfs.errors import CorruptBlock
 from snapfs.format.block import ZERO_ID
-from snapfs.hydration.scheduler import HydrationConfig, Hydrator, Priority
+from snapfs.hydration.scheduler import HydrationConfig, Hydrator, MemoryBudget, Priority
 from snapfs.image.catalog import SnapshotCatalog
 from snapfs.image.sweep import Sweeper, parse_prefetch_list
 from snapfs.repo.create import CreateOptions, create_snapshot
@@ -298,3 +299,224 @@ def test_prefetch_list_parsing(tmp_path: Path) -> None:
     bad.write_text("s1.img 12\n")
     with pytest.raises(Exception, match="bad:1"):
         parse_prefetch_list(str(bad))
+
+
+class CountingCache(BlockCache):
+    """A real BlockCache that counts its lookups and writes (it changes no behaviour)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.get_many_calls = 0
+        self.put_many_calls: list[int] = []
+
+    def get_many(self, block_ids: list[bytes]) -> list[bytes | None]:
+        self.get_many_calls += 1
+        return super().get_many(block_ids)
+
+    def put_many(self, items) -> None:  # type: ignore[no-untyped-def]
+        self.put_many_calls.append(len(items))
+        super().put_many(items)
+
+
+def read_sequentially(view, size: int, piece: int = 131072):  # type: ignore[no-untyped-def]
+    """The kernel's 128 KiB reads of a sequential reader, each a separate request."""
+    async def run() -> bytes:
+        out = []
+        for offset in range(0, size, piece):
+            await trio.lowlevel.checkpoint()
+            out.append(await view.read(offset, piece))
+        return b"".join(out)
+    return run()
+
+
+def test_a_fetched_run_is_cached_in_one_write(repo_and_image, tmp_path: Path) -> None:
+    repo, store, data, _ = repo_and_image
+    cache = CountingCache(tmp_path / "cache", capacity=256 << 20)
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        view = catalog.images()["s1.img"]
+        return await read_sequentially(view, len(data)), hydrator.counters
+
+    got, stats = trio.run(with_hydrator, repo, cache, HydrationConfig(background=False), body)
+    assert got == data
+    data_gets = [r for r in store.ranges if r[0].startswith("packs/")]
+    assert len(cache.put_many_calls) == stats.requests == len(data_gets)
+    assert sum(cache.put_many_calls) == stats.blocks_fetched
+    assert max(cache.put_many_calls) > 1  # read-ahead coalesced neighbours into runs
+    cache.close()
+
+
+def test_warm_sequential_reads_come_from_the_read_ahead_buffer(repo_and_image, tmp_path: Path) -> None:
+    repo, store, data, _ = repo_and_image
+    cache = CountingCache(tmp_path / "cache", capacity=256 << 20)
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        view = catalog.images()["s1.img"]
+        return await read_sequentially(view, len(data)), hydrator
+
+    assert trio.run(with_hydrator, repo, cache, HydrationConfig(background=False), body)[0] == data
+    store.ranges.clear()
+    cache.get_many_calls = 0
+    got, hydrator = trio.run(with_hydrator, repo, cache, HydrationConfig(background=False), body)
+    assert got == data
+    assert store.ranges == []
+    reads = len(data) // 131072
+    # a fill looks up 1 MiB (8 reads) at a time; only the first reads of the stream miss
+    assert cache.get_many_calls <= reads // 4
+    assert hydrator.counters.cache_hits >= len({data[i : i + BS] for i in range(0, len(data), BS)
+                                                if data[i : i + BS] != bytes(BS)})
+    assert hydrator.buffers.used <= hydrator.config.readahead_memory
+    cache.close()
+
+
+def test_read_ahead_buffers_share_one_memory_budget(repo_and_image, tmp_path: Path) -> None:
+    repo, store, data, _ = repo_and_image
+    cache = open_cache(tmp_path)
+    limit = 3 << 20
+    config = HydrationConfig(background=False, readahead_memory=limit)
+    streams = 6
+    part = len(data) // streams // 131072 * 131072
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        view = catalog.images()["s1.img"]
+        results: dict[int, bytes] = {}
+        peak = 0
+
+        async def reader(i: int) -> None:
+            nonlocal peak
+            out = []
+            for offset in range(i * part, (i + 1) * part, 131072):
+                await trio.lowlevel.checkpoint()
+                out.append(await view.read(offset, 131072))
+                peak = max(peak, hydrator.buffers.used)
+            results[i] = b"".join(out)
+
+        async with trio.open_nursery() as readers:
+            for i in range(streams):
+                readers.start_soon(reader, i)
+        return results, peak
+
+    for _ in range(2):  # cold, then warm
+        results, peak = trio.run(with_hydrator, repo, cache, config, body)
+        assert all(results[i] == data[i * part : (i + 1) * part] for i in range(streams))
+        assert 0 < peak <= limit
+    cache.close()
+
+
+def test_memory_budget_sheds_the_least_recently_served_holder() -> None:
+    class Holder:
+        def __init__(self) -> None:
+            self.shed_count = 0
+
+        def shed(self) -> None:
+            self.shed_count += 1
+
+    budget = MemoryBudget(100)
+    a, b, c = Holder(), Holder(), Holder()
+    assert budget.take(a, 40) and budget.take(b, 40)
+    assert budget.take(a, 10)  # a is now the most recently served
+    assert budget.take(c, 30)  # sheds b (least recent), not a
+    assert (a.shed_count, b.shed_count, c.shed_count) == (0, 1, 0)
+    assert budget.used == 80 and budget.held(b) == 0
+    budget.give_back(a, 50)
+    assert budget.used == 30 and budget.held(a) == 0
+    assert not budget.take(c, 200)  # more than the whole budget: refused, nothing shed
+    assert budget.used == 30
+    budget.release(c)
+    assert budget.used == 0
+
+
+def test_corrupt_block_in_a_stream_fails_only_its_read(repo_and_image, tmp_path: Path) -> None:
+    repo, store, data, _ = repo_and_image
+    index = repo.load_index()
+    piece = 131072
+    # a data block well into the image, whose content occurs only once
+    blocks = [data[i : i + BS] for i in range(0, len(data), BS)]
+    n = next(k for k in range(len(blocks) // 2, len(blocks))
+             if blocks[k] != bytes(BS) and blocks.count(blocks[k]) == 1)
+    bad_id = repo.keyer.block_id(blocks[n])
+    loc = index.locate(bad_id)
+    path = store.root / pack_key(loc.pack)
+    raw = bytearray(path.read_bytes())
+    raw[loc.offset + loc.length - 5] ^= 0x55
+    path.write_bytes(bytes(raw))
+    cache = open_cache(tmp_path)
+    bad_read = n * BS // piece
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        view = catalog.images()["s1.img"]
+        for k in range(len(data) // piece):
+            await trio.lowlevel.checkpoint()
+            if k == bad_read:
+                with pytest.raises(CorruptBlock):
+                    await view.read(k * piece, piece)
+            else:
+                assert await view.read(k * piece, piece) == data[k * piece : (k + 1) * piece], k
+        return hydrator.counters.corrupt_blocks
+
+    assert trio.run(with_hydrator, repo, cache, HydrationConfig(background=False), body) >= 1
+    assert not cache.contains(bad_id)
+    cache.close()
+
+
+def test_background_sweep_fetches_whole_packs_in_few_gets(repo_and_image, tmp_path: Path) -> None:
+    repo, store, data, _ = repo_and_image
+    cache = open_cache(tmp_path)
+    config = HydrationConfig(background=True)
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        nursery.start_soon(Sweeper(catalog, hydrator, config).run)
+        view = catalog.images()["s1.img"]
+        await wait_until(lambda: view.data_blocks is not None and not view.pending, 60)
+        return hydrator.counters
+
+    stats = trio.run(with_hydrator, repo, cache, config, body)
+    index = repo.load_index()
+    ids = {repo.keyer.block_id(data[i : i + BS]) for i in range(0, len(data), BS)
+           if data[i : i + BS] != bytes(BS)}
+    packs = {index.locate(b).pack for b in ids}
+    data_gets = [r for r in store.ranges if r[0].startswith("packs/")]
+    # the sweep queues far enough ahead that each pack's blocks go in one run, not 32 at a time
+    assert len(data_gets) <= len(packs) + 2  # (+ manifest pages, which are blobs in packs)
+    assert stats.background_blocks >= len(ids)  # (manifest pages are loaded in the background too)
+    cache.close()
+
+
+def test_a_fetch_that_ends_during_a_cache_lookup_is_joined_not_repeated(repo_and_image, tmp_path: Path) -> None:
+    repo, store, data, _ = repo_and_image
+    index = repo.load_index()
+    ids = [repo.keyer.block_id(data[i : i + BS]) for i in range(0, len(data), BS)
+           if data[i : i + BS] != bytes(BS)]
+    x = ids[0]
+    y = next(b for b in ids if index.locate(b).pack != index.locate(x).pack)
+
+    class GatedCache(BlockCache):
+        """Holds the lookup of ``y`` until the test opens the gate (no other change)."""
+
+        gate = threading.Event()
+
+        def get_many(self, block_ids: list[bytes]) -> list[bytes | None]:
+            if y in block_ids:
+                assert self.gate.wait(30)
+            return super().get_many(block_ids)
+
+    cache = GatedCache(tmp_path / "cache", capacity=256 << 20)
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        hydrator.prefetch([x], Priority.READAHEAD)  # x is being fetched ...
+        got: list[bytes] = []
+
+        async def reader() -> None:
+            got.extend(await hydrator.read_blocks([x, y]))  # ... joins x, looks y up
+
+        nursery.start_soon(reader)
+        await wait_until(lambda: hydrator.counters.blocks_fetched == 1, 10)  # x is done
+        GatedCache.gate.set()
+        await wait_until(lambda: len(got) == 2, 10)
+        return got, hydrator.counters
+
+    got, stats = trio.run(with_hydrator, repo, cache, HydrationConfig(background=False), body)
+    blocks = {repo.keyer.block_id(data[i : i + BS]): data[i : i + BS] for i in range(0, len(data), BS)}
+    assert got == [blocks[x], blocks[y]]
+    assert stats.blocks_fetched == 2  # x once, whoever wanted it
+    cache.close()

@@ -37,6 +37,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -57,7 +58,23 @@ TOTAL_BYTES = b"total-bytes"
 DEFAULT_SEGMENT_SIZE = 64 << 20
 MAP_SIZE = 1 << 36  # address space only; lmdb grows the file as needed
 OPEN_FILES = 64
+IOV_MAX = 1024
 
+
+def _pwrite_all(fd: int, parts: list[bytes], offset: int) -> None:
+    """Write ``parts`` end to end at ``offset``, however the kernel splits the writes."""
+    for i in range(0, len(parts), IOV_MAX):
+        chunk: list[bytes | memoryview] = list(parts[i : i + IOV_MAX])
+        while chunk:
+            n = os.pwritev(fd, chunk, offset)
+            if n <= 0:
+                raise OSError(f"pwritev wrote {n} bytes")
+            offset += n
+            while chunk and n >= len(chunk[0]):
+                n -= len(chunk[0])
+                chunk.pop(0)
+            if chunk and n:
+                chunk[0] = memoryview(chunk[0])[n:]
 
 
 class BlockCache:
@@ -112,22 +129,25 @@ class BlockCache:
 
     # -- files ----------------------------------------------------------------------------
 
-    def _pread(self, seg: int, offset: int, length: int) -> bytes:
-        """Read from a segment; an eviction meanwhile waits for us to close the file."""
+    def _pread(self, seg: int, spans: list[tuple[int, int]]) -> list[bytes]:
+        """Read ``(offset, length)`` spans of one segment (b"" each if it is gone); an eviction
+        meanwhile waits for us to close the file."""
         with self._lock:
             f = self._files.get(seg)
             if f is None:
                 try:
                     f = open(self._seg_path(seg), "rb")
                 except FileNotFoundError:
-                    return b""
+                    return [b""] * len(spans)
                 self._files[seg] = f
                 self._trim_files()
             else:
                 self._files.move_to_end(seg)
             self._readers[seg] = self._readers.get(seg, 0) + 1
         try:
-            return os.pread(f.fileno(), length, offset)
+            fd = f.fileno()
+            # one pread per block: a pread of a whole stretch and slices of it copy twice
+            return [os.pread(fd, length, offset) for offset, length in spans]
         finally:
             with self._lock:
                 self._readers[seg] -= 1
@@ -180,26 +200,32 @@ class BlockCache:
         return self.get_many([block_id])[0]
 
     def get_many(self, block_ids: list[bytes]) -> list[bytes | None]:
-        """Cached bytes for each ID, or None where it is not cached (or failed its check)."""
+        """Cached bytes for each ID, or None where it is not cached (or failed its check).
+        One lmdb read transaction for all of them, the segment files' lock taken once per
+        segment, and each block checked against its xxh3-128."""
         with self._env.begin() as txn:
-            raws = [txn.get(bid, db=self._blocks) for bid in block_ids]
-        out: list[bytes | None] = []
-        for block_id, raw in zip(block_ids, raws, strict=True):
-            if raw is None:
-                self.misses += 1
-                out.append(None)
-                continue
-            seg, offset, length, digest = ENTRY.unpack(raw)
-            data = self._pread(seg, offset, length)
-            if len(data) != length or xxhash.xxh3_128_digest(data) != digest:
-                self.bad += 1
-                self.misses += 1
-                log.warning("cached block %s failed its checksum; dropping it", block_id.hex()[:16])
-                self._drop(block_id, seg)
-                out.append(None)
-                continue
-            self.hits += 1
-            out.append(data)
+            get = txn.get
+            db = self._blocks
+            raws = [get(bid, db=db) for bid in block_ids]
+        out: list[bytes | None] = [None] * len(block_ids)
+        by_seg: dict[int, list[tuple[int, int, int, bytes]]] = {}
+        for i, raw in enumerate(raws):
+            if raw is not None:
+                seg, offset, length, digest = ENTRY.unpack(raw)
+                by_seg.setdefault(seg, []).append((i, offset, length, digest))
+        for seg, entries in by_seg.items():
+            datas = self._pread(seg, [(offset, length) for _, offset, length, _ in entries])
+            for (i, _, length, digest), data in zip(entries, datas, strict=True):
+                if len(data) != length or xxhash.xxh3_128_digest(data) != digest:
+                    self.bad += 1
+                    log.warning("cached block %s failed its checksum; dropping it",
+                                block_ids[i].hex()[:16])
+                    self._drop(block_ids[i], seg)
+                    continue
+                out[i] = data
+        hits = sum(1 for d in out if d is not None)
+        self.hits += hits
+        self.misses += len(block_ids) - hits
         return out
 
     def contains(self, block_id: bytes) -> bool:
@@ -214,28 +240,41 @@ class BlockCache:
     # -- writes ---------------------------------------------------------------------------
 
     def put(self, block_id: bytes, plain: bytes) -> None:
+        self.put_many([(block_id, plain)])
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """Cache each (ID, plain bytes): one append to our segment and one lmdb write
+        transaction for all of them (a fetched run is cached at once: a transaction per block
+        cost more than decoding it). Entries point at bytes not yet synced; the check on read
+        is what makes that safe (see the crash rule above)."""
+        if not items:
+            return
+        nbytes = sum(len(plain) for _, plain in items)
         with self._lock:
             if self._current is None or self._append_pos >= self.segment_size:
                 self._start_segment()
             assert self._current is not None
-            seg, offset = self._current, self._append_pos
-            self._append_pos += len(plain)
+            seg, start = self._current, self._append_pos
+            self._append_pos += nbytes
             f = self._files[seg]
-        os.pwrite(f.fileno(), plain, offset)
-        entry = ENTRY.pack(seg, offset, len(plain), xxhash.xxh3_128_digest(plain))
+        _pwrite_all(f.fileno(), [plain for _, plain in items], start)
+        seg_key = SEG.pack(seg)
         with self._env.begin(write=True) as txn:
-            old = txn.get(block_id, db=self._blocks)
-            txn.put(block_id, entry, db=self._blocks)
-            txn.put(SEG.pack(seg) + block_id, b"", db=self._members)
-            info = txn.get(SEG.pack(seg), db=self._segments)
+            offset = start
+            for block_id, plain in items:
+                entry = ENTRY.pack(seg, offset, len(plain), xxhash.xxh3_128_digest(plain))
+                old = txn.replace(block_id, entry, db=self._blocks)
+                txn.put(seg_key + block_id, b"", db=self._members)
+                if old is not None:  # another thread or process cached it too: keep one entry
+                    old_seg = ENTRY.unpack(old)[0]
+                    if old_seg != seg:
+                        txn.delete(SEG.pack(old_seg) + block_id, db=self._members)
+                offset += len(plain)
+            info = txn.get(seg_key, db=self._segments)
             size, pid, is_open = SEGINFO.unpack(info) if info else (0, os.getpid(), 1)
-            grown = max(size, offset + len(plain))
-            txn.put(SEG.pack(seg), SEGINFO.pack(grown, pid, is_open), db=self._segments)
+            grown = max(size, start + nbytes)
+            txn.put(seg_key, SEGINFO.pack(grown, pid, is_open), db=self._segments)
             total = self._add_total(txn, grown - size)
-            if old is not None:  # another thread or process cached it too: keep one entry
-                old_seg = ENTRY.unpack(old)[0]
-                if old_seg != seg:
-                    txn.delete(SEG.pack(old_seg) + block_id, db=self._members)
         if total > self.capacity:
             self._evict(total)
         if time.monotonic() - self._last_flush > 5:

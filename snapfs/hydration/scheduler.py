@@ -7,15 +7,25 @@ Rules it keeps (DESIGN.md, "Hydration order"):
   a request for a block being fetched waits for that fetch. So a block is fetched at most once,
   whoever asks.
 - Background work never holds every fetch slot: ``reserved`` slots are kept for reads that
-  someone waits on, and the sweep pauses while waiting reads are frequent.
-- Neighbouring queued blocks of one pack are fetched with one ranged GET (a run).
+  someone waits on. While reads wait on the store (and the workload is not itself streaming the
+  image, see ``bulk``), queued background fetches are not started and the sweep queues no more.
+- Neighbouring queued blocks of one pack are fetched with one ranged GET (a run): up to
+  ``max_run`` bytes for reads and read-ahead, ``max_background_run`` for background work.
 - A store that is slow or down fails a waiting read with ``StoreUnavailable`` after
   ``attempts`` tries with backoff: seconds, never forever. A corrupt blob fails at once with
   ``CorruptBlock``, logged with its ID, and is never cached.
 - Every blob is verified (xxh3 and keyed BLAKE3 against its ID) before it is cached or returned.
 
 Trio rules: the queue and the in-flight table are touched only on the trio thread; store, cache
-and decoding run in worker threads behind limiters.
+and decoding run in worker threads behind limiters. A fetched run costs one worker-thread hop:
+the GET, the decoding and verifying of its blobs (zstd and BLAKE3 release the GIL, so the runs
+in flight decode on every core) and one ``BlockCache.put_many``. When someone waits on a run,
+its blocks are handed over as soon as they are verified, before the cache write (``_recent``
+keeps them meanwhile, so nobody fetches them again).
+
+``buffers`` is the one memory budget of every image's in-memory read-ahead (the image layer
+keeps the buffers; mountpoint-s3 #987: per-stream windows without a global cap ran hosts out
+of memory).
 """
 
 from __future__ import annotations
@@ -24,10 +34,11 @@ import enum
 import heapq
 import itertools
 import logging
+import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -66,6 +77,7 @@ class HydrationConfig:
     max_gap: int = 64 << 10
     quiet_after: float = 0.2  # the sweep resumes this long after the last waiting read
     readahead_budget: int = 64 << 20  # raw bytes of read-ahead queued at once, for all images
+    readahead_memory: int = 64 << 20  # plain bytes held in read-ahead buffers, for all images
 
 
 @dataclass(eq=False)
@@ -109,6 +121,53 @@ class HydrationStats:
     corrupt_blocks: int = 0
 
 
+class BufferHolder(Protocol):
+    def shed(self) -> None:
+        """Drop everything held (the budget has already taken it back)."""
+
+
+class MemoryBudget:
+    """One cap on the bytes that every read-ahead buffer holds. A holder that needs room takes
+    it from the least recently served other holders, which are told to ``shed``. Trio thread
+    only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._held: OrderedDict[BufferHolder, int] = OrderedDict()
+
+    def take(self, holder: BufferHolder, nbytes: int) -> bool:
+        """Charge ``nbytes`` to ``holder``; False if even shedding others cannot make room."""
+        while self.used + nbytes > self.limit:
+            victim = next((h for h in self._held if h is not holder), None)
+            if victim is None:
+                return False
+            self.used -= self._held.pop(victim)
+            victim.shed()
+        self.used += nbytes
+        self._held[holder] = self._held.get(holder, 0) + nbytes
+        self._held.move_to_end(holder)
+        return True
+
+    def give_back(self, holder: BufferHolder, nbytes: int) -> None:
+        held = self._held.get(holder)
+        if held is None:
+            return
+        nbytes = min(nbytes, held)
+        self.used -= nbytes
+        if held == nbytes:
+            del self._held[holder]
+        else:
+            self._held[holder] = held - nbytes
+
+    def release(self, holder: BufferHolder) -> None:
+        """Take back everything ``holder`` holds."""
+        self.used -= self._held.pop(holder, 0)
+
+    def held(self, holder: BufferHolder) -> int:
+        return self._held.get(holder, 0)
+
+
 @dataclass
 class ReadTally:
     """What one image's reads cost: the image layer keeps one per image."""
@@ -135,6 +194,7 @@ class Hydrator:
         self._active_background = 0
         self._readahead_queued = 0
         self._background_queued = 0
+        self._background_queued_bytes = 0  # stored bytes of queued background fetches
         #: blocks fetched lately, with their bytes (bounded by RECENT_BYTES): closes the gap
         #: between a cache lookup on a worker thread and the decision to fetch
         self._recent: OrderedDict[bytes, bytes] = OrderedDict()
@@ -145,6 +205,9 @@ class Hydrator:
         self._store_limiter = trio.CapacityLimiter(config.fetchers)
         self._cache_limiter = trio.CapacityLimiter(8)
         self._rate = RateLimiter(config.hydrate_rate)
+        self._nursery: trio.Nursery | None = None
+        #: the bytes every image's read-ahead buffers may hold together
+        self.buffers = MemoryBudget(config.readahead_memory)
         #: called with each block ID once it is in the cache (the image layer's progress)
         self.on_cached: list[Callable[[bytes], None]] = []
         #: awaited by ``save`` on a clean shutdown (the image layer stores access profiles)
@@ -158,14 +221,24 @@ class Hydrator:
         that is not a reader someone waits on (the sweep loading manifest pages) passes a lower
         ``priority``; a waiting reader who needs the same block raises it."""
         tally = tally or ReadTally()
-        cached = await trio.to_thread.run_sync(self.cache.get_many, block_ids,
-                                               limiter=self._cache_limiter)
-        out: list[bytes | None] = list(cached)
-        for i, data in enumerate(out):
-            if data is None:
-                # a fetch may have finished (and cached it) after our lookup: no await from
-                # here to _request, so "recent, in flight, or fetch it" is decided atomically
-                out[i] = self._recent.get(block_ids[i])
+        recent = self._recent
+        inflight = self._inflight
+        out: list[bytes | None] = [recent.get(bid) for bid in block_ids]
+        # blocks fetched lately come from memory, blocks being fetched from their fetch: only
+        # the rest need the cache (and a worker-thread hop). (What the sweep's scan found
+        # uncached is not skipped: another daemon sharing the cache may have fetched it since.)
+        lookup = [i for i, d in enumerate(out) if d is None and block_ids[i] not in inflight]
+        if lookup:
+            cached = await trio.to_thread.run_sync(self.cache.get_many, [block_ids[i] for i in lookup],
+                                                   limiter=self._cache_limiter)
+            for i, data in zip(lookup, cached, strict=True):
+                out[i] = data
+            # a fetch may have finished (and cached it) during the lookup, one we meant to
+            # join too: no await from here to _request, so "recent, in flight, or fetch it"
+            # is decided atomically
+            for i, data in enumerate(out):
+                if data is None:
+                    out[i] = recent.get(block_ids[i])
         missing = [i for i, d in enumerate(out) if d is None]
         self.counters.cache_hits += len(block_ids) - len(missing)
         tally.cache_hits += len(block_ids) - len(missing)
@@ -195,6 +268,57 @@ class Hydrator:
     async def read_blob(self, blob_id: bytes, priority: Priority = Priority.WAITING) -> bytes:
         return (await self.read_blocks([blob_id], priority=priority))[0]
 
+    async def read_ahead(self, block_ids: list[bytes], further: list[bytes],
+                         keep: Callable[[list[bytes | None]], None]) -> bool:
+        """Read-ahead of a stream. ``keep`` is called with the verified bytes of each of
+        ``block_ids`` (None where not had yet) once the cache has been asked (one worker-thread
+        hop), then again, if the cache lacked any, once their fetches (READAHEAD priority)
+        ended (None for any that failed). If the cache lacked any, the same hop finds which of
+        ``further`` it lacks too, and those are queued at READAHEAD priority while
+        ``readahead_room`` lasts; returns whether it did (a stream through cached blocks
+        skips those lookups). Never raises a store or integrity error: a reader who needs a
+        failed block asks for it itself."""
+        def lookup() -> tuple[list[bytes | None], list[bytes] | None]:
+            cached = self.cache.get_many(block_ids)
+            if not further or all(d is not None for d in cached):
+                return cached, None
+            return cached, self.cache.missing(further)
+
+        cached, far = await trio.to_thread.run_sync(lookup, limiter=self._cache_limiter)
+        out = list(cached)
+        fetches: dict[bytes, _Fetch] = {}
+        for i, data in enumerate(out):
+            if data is None:
+                bid = block_ids[i]
+                data = out[i] = self._recent.get(bid)
+                if data is None and bid not in fetches:
+                    loc = self.index.get(bid)
+                    if loc is not None:
+                        fetches[bid] = self._request(bid, Priority.READAHEAD, notify=False, loc=loc)
+        if far and self.readahead_room() > 0:
+            self.prefetch(far, Priority.READAHEAD)  # notifies
+        elif fetches:
+            self._notify()
+        keep(out)
+        if not fetches:
+            return far is not None
+        for f in fetches.values():
+            await f.done.wait()
+        for i, data in enumerate(out):
+            fetched = fetches.get(block_ids[i]) if data is None else None
+            if fetched is not None and fetched.error is None:
+                out[i] = fetched.data
+        keep(out)
+        return far is not None
+
+    def spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> bool:
+        """Run ``fn(*args)`` as a task beside the fetch workers (cancelled with them); False
+        if the hydrator is not running. ``fn`` must not raise."""
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(fn, *args)
+        return True
+
     def prefetch(self, block_ids: Iterable[bytes], priority: Priority) -> int:
         """Queue fetches nobody waits on; return how many were new. Callers pass blocks that
         ``cache.missing`` found missing; ones fetched since are skipped here."""
@@ -205,9 +329,10 @@ class Hydrator:
             if bid in self._inflight:
                 self._raise(self._inflight[bid], priority)
                 continue
-            if bid not in self.index:
+            loc = self.index.get(bid)
+            if loc is None:
                 continue
-            self._request(bid, priority, notify=False)
+            self._request(bid, priority, notify=False, loc=loc)
             n += 1
         if n:
             self._notify()  # once for the batch: each wake-up costs every idle worker a turn
@@ -216,12 +341,13 @@ class Hydrator:
     def readahead_room(self) -> int:
         return self.config.readahead_budget - self._readahead_queued
 
-    def _request(self, bid: bytes, priority: int, notify: bool = True) -> _Fetch:
+    def _request(self, bid: bytes, priority: int, notify: bool = True,
+                 loc: Location | None = None) -> _Fetch:
         f = self._inflight.get(bid)
         if f is not None:
             self._raise(f, priority)
             return f
-        f = _Fetch(bid, self.index.locate(bid), priority)
+        f = _Fetch(bid, loc if loc is not None else self.index.locate(bid), priority)
         self._inflight[bid] = f
         self._queued_by_pack.setdefault(f.loc.pack, set()).add(f)
         self._count_queued(f, +1)
@@ -243,6 +369,7 @@ class Hydrator:
             self._readahead_queued += sign * f.loc.raw_length
         elif f.priority == Priority.BACKGROUND:
             self._background_queued += sign
+            self._background_queued_bytes += sign * f.loc.length
 
     def _notify(self) -> None:
         self._changed.set()
@@ -252,23 +379,38 @@ class Hydrator:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Fetch workers, until cancelled. (The background sweep is the image layer's.)"""
-        async with trio.open_nursery() as nursery:
-            for _ in range(self.config.fetchers):
-                nursery.start_soon(self._worker)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.config.fetchers):
+                    nursery.start_soon(self._worker)
+                self._nursery = nursery
+                task_status.started()
+        finally:
+            self._nursery = None
 
     def background_slots_free(self) -> bool:
         return self._active_background < self.config.fetchers - self.config.reserved
+
+    def _background_may_start(self) -> float:
+        """0 if a queued background fetch may start now, else how long to wait at most before
+        asking again (reads are waiting on the store: the sweep yields to them)."""
+        if not self.background_slots_free():
+            return float("inf")
+        wait = self.config.quiet_after - (trio.current_time() - self._last_waiting)
+        if wait <= 0 or self.bulk():
+            return 0.0
+        return wait
 
     def quiet(self) -> bool:
         """No read has waited on the store for a little while."""
         return trio.current_time() - self._last_waiting > self.config.quiet_after
 
-    async def background_turn(self, backlog_limit: int) -> None:
-        """Return when the sweep may queue more: its backlog is short, and no read has waited
-        on the store for ``quiet_after`` seconds (or the workload is streaming: ``bulk``)."""
+    async def background_turn(self, backlog_bytes: int) -> None:
+        """Return when the sweep may queue more: fewer than ``backlog_bytes`` (stored bytes)
+        of background fetches are queued, and no read has waited on the store for
+        ``quiet_after`` seconds (or the workload is streaming: ``bulk``)."""
         while True:
-            if self._background_queued >= backlog_limit:
+            if self._background_queued_bytes >= backlog_bytes:
                 await self._changed.wait()
                 continue
             wait = self.config.quiet_after - (trio.current_time() - self._last_waiting)
@@ -279,6 +421,10 @@ class Hydrator:
     def background_backlog(self) -> int:
         """Background fetches queued and not yet started."""
         return self._background_queued
+
+    def background_backlog_bytes(self) -> int:
+        """Stored bytes of the background fetches queued and not yet started."""
+        return self._background_queued_bytes
 
     def bulk(self) -> bool:
         """The workload itself is streaming the image (more than ``BULK_BYTES`` of waiting
@@ -291,16 +437,20 @@ class Hydrator:
 
     async def _take(self) -> _Fetch:
         while True:
+            wait = float("inf")
             while self._heap:
                 priority, _, f = self._heap[0]
                 if f.taken or priority != f.priority:
                     heapq.heappop(self._heap)
                     continue
-                if priority == Priority.BACKGROUND and not self.background_slots_free():
-                    break
+                if priority == Priority.BACKGROUND:
+                    wait = self._background_may_start()
+                    if wait:
+                        break
                 heapq.heappop(self._heap)
                 return f
-            await self._changed.wait()
+            with trio.move_on_after(wait):
+                await self._changed.wait()
 
     def _claim_run(self, first: _Fetch) -> list[_Fetch]:
         """``first`` plus queued neighbours in its pack that one GET can cover."""
@@ -347,14 +497,21 @@ class Hydrator:
         if background:
             await self._rate.take(span)
         try:
-            data = await self._get_with_retries(pack, wanted)
-            results = await trio.to_thread.run_sync(self._decode_and_cache, data, run)
+            results = await self._fetch_with_retries(pack, wanted, run, background)
         except SnapfsError as e:
             for f in run:
                 self._finish(f, error=e)
             return
         self.counters.bytes_fetched += span
+        self._complete(run, results, background)
+
+    def _complete(self, run: list[_Fetch], results: list[tuple[bytes | None, IntegrityError | None]],
+                  background: bool) -> None:
+        """Hand each fetch of a run its bytes or error (those not handed theirs already)."""
+        now = trio.current_time()
         for f, (plain, error) in zip(run, results, strict=True):
+            if f.done.is_set():
+                continue
             if error is not None:
                 self.counters.corrupt_blocks += 1
                 log.error("%s", error)
@@ -364,19 +521,29 @@ class Hydrator:
             if background:
                 self.counters.background_blocks += 1
                 self.counters.background_bytes += f.loc.length
-                self._background_done.append((trio.current_time(), f.loc.raw_length))
+                self._background_done.append((now, f.loc.raw_length))
             self._finish(f, data=plain)
             for callback in self.on_cached:
                 callback(f.block_id)
 
-    async def _get_with_retries(self, pack: str, wanted: list[tuple[bytes, Location]]) -> memoryview:
+    async def _fetch_with_retries(self, pack: str, wanted: list[tuple[bytes, Location]],
+                                  run: list[_Fetch], background: bool,
+                                  ) -> list[tuple[bytes | None, IntegrityError | None]]:
         delay = self.config.retry_delay
+        early: Callable[[list[tuple[bytes | None, IntegrityError | None]]], None] | None = None
+        if any(f.priority == Priority.WAITING for f in run):
+            # someone waits: hand the blocks over before they are written to the cache (they
+            # stay in ``_recent`` meanwhile, so nobody fetches them again)
+            token = trio.lowlevel.current_trio_token()
+
+            def early(results: list[tuple[bytes | None, IntegrityError | None]]) -> None:
+                token.run_sync_soon(self._complete, run, results, background)
+
         for attempt in range(1, self.config.attempts + 1):
-            started = trio.current_time()
             self.counters.requests += 1
             try:
-                data = await trio.to_thread.run_sync(self.repo.fetch_run, pack, wanted,
-                                                     limiter=self._store_limiter)
+                latency, results = await trio.to_thread.run_sync(
+                    self._fetch_decode_cache, pack, wanted, run, early, limiter=self._store_limiter)
             except IntegrityError:
                 self.counters.failed_requests += 1
                 raise
@@ -388,21 +555,35 @@ class Hydrator:
                 await trio.sleep(delay)
                 delay *= 2
                 continue
-            self.latency.add(trio.current_time() - started)
-            return data
+            self.latency.add(latency)
+            return results
         raise AssertionError("unreachable")
 
-    def _decode_and_cache(self, data: memoryview, run: list[_Fetch]) -> list[tuple[bytes | None, IntegrityError | None]]:
-        start = run[0].loc.offset
+    def _fetch_decode_cache(
+        self, pack: str, wanted: list[tuple[bytes, Location]], run: list[_Fetch],
+        early: Callable[[list[tuple[bytes | None, IntegrityError | None]]], None] | None,
+    ) -> tuple[float, list[tuple[bytes | None, IntegrityError | None]]]:
+        """In a worker thread: one GET of the run, each blob decoded and verified (then handed
+        to ``early``, if given), the good ones cached together. Returns the GET's latency and
+        (plain, error) per blob."""
+        started = time.monotonic()
+        data = self.repo.fetch_run(pack, wanted)
+        latency = time.monotonic() - started
+        results = self._decode(data, run[0].loc.offset, run)
+        if early is not None:
+            early(results)
+        self.cache.put_many([(f.block_id, plain) for f, (plain, _) in zip(run, results, strict=True)
+                             if plain is not None])
+        return latency, results
+
+    def _decode(self, data: memoryview, start: int, run: list[_Fetch],
+                ) -> list[tuple[bytes | None, IntegrityError | None]]:
         out: list[tuple[bytes | None, IntegrityError | None]] = []
         for f in run:
             try:
-                plain = self.repo.decode_piece(data, start, f.block_id, f.loc)
+                out.append((self.repo.decode_piece(data, start, f.block_id, f.loc), None))
             except IntegrityError as e:
                 out.append((None, e))
-                continue
-            self.cache.put(f.block_id, plain)
-            out.append((plain, None))
         return out
 
     def _finish(self, f: _Fetch, data: bytes | None = None, error: SnapfsError | None = None) -> None:
@@ -440,6 +621,7 @@ class Hydrator:
             "fetch_latency_ms_p50": round(p50 * 1000, 2) if p50 is not None else None,
             "fetch_latency_ms_p99": round(p99 * 1000, 2) if p99 is not None else None,
             "queued": len(self._inflight),
+            "readahead_buffered_bytes": self.buffers.used,
             "background_rate_bytes_per_s": round(self.background_rate()),
             "cache_bytes": self.cache.size,
             "cache_capacity": self.cache.capacity,

@@ -4,9 +4,11 @@ For every image, once: first the hints (the access profile earlier mounts stored
 snapshot, and the user's ``--prefetch-list``) at HINT priority; then a scan of the block map that
 finds which blocks are not cached yet (this is what ``stats`` reports as hydration progress);
 then, if background hydration is on, those blocks in disk order at BACKGROUND priority. The sweep
-queues a little at a time, pauses while reads are waiting on the store (unless the workload is
-itself streaming the image, when full speed is better for everyone), and is throttled by
-``--hydrate-rate`` in the hydrator.
+keeps about ``BACKLOG_RUNS`` full background runs (``max_background_run`` bytes each) per
+background fetch slot queued, so that the hydrator's runs reach their full length and every slot
+has a GET in flight; it pauses while reads are waiting on the store (unless the workload is
+itself streaming the image, when full speed is better for everyone), the hydrator starts no
+queued background fetch meanwhile, and ``--hydrate-rate`` throttles it in the hydrator.
 
 A prefetch list is a text file, one entry a line: ``NAME.img`` (the whole image) or
 ``NAME.img OFFSET LENGTH`` (a byte range; sizes may use K/M/G suffixes). ``#`` starts a comment.
@@ -28,7 +30,8 @@ from snapfs.image.view import ImageView
 
 log = logging.getLogger(__name__)
 
-BATCH = 32
+BATCH = 256  # blocks queued at a time
+BACKLOG_RUNS = 2
 PRESCAN_REFRESH = 30.0
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -132,8 +135,9 @@ class Sweeper:
         view.data_blocks = len(seen)
         if not self.config.background:
             return
-        backlog_limit = 4 * self.config.fetchers
+        slots = max(1, self.config.fetchers - self.config.reserved)
+        backlog_bytes = BACKLOG_RUNS * slots * self.config.max_background_run
         for i in range(0, len(order), BATCH):
-            await self.hydrator.background_turn(backlog_limit)
+            await self.hydrator.background_turn(backlog_bytes)
             batch = [b for b in order[i : i + BATCH] if b in view.pending]
             self.hydrator.prefetch(batch, Priority.BACKGROUND)

@@ -5,11 +5,28 @@ n // per_page), answers all-zero blocks without any I/O, and asks the hydrator f
 one call, so the blocks of one kernel read are fetched together (and coalesced into one GET when
 they are neighbours in a pack).
 
-Read-ahead: after two reads in a row that each start where the previous one ended, the blocks
-after the stream are queued at READAHEAD priority, in a window that doubles (from
-``READAHEAD_MIN`` to ``READAHEAD_MAX`` blocks) while the stream stays sequential and resets when
-it breaks. Read-ahead bytes live in the cache, not in memory, and the hydrator caps how much of
-it may be queued for all images together.
+Read-ahead, per stream: a view follows up to ``STREAMS`` sequential streams (a read that starts
+where one ended continues it; any other read starts a new one, replacing the least recently
+used). After two reads in a row that continue a stream:
+
+- a buffer in memory is filled ahead of it, ``FILL_BYTES`` of consecutive blocks at a time and
+  ``FILLS`` fills ahead at most, each fill one task with one worker-thread hop for all its cache
+  lookups (``Hydrator.read_ahead``; blocks the cache lacks are fetched at READAHEAD priority).
+  A read whose blocks are all in the buffer is answered from memory, on the trio thread, with no
+  hop at all; a read whose blocks a fill is still looking up waits for that lookup rather than
+  making its own. Every byte in a buffer was verified on its way in (the cache checks xxh3 on
+  read, fetches check xxh3 and the keyed ID), so a read never returns unverified bytes.
+  Buffers drop what the stream has passed, and all of them together are capped by the
+  hydrator's one memory budget (``Hydrator.buffers``, the least recently served stream gives
+  way: mountpoint-s3 #987);
+- further ahead, blocks the cache lacks are queued at READAHEAD priority (they go to the cache,
+  not to memory), in a window that doubles (from ``READAHEAD_MIN`` to ``READAHEAD_MAX`` blocks)
+  while the stream stays sequential; the hydrator caps how much of that may be queued for all
+  images together.
+
+A read that the buffer cannot answer (the first reads, random reads, a fill still under way)
+asks the hydrator for its blocks as a waiting read, which also raises the priority of any
+read-ahead fetch of them.
 
 The view also records the order in which blocks were first read (the access profile that the
 next mount uses as hints) and how much of the image is hydrated.
@@ -20,21 +37,26 @@ from __future__ import annotations
 import functools
 import logging
 from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import trio
 
-from snapfs.errors import CorruptBlock
+from snapfs.errors import CorruptBlock, SnapfsError
 from snapfs.format.block import ZERO_ID
 from snapfs.format.manifest import SnapshotRoot, decode_page
-from snapfs.hydration.scheduler import Hydrator, Priority, ReadTally
+from snapfs.hydration.scheduler import Hydrator, MemoryBudget, Priority, ReadTally
 from snapfs.repo.repository import Repository
 
 log = logging.getLogger(__name__)
 
 READAHEAD_MIN = 8
 READAHEAD_MAX = 512
+FILL_BYTES = 2 << 20  # a stream's buffer is filled this much at a time
+FILLS = 2  # fills under way at once per stream (a fill is mostly waiting on its thread hop)
+STREAMS = 8
 PAGE_CACHE = 256
 PROFILE_MAX = 65536
 
@@ -42,6 +64,66 @@ PROFILE_MAX = 65536
 @functools.cache
 def _zeros(n: int) -> bytes:
     return bytes(n)
+
+
+@dataclass(eq=False)
+class _Fill:
+    start: int
+    until: int
+    epoch: int
+    looked_up: trio.Event = field(default_factory=trio.Event)  # its cached blocks are in
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One sequential reader of an image, and its read-ahead buffer."""
+
+    budget: MemoryBudget
+    next_offset: int  # where its next read should start
+    next_block: int  # the block after its last read
+    run: int = 0  # reads in a row that continued it
+    window: int = 0  # blocks queued ahead of it for the cache (doubles while sequential)
+    ahead_until: int = 0  # blocks before this are queued (or cached) for it
+    fill_until: int = 0  # blocks before this are buffered, being filled, or left to reads
+    low: int = 0  # no block before this is buffered
+    epoch: int = 0  # bumped when the buffer is shed: fills of an older epoch keep nothing
+    fills: list[_Fill] = field(default_factory=list)  # under way
+    #: block number -> verified plain bytes, none before ``low``
+    blocks: dict[int, bytes] = field(default_factory=dict)
+
+    def shed(self) -> None:
+        """The budget took our bytes back (or the stream is dropped): empty the buffer."""
+        self.blocks.clear()
+        self.epoch += 1
+        self.fill_until = self.low = self.next_block
+
+    def drop_before(self, n: int) -> None:
+        """Forget the blocks the stream has passed."""
+        if n <= self.low:
+            return
+        pop = self.blocks.pop
+        freed = 0
+        for k in range(self.low, n):
+            data = pop(k, None)
+            if data is not None:
+                freed += len(data)
+        self.low = n
+        if freed:
+            self.budget.give_back(self, freed)
+
+    def keep(self, fill: _Fill, start: int, parts: list[bytes]) -> bool:
+        """Buffer ``parts`` as blocks ``start`` on, unless passed or shed since; False if the
+        budget has no room."""
+        if fill.epoch != self.epoch:
+            return True
+        skip = max(0, self.low - start)
+        parts = parts[skip:]
+        if not parts:
+            return True
+        if not self.budget.take(self, sum(len(p) for p in parts)):
+            return False
+        self.blocks.update(zip(range(start + skip, start + skip + len(parts)), parts, strict=True))
+        return True
 
 
 class ImageView:
@@ -58,11 +140,8 @@ class ImageView:
         self.mtime_ns = int(created.timestamp() * 1e9)
         self._page_lens = repo.page_lengths(root)
         self._pages: OrderedDict[int, list[bytes]] = OrderedDict()
-        # read-ahead state
-        self._next_block = -1
-        self._sequential = 0
-        self._window = 0
-        self._ahead_until = 0
+        self._streams: list[_Stream] = []  # most recently used last
+        self._fill_blocks = max(1, FILL_BYTES // self.block_size)
         # access profile and progress
         self._touched = bytearray(self.nblocks // 8 + 1)
         self.profile: list[int] = []
@@ -70,7 +149,9 @@ class ImageView:
         self.reads = 0
         self.bytes_read = 0
         self.data_blocks: int | None = None  # unique non-zero blocks, once the sweep scanned
-        self.pending: set[bytes] = set()  # of those, the ones not cached yet
+        #: of those, the ones not cached yet, with their raw size (no index lookup per block
+        #: fetched: ``block_cached`` runs for every block the hydrator caches)
+        self.pending: dict[bytes, int] = {}
         self.pending_bytes = 0  # their raw size
 
     # -- the block map ------------------------------------------------------------------
@@ -115,18 +196,126 @@ class ImageView:
         end = min(self.size, offset + length)
         bs = self.block_size
         first, stop = offset // bs, (end - 1) // bs + 1
-        ids = await self.block_ids(first, stop)
-        wanted = list(dict.fromkeys(b for b in ids if b != ZERO_ID))
-        blocks = dict(zip(wanted, await self.hydrator.read_blocks(wanted, self.tally), strict=True)) \
-            if wanted else {}
-        parts = []
-        for n, bid in zip(range(first, stop), ids, strict=True):
-            parts.append(blocks[bid] if bid != ZERO_ID else _zeros(min(bs, self.size - n * bs)))
-        data = b"".join(parts)
+        stream = self._stream_for(offset, end, first, stop)
+        parts = self._from_buffer(stream, first, stop) if stream.blocks else None
+        if parts is None:
+            fill = next((f for f in stream.fills if f.start <= first and stop <= f.until), None)
+            if fill is not None and not fill.looked_up.is_set():
+                # a fill is looking these blocks up in the cache: waiting for it costs less
+                # than a second lookup (blocks it must fetch, a waiting read joins below,
+                # which raises their priority)
+                await fill.looked_up.wait()
+                parts = self._from_buffer(stream, first, stop)
+        if parts is None:
+            ids = await self.block_ids(first, stop)
+            wanted = list(dict.fromkeys(b for b in ids if b != ZERO_ID))
+            got = await self.hydrator.read_blocks(wanted, self.tally) if wanted else []
+            blocks = dict(zip(wanted, got, strict=True))
+            parts = [blocks[bid] if bid != ZERO_ID else _zeros(min(bs, self.size - n * bs))
+                     for n, bid in zip(range(first, stop), ids, strict=True)]
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
         skip = offset - first * bs
         self._note_read(first, stop, end - offset)
-        await self._readahead(first, stop)
+        if stream.run >= 2:
+            self._read_ahead(stream, stop)
         return data[skip : skip + (end - offset)]
+
+    def _stream_for(self, offset: int, end: int, first: int, stop: int) -> _Stream:
+        """The stream this read continues (or a new one); updated before any await, so that
+        reads are matched in the order they arrive."""
+        streams = self._streams
+        for i in range(len(streams) - 1, -1, -1):
+            s = streams[i]
+            if s.next_offset == offset:
+                s.run += 1
+                break
+            if first in s.blocks and stop - 1 in s.blocks:  # a read overtaken by the next one
+                break
+        else:
+            if len(streams) >= STREAMS:
+                old = streams.pop(0)
+                self.hydrator.buffers.release(old)
+                old.shed()
+            s = _Stream(self.hydrator.buffers, next_offset=offset, next_block=first,
+                        fill_until=first, low=first)
+            streams.append(s)
+            i = len(streams) - 1
+        if i != len(streams) - 1:
+            streams.append(streams.pop(i))
+        s.next_offset = max(s.next_offset, end)
+        s.next_block = max(s.next_block, stop)
+        return s
+
+    def _from_buffer(self, s: _Stream, first: int, stop: int) -> list[bytes] | None:
+        blocks = s.blocks
+        parts = []
+        for n in range(first, stop):
+            data = blocks.get(n)
+            if data is None:
+                return None
+            parts.append(data)
+        s.drop_before(first)
+        n = stop - first
+        self.hydrator.counters.cache_hits += n
+        self.tally.cache_hits += n
+        return parts
+
+    def _read_ahead(self, s: _Stream, stop: int) -> None:
+        """Start the fills that keep ``s``'s buffer ``FILLS`` fills ahead of it."""
+        s.window = min(READAHEAD_MAX, max(READAHEAD_MIN, s.window * 2))
+        s.fill_until = max(s.fill_until, stop)
+        size = self._fill_blocks
+        while len(s.fills) < FILLS and s.fill_until - stop < FILLS * size and s.fill_until < self.nblocks:
+            start = s.fill_until
+            until = min(self.nblocks, start + size)
+            far_start = max(until, s.ahead_until)
+            far_until = min(self.nblocks, stop + max(s.window, FILLS * size))
+            if far_until - far_start < size and far_until < self.nblocks:
+                far_until = far_start  # queue for the cache a fill's worth at least at a time
+            fill = _Fill(start, until, s.epoch)
+            if not self.hydrator.spawn(self._fill, s, fill, far_start, far_until):
+                return
+            s.ahead_until = max(s.ahead_until, far_until)
+            s.fills.append(fill)
+            s.fill_until = until
+
+    async def _fill(self, s: _Stream, fill: _Fill, far_start: int, far_until: int) -> None:
+        """Buffer blocks ``fill.start`` .. ``fill.until - 1`` for ``s`` and queue the blocks the
+        cache lacks from ``far_start`` to ``far_until`` (a task of the hydrator: never raises).
+        The blocks the cache had go into the buffer at once, the rest when fetched."""
+        start, until = fill.start, fill.until
+        reached = start  # buffered up to here
+
+        def keep(datas: list[bytes | None]) -> None:
+            nonlocal reached
+            got = dict(zip(wanted, datas, strict=True))
+            bs = self.block_size
+            parts = []
+            for n in range(reached, until):
+                bid = ids[n - start]
+                data = got[bid] if bid != ZERO_ID else _zeros(min(bs, self.size - n * bs))
+                if data is None:
+                    break
+                parts.append(data)
+            if s.keep(fill, reached, parts):
+                reached += len(parts)
+            fill.looked_up.set()  # readers waiting on it look in the buffer, or fetch themselves
+
+        try:
+            ids = await self.block_ids(start, until)
+            far = await self.block_ids(far_start, far_until) if far_until > far_start else []
+            wanted = list(dict.fromkeys(b for b in ids if b != ZERO_ID))
+            further = list(dict.fromkeys(b for b in far if b != ZERO_ID))
+            if not await self.hydrator.read_ahead(wanted, further, keep) and further \
+                    and s.ahead_until == far_until:
+                s.ahead_until = far_start  # not queued: the next fill asks again
+        except SnapfsError as e:
+            log.debug("read-ahead of %s at block %d stopped: %s", self.name, start, e)
+        except Exception:  # read-ahead is optional: a bug here must not take the daemon down
+            log.exception("read-ahead of %s at block %d failed", self.name, start)
+        finally:
+            fill.looked_up.set()
+            s.fills.remove(fill)
 
     def _note_read(self, first: int, stop: int, nbytes: int) -> None:
         self.reads += 1
@@ -139,42 +328,26 @@ class ImageView:
                 touched[n >> 3] |= 1 << (n & 7)
                 self.profile.append(n)
 
-    async def _readahead(self, first: int, stop: int) -> None:
-        if first == self._next_block:
-            self._sequential += 1
-        else:
-            self._sequential = 0
-            self._window = 0
-            self._ahead_until = 0
-        self._next_block = stop
-        if self._sequential < 2 or stop >= self.nblocks:
-            return
-        self._window = min(READAHEAD_MAX, max(READAHEAD_MIN, self._window * 2))
-        start = max(stop, self._ahead_until)
-        until = min(self.nblocks, stop + self._window)
-        if start >= until or self.hydrator.readahead_room() <= 0:
-            return
-        self._ahead_until = until
-        ids = [b for b in await self.block_ids(start, until) if b != ZERO_ID]
-        missing = await trio.to_thread.run_sync(self.hydrator.cache.missing, list(dict.fromkeys(ids)))
-        self.hydrator.prefetch(missing, Priority.READAHEAD)
-
     # -- progress -------------------------------------------------------------------------
 
     def block_cached(self, block_id: bytes) -> None:
-        if block_id in self.pending:
-            self.pending.discard(block_id)
-            self.pending_bytes -= self.hydrator.index.locate(block_id).raw_length
+        raw = self.pending.pop(block_id, None)
+        if raw is not None:
+            self.pending_bytes -= raw
 
-    def set_pending(self, pending: set[bytes]) -> None:
+    def set_pending(self, pending: Iterable[bytes]) -> None:
         """The sweep's scan found these blocks uncached (it keeps adding as it goes)."""
-        self.pending = pending
-        self.pending_bytes = sum(self.hydrator.index.locate(b).raw_length for b in pending)
+        self.pending = {}
+        self.pending_bytes = 0
+        self.add_pending(pending)
 
-    def add_pending(self, block_ids: list[bytes]) -> None:
-        fresh = [b for b in block_ids if b not in self.pending]
-        self.pending.update(fresh)
-        self.pending_bytes += sum(self.hydrator.index.locate(b).raw_length for b in fresh)
+    def add_pending(self, block_ids: Iterable[bytes]) -> None:
+        locate = self.hydrator.index.locate
+        pending = self.pending
+        for b in block_ids:
+            if b not in pending:
+                raw = pending[b] = locate(b).raw_length
+                self.pending_bytes += raw
 
     def stats(self) -> dict[str, Any]:
         hydrated = remaining = eta = None
