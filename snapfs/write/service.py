@@ -159,31 +159,22 @@ class DiskService:
         if not self.enabled:
             return
         assert self._state is not None
-        for task in sorted(self.tasks.values(), key=lambda t: t.created):
-            if task.state != "progressing":
-                continue
-            for part in task.parts:
-                disk = self.disks.get(part.disk)
-                if disk is None or part.done:
-                    continue
-                blocks = self._loaded_changed.get(disk.name, {}).get(part.gen, [])
-                closed = ClosedGeneration(part.gen, Bitmap(disk.nblocks, blocks), task.id,
-                                          part.snapshot_id)
-                closed.cowed = await trio.to_thread.run_sync(self._state.cow, disk.record, part.gen)
-                disk.closed.append(closed)
-            log.info("resuming the upload of snapshot task %s (%s)", task.id,
-                     ", ".join(p.name for p in task.parts))
+        for task, part, disk in self._unfinished_parts():
+            blocks = self._loaded_changed.get(disk.name, {}).get(part.gen, [])
+            closed = ClosedGeneration(part.gen, Bitmap(disk.nblocks, blocks), task.id,
+                                      part.snapshot_id)
+            closed.cowed = await trio.to_thread.run_sync(self._state.cow, disk.record, part.gen)
+            disk.closed.append(closed)
         self._loaded_changed.clear()
         # pending views, in task order, so each one's lower image exists before it is needed
+        for _task, part, disk in self._unfinished_parts():
+            closed = next(c for c in disk.closed if c.gen == part.gen)
+            self._add_pending(disk, closed, part)
         for task in sorted(self.tasks.values(), key=lambda t: t.created):
             if task.state != "progressing":
                 continue
-            for part in task.parts:
-                disk = self.disks.get(part.disk)
-                if disk is None or part.done:
-                    continue
-                closed = next(c for c in disk.closed if c.gen == part.gen)
-                self._add_pending(disk, closed, part)
+            log.info("resuming the upload of snapshot task %s (%s)", task.id,
+                     ", ".join(p.name for p in task.parts))
             self._queue_send.send_nowait(task.id)
         for disk in self.disks.values():
             try:
@@ -191,6 +182,15 @@ class DiskService:
             except SnapshotNotFound as e:
                 log.error("disk %s: %s", disk.name, e.message)
                 disk.base = MissingImage(e.message)
+
+    def _unfinished_parts(self) -> list[tuple[SnapshotTask, SnapshotPart, Disk]]:
+        """(task, part, disk) of every part still to upload, oldest task first."""
+        out = []
+        for task in sorted(self.tasks.values(), key=lambda t: t.created):
+            if task.state == "progressing":
+                out += [(task, part, self.disks[part.disk]) for part in task.parts
+                        if not part.done and part.disk in self.disks]
+        return out
 
     def close(self) -> None:
         for disk in self.disks.values():
