@@ -9,6 +9,7 @@ workers that PUT finished packs, respecting a rate limit, and collect what they 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -57,15 +58,20 @@ class PackUploader:
     rate: RateLimiter
     index_file: IndexFile = field(default_factory=IndexFile)
     stats: UploadStats = field(default_factory=UploadStats)
+    #: awaited after each PUT with the seconds it took (a disk's uploads yield to its I/O)
+    pace: Callable[[float], Awaitable[None]] | None = None
 
     async def run(self, receive: trio.MemoryReceiveChannel[FinishedPack]) -> None:
         """Upload packs from ``receive`` until it closes. Start several for parallel PUTs."""
         async with receive:
             async for name, data, entries in receive:
                 await self.rate.take(len(data))
+                started = trio.current_time()
                 await trio.to_thread.run_sync(
                     self.repo.store.put, pack_key(name), data, limiter=self.limiter
                 )
+                if self.pace is not None:
+                    await self.pace(trio.current_time() - started)
                 self.index_file.packs[name] = entries
                 self.stats.objects += 1
                 self.stats.packs += 1

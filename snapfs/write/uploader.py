@@ -160,7 +160,7 @@ async def _upload(
     changed = [n for n in changed if n < nblocks]
     progress.blocks_total = len(changed)
     assembler = PackAssembler(repo.config.pack_size)
-    uploader = PackUploader(repo, store_limiter, RateLimiter(rate))
+    uploader = PackUploader(repo, store_limiter, RateLimiter(rate), pace=pace)
     ids: dict[int, bytes] = {}
 
     async def add(send: trio.MemorySendChannel[FinishedPack], bid: bytes, kind: int,
