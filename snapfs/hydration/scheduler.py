@@ -8,7 +8,8 @@ Rules it keeps (DESIGN.md, "Hydration order"):
   whoever asks.
 - Background work never holds every fetch slot: ``reserved`` slots are kept for reads that
   someone waits on. While reads wait on the store (and the workload is not itself streaming the
-  image, see ``bulk``), queued background fetches are not started and the sweep queues no more.
+  image, see ``bulk``), or other foreground work runs (``foreground``: a writable disk's reads
+  and writes), queued background fetches are not started and the sweep queues no more.
 - Neighbouring queued blocks of one pack are fetched with one ranged GET (a run): up to
   ``max_run`` bytes for reads and read-ahead, ``max_background_run`` for background work.
 - A store that is slow or down fails a waiting read with ``StoreUnavailable`` after
@@ -202,6 +203,9 @@ class Hydrator:
         self._recent_waiting: deque[tuple[float, int]] = deque()  # (time, bytes) of waiting misses
         self._background_done: deque[tuple[float, int]] = deque()  # (time, raw bytes) hydrated
         self._last_waiting = -1e9
+        #: trio clocks of the last foreground work the sweep should yield to, besides reads
+        #: waiting on the store (the write layer adds its disks' last I/O)
+        self.foreground: list[Callable[[], float]] = []
         self._store_limiter = trio.CapacityLimiter(config.fetchers)
         self._cache_limiter = trio.CapacityLimiter(8)
         self._rate = RateLimiter(config.hydrate_rate)
@@ -396,14 +400,19 @@ class Hydrator:
         asking again (reads are waiting on the store: the sweep yields to them)."""
         if not self.background_slots_free():
             return float("inf")
-        wait = self.config.quiet_after - (trio.current_time() - self._last_waiting)
+        wait = self.config.quiet_after - (trio.current_time() - self._last_busy())
         if wait <= 0 or self.bulk():
             return 0.0
         return wait
 
+    def _last_busy(self) -> float:
+        """When a read last waited on the store, or other foreground work (a disk's reads and
+        writes, through ``foreground``) last ran: the sweep yields to both."""
+        return max([self._last_waiting, *(last() for last in self.foreground)])
+
     def quiet(self) -> bool:
         """No read has waited on the store for a little while."""
-        return trio.current_time() - self._last_waiting > self.config.quiet_after
+        return trio.current_time() - self._last_busy() > self.config.quiet_after
 
     async def background_turn(self, backlog_bytes: int) -> None:
         """Return when the sweep may queue more: fewer than ``backlog_bytes`` (stored bytes)
@@ -413,7 +422,7 @@ class Hydrator:
             if self._background_queued_bytes >= backlog_bytes:
                 await self._changed.wait()
                 continue
-            wait = self.config.quiet_after - (trio.current_time() - self._last_waiting)
+            wait = self.config.quiet_after - (trio.current_time() - self._last_busy())
             if wait <= 0 or self.bulk():
                 return
             await trio.sleep(wait)

@@ -108,6 +108,7 @@ class DiskService:
         self._loaded_changed: dict[str, dict[int, list[int]]] = {}  # between open and start
         self._queue_send, self._queue_recv = trio.open_memory_channel[str](1000)
         self._finished: dict[str, trio.Event] = {}  # task id -> set when it ends
+        hydrator.foreground.append(self._last_io)  # the background sweep yields to disk I/O
         #: called when disks or pending snapshots come or go, with the name of a disk whose
         #: contents were rewritten (a rollback) if any: the FUSE adapter invalidates its caches
         self.changed: list[Callable[[str | None], None]] = []
@@ -534,9 +535,11 @@ class DiskService:
             self.pending.pop(part.snapshot_id, None)
         self._notify()
 
+    def _last_io(self) -> float:
+        return max((d.last_io for d in self.disks.values()), default=-1e9)
+
     def _busy(self) -> bool:
-        now = trio.current_time()
-        return any(now - d.last_io < BUSY_WINDOW for d in self.disks.values())
+        return trio.current_time() - self._last_io() < BUSY_WINDOW
 
     async def _pace(self, batch_seconds: float) -> None:
         """After an upload batch: if disks are in use, rest so the upload keeps its share."""
