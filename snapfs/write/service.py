@@ -108,7 +108,8 @@ class DiskService:
         self._loaded_changed: dict[str, dict[int, list[int]]] = {}  # between open and start
         self._queue_send, self._queue_recv = trio.open_memory_channel[str](1000)
         self._finished: dict[str, trio.Event] = {}  # task id -> set when it ends
-        hydrator.foreground.append(self._last_io)  # the background sweep yields to disk I/O
+        self._uploading = 0  # uploads running now: the sweep yields to them too
+        hydrator.foreground.append(self._last_foreground)  # the sweep yields to disk I/O
         #: called when disks or pending snapshots come or go, with the name of a disk whose
         #: contents were rewritten (a rollback) if any: the FUSE adapter invalidates its caches
         self.changed: list[Callable[[str | None], None]] = []
@@ -538,6 +539,11 @@ class DiskService:
     def _last_io(self) -> float:
         return max((d.last_io for d in self.disks.values()), default=-1e9)
 
+    def _last_foreground(self) -> float:
+        """What the background sweep yields to: disk I/O, and snapshot uploads (which a user
+        usually waits for, and which pace themselves against disk I/O already)."""
+        return trio.current_time() if self._uploading else self._last_io()
+
     def _busy(self) -> bool:
         return trio.current_time() - self._last_io() < BUSY_WINDOW
 
@@ -576,10 +582,14 @@ class DiskService:
 
         progress = self.progress.setdefault(part.snapshot_id, UploadProgress())
         progress.blocks_done = progress.blocks_uploaded = 0
-        root, packs = await upload_generation(
-            self.repo, self.hydrator.index, disk, closed, part, parent, parent_page,
-            group=task.group, tags=task.tags, progress=progress, pace=self._pace,
-            busy=self._busy)
+        self._uploading += 1
+        try:
+            root, packs = await upload_generation(
+                self.repo, self.hydrator.index, disk, closed, part, parent, parent_page,
+                group=task.group, tags=task.tags, progress=progress, pace=self._pace,
+                busy=self._busy)
+        finally:
+            self._uploading -= 1
         for pack, entries in packs.items():
             self.hydrator.index.add_pack(pack, entries)
         self.stored[root.id] = root
