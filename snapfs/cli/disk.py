@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from snapfs.cli.context import CliConfig, pass_config
-from snapfs.cli.output import emit_json, human_size, parse_size
+from snapfs.cli.output import emit_json, human_size, parse_size, table_lines
 from snapfs.errors import UsageError
 
 
@@ -58,9 +58,7 @@ def list_(config: CliConfig, json_output: bool) -> None:
                      human_size(d["blocks_written"] * d["block_size"]),
                      human_size(d["blocks_changed"] * d["block_size"]),
                      ",".join(d["uploading"]) or "-", str(d["open"])))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    click.echo("\n".join(table_lines(rows)))
 
 
 @disk.command()

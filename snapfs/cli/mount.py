@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from snapfs.cli.context import CliConfig, pass_config
-from snapfs.cli.output import emit_json, human_size, parse_size
+from snapfs.cli.output import emit_json, human_size, parse_size, table_lines
 from snapfs.errors import UsageError
 
 
@@ -163,9 +163,7 @@ def format_stats(doc: dict[str, Any]) -> list[str]:
     if len(rows) == 1:
         lines.append("no snapshots in the repository yet")
     else:
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                  for row in rows]
+        lines += table_lines(rows)
     lines.append("")
     lines.append(f"fetched     {h.get('blocks_fetched', 0)} blocks, "
                  f"{human_size(h.get('bytes_fetched', 0))} in {h.get('requests', 0)} requests "

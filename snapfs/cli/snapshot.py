@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from snapfs.cli.context import CliConfig, pass_config
-from snapfs.cli.output import emit_json, human_size, progress_for, run_async
+from snapfs.cli.output import emit_json, human_size, progress_for, run_async, table_lines
 from snapfs.errors import NotMounted, SnapfsError, UsageError
 from snapfs.progress import NO_PROGRESS
 
@@ -116,9 +116,7 @@ def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
     rows = [("ID", "NAME", "DISK", "SIZE", "CREATED", "STATE", "PARENT")]
     rows += [(d["id"], d["name"], d["disk"], human_size(d["size"]),
               d["created"][:19].replace("T", " "), d["state"], d["parent"] or "-") for d in docs]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    click.echo("\n".join(table_lines(rows)))
 
 
 def _refuse_if_disks_need(config: CliConfig, chosen: dict[str, Any]) -> None:
