@@ -14,6 +14,7 @@ secret can make two different blocks collide.
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 
@@ -35,6 +36,13 @@ ID_SIZE = 32
 ZERO_ID = bytes(ID_SIZE)  # stands for an all-zero block (a hole) in manifests; never stored
 
 MAX_RAW = 1 << 30
+
+
+@functools.cache
+def zero_bytes(n: int) -> bytes:
+    """``n`` zero bytes, made once per length: the plain bytes of a hole, and what a block is
+    compared with (a memcmp) to find out whether it is one."""
+    return bytes(n)
 
 
 def checksum(plain: bytes | memoryview) -> bytes:

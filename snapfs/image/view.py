@@ -34,7 +34,6 @@ next mount uses as hints) and how much of the image is hydrated.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -45,7 +44,7 @@ from typing import Any
 import trio
 
 from snapfs.errors import CorruptBlock, SnapfsError
-from snapfs.format.block import ZERO_ID
+from snapfs.format.block import ZERO_ID, zero_bytes
 from snapfs.format.manifest import SnapshotRoot, decode_page
 from snapfs.hydration.scheduler import Hydrator, MemoryBudget, Priority, ReadTally
 from snapfs.repo.repository import Repository
@@ -59,11 +58,6 @@ FILLS = 2  # fills under way at once per stream (a fill is mostly waiting on its
 STREAMS = 8
 PAGE_CACHE = 256
 PROFILE_MAX = 65536
-
-
-@functools.cache
-def _zeros(n: int) -> bytes:
-    return bytes(n)
 
 
 @dataclass(eq=False)
@@ -211,7 +205,7 @@ class ImageView:
             wanted = list(dict.fromkeys(b for b in ids if b != ZERO_ID))
             got = await self.hydrator.read_blocks(wanted, self.tally) if wanted else []
             blocks = dict(zip(wanted, got, strict=True))
-            parts = [blocks[bid] if bid != ZERO_ID else _zeros(min(bs, self.size - n * bs))
+            parts = [blocks[bid] if bid != ZERO_ID else zero_bytes(min(bs, self.size - n * bs))
                      for n, bid in zip(range(first, stop), ids, strict=True)]
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         skip = offset - first * bs
@@ -293,7 +287,7 @@ class ImageView:
             parts = []
             for n in range(reached, until):
                 bid = ids[n - start]
-                data = got[bid] if bid != ZERO_ID else _zeros(min(bs, self.size - n * bs))
+                data = got[bid] if bid != ZERO_ID else zero_bytes(min(bs, self.size - n * bs))
                 if data is None:
                     break
                 parts.append(data)

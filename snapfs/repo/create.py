@@ -18,7 +18,6 @@ deleting blobs this snapshot reuses.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -29,7 +28,7 @@ from typing import Any
 import trio
 
 from snapfs.errors import DuplicateName
-from snapfs.format.block import ZERO_ID
+from snapfs.format.block import ZERO_ID, zero_bytes
 from snapfs.format.manifest import DEFAULT_ENTRIES_PER_PAGE, SnapshotRoot, encode_page
 from snapfs.format.pack import KIND_DATA, KIND_PAGE
 from snapfs.progress import NO_PROGRESS, Progress
@@ -142,11 +141,6 @@ class ManifestBuilder:
         return done
 
 
-@functools.cache
-def _zeros(n: int) -> bytes:
-    return bytes(n)
-
-
 def encode_chunk(
     repo: Repository, data: bytes, index: BlobIndex, pending: set[bytes]
 ) -> tuple[list[bytes], list[tuple[bytes, bytes, int]], int]:
@@ -159,18 +153,18 @@ def encode_chunk(
     bs = repo.block_size
     ids: list[bytes] = []
     new: list[tuple[bytes, bytes, int]] = []
-    if data == _zeros(len(data)):  # memcmp: stops at the first nonzero byte
+    if data == zero_bytes(len(data)):  # memcmp: stops at the first nonzero byte
         n = -(-len(data) // bs)
         return [ZERO_ID] * n, new, n
     zeros = 0
-    zero_block = _zeros(bs)
+    zero_block = zero_bytes(bs)
     seen: set[bytes] = set()
     block_id = repo.keyer.block_id
     encode = repo.codec.encode
     known = index.blobs
     for off in range(0, len(data), bs):
         block = data[off : off + bs]
-        if block == zero_block or (len(block) < bs and block == _zeros(len(block))):
+        if block == zero_block or (len(block) < bs and block == zero_bytes(len(block))):
             ids.append(ZERO_ID)
             zeros += 1
             continue

@@ -31,7 +31,6 @@ No pyfuse3 here: the FUSE adapter calls these methods.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -41,6 +40,7 @@ from typing import Protocol
 import trio
 
 from snapfs.errors import SnapfsError
+from snapfs.format.block import zero_bytes
 from snapfs.write.bitmap import Bitmap
 from snapfs.write.overlay import Overlay
 from snapfs.write.state import DiskRecord, DiskState
@@ -56,11 +56,6 @@ class Image(Protocol):
     size: int
 
     async def read(self, offset: int, length: int) -> bytes: ...
-
-
-@functools.cache
-def _zeros(n: int) -> bytes:
-    return bytes(n)
 
 
 async def read_layered(offset: int, length: int, size: int, block_size: int,
@@ -92,10 +87,10 @@ async def read_layered(offset: int, length: int, size: int, block_size: int,
 
 async def read_lower(lower: Image | None, offset: int, length: int) -> bytes:
     if lower is None or offset >= lower.size:
-        return _zeros(length)
+        return zero_bytes(length)
     take = min(length, lower.size - offset)
     data = await lower.read(offset, take)
-    return data if take == length else data + _zeros(length - take)
+    return data if take == length else data + zero_bytes(length - take)
 
 
 @dataclass(eq=False)

@@ -14,7 +14,6 @@ snapshot; the daemon then uploads the generation again from its durable local co
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from snapfs.format.block import ZERO_ID
+from snapfs.format.block import ZERO_ID, zero_bytes
 from snapfs.format.manifest import DEFAULT_ENTRIES_PER_PAGE, SnapshotRoot, encode_page
 from snapfs.format.pack import KIND_DATA, KIND_PAGE
 from snapfs.repo.lock import REFRESH_EVERY, RepositoryLock
@@ -42,11 +41,6 @@ CPU_WORKERS = max(1, min(4, os.cpu_count() or 1))
 PageLoader = Callable[[int], Awaitable[list[bytes]]]
 #: awaited after each batch with the seconds it took: lets foreground I/O go first
 Pacer = Callable[[float], Awaitable[None]]
-
-
-@functools.cache
-def _zeros(n: int) -> bytes:
-    return bytes(n)
 
 
 @dataclass
@@ -110,7 +104,7 @@ def _hash_and_encode(repo: Repository, blocks: list[bytes], index: BlobIndex,
     out: list[tuple[bytes, bytes | None, int]] = []
     seen: set[bytes] = set()
     for plain in blocks:
-        if plain == _zeros(len(plain)):  # all zeros (a memcmp): never stored
+        if plain == zero_bytes(len(plain)):  # all zeros (a memcmp): never stored
             out.append((ZERO_ID, None, len(plain)))
             continue
         bid = repo.keyer.block_id(plain)
