@@ -148,7 +148,9 @@ def encode_chunk(
 
     Reads ``index`` and ``pending`` without locks: the index does not change during a
     snapshot, and the trio thread only adds to ``pending``; a race only means a block is
-    compressed needlessly (the trio side checks again before storing it).
+    compressed needlessly (the trio side checks again before storing it). Membership is asked
+    of the index itself, so a packed index (the daemon's, from the host's index cache) is never
+    unpacked for it. A short block may only come last (the end of a disk).
     """
     bs = repo.block_size
     ids: list[bytes] = []
@@ -161,7 +163,6 @@ def encode_chunk(
     seen: set[bytes] = set()
     block_id = repo.keyer.block_id
     encode = repo.codec.encode
-    known = index.blobs
     for off in range(0, len(data), bs):
         block = data[off : off + bs]
         if block == zero_block or (len(block) < bs and block == zero_bytes(len(block))):
@@ -170,7 +171,7 @@ def encode_chunk(
             continue
         bid = block_id(block)
         ids.append(bid)
-        if bid in known or bid in pending or bid in seen:
+        if bid in index or bid in pending or bid in seen:
             continue
         seen.add(bid)
         new.append((bid, encode(block), len(block)))
@@ -199,7 +200,7 @@ async def create_snapshot(
         source.close()
 
 
-async def _refresh_lock(lock: RepositoryLock, limiter: trio.CapacityLimiter) -> None:
+async def refresh_lock(lock: RepositoryLock, limiter: trio.CapacityLimiter) -> None:
     while True:
         await trio.sleep(REFRESH_EVERY)
         await trio.to_thread.run_sync(lock.refresh, limiter=limiter)
@@ -304,7 +305,7 @@ async def _create_locked(
 
     pack_send, pack_recv = trio.open_memory_channel[FinishedPack](2)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_refresh_lock, lock, store_limiter)
+        nursery.start_soon(refresh_lock, lock, store_limiter)
         async with trio.open_nursery() as pipeline:
             for _ in range(min(8, repo.store.concurrency)):  # PUT streams: 8 is where S3 flattens
                 pipeline.start_soon(uploader.run, pack_recv.clone())

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-from snapfs.format.block import ZERO_ID, zero_bytes
+from snapfs.format.block import ZERO_ID
 from snapfs.format.manifest import DEFAULT_ENTRIES_PER_PAGE, SnapshotRoot, encode_page
 from snapfs.format.pack import KIND_DATA, KIND_PAGE
-from snapfs.repo.lock import REFRESH_EVERY, RepositoryLock
+from snapfs.repo.create import encode_chunk, refresh_lock
+from snapfs.repo.lock import RepositoryLock
 from snapfs.repo.packer import FinishedPack, PackAssembler, PackUploader
 from snapfs.repo.repository import BlobIndex, Repository, now_iso
 from snapfs.throttle import RateLimiter
@@ -79,7 +80,7 @@ async def upload_generation(
     progress.timings["lock"] = round(time.monotonic() - started, 4)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_refresh_lock, lock, store_limiter)
+            nursery.start_soon(refresh_lock, lock, store_limiter)
             root, packs = await _upload(repo, index, disk, closed, part, parent, parent_page,
                                         group, tags, progress, trusted, rate, store_limiter, pace,
                                         busy)
@@ -92,46 +93,25 @@ async def upload_generation(
     return root, packs
 
 
-async def _refresh_lock(lock: RepositoryLock, limiter: trio.CapacityLimiter) -> None:
-    while True:
-        await trio.sleep(REFRESH_EVERY)
-        await trio.to_thread.run_sync(lock.refresh, limiter=limiter)
-
-
-def _hash_and_encode(repo: Repository, blocks: list[bytes], index: BlobIndex,
-                     pending: set[bytes]) -> list[tuple[bytes, bytes | None, int]]:
-    """Worker thread: (ID, encoded-or-None-if-known, raw length) of each block."""
-    out: list[tuple[bytes, bytes | None, int]] = []
-    seen: set[bytes] = set()
-    for plain in blocks:
-        if plain == zero_bytes(len(plain)):  # all zeros (a memcmp): never stored
-            out.append((ZERO_ID, None, len(plain)))
-            continue
-        bid = repo.keyer.block_id(plain)
-        if bid in index or bid in pending or bid in seen:
-            out.append((bid, None, len(plain)))
-            continue
-        seen.add(bid)
-        out.append((bid, repo.codec.encode(plain), len(plain)))
-    return out
-
-
 async def _encode_on_cores(repo: Repository, blocks: list[bytes], index: BlobIndex,
-                           pending: set[bytes], cores: int) -> list[tuple[bytes, bytes | None, int]]:
-    """``_hash_and_encode`` of ``blocks`` split over ``cores`` threads (zstd and BLAKE3 release
-    the GIL). A block new to two parts is encoded twice and stored once (``add`` checks)."""
+                           pending: set[bytes], cores: int
+                           ) -> tuple[list[bytes], list[tuple[bytes, bytes, int]]]:
+    """``encode_chunk`` of consecutive ``blocks`` (whole blocks but maybe the last) split over
+    ``cores`` threads (zstd and BLAKE3 release the GIL): every block's ID, and the new blobs
+    encoded. A block new to two parts is encoded twice and stored once (``add`` checks)."""
     step = -(-len(blocks) // cores)
-    parts = [blocks[i : i + step] for i in range(0, len(blocks), step)]
-    results: list[list[tuple[bytes, bytes | None, int]]] = [[] for _ in parts]
+    parts = [b"".join(blocks[i : i + step]) for i in range(0, len(blocks), step)]
+    results: list[tuple[list[bytes], list[tuple[bytes, bytes, int]], int]] = [
+        ([], [], 0) for _ in parts]
 
     async def encode(i: int) -> None:
-        results[i] = await trio.to_thread.run_sync(_hash_and_encode, repo, parts[i], index,
-                                                   pending)
+        results[i] = await trio.to_thread.run_sync(encode_chunk, repo, parts[i], index, pending)
 
     async with trio.open_nursery() as nursery:
         for i in range(len(parts)):
             nursery.start_soon(encode, i)
-    return [r for part in results for r in part]
+    return ([bid for ids, _new, _z in results for bid in ids],
+            [blob for _ids, new, _z in results for blob in new])
 
 
 async def _upload(
@@ -190,12 +170,12 @@ async def _upload(
                 async for batch, contents in batches_recv:
                     batch_started = trio.current_time()
                     # all cores when the disks are quiet, one while they are in use
-                    encoded = await _encode_on_cores(repo, contents, index, assembler.pending,
-                                                     1 if busy() else CPU_WORKERS)
-                    for n, (bid, blob, raw) in zip(batch, encoded, strict=True):
-                        ids[n] = bid
-                        if blob is not None:
-                            await add(pack_send, bid, KIND_DATA, blob, raw)
+                    batch_ids, new = await _encode_on_cores(repo, contents, index,
+                                                            assembler.pending,
+                                                            1 if busy() else CPU_WORKERS)
+                    ids.update(zip(batch, batch_ids, strict=True))
+                    for bid, blob, raw in new:
+                        await add(pack_send, bid, KIND_DATA, blob, raw)
                     progress.blocks_done += len(batch)
                     if pace is not None:
                         await pace(trio.current_time() - batch_started)
