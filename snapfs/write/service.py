@@ -237,16 +237,26 @@ class DiskService:
         pending = self.pending.get(snapshot_id)
         if pending is not None:
             return pending
+        return await self._find_stored(snapshot_id, "a disk made from it cannot read its blocks")
+
+    def _stored_view(self, snapshot_id: str) -> ImageView | None:
+        """The view of a stored snapshot: the catalog's (whose pages every reader shares), or
+        one over a root this daemon stored that the catalog has not listed yet."""
         view = self.catalog.by_snapshot_id(snapshot_id)
+        root = self.stored.get(snapshot_id)
+        if view is None and root is not None:
+            view = ImageView(self.repo, root, self.hydrator, f"{root.name}.img")
+        return view
+
+    async def _find_stored(self, snapshot_id: str, needed_for: str) -> ImageView:
+        """``_stored_view``, listing the repository again if it is not known yet."""
+        view = self._stored_view(snapshot_id)
         if view is None:
             await self.catalog.refresh(force=True)
-            view = self.catalog.by_snapshot_id(snapshot_id)
+            view = self._stored_view(snapshot_id)
         if view is None:
-            root = self.stored.get(snapshot_id)
-            if root is not None:
-                return ImageView(self.repo, root, self.hydrator, f"{root.name}.img")
-            raise SnapshotNotFound(f"snapshot {snapshot_id} is not in the repository "
-                                   "(deleted?); a disk made from it cannot read its blocks")
+            raise SnapshotNotFound(f"snapshot {snapshot_id} is not in the repository (deleted?); "
+                                   f"{needed_for}")
         return view
 
     async def resolve(self, ref: str) -> tuple[str, int, str]:
@@ -485,13 +495,10 @@ class DiskService:
         lower: Image | None
         if earlier:
             lower = earlier[-1].view
+        elif part.parent is not None:
+            lower = self._stored_view(part.parent) or self.pending.get(part.parent)
         else:
-            lower = self.catalog.by_snapshot_id(part.parent) if part.parent else None
-            if part.parent and lower is None:
-                lower = self.pending.get(part.parent) or (
-                    ImageView(self.repo, self.stored[part.parent], self.hydrator,
-                              f"{self.stored[part.parent].name}.img")
-                    if part.parent in self.stored else None)
+            lower = None
         view = PendingSnapshot(disk, closed, lower, f"{part.name}.img", part.snapshot_id, part.size)
         closed.view = view
         self.pending[part.snapshot_id] = view
@@ -572,9 +579,9 @@ class DiskService:
         state = self._require()
         disk = self.disks[part.disk]
         closed = next(c for c in disk.closed if c.gen == part.gen)
-        parent = await self._parent_root(part.parent)
-        parent_view = (ImageView(self.repo, parent, self.hydrator, f"{parent.name}.img")
-                       if parent is not None else None)
+        parent_view = None if part.parent is None else await self._find_stored(
+            part.parent, "the snapshot after it cannot be made")
+        parent = parent_view.root if parent_view is not None else None
 
         async def parent_page(p: int) -> list[bytes]:
             assert parent_view is not None
@@ -610,19 +617,6 @@ class DiskService:
 
             await trio.to_thread.run_sync(drop)
         log.info("snapshot %s of disk %s stored: %s", root.name, disk.name, root.stats)
-
-    async def _parent_root(self, parent_id: str | None) -> SnapshotRoot | None:
-        if parent_id is None:
-            return None
-        if parent_id in self.stored:
-            return self.stored[parent_id]
-        view = self.catalog.by_snapshot_id(parent_id)
-        if view is None:
-            await self.catalog.refresh(force=True)
-            view = self.catalog.by_snapshot_id(parent_id)
-        if view is None:
-            raise SnapshotNotFound(f"the parent snapshot {parent_id} is gone from the repository")
-        return view.root
 
     async def _fail(self, task: SnapshotTask, reason: str) -> None:
         """Give ``task`` up: its changed blocks count as changed again, and later tasks of the
