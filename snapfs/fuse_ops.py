@@ -242,22 +242,16 @@ class SnapshotFS(pyfuse3.Operations):
         attr.st_gid = self._gid
         attr.st_rdev = 0
         attr.st_blksize = IO_SIZE
-        view = self._views.get(inode)
         disk = self._disk_of.get(inode)
-        if disk is not None:
-            attr.st_mode = stat.S_IFREG | 0o600
+        image = disk if disk is not None else self._views.get(inode)
+        if image is not None:
+            attr.st_mode = stat.S_IFREG | (0o600 if disk is not None else 0o444)
             attr.st_nlink = 1
-            attr.st_size = disk.size
-            attr.st_blocks = -(-disk.size // 512)
-            mtime = disk.mtime_ns
-            attr.entry_timeout = attr.attr_timeout = DISK_TIMEOUT
-        elif view is not None:
-            attr.st_mode = stat.S_IFREG | 0o444
-            attr.st_nlink = 1
-            attr.st_size = view.size
-            attr.st_blocks = -(-view.size // 512)
-            mtime = view.mtime_ns
-            attr.entry_timeout = attr.attr_timeout = IMAGE_TIMEOUT
+            attr.st_size = image.size
+            attr.st_blocks = -(-image.size // 512)
+            mtime = image.mtime_ns
+            attr.entry_timeout = attr.attr_timeout = (DISK_TIMEOUT if disk is not None
+                                                      else IMAGE_TIMEOUT)
         elif inode in (ROOT_INODE, SNAPSHOTS_INODE, DISKS_INODE):
             attr.st_mode = stat.S_IFDIR | 0o555
             attr.st_nlink = 4 if inode == ROOT_INODE else 2
