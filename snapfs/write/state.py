@@ -31,10 +31,10 @@ from __future__ import annotations
 import json
 import logging
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lmdb
 
@@ -224,14 +224,8 @@ class DiskState:
     def cow(self, record: DiskRecord, gen: int) -> dict[int, int]:
         prefix = record.key + _GEN.pack(gen)
         with self._env.begin(db=self._cow) as txn:
-            cursor = txn.cursor()
-            out = {}
-            if cursor.set_range(prefix):
-                for k, v in cursor:
-                    if not k.startswith(prefix):
-                        break
-                    out[_BLOCK.unpack_from(k, 12)[0]] = _OFFSET.unpack(v)[0]
-            return out
+            return {_BLOCK.unpack_from(k, 12)[0]: _OFFSET.unpack(v)[0]
+                    for k, v in _prefixed(txn, self._cow, prefix)}
 
     def mark(self, record: DiskRecord, gen: int, present: Iterable[int], changed: Iterable[int]) -> None:
         """Blocks now in the overlay, and blocks written in generation ``gen``."""
@@ -257,13 +251,8 @@ class DiskState:
         key = record.key
         prefix = key + _GEN.pack(from_gen)
         with self._env.begin(write=True) as txn:
-            cursor = txn.cursor(db=self._changed)
-            blocks = []
-            if cursor.set_range(prefix):
-                for k, _ in cursor:
-                    if not k.startswith(prefix):
-                        break
-                    blocks.append(_BLOCK.unpack_from(k, 12)[0])
+            blocks = [_BLOCK.unpack_from(k, 12)[0]
+                      for k, _ in _prefixed(txn, self._changed, prefix)]
             _delete_prefix(txn, self._changed, prefix)
             _delete_prefix(txn, self._cow, prefix)
             for n in blocks:
@@ -290,14 +279,18 @@ class DiskState:
 
 def _keys(env: lmdb.Environment, db: Any, prefix: bytes) -> list[bytes]:
     with env.begin(db=db) as txn:
-        cursor = txn.cursor()
-        out = []
-        if cursor.set_range(prefix):
-            for k in cursor.iternext(keys=True, values=False):
-                if not k.startswith(prefix):
-                    break
-                out.append(k)
-        return out
+        return [k for k, _ in _prefixed(txn, db, prefix)]
+
+
+def _prefixed(txn: lmdb.Transaction, db: Any, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(key, value) of the entries of ``db`` whose key starts with ``prefix``, in key order."""
+    cursor = txn.cursor(db=db)
+    if cursor.set_range(prefix):
+        # keys and values are bytes: the environment is not opened with buffers=True
+        for k, v in cast(Iterator[tuple[bytes, bytes]], cursor.iternext()):
+            if not k.startswith(prefix):
+                break
+            yield k, v
 
 
 def _delete_prefix(txn: lmdb.Transaction, db: Any, prefix: bytes) -> None:
