@@ -366,10 +366,8 @@ class PendingSnapshot:
         self.block_size = disk.block_size
         self.mtime_ns = time.time_ns()
         self.stored: Image | None = None  # once uploaded: read through the stored snapshot
-        self.reads = 0
 
     async def read(self, offset: int, length: int) -> bytes:
-        self.reads += 1
         if self.stored is not None:
             return await self.stored.read(offset, length)
         return await read_layered(offset, length, self.size, self.block_size,
