@@ -423,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         print("run_disks.py needs root (loop devices, mounts, dropping caches)", file=sys.stderr)
         return 1
     cfg.work.mkdir(parents=True, exist_ok=True)
+    rs.compile_snapfs()
     snap_cfg = rs.BenchConfig(runs=1, stores=cfg.stores, size=cfg.size, data=cfg.data,
                               block_sizes=(BLOCK,), out=cfg.out, work=cfg.base_dir, keep=False)
     base, _ = rs.base_image(snap_cfg)

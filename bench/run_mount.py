@@ -206,6 +206,7 @@ def use_tree(ref: str, work: Path) -> str:
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "snapfs"],
                              capture_output=True, check=True).stdout  # fmt: skip
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    rs.compile_snapfs(tree)
     launcher = tree / "snapfs-launch.py"
     launcher.write_text(LAUNCHER.format(tree=str(tree)))
     SNAPFS_CMD = [str(PYTHON), str(launcher)]
@@ -1348,6 +1349,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         tree_commit = use_tree(cfg.tree, cfg.work) if cfg.tree else None
+        if tree_commit is None:
+            rs.compile_snapfs()
     except (BenchError, subprocess.CalledProcessError) as e:
         print(f"run_mount: cannot use --tree {cfg.tree}: {e}", file=sys.stderr)
         return 1
