@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 import pyfuse3
 
 from snapfs.errors import SnapfsError
+from snapfs.image.view import ImageView
 
 if TYPE_CHECKING:
     from snapfs.image.catalog import SnapshotCatalog
@@ -379,12 +380,18 @@ class SnapshotFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
     @_errno_boundary
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(  # type: ignore[override]  # pyfuse3 takes any contiguous buffer
+        self, fh: int, off: int, size: int,
+    ) -> bytes | memoryview:
         view: ReadOnlyImage | Disk | None = self._open_files.get(fh) or self._open_disks.get(fh)
         if view is None:
             raise _fail(errno.EBADF)
         if off >= view.size:
             return b""
+        if isinstance(view, ImageView):
+            # pyfuse3 replies from any contiguous buffer: a stored snapshot's read-ahead
+            # buffer goes to the kernel without a copy
+            return await view.read_buffer(off, size)
         return await view.read(off, size)
 
     @_errno_boundary

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from snapfs.cache import BlockCache
 from snapfs.errors import SnapfsError
@@ -226,4 +227,72 @@ def test_put_many_of_a_block_cached_elsewhere_keeps_one_entry(tmp_path: Path) ->
     cache.put_many(items[60:])  # 60..63 again, now in the next segment
     assert cache.entries() == 70
     assert cache.get_many([bid for bid, _ in items]) == [data for _, data in items]
+    cache.close()
+
+
+def test_read_into_reads_neighbours_together_and_checks_each_block(tmp_path: Path) -> None:
+    cache = BlockCache(tmp_path / "c", capacity=64 << 20, segment_size=1 << 20)
+    items = [block(i) for i in range(70)]  # two segments
+    cache.put_many(items[:40])
+    cache.put_many(items[40:])
+    ids = [bid for bid, _ in items]
+    # out of order, one ID twice, one not cached, one target of the wrong length
+    order = [5, 4, 6, 7, 69, 68, 3, 3, 0]
+    wanted = [ids[i] for i in order] + [block(99)[0], ids[1]]
+    buf = bytearray(len(wanted) * 16384)
+    view = memoryview(buf)
+    targets = [view[k * 16384 : (k + 1) * 16384] for k in range(len(order) + 1)] + [view[:100]]
+    preadvs = 0
+    real_preadv = os.preadv
+
+    def counting_preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        nonlocal preadvs
+        preadvs += 1
+        return real_preadv(fd, buffers, offset)
+
+    os.preadv = counting_preadv  # type: ignore[assignment]
+    try:
+        ok = cache.read_into(wanted, targets)
+    finally:
+        os.preadv = real_preadv
+    assert ok == [True] * len(order) + [False, False]
+    assert [bytes(targets[k]) for k in range(len(order))] == [items[i][1] for i in order]
+    # 3..7 lie end to end in one segment; 68..69 in the other; 0 and the second 3 alone
+    assert preadvs == 4
+    cache.flush()
+    # a block whose bytes changed on disk is not marked read (whatever its target holds now)
+    # and is dropped; its neighbours in the same preadv are still good
+    seg = sorted((tmp_path / "c").glob("seg-*.dat"))[0]
+    with open(seg, "r+b") as f:
+        f.seek(5 * 16384 + 99)
+        byte = f.read(1)
+        f.seek(5 * 16384 + 99)
+        f.write(bytes([byte[0] ^ 1]))
+    targets = [memoryview(bytearray(16384)) for _ in range(3)]
+    assert cache.read_into(ids[4:7], targets) == [True, False, True]
+    assert bytes(targets[0]) == items[4][1] and bytes(targets[2]) == items[6][1]
+    assert cache.bad == 1 and not cache.contains(ids[5])
+    cache.close()
+
+
+def test_read_into_a_torn_segment_is_a_miss(tmp_path: Path) -> None:
+    cache = BlockCache(tmp_path / "c", capacity=64 << 20)
+    items = [block(i) for i in range(4)]
+    cache.put_many(items)
+    cache.flush()
+    seg = next((tmp_path / "c").glob("seg-*.dat"))
+    os.truncate(seg, 2 * 16384 + 5)  # a crash before the last writes reached the disk
+    targets = [memoryview(bytearray(16384)) for _ in items]
+    assert cache.read_into([bid for bid, _ in items], targets) == [True, True, False, False]
+    assert bytes(targets[1]) == items[1][1]
+    assert cache.missing([bid for bid, _ in items]) == [items[2][0], items[3][0]]
+    cache.close()
+
+
+def test_put_many_records_the_checksums_it_is_given(tmp_path: Path) -> None:
+    cache = BlockCache(tmp_path / "c", capacity=64 << 20)
+    (a, data_a), (b, data_b) = block(1), block(2)
+    cache.put_many([(a, data_a), (b, data_b)], [xxhash.xxh3_128_digest(data_a), bytes(16)])
+    assert cache.get(a) == data_a
+    assert cache.get(b) is None  # a checksum that does not match the bytes is never served
     cache.close()

@@ -21,6 +21,7 @@ from snapfs.format.block import ZERO_ID
 from snapfs.hydration.scheduler import HydrationConfig, Hydrator, MemoryBudget, Priority
 from snapfs.image.catalog import SnapshotCatalog
 from snapfs.image.sweep import Sweeper, parse_prefetch_list
+from snapfs.image.view import READAHEAD_AFTER
 from snapfs.repo.create import CreateOptions, create_snapshot
 from snapfs.repo.repository import Repository, pack_key
 from snapfs.store.local import LocalStore
@@ -319,9 +320,13 @@ class CountingCache(BlockCache):
         self.get_many_calls += 1
         return super().get_many(block_ids)
 
-    def put_many(self, items) -> None:  # type: ignore[no-untyped-def]
+    def read_into(self, block_ids, targets) -> list[bool]:  # type: ignore[no-untyped-def]
+        self.get_many_calls += 1  # a lookup too
+        return super().read_into(block_ids, targets)
+
+    def put_many(self, items, checksums=None) -> None:  # type: ignore[no-untyped-def]
         self.put_many_calls.append(len(items))
-        super().put_many(items)
+        super().put_many(items, checksums)
 
 
 def read_sequentially(view, size: int, piece: int = 131072):  # type: ignore[no-untyped-def]
@@ -525,4 +530,47 @@ def test_a_fetch_that_ends_during_a_cache_lookup_is_joined_not_repeated(repo_and
     blocks = {repo.keyer.block_id(data[i : i + BS]): data[i : i + BS] for i in range(0, len(data), BS)}
     assert got == [blocks[x], blocks[y]]
     assert stats.blocks_fetched == 2  # x once, whoever wanted it
+    cache.close()
+
+
+def test_memory_budget_never_hands_out_a_buffer_someone_still_views() -> None:
+    budget = MemoryBudget(1 << 20)
+    buf, fresh = budget.buffer(4096)
+    assert fresh and buf == bytearray(4096)
+    buf[:5] = b"hello"
+    view = memoryview(buf)[:5]  # a reader still holds this
+    budget.recycle(buf)
+    other, fresh = budget.buffer(4096)
+    assert fresh and other is not buf
+    assert bytes(view) == b"hello"
+    view.release()
+    again, fresh = budget.buffer(4096)
+    assert again is buf and not fresh and len(again) == 4096
+
+
+def test_buffered_reads_hand_out_the_read_ahead_buffer_itself(repo_and_image, tmp_path: Path) -> None:
+    repo, store, data, _ = repo_and_image
+    cache = open_cache(tmp_path)
+    piece = 131072
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        view = catalog.images()["s1.img"]
+        out = []
+        views = 0
+        for offset in range(0, len(data), piece):
+            await trio.lowlevel.checkpoint()
+            got = await view.read_buffer(offset, piece)
+            views += isinstance(got, memoryview)
+            if isinstance(got, memoryview):
+                assert got.readonly
+            out.append(bytes(got))
+        # an unaligned read, and one that ends past the image, through the same stream
+        tail = await view.read(len(data) - 5000, 10000)
+        return b"".join(out), views, tail
+
+    for warm in (False, True):
+        got, views, tail = trio.run(with_hydrator, repo, cache, HydrationConfig(background=False), body)
+        assert got == data and tail == data[-5000:]
+        if warm:  # all but the first reads of the stream came from the buffer, uncopied
+            assert views >= (len(data) - READAHEAD_AFTER) // piece - 2
     cache.close()

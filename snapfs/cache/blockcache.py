@@ -130,32 +130,63 @@ class BlockCache:
     # -- files ----------------------------------------------------------------------------
 
     def _pread(self, seg: int, spans: list[tuple[int, int]]) -> list[bytes]:
-        """Read ``(offset, length)`` spans of one segment (b"" each if it is gone); an eviction
-        meanwhile waits for us to close the file."""
+        """Read ``(offset, length)`` spans of one segment (b"" each if it is gone)."""
+        fd = self._use_file(seg)
+        if fd is None:
+            return [b""] * len(spans)
+        try:
+            # one pread per block: a pread of a whole stretch and slices of it copy twice
+            return [os.pread(fd, length, offset) for offset, length in spans]
+        finally:
+            self._done_with_file(seg)
+
+    def _preadv(self, seg: int, extents: list[tuple[int, list[memoryview]]]) -> list[int]:
+        """Read each ``(offset, buffers)`` extent of one segment into its buffers (one preadv
+        each); how many bytes each got (0 each if the segment is gone)."""
+        fd = self._use_file(seg)
+        if fd is None:
+            return [0] * len(extents)
+        try:
+            out = []
+            for offset, buffers in extents:
+                got = 0
+                for i in range(0, len(buffers), IOV_MAX):
+                    chunk = buffers[i : i + IOV_MAX]
+                    want = sum(len(b) for b in chunk)
+                    n = os.preadv(fd, chunk, offset + got)
+                    got += n
+                    if n < want:  # the end of the file: a torn segment
+                        break
+                out.append(got)
+            return out
+        finally:
+            self._done_with_file(seg)
+
+    def _use_file(self, seg: int) -> int | None:
+        """The fd of a segment's file, kept open until ``_done_with_file`` (an eviction
+        meanwhile waits for us to close it); None if the segment is gone."""
         with self._lock:
             f = self._files.get(seg)
             if f is None:
                 try:
                     f = open(self._seg_path(seg), "rb")
                 except FileNotFoundError:
-                    return [b""] * len(spans)
+                    return None
                 self._files[seg] = f
                 self._trim_files()
             else:
                 self._files.move_to_end(seg)
             self._readers[seg] = self._readers.get(seg, 0) + 1
-        try:
-            fd = f.fileno()
-            # one pread per block: a pread of a whole stretch and slices of it copy twice
-            return [os.pread(fd, length, offset) for offset, length in spans]
-        finally:
-            with self._lock:
-                self._readers[seg] -= 1
-                if not self._readers[seg]:
-                    del self._readers[seg]
-                    doomed = self._doomed.pop(seg, None)
-                    if doomed is not None:
-                        doomed.close()
+            return f.fileno()
+
+    def _done_with_file(self, seg: int) -> None:
+        with self._lock:
+            self._readers[seg] -= 1
+            if not self._readers[seg]:
+                del self._readers[seg]
+                doomed = self._doomed.pop(seg, None)
+                if doomed is not None:
+                    doomed.close()
 
     def _retire_file(self, seg: int) -> None:
         """Stop using a segment's file: close it now, or after the preads under way. Lock held."""
@@ -228,6 +259,56 @@ class BlockCache:
         self.misses += len(block_ids) - hits
         return out
 
+    def read_into(self, block_ids: Sequence[bytes], targets: Sequence[memoryview]) -> list[bool]:
+        """Read each cached block straight into its target (a writable buffer as long as the
+        block) and check it there against its xxh3-128: True where the target now holds the
+        block's verified bytes. A target marked False may hold anything (a block not cached,
+        of another length, or failing its check): the caller must not use its bytes.
+
+        What a reader of many blocks (a read-ahead fill) wants: one lmdb read transaction,
+        one preadv per run of blocks that lie end to end in a segment, no copy and no
+        allocation per block. The same ID may appear more than once."""
+        with self._env.begin() as txn:
+            get = txn.get
+            db = self._blocks
+            raws = [get(bid, db=db) for bid in block_ids]
+        ok = [False] * len(block_ids)
+        by_seg: dict[int, list[tuple[int, int, int, bytes]]] = {}
+        unpack = ENTRY.unpack
+        for i, raw in enumerate(raws):
+            if raw is not None:
+                seg, offset, length, digest = unpack(raw)
+                if length == len(targets[i]):
+                    by_seg.setdefault(seg, []).append((offset, length, i, digest))
+        digest_of = xxhash.xxh3_128_digest
+        for seg, entries in by_seg.items():
+            entries.sort()
+            extents: list[tuple[int, list[memoryview]]] = []
+            members: list[list[tuple[int, int, bytes]]] = []  # (index, length, digest) per extent
+            end = -1
+            for offset, length, i, digest in entries:
+                if offset != end:
+                    extents.append((offset, []))
+                    members.append([])
+                extents[-1][1].append(targets[i])
+                members[-1].append((i, length, digest))
+                end = offset + length
+            got = self._preadv(seg, extents)
+            for n, blocks in zip(got, members, strict=True):
+                for i, length, digest in blocks:
+                    if n >= length and digest_of(targets[i]) == digest:
+                        ok[i] = True
+                    else:
+                        self.bad += 1
+                        log.warning("cached block %s failed its checksum; dropping it",
+                                    block_ids[i].hex()[:16])
+                        self._drop(block_ids[i], seg)
+                    n -= length
+        hits = sum(ok)
+        self.hits += hits
+        self.misses += len(block_ids) - hits
+        return ok
+
     def contains(self, block_id: bytes) -> bool:
         with self._env.begin() as txn:
             return txn.get(block_id, db=self._blocks) is not None
@@ -242,13 +323,20 @@ class BlockCache:
     def put(self, block_id: bytes, plain: bytes) -> None:
         self.put_many([(block_id, plain)])
 
-    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+    def put_many(self, items: Sequence[tuple[bytes, bytes]],
+                 checksums: Sequence[bytes] | None = None) -> None:
         """Cache each (ID, plain bytes): one append to our segment and one lmdb write
         transaction for all of them (a fetched run is cached at once: a transaction per block
         cost more than decoding it). Entries point at bytes not yet synced; the check on read
-        is what makes that safe (see the crash rule above)."""
+        is what makes that safe (see the crash rule above).
+
+        ``checksums``, if given, are the xxh3-128 of each item's plain bytes, already known to
+        match them (a decoded blob's header, which ``BlockCodec.decode`` checked): they are
+        not computed again."""
         if not items:
             return
+        if checksums is None:
+            checksums = [xxhash.xxh3_128_digest(plain) for _, plain in items]
         nbytes = sum(len(plain) for _, plain in items)
         with self._lock:
             if self._current is None or self._append_pos >= self.segment_size:
@@ -261,8 +349,8 @@ class BlockCache:
         seg_key = SEG.pack(seg)
         with self._env.begin(write=True) as txn:
             offset = start
-            for block_id, plain in items:
-                entry = ENTRY.pack(seg, offset, len(plain), xxhash.xxh3_128_digest(plain))
+            for (block_id, plain), digest in zip(items, checksums, strict=True):
+                entry = ENTRY.pack(seg, offset, len(plain), digest)
                 old = txn.replace(block_id, entry, db=self._blocks)
                 txn.put(seg_key + block_id, b"", db=self._members)
                 if old is not None:  # another thread or process cached it too: keep one entry

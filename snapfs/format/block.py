@@ -49,6 +49,14 @@ def checksum(plain: bytes | memoryview) -> bytes:
     return xxhash.xxh3_128_digest(plain)
 
 
+def recorded_checksum(blob: bytes | memoryview) -> bytes:
+    """The xxh3-128 that ``blob``'s header records for its plain bytes: what they hash to once
+    ``BlockCodec.decode`` has accepted the blob (it checks exactly that), so a caller holding
+    both need not hash them again."""
+    digest: bytes = HEADER.unpack_from(blob)[4]
+    return digest
+
+
 class BlockKeyer:
     """Computes keyed content IDs for blocks."""
 

@@ -45,6 +45,7 @@ import trio
 
 from snapfs.cache.blockcache import BlockCache
 from snapfs.errors import IntegrityError, SnapfsError, StoreError, StoreUnavailable
+from snapfs.format.block import recorded_checksum
 from snapfs.repo.repository import BlobIndex, Location, Repository
 from snapfs.throttle import RateLimiter
 
@@ -55,6 +56,7 @@ RECENT_BYTES = 32 << 20
 RATE_WINDOW = 10.0
 BULK_WINDOW = 2.0
 BULK_BYTES = 32 << 20
+SPARE_BUFFERS = 4  # freed read-ahead buffers kept for reuse (outside the budget's limit)
 
 
 class Priority(enum.IntEnum):
@@ -136,6 +138,7 @@ class MemoryBudget:
         self.limit = limit
         self.used = 0
         self._held: OrderedDict[BufferHolder, int] = OrderedDict()
+        self._spares: list[bytearray] = []
 
     def take(self, holder: BufferHolder, nbytes: int) -> bool:
         """Charge ``nbytes`` to ``holder``; False if even shedding others cannot make room."""
@@ -168,6 +171,36 @@ class MemoryBudget:
     def held(self, holder: BufferHolder) -> int:
         return self._held.get(holder, 0)
 
+    def buffer(self, nbytes: int) -> tuple[bytearray, bool]:
+        """A buffer of ``nbytes`` for a holder to fill (charge it with ``take`` first), and
+        whether it is fresh (all zeros) or a spare one (any bytes). A spare is handed out only
+        once no view refers to it any more, so bytes that someone may still read are never
+        written over."""
+        for i, buf in enumerate(self._spares):
+            if len(buf) == nbytes and _unviewed(buf):
+                del self._spares[i]
+                return buf, False
+        return bytearray(nbytes), True
+
+    def recycle(self, buf: bytearray) -> None:
+        """Keep a buffer that its holder no longer uses, for ``buffer`` (up to
+        ``SPARE_BUFFERS``): a fresh 2 MiB buffer costs more than the reads that fill it
+        (allocating, zeroing and faulting its pages in). The last reader may still hold a
+        view of it: ``buffer`` checks."""
+        if len(self._spares) < SPARE_BUFFERS:
+            self._spares.append(buf)
+
+
+def _unviewed(buf: bytearray) -> bool:
+    """No memoryview of ``buf`` is alive: a bytearray refuses to change its size while one
+    is (and this costs no copy once it has grown by a byte)."""
+    try:
+        buf.append(0)
+    except BufferError:
+        return False
+    del buf[-1]
+    return True
+
 
 @dataclass
 class ReadTally:
@@ -176,6 +209,14 @@ class ReadTally:
     cache_hits: int = 0
     blocks_fetched: int = 0  # blocks its readers had to wait on the store for
     wait_seconds: float = 0.0
+
+
+def _copy_into(target: memoryview, data: bytes) -> bool:
+    """Copy a block's verified bytes into a read-ahead target; False if the lengths differ."""
+    if len(data) != len(target):
+        return False
+    target[:] = data
+    return True
 
 
 class Hydrator:
@@ -272,30 +313,36 @@ class Hydrator:
     async def read_blob(self, blob_id: bytes, priority: Priority = Priority.WAITING) -> bytes:
         return (await self.read_blocks([blob_id], priority=priority))[0]
 
-    async def read_ahead(self, block_ids: list[bytes], further: list[bytes],
-                         keep: Callable[[list[bytes | None]], None]) -> bool:
-        """Read-ahead of a stream. ``keep`` is called with the verified bytes of each of
-        ``block_ids`` (None where not had yet) once the cache has been asked (one worker-thread
-        hop), then again, if the cache lacked any, once their fetches (READAHEAD priority)
-        ended (None for any that failed). If the cache lacked any, the same hop finds which of
-        ``further`` it lacks too, and those are queued at READAHEAD priority while
-        ``readahead_room`` lasts; returns whether it did (a stream through cached blocks
-        skips those lookups). Never raises a store or integrity error: a reader who needs a
-        failed block asks for it itself."""
-        def lookup() -> tuple[list[bytes | None], list[bytes] | None]:
-            cached = self.cache.get_many(block_ids)
-            if not further or all(d is not None for d in cached):
-                return cached, None
-            return cached, self.cache.missing(further)
+    async def read_ahead(self, block_ids: list[bytes], targets: list[memoryview],
+                         further: list[bytes], landed: Callable[[list[bool]], None],
+                         wanted: Callable[[], bool] = lambda: True) -> bool:
+        """Read-ahead of a stream, straight into its buffer: each of ``block_ids`` is read
+        into its target (a writable buffer as long as the block; an ID may come more than
+        once). ``landed`` is called with which targets hold their block's verified bytes
+        once the cache has been asked (one worker-thread hop: ``BlockCache.read_into``), then
+        again, if the cache lacked any, once their fetches (READAHEAD priority) ended (the
+        ones that failed stay False; none are copied in if ``wanted()`` says the buffer is no
+        longer used by then). A target is written only while it is False, so a caller
+        may hand out the bytes of the ones marked True at once. If the cache lacked any, the
+        same hop finds which of ``further`` it lacks too, and those are queued at READAHEAD
+        priority while ``readahead_room`` lasts; returns whether it did (a stream through
+        cached blocks skips those lookups). Never raises a store or integrity error: a reader
+        who needs a failed block asks for it itself."""
+        def lookup() -> tuple[list[bool], list[bytes] | None]:
+            had = self.cache.read_into(block_ids, targets)
+            if not further or all(had):
+                return had, None
+            return had, self.cache.missing(further)
 
-        cached, far = await trio.to_thread.run_sync(lookup, limiter=self._cache_limiter)
-        out = list(cached)
+        had, far = await trio.to_thread.run_sync(lookup, limiter=self._cache_limiter)
         fetches: dict[bytes, _Fetch] = {}
-        for i, data in enumerate(out):
-            if data is None:
+        for i, ok in enumerate(had):
+            if not ok:
                 bid = block_ids[i]
-                data = out[i] = self._recent.get(bid)
-                if data is None and bid not in fetches:
+                data = self._recent.get(bid)
+                if data is not None:
+                    had[i] = _copy_into(targets[i], data)
+                elif bid not in fetches:
                     loc = self.index.get(bid)
                     if loc is not None:
                         fetches[bid] = self._request(bid, Priority.READAHEAD, notify=False, loc=loc)
@@ -303,16 +350,19 @@ class Hydrator:
             self.prefetch(far, Priority.READAHEAD)  # notifies
         elif fetches:
             self._notify()
-        keep(out)
+        landed(had)
         if not fetches:
             return far is not None
         for f in fetches.values():
             await f.done.wait()
-        for i, data in enumerate(out):
-            fetched = fetches.get(block_ids[i]) if data is None else None
-            if fetched is not None and fetched.error is None:
-                out[i] = fetched.data
-        keep(out)
+        if not wanted():
+            return far is not None
+        for i, ok in enumerate(had):
+            if not ok:
+                fetched = fetches.get(block_ids[i])
+                if fetched is not None and fetched.data is not None:
+                    had[i] = _copy_into(targets[i], fetched.data)
+        landed(had)
         return far is not None
 
     def spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> bool:
@@ -578,22 +628,28 @@ class Hydrator:
         started = time.monotonic()
         data = self.repo.fetch_run(pack, wanted)
         latency = time.monotonic() - started
-        results = self._decode(data, run[0].loc.offset, run)
+        results, checksums = self._decode(data, run[0].loc.offset, run)
         if early is not None:
             early(results)
-        self.cache.put_many([(f.block_id, plain) for f, (plain, _) in zip(run, results, strict=True)
-                             if plain is not None])
+        good = [(f.block_id, plain) for f, (plain, _) in zip(run, results, strict=True)
+                if plain is not None]
+        self.cache.put_many(good, checksums)
         return latency, results
 
     def _decode(self, data: memoryview, start: int, run: list[_Fetch],
-                ) -> list[tuple[bytes | None, IntegrityError | None]]:
+                ) -> tuple[list[tuple[bytes | None, IntegrityError | None]], list[bytes]]:
+        """(plain, error) per blob of a fetched run, and the xxh3-128 of each good one's plain
+        bytes (its header's, which decoding checked: the cache need not hash them again)."""
         out: list[tuple[bytes | None, IntegrityError | None]] = []
+        checksums: list[bytes] = []
         for f in run:
             try:
                 out.append((self.repo.decode_piece(data, start, f.block_id, f.loc), None))
             except IntegrityError as e:
                 out.append((None, e))
-        return out
+                continue
+            checksums.append(recorded_checksum(data[f.loc.offset - start :]))
+        return out, checksums
 
     def _finish(self, f: _Fetch, data: bytes | None = None, error: SnapfsError | None = None) -> None:
         f.data = data

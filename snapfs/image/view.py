@@ -7,18 +7,24 @@ they are neighbours in a pack).
 
 Read-ahead, per stream: a view follows up to ``STREAMS`` sequential streams (a read that starts
 where one ended continues it; any other read starts a new one, replacing the least recently
-used). After two reads in a row that continue a stream:
+used). Once a stream is clearly sequential and large (two reads in a row continued it, and it
+has read ``READAHEAD_AFTER`` bytes: a small file read through a loop-mounted filesystem comes
+as a few sequential reads, which must not cost megabytes of read-ahead):
 
 - a buffer in memory is filled ahead of it, ``FILL_BYTES`` of consecutive blocks at a time and
-  ``FILLS`` fills ahead at most, each fill one task with one worker-thread hop for all its cache
-  lookups (``Hydrator.read_ahead``; blocks the cache lacks are fetched at READAHEAD priority).
-  A read whose blocks are all in the buffer is answered from memory, on the trio thread, with no
-  hop at all; a read whose blocks a fill is still looking up waits for that lookup rather than
-  making its own. Every byte in a buffer was verified on its way in (the cache checks xxh3 on
-  read, fetches check xxh3 and the keyed ID), so a read never returns unverified bytes.
-  Buffers drop what the stream has passed, and all of them together are capped by the
-  hydrator's one memory budget (``Hydrator.buffers``, the least recently served stream gives
-  way: mountpoint-s3 #987);
+  ``FILLS`` fills ahead at most, each fill one task with one worker-thread hop that reads the
+  blocks the cache has straight into the buffer (``Hydrator.read_ahead``,
+  ``BlockCache.read_into``: one preadv per run of blocks lying end to end in a segment, each
+  block checked in place); blocks the cache lacks are fetched at READAHEAD priority and copied
+  in. A read whose bytes are all in the buffer is answered from memory, on the trio thread,
+  with no hop at all, and ``read_buffer`` (the FUSE adapter's) hands out a read-only view of
+  the buffer instead of a copy; a read whose blocks a fill is still looking up waits for that
+  lookup rather than making its own. Every byte in a buffer was verified on its way in (the
+  cache checks xxh3 on read, fetches check xxh3 and the keyed ID) and is never written again
+  while a view of it may be alive, so a read never returns unverified bytes. Buffers drop
+  what the stream has passed (a spare one is reused only once nobody views it), and all of
+  them together are capped by the hydrator's one memory budget (``Hydrator.buffers``, the
+  least recently served stream gives way: mountpoint-s3 #987);
 - further ahead, blocks the cache lacks are queued at READAHEAD priority (they go to the cache,
   not to memory), in a window that doubles (from ``READAHEAD_MIN`` to ``READAHEAD_MAX`` blocks)
   while the stream stays sequential; the hydrator caps how much of that may be queued for all
@@ -51,6 +57,7 @@ from snapfs.repo.repository import Repository
 
 log = logging.getLogger(__name__)
 
+READAHEAD_AFTER = 1 << 20  # bytes a sequential stream reads before its read-ahead starts
 READAHEAD_MIN = 8
 READAHEAD_MAX = 512
 FILL_BYTES = 2 << 20  # a stream's buffer is filled this much at a time
@@ -62,10 +69,19 @@ PROFILE_MAX = 65536
 
 @dataclass(eq=False)
 class _Fill:
+    """Blocks ``start`` .. ``until - 1`` of a stream's buffer: their image bytes end to end in
+    ``data`` (holes are its zeros), of which blocks before ``reached`` are verified. Bytes
+    before ``reached`` are never written again, so they may be handed out as they are."""
+
     start: int
     until: int
     epoch: int
+    data: bytearray
+    reached: int
+    fresh: bool  # ``data`` is all zeros (else the holes must be zeroed)
     looked_up: trio.Event = field(default_factory=trio.Event)  # its cached blocks are in
+    done: bool = False  # its task ended: nothing writes into ``data`` any more
+    dropped: bool = False  # no longer in its stream's buffer: nobody reads it
 
 
 @dataclass(eq=False)
@@ -76,48 +92,32 @@ class _Stream:
     next_offset: int  # where its next read should start
     next_block: int  # the block after its last read
     run: int = 0  # reads in a row that continued it
+    began: int = 0  # the offset it started at
     window: int = 0  # blocks queued ahead of it for the cache (doubles while sequential)
     ahead_until: int = 0  # blocks before this are queued (or cached) for it
     fill_until: int = 0  # blocks before this are buffered, being filled, or left to reads
-    low: int = 0  # no block before this is buffered
-    epoch: int = 0  # bumped when the buffer is shed: fills of an older epoch keep nothing
-    fills: list[_Fill] = field(default_factory=list)  # under way
-    #: block number -> verified plain bytes, none before ``low``
-    blocks: dict[int, bytes] = field(default_factory=dict)
+    epoch: int = 0  # bumped when the buffer is shed: fills of an older epoch are not its own
+    #: its buffer: fills in block order (done or under way), none wholly before its last read
+    fills: list[_Fill] = field(default_factory=list)
 
     def shed(self) -> None:
-        """The budget took our bytes back (or the stream is dropped): empty the buffer."""
-        self.blocks.clear()
+        """The budget took our bytes back (or the stream is dropped): empty the buffer. (Fills
+        under way finish into buffers nobody reads.)"""
+        for fill in self.fills:
+            fill.dropped = True
+        self.fills.clear()
         self.epoch += 1
-        self.fill_until = self.low = self.next_block
+        self.fill_until = self.next_block
 
     def drop_before(self, n: int) -> None:
-        """Forget the blocks the stream has passed."""
-        if n <= self.low:
-            return
-        pop = self.blocks.pop
-        freed = 0
-        for k in range(self.low, n):
-            data = pop(k, None)
-            if data is not None:
-                freed += len(data)
-        self.low = n
-        if freed:
-            self.budget.give_back(self, freed)
-
-    def keep(self, fill: _Fill, start: int, parts: list[bytes]) -> bool:
-        """Buffer ``parts`` as blocks ``start`` on, unless passed or shed since; False if the
-        budget has no room."""
-        if fill.epoch != self.epoch:
-            return True
-        skip = max(0, self.low - start)
-        parts = parts[skip:]
-        if not parts:
-            return True
-        if not self.budget.take(self, sum(len(p) for p in parts)):
-            return False
-        self.blocks.update(zip(range(start + skip, start + skip + len(parts)), parts, strict=True))
-        return True
+        """Forget the fills the stream has passed (that end at block ``n`` or before)."""
+        fills = self.fills
+        while fills and fills[0].until <= n:
+            fill = fills.pop(0)
+            fill.dropped = True
+            self.budget.give_back(self, len(fill.data))
+            if fill.done:
+                self.budget.recycle(fill.data)
 
 
 class ImageView:
@@ -185,34 +185,44 @@ class ImageView:
     # -- reading --------------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
+        data = await self.read_buffer(offset, length)
+        return data if isinstance(data, bytes) else data.tobytes()
+
+    async def read_buffer(self, offset: int, length: int) -> bytes | memoryview:
+        """``read``, without a copy: a read that the read-ahead buffer answers is a read-only
+        view of the buffer's (verified) bytes, which are never written again. For a caller
+        that only passes the bytes on (the FUSE adapter hands them to the kernel)."""
         if offset >= self.size or length <= 0:
             return b""
         end = min(self.size, offset + length)
         bs = self.block_size
         first, stop = offset // bs, (end - 1) // bs + 1
         stream = self._stream_for(offset, end, first, stop)
-        parts = self._from_buffer(stream, first, stop) if stream.blocks else None
-        if parts is None:
+        data = self._from_buffer(stream, offset, end, first, stop) if stream.fills else None
+        if data is None:
             fill = next((f for f in stream.fills if f.start <= first and stop <= f.until), None)
             if fill is not None and not fill.looked_up.is_set():
                 # a fill is looking these blocks up in the cache: waiting for it costs less
                 # than a second lookup (blocks it must fetch, a waiting read joins below,
                 # which raises their priority)
                 await fill.looked_up.wait()
-                parts = self._from_buffer(stream, first, stop)
-        if parts is None:
+                data = self._from_buffer(stream, offset, end, first, stop)
+        if data is None:
             ids = await self.block_ids(first, stop)
             wanted = list(dict.fromkeys(b for b in ids if b != ZERO_ID))
             got = await self.hydrator.read_blocks(wanted, self.tally) if wanted else []
             blocks = dict(zip(wanted, got, strict=True))
             parts = [blocks[bid] if bid != ZERO_ID else zero_bytes(min(bs, self.size - n * bs))
                      for n, bid in zip(range(first, stop), ids, strict=True)]
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        skip = offset - first * bs
+            whole = parts[0] if len(parts) == 1 else b"".join(parts)
+            skip = offset - first * bs
+            data = whole if skip == 0 and len(whole) == end - offset \
+                else memoryview(whole)[skip : skip + (end - offset)]
+        stream.drop_before(first)
         self._note_read(first, stop, end - offset)
-        if stream.run >= 2:
+        if stream.run >= 2 and end - stream.began >= READAHEAD_AFTER:
             self._read_ahead(stream, stop)
-        return data[skip : skip + (end - offset)]
+        return data
 
     def _stream_for(self, offset: int, end: int, first: int, stop: int) -> _Stream:
         """The stream this read continues (or a new one); updated before any await, so that
@@ -223,15 +233,16 @@ class ImageView:
             if s.next_offset == offset:
                 s.run += 1
                 break
-            if first in s.blocks and stop - 1 in s.blocks:  # a read overtaken by the next one
-                break
+            fills = s.fills
+            if fills and fills[0].start <= first and stop <= fills[-1].until:
+                break  # a read overtaken by the next one: still inside this stream's buffer
         else:
             if len(streams) >= STREAMS:
                 old = streams.pop(0)
                 self.hydrator.buffers.release(old)
                 old.shed()
             s = _Stream(self.hydrator.buffers, next_offset=offset, next_block=first,
-                        fill_until=first, low=first)
+                        fill_until=first, began=offset)
             streams.append(s)
             i = len(streams) - 1
         if i != len(streams) - 1:
@@ -240,68 +251,95 @@ class ImageView:
         s.next_block = max(s.next_block, stop)
         return s
 
-    def _from_buffer(self, s: _Stream, first: int, stop: int) -> list[bytes] | None:
-        blocks = s.blocks
-        parts = []
-        for n in range(first, stop):
-            data = blocks.get(n)
-            if data is None:
+    def _from_buffer(self, s: _Stream, offset: int, end: int, first: int, stop: int,
+                     ) -> bytes | memoryview | None:
+        """Bytes ``offset`` .. ``end`` from ``s``'s buffer, if it has all of them verified: a
+        view of one fill's bytes (a copy only if the read spans two fills)."""
+        fills = s.fills
+        k = 0
+        while k < len(fills) and fills[k].until <= first:
+            k += 1
+        if k == len(fills) or fills[k].start > first:
+            return None
+        bs = self.block_size
+        parts: list[memoryview] = []
+        n = fills[k].start
+        for f in fills[k:]:
+            if f.start != n or f.reached < min(stop, f.until):
                 return None
-            parts.append(data)
-        s.drop_before(first)
-        n = stop - first
-        self.hydrator.counters.cache_hits += n
-        self.tally.cache_hits += n
-        return parts
+            base = f.start * bs
+            parts.append(memoryview(f.data)[max(offset, base) - base : min(end, base + len(f.data)) - base])
+            n = f.until
+            if stop <= n:
+                break
+        else:
+            return None
+        counted = stop - first
+        self.hydrator.counters.cache_hits += counted
+        self.tally.cache_hits += counted
+        return parts[0].toreadonly() if len(parts) == 1 else b"".join(parts)
 
     def _read_ahead(self, s: _Stream, stop: int) -> None:
         """Start the fills that keep ``s``'s buffer ``FILLS`` fills ahead of it."""
         s.window = min(READAHEAD_MAX, max(READAHEAD_MIN, s.window * 2))
         s.fill_until = max(s.fill_until, stop)
         size = self._fill_blocks
-        while len(s.fills) < FILLS and s.fill_until - stop < FILLS * size and s.fill_until < self.nblocks:
+        bs = self.block_size
+        while s.fill_until - stop < FILLS * size and s.fill_until < self.nblocks:
             start = s.fill_until
             until = min(self.nblocks, start + size)
             far_start = max(until, s.ahead_until)
             far_until = min(self.nblocks, stop + max(s.window, FILLS * size))
             if far_until - far_start < size and far_until < self.nblocks:
                 far_until = far_start  # queue for the cache a fill's worth at least at a time
-            fill = _Fill(start, until, s.epoch)
+            nbytes = min(self.size, until * bs) - start * bs
+            if not s.budget.take(s, nbytes):
+                return
+            data, fresh = s.budget.buffer(nbytes)
+            fill = _Fill(start, until, s.epoch, data, reached=start, fresh=fresh)
             if not self.hydrator.spawn(self._fill, s, fill, far_start, far_until):
+                s.budget.give_back(s, nbytes)
                 return
             s.ahead_until = max(s.ahead_until, far_until)
             s.fills.append(fill)
             s.fill_until = until
 
     async def _fill(self, s: _Stream, fill: _Fill, far_start: int, far_until: int) -> None:
-        """Buffer blocks ``fill.start`` .. ``fill.until - 1`` for ``s`` and queue the blocks the
-        cache lacks from ``far_start`` to ``far_until`` (a task of the hydrator: never raises).
-        The blocks the cache had go into the buffer at once, the rest when fetched."""
+        """Read blocks ``fill.start`` .. ``fill.until - 1`` into ``fill.data`` and queue the
+        blocks the cache lacks from ``far_start`` to ``far_until`` (a task of the hydrator:
+        never raises). The blocks the cache had land at once, the rest when fetched; readers
+        may use the buffer up to the first block not landed yet."""
         start, until = fill.start, fill.until
-        reached = start  # buffered up to here
-
-        def keep(datas: list[bytes | None]) -> None:
-            nonlocal reached
-            got = dict(zip(wanted, datas, strict=True))
-            bs = self.block_size
-            parts = []
-            for n in range(reached, until):
-                bid = ids[n - start]
-                data = got[bid] if bid != ZERO_ID else zero_bytes(min(bs, self.size - n * bs))
-                if data is None:
-                    break
-                parts.append(data)
-            if s.keep(fill, reached, parts):
-                reached += len(parts)
-            fill.looked_up.set()  # readers waiting on it look in the buffer, or fetch themselves
+        bs = self.block_size
 
         try:
             ids = await self.block_ids(start, until)
             far = await self.block_ids(far_start, far_until) if far_until > far_start else []
-            wanted = list(dict.fromkeys(b for b in ids if b != ZERO_ID))
+            landed = [bid == ZERO_ID for bid in ids]  # holes: the buffer's zeros
+            at = [k for k, bid in enumerate(ids) if bid != ZERO_ID]
+            buf = memoryview(fill.data)
+            if not fill.fresh:  # a spare buffer: its holes hold an earlier fill's bytes
+                for k, hole in enumerate(landed):
+                    if hole:
+                        buf[k * bs : (k + 1) * bs] = zero_bytes(min(bs, len(buf) - k * bs))
+            # (the image's last block may be short: the slice ends with the buffer)
+            targets = [buf[k * bs : (k + 1) * bs] for k in at]
+
+            def arrived(had: list[bool]) -> None:
+                for k, ok in zip(at, had, strict=True):
+                    landed[k] = ok
+                r = fill.reached - start
+                while r < len(landed) and landed[r]:
+                    r += 1
+                fill.reached = start + r
+                fill.looked_up.set()  # readers waiting on it look in the buffer, or fetch themselves
+
             further = list(dict.fromkeys(b for b in far if b != ZERO_ID))
-            if not await self.hydrator.read_ahead(wanted, further, keep) and further \
-                    and s.ahead_until == far_until:
+            if not at:
+                arrived([])
+            if not await self.hydrator.read_ahead([ids[k] for k in at], targets, further, arrived,
+                                                  lambda: not fill.dropped) \
+                    and further and s.ahead_until == far_until:
                 s.ahead_until = far_start  # not queued: the next fill asks again
         except SnapfsError as e:
             log.debug("read-ahead of %s at block %d stopped: %s", self.name, start, e)
@@ -309,7 +347,7 @@ class ImageView:
             log.exception("read-ahead of %s at block %d failed", self.name, start)
         finally:
             fill.looked_up.set()
-            s.fills.remove(fill)
+            fill.done = True
 
     def _note_read(self, first: int, stop: int, nbytes: int) -> None:
         self.reads += 1
