@@ -71,7 +71,6 @@ from snapfs.control import (
 )
 from snapfs.errors import FormatError, MountError, NotMounted, SnapfsError, SnapshotNotFound
 from snapfs.format.manifest import SnapshotRoot
-from snapfs.hydration.scheduler import HydrationConfig
 from snapfs.mount import MountOptions, check_mountpoint, mount
 from snapfs.progress import NO_PROGRESS, Progress
 from snapfs.repo.repository import Repository
@@ -288,7 +287,7 @@ def _daemon_for(options: BrowseOptions, location: str, store_url: str) -> tuple[
     mount(MountOptions(
         repository=location, endpoint_url=options.endpoint_url, mountpoint=str(private),
         cache_dir=options.cache_dir, cache_size=options.cache_size, debug=options.debug,
-        hydration=HydrationConfig(background=False),
+        background=False,
     ), log.info)
     return str(private), True
 

@@ -9,6 +9,7 @@ fact, not inferred from timing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,43 @@ def test_miss_then_hit_loads_the_same_index_without_fetching(repo: Repository, t
     hit = repo.load_index(IndexCache(tmp_path / "cache"))
     assert fetched(repo) == []
     assert_same(hit, reference)
+
+
+def test_snapshots_and_index_are_a_listing_then_a_load(repo: Repository, tmp_path: Path) -> None:
+    """What a mount reads before it is ready, in one call: the same roots as ``snapshots`` and
+    the same index as ``load_index`` (which it fills the host's cache with)."""
+    for seed, name in ((1, "a"), (2, "b"), (3, "c")):
+        snapshot(repo, image(tmp_path, f"{name}.img", seed), name)
+    reference = repo.load_index()
+    fetched(repo)
+
+    roots, index = repo.snapshots_and_index(IndexCache(tmp_path / "cache"))
+    assert roots == repo.snapshots()
+    assert [r.name for r in roots] == ["a", "b", "c"]
+    assert sorted(fetched(repo)) == sorted(reference.index_names)
+    assert_same(index, reference)
+    _, again = repo.snapshots_and_index(IndexCache(tmp_path / "cache"))
+    assert fetched(repo) == []  # from the host's cache now
+    assert_same(again, reference)
+
+
+class StaleListing(LocalStore):
+    """A store whose listing still names objects deleted since (as another host's ``snapshot
+    delete`` or ``gc`` can make it, between a LIST and its GETs)."""
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        yield from super().list(prefix)
+        yield f"{prefix}0123456789abcdef", 100
+
+
+def test_objects_deleted_after_the_listing_are_left_out(tmp_path: Path) -> None:
+    repo = Repository.init(StaleListing(tmp_path / "repo"), block_size=BS)
+    for seed, name in ((1, "a"), (2, "b")):
+        snapshot(repo, image(tmp_path, f"{name}.img", seed), name)
+    assert [r.name for r in repo.snapshots()] == ["a", "b"]
+    roots, index = repo.snapshots_and_index()
+    assert [r.name for r in roots] == ["a", "b"]
+    assert len(index.index_names) == 2 and "0123456789abcdef" not in index.index_names
 
 
 def test_new_index_objects_are_fetched_alone_and_merged(repo: Repository, tmp_path: Path) -> None:

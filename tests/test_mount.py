@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import filecmp
+import json
 import os
 import shutil
 import signal
@@ -376,6 +377,44 @@ def test_umount_kills_a_daemon_that_does_not_exit(snapfs: Snapfs, tmp_path: Path
         assert not pid_running(daemon.pid)
         assert not is_mount_point(daemon.mountpoint)
         assert not daemon.pid_file.exists() and not daemon.socket.exists()
+
+
+#: ``snapfs ARGS...`` in this process, then the modules it imported, as JSON
+IMPORTS_AFTER_COMMAND = """
+import json, sys
+from snapfs.cli import cli
+try:
+    cli.main(sys.argv[1:], prog_name="snapfs")
+except SystemExit as e:
+    assert not e.code, e.code
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def test_the_mount_command_leaves_the_daemons_libraries_to_the_daemon(
+    snapfs: Snapfs, tmp_path: Path
+) -> None:
+    """The command only checks, forks and waits: the daemon's libraries load in the daemon,
+    after the fork (whatever the command loads, it also tears down before it returns)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    result = subprocess.run([sys.executable, "-c", IMPORTS_AFTER_COMMAND, "-r", str(snapfs.repo),
+                             "mount", str(mnt), "--cache-dir", str(tmp_path / "cache")],
+                            env=snapfs.env, capture_output=True, text=True, timeout=120)
+    pid_file = Path(snapfs.env["SNAPFS_RUNTIME_DIR"]) / f"{mount_key(str(mnt))}.pid"
+    try:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"mounted {snapfs.repo} at {mnt}")
+        assert os.listdir(mnt / "snapshots") == ["vm-1.img"]  # served, once it said so
+        loaded = set(json.loads(result.stdout.splitlines()[-1]))
+        assert "snapfs.mount" in loaded
+        assert not {m for m in ("trio", "pyfuse3", "lmdb", "zstandard", "blake3", "botocore",
+                                "snapfs.daemon", "snapfs.repo.repository") if m in loaded}
+    finally:
+        if pid_file.exists():
+            pid = int(pid_file.read_text())
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+            wait_for(lambda: not pid_running(pid), 30, f"daemon {pid} to exit")
 
 
 def test_foreground_mount_stays_attached_until_interrupted(snapfs: Snapfs, tmp_path: Path) -> None:

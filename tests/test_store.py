@@ -148,6 +148,23 @@ def test_list_by_prefix(store: ObjectStore) -> None:
     assert listed("nothing/") == {}
 
 
+def test_s3_lists_many_pages(store_url: str, make_store: MakeStore) -> None:
+    """A listing longer than one LIST response comes whole, each key once (pages of 2 here)."""
+    if not store_url.startswith("s3://"):
+        pytest.skip("S3 pages its listings")
+    store = make_store(store_url)
+    store.ensure_container()
+    assert isinstance(store, S3Store)
+    store.list_page_size = 2
+    keys = {f"snapshots/{i:02d}": i for i in range(7)}
+    for key, size in keys.items():
+        store.put(key, payload(size))
+    store.put("index/other", b"x")
+    listed = list(store.list("snapshots/"))
+    assert sorted(listed) == sorted(keys.items())
+    assert sorted(store.list("")) == sorted([*keys.items(), ("index/other", 1)])
+
+
 def test_list_stays_inside_the_store(store_url: str, make_store: MakeStore) -> None:
     # "repo-other" starts with "repo": a store must not list its neighbour's keys.
     here = make_store(store_url)

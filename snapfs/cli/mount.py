@@ -67,8 +67,7 @@ def mount(config: CliConfig, mountpoint: str, cache_dir: str | None, cache_size:
           prefetch_list: str | None, allow_other: bool, simulate_latency: str | None,
           simulate_bandwidth: str | None) -> None:
     """Serve every snapshot of REPO as MOUNTPOINT/snapshots/NAME.img, fetched as it is read."""
-    from snapfs.hydration.scheduler import HydrationConfig
-    from snapfs.mount import MountOptions
+    from snapfs.mount import MountOptions  # light: the daemon's libraries load after the fork
     from snapfs.mount import mount as mount_repository
 
     if hydrate_rate is not None and hydrate_rate <= 0:
@@ -82,11 +81,9 @@ def mount(config: CliConfig, mountpoint: str, cache_dir: str | None, cache_size:
         foreground=foreground,
         allow_other=allow_other,
         debug=config.debug,
-        hydration=HydrationConfig(
-            background=not no_background,
-            hydrate_rate=hydrate_rate * 1e6 if hydrate_rate else None,
-            prefetch_list=os.path.abspath(prefetch_list) if prefetch_list else None,
-        ),
+        background=not no_background,
+        hydrate_rate=hydrate_rate * 1e6 if hydrate_rate else None,
+        prefetch_list=os.path.abspath(prefetch_list) if prefetch_list else None,
         simulate_latency=parse_duration(simulate_latency) if simulate_latency else None,
         simulate_bandwidth=parse_rate(simulate_bandwidth) if simulate_bandwidth else None,
     )

@@ -3,7 +3,8 @@
 ``refresh`` re-lists the snapshots (at most every ``interval`` seconds unless forced); new
 snapshots get a view (and the repository index is reloaded, since their packs are new: through
 the host's ``IndexCache`` when the daemon passes one, so only new index objects are fetched),
-deleted ones are dropped. Views are stable objects: a refresh never replaces the view of a
+deleted ones are dropped. The first list and index may come from ``load`` instead (the daemon
+reads them while it starts). Views are stable objects: a refresh never replaces the view of a
 snapshot that is still there, so open files keep their read-ahead state and statistics.
 """
 
@@ -13,10 +14,11 @@ import logging
 
 import trio
 
+from snapfs.format.manifest import SnapshotRoot
 from snapfs.hydration.scheduler import Hydrator
 from snapfs.image.view import PROFILE_MAX, ImageView
 from snapfs.repo.indexcache import IndexCache
-from snapfs.repo.repository import Repository
+from snapfs.repo.repository import BlobIndex, Repository
 
 log = logging.getLogger(__name__)
 
@@ -56,28 +58,40 @@ class SnapshotCatalog:
             if ids - self._by_id.keys():
                 self.hydrator.index = await trio.to_thread.run_sync(self.repo.load_index,
                                                                     self.index_cache)
-            views: dict[str, ImageView] = {}
-            by_id: dict[str, ImageView] = {}
-            for root in roots:
-                view = self._by_id.get(root.id)
-                if view is None:
-                    name = f"{root.name}.img"
-                    if name in views:  # names are unique unless two creates raced
-                        name = f"{root.name}-{root.id}.img"
-                    view = ImageView(self.repo, root, self.hydrator, name)
-                views[view.name] = view
-                by_id[root.id] = view
-            appeared = by_id.keys() - self._by_id.keys()
-            self._views, self._by_id = views, by_id
-            if appeared:
-                self.changed.set()
-                self.changed = trio.Event()
+            self._update(roots)
         finally:
             # a failed refresh waits its turn too: with the store down, every lookup of an
             # unknown name must not pay the store's retries again
             self._last_refresh = trio.current_time()
             self._refreshing.set()
             self._refreshing = None
+
+    def load(self, roots: list[SnapshotRoot], index: BlobIndex) -> None:
+        """The first refresh, from what the daemon read while it started (``roots``, then
+        ``index``, loaded after them: see ``Repository.snapshots_and_index``). Call on the trio
+        thread: the next refresh that is not forced waits ``interval`` from now."""
+        self.hydrator.index = index
+        self._update(roots)
+        self._last_refresh = trio.current_time()
+
+    def _update(self, roots: list[SnapshotRoot]) -> None:
+        """Views for ``roots``: the ones already there kept, new ones made, others dropped."""
+        views: dict[str, ImageView] = {}
+        by_id: dict[str, ImageView] = {}
+        for root in roots:
+            view = self._by_id.get(root.id)
+            if view is None:
+                name = f"{root.name}.img"
+                if name in views:  # names are unique unless two creates raced
+                    name = f"{root.name}-{root.id}.img"
+                view = ImageView(self.repo, root, self.hydrator, name)
+            views[view.name] = view
+            by_id[root.id] = view
+        appeared = by_id.keys() - self._by_id.keys()
+        self._views, self._by_id = views, by_id
+        if appeared:
+            self.changed.set()
+            self.changed = trio.Event()
 
     async def save_profiles(self) -> None:
         """Store each read image's access profile beside its snapshot: this mount's first reads

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -49,6 +50,9 @@ if TYPE_CHECKING:
     from snapfs.repo.indexcache import IndexCache
 
 log = logging.getLogger(__name__)
+
+#: at most this many GETs at once when reading many small objects (roots, index objects)
+MAX_FETCH_THREADS = 8
 
 
 def pack_key(name: str) -> str:
@@ -211,14 +215,45 @@ class Repository:
 
     def snapshots(self) -> list[SnapshotRoot]:
         """Every snapshot, oldest first."""
-        roots = []
-        for key, _size in self.store.list("snapshots/"):
-            try:
-                roots.append(SnapshotRoot.decode(self.store.get(key)))
-            except ObjectNotFound:
-                continue  # deleted while we listed
+        return self._fetch_roots(self._root_keys())
+
+    def snapshots_and_index(self, cache: IndexCache | None = None,
+                            ) -> tuple[list[SnapshotRoot], BlobIndex]:
+        """Every snapshot, and an index that covers them all, in about the time of the slower
+        of the two: the roots are listed first, then fetched while the index loads. (Listed
+        first: a root is stored only after its index objects, so an index listed after the
+        roots has every block they name.)"""
+        keys = self._root_keys()
+        with ThreadPoolExecutor(1, thread_name_prefix="snapfs-index") as pool:
+            index = pool.submit(self.load_index, cache)
+            roots = self._fetch_roots(keys)
+            return roots, index.result()
+
+    def _root_keys(self) -> list[str]:
+        return [key for key, _size in self.store.list("snapshots/")]
+
+    def _fetch_roots(self, keys: list[str]) -> list[SnapshotRoot]:
+        roots = [SnapshotRoot.decode(data) for data in self._get_many(keys).values()]
         roots.sort(key=lambda r: (r.created, r.id))
         return roots
+
+    def _get_many(self, keys: list[str]) -> dict[str, bytes]:
+        """The objects at ``keys``, fetched up to the store's concurrency at once (a mount or a
+        listing of many snapshots must not pay one round trip after another); keys deleted
+        since they were listed are left out."""
+        def get(key: str) -> bytes | None:
+            try:
+                return self.store.get(key)
+            except ObjectNotFound:
+                return None
+
+        if len(keys) <= 1:
+            found = [get(key) for key in keys]
+        else:
+            workers = min(len(keys), self.store.concurrency, MAX_FETCH_THREADS)
+            with ThreadPoolExecutor(workers, thread_name_prefix="snapfs-get") as pool:
+                found = list(pool.map(get, keys))
+        return {key: data for key, data in zip(keys, found, strict=True) if data is not None}
 
     def resolve(self, ref: str, roots: list[SnapshotRoot] | None = None) -> SnapshotRoot:
         """A snapshot by exact id, exact name, or unique id prefix (at least 4 characters)."""
@@ -259,13 +294,8 @@ class Repository:
 
     def fetch_index_files(self, names: Iterable[str]) -> dict[str, IndexFile]:
         """The named index objects, decoded; names deleted since they were listed are left out."""
-        files: dict[str, IndexFile] = {}
-        for name in names:
-            try:
-                files[name] = IndexFile.decode(self.store.get(f"index/{name}"))
-            except ObjectNotFound:
-                continue
-        return files
+        found = self._get_many([f"index/{name}" for name in names])
+        return {key.rpartition("/")[2]: IndexFile.decode(data) for key, data in found.items()}
 
     @staticmethod
     def index_from_files(files: dict[str, IndexFile]) -> BlobIndex:

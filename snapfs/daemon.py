@@ -1,0 +1,292 @@
+"""A running mount daemon: what it opens, the trio run that serves, and how it closes.
+
+``serve(options, files, ready, opened)`` runs in the process that will hold the mount (the
+forked child of ``snapfs.mount``, or the command itself with ``--foreground``), with the
+repository ``snapfs.mount`` opened and read (its snapshot list and index). It opens the block
+cache and disks, then under one trio run: the signal watcher (SIGTERM, SIGINT: unmount and
+exit), the catalog (from that list and index), the hydrator's fetch workers, the sweep (hints,
+then background hydration), the control socket, and ``pyfuse3.main()``. It calls ``ready`` once
+the kernel has the mount.
+
+The session ends when the file system is unmounted (``snapfs umount``, ``fusermount3 -u``), on
+a signal, or on a ``shutdown`` request: then ``pyfuse3.close(unmount=True)`` (a lazy unmount if
+still mounted), the hydrator's access profiles are saved (bounded time), the cache is flushed
+and closed, in that order; ``snapfs.mount`` removes the pid file and socket last.
+
+Writable disks (``snapfs.write``): the daemon serves the disks kept in its cache directory for
+its repository (``DiskService``), unless another daemon on this host already does. The control
+socket takes the disk and snapshot requests the CLI sends (``disk-create``, ``disk-list``,
+``disk-delete``, ``disk-rollback``, ``snapshot``, ``task``, ``tasks``); a run file
+``RUNDIR/KEY.json`` names the repository, so the CLI finds the daemon from ``-r REPO`` alone.
+
+Only ``snapfs.mount`` imports this module, and only where the daemon runs: it pulls in trio,
+pyfuse3, lmdb and the store's client library.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import pyfuse3
+import trio
+
+from snapfs.cache import BlockCache
+from snapfs.control import MAX_MESSAGE, REQUEST_TIMEOUT, RunFiles
+from snapfs.errors import MountError, SnapfsError
+from snapfs.fuse_ops import SnapshotFS
+from snapfs.hydration.scheduler import HydrationConfig, Hydrator
+from snapfs.image.catalog import SnapshotCatalog
+from snapfs.image.sweep import Sweeper
+from snapfs.repo.parallel import single_error
+from snapfs.repo.repository import Repository
+from snapfs.write.service import DiskService
+
+if TYPE_CHECKING:
+    from snapfs.mount import MountOptions, OpenRepository
+
+log = logging.getLogger(__name__)
+
+#: how long a clean shutdown may spend storing access profiles before it gives up on them
+SAVE_TIMEOUT = 20.0
+
+
+def hydration_config(options: MountOptions) -> HydrationConfig:
+    return HydrationConfig(background=options.background, hydrate_rate=options.hydrate_rate,
+                           prefetch_list=options.prefetch_list)
+
+
+def serve(options: MountOptions, files: RunFiles, ready: Callable[[], None],
+          opened: OpenRepository) -> None:
+    """Mount what ``opened`` holds, serve until unmounted, close everything (``opened.store``
+    included) in this process."""
+    repo = opened.repo
+    try:
+        cache = BlockCache(options.cache_dir, options.cache_size)
+        try:
+            hydrator = Hydrator(repo, opened.index, cache, hydration_config(options))
+            catalog = SnapshotCatalog(repo, hydrator, index_cache=opened.index_cache)
+            disks = DiskService(options.cache_dir, repo, hydrator, catalog,
+                                disk_path=lambda name: f"{options.mountpoint}/disks/{name}.img")
+            disks.open()
+            try:
+                daemon = MountDaemon(options, files, repo, cache, hydrator, catalog, disks)
+                try:
+                    files.socket.unlink()  # a dead predecessor's; we hold the pid file's lock
+                except FileNotFoundError:
+                    pass
+                files.write_info({"repository": options.repository, "repository_id": repo.config.id,
+                                  "mountpoint": options.mountpoint, "pid": os.getpid(),
+                                  "disks": disks.enabled})
+                with single_error():
+                    trio.run(daemon.run, ready, opened)
+            finally:
+                disks.close()
+        finally:
+            cache.close()
+    finally:
+        opened.store.close()
+
+
+class MountDaemon:
+    """One mount's trio side: FUSE session, hydrator, control socket, signals."""
+
+    def __init__(self, options: MountOptions, files: RunFiles, repo: Repository,
+                 cache: BlockCache, hydrator: Hydrator, catalog: SnapshotCatalog,
+                 disks: DiskService | None = None) -> None:
+        self.options = options
+        self.files = files
+        self.repo = repo
+        self.cache = cache
+        self.hydrator = hydrator
+        self.catalog = catalog
+        self.sweeper = Sweeper(catalog, hydrator, hydrator.config)  # hints, background
+        self.disks = disks
+        self.ops = SnapshotFS(catalog, disks)
+        self.started = time.time()
+        self._fuse_live = False
+        self._cancel_scope: trio.CancelScope | None = None
+
+    async def run(self, ready: Callable[[], None], opened: OpenRepository) -> None:
+        async with trio.open_nursery() as nursery:
+            self._cancel_scope = nursery.cancel_scope
+            await nursery.start(self._watch_signals)
+            self.catalog.load(opened.roots, opened.index)
+            await nursery.start(self.hydrator.run)
+            nursery.start_soon(self.sweeper.run)
+            if self.disks is not None and self.disks.enabled:
+                await self.disks.start()
+                self.ops._sync_disks()
+                await nursery.start(self.disks.run)
+            await nursery.start(self._serve_control)
+            try:
+                pyfuse3.init(self.ops, self.options.mountpoint, self.options.fuse_options())
+            except RuntimeError as e:
+                raise MountError(f"cannot mount at {self.options.mountpoint}: {e}") from None
+            self._fuse_live = True
+            try:
+                log.info("mounted %s at %s", self.repo.store.url, self.options.mountpoint)
+                ready()
+                await pyfuse3.main()
+            finally:
+                self._fuse_live = False
+                pyfuse3.close(unmount=True)
+                log.info("unmounted %s", self.options.mountpoint)
+            nursery.cancel_scope.cancel()
+        with trio.move_on_after(SAVE_TIMEOUT) as scope:
+            try:
+                await self.hydrator.save()
+            except SnapfsError as e:
+                log.warning("access profiles not saved: %s", e.message)
+        if scope.cancelled_caught:
+            log.warning("access profiles not saved: the store took over %.0f s", SAVE_TIMEOUT)
+
+    def shutdown(self) -> None:
+        """Leave the FUSE loop (``run`` then unmounts and cleans up); callable on the trio
+        thread only."""
+        if self._fuse_live:
+            pyfuse3.terminate()
+        elif self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+
+    async def _watch_signals(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        # trio delivers the signals here, on the trio thread, so terminate() needs no token.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for signum in signals:
+                log.info("%s: unmounting", signal.Signals(signum).name)
+                self.shutdown()
+
+    # -- control socket ------------------------------------------------------------------------
+
+    async def _serve_control(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(str(self.files.socket))
+        await trio.Path(self.files.socket).chmod(0o600)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        await trio.serve_listeners(self._answer, [listener])
+
+    async def _answer(self, stream: trio.SocketStream) -> None:
+        """One request line, one reply line. Never raises: a bad client must not end the mount."""
+        shutdown = False
+        async with stream:
+            try:
+                with trio.fail_after(REQUEST_TIMEOUT):
+                    line = await _receive_line(stream)
+                request = json.loads(line)
+                if not isinstance(request, dict):
+                    raise ValueError("a request is a JSON object")
+                op = request.get("op")
+                if op == "shutdown":
+                    reply: dict[str, Any] = {"ok": True}
+                    shutdown = True
+                else:
+                    reply = await self._reply(op, request)
+            except (trio.TooSlowError, trio.BrokenResourceError, ValueError) as e:
+                log.warning("control request dropped: %s", e or type(e).__name__)
+                return
+            except Exception:
+                log.exception("control request failed")
+                return
+            try:
+                with trio.fail_after(REQUEST_TIMEOUT):
+                    await stream.send_all(json.dumps(reply, default=str).encode() + b"\n")
+            except (trio.TooSlowError, trio.BrokenResourceError, ValueError) as e:
+                log.warning("control request dropped: %s", e or type(e).__name__)
+            except Exception:
+                log.exception("control request failed")
+        if shutdown:
+            log.info("shutdown requested")
+            self.shutdown()
+
+    async def _reply(self, op: object, request: dict[str, Any]) -> dict[str, Any]:
+        """The answer to one request other than ``shutdown``: ``{"ok": true, ...}``, or
+        ``{"ok": false, "error": MESSAGE, "code": EXIT_CODE}`` for a ``SnapfsError``."""
+        disks = self.disks
+        try:
+            if op == "stats":
+                return {"ok": True, "stats": await self.stats()}
+            if disks is None or not disks.enabled:
+                if op in ("tasks", "disk-list"):
+                    return {"ok": True, "tasks": [], "disks": []}
+                reason = disks.disabled_reason if disks is not None else None
+                return {"ok": False, "code": 1,
+                        "error": reason or f"unknown request {op!r}"}
+            if op == "disk-create":
+                disk = await disks.create_disk(str(request["name"]), request.get("from"),
+                                               request.get("size"))
+                return {"ok": True, "disk": disk.stats()}
+            if op == "disk-list":
+                return {"ok": True, "disks": disks.disk_list()}
+            if op == "disk-delete":
+                await disks.delete_disk(str(request["name"]))
+                return {"ok": True}
+            if op == "disk-rollback":
+                return {"ok": True, "rollback": await disks.rollback(str(request["name"]),
+                                                                     str(request["snapshot"]))}
+            if op == "snapshot":
+                task = await disks.snapshot(
+                    [str(n) for n in request["disks"]], request.get("name"),
+                    [str(t) for t in request.get("tags", [])],
+                    consistency=str(request.get("consistency", "crash")),
+                    deadline=request.get("deadline"))
+                return {"ok": True, "task": disks.task_summary(task.id)}
+            if op == "task":
+                wait = min(float(request.get("wait", 0)), REQUEST_TIMEOUT / 2)
+                return {"ok": True, "task": await disks.wait_task(str(request["id"]), wait)}
+            if op == "tasks":
+                return {"ok": True, "tasks": disks.task_list()}
+            return {"ok": False, "code": 2, "error": f"unknown request {op!r}"}
+        except SnapfsError as e:
+            return {"ok": False, "code": e.exit_code, "error": e.message}
+        except (KeyError, TypeError) as e:
+            return {"ok": False, "code": 2, "error": f"malformed {op} request: {e}"}
+
+    async def stats(self) -> dict[str, Any]:
+        cache = await trio.to_thread.run_sync(self._cache_stats)
+        images = {name: view.stats() for name, view in sorted(self.catalog.images().items())}
+        return {
+            "mountpoint": self.options.mountpoint,
+            "repository": self.repo.store.url,
+            "pid": os.getpid(),
+            "started": datetime.fromtimestamp(self.started, UTC).isoformat(timespec="seconds"),
+            "uptime_seconds": round(time.time() - self.started, 3),
+            "log": None if self.options.foreground else str(
+                self.files.log_file(self.options.cache_dir)),
+            "images": images,
+            "disks": self.disks.disk_list() if self.disks is not None and self.disks.enabled else [],
+            "hydrator": self.hydrator.stats(),
+            "cache": cache,
+        }
+
+    def _cache_stats(self) -> dict[str, Any]:
+        return {
+            "directory": str(self.cache.dir),
+            "capacity": self.cache.capacity,
+            "bytes": self.cache.size,
+            "blocks": self.cache.entries(),
+            "hits": self.cache.hits,
+            "misses": self.cache.misses,
+            "bad": self.cache.bad,
+        }
+
+
+async def _receive_line(stream: trio.SocketStream) -> bytes:
+    data = bytearray()
+    while b"\n" not in data:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_MESSAGE:
+            raise ValueError("request too long")
+    return bytes(data.partition(b"\n")[0])
