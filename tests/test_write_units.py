@@ -24,6 +24,7 @@ from snapfs.write.bitmap import Bitmap
 from snapfs.write.disk import Disk, PendingSnapshot
 from snapfs.write.overlay import Overlay
 from snapfs.write.state import DiskRecord, DiskState, SnapshotPart, SnapshotTask
+from snapfs.write.service import encode_staged, stage_blocks
 from snapfs.write.uploader import UploadProgress, upload_generation
 
 BS = 16 * 1024
@@ -211,4 +212,116 @@ async def scenario(repo: Repository, hydrator: Hydrator, view: ImageView, size: 
     assert len(ids) == size // BS
     stored = b"".join(bytes(BS) if bid == ZERO_ID else repo.read_blob(index, bid) for bid in ids)
     assert stored == at_closing
+    state.close()
+
+
+# -- staging ahead of a snapshot -----------------------------------------------------------------
+
+
+class ReadCountingDisk(Disk):
+    """A real Disk that also records which blocks the uploader read (changes no behaviour)."""
+
+    closed_reads: list[int]
+
+    async def read_closed(self, closed, blocks):  # type: ignore[no-untyped-def]
+        self.closed_reads.extend(blocks)
+        return await super().read_closed(closed, blocks)
+
+
+def test_staged_blocks_go_into_the_snapshot_as_they_were_at_the_closing(
+    repo_with_snapshot: tuple[Repository, bytes], tmp_path: Path
+) -> None:
+    repo, base = repo_with_snapshot
+    size = len(base)
+
+    async def main() -> None:
+        cache = BlockCache(tmp_path / "cache", capacity=64 << 20)
+        hydrator = Hydrator(repo, repo.load_index(), cache, HydrationConfig(background=False))
+        catalog = SnapshotCatalog(repo, hydrator)
+        await catalog.refresh(force=True)
+        view = catalog.images()["base.img"]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hydrator.run)
+            await staging_scenario(repo, hydrator, view, size, base, tmp_path)
+            nursery.cancel_scope.cancel()
+        cache.close()
+
+    trio.run(main)
+
+
+async def staging_scenario(repo: Repository, hydrator: Hydrator, view: ImageView, size: int,
+                           base: bytes, tmp_path: Path) -> None:
+    state = DiskState(tmp_path / "state")
+    rec = dataclasses.replace(record("d", "00000000000000d2", size), base=view.root.id,
+                              parent=view.root.id)
+    state.put_disk(rec)
+    overlay = Overlay(tmp_path / "state", rec.id, size)
+    disk = ReadCountingDisk(rec, state, overlay, view, Bitmap(rec.nblocks), Bitmap(rec.nblocks))
+    disk.closed_reads = []
+    model = bytearray(base)
+    rng = random.Random(4)
+
+    async def write(offset: int, data: bytes) -> None:
+        assert await disk.write(offset, data) == len(data)
+        model[offset : offset + len(data)] = data
+
+    twin = rng.randbytes(BS)
+    for n in range(2, 9):
+        await write(n * BS, rng.randbytes(BS))
+    await write(20 * BS, twin)  # the same new contents twice
+    await write(21 * BS, twin)
+    await write(22 * BS, bytes(BS))  # a hole
+    await write(23 * BS, base[:BS])  # contents the repository holds already
+    changed = {2, 3, 4, 5, 6, 7, 8, 20, 21, 22, 23}
+
+    # blocks written since the previous pass are not candidates yet; then all are
+    assert disk.stage_candidates(100) == []
+    assert disk.stage_candidates(100) == sorted(changed)
+    await stage_blocks(repo, hydrator.index, disk, [2, 3, 4, 20, 21, 22, 23])
+    assert set(disk.staged) == {2, 3, 4, 20, 21, 22, 23}
+    assert disk.staged[22].bid == ZERO_ID and disk.staged[22].blob is None
+    assert disk.staged[23].blob is None  # held by the repository: hashed, not compressed
+    assert disk.staged[20].bid == disk.staged[21].bid and disk.staged[20].blob is not None
+    assert disk.stage_candidates(100) == [5, 6, 7, 8]
+
+    # a write racing a staging read: what was read of the written block is thrown away
+    contents = await disk.read_for_staging([5, 6])
+    await write(6 * BS + 100, b"raced")
+    disk.stage([5, 6], await encode_staged(repo, hydrator.index, contents))
+    assert 5 in disk.staged and 6 not in disk.staged
+    # a write after staging forgets the staged block
+    await write(3 * BS + 7, b"rewritten")
+    assert 3 not in disk.staged
+    staged_at_closing = set(disk.staged)
+    assert staged_at_closing == {2, 4, 5, 20, 21, 22, 23}
+    assert disk.stage_candidates(100) == [7, 8]  # 3 and 6 were written since the last call
+
+    async with disk.write_lock:
+        disk.record = dataclasses.replace(disk.record, gen=2)
+        closed = disk.close_generation("t1", "0000000000000052")
+    at_closing = bytes(model)
+    assert disk.staged == {} and set(closed.staged) == staged_at_closing
+    await write(2 * BS, rng.randbytes(BS))  # after the closing, to a staged block: copied on write
+    await write(9 * BS, rng.randbytes(BS))
+
+    part = SnapshotPart("d", rec.id, 1, "0000000000000052", "s2", view.root.id, size,
+                        blocks=len(closed.blocks))
+
+    async def parent_page(p: int) -> list[bytes]:
+        return await view.page(p)
+
+    root, _packs = await upload_generation(
+        repo, hydrator.index, disk, closed, part, view.root, parent_page,
+        group=None, tags=[], progress=UploadProgress())
+    assert sorted(disk.closed_reads) == sorted(changed - staged_at_closing)
+    assert root.stats["blocks_staged"] == len(staged_at_closing)
+    assert root.stats["blocks_read"] == len(changed) == disk.counters.snapshot_blocks_read
+    # new data: 2..8 and one copy of the twin; the hole and the base block are not uploaded
+    assert root.stats["blocks_uploaded"] == 8
+
+    index = await trio.to_thread.run_sync(repo.load_index)
+    ids = await trio.to_thread.run_sync(repo.block_map, index, root)
+    stored = b"".join(bytes(BS) if bid == ZERO_ID else repo.read_blob(index, bid) for bid in ids)
+    assert stored == at_closing
+    assert await disk.read(0, size) == model
     state.close()

@@ -21,6 +21,13 @@ acknowledged before it belongs to the closed generation and every later one to t
 instant is the snapshot's point in time. The uploader reads a closed generation's blocks with
 ``read_closed`` (also under the lock, so that a copy-on-write cannot interleave with it).
 
+Staging (``stage_candidates``, ``read_for_staging``, ``stage``): while a disk is quiet, the daemon
+reads, hashes and compresses blocks of the open generation ahead of its snapshot, so that the
+snapshot's upload finds most of its blocks ready and reads only the rest. A staged block is
+forgotten by every write to it (under the write lock, before the write is acknowledged), and a
+staging read that a write may have raced with is thrown away (``_staging``): what a closing
+takes over as staged is always the block's contents at that instant.
+
 A ``PendingSnapshot`` is a closed generation seen as an image: its blocks from the copy-on-write
 file or the overlay, the rest from the image below it. It is what ``snapshots/NAME.img`` shows
 (and what a new disk can be made from) while the upload runs; once the snapshot is stored it
@@ -93,6 +100,15 @@ async def read_lower(lower: Image | None, offset: int, length: int) -> bytes:
     return data if take == length else data + zero_bytes(length - take)
 
 
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """A block hashed, and compressed when new to the repository, before its snapshot."""
+
+    bid: bytes
+    blob: bytes | None  # None: a hole, or a block the repository held when it was staged
+    raw: int  # plain length
+
+
 @dataclass(eq=False)
 class ClosedGeneration:
     """A generation closed for a snapshot and not stored yet."""
@@ -103,6 +119,8 @@ class ClosedGeneration:
     snapshot_id: str
     cowed: dict[int, int] = field(default_factory=dict)  # block -> offset in its cow file
     view: PendingSnapshot | None = None
+    staged: dict[int, Staged] = field(default_factory=dict)  # taken over at the closing
+    staged_bytes: int = 0
 
 
 @dataclass
@@ -112,8 +130,11 @@ class DiskCounters:
     writes: int = 0
     bytes_written: int = 0
     blocks_copied_on_write: int = 0
-    #: blocks the uploader read for snapshots (the changed ones, never the rest of the disk)
+    #: blocks read for the snapshots taken (the changed ones, never the rest of the disk): by
+    #: the upload, or ahead of it by staging
     snapshot_blocks_read: int = 0
+    staging_reads: int = 0  # blocks read ahead of a snapshot, counting those rewritten since
+    blocks_staged: int = 0  # staged blocks that went into a snapshot
     fsyncs: int = 0
 
 
@@ -134,6 +155,11 @@ class Disk:
         self.counters = DiskCounters()
         self.mtime_ns = time.time_ns()
         self.last_io = -1e9  # trio clock of the last read or write someone waited on
+        # staging (blocks of the open generation encoded ahead of its snapshot)
+        self.staged: dict[int, Staged] = {}
+        self.staged_bytes = 0
+        self._staging: set[int] = set()  # being read and encoded now; a write drops them
+        self._recent: set[int] = set()  # written since the last ``stage_candidates``
 
     @property
     def name(self) -> str:
@@ -197,8 +223,13 @@ class Disk:
             cow = self._cow_targets(fresh)
             new_present = [n for n in range(first, stop) if n not in self.present]
             gen = self.record.gen
-            saved = await trio.to_thread.run_sync(
-                self._write_sync, offset, data, partial, fills, cow, new_present, fresh, gen)
+            try:
+                saved = await trio.to_thread.run_sync(
+                    self._write_sync, offset, data, partial, fills, cow, new_present, fresh, gen)
+            finally:  # after the pwrite, even a failed one: a staging read may have raced it
+                for n in range(first, stop):
+                    self._unstage(n)
+                self._recent.update(range(first, stop))
             for n in new_present:
                 self.present.add(n)
             for n in fresh:
@@ -267,14 +298,65 @@ class Disk:
         await trio.to_thread.run_sync(sync)
         self.counters.fsyncs += 1
 
+    # -- staging ---------------------------------------------------------------------------------
+
+    def _unstage(self, n: int) -> None:
+        self._staging.discard(n)
+        staged = self.staged.pop(n, None)
+        if staged is not None:
+            self.staged_bytes -= len(staged.blob or b"")
+
+    def unstage_all(self) -> None:
+        """Forget every staged block (the open generation was rewritten, e.g. by a rollback)."""
+        self.staged = {}
+        self.staged_bytes = 0
+        self._staging.clear()
+
+    def stage_candidates(self, limit: int) -> list[int]:
+        """Up to ``limit`` blocks of the open generation to stage, in disk order: changed, not
+        staged yet, and not written since the previous call (a block still being rewritten
+        would be staged in vain)."""
+        recent, self._recent = self._recent, set()
+        out: list[int] = []
+        if len(self.staged) >= len(self.changed):
+            return out
+        for n in self.changed:
+            if n not in self.staged and n not in recent:
+                out.append(n)
+                if len(out) == limit:
+                    break
+        return out
+
+    async def read_for_staging(self, blocks: list[int]) -> list[bytes]:
+        """The open generation's contents of ``blocks`` (all changed, so in the overlay), read
+        without the write lock: a write to one of them meanwhile drops it from ``_staging``,
+        and ``stage`` then ignores what was read of it."""
+        self._staging.update(blocks)
+        bs = self.block_size
+        data = await trio.to_thread.run_sync(
+            lambda: [self.overlay.pread(n * bs, self._extent(n)) for n in blocks])
+        self.counters.staging_reads += len(blocks)
+        return data
+
+    def stage(self, blocks: list[int], staged: list[Staged]) -> None:
+        """Keep what ``read_for_staging`` read and the caller encoded, for the blocks no write
+        touched since (and no closing took)."""
+        for n, entry in zip(blocks, staged, strict=True):
+            if n in self._staging:
+                self._staging.discard(n)
+                self.staged[n] = entry
+                self.staged_bytes += len(entry.blob or b"")
+
     # -- generations -----------------------------------------------------------------------------
 
     def close_generation(self, task_id: str, snapshot_id: str) -> ClosedGeneration:
         """Close the open generation (the caller holds ``write_lock`` and has stored the task
-        and the record with ``gen`` already advanced)."""
-        closed = ClosedGeneration(self.record.gen - 1, self.changed, task_id, snapshot_id)
+        and the record with ``gen`` already advanced). Its staged blocks go with it."""
+        closed = ClosedGeneration(self.record.gen - 1, self.changed, task_id, snapshot_id,
+                                  staged=self.staged, staged_bytes=self.staged_bytes)
         self.closed.append(closed)
         self.changed = Bitmap(self.nblocks)
+        self.unstage_all()
         return closed
 
     async def read_closed(self, closed: ClosedGeneration, blocks: list[int]) -> list[bytes]:
@@ -345,6 +427,7 @@ class Disk:
             "generation": self.record.gen,
             "blocks_written": len(self.present),
             "blocks_changed": len(self.changed),  # since the last snapshot closed
+            "blocks_staged_now": len(self.staged),  # of those, ready for the next snapshot
             "uploading": [c.snapshot_id for c in self.closed],
             "open": self.opens,
             "trusted": self.record.trusted,

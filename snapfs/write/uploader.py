@@ -2,9 +2,10 @@
 
 Only the generation's changed blocks are read (from its copy-on-write file or the overlay, as
 they were at the closing), hashed, and compressed and uploaded if the repository does not hold
-them yet; the rest of the disk is never read. The manifest is the parent's: its untouched pages
-are referenced as they are, and only pages holding a changed entry (or whose length changed
-because the disk grew) are rewritten.
+them yet; the rest of the disk is never read. Blocks staged before the closing (hashed and
+compressed ahead, ``Disk.stage``) are taken as they are and not read again. The manifest is the
+parent's: its untouched pages are referenced as they are, and only pages holding a changed entry
+(or whose length changed because the disk grew) are rewritten.
 
 Commit order, as for every snapshot: packs, then the index object naming them, then the root;
 the shared repository lock is held throughout so ``gc`` cannot delete a blob the new manifest
@@ -30,7 +31,7 @@ from snapfs.repo.lock import RepositoryLock
 from snapfs.repo.packer import FinishedPack, PackAssembler, PackUploader
 from snapfs.repo.repository import BlobIndex, Repository, now_iso
 from snapfs.throttle import RateLimiter
-from snapfs.write.disk import ClosedGeneration, Disk
+from snapfs.write.disk import ClosedGeneration, Disk, Staged
 from snapfs.write.state import SnapshotPart
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ async def _upload(
                     disk.name, len(changed))
     changed = [n for n in changed if n < nblocks]
     progress.blocks_total = len(changed)
+    staged = closed.staged if trusted else {}
     assembler = PackAssembler(repo.config.pack_size)
     uploader = PackUploader(repo, store_limiter, RateLimiter(rate), pace=pace)
     ids: dict[int, bytes] = {}
@@ -154,15 +156,32 @@ async def _upload(
             putters.start_soon(uploader.run, pack_recv.clone())
         pack_recv.close()
         async with pack_send:
+            ready = {n: staged[n] for n in changed if n in staged}
+            for ahead in ready.values():
+                if ahead.blob is not None:
+                    await add(pack_send, ahead.bid, KIND_DATA, ahead.blob, ahead.raw)
+            to_read: list[int] = []
+            for n in changed:
+                entry: Staged | None = ready.get(n)
+                if entry is None or (entry.blob is None and entry.bid != ZERO_ID
+                                     and entry.bid not in index
+                                     and entry.bid not in assembler.pending):
+                    to_read.append(n)  # not staged, or its blob left the repository since
+                else:
+                    ids[n] = entry.bid
+            used = len(changed) - len(to_read)
+            progress.blocks_done += used
+            disk.counters.snapshot_blocks_read += used
+            disk.counters.blocks_staged += used
             batches_send, batches_recv = trio.open_memory_channel[tuple[list[int], list[bytes]]](1)
 
             async def read_batches() -> None:  # one batch ahead of the encoders
                 async with batches_send:
-                    await disk.prefetch_closed(closed, changed[:BATCH_BLOCKS])
-                    for at in range(0, len(changed), BATCH_BLOCKS):
-                        batch = changed[at : at + BATCH_BLOCKS]
+                    await disk.prefetch_closed(closed, to_read[:BATCH_BLOCKS])
+                    for at in range(0, len(to_read), BATCH_BLOCKS):
+                        batch = to_read[at : at + BATCH_BLOCKS]
                         await disk.prefetch_closed(
-                            closed, changed[at + BATCH_BLOCKS : at + 2 * BATCH_BLOCKS])
+                            closed, to_read[at + BATCH_BLOCKS : at + 2 * BATCH_BLOCKS])
                         await batches_send.send((batch, await disk.read_closed(closed, batch)))
 
             async with trio.open_nursery() as reader:
@@ -209,7 +228,8 @@ async def _upload(
     )
     root.stats = {
         "blocks_total": nblocks,
-        "blocks_read": len(changed),
+        "blocks_read": len(changed),  # by the upload, or ahead of it by staging
+        "blocks_staged": used,
         "blocks_changed": blocks_changed,
         "blocks_uploaded": progress.blocks_uploaded,
         "pages_written": pages_written,
