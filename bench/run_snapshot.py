@@ -413,6 +413,7 @@ def base_image(cfg: BenchConfig) -> tuple[Path, str]:
         say(f"reusing base image {path}")
         return path, "cached"
     say(f"building base image {path} ({size_label(cfg.size)}, {size_label(cfg.data)} of data)")
+    path.parent.mkdir(parents=True, exist_ok=True)  # bench/work is not in a fresh clone
     out = run_tool([sys.executable, str(MAKE_IMAGE), str(path), "--size", str(cfg.size),
                     "--data", str(cfg.data)]).stdout.strip()  # fmt: skip
     say(out)
