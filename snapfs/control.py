@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -83,6 +82,8 @@ def runtime_dir() -> Path:
 
 
 def mount_key(mountpoint: str) -> str:
+    import hashlib  # here: loading OpenSSL costs every command ~15 ms when the page cache is cold
+
     return hashlib.sha1(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:16]
 
 
