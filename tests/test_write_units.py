@@ -23,8 +23,8 @@ from snapfs.store.local import LocalStore
 from snapfs.write.bitmap import Bitmap
 from snapfs.write.disk import Disk, PendingSnapshot
 from snapfs.write.overlay import Overlay
-from snapfs.write.state import DiskRecord, DiskState, SnapshotPart, SnapshotTask
 from snapfs.write.service import encode_staged, stage_blocks
+from snapfs.write.state import DiskRecord, DiskState, SnapshotPart, SnapshotTask
 from snapfs.write.uploader import UploadProgress, upload_generation
 
 BS = 16 * 1024
