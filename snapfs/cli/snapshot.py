@@ -104,10 +104,13 @@ def _create_of_disks(config: CliConfig, disks: list[str], name: str | None, pare
 def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
     """List snapshots, oldest first; snapshots of served disks still uploading (or failed) are
     listed too, with their state."""
+    # the daemon's unfinished snapshots first, then the stored ones: an upload that ends in
+    # between is then found stored (asked the other way round, it was in neither answer)
+    unfinished = _unfinished(config)
     roots = [r for r in config.open_repository().snapshots() if disk is None or r.disk == disk]
     docs = [r.summary() for r in roots]
     stored = {r.id for r in roots}
-    for doc in _unfinished(config):
+    for doc in unfinished:
         if doc["id"] not in stored and (disk is None or doc["disk"] == disk):
             docs.append(doc)
     if json_output:
