@@ -290,8 +290,10 @@ def foreground_writes(b: Bench, n: int) -> dict[str, Any]:
         started = time.perf_counter()
         task = b.snapfs_json("snapshot", "create", "--disk", disk, "--no-wait")  # closed
         closed = time.perf_counter() - started
+        cowed = disk_counters(b, disk)["blocks_copied_on_write"]
         during = fio_write(fs, size, "during.dat")
         fio_end = time.perf_counter() - started
+        cowed = disk_counters(b, disk)["blocks_copied_on_write"] - cowed
         task = wait_for_task(b.repo, task["id"])
         upload = time.perf_counter() - started
         if task["state"] != "accomplished":
@@ -301,13 +303,23 @@ def foreground_writes(b: Bench, n: int) -> dict[str, Any]:
     b.snapfs("disk", "delete", disk)
     reference = (alone["mib_per_s"] + after["mib_per_s"]) / 2
     result = {"alone": alone, "during": during, "alone_after": after, "closing_seconds": closed,
+              "blocks_copied_on_write_during": cowed,
               "during_snapshot_seconds": upload, "fio_finished_at": fio_end,
               "upload_blocks": task["parts"][0]["blocks"],
               "ratio": during["mib_per_s"] / reference}
     say(f"[writes run {n}] alone {alone['mib_per_s']:.0f} and {after['mib_per_s']:.0f} MiB/s, "
         f"during an upload {during['mib_per_s']:.0f} MiB/s (upload {upload:.1f} s, "
-        f"fio {during['seconds']:.1f} s)")
+        f"fio {during['seconds']:.1f} s, {cowed} blocks copied on write)")
     return result
+
+
+def disk_counters(b: Bench, disk: str) -> dict[str, Any]:
+    """The daemon's figures for ``disk``, asked on its socket (no process started)."""
+    from snapfs.control import find_repository_daemon, request
+
+    disks = request(find_repository_daemon(b.repo), {"op": "disk-list"})["disks"]
+    found: dict[str, Any] = next(d for d in disks if d["name"] == disk)
+    return found
 
 
 def wait_for_task(repo: str, task_id: str) -> dict[str, Any]:

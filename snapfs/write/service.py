@@ -72,6 +72,7 @@ KEEP_FAILED = 20
 #: ~10% of disk I/O" that cloud snapshots promise), so foreground I/O keeps the CPU and disk
 UPLOAD_SHARE_WHEN_BUSY = 0.1
 BUSY_WINDOW = 0.25  # seconds since the last disk read or write that count as busy
+REST_SLICE = 0.05  # a resting upload looks this often whether the disks fell quiet
 RELEASE_GRACE = 2.0  # seconds a closed handle may take to be released by the kernel
 #: staging: a block is staged once a pass finds it not rewritten since the previous pass
 STAGE_INTERVAL = 0.5
@@ -135,6 +136,7 @@ class DiskService:
         self._queue_send, self._queue_recv = trio.open_memory_channel[str](1000)
         self._finished: dict[str, trio.Event] = {}  # task id -> set when it ends
         self._uploading = 0  # uploads running now: the sweep yields to them too
+        self._rest_until = 0.0  # trio clock: background disk work rests until then (``_pace``)
         hydrator.foreground.append(self._last_foreground)  # the sweep yields to disk I/O
         #: called when disks or pending snapshots come or go, with the name of a disk whose
         #: contents were rewritten (a rollback) if any: the FUSE adapter invalidates its caches
@@ -612,9 +614,22 @@ class DiskService:
         return trio.current_time() - self._last_io() < BUSY_WINDOW
 
     async def _pace(self, batch_seconds: float) -> None:
-        """After an upload batch: if disks are in use, rest so the upload keeps its share."""
-        if self._busy():
-            await trio.sleep(batch_seconds * (1 - UPLOAD_SHARE_WHEN_BUSY) / UPLOAD_SHARE_WHEN_BUSY)
+        """After a step of background disk work (an upload's batch or PUT, a staging batch):
+        while disks are in use, rest so that all of it together keeps its share of the time.
+        The rest is owed jointly: an upload runs several PUTs at once, and each resting only
+        for its own work gave the upload as a whole four times its share. The rest ends early
+        when the disks fall quiet."""
+        if not self._busy():
+            return
+        now = trio.current_time()
+        owed = batch_seconds * (1 - UPLOAD_SHARE_WHEN_BUSY) / UPLOAD_SHARE_WHEN_BUSY
+        self._rest_until = max(self._rest_until, now) + owed
+        until = self._rest_until
+        while True:  # polled: "quiet" is the absence of I/O for a while, not an event
+            left = until - trio.current_time()
+            if left <= 0 or not self._busy():
+                return
+            await trio.sleep(min(REST_SLICE, left))
 
     async def wait_task(self, task_id: str, patience: float) -> dict[str, Any]:
         """The task's summary once it has ended, or after ``patience`` seconds."""
