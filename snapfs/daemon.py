@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -56,6 +57,10 @@ log = logging.getLogger(__name__)
 
 #: how long a clean shutdown may spend storing access profiles before it gives up on them
 SAVE_TIMEOUT = 20.0
+#: how long a thread holding the GIL keeps it while another waits (Python's default is 5 ms):
+#: the trio thread answers the kernel's requests, and behind a worker thread's hashing or
+#: encoding each of them waited up to the whole interval
+SWITCH_INTERVAL = 0.0005
 
 
 def hydration_config(options: MountOptions) -> HydrationConfig:
@@ -68,6 +73,7 @@ def serve(options: MountOptions, files: RunFiles, ready: Callable[[], None],
     """Mount what ``opened`` holds, serve until unmounted, close everything (``opened.store``
     included) in this process."""
     repo = opened.repo
+    sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         cache = BlockCache(options.cache_dir, options.cache_size)
         try:

@@ -41,29 +41,33 @@ class PackEntry(NamedTuple):
 
 
 class PackBuilder:
-    """Accumulates encoded blobs; ``finish`` returns the pack's name, bytes and entries."""
+    """Accumulates encoded blobs; ``finish`` returns the pack's name, bytes and entries.
+
+    ``add`` only keeps a reference (cheap on the thread that assembles packs, usually trio's);
+    the one copy into the pack's bytes, and the hash that names it, happen in ``finish``, which
+    the uploader calls in a worker thread."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._parts: list[bytes | memoryview] = []
+        self._size = 0
         self.entries: list[PackEntry] = []
 
     @property
     def size(self) -> int:
-        return len(self._buf)
+        return self._size
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def add(self, blob_id: bytes, kind: int, encoded: bytes, raw_length: int) -> None:
-        self.entries.append(PackEntry(blob_id, kind, len(self._buf), len(encoded), raw_length))
-        self._buf += encoded
+    def add(self, blob_id: bytes, kind: int, encoded: bytes | memoryview, raw_length: int) -> None:
+        self.entries.append(PackEntry(blob_id, kind, self._size, len(encoded), raw_length))
+        self._parts.append(encoded)
+        self._size += len(encoded)
 
     def finish(self) -> tuple[str, bytes, list[PackEntry]]:
-        out = self._buf
-        for e in self.entries:
-            out += ENTRY.pack(e.blob_id, e.kind, e.offset, e.length, e.raw_length)
-        out += FOOTER.pack(PACK_MAGIC, PACK_VERSION, len(self.entries))
-        data = bytes(out)
+        trailer = b"".join(ENTRY.pack(*e) for e in self.entries)
+        footer = FOOTER.pack(PACK_MAGIC, PACK_VERSION, len(self.entries))
+        data = b"".join([*self._parts, trailer, footer])
         return pack_name(data), data, self.entries
 
 

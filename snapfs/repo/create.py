@@ -33,7 +33,7 @@ from snapfs.format.manifest import DEFAULT_ENTRIES_PER_PAGE, SnapshotRoot, encod
 from snapfs.format.pack import KIND_DATA, KIND_PAGE
 from snapfs.progress import NO_PROGRESS, Progress
 from snapfs.repo.lock import REFRESH_EVERY, RepositoryLock
-from snapfs.repo.packer import FinishedPack, PackAssembler, PackUploader
+from snapfs.repo.packer import FullPack, PackAssembler, PackUploader
 from snapfs.repo.parallel import single_error
 from snapfs.repo.repository import BlobIndex, Repository, new_id, now_iso
 from snapfs.repo.source import Source
@@ -249,7 +249,7 @@ async def _create_locked(
             for b in range(first, last, per_chunk):
                 yield b, min(per_chunk, last - b)
 
-    async def store_blob(send: trio.MemorySendChannel[FinishedPack], bid: bytes, kind: int,
+    async def store_blob(send: trio.MemorySendChannel[FullPack], bid: bytes, kind: int,
                          encoded: bytes, raw: int) -> None:
         if bid in index.blobs or bid in assembler.pending:
             return
@@ -259,7 +259,7 @@ async def _create_locked(
         if full is not None:
             await send.send(full)
 
-    async def finish_page(send: trio.MemorySendChannel[FinishedPack], page: int, ids: list[bytes]) -> None:
+    async def finish_page(send: trio.MemorySendChannel[FullPack], page: int, ids: list[bytes]) -> None:
         if all(i == ZERO_ID for i in ids):
             manifest.page_ids[page] = ZERO_ID
         else:
@@ -289,7 +289,7 @@ async def _create_locked(
                 await send.send((first, data))
 
     async def encode(receive: trio.MemoryReceiveChannel[tuple[int, bytes]],
-                     send: trio.MemorySendChannel[FinishedPack]) -> None:
+                     send: trio.MemorySendChannel[FullPack]) -> None:
         async with receive, send:
             async for first, data in receive:
                 ids, new, zeros = await trio.to_thread.run_sync(
@@ -303,7 +303,7 @@ async def _create_locked(
                     await finish_page(send, page, page_ids)
                 progress.advance(len(data))
 
-    pack_send, pack_recv = trio.open_memory_channel[FinishedPack](2)
+    pack_send, pack_recv = trio.open_memory_channel[FullPack](2)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(refresh_lock, lock, store_limiter)
         async with trio.open_nursery() as pipeline:

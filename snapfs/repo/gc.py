@@ -26,7 +26,7 @@ from snapfs.format.index import IndexFile
 from snapfs.format.manifest import SnapshotRoot
 from snapfs.format.pack import PackEntry
 from snapfs.repo.lock import RepositoryLock
-from snapfs.repo.packer import FinishedPack, PackAssembler, PackUploader
+from snapfs.repo.packer import FullPack, PackAssembler, PackUploader
 from snapfs.repo.parallel import map_in_threads, single_error
 from snapfs.repo.repository import BlobIndex, Repository, pack_key
 from snapfs.throttle import RateLimiter
@@ -125,7 +125,7 @@ async def _collect(repo: Repository, limiter: trio.CapacityLimiter) -> dict[str,
             out.append((e, piece))
         return out
 
-    send, receive = trio.open_memory_channel[FinishedPack](1)
+    send, receive = trio.open_memory_channel[FullPack](1)
     with single_error():
         async with trio.open_nursery() as nursery:
             for _ in range(2):

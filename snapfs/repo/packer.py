@@ -2,9 +2,11 @@
 
 ``PackAssembler`` is the pure part: it holds one open pack per blob kind (data blocks and
 manifest pages go to different packs, so a mount that fetches pages does not drag block bytes
-along) and hands back each pack that reaches the target size. ``PackUploader`` is the trio part:
-workers that PUT finished packs, respecting a rate limit, and collect what they stored into the
-``IndexFile`` that the caller writes once every pack is stored.
+along) and hands back each pack that reaches the target size, still a ``PackBuilder``.
+``PackUploader`` is the trio part: workers that finish each full pack (its bytes and its name,
+a copy and a hash of many MiB: in a worker thread, never on the trio thread, which a daemon's
+FUSE requests share) and PUT it, respecting a rate limit, and collect what they stored into
+the ``IndexFile`` that the caller writes once every pack is stored.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from dataclasses import dataclass, field
 import trio
 
 from snapfs.format.index import IndexFile
-from snapfs.format.pack import KIND_DATA, KIND_PAGE, PackBuilder, PackEntry
+from snapfs.format.pack import KIND_DATA, KIND_PAGE, PackBuilder
 from snapfs.repo.repository import Repository, pack_key
 from snapfs.throttle import RateLimiter
 
-FinishedPack = tuple[str, bytes, list[PackEntry]]
+#: a pack that reached its size (or was flushed): the uploader finishes and stores it
+FullPack = PackBuilder
 
 
 class PackAssembler:
@@ -29,17 +32,18 @@ class PackAssembler:
         #: blobs added in this run; with the repository index, what need not be stored again
         self.pending: set[bytes] = set()
 
-    def add(self, blob_id: bytes, kind: int, encoded: bytes, raw_length: int) -> FinishedPack | None:
+    def add(self, blob_id: bytes, kind: int, encoded: bytes | memoryview,
+            raw_length: int) -> FullPack | None:
         self.pending.add(blob_id)
         builder = self._open[kind]
         builder.add(blob_id, kind, encoded, raw_length)
         if builder.size >= self.target_size:
             self._open[kind] = PackBuilder()
-            return builder.finish()
+            return builder
         return None
 
-    def flush(self) -> list[FinishedPack]:
-        done = [b.finish() for b in self._open.values() if len(b)]
+    def flush(self) -> list[FullPack]:
+        done = [b for b in self._open.values() if len(b)]
         self._open = {KIND_DATA: PackBuilder(), KIND_PAGE: PackBuilder()}
         return done
 
@@ -61,21 +65,26 @@ class PackUploader:
     #: awaited after each PUT with the seconds it took (a disk's uploads yield to its I/O)
     pace: Callable[[float], Awaitable[None]] | None = None
 
-    async def run(self, receive: trio.MemoryReceiveChannel[FinishedPack]) -> None:
-        """Upload packs from ``receive`` until it closes. Start several for parallel PUTs."""
+    async def run(self, receive: trio.MemoryReceiveChannel[FullPack]) -> None:
+        """Finish and upload packs from ``receive`` until it closes. Start several for
+        parallel PUTs."""
         async with receive:
-            async for name, data, entries in receive:
-                await self.rate.take(len(data))
+            async for pack in receive:
+                await self.rate.take(pack.size)
                 started = trio.current_time()
-                await trio.to_thread.run_sync(
-                    self.repo.store.put, pack_key(name), data, limiter=self.limiter
-                )
+                name, size = await trio.to_thread.run_sync(self._store, pack, limiter=self.limiter)
                 if self.pace is not None:
                     await self.pace(trio.current_time() - started)
-                self.index_file.packs[name] = entries
+                self.index_file.packs[name] = pack.entries
                 self.stats.objects += 1
                 self.stats.packs += 1
-                self.stats.bytes += len(data)
+                self.stats.bytes += size
+
+    def _store(self, pack: FullPack) -> tuple[str, int]:
+        """Worker thread: the pack's bytes and name, then its PUT."""
+        name, data, _ = pack.finish()
+        self.repo.store.put(pack_key(name), data)
+        return name, len(data)
 
     def count(self, nbytes: int) -> None:
         """Account for a non-pack object (index, root) the caller stored."""

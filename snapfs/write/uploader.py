@@ -28,7 +28,7 @@ from snapfs.format.manifest import DEFAULT_ENTRIES_PER_PAGE, SnapshotRoot, encod
 from snapfs.format.pack import KIND_DATA, KIND_PAGE
 from snapfs.repo.create import encode_chunk, refresh_lock
 from snapfs.repo.lock import RepositoryLock
-from snapfs.repo.packer import FinishedPack, PackAssembler, PackUploader
+from snapfs.repo.packer import FullPack, PackAssembler, PackUploader
 from snapfs.repo.repository import BlobIndex, Repository, now_iso
 from snapfs.throttle import RateLimiter
 from snapfs.write.disk import ClosedGeneration, Disk, Staged
@@ -139,7 +139,7 @@ async def _upload(
     uploader = PackUploader(repo, store_limiter, RateLimiter(rate), pace=pace)
     ids: dict[int, bytes] = {}
 
-    async def add(send: trio.MemorySendChannel[FinishedPack], bid: bytes, kind: int,
+    async def add(send: trio.MemorySendChannel[FullPack], bid: bytes, kind: int,
                   encoded: bytes, raw: int) -> None:
         if bid in index or bid in assembler.pending:
             return
@@ -150,7 +150,7 @@ async def _upload(
             await send.send(full)
 
     step = trio.current_time()
-    pack_send, pack_recv = trio.open_memory_channel[FinishedPack](1)
+    pack_send, pack_recv = trio.open_memory_channel[FullPack](1)
     async with trio.open_nursery() as putters:
         for _ in range(min(PUT_STREAMS, repo.store.concurrency)):
             putters.start_soon(uploader.run, pack_recv.clone())
@@ -248,7 +248,7 @@ async def _upload(
 async def _pages(
     repo: Repository, ids: dict[int, bytes], nblocks: int, per_page: int,
     parent: SnapshotRoot | None, parent_page: PageLoader, index: BlobIndex,
-    assembler: PackAssembler, send: trio.MemorySendChannel[FinishedPack],
+    assembler: PackAssembler, send: trio.MemorySendChannel[FullPack],
 ) -> tuple[list[bytes], int, int]:
     """The new manifest's page IDs: the parent's where nothing changed, new pages elsewhere.
     Returns (page IDs, entries that differ from the parent, pages written)."""
