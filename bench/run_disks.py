@@ -36,8 +36,10 @@ Local store only (they measure the host, not the store), every run:
 
 4. Foreground writes: a disk made from ``s0`` with room to spare (``--size`` grown by 4 times
    ``--write-size``, ``resize2fs``), its ext4 loop-mounted; ``--write-size`` of random data
-   written and snapshotted (so nothing is left to upload); then ``fio`` writes
-   ``--write-size`` of new data sequentially (1 MiB writes, fsync at the end) alone; then
+   written, one unmeasured fio run (its file deleted, so that the measured runs all write
+   blocks the filesystem freed before, as a disk in use does), and a snapshot (so nothing is
+   left to upload); then ``fio`` writes ``--write-size`` of new data sequentially (1 MiB
+   writes, fsync at the end) alone; then
    another ``--write-size`` of random data is written, ``snapshot create --no-wait`` closes a
    snapshot of it, and the same fio job runs while that uploads (the benchmark then waits for
    the upload on the daemon's socket, starting no process meanwhile); then, once fio's data is
@@ -283,6 +285,9 @@ def foreground_writes(b: Bench, n: int) -> dict[str, Any]:
     with b.ext4(b.disk_path(disk)) as fs:
         write_random_file(fs / f"before-{n}.dat", size, seed=n)
         run(["sync"])
+        # a first fio run whose file is deleted, so that every measured run writes the same
+        # kind of blocks (freed by an earlier file, as on a disk in use), none never-written
+        fio_write(fs, size, "warmup.dat")
         b.snapfs("snapshot", "create", "--disk", disk)  # nothing left to upload
         alone = fio_write(fs, size, "alone.dat")
         write_random_file(fs / f"upload-{n}.dat", size, seed=n + 100)
