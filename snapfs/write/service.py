@@ -255,6 +255,8 @@ class DiskService:
             for disk in list(self.disks.values()):
                 if not disk.record.trusted:  # its next snapshot compares every written block
                     continue
+                if self._uploading or self._staged_bytes() >= STAGE_BUDGET:
+                    break  # before the scan for candidates, a walk of the changed set
                 blocks = disk.stage_candidates(STAGE_PASS)
                 for at in range(0, len(blocks), STAGE_BATCH):
                     if self._uploading or self._staged_bytes() >= STAGE_BUDGET \
