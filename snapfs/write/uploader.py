@@ -182,7 +182,11 @@ async def _upload(
                         batch = to_read[at : at + BATCH_BLOCKS]
                         await disk.prefetch_closed(
                             closed, to_read[at + BATCH_BLOCKS : at + 2 * BATCH_BLOCKS])
-                        await batches_send.send((batch, await disk.read_closed(closed, batch)))
+                        read_started = trio.current_time()
+                        contents = await disk.read_closed(closed, batch)
+                        if pace is not None:  # the reads rest too (they hold the write lock)
+                            await pace(trio.current_time() - read_started)
+                        await batches_send.send((batch, contents))
 
             async with trio.open_nursery() as reader:
                 reader.start_soon(read_batches)
