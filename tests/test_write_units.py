@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import trio
 
 from snapfs.cache import BlockCache
 from snapfs.format.block import ZERO_ID
+from snapfs.format.manifest import SnapshotRoot
 from snapfs.hydration.scheduler import HydrationConfig, Hydrator
 from snapfs.image.catalog import SnapshotCatalog
 from snapfs.image.view import ImageView
@@ -21,7 +23,7 @@ from snapfs.repo.create import CreateOptions, create_snapshot
 from snapfs.repo.repository import Repository
 from snapfs.store.local import LocalStore
 from snapfs.write.bitmap import Bitmap
-from snapfs.write.disk import Disk, PendingSnapshot
+from snapfs.write.disk import ClosedGeneration, Disk, PendingSnapshot
 from snapfs.write.overlay import Overlay
 from snapfs.write.service import encode_staged, stage_blocks
 from snapfs.write.state import DiskRecord, DiskState, SnapshotPart, SnapshotTask
@@ -136,6 +138,13 @@ def test_a_disk_written_closed_and_uploaded_is_its_contents_at_the_closing(
 ) -> None:
     repo, base = repo_with_snapshot
     size = 48 * BS  # grown past its base (whose size is a multiple of the block size)
+    run_over_base(repo, tmp_path, lambda hydrator, view: scenario(repo, hydrator, view, size,
+                                                                   base, tmp_path))
+
+
+def run_over_base(repo: Repository, tmp_path: Path,
+                  body: Callable[[Hydrator, ImageView], Awaitable[None]]) -> None:
+    """``body`` under trio, with a running hydrator and the view of the snapshot ``base``."""
 
     async def main() -> None:
         cache = BlockCache(tmp_path / "cache", capacity=64 << 20)
@@ -145,11 +154,33 @@ def test_a_disk_written_closed_and_uploaded_is_its_contents_at_the_closing(
         view = catalog.images()["base.img"]
         async with trio.open_nursery() as nursery:
             await nursery.start(hydrator.run)
-            await scenario(repo, hydrator, view, size, base, tmp_path)
+            await body(hydrator, view)
             nursery.cancel_scope.cancel()
         cache.close()
 
     trio.run(main)
+
+
+async def upload_closed(repo: Repository, hydrator: Hydrator, view: ImageView, disk: Disk,
+                        closed: ClosedGeneration, name: str, size: int) -> SnapshotRoot:
+    """Upload generation 1 of ``disk`` (closed as ``closed``) as snapshot ``name`` of ``view``."""
+    part = SnapshotPart("d", disk.record.id, 1, closed.snapshot_id, name, view.root.id, size,
+                        blocks=len(closed.blocks))
+
+    async def parent_page(p: int) -> list[bytes]:
+        return await view.page(p)
+
+    root, _packs = await upload_generation(
+        repo, hydrator.index, disk, closed, part, view.root, parent_page,
+        group=None, tags=[], progress=UploadProgress())
+    return root
+
+
+async def stored_bytes(repo: Repository, root: SnapshotRoot) -> bytes:
+    """The stored snapshot ``root``, read back from the repository alone."""
+    index = await trio.to_thread.run_sync(repo.load_index)
+    ids = await trio.to_thread.run_sync(repo.block_map, index, root)
+    return b"".join(bytes(BS) if bid == ZERO_ID else repo.read_blob(index, bid) for bid in ids)
 
 
 async def scenario(repo: Repository, hydrator: Hydrator, view: ImageView, size: int, base: bytes,
@@ -194,23 +225,11 @@ async def scenario(repo: Repository, hydrator: Hydrator, view: ImageView, size: 
     assert await pending.read(0, size) == at_closing
     assert await pending.read(4 * BS - 5, 10) == at_closing[4 * BS - 5 : 4 * BS + 5]
 
-    part = SnapshotPart("d", rec.id, 1, "0000000000000051", "s1", view.root.id, size,
-                        blocks=len(closed.blocks))
-
-    async def parent_page(p: int) -> list[bytes]:
-        return await view.page(p)
-
-    root, _packs = await upload_generation(
-        repo, hydrator.index, disk, closed, part, view.root, parent_page,
-        group=None, tags=[], progress=UploadProgress())
+    root = await upload_closed(repo, hydrator, view, disk, closed, "s1", size)
     assert root.stats["blocks_read"] == len(changed)
     assert disk.counters.snapshot_blocks_read == len(changed)
-
-    # the stored snapshot, read back from the repository alone
-    index = await trio.to_thread.run_sync(repo.load_index)
-    ids = await trio.to_thread.run_sync(repo.block_map, index, root)
-    assert len(ids) == size // BS
-    stored = b"".join(bytes(BS) if bid == ZERO_ID else repo.read_blob(index, bid) for bid in ids)
+    stored = await stored_bytes(repo, root)
+    assert len(stored) == size
     assert stored == at_closing
     state.close()
 
@@ -232,21 +251,8 @@ def test_staged_blocks_go_into_the_snapshot_as_they_were_at_the_closing(
     repo_with_snapshot: tuple[Repository, bytes], tmp_path: Path
 ) -> None:
     repo, base = repo_with_snapshot
-    size = len(base)
-
-    async def main() -> None:
-        cache = BlockCache(tmp_path / "cache", capacity=64 << 20)
-        hydrator = Hydrator(repo, repo.load_index(), cache, HydrationConfig(background=False))
-        catalog = SnapshotCatalog(repo, hydrator)
-        await catalog.refresh(force=True)
-        view = catalog.images()["base.img"]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(hydrator.run)
-            await staging_scenario(repo, hydrator, view, size, base, tmp_path)
-            nursery.cancel_scope.cancel()
-        cache.close()
-
-    trio.run(main)
+    run_over_base(repo, tmp_path, lambda hydrator, view: staging_scenario(
+        repo, hydrator, view, len(base), base, tmp_path))
 
 
 async def staging_scenario(repo: Repository, hydrator: Hydrator, view: ImageView, size: int,
@@ -304,24 +310,13 @@ async def staging_scenario(repo: Repository, hydrator: Hydrator, view: ImageView
     await write(2 * BS, rng.randbytes(BS))  # after the closing, to a staged block: copied on write
     await write(9 * BS, rng.randbytes(BS))
 
-    part = SnapshotPart("d", rec.id, 1, "0000000000000052", "s2", view.root.id, size,
-                        blocks=len(closed.blocks))
-
-    async def parent_page(p: int) -> list[bytes]:
-        return await view.page(p)
-
-    root, _packs = await upload_generation(
-        repo, hydrator.index, disk, closed, part, view.root, parent_page,
-        group=None, tags=[], progress=UploadProgress())
+    root = await upload_closed(repo, hydrator, view, disk, closed, "s2", size)
     assert sorted(disk.closed_reads) == sorted(changed - staged_at_closing)
     assert root.stats["blocks_staged"] == len(staged_at_closing)
     assert root.stats["blocks_read"] == len(changed) == disk.counters.snapshot_blocks_read
     # new data: 2..8 and one copy of the twin; the hole and the base block are not uploaded
     assert root.stats["blocks_uploaded"] == 8
 
-    index = await trio.to_thread.run_sync(repo.load_index)
-    ids = await trio.to_thread.run_sync(repo.block_map, index, root)
-    stored = b"".join(bytes(BS) if bid == ZERO_ID else repo.read_blob(index, bid) for bid in ids)
-    assert stored == at_closing
+    assert await stored_bytes(repo, root) == at_closing
     assert await disk.read(0, size) == model
     state.close()
