@@ -264,12 +264,9 @@ def incremental(b: Bench, disk: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def wait_staged(b: Bench, disk: str, limit: float = 30.0) -> float:
     """Seconds from now until the daemon has staged every changed block of ``disk`` (at most
     ``limit``), polling its socket (no process per poll)."""
-    from snapfs.control import find_repository_daemon, request
-
-    files = find_repository_daemon(b.repo)
     started = time.perf_counter()
     while time.perf_counter() - started < limit:
-        listed = {d["name"]: d for d in request(files, {"op": "disk-list"})["disks"]}[disk]
+        listed = disk_counters(b, disk)
         if listed["blocks_staged_now"] >= listed["blocks_changed"]:
             break
         time.sleep(0.1)

@@ -255,12 +255,11 @@ class DiskService:
             for disk in list(self.disks.values()):
                 if not disk.record.trusted:  # its next snapshot compares every written block
                     continue
-                if self._uploading or self._staged_bytes() >= STAGE_BUDGET:
+                if not self._may_stage():
                     break  # before the scan for candidates, a walk of the changed set
                 blocks = disk.stage_candidates(STAGE_PASS)
                 for at in range(0, len(blocks), STAGE_BATCH):
-                    if self._uploading or self._staged_bytes() >= STAGE_BUDGET \
-                            or self.disks.get(disk.name) is not disk:
+                    if not self._may_stage() or self.disks.get(disk.name) is not disk:
                         break
                     started = trio.current_time()
                     await self._stage_batch(disk, blocks[at : at + STAGE_BATCH])
@@ -272,9 +271,12 @@ class DiskService:
         except (OSError, ValueError) as e:  # the disk was deleted meanwhile
             log.debug("staging blocks of disk %s: %s", disk.name, e)
 
-    def _staged_bytes(self) -> int:
-        return sum(d.staged_bytes + sum(c.staged_bytes for c in d.closed)
-                   for d in self.disks.values())
+    def _may_stage(self) -> bool:
+        """No upload runs, and the staged bytes of every disk and closed generation are
+        within the budget."""
+        staged = sum(d.staged_bytes + sum(c.staged_bytes for c in d.closed)
+                     for d in self.disks.values())
+        return not self._uploading and staged < STAGE_BUDGET
 
     # -- looking things up -------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from snapfs.repo.lock import RepositoryLock
 from snapfs.repo.packer import FullPack, PackAssembler, PackUploader
 from snapfs.repo.repository import BlobIndex, Repository, now_iso
 from snapfs.throttle import RateLimiter
-from snapfs.write.disk import ClosedGeneration, Disk, Staged
+from snapfs.write.disk import ClosedGeneration, Disk
 from snapfs.write.state import SnapshotPart
 
 log = logging.getLogger(__name__)
@@ -156,13 +156,13 @@ async def _upload(
             putters.start_soon(uploader.run, pack_recv.clone())
         pack_recv.close()
         async with pack_send:
-            ready = {n: staged[n] for n in changed if n in staged}
-            for ahead in ready.values():
-                if ahead.blob is not None:
+            for n in changed:  # the staged blobs first: the check below asks for them
+                ahead = staged.get(n)
+                if ahead is not None and ahead.blob is not None:
                     await add(pack_send, ahead.bid, KIND_DATA, ahead.blob, ahead.raw)
             to_read: list[int] = []
             for n in changed:
-                entry: Staged | None = ready.get(n)
+                entry = staged.get(n)
                 if entry is None or (entry.blob is None and entry.bid != ZERO_ID
                                      and entry.bid not in index
                                      and entry.bid not in assembler.pending):
