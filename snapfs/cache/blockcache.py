@@ -234,30 +234,40 @@ class BlockCache:
         """Cached bytes for each ID, or None where it is not cached (or failed its check).
         One lmdb read transaction for all of them, the segment files' lock taken once per
         segment, and each block checked against its xxh3-128."""
-        with self._env.begin() as txn:
-            get = txn.get
-            db = self._blocks
-            raws = [get(bid, db=db) for bid in block_ids]
         out: list[bytes | None] = [None] * len(block_ids)
-        by_seg: dict[int, list[tuple[int, int, int, bytes]]] = {}
-        for i, raw in enumerate(raws):
-            if raw is not None:
-                seg, offset, length, digest = ENTRY.unpack(raw)
-                by_seg.setdefault(seg, []).append((i, offset, length, digest))
-        for seg, entries in by_seg.items():
-            datas = self._pread(seg, [(offset, length) for _, offset, length, _ in entries])
-            for (i, _, length, digest), data in zip(entries, datas, strict=True):
+        for seg, entries in self._locate(block_ids).items():
+            datas = self._pread(seg, [(offset, length) for offset, length, _, _ in entries])
+            for (_, length, i, digest), data in zip(entries, datas, strict=True):
                 if len(data) != length or xxhash.xxh3_128_digest(data) != digest:
-                    self.bad += 1
-                    log.warning("cached block %s failed its checksum; dropping it",
-                                block_ids[i].hex()[:16])
-                    self._drop(block_ids[i], seg)
+                    self._reject(block_ids[i], seg)
                     continue
                 out[i] = data
         hits = sum(1 for d in out if d is not None)
         self.hits += hits
         self.misses += len(block_ids) - hits
         return out
+
+    def _locate(self, block_ids: Sequence[bytes],
+                ) -> dict[int, list[tuple[int, int, int, bytes]]]:
+        """Where the cached ones of ``block_ids`` lie, by segment: ``(offset, length, index in
+        block_ids, xxh3-128)`` each, in one lmdb read transaction."""
+        with self._env.begin() as txn:
+            get = txn.get
+            db = self._blocks
+            raws = [get(bid, db=db) for bid in block_ids]
+        by_seg: dict[int, list[tuple[int, int, int, bytes]]] = {}
+        unpack = ENTRY.unpack
+        for i, raw in enumerate(raws):
+            if raw is not None:
+                seg, offset, length, digest = unpack(raw)
+                by_seg.setdefault(seg, []).append((offset, length, i, digest))
+        return by_seg
+
+    def _reject(self, block_id: bytes, seg: int) -> None:
+        """A cached block failed its check on read: count it, say so, and drop it."""
+        self.bad += 1
+        log.warning("cached block %s failed its checksum; dropping it", block_id.hex()[:16])
+        self._drop(block_id, seg)
 
     def read_into(self, block_ids: Sequence[bytes], targets: Sequence[memoryview]) -> list[bool]:
         """Read each cached block straight into its target (a writable buffer as long as the
@@ -268,25 +278,16 @@ class BlockCache:
         What a reader of many blocks (a read-ahead fill) wants: one lmdb read transaction,
         one preadv per run of blocks that lie end to end in a segment, no copy and no
         allocation per block. The same ID may appear more than once."""
-        with self._env.begin() as txn:
-            get = txn.get
-            db = self._blocks
-            raws = [get(bid, db=db) for bid in block_ids]
         ok = [False] * len(block_ids)
-        by_seg: dict[int, list[tuple[int, int, int, bytes]]] = {}
-        unpack = ENTRY.unpack
-        for i, raw in enumerate(raws):
-            if raw is not None:
-                seg, offset, length, digest = unpack(raw)
-                if length == len(targets[i]):
-                    by_seg.setdefault(seg, []).append((offset, length, i, digest))
         digest_of = xxhash.xxh3_128_digest
-        for seg, entries in by_seg.items():
+        for seg, entries in self._locate(block_ids).items():
             entries.sort()
             extents: list[tuple[int, list[memoryview]]] = []
             members: list[list[tuple[int, int, bytes]]] = []  # (index, length, digest) per extent
             end = -1
             for offset, length, i, digest in entries:
+                if length != len(targets[i]):
+                    continue  # not the block the caller expects here: a miss
                 if offset != end:
                     extents.append((offset, []))
                     members.append([])
@@ -299,10 +300,7 @@ class BlockCache:
                     if n >= length and digest_of(targets[i]) == digest:
                         ok[i] = True
                     else:
-                        self.bad += 1
-                        log.warning("cached block %s failed its checksum; dropping it",
-                                    block_ids[i].hex()[:16])
-                        self._drop(block_ids[i], seg)
+                        self._reject(block_ids[i], seg)
                     n -= length
         hits = sum(ok)
         self.hits += hits
