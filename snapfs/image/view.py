@@ -75,7 +75,6 @@ class _Fill:
 
     start: int
     until: int
-    epoch: int
     data: bytearray
     reached: int
     fresh: bool  # ``data`` is all zeros (else the holes must be zeroed)
@@ -96,7 +95,6 @@ class _Stream:
     window: int = 0  # blocks queued ahead of it for the cache (doubles while sequential)
     ahead_until: int = 0  # blocks before this are queued (or cached) for it
     fill_until: int = 0  # blocks before this are buffered, being filled, or left to reads
-    epoch: int = 0  # bumped when the buffer is shed: fills of an older epoch are not its own
     #: its buffer: fills in block order (done or under way), none wholly before its last read
     fills: list[_Fill] = field(default_factory=list)
 
@@ -106,7 +104,6 @@ class _Stream:
         for fill in self.fills:
             fill.dropped = True
         self.fills.clear()
-        self.epoch += 1
         self.fill_until = self.next_block
 
     def drop_before(self, n: int) -> None:
@@ -296,7 +293,7 @@ class ImageView:
             if not s.budget.take(s, nbytes):
                 return
             data, fresh = s.budget.buffer(nbytes)
-            fill = _Fill(start, until, s.epoch, data, reached=start, fresh=fresh)
+            fill = _Fill(start, until, data, reached=start, fresh=fresh)
             if not self.hydrator.spawn(self._fill, s, fill, far_start, far_until):
                 s.budget.give_back(s, nbytes)
                 return
