@@ -146,6 +146,31 @@ def test_unknown_block_version_or_codec_is_format_error(codec: BlockCodec) -> No
         codec.decode(bytes(blob))
 
 
+def test_decode_many_gives_each_blob_what_decode_gives_it(codec: BlockCodec) -> None:
+    good = [text(BS - 7 * i) + rand(64, seed=i) for i in range(6)]
+    blobs: list[bytes] = [codec.encode(p) for p in good]
+    blobs.append(codec.encode(rand(BS, seed=9)))  # raw: decoded on its own
+    flip_payload = flipped(blobs[1], len(blobs[1]) - 3)  # zstd frame damaged: the batch fails
+    flip_digest = flipped(blobs[2], HEADER_SIZE - 1)  # decompresses, checksum wrong
+    lies_about_size = bytearray(blobs[3])
+    lies_about_size[4] ^= 0x10  # raw length in the header no longer the frame's
+    batch = [blobs[0], flip_payload, flip_digest, bytes(lies_about_size), blobs[4][:HEADER_SIZE],
+             memoryview(blobs[5]), blobs[6]]
+    out = codec.decode_many(batch, lambda i: f"blob {i}")
+    assert out[0] == good[0] and out[5] == good[5] and out[6] == rand(BS, seed=9)
+    for i in (1, 2, 3, 4):
+        assert isinstance(out[i], CorruptBlock), (i, out[i])
+        assert str(out[i]).startswith(f"blob {i}:")
+        with pytest.raises(CorruptBlock):
+            codec.decode(batch[i])
+    # nothing damaged: every blob in one batch
+    assert codec.decode_many(blobs, str) == [*good, rand(BS, seed=9)]
+    unknown = bytearray(blobs[0])
+    unknown[2] = 2
+    with pytest.raises(FormatError, match="version 2"):  # not corruption: the whole call fails
+        codec.decode_many([blobs[1], bytes(unknown)], str)
+
+
 @pytest.mark.parametrize("make", [text, rand], ids=["zstd", "raw"])
 def test_truncated_block_is_corrupt(codec: BlockCodec, make: Callable[[int], bytes]) -> None:
     blob = codec.encode(make(BS))

@@ -197,6 +197,56 @@ def test_waiting_read_goes_before_queued_background_work(repo_and_image, tmp_pat
     assert key == pack_key(loc.pack) and offset <= loc.offset < offset + length
 
 
+def test_reads_of_blocks_queued_for_the_background_fetch_each_block_once(
+        repo_and_image, tmp_path: Path) -> None:
+    repo, store, data, _ = repo_and_image
+    cache = open_cache(tmp_path)
+    # one background slot, background runs of a pack at most, 200 ms per GET: the
+    # first run is in flight while the others wait
+    config = HydrationConfig(fetchers=2, reserved=1, background=False, max_background_run=256 << 10)
+    repo = Repository(SimulatedStore(store, latency=0.2), repo.config)
+    blocks = {repo.keyer.block_id(data[i : i + BS]): data[i : i + BS] for i in range(0, len(data), BS)}
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        view = catalog.images()["s1.img"]
+        ids = [b for b in dict.fromkeys(await view.block_ids(0, view.nblocks)) if b != ZERO_ID]
+        store.ranges.clear()
+        pages = hydrator.counters.blocks_fetched  # the manifest's, for block_ids
+        assert hydrator.prefetch(ids, Priority.BACKGROUND) == len(ids)
+        await wait_until(lambda: len(store.ranges) >= 1, 10)
+        in_flight = ids[0]  # in the first run
+        first_pack = hydrator.index.locate(in_flight).pack
+        queued = next(b for b in reversed(ids) if hydrator.index.locate(b).pack != first_pack)
+        got = {}
+
+        async def read(bid: bytes) -> None:
+            got[bid] = await hydrator.read_blob(bid)
+
+        async with trio.open_nursery() as readers:
+            readers.start_soon(read, in_flight)
+            readers.start_soon(read, queued)
+        locs = [hydrator.index.locate(b) for b in (in_flight, queued)]
+        await wait_until(lambda: not cache.missing(ids), 30)
+        return got, locs, hydrator.counters, len(ids), pages
+
+    try:
+        got, (in_flight, queued), stats, n, pages = trio.run(with_hydrator, repo, cache, config, body)
+    finally:
+        cache.close()
+    assert got == {b: blocks[b] for b in got} and len(got) == 2
+
+    def covering(loc):  # type: ignore[no-untyped-def]
+        return [i for i, (key, offset, length) in enumerate(store.ranges)
+                if key == pack_key(loc.pack) and offset <= loc.offset < offset + length]
+
+    # the read of a block whose run was in flight waited for that run; the block of a queued
+    # run left it and was fetched on its own (in the reserved slot), next
+    assert covering(in_flight) == [0]
+    assert covering(queued)[0] == 1
+    assert stats.blocks_fetched - pages == n  # each block once, whoever asked
+    assert stats.background_blocks == n - 1
+
+
 def test_corrupt_block_fails_its_read_and_is_never_cached(repo_and_image, tmp_path: Path) -> None:
     repo, store, data, _ = repo_and_image
     index = repo.load_index()

@@ -12,6 +12,11 @@ Rules it keeps (DESIGN.md, "Hydration order"):
   and writes), queued background fetches are not started and the sweep queues no more.
 - Neighbouring queued blocks of one pack are fetched with one ranged GET (a run): up to
   ``max_run`` bytes for reads and read-ahead, ``max_background_run`` for background work.
+- Background work is queued as whole runs (``_Run``), cut when it is queued: the sweep hands
+  over tens of thousands of blocks, and a fetch object, heap entry and event for each one cost
+  the trio thread more than decoding them. A block of a queued run that someone asks for
+  sooner leaves its run for a fetch of its own; one asked for while its run is in flight
+  waits for that run.
 - A store that is slow or down fails a waiting read with ``StoreUnavailable`` after
   ``attempts`` tries with backoff: seconds, never forever. A corrupt blob fails at once with
   ``CorruptBlock``, logged with its ID, and is never cached.
@@ -31,6 +36,7 @@ of memory).
 
 from __future__ import annotations
 
+import bisect
 import enum
 import heapq
 import itertools
@@ -92,6 +98,54 @@ class _Fetch:
     data: bytes | None = None
     error: SnapfsError | None = None
     taken: bool = False
+
+
+@dataclass(eq=False)
+class _Run:
+    """Background blocks of one pack that one GET covers, queued together."""
+
+    pack: str
+    blocks: dict[bytes, Location] = field(default_factory=dict)  # in pack order
+    taken: bool = False
+    #: fetches of its blocks that someone asked for while it was in flight
+    waiters: dict[bytes, _Fetch] = field(default_factory=dict)
+
+
+class _PackQueue:
+    """The queued fetches of one pack, by offset, so that ``claim`` finds a fetch's
+    neighbours by bisection (sorting the pack's queue for every claim cost a streaming read
+    more than the rest of its bookkeeping)."""
+
+    def __init__(self) -> None:
+        self.offsets: list[int] = []  # sorted; one fetch per offset
+        self.fetches: dict[int, _Fetch] = {}
+
+    def add(self, f: _Fetch) -> None:
+        bisect.insort(self.offsets, f.loc.offset)
+        self.fetches[f.loc.offset] = f
+
+    def claim(self, first: _Fetch, limit: int, gap: int) -> list[_Fetch]:
+        """Take ``first`` and the neighbours that one GET of at most ``limit`` bytes covers
+        without bridging more than ``gap`` bytes between two of them."""
+        offsets, fetches = self.offsets, self.fetches
+        lo = hi = bisect.bisect_left(offsets, first.loc.offset)
+        start, end = first.loc.offset, first.loc.offset + first.loc.length
+        while lo > 0:
+            prev = fetches[offsets[lo - 1]].loc
+            if start - (prev.offset + prev.length) > gap or end - prev.offset > limit:
+                break
+            lo, start = lo - 1, prev.offset
+        while hi + 1 < len(offsets):
+            after = fetches[offsets[hi + 1]].loc
+            if after.offset - end > gap or after.offset + after.length - start > limit:
+                break
+            hi, end = hi + 1, after.offset + after.length
+        run = [fetches.pop(offset) for offset in offsets[lo : hi + 1]]
+        del offsets[lo : hi + 1]
+        return run
+
+
+Pieces = list[tuple[bytes | None, IntegrityError | None]]  # (plain, error) per blob of a run
 
 
 class LatencyWindow:
@@ -231,7 +285,9 @@ class Hydrator:
         self._heap: list[tuple[int, int, _Fetch]] = []
         self._seq = itertools.count()
         self._inflight: dict[bytes, _Fetch] = {}
-        self._queued_by_pack: dict[str, set[_Fetch]] = {}
+        self._queued_by_pack: dict[str, _PackQueue] = {}
+        self._runs: deque[_Run] = deque()  # background runs not yet taken, in sweep order
+        self._in_runs: dict[bytes, _Run] = {}  # block -> its background run, until it ends
         self._changed = trio.Event()
         self._active_background = 0
         self._readahead_queued = 0
@@ -253,8 +309,8 @@ class Hydrator:
         self._nursery: trio.Nursery | None = None
         #: the bytes every image's read-ahead buffers may hold together
         self.buffers = MemoryBudget(config.readahead_memory)
-        #: called with each block ID once it is in the cache (the image layer's progress)
-        self.on_cached: list[Callable[[bytes], None]] = []
+        #: called with the IDs of blocks once they are in the cache (the image layer's progress)
+        self.on_cached: list[Callable[[list[bytes]], None]] = []
         #: awaited by ``save`` on a clean shutdown (the image layer stores access profiles)
         self.on_save: list[Callable[[], Awaitable[None]]] = []
 
@@ -375,7 +431,10 @@ class Hydrator:
 
     def prefetch(self, block_ids: Iterable[bytes], priority: Priority) -> int:
         """Queue fetches nobody waits on; return how many were new. Callers pass blocks that
-        ``cache.missing`` found missing; ones fetched since are skipped here."""
+        ``cache.missing`` found missing; ones fetched since are skipped here. Background
+        blocks are queued as runs."""
+        if priority == Priority.BACKGROUND:
+            return self._queue_runs(block_ids)
         n = 0
         for bid in block_ids:
             if bid in self._recent:
@@ -392,6 +451,39 @@ class Hydrator:
             self._notify()  # once for the batch: each wake-up costs every idle worker a turn
         return n
 
+    def _queue_runs(self, block_ids: Iterable[bytes]) -> int:
+        """Queue background fetches of ``block_ids`` as runs: by pack, in pack order, cut
+        where one GET would exceed ``max_background_run`` or bridge more than ``max_gap``."""
+        recent, inflight, in_runs = self._recent, self._inflight, self._in_runs
+        by_pack: dict[str, list[tuple[int, bytes, Location]]] = {}
+        for bid in block_ids:
+            if bid in recent or bid in inflight or bid in in_runs:
+                continue
+            loc = self.index.get(bid)
+            if loc is not None:
+                by_pack.setdefault(loc.pack, []).append((loc.offset, bid, loc))
+        limit, gap = self.config.max_background_run, self.config.max_gap
+        n = nbytes = 0
+        for pack, pieces in by_pack.items():
+            pieces.sort()
+            run = _Run(pack)
+            start = end = pieces[0][0]
+            for offset, bid, loc in pieces:
+                if run.blocks and (offset - end > gap or offset + loc.length - start > limit):
+                    self._runs.append(run)
+                    run, start = _Run(pack), offset
+                run.blocks[bid] = loc
+                in_runs[bid] = run
+                end = offset + loc.length
+                nbytes += loc.length
+            self._runs.append(run)
+            n += len(pieces)
+        if n:
+            self._background_queued += n
+            self._background_queued_bytes += nbytes
+            self._notify()
+        return n
+
     def readahead_room(self) -> int:
         return self.config.readahead_budget - self._readahead_queued
 
@@ -401,9 +493,22 @@ class Hydrator:
         if f is not None:
             self._raise(f, priority)
             return f
+        run = self._in_runs.get(bid)
+        if run is not None:
+            if run.taken:  # in flight: wait for it
+                f = self._inflight[bid] = run.waiters[bid] = _Fetch(bid, run.blocks[bid], priority,
+                                                                     taken=True)
+                return f
+            loc = run.blocks.pop(bid)  # queued: it leaves its run for a fetch of its own
+            del self._in_runs[bid]
+            self._background_queued -= 1
+            self._background_queued_bytes -= loc.length
         f = _Fetch(bid, loc if loc is not None else self.index.locate(bid), priority)
         self._inflight[bid] = f
-        self._queued_by_pack.setdefault(f.loc.pack, set()).add(f)
+        queued = self._queued_by_pack.get(f.loc.pack)
+        if queued is None:
+            queued = self._queued_by_pack[f.loc.pack] = _PackQueue()
+        queued.add(f)
         self._count_queued(f, +1)
         heapq.heappush(self._heap, (priority, next(self._seq), f))
         if notify:
@@ -494,20 +599,23 @@ class Hydrator:
             self._recent_waiting.popleft()
         return sum(n for _, n in self._recent_waiting) > BULK_BYTES
 
-    async def _take(self) -> _Fetch:
+    async def _take(self) -> _Fetch | _Run:
+        """The most urgent queued work: a fetch (with the neighbours ``_claim_run`` adds),
+        or a background run once background work may start."""
+        heap = self._heap
         while True:
+            while heap and (heap[0][2].taken or heap[0][0] != heap[0][2].priority):
+                heapq.heappop(heap)
+            if heap and heap[0][0] < Priority.BACKGROUND:
+                return heapq.heappop(heap)[2]
+            while self._runs and not self._runs[0].blocks:  # every block left for a fetch
+                self._runs.popleft()
             wait = float("inf")
-            while self._heap:
-                priority, _, f = self._heap[0]
-                if f.taken or priority != f.priority:
-                    heapq.heappop(self._heap)
-                    continue
-                if priority == Priority.BACKGROUND:
-                    wait = self._background_may_start()
-                    if wait:
-                        break
-                heapq.heappop(self._heap)
-                return f
+            if heap or self._runs:
+                wait = self._background_may_start()
+                if not wait:
+                    # background fetches (manifest pages the sweep waits on) before runs
+                    return heapq.heappop(heap)[2] if heap else self._runs.popleft()
             with trio.move_on_after(wait):
                 await self._changed.wait()
 
@@ -515,29 +623,26 @@ class Hydrator:
         """``first`` plus queued neighbours in its pack that one GET can cover."""
         limit = self.config.max_background_run if first.priority == Priority.BACKGROUND \
             else self.config.max_run
-        queued = self._queued_by_pack.get(first.loc.pack, set())
-        near = sorted((f for f in queued if not f.taken), key=lambda f: f.loc.offset)
-        at = near.index(first)
-        lo = hi = at
-        gap = self.config.max_gap
-        while lo > 0 and near[lo].loc.offset - (near[lo - 1].loc.offset + near[lo - 1].loc.length) <= gap \
-                and near[hi].loc.offset + near[hi].loc.length - near[lo - 1].loc.offset <= limit:
-            lo -= 1
-        while hi + 1 < len(near) and near[hi + 1].loc.offset - (near[hi].loc.offset + near[hi].loc.length) <= gap \
-                and near[hi + 1].loc.offset + near[hi + 1].loc.length - near[lo].loc.offset <= limit:
-            hi += 1
-        run = near[lo : hi + 1]
+        queued = self._queued_by_pack[first.loc.pack]
+        run = queued.claim(first, limit, self.config.max_gap)
         for f in run:
             f.taken = True
-            queued.discard(f)
             self._count_queued(f, -1)
-        if not queued:
-            self._queued_by_pack.pop(first.loc.pack, None)
+        if not queued.offsets:
+            del self._queued_by_pack[first.loc.pack]
         return run
 
     async def _worker(self) -> None:
         while True:
             first = await self._take()
+            if isinstance(first, _Run):
+                self._active_background += 1
+                try:
+                    await self._hydrate_run(first)
+                finally:
+                    self._active_background -= 1
+                    self._notify()
+                continue
             run = self._claim_run(first)
             background = all(f.priority == Priority.BACKGROUND for f in run)
             if background:
@@ -555,8 +660,17 @@ class Hydrator:
         span = wanted[-1][1].offset + wanted[-1][1].length - wanted[0][1].offset
         if background:
             await self._rate.take(span)
+        early: Callable[[Pieces], None] | None = None
+        if any(f.priority == Priority.WAITING for f in run):
+            # someone waits: hand the blocks over before they are written to the cache (they
+            # stay in ``_recent`` meanwhile, so nobody fetches them again)
+            token = trio.lowlevel.current_trio_token()
+
+            def early(results: Pieces) -> None:
+                token.run_sync_soon(self._complete, run, results, background)
+
         try:
-            results = await self._fetch_with_retries(pack, wanted, run, background)
+            results = await self._fetch_with_retries(pack, wanted, early)
         except SnapfsError as e:
             for f in run:
                 self._finish(f, error=e)
@@ -564,16 +678,15 @@ class Hydrator:
         self.counters.bytes_fetched += span
         self._complete(run, results, background)
 
-    def _complete(self, run: list[_Fetch], results: list[tuple[bytes | None, IntegrityError | None]],
-                  background: bool) -> None:
+    def _complete(self, run: list[_Fetch], results: Pieces, background: bool) -> None:
         """Hand each fetch of a run its bytes or error (those not handed theirs already)."""
         now = trio.current_time()
+        cached: list[bytes] = []
         for f, (plain, error) in zip(run, results, strict=True):
             if f.done.is_set():
                 continue
             if error is not None:
-                self.counters.corrupt_blocks += 1
-                log.error("%s", error)
+                self._corrupt(error)
                 self._finish(f, error=error)
                 continue
             self.counters.blocks_fetched += 1
@@ -582,27 +695,65 @@ class Hydrator:
                 self.counters.background_bytes += f.loc.length
                 self._background_done.append((now, f.loc.raw_length))
             self._finish(f, data=plain)
+            cached.append(f.block_id)
+        self._cached(cached)
+
+    async def _hydrate_run(self, run: _Run) -> None:
+        """Fetch a background run: one GET, and one pass over its blocks on this thread."""
+        run.taken = True
+        wanted = list(run.blocks.items())
+        self._background_queued -= len(wanted)
+        self._background_queued_bytes -= sum(loc.length for _, loc in wanted)
+        span = wanted[-1][1].offset + wanted[-1][1].length - wanted[0][1].offset
+        await self._rate.take(span)
+        try:
+            results: Pieces = await self._fetch_with_retries(run.pack, wanted, None)
+        except SnapfsError as e:
+            for bid, _ in wanted:  # its blocks stay missing: a later sweep queues them again
+                del self._in_runs[bid]
+            for f in run.waiters.values():
+                self._finish(f, error=e)
+            return
+        self.counters.bytes_fetched += span
+        cached: list[bytes] = []
+        raw = stored = 0
+        for (bid, loc), (plain, error) in zip(wanted, results, strict=True):
+            del self._in_runs[bid]
+            waiter = run.waiters.get(bid)
+            if error is not None:
+                self._corrupt(error)
+                if waiter is not None:
+                    self._finish(waiter, error=error)
+                continue
+            self._remember(bid, plain)  # type: ignore[arg-type]
+            if waiter is not None:
+                self._finish(waiter, data=plain)
+            cached.append(bid)
+            raw += loc.raw_length
+            stored += loc.length
+        self.counters.blocks_fetched += len(cached)
+        self.counters.background_blocks += len(cached)
+        self.counters.background_bytes += stored
+        self._background_done.append((trio.current_time(), raw))
+        self._cached(cached)
+
+    def _corrupt(self, error: IntegrityError) -> None:
+        self.counters.corrupt_blocks += 1
+        log.error("%s", error)
+
+    def _cached(self, block_ids: list[bytes]) -> None:
+        if block_ids:
             for callback in self.on_cached:
-                callback(f.block_id)
+                callback(block_ids)
 
     async def _fetch_with_retries(self, pack: str, wanted: list[tuple[bytes, Location]],
-                                  run: list[_Fetch], background: bool,
-                                  ) -> list[tuple[bytes | None, IntegrityError | None]]:
+                                  early: Callable[[Pieces], None] | None) -> Pieces:
         delay = self.config.retry_delay
-        early: Callable[[list[tuple[bytes | None, IntegrityError | None]]], None] | None = None
-        if any(f.priority == Priority.WAITING for f in run):
-            # someone waits: hand the blocks over before they are written to the cache (they
-            # stay in ``_recent`` meanwhile, so nobody fetches them again)
-            token = trio.lowlevel.current_trio_token()
-
-            def early(results: list[tuple[bytes | None, IntegrityError | None]]) -> None:
-                token.run_sync_soon(self._complete, run, results, background)
-
         for attempt in range(1, self.config.attempts + 1):
             self.counters.requests += 1
             try:
                 latency, results = await trio.to_thread.run_sync(
-                    self._fetch_decode_cache, pack, wanted, run, early, limiter=self._store_limiter)
+                    self._fetch_decode_cache, pack, wanted, early, limiter=self._store_limiter)
             except IntegrityError:
                 self.counters.failed_requests += 1
                 raise
@@ -618,37 +769,35 @@ class Hydrator:
             return results
         raise AssertionError("unreachable")
 
-    def _fetch_decode_cache(
-        self, pack: str, wanted: list[tuple[bytes, Location]], run: list[_Fetch],
-        early: Callable[[list[tuple[bytes | None, IntegrityError | None]]], None] | None,
-    ) -> tuple[float, list[tuple[bytes | None, IntegrityError | None]]]:
+    def _fetch_decode_cache(self, pack: str, wanted: list[tuple[bytes, Location]],
+                            early: Callable[[Pieces], None] | None) -> tuple[float, Pieces]:
         """In a worker thread: one GET of the run, each blob decoded and verified (then handed
         to ``early``, if given), the good ones cached together. Returns the GET's latency and
         (plain, error) per blob."""
         started = time.monotonic()
         data = self.repo.fetch_run(pack, wanted)
         latency = time.monotonic() - started
-        results, checksums = self._decode(data, run[0].loc.offset, run)
+        results, checksums = self._decode(data, wanted)
         if early is not None:
             early(results)
-        good = [(f.block_id, plain) for f, (plain, _) in zip(run, results, strict=True)
+        good = [(bid, plain) for (bid, _), (plain, _) in zip(wanted, results, strict=True)
                 if plain is not None]
         self.cache.put_many(good, checksums)
         return latency, results
 
-    def _decode(self, data: memoryview, start: int, run: list[_Fetch],
-                ) -> tuple[list[tuple[bytes | None, IntegrityError | None]], list[bytes]]:
+    def _decode(self, data: memoryview, wanted: list[tuple[bytes, Location]],
+                ) -> tuple[Pieces, list[bytes]]:
         """(plain, error) per blob of a fetched run, and the xxh3-128 of each good one's plain
         bytes (its header's, which decoding checked: the cache need not hash them again)."""
-        out: list[tuple[bytes | None, IntegrityError | None]] = []
+        start = wanted[0][1].offset
+        out: Pieces = []
         checksums: list[bytes] = []
-        for f in run:
-            try:
-                out.append((self.repo.decode_piece(data, start, f.block_id, f.loc), None))
-            except IntegrityError as e:
-                out.append((None, e))
-                continue
-            checksums.append(recorded_checksum(data[f.loc.offset - start :]))
+        for (_, loc), plain in zip(wanted, self.repo.decode_pieces(data, start, wanted), strict=True):
+            if isinstance(plain, IntegrityError):
+                out.append((None, plain))
+            else:
+                out.append((plain, None))
+                checksums.append(recorded_checksum(data[loc.offset - start :]))
         return out, checksums
 
     def _finish(self, f: _Fetch, data: bytes | None = None, error: SnapfsError | None = None) -> None:
@@ -656,12 +805,18 @@ class Hydrator:
         f.error = error
         self._inflight.pop(f.block_id, None)
         if data is not None:
-            self._recent[f.block_id] = data
+            self._remember(f.block_id, data)
+        f.done.set()
+
+    def _remember(self, block_id: bytes, data: bytes) -> None:
+        """Keep a fetched block's bytes in ``_recent`` (bounded by RECENT_BYTES)."""
+        recent = self._recent
+        if block_id not in recent:
+            recent[block_id] = data
             self._recent_bytes += len(data)
             while self._recent_bytes > RECENT_BYTES:
-                _, old = self._recent.popitem(last=False)
+                _, old = recent.popitem(last=False)
                 self._recent_bytes -= len(old)
-        f.done.set()
 
     def background_rate(self) -> float:
         """Raw bytes per second the background sweep hydrated over the last RATE_WINDOW s."""
@@ -685,7 +840,7 @@ class Hydrator:
             **asdict(self.counters),
             "fetch_latency_ms_p50": round(p50 * 1000, 2) if p50 is not None else None,
             "fetch_latency_ms_p99": round(p99 * 1000, 2) if p99 is not None else None,
-            "queued": len(self._inflight),
+            "queued": len(self._inflight) + len(self._in_runs),
             "readahead_buffered_bytes": self.buffers.used,
             "background_rate_bytes_per_s": round(self.background_rate()),
             "cache_bytes": self.cache.size,

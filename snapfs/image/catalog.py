@@ -34,7 +34,7 @@ class SnapshotCatalog:
         self._by_id: dict[str, ImageView] = {}
         self._last_refresh = -1e9
         self._refreshing: trio.Event | None = None
-        self.hydrator.on_cached.append(self._block_cached)
+        self.hydrator.on_cached.append(self._blocks_cached)
         self.hydrator.on_save.append(self.save_profiles)
         #: wakes the sweep when images appear
         self.changed = trio.Event()
@@ -105,7 +105,7 @@ class SnapshotCatalog:
             await trio.to_thread.run_sync(self.repo.write_profile, view.root.id,
                                           merged[:PROFILE_MAX])
 
-    def _block_cached(self, block_id: bytes) -> None:
+    def _blocks_cached(self, block_ids: list[bytes]) -> None:
         for view in self._views.values():
             if view.pending:
-                view.block_cached(block_id)
+                view.blocks_cached(block_ids)

@@ -3,10 +3,10 @@
 For every image, once: first the hints (the access profile earlier mounts stored for this
 snapshot, and the user's ``--prefetch-list``) at HINT priority; then a scan of the block map that
 finds which blocks are not cached yet (this is what ``stats`` reports as hydration progress);
-then, if background hydration is on, those blocks in disk order at BACKGROUND priority. The sweep
-keeps about ``BACKLOG_RUNS`` full background runs (``max_background_run`` bytes each) per
-background fetch slot queued, so that the hydrator's runs reach their full length and every slot
-has a GET in flight; it pauses while reads are waiting on the store (unless the workload is
+then, if background hydration is on, those blocks in disk order at BACKGROUND priority (the
+hydrator queues them as runs). The sweep keeps about ``BACKLOG_RUNS`` full background runs
+(``max_background_run`` bytes each) per background fetch slot queued, so that the hydrator's
+runs reach their full length and every slot has a GET in flight; it pauses while reads are waiting on the store (unless the workload is
 itself streaming the image, when full speed is better for everyone), the hydrator starts no
 queued background fetch meanwhile, and ``--hydrate-rate`` throttles it in the hydrator.
 
@@ -30,7 +30,6 @@ from snapfs.image.view import ImageView
 
 log = logging.getLogger(__name__)
 
-BATCH = 256  # blocks queued at a time
 BACKLOG_RUNS = 2
 PRESCAN_REFRESH = 30.0
 
@@ -137,7 +136,18 @@ class Sweeper:
             return
         slots = max(1, self.config.fetchers - self.config.reserved)
         backlog_bytes = BACKLOG_RUNS * slots * self.config.max_background_run
-        for i in range(0, len(order), BATCH):
+        pending = view.pending
+        i = 0
+        while i < len(order):
             await self.hydrator.background_turn(backlog_bytes)
-            batch = [b for b in order[i : i + BATCH] if b in view.pending]
+            # a backlog's worth at a time (in raw bytes, more than enough in stored ones), so
+            # that the hydrator cuts runs of full length from it
+            batch: list[bytes] = []
+            nbytes = 0
+            while i < len(order) and nbytes < backlog_bytes:
+                raw = pending.get(order[i])
+                if raw is not None:
+                    batch.append(order[i])
+                    nbytes += raw
+                i += 1
             self.hydrator.prefetch(batch, Priority.BACKGROUND)

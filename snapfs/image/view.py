@@ -141,7 +141,7 @@ class ImageView:
         self.bytes_read = 0
         self.data_blocks: int | None = None  # unique non-zero blocks, once the sweep scanned
         #: of those, the ones not cached yet, with their raw size (no index lookup per block
-        #: fetched: ``block_cached`` runs for every block the hydrator caches)
+        #: fetched: ``blocks_cached`` runs for the blocks the hydrator caches)
         self.pending: dict[bytes, int] = {}
         self.pending_bytes = 0  # their raw size
 
@@ -359,10 +359,12 @@ class ImageView:
 
     # -- progress -------------------------------------------------------------------------
 
-    def block_cached(self, block_id: bytes) -> None:
-        raw = self.pending.pop(block_id, None)
-        if raw is not None:
-            self.pending_bytes -= raw
+    def blocks_cached(self, block_ids: list[bytes]) -> None:
+        pop = self.pending.pop
+        for block_id in block_ids:
+            raw = pop(block_id, None)
+            if raw is not None:
+                self.pending_bytes -= raw
 
     def set_pending(self, pending: Iterable[bytes]) -> None:
         """The sweep's scan found these blocks uncached (it keeps adding as it goes)."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from snapfs.errors import NoSpace, SnapfsError
+from snapfs.errors import IntegrityError, NoSpace, SnapfsError
 from snapfs.format.block import ZERO_ID
 from snapfs.format.manifest import SnapshotRoot
 from snapfs.progress import NO_PROGRESS, Progress
@@ -132,8 +132,9 @@ async def export_snapshot(
         data = repo.fetch_run(pack, run)
         start = run[0][1].offset
         nbytes = 0
-        for bid, loc in run:
-            plain = repo.decode_piece(data, start, bid, loc)
+        for (bid, _), plain in zip(run, repo.decode_pieces(data, start, run), strict=True):
+            if isinstance(plain, IntegrityError):
+                raise plain
             for n in where[bid]:
                 target.pwrite(plain, n * bs)
                 nbytes += len(plain)

@@ -27,6 +27,7 @@ from snapfs.errors import (
     AmbiguousSnapshot,
     CorruptBlock,
     FormatError,
+    IntegrityError,
     MissingBlock,
     ObjectNotFound,
     RepositoryExists,
@@ -332,14 +333,28 @@ class Repository:
 
     def fetch_run(self, pack: str, wanted: list[tuple[bytes, Location]]) -> memoryview:
         """One ranged GET covering ``wanted`` (sorted by offset), from the first blob's start to
-        the last one's end. Decode each piece with ``piece`` and ``decode_verified``."""
+        the last one's end; ``decode_pieces`` decodes them."""
         start = wanted[0][1].offset
         end = max(loc.offset + loc.length for _, loc in wanted)
         return memoryview(self._get_range(pack, start, end - start))
 
-    def decode_piece(self, run: memoryview, run_start: int, blob_id: bytes, loc: Location) -> bytes:
-        piece = run[loc.offset - run_start : loc.offset - run_start + loc.length]
-        return self.decode_verified(blob_id, piece, f"blob {blob_id.hex()[:16]} in pack {loc.pack[:12]}")
+    def decode_pieces(self, run: memoryview, run_start: int, wanted: list[tuple[bytes, Location]],
+                      ) -> list[bytes | IntegrityError]:
+        """``decode_verified`` of each of ``wanted`` in a fetched run: its plain bytes, or
+        the error (the codec decodes them all in one call, see ``BlockCodec.decode_many``)."""
+        pieces = [run[loc.offset - run_start : loc.offset - run_start + loc.length] for _, loc in wanted]
+
+        def what(i: int) -> str:
+            bid, loc = wanted[i]
+            return f"blob {bid.hex()[:16]} in pack {loc.pack[:12]}"
+
+        out = self.codec.decode_many(pieces, what)
+        block_id = self.keyer.block_id
+        for i, (bid, _) in enumerate(wanted):
+            plain = out[i]
+            if isinstance(plain, bytes) and block_id(plain) != bid:
+                out[i] = CorruptBlock(f"{what(i)}: content does not match its ID")
+        return out
 
     def _get_range(self, pack: str, offset: int, length: int) -> bytes:
         try:

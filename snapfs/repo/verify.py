@@ -89,11 +89,11 @@ async def verify_snapshots(
         except IntegrityError as e:
             return 0, 0, [f"{users[bid]}: {e}" for bid, _ in run]
         nbytes = 0
-        for bid, loc in run:
-            try:
-                nbytes += len(repo.decode_piece(data, run[0][1].offset, bid, loc))
-            except IntegrityError as e:
-                problems.append(f"{users[bid]}: {e}")
+        for (bid, _), plain in zip(run, repo.decode_pieces(data, run[0][1].offset, run), strict=True):
+            if isinstance(plain, IntegrityError):
+                problems.append(f"{users[bid]}: {plain}")
+            else:
+                nbytes += len(plain)
         return len(run), nbytes, problems
 
     def done(job: tuple[str, Run], result: tuple[int, int, list[str]]) -> None:
