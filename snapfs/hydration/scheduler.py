@@ -265,6 +265,14 @@ class ReadTally:
     wait_seconds: float = 0.0
 
 
+async def _all_done(fetches: Iterable[_Fetch]) -> None:
+    """Until every one of ``fetches`` has ended. Fetches end a run at a time: waiting only on
+    those not ended yet saves a trip through the scheduler per block."""
+    for f in fetches:
+        if not f.done.is_set():
+            await f.done.wait()
+
+
 def _copy_into(target: memoryview, data: bytes) -> bool:
     """Copy a block's verified bytes into a read-ahead target; False if the lengths differ."""
     if len(data) != len(target):
@@ -353,8 +361,7 @@ class Hydrator:
                 self._recent_waiting.append(
                     (self._last_waiting, sum(f.loc.raw_length for f in fetches.values())))
             started = trio.current_time()
-            for f in fetches.values():
-                await f.done.wait()
+            await _all_done(fetches.values())
             waited = trio.current_time() - started
             self.counters.wait_seconds += waited
             tally.wait_seconds += waited
@@ -399,8 +406,11 @@ class Hydrator:
                 if data is not None:
                     had[i] = _copy_into(targets[i], data)
                 elif bid not in fetches:
-                    loc = self.index.get(bid)
-                    if loc is not None:
+                    f = self._inflight.get(bid)
+                    if f is not None:  # queued further ahead already (no index lookup)
+                        self._raise(f, Priority.READAHEAD)
+                        fetches[bid] = f
+                    elif (loc := self.index.get(bid)) is not None:
                         fetches[bid] = self._request(bid, Priority.READAHEAD, notify=False, loc=loc)
         if far and self.readahead_room() > 0:
             self.prefetch(far, Priority.READAHEAD)  # notifies
@@ -409,8 +419,7 @@ class Hydrator:
         landed(had)
         if not fetches:
             return far is not None
-        for f in fetches.values():
-            await f.done.wait()
+        await _all_done(fetches.values())
         if not wanted():
             return far is not None
         for i, ok in enumerate(had):
