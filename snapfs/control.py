@@ -34,21 +34,16 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
-import logging
 import os
 import re
-import signal
 import socket
 import stat
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from snapfs.errors import MountError, NotMounted, SnapfsError
-
-log = logging.getLogger(__name__)
 
 FSNAME = "snapfs"
 FSTYPE = "fuse.snapfs"  # fuse.SUBTYPE, from the subtype= mount option
@@ -168,6 +163,8 @@ def mount_entry(path: str) -> MountEntry | None:
 
 def fusermount(mountpoint: str, lazy: bool = False) -> None:
     """Unmount a FUSE mount; raises ``MountError`` with fusermount's reason."""
+    import subprocess  # here, as signal in _kill: a command that only sends requests needs neither
+
     cmd = [FUSERMOUNT, "-u", *(["-z"] if lazy else []), mountpoint]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
@@ -410,6 +407,8 @@ def unmount(mountpoint: str, timeout: float = 60.0) -> str:
 
 
 def _kill(pid: int | None) -> None:
+    import signal
+
     if pid is None:
         return
     try:

@@ -3,23 +3,58 @@
 Errors from the library are ``SnapfsError``s: the CLI prints their one line and exits with their
 code; a traceback only with ``--debug``.
 
-Start-up time is part of every command (and of "time to first file" for a mount), so the CLI
-modules import only click and light snapfs modules at their top; a command imports the library
-it calls inside its body (trio, pyfuse3, lmdb, the codecs, boto3 for S3: together most of a
-second on a cold start), so ``snapfs --help`` pays for none of them and each command only for
-its own. ``tests/test_cli_imports.py`` keeps it so.
+Start-up time is part of every command (and of "time to first file" for a mount), and on a cold
+page cache every module imported is a disk read. So this module imports only click and names
+the commands (``COMMANDS``); a command's module is imported when that command runs, and
+``snapfs --help`` lists them all from the table without importing any. The CLI modules import
+only click and light snapfs modules at their top; a command imports the library it calls inside
+its body (trio, pyfuse3, lmdb, the codecs, boto3 for S3: together most of a second on a cold
+start). ``logging`` too is set up only by the commands that may log (see ``log_to_stderr``):
+asking a running daemon, as the disk commands do, logs nothing here.
+``tests/test_cli_imports.py`` keeps it so.
 """
 
 from __future__ import annotations
 
-import logging
+import importlib
 from typing import Any
 
 import click
 
-from snapfs.cli import browse, disk, mount, repository, snapshot
-from snapfs.cli.context import CliConfig
+from snapfs.cli.context import CliConfig, log_to_stderr
 from snapfs.errors import SnapfsError
+
+#: every command: the module of ``snapfs.cli`` that defines it (as the attribute of its name,
+#: with ``_`` for ``-``), and the first paragraph of its help, which ``snapfs --help`` shows
+#: without importing the module (``tests/test_cli_imports.py`` checks both against the commands)
+COMMANDS = {
+    "init": ("repository", "Create a new, empty repository at REPO."),
+    "export": ("repository", "Write snapshot SNAP out as a raw image file (or onto a block "
+                             "device)."),
+    "verify": ("repository", "Check that every block of SNAPs (default: all) is present and "
+                             "intact."),
+    "prune": ("repository", "Delete the blobs no snapshot uses (delete does this too) and repack "
+                            "sparse packs."),
+    "snapshot": ("snapshot", "Create, list, show and delete snapshots."),
+    "disk": ("disk", "Create, list, delete and roll back writable disks (served by a running "
+                     "mount)."),
+    "mount": ("mount", "Serve every snapshot of REPO as MOUNTPOINT/snapshots/NAME.img, fetched "
+                       "as it is read."),
+    "umount": ("mount", "Unmount MOUNTPOINT and wait until its daemon has exited (also cleans up "
+                        "after a daemon that died)."),
+    "stats": ("mount", "Show how far each image is hydrated and how the store is doing."),
+    "browse": ("browse", "Mount the files inside snapshot SNAP read-only at DIRECTORY (undo with "
+                         "unbrowse)."),
+    "unbrowse": ("browse", "Unmount a browsed DIRECTORY, detach its loop device, stop the daemon "
+                           "browse started."),
+    "restore-files": ("browse", "Copy files out of snapshot SNAP into a directory, keeping their "
+                                "metadata."),
+}
+
+#: the commands that set up logging themselves if they need it: what only asks a running daemon
+#: logs nothing (and ``import logging`` brings traceback, textwrap and string with it);
+#: ``snapshot`` decides per subcommand
+SET_UP_THEIR_LOGGING = frozenset({"snapshot", "disk", "umount", "stats"})
 
 
 class SnapfsGroup(click.Group):
@@ -35,6 +70,30 @@ class SnapfsGroup(click.Group):
             click.echo("snapfs: interrupted", err=True)
             ctx.exit(130)
 
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module = importlib.import_module(f"snapfs.cli.{COMMANDS[cmd_name][0]}")
+        command: click.Command = getattr(module, cmd_name.replace("-", "_"))
+        return command
+
+    def resolve_command(self, ctx: click.Context, args: list[str]
+                        ) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.NoSuchCommand as e:
+            # click suggests names from the commands a group holds, and this one holds none
+            raise click.NoSuchCommand(e.command_name, possibilities=COMMANDS, ctx=ctx) from None
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # stand-ins with the table's helps, so that listing the commands imports none of them
+        listing = click.Group(commands=[click.Command(name, help=text)
+                                        for name, (_, text) in COMMANDS.items()])
+        listing.format_commands(ctx, formatter)
+
 
 @click.group(cls=SnapfsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-r", "--repo", envvar="SNAPFS_REPO", metavar="REPO",
@@ -46,14 +105,9 @@ class SnapfsGroup(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, repo: str | None, endpoint_url: str | None, debug: bool) -> None:
     """snapfs: block-level disk snapshots in object storage."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="snapfs: %(levelname)s: %(message)s")
     ctx.obj = CliConfig(repo, endpoint_url, debug)
-
-
-for command in (*repository.COMMANDS, snapshot.snapshot, *disk.COMMANDS, *mount.COMMANDS,
-                *browse.COMMANDS):
-    cli.add_command(command)
+    if debug or ctx.invoked_subcommand not in SET_UP_THEIR_LOGGING:
+        log_to_stderr(debug)
 
 
 def main() -> None:

@@ -111,6 +111,3 @@ def restore_files(config: CliConfig, snap: str, target: str, includes: tuple[str
                    f"{report.failed} failed")
     if report.failed:
         raise SystemExit(1)
-
-
-COMMANDS = (browse, unbrowse, restore_files)

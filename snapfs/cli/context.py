@@ -1,4 +1,4 @@
-"""What every command gets from the top-level options: where the repository is."""
+"""What every command gets from the top-level options: where the repository is, and how to log."""
 
 from __future__ import annotations
 
@@ -32,3 +32,13 @@ class CliConfig:
 
 
 pass_config = click.make_pass_decorator(CliConfig)
+
+
+def log_to_stderr(debug: bool) -> None:
+    """Log records to stderr as ``snapfs: LEVEL: message``: from DEBUG with ``--debug``, else
+    from WARNING. Called before a command's library runs (a second call changes nothing);
+    ``logging`` is imported here because a command that only asks a daemon never needs it."""
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="snapfs: %(levelname)s: %(message)s")

@@ -98,6 +98,3 @@ def rollback(config: CliConfig, name: str, snap: str, yes: bool, json_output: bo
     else:
         click.echo(f"disk {name} rolled back to {result['snapshot_name']} "
                    f"({result['blocks_reset']} blocks reset)")
-
-
-COMMANDS = [disk]

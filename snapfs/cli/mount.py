@@ -184,6 +184,3 @@ def format_stats(doc: dict[str, Any]) -> list[str]:
             i.get("blocks_missing") == 0 for i in doc["images"].values()) else ""
     lines.append(f"background  {background}")
     return lines
-
-
-COMMANDS = (mount, umount, stats)

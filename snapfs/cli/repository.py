@@ -89,6 +89,3 @@ def prune(config: CliConfig, json_output: bool) -> None:
     else:
         click.echo(f"freed {human_size(stats['bytes_freed'])}: {stats['packs_deleted']} packs "
                    f"deleted, {stats['packs_repacked']} repacked")
-
-
-COMMANDS = (init, export, verify, prune)

@@ -6,15 +6,18 @@ from typing import Any
 
 import click
 
-from snapfs.cli.context import CliConfig, pass_config
+from snapfs.cli.context import CliConfig, log_to_stderr, pass_config
 from snapfs.cli.output import emit_json, human_size, progress_for, run_async, table_lines
 from snapfs.errors import NotMounted, SnapfsError, UsageError
 from snapfs.progress import NO_PROGRESS
 
 
 @click.group()
-def snapshot() -> None:
+@click.pass_context
+def snapshot(ctx: click.Context) -> None:
     """Create, list, show and delete snapshots."""
+    if ctx.invoked_subcommand != "create":  # create does, when it needs to
+        log_to_stderr(ctx.obj.debug)
 
 
 @snapshot.command()
@@ -45,6 +48,8 @@ def create(config: CliConfig, source: str | None, name: str | None, disks: tuple
     or, without SOURCE, the --disk disks the running mount serves (only their changed blocks)."""
     if rate is not None and rate <= 0:
         raise UsageError("--rate must be a positive number of MB/s")
+    if source is not None or freeze:
+        log_to_stderr(config.debug)  # the library logs, and so does freezing; asking does not
     if source is None:
         _create_of_disks(config, list(disks), name, parent, freeze, freeze_timeout, no_wait,
                          tags, rate, json_output)

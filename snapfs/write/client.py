@@ -13,7 +13,6 @@ from typing import Any
 
 from snapfs.control import find_repository_daemon, request
 from snapfs.progress import NO_PROGRESS, Progress
-from snapfs.write.freeze import check_mountpoint, frozen
 
 #: a closing waits for every disk's in-flight write and one lmdb commit; a generous bound
 CLOSE_TIMEOUT = 60.0
@@ -32,8 +31,11 @@ def snapshot_disks(repository: str, disks: list[str], name: str | None, tags: li
     systems in ``freeze`` frozen just for that instant. Returns the task's summary, after the
     upload unless ``wait`` is False."""
     files = find_repository_daemon(repository)
-    for mountpoint in freeze:
-        check_mountpoint(mountpoint)  # before freezing anything
+    if freeze:  # imported only to freeze (here and in ``frozen`` below): it brings logging
+        from snapfs.write.freeze import check_mountpoint, frozen
+
+        for mountpoint in freeze:
+            check_mountpoint(mountpoint)  # before freezing anything
     message: dict[str, Any] = {"op": "snapshot", "disks": disks, "name": name, "tags": tags,
                                "consistency": "frozen" if freeze else "crash"}
     with contextlib.ExitStack() as stack:
