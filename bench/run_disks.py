@@ -258,7 +258,8 @@ def incremental(b: Bench, disk: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return {"seconds": seconds, "daemon_seconds": snap["seconds"],
             "blocks_read": snap["blocks_read"], "blocks_staged": snap.get("blocks_staged", 0),
             "blocks_changed": snap["blocks_changed"], "blocks_uploaded": snap["blocks_uploaded"],
-            "bytes_uploaded": snap["bytes_uploaded"], "pages_written": snap["pages_written"]}, snap
+            "bytes_uploaded": snap["bytes_uploaded"], "pages_written": snap["pages_written"],
+            "daemon_timings": snap.get("timings", {})}, snap
 
 
 def wait_staged(b: Bench, disk: str, limit: float = 30.0) -> float:
