@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
+from testkit import wait_until
 
 from snapfs.cache import BlockCache
 from snapfs.errors import CorruptBlock
@@ -65,15 +66,6 @@ def repo_and_image(tmp_path: Path) -> Iterator[tuple[Repository, CountingStore, 
     result = trio.run(create_snapshot, repo, str(tmp_path / "disk.img"), CreateOptions(name="s1"))
     store.ranges.clear()
     yield repo, store, data, result.root.id
-
-
-async def wait_until(condition: Callable[[], bool], seconds: float) -> None:
-    """Poll ``condition`` (state owned by other tasks) until it holds; fail after ``seconds``."""
-    with trio.fail_after(seconds):
-        while True:
-            if condition():
-                return
-            await trio.sleep(0.05)
 
 
 def open_cache(tmp_path: Path) -> BlockCache:

@@ -2,7 +2,7 @@
 
 Reads of uncached blocks fail with EIO within seconds (bounded retries), cached blocks keep
 reading, the daemon stays up and answers ``stats``, and once the store is back the same reads
-return the right bytes.
+return the right bytes, and the background sweep finishes what the outage interrupted.
 """
 
 from __future__ import annotations
@@ -14,11 +14,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 from diskimages import make_image
 from mountutil import mounted, pid_running
-from testkit import Snapfs
+from testkit import Snapfs, wait_until
 
+from snapfs.cache import BlockCache
 from snapfs.errors import SnapfsError
+from snapfs.hydration.scheduler import HydrationConfig, Hydrator
+from snapfs.image.catalog import SnapshotCatalog
+from snapfs.image.sweep import Sweeper
+from snapfs.repo.create import CreateOptions, create_snapshot
+from snapfs.repo.repository import Repository
 from snapfs.store.s3 import S3Store
 from snapfs.testing.seaweedfs import SeaweedServer
 
@@ -45,9 +52,10 @@ def pread(path: Path, offset: int, length: int) -> bytes:
         os.close(fd)
 
 
-def wait_until_serving(server: SeaweedServer) -> None:
-    """SeaweedFS answers S3 before its volume server is back: "back" means a pack reads again."""
-    store = S3Store("faults", "repo", endpoint_url=server.endpoint_url)
+def wait_until_serving(server: SeaweedServer, prefix: str = "repo") -> None:
+    """SeaweedFS answers S3 before its volume server is back: "back" means a pack of the
+    repository at ``prefix`` reads again."""
+    store = S3Store("faults", prefix, endpoint_url=server.endpoint_url)
     try:
         pack = next(key for key, _ in store.list("packs/"))
         deadline = time.monotonic() + 60
@@ -107,3 +115,55 @@ def test_store_down_then_back(server: SeaweedServer, tmp_path: Path,
         drop_page_cache()
         assert pread(served, 0, len(source)) == source
         snapfs.ok("umount", daemon.mountpoint)
+
+
+def test_background_sweep_finishes_once_the_store_is_back(server: SeaweedServer, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store dies while the sweep hydrates an image: the runs in flight fail, and once the
+    store is back the sweep tries the blocks still missing again until the image is whole."""
+    for name, value in (("AWS_ACCESS_KEY_ID", ACCESS), ("AWS_SECRET_ACCESS_KEY", SECRET),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    image = make_image(tmp_path / "disk.img", size="32M", data="12M", seed=5)
+    source = image.read_bytes()
+    store = S3Store("faults", "sweep", endpoint_url=server.endpoint_url)
+    repo = Repository.init(store, block_size=BS)
+    trio.run(create_snapshot, repo, str(image), CreateOptions(name="vm"))
+    # runs of 256 KiB at 1 MiB/s: the store dies in the middle of the sweep; few, quick retries
+    config = HydrationConfig(hydrate_rate=1 << 20, max_background_run=256 << 10, attempts=2,
+                             retry_delay=0.1, sweep_retry=0.5)
+    cache = BlockCache(tmp_path / "cache", capacity=256 << 20)
+
+    async def body() -> tuple[bytes, int]:
+        hydrator = Hydrator(repo, repo.load_index(), cache, config)
+        catalog = SnapshotCatalog(repo, hydrator)
+        await catalog.refresh(force=True)
+        view = catalog.images()["vm.img"]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hydrator.run)
+            nursery.start_soon(Sweeper(catalog, hydrator, config).run)
+            await wait_until(lambda: view.data_blocks is not None and len(view.pending) < view.data_blocks, 30)
+            server.crash()
+            try:
+                await wait_until(lambda: hydrator.counters.failed_requests >= 1, 60)
+                failed_while_down = len(view.pending)
+            finally:
+                server.restart()
+            await trio.to_thread.run_sync(wait_until_serving, server, "sweep")
+            await wait_until(lambda: not view.pending, 60)
+            nursery.cancel_scope.cancel()
+        # every block is in the cache now: read the image back with the store out of reach
+        hydrator = Hydrator(Repository(S3Store("faults", "sweep", endpoint_url="http://127.0.0.1:9"),
+                                       repo.config), repo.load_index(), cache, config)
+        catalog = SnapshotCatalog(repo, hydrator)
+        await catalog.refresh(force=True)
+        view = catalog.images()["vm.img"]
+        return await view.read(0, len(source)), failed_while_down
+
+    try:
+        data, failed_while_down = trio.run(body)
+    finally:
+        cache.close()
+        store.close()
+    assert failed_while_down > 0  # the sweep had not finished when the store died
+    assert data == source

@@ -1,5 +1,6 @@
 """What several test files share: running the real ``snapfs`` command, checking its one-line
-errors, and damaging a stored object the way bit rot would."""
+errors, damaging a stored object the way bit rot would, and waiting in trio for state that
+other tasks own."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import dataclasses
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import trio
 
 from snapfs.store import ObjectStore
 from snapfs.store.local import LocalStore
@@ -86,3 +90,12 @@ def flip_byte(store: ObjectStore, key: str, offset: int) -> None:
         data = bytearray(store.get(key))
         data[offset] ^= 0x40
         store.put(key, bytes(data))
+
+
+async def wait_until(condition: Callable[[], bool], seconds: float) -> None:
+    """Poll ``condition`` (state owned by other tasks) until it holds; fail after ``seconds``."""
+    with trio.fail_after(seconds):
+        while True:
+            if condition():
+                return
+            await trio.sleep(0.05)

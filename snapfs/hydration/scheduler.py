@@ -85,6 +85,7 @@ class HydrationConfig:
     max_background_run: int = 4 << 20
     max_gap: int = 64 << 10
     quiet_after: float = 0.2  # the sweep resumes this long after the last waiting read
+    sweep_retry: float = 30.0  # the sweep's first wait before it tries failed blocks again
     readahead_budget: int = 64 << 20  # raw bytes of read-ahead queued at once, for all images
     readahead_memory: int = 64 << 20  # plain bytes held in read-ahead buffers, for all images
 
@@ -591,13 +592,9 @@ class Hydrator:
                 return
             await trio.sleep(wait)
 
-    def background_backlog(self) -> int:
-        """Background fetches queued and not yet started."""
-        return self._background_queued
-
-    def background_backlog_bytes(self) -> int:
-        """Stored bytes of the background fetches queued and not yet started."""
-        return self._background_queued_bytes
+    def background_idle(self) -> bool:
+        """No background work is queued or in flight."""
+        return not self._in_runs and not self._background_queued
 
     def bulk(self) -> bool:
         """The workload itself is streaming the image (more than ``BULK_BYTES`` of waiting

@@ -10,6 +10,11 @@ runs reach their full length and every slot has a GET in flight; it pauses while
 itself streaming the image, when full speed is better for everyone), the hydrator starts no
 queued background fetch meanwhile, and ``--hydrate-rate`` throttles it in the hydrator.
 
+A fetch that failed (the store was down, a blob is damaged) leaves its blocks missing, and a
+scan that failed leaves its image unscanned: once the hydrator has no background work left, the
+sweep tries them again, ``sweep_retry`` seconds later at first and twice as long after each
+try (at most ``RETRY_MAX``), so that an image becomes whole once the store is back.
+
 A prefetch list is a text file, one entry a line: ``NAME.img`` (the whole image) or
 ``NAME.img OFFSET LENGTH`` (a byte range; sizes may use K/M/G suffixes). ``#`` starts a comment.
 """
@@ -32,6 +37,7 @@ log = logging.getLogger(__name__)
 
 BACKLOG_RUNS = 2
 PRESCAN_REFRESH = 30.0
+RETRY_MAX = 3600.0  # the longest wait before blocks whose fetch failed are tried again
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -77,6 +83,8 @@ class Sweeper:
         self.prefetch = parse_prefetch_list(config.prefetch_list) if config.prefetch_list else {}
         self._hinted: set[str] = set()
         self._scanned: set[str] = set()
+        #: image -> (trio clock of its next try, the wait after that) for missing blocks
+        self._retry: dict[str, tuple[float, float]] = {}
 
     async def run(self) -> None:
         while True:
@@ -86,19 +94,47 @@ class Sweeper:
                     self._hinted.add(view.root.id)
                     await self._guard(self._hint(view), view)
             for view in list(self.catalog.images().values()):
-                if view.root.id not in self._scanned:
-                    self._scanned.add(view.root.id)
-                    await self._guard(self._scan_and_hydrate(view), view)
-            with trio.move_on_after(PRESCAN_REFRESH):
+                if view.root.id not in self._scanned and self._due(view):
+                    if await self._guard(self._scan_and_hydrate(view), view):
+                        self._scanned.add(view.root.id)
+            unfinished = [v for v in self.catalog.images().values() if self._unfinished(v)]
+            for view in unfinished:
+                if view.root.id in self._scanned and self.hydrator.background_idle() \
+                        and self._due(view):
+                    await self._guard(self._hydrate(view, list(view.pending)), view)
+            wait = PRESCAN_REFRESH
+            for view in unfinished:  # the next try, or a look whether the hydrator is idle
+                at, _ = self._retry.get(view.root.id, (0.0, 0.0))
+                wait = min(wait, max(at - trio.current_time(), self.config.sweep_retry))
+            with trio.move_on_after(wait):
                 await changed.wait()
             await self._guard(self.catalog.refresh(), None)
 
-    async def _guard(self, work: object, view: ImageView | None) -> None:
-        """Background work must not take the daemon down: log its failures and go on."""
+    def _unfinished(self, view: ImageView) -> bool:
+        """``view`` is not scanned yet, or the sweep should fetch blocks it still misses."""
+        if view.root.id not in self._scanned:
+            return True
+        return bool(view.pending) and self.config.background
+
+    def _due(self, view: ImageView) -> bool:
+        """Whether ``view``'s scan or missing blocks may be tried (again) now; if so, the
+        next try waits twice as long as the last."""
+        now = trio.current_time()
+        at, delay = self._retry.get(view.root.id, (now, self.config.sweep_retry))
+        if now < at:
+            return False
+        self._retry[view.root.id] = (now + delay, min(2 * delay, RETRY_MAX))
+        return True
+
+    async def _guard(self, work: object, view: ImageView | None) -> bool:
+        """Background work must not take the daemon down: log its failures and go on.
+        Returns whether it succeeded."""
         try:
             await work  # type: ignore[misc]
         except SnapfsError as e:
             log.warning("background work for %s stopped: %s", view.name if view else "catalog", e)
+            return False
+        return True
 
     async def _hint(self, view: ImageView) -> None:
         blocks: list[int] = await trio.to_thread.run_sync(self.hydrator.repo.read_profile, view.root.id)
@@ -132,8 +168,11 @@ class Sweeper:
             view.add_pending(missing)
             order.extend(missing)
         view.data_blocks = len(seen)
-        if not self.config.background:
-            return
+        if self.config.background:
+            await self._hydrate(view, order)
+
+    async def _hydrate(self, view: ImageView, order: list[bytes]) -> None:
+        """Queue the blocks of ``order`` still missing at BACKGROUND priority, in turns."""
         slots = max(1, self.config.fetchers - self.config.reserved)
         backlog_bytes = BACKLOG_RUNS * slots * self.config.max_background_run
         pending = view.pending
