@@ -568,7 +568,9 @@ def test_a_fetch_that_ends_during_a_cache_lookup_is_joined_not_repeated(repo_and
         await wait_until(lambda: len(got) == 2, 10)
         return got, hydrator.counters
 
-    got, stats = trio.run(with_hydrator, repo, cache, HydrationConfig(background=False), body)
+    # (no read-around: x's GET would bring its neighbours, which this does not count)
+    config = HydrationConfig(background=False, read_around=0)
+    got, stats = trio.run(with_hydrator, repo, cache, config, body)
     blocks = {repo.keyer.block_id(data[i : i + BS]): data[i : i + BS] for i in range(0, len(data), BS)}
     assert got == [blocks[x], blocks[y]]
     assert stats.blocks_fetched == 2  # x once, whoever wanted it
@@ -615,4 +617,86 @@ def test_buffered_reads_hand_out_the_read_ahead_buffer_itself(repo_and_image, tm
         assert got == data and tail == data[-5000:]
         if warm:  # all but the first reads of the stream came from the buffer, uncopied
             assert views >= (len(data) - READAHEAD_AFTER) // piece - 2
+    cache.close()
+
+
+def read_around_case(repo: Repository, data: bytes, window: int,
+                     ) -> tuple[dict[bytes, bytes], bytes, list[bytes]]:
+    """The plain bytes of every data block, a block with at least six neighbours in its pack
+    within ``window`` bytes on either side, and those neighbours (in pack order)."""
+    plain = {repo.keyer.block_id(data[i : i + BS]): data[i : i + BS]
+             for i in range(0, len(data), BS) if data[i : i + BS] != bytes(BS)}
+    index = repo.load_index()
+
+    def around(bid: bytes) -> list[bytes]:
+        loc = index.locate(bid)
+        return [n for n, _ in index.neighbours(bid, loc.offset - window, loc.offset + loc.length + window)
+                if n != bid]
+
+    target = next(b for b in plain if len(around(b)) >= 6 and index.locate(b).offset > window)
+    return plain, target, around(target)
+
+
+def test_a_waiting_read_brings_its_neighbours_in_the_pack_with_the_same_get(
+        repo_and_image, tmp_path: Path) -> None:  # fmt: skip
+    repo, store, data, _ = repo_and_image
+    window = 48 << 10
+    plain, target, neighbours = read_around_case(repo, data, window)
+    had = neighbours[0]  # the lowest in the pack, cached already: the GET starts after it
+    cache = open_cache(tmp_path)
+    cache.put(had, plain[had])
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        got = await hydrator.read_blocks([target])  # handed over before the neighbours are
+        await wait_until(lambda: not hydrator._inflight, 10)  # decoded and cached
+        first = (list(store.ranges), hydrator.counters.read_around_blocks)
+        rest = await hydrator.read_blocks(neighbours)
+        return got, first, rest, hydrator.counters
+
+    config = HydrationConfig(background=False, read_around=window)
+    got, (gets, around), rest, stats = trio.run(with_hydrator, repo, cache, config, body)
+    assert got == [plain[target]]
+    index = repo.load_index()
+    fetched = [index.locate(b) for b in [target, *neighbours[1:]]]
+    assert [(key, offset, offset + length) for key, offset, length in gets] == [
+        (pack_key(fetched[0].pack), min(loc.offset for loc in fetched),
+         max(loc.offset + loc.length for loc in fetched))]
+    assert around == len(neighbours) - 1
+    # the neighbours are cached, verified: reading them costs no GET
+    assert rest == [plain[n] for n in neighbours]
+    assert len(store.ranges) == 1
+    assert stats.read_around_blocks == len(neighbours) - 1
+    assert stats.blocks_fetched == len(neighbours)
+    assert cache.missing([target, *neighbours]) == []
+    cache.close()
+
+
+def test_a_read_of_a_neighbour_in_flight_waits_for_that_get(repo_and_image, tmp_path: Path) -> None:
+    repo, store, data, _ = repo_and_image
+    window = 48 << 10
+    plain, target, neighbours = read_around_case(repo, data, window)
+    joined, had = neighbours[-1], neighbours[0]
+    cache = open_cache(tmp_path)
+    cache.put(had, plain[had])  # found cached on the worker thread: who joined it reads the cache
+    slow = Repository.open(SimulatedStore(store, 0.2))  # time to ask while the GET is under way
+    store.ranges.clear()
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        out: dict[str, list[bytes]] = {}
+
+        async def first() -> None:
+            out["target"] = await hydrator.read_blocks([target])
+
+        nursery.start_soon(first)
+        await wait_until(lambda: joined in hydrator._inflight and had in hydrator._inflight, 10)
+        gets = len(store.ranges)
+        out["later"] = await hydrator.read_blocks([joined, had])
+        await wait_until(lambda: "target" in out, 10)
+        return out, gets, hydrator.counters
+
+    config = HydrationConfig(background=False, read_around=window)
+    out, gets, stats = trio.run(with_hydrator, slow, cache, config, body)
+    assert out == {"target": [plain[target]], "later": [plain[joined], plain[had]]}
+    assert gets == 1 and len(store.ranges) == 1  # the later read made no GET of its own
+    assert stats.read_around_blocks == len(neighbours) - 1
     cache.close()

@@ -67,6 +67,14 @@ def assert_same(cached: BlobIndex, reference: BlobIndex) -> None:
     assert cached.blobs == reference.blobs
 
 
+def neighbours_by_hand(index: BlobIndex, bid: bytes, start: int, end: int) -> list[tuple[bytes, Location]]:
+    """What ``neighbours`` must answer, from the plain pack lists."""
+    loc = index.locate(bid)
+    return [(e.blob_id, Location(loc.pack, e.offset, e.length, e.raw_length, e.kind))
+            for e in index.packs[loc.pack]
+            if e.kind == loc.kind and start <= e.offset and e.offset + e.length <= end]
+
+
 def image(tmp_path: Path, name: str, seed: int, size: int = 64 * BS) -> Path:
     return random_image(tmp_path / name, size, seed)
 
@@ -152,6 +160,21 @@ def test_new_index_objects_are_fetched_alone_and_merged(repo: Repository, tmp_pa
     again = repo.load_index(IndexCache(tmp_path / "cache"))
     assert fetched(repo) == []
     assert_same(again, reference)
+
+    # the blobs beside one in its pack (read-around): the same from the cache file, from the
+    # merge (a file plus new objects) and from the store's objects, and what the lists say
+    merged_too = repo.load_index(IndexCache(tmp_path / "other"))  # file written, then merged
+    checked = 0
+    for bid, loc in list(reference.blobs.items())[::7]:
+        for before, after in ((0, 0), (3000, 5000), (40000, 0), (1 << 30, 1 << 30)):
+            start, end = loc.offset - before, loc.offset + loc.length + after
+            expected = neighbours_by_hand(reference, bid, start, end)
+            assert (bid, loc) in expected
+            for index in (again, merged, merged_too, reference):
+                assert index.neighbours(bid, start, end) == expected
+            checked += len(expected) > 1
+    assert checked > 10
+    assert reference.neighbours(b"\x07" * 32, 0, 1 << 30) == []
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "other-repo"])
@@ -264,3 +287,25 @@ def test_table_lookups_duplicates_and_growth() -> None:
     assert len(decoded) == len(bigger) and decoded.names == bigger.names
     assert all(decoded.get(e.blob_id) == bigger.get(e.blob_id)
                for entries in bigger.unpack().values() for e in entries)
+
+
+def test_neighbours_keep_to_the_pack_the_kind_and_the_range() -> None:
+    a, b = "aa" * 32, "bb" * 32
+    in_a = [entry(1), entry(2, KIND_PAGE, 101), entry(3, offset=203), entry(4, offset=306)]
+    in_b = [entry(5), entry(6, offset=105)]
+    table = PackedIndex.build("cd" * 16, ["01" * 16], [], [(a, in_a), (b, in_b)])
+    plain = BlobIndex()
+    plain.add_pack(a, in_a)
+    plain.add_pack(b, in_b)
+
+    def found(pack: str, *entries: PackEntry) -> list[tuple[bytes, Location]]:
+        return [(e.blob_id, Location(pack, e.offset, e.length, e.raw_length, e.kind)) for e in entries]
+
+    for index in (table.index(), plain):
+        third = entry(3).blob_id
+        assert index.neighbours(third, 0, 1000) == found(a, in_a[0], in_a[2], in_a[3])
+        assert index.neighbours(third, 1, 410) == found(a, in_a[2], in_a[3])  # the first starts at 0
+        assert index.neighbours(third, 0, 409) == found(a, in_a[0], in_a[2])  # the last ends at 410
+        assert index.neighbours(entry(2).blob_id, 0, 1000) == found(a, in_a[1])  # pages only
+        assert index.neighbours(entry(6).blob_id, 0, 1000) == found(b, *in_b)
+        assert index.neighbours(entry(9).blob_id, 0, 1000) == []

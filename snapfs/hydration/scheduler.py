@@ -17,6 +17,17 @@ Rules it keeps (DESIGN.md, "Hydration order"):
   the trio thread more than decoding them. A block of a queued run that someone asks for
   sooner leaves its run for a fetch of its own; one asked for while its run is in flight
   waits for that run.
+- Read-around: the GET of a run that someone waits on also brings the blobs of its pack within
+  ``read_around`` bytes on either side that the cache lacks (at most ``read_around_max`` plain
+  bytes of them), decoded and cached after the waiting blocks are handed over. A pack holds a
+  snapshot's new blocks in disk order, and a file system's metadata compresses to a few hundred
+  bytes a block, so the superblock, group descriptors, bitmaps, inode tables and directories
+  that mounting and a path lookup read one after another mostly come with the first GETs: on a
+  link where a GET costs 20 ms, that is most of the round trips to a first file. A GET of a few
+  KiB and one of ~130 KiB cost the same on object stores (the first byte is the price), so a
+  read never waits longer for it. (Not a whole pack nor a large group of blocks, restic #1680:
+  a bounded window of stored bytes.) Those blocks are in flight like any fetch, so a reader
+  who wants one waits for that GET rather than making another.
 - A store that is slow or down fails a waiting read with ``StoreUnavailable`` after
   ``attempts`` tries with backoff: seconds, never forever. A corrupt blob fails at once with
   ``CorruptBlock``, logged with its ID, and is never cached.
@@ -52,6 +63,7 @@ import trio
 from snapfs.cache.blockcache import BlockCache
 from snapfs.errors import IntegrityError, SnapfsError, StoreError, StoreUnavailable
 from snapfs.format.block import recorded_checksum
+from snapfs.format.pack import KIND_PAGE
 from snapfs.repo.repository import BlobIndex, Location, Repository
 from snapfs.throttle import RateLimiter
 
@@ -84,6 +96,8 @@ class HydrationConfig:
     max_run: int = 1 << 20  # bytes one GET may span for foreground runs
     max_background_run: int = 4 << 20
     max_gap: int = 64 << 10
+    read_around: int = 64 << 10  # stored bytes on each side of a waiting read's GET it also brings
+    read_around_max: int = 4 << 20  # plain bytes of such neighbours one GET may bring
     quiet_after: float = 0.2  # the sweep resumes this long after the last waiting read
     sweep_retry: float = 30.0  # the sweep's first wait before it tries failed blocks again
     readahead_budget: int = 64 << 20  # raw bytes of read-ahead queued at once, for all images
@@ -176,6 +190,7 @@ class HydrationStats:
     wait_seconds: float = 0.0  # total time readers spent waiting on the store
     background_blocks: int = 0
     background_bytes: int = 0
+    read_around_blocks: int = 0  # blocks fetched beside a waiting read's (its GET's neighbours)
     corrupt_blocks: int = 0
 
 
@@ -367,11 +382,18 @@ class Hydrator:
             self.counters.wait_seconds += waited
             tally.wait_seconds += waited
             tally.blocks_fetched += len(fetches)
+            again: list[int] = []
             for i in missing:
                 f = fetches[block_ids[i]]
                 if f.error is not None:
                     raise f.error
+                if f.data is None:  # a read-around neighbour that was cached already
+                    again.append(i)
                 out[i] = f.data
+            if again:
+                got = await self.read_blocks([block_ids[i] for i in again], tally, priority)
+                for i, data in zip(again, got, strict=True):
+                    out[i] = data
         return out  # type: ignore[return-value]
 
     async def read_blob(self, blob_id: bytes, priority: Priority = Priority.WAITING) -> bytes:
@@ -654,17 +676,49 @@ class Hydrator:
             if background:
                 self._active_background += 1
             try:
-                await self._fetch_run(run, background)
+                await self._fetch_run(run, background, [] if background else self._read_around(run))
             finally:
                 if background:
                     self._active_background -= 1
                     self._notify()
 
-    async def _fetch_run(self, run: list[_Fetch], background: bool) -> None:
+    def _read_around(self, run: list[_Fetch]) -> list[_Fetch]:
+        """Fetches, in flight from now, of the neighbours that a waiting run's GET may bring
+        (see the module docstring): blobs of its pack within ``read_around`` bytes that no
+        fetch or background run has and that were not fetched lately, nearest first while
+        their plain bytes fit ``read_around_max``. Whether the cache has them is asked on
+        the worker thread, which fetches only the ones it lacks."""
+        window = self.config.read_around
+        if not window or not any(f.priority == Priority.WAITING for f in run):
+            return []
+        if run[0].loc.kind == KIND_PAGE:  # the snapshot's other block-map pages: ~0.1 MiB each
+            window = max(window, self.config.max_run)
+        start = run[0].loc.offset
+        end = max(f.loc.offset + f.loc.length for f in run)
+        inflight, recent, in_runs = self._inflight, self._recent, self._in_runs
+        near = [(bid, loc) for bid, loc in self.index.neighbours(run[0].block_id, start - window,
+                                                                 end + window)
+                if bid not in inflight and bid not in recent and bid not in in_runs]
+        near.sort(key=lambda item: item[1].offset - end if item[1].offset >= end
+                  else start - item[1].offset)
+        extras: list[_Fetch] = []
+        room = self.config.read_around_max
+        for bid, loc in near:
+            room -= loc.raw_length
+            if room < 0:
+                break
+            f = inflight[bid] = _Fetch(bid, loc, Priority.READAHEAD, taken=True)
+            extras.append(f)
+        extras.sort(key=lambda f: f.loc.offset)
+        return extras
+
+    async def _fetch_run(self, run: list[_Fetch], background: bool,
+                         extras: list[_Fetch]) -> None:
+        """Fetch a run of queued fetches, with ``extras`` (its read-around) in the same GET."""
         pack = run[0].loc.pack
         wanted = [(f.block_id, f.loc) for f in run]
-        span = wanted[-1][1].offset + wanted[-1][1].length - wanted[0][1].offset
         if background:
+            span = wanted[-1][1].offset + wanted[-1][1].length - wanted[0][1].offset
             await self._rate.take(span)
         early: Callable[[Pieces], None] | None = None
         if any(f.priority == Priority.WAITING for f in run):
@@ -676,13 +730,32 @@ class Hydrator:
                 token.run_sync_soon(self._complete, run, results, background)
 
         try:
-            results = await self._fetch_with_retries(pack, wanted, early)
+            results, around = await self._fetch_with_retries(
+                pack, wanted, early, [(f.block_id, f.loc) for f in extras])
         except SnapfsError as e:
-            for f in run:
+            for f in run + extras:
                 self._finish(f, error=e)
             return
-        self.counters.bytes_fetched += span
         self._complete(run, results, background)
+        if extras:
+            self._complete_around(extras, around)
+
+    def _complete_around(self, extras: list[_Fetch], results: Pieces) -> None:
+        """End the read-around fetches of a run: a neighbour the cache had (no bytes, no
+        error) ends empty, and whoever joined it reads the cache."""
+        cached: list[bytes] = []
+        for f, (plain, error) in zip(extras, results, strict=True):
+            if error is not None:
+                self._corrupt(error)
+                self._finish(f, error=error)
+            elif plain is None:
+                self._finish(f)
+            else:
+                self._finish(f, data=plain)
+                cached.append(f.block_id)
+        self.counters.blocks_fetched += len(cached)
+        self.counters.read_around_blocks += len(cached)
+        self._cached(cached)
 
     def _complete(self, run: list[_Fetch], results: Pieces, background: bool) -> None:
         """Hand each fetch of a run its bytes or error (those not handed theirs already)."""
@@ -713,14 +786,13 @@ class Hydrator:
         span = wanted[-1][1].offset + wanted[-1][1].length - wanted[0][1].offset
         await self._rate.take(span)
         try:
-            results: Pieces = await self._fetch_with_retries(run.pack, wanted, None)
+            results, _ = await self._fetch_with_retries(run.pack, wanted, None, [])
         except SnapfsError as e:
             for bid, _ in wanted:  # its blocks stay missing: a later sweep queues them again
                 del self._in_runs[bid]
             for f in run.waiters.values():
                 self._finish(f, error=e)
             return
-        self.counters.bytes_fetched += span
         cached: list[bytes] = []
         raw = stored = 0
         for (bid, loc), (plain, error) in zip(wanted, results, strict=True):
@@ -753,13 +825,17 @@ class Hydrator:
                 callback(block_ids)
 
     async def _fetch_with_retries(self, pack: str, wanted: list[tuple[bytes, Location]],
-                                  early: Callable[[Pieces], None] | None) -> Pieces:
+                                  early: Callable[[Pieces], None] | None,
+                                  around: list[tuple[bytes, Location]],
+                                  ) -> tuple[Pieces, Pieces]:
+        """``_fetch_decode_cache`` on a worker thread, tried again after a store error."""
         delay = self.config.retry_delay
         for attempt in range(1, self.config.attempts + 1):
             self.counters.requests += 1
             try:
-                latency, results = await trio.to_thread.run_sync(
-                    self._fetch_decode_cache, pack, wanted, early, limiter=self._store_limiter)
+                latency, nbytes, results, around_results = await trio.to_thread.run_sync(
+                    self._fetch_decode_cache, pack, wanted, early, around,
+                    limiter=self._store_limiter)
             except IntegrityError:
                 self.counters.failed_requests += 1
                 raise
@@ -771,31 +847,48 @@ class Hydrator:
                 await trio.sleep(delay)
                 delay *= 2
                 continue
+            self.counters.bytes_fetched += nbytes
             self.latency.add(latency)
-            return results
+            return results, around_results
         raise AssertionError("unreachable")
 
     def _fetch_decode_cache(self, pack: str, wanted: list[tuple[bytes, Location]],
-                            early: Callable[[Pieces], None] | None) -> tuple[float, Pieces]:
-        """In a worker thread: one GET of the run, each blob decoded and verified (then handed
-        to ``early``, if given), the good ones cached together. Returns the GET's latency and
-        (plain, error) per blob."""
+                            early: Callable[[Pieces], None] | None,
+                            around: list[tuple[bytes, Location]],
+                            ) -> tuple[float, int, Pieces, Pieces]:
+        """In a worker thread: one GET of the run (and of the blobs of ``around`` that the
+        cache lacks), each blob of the run decoded and verified (then handed to ``early``, if
+        given), then those of ``around``, the good ones cached together. Returns the GET's
+        latency and size, and (plain, error) per blob of the run and of ``around`` (``(None,
+        None)`` for one the cache had)."""
+        lacking = set(self.cache.missing([bid for bid, _ in around])) if around else set()
+        extra = [(bid, loc) for bid, loc in around if bid in lacking]
+        every = sorted(wanted + extra, key=lambda w: w[1].offset) if extra else wanted
+        start = every[0][1].offset
         started = time.monotonic()
-        data = self.repo.fetch_run(pack, wanted)
+        data = self.repo.fetch_run(pack, every)
         latency = time.monotonic() - started
-        results, checksums = self._decode(data, wanted)
+        results, checksums = self._decode(data, start, wanted)
         if early is not None:
             early(results)
         good = [(bid, plain) for (bid, _), (plain, _) in zip(wanted, results, strict=True)
                 if plain is not None]
+        around_results: Pieces = [(None, None)] * len(around)
+        if extra:
+            decoded, extra_checksums = self._decode(data, start, extra)
+            by_id = dict(zip([bid for bid, _ in extra], decoded, strict=True))
+            around_results = [by_id.get(bid, (None, None)) for bid, _ in around]
+            good += [(bid, plain) for (bid, _), (plain, _) in zip(extra, decoded, strict=True)
+                     if plain is not None]
+            checksums += extra_checksums
         self.cache.put_many(good, checksums)
-        return latency, results
+        return latency, len(data), results, around_results
 
-    def _decode(self, data: memoryview, wanted: list[tuple[bytes, Location]],
+    def _decode(self, data: memoryview, start: int, wanted: list[tuple[bytes, Location]],
                 ) -> tuple[Pieces, list[bytes]]:
-        """(plain, error) per blob of a fetched run, and the xxh3-128 of each good one's plain
-        bytes (its header's, which decoding checked: the cache need not hash them again)."""
-        start = wanted[0][1].offset
+        """(plain, error) per blob of ``wanted`` in a fetched run that begins at pack offset
+        ``start``, and the xxh3-128 of each good one's plain bytes (its header's, which
+        decoding checked: the cache need not hash them again)."""
         out: Pieces = []
         checksums: list[bytes] = []
         for (_, loc), plain in zip(wanted, self.repo.decode_pieces(data, start, wanted), strict=True):

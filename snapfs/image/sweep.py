@@ -2,7 +2,10 @@
 
 For every image, once: first the hints (the access profile earlier mounts stored for this
 snapshot, and the user's ``--prefetch-list``) at HINT priority; then a scan of the block map that
-finds which blocks are not cached yet (this is what ``stats`` reports as hydration progress);
+finds which blocks are not cached yet (this is what ``stats`` reports as hydration progress;
+it loads the map ``SCAN_PAGES`` pages a request, at BACKGROUND priority: the scan costs the
+daemon's CPU, which reads need more; a read that needs a page the scan has not loaded yet
+fetches it, and the pages around it, at once);
 then, if background hydration is on, those blocks in disk order at BACKGROUND priority (the
 hydrator queues them as runs). The sweep keeps about ``BACKLOG_RUNS`` full background runs
 (``max_background_run`` bytes each) per background fetch slot queued, so that the hydrator's
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 
 BACKLOG_RUNS = 2
 PRESCAN_REFRESH = 30.0
+SCAN_PAGES = 8  # block-map pages the scan asks for at once (about 1 MiB, one GET)
 RETRY_MAX = 3600.0  # the longest wait before blocks whose fetch failed are tried again
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -160,7 +164,10 @@ class Sweeper:
         seen: set[bytes] = set()
         order: list[bytes] = []
         view.set_pending(set())
-        for p in range(len(view.root.pages)):
+        pages = len(view.root.pages)
+        for p in range(pages):
+            if p % SCAN_PAGES == 0:
+                await view.load_pages(p, min(pages, p + SCAN_PAGES), Priority.BACKGROUND)
             ids = await view.page(p, Priority.BACKGROUND)
             fresh = [b for b in dict.fromkeys(ids) if b != ZERO_ID and b not in seen]
             seen.update(fresh)

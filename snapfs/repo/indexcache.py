@@ -94,14 +94,43 @@ class PackedIndex:
     # -- lookups (PackedLocations) -----------------------------------------------------------
 
     def get(self, blob_id: bytes) -> Location | None:
+        j = self._entry(blob_id)
+        if j is None:
+            return None
+        _, kind, offset, length, raw, pack = RECORD.unpack_from(self.entries, j * RECORD.size)
+        return Location(self.pack_names[pack], offset, length, raw, kind)
+
+    def _entry(self, blob_id: bytes) -> int | None:
+        """The number of the first entry of ``blob_id``."""
         slots, entries, mask = self.slots, self.entries, self.mask
         h = int.from_bytes(blob_id[:8], "little") & mask
         while j := slots[h]:
-            bid, kind, offset, length, raw, pack = RECORD.unpack_from(entries, (j - 1) * RECORD.size)
-            if bid == blob_id:
-                return Location(self.pack_names[pack], offset, length, raw, kind)
+            if entries[(j - 1) * RECORD.size : (j - 1) * RECORD.size + 32] == blob_id:
+                return j - 1
             h = (h + 1) & mask
         return None
+
+    def neighbours(self, blob_id: bytes, start: int, end: int) -> list[tuple[bytes, Location]]:
+        """``BlobIndex.neighbours``: a pack's entries lie together in pack order, so they are
+        the entries next to ``blob_id``'s, walked outwards while they are in the range."""
+        j = self._entry(blob_id)
+        if j is None:
+            return []
+        entries, size = self.entries, RECORD.size
+        _, kind0, _, _, _, pack0 = RECORD.unpack_from(entries, j * size)
+        name = self.pack_names[pack0]
+        found: list[tuple[bytes, Location]] = []
+        for step in (-1, 1):
+            k = j if step < 0 else j + 1
+            while 0 <= k < len(entries) // size:
+                bid, kind, offset, length, raw, pack = RECORD.unpack_from(entries, k * size)
+                if pack != pack0 or offset < start or offset + length > end:
+                    break
+                if kind == kind0:
+                    found.append((bid, Location(name, offset, length, raw, kind)))
+                k += step
+        found.sort(key=lambda item: item[1].offset)
+        return found
 
     def __len__(self) -> int:
         return self.count

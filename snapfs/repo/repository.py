@@ -16,6 +16,8 @@ the plain bytes against the ID the caller asked for (so a blob in the wrong plac
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import secrets
 from collections.abc import Iterable
@@ -89,6 +91,9 @@ class PackedLocations(Protocol):
     def unpack(self) -> dict[str, list[PackEntry]]:
         """Every pack's entries, as the index objects list them."""
 
+    def neighbours(self, blob_id: bytes, start: int, end: int) -> list[tuple[bytes, Location]]:
+        """See ``BlobIndex.neighbours``."""
+
 
 class BlobIndex:
     """The union of the repository's index objects: blob ID -> Location, O(1) per lookup.
@@ -104,11 +109,13 @@ class BlobIndex:
         self._base = base
         self._blobs: dict[bytes, Location] = {}  # beyond the base (all of them without one)
         self._packs: dict[str, list[PackEntry]] = {}
+        self._offsets: dict[str, list[int] | None] = {}  # pack -> its entries' offsets, if sorted
         self.index_names: list[str] = []
 
     def add_pack(self, pack: str, entries: Iterable[PackEntry]) -> None:
         entries = list(entries)
         self._packs[pack] = entries
+        self._offsets.pop(pack, None)
         blobs = self._blobs
         base = self._base
         for bid, kind, offset, length, raw in entries:
@@ -140,6 +147,7 @@ class BlobIndex:
             blobs.setdefault(bid, loc)
         packs.update(self._packs)
         self._blobs, self._packs, self._base = blobs, packs, None
+        self._offsets.clear()
 
     def get(self, blob_id: bytes) -> Location | None:
         loc = self._blobs.get(blob_id)
@@ -152,6 +160,27 @@ class BlobIndex:
 
     def __len__(self) -> int:
         return len(self._blobs) + (len(self._base) if self._base is not None else 0)
+
+    def neighbours(self, blob_id: bytes, start: int, end: int) -> list[tuple[bytes, Location]]:
+        """The blobs of ``blob_id``'s pack and kind (where ``get`` locates it) that lie wholly
+        within bytes ``start`` .. ``end`` of the pack, in pack order, ``blob_id`` among them if
+        it does: what a GET of that range would bring. O(log n + found); never unpacks."""
+        loc = self._blobs.get(blob_id)
+        if loc is None:
+            return self._base.neighbours(blob_id, start, end) if self._base is not None else []
+        entries = self._packs.get(loc.pack)
+        if not entries:
+            return []
+        if loc.pack not in self._offsets:
+            listed = [e.offset for e in entries]
+            in_order = all(a < b for a, b in itertools.pairwise(listed))
+            self._offsets[loc.pack] = listed if in_order else None
+        offsets = self._offsets[loc.pack]
+        if offsets is None:  # not in pack order (never written so): no neighbours
+            return []
+        lo, hi = bisect.bisect_left(offsets, start), bisect.bisect_left(offsets, end)
+        return [(e.blob_id, Location(loc.pack, e.offset, e.length, e.raw_length, e.kind))
+                for e in entries[lo:hi] if e.offset + e.length <= end and e.kind == loc.kind]
 
     def locate(self, blob_id: bytes) -> Location:
         loc = self.get(blob_id)
