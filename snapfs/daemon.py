@@ -65,7 +65,7 @@ SWITCH_INTERVAL = 0.0005
 
 def hydration_config(options: MountOptions) -> HydrationConfig:
     return HydrationConfig(background=options.background, hydrate_rate=options.hydrate_rate,
-                           prefetch_list=options.prefetch_list)
+                           read_around=options.read_around, prefetch_list=options.prefetch_list)
 
 
 def serve(options: MountOptions, files: RunFiles, ready: Callable[[], None],

@@ -77,6 +77,7 @@ class MountOptions:
     #: before it forks, without importing the daemon (which makes its config from these).
     background: bool = True
     hydrate_rate: float | None = None
+    read_around: int = 64 << 10  # see ``HydrationConfig.read_around``
     prefetch_list: str | None = None
     #: a simulated slower link to the store (latency per request in seconds, bytes/s), for
     #: measuring what a remote store would feel like from a local one

@@ -19,7 +19,14 @@ from testkit import wait_until
 from snapfs.cache import BlockCache
 from snapfs.errors import CorruptBlock
 from snapfs.format.block import ZERO_ID
-from snapfs.hydration.scheduler import HydrationConfig, Hydrator, MemoryBudget, Priority
+from snapfs.hydration.scheduler import (
+    AROUND_PROBE,
+    AROUND_TRIAL,
+    HydrationConfig,
+    Hydrator,
+    MemoryBudget,
+    Priority,
+)
 from snapfs.image.catalog import SnapshotCatalog
 from snapfs.image.sweep import Sweeper, parse_prefetch_list
 from snapfs.image.view import READAHEAD_AFTER
@@ -699,4 +706,51 @@ def test_a_read_of_a_neighbour_in_flight_waits_for_that_get(repo_and_image, tmp_
     assert out == {"target": [plain[target]], "later": [plain[joined], plain[had]]}
     assert gets == 1 and len(store.ranges) == 1  # the later read made no GET of its own
     assert stats.read_around_blocks == len(neighbours) - 1
+    cache.close()
+
+
+def test_read_around_stops_while_its_neighbours_go_unread_and_comes_back(
+        repo_and_image, tmp_path: Path) -> None:  # fmt: skip
+    repo, store, data, _ = repo_and_image
+    window = 16 << 10
+    index = repo.load_index()
+    plain = {repo.keyer.block_id(data[i : i + BS]): data[i : i + BS]
+             for i in range(0, len(data), BS) if data[i : i + BS] != bytes(BS)}
+    in_order = sorted(plain, key=lambda b: (index.locate(b).pack, index.locate(b).offset))
+    # blocks so far apart that no GET's window reaches another's
+    apart: list[bytes] = []
+    for bid in in_order:
+        loc = index.locate(bid)
+        last = index.locate(apart[-1]) if apart else None
+        if last is None or last.pack != loc.pack or loc.offset > last.offset + last.length + 3 * window:
+            apart.append(bid)
+    random_reads = apart[:40]
+    assert len(random_reads) == 40
+    cache = open_cache(tmp_path)
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        for bid in random_reads:  # one at a time, as a database would
+            assert await hydrator.read_blocks([bid]) == [plain[bid]]
+        random_gets = hydrator.counters.read_around_gets
+        gets = len(store.ranges)
+        walked = [b for b in in_order if b not in random_reads]
+        half = len(walked) // 2
+        for bid in walked[:half]:  # then a walk through the disk, block after block
+            assert await hydrator.read_blocks([bid]) == [plain[bid]]
+        before = (len(store.ranges), hydrator.counters.read_around_gets)
+        for bid in walked[half:]:
+            assert await hydrator.read_blocks([bid]) == [plain[bid]]
+        after = (len(store.ranges), hydrator.counters.read_around_gets)
+        return random_gets, gets, len(walked) - half, before, after
+
+    config = HydrationConfig(background=False, read_around=window)
+    random_gets, gets, second_half, before, after = trio.run(with_hydrator, repo, cache, config, body)
+    assert gets == 40
+    # the trial, then only a probe every AROUND_PROBE waiting GETs
+    assert random_gets == AROUND_TRIAL + (40 - AROUND_TRIAL) // AROUND_PROBE
+    # the probes of the walk paid: read-around came back (in the walk's second half, for every
+    # GET whose window held a block not read yet: the last of a pack's has none), and each GET
+    # brought the next block or more
+    assert after[1] - before[1] >= 0.8 * (after[0] - before[0])
+    assert after[0] - before[0] <= second_half * 0.6
     cache.close()

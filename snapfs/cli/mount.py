@@ -53,6 +53,9 @@ def parse_rate(text: str) -> float:
               help="Fetch only what is read (and read-ahead, hints): no background hydration.")
 @click.option("--hydrate-rate", type=float, metavar="MB/s",
               help="Cap background hydration (10^6 bytes/s); reads are never capped.")
+@click.option("--read-around", default="64K", show_default=True, metavar="SIZE",
+              help="Stored bytes on each side of a block a read waits for that its GET also "
+              "brings, if not cached (0: only what is read).")
 @click.option("--prefetch-list", type=click.Path(dir_okay=False), metavar="FILE",
               help="Fetch these first: lines of 'NAME.img' or 'NAME.img OFFSET LENGTH'.")
 @click.option("--allow-other", is_flag=True,
@@ -64,7 +67,7 @@ def parse_rate(text: str) -> float:
 @pass_config
 def mount(config: CliConfig, mountpoint: str, cache_dir: str | None, cache_size: str,
           foreground: bool, no_background: bool, hydrate_rate: float | None,
-          prefetch_list: str | None, allow_other: bool, simulate_latency: str | None,
+          read_around: str, prefetch_list: str | None, allow_other: bool, simulate_latency: str | None,
           simulate_bandwidth: str | None) -> None:
     """Serve every snapshot of REPO as MOUNTPOINT/snapshots/NAME.img, fetched as it is read."""
     from snapfs.mount import MountOptions  # light: the daemon's libraries load after the fork
@@ -83,6 +86,7 @@ def mount(config: CliConfig, mountpoint: str, cache_dir: str | None, cache_size:
         debug=config.debug,
         background=not no_background,
         hydrate_rate=hydrate_rate * 1e6 if hydrate_rate else None,
+        read_around=parse_size(read_around),
         prefetch_list=os.path.abspath(prefetch_list) if prefetch_list else None,
         simulate_latency=parse_duration(simulate_latency) if simulate_latency else None,
         simulate_bandwidth=parse_rate(simulate_bandwidth) if simulate_bandwidth else None,

@@ -27,7 +27,13 @@ Rules it keeps (DESIGN.md, "Hydration order"):
   KiB and one of ~130 KiB cost the same on object stores (the first byte is the price), so a
   read never waits longer for it. (Not a whole pack nor a large group of blocks, restic #1680:
   a bounded window of stored bytes.) Those blocks are in flight like any fetch, so a reader
-  who wants one waits for that GET rather than making another.
+  who wants one waits for that GET rather than making another. It goes on while it pays: once
+  ``AROUND_TRIAL`` such GETs have been made (a count that halves every ``2 * AROUND_TRIAL``
+  GETs, so that it follows the workload), at least one in ``AROUND_PAYS`` of them must have
+  brought a block that someone then read; otherwise only every ``AROUND_PROBE``-th waiting GET
+  reads around. Random reads (a database) thus soon stop paying for neighbours they never read
+  (their GETs were 16× larger and each cached ~30 blocks, +2 ms a read at p50), and a
+  directory walk or a mount brings them back.
 - A store that is slow or down fails a waiting read with ``StoreUnavailable`` after
   ``attempts`` tries with backoff: seconds, never forever. A corrupt blob fails at once with
   ``CorruptBlock``, logged with its ID, and is never cached.
@@ -75,6 +81,10 @@ RATE_WINDOW = 10.0
 BULK_WINDOW = 2.0
 BULK_BYTES = 32 << 20
 SPARE_BUFFERS = 4  # freed read-ahead buffers kept for reuse (outside the budget's limit)
+AROUND_TRIAL = 8  # read-around GETs made before whether it pays decides
+AROUND_PAYS = 4  # read-around goes on while at least 1 in this many of its GETs paid
+AROUND_PROBE = 8  # while it does not pay, 1 waiting GET in this many still reads around
+AROUND_TRACKED = 4096  # blocks read-around brought that are remembered until someone reads them
 
 
 class Priority(enum.IntEnum):
@@ -191,6 +201,8 @@ class HydrationStats:
     background_blocks: int = 0
     background_bytes: int = 0
     read_around_blocks: int = 0  # blocks fetched beside a waiting read's (its GET's neighbours)
+    read_around_gets: int = 0  # GETs that brought such blocks
+    read_around_paid: int = 0  # of those, the ones with a block that was read afterwards
     corrupt_blocks: int = 0
 
 
@@ -324,6 +336,14 @@ class Hydrator:
         self._recent_waiting: deque[tuple[float, int]] = deque()  # (time, bytes) of waiting misses
         self._background_done: deque[tuple[float, int]] = deque()  # (time, raw bytes) hydrated
         self._last_waiting = -1e9
+        #: read-around: its blocks not read yet (block -> its GET's number), the GETs that
+        #: paid, and decaying counts of its GETs and of those that paid (see the docstring)
+        self._around_unread: OrderedDict[bytes, int] = OrderedDict()
+        self._around_paid: OrderedDict[int, None] = OrderedDict()
+        self._around_seq = itertools.count()
+        self._around_gets = 0.0
+        self._around_pays = 0.0
+        self._around_skipped = 0
         #: trio clocks of the last foreground work the sweep should yield to, besides reads
         #: waiting on the store (the write layer adds its disks' last I/O)
         self.foreground: list[Callable[[], float]] = []
@@ -348,6 +368,8 @@ class Hydrator:
         tally = tally or ReadTally()
         recent = self._recent
         inflight = self._inflight
+        if self._around_unread:
+            self._note_read(block_ids)
         out: list[bytes | None] = [recent.get(bid) for bid in block_ids]
         # blocks fetched lately come from memory, blocks being fetched from their fetch: only
         # the rest need the cache (and a worker-thread hop). (What the sweep's scan found
@@ -420,6 +442,8 @@ class Hydrator:
                 return had, None
             return had, self.cache.missing(further)
 
+        if self._around_unread:
+            self._note_read(block_ids)
         had, far = await trio.to_thread.run_sync(lookup, limiter=self._cache_limiter)
         fetches: dict[bytes, _Fetch] = {}
         for i, ok in enumerate(had):
@@ -691,6 +715,10 @@ class Hydrator:
         window = self.config.read_around
         if not window or not any(f.priority == Priority.WAITING for f in run):
             return []
+        if self._around_gets >= AROUND_TRIAL and AROUND_PAYS * self._around_pays < self._around_gets:
+            self._around_skipped += 1
+            if self._around_skipped % AROUND_PROBE:
+                return []
         if run[0].loc.kind == KIND_PAGE:  # the snapshot's other block-map pages: ~0.1 MiB each
             window = max(window, self.config.max_run)
         start = run[0].loc.offset
@@ -709,8 +737,36 @@ class Hydrator:
                 break
             f = inflight[bid] = _Fetch(bid, loc, Priority.READAHEAD, taken=True)
             extras.append(f)
+        if extras:
+            self._count_around(extras)
         extras.sort(key=lambda f: f.loc.offset)
         return extras
+
+    def _count_around(self, extras: list[_Fetch]) -> None:
+        """One more read-around GET; its blocks are remembered until someone reads them."""
+        number = next(self._around_seq)
+        self.counters.read_around_gets += 1
+        self._around_gets += 1
+        if self._around_gets >= 2 * AROUND_TRIAL:
+            self._around_gets /= 2
+            self._around_pays /= 2
+        unread = self._around_unread
+        for f in extras:
+            unread[f.block_id] = number
+        while len(unread) > AROUND_TRACKED:
+            unread.popitem(last=False)
+
+    def _note_read(self, block_ids: Iterable[bytes]) -> None:
+        """Blocks someone reads: a read-around GET that brought one of them paid."""
+        unread, paid = self._around_unread, self._around_paid
+        for bid in block_ids:
+            number = unread.pop(bid, None)
+            if number is not None and number not in paid:
+                paid[number] = None
+                if len(paid) > AROUND_TRACKED:
+                    paid.popitem(last=False)
+                self.counters.read_around_paid += 1
+                self._around_pays += 1
 
     async def _fetch_run(self, run: list[_Fetch], background: bool,
                          extras: list[_Fetch]) -> None:
