@@ -12,8 +12,8 @@
    stdin to /dev/null and its stdout, stderr and log records to ``<cache>/daemon-KEY.log``.
 3. The child opens the store and repository and reads the snapshot list and index
    (``open_repository``; a repository that cannot be opened is the command's error, not the
-   log's), then imports the daemon (``snapfs.daemon``), which opens the block cache, mounts,
-   and reports ``ready`` once the kernel has the mount.
+   log's) while a thread imports the daemon (``snapfs.daemon``, see ``_Preload``), which then
+   opens the block cache, mounts, and reports ``ready`` once the kernel has the mount.
 4. The session ends when the file system is unmounted (``snapfs umount``, ``fusermount3 -u``),
    on a signal, or on a ``shutdown`` request (see ``snapfs.daemon``); the pid file and socket
    are removed last, before the process exits and releases its locks. ``snapfs umount`` waits
@@ -42,6 +42,7 @@ import logging
 import os
 import stat
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,11 +263,39 @@ def _daemon_child(options: MountOptions, files: RunFiles, pid_file: PidFile,
 
 def _serve(options: MountOptions, files: RunFiles, ready: Callable[[], None]) -> None:
     """Serve in this process until unmounted: the repository first (so that a bad one fails
-    before the daemon's libraries are loaded), then those libraries, then the mount."""
-    opened = open_repository(options)
+    before anything else), with the daemon's libraries loading meanwhile (``_Preload``), then
+    the mount."""
+    preload = _Preload()
+    try:
+        opened = open_repository(options, preload)
+    finally:
+        if preload.ident is not None:
+            preload.join()
     from snapfs.daemon import serve
 
     serve(options, files, ready, opened)
+
+
+class _Preload(threading.Thread):
+    """Imports the daemon's modules while the main thread reads the repository's snapshot list
+    and index: that is round trips to the store one after another (four on a first mount),
+    this is about 0.15 s of CPU, and one waits while the other works. Two threads importing at
+    once can, rarely, meet in a cycle of module locks, and importlib then fails one of the two
+    imports: if it was this one, the main thread imports the daemon again after ``join``; if it
+    was the main thread's, ``open_repository`` reads again after ``join``."""
+
+    def __init__(self) -> None:
+        super().__init__(name="snapfs-preload", daemon=True)
+
+    def run(self) -> None:
+        try:
+            import snapfs.daemon  # noqa: F401
+        except BaseException:  # noqa: B036 - imported again, and reported, by the main thread
+            pass
+
+
+def _import_deadlock(e: BaseException) -> bool:
+    return type(e).__name__ == "_DeadlockError"  # importlib's, a RuntimeError
 
 
 def _redirect_stdio(log_file: Path) -> None:
@@ -311,10 +340,13 @@ class OpenRepository:
     index_cache: IndexCache  # the host's, which later reloads of the index go through
 
 
-def open_repository(options: MountOptions) -> OpenRepository:
+def open_repository(options: MountOptions, meanwhile: threading.Thread | None = None,
+                    ) -> OpenRepository:
     """Open the store (behind a simulated slow link if asked) and the repository, and read its
     snapshot list and index (through the host's index cache). Blocking. Imports the store's
-    and repository's modules (boto3 for S3), not the daemon's."""
+    and repository's modules (boto3 for S3), not the daemon's. ``meanwhile`` is started once
+    the repository is open (its first request made the store's client, on this thread), to
+    run while the rest is read."""
     from snapfs.repo.indexcache import IndexCache
     from snapfs.repo.repository import Repository
     from snapfs.store import open_store
@@ -326,7 +358,15 @@ def open_repository(options: MountOptions) -> OpenRepository:
     try:
         repo = Repository.open(store)
         index_cache = IndexCache(options.cache_dir)
-        roots, index = repo.snapshots_and_index(index_cache)
+        if meanwhile is not None:
+            meanwhile.start()
+        try:
+            roots, index = repo.snapshots_and_index(index_cache)
+        except RuntimeError as e:
+            if meanwhile is None or not _import_deadlock(e):
+                raise
+            meanwhile.join()  # see _Preload
+            roots, index = repo.snapshots_and_index(index_cache)
     except BaseException:
         store.close()
         raise

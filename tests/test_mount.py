@@ -475,3 +475,52 @@ def test_many_concurrent_readers_read_the_source_bytes(
             t.join()
         assert [p.wait(timeout=300) for p in procs] == [0, 0, 0, 0]
         assert digests == [sha256_file(base_image)] * 3
+
+
+# -- the daemon's start ---------------------------------------------------------------------------
+
+
+def test_the_repository_is_read_again_if_an_import_lock_cycle_failed_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """While the daemon's libraries load on a thread, the main thread reads the repository;
+    importlib fails one of two imports that meet in a cycle of module locks. That cannot be
+    caused on purpose, so the read raises importlib's own error once (a stand-in, the only
+    one here); the mount must read again after the loading thread ends, and a RuntimeError of
+    any other kind must not be swallowed."""
+    from importlib._bootstrap import _DeadlockError  # type: ignore[attr-defined]
+
+    import snapfs.mount as mount_module
+    from snapfs.repo.repository import Repository
+
+    repo_dir = tmp_path / "repo"
+    cli = Snapfs(str(repo_dir), None, dict(os.environ))
+    cli.ok("init")
+    cli.ok("snapshot", "create", str(random_image(tmp_path / "a.img", 1 << 20, 3)), "--name", "a")
+    real = Repository.snapshots_and_index
+    calls: list[bool] = []  # per call: whether the loading thread had ended by then
+
+    def first_fails(self, cache=None):  # type: ignore[no-untyped-def]
+        calls.append(not preload.is_alive())
+        if len(calls) == 1:
+            raise _DeadlockError("deadlock detected by _ModuleLock('snapfs.daemon')")
+        return real(self, cache)
+
+    monkeypatch.setattr(Repository, "snapshots_and_index", first_fails)
+    options = mount_module.MountOptions(repository=str(repo_dir), mountpoint=str(tmp_path / "m"),
+                                        cache_dir=str(tmp_path / "cache"), cache_size=1 << 30)  # fmt: skip
+    preload = mount_module._Preload()
+    opened = mount_module.open_repository(options, preload)
+    try:
+        assert [r.name for r in opened.roots] == ["a"]
+        assert calls[1:] == [True]  # read once more, after the thread had ended
+    finally:
+        opened.store.close()
+
+    def other_error(self, cache=None):  # type: ignore[no-untyped-def]
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(Repository, "snapshots_and_index", other_error)
+    preload = mount_module._Preload()
+    with pytest.raises(RuntimeError, match="something else"):
+        mount_module.open_repository(options, preload)
+    preload.join()
