@@ -19,11 +19,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+from diskimages import have_root
 from testkit import Snapfs
 
 from snapfs.control import mount_key
 
 FUSERMOUNT = "fusermount3"
+
+#: ``pytestmark`` of a module whose tests mount (FUSE, loop devices): they need root
+MOUNTS = [
+    pytest.mark.root,
+    pytest.mark.skipif(not have_root() or not os.path.exists("/dev/fuse"),
+                       reason="needs root and /dev/fuse (FUSE and loop mounts)"),
+]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:

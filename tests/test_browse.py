@@ -24,17 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from diskimages import change_image, copy_image, have_root, make_image, random_image, shared_image
-from mountutil import mounted, pid_running, wait_for
-from testkit import Snapfs, one_error
+from diskimages import change_image, copy_image, make_image, random_image, shared_image
+from mountutil import MOUNTS, mounted, pid_running, wait_for
+from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(not have_root() or not os.path.exists("/dev/fuse"),
-                       reason="needs root and /dev/fuse (FUSE and loop mounts)"),
-]
-
-EXIT_GENERAL, EXIT_USAGE, EXIT_NOT_FOUND = 1, 2, 3
+pytestmark = MOUNTS
 MiB = 1 << 20
 _test_numbers = itertools.count()
 

@@ -34,7 +34,17 @@ from diskimages import (
     standard_images,
     write_at,
 )
-from testkit import SNAPFS, Snapfs, flip_byte, one_error
+from testkit import (
+    EXIT_GENERAL,
+    EXIT_INTEGRITY,
+    EXIT_NOT_FOUND,
+    EXIT_STORE,
+    EXIT_USAGE,
+    SNAPFS,
+    Snapfs,
+    flip_byte,
+    one_error,
+)
 
 from snapfs.format.block import HEADER_SIZE, ZERO_ID
 from snapfs.format.index import IndexFile
@@ -47,7 +57,6 @@ MakeStore = Callable[..., ObjectStore]
 
 CREATE_KEYS = {"id", "name", "disk", "parent", "size", "block_size", "blocks_total",
                "blocks_uploaded", "bytes_uploaded", "seconds"}
-EXIT_GENERAL, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTEGRITY, EXIT_STORE = 1, 2, 3, 4, 5
 
 needs_root = pytest.mark.skipif(not have_root(), reason="needs root (loop mount, tmpfs, mknod)")
 

@@ -28,26 +28,19 @@ from typing import Any
 import pytest
 from diskimages import (
     distinct_nonzero,
-    have_root,
     is_zero,
     make_image,
     same_bytes,
     sha256_file,
     shared_image,
 )
-from mountutil import MountedDaemon, mounted, wait_for
-from testkit import Snapfs, one_error
+from mountutil import MOUNTS, MountedDaemon, mounted, wait_for
+from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error
 
 from snapfs.repo.lock import RepositoryLock
 from snapfs.store import open_store
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(not have_root() or not os.path.exists("/dev/fuse"),
-                       reason="needs root and /dev/fuse (FUSE and loop mounts)"),
-]
-
-EXIT_GENERAL, EXIT_USAGE, EXIT_NOT_FOUND = 1, 2, 3
+pytestmark = MOUNTS
 MiB = 1 << 20
 BS = 16 * 1024  # the repositories' block size (snapfs init's default)
 

@@ -24,25 +24,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from diskimages import have_root, make_image, random_image, sha256_file, shared_image
+from diskimages import make_image, random_image, sha256_file, shared_image
 from mountutil import (
+    MOUNTS,
     is_mount_point,
     mounted,
     pid_running,
     wait_for,
 )
-from testkit import Snapfs, one_error
+from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error
 
 from snapfs.control import mount_key
 from snapfs.store import ObjectStore
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(not have_root() or not os.path.exists("/dev/fuse"),
-                       reason="needs root and /dev/fuse (FUSE and loop mounts)"),
-]
-
-EXIT_GENERAL, EXIT_USAGE, EXIT_NOT_FOUND = 1, 2, 3
+pytestmark = MOUNTS
 MiB = 1 << 20
 
 STATS_KEYS = {"mountpoint", "repository", "pid", "started", "uptime_seconds", "log", "images",
