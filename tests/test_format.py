@@ -32,6 +32,7 @@ from snapfs.format.block import (
     ZERO_ID,
     BlockCodec,
     BlockKeyer,
+    checksum,
 )
 from snapfs.format.index import IndexFile
 from snapfs.format.manifest import SnapshotRoot, decode_page, encode_page
@@ -169,6 +170,21 @@ def test_decode_many_gives_each_blob_what_decode_gives_it(codec: BlockCodec) -> 
     unknown[2] = 2
     with pytest.raises(FormatError, match="version 2"):  # not corruption: the whole call fails
         codec.decode_many([blobs[1], bytes(unknown)], str)
+
+
+def test_decode_many_without_copies_gives_views_that_outlive_the_call(codec: BlockCodec) -> None:
+    good = [text(BS - 5 * i) + rand(32, seed=i) for i in range(5)]
+    blobs = [codec.encode(p) for p in good]
+    blobs.append(codec.encode(rand(BS, seed=7)))  # raw: decoded on its own, bytes of its own
+    bad = flipped(blobs[2], HEADER_SIZE - 1)  # decompresses, checksum wrong
+    out = codec.decode_many([*blobs[:2], bad, *blobs[3:]], str, copy=False)
+    views = [out[i] for i in (0, 1, 3, 4)]
+    assert all(isinstance(v, memoryview) and v.readonly for v in views)
+    assert isinstance(out[5], bytes) and out[5] == rand(BS, seed=7)
+    assert isinstance(out[2], CorruptBlock)
+    del blobs  # the views hold the decoded batch, not the blobs
+    assert [bytes(v) for v in views] == [good[i] for i in (0, 1, 3, 4)]
+    assert [checksum(v) for v in views] == [checksum(good[i]) for i in (0, 1, 3, 4)]
 
 
 @pytest.mark.parametrize("make", [text, rand], ids=["zstd", "raw"])

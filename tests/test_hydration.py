@@ -233,6 +233,9 @@ def test_reads_of_blocks_queued_for_the_background_fetch_each_block_once(
     finally:
         cache.close()
     assert got == {b: blocks[b] for b in got} and len(got) == 2
+    # the waiter of the background run got its block's own bytes, not a view that would keep
+    # the buffer of the run's every block alive
+    assert all(type(v) is bytes for v in got.values())
 
     def covering(loc):  # type: ignore[no-untyped-def]
         return [i for i, (key, offset, length) in enumerate(store.ranges)

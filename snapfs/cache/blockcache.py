@@ -61,7 +61,7 @@ OPEN_FILES = 64
 IOV_MAX = 1024
 
 
-def _pwrite_all(fd: int, parts: list[bytes], offset: int) -> None:
+def _pwrite_all(fd: int, parts: list[bytes | memoryview], offset: int) -> None:
     """Write ``parts`` end to end at ``offset``, however the kernel splits the writes."""
     for i in range(0, len(parts), IOV_MAX):
         chunk: list[bytes | memoryview] = list(parts[i : i + IOV_MAX])
@@ -321,7 +321,7 @@ class BlockCache:
     def put(self, block_id: bytes, plain: bytes) -> None:
         self.put_many([(block_id, plain)])
 
-    def put_many(self, items: Sequence[tuple[bytes, bytes]],
+    def put_many(self, items: Sequence[tuple[bytes, bytes | memoryview]],
                  checksums: Sequence[bytes] | None = None) -> None:
         """Cache each (ID, plain bytes): one append to our segment and one lmdb write
         transaction for all of them (a fetched run is cached at once: a transaction per block

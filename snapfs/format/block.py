@@ -127,15 +127,21 @@ class BlockCodec:
             raise CorruptBlock(f"{what}: checksum mismatch")
         return plain
 
-    def decode_many(self, blobs: Sequence[bytes | memoryview],
-                    what: Callable[[int], str]) -> list[bytes | IntegrityError]:
+    def decode_many(self, blobs: Sequence[bytes | memoryview], what: Callable[[int], str],
+                    copy: bool = True) -> list[bytes | memoryview | IntegrityError]:
         """``decode`` of each blob (its plain bytes, or the error; ``what(i)`` names blob i in
         an error). The zstd payloads of well-formed blobs are decompressed in one call, which
         drops the GIL once for all of them: decompressing blob by blob drops and takes it back
         per blob, and threads decoding at once then hardly run in parallel (measured here: 1.06×
         on 2 cores, against 1.74× this way). Anything unusual (a raw blob, a header that does
-        not check out, a batch zstd refuses) goes through ``decode``, which says what is wrong."""
-        out: list[bytes | IntegrityError | None] = [None] * len(blobs)
+        not check out, a batch zstd refuses) goes through ``decode``, which says what is wrong.
+
+        With ``copy=False`` the plain bytes of a batch-decoded blob are a read-only view into
+        the one buffer zstd decoded the batch into, not bytes of their own: no copy per blob
+        (the copy held the GIL, and was a fifth of the background sweep's time holding it).
+        A view keeps the whole batch's buffer alive, so it is for bytes used and let go (to
+        the cache, to an export); whoever keeps one block for long keeps ``bytes(view)``."""
+        out: list[bytes | memoryview | IntegrityError | None] = [None] * len(blobs)
         frames: list[bytes | bytearray | memoryview] = []
         batched: list[tuple[int, int, bytes]] = []  # (index, raw length, digest) per frame
         for i, blob in enumerate(blobs):
@@ -154,7 +160,9 @@ class BlockCodec:
                 plains = None  # one of them is bad: ``decode`` below finds which
             if plains is not None:
                 for k, (i, raw_len, digest) in enumerate(batched):
-                    plain = plains[k].tobytes()
+                    # (a BufferSegment has the buffer protocol; its stub does not say so)
+                    segment = plains[k]
+                    plain = segment.tobytes() if copy else memoryview(segment)  # type: ignore[arg-type]
                     if len(plain) == raw_len and checksum(plain) == digest:
                         out[i] = plain
         for i, blob in enumerate(blobs):

@@ -44,7 +44,9 @@ and decoding run in worker threads behind limiters. A fetched run costs one work
 the GET, the decoding and verifying of its blobs (zstd and BLAKE3 release the GIL, so the runs
 in flight decode on every core) and one ``BlockCache.put_many``. When someone waits on a run,
 its blocks are handed over as soon as they are verified, before the cache write (``_recent``
-keeps them meanwhile, so nobody fetches them again).
+keeps them meanwhile, so nobody fetches them again). A background run's blocks go to the cache
+only: decoded as views into the one buffer of the run (no copy per block, which held the GIL),
+and kept out of ``_recent``, which the sweep would otherwise churn through.
 
 ``buffers`` is the one memory budget of every image's in-memory read-ahead (the image layer
 keeps the buffers; mountpoint-s3 #987: per-stream windows without a global cap ran hosts out
@@ -170,7 +172,9 @@ class _PackQueue:
         return run
 
 
-Pieces = list[tuple[bytes | None, IntegrityError | None]]  # (plain, error) per blob of a run
+#: (plain, error) per blob of a run; a plain may be a view into the buffer its whole run was
+#: decoded into (background runs: ``BlockCodec.decode_many``), which ``_finish`` copies
+Pieces = list[tuple[bytes | memoryview | None, IntegrityError | None]]
 
 
 class LatencyWindow:
@@ -842,7 +846,7 @@ class Hydrator:
         span = wanted[-1][1].offset + wanted[-1][1].length - wanted[0][1].offset
         await self._rate.take(span)
         try:
-            results, _ = await self._fetch_with_retries(run.pack, wanted, None, [])
+            results, _ = await self._fetch_with_retries(run.pack, wanted, None, [], copy=False)
         except SnapfsError as e:
             for bid, _ in wanted:  # its blocks stay missing: a later sweep queues them again
                 del self._in_runs[bid]
@@ -859,7 +863,6 @@ class Hydrator:
                 if waiter is not None:
                     self._finish(waiter, error=error)
                 continue
-            self._remember(bid, plain)  # type: ignore[arg-type]
             if waiter is not None:
                 self._finish(waiter, data=plain)
             cached.append(bid)
@@ -882,7 +885,7 @@ class Hydrator:
 
     async def _fetch_with_retries(self, pack: str, wanted: list[tuple[bytes, Location]],
                                   early: Callable[[Pieces], None] | None,
-                                  around: list[tuple[bytes, Location]],
+                                  around: list[tuple[bytes, Location]], copy: bool = True,
                                   ) -> tuple[Pieces, Pieces]:
         """``_fetch_decode_cache`` on a worker thread, tried again after a store error."""
         delay = self.config.retry_delay
@@ -890,7 +893,7 @@ class Hydrator:
             self.counters.requests += 1
             try:
                 latency, nbytes, results, around_results = await trio.to_thread.run_sync(
-                    self._fetch_decode_cache, pack, wanted, early, around,
+                    self._fetch_decode_cache, pack, wanted, early, around, copy,
                     limiter=self._store_limiter)
             except IntegrityError:
                 self.counters.failed_requests += 1
@@ -910,13 +913,14 @@ class Hydrator:
 
     def _fetch_decode_cache(self, pack: str, wanted: list[tuple[bytes, Location]],
                             early: Callable[[Pieces], None] | None,
-                            around: list[tuple[bytes, Location]],
+                            around: list[tuple[bytes, Location]], copy: bool = True,
                             ) -> tuple[float, int, Pieces, Pieces]:
         """In a worker thread: one GET of the run (and of the blobs of ``around`` that the
         cache lacks), each blob of the run decoded and verified (then handed to ``early``, if
         given), then those of ``around``, the good ones cached together. Returns the GET's
         latency and size, and (plain, error) per blob of the run and of ``around`` (``(None,
-        None)`` for one the cache had)."""
+        None)`` for one the cache had). ``copy=False`` (a background run, whose blocks go to
+        the cache and are let go): the run's plains are views into one buffer, no copy each."""
         lacking = set(self.cache.missing([bid for bid, _ in around])) if around else set()
         extra = [(bid, loc) for bid, loc in around if bid in lacking]
         every = sorted(wanted + extra, key=lambda w: w[1].offset) if extra else wanted
@@ -924,7 +928,7 @@ class Hydrator:
         started = time.monotonic()
         data = self.repo.fetch_run(pack, every)
         latency = time.monotonic() - started
-        results, checksums = self._decode(data, start, wanted)
+        results, checksums = self._decode(data, start, wanted, copy)
         if early is not None:
             early(results)
         good = [(bid, plain) for (bid, _), (plain, _) in zip(wanted, results, strict=True)
@@ -941,13 +945,14 @@ class Hydrator:
         return latency, len(data), results, around_results
 
     def _decode(self, data: memoryview, start: int, wanted: list[tuple[bytes, Location]],
-                ) -> tuple[Pieces, list[bytes]]:
+                copy: bool = True) -> tuple[Pieces, list[bytes]]:
         """(plain, error) per blob of ``wanted`` in a fetched run that begins at pack offset
         ``start``, and the xxh3-128 of each good one's plain bytes (its header's, which
         decoding checked: the cache need not hash them again)."""
         out: Pieces = []
         checksums: list[bytes] = []
-        for (_, loc), plain in zip(wanted, self.repo.decode_pieces(data, start, wanted), strict=True):
+        for (_, loc), plain in zip(wanted, self.repo.decode_pieces(data, start, wanted, copy),
+                                   strict=True):
             if isinstance(plain, IntegrityError):
                 out.append((None, plain))
             else:
@@ -955,7 +960,10 @@ class Hydrator:
                 checksums.append(recorded_checksum(data[loc.offset - start :]))
         return out, checksums
 
-    def _finish(self, f: _Fetch, data: bytes | None = None, error: SnapfsError | None = None) -> None:
+    def _finish(self, f: _Fetch, data: bytes | memoryview | None = None,
+                error: SnapfsError | None = None) -> None:
+        if isinstance(data, memoryview):
+            data = bytes(data)  # a view holds its whole run's buffer: keep only the block
         f.data = data
         f.error = error
         self._inflight.pop(f.block_id, None)

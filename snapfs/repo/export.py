@@ -73,7 +73,7 @@ class _Target:
             return NoSpace(f"no space left on device writing {self.path}; nothing was exported")
         return SnapfsError(f"writing {self.path}: {e.strerror}")
 
-    def pwrite(self, data: bytes, offset: int) -> None:
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         view = memoryview(data)
         while view:
             try:
@@ -132,7 +132,8 @@ async def export_snapshot(
         data = repo.fetch_run(pack, run)
         start = run[0][1].offset
         nbytes = 0
-        for (bid, _), plain in zip(run, repo.decode_pieces(data, start, run), strict=True):
+        for (bid, _), plain in zip(run, repo.decode_pieces(data, start, run, copy=False),
+                                   strict=True):
             if isinstance(plain, IntegrityError):
                 raise plain
             for n in where[bid]:

@@ -368,20 +368,21 @@ class Repository:
         return memoryview(self._get_range(pack, start, end - start))
 
     def decode_pieces(self, run: memoryview, run_start: int, wanted: list[tuple[bytes, Location]],
-                      ) -> list[bytes | IntegrityError]:
+                      copy: bool = True) -> list[bytes | memoryview | IntegrityError]:
         """``decode_verified`` of each of ``wanted`` in a fetched run: its plain bytes, or
-        the error (the codec decodes them all in one call, see ``BlockCodec.decode_many``)."""
+        the error (the codec decodes them all in one call, see ``BlockCodec.decode_many``;
+        ``copy=False``: views into the batch's buffer, for bytes used and let go)."""
         pieces = [run[loc.offset - run_start : loc.offset - run_start + loc.length] for _, loc in wanted]
 
         def what(i: int) -> str:
             bid, loc = wanted[i]
             return f"blob {bid.hex()[:16]} in pack {loc.pack[:12]}"
 
-        out = self.codec.decode_many(pieces, what)
+        out = self.codec.decode_many(pieces, what, copy)
         block_id = self.keyer.block_id
         for i, (bid, _) in enumerate(wanted):
             plain = out[i]
-            if isinstance(plain, bytes) and block_id(plain) != bid:
+            if not isinstance(plain, IntegrityError) and block_id(plain) != bid:
                 out[i] = CorruptBlock(f"{what(i)}: content does not match its ID")
         return out
 

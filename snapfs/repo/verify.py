@@ -89,7 +89,8 @@ async def verify_snapshots(
         except IntegrityError as e:
             return 0, 0, [f"{users[bid]}: {e}" for bid, _ in run]
         nbytes = 0
-        for (bid, _), plain in zip(run, repo.decode_pieces(data, run[0][1].offset, run), strict=True):
+        for (bid, _), plain in zip(run, repo.decode_pieces(data, run[0][1].offset, run, copy=False),
+                                   strict=True):
             if isinstance(plain, IntegrityError):
                 problems.append(f"{users[bid]}: {plain}")
             else:
