@@ -312,6 +312,64 @@ def test_duplicate_name_is_refused(snapfs: Snapfs, store: ObjectStore, tmp_path:
     assert objects(store) == before
 
 
+def test_forget_by_retention_policy(snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> None:
+    """Five snapshots of one disk over four days (moved there by rewriting their roots'
+    creation times, as if taken then) and one of another disk; ``--keep-daily 2`` keeps each
+    disk's last of its two newest days, a tag keeps one more, the rest go with their blocks."""
+    snapfs.ok("init")
+    image = random_image(tmp_path / "vm.img", MiB, seed=11)
+    days = ["2026-01-01T11:00:00.000Z", "2026-01-01T13:00:00.000Z", "2026-01-02T12:00:00.000Z",
+            "2026-01-04T12:00:00.000Z", "2026-01-05T12:00:00.000Z"]
+    ids, copies = [], []
+    for n, created in enumerate(days):
+        write_at(image, 0, bytes([n + 1]) * 16384)  # block 0 differs in every snapshot
+        tags = ["--tag", "pinned"] if n == 1 else []
+        snap = snapfs.json("snapshot", "create", image, "--name", f"vm-{n}", *tags)
+        root = SnapshotRoot.decode(store.get(f"snapshots/{snap['id']}"))
+        root.created = created
+        store.put(f"snapshots/{root.id}", root.encode())
+        ids.append(snap["id"])
+        copies.append(sha256_file(image))
+    other = snapfs.json("snapshot", "create", random_image(tmp_path / "db.img", MiB, seed=12),
+                        "--name", "db-0")["id"]
+
+    before = objects(store)
+    plan = snapfs.json("snapshot", "forget", "--keep-daily", "2", "--keep-tag", "pinned",
+                       "--dry-run")
+    assert objects(store) == before  # a dry run deletes nothing
+    reasons = {s["name"]: s["reasons"] for s in plan["snapshots"]}
+    assert reasons == {"vm-0": [], "vm-1": ["tag pinned"], "vm-2": [], "vm-3": ["daily"],
+                       "vm-4": ["daily"], "db-0": ["daily"]}
+    assert plan["dry_run"] is True and plan["forgotten"] == []
+
+    done = snapfs.json("snapshot", "forget", "--keep-daily", "2", "--keep-tag", "pinned")
+    assert sorted(done["forgotten"]) == sorted([ids[0], ids[2]])
+    assert done["bytes_freed"] > 0  # vm-2's block 0 and page were its own
+    left = {s["id"] for s in snapfs.json("snapshot", "list")}
+    assert left == {ids[1], ids[3], ids[4], other}
+    assert "no problems" in snapfs.ok("verify")
+    for n in (1, 4):
+        out = tmp_path / f"vm-{n}.out"
+        snapfs.ok("export", f"vm-{n}", out)
+        assert sha256_file(out) == copies[n]
+
+    # the same policy again forgets nothing; --disk judges one disk only
+    again = snapfs.ok("snapshot", "forget", "--keep-daily", "2", "--keep-tag", "pinned")
+    assert "nothing to forget" in again
+    only_db = snapfs.json("snapshot", "forget", "--disk", "db.img", "--keep-last", "1",
+                          "--dry-run")
+    assert [s["name"] for s in only_db["snapshots"]] == ["db-0"]
+
+    # bad policies: one line, a usage error, nothing deleted
+    before = objects(store)
+    assert "at least one --keep" in one_error(snapfs("snapshot", "forget"), EXIT_USAGE)
+    assert "cannot read duration" in one_error(
+        snapfs("snapshot", "forget", "--keep-within", "3x"), EXIT_USAGE)
+    assert "no snapshots of disk 'nosuch'" in one_error(
+        snapfs("snapshot", "forget", "--disk", "nosuch", "--keep-last", "1"), EXIT_NOT_FOUND)
+    assert objects(store) == before
+
+
 # -- bad sources -------------------------------------------------------------------------------
 
 

@@ -851,6 +851,10 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(served: Served, tmp_path: Pat
     assert "--yes" in error("disk", "rollback", "d", "vm-1", code=EXIT_USAGE)
     assert "nosuch" in error("disk", "delete", "nosuch", code=EXIT_NOT_FOUND)
     assert "base of disk d" in error("snapshot", "delete", "vm-1", code=EXIT_USAGE)
+    # a retention policy that keeps nothing still keeps what a served disk is made from
+    policy = snapfs.json("snapshot", "forget", "--keep-tag", "nosuch")
+    assert [(x["name"], x["reasons"]) for x in policy["snapshots"]] == [
+        ("vm-1", ["base of disk d"])]
 
     # a repository no mount serves
     other = snapfs.with_repo(str(tmp_path / "other"))

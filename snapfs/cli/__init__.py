@@ -35,7 +35,7 @@ COMMANDS = {
                              "intact."),
     "prune": ("repository", "Delete the blobs no snapshot uses (delete does this too) and repack "
                             "sparse packs."),
-    "snapshot": ("snapshot", "Create, list, show and delete snapshots."),
+    "snapshot": ("snapshot", "Create, list, show, delete and forget snapshots."),
     "disk": ("disk", "Create, list, delete and roll back writable disks (served by a running "
                      "mount)."),
     "mount": ("mount", "Serve every snapshot of REPO as MOUNTPOINT/snapshots/NAME.img, fetched "

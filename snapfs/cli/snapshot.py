@@ -1,4 +1,4 @@
-"""``snapfs snapshot …``: create, list, show and delete snapshots."""
+"""``snapfs snapshot …``: create, list, show, delete and forget (by a retention policy) snapshots."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import click
 
 from snapfs.cli.context import CliConfig, log_to_stderr, pass_config
 from snapfs.cli.output import emit_json, human_size, progress_for, run_async, table_lines
-from snapfs.errors import NotMounted, SnapfsError, UsageError
+from snapfs.errors import NotFoundError, NotMounted, SnapfsError, UsageError
 from snapfs.progress import NO_PROGRESS
 
 
 @click.group()
 @click.pass_context
 def snapshot(ctx: click.Context) -> None:
-    """Create, list, show and delete snapshots."""
+    """Create, list, show, delete and forget snapshots."""
     if ctx.invoked_subcommand != "create":  # create does, when it needs to
         log_to_stderr(ctx.obj.debug)
 
@@ -130,18 +130,26 @@ def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
 def _refuse_if_disks_need(config: CliConfig, chosen: dict[str, Any]) -> None:
     """A served disk reads its untouched blocks from its base snapshot, and its next snapshot
     is made from its parent's manifest: neither may go while the disk exists."""
+    for snap_id, (role, disk) in _needed_by_disks(config).items():
+        if snap_id in chosen:
+            raise UsageError(f"snapshot {chosen[snap_id].name} is the {role} of disk {disk}: "
+                             "delete the disk (or roll it back to another snapshot) first")
+
+
+def _needed_by_disks(config: CliConfig) -> dict[str, tuple[str, str]]:
+    """The snapshots the disks a daemon serves for this repository need: id -> (role, disk)."""
     from snapfs.write.client import call
 
     try:
         disks = call(config.require_repo(), {"op": "disk-list"}, timeout=10.0)["disks"]
     except NotMounted:
-        return
+        return {}
+    needed: dict[str, tuple[str, str]] = {}
     for d in disks:
         for role in ("base", "parent"):
-            if d.get(role) in chosen:
-                name = chosen[d[role]].name
-                raise UsageError(f"snapshot {name} is the {role} of disk {d['name']}: delete the "
-                                 f"disk (or roll it back to another snapshot) first")
+            if d.get(role):
+                needed.setdefault(d[role], (role, d["name"]))
+    return needed
 
 
 def _unfinished(config: CliConfig) -> list[dict[str, Any]]:
@@ -200,3 +208,83 @@ def delete(config: CliConfig, snaps: tuple[str, ...], json_output: bool) -> None
         emit_json(stats)
     else:
         click.echo(f"deleted {len(chosen)} snapshots; freed {human_size(stats['bytes_freed'])}")
+
+
+@snapshot.command()
+@click.option("--keep-last", type=click.IntRange(min=1), metavar="N",
+              help="Keep the N newest snapshots of each disk.")
+@click.option("--keep-hourly", type=click.IntRange(min=1), metavar="N",
+              help="Keep the newest snapshot of each of the last N hours that have one.")
+@click.option("--keep-daily", type=click.IntRange(min=1), metavar="N",
+              help="Keep the newest snapshot of each of the last N days that have one.")
+@click.option("--keep-weekly", type=click.IntRange(min=1), metavar="N",
+              help="Keep the newest snapshot of each of the last N (ISO) weeks that have one.")
+@click.option("--keep-monthly", type=click.IntRange(min=1), metavar="N",
+              help="Keep the newest snapshot of each of the last N months that have one.")
+@click.option("--keep-yearly", type=click.IntRange(min=1), metavar="N",
+              help="Keep the newest snapshot of each of the last N years that have one.")
+@click.option("--keep-within", metavar="DURATION",
+              help="Keep every snapshot taken within DURATION before the disk's newest one "
+                   "(30d, 2w, 6m, 1y, 12h, or combined: 1y6m).")
+@click.option("--keep-tag", "keep_tags", multiple=True, metavar="TAG",
+              help="Keep every snapshot with this tag (repeatable).")
+@click.option("--disk", help="Only this disk's snapshots (default: every disk, each on its own).")
+@click.option("-n", "--dry-run", is_flag=True, help="Say what would be forgotten; delete nothing.")
+@click.option("--json", "json_output", is_flag=True)
+@pass_config
+def forget(config: CliConfig, keep_last: int | None, keep_hourly: int | None,
+           keep_daily: int | None, keep_weekly: int | None, keep_monthly: int | None,
+           keep_yearly: int | None, keep_within: str | None, keep_tags: tuple[str, ...],
+           disk: str | None, dry_run: bool, json_output: bool) -> None:
+    """Delete the snapshots a retention policy does not keep (and the blocks only they used).
+
+    Each disk's snapshots are judged on their own, newest first; a snapshot is kept if any
+    --keep rule keeps it, and so is the rest of its consistency group and any snapshot a
+    served disk is made from. Periods are counted in local time, and only those that have a
+    snapshot: --keep-daily 30 keeps thirty days' last snapshots even if some days had none.
+    --keep-within counts back from the disk's newest snapshot, not from now."""
+    from snapfs.repo.retention import Duration, RetentionPolicy, decide
+
+    policy = RetentionPolicy(
+        last=keep_last or 0, hourly=keep_hourly or 0, daily=keep_daily or 0,
+        weekly=keep_weekly or 0, monthly=keep_monthly or 0, yearly=keep_yearly or 0,
+        within=Duration.parse(keep_within) if keep_within is not None else None,
+        tags=frozenset(keep_tags))
+    if policy.empty():
+        raise UsageError("forget needs at least one --keep-… rule (to delete snapshots by name, "
+                         "use snapshot delete)")
+    repo = config.open_repository()
+    roots = repo.snapshots()
+    if disk is not None:
+        roots = [r for r in roots if r.disk == disk]
+        if not roots:
+            raise NotFoundError(f"no snapshots of disk {disk!r} in {repo.store.url}")
+    protected = {snap_id: f"{role} of disk {name}"
+                 for snap_id, (role, name) in _needed_by_disks(config).items()}
+    decisions = decide(roots, policy, protected)
+    doomed = [d.root for d in decisions if not d.keep]
+    stats: dict[str, Any] = {}
+    if doomed and not dry_run:
+        from snapfs.repo.gc import delete_snapshots
+
+        stats = run_async(lambda _p: delete_snapshots(repo, doomed), json_output)
+    if json_output:
+        emit_json({"dry_run": dry_run,
+                   "snapshots": [{"id": d.root.id, "name": d.root.name, "disk": d.root.disk,
+                                  "created": d.root.created, "keep": d.keep,
+                                  "reasons": d.reasons} for d in decisions],
+                   "forgotten": [] if dry_run else [r.id for r in doomed], **stats})
+        return
+    rows = [("ACTION", "ID", "NAME", "DISK", "CREATED", "KEPT FOR")]
+    rows += [("keep" if d.keep else "forget", d.root.id, d.root.name, d.root.disk,
+              d.root.created[:19].replace("T", " "), ", ".join(d.reasons) or "-")
+             for d in decisions]
+    click.echo("\n".join(table_lines(rows)))
+    if not doomed:
+        click.echo(f"nothing to forget: every one of {len(decisions)} snapshots is kept")
+    elif dry_run:
+        click.echo(f"would forget {len(doomed)} of {len(decisions)} snapshots (dry run: "
+                   "nothing deleted)")
+    else:
+        click.echo(f"forgot {len(doomed)} of {len(decisions)} snapshots; freed "
+                   f"{human_size(stats['bytes_freed'])}")
