@@ -19,12 +19,12 @@ from testkit import wait_until
 from snapfs.cache import BlockCache
 from snapfs.errors import CorruptBlock
 from snapfs.format.block import ZERO_ID
+from snapfs.hydration.budget import MemoryBudget
 from snapfs.hydration.scheduler import (
     AROUND_PROBE,
     AROUND_TRIAL,
     HydrationConfig,
     Hydrator,
-    MemoryBudget,
     Priority,
 )
 from snapfs.image.catalog import SnapshotCatalog

@@ -48,9 +48,8 @@ keeps them meanwhile, so nobody fetches them again). A background run's blocks g
 only: decoded as views into the one buffer of the run (no copy per block, which held the GIL),
 and kept out of ``_recent``, which the sweep would otherwise churn through.
 
-``buffers`` is the one memory budget of every image's in-memory read-ahead (the image layer
-keeps the buffers; mountpoint-s3 #987: per-stream windows without a global cap ran hosts out
-of memory).
+``buffers`` is the one memory budget of every image's in-memory read-ahead (``budget``); the
+figures it keeps are ``stats``' counters.
 """
 
 from __future__ import annotations
@@ -64,7 +63,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
@@ -72,6 +71,8 @@ from snapfs.cache.blockcache import BlockCache
 from snapfs.errors import IntegrityError, SnapfsError, StoreError, StoreUnavailable
 from snapfs.format.block import recorded_checksum
 from snapfs.format.pack import KIND_PAGE
+from snapfs.hydration.budget import MemoryBudget
+from snapfs.hydration.stats import HydrationStats, LatencyWindow, ReadTally
 from snapfs.repo.repository import BlobIndex, Location, Repository
 from snapfs.throttle import RateLimiter
 
@@ -82,7 +83,6 @@ RECENT_BYTES = 32 << 20
 RATE_WINDOW = 10.0
 BULK_WINDOW = 2.0
 BULK_BYTES = 32 << 20
-SPARE_BUFFERS = 4  # freed read-ahead buffers kept for reuse (outside the budget's limit)
 AROUND_TRIAL = 8  # read-around GETs made before whether it pays decides
 AROUND_PAYS = 4  # read-around goes on while at least 1 in this many of its GETs paid
 AROUND_PROBE = 8  # while it does not pay, 1 waiting GET in this many still reads around
@@ -175,126 +175,6 @@ class _PackQueue:
 #: (plain, error) per blob of a run; a plain may be a view into the buffer its whole run was
 #: decoded into (background runs: ``BlockCodec.decode_many``), which ``_finish`` copies
 Pieces = list[tuple[bytes | memoryview | None, IntegrityError | None]]
-
-
-class LatencyWindow:
-    """The last ``size`` latencies, for p50/p99."""
-
-    def __init__(self, size: int = 2048) -> None:
-        self.values: deque[float] = deque(maxlen=size)
-
-    def add(self, seconds: float) -> None:
-        self.values.append(seconds)
-
-    def percentile(self, p: float) -> float | None:
-        if not self.values:
-            return None
-        ordered = sorted(self.values)
-        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
-
-
-@dataclass
-class HydrationStats:
-    blocks_fetched: int = 0
-    bytes_fetched: int = 0  # bytes moved from the store (compressed, with run gaps)
-    requests: int = 0  # GETs issued
-    failed_requests: int = 0
-    cache_hits: int = 0
-    waiting_reads: int = 0  # blocks a reader had to wait on the store for
-    wait_seconds: float = 0.0  # total time readers spent waiting on the store
-    background_blocks: int = 0
-    background_bytes: int = 0
-    read_around_blocks: int = 0  # blocks fetched beside a waiting read's (its GET's neighbours)
-    read_around_gets: int = 0  # GETs that brought such blocks
-    read_around_paid: int = 0  # of those, the ones with a block that was read afterwards
-    corrupt_blocks: int = 0
-
-
-class BufferHolder(Protocol):
-    def shed(self) -> None:
-        """Drop everything held (the budget has already taken it back)."""
-
-
-class MemoryBudget:
-    """One cap on the bytes that every read-ahead buffer holds. A holder that needs room takes
-    it from the least recently served other holders, which are told to ``shed``. Trio thread
-    only."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._held: OrderedDict[BufferHolder, int] = OrderedDict()
-        self._spares: list[bytearray] = []
-
-    def take(self, holder: BufferHolder, nbytes: int) -> bool:
-        """Charge ``nbytes`` to ``holder``; False if even shedding others cannot make room."""
-        while self.used + nbytes > self.limit:
-            victim = next((h for h in self._held if h is not holder), None)
-            if victim is None:
-                return False
-            self.used -= self._held.pop(victim)
-            victim.shed()
-        self.used += nbytes
-        self._held[holder] = self._held.get(holder, 0) + nbytes
-        self._held.move_to_end(holder)
-        return True
-
-    def give_back(self, holder: BufferHolder, nbytes: int) -> None:
-        held = self._held.get(holder)
-        if held is None:
-            return
-        nbytes = min(nbytes, held)
-        self.used -= nbytes
-        if held == nbytes:
-            del self._held[holder]
-        else:
-            self._held[holder] = held - nbytes
-
-    def release(self, holder: BufferHolder) -> None:
-        """Take back everything ``holder`` holds."""
-        self.used -= self._held.pop(holder, 0)
-
-    def held(self, holder: BufferHolder) -> int:
-        return self._held.get(holder, 0)
-
-    def buffer(self, nbytes: int) -> tuple[bytearray, bool]:
-        """A buffer of ``nbytes`` for a holder to fill (charge it with ``take`` first), and
-        whether it is fresh (all zeros) or a spare one (any bytes). A spare is handed out only
-        once no view refers to it any more, so bytes that someone may still read are never
-        written over."""
-        for i, buf in enumerate(self._spares):
-            if len(buf) == nbytes and _unviewed(buf):
-                del self._spares[i]
-                return buf, False
-        return bytearray(nbytes), True
-
-    def recycle(self, buf: bytearray) -> None:
-        """Keep a buffer that its holder no longer uses, for ``buffer`` (up to
-        ``SPARE_BUFFERS``): a fresh 2 MiB buffer costs more than the reads that fill it
-        (allocating, zeroing and faulting its pages in). The last reader may still hold a
-        view of it: ``buffer`` checks."""
-        if len(self._spares) < SPARE_BUFFERS:
-            self._spares.append(buf)
-
-
-def _unviewed(buf: bytearray) -> bool:
-    """No memoryview of ``buf`` is alive: a bytearray refuses to change its size while one
-    is (and this costs no copy once it has grown by a byte)."""
-    try:
-        buf.append(0)
-    except BufferError:
-        return False
-    del buf[-1]
-    return True
-
-
-@dataclass
-class ReadTally:
-    """What one image's reads cost: the image layer keeps one per image."""
-
-    cache_hits: int = 0
-    blocks_fetched: int = 0  # blocks its readers had to wait on the store for
-    wait_seconds: float = 0.0
 
 
 async def _all_done(fetches: Iterable[_Fetch]) -> None:

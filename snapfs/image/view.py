@@ -52,7 +52,9 @@ import trio
 from snapfs.errors import CorruptBlock, SnapfsError
 from snapfs.format.block import ZERO_ID, zero_bytes
 from snapfs.format.manifest import SnapshotRoot, decode_page
-from snapfs.hydration.scheduler import Hydrator, MemoryBudget, Priority, ReadTally
+from snapfs.hydration.budget import MemoryBudget
+from snapfs.hydration.scheduler import Hydrator, Priority
+from snapfs.hydration.stats import ReadTally
 from snapfs.repo.repository import Repository
 
 log = logging.getLogger(__name__)
