@@ -325,8 +325,8 @@ def same_repository(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def find_repository_daemon(repository: str) -> RunFiles:
-    """The run files of the live daemon serving ``repository``'s disks on this host."""
+def repository_daemons(repository: str) -> list[tuple[RunFiles, dict[str, Any]]]:
+    """The run files and facts of every live daemon that mounts ``repository`` on this host."""
     found: list[tuple[RunFiles, dict[str, Any]]] = []
     for pid_file in sorted(runtime_dir().glob("*.pid")):
         files = RunFiles("", pid_file.stem, pid_file, pid_file.with_suffix(".sock"))
@@ -339,6 +339,12 @@ def find_repository_daemon(repository: str) -> RunFiles:
         daemon.close()
         files = RunFiles(str(info.get("mountpoint", "")), files.key, files.pid_file, files.socket)
         found.append((files, info))
+    return found
+
+
+def find_repository_daemon(repository: str) -> RunFiles:
+    """The run files of the live daemon serving ``repository``'s disks on this host."""
+    found = repository_daemons(repository)
     serving = [files for files, info in found if info.get("disks")]
     if serving:
         return serving[0]

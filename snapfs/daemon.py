@@ -221,6 +221,8 @@ class MountDaemon:
         try:
             if op == "stats":
                 return {"ok": True, "stats": await self.stats()}
+            if op == "snapshots-open":
+                return {"ok": True, "open": self.ops.snapshots_open()}
             if disks is None or not disks.enabled:
                 if op in ("tasks", "disk-list"):
                     return {"ok": True, "tasks": [], "disks": []}

@@ -67,6 +67,7 @@ class ReadOnlyImage(Protocol):
     """A snapshot's image: stored (``ImageView``) or still uploading (``PendingSnapshot``)."""
 
     name: str
+    snapshot_id: str
     size: int
     mtime_ns: int
 
@@ -153,6 +154,16 @@ class SnapshotFS(pyfuse3.Operations):
         self._open_dirs: dict[int, _OpenDir] = {}
         self._next_handle = 1
         self._session_live = False
+
+    def snapshots_open(self) -> dict[str, dict[str, Any]]:
+        """The snapshots someone holds open here (a browse's loop device, a copy, a reader),
+        by id: their file name and open handles. ``snapshot delete`` and ``forget`` must not
+        take them away from under their readers."""
+        held: dict[str, dict[str, Any]] = {}
+        for view in self._open_files.values():
+            entry = held.setdefault(view.snapshot_id, {"name": view.name, "handles": 0})
+            entry["handles"] += 1
+        return held
 
     # -- names and inodes ----------------------------------------------------------------------
 

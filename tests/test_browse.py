@@ -317,6 +317,28 @@ def test_browse_reuses_a_running_daemon_and_leaves_it_running(
         assert not pid_running(daemon.pid)
 
 
+def test_a_browsed_snapshot_is_neither_deleted_nor_forgotten(
+    env: Env, source: dict[str, Path]
+) -> None:
+    """Deleting a snapshot under its browse would turn the browse's reads into I/O errors:
+    ``snapshot delete`` refuses it and ``forget`` keeps it, naming the open image."""
+    where = env.empty_dir("where")
+    state = env.browse("vm-1", where)
+    line = one_error(env.snapfs("snapshot", "delete", "vm-1"), EXIT_USAGE)
+    assert f"open at {state['image']}" in line and "unbrowse" in line
+    plan = env.snapfs.json("snapshot", "forget", "--keep-last", "1")
+    reasons = {s["name"]: s["reasons"] for s in plan["snapshots"]}
+    assert reasons["vm-1"] == [f"open at {state['image']}"] and reasons["vm-2"] == ["last"]
+    assert plan["forgotten"] == []
+    assert "vm-1" in {s["name"] for s in env.snapfs.json("snapshot", "list")}
+    assert_same_files(source["vm-1"], where, files_of(source["vm-1"]))
+    env.unbrowse(where)
+    # nothing holds it now
+    done = env.snapfs.json("snapshot", "forget", "--keep-last", "1")
+    assert [s["name"] for s in done["snapshots"] if not s["keep"]] == ["vm-1"]
+    assert "vm-1" not in {s["name"] for s in env.snapfs.json("snapshot", "list")}
+
+
 def test_a_new_snapshot_and_an_ext2_filesystem_made_by_mkfs(env: Env) -> None:
     files = env.empty_dir("files")
     (files / "sub").mkdir()

@@ -127,28 +127,41 @@ def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
     click.echo("\n".join(table_lines(rows)))
 
 
-def _refuse_if_disks_need(config: CliConfig, chosen: dict[str, Any]) -> None:
-    """A served disk reads its untouched blocks from its base snapshot, and its next snapshot
-    is made from its parent's manifest: neither may go while the disk exists."""
-    for snap_id, (role, disk) in _needed_by_disks(config).items():
-        if snap_id in chosen:
-            raise UsageError(f"snapshot {chosen[snap_id].name} is the {role} of disk {disk}: "
-                             "delete the disk (or roll it back to another snapshot) first")
+def _refuse_if_needed(config: CliConfig, chosen: dict[str, Any]) -> None:
+    """A snapshot this host still needs may not be deleted: see ``_needed_here``."""
+    needed = _needed_here(config)
+    for snap_id, root in chosen.items():
+        reason = needed.get(snap_id)
+        if reason is None:
+            continue
+        if reason.startswith("open "):
+            raise UsageError(f"snapshot {root.name} is {reason} (browsed or being read): "
+                             "unbrowse or close it first")
+        raise UsageError(f"snapshot {root.name} is the {reason}: delete the disk (or roll it "
+                         "back to another snapshot) first")
 
 
-def _needed_by_disks(config: CliConfig) -> dict[str, tuple[str, str]]:
-    """The snapshots the disks a daemon serves for this repository need: id -> (role, disk)."""
-    from snapfs.write.client import call
+def _needed_here(config: CliConfig) -> dict[str, str]:
+    """The snapshots that the snapfs daemons of this repository on this host need, by id, with
+    what needs them. A served disk reads its untouched blocks from its base snapshot and makes
+    its next snapshot from its parent's manifest; a snapshot image someone holds open (a
+    browse's loop device, a copy) would turn into read errors under its reader. (Daemons on
+    other hosts cannot be asked: their images fail to read once their blocks are gone.)"""
+    from snapfs.control import repository_daemons, request
 
-    try:
-        disks = call(config.require_repo(), {"op": "disk-list"}, timeout=10.0)["disks"]
-    except NotMounted:
-        return {}
-    needed: dict[str, tuple[str, str]] = {}
-    for d in disks:
-        for role in ("base", "parent"):
-            if d.get(role):
-                needed.setdefault(d[role], (role, d["name"]))
+    needed: dict[str, str] = {}
+    for files, _info in repository_daemons(config.require_repo()):
+        try:
+            held = request(files, {"op": "snapshots-open"}, timeout=10.0)["open"]
+            disks = request(files, {"op": "disk-list"}, timeout=10.0)["disks"]
+        except NotMounted:
+            continue  # it ended meanwhile
+        for snap_id, entry in held.items():
+            needed.setdefault(snap_id, f"open at {files.mountpoint}/snapshots/{entry['name']}")
+        for d in disks:
+            for role in ("base", "parent"):
+                if d.get(role):
+                    needed.setdefault(d[role], f"{role} of disk {d['name']}")
     return needed
 
 
@@ -202,7 +215,7 @@ def delete(config: CliConfig, snaps: tuple[str, ...], json_output: bool) -> None
     repo = config.open_repository()
     roots = repo.snapshots()
     chosen = {r.id: r for r in (repo.resolve(s, roots) for s in snaps)}
-    _refuse_if_disks_need(config, chosen)
+    _refuse_if_needed(config, chosen)
     stats = run_async(lambda _p: delete_snapshots(repo, list(chosen.values())), json_output)
     if json_output:
         emit_json(stats)
@@ -259,9 +272,7 @@ def forget(config: CliConfig, keep_last: int | None, keep_hourly: int | None,
         roots = [r for r in roots if r.disk == disk]
         if not roots:
             raise NotFoundError(f"no snapshots of disk {disk!r} in {repo.store.url}")
-    protected = {snap_id: f"{role} of disk {name}"
-                 for snap_id, (role, name) in _needed_by_disks(config).items()}
-    decisions = decide(roots, policy, protected)
+    decisions = decide(roots, policy, _needed_here(config))
     doomed = [d.root for d in decisions if not d.keep]
     stats: dict[str, Any] = {}
     if doomed and not dry_run:

@@ -125,6 +125,7 @@ class ImageView:
         self.root = root
         self.hydrator = hydrator
         self.name = name
+        self.snapshot_id = root.id
         self.size = root.size
         self.block_size = root.block_size
         self.nblocks = root.blocks_total
