@@ -362,12 +362,65 @@ def test_forget_by_retention_policy(snapfs: Snapfs, store: ObjectStore, tmp_path
 
     # bad policies: one line, a usage error, nothing deleted
     before = objects(store)
-    assert "at least one --keep" in one_error(snapfs("snapshot", "forget"), EXIT_USAGE)
+    assert "stored retention policy" in one_error(snapfs("snapshot", "forget"), EXIT_USAGE)
     assert "cannot read duration" in one_error(
         snapfs("snapshot", "forget", "--keep-within", "3x"), EXIT_USAGE)
     assert "no snapshots of disk 'nosuch'" in one_error(
         snapfs("snapshot", "forget", "--disk", "nosuch", "--keep-last", "1"), EXIT_NOT_FOUND)
     assert objects(store) == before
+
+
+def test_retention_policies_stored_in_the_repository(snapfs: Snapfs, store: ObjectStore,
+                                                     tmp_path: Path) -> None:
+    """``policy set`` stores a default and per-disk policies; ``snapshot forget`` without rules
+    applies them, each disk its own; a disk with no policy at all keeps everything."""
+    snapfs.ok("init")
+    assert "no retention policy" in snapfs.ok("policy", "show")
+    assert "stored retention policy" in one_error(snapfs("snapshot", "forget"), EXIT_USAGE)
+    for disk in ("web", "db.v2", "a/b c"):
+        image = random_image(tmp_path / "disk.img", MiB, seed=len(disk))
+        for n in range(3):
+            write_at(image, 0, bytes([n + 1]) * 16384)
+            snapfs.ok("snapshot", "create", image, "--disk", disk, "--name", f"{disk}-{n}")
+
+    out = snapfs.ok("policy", "set", "--disk", "web", "--keep-last", "1")
+    assert out.strip() == "retention policy of disk web: keep last 1"
+    assert snapfs.json("policy", "set", "--disk", "a/b c", "--keep-last", "2",
+                       "--keep-within", "1y6m") == {"disk": "a/b c",
+                                                   "keep": {"last": 2, "within": "1y6m"}}
+    assert snapfs.json("policy", "show") == {
+        "default": None, "disks": {"a/b c": {"last": 2, "within": "1y6m"},
+                                   "web": {"last": 1}}}
+    plan = snapfs.json("snapshot", "forget", "--dry-run")
+    reasons = {s["name"]: s["reasons"] for s in plan["snapshots"]}
+    assert reasons["web-0"] == [] and reasons["web-1"] == [] and reasons["web-2"] == ["last"]
+    assert all(reasons[f"db.v2-{n}"] == ["no policy"] for n in range(3))
+    assert reasons["a/b c-2"] == ["last", "within 1y6m"]
+    assert reasons["a/b c-0"] == ["within 1y6m"]
+
+    # a default for every other disk; rules on the command line replace every stored policy
+    snapfs.ok("policy", "set", "--keep-last", "2")
+    assert "(default)" in snapfs.ok("policy", "show")
+    forgotten = snapfs.json("snapshot", "forget")["forgotten"]
+    names = {s["id"]: s["name"] for s in plan["snapshots"]}
+    assert sorted(names[i] for i in forgotten) == ["db.v2-0", "web-0", "web-1"]
+    assert "no problems" in snapfs.ok("verify")
+    override = snapfs.json("snapshot", "forget", "--keep-last", "1", "--dry-run")
+    assert sorted(s["name"] for s in override["snapshots"] if not s["keep"]) == [
+        "a/b c-0", "a/b c-1", "db.v2-1"]
+
+    assert snapfs.ok("policy", "delete", "--disk", "web").strip() == (
+        "deleted the retention policy of disk web")
+    assert "no retention policy stored for disk web" in one_error(
+        snapfs("policy", "delete", "--disk", "web"), EXIT_NOT_FOUND)
+    assert "at least one --keep" in one_error(snapfs("policy", "set", "--disk", "x"), EXIT_USAGE)
+    snapfs.ok("policy", "delete")
+    assert set(snapfs.json("policy", "show")["disks"]) == {"a/b c"}
+    # a damaged policy is one clear line, not a guess
+    key = next(k for k, _ in store.list("policies/"))
+    store.put(key, b"{not json")
+    assert "retention policy is not valid JSON" in one_error(snapfs("snapshot", "forget"),
+                                                             EXIT_INTEGRITY)
 
 
 # -- bad sources -------------------------------------------------------------------------------

@@ -158,3 +158,28 @@ def test_an_empty_policy_keeps_nothing() -> None:
     assert RetentionPolicy().empty()
     assert not RetentionPolicy(tags=frozenset({"x"})).empty()
     assert kept(daily(3), RetentionPolicy()) == {}
+
+
+def test_a_stored_policy_reads_back_and_a_bad_one_is_refused() -> None:
+    from snapfs.errors import CorruptBlock, FormatError
+
+    policy = RetentionPolicy(last=2, daily=30, within=Duration.parse("1y6m"),
+                             tags=frozenset({"b", "a"}))
+    assert RetentionPolicy.decode(policy.encode()) == policy
+    assert str(policy) == "last 2, daily 30, within 1y6m, tags a,b"
+    good = b'{"format":"snapfs-retention-policy","version":1,"keep":'
+    for data, error in [(b"[]", CorruptBlock), (b'{"format":"x"}', CorruptBlock),
+                        (good.replace(b"1,", b"2,") + b"{}}", FormatError),
+                        (good + b'{"daily":-1}}', CorruptBlock),
+                        (good + b'{"daily":"many"}}', CorruptBlock),
+                        (good + b'{"within":"soon"}}', CorruptBlock),
+                        (good + b"[]}", CorruptBlock)]:
+        with pytest.raises(error):
+            RetentionPolicy.decode(data)
+
+
+def test_per_disk_policies_and_a_disk_without_one() -> None:
+    roots = daily(3, disk="web") + daily(3, disk="db")
+    result = kept(roots, {"web": RetentionPolicy(last=1), "db": None})
+    assert result == {"web-0002": ["last"], "db-0000": ["no policy"],
+                      "db-0001": ["no policy"], "db-0002": ["no policy"]}

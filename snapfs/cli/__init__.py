@@ -36,6 +36,8 @@ COMMANDS = {
     "prune": ("repository", "Delete the blobs no snapshot uses (delete does this too) and repack "
                             "sparse packs."),
     "snapshot": ("snapshot", "Create, list, show, delete and forget snapshots."),
+    "policy": ("policy", "Set, show and delete the retention policies that snapshot forget "
+                         "applies."),
     "disk": ("disk", "Create, list, delete and roll back writable disks (served by a running "
                      "mount)."),
     "mount": ("mount", "Serve every snapshot of REPO as MOUNTPOINT/snapshots/NAME.img, fetched "

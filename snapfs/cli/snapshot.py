@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from snapfs.cli.context import CliConfig, log_to_stderr, pass_config
+from snapfs.cli.keep import keep_options, policy_from
 from snapfs.cli.output import emit_json, human_size, progress_for, run_async, table_lines
 from snapfs.errors import NotFoundError, NotMounted, SnapfsError, UsageError
 from snapfs.progress import NO_PROGRESS
@@ -224,54 +225,39 @@ def delete(config: CliConfig, snaps: tuple[str, ...], json_output: bool) -> None
 
 
 @snapshot.command()
-@click.option("--keep-last", type=click.IntRange(min=1), metavar="N",
-              help="Keep the N newest snapshots of each disk.")
-@click.option("--keep-hourly", type=click.IntRange(min=1), metavar="N",
-              help="Keep the newest snapshot of each of the last N hours that have one.")
-@click.option("--keep-daily", type=click.IntRange(min=1), metavar="N",
-              help="Keep the newest snapshot of each of the last N days that have one.")
-@click.option("--keep-weekly", type=click.IntRange(min=1), metavar="N",
-              help="Keep the newest snapshot of each of the last N (ISO) weeks that have one.")
-@click.option("--keep-monthly", type=click.IntRange(min=1), metavar="N",
-              help="Keep the newest snapshot of each of the last N months that have one.")
-@click.option("--keep-yearly", type=click.IntRange(min=1), metavar="N",
-              help="Keep the newest snapshot of each of the last N years that have one.")
-@click.option("--keep-within", metavar="DURATION",
-              help="Keep every snapshot taken within DURATION before the disk's newest one "
-                   "(30d, 2w, 6m, 1y, 12h, or combined: 1y6m).")
-@click.option("--keep-tag", "keep_tags", multiple=True, metavar="TAG",
-              help="Keep every snapshot with this tag (repeatable).")
+@keep_options
 @click.option("--disk", help="Only this disk's snapshots (default: every disk, each on its own).")
 @click.option("-n", "--dry-run", is_flag=True, help="Say what would be forgotten; delete nothing.")
 @click.option("--json", "json_output", is_flag=True)
 @pass_config
-def forget(config: CliConfig, keep_last: int | None, keep_hourly: int | None,
-           keep_daily: int | None, keep_weekly: int | None, keep_monthly: int | None,
-           keep_yearly: int | None, keep_within: str | None, keep_tags: tuple[str, ...],
-           disk: str | None, dry_run: bool, json_output: bool) -> None:
+def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool,
+           **keep: Any) -> None:
     """Delete the snapshots a retention policy does not keep (and the blocks only they used).
 
-    Each disk's snapshots are judged on their own, newest first; a snapshot is kept if any
-    --keep rule keeps it, and so is the rest of its consistency group and any snapshot a
-    served disk is made from. Periods are counted in local time, and only those that have a
-    snapshot: --keep-daily 30 keeps thirty days' last snapshots even if some days had none.
-    --keep-within counts back from the disk's newest snapshot, not from now."""
-    from snapfs.repo.retention import Duration, RetentionPolicy, decide
+    The policy is the --keep rules given, for every disk; without any, each disk's policy
+    stored with `snapfs policy set` (a disk with none keeps all). Each disk's snapshots are
+    judged on their own, newest first; a snapshot is kept if any rule keeps it, and so is the
+    rest of its consistency group and any snapshot this host still needs (a served disk's base
+    or parent, an image held open). Periods are counted in local time, and only those that
+    have a snapshot: --keep-daily 30 keeps thirty days' last snapshots even if some days had
+    none. --keep-within counts back from the disk's newest snapshot, not from now."""
+    from snapfs.repo.retention import decide
 
-    policy = RetentionPolicy(
-        last=keep_last or 0, hourly=keep_hourly or 0, daily=keep_daily or 0,
-        weekly=keep_weekly or 0, monthly=keep_monthly or 0, yearly=keep_yearly or 0,
-        within=Duration.parse(keep_within) if keep_within is not None else None,
-        tags=frozenset(keep_tags))
-    if policy.empty():
-        raise UsageError("forget needs at least one --keep-… rule (to delete snapshots by name, "
-                         "use snapshot delete)")
+    given = policy_from(**keep)
     repo = config.open_repository()
     roots = repo.snapshots()
     if disk is not None:
         roots = [r for r in roots if r.disk == disk]
         if not roots:
             raise NotFoundError(f"no snapshots of disk {disk!r} in {repo.store.url}")
+    if not given.empty():
+        policy: Any = given
+    else:
+        default, per_disk = repo.retention_policies()
+        if default is None and not per_disk:
+            raise UsageError("forget needs --keep-… rules or a stored retention policy (snapfs "
+                             "policy set); to delete snapshots by name, use snapshot delete")
+        policy = {r.disk: per_disk.get(r.disk, default) for r in roots}
     decisions = decide(roots, policy, _needed_here(config))
     doomed = [d.root for d in decisions if not d.keep]
     stats: dict[str, Any] = {}

@@ -8,6 +8,8 @@ Object layout in the store::
     packs/XX/NAME          packs of encoded blobs (blocks and manifest pages)
     locks/ID               locks held by running processes (see ``lock``)
     profiles/ID            access profiles of snapshot ID: which blocks mounts read first
+    policies/default       the retention policy of every disk without one of its own
+    policies/disk/NAME     disk NAME's retention policy (NAME percent-encoded, dots too)
 
 This module never writes blobs; ``create`` and ``gc`` do, through ``PackWriter``. Every blob it
 returns has been decoded and checked twice: the codec's xxh3 checksum, and the keyed BLAKE3 of
@@ -24,6 +26,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, NamedTuple, Protocol
+from urllib.parse import quote, unquote
 
 from snapfs.errors import (
     AmbiguousSnapshot,
@@ -51,6 +54,7 @@ from snapfs.store.base import ObjectStore
 
 if TYPE_CHECKING:
     from snapfs.repo.indexcache import IndexCache
+    from snapfs.repo.retention import RetentionPolicy
 
 log = logging.getLogger(__name__)
 
@@ -409,6 +413,37 @@ class Repository:
 
     def write_profile(self, snapshot_id: str, blocks: list[int]) -> None:
         self.store.put(f"profiles/{snapshot_id}", encode_profile(blocks))
+
+    # -- retention policies ------------------------------------------------------------
+
+    @staticmethod
+    def _policy_key(disk: str | None) -> str:
+        if disk is None:
+            return "policies/default"
+        return "policies/disk/" + quote(disk, safe="").replace(".", "%2E")
+
+    def retention_policies(self) -> tuple[RetentionPolicy | None, dict[str, RetentionPolicy]]:
+        """The stored retention policies: the default one (None if unset) and each disk's."""
+        from snapfs.repo.retention import RetentionPolicy
+
+        keys = [key for key, _size in self.store.list("policies/")]
+        found = {key: RetentionPolicy.decode(data) for key, data in self._get_many(keys).items()}
+        default = found.pop("policies/default", None)
+        prefix = "policies/disk/"
+        return default, {unquote(key[len(prefix):]): p for key, p in found.items()
+                         if key.startswith(prefix)}
+
+    def write_policy(self, disk: str | None, policy: RetentionPolicy) -> None:
+        """Store ``policy`` for ``disk`` (None: the default of every disk)."""
+        self.store.put(self._policy_key(disk), policy.encode())
+
+    def delete_policy(self, disk: str | None) -> bool:
+        """Forget ``disk``'s stored policy (None: the default); False if there was none."""
+        key = self._policy_key(disk)
+        if not self.store.exists(key):
+            return False
+        self.store.delete(key)
+        return True
 
     # -- manifests ---------------------------------------------------------------------
 

@@ -26,17 +26,22 @@ The rules, in the spirit of restic's ``forget`` and borg's ``prune``:
 
 A policy without any rule keeps nothing and is refused by the CLI: forgetting everything is
 ``snapshot delete``'s job.
+
+Policies can be stored in the repository (``snapfs policy set``: one for every disk, and one per
+disk that overrides it), so that a backup job runs ``snapshot forget`` with no rules and each
+disk keeps what its policy says. Stored as JSON with a format name and a version.
 """
 
 from __future__ import annotations
 
 import calendar
+import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
 
-from snapfs.errors import UsageError
+from snapfs.errors import CorruptBlock, FormatError, UsageError
 from snapfs.format.manifest import SnapshotRoot
 
 #: the periods a ``keep-PERIOD N`` rule counts, and how a snapshot's local time falls into one
@@ -47,6 +52,11 @@ PERIODS: dict[str, Callable[[datetime], tuple[int, ...]]] = {
     "monthly": lambda t: (t.year, t.month),
     "yearly": lambda t: (t.year,),
 }
+
+POLICY_FORMAT = "snapfs-retention-policy"
+POLICY_VERSION = 1
+#: the counted rules, in the order they are shown
+COUNTS = ("last", *PERIODS)
 
 _DURATION_PART = re.compile(r"(\d+)([hdwmy])")
 _UNITS = {"h": "hours", "d": "days", "w": "weeks", "m": "months", "y": "years"}
@@ -104,8 +114,49 @@ class RetentionPolicy:
     tags: frozenset[str] = frozenset()
 
     def empty(self) -> bool:
-        return not (self.last or any(getattr(self, p) for p in PERIODS) or self.within
-                    or self.tags)
+        return not (any(getattr(self, c) for c in COUNTS) or self.within or self.tags)
+
+    def rules(self) -> dict[str, int | str | list[str]]:
+        """The rules that are set, by name (``daily``, ``within``, ``tags``, …)."""
+        out: dict[str, int | str | list[str]] = {c: getattr(self, c) for c in COUNTS
+                                                 if getattr(self, c)}
+        if self.within is not None:
+            out["within"] = str(self.within)
+        if self.tags:
+            out["tags"] = sorted(self.tags)
+        return out
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {','.join(v) if isinstance(v, list) else v}"
+                         for name, v in self.rules().items()) or "no rules"
+
+    def encode(self) -> bytes:
+        return json.dumps({"format": POLICY_FORMAT, "version": POLICY_VERSION,
+                           "keep": self.rules()}, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> RetentionPolicy:
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise CorruptBlock("retention policy is not valid JSON") from None
+        if not isinstance(doc, dict) or doc.get("format") != POLICY_FORMAT:
+            raise CorruptBlock("object is not a snapfs retention policy")
+        if doc.get("version") != POLICY_VERSION:
+            raise FormatError(f"unknown retention policy version {doc.get('version')}")
+        keep = doc.get("keep")
+        malformed = CorruptBlock("retention policy has malformed rules")
+        if not isinstance(keep, dict):
+            raise malformed
+        try:
+            counts = {c: int(keep.get(c, 0)) for c in COUNTS}
+            within = Duration.parse(keep["within"]) if "within" in keep else None
+            tags = frozenset(str(t) for t in keep.get("tags", []))
+        except (TypeError, ValueError, UsageError):
+            raise malformed from None
+        if any(n < 0 for n in counts.values()):
+            raise malformed
+        return cls(**counts, within=within, tags=tags)
 
 
 @dataclass
@@ -129,13 +180,19 @@ def created_at(root: SnapshotRoot, tz: tzinfo | None = None) -> datetime | None:
     return moment.astimezone(tz)
 
 
-def decide(roots: Iterable[SnapshotRoot], policy: RetentionPolicy,
+def decide(roots: Iterable[SnapshotRoot],
+           policy: RetentionPolicy | Mapping[str, RetentionPolicy | None],
            protected: dict[str, str] | None = None, tz: tzinfo | None = None,
            ) -> list[Decision]:
-    """A decision for every snapshot of ``roots``, in the order given. ``protected`` maps
-    snapshot ids that must be kept to the reason; ``tz`` is the zone periods are counted in
-    (default: local time)."""
+    """A decision for every snapshot of ``roots``, in the order given, under ``policy``: one
+    for every disk, or one per disk name (a disk with None, or missing, keeps everything).
+    ``protected`` maps snapshot ids that must be kept to the reason; ``tz`` is the zone periods
+    are counted in (default: local time)."""
     protected = protected or {}
+
+    def policy_of(disk: str) -> RetentionPolicy | None:
+        return policy if isinstance(policy, RetentionPolicy) else policy.get(disk)
+
     decisions = [Decision(r) for r in roots]
     series: dict[str, list[tuple[datetime, Decision]]] = {}
     for d in decisions:
@@ -146,11 +203,16 @@ def decide(roots: Iterable[SnapshotRoot], policy: RetentionPolicy,
             series.setdefault(d.root.disk, []).append((moment, d))
         if d.root.id in protected:
             d.reasons.append(protected[d.root.id])
-        if policy.tags & set(d.root.tags):
-            d.reasons.append("tag " + ",".join(sorted(policy.tags & set(d.root.tags))))
-    for members in series.values():
-        members.sort(key=lambda m: (m[0], m[1].root.id), reverse=True)  # newest first
-        _apply_rules(members, policy)
+        rules = policy_of(d.root.disk)
+        if rules is None:
+            d.reasons.append("no policy")
+        elif rules.tags & set(d.root.tags):
+            d.reasons.append("tag " + ",".join(sorted(rules.tags & set(d.root.tags))))
+    for disk, members in series.items():
+        rules = policy_of(disk)
+        if rules is not None:
+            members.sort(key=lambda m: (m[0], m[1].root.id), reverse=True)  # newest first
+            _apply_rules(members, rules)
     by_group: dict[str, list[Decision]] = {}
     for d in decisions:
         if d.root.group:
