@@ -83,6 +83,11 @@ class MissingBlock(IntegrityError):
     pass
 
 
+class PackMissing(MissingBlock):
+    """A pack the index names is not in the store (deleted, or repacked by garbage collection
+    since the index was read)."""
+
+
 class StoreError(SnapfsError):
     """The object store failed in a way retries could not fix."""
 

@@ -827,6 +827,56 @@ def test_freeze_makes_a_clean_filesystem_snapshot_and_thaws(served: Served, tmp_
         assert not (fs / "after.txt").exists()
 
 
+# -- garbage collection by another process while the daemon runs ------------------------------
+
+
+def test_a_disk_snapshot_never_reuses_blobs_gc_deleted(served: Served, tmp_path: Path) -> None:
+    """The daemon's index was read before another process deleted a snapshot and collected
+    its blobs: a disk snapshot of the same bytes must upload them again, not name the deleted
+    blobs (it was stored as accomplished with nothing uploaded, and could not be read)."""
+    s = served
+    data = random.Random(31).randbytes(1 << 20)
+    (tmp_path / "p.img").write_bytes(data)
+    s.snapfs.ok("snapshot", "create", tmp_path / "p.img", "--name", "p")
+    s.snapfs.ok("disk", "create", "d", "--size", "1M")
+    wait_for(lambda: s.image("p").exists(), 10, "snapshot p to appear in the mount")
+    assert s.image("p").read_bytes()[:4096] == data[:4096]  # the daemon knows p's blobs
+    s.snapfs.ok("snapshot", "delete", "p")  # another process: its packs are gone
+    fd = os.open(s.disk("d"), os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    task = s.snapshot("--disk", "d", "--name", "again")
+    assert task["state"] == "accomplished"
+    assert task["parts"][0]["snapshot"]["blocks_uploaded"] == 64
+    assert s.export("again").read_bytes() == data
+    assert "no problems" in s.snapfs.ok("verify", "again")
+    wait_for(lambda: s.image("again").exists(), 10, "snapshot again to appear in the mount")
+    assert s.image("again").read_bytes() == data
+
+
+def test_reads_follow_blobs_that_gc_moved(served: Served, tmp_path: Path) -> None:
+    """Deleting a snapshot makes garbage collection repack a mostly dead pack, moving the
+    blobs another snapshot (and a disk made from it) still uses: the running daemon, whose
+    index names the old pack, reads them where they are now."""
+    s = served
+    rng = random.Random(32)
+    a = rng.randbytes(8 << 20)
+    b = a[: 1 << 20] + rng.randbytes(7 << 20)  # shares a's first MiB only
+    (tmp_path / "a.img").write_bytes(a)
+    (tmp_path / "b.img").write_bytes(b)
+    s.snapfs.ok("snapshot", "create", tmp_path / "a.img", "--name", "a", "--disk", "a")
+    s.snapfs.ok("snapshot", "create", tmp_path / "b.img", "--name", "b", "--disk", "b")
+    s.snapfs.ok("disk", "create", "d", "--from", "b")
+    wait_for(lambda: s.image("a").exists(), 10, "snapshot a to appear in the mount")
+    stats = s.snapfs.json("snapshot", "delete", "a")
+    assert stats["packs_repacked"] >= 1  # a's pack was mostly dead: b's MiB moved
+    assert s.disk("d").read_bytes() == b
+    assert s.image("b").read_bytes() == b
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 

@@ -170,7 +170,7 @@ async def upload_closed(repo: Repository, hydrator: Hydrator, view: ImageView, d
     async def parent_page(p: int) -> list[bytes]:
         return await view.page(p)
 
-    root, _packs = await upload_generation(
+    root, _packs, _index_name = await upload_generation(
         repo, hydrator.index, disk, closed, part, view.root, parent_page,
         group=None, tags=[], progress=UploadProgress())
     return root

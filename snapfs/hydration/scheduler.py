@@ -68,7 +68,13 @@ from typing import Any
 import trio
 
 from snapfs.cache.blockcache import BlockCache
-from snapfs.errors import IntegrityError, SnapfsError, StoreError, StoreUnavailable
+from snapfs.errors import (
+    IntegrityError,
+    PackMissing,
+    SnapfsError,
+    StoreError,
+    StoreUnavailable,
+)
 from snapfs.format.block import recorded_checksum
 from snapfs.format.pack import KIND_PAGE
 from snapfs.hydration.budget import MemoryBudget
@@ -241,6 +247,24 @@ class Hydrator:
         self.on_cached: list[Callable[[list[bytes]], None]] = []
         #: awaited by ``save`` on a clean shutdown (the image layer stores access profiles)
         self.on_save: list[Callable[[], Awaitable[None]]] = []
+        #: loads the repository's whole index, in a worker thread (the daemon's goes through
+        #: the host's index cache); ``refresh_index`` calls it when the index objects changed
+        self.index_loader: Callable[[], BlobIndex] = repo.load_index
+        self._index_lock = trio.Lock()
+
+    async def refresh_index(self) -> bool:
+        """Reload ``index`` if the store's index objects are no longer the ones it was built
+        from; True if it was reloaded. Another process stored snapshots, or garbage collection
+        rewrote the index after deleting blobs or moving them into new packs: a blob that is
+        gone must not be deduplicated against (``snapfs.write.uploader``), and a moved one must
+        be read from where it is now (``_fetch_with_retries``). One LIST when nothing changed."""
+        async with self._index_lock:
+            listed = await trio.to_thread.run_sync(self.repo.list_index_names)
+            if listed == set(self.index.index_names):
+                return False
+            self.index = await trio.to_thread.run_sync(self.index_loader)
+            log.info("repository index reloaded (%d index objects)", len(listed))
+            return True
 
     # -- asking for blocks ------------------------------------------------------------
 
@@ -766,8 +790,9 @@ class Hydrator:
     async def _fetch_with_retries(self, pack: str, wanted: list[tuple[bytes, Location]],
                                   early: Callable[[Pieces], None] | None,
                                   around: list[tuple[bytes, Location]], copy: bool = True,
-                                  ) -> tuple[Pieces, Pieces]:
-        """``_fetch_decode_cache`` on a worker thread, tried again after a store error."""
+                                  relocate: bool = True) -> tuple[Pieces, Pieces]:
+        """``_fetch_decode_cache`` on a worker thread, tried again after a store error; if the
+        pack is gone, read where the reloaded index says the blobs are now."""
         delay = self.config.retry_delay
         for attempt in range(1, self.config.attempts + 1):
             self.counters.requests += 1
@@ -775,6 +800,12 @@ class Hydrator:
                 latency, nbytes, results, around_results = await trio.to_thread.run_sync(
                     self._fetch_decode_cache, pack, wanted, early, around, copy,
                     limiter=self._store_limiter)
+            except PackMissing:
+                self.counters.failed_requests += 1
+                if not relocate:
+                    raise
+                results = await self._relocated(pack, wanted, early, copy)
+                return results, [(None, None)] * len(around)  # neighbours: a guess anyway
             except IntegrityError:
                 self.counters.failed_requests += 1
                 raise
@@ -790,6 +821,34 @@ class Hydrator:
             self.latency.add(latency)
             return results, around_results
         raise AssertionError("unreachable")
+
+    async def _relocated(self, pack: str, wanted: list[tuple[bytes, Location]],
+                         early: Callable[[Pieces], None] | None, copy: bool) -> Pieces:
+        """The blobs of ``wanted`` read from the packs the reloaded index names, now that
+        ``pack`` is gone (garbage collection repacked them); ``PackMissing`` again if the index
+        has them nowhere else."""
+        await self.refresh_index()
+        moved: list[tuple[bytes, Location]] = []
+        for bid, _ in wanted:
+            loc = self.index.get(bid)
+            if loc is None or loc.pack == pack:
+                raise PackMissing(f"pack {pack[:12]} is missing from {self.repo.store.url}")
+            moved.append((bid, loc))
+        by_pack: dict[str, list[int]] = {}
+        for i, (_, loc) in enumerate(moved):
+            by_pack.setdefault(loc.pack, []).append(i)
+        results: Pieces = [(None, None)] * len(wanted)
+        for new_pack, places in by_pack.items():
+            places.sort(key=lambda i: moved[i][1].offset)
+            got, _ = await self._fetch_with_retries(new_pack, [moved[i] for i in places], None,
+                                                    [], copy, relocate=False)
+            for i, piece in zip(places, got, strict=True):
+                results[i] = piece
+        if early is not None:
+            early(results)
+        log.info("%d blobs of pack %s read where garbage collection moved them", len(wanted),
+                 pack[:12])
+        return results
 
     def _fetch_decode_cache(self, pack: str, wanted: list[tuple[bytes, Location]],
                             early: Callable[[Pieces], None] | None,

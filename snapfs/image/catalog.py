@@ -1,9 +1,9 @@
 """SnapshotCatalog: the images one mount serves, kept in step with the repository.
 
 ``refresh`` re-lists the snapshots (at most every ``interval`` seconds unless forced); new
-snapshots get a view (and the repository index is reloaded, since their packs are new: through
-the host's ``IndexCache`` when the daemon passes one, so only new index objects are fetched),
-deleted ones are dropped. The first list and index may come from ``load`` instead (the daemon
+snapshots get a view, deleted ones are dropped, and the repository index is reloaded if its
+index objects changed (new snapshots' packs, or garbage collection's rewrite: through the
+host's ``IndexCache`` when the daemon passes one, so only new index objects are fetched). The first list and index may come from ``load`` instead (the daemon
 reads them while it starts). Views are stable objects: a refresh never replaces the view of a
 snapshot that is still there, so open files keep their read-ahead state and statistics.
 """
@@ -34,6 +34,8 @@ class SnapshotCatalog:
         self._by_id: dict[str, ImageView] = {}
         self._last_refresh = -1e9
         self._refreshing: trio.Event | None = None
+        if index_cache is not None:
+            self.hydrator.index_loader = lambda: repo.load_index(index_cache)
         self.hydrator.on_cached.append(self._blocks_cached)
         self.hydrator.on_save.append(self.save_profiles)
         #: wakes the sweep when images appear
@@ -54,10 +56,8 @@ class SnapshotCatalog:
         self._refreshing = trio.Event()
         try:
             roots = await trio.to_thread.run_sync(self.repo.snapshots)
-            ids = {r.id for r in roots}
-            if ids - self._by_id.keys():
-                self.hydrator.index = await trio.to_thread.run_sync(self.repo.load_index,
-                                                                    self.index_cache)
+            # new snapshots bring new index objects; garbage collection replaces them
+            await self.hydrator.refresh_index()
             self._update(roots)
         finally:
             # a failed refresh waits its turn too: with the store down, every lookup of an

@@ -35,6 +35,7 @@ from snapfs.errors import (
     IntegrityError,
     MissingBlock,
     ObjectNotFound,
+    PackMissing,
     RepositoryExists,
     RepositoryNotFound,
     SnapshotNotFound,
@@ -394,7 +395,7 @@ class Repository:
         try:
             data = self.store.get_range(pack_key(pack), offset, length)
         except ObjectNotFound:
-            raise MissingBlock(f"pack {pack[:12]} is missing from {self.store.url}") from None
+            raise PackMissing(f"pack {pack[:12]} is missing from {self.store.url}") from None
         if len(data) != length:
             raise CorruptBlock(f"pack {pack[:12]} is shorter than the index says")
         return data

@@ -647,6 +647,11 @@ class DiskService:
     def _ended(self, task: SnapshotTask) -> None:
         self._finished.pop(task.id, trio.Event()).set()
 
+    async def _fresh_index(self) -> BlobIndex:
+        """The index as the store has it now (see ``upload_generation``)."""
+        await self.hydrator.refresh_index()
+        return self.hydrator.index
+
     def _depended_on(self, task: SnapshotTask) -> bool:
         ids = {p.snapshot_id for p in task.parts}
         return any(d.record.base in ids for d in self.disks.values())
@@ -667,14 +672,16 @@ class DiskService:
         progress.blocks_done = progress.blocks_uploaded = 0
         self._uploading += 1
         try:
-            root, packs = await upload_generation(
+            root, packs, index_name = await upload_generation(
                 self.repo, self.hydrator.index, disk, closed, part, parent, parent_page,
                 group=task.group, tags=task.tags, progress=progress, pace=self._pace,
-                busy=self._busy)
+                busy=self._busy, fresh_index=self._fresh_index)
         finally:
             self._uploading -= 1
         for pack, entries in packs.items():
             self.hydrator.index.add_pack(pack, entries)
+        if index_name is not None:  # so that ``refresh_index`` finds the index current
+            self.hydrator.index.index_names.append(index_name)
         self.stored[root.id] = root
         view = closed.view
         if view is not None:

@@ -70,28 +70,43 @@ async def upload_generation(
     rate: float | None = None,
     pace: Pacer | None = None,
     busy: Callable[[], bool] = lambda: False,
-) -> tuple[SnapshotRoot, dict[str, list]]:
-    """Store ``closed`` as snapshot ``part.snapshot_id``; return its root and the packs it
-    added (for the caller's index). ``parent_page(p)`` gives the IDs of the parent's page ``p``.
-    Without ``trusted`` changed sets, every block ever written is compared instead."""
+    fresh_index: Callable[[], Awaitable[BlobIndex]] | None = None,
+) -> tuple[SnapshotRoot, dict[str, list], str | None]:
+    """Store ``closed`` as snapshot ``part.snapshot_id``; return its root, the packs it added
+    and the name of the index object naming them (for the caller's index). ``parent_page(p)``
+    gives the IDs of the parent's page ``p``. Without ``trusted`` changed sets, every block
+    ever written is compared instead.
+
+    Blobs are deduplicated against the index as it is once the shared lock is held
+    (``fresh_index``, if given, is awaited then): garbage collection runs only under the
+    exclusive lock, so no blob this snapshot reuses can be deleted or moved until its root is
+    stored. An index read before the lock may name blobs that are gone since."""
     started = time.monotonic()
     lock = RepositoryLock(repo.store, "shared", f"snapshot of disk {disk.name}")
     store_limiter = trio.CapacityLimiter(repo.store.concurrency)
     await trio.to_thread.run_sync(lock.acquire, limiter=store_limiter)
     progress.timings["lock"] = round(time.monotonic() - started, 4)
+    if fresh_index is not None:
+        try:
+            index = await fresh_index()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(lock.release, limiter=store_limiter)
+            raise
+        progress.timings["index_checked"] = round(time.monotonic() - started, 4)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(refresh_lock, lock, store_limiter)
-            root, packs = await _upload(repo, index, disk, closed, part, parent, parent_page,
-                                        group, tags, progress, trusted, rate, store_limiter, pace,
-                                        busy)
+            root, packs, index_name = await _upload(
+                repo, index, disk, closed, part, parent, parent_page, group, tags, progress,
+                trusted, rate, store_limiter, pace, busy)
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(lock.release, limiter=store_limiter)
     root.stats["seconds"] = round(time.monotonic() - started, 3)
     root.stats["timings"] = progress.timings
-    return root, packs
+    return root, packs, index_name
 
 
 async def _encode_on_cores(repo: Repository, blocks: list[bytes], index: BlobIndex,
@@ -121,7 +136,7 @@ async def _upload(
     group: str | None, tags: list[str], progress: UploadProgress, trusted: bool,
     rate: float | None, store_limiter: trio.CapacityLimiter, pace: Pacer | None,
     busy: Callable[[], bool],
-) -> tuple[SnapshotRoot, dict[str, list]]:
+) -> tuple[SnapshotRoot, dict[str, list], str | None]:
     bs = disk.block_size
     nblocks = -(-part.size // bs)
     per_page = DEFAULT_ENTRIES_PER_PAGE
@@ -213,9 +228,10 @@ async def _upload(
     progress.timings["packs"] = round(trio.current_time() - step, 4)
     step = trio.current_time()
     packs = dict(uploader.index_file.packs)
+    index_name = None
     if packs:
-        _name, nbytes = await trio.to_thread.run_sync(repo.write_index, uploader.index_file,
-                                                      limiter=store_limiter)
+        index_name, nbytes = await trio.to_thread.run_sync(repo.write_index, uploader.index_file,
+                                                           limiter=store_limiter)
         uploader.count(nbytes)
     root = SnapshotRoot(
         id=part.snapshot_id,
@@ -246,7 +262,7 @@ async def _upload(
     await trio.to_thread.run_sync(repo.write_root, root, limiter=store_limiter)
     progress.timings["root"] = round(trio.current_time() - step, 4)
     progress.bytes_uploaded = uploader.stats.bytes
-    return root, packs
+    return root, packs, index_name
 
 
 async def _pages(
