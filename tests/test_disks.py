@@ -20,6 +20,7 @@ import shutil
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -284,6 +285,10 @@ def writes_held(image: Path, nblocks: int) -> int:
             assert block == pattern(last), (
                 f"block {n} holds write {seqs[n]}, not {last}: not the state after write {k}")
     return k
+
+
+#: how long a disk snapshot's upload attempts take to run out while the repository is locked
+UPLOAD_ATTEMPTS_SECONDS = 8.0
 
 
 @contextmanager
@@ -618,6 +623,35 @@ def test_a_failed_upload_is_reported_and_the_next_snapshot_uploads_its_blocks(
     stats = task["parts"][0]["snapshot"]
     assert (stats["blocks_read"], stats["parent"]) == (10, None)
     assert same_bytes(s.export("retried"), s.copy("d", "retried"))
+
+
+def test_a_disk_made_from_a_pending_snapshot_keeps_its_whole_chain_alive(
+    snapfs: Snapfs, tmp_path: Path,
+) -> None:
+    """Disk e is made from c2 while c2 and its parent c1 wait to upload. c1 keeps failing
+    (the repository is locked) past its attempts: giving it up would fail c2 with it and
+    leave e reading from a snapshot that will never exist, so neither is given up, and both
+    are stored once the repository is free (here after a restart, which retries at once)."""
+    with serving(snapfs, tmp_path) as s:
+        s.snapfs.ok("disk", "create", "d", "--size", "4M")
+        write_blocks(s.disk("d"), dict(zip(range(10), random_blocks(51, 10), strict=True)))
+        with uploads_held(s.snapfs):
+            s.snapfs.ok("snapshot", "create", "--disk", "d", "--name", "c1", "--no-wait")
+            write_blocks(s.disk("d"), dict(zip(range(5, 15), random_blocks(52, 10), strict=True)))
+            s.snapfs.ok("snapshot", "create", "--disk", "d", "--name", "c2", "--no-wait")
+            want = s.image("c2").read_bytes()
+            s.snapfs.ok("disk", "create", "e", "--from", "c2")
+            # attempts after 0, 2 and 6 s: all three have failed by now
+            time.sleep(UPLOAD_ATTEMPTS_SECONDS)
+            states = {name: (d["state"], d.get("reason")) for name, d in s.snapshots().items()}
+            assert states["c1"][0] == "progressing" and "locked" in states["c1"][1], states
+            assert states["c2"][0] == "progressing", states
+            assert s.disk("e").read_bytes() == want
+    with serving(snapfs, tmp_path) as s:
+        wait_accomplished(s, "c1")
+        wait_accomplished(s, "c2")
+        assert s.disk("e").read_bytes() == want
+        assert s.export("c2").read_bytes() == want
 
 
 # -- kill -9 -------------------------------------------------------------------------------------

@@ -653,8 +653,21 @@ class DiskService:
         return self.hydrator.index
 
     def _depended_on(self, task: SnapshotTask) -> bool:
-        ids = {p.snapshot_id for p in task.parts}
+        """Whether a disk reads from a snapshot that giving ``task`` up would lose: its own, or
+        one of a later task that would fail with it (``_doomed_with``)."""
+        ids = {p.snapshot_id for t in self._doomed_with(task) for p in t.parts}
         return any(d.record.base in ids for d in self.disks.values())
+
+    def _doomed_with(self, task: SnapshotTask) -> list[SnapshotTask]:
+        """``task`` and the later progressing tasks of the same disks: their parents are its
+        snapshots (or later ones), so they cannot be made without it."""
+        doomed = [task]
+        disks = {p.disk for p in task.parts if not p.done}
+        for other in sorted(self.tasks.values(), key=lambda t: t.created):
+            if other is not task and other.state == "progressing" and other.created >= task.created \
+                    and disks & {p.disk for p in other.parts}:
+                doomed.append(other)
+        return doomed
 
     async def _upload_part(self, task: SnapshotTask, part: SnapshotPart) -> None:
         state = self._require()
@@ -705,13 +718,7 @@ class DiskService:
         """Give ``task`` up: its changed blocks count as changed again, and later tasks of the
         same disks (whose parents it was) fail with it."""
         state = self._require()
-        doomed = [task]
-        disks = {p.disk for p in task.parts if not p.done}
-        for other in sorted(self.tasks.values(), key=lambda t: t.created):
-            if other is not task and other.state == "progressing" and other.created >= task.created \
-                    and disks & {p.disk for p in other.parts}:
-                doomed.append(other)
-        for t in doomed:
+        for t in self._doomed_with(task):
             t.state = "failed"
             t.reason = reason if t is task else f"its parent snapshot failed: {reason}"
             t.finished = now_iso()
