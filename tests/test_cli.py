@@ -423,6 +423,25 @@ def test_retention_policies_stored_in_the_repository(snapfs: Snapfs, store: Obje
                                                              EXIT_INTEGRITY)
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part
+def test_snapshot_names_fit_a_file_name_in_every_mount(snapfs: Snapfs, store: ObjectStore,
+                                                       tmp_path: Path) -> None:
+    """A snapshot is ``snapshots/NAME.img`` in every mount: a name with a '/' (or a control
+    character, or hidden) is refused, and a default name made from an odd disk label is
+    made to fit."""
+    snapfs.ok("init")
+    image = random_image(tmp_path / "d.img", MiB, seed=8)
+    before = objects(store)
+    for bad in ("a/b", "../../etc", "", ".hidden", "line\nbreak", "x" * 201):
+        line = one_error(snapfs("snapshot", "create", image, "--name", bad), EXIT_USAGE)
+        assert "bad snapshot name" in line
+    assert objects(store) == before
+    made = snapfs.json("snapshot", "create", image, "--disk", "../web/a\tb")
+    assert made["disk"] == "../web/a\tb"  # the label is kept as given
+    assert made["name"].startswith("_web_a_b-") and "/" not in made["name"]
+    assert snapfs.json("snapshot", "create", image, "--name", "ünïcode ok")["name"] == "ünïcode ok"
+
+
 # -- bad sources -------------------------------------------------------------------------------
 
 

@@ -29,7 +29,13 @@ import trio
 
 from snapfs.errors import DuplicateName
 from snapfs.format.block import ZERO_ID, zero_bytes
-from snapfs.format.manifest import DEFAULT_ENTRIES_PER_PAGE, SnapshotRoot, encode_page
+from snapfs.format.manifest import (
+    DEFAULT_ENTRIES_PER_PAGE,
+    SnapshotRoot,
+    check_snapshot_name,
+    encode_page,
+    name_part,
+)
 from snapfs.format.pack import KIND_DATA, KIND_PAGE
 from snapfs.progress import NO_PROGRESS, Progress
 from snapfs.repo.lock import REFRESH_EVERY, RepositoryLock
@@ -80,7 +86,7 @@ def default_disk_name(path: str) -> str:
 
 def default_snapshot_name(disk: str, taken: set[str]) -> str:
     """``DISK-YYYYMMDD-HHMMSS``, with ``.N`` added when that is taken (several in a second)."""
-    base = f"{disk}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = f"{name_part(disk)}-{time.strftime('%Y%m%d-%H%M%S')}"
     name, n = base, 1
     while name in taken:
         n += 1
@@ -219,7 +225,7 @@ async def _create_locked(
     disk = options.disk or default_disk_name(source.path)
     taken = {r.name for r in roots}
     if options.name is not None:
-        name = options.name
+        name = check_snapshot_name(options.name)
         if name in taken:
             raise DuplicateName(f"a snapshot named {name!r} already exists")
     else:

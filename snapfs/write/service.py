@@ -49,7 +49,7 @@ from snapfs.errors import (
     SnapshotNotFound,
     UsageError,
 )
-from snapfs.format.manifest import SnapshotRoot
+from snapfs.format.manifest import SnapshotRoot, check_snapshot_name
 from snapfs.hydration.scheduler import Hydrator, Priority
 from snapfs.image.catalog import SnapshotCatalog
 from snapfs.image.view import ImageView
@@ -445,7 +445,10 @@ class DiskService:
         record = disk.record
         at = next((i for i, (sid, _g) in enumerate(record.lineage) if sid == snapshot_id), None)
         async with disk.write_lock:
-            if at is not None and size <= record.size:
+            # the changed sets tell what differs from one of the disk's own snapshots only
+            # while they are trusted: after an unclean reboot they may miss writes (see
+            # ``boot_id``), and then every block the disk holds is reset instead
+            if at is not None and size <= record.size and record.trusted:
                 since_gen = record.lineage[at][1]
                 changed = await trio.to_thread.run_sync(state.changed, record)
                 drop = [g for g in changed if g > since_gen]
@@ -514,7 +517,7 @@ class DiskService:
             if name is None:
                 snap_name = default_snapshot_name(disk.name, taken)
             else:
-                snap_name = name if len(disks) == 1 else f"{name}-{disk.name}"
+                snap_name = check_snapshot_name(name if len(disks) == 1 else f"{name}-{disk.name}")
                 if snap_name in taken:
                     raise DuplicateName(f"a snapshot named {snap_name!r} already exists")
             taken.add(snap_name)
