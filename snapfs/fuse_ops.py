@@ -21,7 +21,9 @@ The rules it keeps:
 - Snapshots are immutable, so open files get ``keep_cache`` and entries and attributes get long
   timeouts. A name can only come to mean another image if its snapshot is deleted and a new one
   takes the name; the catalog then hands out a new ``ImageView``, which gets a new inode, and the
-  kernel's entry for the old one is invalidated.
+  kernel's entry for the old one is invalidated by whichever catalog refresh finds it out (a
+  listing, a lookup, or the background sweep's, at least every 30 s: the kernel keeps names for
+  an hour and would not ask).
 - Inode numbers are never reused while mounted. An image's inode (and its view, which holds
   page caches worth freeing) is kept while the catalog lists it or the kernel still knows it
   (its lookup count, which ``forget`` lowers; an open file keeps it known), so a file opened
@@ -151,6 +153,10 @@ class SnapshotFS(pyfuse3.Operations):
         self._open_disks: dict[int, Disk] = {}
         if disks is not None:
             disks.changed.append(self._sync_disks)
+        # a refresh by anyone (the sweep's, every half minute) retires the kernel's entries for
+        # snapshots deleted since: a name deleted and made again must not keep the old image
+        # behind a dentry that would otherwise live for IMAGE_TIMEOUT
+        catalog.on_change.append(self._sync_names)
         self._open_dirs: dict[int, _OpenDir] = {}
         self._next_handle = 1
         self._session_live = False

@@ -45,13 +45,18 @@ class FakeCatalog:
         self.upcoming: dict[str, FakeView] = {}
         self.refreshes = 0
         self.fail: Exception | None = None
+        self.on_change: list[Any] = []
 
     async def refresh(self) -> None:
         self.refreshes += 1
         if self.fail is not None:
             raise self.fail
+        changed = bool(self.upcoming)
         self.views.update(self.upcoming)
         self.upcoming.clear()
+        if changed:
+            for callback in self.on_change:
+                callback()
 
     def images(self) -> dict[str, FakeView]:
         return self.views
@@ -128,6 +133,29 @@ def test_a_replaced_image_gets_a_new_inode_and_open_files_keep_the_old(
         assert new.st_ino != old.st_ino and new.st_size == 3
         assert await fs.read(fh, 0, 4) == b"0123"
         assert (await fs.getattr(old.st_ino, CTX)).st_size == 10000
+
+    run(body)
+
+
+def test_a_refresh_by_anyone_retires_the_kernels_entry_for_a_reused_name(
+    fs: SnapshotFS, catalog: FakeCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel keeps a snapshot's name for IMAGE_TIMEOUT and asks nothing meanwhile: when
+    a refresh that is not ours (the sweep's) finds the snapshot deleted and its name reused,
+    the name's entry is invalidated at once. (The kernel's side cannot be watched without a
+    mount and half a minute of the sweep: the call into pyfuse3 is recorded instead.)"""
+    invalidated: list[tuple[int, bytes]] = []
+    monkeypatch.setattr(pyfuse3, "invalidate_entry_async",
+                        lambda parent, name, **kw: invalidated.append((parent, name)))
+
+    async def body() -> None:
+        old = await fs.lookup(SNAPSHOTS_INODE, b"vm-1.img", CTX)
+        fs._session_live = True  # as once pyfuse3.main runs
+        catalog.upcoming["vm-1.img"] = FakeView("vm-1.img", b"new")
+        await catalog.refresh()  # the sweep's
+        assert invalidated == [(SNAPSHOTS_INODE, b"vm-1.img")]
+        new = await fs.lookup(SNAPSHOTS_INODE, b"vm-1.img", CTX)
+        assert new.st_ino != old.st_ino and new.st_size == 3
 
     run(body)
 

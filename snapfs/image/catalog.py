@@ -11,6 +11,7 @@ snapshot that is still there, so open files keep their read-ahead state and stat
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -40,6 +41,8 @@ class SnapshotCatalog:
         self.hydrator.on_save.append(self.save_profiles)
         #: wakes the sweep when images appear
         self.changed = trio.Event()
+        #: called after a refresh that added or dropped images (the FUSE adapter's names)
+        self.on_change: list[Callable[[], None]] = []
 
     def images(self) -> dict[str, ImageView]:
         return self._views
@@ -88,10 +91,14 @@ class SnapshotCatalog:
             views[view.name] = view
             by_id[root.id] = view
         appeared = by_id.keys() - self._by_id.keys()
+        gone = self._by_id.keys() - by_id.keys()
         self._views, self._by_id = views, by_id
         if appeared:
             self.changed.set()
             self.changed = trio.Event()
+        if appeared or gone:
+            for callback in self.on_change:
+                callback()
 
     async def save_profiles(self) -> None:
         """Store each read image's access profile beside its snapshot: this mount's first reads
