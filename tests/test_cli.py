@@ -381,7 +381,8 @@ def test_retention_policies_stored_in_the_repository(snapfs: Snapfs, store: Obje
         image = random_image(tmp_path / "disk.img", MiB, seed=len(disk))
         for n in range(3):
             write_at(image, 0, bytes([n + 1]) * 16384)
-            snapfs.ok("snapshot", "create", image, "--disk", disk, "--name", f"{disk}-{n}")
+            snapfs.ok("snapshot", "create", image, "--disk", disk, "--name",
+                      f"{disk.replace('/', '_')}-{n}")
 
     out = snapfs.ok("policy", "set", "--disk", "web", "--keep-last", "1")
     assert out.strip() == "retention policy of disk web: keep last 1"
@@ -395,8 +396,8 @@ def test_retention_policies_stored_in_the_repository(snapfs: Snapfs, store: Obje
     reasons = {s["name"]: s["reasons"] for s in plan["snapshots"]}
     assert reasons["web-0"] == [] and reasons["web-1"] == [] and reasons["web-2"] == ["last"]
     assert all(reasons[f"db.v2-{n}"] == ["no policy"] for n in range(3))
-    assert reasons["a/b c-2"] == ["last", "within 1y6m"]
-    assert reasons["a/b c-0"] == ["within 1y6m"]
+    assert reasons["a_b c-2"] == ["last", "within 1y6m"]
+    assert reasons["a_b c-0"] == ["within 1y6m"]
 
     # a default for every other disk; rules on the command line replace every stored policy
     snapfs.ok("policy", "set", "--keep-last", "2")
@@ -407,7 +408,7 @@ def test_retention_policies_stored_in_the_repository(snapfs: Snapfs, store: Obje
     assert "no problems" in snapfs.ok("verify")
     override = snapfs.json("snapshot", "forget", "--keep-last", "1", "--dry-run")
     assert sorted(s["name"] for s in override["snapshots"] if not s["keep"]) == [
-        "a/b c-0", "a/b c-1", "db.v2-1"]
+        "a_b c-0", "a_b c-1", "db.v2-1"]
 
     assert snapfs.ok("policy", "delete", "--disk", "web").strip() == (
         "deleted the retention policy of disk web")

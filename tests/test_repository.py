@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -504,6 +505,31 @@ def test_flipped_byte_is_reported_by_verify_and_export_writes_nothing(
     assert isinstance(caught.value, CorruptBlock)
     assert bid.hex()[:16] in str(caught.value)
     assert list(out_dir.iterdir()) == [], "no output and no partial file"
+
+
+def test_verify_names_every_snapshot_and_offset_a_bad_blob_serves(
+    store_url: str, make_store: MakeStore, tmp_path: Path
+) -> None:
+    """A blob shared by two blocks of each of two snapshots: its damage is reported for both
+    snapshots, with both offsets (an operator must not take the second one for intact)."""
+    repo = Repository.init(make_store(store_url))
+    bs = repo.block_size
+    rng = random.Random(77)
+    shared, other = rng.randbytes(bs), rng.randbytes(bs)
+    image = tmp_path / "twice.img"
+    image.write_bytes(shared + other + shared + rng.randbytes(bs))
+    v1 = create(repo, image, disk="a", name="v1").root
+    v2 = create(repo, image, disk="b", name="v2").root
+    bid = repo.keyer.block_id(shared)
+    loc = repo.load_index().locate(bid)
+    flip_byte(repo.store, pack_key(loc.pack), loc.offset + HEADER_SIZE + loc.length // 3)
+
+    report = verify(repo)
+    assert len(report.problems) == 2, report.problems
+    for root in (v1, v2):
+        assert any(p.startswith(f"snapshot {root.name} ({root.id}): block at offsets 0, "
+                                f"{2 * bs}: ") for p in report.problems), report.problems
+    assert report.blobs_checked == 3 + 1  # three distinct blocks and one page, each once
 
 
 @needs_root

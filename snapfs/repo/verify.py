@@ -19,7 +19,7 @@ from snapfs.format.manifest import SnapshotRoot
 from snapfs.progress import NO_PROGRESS, Progress
 from snapfs.repo.parallel import map_in_threads, single_error
 from snapfs.repo.readplan import Run, plan_runs
-from snapfs.repo.repository import Repository
+from snapfs.repo.repository import BlobIndex, Repository
 
 
 @dataclass
@@ -48,63 +48,101 @@ async def verify_snapshots(
     limiter = trio.CapacityLimiter(repo.store.concurrency)
     index = await trio.to_thread.run_sync(repo.load_index, limiter=limiter)
 
-    # blob ID -> the first place that needs it, for messages
-    users: dict[bytes, str] = {}
+    # First every blob once (a blob shared by many blocks or snapshots is checked once), with
+    # the first place that needs it; then, only if some are bad, every place each bad one
+    # serves, read again from the manifests (keeping them all for every blob would cost
+    # memory in proportion to the disks' sizes).
+    need: set[bytes] = set()
+    bad: dict[bytes, str] = {}  # blob ID -> what is wrong with it
     for root in roots:
-        label = f"snapshot {root.name} ({root.id})"
-        pages = {}
-        for page_hex in root.pages:
-            pid = bytes.fromhex(page_hex)
-            if pid != ZERO_ID:
-                pages[pid] = page_hex
-        users.update({pid: f"{label}: manifest page {h[:16]}" for pid, h in pages.items()})
-        per = root.entries_per_page
-        for p, (page_hex, count) in enumerate(zip(root.pages, repo.page_lengths(root), strict=True)):
+        need.update(pid for pid in map(bytes.fromhex, root.pages) if pid != ZERO_ID)
+        for page_hex, count in zip(root.pages, repo.page_lengths(root), strict=True):
             try:
                 ids = await trio.to_thread.run_sync(
                     repo.read_page, index, bytes.fromhex(page_hex), count, limiter=limiter
                 )
             except IntegrityError as e:
-                report.problems.append(f"{label}: manifest page {page_hex[:16]}: {e}")
+                bad[bytes.fromhex(page_hex)] = str(e)
                 continue
-            for i, bid in enumerate(ids):
-                if bid != ZERO_ID and bid not in users:
-                    offset = (p * per + i) * root.block_size
-                    users[bid] = f"{label}: block at offset {offset}"
+            need.update(ids)
+    need.discard(ZERO_ID)
 
     present = []
-    for bid, who in users.items():
+    for bid in need:
+        if bid in bad:
+            continue
         if bid in index:
             present.append(bid)
         else:
-            report.problems.append(f"{who}: missing (blob {bid.hex()[:16]} is in no pack)")
+            bad[bid] = f"missing (blob {bid.hex()[:16]} is in no pack)"
     runs = plan_runs(present, index)
     progress.start("verify", sum(loc.length for _, run in runs for _, loc in run))
 
-    def check(job: tuple[str, Run]) -> tuple[int, int, list[str]]:
+    def check(job: tuple[str, Run]) -> tuple[int, int, dict[bytes, str]]:
         pack, run = job
-        problems = []
         try:
             data = repo.fetch_run(pack, run)
         except IntegrityError as e:
-            return 0, 0, [f"{users[bid]}: {e}" for bid, _ in run]
+            return 0, 0, {bid: str(e) for bid, _ in run}
         nbytes = 0
+        problems = {}
         for (bid, _), plain in zip(run, repo.decode_pieces(data, run[0][1].offset, run, copy=False),
                                    strict=True):
             if isinstance(plain, IntegrityError):
-                problems.append(f"{users[bid]}: {plain}")
+                problems[bid] = str(plain)
             else:
                 nbytes += len(plain)
         return len(run), nbytes, problems
 
-    def done(job: tuple[str, Run], result: tuple[int, int, list[str]]) -> None:
+    def done(job: tuple[str, Run], result: tuple[int, int, dict[bytes, str]]) -> None:
         count, nbytes, problems = result
         report.blobs_checked += count
         report.bytes_checked += nbytes
-        report.problems.extend(problems)
+        for bid, problem in problems.items():
+            bad.setdefault(bid, problem)
         progress.advance(sum(loc.length for _, loc in job[1]))
 
     with single_error():
         await map_in_threads(check, runs, limiter, done)
+    if bad:
+        report.problems.extend(await _where(repo, index, roots, bad, limiter))
     report.seconds = round(time.monotonic() - started, 3)
     return report
+
+
+#: the offsets one problem line lists before it counts the rest
+OFFSETS_SHOWN = 8
+
+
+def _label(root: SnapshotRoot) -> str:
+    return f"snapshot {root.name} ({root.id})"
+
+
+async def _where(repo: Repository, index: BlobIndex, roots: list[SnapshotRoot],
+                 bad: dict[bytes, str], limiter: trio.CapacityLimiter) -> list[str]:
+    """One line per bad blob and snapshot that needs it, with every disk offset it serves there
+    (the first ``OFFSETS_SHOWN``, then a count) or the manifest page it is."""
+    lines = []
+    for root in roots:
+        label = _label(root)
+        offsets: dict[bytes, list[int]] = {}
+        per = root.entries_per_page
+        for p, (page_hex, count) in enumerate(zip(root.pages, repo.page_lengths(root), strict=True)):
+            pid = bytes.fromhex(page_hex)
+            if pid in bad:
+                lines.append(f"{label}: manifest page {page_hex[:16]}: {bad[pid]}")
+                continue
+            try:
+                ids = await trio.to_thread.run_sync(repo.read_page, index, pid, count,
+                                                    limiter=limiter)
+            except IntegrityError:
+                continue  # reported by the first pass
+            for i, bid in enumerate(ids):
+                if bid in bad:
+                    offsets.setdefault(bid, []).append((p * per + i) * root.block_size)
+        for bid, where in offsets.items():
+            shown = ", ".join(str(o) for o in where[:OFFSETS_SHOWN])
+            more = f" and {len(where) - OFFSETS_SHOWN} more" if len(where) > OFFSETS_SHOWN else ""
+            noun = "offset" if len(where) == 1 else "offsets"
+            lines.append(f"{label}: block at {noun} {shown}{more}: {bad[bid]}")
+    return lines
