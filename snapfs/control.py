@@ -390,6 +390,10 @@ def unmount(mountpoint: str, timeout: float = 60.0) -> str:
     if daemon is None:
         if entry is None:
             raise NotMounted(f"nothing is mounted at {mp}")
+        if _answers(mp):  # a live daemon this runtime directory does not know: not ours to cut
+            raise MountError(f"{mp} is served by a snapfs daemon that {runtime_dir()} does not "
+                             "know (started with another SNAPFS_RUNTIME_DIR?); unmount it with "
+                             "that setting, or with fusermount3 -u")
         fusermount(mp, lazy=True)
         return f"detached {mp}: its daemon had died"
     try:
@@ -410,6 +414,28 @@ def unmount(mountpoint: str, timeout: float = 60.0) -> str:
         return f"unmounted {mp}; its daemon (pid {daemon.pid}) did not exit in {timeout:.0f} s and was killed"
     finally:
         daemon.close()
+
+
+def _answers(mountpoint: str, patience: float = 5.0) -> bool:
+    """Whether a FUSE mount's daemon may still be alive: a dead one's mount point fails at once
+    with ENOTCONN ("Transport endpoint is not connected"). A listing that does not return within
+    ``patience`` (a daemon alive but stuck) counts as alive; it is left on a daemon thread."""
+    import threading  # only here: the commands that import this module start faster without
+
+    outcome: list[bool] = []
+
+    def look() -> None:
+        try:
+            os.listdir(mountpoint)  # not stat: the kernel may answer that from its cache
+        except OSError as e:
+            outcome.append(e.errno not in (errno.ENOTCONN, errno.ECONNABORTED))
+        else:
+            outcome.append(True)
+
+    thread = threading.Thread(target=look, daemon=True)
+    thread.start()
+    thread.join(patience)
+    return outcome[0] if outcome else True
 
 
 def _kill(pid: int | None) -> None:

@@ -10,6 +10,7 @@ down, and every bad input is one line and a non-zero exit.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import filecmp
 import json
@@ -223,6 +224,23 @@ def test_umount_after_kill_9_cleans_up_and_the_cache_serves_the_next_mount(
         assert hydrator["cache_hits"] > 0
         assert hydrator["blocks_fetched"] == 0  # kill -9 lost nothing the kernel had been given
         snapfs.ok("umount", mnt)
+
+
+def test_umount_leaves_alone_a_live_mount_its_runtime_directory_does_not_know(
+    snapfs: Snapfs, base_image: Path, tmp_path: Path
+) -> None:
+    """Without the daemon's pid file (another SNAPFS_RUNTIME_DIR) umount cannot tell a live
+    daemon's mount from a dead one's by its files: the mount point answering decides, and a
+    live mount is not detached under its users."""
+    mnt = tmp_path / "mnt"
+    elsewhere = tmp_path / "other-run"
+    elsewhere.mkdir(mode=0o700)
+    stranger = dataclasses.replace(snapfs, env={**snapfs.env, "SNAPFS_RUNTIME_DIR": str(elsewhere)})
+    with mounted(snapfs, mnt, tmp_path / "cache", "--no-background") as daemon:
+        line = one_error(stranger("umount", mnt), EXIT_GENERAL)
+        assert "does not know" in line and "SNAPFS_RUNTIME_DIR" in line
+        assert is_mount_point(mnt) and pid_running(daemon.pid)
+        assert sha256_file(daemon.images / "vm-1.img") == sha256_file(base_image)
 
 
 def test_two_daemons_share_one_cache_and_fetch_each_block_once(
