@@ -39,6 +39,7 @@ from mountutil import MOUNTS, MountedDaemon, mounted, wait_for
 from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error
 
 from snapfs.repo.lock import RepositoryLock
+from snapfs.repo.repository import Repository
 from snapfs.store import open_store
 from snapfs.write.state import DiskState
 
@@ -944,6 +945,55 @@ def test_reads_follow_blobs_that_gc_moved(served: Served, tmp_path: Path) -> Non
     assert stats["packs_repacked"] >= 1  # a's pack was mostly dead: b's MiB moved
     assert s.disk("d").read_bytes() == b
     assert s.image("b").read_bytes() == b
+
+
+def holds_of(snapfs: Snapfs) -> dict[str, str]:
+    """The snapshots the repository's holds name, with why."""
+    repo = Repository.open(open_store(str(snapfs.repo)))
+    return {snap: reason for hold in repo.holds().values()
+            for snap, reason in hold.snapshots.items()}
+
+
+def test_a_disks_snapshots_are_kept_while_its_daemon_is_not_running(
+    snapfs: Snapfs, tmp_path: Path
+) -> None:
+    """The daemon stores a hold naming its disks' base and parent snapshots: with the mount
+    stopped, delete refuses them (unless --force) and forget keeps them; deleting the disk
+    lifts the hold."""
+    with serving(snapfs, tmp_path) as s:
+        snapfs.ok("disk", "create", "d", "--from", "vm-1")
+        write_blocks(s.disk("d"), {3: random_blocks(71, 1)[0]})
+        s.snapshot("--disk", "d", "--name", "s1")
+        ids = {name: doc["id"] for name, doc in s.snapshots().items()}
+        wait_for(lambda: holds_of(snapfs) == {ids["vm-1"]: "base of disk d",
+                                              ids["s1"]: "parent of disk d"},
+                 10, "the hold to name vm-1 and s1")
+    for name, role in (("vm-1", "base"), ("s1", "parent")):
+        line = one_error(snapfs("snapshot", "delete", name), EXIT_USAGE)
+        assert f"{role} of disk d on " in line and "--force" in line
+    plan = snapfs.json("snapshot", "forget", "--keep-tag", "nosuch", "--dry-run")
+    assert all(x["keep"] and x["reasons"][0].startswith(("base of disk d on ",
+                                                         "parent of disk d on "))
+               for x in plan["snapshots"]), plan
+    assert set(s.snapshots()) == {"vm-1", "s1"}
+
+    with serving(snapfs, tmp_path) as s:
+        snapfs.ok("disk", "delete", "d")
+        wait_for(lambda: holds_of(snapfs) == {}, 10, "the hold to be lifted")
+    snapfs.ok("snapshot", "delete", "s1")
+    assert set(s.snapshots()) == {"vm-1"}
+
+
+def test_delete_force_overrides_a_hold_but_never_a_running_daemon(
+    snapfs: Snapfs, tmp_path: Path
+) -> None:
+    with serving(snapfs, tmp_path):
+        snapfs.ok("disk", "create", "d", "--from", "vm-1")
+        wait_for(lambda: holds_of(snapfs) != {}, 10, "the hold")
+        line = one_error(snapfs("snapshot", "delete", "vm-1", "--force"), EXIT_USAGE)
+        assert "base of disk d" in line  # the daemon serving it says so: no force for that
+    snapfs.ok("snapshot", "delete", "vm-1", "--force")  # its state is taken as lost
+    assert "vm-1" not in {x["name"] for x in snapfs.json("snapshot", "list")}
 
 
 # -- bad input -----------------------------------------------------------------------------------

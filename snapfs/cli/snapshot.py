@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -11,6 +11,9 @@ from snapfs.cli.keep import keep_options, policy_from
 from snapfs.cli.output import emit_json, human_size, progress_for, run_async, table_lines
 from snapfs.errors import NotFoundError, NotMounted, SnapfsError, UsageError
 from snapfs.progress import NO_PROGRESS
+
+if TYPE_CHECKING:
+    from snapfs.repo.repository import Repository
 
 
 @click.group()
@@ -128,18 +131,39 @@ def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
     click.echo("\n".join(table_lines(rows)))
 
 
-def _refuse_if_needed(config: CliConfig, chosen: dict[str, Any]) -> None:
-    """A snapshot this host still needs may not be deleted: see ``_needed_here``."""
-    needed = _needed_here(config)
+def _refuse_if_needed(config: CliConfig, repo: Repository, chosen: dict[str, Any],
+                      force: bool) -> None:
+    """A snapshot that is needed may not be deleted: see ``_needed``. ``force`` overrides
+    the holds of daemons that are not running here, never what a running daemon needs."""
+    live = _needed_here(config)
+    held = {} if force else _held(repo)
     for snap_id, root in chosen.items():
-        reason = needed.get(snap_id)
-        if reason is None:
-            continue
-        if reason.startswith("open "):
+        reason = live.get(snap_id)
+        if reason is not None and reason.startswith("open "):
             raise UsageError(f"snapshot {root.name} is {reason} (browsed or being read): "
                              "unbrowse or close it first")
-        raise UsageError(f"snapshot {root.name} is the {reason}: delete the disk (or roll it "
-                         "back to another snapshot) first")
+        if reason is not None:
+            raise UsageError(f"snapshot {root.name} is the {reason}: delete the disk (or roll it "
+                             "back to another snapshot) first")
+        reason = held.get(snap_id)
+        if reason is not None:
+            raise UsageError(f"snapshot {root.name} is the {reason}: delete that disk there "
+                             "first (or, if that state is lost for good, --force)")
+
+
+def _needed(config: CliConfig, repo: Repository) -> dict[str, str]:
+    """Every snapshot a disk or a reader needs, by id, with what needs it: what the daemons
+    running here say (``_needed_here``), and the holds of every host's disks in the
+    repository (``format.hold``: also while their daemon is not running)."""
+    return {**_held(repo), **_needed_here(config)}
+
+
+def _held(repo: Repository) -> dict[str, str]:
+    held: dict[str, str] = {}
+    for hold in repo.holds().values():
+        for snap_id, reason in hold.snapshots.items():
+            held.setdefault(snap_id, f"{reason} on {hold.host} ({hold.state})")
+    return held
 
 
 def _needed_here(config: CliConfig) -> dict[str, str]:
@@ -207,16 +231,19 @@ def show(config: CliConfig, snap: str, json_output: bool) -> None:
 
 @snapshot.command()
 @click.argument("snaps", nargs=-1, required=True, metavar="SNAP...")
+@click.option("--force", is_flag=True,
+              help="Delete even a snapshot that a disk whose daemon is not running here holds "
+                   "(that disk can then no longer be read or snapshotted).")
 @click.option("--json", "json_output", is_flag=True)
 @pass_config
-def delete(config: CliConfig, snaps: tuple[str, ...], json_output: bool) -> None:
+def delete(config: CliConfig, snaps: tuple[str, ...], force: bool, json_output: bool) -> None:
     """Delete snapshots and the blocks no other snapshot uses."""
     from snapfs.repo.gc import delete_snapshots
 
     repo = config.open_repository()
     roots = repo.snapshots()
     chosen = {r.id: r for r in (repo.resolve(s, roots) for s in snaps)}
-    _refuse_if_needed(config, chosen)
+    _refuse_if_needed(config, repo, chosen, force)
     stats = run_async(lambda _p: delete_snapshots(repo, list(chosen.values())), json_output)
     if json_output:
         emit_json(stats)
@@ -258,7 +285,7 @@ def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool
             raise UsageError("forget needs --keep-… rules or a stored retention policy (snapfs "
                              "policy set); to delete snapshots by name, use snapshot delete")
         policy = {r.disk: per_disk.get(r.disk, default) for r in roots}
-    decisions = decide(roots, policy, _needed_here(config))
+    decisions = decide(roots, policy, _needed(config, repo))
     doomed = [d.root for d in decisions if not d.keep]
     stats: dict[str, Any] = {}
     if doomed and not dry_run:

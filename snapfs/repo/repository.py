@@ -10,6 +10,7 @@ Object layout in the store::
     profiles/ID            access profiles of snapshot ID: which blocks mounts read first
     policies/default       the retention policy of every disk without one of its own
     policies/disk/NAME     disk NAME's retention policy (NAME percent-encoded, dots too)
+    holds/ID               the snapshots one host's writable disks need (see ``format.hold``)
 
 This module never writes blobs; ``create`` and ``gc`` do, through ``PackWriter``. Every blob it
 returns has been decoded and checked twice: the codec's xxh3 checksum, and the keyed BLAKE3 of
@@ -54,6 +55,7 @@ from snapfs.repo.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, 
 from snapfs.store.base import ObjectStore
 
 if TYPE_CHECKING:
+    from snapfs.format.hold import Hold
     from snapfs.repo.indexcache import IndexCache
     from snapfs.repo.retention import RetentionPolicy
 
@@ -414,6 +416,23 @@ class Repository:
 
     def write_profile(self, snapshot_id: str, blocks: list[int]) -> None:
         self.store.put(f"profiles/{snapshot_id}", encode_profile(blocks))
+
+    # -- holds ---------------------------------------------------------------------------
+
+    def holds(self) -> dict[str, Hold]:
+        """Every hold, by holder id. A hold that cannot be read raises: deleting snapshots
+        while not knowing what disks need could cost a disk its blocks."""
+        from snapfs.format.hold import Hold
+
+        keys = [key for key, _size in self.store.list("holds/")]
+        return {key.rpartition("/")[2]: Hold.decode(data)
+                for key, data in self._get_many(keys).items()}
+
+    def write_hold(self, holder: str, hold: Hold) -> None:
+        self.store.put(f"holds/{holder}", hold.encode())
+
+    def delete_hold(self, holder: str) -> None:
+        self.store.delete(f"holds/{holder}")
 
     # -- retention policies ------------------------------------------------------------
 

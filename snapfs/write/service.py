@@ -68,6 +68,7 @@ UPLOAD_ATTEMPTS = 3
 RETRY_DELAY = 2.0
 DEPENDED_RETRY_DELAY = 30.0
 KEEP_FAILED = 20
+HOLD_RETRY = 30.0  # seconds before a hold that could not be stored is tried again
 #: while disks are read or written, uploads take at most this share of the time (the "at most
 #: ~10% of disk I/O" that cloud snapshots promise), so foreground I/O keeps the CPU and disk
 UPLOAD_SHARE_WHEN_BUSY = 0.1
@@ -141,6 +142,7 @@ class DiskService:
         #: called when disks or pending snapshots come or go, with the name of a disk whose
         #: contents were rewritten (a rollback) if any: the FUSE adapter invalidates its caches
         self.changed: list[Callable[[str | None], None]] = []
+        self._holds_stale = trio.Event()  # set when what the disks need may have changed
 
     # -- start and stop ----------------------------------------------------------------------
 
@@ -240,6 +242,7 @@ class DiskService:
         """The upload queue: one task at a time, in the order they were closed."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._stage_ahead)
+            nursery.start_soon(self._publish_holds)
             task_status.started()
             async for task_id in self._queue_recv:
                 task = self.tasks.get(task_id)
@@ -772,7 +775,51 @@ class DiskService:
     def task_list(self) -> list[dict[str, Any]]:
         return [self._summary(t) for t in sorted(self.tasks.values(), key=lambda t: t.created)]
 
+    def needed_snapshots(self) -> dict[str, str]:
+        """The snapshots these disks need, by id, with what needs them."""
+        needed: dict[str, str] = {}
+        for name, disk in sorted(self.disks.items()):
+            if disk.record.base:
+                needed.setdefault(disk.record.base, f"base of disk {name}")
+            if disk.record.parent:
+                needed.setdefault(disk.record.parent, f"parent of disk {name}")
+        return needed
+
+    async def _publish_holds(self) -> None:
+        """Keep ``holds/HOLDER`` in the repository equal to ``needed_snapshots`` (deleted when
+        nothing is needed), so that ``snapshot delete`` and ``forget`` keep those snapshots
+        even while this daemon is not running. Written at start and after every change; a
+        failed write is tried again (the local daemon is asked directly meanwhile)."""
+        from snapfs.format.hold import Hold
+        from snapfs.host import hostname
+
+        if not self.enabled:
+            return
+        state = self._require()
+        holder = await trio.to_thread.run_sync(state.holder_id)
+        published: dict[str, str] | None = None
+        while True:
+            self._holds_stale = trio.Event()
+            needed = self.needed_snapshots()
+            if needed != published:
+                hold = Hold(hostname(), str(self.dir), now_iso(), needed)
+                try:
+                    if needed:
+                        await trio.to_thread.run_sync(self.repo.write_hold, holder, hold)
+                    elif published is not None or await trio.to_thread.run_sync(
+                            self.repo.store.exists, f"holds/{holder}"):
+                        await trio.to_thread.run_sync(self.repo.delete_hold, holder)
+                    published = needed
+                except SnapfsError as e:
+                    log.warning("could not store this host's hold on its disks' snapshots "
+                                "(trying again in %.0f s): %s", HOLD_RETRY, e.message)
+                    with trio.move_on_after(HOLD_RETRY):
+                        await self._holds_stale.wait()
+                    continue
+            await self._holds_stale.wait()
+
     def _notify(self, rewritten: str | None = None) -> None:
+        self._holds_stale.set()
         for callback in self.changed:
             try:
                 callback(rewritten)

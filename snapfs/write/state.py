@@ -8,7 +8,8 @@ disk's overlay and copy-on-write files (``overlay``). Named databases:
 ``changed``  disk id + generation (4) + block -> ``b""``: written during that generation
 ``cow``      disk id + generation + block -> offset (8) in that generation's copy-on-write file
 ``tasks``    task id -> ``SnapshotTask`` (JSON): snapshots being uploaded, and how they ended
-``meta``     ``boot_id`` and ``clean``: was the last daemon stopped cleanly in this boot
+``meta``     ``boot_id`` and ``clean``: was the last daemon stopped cleanly in this boot;
+             ``holder``: this state's hold in the repository (``holds/HOLDER``)
 
 A generation is the set of writes between two snapshots. The open one is the record's ``gen``;
 closing it for a snapshot records the task and opens ``gen + 1`` in one transaction (one per
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -165,6 +167,15 @@ class DiskState:
             txn.put(b"clean", b"0")
         self._env.sync(True)
         return clean or same_boot
+
+    def holder_id(self) -> str:
+        """This state's name among the repository's holds (``holds/ID``): made once, kept."""
+        with self._env.begin(write=True, db=self._meta) as txn:
+            found = txn.get(b"holder")
+            if found is None:
+                found = secrets.token_hex(8).encode()
+                txn.put(b"holder", found)
+        return bytes(found).decode()
 
     def stop(self) -> None:
         with self._env.begin(write=True, db=self._meta) as txn:
