@@ -619,6 +619,7 @@ def test_a_failed_upload_is_reported_and_the_next_snapshot_uploads_its_blocks(
     assert s.snapfs.json("snapshot", "list", "--disk", "d") == [doc]
     with pytest.raises(FileNotFoundError):
         s.image("doomed").stat()
+    assert "never stored" in one_error(s.snapfs("snapshot", "delete", "doomed"), EXIT_USAGE)
 
     write_blocks(s.disk("d"), {0: random_blocks(42, 1)[0], 1: random_blocks(43, 1)[0]})
     task = s.snapshot("--disk", "d", "--name", "retried")
@@ -649,6 +650,8 @@ def test_a_disk_made_from_a_pending_snapshot_keeps_its_whole_chain_alive(
             assert states["c1"][0] == "progressing" and "locked" in states["c1"][1], states
             assert states["c2"][0] == "progressing", states
             assert s.disk("e").read_bytes() == want
+            assert "once it is stored" in one_error(s.snapfs("snapshot", "delete", "c1"),
+                                                    EXIT_USAGE)
     with serving(snapfs, tmp_path) as s:
         wait_accomplished(s, "c1")
         wait_accomplished(s, "c2")

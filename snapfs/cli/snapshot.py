@@ -9,7 +9,7 @@ import click
 from snapfs.cli.context import CliConfig, log_to_stderr, pass_config
 from snapfs.cli.keep import keep_options, policy_from
 from snapfs.cli.output import emit_json, human_size, progress_for, run_async, table_lines
-from snapfs.errors import NotFoundError, NotMounted, SnapfsError, UsageError
+from snapfs.errors import NotFoundError, NotMounted, SnapfsError, SnapshotNotFound, UsageError
 from snapfs.progress import NO_PROGRESS
 
 if TYPE_CHECKING:
@@ -242,7 +242,15 @@ def delete(config: CliConfig, snaps: tuple[str, ...], force: bool, json_output: 
 
     repo = config.open_repository()
     roots = repo.snapshots()
-    chosen = {r.id: r for r in (repo.resolve(s, roots) for s in snaps)}
+    try:
+        chosen = {r.id: r for r in (repo.resolve(s, roots) for s in snaps)}
+    except SnapshotNotFound:
+        for doc in _unfinished(config):
+            if doc["name"] in snaps or doc["id"] in snaps:
+                raise UsageError(f"snapshot {doc['name']} is {doc['state']}, not stored: "
+                                 + ("delete it once it is stored" if doc["state"] == "progressing"
+                                    else "it was never stored")) from None
+        raise
     _refuse_if_needed(config, repo, chosen, force)
     stats = run_async(lambda _p: delete_snapshots(repo, list(chosen.values())), json_output)
     if json_output:
