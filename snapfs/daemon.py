@@ -265,6 +265,7 @@ class MountDaemon:
         return {
             "mountpoint": self.options.mountpoint,
             "repository": self.repo.store.url,
+            "simulated": getattr(self.repo.store, "simulation", None),
             "pid": os.getpid(),
             "started": datetime.fromtimestamp(self.started, UTC).isoformat(timespec="seconds"),
             "uptime_seconds": round(time.time() - self.started, 3),

@@ -296,7 +296,12 @@ def test_browse_shows_each_snapshots_files_and_unbrowse_undoes_everything(
 def test_browse_reuses_a_running_daemon_and_leaves_it_running(
     env: Env, source: dict[str, Path], tmp_path: Path
 ) -> None:
-    with mounted(env.snapfs, tmp_path / "mnt", tmp_path / "user-cache") as daemon:
+    # with latency simulated, it is still the same repository's daemon
+    with mounted(env.snapfs, tmp_path / "mnt", tmp_path / "user-cache",
+                 "--simulate-latency", "1ms") as daemon:
+        stats = env.snapfs.json("stats", daemon.mountpoint)
+        assert stats["simulated"] == "1 ms a request"
+        assert "simulated: 1 ms a request" in env.snapfs.ok("stats", daemon.mountpoint)
         where = env.empty_dir("where")
         state = env.browse("vm-1", where)
         assert state["daemon_mountpoint"] == str(daemon.mountpoint)

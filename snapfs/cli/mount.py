@@ -147,8 +147,9 @@ def format_stats(doc: dict[str, Any]) -> list[str]:
     """The ``stats`` table: one row per image, then the store and cache figures."""
     h = doc.get("hydrator", {})
     cache = doc.get("cache", {})
+    simulated = f", simulated: {doc['simulated']}" if doc.get("simulated") else ""
     lines = [f"{doc.get('repository')} at {doc.get('mountpoint')} "
-             f"(pid {doc.get('pid')}, up {_duration(doc.get('uptime_seconds'))})", ""]
+             f"(pid {doc.get('pid')}, up {_duration(doc.get('uptime_seconds'))}{simulated})", ""]
     rows = [("IMAGE", "SIZE", "HYDRATED", "MISSING", "LEFT", "READS", "HITS", "FETCHED", "WAITED")]
     missing_blocks = missing_bytes = 0
     for name, image in doc.get("images", {}).items():

@@ -22,8 +22,9 @@ class SimulatedStore(ObjectStore):
         self.latency = latency
         self.bandwidth = bandwidth
         self.concurrency = inner.concurrency
-        self.url = f"{inner.url} (simulated {latency * 1000:.0f} ms"
-        self.url += f", {bandwidth / 1e6:.0f} MB/s)" if bandwidth else ")"
+        self.url = inner.url  # the same repository: browse looks for a daemon serving it
+        self.simulation = f"{latency * 1000:.0f} ms a request"
+        self.simulation += f", {bandwidth / 1e6:.0f} MB/s" if bandwidth else ""
         self._lock = threading.Lock()
         self._link_free = 0.0
 
