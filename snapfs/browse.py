@@ -36,7 +36,8 @@ unlike a flock, it is not inherited by the daemon ``mount`` forks. A browse kill
 (kill -9) can leave a loop device attached; ``losetup -a`` shows it.
 
 ``restore_from_snapshot`` is ``restore-files``: browse at a temporary directory under
-``CACHE/browse-mnt``, ``restore.restore_files`` from there, unbrowse however that ends.
+``CACHE/browse-mnt``, ``restore.restore_files`` from there, unbrowse however that ends. An error
+that stops the copy comes out as ``RestoreStopped``, with the report of what was done so far.
 
 This module blocks (subprocesses, the control socket); it is for the CLI.
 """
@@ -426,14 +427,29 @@ def browsing(options: BrowseOptions) -> Iterator[BrowseState]:
         unbrowse(state.directory)
 
 
+class RestoreStopped(SnapfsError):
+    """``restore_files`` ended with an error that stops the whole run (a full or read-only
+    target), its message and exit code; what was browsed and done until then comes with it."""
+
+    def __init__(self, error: SnapfsError, state: BrowseState, report: RestoreReport) -> None:
+        super().__init__(error.message, error.exit_code)
+        self.state = state
+        self.report = report
+
+
 def restore_from_snapshot(options: BrowseOptions, target: str, restore: RestoreOptions,
                           progress: Progress = NO_PROGRESS) -> tuple[BrowseState, RestoreReport]:
     """``restore_files`` from the snapshot, browsed at a temporary directory under
-    ``CACHE/browse-mnt`` (``options.directory`` is not used) and unbrowsed however it ends."""
+    ``CACHE/browse-mnt`` (``options.directory`` is not used) and unbrowsed however it ends.
+    An error of the restore itself comes as ``RestoreStopped``."""
     temp = tempfile.mkdtemp(prefix="restore-", dir=private_root(options.cache_dir))
     try:
         with browsing(dataclasses.replace(options, directory=temp)) as state:
-            report = restore_files(temp, target, restore, progress)
+            report = RestoreReport()
+            try:
+                restore_files(temp, target, restore, progress, report)
+            except SnapfsError as e:
+                raise RestoreStopped(e, state, report) from e
         return state, report
     finally:
         try:

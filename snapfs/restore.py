@@ -6,13 +6,34 @@ directory tree, reads it without following a symlink, and recreates the selected
 under the target directory. It is blocking file I/O from start to end; async callers run it in a
 worker thread.
 
-What is kept: file data (holes stay holes where the source reports them via SEEK_DATA), mode,
-owner (when running as root; otherwise files belong to the caller, as with tar), atime/mtime to
-the nanosecond, symlinks (their target text verbatim; never followed) and extended attributes.
+What is kept: file data, mode, owner (when running as root; otherwise files belong to the
+caller, as with tar), atime/mtime to the nanosecond, symlinks (their target text verbatim; never
+followed), extended attributes, hard links, fifos and (as root) device nodes. Holes stay holes
+where the source reports them via SEEK_DATA; where it cannot (FUSE, so fuse2fs) but has fewer
+blocks than bytes (``st_blocks * 512 < st_size``), its 4 KiB blocks of zeros are left unwritten,
+so a sparse file stays sparse (a file without holes is written as it is, zeros included).
+fuse2fs shows times in whole seconds: restored through it, the nanoseconds are zero.
+
 ``user.*`` and ``trusted.*`` attributes must be kept or the entry fails; ``system.*`` (ACLs)
 and ``security.*`` (SELinux labels, capabilities) are copied where the target accepts them and
-silently dropped where it does not. Hard links are copied as separate files. Special files
-(devices, fifos, sockets) are not recreated: each counts as skipped and is listed in
+silently dropped where it does not. An entry's ACLs are the snapshot's, never more: a default
+ACL in the target (of the target directory, an existing directory, or one restored with its
+own default ACL) gives each entry created under it an ACL of its own, so every entry is
+stripped of ``system.posix_acl_access``/``system.posix_acl_default`` as soon as it is created
+(a file before its data goes in, a directory before anything goes into it; the group bits are
+cleared first, as without the ACL they would grant what the mask did), and then gets the
+source's. Overwrite does the same to an existing directory whose metadata it restores.
+
+Hard links are kept: the first name of a source inode with ``st_nlink > 1`` is copied, and each
+later name becomes a link to that copy. The copy is found again by its path in the target,
+re-opened one directory at a time from the target root (``O_DIRECTORY|O_NOFOLLOW``), linked under
+a temporary name and renamed into place; the link is checked to be the copy's inode before it
+is used. Should any of that fail (the copy moved or replaced, ``EMLINK``, a link not allowed
+there), the name is copied instead and later names link to that copy. Links between symlinks or
+special files are not kept (each name is recreated).
+
+Fifos are recreated, block and character devices too when running as root (``mknod`` needs it);
+sockets, and devices when not root, are left out: each counts as skipped and is listed in
 ``RestoreReport.special``. ``lost+found`` at the root is left out silently. The target directory
 itself is taken as given (created if missing, its own metadata untouched); ``restored`` and
 ``skipped`` count non-directory entries, directories are created as needed and counted only
@@ -25,24 +46,44 @@ write land outside the target directory. It holds because
   image fails), and every call takes it relative to a directory fd, never as a path string;
 - directories in the target are opened with ``O_DIRECTORY|O_NOFOLLOW`` one level at a time from
   the target root's fd, so a symlink at a directory's place (already there, or restored earlier
-  in this run) fails that directory and its subtree instead of being followed;
+  in this run) fails that directory and its subtree instead of being followed; the directory of
+  a hard link's first copy is re-opened the same way;
 - files are written under a fresh temporary name opened ``O_CREAT|O_EXCL|O_NOFOLLOW`` in their
   final directory and renamed over the final name when complete. ``rename`` replaces whatever
   entry is there (a symlink is replaced, not written through), and an interrupted restore never
-  leaves a partial file under a real name;
+  leaves a partial file under a real name. Links, symlinks, fifos and devices are made under a
+  temporary name too;
 - metadata calls on symlinks use ``follow_symlinks=False``; xattrs of a symlink are reached via
-  ``/proc/self/fd/<dir fd>/<name>``, which pins the directory and does not follow the link.
+  ``/proc/self/fd/<dir fd>/<name>``, which pins the directory and does not follow the link. A
+  fifo or device is opened ``O_PATH|O_NOFOLLOW`` right after ``mknod`` and its type checked;
+  its owner, mode, xattrs and times are then set through ``/proc/self/fd/<fd>``, the inode the
+  fd holds, never through a path a planted symlink could redirect.
 
-Conflicts (an entry already at a file's name) are skipped, or replaced with
-``on_conflict="overwrite"``. A directory already in the target is merged into (its metadata is
-restored only with overwrite); a directory never replaces a file and a file never replaces a
-directory, in either mode (that entry fails). The skip check happens before the copy; a
+Conflicts (an entry already at a name): in skip mode (the default) a file, symlink or special
+file whose name is taken by anything (a directory too) is skipped and counted; in overwrite
+mode it replaces a non-directory and fails where a directory stands (overwrite replaces entries,
+it never removes trees). A directory already in the target is merged into (its metadata is
+restored only with overwrite); a directory whose name is taken by a non-directory or a symlink
+fails with its whole subtree, in either mode. The conflict check happens before the copy; a
 concurrent writer creating the same name meanwhile can lose its entry to ours, which concerns
 correctness only, never the invariant above. Files are not fsynced.
 
 Errors on one entry (an EIO reading the snapshot, a symlink in the way) are counted in
-``failed`` with a reason and the run goes on; a full disk or a read-only target ends the run
-(``NoSpace``/``SnapfsError``), as every further entry would fail the same way.
+``failed`` with a reason and the run goes on. The target filling up is an entry's failure too
+when it happens while a file's data is written: its temporary file is removed, which gives the
+space back, and the run goes on with the next entry, which may well fit. The run stops
+(``NoSpace``, that entry counted as failed) when the target can take nothing more:
+
+- creating an entry (a directory, a temporary name, a link, a rename) fails with ``ENOSPC`` or
+  ``EDQUOT``;
+- after a file did not fit and was removed, the target's filesystem has less than ``MIN_FREE``
+  (1 MiB) free (``statvfs``; for root, the reserved blocks count as free);
+- the file that did not fit was itself smaller than ``MIN_FREE``: the only sign of a full quota,
+  which ``statvfs`` does not show.
+
+A read-only target stops the run at once (``SnapfsError``). A ``report`` passed in to
+``restore_files`` holds what was done up to the stop; directories left unfinished by it keep
+the private mode (0700) they were made with.
 """
 
 from __future__ import annotations
@@ -64,8 +105,13 @@ from snapfs.progress import NO_PROGRESS, Progress
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+#: the unit of the holes left where the source cannot show its own (blocks of zeros)
+HOLE_BLOCK = 4096
 #: Deeper directories fail: each level holds two fds open (source and target) and one frame.
 MAX_DEPTH = 256
+#: a target with less free space than this after a file did not fit, or where a file smaller
+#: than this did not fit, takes nothing more: the restore stops (see the module docstring)
+MIN_FREE = 1 << 20
 LOST_FOUND = "lost+found"
 ON_CONFLICT = ("skip", "overwrite")
 
@@ -73,8 +119,14 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: should a name turn into a fifo between listing and opening, open must not hang
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPTIONAL_XATTRS = ("system.", "security.")
+_ACL_ACCESS = "system.posix_acl_access"
+_ACLS = (_ACL_ACCESS, "system.posix_acl_default")
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _FATAL_TARGET_ERRORS = {errno.ENOSPC: NoSpace, errno.EDQUOT: NoSpace, errno.EROFS: SnapfsError}
+#: the special files made again (devices only by root); sockets never are
+_MADE_BY_MKNOD = (stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK)
 _SPECIAL_KINDS = {
     stat.S_IFBLK: "block device", stat.S_IFCHR: "character device",
     stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket",
@@ -243,23 +295,27 @@ class RestoreOptions:
 
 @dataclass
 class RestoreReport:
-    #: non-directory entries written (files, symlinks)
+    #: non-directory entries written (files, hard links, symlinks, fifos, devices)
     restored: int = 0
-    #: entries left alone: already in the target (skip mode) or special files
+    #: of ``restored``, the names made as a hard link to a file restored earlier in the run
+    links: int = 0
+    #: entries left alone: already in the target (skip mode), or special files left out
     skipped: int = 0
     #: entries (directories included) that could not be restored, or only in part
     failed: int = 0
-    #: data bytes of the restored files (their sizes; holes count)
+    #: data bytes copied: the sizes of the files restored as copies (holes included); a name
+    #: made as a hard link adds nothing
     bytes: int = 0
     #: "path: reason" for each failed entry, paths relative to the snapshot's root
     failures: list[str] = field(default_factory=list)
-    #: "path: kind" for each special file skipped
+    #: "path: kind" for each special file left out (sockets; devices when not root)
     special: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "restored": self.restored, "skipped": self.skipped, "failed": self.failed,
-            "bytes": self.bytes, "failures": list(self.failures), "special": list(self.special),
+            "restored": self.restored, "links": self.links, "skipped": self.skipped,
+            "failed": self.failed, "bytes": self.bytes, "failures": list(self.failures),
+            "special": list(self.special),
         }
 
 
@@ -268,11 +324,14 @@ def restore_files(
     target: str,
     options: RestoreOptions,
     progress: Progress = NO_PROGRESS,
+    report: RestoreReport | None = None,
 ) -> RestoreReport:
     """Copy the selected entries of the tree at ``source_root`` into ``target``.
 
     ``target`` is created if missing and must not lie inside ``source_root``. Progress is
     reported in bytes of file data, against a total counted by a first walk of the selection.
+    The report (``report`` if given, which then holds what was done when the run stops with an
+    error) is returned.
     """
     selector = PathSelector(options.includes, options.excludes)
     source_real, target_real = os.path.realpath(source_root), os.path.realpath(target)
@@ -289,7 +348,8 @@ def restore_files(
         except OSError as e:
             raise SnapfsError(f"cannot use {target} as the target: {e.strerror}") from None
         try:
-            restorer = _Restorer(selector, options, progress)
+            restorer = _Restorer(selector, options, progress, report or RestoreReport(),
+                                 target_fd)
             progress.start("restore", restorer.scan(source_fd, "", selector.root(), 0))
             root = _Dir(None, "", "", None, source_fd, target_fd)
             restorer.restore_dir(root, selector.root(), 0)
@@ -333,20 +393,48 @@ class _Dir:
         self.restore_metadata = False
 
 
+@dataclass(frozen=True)
+class _Copy:
+    """Where the first name of a hard-linked source inode was restored."""
+
+    #: the directory's path below the target root, one name a component
+    directory: tuple[str, ...]
+    name: str
+    st_dev: int
+    st_ino: int
+
+
+class _NoRoom(Exception):
+    """The target filled up while a file's data went in (its temporary file is removed)."""
+
+    def __init__(self, e: OSError) -> None:
+        super().__init__(e.strerror)
+        self.error = e
+
+
 class _Restorer:
-    def __init__(self, selector: PathSelector, options: RestoreOptions, progress: Progress):
+    def __init__(self, selector: PathSelector, options: RestoreOptions, progress: Progress,
+                 report: RestoreReport, target_root_fd: int) -> None:
         self.selector = selector
         self.overwrite = options.on_conflict == "overwrite"
         self.progress = progress
-        self.report = RestoreReport()
+        self.report = report
+        self.target_root_fd = target_root_fd
         self.keep_owner = os.geteuid() == 0
-        # symlink xattrs are reached through /proc/self/fd (no l*xattr call takes a dir fd)
+        # symlink xattrs, and all metadata of fifos and devices, are reached through
+        # /proc/self/fd (no l*xattr call takes a dir fd, no f* call works on an O_PATH fd)
         self.have_proc_fd = os.path.isdir("/proc/self/fd")
+        #: (st_dev, st_ino) of a hard-linked source file -> where its first name went
+        self.copies: dict[tuple[int, int], _Copy] = {}
 
     def fail(self, rel: str, reason: str) -> None:
         log.debug("not restored: %s: %s", rel, reason)
         self.report.failed += 1
         self.report.failures.append(f"{rel}: {reason}")
+
+    def left_out(self, path: str, kind: str) -> None:
+        self.report.skipped += 1
+        self.report.special.append(f"{path}: {kind}")
 
     # -- walking the source
 
@@ -384,7 +472,8 @@ class _Restorer:
                 yield name, path, st, child
 
     def scan(self, source_fd: int, rel: str, where: Selection, depth: int) -> int:
-        """Bytes of the files a restore will take (the progress total)."""
+        """Bytes of the files a restore will take (the progress total; each name of a hard
+        link counts, as each may turn out to be a copy)."""
         total = 0
         for name, path, st, child in self.entries(source_fd, rel, where, report=False):
             if stat.S_ISREG(st.st_mode) and child.selected:
@@ -414,9 +503,7 @@ class _Restorer:
                 elif stat.S_ISLNK(mode):
                     self.restore_symlink(here, name, path, st)
                 else:
-                    kind = _SPECIAL_KINDS.get(stat.S_IFMT(mode), "special file")
-                    self.report.skipped += 1
-                    self.report.special.append(f"{path}: {kind}")
+                    self.restore_special(here, name, path, st)
             done = True
         except _Abandoned as e:
             if e.where is not here:
@@ -468,6 +555,13 @@ class _Restorer:
         here.restore_metadata = created or self.overwrite
         if here.restore_metadata:
             try:
+                # before anything goes in: what goes in would inherit a default ACL
+                self.drop_acls(here.target_fd)
+            except OSError as e:
+                self.fail(here.rel, f"cannot remove the ACLs the target gave it: {e.strerror}; "
+                                    "nothing under it was restored")
+                raise _Abandoned(here) from None
+            try:
                 self.set_owner(here.target_fd, here.st)
                 self.copy_xattrs(here.source_fd, here.target_fd, follow=True)
             except (OSError, _EntryFailed) as e:
@@ -507,6 +601,11 @@ class _Restorer:
             parent_fd = self.target_dir(parent)
             if self.conflict(parent_fd, name):
                 return
+            first = self.copies.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
+            if first is not None and self.link(first, parent_fd, name, path):
+                self.report.restored += 1
+                self.report.links += 1
+                return
             try:
                 source = os.open(name, _READ_FLAGS, dir_fd=parent.source_fd)
             except OSError as e:
@@ -515,11 +614,17 @@ class _Restorer:
                 sst = os.fstat(source)
                 if not stat.S_ISREG(sst.st_mode):
                     raise _EntryFailed("changed while being restored")
-                self.write_file(source, sst, parent_fd, name, advance)
+                copy = self.write_file(source, sst, parent_fd, name, advance)
             finally:
                 os.close(source)
             self.report.restored += 1
             self.report.bytes += sst.st_size
+            if sst.st_nlink > 1:  # later names link to this copy
+                self.copies[(sst.st_dev, sst.st_ino)] = _Copy(
+                    tuple(_components(parent.rel)), name, copy.st_dev, copy.st_ino)
+        except _NoRoom as e:
+            self.fail(path, f"no space for it in the target: {e}")
+            self.stop_if_full(parent_fd, st.st_size, path, e.error)
         except (OSError, _EntryFailed) as e:
             self.fatal_if_target_unusable(e, path)
             self.fail(path, _reason(e))
@@ -528,22 +633,78 @@ class _Restorer:
                 self.progress.advance(st.st_size - copied)
 
     def write_file(self, source: int, sst: os.stat_result, parent_fd: int, name: str,
-                   advance: Callable[[int], None]) -> None:
+                   advance: Callable[[int], None]) -> os.stat_result:
+        """Copy the open ``source`` to ``name``; the copy's stat."""
         temp = _temp_name()
         fd = os.open(temp, _CREATE_FLAGS, 0o600, dir_fd=parent_fd)
         try:
             try:
-                _copy_data(source, fd, sst.st_size, advance)
+                self.drop_acls(fd)  # before the data goes in
+                try:
+                    _copy_data(source, fd, sst.st_size,
+                               skip_zeros=sst.st_blocks * 512 < sst.st_size, advance=advance)
+                except OSError as e:
+                    if e.errno in _NO_SPACE:
+                        raise _NoRoom(e) from None
+                    raise
                 self.set_owner(fd, sst)
+                # after chown, which drops capabilities; before chmod, while the file is still
+                # ours to write (a non-root caller needs that to set user.* attributes)
+                self.copy_xattrs(source, fd, follow=True)
                 os.fchmod(fd, stat.S_IMODE(sst.st_mode))  # after chown, which clears set-id bits
-                self.copy_xattrs(source, fd, follow=True)  # after chown, which drops capabilities
                 os.utime(fd, ns=(sst.st_atime_ns, sst.st_mtime_ns))
+                copy = os.fstat(fd)
             finally:
                 os.close(fd)
             os.rename(temp, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
         except BaseException:
             _unlink_quietly(parent_fd, temp)
             raise
+        return copy
+
+    def link(self, first: _Copy, parent_fd: int, name: str, path: str) -> bool:
+        """Make ``name`` a hard link to ``first``; False (and nothing made) when that cannot be
+        done, for whatever reason: the caller copies the file instead."""
+        temp = _temp_name()
+        try:
+            first_dir = self.open_target_dir(first.directory)
+            try:
+                os.link(first.name, temp, src_dir_fd=first_dir, dst_dir_fd=parent_fd,
+                        follow_symlinks=False)
+            finally:
+                os.close(first_dir)
+        except OSError as e:
+            log.debug("%s: not linked to %s: %s", path, "/".join((*first.directory, first.name)),
+                      e.strerror)
+            return False
+        try:
+            # checked on the link itself, so that nothing put at the copy's name meanwhile
+            # (a symlink, another file) is what ends up at ours
+            made = os.stat(temp, dir_fd=parent_fd, follow_symlinks=False)
+            if not (stat.S_ISREG(made.st_mode)
+                    and (made.st_dev, made.st_ino) == (first.st_dev, first.st_ino)):
+                log.debug("%s: the copy it would link to was replaced", path)
+                _unlink_quietly(parent_fd, temp)
+                return False
+            os.rename(temp, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+        except BaseException:
+            _unlink_quietly(parent_fd, temp)
+            raise
+        return True
+
+    def open_target_dir(self, components: tuple[str, ...]) -> int:
+        """A new fd of the target directory at ``components``, opened one level at a time from
+        the target root, never following a symlink."""
+        fd = os.open(".", _DIR_FLAGS, dir_fd=self.target_root_fd)
+        try:
+            for name in components:
+                below = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = below
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def restore_symlink(self, parent: _Dir, name: str, path: str, st: os.stat_result) -> None:
         try:
@@ -573,11 +734,88 @@ class _Restorer:
             self.fatal_if_target_unusable(e, path)
             self.fail(path, _reason(e))
 
+    def restore_special(self, parent: _Dir, name: str, path: str, st: os.stat_result) -> None:
+        kind = stat.S_IFMT(st.st_mode)
+        described = _SPECIAL_KINDS.get(kind, "special file")
+        if (kind not in _MADE_BY_MKNOD or not self.have_proc_fd
+                or (kind != stat.S_IFIFO and not self.keep_owner)):
+            self.left_out(path, described)
+            return
+        try:
+            parent_fd = self.target_dir(parent)
+            if self.conflict(parent_fd, name):
+                return
+            try:
+                source = os.open(name, _PATH_FLAGS, dir_fd=parent.source_fd)
+            except OSError as e:
+                raise _EntryFailed(f"cannot open it in the snapshot: {e.strerror}") from None
+            try:
+                sst = os.fstat(source)
+                if stat.S_IFMT(sst.st_mode) != kind or sst.st_rdev != st.st_rdev:
+                    raise _EntryFailed("changed while being restored")
+                self.make_special(f"/proc/self/fd/{source}", sst, parent_fd, name)
+            finally:
+                os.close(source)
+            self.report.restored += 1
+        except (OSError, _EntryFailed) as e:
+            self.fatal_if_target_unusable(e, path)
+            self.fail(path, _reason(e))
+
+    def make_special(self, source: str, sst: os.stat_result, parent_fd: int, name: str) -> None:
+        """A fifo or device node like ``sst`` (its xattrs read at ``source``) at ``name``."""
+        kind = stat.S_IFMT(sst.st_mode)
+        temp = _temp_name()
+        if kind == stat.S_IFIFO:
+            os.mkfifo(temp, 0o600, dir_fd=parent_fd)
+        else:
+            os.mknod(temp, kind | 0o600, sst.st_rdev, dir_fd=parent_fd)
+        try:
+            fd = os.open(temp, _PATH_FLAGS, dir_fd=parent_fd)
+            try:
+                made = os.fstat(fd)
+                if stat.S_IFMT(made.st_mode) != kind or made.st_rdev != sst.st_rdev:
+                    raise _EntryFailed("its temporary name was taken by something else")
+                # the inode the fd holds: an O_PATH fd takes no f* call, and a path could lead
+                # elsewhere should something replace the temporary name
+                inode = f"/proc/self/fd/{fd}"
+                self.drop_acls(inode)
+                if self.keep_owner:
+                    os.chown(inode, sst.st_uid, sst.st_gid)
+                self.copy_xattrs(source, inode, follow=True)
+                os.chmod(inode, stat.S_IMODE(sst.st_mode))
+                os.utime(inode, ns=(sst.st_atime_ns, sst.st_mtime_ns))
+            finally:
+                os.close(fd)
+            os.rename(temp, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+        except BaseException:
+            _unlink_quietly(parent_fd, temp)
+            raise
+
     # -- metadata
 
     def set_owner(self, fd: int, st: os.stat_result) -> None:
         if self.keep_owner:  # only root may give files away
             os.fchown(fd, st.st_uid, st.st_gid)
+
+    @staticmethod
+    def drop_acls(target: int | str) -> None:
+        """Remove the POSIX ACLs of an entry just made (or whose metadata overwrite restores):
+        those are the target's (inherited from a default ACL), the source's come with its other
+        extended attributes."""
+        try:
+            present = [a for a in os.listxattr(target) if a in _ACLS]
+        except OSError as e:
+            if e.errno == errno.ENOTSUP:  # a target without xattrs has no ACLs either
+                return
+            raise
+        if _ACL_ACCESS in present:
+            # with an access ACL the group bits are the mask; without it they are what the
+            # owning group gets, which may be more than its ACL entry said: clear them first
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+            if mode & 0o070:
+                os.chmod(target, mode & ~0o070)
+        for attr in present:
+            os.removexattr(target, attr)
 
     def copy_xattrs(self, source: int | str, target: int | str, follow: bool) -> None:
         try:
@@ -597,16 +835,32 @@ class _Restorer:
                 raise _EntryFailed(
                     f"cannot keep the extended attribute {attr}: {e.strerror}") from None
 
-    @staticmethod
-    def fatal_if_target_unusable(e: BaseException, path: str) -> None:
-        """A full disk or read-only target would fail every entry after this one: stop."""
+    def fatal_if_target_unusable(self, e: BaseException, path: str) -> None:
+        """A target that cannot take a new entry (full, read-only) fails every entry after this
+        one: stop, this entry counted as failed."""
         if isinstance(e, OSError) and e.errno in _FATAL_TARGET_ERRORS:
+            self.fail(path, _reason(e))
             raise _FATAL_TARGET_ERRORS[e.errno](
                 f"cannot write {path} in the target: {e.strerror}; restore stopped") from e
 
+    def stop_if_full(self, dir_fd: int, size: int, path: str, e: OSError) -> None:
+        """After a file of ``size`` bytes did not fit (and was removed): stop if the target
+        can take nothing more (the rule is in the module docstring)."""
+        try:
+            fs = os.fstatvfs(dir_fd)
+        except OSError:
+            free = 0
+        else:  # root may use the blocks a filesystem reserves
+            free = (fs.f_bfree if self.keep_owner else fs.f_bavail) * fs.f_frsize
+        if size < MIN_FREE or free < MIN_FREE:
+            raise NoSpace(f"cannot write {path} in the target: {e.strerror}; restore stopped "
+                          f"({free // 1024} KiB free)") from e
 
-def _copy_data(source: int, target: int, size: int, advance: Callable[[int], None]) -> None:
-    """Copy ``size`` bytes in chunks, leaving the source's holes as holes in the target."""
+
+def _copy_data(source: int, target: int, size: int, skip_zeros: bool,
+               advance: Callable[[int], None]) -> None:
+    """Copy ``size`` bytes in chunks, leaving the source's holes as holes in the target, and
+    with ``skip_zeros`` leaving unwritten the blocks of zeros of what the source calls data."""
     offset = 0
     while offset < size:
         try:
@@ -628,15 +882,33 @@ def _copy_data(source: int, target: int, size: int, advance: Callable[[int], Non
                 raise _EntryFailed(f"reading it from the snapshot failed: {e.strerror}") from None
             if not data:
                 raise _EntryFailed("it became shorter while being restored")
-            view = memoryview(data)
-            while view:
-                written = os.pwrite(target, view, start)
-                view = view[written:]
-                start += written
+            for run_start, run_end in (_data_runs(data) if skip_zeros else [(0, len(data))]):
+                view = memoryview(data)[run_start:run_end]
+                at = start + run_start
+                while view:
+                    written = os.pwrite(target, view, at)
+                    view = view[written:]
+                    at += written
+            start += len(data)
             advance(len(data))
         offset = end
     os.ftruncate(target, size)  # a trailing hole
     advance(size - offset if offset < size else 0)
+
+
+def _data_runs(data: bytes) -> Iterator[tuple[int, int]]:
+    """(start, end) of the parts of ``data`` that are not whole ``HOLE_BLOCK``s of zeros."""
+    run: int | None = None
+    for block in range(0, len(data), HOLE_BLOCK):
+        end = min(block + HOLE_BLOCK, len(data))
+        if data.count(0, block, end) == end - block:
+            if run is not None:
+                yield run, block
+                run = None
+        elif run is None:
+            run = block
+    if run is not None:
+        yield run, len(data)
 
 
 def _list_names(fd: int) -> list[str]:

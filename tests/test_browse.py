@@ -15,9 +15,13 @@ import fnmatch
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
+import socket
+import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +31,8 @@ import pytest
 from diskimages import change_image, copy_image, make_image, random_image, shared_image
 from mountutil import MOUNTS, mounted, pid_running, wait_for
 from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error
+
+from snapfs.cli.browse import stop_signals_interrupt
 
 pytestmark = MOUNTS
 MiB = 1 << 20
@@ -524,3 +530,141 @@ def test_a_restore_whose_browse_fails_leaves_nothing_behind(env: Env) -> None:
     assert not target.exists()
     assert list((env.cache / "browse-mnt").iterdir()) == []
     assert mounts_under(env.tmp) == [] and loops_under(env.tmp) == {}
+
+
+@pytest.fixture(scope="module")
+def odd_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ext4 image with what images made from /usr lack: a big file (64 MiB, random), a file
+    with three names in two directories, a fifo, a device node and a socket."""
+    where = tmp_path_factory.mktemp("odd-image")
+    content = where / "content"
+    (content / "links/a").mkdir(parents=True)
+    with open(content / "big", "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(MiB))
+    (content / "links/orig").write_bytes(b"linked\n" * 10_000)
+    os.link(content / "links/orig", content / "links/a/second")
+    os.link(content / "links/orig", content / "links/third")
+    os.mkfifo(content / "fifo")
+    os.chmod(content / "fifo", 0o620)  # past the umask
+    os.mknod(content / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    fd = os.open(content, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:  # through the fd: the path may be long
+            sock.bind(f"/proc/self/fd/{fd}/sock")
+    finally:
+        os.close(fd)
+    image = where / "odd.img"
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(content), str(image), "128M"], check=True,
+                   capture_output=True)
+    return image
+
+
+def temporary_files(root: Path) -> list[str]:
+    return [os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files
+            if n.startswith(".snapfs-restore-")]
+
+
+def test_restore_files_keeps_hard_links_and_makes_fifos_and_devices(
+    env: Env, odd_image: Path
+) -> None:
+    env.snapfs.ok("snapshot", "create", odd_image, "--name", "odd", "--disk", "odd")
+    target = env.tmp / "target"
+    result = env.snapfs("restore-files", "odd", "--to", target, "--exclude", "big")
+    assert result.returncode == 0, result.stderr
+    # the socket is left out, and said so
+    assert result.stderr.splitlines() == ["snapfs: left out: sock: socket"]
+    assert result.stdout == (f"restored 5 files (68.4 KiB, 2 of them hard links) from odd into "
+                             f"{target}: 1 skipped, 0 failed\n")
+    names = [target / "links/a/second", target / "links/orig", target / "links/third"]
+    assert {os.stat(p).st_ino for p in names} == {os.stat(names[0]).st_ino}
+    assert os.stat(names[0]).st_nlink == 3
+    assert names[0].read_bytes() == b"linked\n" * 10_000
+    fifo, null = os.lstat(target / "fifo"), os.lstat(target / "null")
+    assert stat.S_ISFIFO(fifo.st_mode) and stat.S_IMODE(fifo.st_mode) == 0o620
+    assert stat.S_ISCHR(null.st_mode) and null.st_rdev == os.makedev(1, 3)
+    assert sorted(os.listdir(target)) == ["fifo", "links", "null"]
+
+
+def test_stop_signals_interrupt_once_and_only_inside_the_block() -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    with stop_signals_interrupt():
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(10)  # the handler runs at once
+        os.kill(os.getpid(), signal.SIGTERM)  # while unwinding: ignored
+        time.sleep(0.01)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_restore_files_stopped_by_a_signal_undoes_everything(
+    env: Env, odd_image: Path, signum: signal.Signals
+) -> None:
+    """kill, timeout(1), systemd or a closed terminal in the middle of a file: the temporary
+    browse (mount, loop device, state, private daemon) is undone, the partial file removed."""
+    env.snapfs.ok("snapshot", "create", odd_image, "--name", "odd", "--disk", "odd")
+    target = env.tmp / "target"
+    proc = env.snapfs.popen("restore-files", "odd", "--to", target, "--include", "big")
+    try:
+        # caught in the middle of writing big (64 MiB through the daemon and a loop device)
+        deadline = time.monotonic() + 60
+        while not (target.is_dir() and temporary_files(target)):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "big was never being written"
+        os.kill(proc.pid, signal.SIGSTOP)
+        partial = temporary_files(target)
+        assert partial and env.browse_states() and loops_under(env.tmp)
+        os.kill(proc.pid, signum)
+        os.kill(proc.pid, signal.SIGCONT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, stdout, stderr) == (130, "", "snapfs: interrupted\n")
+    assert os.listdir(target) == []  # no partial file
+    assert mounts_under(env.tmp) == [] and loops_under(env.tmp) == {}
+    assert env.browse_states() == [] and env.daemon_pid_files() == []
+    assert list((env.cache / "browse-mnt").iterdir()) == []
+
+
+@contextmanager
+def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                   check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_restore_files_into_a_target_that_fills_up(env: Env, source: dict[str, Path]) -> None:
+    """The report so far comes out (as JSON too), then the one line, exit status 1; what was
+    restored is whole, no temporary file is left, the browse is undone."""
+    src = source["vm-1"]
+    with small_tmpfs(env.tmp / "small", "4m") as small:
+        result = env.snapfs("restore-files", "vm-1", "--to", small / "json", "--json")
+        line = one_error(result, EXIT_GENERAL)
+        report = json.loads(result.stdout)
+        assert line == f"snapfs: {report['error']}"
+        stopped_at = re.fullmatch(r"cannot write (.+) in the target: No space left on device; "
+                                  r"restore stopped \(\d+ KiB free\)", report["error"])
+        assert stopped_at, report["error"]
+        assert report["failures"][-1] == (f"{stopped_at[1]}: no space for it in the target: "
+                                          "No space left on device")
+        restored = files_of(small / "json")
+        assert report["restored"] == len(restored) > 10
+        assert report["failed"] == len(report["failures"]) >= 1
+        assert report["bytes"] == sum((src / p).stat().st_size for p in restored)
+        assert_same_files(src, small / "json", restored)
+        assert temporary_files(small) == []
+
+        shutil.rmtree(small / "json")
+        result = env.snapfs("restore-files", "vm-1", "--to", small / "human")
+        assert (result.returncode, result.stdout) == (EXIT_GENERAL, "")
+        *failed, last = result.stderr.splitlines()
+        assert failed == [f"snapfs: failed: {f}" for f in report["failures"]]
+        assert last == line
+    assert list((env.cache / "browse-mnt").iterdir()) == []

@@ -7,7 +7,10 @@ undoes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,6 +21,7 @@ from snapfs.progress import NO_PROGRESS
 
 if TYPE_CHECKING:
     from snapfs.browse import BrowseOptions, BrowseState
+    from snapfs.restore import RestoreReport
 
 #: the cache of a daemon browse starts (as ``snapfs mount``'s default)
 CACHE_SIZE = "20G"
@@ -72,6 +76,39 @@ def unbrowse(directory: str) -> None:
     click.echo(unbrowse_directory(directory))
 
 
+#: what else stops a command (kill, timeout(1), systemd, a closed terminal): restore-files
+#: unwinds on them as on ^C, so its temporary browse is undone and no temporary file is left
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise ``KeyboardInterrupt`` in the block, as SIGINT does; the
+    handlers from before are back after it. Only the first such signal interrupts: a repeat
+    while the block unwinds is ignored, so that it cannot cut the clean-up short (SIGKILL
+    still can)."""
+    received: list[int] = []
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if not received:
+            received.append(signum)
+            raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _print_entries(report: RestoreReport) -> None:
+    for failure in report.failures:
+        click.echo(f"snapfs: failed: {failure}", err=True)
+    for special in report.special:
+        click.echo(f"snapfs: left out: {special}", err=True)
+
+
 @click.command("restore-files")
 @click.argument("snap")
 @click.option("--to", "target", required=True, type=click.Path(file_okay=False),
@@ -90,23 +127,33 @@ def restore_files(config: CliConfig, snap: str, target: str, includes: tuple[str
                   excludes: tuple[str, ...], on_conflict: str, fuse2fs: bool,
                   json_output: bool) -> None:
     """Copy files out of snapshot SNAP into a directory, keeping their metadata."""
-    from snapfs.browse import restore_from_snapshot
+    from snapfs.browse import RestoreStopped, restore_from_snapshot
     from snapfs.restore import RestoreOptions
 
     restore = RestoreOptions(includes, excludes, on_conflict)  # bad patterns fail first
     bar = progress_for(json_output)
     try:
-        state, report = restore_from_snapshot(_options(config, snap, "", fuse2fs), target,
-                                              restore, bar or NO_PROGRESS)
-    finally:
-        if bar is not None:
-            bar.close()
+        with stop_signals_interrupt():
+            try:
+                state, report = restore_from_snapshot(_options(config, snap, "", fuse2fs),
+                                                      target, restore, bar or NO_PROGRESS)
+            finally:
+                if bar is not None:
+                    bar.close()
+    except RestoreStopped as e:
+        # what was done before the stop is not lost: the report so far, then the one line
+        if json_output:
+            emit_json({"snapshot": e.state.snapshot_id, "target": target,
+                       **e.report.as_dict(), "error": e.message})
+        else:
+            _print_entries(e.report)
+        raise
     if json_output:
         emit_json({"snapshot": state.snapshot_id, "target": target, **report.as_dict()})
     else:
-        for failure in report.failures:
-            click.echo(f"snapfs: failed: {failure}", err=True)
-        click.echo(f"restored {report.restored} files ({human_size(report.bytes)}) from "
+        _print_entries(report)
+        links = f", {report.links} of them hard links" if report.links else ""
+        click.echo(f"restored {report.restored} files ({human_size(report.bytes)}{links}) from "
                    f"{state.snapshot_name} into {target}: {report.skipped} skipped, "
                    f"{report.failed} failed")
     if report.failed:
