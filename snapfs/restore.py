@@ -234,6 +234,9 @@ class PathSelector:
     def __init__(self, includes: tuple[str, ...] = (), excludes: tuple[str, ...] = ()) -> None:
         self.includes = [PathPattern(p) for p in includes]
         self.excludes = [PathPattern(p) for p in excludes]
+        #: the includes that took a path so far (their indexes): one that takes nothing is
+        #: most likely a typo, which the user should hear of
+        self.included: set[int] = set()
 
     def root(self) -> Selection:
         return Selection(
@@ -250,7 +253,10 @@ class PathSelector:
         if parent.selected:  # the include states no longer matter below a taken directory
             return Selection(True, (), excludes)
         includes = _step(self.includes, parent.includes, name)
-        if any(p.accepts(s, is_dir) for p, s in zip(self.includes, includes, strict=True)):
+        taking = [i for i, (p, s) in enumerate(zip(self.includes, includes, strict=True))
+                  if p.accepts(s, is_dir)]
+        if taking:
+            self.included.update(taking)
             return Selection(True, (), excludes)
         if is_dir and any(p.alive(s) for p, s in zip(self.includes, includes, strict=True)):
             return Selection(False, includes, excludes)
@@ -310,12 +316,14 @@ class RestoreReport:
     failures: list[str] = field(default_factory=list)
     #: "path: kind" for each special file left out (sockets; devices when not root)
     special: list[str] = field(default_factory=list)
+    #: the --include patterns that matched nothing in the snapshot (or only excluded paths)
+    unmatched: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "restored": self.restored, "links": self.links, "skipped": self.skipped,
             "failed": self.failed, "bytes": self.bytes, "failures": list(self.failures),
-            "special": list(self.special),
+            "special": list(self.special), "unmatched_includes": list(self.unmatched),
         }
 
 
@@ -353,6 +361,8 @@ def restore_files(
             progress.start("restore", restorer.scan(source_fd, "", selector.root(), 0))
             root = _Dir(None, "", "", None, source_fd, target_fd)
             restorer.restore_dir(root, selector.root(), 0)
+            restorer.report.unmatched = [text for i, text in enumerate(options.includes)
+                                         if i not in selector.included]
             return restorer.report
         finally:
             os.close(target_fd)

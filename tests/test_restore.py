@@ -322,7 +322,7 @@ def test_everything_is_restored_identically(snap: Tree, tmp_path: Path) -> None:
     assert report.as_dict() == {
         "restored": len(restored), "links": 1, "skipped": 1, "failed": 0,
         "bytes": every_name - passwd,  # etc/passwd- is a link: its data is not copied again
-        "failures": [], "special": SPECIAL,
+        "failures": [], "special": SPECIAL, "unmatched_includes": [],
     }
     assert progress.starts == [("restore", every_name)]
     assert progress.advanced == every_name
@@ -392,6 +392,14 @@ def test_includes_select_exactly(
     assert (report.restored, report.skipped, report.failed) == (len(files), 0, 0)
     assert report.bytes == copied_size(snap.root, files)
     assert report.links == len(files) - len({os.lstat(snap.root / p).st_ino for p in files})
+    assert report.unmatched == ([] if expected else list(includes))
+
+
+def test_an_include_that_matches_nothing_is_reported(snap: Tree, tmp_path: Path) -> None:
+    report = restore(snap, tmp_path / "out", includes=("etc/*", "ect/*", "var/log"),
+                     excludes=("var/log",))
+    assert report.unmatched == ["ect/*", "var/log"]  # a typo, and one only excluded paths matched
+    assert report.as_dict()["unmatched_includes"] == ["ect/*", "var/log"]
 
 
 @needs_root
@@ -783,7 +791,7 @@ def test_without_root_fifos_are_made_and_devices_left_out() -> None:
 
         assert report == {
             "restored": 2, "links": 0, "skipped": 2, "failed": 0, "bytes": 5, "failures": [],
-            "special": ["null: character device", "sock: socket"],
+            "special": ["null: character device", "sock: socket"], "unmatched_includes": [],
         }
         assert sorted(os.listdir(target)) == ["fifo", "file"]
         fifo = os.lstat(target / "fifo")
@@ -1026,6 +1034,7 @@ def test_a_file_that_does_not_fit_fails_and_the_rest_is_restored(tmp_path: Path)
         assert report.as_dict() == {
             "restored": 3, "links": 0, "skipped": 0, "failed": 1, "bytes": 1 + 10 + 2 * MiB,
             "failures": [f"b-big: no space for it in the target: {NO_SPACE}"], "special": [],
+            "unmatched_includes": [],
         }
         assert sorted(os.listdir(target)) == ["a", "c", "d-mid"]  # no temporary file left
         for name in ("a", "c", "d-mid"):
@@ -1053,6 +1062,7 @@ def test_a_full_target_stops_the_restore_cleanly(tmp_path: Path) -> None:
     assert report.as_dict() == {
         "restored": 2, "links": 0, "skipped": 0, "failed": 1, "bytes": 1 + 3 * MiB + MiB // 2,
         "failures": [f"c-big: no space for it in the target: {NO_SPACE}"], "special": [],
+        "unmatched_includes": [],
     }
 
 

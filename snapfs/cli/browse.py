@@ -107,6 +107,8 @@ def _print_entries(report: RestoreReport) -> None:
         click.echo(f"snapfs: failed: {failure}", err=True)
     for special in report.special:
         click.echo(f"snapfs: left out: {special}", err=True)
+    for pattern in report.unmatched:
+        click.echo(f"snapfs: warning: --include {pattern} matched nothing", err=True)
 
 
 @click.command("restore-files")
