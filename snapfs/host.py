@@ -12,6 +12,16 @@ def hostname() -> str:
     return os.uname().nodename
 
 
+def machine_id() -> str:
+    """This machine's /etc/machine-id (empty where there is none): unlike the host name, a
+    cloned machine is expected to get a new one."""
+    try:
+        with open("/etc/machine-id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists on this host (one we may not signal counts)."""
     try:

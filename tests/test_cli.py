@@ -415,6 +415,8 @@ def test_retention_policies_stored_in_the_repository(snapfs: Snapfs, store: Obje
     assert "no retention policy stored for disk web" in one_error(
         snapfs("policy", "delete", "--disk", "web"), EXIT_NOT_FOUND)
     assert "at least one --keep" in one_error(snapfs("policy", "set", "--disk", "x"), EXIT_USAGE)
+    assert "cannot be empty" in one_error(snapfs("policy", "set", "--disk", "", "--keep-last", "1"),
+                                          EXIT_USAGE)
     snapfs.ok("policy", "delete")
     assert set(snapfs.json("policy", "show")["disks"]) == {"a/b c"}
     # a damaged policy is one clear line, not a guess

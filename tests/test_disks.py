@@ -987,6 +987,32 @@ def test_a_disks_snapshots_are_kept_while_its_daemon_is_not_running(
     assert set(s.snapshots()) == {"vm-1"}
 
 
+def test_a_copied_disk_state_holds_on_its_own_and_a_moved_one_lifts_its_old_hold(
+    snapfs: Snapfs, tmp_path: Path
+) -> None:
+    """A copy of a cache directory (a cloned machine, a restored backup) must not share the
+    original's hold: deleting the copy's disk would lift the original's protection. A state
+    moved away from where its hold says it is leaves a hold nothing can lift: the daemon that
+    finds it (same machine, path gone) lifts it."""
+    repo = Repository.open(open_store(str(snapfs.repo)))
+    with serving(snapfs, tmp_path):
+        snapfs.ok("disk", "create", "d", "--from", "vm-1")
+        wait_for(lambda: len(repo.holds()) == 1, 10, "the hold")
+    shutil.copytree(tmp_path / "cache", tmp_path / "copy", symlinks=True)
+    with serving(snapfs, tmp_path, cache="copy"):
+        wait_for(lambda: len(repo.holds()) == 2, 10, "the copy's own hold")
+        snapfs.ok("disk", "delete", "d")
+        wait_for(lambda: len(repo.holds()) == 1, 10, "the copy's hold to be lifted")
+    assert "base of disk d on " in one_error(snapfs("snapshot", "delete", "vm-1"), EXIT_USAGE)
+
+    (tmp_path / "cache").rename(tmp_path / "moved")
+    (old,) = repo.holds()
+    with serving(snapfs, tmp_path, cache="moved"):
+        wait_for(lambda: len(repo.holds()) == 1 and old not in repo.holds(), 10,
+                 "the moved state's hold to replace the old one")
+        assert list(repo.holds().values())[0].state.startswith(str(tmp_path / "moved"))
+
+
 def test_delete_force_overrides_a_hold_but_never_a_running_daemon(
     snapfs: Snapfs, tmp_path: Path
 ) -> None:

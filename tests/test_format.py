@@ -368,6 +368,24 @@ def test_snapshot_root_unknown_version_and_not_a_root() -> None:
         SnapshotRoot.decode(b"[1, 2]")
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("created", 1700000000), ("id", 7), ("size", "10"), ("size", -1), ("block_size", 0),
+    ("pages", "aa"), ("pages", [1]), ("tags", "x"), ("parent", 3), ("stats", []),
+    ("entries_per_page", True),
+])
+def test_snapshot_root_with_a_field_of_the_wrong_type_is_corrupt(field: str, value: object) -> None:
+    """A damaged or foreign root fails with one clear error where it is read, not with a
+    traceback in whatever sorts or computes with it later."""
+    doc = json.loads(sample_root().encode())
+    doc[field] = value
+    with pytest.raises(CorruptBlock, match="wrong type"):
+        SnapshotRoot.decode(json.dumps(doc).encode())
+    del doc[field]
+    if field not in ("parent", "tags", "stats"):  # those have defaults
+        with pytest.raises(CorruptBlock, match="lacks fields"):
+            SnapshotRoot.decode(json.dumps(doc).encode())
+
+
 def test_snapshot_root_ignores_fields_it_does_not_know() -> None:
     doc = json.loads(sample_root().encode())
     doc["future_field"] = {"x": 1}

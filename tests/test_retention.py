@@ -7,6 +7,7 @@ depend on the machine's zone; ``test_cli.py`` runs the command against both stor
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -168,12 +169,21 @@ def test_a_stored_policy_reads_back_and_a_bad_one_is_refused() -> None:
     assert RetentionPolicy.decode(policy.encode()) == policy
     assert str(policy) == "last 2, daily 30, within 1y6m, tags a,b"
     good = b'{"format":"snapfs-retention-policy","version":1,"keep":'
+    # strict: a policy read as keeping less than it says would make forget delete the rest
     for data, error in [(b"[]", CorruptBlock), (b'{"format":"x"}', CorruptBlock),
                         (good.replace(b"1,", b"2,") + b"{}}", FormatError),
                         (good + b'{"daily":-1}}', CorruptBlock),
                         (good + b'{"daily":"many"}}', CorruptBlock),
                         (good + b'{"within":"soon"}}', CorruptBlock),
-                        (good + b"[]}", CorruptBlock)]:
+                        (good + b"[]}", CorruptBlock),
+                        (good + b"{}}", CorruptBlock),  # keeps nothing
+                        (good + b'{"keep-daily":7}}', CorruptBlock),  # a rule it does not know
+                        (good + b'{"last":0}}', CorruptBlock),
+                        (good + b'{"last":true}}', CorruptBlock),
+                        (good + b'{"last":1.5}}', CorruptBlock),
+                        (good + b'{"last":1e400}}', CorruptBlock),
+                        (good + b'{"tags":"ab"}}', CorruptBlock),
+                        (good + b'{"within":30}}', CorruptBlock)]:
         with pytest.raises(error):
             RetentionPolicy.decode(data)
 
@@ -183,3 +193,36 @@ def test_per_disk_policies_and_a_disk_without_one() -> None:
     result = kept(roots, {"web": RetentionPolicy(last=1), "db": None})
     assert result == {"web-0002": ["last"], "db-0000": ["no policy"],
                       "db-0001": ["no policy"], "db-0002": ["no policy"]}
+
+
+def test_keep_within_counts_wall_clock_time_across_summer_time() -> None:
+    berlin = ZoneInfo("Europe/Berlin")
+    newest = root(1, datetime(2026, 11, 30, 12, 0, tzinfo=berlin))  # CET
+    summer = root(0, datetime(2026, 4, 30, 12, 30, tzinfo=berlin))  # CEST: inside 7 months
+    before = root(2, datetime(2026, 4, 30, 11, 30, tzinfo=berlin))  # outside
+    result = {d.root.id for d in decide([before, summer, newest],
+                                        RetentionPolicy(within=Duration.parse("7m")), tz=berlin)
+              if d.keep}
+    assert result == {newest.id, summer.id}
+
+
+def test_a_span_longer_than_the_calendar_keeps_everything() -> None:
+    roots = daily(3)
+    assert len(kept(roots, RetentionPolicy(within=Duration.parse("3000y")))) == 3
+    assert len(kept(roots, RetentionPolicy(within=Duration.parse("9999999d")))) == 3
+    with pytest.raises(UsageError):
+        Duration.parse("99999999d")
+
+
+def test_judging_one_disk_keeps_its_groups_whole() -> None:
+    """``forget --disk a``: b's snapshots are not judged (so kept), and they keep their
+    consistency groups' members on a, which the rules alone would forget."""
+    a = daily(3, disk="a")
+    b = [root(n, datetime.fromisoformat(r.created), disk="b") for n, r in enumerate(a)]
+    for n in range(3):
+        a[n].group = b[n].group = f"g{n}"
+    result = {d.root.id: d.reasons for d in decide(a + b, RetentionPolicy(last=1), tz=UTC,
+                                                    only="a")}
+    assert result == {"a-0000": ["group"], "a-0001": ["group"], "a-0002": ["last"]}
+    alone = {d.root.id: d.reasons for d in decide(a, RetentionPolicy(last=1), tz=UTC, only="a")}
+    assert alone == {"a-0000": [], "a-0001": [], "a-0002": ["last"]}

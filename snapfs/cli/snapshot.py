@@ -281,10 +281,8 @@ def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool
     given = policy_from(**keep)
     repo = config.open_repository()
     roots = repo.snapshots()
-    if disk is not None:
-        roots = [r for r in roots if r.disk == disk]
-        if not roots:
-            raise NotFoundError(f"no snapshots of disk {disk!r} in {repo.store.url}")
+    if disk is not None and not any(r.disk == disk for r in roots):
+        raise NotFoundError(f"no snapshots of disk {disk!r} in {repo.store.url}")
     if not given.empty():
         policy: Any = given
     else:
@@ -293,7 +291,7 @@ def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool
             raise UsageError("forget needs --keep-… rules or a stored retention policy (snapfs "
                              "policy set); to delete snapshots by name, use snapshot delete")
         policy = {r.disk: per_disk.get(r.disk, default) for r in roots}
-    decisions = decide(roots, policy, _needed(config, repo))
+    decisions = decide(roots, policy, _needed(config, repo), only=disk)
     doomed = [d.root for d in decisions if not d.keep]
     stats: dict[str, Any] = {}
     if doomed and not dry_run:

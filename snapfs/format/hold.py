@@ -5,7 +5,7 @@ parent's manifest, so neither may be deleted while the disk exists, even while n
 (a machine that is off, a mount not restarted) and from another host. Each disk state keeps
 one object ``holds/HOLDER-ID`` in the repository naming them; ``snapshot delete`` and
 ``forget`` read every hold. JSON with a format name and a version:
-``{"format", "version", "host", "state", "updated", "snapshots": {ID: REASON}}``.
+``{"format", "version", "host", "machine", "state", "updated", "snapshots": {ID: REASON}}``.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ class Hold:
     state: str  # the daemon state directory that holds them, on ``host``
     updated: str
     snapshots: dict[str, str] = field(default_factory=dict)  # snapshot id -> what needs it
+    machine: str = ""  # /etc/machine-id of the host, where it has one
 
     def encode(self) -> bytes:
         doc: dict[str, Any] = {"format": HOLD_FORMAT, "version": HOLD_VERSION, "host": self.host,
-                               "state": self.state, "updated": self.updated,
-                               "snapshots": self.snapshots}
+                               "machine": self.machine, "state": self.state,
+                               "updated": self.updated, "snapshots": self.snapshots}
         return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
@@ -48,4 +49,4 @@ class Hold:
                 isinstance(k, str) and isinstance(v, str) for k, v in snapshots.items()):
             raise CorruptBlock("hold has malformed snapshots")
         return cls(str(doc.get("host", "?")), str(doc.get("state", "?")),
-                   str(doc.get("updated", "?")), snapshots)
+                   str(doc.get("updated", "?")), snapshots, str(doc.get("machine", "")))

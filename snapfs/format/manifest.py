@@ -115,7 +115,20 @@ class SnapshotRoot:
         doc.pop("format")
         doc.pop("version")
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in doc.items() if k in known})
+        try:
+            root = cls(**{k: v for k, v in doc.items() if k in known})
+        except TypeError:  # a field missing
+            raise CorruptBlock("snapshot root lacks fields") from None
+        text = (root.id, root.name, root.disk, root.created, root.state)
+        numbers = (root.size, root.block_size, root.entries_per_page)
+        if not all(isinstance(t, str) for t in text) \
+                or not all(type(n) is int and n >= 0 for n in numbers) \
+                or not root.block_size or not root.entries_per_page \
+                or not isinstance(root.pages, list) or not all(isinstance(p, str) for p in root.pages) \
+                or not isinstance(root.tags, list) or not isinstance(root.stats, dict) \
+                or not isinstance(root.parent, str | None) or not isinstance(root.group, str | None):
+            raise CorruptBlock(f"snapshot root {str(root.id)[:16]} has fields of the wrong type")
+        return root
 
     def summary(self) -> dict[str, Any]:
         """The public description printed by ``snapshot list/show --json``."""

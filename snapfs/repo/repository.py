@@ -40,6 +40,7 @@ from snapfs.errors import (
     RepositoryExists,
     RepositoryNotFound,
     SnapshotNotFound,
+    UsageError,
 )
 from snapfs.format.block import ZERO_ID, BlockCodec, BlockKeyer
 from snapfs.format.index import IndexFile
@@ -440,6 +441,8 @@ class Repository:
     def _policy_key(disk: str | None) -> str:
         if disk is None:
             return "policies/default"
+        if not disk:
+            raise UsageError("a disk name cannot be empty")
         return "policies/disk/" + quote(disk, safe="").replace(".", "%2E")
 
     def retention_policies(self) -> tuple[RetentionPolicy | None, dict[str, RetentionPolicy]]:

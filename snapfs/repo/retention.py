@@ -84,16 +84,23 @@ class Duration:
         units = [u for _, u in parts]
         if len(set(units)) != len(units):
             raise UsageError(f"duration {text!r} names a unit twice")
+        if any(len(n) > 7 for n, _ in parts):  # a million years is "everything" already
+            raise UsageError(f"duration {text!r} is too long: at most 7 digits a unit")
         return cls(**{_UNITS[u]: int(n) for n, u in parts})
 
     def before(self, moment: datetime) -> datetime:
-        """The moment this long before ``moment``."""
-        months = moment.year * 12 + (moment.month - 1) - (self.years * 12 + self.months)
-        year, month = divmod(months, 12)
-        month += 1
-        day = min(moment.day, calendar.monthrange(year, month)[1])
-        shifted = moment.replace(year=year, month=month, day=day)
-        return shifted - timedelta(weeks=self.weeks, days=self.days, hours=self.hours)
+        """The wall-clock time this long before ``moment`` (a naive local time: a month before
+        noon in winter is noon in summer, whatever the zone's offsets); ``datetime.min`` when
+        that is before the calendar begins (the span takes in everything)."""
+        try:
+            months = moment.year * 12 + (moment.month - 1) - (self.years * 12 + self.months)
+            year, month = divmod(months, 12)
+            month += 1
+            day = min(moment.day, calendar.monthrange(year, month)[1])
+            shifted = moment.replace(year=year, month=month, day=day)
+            return shifted - timedelta(weeks=self.weeks, days=self.days, hours=self.hours)
+        except (ValueError, OverflowError):
+            return datetime.min
 
     def __str__(self) -> str:
         text = "".join(f"{getattr(self, name)}{unit}" for unit, name in
@@ -144,19 +151,28 @@ class RetentionPolicy:
             raise CorruptBlock("object is not a snapfs retention policy")
         if doc.get("version") != POLICY_VERSION:
             raise FormatError(f"unknown retention policy version {doc.get('version')}")
+        # Strict: a policy read wrongly keeps less than it says, and forget deletes the rest.
         keep = doc.get("keep")
         malformed = CorruptBlock("retention policy has malformed rules")
-        if not isinstance(keep, dict):
+        if not isinstance(keep, dict) or not keep or set(keep) - {*COUNTS, "within", "tags"}:
+            raise malformed
+        counts = {c: keep.get(c, 0) for c in COUNTS}
+        if any(type(n) is not int or n < 0 or (c in keep and n == 0)
+               for c, n in counts.items()):
+            raise malformed
+        within = keep.get("within")
+        tags = keep.get("tags", [])
+        if (within is not None and not isinstance(within, str)) or not isinstance(tags, list) \
+                or not all(isinstance(t, str) for t in tags):
             raise malformed
         try:
-            counts = {c: int(keep.get(c, 0)) for c in COUNTS}
-            within = Duration.parse(keep["within"]) if "within" in keep else None
-            tags = frozenset(str(t) for t in keep.get("tags", []))
-        except (TypeError, ValueError, UsageError):
+            policy = cls(**counts, within=Duration.parse(within) if within else None,
+                         tags=frozenset(tags))
+        except UsageError:
             raise malformed from None
-        if any(n < 0 for n in counts.values()):
+        if policy.empty():
             raise malformed
-        return cls(**counts, within=within, tags=tags)
+        return policy
 
 
 @dataclass
@@ -183,14 +199,17 @@ def created_at(root: SnapshotRoot, tz: tzinfo | None = None) -> datetime | None:
 def decide(roots: Iterable[SnapshotRoot],
            policy: RetentionPolicy | Mapping[str, RetentionPolicy | None],
            protected: dict[str, str] | None = None, tz: tzinfo | None = None,
-           ) -> list[Decision]:
+           only: str | None = None) -> list[Decision]:
     """A decision for every snapshot of ``roots``, in the order given, under ``policy``: one
     for every disk, or one per disk name (a disk with None, or missing, keeps everything).
     ``protected`` maps snapshot ids that must be kept to the reason; ``tz`` is the zone periods
-    are counted in (default: local time)."""
+    are counted in (default: local time). With ``only``, the decisions for that disk's
+    snapshots alone, the other disks' all kept: their groups keep members on it too."""
     protected = protected or {}
 
     def policy_of(disk: str) -> RetentionPolicy | None:
+        if only is not None and disk != only:
+            return None
         return policy if isinstance(policy, RetentionPolicy) else policy.get(disk)
 
     decisions = [Decision(r) for r in roots]
@@ -222,7 +241,7 @@ def decide(roots: Iterable[SnapshotRoot],
             for d in group:
                 if not d.keep:
                     d.reasons.append("group")
-    return decisions
+    return [d for d in decisions if only is None or d.root.disk == only]
 
 
 def _apply_rules(members: list[tuple[datetime, Decision]], policy: RetentionPolicy) -> None:
@@ -241,7 +260,7 @@ def _apply_rules(members: list[tuple[datetime, Decision]], policy: RetentionPoli
                 previous = key
                 left -= 1
     if policy.within is not None and members:
-        cutoff = policy.within.before(members[0][0])
+        cutoff = policy.within.before(members[0][0].replace(tzinfo=None))
         for moment, d in members:
-            if moment >= cutoff:
+            if moment.replace(tzinfo=None) >= cutoff:
                 d.reasons.append(f"within {policy.within}")

@@ -791,18 +791,22 @@ class DiskService:
         even while this daemon is not running. Written at start and after every change; a
         failed write is tried again (the local daemon is asked directly meanwhile)."""
         from snapfs.format.hold import Hold
-        from snapfs.host import hostname
+        from snapfs.host import hostname, machine_id
 
         if not self.enabled:
             return
         state = self._require()
         holder = await trio.to_thread.run_sync(state.holder_id)
+        try:
+            await trio.to_thread.run_sync(self._lift_stale_holds, holder)
+        except SnapfsError as e:
+            log.warning("could not look for stale holds of this host: %s", e.message)
         published: dict[str, str] | None = None
         while True:
             self._holds_stale = trio.Event()
             needed = self.needed_snapshots()
             if needed != published:
-                hold = Hold(hostname(), str(self.dir), now_iso(), needed)
+                hold = Hold(hostname(), str(self.dir), now_iso(), needed, machine_id())
                 try:
                     if needed:
                         await trio.to_thread.run_sync(self.repo.write_hold, holder, hold)
@@ -817,6 +821,18 @@ class DiskService:
                         await self._holds_stale.wait()
                     continue
             await self._holds_stale.wait()
+
+    def _lift_stale_holds(self, holder: str) -> None:
+        """Delete the holds this host left for disk states that no longer exist here (a cache
+        directory removed or moved): nothing can use their disks any more."""
+        from snapfs.host import hostname, machine_id
+
+        for other, hold in self.repo.holds().items():
+            if other != holder and hold.host == hostname() and hold.machine == machine_id() \
+                    and not os.path.exists(os.path.join(hold.state, "state.lmdb")):
+                log.info("lifting the hold %s of %s, a disk state that is gone", other,
+                         hold.state)
+                self.repo.delete_hold(other)
 
     def _notify(self, rewritten: str | None = None) -> None:
         self._holds_stale.set()

@@ -29,8 +29,10 @@ Every method is one transaction and blocks: call it from a worker thread, never 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import secrets
 import struct
 from collections.abc import Iterable, Iterator
@@ -41,6 +43,7 @@ from typing import Any, cast
 import lmdb
 
 from snapfs.errors import SnapfsError
+from snapfs.host import machine_id
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +172,18 @@ class DiskState:
         return clean or same_boot
 
     def holder_id(self) -> str:
-        """This state's name among the repository's holds (``holds/ID``): made once, kept."""
+        """This state's name among the repository's holds (``holds/ID``): a random value made
+        once and kept here, mixed with the machine and the state's path, so that a copy of the
+        directory (a cloned machine, a restored backup) holds under a name of its own and
+        lifting its hold never lifts the original's."""
         with self._env.begin(write=True, db=self._meta) as txn:
             found = txn.get(b"holder")
             if found is None:
                 found = secrets.token_hex(8).encode()
                 txn.put(b"holder", found)
-        return bytes(found).decode()
+        where = b"\0".join([machine_id().encode(), os.uname().nodename.encode(),
+                            os.fsencode(os.path.realpath(self.dir)), bytes(found)])
+        return hashlib.sha256(where).hexdigest()[:16]
 
     def stop(self) -> None:
         with self._env.begin(write=True, db=self._meta) as txn:
