@@ -1013,6 +1013,36 @@ def test_a_copied_disk_state_holds_on_its_own_and_a_moved_one_lifts_its_old_hold
         assert list(repo.holds().values())[0].state.startswith(str(tmp_path / "moved"))
 
 
+def test_a_disk_made_while_gc_runs_waits_for_it_and_never_gets_a_deleted_base(
+    served: Served, tmp_path: Path
+) -> None:
+    """forget/delete decide, then delete under the exclusive lock after reading the holds
+    again; a disk is made under the shared lock after checking that its snapshot is stored.
+    So a disk made while a deletion runs waits for it, and if its snapshot went, fails
+    cleanly instead of becoming a disk whose blocks are gone."""
+    s = served
+    image = tmp_path / "x.img"
+    image.write_bytes(random.Random(81).randbytes(1 << 20))
+    for name in ("x1", "x2"):
+        s.snapfs.ok("snapshot", "create", image, "--name", name)
+        wait_for(lambda name=name: s.image(name).exists(), 10, f"{name} in the mount")
+    repo = Repository.open(open_store(str(s.snapfs.repo)))
+    with uploads_held(s.snapfs):  # the exclusive lock, as a forget's collection holds it
+        gone = s.snapfs.popen("disk", "create", "e1", "--from", "x1")
+        kept = s.snapfs.popen("disk", "create", "e2", "--from", "x2")
+        time.sleep(1.0)
+        assert gone.poll() is None and kept.poll() is None  # both wait for the lock
+        repo.delete_root(s.snapshots()["x1"]["id"])  # deleted under the exclusive lock
+    _out, err = gone.communicate(timeout=60)
+    assert gone.returncode == EXIT_NOT_FOUND and "deleted meanwhile" in err
+    kept.communicate(timeout=60)
+    assert kept.returncode == 0
+    assert set(s.disks()) == {"e2"}
+    assert s.disk("e2").read_bytes() == image.read_bytes()
+    x2 = s.snapshots()["x2"]["id"]
+    wait_for(lambda: holds_of(s.snapfs).get(x2) == "base of disk e2", 10, "e2's hold")
+
+
 def test_delete_force_overrides_a_hold_but_never_a_running_daemon(
     snapfs: Snapfs, tmp_path: Path
 ) -> None:

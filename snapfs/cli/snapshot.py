@@ -13,6 +13,7 @@ from snapfs.errors import NotFoundError, NotMounted, SnapfsError, SnapshotNotFou
 from snapfs.progress import NO_PROGRESS
 
 if TYPE_CHECKING:
+    from snapfs.format.manifest import SnapshotRoot
     from snapfs.repo.repository import Repository
 
 
@@ -252,7 +253,13 @@ def delete(config: CliConfig, snaps: tuple[str, ...], force: bool, json_output: 
                                     else "it was never stored")) from None
         raise
     _refuse_if_needed(config, repo, chosen, force)
-    stats = run_async(lambda _p: delete_snapshots(repo, list(chosen.values())), json_output)
+
+    def recheck(roots: list[SnapshotRoot]) -> list[SnapshotRoot]:
+        _refuse_if_needed(config, repo, {r.id: r for r in roots}, force)  # again, locked
+        return roots
+
+    stats = run_async(lambda _p: delete_snapshots(repo, list(chosen.values()), recheck),
+                      json_output)
     if json_output:
         emit_json(stats)
     else:
@@ -297,7 +304,20 @@ def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool
     if doomed and not dry_run:
         from snapfs.repo.gc import delete_snapshots
 
-        stats = run_async(lambda _p: delete_snapshots(repo, doomed), json_output)
+        by_id = {d.root.id: d for d in decisions}
+
+        def recheck(roots: list[SnapshotRoot]) -> list[SnapshotRoot]:
+            """What came to be needed since the decisions (a disk made from one of them) is
+            kept after all, with why."""
+            needed = _needed(config, repo)
+            for root in roots:
+                if root.id in needed:
+                    by_id[root.id].reasons.append(needed[root.id])
+            return [r for r in roots if r.id not in needed]
+
+        stats = run_async(lambda _p: delete_snapshots(repo, doomed, recheck, "snapshot forget"),
+                          json_output)
+        doomed = [d.root for d in decisions if not d.keep]
     if json_output:
         emit_json({"dry_run": dry_run,
                    "snapshots": [{"id": d.root.id, "name": d.root.name, "disk": d.root.disk,

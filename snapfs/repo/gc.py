@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -37,11 +38,21 @@ log = logging.getLogger(__name__)
 REPACK_BELOW = 0.5
 
 
-async def delete_snapshots(repo: Repository, roots: list[SnapshotRoot]) -> dict[str, Any]:
+async def delete_snapshots(
+    repo: Repository, roots: list[SnapshotRoot],
+    recheck: Callable[[list[SnapshotRoot]], list[SnapshotRoot]] | None = None,
+    purpose: str = "snapshot delete",
+) -> dict[str, Any]:
+    """Delete ``roots`` and collect what only they used. ``recheck`` (in a worker thread, once
+    the exclusive lock is held) gives the roots that may still go, or raises: what needs a
+    snapshot (a disk made from it, a hold) may have appeared since the caller decided, and a
+    disk is made under the shared lock, so what the recheck sees stays true until the end."""
     limiter = trio.CapacityLimiter(repo.store.concurrency)
-    lock = RepositoryLock(repo.store, "exclusive", "snapshot delete")
+    lock = RepositoryLock(repo.store, "exclusive", purpose)
     await trio.to_thread.run_sync(lock.acquire, limiter=limiter)
     try:
+        if recheck is not None:
+            roots = await trio.to_thread.run_sync(recheck, roots, limiter=limiter)
         for root in roots:
             await trio.to_thread.run_sync(repo.delete_root, root.id, limiter=limiter)
         stats = await _collect(repo, limiter)

@@ -108,6 +108,20 @@ class RepositoryLock:
         self.held = True
         return self
 
+    def acquire_waiting(self, patience: float) -> RepositoryLock:
+        """``acquire``, tried again for up to ``patience`` seconds while another holds a
+        conflicting lock (a garbage collection ends in seconds; a stale lock never does)."""
+        deadline = time.monotonic() + patience
+        delay = 0.1
+        while True:
+            try:
+                return self.acquire()
+            except RepositoryLocked:
+                if time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
+
     def refresh(self) -> None:
         if self.held:
             self.store.put(self.key, self._body())

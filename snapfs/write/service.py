@@ -36,9 +36,9 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -54,6 +54,7 @@ from snapfs.hydration.scheduler import Hydrator, Priority
 from snapfs.image.catalog import SnapshotCatalog
 from snapfs.image.view import ImageView
 from snapfs.repo.create import default_snapshot_name, encode_chunk
+from snapfs.repo.lock import RepositoryLock
 from snapfs.repo.repository import BlobIndex, Repository, new_id, now_iso
 from snapfs.write.bitmap import Bitmap
 from snapfs.write.disk import ClosedGeneration, Disk, Image, PendingSnapshot, Staged, read_lower
@@ -61,6 +62,7 @@ from snapfs.write.overlay import Overlay
 from snapfs.write.state import DiskRecord, DiskState, SnapshotPart, SnapshotTask
 from snapfs.write.uploader import UploadProgress, upload_generation
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -69,6 +71,7 @@ RETRY_DELAY = 2.0
 DEPENDED_RETRY_DELAY = 30.0
 KEEP_FAILED = 20
 HOLD_RETRY = 30.0  # seconds before a hold that could not be stored is tried again
+LOCK_PATIENCE = 30.0  # seconds a disk create or rollback waits for a gc's exclusive lock
 #: while disks are read or written, uploads take at most this share of the time (the "at most
 #: ~10% of disk I/O" that cloud snapshots promise), so foreground I/O keeps the CPU and disk
 UPLOAD_SHARE_WHEN_BUSY = 0.1
@@ -143,6 +146,9 @@ class DiskService:
         #: contents were rewritten (a rollback) if any: the FUSE adapter invalidates its caches
         self.changed: list[Callable[[str | None], None]] = []
         self._holds_stale = trio.Event()  # set when what the disks need may have changed
+        self._hold_lock = trio.Lock()
+        self._hold_stored: dict[str, str] | None = None  # the hold as stored, once known
+        self._holder_id: str | None = None
 
     # -- start and stop ----------------------------------------------------------------------
 
@@ -374,9 +380,16 @@ class DiskService:
             state.put_disk(record)
             return overlay
 
-        overlay = await trio.to_thread.run_sync(create)
-        disk = Disk(record, state, overlay, base, Bitmap(record.nblocks), Bitmap(record.nblocks))
-        self.disks[name] = disk
+        async def make() -> Disk:
+            if name in self.disks:  # made meanwhile, while we waited for the lock
+                raise DuplicateName(f"a disk named {name!r} already exists")
+            overlay = await trio.to_thread.run_sync(create)
+            disk = Disk(record, state, overlay, base, Bitmap(record.nblocks),
+                        Bitmap(record.nblocks))
+            self.disks[name] = disk
+            return disk
+
+        disk = await self._needing_stored(snapshot_id, f"disk create {name}", make)
         await self._pad_short_base_block(disk)
         log.info("disk %s created (%d bytes, from %s)", name, size, source_name or "nothing")
         self._notify()
@@ -447,49 +460,54 @@ class DiskService:
         base = await self._image(snapshot_id)
         record = disk.record
         at = next((i for i, (sid, _g) in enumerate(record.lineage) if sid == snapshot_id), None)
-        async with disk.write_lock:
-            # the changed sets tell what differs from one of the disk's own snapshots only
-            # while they are trusted: after an unclean reboot they may miss writes (see
-            # ``boot_id``), and then every block the disk holds is reset instead
-            if at is not None and size <= record.size and record.trusted:
-                since_gen = record.lineage[at][1]
-                changed = await trio.to_thread.run_sync(state.changed, record)
-                drop = [g for g in changed if g > since_gen]
-                reset = sorted({n for g in drop for n in changed[g]})
-                new = dataclasses.replace(record, base=snapshot_id, parent=snapshot_id,
-                                          gen=record.gen + 1, lineage=record.lineage[: at + 1],
-                                          trusted=True)
-                clear_all = False
-            else:
-                drop = list(range(0, record.gen + 1))
-                reset = []
-                new = dataclasses.replace(record, base=snapshot_id, parent=snapshot_id,
-                                          size=max(size, record.size), gen=record.gen + 1,
-                                          lineage=[[snapshot_id, record.gen]],
-                                          trusted=True)
-                clear_all = True
+        async def reset_to_snapshot() -> tuple[bool, list[int]]:
+            async with disk.write_lock:
+                # the changed sets tell what differs from one of the disk's own snapshots only
+                # while they are trusted: after an unclean reboot they may miss writes (see
+                # ``boot_id``), and then every block the disk holds is reset instead
+                if at is not None and size <= record.size and record.trusted:
+                    since_gen = record.lineage[at][1]
+                    changed = await trio.to_thread.run_sync(state.changed, record)
+                    drop = [g for g in changed if g > since_gen]
+                    reset = sorted({n for g in drop for n in changed[g]})
+                    new = dataclasses.replace(record, base=snapshot_id, parent=snapshot_id,
+                                              gen=record.gen + 1, lineage=record.lineage[: at + 1],
+                                              trusted=True)
+                    clear_all = False
+                else:
+                    drop = list(range(0, record.gen + 1))
+                    reset = []
+                    new = dataclasses.replace(record, base=snapshot_id, parent=snapshot_id,
+                                              size=max(size, record.size), gen=record.gen + 1,
+                                              lineage=[[snapshot_id, record.gen]],
+                                              trusted=True)
+                    clear_all = True
 
-            def apply() -> None:
-                # Reset blocks keep their space in the overlay (a later write reuses it; the
-                # disk's deletion frees it): punching a hole per block costs a syscall each,
-                # and rollback must cost what changed, with as little per block as possible.
-                state.rollback(new, reset, drop, clear_all)
+                def apply() -> None:
+                    # Reset blocks keep their space in the overlay (a later write reuses it; the
+                    # disk's deletion frees it): punching a hole per block costs a syscall each,
+                    # and rollback must cost what changed, with as little per block as possible.
+                    state.rollback(new, reset, drop, clear_all)
+                    if clear_all:
+                        disk.overlay.clear()
+                        disk.overlay.grow(new.size)
+
+                lap("plan")
+                await trio.to_thread.run_sync(apply)
+                lap("apply")
+                disk.record = new
+                disk.base = base
                 if clear_all:
-                    disk.overlay.clear()
-                    disk.overlay.grow(new.size)
+                    disk.present = Bitmap(new.nblocks)
+                else:
+                    for n in reset:
+                        disk.present.discard(n)
+                disk.changed = Bitmap(new.nblocks)
+                disk.unstage_all()
+            return clear_all, reset
 
-            lap("plan")
-            await trio.to_thread.run_sync(apply)
-            lap("apply")
-            disk.record = new
-            disk.base = base
-            if clear_all:
-                disk.present = Bitmap(new.nblocks)
-            else:
-                for n in reset:
-                    disk.present.discard(n)
-            disk.changed = Bitmap(new.nblocks)
-            disk.unstage_all()
+        clear_all, reset = await self._needing_stored(snapshot_id, f"disk rollback {name}",
+                                                      reset_to_snapshot)
         await self._pad_short_base_block(disk)
         self._notify(rewritten=name)
         lap("notify")
@@ -790,37 +808,71 @@ class DiskService:
         nothing is needed), so that ``snapshot delete`` and ``forget`` keep those snapshots
         even while this daemon is not running. Written at start and after every change; a
         failed write is tried again (the local daemon is asked directly meanwhile)."""
-        from snapfs.format.hold import Hold
-        from snapfs.host import hostname, machine_id
-
         if not self.enabled:
             return
-        state = self._require()
-        holder = await trio.to_thread.run_sync(state.holder_id)
+        holder = await self._holder()
         try:
             await trio.to_thread.run_sync(self._lift_stale_holds, holder)
         except SnapfsError as e:
             log.warning("could not look for stale holds of this host: %s", e.message)
-        published: dict[str, str] | None = None
         while True:
             self._holds_stale = trio.Event()
-            needed = self.needed_snapshots()
-            if needed != published:
-                hold = Hold(hostname(), str(self.dir), now_iso(), needed, machine_id())
-                try:
-                    if needed:
-                        await trio.to_thread.run_sync(self.repo.write_hold, holder, hold)
-                    elif published is not None or await trio.to_thread.run_sync(
-                            self.repo.store.exists, f"holds/{holder}"):
-                        await trio.to_thread.run_sync(self.repo.delete_hold, holder)
-                    published = needed
-                except SnapfsError as e:
-                    log.warning("could not store this host's hold on its disks' snapshots "
-                                "(trying again in %.0f s): %s", HOLD_RETRY, e.message)
-                    with trio.move_on_after(HOLD_RETRY):
-                        await self._holds_stale.wait()
-                    continue
+            try:
+                await self._write_hold()
+            except SnapfsError as e:
+                log.warning("could not store this host's hold on its disks' snapshots "
+                            "(trying again in %.0f s): %s", HOLD_RETRY, e.message)
+                with trio.move_on_after(HOLD_RETRY):
+                    await self._holds_stale.wait()
+                continue
             await self._holds_stale.wait()
+
+    async def _holder(self) -> str:
+        if self._holder_id is None:
+            self._holder_id = await trio.to_thread.run_sync(self._require().holder_id)
+        return self._holder_id
+
+    async def _write_hold(self) -> None:
+        """Store the hold as ``needed_snapshots`` is now, unless it is stored so already. One
+        writer at a time, each with the needs of its own moment: a slower, older write must
+        not land after a newer one."""
+        from snapfs.format.hold import Hold
+        from snapfs.host import hostname, machine_id
+
+        holder = await self._holder()
+        async with self._hold_lock:
+            needed = self.needed_snapshots()
+            if needed == self._hold_stored:
+                return
+            if needed:
+                hold = Hold(hostname(), str(self.dir), now_iso(), needed, machine_id())
+                await trio.to_thread.run_sync(self.repo.write_hold, holder, hold)
+            elif self._hold_stored is not None or await trio.to_thread.run_sync(
+                    self.repo.store.exists, f"holds/{holder}"):
+                await trio.to_thread.run_sync(self.repo.delete_hold, holder)
+            self._hold_stored = needed
+
+    async def _needing_stored(self, snapshot_id: str | None, doing: str,
+                              change: Callable[[], Awaitable[T]]) -> T:
+        """Make ``change`` (which makes a disk need the stored snapshot ``snapshot_id``) and
+        store the hold naming it, under the repository's shared lock, after checking that the
+        snapshot is still stored. ``forget`` and ``delete`` delete roots only under the
+        exclusive lock and read the holds again once they have it, so either they see this
+        hold, or they deleted the snapshot before we looked and ``change`` is not made."""
+        if snapshot_id is None or snapshot_id in self.pending:  # nothing stored to lose
+            return await change()
+        lock = RepositoryLock(self.repo.store, "shared", f"{doing} (snapfs daemon)")
+        await trio.to_thread.run_sync(lock.acquire_waiting, LOCK_PATIENCE)
+        try:
+            if not await trio.to_thread.run_sync(self.repo.store.exists,
+                                                 f"snapshots/{snapshot_id}"):
+                raise SnapshotNotFound(f"snapshot {snapshot_id} was deleted meanwhile")
+            result = await change()
+            await self._write_hold()
+            return result
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(lock.release)
 
     def _lift_stale_holds(self, holder: str) -> None:
         """Delete the holds this host left for disk states that no longer exist here (a cache
