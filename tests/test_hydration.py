@@ -376,9 +376,9 @@ class CountingCache(BlockCache):
         self.get_many_calls += 1  # a lookup too
         return super().read_into(block_ids, targets)
 
-    def put_many(self, items, checksums=None) -> None:  # type: ignore[no-untyped-def]
+    def put_many(self, items, checksums=None) -> bool:  # type: ignore[no-untyped-def]
         self.put_many_calls.append(len(items))
-        super().put_many(items, checksums)
+        return super().put_many(items, checksums)
 
 
 def read_sequentially(view, size: int, piece: int = 131072):  # type: ignore[no-untyped-def]
