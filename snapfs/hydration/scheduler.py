@@ -37,6 +37,10 @@ Rules it keeps (DESIGN.md, "Hydration order"):
 - A store that is slow or down fails a waiting read with ``StoreUnavailable`` after
   ``attempts`` tries with backoff: seconds, never forever. A corrupt blob fails at once with
   ``CorruptBlock``, logged with its ID, and is never cached.
+- Nothing a fetch runs into ends the daemon: an error other than a ``SnapfsError`` (a bug, an
+  error a store did not wrap) is logged with its traceback and fails the fetch's reads. The
+  cache's own I/O errors cost no read at all (``BlockCache``): a block it could not store is
+  handed over all the same, and not reported cached (the sweep fetches it again later).
 - Every blob is verified (xxh3 and keyed BLAKE3 against its ID) before it is cached or returned.
 
 Trio rules: the queue and the in-flight table are touched only on the trio thread; store, cache
@@ -694,19 +698,24 @@ class Hydrator:
                 token.run_sync_soon(self._complete, run, results, background)
 
         try:
-            results, around = await self._fetch_with_retries(
+            results, around, stored = await self._fetch_with_retries(
                 pack, wanted, early, [(f.block_id, f.loc) for f in extras])
         except SnapfsError as e:
             for f in run + extras:
                 self._finish(f, error=e)
             return
         self._complete(run, results, background)
+        cached = [f.block_id for f, (plain, _) in zip(run, results, strict=True)
+                  if plain is not None]
         if extras:
-            self._complete_around(extras, around)
+            cached += self._complete_around(extras, around)
+        if stored:
+            self._cached(cached)
 
-    def _complete_around(self, extras: list[_Fetch], results: Pieces) -> None:
+    def _complete_around(self, extras: list[_Fetch], results: Pieces) -> list[bytes]:
         """End the read-around fetches of a run: a neighbour the cache had (no bytes, no
-        error) ends empty, and whoever joined it reads the cache."""
+        error) ends empty, and whoever joined it reads the cache. Returns the IDs of those
+        fetched."""
         cached: list[bytes] = []
         for f, (plain, error) in zip(extras, results, strict=True):
             if error is not None:
@@ -719,12 +728,12 @@ class Hydrator:
                 cached.append(f.block_id)
         self.counters.blocks_fetched += len(cached)
         self.counters.read_around_blocks += len(cached)
-        self._cached(cached)
+        return cached
 
     def _complete(self, run: list[_Fetch], results: Pieces, background: bool) -> None:
-        """Hand each fetch of a run its bytes or error (those not handed theirs already)."""
+        """Hand each fetch of a run its bytes or error (those not handed theirs already). Whether
+        they are cached is known only later: ``_fetch_run`` says so."""
         now = trio.current_time()
-        cached: list[bytes] = []
         for f, (plain, error) in zip(run, results, strict=True):
             if f.done.is_set():
                 continue
@@ -738,8 +747,6 @@ class Hydrator:
                 self.counters.background_bytes += f.loc.length
                 self._background_done.append((now, f.loc.raw_length))
             self._finish(f, data=plain)
-            cached.append(f.block_id)
-        self._cached(cached)
 
     async def _hydrate_run(self, run: _Run) -> None:
         """Fetch a background run: one GET, and one pass over its blocks on this thread."""
@@ -750,7 +757,8 @@ class Hydrator:
         span = wanted[-1][1].offset + wanted[-1][1].length - wanted[0][1].offset
         await self._rate.take(span)
         try:
-            results, _ = await self._fetch_with_retries(run.pack, wanted, None, [], copy=False)
+            results, _, kept = await self._fetch_with_retries(run.pack, wanted, None, [],
+                                                              copy=False)
         except SnapfsError as e:
             for bid, _ in wanted:  # its blocks stay missing: a later sweep queues them again
                 del self._in_runs[bid]
@@ -776,7 +784,8 @@ class Hydrator:
         self.counters.background_blocks += len(cached)
         self.counters.background_bytes += stored
         self._background_done.append((trio.current_time(), raw))
-        self._cached(cached)
+        if kept:  # if not, they stay missing too
+            self._cached(cached)
 
     def _corrupt(self, error: IntegrityError) -> None:
         self.counters.corrupt_blocks += 1
@@ -790,22 +799,24 @@ class Hydrator:
     async def _fetch_with_retries(self, pack: str, wanted: list[tuple[bytes, Location]],
                                   early: Callable[[Pieces], None] | None,
                                   around: list[tuple[bytes, Location]], copy: bool = True,
-                                  relocate: bool = True) -> tuple[Pieces, Pieces]:
+                                  relocate: bool = True) -> tuple[Pieces, Pieces, bool]:
         """``_fetch_decode_cache`` on a worker thread, tried again after a store error; if the
-        pack is gone, read where the reloaded index says the blobs are now."""
+        pack is gone, read where the reloaded index says the blobs are now. Returns (plain,
+        error) per blob of ``wanted`` and of ``around``, and whether the blobs fetched were
+        cached."""
         delay = self.config.retry_delay
         for attempt in range(1, self.config.attempts + 1):
             self.counters.requests += 1
             try:
-                latency, nbytes, results, around_results = await trio.to_thread.run_sync(
+                latency, nbytes, results, around_results, stored = await trio.to_thread.run_sync(
                     self._fetch_decode_cache, pack, wanted, early, around, copy,
                     limiter=self._store_limiter)
             except PackMissing:
                 self.counters.failed_requests += 1
                 if not relocate:
                     raise
-                results = await self._relocated(pack, wanted, early, copy)
-                return results, [(None, None)] * len(around)  # neighbours: a guess anyway
+                results, stored = await self._relocated(pack, wanted, early, copy)
+                return results, [(None, None)] * len(around), stored  # neighbours: a guess anyway
             except IntegrityError:
                 self.counters.failed_requests += 1
                 raise
@@ -817,16 +828,26 @@ class Hydrator:
                 await trio.sleep(delay)
                 delay *= 2
                 continue
+            except SnapfsError:
+                self.counters.failed_requests += 1
+                raise
+            except Exception as e:
+                # not ours to retry (a bug, or an error a store did not wrap), and not a
+                # reason to end the daemon: the reads of this run fail, the others go on
+                self.counters.failed_requests += 1
+                log.exception("fetch from pack %s failed", pack[:12])
+                raise SnapfsError(f"fetch from pack {pack[:12]} failed: {e!r}") from e
             self.counters.bytes_fetched += nbytes
             self.latency.add(latency)
-            return results, around_results
+            return results, around_results, stored
         raise AssertionError("unreachable")
 
     async def _relocated(self, pack: str, wanted: list[tuple[bytes, Location]],
-                         early: Callable[[Pieces], None] | None, copy: bool) -> Pieces:
+                         early: Callable[[Pieces], None] | None, copy: bool,
+                         ) -> tuple[Pieces, bool]:
         """The blobs of ``wanted`` read from the packs the reloaded index names, now that
-        ``pack`` is gone (garbage collection repacked them); ``PackMissing`` again if the index
-        has them nowhere else."""
+        ``pack`` is gone (garbage collection repacked them), and whether they were cached;
+        ``PackMissing`` again if the index has them nowhere else."""
         await self.refresh_index()
         moved: list[tuple[bytes, Location]] = []
         for bid, _ in wanted:
@@ -838,28 +859,31 @@ class Hydrator:
         for i, (_, loc) in enumerate(moved):
             by_pack.setdefault(loc.pack, []).append(i)
         results: Pieces = [(None, None)] * len(wanted)
+        stored = True
         for new_pack, places in by_pack.items():
             places.sort(key=lambda i: moved[i][1].offset)
-            got, _ = await self._fetch_with_retries(new_pack, [moved[i] for i in places], None,
-                                                    [], copy, relocate=False)
+            got, _, stored_here = await self._fetch_with_retries(
+                new_pack, [moved[i] for i in places], None, [], copy, relocate=False)
+            stored = stored and stored_here
             for i, piece in zip(places, got, strict=True):
                 results[i] = piece
         if early is not None:
             early(results)
         log.info("%d blobs of pack %s read where garbage collection moved them", len(wanted),
                  pack[:12])
-        return results
+        return results, stored
 
     def _fetch_decode_cache(self, pack: str, wanted: list[tuple[bytes, Location]],
                             early: Callable[[Pieces], None] | None,
                             around: list[tuple[bytes, Location]], copy: bool = True,
-                            ) -> tuple[float, int, Pieces, Pieces]:
+                            ) -> tuple[float, int, Pieces, Pieces, bool]:
         """In a worker thread: one GET of the run (and of the blobs of ``around`` that the
         cache lacks), each blob of the run decoded and verified (then handed to ``early``, if
         given), then those of ``around``, the good ones cached together. Returns the GET's
-        latency and size, and (plain, error) per blob of the run and of ``around`` (``(None,
-        None)`` for one the cache had). ``copy=False`` (a background run, whose blocks go to
-        the cache and are let go): the run's plains are views into one buffer, no copy each."""
+        latency and size, (plain, error) per blob of the run and of ``around`` (``(None,
+        None)`` for one the cache had), and whether the cache stored the good ones.
+        ``copy=False`` (a background run, whose blocks go to the cache and are let go): the
+        run's plains are views into one buffer, no copy each."""
         lacking = set(self.cache.missing([bid for bid, _ in around])) if around else set()
         extra = [(bid, loc) for bid, loc in around if bid in lacking]
         every = sorted(wanted + extra, key=lambda w: w[1].offset) if extra else wanted
@@ -880,8 +904,8 @@ class Hydrator:
             good += [(bid, plain) for (bid, _), (plain, _) in zip(extra, decoded, strict=True)
                      if plain is not None]
             checksums += extra_checksums
-        self.cache.put_many(good, checksums)
-        return latency, len(data), results, around_results
+        stored = self.cache.put_many(good, checksums)
+        return latency, len(data), results, around_results, stored
 
     def _decode(self, data: memoryview, start: int, wanted: list[tuple[bytes, Location]],
                 copy: bool = True) -> tuple[Pieces, list[bytes]]:
