@@ -1,7 +1,7 @@
 """The hydrator and image views, without FUSE: exact bytes, one fetch per block, priorities,
 corruption, read-ahead, hints and the background sweep, on a real local repository; and the
-faults that must fail a read at worst, never the daemon (a pack that cannot be read, a cache
-that cannot store).
+faults that must fail a read at worst, never the daemon (a pack that cannot be read, a store
+that hangs, a cache that cannot store).
 
 ``CountingStore`` is a real LocalStore that also records every ranged GET, so tests can count
 fetches; it changes no behaviour.
@@ -10,6 +10,7 @@ fetches; it changes no behaviour.
 from __future__ import annotations
 
 import errno
+import os
 import random
 import threading
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from diskimages import have_root
+from diskimages import have_root, release_fifo_reader
 from testkit import tmpfs, wait_until
 
 from snapfs.cache import BlockCache
@@ -801,6 +802,53 @@ def test_a_pack_that_fails_to_read_fails_its_reads_and_only_them(repo_and_image,
     assert message == f"store unavailable: {store.url}: {pack_key(bad)}: Is a directory"
     assert got == list(packs[good].values())
     assert failed == 2
+
+
+def test_a_hung_store_fails_reads_after_bounded_retries(repo_and_image, tmp_path: Path) -> None:
+    repo, store, data, _ = repo_and_image
+    packs = data_blocks_by_pack(repo, data)
+    hung, other = list(packs)[:2]
+    path = store.root / pack_key(hung)
+    aside = path.with_name(path.name + ".aside")
+    path.rename(aside)
+    os.mkfifo(path)  # opening it blocks until a writer comes: a dead NFS server
+    cache = open_cache(tmp_path)
+    # two fetch slots: both end up held by the hung calls they abandon (module docstring)
+    config = HydrationConfig(fetchers=2, reserved=1, background=False, attempts=2,
+                             retry_delay=0.05, store_timeout=0.5)
+
+    async def timed_failure(hydrator: Hydrator, bid: bytes) -> float:
+        started = trio.current_time()
+        with pytest.raises(StoreUnavailable, match="no answer in 0.5 s"):
+            await hydrator.read_blob(bid)
+        return trio.current_time() - started
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        waited = [await timed_failure(hydrator, next(iter(packs[hung])))]
+        assert hydrator._store_limiter.borrowed_tokens == 2  # the two hung calls hold both
+        # a pack that would answer waits for a slot, within its own timeout, and fails too
+        waited.append(await timed_failure(hydrator, next(iter(packs[other]))))
+        assert release_fifo_reader(path)  # the "server" answers: both hung calls return
+        await wait_until(lambda: hydrator._store_limiter.borrowed_tokens == 0, 10)
+        got_other = await hydrator.read_blocks(list(packs[other]))
+        path.unlink()
+        aside.rename(path)
+        got_hung = await hydrator.read_blocks(list(packs[hung]))
+        return waited, got_other, got_hung, hydrator.counters.failed_requests
+
+    try:
+        waited, got_other, got_hung, failed = trio.run(with_hydrator, repo, cache, config, body)
+    finally:
+        cache.close()
+        if path.is_fifo():
+            release_fifo_reader(path)
+            path.unlink()
+            aside.rename(path)
+    # two attempts of 0.5 s and a backoff of 0.05 s each: bounded, seconds at most
+    assert all(1.0 < w < 3.0 for w in waited), waited
+    assert failed == 4
+    assert got_other == list(packs[other].values())
+    assert got_hung == list(packs[hung].values())
 
 
 class UnwrappedErrorStore(CountingStore):

@@ -37,6 +37,19 @@ Rules it keeps (DESIGN.md, "Hydration order"):
 - A store that is slow or down fails a waiting read with ``StoreUnavailable`` after
   ``attempts`` tries with backoff: seconds, never forever. A corrupt blob fails at once with
   ``CorruptBlock``, logged with its ID, and is never cached.
+- A store that hangs (a dead NFS server, a stalled connection) costs an attempt after
+  ``store_timeout`` seconds: the attempt (waiting for a fetch slot, the GET, decoding and
+  caching its run) counts as failed and is retried like any store error, and its thread is
+  abandoned. An abandoned thread keeps its fetch slot (its ``_store_limiter`` token) until its
+  call returns, on purpose: however long the store hangs, at most ``fetchers`` threads hang
+  with it (releasing the slot at the timeout would add a hung thread per attempt, without
+  bound). The price: once they all hang, every fetch fails the same way, each within its own
+  timeout, even from a pack that would answer; the slots come back when the calls return
+  (S3 calls always do: the client has its own timeouts), and a call that never returns (a hard
+  NFS mount whose server never comes back) keeps its slot until the daemon restarts. An
+  abandoned attempt whose GET returns late stops there (it neither hands over nor caches; the
+  attempt after it does). A read waits at most ``attempts`` times ``store_timeout`` plus the
+  backoff for its own fetch, and longer if every worker is busy with a fetch of its own.
 - Nothing a fetch runs into ends the daemon: an error other than a ``SnapfsError`` (a bug, an
   error a store did not wrap) is logged with its traceback and fails the fetch's reads. The
   cache's own I/O errors cost no read at all (``BlockCache``): a block it could not store is
@@ -124,6 +137,8 @@ class HydrationConfig:
     sweep_retry: float = 30.0  # the sweep's first wait before it tries failed blocks again
     readahead_budget: int = 64 << 20  # raw bytes of read-ahead queued at once, for all images
     readahead_memory: int = 64 << 20  # plain bytes held in read-ahead buffers, for all images
+    #: seconds one fetch attempt may take (an S3 GET of a few MiB takes well under one)
+    store_timeout: float = 30.0
 
 
 @dataclass(eq=False)
@@ -702,7 +717,8 @@ class Hydrator:
                 pack, wanted, early, [(f.block_id, f.loc) for f in extras])
         except SnapfsError as e:
             for f in run + extras:
-                self._finish(f, error=e)
+                if not f.done.is_set():  # a late abandoned attempt may have handed it over
+                    self._finish(f, error=e)
             return
         self._complete(run, results, background)
         cached = [f.block_id for f, (plain, _) in zip(run, results, strict=True)
@@ -800,17 +816,20 @@ class Hydrator:
                                   early: Callable[[Pieces], None] | None,
                                   around: list[tuple[bytes, Location]], copy: bool = True,
                                   relocate: bool = True) -> tuple[Pieces, Pieces, bool]:
-        """``_fetch_decode_cache`` on a worker thread, tried again after a store error; if the
-        pack is gone, read where the reloaded index says the blobs are now. Returns (plain,
-        error) per blob of ``wanted`` and of ``around``, and whether the blobs fetched were
-        cached."""
+        """``_fetch_decode_cache`` on a worker thread, tried again after a store error or
+        after ``store_timeout`` (see the module docstring); if the pack is gone, read where the
+        reloaded index says the blobs are now. Returns (plain, error) per blob of ``wanted``
+        and of ``around``, and whether the blobs fetched were cached."""
         delay = self.config.retry_delay
+        timeout = self.config.store_timeout
         for attempt in range(1, self.config.attempts + 1):
             self.counters.requests += 1
             try:
-                latency, nbytes, results, around_results, stored = await trio.to_thread.run_sync(
-                    self._fetch_decode_cache, pack, wanted, early, around, copy,
-                    limiter=self._store_limiter)
+                with trio.fail_after(timeout):
+                    latency, nbytes, results, around_results, stored = \
+                        await trio.to_thread.run_sync(
+                            self._fetch_decode_cache, pack, wanted, early, around, copy,
+                            limiter=self._store_limiter, abandon_on_cancel=True)
             except PackMissing:
                 self.counters.failed_requests += 1
                 if not relocate:
@@ -820,11 +839,14 @@ class Hydrator:
             except IntegrityError:
                 self.counters.failed_requests += 1
                 raise
-            except StoreError as e:
+            except (StoreError, trio.TooSlowError) as e:
                 self.counters.failed_requests += 1
+                reason = e if isinstance(e, StoreError) else \
+                    f"{self.repo.store.url}: pack {pack[:12]}: no answer in {timeout:g} s"
                 if attempt == self.config.attempts:
-                    log.warning("giving up on pack %s after %d attempts: %s", pack[:12], attempt, e)
-                    raise StoreUnavailable(f"store unavailable: {e}") from None
+                    log.warning("giving up on pack %s after %d attempts: %s", pack[:12], attempt,
+                                reason)
+                    raise StoreUnavailable(f"store unavailable: {reason}") from None
                 await trio.sleep(delay)
                 delay *= 2
                 continue
@@ -891,6 +913,7 @@ class Hydrator:
         started = time.monotonic()
         data = self.repo.fetch_run(pack, every)
         latency = time.monotonic() - started
+        trio.from_thread.check_cancelled()  # abandoned (store_timeout) while the GET hung: stop
         results, checksums = self._decode(data, start, wanted, copy)
         if early is not None:
             early(results)
