@@ -286,6 +286,7 @@ class MountDaemon:
             "hits": self.cache.hits,
             "misses": self.cache.misses,
             "bad": self.cache.bad,
+            "errors": self.cache.errors,  # of its own files and index (each cost a miss)
         }
 
 

@@ -1,18 +1,26 @@
-"""BlockCache: verified reads, persistence across restarts, eviction by segment, bad directories."""
+"""BlockCache: verified reads, persistence across restarts, eviction by segment (also racing
+writes and lookups), bad directories, and its own faults (a full file system, a damaged or
+truncated index, an unreadable segment), which must cost misses, never a failed read."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import random
+import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import xxhash
+from diskimages import have_root
+from testkit import tmpfs
 
 from snapfs.cache import BlockCache
+from snapfs.cache.blockcache import SEG, SEGINFO
 from snapfs.errors import SnapfsError
 
 
@@ -296,3 +304,241 @@ def test_put_many_records_the_checksums_it_is_given(tmp_path: Path) -> None:
     assert cache.get(a) == data_a
     assert cache.get(b) is None  # a checksum that does not match the bytes is never served
     cache.close()
+
+
+# -- eviction racing writes and lookups ------------------------------------------------------------
+
+
+def segment_records(cache: BlockCache) -> dict[int, tuple[int, int, int]]:
+    """segment -> (bytes, writer pid, open) as the index records them."""
+    with cache._env.begin() as txn:
+        return {SEG.unpack(k)[0]: SEGINFO.unpack(v) for k, v in txn.cursor(db=cache._segments)}
+
+
+def test_writers_under_eviction_pressure_keep_their_files_and_the_accounting(tmp_path: Path) -> None:
+    # what the fetch workers of a daemon with a small --cache-size do: each write may start a
+    # segment and evict the oldest while other threads still write into theirs
+    directory = tmp_path / "c"
+    cache = BlockCache(directory, capacity=4 << 20)
+    errors: list[str] = []
+    wrong: list[bytes] = []
+    refused: list[int] = []
+
+    def writer(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(150):
+                items = [(rng.randbytes(32), rng.randbytes(16384)) for _ in range(8)]
+                if not cache.put_many(items):
+                    refused.append(seed)
+                got = cache.get_many([bid for bid, _ in items])
+                wrong.extend(bid for (bid, data), g in zip(items, got, strict=True)
+                             if g is not None and g != data)
+        except Exception as e:
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and wrong == [] and refused == []
+    assert (cache.bad, cache.errors) == (0, 0)  # nothing was corrupt: no block may fail its check
+    records = segment_records(cache)
+    files = {int(p.name[4:12]): p.stat().st_size for p in directory.glob("seg-*.dat")}
+    # every segment the index names has its file, of the size it records, and only this
+    # process's current segment is still open
+    assert {seg: size for seg, (size, _, _) in records.items()} == files
+    assert [seg for seg, (_, _, is_open) in records.items() if is_open] == [cache._current]
+    assert cache.size == sum(files.values()) <= 4 << 20
+    cache.close()
+    again = BlockCache(directory, 4 << 20)
+    assert all(not is_open for _, _, is_open in segment_records(again).values())  # all sealed
+    again.close()
+
+
+class RacingCache(BlockCache):
+    """A real BlockCache that runs ``between`` once, right after a lookup has read where its
+    blocks lie and before it reads them: the moment an eviction by another thread hurts."""
+
+    between: Callable[[], None] | None = None
+
+    def _locate(self, block_ids):  # type: ignore[no-untyped-def]
+        where = super()._locate(block_ids)
+        between, self.between = self.between, None
+        if between is not None:
+            between()
+        return where
+
+
+@pytest.mark.parametrize("lookup", ["get_many", "read_into"])
+def test_a_lookup_racing_an_eviction_is_a_miss_and_keeps_the_newer_entry(
+        tmp_path: Path, lookup: str, caplog: pytest.LogCaptureFixture) -> None:
+    cache = RacingCache(tmp_path / "c", capacity=2 << 20, segment_size=1 << 20)
+    items = [block(i) for i in range(64)]  # segment 1, full
+    cache.put_many(items)
+    x, data = items[0]
+    fresh = [block(i) for i in range(100, 164)]
+
+    def evict_and_cache_again() -> None:
+        cache.put_many([(x, data), *fresh[:63]])  # segment 2, with x again
+        cache.put_many(fresh[63:])  # segment 3: 2 MiB + 16 KiB, so segment 1 goes
+        assert not (tmp_path / "c" / "seg-00000001.dat").exists()
+
+    cache.between = evict_and_cache_again
+    if lookup == "get_many":
+        assert cache.get_many([x]) == [None]
+    else:
+        assert cache.read_into([x], [memoryview(bytearray(16384))]) == [False]
+    assert (cache.bad, cache.misses) == (0, 1)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+    assert cache.get(x) == data  # its entry in segment 2 was not dropped
+    cache.close()
+
+
+def test_a_segment_whose_record_was_evicted_while_it_was_written_caches_nothing(tmp_path: Path) -> None:
+    # another process may evict a segment of ours, judging us dead (a pid it cannot see):
+    # then what we were writing into it must not be recorded, nor its record recreated
+    cache = RacingCache(tmp_path / "c", capacity=64 << 20)
+    cache.put_many([block(1)])
+    seg = cache._current
+    with cache._env.begin(write=True) as txn:  # what that process's eviction does
+        txn.delete(SEG.pack(seg), db=cache._segments)
+        txn.put(b"total-bytes", (0).to_bytes(8, "little"), db=cache._meta)
+    bid, data = block(2)
+    assert cache.put_many([(bid, data)]) is False
+    assert cache.get(bid) is None and cache.missing([bid]) == [bid]
+    assert seg not in segment_records(cache) and cache.size == 0
+    cache.close()
+
+
+# -- the cache's own faults: never a failed read --------------------------------------------------
+
+
+def zero_leaf_pages_of_blocks(index: Path) -> int:
+    """Zero every leaf page of the cache index's "blocks" database (32-byte keys and entries),
+    as a bad sector or a torn write would; how many there were."""
+    data = index / "data.mdb"
+    zeroed = 0
+    with open(data, "r+b") as f:
+        for page in range(2, data.stat().st_size // 4096):
+            f.seek(page * 4096)
+            raw = f.read(4096)
+            if not struct.unpack_from("<H", raw, 10)[0] & 2:  # P_LEAF
+                continue
+            node = struct.unpack_from("<H", raw, 16)[0]
+            if struct.unpack_from("<H", raw, node)[0] == 32 == struct.unpack_from("<H", raw, node + 6)[0]:
+                f.seek(page * 4096)
+                f.write(bytes(4096))
+                zeroed += 1
+    return zeroed
+
+
+def test_a_damaged_index_page_costs_misses_not_errors(tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    cache = BlockCache(tmp_path / "c", capacity=1 << 30)
+    ids = [i.to_bytes(32, "big") for i in range(3000)]
+    for k in range(0, 3000, 100):
+        cache.put_many([(b, b"x" * 100) for b in ids[k : k + 100]])
+    cache.close()
+    assert zero_leaf_pages_of_blocks(tmp_path / "c" / "index.lmdb") > 1
+    cache = BlockCache(tmp_path / "c", capacity=1 << 30)  # opens: the damage is deeper
+    for _ in range(3):
+        assert cache.missing(ids) == ids
+        assert cache.get_many(ids[:5]) == [None] * 5
+        assert cache.read_into(ids[:2], [memoryview(bytearray(100))] * 2) == [False, False]
+        assert cache.put_many([(ids[7], b"y" * 100)]) is False
+    assert not cache.contains(ids[0])
+    assert cache.misses == 3 * 7 and cache.bad == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings  # once per kind: a lookup, a write
+    assert "cannot look blocks up (mdb_get: MDB_CORRUPTED" in warnings[0]
+    assert "cannot cache blocks (mdb_put: MDB_CORRUPTED" in warnings[1]
+    cache.close()
+
+
+def test_an_unreadable_segment_is_a_miss(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = BlockCache(tmp_path / "c", capacity=64 << 20)
+    items = [block(i) for i in range(4)]
+    cache.put_many(items)
+    cache.close()
+    seg = next((tmp_path / "c").glob("seg-*.dat"))
+    seg.unlink()
+    seg.mkdir()  # open() of it fails with EISDIR, as a failing disk fails with EIO
+    cache = BlockCache(tmp_path / "c", capacity=64 << 20)
+    ids = [bid for bid, _ in items]
+    assert cache.get_many(ids) == [None] * 4
+    assert cache.read_into(ids, [memoryview(bytearray(16384)) for _ in ids]) == [False] * 4
+    assert (cache.misses, cache.bad, cache.errors) == (8, 0, 2)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"cache {tmp_path / 'c'}: cannot read a segment ([Errno 21] Is a directory: '{seg}'); "
+        "those blocks are read from the store"]
+    bid, data = block(9)
+    assert cache.put_many([(bid, data)]) and cache.get(bid) == data  # its own segments work
+    cache.close()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: a cache directory whose file system fills up for real."""
+    with tmpfs(tmp_path / "small", "2M") as mountpoint:
+        yield mountpoint
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not have_root(), reason="needs root (tmpfs)")
+def test_a_full_cache_file_system_leaves_blocks_uncached(small_tmpfs: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    cache = BlockCache(small_tmpfs / "c", capacity=1 << 30, segment_size=1 << 20)
+    try:  # (closed whatever happens: an open cache would keep the tmpfs busy)
+        runs = [[block(64 * r + i) for i in range(16)] for r in range(16)]  # 4 MiB into 2 MiB
+        stored = [cache.put_many(run) for run in runs]
+        assert stored[0] and not stored[-1]
+        for run, ok in zip(runs, stored, strict=True):
+            # what was stored reads back; what was not is not there (nor recorded, nor half-read)
+            want = [data for _, data in run] if ok else [None] * len(run)
+            assert cache.get_many([bid for bid, _ in run]) == want
+        assert cache.bad == 0
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and "No space left on device" in warnings[0], warnings
+        assert warnings[0].endswith("blocks are served without being cached")
+    finally:
+        cache.close()
+
+
+# -- a damaged index at open ----------------------------------------------------------------------
+
+
+OPEN_AND_READ = """
+import logging, sys
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+from snapfs.cache import BlockCache
+cache = BlockCache(sys.argv[1], capacity=1 << 30)
+ids = [i.to_bytes(32, "big") for i in range(3000)]
+print(len(cache.missing(ids)), cache.get_many(ids[:2]))
+cache.put(b"n" * 32, b"new" * 100)
+print(cache.get(b"n" * 32) == b"new" * 100, cache.entries())
+cache.close()
+"""
+
+
+def test_a_truncated_index_is_moved_aside_not_a_sigbus(tmp_path: Path) -> None:
+    # sync=False: a power loss may leave data.mdb shorter than the pages its meta page names;
+    # lmdb maps the file and a lookup of a page past its end is SIGBUS, on every mount
+    directory = tmp_path / "c"
+    cache = BlockCache(directory, capacity=1 << 30)
+    ids = [i.to_bytes(32, "big") for i in range(3000)]
+    for k in range(0, 3000, 100):
+        cache.put_many([(b, b"x" * 100) for b in ids[k : k + 100]])
+    cache.close()
+    data = directory / "index.lmdb" / "data.mdb"
+    os.truncate(data, data.stat().st_size // 3)
+    result = subprocess.run([sys.executable, "-c", OPEN_AND_READ, str(directory)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, (result.returncode, result.stderr)  # -7 was SIGBUS
+    assert result.stdout == "3000 [None, None]\nTrue 1\n"
+    assert result.stderr.startswith(f"WARNING cache index {directory / 'index.lmdb'} unusable "
+                                    "(its data file is truncated: "), result.stderr
+    assert result.stderr.count("\n") == 1
+    assert len(list(directory.glob("index.lmdb.broken-*"))) == 1
+    assert [p.name for p in directory.glob("seg-*.dat")] == ["seg-00000001.dat"]  # a new one

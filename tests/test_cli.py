@@ -271,6 +271,16 @@ def test_bad_block_size_is_a_usage_error(snapfs: Snapfs, store: ObjectStore) -> 
     assert not store.container_exists() or objects(store) == {}
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # it fails before the store
+def test_a_cache_size_too_small_to_work_is_a_usage_error(snapfs: Snapfs, tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    for size in ("0", "4M", "16383K"):
+        line = one_error(snapfs("mount", mountpoint, "--cache-size", size), EXIT_USAGE)
+        assert line == f"snapfs: --cache-size must be at least 16M (got {size})"
+    assert not os.path.ismount(mountpoint)
+
+
 # -- snapshots: unknown, ambiguous, duplicate --------------------------------------------------
 
 

@@ -1,5 +1,7 @@
 """The hydrator and image views, without FUSE: exact bytes, one fetch per block, priorities,
-corruption, read-ahead, hints and the background sweep, on a real local repository.
+corruption, read-ahead, hints and the background sweep, on a real local repository; and the
+faults that must fail a read at worst, never the daemon (a pack that cannot be read, a store
+that hangs, a cache that cannot store).
 
 ``CountingStore`` is a real LocalStore that also records every ranged GET, so tests can count
 fetches; it changes no behaviour.
@@ -7,6 +9,8 @@ fetches; it changes no behaviour.
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import threading
 from collections.abc import Iterator
@@ -14,10 +18,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from testkit import wait_until
+from diskimages import have_root, release_fifo_reader
+from testkit import tmpfs, wait_until
 
 from snapfs.cache import BlockCache
-from snapfs.errors import CorruptBlock
+from snapfs.errors import CorruptBlock, SnapfsError, StoreUnavailable
 from snapfs.format.block import ZERO_ID
 from snapfs.hydration.budget import MemoryBudget
 from snapfs.hydration.scheduler import (
@@ -376,9 +381,9 @@ class CountingCache(BlockCache):
         self.get_many_calls += 1  # a lookup too
         return super().read_into(block_ids, targets)
 
-    def put_many(self, items, checksums=None) -> None:  # type: ignore[no-untyped-def]
+    def put_many(self, items, checksums=None) -> bool:  # type: ignore[no-untyped-def]
         self.put_many_calls.append(len(items))
-        super().put_many(items, checksums)
+        return super().put_many(items, checksums)
 
 
 def read_sequentially(view, size: int, piece: int = 131072):  # type: ignore[no-untyped-def]
@@ -757,3 +762,207 @@ def test_read_around_stops_while_its_neighbours_go_unread_and_comes_back(
     assert after[1] - before[1] >= 0.8 * (after[0] - before[0])
     assert after[0] - before[0] <= second_half * 0.6
     cache.close()
+
+
+# -- faults of the store and of the cache: a failed read at worst, never the daemon ------------
+
+
+def data_blocks_by_pack(repo: Repository, data: bytes) -> dict[str, dict[bytes, bytes]]:
+    """pack -> {block ID: plain bytes} of the image's data blocks (not its manifest pages)."""
+    index = repo.load_index()
+    out: dict[str, dict[bytes, bytes]] = {}
+    for i in range(0, len(data), BS):
+        plain = data[i : i + BS]
+        if plain != bytes(BS):
+            bid = repo.keyer.block_id(plain)
+            out.setdefault(index.locate(bid).pack, {})[bid] = plain
+    return out
+
+
+def test_a_pack_that_fails_to_read_fails_its_reads_and_only_them(repo_and_image, tmp_path: Path) -> None:
+    repo, store, data, _ = repo_and_image
+    packs = data_blocks_by_pack(repo, data)
+    bad, good = list(packs)[:2]
+    path = store.root / pack_key(bad)
+    path.rename(path.with_name(path.name + ".aside"))
+    path.mkdir()  # it opens, then the read fails (EISDIR here, EIO from a bad sector)
+    cache = open_cache(tmp_path)
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        with pytest.raises(StoreUnavailable) as failed:
+            await hydrator.read_blob(next(iter(packs[bad])))
+        got = await hydrator.read_blocks(list(packs[good]))
+        return str(failed.value), got, hydrator.counters.failed_requests
+
+    config = HydrationConfig(background=False, attempts=2, retry_delay=0.01)
+    try:
+        message, got, failed = trio.run(with_hydrator, repo, cache, config, body)
+    finally:
+        cache.close()
+    assert message == f"store unavailable: {store.url}: {pack_key(bad)}: Is a directory"
+    assert got == list(packs[good].values())
+    assert failed == 2
+
+
+def test_a_hung_store_fails_reads_after_bounded_retries(repo_and_image, tmp_path: Path) -> None:
+    repo, store, data, _ = repo_and_image
+    packs = data_blocks_by_pack(repo, data)
+    hung, other = list(packs)[:2]
+    path = store.root / pack_key(hung)
+    aside = path.with_name(path.name + ".aside")
+    path.rename(aside)
+    os.mkfifo(path)  # opening it blocks until a writer comes: a dead NFS server
+    cache = open_cache(tmp_path)
+    # two fetch slots: both end up held by the hung calls they abandon (module docstring)
+    config = HydrationConfig(fetchers=2, reserved=1, background=False, attempts=2,
+                             retry_delay=0.05, store_timeout=0.5)
+
+    async def timed_failure(hydrator: Hydrator, bid: bytes) -> float:
+        started = trio.current_time()
+        with pytest.raises(StoreUnavailable, match="no answer in 0.5 s"):
+            await hydrator.read_blob(bid)
+        return trio.current_time() - started
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        waited = [await timed_failure(hydrator, next(iter(packs[hung])))]
+        assert hydrator._store_limiter.borrowed_tokens == 2  # the two hung calls hold both
+        # a pack that would answer waits for a slot, within its own timeout, and fails too
+        waited.append(await timed_failure(hydrator, next(iter(packs[other]))))
+        assert release_fifo_reader(path)  # the "server" answers: both hung calls return
+        await wait_until(lambda: hydrator._store_limiter.borrowed_tokens == 0, 10)
+        got_other = await hydrator.read_blocks(list(packs[other]))
+        path.unlink()
+        aside.rename(path)
+        got_hung = await hydrator.read_blocks(list(packs[hung]))
+        return waited, got_other, got_hung, hydrator.counters.failed_requests
+
+    try:
+        waited, got_other, got_hung, failed = trio.run(with_hydrator, repo, cache, config, body)
+    finally:
+        cache.close()
+        if path.is_fifo():
+            release_fifo_reader(path)
+            path.unlink()
+            aside.rename(path)
+    # two attempts of 0.5 s and a backoff of 0.05 s each: bounded, seconds at most
+    assert all(1.0 < w < 3.0 for w in waited), waited
+    assert failed == 4
+    assert got_other == list(packs[other].values())
+    assert got_hung == list(packs[hung].values())
+
+
+class UnwrappedErrorStore(CountingStore):
+    """A local store whose reads of one pack raise a bare OSError: a store that does not wrap
+    an error in a StoreError. None does since LocalStore.get_range wraps its pread, so this
+    stands for the next one that does not (it cannot be caused for real)."""
+
+    broken = ""
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if key == pack_key(self.broken):
+            self.ranges.append((key, offset, length))
+            raise OSError(errno.EIO, "Input/output error")
+        return super().get_range(key, offset, length)
+
+
+def test_an_unexpected_error_in_a_fetch_fails_its_reads_not_the_daemon(
+        repo_and_image, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    repo, _, data, _ = repo_and_image
+    packs = data_blocks_by_pack(repo, data)
+    bad, good = list(packs)[:2]
+    store = UnwrappedErrorStore(tmp_path / "repo")
+    store.broken = bad
+    repo = Repository(store, repo.config)
+    cache = open_cache(tmp_path)
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        with pytest.raises(SnapfsError) as failed:
+            await hydrator.read_blob(next(iter(packs[bad])))
+        return failed.value, await hydrator.read_blocks(list(packs[good]))
+
+    config = HydrationConfig(background=False, attempts=3, retry_delay=0.01)
+    try:
+        error, got = trio.run(with_hydrator, repo, cache, config, body)
+    finally:
+        cache.close()
+    assert str(error) == f"fetch from pack {bad[:12]} failed: OSError(5, 'Input/output error')"
+    assert got == list(packs[good].values())
+    logged = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [r.getMessage() for r in logged] == [f"fetch from pack {bad[:12]} failed"]
+    assert logged[0].exc_info is not None  # with its traceback: a bug to fix
+    assert [key for key, _, _ in store.ranges].count(pack_key(bad)) == 1  # not retried
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not have_root(), reason="needs root (tmpfs)")
+def test_a_cache_that_cannot_store_costs_no_read_and_no_false_progress(
+        repo_and_image, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    repo, store, data, _ = repo_and_image
+    ids = sorted({repo.keyer.block_id(data[i : i + BS]) for i in range(0, len(data), BS)
+                  if data[i : i + BS] != bytes(BS)})
+    config = HydrationConfig(background=True, sweep_retry=3600)
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        nursery.start_soon(Sweeper(catalog, hydrator, config).run)
+        view = catalog.images()["s1.img"]
+        await wait_until(lambda: view.data_blocks is not None, 30)
+        # the sweep fetches every block once (and the manifest pages): then it is done
+        await wait_until(lambda: hydrator.counters.background_blocks
+                         >= len(ids) + len(view.root.pages) and hydrator.background_idle(), 60)
+        stats = view.stats()
+        pending = set(view.pending)
+        got = b"".join([await view.read(o, 1 << 20) for o in range(0, len(data), 1 << 20)])
+        return stats, pending, got
+
+    with tmpfs(tmp_path / "small", "1M") as small:  # fills up long before 8 MiB are cached
+        cache = BlockCache(small / "cache", capacity=256 << 20)
+        try:
+            stats, pending, got = trio.run(with_hydrator, repo, cache, config, body)
+            uncached = set(cache.missing(ids))
+        finally:
+            cache.close()
+    assert got == data
+    # progress says what the cache holds: the blocks it could not store are still missing
+    assert len(uncached) > len(ids) // 2
+    assert pending == uncached and stats["blocks_missing"] == len(uncached)
+    assert cache.bad == 0 and cache.errors >= len(uncached) // 64  # (runs of blocks)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    # once per kind: a segment write, an lmdb commit, the commit marking a segment closed
+    assert 1 <= len(warnings) <= 3, warnings
+    assert all("No space left on device" in w for w in warnings), warnings
+
+
+class FlakyLookupCache(BlockCache):
+    """A real BlockCache whose first ``missing`` raises: stands for a bug in what the sweep
+    runs (its real trigger, an lmdb error from a damaged index, is a miss now and cannot
+    reach the sweep any more)."""
+
+    failed = False
+
+    def missing(self, block_ids: list[bytes]) -> list[bytes]:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("a bug")
+        return super().missing(block_ids)
+
+
+def test_an_unexpected_error_in_the_sweep_is_logged_and_tried_again(
+        repo_and_image, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    repo, store, data, _ = repo_and_image
+    cache = FlakyLookupCache(tmp_path / "cache", capacity=256 << 20)
+    config = HydrationConfig(background=True, sweep_retry=0.1)
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        nursery.start_soon(Sweeper(catalog, hydrator, config).run)
+        view = catalog.images()["s1.img"]
+        await wait_until(lambda: view.data_blocks is not None and not view.pending, 60)
+        return view.stats()
+
+    try:
+        stats = trio.run(with_hydrator, repo, cache, config, body)
+    finally:
+        cache.close()
+    assert stats["hydrated_fraction"] == 1.0
+    logged = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [r.getMessage() for r in logged] == ["background work for s1.img failed"]
+    assert logged[0].exc_info is not None and logged[0].exc_info[0] is RuntimeError

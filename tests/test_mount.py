@@ -5,7 +5,8 @@ Covers what an operator meets: the served image is the snapshot byte for byte (o
 S3 store), snapshots taken after mounting appear, nothing is writable, ``umount`` returns only
 once the daemon has exited, a daemon killed with -9 leaves a mount that ``umount`` cleans up (and
 the cache it filled serves the next mount), corrupt data reads as EIO without taking the mount
-down, and every bad input is one line and a non-zero exit.
+down, the smallest cache under load and a cut-short cache index cost no read, and every bad
+input is one line and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ IMAGE_KEYS = {"snapshot", "size", "block_size", "reads", "bytes_read", "data_blo
 HYDRATOR_KEYS = {"blocks_fetched", "bytes_fetched", "requests", "failed_requests", "cache_hits",
                  "waiting_reads", "wait_seconds", "background_blocks", "background_bytes",
                  "corrupt_blocks", "fetch_latency_ms_p50", "fetch_latency_ms_p99"}
-CACHE_KEYS = {"directory", "capacity", "bytes", "blocks", "hits", "misses", "bad"}
+CACHE_KEYS = {"directory", "capacity", "bytes", "blocks", "hits", "misses", "bad", "errors"}
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -273,6 +274,40 @@ def test_corrupt_data_reads_as_eio_and_the_mount_lives_on(snapfs: Snapfs, tmp_pa
         assert snapfs.json("stats", daemon.mountpoint)["hydrator"]["corrupt_blocks"] > 0
     log = daemon.log.read_text()
     assert "ERROR snapfs.fuse_ops: read" in log and "Traceback" not in log
+
+
+def test_the_smallest_cache_under_load_and_a_cut_short_cache_index_cost_no_read(
+    snapfs: Snapfs, base_image: Path, tmp_path: Path
+) -> None:
+    """The smallest ``--cache-size`` with readers and the background sweep at once: fetch
+    workers evict segments while others still write into them, which must cost neither the
+    daemon nor a block failing its check. Then the cache's index cut short, as a power loss
+    leaves it (lmdb runs with sync=False): the next mount sets it aside and starts empty, where
+    lmdb would SIGBUS on the first lookup of a page past the file's end, on every mount."""
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    want = sha256_file(base_image)
+    with mounted(snapfs, mnt, cache, "--cache-size", "16M") as daemon:
+        digests: list[str] = []
+        threads = [threading.Thread(target=lambda: digests.append(sha256_file(daemon.images / "vm-1.img")))
+                   for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert digests == [want] * 4
+        doc = snapfs.json("stats", mnt)
+        assert (doc["cache"]["bad"], doc["cache"]["errors"]) == (0, 0)
+        assert doc["cache"]["bytes"] <= 16 * MiB + 4 * MiB  # (+ the segments being written)
+        snapfs.ok("umount", mnt)
+    assert "Traceback" not in daemon.log.read_text()
+    data = cache / "index.lmdb" / "data.mdb"
+    os.truncate(data, data.stat().st_size // 3)
+    with mounted(snapfs, mnt, cache, "--no-background") as daemon:
+        assert sha256_file(daemon.images / "vm-1.img") == want
+        snapfs.ok("umount", mnt)
+    log = daemon.log.read_text()
+    assert "unusable (its data file is truncated: " in log and "Traceback" not in log
+    assert len(list(cache.glob("index.lmdb.broken-*"))) == 1
 
 
 # -- the kernel's view: a loop device on the served image ----------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from snapfs.errors import AccessDenied, ObjectNotFound, SnapfsError, StoreUnavailable
+from snapfs.errors import AccessDenied, ObjectNotFound, SnapfsError, StoreError, StoreUnavailable
 from snapfs.store import ObjectStore
 from snapfs.store.local import TMP_SUFFIX, LocalStore
 from snapfs.store.s3 import S3Store
@@ -390,3 +390,14 @@ def test_local_failed_rename_leaves_no_temp_file(tmp_path: Path) -> None:
     assert leftovers == []
     assert sorted(p.name for p in (tmp_path / "repo").rglob("*")) == ["inside", "key"]
     assert list(s.list("")) == [("key/inside", 1)]
+
+
+def test_local_read_that_fails_after_open_is_a_store_error(tmp_path: Path) -> None:
+    s = LocalStore(tmp_path / "repo")
+    s.put("packs/p1", payload(1000))
+    (tmp_path / "repo" / "packs" / "p1").unlink()
+    (tmp_path / "repo" / "packs" / "p1").mkdir()  # it opens; the read fails (EIO on a bad disk)
+    with pytest.raises(StoreError) as caught:
+        s.get_range("packs/p1", 0, 100)
+    assert type(caught.value) is StoreError
+    assert str(caught.value) == f"{tmp_path / 'repo'}: packs/p1: Is a directory"

@@ -1,6 +1,6 @@
 """What several test files share: running the real ``snapfs`` command, checking its one-line
-errors, damaging a stored object the way bit rot would, and waiting in trio for state that
-other tasks own."""
+errors, damaging a stored object the way bit rot would, a small file system that fills up for
+real, and waiting in trio for state that other tasks own."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import dataclasses
 import json
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +103,17 @@ async def wait_until(condition: Callable[[], bool], seconds: float) -> None:
             if condition():
                 return
             await trio.sleep(0.05)
+
+
+@contextmanager
+def tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``2M``) at ``mountpoint`` (created) while the block runs: a file
+    system that fills up for real. Needs root. Detached lazily at the end, so that a failed
+    test that left a file open in it leaves no mount behind once the file is closed."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
+                   check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "--lazy", str(mountpoint)], check=True)

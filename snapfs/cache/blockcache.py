@@ -16,17 +16,31 @@ The crash rule: a cached block is returned only if its bytes match the xxh3-128 
 its location, so a crash that leaves an entry pointing at bytes that never reached the disk (or a
 torn segment) costs a refetch, never a wrong read. That is why neither the segment writes nor lmdb
 are synced per block (lmdb runs with ``sync=False``; ``flush`` syncs both, and is called
-periodically and at close). An lmdb file that cannot be opened is moved aside and the cache
-starts empty.
+periodically and at close). An lmdb index that cannot be used when the cache opens is moved
+aside and the cache starts empty: one lmdb refuses, or one whose data file is shorter than the
+pages its meta page names (a power loss with ``sync=False`` can leave that, and lmdb would
+SIGBUS on the first read of a missing page).
 
 Eviction is by segment, oldest first (a FIFO of segments, as log-structured caches do): when the
 total passes the capacity, the oldest segment that no live process is still appending to loses
-its entries and its file is unlinked. A pread already under way in this process finishes first
-(its file is closed after); other processes never find entries for it again, and their open file
-handles keep the bytes readable until they close them.
+its entries and its file is unlinked. A segment this process has stopped appending to is marked
+closed (and so may be evicted) only once the appends into it under way have ended: a write never
+loses its file, and never its segment's record, which it would otherwise have to recreate for
+bytes no file holds. (Should another process evict it anyway, judging this one dead, the write
+caches nothing.) A pread under way in this process finishes first (its file is closed after);
+other processes never find entries for it again, and their open file handles keep the bytes
+readable until they close them. A lookup that finds a segment gone (evicted since its entries
+were read) is a miss, not a bad block.
+
+The cache's own I/O errors (its file system full or failing, a damaged lmdb page) never fail a
+read: a lookup that fails is a miss, a write that fails leaves the blocks uncached (the caller
+has verified them, and serves them anyway). Each kind is logged once, not once per block.
 
 Thread-safe: every method may be called from any worker thread; never call one on the trio
-thread (they block). An lmdb transaction never outlives the method that opened it.
+thread (they block). An lmdb transaction never outlives the method that opened it, and
+``_lock`` is never taken inside a write transaction (``_start_segment`` takes them the other way
+round). ``close`` waits for the calls under way; calls after it are misses and cache nothing
+(a fetch thread the hydrator abandoned may come back late).
 """
 
 from __future__ import annotations
@@ -59,6 +73,7 @@ DEFAULT_SEGMENT_SIZE = 64 << 20
 MAP_SIZE = 1 << 36  # address space only; lmdb grows the file as needed
 OPEN_FILES = 64
 IOV_MAX = 1024
+CLOSE_WAIT = 10.0  # seconds ``close`` waits for the calls under way
 
 
 def _pwrite_all(fd: int, parts: list[bytes | memoryview], offset: int) -> None:
@@ -92,60 +107,127 @@ class BlockCache:
             probe.unlink()
         except OSError as e:
             raise SnapfsError(f"cache directory {self.dir} is not writable: {e.strerror}") from None
-        self._env = self._open_env()
-        self._blocks = self._env.open_db(b"blocks")
-        self._segments = self._env.open_db(b"segments")
-        self._members = self._env.open_db(b"members")
-        self._meta = self._env.open_db(b"meta")
+        self._open_index()
         self._lock = threading.Lock()  # guards the append position and the file table
+        self._idle = threading.Condition(self._lock)  # notified when the last call under way ends
+        self._calls = 0  # public calls under way (``close`` waits for them)
+        self._closed = False
         self._files: OrderedDict[int, IO[bytes]] = OrderedDict()  # open segment files, LRU
-        self._readers: dict[int, int] = {}  # segment -> preads under way in this process
-        self._doomed: dict[int, IO[bytes]] = {}  # closed when its last pread ends
+        self._users: dict[int, int] = {}  # segment -> preads and pwrites under way in this process
+        self._doomed: dict[int, list[IO[bytes]]] = {}  # closed when its last user is done
+        self._appending: dict[int, int] = {}  # segment -> pwrites under way (it stays open)
+        self._unsealed: set[int] = set()  # no longer ours to append to, marked closed once
+        #                                   its pwrites under way have ended
         self._current: int | None = None  # the segment this process appends to
         self._append_pos = 0
         self.hits = 0
         self.misses = 0
         self.bad = 0
+        self.errors = 0  # I/O errors of the cache's own files and index
+        self._troubles: set[tuple[str, type, int | None]] = set()
+        self._troubles_lock = threading.Lock()  # its own: ``_trouble`` may be called under _lock
         self._last_flush = time.monotonic()
 
-    def _open_env(self) -> lmdb.Environment:
+    def _open_index(self) -> None:
+        """Open the lmdb index; one that cannot be used is moved aside, its segments deleted,
+        and the cache starts empty (see the module docstring)."""
         path = self.dir / "index.lmdb"
-        def open_env() -> lmdb.Environment:
-            return lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=4, sync=False,
-                             metasync=False, readahead=False)
-
         try:
-            return open_env()
+            broken = self._try_open(path)
         except lmdb.Error as e:
-            aside = path.with_name(f"index.lmdb.broken-{int(time.time())}")
-            log.warning("cache index %s unreadable (%s); starting an empty cache", path, e)
-            path.rename(aside)
-            for seg in self.dir.glob("seg-*.dat"):
-                seg.unlink()
-            return open_env()
+            broken = str(e)
+        if broken is None:
+            return
+        aside = path.with_name(f"index.lmdb.broken-{int(time.time())}-{os.getpid()}")
+        log.warning("cache index %s unusable (%s); starting an empty cache", path, broken)
+        path.rename(aside)
+        for seg in self.dir.glob("seg-*.dat"):
+            seg.unlink()
+        try:
+            broken = self._try_open(path)
+        except lmdb.Error as e:
+            broken = str(e)
+        if broken is not None:
+            raise SnapfsError(f"cannot create a cache index at {path}: {broken}")
+
+    def _try_open(self, path: Path) -> str | None:
+        """Open the index at ``path`` and its databases; what is wrong with it if it is
+        truncated (closed again then). Raises lmdb.Error if lmdb refuses it."""
+        env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=4, sync=False, metasync=False,
+                        readahead=False)
+        try:
+            # every page up to last_pgno must be in the file: lmdb maps the file and would
+            # SIGBUS on reading a page past its end, killing the daemon on its first lookup
+            need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+            have = os.stat(path / "data.mdb").st_size
+            if have < need:
+                env.close()
+                return f"its data file is truncated: {have} bytes of the {need} its pages need"
+            self._blocks = env.open_db(b"blocks")
+            self._segments = env.open_db(b"segments")
+            self._members = env.open_db(b"members")
+            self._meta = env.open_db(b"meta")
+        except BaseException:
+            env.close()
+            raise
+        self._env = env
+        return None
 
     def _seg_path(self, seg: int) -> Path:
         return self.dir / f"seg-{seg:08d}.dat"
 
+    # -- calls, errors --------------------------------------------------------------------
+
+    def _enter(self) -> bool:
+        """Count a public call under way; False (do nothing) once the cache is closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._calls += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._calls -= 1
+            if not self._calls:
+                self._idle.notify_all()
+
+    def _trouble(self, doing: str, e: Exception, then: str) -> None:
+        """An I/O error of the cache's own files or index. It costs a miss or a block not cached
+        (the store serves it), and comes again for every block while it lasts (a full file
+        system, a damaged page): logged once per kind, not per block."""
+        kind = (doing, type(e), getattr(e, "errno", None))
+        with self._troubles_lock:
+            self.errors += 1
+            first = kind not in self._troubles
+            self._troubles.add(kind)
+        if first:
+            log.warning("cache %s: cannot %s (%s); %s", self.dir, doing, e, then)
+        else:
+            log.debug("cache %s: cannot %s (%s)", self.dir, doing, e)
+
+    def _read_trouble(self, doing: str, e: Exception) -> None:
+        self._trouble(doing, e, "those blocks are read from the store")
+
     # -- files ----------------------------------------------------------------------------
 
-    def _pread(self, seg: int, spans: list[tuple[int, int]]) -> list[bytes]:
-        """Read ``(offset, length)`` spans of one segment (b"" each if it is gone)."""
+    def _pread(self, seg: int, spans: list[tuple[int, int]]) -> list[bytes] | None:
+        """Read ``(offset, length)`` spans of one segment; None if the segment is gone."""
         fd = self._use_file(seg)
         if fd is None:
-            return [b""] * len(spans)
+            return None
         try:
             # one pread per block: a pread of a whole stretch and slices of it copy twice
             return [os.pread(fd, length, offset) for offset, length in spans]
         finally:
             self._done_with_file(seg)
 
-    def _preadv(self, seg: int, extents: list[tuple[int, list[memoryview]]]) -> list[int]:
+    def _preadv(self, seg: int, extents: list[tuple[int, list[memoryview]]]) -> list[int] | None:
         """Read each ``(offset, buffers)`` extent of one segment into its buffers (one preadv
-        each); how many bytes each got (0 each if the segment is gone)."""
+        each); how many bytes each got, or None if the segment is gone."""
         fd = self._use_file(seg)
         if fd is None:
-            return [0] * len(extents)
+            return None
         try:
             out = []
             for offset, buffers in extents:
@@ -176,25 +258,31 @@ class BlockCache:
                 self._trim_files()
             else:
                 self._files.move_to_end(seg)
-            self._readers[seg] = self._readers.get(seg, 0) + 1
+            self._users[seg] = self._users.get(seg, 0) + 1
             return f.fileno()
 
     def _done_with_file(self, seg: int) -> None:
         with self._lock:
-            self._readers[seg] -= 1
-            if not self._readers[seg]:
-                del self._readers[seg]
-                doomed = self._doomed.pop(seg, None)
-                if doomed is not None:
-                    doomed.close()
+            self._release_file(seg)
+
+    def _release_file(self, seg: int) -> None:
+        """One user of a segment's file is done; the last one closes it if it was retired.
+        Lock held."""
+        self._users[seg] -= 1
+        if not self._users[seg]:
+            del self._users[seg]
+            for f in self._doomed.pop(seg, []):
+                f.close()
 
     def _retire_file(self, seg: int) -> None:
-        """Stop using a segment's file: close it now, or after the preads under way. Lock held."""
+        """Stop using a segment's file: close it now, or once the preads and pwrites under way
+        are done (its fd must not be closed, and so reused by another file, under them). Lock
+        held."""
         f = self._files.pop(seg, None)
         if f is None:
             return
-        if self._readers.get(seg):
-            self._doomed[seg] = f
+        if self._users.get(seg):
+            self._doomed.setdefault(seg, []).append(f)
         else:
             f.close()
 
@@ -207,15 +295,28 @@ class BlockCache:
                 self._retire_file(seg)
 
     def _start_segment(self) -> None:
-        """Allocate a segment of our own for appends. Lock held."""
-        with self._env.begin(write=True) as txn:
-            if self._current is not None:
-                self._set_open(txn, self._current, False)
-            raw = txn.get(NEXT_SEGMENT, db=self._meta)
-            seg = SEG.unpack(raw)[0] if raw else 1
-            txn.put(NEXT_SEGMENT, SEG.pack(seg + 1), db=self._meta)
-            txn.put(SEG.pack(seg), SEGINFO.pack(0, os.getpid(), 1), db=self._segments)
-        self._files[seg] = open(self._seg_path(seg), "w+b")
+        """Allocate a segment of our own for appends. The one we appended to so far is marked
+        closed now, or by the last of the appends into it under way. Lock held."""
+        old = self._current
+        seal = old is not None and not self._appending.get(old)
+        f: IO[bytes] | None = None
+        try:
+            with self._env.begin(write=True) as txn:
+                if old is not None and seal:
+                    self._set_open(txn, old, False)
+                raw = txn.get(NEXT_SEGMENT, db=self._meta)
+                seg = SEG.unpack(raw)[0] if raw else 1
+                txn.put(NEXT_SEGMENT, SEG.pack(seg + 1), db=self._meta)
+                txn.put(SEG.pack(seg), SEGINFO.pack(0, os.getpid(), 1), db=self._segments)
+                f = open(self._seg_path(seg), "w+b")
+        except BaseException:
+            if f is not None:  # the commit failed: no record names this file
+                f.close()
+                self._seg_path(seg).unlink(missing_ok=True)
+            raise
+        if old is not None and not seal:
+            self._unsealed.add(old)
+        self._files[seg] = f
         self._current = seg
         self._append_pos = 0
 
@@ -235,13 +336,28 @@ class BlockCache:
         One lmdb read transaction for all of them, the segment files' lock taken once per
         segment, and each block checked against its xxh3-128."""
         out: list[bytes | None] = [None] * len(block_ids)
-        for seg, entries in self._locate(block_ids).items():
-            datas = self._pread(seg, [(offset, length) for offset, length, _, _ in entries])
-            for (_, length, i, digest), data in zip(entries, datas, strict=True):
-                if len(data) != length or xxhash.xxh3_128_digest(data) != digest:
-                    self._reject(block_ids[i], seg)
+        if not self._enter():
+            return out
+        try:
+            gone: list[tuple[bytes, int, int]] = []
+            bad: list[tuple[bytes, int, int]] = []
+            for seg, entries in self._locate(block_ids).items():
+                try:
+                    datas = self._pread(seg, [(offset, length) for offset, length, _, _ in entries])
+                except OSError as e:
+                    self._read_trouble("read a segment", e)
                     continue
-                out[i] = data
+                if datas is None:
+                    gone += [(block_ids[i], seg, offset) for offset, _, i, _ in entries]
+                    continue
+                for (offset, length, i, digest), data in zip(entries, datas, strict=True):
+                    if len(data) != length or xxhash.xxh3_128_digest(data) != digest:
+                        bad.append((block_ids[i], seg, offset))
+                        continue
+                    out[i] = data
+            self._forget(gone, bad)
+        finally:
+            self._leave()
         hits = sum(1 for d in out if d is not None)
         self.hits += hits
         self.misses += len(block_ids) - hits
@@ -250,11 +366,15 @@ class BlockCache:
     def _locate(self, block_ids: Sequence[bytes],
                 ) -> dict[int, list[tuple[int, int, int, bytes]]]:
         """Where the cached ones of ``block_ids`` lie, by segment: ``(offset, length, index in
-        block_ids, xxh3-128)`` each, in one lmdb read transaction."""
-        with self._env.begin() as txn:
-            get = txn.get
-            db = self._blocks
-            raws = [get(bid, db=db) for bid in block_ids]
+        block_ids, xxh3-128)`` each, in one lmdb read transaction (none if it fails)."""
+        try:
+            with self._env.begin() as txn:
+                get = txn.get
+                db = self._blocks
+                raws = [get(bid, db=db) for bid in block_ids]
+        except lmdb.Error as e:
+            self._read_trouble("look blocks up", e)
+            return {}
         by_seg: dict[int, list[tuple[int, int, int, bytes]]] = {}
         unpack = ENTRY.unpack
         for i, raw in enumerate(raws):
@@ -263,11 +383,26 @@ class BlockCache:
                 by_seg.setdefault(seg, []).append((offset, length, i, digest))
         return by_seg
 
-    def _reject(self, block_id: bytes, seg: int) -> None:
-        """A cached block failed its check on read: count it, say so, and drop it."""
-        self.bad += 1
-        log.warning("cached block %s failed its checksum; dropping it", block_id.hex()[:16])
-        self._drop(block_id, seg)
+    def _forget(self, gone: list[tuple[bytes, int, int]], bad: list[tuple[bytes, int, int]],
+                ) -> None:
+        """Drop the entries of blocks found at ``(segment, offset)`` in a segment that is gone
+        (a miss: an eviction raced the lookup) or that failed their check (counted and said),
+        unless they point elsewhere by now (cached again since: that entry is good)."""
+        if not gone and not bad:
+            return
+        self.bad += len(bad)
+        for block_id, _, _ in bad:
+            log.warning("cached block %s failed its checksum; dropping it", block_id.hex()[:16])
+        try:
+            with self._env.begin(write=True) as txn:
+                for block_id, seg, offset in gone + bad:
+                    raw = txn.get(block_id, db=self._blocks)
+                    if raw is None or ENTRY.unpack(raw)[:2] != (seg, offset):
+                        continue
+                    txn.delete(block_id, db=self._blocks)
+                    txn.delete(SEG.pack(seg) + block_id, db=self._members)
+        except lmdb.Error as e:
+            self._read_trouble("drop entries", e)
 
     def read_into(self, block_ids: Sequence[bytes], targets: Sequence[memoryview]) -> list[bool]:
         """Read each cached block straight into its target (a writable buffer as long as the
@@ -279,50 +414,75 @@ class BlockCache:
         one preadv per run of blocks that lie end to end in a segment, no copy and no
         allocation per block. The same ID may appear more than once."""
         ok = [False] * len(block_ids)
-        digest_of = xxhash.xxh3_128_digest
-        for seg, entries in self._locate(block_ids).items():
-            entries.sort()
-            extents: list[tuple[int, list[memoryview]]] = []
-            members: list[list[tuple[int, int, bytes]]] = []  # (index, length, digest) per extent
-            end = -1
-            for offset, length, i, digest in entries:
-                if length != len(targets[i]):
-                    continue  # not the block the caller expects here: a miss
-                if offset != end:
-                    extents.append((offset, []))
-                    members.append([])
-                extents[-1][1].append(targets[i])
-                members[-1].append((i, length, digest))
-                end = offset + length
-            got = self._preadv(seg, extents)
-            for n, blocks in zip(got, members, strict=True):
-                for i, length, digest in blocks:
-                    if n >= length and digest_of(targets[i]) == digest:
-                        ok[i] = True
-                    else:
-                        self._reject(block_ids[i], seg)
-                    n -= length
+        if not self._enter():
+            return ok
+        try:
+            gone: list[tuple[bytes, int, int]] = []
+            bad: list[tuple[bytes, int, int]] = []
+            digest_of = xxhash.xxh3_128_digest
+            for seg, entries in self._locate(block_ids).items():
+                entries.sort()
+                extents: list[tuple[int, list[memoryview]]] = []
+                # (index, offset, length, digest) of each block, per extent
+                members: list[list[tuple[int, int, int, bytes]]] = []
+                end = -1
+                for offset, length, i, digest in entries:
+                    if length != len(targets[i]):
+                        continue  # not the block the caller expects here: a miss
+                    if offset != end:
+                        extents.append((offset, []))
+                        members.append([])
+                    extents[-1][1].append(targets[i])
+                    members[-1].append((i, offset, length, digest))
+                    end = offset + length
+                try:
+                    got = self._preadv(seg, extents)
+                except OSError as e:
+                    self._read_trouble("read a segment", e)
+                    continue
+                if got is None:
+                    gone += [(block_ids[i], seg, offset)
+                             for blocks in members for i, offset, _, _ in blocks]
+                    continue
+                for n, blocks in zip(got, members, strict=True):
+                    for i, offset, length, digest in blocks:
+                        if n >= length and digest_of(targets[i]) == digest:
+                            ok[i] = True
+                        else:
+                            bad.append((block_ids[i], seg, offset))
+                        n -= length
+            self._forget(gone, bad)
+        finally:
+            self._leave()
         hits = sum(ok)
         self.hits += hits
         self.misses += len(block_ids) - hits
         return ok
 
     def contains(self, block_id: bytes) -> bool:
-        with self._env.begin() as txn:
-            return txn.get(block_id, db=self._blocks) is not None
+        return not self.missing([block_id])
 
     def missing(self, block_ids: list[bytes]) -> list[bytes]:
-        """The IDs of ``block_ids`` that are not cached, in order."""
-        with self._env.begin() as txn:
-            return [b for b in block_ids if txn.get(b, db=self._blocks) is None]
+        """The IDs of ``block_ids`` that are not cached, in order (all of them if the index
+        cannot be read)."""
+        if not self._enter():
+            return list(block_ids)
+        try:
+            with self._env.begin() as txn:
+                return [b for b in block_ids if txn.get(b, db=self._blocks) is None]
+        except lmdb.Error as e:
+            self._read_trouble("look blocks up", e)
+            return list(block_ids)
+        finally:
+            self._leave()
 
     # -- writes ---------------------------------------------------------------------------
 
-    def put(self, block_id: bytes, plain: bytes) -> None:
-        self.put_many([(block_id, plain)])
+    def put(self, block_id: bytes, plain: bytes) -> bool:
+        return self.put_many([(block_id, plain)])
 
     def put_many(self, items: Sequence[tuple[bytes, bytes | memoryview]],
-                 checksums: Sequence[bytes] | None = None) -> None:
+                 checksums: Sequence[bytes] | None = None) -> bool:
         """Cache each (ID, plain bytes): one append to our segment and one lmdb write
         transaction for all of them (a fetched run is cached at once: a transaction per block
         cost more than decoding it). Entries point at bytes not yet synced; the check on read
@@ -330,9 +490,26 @@ class BlockCache:
 
         ``checksums``, if given, are the xxh3-128 of each item's plain bytes, already known to
         match them (a decoded blob's header, which ``BlockCodec.decode`` checked): they are
-        not computed again."""
+        not computed again.
+
+        Whether they were cached: not if the cache cannot store them now (its file system is
+        full or failing, its index damaged: logged once per kind), nor if their segment was
+        evicted meanwhile (see the module docstring), nor once the cache is closed. That costs
+        the caller nothing but a later refetch: it has the bytes."""
         if not items:
-            return
+            return True
+        if not self._enter():
+            return False
+        try:
+            return self._put_many(items, checksums)
+        except (OSError, lmdb.Error) as e:
+            self._trouble("cache blocks", e, "blocks are served without being cached")
+            return False
+        finally:
+            self._leave()
+
+    def _put_many(self, items: Sequence[tuple[bytes, bytes | memoryview]],
+                  checksums: Sequence[bytes] | None) -> bool:
         if checksums is None:
             checksums = [xxhash.xxh3_128_digest(plain) for _, plain in items]
         nbytes = sum(len(plain) for _, plain in items)
@@ -342,10 +519,39 @@ class BlockCache:
             assert self._current is not None
             seg, start = self._current, self._append_pos
             self._append_pos += nbytes
-            f = self._files[seg]
-        _pwrite_all(f.fileno(), [plain for _, plain in items], start)
+            # the pwrite is outside the lock (it is most of the time a put takes): count it
+            # as a user of the file and an append into the segment, so that neither its fd
+            # nor its segment's record goes away under it
+            fd = self._files[seg].fileno()
+            self._users[seg] = self._users.get(seg, 0) + 1
+            self._appending[seg] = self._appending.get(seg, 0) + 1
+        try:
+            _pwrite_all(fd, [plain for _, plain in items], start)
+            total = self._record(seg, start, nbytes, items, checksums)
+        finally:
+            self._done_appending(seg)
+        if total is None:
+            log.debug("cache segment %d was evicted while blocks were written to it", seg)
+            return False
+        if total > self.capacity:
+            try:
+                self._evict()
+            except (OSError, lmdb.Error) as e:  # the blocks are cached all the same
+                self._trouble("evict segments", e, "the cache may grow past its capacity")
+        if time.monotonic() - self._last_flush > 5:
+            self.flush()
+        return True
+
+    def _record(self, seg: int, start: int, nbytes: int,
+                items: Sequence[tuple[bytes, bytes | memoryview]], checksums: Sequence[bytes],
+                ) -> int | None:
+        """The entries of blocks just written at ``start`` in ``seg``, in one transaction; the
+        cache's new total, or None (nothing recorded) if the segment's record is gone."""
         seg_key = SEG.pack(seg)
         with self._env.begin(write=True) as txn:
+            info = txn.get(seg_key, db=self._segments)
+            if info is None:  # evicted: recreating it would account bytes no file holds
+                return None
             offset = start
             for (block_id, plain), digest in zip(items, checksums, strict=True):
                 entry = ENTRY.pack(seg, offset, len(plain), digest)
@@ -356,15 +562,28 @@ class BlockCache:
                     if old_seg != seg:
                         txn.delete(SEG.pack(old_seg) + block_id, db=self._members)
                 offset += len(plain)
-            info = txn.get(seg_key, db=self._segments)
-            size, pid, is_open = SEGINFO.unpack(info) if info else (0, os.getpid(), 1)
+            size, pid, is_open = SEGINFO.unpack(info)
             grown = max(size, start + nbytes)
             txn.put(seg_key, SEGINFO.pack(grown, pid, is_open), db=self._segments)
-            total = self._add_total(txn, grown - size)
-        if total > self.capacity:
-            self._evict(total)
-        if time.monotonic() - self._last_flush > 5:
-            self.flush()
+            return self._add_total(txn, grown - size)
+
+    def _done_appending(self, seg: int) -> None:
+        """An append into ``seg`` has ended; the last one into a segment we no longer append
+        to marks it closed (evictable)."""
+        with self._lock:
+            self._release_file(seg)
+            self._appending[seg] -= 1
+            if self._appending[seg]:
+                return
+            del self._appending[seg]
+            if seg not in self._unsealed or self._closed:
+                return
+            try:
+                with self._env.begin(write=True) as txn:
+                    self._set_open(txn, seg, False)
+                self._unsealed.discard(seg)
+            except lmdb.Error as e:  # it stays open until ``close`` tries again
+                self._trouble("close a segment", e, "it is evicted once this process exits")
 
     def _add_total(self, txn: lmdb.Transaction, delta: int) -> int:
         raw = txn.get(TOTAL_BYTES, db=self._meta)
@@ -372,16 +591,16 @@ class BlockCache:
         txn.put(TOTAL_BYTES, U64.pack(total), db=self._meta)
         return total
 
-    def _drop(self, block_id: bytes, seg: int) -> None:
-        with self._env.begin(write=True) as txn:
-            txn.delete(block_id, db=self._blocks)
-            txn.delete(SEG.pack(seg) + block_id, db=self._members)
-
-    def _evict(self, total: int) -> None:
-        while total > self.capacity:
-            victim = None
-            victim_size = 0
+    def _evict(self) -> None:
+        """Evict segments, oldest first, until the total is within the capacity. The total is
+        read again in each transaction: other threads and processes evict too."""
+        while True:
             with self._env.begin(write=True) as txn:
+                raw = txn.get(TOTAL_BYTES, db=self._meta)
+                if (U64.unpack(raw)[0] if raw else 0) <= self.capacity:
+                    return
+                victim = None
+                victim_size = 0
                 for key, info in txn.cursor(db=self._segments):
                     size, pid, is_open = SEGINFO.unpack(info)
                     if is_open and (pid == os.getpid() or pid_alive(pid)):
@@ -401,7 +620,7 @@ class BlockCache:
                         if not cur.delete():
                             break
                 txn.delete(prefix, db=self._segments)
-                total = self._add_total(txn, -victim_size)
+                self._add_total(txn, -victim_size)
             with self._lock:
                 self._retire_file(victim)
             try:
@@ -424,23 +643,44 @@ class BlockCache:
             return int(txn.stat(self._blocks)["entries"])
 
     def flush(self) -> None:
-        with self._lock:
-            current = self._files.get(self._current) if self._current is not None else None
-            if current is not None:
-                try:
-                    os.fsync(current.fileno())
-                except OSError:
-                    pass
-        self._env.sync(True)
         self._last_flush = time.monotonic()
+        if not self._enter():
+            return
+        try:
+            with self._lock:
+                current = self._files.get(self._current) if self._current is not None else None
+                if current is not None:
+                    try:
+                        os.fsync(current.fileno())
+                    except OSError:
+                        pass
+            self._env.sync(True)
+        except lmdb.Error as e:
+            self._trouble("sync the index", e, "what it recorded since may be lost in a crash")
+        finally:
+            self._leave()
 
     def close(self) -> None:
+        """Flush, wait for the calls under way (at most ``CLOSE_WAIT`` seconds), and close.
+        Calls after it do nothing."""
         self.flush()
         with self._lock:
-            if self._current is not None:
+            if self._closed:
+                return
+            self._closed = True
+            if not self._idle.wait_for(lambda: not self._calls, timeout=CLOSE_WAIT):
+                # a thread is stuck in a call (a hung file system): closing lmdb under its
+                # transaction could crash the process; the process's exit closes both
+                log.warning("cache %s: calls still under way; left open", self.dir)
+                return
+            seal = list(self._unsealed) + ([self._current] if self._current is not None else [])
+            try:
                 with self._env.begin(write=True) as txn:
-                    self._set_open(txn, self._current, False)
-            for f in [*self._files.values(), *self._doomed.values()]:
+                    for seg in seal:
+                        self._set_open(txn, seg, False)
+            except lmdb.Error as e:
+                self._trouble("close a segment", e, "it is evicted once this process exits")
+            for f in [*self._files.values(), *(f for fs in self._doomed.values() for f in fs)]:
                 f.close()
             self._files.clear()
             self._doomed.clear()

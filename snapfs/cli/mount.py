@@ -21,6 +21,12 @@ def default_cache_dir() -> str:
     return os.environ.get("SNAPFS_CACHE_DIR") or os.path.expanduser("~/.cache/snapfs")
 
 
+#: the smallest ``--cache-size``: a cache must hold at least what the fetch workers write to it
+#: at once (8 runs of up to 1 MiB for reads, 4 MiB in the background) and a segment of its own
+#: (1 MiB at least), or it evicts blocks before anyone reads them back; 0, or a few KiB, is a
+#: typo, never a choice
+MIN_CACHE_SIZE = 16 << 20
+
 _DURATION_UNITS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "": 1e-3}
 _RATE_UNITS = {"": 1e6, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9,
                "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
@@ -75,12 +81,15 @@ def mount(config: CliConfig, mountpoint: str, cache_dir: str | None, cache_size:
 
     if hydrate_rate is not None and hydrate_rate <= 0:
         raise UsageError("--hydrate-rate must be a positive number of MB/s")
+    capacity = parse_size(cache_size)
+    if capacity < MIN_CACHE_SIZE:
+        raise UsageError(f"--cache-size must be at least {MIN_CACHE_SIZE >> 20}M (got {cache_size})")
     options = MountOptions(
         repository=config.require_repo(),
         endpoint_url=config.endpoint_url,
         mountpoint=mountpoint,
         cache_dir=cache_dir or default_cache_dir(),
-        cache_size=parse_size(cache_size),
+        cache_size=capacity,
         foreground=foreground,
         allow_other=allow_other,
         debug=config.debug,

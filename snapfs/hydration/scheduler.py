@@ -37,6 +37,23 @@ Rules it keeps (DESIGN.md, "Hydration order"):
 - A store that is slow or down fails a waiting read with ``StoreUnavailable`` after
   ``attempts`` tries with backoff: seconds, never forever. A corrupt blob fails at once with
   ``CorruptBlock``, logged with its ID, and is never cached.
+- A store that hangs (a dead NFS server, a stalled connection) costs an attempt after
+  ``store_timeout`` seconds: the attempt (waiting for a fetch slot, the GET, decoding and
+  caching its run) counts as failed and is retried like any store error, and its thread is
+  abandoned. An abandoned thread keeps its fetch slot (its ``_store_limiter`` token) until its
+  call returns, on purpose: however long the store hangs, at most ``fetchers`` threads hang
+  with it (releasing the slot at the timeout would add a hung thread per attempt, without
+  bound). The price: once they all hang, every fetch fails the same way, each within its own
+  timeout, even from a pack that would answer; the slots come back when the calls return
+  (S3 calls always do: the client has its own timeouts), and a call that never returns (a hard
+  NFS mount whose server never comes back) keeps its slot until the daemon restarts. An
+  abandoned attempt whose GET returns late stops there (it neither hands over nor caches; the
+  attempt after it does). A read waits at most ``attempts`` times ``store_timeout`` plus the
+  backoff for its own fetch, and longer if every worker is busy with a fetch of its own.
+- Nothing a fetch runs into ends the daemon: an error other than a ``SnapfsError`` (a bug, an
+  error a store did not wrap) is logged with its traceback and fails the fetch's reads. The
+  cache's own I/O errors cost no read at all (``BlockCache``): a block it could not store is
+  handed over all the same, and not reported cached (the sweep fetches it again later).
 - Every blob is verified (xxh3 and keyed BLAKE3 against its ID) before it is cached or returned.
 
 Trio rules: the queue and the in-flight table are touched only on the trio thread; store, cache
@@ -120,6 +137,8 @@ class HydrationConfig:
     sweep_retry: float = 30.0  # the sweep's first wait before it tries failed blocks again
     readahead_budget: int = 64 << 20  # raw bytes of read-ahead queued at once, for all images
     readahead_memory: int = 64 << 20  # plain bytes held in read-ahead buffers, for all images
+    #: seconds one fetch attempt may take (an S3 GET of a few MiB takes well under one)
+    store_timeout: float = 30.0
 
 
 @dataclass(eq=False)
@@ -694,19 +713,25 @@ class Hydrator:
                 token.run_sync_soon(self._complete, run, results, background)
 
         try:
-            results, around = await self._fetch_with_retries(
+            results, around, stored = await self._fetch_with_retries(
                 pack, wanted, early, [(f.block_id, f.loc) for f in extras])
         except SnapfsError as e:
             for f in run + extras:
-                self._finish(f, error=e)
+                if not f.done.is_set():  # a late abandoned attempt may have handed it over
+                    self._finish(f, error=e)
             return
         self._complete(run, results, background)
+        cached = [f.block_id for f, (plain, _) in zip(run, results, strict=True)
+                  if plain is not None]
         if extras:
-            self._complete_around(extras, around)
+            cached += self._complete_around(extras, around)
+        if stored:
+            self._cached(cached)
 
-    def _complete_around(self, extras: list[_Fetch], results: Pieces) -> None:
+    def _complete_around(self, extras: list[_Fetch], results: Pieces) -> list[bytes]:
         """End the read-around fetches of a run: a neighbour the cache had (no bytes, no
-        error) ends empty, and whoever joined it reads the cache."""
+        error) ends empty, and whoever joined it reads the cache. Returns the IDs of those
+        fetched."""
         cached: list[bytes] = []
         for f, (plain, error) in zip(extras, results, strict=True):
             if error is not None:
@@ -719,12 +744,12 @@ class Hydrator:
                 cached.append(f.block_id)
         self.counters.blocks_fetched += len(cached)
         self.counters.read_around_blocks += len(cached)
-        self._cached(cached)
+        return cached
 
     def _complete(self, run: list[_Fetch], results: Pieces, background: bool) -> None:
-        """Hand each fetch of a run its bytes or error (those not handed theirs already)."""
+        """Hand each fetch of a run its bytes or error (those not handed theirs already). Whether
+        they are cached is known only later: ``_fetch_run`` says so."""
         now = trio.current_time()
-        cached: list[bytes] = []
         for f, (plain, error) in zip(run, results, strict=True):
             if f.done.is_set():
                 continue
@@ -738,8 +763,6 @@ class Hydrator:
                 self.counters.background_bytes += f.loc.length
                 self._background_done.append((now, f.loc.raw_length))
             self._finish(f, data=plain)
-            cached.append(f.block_id)
-        self._cached(cached)
 
     async def _hydrate_run(self, run: _Run) -> None:
         """Fetch a background run: one GET, and one pass over its blocks on this thread."""
@@ -750,7 +773,8 @@ class Hydrator:
         span = wanted[-1][1].offset + wanted[-1][1].length - wanted[0][1].offset
         await self._rate.take(span)
         try:
-            results, _ = await self._fetch_with_retries(run.pack, wanted, None, [], copy=False)
+            results, _, kept = await self._fetch_with_retries(run.pack, wanted, None, [],
+                                                              copy=False)
         except SnapfsError as e:
             for bid, _ in wanted:  # its blocks stay missing: a later sweep queues them again
                 del self._in_runs[bid]
@@ -776,7 +800,8 @@ class Hydrator:
         self.counters.background_blocks += len(cached)
         self.counters.background_bytes += stored
         self._background_done.append((trio.current_time(), raw))
-        self._cached(cached)
+        if kept:  # if not, they stay missing too
+            self._cached(cached)
 
     def _corrupt(self, error: IntegrityError) -> None:
         self.counters.corrupt_blocks += 1
@@ -790,43 +815,61 @@ class Hydrator:
     async def _fetch_with_retries(self, pack: str, wanted: list[tuple[bytes, Location]],
                                   early: Callable[[Pieces], None] | None,
                                   around: list[tuple[bytes, Location]], copy: bool = True,
-                                  relocate: bool = True) -> tuple[Pieces, Pieces]:
-        """``_fetch_decode_cache`` on a worker thread, tried again after a store error; if the
-        pack is gone, read where the reloaded index says the blobs are now."""
+                                  relocate: bool = True) -> tuple[Pieces, Pieces, bool]:
+        """``_fetch_decode_cache`` on a worker thread, tried again after a store error or
+        after ``store_timeout`` (see the module docstring); if the pack is gone, read where the
+        reloaded index says the blobs are now. Returns (plain, error) per blob of ``wanted``
+        and of ``around``, and whether the blobs fetched were cached."""
         delay = self.config.retry_delay
+        timeout = self.config.store_timeout
         for attempt in range(1, self.config.attempts + 1):
             self.counters.requests += 1
             try:
-                latency, nbytes, results, around_results = await trio.to_thread.run_sync(
-                    self._fetch_decode_cache, pack, wanted, early, around, copy,
-                    limiter=self._store_limiter)
+                with trio.fail_after(timeout):
+                    latency, nbytes, results, around_results, stored = \
+                        await trio.to_thread.run_sync(
+                            self._fetch_decode_cache, pack, wanted, early, around, copy,
+                            limiter=self._store_limiter, abandon_on_cancel=True)
             except PackMissing:
                 self.counters.failed_requests += 1
                 if not relocate:
                     raise
-                results = await self._relocated(pack, wanted, early, copy)
-                return results, [(None, None)] * len(around)  # neighbours: a guess anyway
+                results, stored = await self._relocated(pack, wanted, early, copy)
+                return results, [(None, None)] * len(around), stored  # neighbours: a guess anyway
             except IntegrityError:
                 self.counters.failed_requests += 1
                 raise
-            except StoreError as e:
+            except (StoreError, trio.TooSlowError) as e:
                 self.counters.failed_requests += 1
+                reason = e if isinstance(e, StoreError) else \
+                    f"{self.repo.store.url}: pack {pack[:12]}: no answer in {timeout:g} s"
                 if attempt == self.config.attempts:
-                    log.warning("giving up on pack %s after %d attempts: %s", pack[:12], attempt, e)
-                    raise StoreUnavailable(f"store unavailable: {e}") from None
+                    log.warning("giving up on pack %s after %d attempts: %s", pack[:12], attempt,
+                                reason)
+                    raise StoreUnavailable(f"store unavailable: {reason}") from None
                 await trio.sleep(delay)
                 delay *= 2
                 continue
+            except SnapfsError:
+                self.counters.failed_requests += 1
+                raise
+            except Exception as e:
+                # not ours to retry (a bug, or an error a store did not wrap), and not a
+                # reason to end the daemon: the reads of this run fail, the others go on
+                self.counters.failed_requests += 1
+                log.exception("fetch from pack %s failed", pack[:12])
+                raise SnapfsError(f"fetch from pack {pack[:12]} failed: {e!r}") from e
             self.counters.bytes_fetched += nbytes
             self.latency.add(latency)
-            return results, around_results
+            return results, around_results, stored
         raise AssertionError("unreachable")
 
     async def _relocated(self, pack: str, wanted: list[tuple[bytes, Location]],
-                         early: Callable[[Pieces], None] | None, copy: bool) -> Pieces:
+                         early: Callable[[Pieces], None] | None, copy: bool,
+                         ) -> tuple[Pieces, bool]:
         """The blobs of ``wanted`` read from the packs the reloaded index names, now that
-        ``pack`` is gone (garbage collection repacked them); ``PackMissing`` again if the index
-        has them nowhere else."""
+        ``pack`` is gone (garbage collection repacked them), and whether they were cached;
+        ``PackMissing`` again if the index has them nowhere else."""
         await self.refresh_index()
         moved: list[tuple[bytes, Location]] = []
         for bid, _ in wanted:
@@ -838,28 +881,31 @@ class Hydrator:
         for i, (_, loc) in enumerate(moved):
             by_pack.setdefault(loc.pack, []).append(i)
         results: Pieces = [(None, None)] * len(wanted)
+        stored = True
         for new_pack, places in by_pack.items():
             places.sort(key=lambda i: moved[i][1].offset)
-            got, _ = await self._fetch_with_retries(new_pack, [moved[i] for i in places], None,
-                                                    [], copy, relocate=False)
+            got, _, stored_here = await self._fetch_with_retries(
+                new_pack, [moved[i] for i in places], None, [], copy, relocate=False)
+            stored = stored and stored_here
             for i, piece in zip(places, got, strict=True):
                 results[i] = piece
         if early is not None:
             early(results)
         log.info("%d blobs of pack %s read where garbage collection moved them", len(wanted),
                  pack[:12])
-        return results
+        return results, stored
 
     def _fetch_decode_cache(self, pack: str, wanted: list[tuple[bytes, Location]],
                             early: Callable[[Pieces], None] | None,
                             around: list[tuple[bytes, Location]], copy: bool = True,
-                            ) -> tuple[float, int, Pieces, Pieces]:
+                            ) -> tuple[float, int, Pieces, Pieces, bool]:
         """In a worker thread: one GET of the run (and of the blobs of ``around`` that the
         cache lacks), each blob of the run decoded and verified (then handed to ``early``, if
         given), then those of ``around``, the good ones cached together. Returns the GET's
-        latency and size, and (plain, error) per blob of the run and of ``around`` (``(None,
-        None)`` for one the cache had). ``copy=False`` (a background run, whose blocks go to
-        the cache and are let go): the run's plains are views into one buffer, no copy each."""
+        latency and size, (plain, error) per blob of the run and of ``around`` (``(None,
+        None)`` for one the cache had), and whether the cache stored the good ones.
+        ``copy=False`` (a background run, whose blocks go to the cache and are let go): the
+        run's plains are views into one buffer, no copy each."""
         lacking = set(self.cache.missing([bid for bid, _ in around])) if around else set()
         extra = [(bid, loc) for bid, loc in around if bid in lacking]
         every = sorted(wanted + extra, key=lambda w: w[1].offset) if extra else wanted
@@ -867,6 +913,7 @@ class Hydrator:
         started = time.monotonic()
         data = self.repo.fetch_run(pack, every)
         latency = time.monotonic() - started
+        trio.from_thread.check_cancelled()  # abandoned (store_timeout) while the GET hung: stop
         results, checksums = self._decode(data, start, wanted, copy)
         if early is not None:
             early(results)
@@ -880,8 +927,8 @@ class Hydrator:
             good += [(bid, plain) for (bid, _), (plain, _) in zip(extra, decoded, strict=True)
                      if plain is not None]
             checksums += extra_checksums
-        self.cache.put_many(good, checksums)
-        return latency, len(data), results, around_results
+        stored = self.cache.put_many(good, checksums)
+        return latency, len(data), results, around_results, stored
 
     def _decode(self, data: memoryview, start: int, wanted: list[tuple[bytes, Location]],
                 copy: bool = True) -> tuple[Pieces, list[bytes]]:

@@ -131,12 +131,17 @@ class Sweeper:
         return True
 
     async def _guard(self, work: object, view: ImageView | None) -> bool:
-        """Background work must not take the daemon down: log its failures and go on.
-        Returns whether it succeeded."""
+        """Background work must not take the daemon down: log its failures and go on (an
+        unexpected one with its traceback: a bug, or an error nothing below wrapped). Returns
+        whether it succeeded; what failed is tried again later (``_due``)."""
+        name = view.name if view else "catalog"
         try:
             await work  # type: ignore[misc]
         except SnapfsError as e:
-            log.warning("background work for %s stopped: %s", view.name if view else "catalog", e)
+            log.warning("background work for %s stopped: %s", name, e)
+            return False
+        except Exception:
+            log.exception("background work for %s failed", name)
             return False
         return True
 

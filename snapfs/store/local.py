@@ -53,7 +53,10 @@ class LocalStore(ObjectStore):
         except OSError as e:
             raise self._fail(e, key) from None
         try:
+            # the read fails on its own too (EIO from a bad sector, EISDIR): a store error
             return os.pread(fd, length, offset)
+        except OSError as e:
+            raise self._fail(e, key) from None
         finally:
             os.close(fd)
 
