@@ -546,3 +546,19 @@ def test_plan_runs_caps_the_span() -> None:
 def test_plan_runs_of_a_blob_not_in_the_index() -> None:
     with pytest.raises(MissingBlock):
         plan_runs([b"\x42" * 32], planned_index())
+
+
+# -- access profiles ---------------------------------------------------------------------------
+
+
+def test_access_profile_round_trip_and_damage() -> None:
+    from snapfs.format.profile import decode_profile, encode_profile
+
+    blocks = [5, 0, 70000, 3]
+    data = encode_profile(blocks)
+    assert decode_profile(data) == blocks
+    for bad in (b"", b"SNPF", data[:4] + b"", b"XXXX" + data[4:], data[:-3]):
+        with pytest.raises(CorruptBlock):
+            decode_profile(bad)
+    with pytest.raises(FormatError):
+        decode_profile(data[:4] + bytes([2]) + data[5:])

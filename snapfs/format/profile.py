@@ -25,6 +25,8 @@ def encode_profile(blocks: list[int]) -> bytes:
 
 
 def decode_profile(data: bytes) -> list[int]:
+    if len(data) < 5:
+        raise CorruptBlock("access profile is truncated")
     if data[:4] != PROFILE_MAGIC:
         raise CorruptBlock("access profile has a bad magic")
     if data[4] != PROFILE_VERSION:
