@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import os
 import random
 import shutil
@@ -289,8 +290,9 @@ def writes_held(image: Path, nblocks: int) -> int:
     return k
 
 
-#: how long a disk snapshot's upload attempts take to run out while the repository is locked
-UPLOAD_ATTEMPTS_SECONDS = 8.0
+#: how long a disk snapshot's upload attempts take to run out while the repository is locked:
+#: three attempts that each wait 10 s for the lock, 2 and 4 s apart
+UPLOAD_ATTEMPTS_SECONDS = 40.0
 
 
 @contextmanager
@@ -601,6 +603,22 @@ def test_a_disk_grown_past_an_odd_sized_snapshot(served: Served, tmp_path: Path)
     assert s.disk("g2").read_bytes() == copy.read_bytes()
 
 
+def test_an_upload_waits_for_a_short_garbage_collection(served: Served) -> None:
+    """A forget or prune holds the exclusive lock for seconds: a disk snapshot taken meanwhile
+    waits for it instead of failing (a nightly snapshot must not be lost to a nightly forget)."""
+    s = served
+    s.snapfs.ok("disk", "create", "d", "--size", "4M")
+    write_blocks(s.disk("d"), dict(zip(range(8), random_blocks(91, 8), strict=True)))
+    with uploads_held(s.snapfs):
+        proc = s.snapfs.popen("snapshot", "create", "--disk", "d", "--name", "waited", "--json")
+        time.sleep(7.0)  # longer than the retries of an attempt that fails at once (2 + 4 s)
+        assert proc.poll() is None
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["state"] == "accomplished"
+    assert same_bytes(s.export("waited"), s.copy("d", "waited"))
+
+
 def test_a_failed_upload_is_reported_and_the_next_snapshot_uploads_its_blocks(
     served: Served,
 ) -> None:
@@ -644,8 +662,7 @@ def test_a_disk_made_from_a_pending_snapshot_keeps_its_whole_chain_alive(
             s.snapfs.ok("snapshot", "create", "--disk", "d", "--name", "c2", "--no-wait")
             want = s.image("c2").read_bytes()
             s.snapfs.ok("disk", "create", "e", "--from", "c2")
-            # attempts after 0, 2 and 6 s: all three have failed by now
-            time.sleep(UPLOAD_ATTEMPTS_SECONDS)
+            time.sleep(UPLOAD_ATTEMPTS_SECONDS)  # all three attempts have failed by now
             states = {name: (d["state"], d.get("reason")) for name, d in s.snapshots().items()}
             assert states["c1"][0] == "progressing" and "locked" in states["c1"][1], states
             assert states["c2"][0] == "progressing", states

@@ -20,6 +20,8 @@ import os
 import time
 from dataclasses import dataclass
 
+import trio
+
 from snapfs.errors import ObjectNotFound, RepositoryLocked
 from snapfs.host import hostname, pid_alive
 from snapfs.repo.repository import new_id
@@ -108,18 +110,20 @@ class RepositoryLock:
         self.held = True
         return self
 
-    def acquire_waiting(self, patience: float) -> RepositoryLock:
-        """``acquire``, tried again for up to ``patience`` seconds while another holds a
-        conflicting lock (a garbage collection ends in seconds; a stale lock never does)."""
-        deadline = time.monotonic() + patience
+    async def acquire_waiting(self, patience: float,
+                              limiter: trio.CapacityLimiter | None = None) -> RepositoryLock:
+        """``acquire`` (in a worker thread), tried again for up to ``patience`` seconds while
+        another holds a conflicting lock: a garbage collection ends in seconds (a stale lock
+        never does, so the wait is bounded). The waits are trio's, so cancellable."""
+        deadline = trio.current_time() + patience
         delay = 0.1
         while True:
             try:
-                return self.acquire()
+                return await trio.to_thread.run_sync(self.acquire, limiter=limiter)
             except RepositoryLocked:
-                if time.monotonic() + delay > deadline:
+                if trio.current_time() + delay > deadline:
                     raise
-            time.sleep(delay)
+            await trio.sleep(delay)
             delay = min(2 * delay, 2.0)
 
     def refresh(self) -> None:

@@ -862,7 +862,7 @@ class DiskService:
         if snapshot_id is None or snapshot_id in self.pending:  # nothing stored to lose
             return await change()
         lock = RepositoryLock(self.repo.store, "shared", f"{doing} (snapfs daemon)")
-        await trio.to_thread.run_sync(lock.acquire_waiting, LOCK_PATIENCE)
+        await lock.acquire_waiting(LOCK_PATIENCE)
         try:
             if not await trio.to_thread.run_sync(self.repo.store.exists,
                                                  f"snapshots/{snapshot_id}"):

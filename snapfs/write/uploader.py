@@ -36,6 +36,9 @@ from snapfs.write.state import SnapshotPart
 
 log = logging.getLogger(__name__)
 
+#: seconds an upload waits for a garbage collection's exclusive lock before its attempt fails
+LOCK_PATIENCE = 10.0
+
 BATCH_BLOCKS = 256  # blocks read, hashed and compressed per step (4 MiB at 16 KiB)
 PUT_STREAMS = 4
 CPU_WORKERS = max(1, min(4, os.cpu_count() or 1))
@@ -84,7 +87,8 @@ async def upload_generation(
     started = time.monotonic()
     lock = RepositoryLock(repo.store, "shared", f"snapshot of disk {disk.name}")
     store_limiter = trio.CapacityLimiter(repo.store.concurrency)
-    await trio.to_thread.run_sync(lock.acquire, limiter=store_limiter)
+    # a forget or prune holds the exclusive lock for seconds: wait for it rather than fail
+    await lock.acquire_waiting(LOCK_PATIENCE, store_limiter)
     progress.timings["lock"] = round(time.monotonic() - started, 4)
     if fresh_index is not None:
         try:
