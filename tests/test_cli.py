@@ -436,6 +436,27 @@ def test_retention_policies_stored_in_the_repository(snapfs: Snapfs, store: Obje
                                                              EXIT_INTEGRITY)
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # a lock is a lock on both
+def test_snapshot_create_waits_for_a_short_collection(snapfs: Snapfs, store: ObjectStore,
+                                                      tmp_path: Path) -> None:
+    """A forget or prune holds the exclusive lock for seconds: a snapshot started meanwhile
+    (cron runs both at night) waits for it instead of failing."""
+    from snapfs.repo.lock import RepositoryLock
+
+    snapfs.ok("init")
+    image = random_image(tmp_path / "d.img", MiB, seed=9)
+    lock = RepositoryLock(store, "exclusive", "test: a collection").acquire()
+    try:
+        proc = snapfs.popen("snapshot", "create", image, "--name", "waited", "--json")
+        time.sleep(3.0)
+        assert proc.poll() is None  # waiting, not failed
+    finally:
+        lock.release()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["name"] == "waited"
+
+
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part
 def test_snapshot_names_fit_a_file_name_in_every_mount(snapfs: Snapfs, store: ObjectStore,
                                                        tmp_path: Path) -> None:

@@ -47,6 +47,9 @@ from snapfs.throttle import RateLimiter
 
 log = logging.getLogger(__name__)
 
+#: seconds a snapshot waits for a garbage collection's exclusive lock before it fails
+LOCK_PATIENCE = 10.0
+
 CHUNK_BYTES = 4 << 20
 CPU_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
@@ -195,7 +198,8 @@ async def create_snapshot(
     lock = RepositoryLock(repo.store, "shared", f"snapshot create of {source_path}")
     store_limiter = trio.CapacityLimiter(repo.store.concurrency)
     try:
-        await trio.to_thread.run_sync(lock.acquire, limiter=store_limiter)
+        # a forget or prune holds the exclusive lock for seconds: a scheduled snapshot waits
+        await lock.acquire_waiting(LOCK_PATIENCE, store_limiter)
         try:
             with single_error():
                 return await _create_locked(repo, source, lock, options, progress, store_limiter, started)
