@@ -36,7 +36,7 @@ from diskimages import (
     sha256_file,
     shared_image,
 )
-from mountutil import MOUNTS, MountedDaemon, mounted, wait_for
+from mountutil import MOUNTS, MountedDaemon, mounted, pid_running, wait_for
 from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error
 
 from snapfs.repo.lock import RepositoryLock
@@ -617,6 +617,32 @@ def test_an_upload_waits_for_a_short_garbage_collection(served: Served) -> None:
     assert proc.returncode == 0, err
     assert json.loads(out)["state"] == "accomplished"
     assert same_bytes(s.export("waited"), s.copy("d", "waited"))
+
+
+def test_an_upload_the_store_refuses_fails_cleanly_and_the_daemon_stays(served: Served) -> None:
+    """A pack the store will not take (here: a file stands where the packs directory was) fails
+    the upload's attempts and then its task; the daemon serves on (the store's error came out
+    of the upload as a group of errors, which ended the daemon), and the next snapshot, once
+    the store takes packs again, stores every block."""
+    s = served
+    s.snapfs.ok("disk", "create", "d", "--size", "4M")
+    write_blocks(s.disk("d"), dict(zip(range(6), random_blocks(95, 6), strict=True)))
+    packs = Path(s.snapfs.repo or "") / "packs"
+    aside = packs.with_name("packs-aside")
+    packs.rename(aside)
+    packs.write_bytes(b"")
+    try:
+        error = one_error(s.snapfs("snapshot", "create", "--disk", "d", "--name", "refused"),
+                          EXIT_GENERAL)
+        assert "snapshot failed" in error
+    finally:
+        packs.unlink()
+        aside.rename(packs)
+    assert pid_running(s.daemon.pid)
+    assert s.snapshots()["refused"]["state"] == "failed"
+    task = s.snapshot("--disk", "d", "--name", "stored")
+    assert task["state"] == "accomplished"
+    assert same_bytes(s.export("stored"), s.copy("d", "stored"))
 
 
 def test_a_failed_upload_is_reported_and_the_next_snapshot_uploads_its_blocks(

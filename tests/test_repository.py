@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -787,3 +788,26 @@ def test_export_does_not_replace_an_existing_file_unless_forced(
     assert out.read_bytes() == b"keep me"
     trio.run(export_snapshot, repo, root, str(out), True)
     assert sha256_file(out) == sha256_file(source)
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the fault is a local one
+def test_a_lock_whose_removal_fails_is_kept_to_let_go_of_later(
+    store_url: str, make_store: MakeStore, tmp_path: Path
+) -> None:
+    """A store that fails while a lock is removed (here: a directory stands where the lock
+    object's file was, so the delete fails for real) must not hide the error a ``finally`` is
+    carrying, and the holder keeps the lock to remove it once the store works again."""
+    from snapfs.repo.lock import RepositoryLock
+
+    store = make_store(store_url)
+    Repository.init(store)
+    lock = RepositoryLock(store, "shared", "test").acquire()
+    path = Path(store_url) / lock.key
+    path.unlink()
+    path.mkdir()
+    (path / "in-the-way").write_bytes(b"x")
+    assert lock.release_quietly() is False and lock.held
+    shutil.rmtree(path)
+    path.write_bytes(b"{}")  # the store works again and the object is back
+    assert lock.release_quietly() is True and not lock.held
+    assert not path.exists()

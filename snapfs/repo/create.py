@@ -205,7 +205,7 @@ async def create_snapshot(
                 return await _create_locked(repo, source, lock, options, progress, store_limiter, started)
         finally:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(lock.release, limiter=store_limiter)
+                await trio.to_thread.run_sync(lock.release_quietly, limiter=store_limiter)
     finally:
         source.close()
 

@@ -58,7 +58,7 @@ async def delete_snapshots(
         stats = await _collect(repo, limiter)
     finally:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(lock.release, limiter=limiter)
+            await trio.to_thread.run_sync(lock.release_quietly, limiter=limiter)
     return {"deleted": [r.id for r in roots], **stats}
 
 
@@ -70,7 +70,7 @@ async def collect_garbage(repo: Repository) -> dict[str, Any]:
         return await _collect(repo, limiter)
     finally:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(lock.release, limiter=limiter)
+            await trio.to_thread.run_sync(lock.release_quietly, limiter=limiter)
 
 
 def live_blobs(repo: Repository, index: BlobIndex, roots: list[SnapshotRoot]) -> set[bytes]:

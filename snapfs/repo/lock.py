@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import trio
 
-from snapfs.errors import ObjectNotFound, RepositoryLocked
+from snapfs.errors import ObjectNotFound, RepositoryLocked, SnapfsError
 from snapfs.host import hostname, pid_alive
 from snapfs.repo.repository import new_id
 from snapfs.store.base import ObjectStore
@@ -134,6 +134,19 @@ class RepositoryLock:
         if self.held:
             self.store.delete(self.key)
             self.held = False
+
+    def release_quietly(self) -> bool:
+        """``release`` for a ``finally``: a store that fails now must not hide the error that
+        is on its way out (nor turn a success into a failure). False if the lock object is
+        still there: a dead process's lock is ignored at once on its host, and everywhere once
+        ``STALE_AFTER`` has passed; a long-lived process should try again (``held`` stays)."""
+        try:
+            self.release()
+        except SnapfsError as e:
+            log.warning("could not remove the lock %s (%s); it will be let go later", self.key,
+                        e.message)
+            return False
+        return True
 
     def __enter__(self) -> RepositoryLock:
         return self.acquire()

@@ -55,6 +55,7 @@ from snapfs.image.catalog import SnapshotCatalog
 from snapfs.image.view import ImageView
 from snapfs.repo.create import default_snapshot_name, encode_chunk
 from snapfs.repo.lock import RepositoryLock
+from snapfs.repo.parallel import single_error
 from snapfs.repo.repository import BlobIndex, Repository, new_id, now_iso
 from snapfs.write.bitmap import Bitmap
 from snapfs.write.disk import ClosedGeneration, Disk, Image, PendingSnapshot, Staged, read_lower
@@ -72,6 +73,7 @@ DEPENDED_RETRY_DELAY = 30.0
 KEEP_FAILED = 20
 HOLD_RETRY = 30.0  # seconds before a hold that could not be stored is tried again
 LOCK_PATIENCE = 30.0  # seconds a disk create or rollback waits for a gc's exclusive lock
+LOCK_RETRY = 3.0  # seconds between tries to remove a lock whose removal failed
 #: while disks are read or written, uploads take at most this share of the time (the "at most
 #: ~10% of disk I/O" that cloud snapshots promise), so foreground I/O keeps the CPU and disk
 UPLOAD_SHARE_WHEN_BUSY = 0.1
@@ -147,6 +149,9 @@ class DiskService:
         self.changed: list[Callable[[str | None], None]] = []
         self._holds_stale = trio.Event()  # set when what the disks need may have changed
         self._hold_lock = trio.Lock()
+        #: repository locks whose removal failed (the store was down): let go of later, or
+        #: every garbage collection would wait for them to go stale (30 minutes)
+        self._unreleased: list[RepositoryLock] = []
         self._hold_stored: dict[str, str] | None = None  # the hold as stored, once known
         self._holder_id: str | None = None
 
@@ -231,6 +236,8 @@ class DiskService:
         return out
 
     def close(self) -> None:
+        for lock in self._unreleased:  # a last try; else they go stale (see ``repo.lock``)
+            lock.release_quietly()
         for disk in self.disks.values():
             try:
                 disk.overlay.close()
@@ -249,6 +256,7 @@ class DiskService:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._stage_ahead)
             nursery.start_soon(self._publish_holds)
+            nursery.start_soon(self._let_go_of_locks)
             task_status.started()
             async for task_id in self._queue_recv:
                 task = self.tasks.get(task_id)
@@ -600,9 +608,10 @@ class DiskService:
         while True:
             attempt += 1
             try:
-                for part in task.parts:
-                    if not part.done:
-                        await self._upload_part(task, part)
+                with single_error():  # a failing upload must be retried, never end the daemon
+                    for part in task.parts:
+                        if not part.done:
+                            await self._upload_part(task, part)
                 break
             except SnapfsError as e:
                 depended = self._depended_on(task)
@@ -695,6 +704,7 @@ class DiskService:
 
     async def _upload_part(self, task: SnapshotTask, part: SnapshotPart) -> None:
         state = self._require()
+        await self._release_leftover_locks()  # an attempt after the store came back: tidy first
         disk = self.disks[part.disk]
         closed = next(c for c in disk.closed if c.gen == part.gen)
         parent_view = None if part.parent is None else await self._find_stored(
@@ -712,7 +722,7 @@ class DiskService:
             root, packs, index_name = await upload_generation(
                 self.repo, self.hydrator.index, disk, closed, part, parent, parent_page,
                 group=task.group, tags=task.tags, progress=progress, pace=self._pace,
-                busy=self._busy, fresh_index=self._fresh_index)
+                busy=self._busy, fresh_index=self._fresh_index, unreleased=self._unreleased)
         finally:
             self._uploading -= 1
         for pack, entries in packs.items():
@@ -827,6 +837,21 @@ class DiskService:
                 continue
             await self._holds_stale.wait()
 
+    async def _let_go_of_locks(self) -> None:
+        """Remove the repository locks whose removal failed, once the store answers again."""
+        while True:
+            await trio.sleep(LOCK_RETRY)
+            await self._release_leftover_locks()
+
+    async def _release_leftover_locks(self) -> None:
+        for lock in list(self._unreleased):
+            try:
+                await trio.to_thread.run_sync(lock.release)
+            except SnapfsError:
+                continue  # said once already, by ``release_quietly``
+            self._unreleased.remove(lock)
+            log.info("let go of the lock %s at last", lock.key)
+
     async def _holder(self) -> str:
         if self._holder_id is None:
             self._holder_id = await trio.to_thread.run_sync(self._require().holder_id)
@@ -872,7 +897,8 @@ class DiskService:
             return result
         finally:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(lock.release)
+                if not await trio.to_thread.run_sync(lock.release_quietly):
+                    self._unreleased.append(lock)
 
     def _lift_stale_holds(self, holder: str) -> None:
         """Delete the holds this host left for disk states that no longer exist here (a cache

@@ -29,6 +29,7 @@ from snapfs.format.pack import KIND_DATA, KIND_PAGE
 from snapfs.repo.create import encode_chunk, refresh_lock
 from snapfs.repo.lock import RepositoryLock
 from snapfs.repo.packer import FullPack, PackAssembler, PackUploader
+from snapfs.repo.parallel import single_error
 from snapfs.repo.repository import BlobIndex, Repository, now_iso
 from snapfs.throttle import RateLimiter
 from snapfs.write.disk import ClosedGeneration, Disk
@@ -74,6 +75,7 @@ async def upload_generation(
     pace: Pacer | None = None,
     busy: Callable[[], bool] = lambda: False,
     fresh_index: Callable[[], Awaitable[BlobIndex]] | None = None,
+    unreleased: list[RepositoryLock] | None = None,
 ) -> tuple[SnapshotRoot, dict[str, list], str | None]:
     """Store ``closed`` as snapshot ``part.snapshot_id``; return its root, the packs it added
     and the name of the index object naming them (for the caller's index). ``parent_page(p)``
@@ -90,24 +92,23 @@ async def upload_generation(
     # a forget or prune holds the exclusive lock for seconds: wait for it rather than fail
     await lock.acquire_waiting(LOCK_PATIENCE, store_limiter)
     progress.timings["lock"] = round(time.monotonic() - started, 4)
-    if fresh_index is not None:
-        try:
-            index = await fresh_index()
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(lock.release, limiter=store_limiter)
-            raise
-        progress.timings["index_checked"] = round(time.monotonic() - started, 4)
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(refresh_lock, lock, store_limiter)
-            root, packs, index_name = await _upload(
-                repo, index, disk, closed, part, parent, parent_page, group, tags, progress,
-                trusted, rate, store_limiter, pace, busy)
-            nursery.cancel_scope.cancel()
+        if fresh_index is not None:
+            index = await fresh_index()
+            progress.timings["index_checked"] = round(time.monotonic() - started, 4)
+        # the store's error, not trio's group of it: the caller retries a SnapfsError
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(refresh_lock, lock, store_limiter)
+                root, packs, index_name = await _upload(
+                    repo, index, disk, closed, part, parent, parent_page, group, tags,
+                    progress, trusted, rate, store_limiter, pace, busy)
+                nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(lock.release, limiter=store_limiter)
+            released = await trio.to_thread.run_sync(lock.release_quietly, limiter=store_limiter)
+            if not released and unreleased is not None:
+                unreleased.append(lock)  # the store failed: the caller lets go of it later
     root.stats["seconds"] = round(time.monotonic() - started, 3)
     root.stats["timings"] = progress.timings
     return root, packs, index_name
