@@ -616,10 +616,7 @@ class _Restorer:
                 self.report.restored += 1
                 self.report.links += 1
                 return
-            try:
-                source = os.open(name, _READ_FLAGS, dir_fd=parent.source_fd)
-            except OSError as e:
-                raise _EntryFailed(f"cannot open it in the snapshot: {e.strerror}") from None
+            source = _open_in_snapshot(name, _READ_FLAGS, parent.source_fd)
             try:
                 sst = os.fstat(source)
                 if not stat.S_ISREG(sst.st_mode):
@@ -755,10 +752,7 @@ class _Restorer:
             parent_fd = self.target_dir(parent)
             if self.conflict(parent_fd, name):
                 return
-            try:
-                source = os.open(name, _PATH_FLAGS, dir_fd=parent.source_fd)
-            except OSError as e:
-                raise _EntryFailed(f"cannot open it in the snapshot: {e.strerror}") from None
+            source = _open_in_snapshot(name, _PATH_FLAGS, parent.source_fd)
             try:
                 sst = os.fstat(source)
                 if stat.S_IFMT(sst.st_mode) != kind or sst.st_rdev != st.st_rdev:
@@ -919,6 +913,13 @@ def _data_runs(data: bytes) -> Iterator[tuple[int, int]]:
             run = block
     if run is not None:
         yield run, len(data)
+
+
+def _open_in_snapshot(name: str, flags: int, dir_fd: int) -> int:
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except OSError as e:
+        raise _EntryFailed(f"cannot open it in the snapshot: {e.strerror}") from None
 
 
 def _list_names(fd: int) -> list[str]:

@@ -10,11 +10,10 @@ one object ``holds/HOLDER-ID`` in the repository naming them; ``snapshot delete`
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
 
-from snapfs.errors import CorruptBlock, FormatError
+from snapfs.errors import CorruptBlock
+from snapfs.format.versioned import decode_versioned, encode_versioned
 
 HOLD_FORMAT = "snapfs-hold"
 HOLD_VERSION = 1
@@ -29,21 +28,11 @@ class Hold:
     machine: str = ""  # /etc/machine-id of the host, where it has one
 
     def encode(self) -> bytes:
-        doc: dict[str, Any] = {"format": HOLD_FORMAT, "version": HOLD_VERSION, "host": self.host,
-                               "machine": self.machine, "state": self.state,
-                               "updated": self.updated, "snapshots": self.snapshots}
-        return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+        return encode_versioned(HOLD_FORMAT, HOLD_VERSION, asdict(self), sort_keys=True)
 
     @classmethod
     def decode(cls, data: bytes) -> Hold:
-        try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            raise CorruptBlock("hold is not valid JSON") from None
-        if not isinstance(doc, dict) or doc.get("format") != HOLD_FORMAT:
-            raise CorruptBlock("object is not a snapfs hold")
-        if doc.get("version") != HOLD_VERSION:
-            raise FormatError(f"unknown hold version {doc.get('version')}")
+        doc = decode_versioned(data, HOLD_FORMAT, HOLD_VERSION, "hold")
         snapshots = doc.get("snapshots")
         if not isinstance(snapshots, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in snapshots.items()):

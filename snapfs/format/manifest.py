@@ -12,13 +12,13 @@ repository and it is written exactly once, after every page and block it names i
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from snapfs.errors import CorruptBlock, FormatError, UsageError
 from snapfs.format.block import ID_SIZE, ZERO_ID
+from snapfs.format.versioned import decode_versioned, encode_versioned
 
 PAGE_MAGIC = b"SNMP"
 PAGE_VERSION = 1
@@ -99,21 +99,12 @@ class SnapshotRoot:
         return -(-self.size // self.block_size)
 
     def encode(self) -> bytes:
-        doc = {"format": ROOT_FORMAT, "version": ROOT_VERSION, **asdict(self)}
-        return json.dumps(doc, separators=(",", ":")).encode()
+        return encode_versioned(ROOT_FORMAT, ROOT_VERSION, asdict(self))
 
     @classmethod
     def decode(cls, data: bytes) -> SnapshotRoot:
-        try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            raise CorruptBlock("snapshot root is not valid JSON") from None
-        if not isinstance(doc, dict) or doc.get("format") != ROOT_FORMAT:
-            raise CorruptBlock("object is not a snapfs snapshot root")
-        if doc.get("version") != ROOT_VERSION:
-            raise FormatError(f"unknown snapshot format version {doc.get('version')}")
-        doc.pop("format")
-        doc.pop("version")
+        doc = decode_versioned(data, ROOT_FORMAT, ROOT_VERSION, "snapshot root",
+                               "snapshot format")
         known = set(cls.__dataclass_fields__)
         try:
             root = cls(**{k: v for k, v in doc.items() if k in known})

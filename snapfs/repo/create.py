@@ -38,7 +38,7 @@ from snapfs.format.manifest import (
 )
 from snapfs.format.pack import KIND_DATA, KIND_PAGE
 from snapfs.progress import NO_PROGRESS, Progress
-from snapfs.repo.lock import REFRESH_EVERY, RepositoryLock
+from snapfs.repo.lock import REFRESH_EVERY, SNAPSHOT_LOCK_PATIENCE, RepositoryLock
 from snapfs.repo.packer import FullPack, PackAssembler, PackUploader
 from snapfs.repo.parallel import single_error
 from snapfs.repo.repository import BlobIndex, Repository, new_id, now_iso
@@ -46,9 +46,6 @@ from snapfs.repo.source import Source
 from snapfs.throttle import RateLimiter
 
 log = logging.getLogger(__name__)
-
-#: seconds a snapshot waits for a garbage collection's exclusive lock before it fails
-LOCK_PATIENCE = 10.0
 
 CHUNK_BYTES = 4 << 20
 CPU_WORKERS = max(1, min(4, os.cpu_count() or 1))
@@ -199,7 +196,7 @@ async def create_snapshot(
     store_limiter = trio.CapacityLimiter(repo.store.concurrency)
     try:
         # a forget or prune holds the exclusive lock for seconds: a scheduled snapshot waits
-        await lock.acquire_waiting(LOCK_PATIENCE, store_limiter)
+        await lock.acquire_waiting(SNAPSHOT_LOCK_PATIENCE, store_limiter)
         try:
             with single_error():
                 return await _create_locked(repo, source, lock, options, progress, store_limiter, started)

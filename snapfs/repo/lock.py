@@ -30,6 +30,9 @@ from snapfs.store.base import ObjectStore
 log = logging.getLogger(__name__)
 
 STALE_AFTER = 30 * 60
+#: seconds a snapshot (``snapshot create``, a disk's upload attempt) waits for a garbage
+#: collection's exclusive lock before it fails: a forget or prune holds it for seconds
+SNAPSHOT_LOCK_PATIENCE = 10.0
 REFRESH_EVERY = 5 * 60
 
 

@@ -35,14 +35,14 @@ disk keeps what its policy says. Stored as JSON with a format name and a version
 from __future__ import annotations
 
 import calendar
-import json
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
 
-from snapfs.errors import CorruptBlock, FormatError, UsageError
+from snapfs.errors import CorruptBlock, UsageError
 from snapfs.format.manifest import SnapshotRoot
+from snapfs.format.versioned import decode_versioned, encode_versioned
 
 #: the periods a ``keep-PERIOD N`` rule counts, and how a snapshot's local time falls into one
 PERIODS: dict[str, Callable[[datetime], tuple[int, ...]]] = {
@@ -138,19 +138,11 @@ class RetentionPolicy:
                          for name, v in self.rules().items()) or "no rules"
 
     def encode(self) -> bytes:
-        return json.dumps({"format": POLICY_FORMAT, "version": POLICY_VERSION,
-                           "keep": self.rules()}, separators=(",", ":")).encode()
+        return encode_versioned(POLICY_FORMAT, POLICY_VERSION, {"keep": self.rules()})
 
     @classmethod
     def decode(cls, data: bytes) -> RetentionPolicy:
-        try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            raise CorruptBlock("retention policy is not valid JSON") from None
-        if not isinstance(doc, dict) or doc.get("format") != POLICY_FORMAT:
-            raise CorruptBlock("object is not a snapfs retention policy")
-        if doc.get("version") != POLICY_VERSION:
-            raise FormatError(f"unknown retention policy version {doc.get('version')}")
+        doc = decode_versioned(data, POLICY_FORMAT, POLICY_VERSION, "retention policy")
         # Strict: a policy read wrongly keeps less than it says, and forget deletes the rest.
         keep = doc.get("keep")
         malformed = CorruptBlock("retention policy has malformed rules")

@@ -27,7 +27,7 @@ from snapfs.format.block import ZERO_ID
 from snapfs.format.manifest import DEFAULT_ENTRIES_PER_PAGE, SnapshotRoot, encode_page
 from snapfs.format.pack import KIND_DATA, KIND_PAGE
 from snapfs.repo.create import encode_chunk, refresh_lock
-from snapfs.repo.lock import RepositoryLock
+from snapfs.repo.lock import SNAPSHOT_LOCK_PATIENCE, RepositoryLock
 from snapfs.repo.packer import FullPack, PackAssembler, PackUploader
 from snapfs.repo.parallel import single_error
 from snapfs.repo.repository import BlobIndex, Repository, now_iso
@@ -36,9 +36,6 @@ from snapfs.write.disk import ClosedGeneration, Disk
 from snapfs.write.state import SnapshotPart
 
 log = logging.getLogger(__name__)
-
-#: seconds an upload waits for a garbage collection's exclusive lock before its attempt fails
-LOCK_PATIENCE = 10.0
 
 BATCH_BLOCKS = 256  # blocks read, hashed and compressed per step (4 MiB at 16 KiB)
 PUT_STREAMS = 4
@@ -90,7 +87,7 @@ async def upload_generation(
     lock = RepositoryLock(repo.store, "shared", f"snapshot of disk {disk.name}")
     store_limiter = trio.CapacityLimiter(repo.store.concurrency)
     # a forget or prune holds the exclusive lock for seconds: wait for it rather than fail
-    await lock.acquire_waiting(LOCK_PATIENCE, store_limiter)
+    await lock.acquire_waiting(SNAPSHOT_LOCK_PATIENCE, store_limiter)
     progress.timings["lock"] = round(time.monotonic() - started, 4)
     try:
         if fresh_index is not None:
