@@ -258,6 +258,11 @@ class MountDaemon:
             return {"ok": False, "code": e.exit_code, "error": e.message}
         except (KeyError, TypeError) as e:
             return {"ok": False, "code": 2, "error": f"malformed {op} request: {e}"}
+        except Exception as e:  # a bug: the client says so in one line, the log has the rest
+            log.exception("control request %r failed", op)
+            return {"ok": False, "code": 1,
+                    "error": f"the daemon failed to answer {op!r} ({type(e).__name__}: {e}); "
+                             f"its log {self.files.log_file(self.options.cache_dir)} has the details"}
 
     async def stats(self) -> dict[str, Any]:
         cache = await trio.to_thread.run_sync(self._cache_stats)
@@ -287,6 +292,9 @@ class MountDaemon:
             "misses": self.cache.misses,
             "bad": self.cache.bad,
             "errors": self.cache.errors,  # of its own files and index (each cost a miss)
+            "reserve": self.cache.reserve,  # bytes of its file system it leaves free
+            "free": self.cache.free_space(),
+            "short_of_space": self.cache.short_of_space,  # caching paused to keep the reserve
         }
 
 

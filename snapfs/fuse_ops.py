@@ -16,8 +16,8 @@ blocks the trio thread.
 The rules it keeps:
 
 - One error boundary (``_errno_boundary``): only ``pyfuse3.FUSEError`` leaves a handler. A
-  ``SnapfsError`` becomes EIO and is logged with its message; anything else becomes EIO and is
-  logged with its traceback. ``forget`` never raises.
+  ``SnapfsError`` becomes EIO (``NoSpace``, a disk's state on a full file system: ENOSPC) and
+  is logged with its message; anything else becomes EIO and is logged with its traceback. ``forget`` never raises.
 - Snapshots are immutable, so open files get ``keep_cache`` and entries and attributes get long
   timeouts. A name can only come to mean another image if its snapshot is deleted and a new one
   takes the name; the catalog then hands out a new ``ImageView``, which gets a new inode, and the
@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import pyfuse3
 
-from snapfs.errors import SnapfsError
+from snapfs.errors import NoSpace, SnapfsError
 from snapfs.image.view import ImageView
 
 if TYPE_CHECKING:
@@ -112,7 +112,9 @@ def _errno_boundary(
             raise
         except SnapfsError as e:
             log.error("%s%r failed: %s", handler.__name__, args, e.message)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            # a disk whose state's file system is full says so, as a full disk would
+            raise pyfuse3.FUSEError(errno.ENOSPC if isinstance(e, NoSpace) else errno.EIO) \
+                from None
         except Exception as e:
             log.exception("%s%r failed unexpectedly: %s", handler.__name__, args, e)
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -5,13 +5,14 @@ truncated index, an unreadable segment), which must cost misses, never a failed 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -478,32 +479,117 @@ def test_an_unreadable_segment_is_a_miss(tmp_path: Path, caplog: pytest.LogCaptu
     cache.close()
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs: a cache directory whose file system fills up for real."""
-    with tmpfs(tmp_path / "small", "2M") as mountpoint:
-        yield mountpoint
+@pytest.mark.root
+@pytest.mark.skipif(not have_root(), reason="needs root (tmpfs)")
+def test_a_cache_file_system_that_runs_out_leaves_blocks_uncached(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """ENOSPC that no free-space check foresees: a tmpfs with room for bytes but for six
+    files (its root, the cache's directory and index, lmdb's two files, one segment)."""
+    with tmpfs(tmp_path / "small", "2M", inodes=6) as small:
+        cache = BlockCache(small / "c", capacity=1 << 30, segment_size=1 << 20)
+        try:  # (closed whatever happens: an open cache would keep the tmpfs busy)
+            runs = [[block(64 * r + i) for i in range(16)] for r in range(16)]  # 16 x 256 KiB
+            stored = [cache.put_many(run) for run in runs]
+            assert stored == [True] * 4 + [False] * 12  # one segment's worth, then no file
+            for run, ok in zip(runs, stored, strict=True):
+                # what was stored reads back; what was not is not there (nor recorded, nor
+                # half-read)
+                want = [data for _, data in run] if ok else [None] * len(run)
+                assert cache.get_many([bid for bid, _ in run]) == want
+            assert cache.bad == 0
+            warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+            assert len(warnings) == 1 and "No space left on device" in warnings[0], warnings
+            assert warnings[0].endswith("blocks are served without being cached")
+        finally:
+            cache.close()
+
+
+def fill(cache: BlockCache, first: int, count: int) -> tuple[list[list[tuple[bytes, bytes]]],
+                                                             list[bool]]:
+    """``count`` runs of 16 blocks (256 KiB) put into ``cache``, and whether each was cached."""
+    runs = [[block(64 * r + i) for i in range(16)] for r in range(first, first + count)]
+    return runs, [cache.put_many(run) for run in runs]
+
+
+def cached(cache: BlockCache, run: list[tuple[bytes, bytes]]) -> bool:
+    got = cache.get_many([bid for bid, _ in run])
+    assert got in ([data for _, data in run], [None] * len(run))  # whole runs, right bytes
+    return got[0] is not None
 
 
 @pytest.mark.root
 @pytest.mark.skipif(not have_root(), reason="needs root (tmpfs)")
-def test_a_full_cache_file_system_leaves_blocks_uncached(small_tmpfs: Path,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
-    cache = BlockCache(small_tmpfs / "c", capacity=1 << 30, segment_size=1 << 20)
-    try:  # (closed whatever happens: an open cache would keep the tmpfs busy)
-        runs = [[block(64 * r + i) for i in range(16)] for r in range(16)]  # 4 MiB into 2 MiB
-        stored = [cache.put_many(run) for run in runs]
-        assert stored[0] and not stored[-1]
-        for run, ok in zip(runs, stored, strict=True):
-            # what was stored reads back; what was not is not there (nor recorded, nor half-read)
-            want = [data for _, data in run] if ok else [None] * len(run)
-            assert cache.get_many([bid for bid, _ in run]) == want
-        assert cache.bad == 0
-        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-        assert len(warnings) == 1 and "No space left on device" in warnings[0], warnings
-        assert warnings[0].endswith("blocks are served without being cached")
-    finally:
-        cache.close()
+def test_a_cache_larger_than_its_file_system_keeps_the_reserve_free_and_keeps_caching(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with tmpfs(tmp_path / "small", "8M") as small:
+        cache = BlockCache(small / "c", capacity=1 << 30, reserve=2 << 20)
+        try:
+            assert cache.segment_size == 1 << 20  # a sixteenth of the file system (at least 1M)
+            frees = []
+            runs, stored = [], []
+            for r in range(64):  # 16 MiB through an 8 MiB file system
+                more, ok = fill(cache, r, 1)
+                runs += more
+                stored += ok
+                frees.append(cache.free_space())
+            assert all(stored)
+            # the reserve stays free (less at most lmdb's growth in the put that checked it)
+            assert min(frees) >= (2 << 20) - (256 << 10), frees
+            assert not cache.short_of_space and cache.errors == 0
+            held = [cached(cache, run) for run in runs]
+            assert held[-8:] == [True] * 8  # the newest stay, the oldest went
+            assert held[:16] == [False] * 16
+            assert 2 << 20 < cache.size <= 6 << 20
+            assert not [r for r in caplog.records if r.levelno >= 30]
+        finally:
+            cache.close()
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not have_root(), reason="needs root (tmpfs)")
+def test_caching_pauses_while_others_hold_the_space_and_resumes_once_it_is_back(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="snapfs.cache")
+    with tmpfs(tmp_path / "small", "8M") as small:
+        cache = BlockCache(small / "c", capacity=1 << 30, reserve=2 << 20)
+        try:
+            ballast = small / "ballast"  # someone else's: room for half a run beyond the reserve
+            ballast.write_bytes(b"x" * (cache.free_space() - (2 << 20) - (128 << 10)))
+            runs, ok = fill(cache, 0, 4)
+            assert ok == [False] * 4 and cache.short_of_space
+            assert not any(cached(cache, run) for run in runs)
+            assert cache.free_space() >= 2 << 20  # it never ate the reserve
+            warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+            assert len(warnings) == 1, warnings
+            assert "cannot keep 2 MiB of its file system free" in warnings[0]
+            ballast.unlink()
+            runs, ok = fill(cache, 4, 4)
+            assert all(ok) and all(cached(cache, run) for run in runs)
+            assert not cache.short_of_space
+            assert any("caching resumed" in r.getMessage() for r in caplog.records)
+        finally:
+            cache.close()
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not have_root(), reason="needs root (tmpfs)")
+def test_ensure_free_evicts_the_oldest_segments_for_a_disk(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "small", "16M") as small:
+        cache = BlockCache(small / "c", capacity=1 << 30, reserve=1 << 20)
+        try:
+            runs, ok = fill(cache, 0, 40)  # 10 MiB
+            assert all(ok)
+            assert cache.ensure_free(1 << 20)  # there is room: nothing goes
+            assert all(cached(cache, run) for run in runs)
+            assert cache.ensure_free(9 << 20)
+            assert cache.free_space() >= 10 << 20
+            held = [cached(cache, run) for run in runs]
+            assert held[-4:] == [True] * 4 and held[0] is False
+            assert held == sorted(held)  # oldest first
+            assert not cache.ensure_free(64 << 20)  # more than the file system has
+            assert cache.size == 1 << 20 or cache.size < 2 << 20  # all but the open segment
+        finally:
+            cache.close()
 
 
 # -- a damaged index at open ----------------------------------------------------------------------

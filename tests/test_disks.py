@@ -37,7 +37,7 @@ from diskimages import (
     shared_image,
 )
 from mountutil import MOUNTS, MountedDaemon, mounted, pid_running, wait_for
-from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error
+from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error, tmpfs
 
 from snapfs.repo.lock import RepositoryLock
 from snapfs.repo.repository import Repository
@@ -834,6 +834,34 @@ def test_kill_9_with_two_snapshots_waiting_to_upload_stores_both_after_the_resta
         assert same_bytes(s.export("c2"), at_c2)
         assert same_bytes(s.copy("d", "after"), final)
         assert s.disks()["d"]["blocks_changed"] == 3
+
+
+def test_a_disk_on_a_full_cache_file_system_takes_the_space_the_cache_held(
+        snapfs: Snapfs, tmp_path: Path, base_image: Path) -> None:
+    """The cache holds copies, a disk's written blocks the only one: on a file system too small
+    for both, the cache gives way rather than fail the disk's writes (ENOSPC, EIO in the
+    guest's filesystem), and reads what it gave up from the store again."""
+    with tmpfs(tmp_path / "small", "48M") as small, \
+            serving(snapfs, tmp_path, "--cache-size", "1G", cache=str(small / "cache")) as s:
+        s.snapfs.ok("disk", "create", "d", "--from", "vm-1")
+        assert sha256_file(s.disk("d")) == sha256_file(base_image)  # every block now cached
+        cached = s.snapfs.json("stats", s.mountpoint)["cache"]["bytes"]
+        free = shutil.disk_usage(small).free
+        assert cached > 16 * MiB and free < 24 * MiB
+        count = 28 * MiB // BS  # more than is free, less than is free with the cache gone
+        nblocks = os.path.getsize(base_image) // BS
+        written = dict(zip(range(nblocks - count, nblocks), random_blocks(5, count),
+                           strict=True))
+        write_blocks(s.disk("d"), written)  # fsync'd: would fail with ENOSPC
+        assert read_blocks(s.disk("d"), list(written)) == written
+        cache = s.snapfs.json("stats", s.mountpoint)["cache"]
+        assert cache["bytes"] < cached - 8 * MiB
+        assert cache["free"] >= cache["reserve"] > 0
+        # the blocks it gave up come from the store again, right
+        expected = tmp_path / "expected.img"
+        shutil.copyfile(base_image, expected)
+        write_blocks(expected, written)
+        assert sha256_file(s.disk("d")) == sha256_file(expected)
 
 
 def test_a_disk_whose_size_is_not_a_multiple_of_the_block_size(served: Served) -> None:

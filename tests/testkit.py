@@ -106,12 +106,14 @@ async def wait_until(condition: Callable[[], bool], seconds: float) -> None:
 
 
 @contextmanager
-def tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` (``2M``) at ``mountpoint`` (created) while the block runs: a file
-    system that fills up for real. Needs root. Detached lazily at the end, so that a failed
-    test that left a file open in it leaves no mount behind once the file is closed."""
+def tmpfs(mountpoint: Path, size: str, inodes: int | None = None) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``2M``) and at most ``inodes`` files and directories (its root
+    included) at ``mountpoint`` (created) while the block runs: a file system that fills up
+    for real. Needs root. Detached lazily at the end, so that a failed test that left a file
+    open in it leaves no mount behind once the file is closed."""
     mountpoint.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
+    options = f"size={size}" + (f",nr_inodes={inodes}" if inodes else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mountpoint)],
                    check=True)
     try:
         yield mountpoint

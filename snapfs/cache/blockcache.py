@@ -23,7 +23,15 @@ SIGBUS on the first read of a missing page).
 
 Eviction is by segment, oldest first (a FIFO of segments, as log-structured caches do): when the
 total passes the capacity, the oldest segment that no live process is still appending to loses
-its entries and its file is unlinked. A segment this process has stopped appending to is marked
+its entries and its file is unlinked.
+
+The cache also keeps ``reserve`` bytes of its file system free (by default 5% of it, at most
+2 GiB, as cachefilesd culls below a share of free space): before each append it evicts until
+the append leaves that much, and if it cannot (nothing left to evict, the space taken by
+others), it caches nothing until there is room again, and says so once. Its capacity is a cap,
+not a promise: a host whose disk is fuller than the cache's capacity allows gets a smaller
+cache, not a full disk. Writable disks keep their overlays beside the cache and ask it to give
+way (``ensure_free``) before they write: the cache holds copies, a disk the only one. A segment this process has stopped appending to is marked
 closed (and so may be evicted) only once the appends into it under way have ended: a write never
 loses its file, and never its segment's record, which it would otherwise have to recreate for
 bytes no file holds. (Should another process evict it anyway, judging this one dead, the write
@@ -51,7 +59,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -74,6 +82,8 @@ MAP_SIZE = 1 << 36  # address space only; lmdb grows the file as needed
 OPEN_FILES = 64
 IOV_MAX = 1024
 CLOSE_WAIT = 10.0  # seconds ``close`` waits for the calls under way
+RESERVE_SHARE = 0.05  # of the cache's file system kept free, by default ...
+RESERVE_MAX = 2 << 30  # ... up to this much
 
 
 def _pwrite_all(fd: int, parts: list[bytes | memoryview], offset: int) -> None:
@@ -95,18 +105,27 @@ def _pwrite_all(fd: int, parts: list[bytes | memoryview], offset: int) -> None:
 class BlockCache:
     def __init__(
         self, directory: str | os.PathLike[str], capacity: int,
-        segment_size: int = DEFAULT_SEGMENT_SIZE,
+        segment_size: int = DEFAULT_SEGMENT_SIZE, reserve: int | None = None,
     ) -> None:
         self.dir = Path(directory)
         self.capacity = capacity
-        self.segment_size = min(segment_size, max(capacity // 4, 1 << 20))
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe = self.dir / f".write-test-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
+            fs = os.statvfs(self.dir)
         except OSError as e:
             raise SnapfsError(f"cache directory {self.dir} is not writable: {e.strerror}") from None
+        fs_size = fs.f_blocks * fs.f_frsize
+        #: bytes of its file system the cache leaves free (see the module docstring)
+        self.reserve = min(int(fs_size * RESERVE_SHARE), RESERVE_MAX) if reserve is None \
+            else reserve
+        # a segment is the unit of eviction: small enough that evicting one frees a useful
+        # share of a small file system, and that the one being appended to never fills it
+        self.segment_size = min(segment_size, max(capacity // 4, 1 << 20),
+                                max(fs_size // 16, 1 << 20))
+        self.short_of_space = False  # caching paused: the reserve could not be kept
         self._open_index()
         self._lock = threading.Lock()  # guards the append position and the file table
         self._idle = threading.Condition(self._lock)  # notified when the last call under way ends
@@ -513,6 +532,8 @@ class BlockCache:
         if checksums is None:
             checksums = [xxhash.xxh3_128_digest(plain) for _, plain in items]
         nbytes = sum(len(plain) for _, plain in items)
+        if not self._room_for(nbytes):
+            return False
         with self._lock:
             if self._current is None or self._append_pos >= self.segment_size:
                 self._start_segment()
@@ -594,40 +615,101 @@ class BlockCache:
     def _evict(self) -> None:
         """Evict segments, oldest first, until the total is within the capacity. The total is
         read again in each transaction: other threads and processes evict too."""
-        while True:
-            with self._env.begin(write=True) as txn:
-                raw = txn.get(TOTAL_BYTES, db=self._meta)
-                if (U64.unpack(raw)[0] if raw else 0) <= self.capacity:
-                    return
-                victim = None
-                victim_size = 0
-                for key, info in txn.cursor(db=self._segments):
-                    size, pid, is_open = SEGINFO.unpack(info)
-                    if is_open and (pid == os.getpid() or pid_alive(pid)):
-                        continue  # someone still appends to it
-                    victim, victim_size = SEG.unpack(key)[0], size
-                    break
-                if victim is None:
-                    return
-                prefix = SEG.pack(victim)
-                cur = txn.cursor(db=self._members)
-                if cur.set_range(prefix):
-                    while cur.key()[:4] == prefix:
-                        block_id = cur.key()[4:]
-                        raw = txn.get(block_id, db=self._blocks)
-                        if raw is not None and ENTRY.unpack(raw)[0] == victim:
-                            txn.delete(block_id, db=self._blocks)
-                        if not cur.delete():
-                            break
-                txn.delete(prefix, db=self._segments)
-                self._add_total(txn, -victim_size)
-            with self._lock:
-                self._retire_file(victim)
-            try:
-                self._seg_path(victim).unlink()
-            except FileNotFoundError:
-                pass
-            log.debug("evicted cache segment %d", victim)
+        while self._evict_oldest(lambda total: total > self.capacity):
+            pass
+
+    def _evict_oldest(self, needed: Callable[[int], bool]) -> int:
+        """Evict the oldest segment that no live process appends to, if ``needed`` of the
+        cache's total (read in the same transaction) says so. Its size (at least 1), or 0 if
+        nothing was evicted."""
+        with self._env.begin(write=True) as txn:
+            raw = txn.get(TOTAL_BYTES, db=self._meta)
+            if not needed(U64.unpack(raw)[0] if raw else 0):
+                return 0
+            victim = None
+            victim_size = 0
+            for key, info in txn.cursor(db=self._segments):
+                size, pid, is_open = SEGINFO.unpack(info)
+                if is_open and (pid == os.getpid() or pid_alive(pid)):
+                    continue  # someone still appends to it
+                victim, victim_size = SEG.unpack(key)[0], size
+                break
+            if victim is None:
+                return 0
+            prefix = SEG.pack(victim)
+            cur = txn.cursor(db=self._members)
+            if cur.set_range(prefix):
+                while cur.key()[:4] == prefix:
+                    block_id = cur.key()[4:]
+                    raw = txn.get(block_id, db=self._blocks)
+                    if raw is not None and ENTRY.unpack(raw)[0] == victim:
+                        txn.delete(block_id, db=self._blocks)
+                    if not cur.delete():
+                        break
+            txn.delete(prefix, db=self._segments)
+            self._add_total(txn, -victim_size)
+        with self._lock:
+            self._retire_file(victim)
+        try:
+            self._seg_path(victim).unlink()
+        except FileNotFoundError:
+            pass
+        log.debug("evicted cache segment %d", victim)
+        return max(victim_size, 1)
+
+    # -- free space -----------------------------------------------------------------------
+
+    def free_space(self) -> int:
+        """Bytes of the cache's file system that ordinary writers may still use."""
+        fs = os.statvfs(self.dir)
+        return fs.f_bavail * fs.f_frsize
+
+    def ensure_free(self, nbytes: int) -> bool:
+        """Evict the oldest segments until the cache's file system has ``nbytes`` free beyond
+        ``reserve`` (a disk's overlay is about to grow by that much); whether it has. Costs one
+        ``statvfs`` when there is room. Blocking, thread-safe."""
+        if not self._enter():
+            return False
+        try:
+            return self._make_room(nbytes)
+        except (OSError, lmdb.Error) as e:
+            self._trouble("evict segments", e, "the cache may hold space a disk needs")
+            return False
+        finally:
+            self._leave()
+
+    def _make_room(self, nbytes: int) -> bool:
+        want = nbytes + self.reserve
+        free = self.free_space()
+        if free >= want:
+            return True
+        # evict what the shortfall needs, not until statvfs agrees: a segment another
+        # process still holds open frees its space only when that process closes it
+        freed = 0
+        while freed < want - free:
+            got = self._evict_oldest(lambda total: total > 0)
+            if not got:
+                break
+            freed += got
+        return self.free_space() >= want
+
+    def _room_for(self, nbytes: int) -> bool:
+        """Whether an append of ``nbytes`` may go ahead, after evicting what keeps the reserve
+        free (see the module docstring). Says when caching pauses and resumes."""
+        try:
+            room = self._make_room(nbytes)
+        except (OSError, lmdb.Error) as e:
+            self._trouble("evict segments", e, "the cache may grow past its capacity")
+            room = True  # the append finds out for itself
+        if room and self.short_of_space:
+            self.short_of_space = False
+            log.info("cache %s: room on its file system again; caching resumed", self.dir)
+        elif not room and not self.short_of_space:
+            self.short_of_space = True
+            log.warning("cache %s: cannot keep %d MiB of its file system free (%d MiB free, "
+                        "nothing left to evict); blocks are served uncached until there is "
+                        "room", self.dir, self.reserve >> 20, self.free_space() >> 20)
+        return room
 
     # -- housekeeping ---------------------------------------------------------------------
 

@@ -185,7 +185,10 @@ def format_stats(doc: dict[str, Any]) -> list[str]:
                  f"{h.get('wait_seconds', 0):.2f} s in all")
     lines.append(f"cache       {h.get('cache_hits', 0)} hits; "
                  f"{human_size(cache.get('bytes', 0))} of {human_size(cache.get('capacity', 0))} "
-                 f"used ({cache.get('blocks', 0)} blocks)")
+                 f"used ({cache.get('blocks', 0)} blocks)"
+                 + (f"; not caching: its file system is down to {human_size(cache.get('free', 0))} "
+                    f"free, and it keeps {human_size(cache.get('reserve', 0))}"
+                    if cache.get("short_of_space") else ""))
     done = h.get("background_blocks", 0)
     rate = h.get("background_rate_bytes_per_s") or 0
     background = f"{done} blocks ({human_size(h.get('background_bytes', 0))}) so far"

@@ -55,6 +55,12 @@ from snapfs.write.state import DiskRecord, DiskState
 log = logging.getLogger(__name__)
 
 LOCKED_READ = 16  # blocks an upload reads per hold of a disk's write lock
+MARK_ROOM = 1 << 20  # bytes a write's lmdb commit may add (a few pages, with room to spare)
+
+
+def stop_block(offset: int, length: int, block_size: int) -> int:
+    """One past the last block that ``length`` bytes at ``offset`` touch."""
+    return (offset + length - 1) // block_size + 1
 
 
 class Image(Protocol):
@@ -263,6 +269,10 @@ class Disk:
                     fresh: list[int], gen: int) -> list[int]:
         bs = self.block_size
         overlay = self.overlay
+        # what this write may add on the state's file system: the data (whole blocks), the
+        # copies on write, and lmdb's pages for the marks
+        first, stop = offset // bs, stop_block(offset, len(data), bs)
+        overlay.make_room((stop - first + len(cow)) * bs + MARK_ROOM)
         saved = []
         by_gen: dict[int, list[tuple[int, int]]] = {}
         for closed, n in cow:
@@ -272,8 +282,6 @@ class Disk:
         for g, entries in by_gen.items():
             self.state.put_cow(self.record, g, entries)
         if partial:
-            first = offset // bs
-            stop = (offset + len(data) - 1) // bs + 1
             buf = bytearray(min(stop * bs, self.size) - first * bs)
             for n in partial:
                 # present now (another write got in first) or not: then the lower image's bytes

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from snapfs.errors import NoSpace, SnapfsError
@@ -32,9 +33,13 @@ def _io_error(what: str, e: OSError) -> SnapfsError:
 
 
 class Overlay:
-    def __init__(self, directory: Path, disk_id: str, size: int) -> None:
+    def __init__(self, directory: Path, disk_id: str, size: int,
+                 make_room: Callable[[int], object] | None = None) -> None:
         self.dir = directory
         self.disk_id = disk_id
+        #: called with the bytes a write may add before it adds them: the block cache on the
+        #: same file system evicts to leave them free (``BlockCache.ensure_free``)
+        self.make_room = make_room or (lambda nbytes: None)
         self.path = directory / f"{disk_id}.overlay"
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -119,8 +124,14 @@ class CowFile:
     def append(self, data: bytes) -> int:
         offset = self.end
         try:
-            if os.pwrite(self.fd, data, offset) != len(data):
-                raise OSError(errno.EIO, "short write")
+            view = memoryview(data)
+            at = offset
+            while view:  # a short write, then ENOSPC once the file system is full
+                done = os.pwrite(self.fd, view, at)
+                if done <= 0:
+                    raise OSError(errno.EIO, "short write")
+                view = view[done:]
+                at += done
         except OSError as e:
             raise _io_error(f"copy-on-write file {self.path}", e) from None
         self.end += len(data)

@@ -155,6 +155,11 @@ class DiskService:
         self._hold_stored: dict[str, str] | None = None  # the hold as stored, once known
         self._holder_id: str | None = None
 
+    def _make_room(self, nbytes: int) -> None:
+        """Before a disk's write adds up to ``nbytes`` to its files: the block cache, on the
+        same file system, evicts to leave them free (a disk's blocks have no other copy)."""
+        self.hydrator.cache.ensure_free(nbytes)
+
     # -- start and stop ----------------------------------------------------------------------
 
     def open(self) -> None:
@@ -188,7 +193,7 @@ class DiskService:
 
     def _load_disk(self, record: DiskRecord) -> None:
         assert self._state is not None
-        overlay = Overlay(self.dir, record.id, record.size)
+        overlay = Overlay(self.dir, record.id, record.size, self._make_room)
         present = Bitmap(record.nblocks, self._state.present(record))
         changed = self._state.changed(record)
         disk = Disk(record, self._state, overlay, None, present,
@@ -384,7 +389,7 @@ class DiskService:
         base = await self._image(snapshot_id)
 
         def create() -> Overlay:
-            overlay = Overlay(self.dir, record.id, size)
+            overlay = Overlay(self.dir, record.id, size, self._make_room)
             state.put_disk(record)
             return overlay
 
