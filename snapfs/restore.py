@@ -146,8 +146,10 @@ class PathPattern:
     Within a component ``*``, ``?`` and ``[...]`` work as in fnmatch (case-sensitive, ``*``
     matches a leading dot too, ``[*]`` is a literal star) and never match ``/``. A component that
     is exactly ``**`` matches any number of directories, including none: ``home/**/*.conf`` matches
-    ``home/a.conf`` and ``home/u/.config/x.conf``, ``**/core`` a ``core`` anywhere. A trailing
-    ``/`` restricts a pattern to directories. A pattern that matches a directory selects its whole
+    ``home/a.conf`` and ``home/u/.config/x.conf``, ``**/core`` a ``core`` anywhere; at the end it
+    takes at least one (as in gitignore and rsync): ``etc/**`` matches what is inside ``etc``, not
+    ``etc`` itself, so ``--exclude 'etc/**'`` restores an empty ``etc``. A trailing ``/``
+    restricts a pattern to directories. A pattern that matches a directory selects its whole
     subtree; that is the caller's rule (``PathSelector``), this class only matches.
 
     Matching is a small NFA over the components: a state is the index of the next pattern
@@ -163,10 +165,12 @@ class PathPattern:
             raise UsageError(f"empty path pattern: {text!r}")
         if ".." in parts:
             raise UsageError(f"path pattern with '..': {text!r} (patterns are relative to the root)")
-        # None stands for a ** component
+        # None stands for a ** component; a final one takes at least one component
         self._parts: list[re.Pattern[str] | None] = [
             None if p == "**" else re.compile(fnmatch.translate(p)) for p in parts
         ]
+        if parts[-1] == "**":
+            self._parts.insert(-1, re.compile(fnmatch.translate("*")))
 
     def __repr__(self) -> str:
         return f"PathPattern({self.text!r})"

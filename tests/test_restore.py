@@ -69,7 +69,12 @@ TEMP_PREFIX = ".snapfs-restore-"
         ("**/core", "a/b/core", False, True),
         ("**/core", "a/b/core.1", False, False),
         ("**", "anything/at/all", False, True),
-        ("a/**", "a", True, True),
+        ("a/**", "a", True, False),  # a final ** takes at least one component (gitignore)
+        ("a/**", "a/b", True, True),
+        ("a/**", "a/b/c", False, True),
+        ("a/**/", "a/b", False, False),
+        ("a/**/", "a/b/c", True, True),
+        ("**", "x", False, True),
         ("var/log/", "var/log", True, True),  # a trailing / only matches directories
         ("var/log/", "var/log", False, False),
         ("file[0-9]", "file7", False, True),
@@ -406,9 +411,10 @@ def test_an_include_that_matches_nothing_is_reported(snap: Tree, tmp_path: Path)
 def test_excludes_leave_out_paths_and_subtrees(snap: Tree, tmp_path: Path) -> None:
     source = snap.describe(skip_root_lost_found=True)
     target = tmp_path / "out"
-    report = restore(snap, target, excludes=("home/**/*.conf", "var", "dev/*", "etc/ssh/"))
+    # var/** leaves var itself, empty (as gitignore and rsync read it)
+    report = restore(snap, target, excludes=("home/**/*.conf", "var/**", "dev/*", "etc/ssh/"))
     left_out = {"home/alice/app.conf", "home/alice/.config/deep/tool.conf", "home/bob/bob.conf",
-                "var", "var/log", "var/log/big.log", "var/empty", "dev/null", "dev/initctl",
+                "var/log", "var/log/big.log", "var/empty", "dev/null", "dev/initctl",
                 "dev/log", "etc/ssh", "etc/ssh/sshd_config", "etc/ssh/host_key"}
     expected = {p: d for p, d in source.items() if p not in left_out}
     assert Tree(target).describe() == expected
