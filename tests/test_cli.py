@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -37,6 +38,7 @@ from diskimages import (
 from testkit import (
     EXIT_GENERAL,
     EXIT_INTEGRITY,
+    EXIT_LOCKED,
     EXIT_NOT_FOUND,
     EXIT_STORE,
     EXIT_USAGE,
@@ -455,6 +457,48 @@ def test_snapshot_create_waits_for_a_short_collection(snapfs: Snapfs, store: Obj
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert json.loads(out)["name"] == "waited"
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # a lock is a lock on both
+def test_unlock_removes_stale_locks_and_with_all_those_of_a_dead_host(
+        snapfs: Snapfs, store: ObjectStore) -> None:
+    from snapfs.host import hostname
+    from snapfs.repo.lock import RepositoryLock
+
+    snapfs.ok("init")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    now = time.time()
+
+    def lock(name: str, host: str, pid: int, kind: str, age: float) -> None:
+        store.put(f"locks/{name}", json.dumps({"host": host, "pid": pid, "kind": kind,
+                                               "purpose": name, "time": now - age}).encode())
+
+    mine = RepositoryLock(store, "shared", "test: live here").acquire()
+    lock("dead-here", hostname(), int(gone.stdout), "exclusive", 5)
+    lock("old-elsewhere", "far-away", 4242, "shared", 31 * 60)
+    lock("crashed-elsewhere", "far-away", 4243, "exclusive", 60)  # its host died a minute ago
+    try:
+        report = snapfs.json("unlock")
+        assert sorted(i["id"] for i in report["removed"]) == ["dead-here", "old-elsewhere"]
+        kept = {i["id"]: i for i in report["kept"]}
+        assert set(kept) == {"crashed-elsewhere", mine.key.removeprefix("locks/")}
+        assert kept["crashed-elsewhere"]["stale"] is False
+        assert kept["crashed-elsewhere"]["host"] == "far-away"
+
+        # what the crashed host left blocks a collection, and the error says what to do
+        line = one_error(snapfs("prune"), EXIT_LOCKED)
+        assert "crashed-elsewhere (pid 4243 on far-away" in line
+        assert "`snapfs unlock --all` removes its lock" in line
+
+        out = snapfs.ok("unlock", "--all")
+        assert "removed lock crashed-elsewhere: crashed-elsewhere (pid 4243 on far-away" in out
+        assert "in use on this host" in out  # ours: a live process here is never unlocked
+        assert [k for k, _ in store.list("locks/")] == [mine.key]
+    finally:
+        mine.release()
+    assert snapfs.ok("unlock") == "no locks\n"
+    snapfs.ok("prune")
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part

@@ -19,7 +19,7 @@ from snapfs.store import ObjectStore
 from snapfs.store.local import LocalStore
 
 #: the exit codes README.md gives (written out here, not imported from snapfs)
-EXIT_GENERAL, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTEGRITY, EXIT_STORE = 1, 2, 3, 4, 5
+EXIT_GENERAL, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTEGRITY, EXIT_STORE, EXIT_LOCKED = 1, 2, 3, 4, 5, 6
 
 SNAPFS = str(Path(sys.executable).with_name("snapfs"))
 

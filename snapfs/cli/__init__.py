@@ -35,6 +35,8 @@ COMMANDS = {
                              "intact."),
     "prune": ("repository", "Delete the blobs no snapshot uses (delete does this too) and repack "
                             "sparse packs."),
+    "unlock": ("repository", "Remove stale repository locks (or, with --all, every lock not in "
+                             "use on this host)."),
     "snapshot": ("snapshot", "Create, list, show, delete and forget snapshots."),
     "policy": ("policy", "Set, show and delete the retention policies that snapshot forget "
                          "applies."),

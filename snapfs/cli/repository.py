@@ -1,4 +1,4 @@
-"""Commands about the repository as a whole: init, export, verify, prune."""
+"""Commands about the repository as a whole: init, export, verify, prune, unlock."""
 
 from __future__ import annotations
 
@@ -89,3 +89,27 @@ def prune(config: CliConfig, json_output: bool) -> None:
     else:
         click.echo(f"freed {human_size(stats['bytes_freed'])}: {stats['packs_deleted']} packs "
                    f"deleted, {stats['packs_repacked']} repacked")
+
+
+@click.command()
+@click.option("--all", "everything", is_flag=True,
+              help="Also remove locks that are not stale yet, except those of live processes "
+                   "on this host: for a host that died holding one.")
+@click.option("--json", "json_output", is_flag=True)
+@pass_config
+def unlock(config: CliConfig, everything: bool, json_output: bool) -> None:
+    """Remove stale repository locks (or, with --all, every lock not in use on this host)."""
+    from snapfs.repo.lock import remove_locks
+
+    repo = config.open_repository()  # a repository, not any directory
+    removed, kept = remove_locks(repo.store, everything)
+    if json_output:
+        emit_json({"removed": [i.as_dict() for i in removed], "kept": [i.as_dict() for i in kept]})
+        return
+    for info in removed:
+        click.echo(f"removed lock {info.key.removeprefix('locks/')}: {info.describe()}")
+    for info in kept:
+        why = "in use on this host" if info.live_here else "not stale (use --all if its host died)"
+        click.echo(f"kept lock {info.key.removeprefix('locks/')}: {info.describe()}, {why}")
+    if not removed and not kept:
+        click.echo("no locks")

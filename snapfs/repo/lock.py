@@ -10,6 +10,10 @@ and ignored (and removed by the next exclusive locker), when its holder is a dea
 host, or when it was not refreshed for ``STALE_AFTER`` seconds (holders refresh every
 ``REFRESH_EVERY``). Two lockers racing both see each other after writing and the later one backs
 off, so at worst both fail and are retried by their users, never both proceed.
+
+A host that died holding an exclusive lock would hold up every snapshot for ``STALE_AFTER``;
+``snapfs unlock --all`` (``remove_locks``) lets its owner remove it sooner: every lock but those
+of live processes on the host it runs on, which it can see are in use.
 """
 
 from __future__ import annotations
@@ -49,6 +53,54 @@ class LockInfo:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.time))
         return f"{self.purpose} (pid {self.pid} on {self.host}, since {when})"
 
+    @property
+    def stale(self) -> bool:
+        """Ignored by every locker: its holder died on this host, or stopped refreshing it."""
+        if self.host == hostname() and not pid_alive(self.pid):
+            return True
+        return time.time() - self.time > STALE_AFTER
+
+    @property
+    def live_here(self) -> bool:
+        """Held by a running process on this host: surely in use."""
+        return self.host == hostname() and pid_alive(self.pid)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"id": self.key.removeprefix("locks/"), "kind": self.kind,
+                "purpose": self.purpose, "host": self.host, "pid": self.pid,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.time)),
+                "stale": self.stale}
+
+
+def read_locks(store: ObjectStore) -> list[LockInfo]:
+    """Every lock in the repository (an unreadable lock object is logged and skipped)."""
+    found = []
+    for key, _ in store.list("locks/"):
+        try:
+            doc = json.loads(store.get(key))
+            found.append(LockInfo(key, doc["host"], int(doc["pid"]), doc["kind"],
+                                  doc.get("purpose", "?"), float(doc["time"])))
+        except ObjectNotFound:
+            continue
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring unreadable lock object %s", key)
+    return found
+
+
+def remove_locks(store: ObjectStore, everything: bool = False
+                 ) -> tuple[list[LockInfo], list[LockInfo]]:
+    """Remove the stale locks, or with ``everything`` every lock but those of live processes
+    on this host (for a host that died holding one: only its owner knows it will not come
+    back). The locks removed and the locks kept."""
+    removed, kept = [], []
+    for info in read_locks(store):
+        if info.stale or (everything and not info.live_here):
+            store.delete(info.key)
+            removed.append(info)
+        else:
+            kept.append(info)
+    return removed, kept
+
 
 
 class RepositoryLock:
@@ -69,30 +121,16 @@ class RepositoryLock:
 
     def _others(self) -> list[LockInfo]:
         found = []
-        for key, _ in self.store.list("locks/"):
-            if key == self.key:
+        for info in read_locks(self.store):
+            if info.key == self.key:
                 continue
-            try:
-                doc = json.loads(self.store.get(key))
-                info = LockInfo(key, doc["host"], int(doc["pid"]), doc["kind"],
-                                doc.get("purpose", "?"), float(doc["time"]))
-            except ObjectNotFound:
-                continue
-            except (ValueError, KeyError, TypeError):
-                log.warning("ignoring unreadable lock object %s", key)
-                continue
-            if self._stale(info):
+            if info.stale:
                 if self.kind == "exclusive":
                     log.info("removing stale lock %s", info.describe())
-                    self.store.delete(key)
+                    self.store.delete(info.key)
                 continue
             found.append(info)
         return found
-
-    def _stale(self, info: LockInfo) -> bool:
-        if info.host == self.host and not pid_alive(info.pid):
-            return True
-        return time.time() - info.time > STALE_AFTER
 
     def _conflicts(self) -> list[LockInfo]:
         others = self._others()
@@ -109,7 +147,10 @@ class RepositoryLock:
                 self.store.delete(self.key)
         if blocking:
             what = "; ".join(b.describe() for b in blocking)
-            raise RepositoryLocked(f"{self.store.url} is locked by {what}; try again when it ends")
+            hint = "" if all(b.live_here for b in blocking) else \
+                " (if that process is gone for good, `snapfs unlock --all` removes its lock)"
+            raise RepositoryLocked(f"{self.store.url} is locked by {what}; try again when it "
+                                   f"ends{hint}")
         self.held = True
         return self
 
