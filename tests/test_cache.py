@@ -561,7 +561,7 @@ def test_caching_pauses_while_others_hold_the_space_and_resumes_once_it_is_back(
             assert cache.free_space() >= 2 << 20  # it never ate the reserve
             warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
             assert len(warnings) == 1, warnings
-            assert "cannot keep 2 MiB of its file system free" in warnings[0]
+            assert "cannot keep 2.0 MiB of its file system free" in warnings[0]
             ballast.unlink()
             runs, ok = fill(cache, 4, 4)
             assert all(ok) and all(cached(cache, run) for run in runs)

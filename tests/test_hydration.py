@@ -911,25 +911,28 @@ def test_a_cache_that_cannot_store_costs_no_read_and_no_false_progress(
                          >= len(ids) + len(view.root.pages) and hydrator.background_idle(), 60)
         stats = view.stats()
         pending = set(view.pending)
+        uncached = set(await trio.to_thread.run_sync(hydrator.cache.missing, ids))
+        # (reads may cache some of them: the cache evicts its older blocks to make room)
         got = b"".join([await view.read(o, 1 << 20) for o in range(0, len(data), 1 << 20)])
-        return stats, pending, got
+        return stats, pending, uncached, got
 
     with tmpfs(tmp_path / "small", "1M") as small:  # fills up long before 8 MiB are cached
         cache = BlockCache(small / "cache", capacity=256 << 20)
         try:
-            stats, pending, got = trio.run(with_hydrator, repo, cache, config, body)
-            uncached = set(cache.missing(ids))
+            stats, pending, uncached, got = trio.run(with_hydrator, repo, cache, config, body)
         finally:
             cache.close()
     assert got == data
     # progress says what the cache holds: the blocks it could not store are still missing
     assert len(uncached) > len(ids) // 2
     assert pending == uncached and stats["blocks_missing"] == len(uncached)
-    assert cache.bad == 0 and cache.errors >= len(uncached) // 64  # (runs of blocks)
+    # it stopped caching to keep its reserve free (and may have met ENOSPC on the way)
+    assert cache.bad == 0 and cache.short_of_space
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    # once per kind: a segment write, an lmdb commit, the commit marking a segment closed
-    assert 1 <= len(warnings) <= 3, warnings
-    assert all("No space left on device" in w for w in warnings), warnings
+    # once per kind: no room to keep free; a segment write, an lmdb commit, the commit marking
+    # a segment closed that ran out of space all the same
+    assert 1 <= len(warnings) <= 4, warnings
+    assert all("No space left on device" in w or "cannot keep" in w for w in warnings), warnings
 
 
 class FlakyLookupCache(BlockCache):

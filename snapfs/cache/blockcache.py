@@ -102,6 +102,10 @@ def _pwrite_all(fd: int, parts: list[bytes | memoryview], offset: int) -> None:
                 chunk[0] = memoryview(chunk[0])[n:]
 
 
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.1f} MiB"
+
+
 class BlockCache:
     def __init__(
         self, directory: str | os.PathLike[str], capacity: int,
@@ -695,9 +699,11 @@ class BlockCache:
 
     def _room_for(self, nbytes: int) -> bool:
         """Whether an append of ``nbytes`` may go ahead, after evicting what keeps the reserve
-        free (see the module docstring). Says when caching pauses and resumes."""
+        free (see the module docstring). Says when caching pauses and resumes; once paused, it
+        resumes with twice the reserve free, so that it does not pause and resume by turns
+        while the space hovers at the edge."""
         try:
-            room = self._make_room(nbytes)
+            room = self._make_room(nbytes + (self.reserve if self.short_of_space else 0))
         except (OSError, lmdb.Error) as e:
             self._trouble("evict segments", e, "the cache may grow past its capacity")
             room = True  # the append finds out for itself
@@ -706,9 +712,9 @@ class BlockCache:
             log.info("cache %s: room on its file system again; caching resumed", self.dir)
         elif not room and not self.short_of_space:
             self.short_of_space = True
-            log.warning("cache %s: cannot keep %d MiB of its file system free (%d MiB free, "
-                        "nothing left to evict); blocks are served uncached until there is "
-                        "room", self.dir, self.reserve >> 20, self.free_space() >> 20)
+            log.warning("cache %s: cannot keep %s of its file system free (%s free, nothing "
+                        "left to evict); blocks are served uncached until there is room",
+                        self.dir, _mib(self.reserve), _mib(self.free_space()))
         return room
 
     # -- housekeeping ---------------------------------------------------------------------
