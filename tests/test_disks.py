@@ -37,7 +37,7 @@ from diskimages import (
     shared_image,
 )
 from mountutil import MOUNTS, MountedDaemon, mounted, pid_running, wait_for
-from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error
+from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, bar_totals, one_error
 
 from snapfs.repo.lock import RepositoryLock
 from snapfs.repo.repository import Repository
@@ -531,6 +531,26 @@ def test_blocks_staged_while_the_disk_was_quiet_are_not_read_again_by_its_snapsh
     assert 39 <= stats["blocks_staged"] <= 41
     assert s.disks()["d"]["snapshot_blocks_read"] == 41
     assert same_bytes(s.export("staged"), s.copy("d", "staged"))
+
+
+def test_on_a_terminal_a_disk_snapshot_draws_its_upload_in_bytes(served: Served,
+                                                                  base_image: Path) -> None:
+    # the bar once counted blocks as bytes: 200 changed blocks showed as "200 bytes"
+    s = served
+    s.snapfs.ok("disk", "create", "d", "--from", "vm-1")
+    nblocks = os.path.getsize(base_image) // BS
+    numbers = random.Random(12).sample(range(128, nblocks - 1), 200)
+    write_blocks(s.disk("d"), dict(zip(numbers, random_blocks(13, 200), strict=True)))
+    code, drawn = s.snapfs.on_terminal("snapshot", "create", "--disk", "d", "--name", "seen")
+    assert code == 0, drawn
+    totals = bar_totals(drawn)
+    assert totals and all(abs(t - 200 * BS) <= 0.05 * 200 * BS for t in totals), drawn
+    assert s.snapshots()["seen"]["state"] == "accomplished"
+    # with --json, no bar even on a terminal: the JSON alone
+    write_blocks(s.disk("d"), {numbers[0]: random_blocks(14, 1)[0]})
+    code, drawn = s.snapfs.on_terminal("snapshot", "create", "--disk", "d", "--json")
+    assert code == 0, drawn
+    assert bar_totals(drawn) == [] and json.loads(drawn)["state"] == "accomplished"
 
 
 def test_three_disks_of_one_snapshot_fetch_each_block_once(

@@ -50,8 +50,9 @@ def snapshot_disks(repository: str, disks: list[str], name: str | None, tags: li
     task["frozen_seconds"] = round(max((f.frozen_seconds for f in freezes), default=0.0), 3)
     if not wait:
         return task
-    total = sum(p["blocks"] for p in task["parts"])
-    progress.start("snapshot", total)
+    # the bar counts bytes, as every other one does: the changed blocks times their size
+    block_size = task["block_size"]
+    progress.start("snapshot", sum(p["blocks"] for p in task["parts"]) * block_size)
     done = 0
     while task["state"] == "progressing":
         fresh = request(files, {"op": "task", "id": task["id"], "wait": POLL_WAIT})["task"]
@@ -61,6 +62,6 @@ def snapshot_disks(repository: str, disks: list[str], name: str | None, tags: li
         task = fresh
         now = sum(p.get("progress", {}).get("blocks_done", 0) for p in task["parts"])
         if now > done:
-            progress.advance(now - done)
+            progress.advance((now - done) * block_size)
             done = now
     return task

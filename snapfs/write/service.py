@@ -798,6 +798,7 @@ class DiskService:
             parts.append(doc)
         doc = dataclasses.asdict(task)
         doc["parts"] = parts
+        doc["block_size"] = self.repo.block_size  # what a part's blocks are in bytes
         return doc
 
     def task_list(self) -> list[dict[str, Any]]:
