@@ -272,6 +272,31 @@ def test_bad_block_size_is_a_usage_error(snapfs: Snapfs, store: ObjectStore) -> 
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # it fails before the store
+def test_a_mistake_on_the_command_line_is_one_line_too(snapfs: Snapfs, store: ObjectStore,
+                                                       tmp_path: Path) -> None:
+    # click's own report was four lines (usage, a hint, a blank line, the error)
+    snapfs.ok("init")
+    before = objects(store)
+    for args, expect in [
+            (("snapshot", "create", tmp_path / "d.img", "--rate", "fast"), "'--rate'"),
+            (("init", "--compression-level", "high"), "'--compression-level'"),
+            (("snapshot", "delete"), "missing argument 'SNAP...'"),
+            (("snapshot", "forget", "--keep-last", "0"), "'--keep-last'"),
+            (("restore-files", "x"), "missing option '--to'"),
+            (("restore-files", "x", "--to", tmp_path, "--on-conflict", "merge"), "'merge'"),
+            (("snapshot", "list", "--colour"), "no such option '--colour'"),
+            (("snapshots",), "no such command 'snapshots'")]:
+        result = snapfs(*args)
+        line = one_error(result, EXIT_USAGE)
+        assert expect in line and "--help" in line, line
+        assert result.stdout == ""
+    assert objects(store) == before
+    # what asks for help still gets it, on stdout
+    result = snapfs("snapshot", "--help")
+    assert result.returncode == 0 and "forget" in result.stdout and result.stderr == ""
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # it fails before the store
 def test_a_cache_size_too_small_to_work_is_a_usage_error(snapfs: Snapfs, tmp_path: Path) -> None:
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()

@@ -51,7 +51,8 @@ def snapshot_disks(repository: str, disks: list[str], name: str | None, tags: li
     if not wait:
         return task
     # the bar counts bytes, as every other one does: the changed blocks times their size
-    block_size = task["block_size"]
+    # (a daemon started before the summary said it leaves the bar counting blocks)
+    block_size = task.get("block_size", 1)
     progress.start("snapshot", sum(p["blocks"] for p in task["parts"]) * block_size)
     done = 0
     while task["state"] == "progressing":
