@@ -224,6 +224,36 @@ def test_no_repository(snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> No
     assert "-r REPO" in one_error(result, EXIT_USAGE)
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # a path, not a bucket
+def test_a_repository_path_that_is_a_file_or_cannot_be_made(snapfs: Snapfs,
+                                                            tmp_path: Path) -> None:
+    # these said "PATH: : File exists" and "PATH: config: Not a directory" (exit 5)
+    afile = tmp_path / "notes.txt"
+    afile.write_text("not a repository")
+    in_file = snapfs.with_repo(str(afile))
+    assert one_error(in_file("init"), EXIT_GENERAL) == (
+        f"snapfs: {afile} exists and is not a directory")
+    for _args, result in in_file.each(("snapshot", "list"), ("verify",), ("prune",),
+                                      ("snapshot", "create", afile)):
+        assert one_error(result, EXIT_NOT_FOUND) == f"snapfs: no repository at {afile}"
+    below = snapfs.with_repo(str(afile / "repo"))
+    assert one_error(below("init"), EXIT_GENERAL) == (
+        f"snapfs: cannot create {afile}/repo: a file is in the way")
+    assert one_error(below("snapshot", "list"), EXIT_NOT_FOUND) == (
+        f"snapfs: no repository at {afile}/repo")
+    assert afile.read_text() == "not a repository"
+    if have_root():  # root without the capabilities that let it write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        result = subprocess.run(
+            ["setpriv", "--bounding-set=-dac_override", "--inh-caps=-dac_override",
+             *snapfs.with_repo(str(locked / "repo")).command(("init",))],
+            capture_output=True, text=True, env=snapfs.env, timeout=60)
+        assert one_error(result, EXIT_STORE) == (
+            f"snapfs: cannot create {locked}/repo: permission denied")
+        assert list(locked.iterdir()) == []
+
+
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # both: test_repository.py
 def test_unknown_format_version_is_refused(snapfs: Snapfs, store: ObjectStore,
                                            tmp_path: Path) -> None:
