@@ -582,7 +582,7 @@ def test_bad_source(kind: str, snapfs: Snapfs, store: ObjectStore, tmp_path: Pat
         if rescue.ident is not None:  # started
             rescue.join()
     assert rescued != [True], "snapshot create blocked opening a FIFO"
-    line = one_error(result, EXIT_GENERAL)
+    line = one_error(result, EXIT_NOT_FOUND if kind == "missing" else EXIT_GENERAL)
     assert str(source) in line and expect in line, line
     assert objects(store) == before
 
