@@ -428,6 +428,14 @@ def test_forget_by_retention_policy(snapfs: Snapfs, store: ObjectStore, tmp_path
     # bad policies: one line, a usage error, nothing deleted
     before = objects(store)
     assert "stored retention policy" in one_error(snapfs("snapshot", "forget"), EXIT_USAGE)
+    # a tag that no snapshot of a disk carries (a typo) would forget that disk whole
+    for dry_run in ([], ["--dry-run"]):
+        assert one_error(snapfs("snapshot", "forget", "--keep-tag", "pined", *dry_run),
+                         EXIT_USAGE) == (
+            "snapfs: the retention policy keeps no snapshot of disk db.img: refusing to forget "
+            "its only snapshot; delete by name with snapshot delete")
+    assert "all 3 of its snapshots" in one_error(
+        snapfs("snapshot", "forget", "--keep-tag", "pined", "--disk", "vm.img"), EXIT_USAGE)
     assert "cannot read duration" in one_error(
         snapfs("snapshot", "forget", "--keep-within", "3x"), EXIT_USAGE)
     assert "no snapshots of disk 'nosuch'" in one_error(

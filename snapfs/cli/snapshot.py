@@ -283,7 +283,7 @@ def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool
     or parent, an image held open). Periods are counted in local time, and only those that
     have a snapshot: --keep-daily 30 keeps thirty days' last snapshots even if some days had
     none. --keep-within counts back from the disk's newest snapshot, not from now."""
-    from snapfs.repo.retention import decide
+    from snapfs.repo.retention import decide, emptied_disks
 
     given = policy_from(**keep)
     repo = config.open_repository()
@@ -299,6 +299,12 @@ def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool
                              "policy set); to delete snapshots by name, use snapshot delete")
         policy = {r.disk: per_disk.get(r.disk, default) for r in roots}
     decisions = decide(roots, policy, _needed(config, repo), only=disk)
+    emptied = emptied_disks(decisions)  # a --keep-tag that matches nothing, most likely
+    if emptied:
+        name, count = min(emptied.items())
+        what = "its only snapshot" if count == 1 else f"all {count} of its snapshots"
+        raise UsageError(f"the retention policy keeps no snapshot of disk {name}: refusing to "
+                         f"forget {what}; delete by name with snapshot delete")
     doomed = [d.root for d in decisions if not d.keep]
     stats: dict[str, Any] = {}
     if doomed and not dry_run:
