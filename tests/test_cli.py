@@ -366,6 +366,19 @@ def test_unknown_and_ambiguous_snapshots(snapfs: Snapfs, store: ObjectStore, tmp
     assert snapfs.json("snapshot", "show", "abcdef0000000002")["name"] == "twin-2"
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part
+def test_show_lists_tags_as_words(snapfs: Snapfs, tmp_path: Path) -> None:
+    snapfs.ok("init")
+    image = random_image(tmp_path / "d.img", MiB, seed=6)
+    snapfs.ok("snapshot", "create", image, "--name", "tagged", "--tag", "before-upgrade",
+              "--tag", "keep")
+    snapfs.ok("snapshot", "create", image, "--name", "plain")
+    lines = snapfs.ok("snapshot", "show", "tagged").splitlines()
+    assert "tags:              before-upgrade, keep" in lines  # was "['before-upgrade', 'keep']"
+    assert "tags:              -" in snapfs.ok("snapshot", "show", "plain").splitlines()
+    assert snapfs.json("snapshot", "show", "tagged")["tags"] == ["before-upgrade", "keep"]
+
+
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # both: test_repository.py
 def test_duplicate_name_is_refused(snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> None:
     snapfs.ok("init")

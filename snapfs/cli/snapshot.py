@@ -227,7 +227,9 @@ def show(config: CliConfig, snap: str, json_output: bool) -> None:
         emit_json(doc)
         return
     for key, value in doc.items():
-        click.echo(f"{key + ':':18} {value if value is not None else '-'}")
+        if isinstance(value, list):  # tags: as words, not as a Python list
+            value = ", ".join(map(str, value))
+        click.echo(f"{key + ':':18} {value if value not in (None, '') else '-'}")
 
 
 @snapshot.command()
