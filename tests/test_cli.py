@@ -704,6 +704,25 @@ def test_unreachable_store(tmp_path: Path) -> None:
         assert secret not in result.stderr + result.stdout
 
 
+def test_a_malformed_s3_location_or_endpoint_is_a_usage_error(tmp_path: Path) -> None:
+    # these ended in a ValueError's traceback (ours for the bucket, botocore's for the URL)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ACCESS_KEY_ID="some-access-key", AWS_SECRET_ACCESS_KEY="some-secret",
+               AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+    for repo, endpoint, expect in [
+            ("s3://", None, "needs a bucket"),
+            ("s3:///prefix", "http://127.0.0.1:1", "needs a bucket"),
+            ("s3://bucket", "notaurl", "not an S3 endpoint URL: 'notaurl'"),
+            ("s3://bucket", "127.0.0.1:9000", "not an S3 endpoint URL: '127.0.0.1:9000'"),
+            ("s3://bucket", "http://key:hunter2@host:port", "not an S3 endpoint URL")]:
+        for args in (("snapshot", "list"), ("init",)):
+            result = Snapfs(repo, endpoint, env)(*args, timeout=60)
+            assert expect in one_error(result, EXIT_USAGE)
+            assert "hunter2" not in result.stderr
+    result = Snapfs("s3://bucket", None, {**env, "AWS_ENDPOINT_URL": "bad"})("snapshot", "list")
+    assert "not an S3 endpoint URL: 'bad'" in one_error(result, EXIT_USAGE)
+
+
 @pytest.fixture
 def s3_snapfs(seaweed: Any, s3_bucket: str) -> Snapfs:
     """``snapfs`` on a fresh S3 location, for what only S3 can do."""
