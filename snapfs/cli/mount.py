@@ -112,6 +112,9 @@ def umount(mountpoint: str, timeout: float) -> None:
     that died)."""
     from snapfs.control import unmount
 
+    if not timeout > 0:  # 0 or less killed the daemon at once, with its uploads and profiles
+        raise UsageError("--timeout must be a positive number of seconds")
+
     click.echo(unmount(mountpoint, timeout))
 
 
