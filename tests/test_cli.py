@@ -327,6 +327,24 @@ def test_a_mistake_on_the_command_line_is_one_line_too(snapfs: Snapfs, store: Ob
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # it fails before the store
+def test_a_rate_or_time_that_is_not_a_number_is_a_usage_error(snapfs: Snapfs, store: ObjectStore,
+                                                              tmp_path: Path) -> None:
+    # "nan" passed the "<= 0" checks: a snapshot was taken at a rate of nan MB/s
+    snapfs.ok("init")
+    source = random_image(tmp_path / "d.img", MiB, seed=7)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    before = objects(store)
+    for args, option in [(("snapshot", "create", source, "--rate", "nan"), "--rate"),
+                         (("snapshot", "create", source, "--rate", "-1"), "--rate"),
+                         (("snapshot", "create", "--disk", "d", "--freeze-timeout", "nan"),
+                          "--freeze-timeout"),
+                         (("mount", mountpoint, "--hydrate-rate", "nan"), "--hydrate-rate")]:
+        assert option in one_error(snapfs(*args), EXIT_USAGE)
+    assert objects(store) == before and not os.path.ismount(mountpoint)
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # it fails before the store
 def test_a_cache_size_too_small_to_work_is_a_usage_error(snapfs: Snapfs, tmp_path: Path) -> None:
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()

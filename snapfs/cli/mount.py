@@ -79,7 +79,7 @@ def mount(config: CliConfig, mountpoint: str, cache_dir: str | None, cache_size:
     from snapfs.mount import MountOptions  # light: the daemon's libraries load after the fork
     from snapfs.mount import mount as mount_repository
 
-    if hydrate_rate is not None and hydrate_rate <= 0:
+    if hydrate_rate is not None and not hydrate_rate > 0:  # (nan too)
         raise UsageError("--hydrate-rate must be a positive number of MB/s")
     capacity = parse_size(cache_size)
     if capacity < MIN_CACHE_SIZE:

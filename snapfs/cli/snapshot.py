@@ -51,7 +51,7 @@ def create(config: CliConfig, source: str | None, name: str | None, disks: tuple
            tags: tuple[str, ...], rate: float | None, json_output: bool) -> None:
     """Snapshot SOURCE (an image file or block device: full the first time, then incremental),
     or, without SOURCE, the --disk disks the running mount serves (only their changed blocks)."""
-    if rate is not None and rate <= 0:
+    if rate is not None and not rate > 0:  # (nan too)
         raise UsageError("--rate must be a positive number of MB/s")
     if source is not None or freeze:
         log_to_stderr(config.debug)  # the library logs, and so does freezing; asking does not
@@ -85,7 +85,7 @@ def _create_of_disks(config: CliConfig, disks: list[str], name: str | None, pare
     if parent or rate:
         raise UsageError("--parent and --rate are for SOURCE snapshots; a disk's snapshot "
                          "follows its last one")
-    if freeze_timeout <= 0:
+    if not freeze_timeout > 0:  # (nan too)
         raise UsageError("--freeze-timeout must be positive")
     bar = progress_for(json_output)
     try:
