@@ -497,7 +497,7 @@ def test_restore_files_all_then_again_with_each_conflict_policy(
     assert result.returncode == 1, result.stderr
     assert result.stderr.splitlines() == [
         f"snapfs: failed: {rel}: the target has a directory in its place"]
-    assert result.stdout.startswith("restored 1 files") and "0 skipped, 1 failed" in result.stdout
+    assert result.stdout.startswith("restored 1 file (") and "0 skipped, 1 failed" in result.stdout
 
 
 def test_restore_files_with_include_and_exclude(env: Env, source: dict[str, Path]) -> None:

@@ -16,7 +16,7 @@ import click
 
 from snapfs.cli.context import CliConfig, pass_config
 from snapfs.cli.mount import default_cache_dir
-from snapfs.cli.output import emit_json, human_size, parse_size, progress_for
+from snapfs.cli.output import counted, emit_json, human_size, parse_size, progress_for
 from snapfs.progress import NO_PROGRESS
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ def restore_files(config: CliConfig, snap: str, target: str, includes: tuple[str
     else:
         _print_entries(report)
         links = f", {report.links} of them hard links" if report.links else ""
-        click.echo(f"restored {report.restored} files ({human_size(report.bytes)}{links}) from "
+        click.echo(f"restored {counted(report.restored, 'file')} ({human_size(report.bytes)}{links}) from "
                    f"{state.snapshot_name} into {target}: {report.skipped} skipped, "
                    f"{report.failed} failed")
     if report.failed:

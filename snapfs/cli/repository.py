@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from snapfs.cli.context import CliConfig, pass_config
-from snapfs.cli.output import emit_json, human_size, parse_size, run_async
+from snapfs.cli.output import counted, emit_json, human_size, parse_size, run_async
 from snapfs.errors import IntegrityError
 from snapfs.repo.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL
 
@@ -68,9 +68,9 @@ def verify(config: CliConfig, snaps: tuple[str, ...], json_output: bool) -> None
     else:
         for line in report.problems:
             click.echo(f"problem: {line}")
-        click.echo(f"checked {report.snapshots} snapshots, {report.blobs_checked} blobs, "
-                   f"{human_size(report.bytes_checked)}: "
-                   + ("no problems" if report.ok else f"{len(report.problems)} problems"))
+        click.echo(f"checked {counted(report.snapshots, 'snapshot')}, "
+                   f"{counted(report.blobs_checked, 'blob')}, {human_size(report.bytes_checked)}: "
+                   + ("no problems" if report.ok else counted(len(report.problems), "problem")))
     if not report.ok:
         raise SystemExit(IntegrityError.exit_code)
 
@@ -87,5 +87,6 @@ def prune(config: CliConfig, json_output: bool) -> None:
     if json_output:
         emit_json(stats)
     else:
-        click.echo(f"freed {human_size(stats['bytes_freed'])}: {stats['packs_deleted']} packs "
-                   f"deleted, {stats['packs_repacked']} repacked")
+        click.echo(f"freed {human_size(stats['bytes_freed'])}: "
+                   f"{counted(stats['packs_deleted'], 'pack')} deleted, "
+                   f"{stats['packs_repacked']} repacked")

@@ -8,7 +8,14 @@ import click
 
 from snapfs.cli.context import CliConfig, log_to_stderr, pass_config
 from snapfs.cli.keep import keep_options, policy_from
-from snapfs.cli.output import emit_json, human_size, progress_for, run_async, table_lines
+from snapfs.cli.output import (
+    counted,
+    emit_json,
+    human_size,
+    progress_for,
+    run_async,
+    table_lines,
+)
 from snapfs.errors import NotFoundError, NotMounted, SnapfsError, SnapshotNotFound, UsageError
 from snapfs.progress import NO_PROGRESS
 
@@ -265,7 +272,7 @@ def delete(config: CliConfig, snaps: tuple[str, ...], force: bool, json_output: 
     if json_output:
         emit_json(stats)
     else:
-        click.echo(f"deleted {len(chosen)} snapshots; freed {human_size(stats['bytes_freed'])}")
+        click.echo(f"deleted {counted(len(chosen), 'snapshot')}; freed {human_size(stats['bytes_freed'])}")
 
 
 @snapshot.command()
@@ -339,10 +346,11 @@ def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool
              for d in decisions]
     click.echo("\n".join(table_lines(rows)))
     if not doomed:
-        click.echo(f"nothing to forget: every one of {len(decisions)} snapshots is kept")
+        click.echo("nothing to forget: " + ("the one snapshot is kept" if len(decisions) == 1
+                   else f"every one of {len(decisions)} snapshots is kept"))
     elif dry_run:
-        click.echo(f"would forget {len(doomed)} of {len(decisions)} snapshots (dry run: "
+        click.echo(f"would forget {len(doomed)} of {counted(len(decisions), 'snapshot')} (dry run: "
                    "nothing deleted)")
     else:
-        click.echo(f"forgot {len(doomed)} of {len(decisions)} snapshots; freed "
+        click.echo(f"forgot {len(doomed)} of {counted(len(decisions), 'snapshot')}; freed "
                    f"{human_size(stats['bytes_freed'])}")
