@@ -382,6 +382,9 @@ def test_unknown_and_ambiguous_snapshots(snapfs: Snapfs, store: ObjectStore, tmp
     assert objects(store) == before
     assert not out.exists()
     assert snapfs.json("snapshot", "show", "abcdef0000000002")["name"] == "twin-2"
+    # a prefix too short to be one says so
+    assert one_error(snapfs("snapshot", "show", "abc"), EXIT_NOT_FOUND).endswith(
+        "(a prefix of an id needs at least 4 characters)")
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part

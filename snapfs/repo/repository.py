@@ -308,6 +308,9 @@ class Repository:
         if len(prefixed) > 1:
             ids = ", ".join(r.id for r in prefixed)
             raise AmbiguousSnapshot(f"snapshot {ref!r} is ambiguous: {ids}")
+        if ref and any(r.id.startswith(ref) for r in roots):  # too short a prefix
+            raise SnapshotNotFound(f"no snapshot {ref!r} in {self.store.url} (a prefix of an id "
+                                   "needs at least 4 characters)")
         raise SnapshotNotFound(f"no snapshot {ref!r} in {self.store.url}")
 
     def write_root(self, root: SnapshotRoot) -> None:
