@@ -379,6 +379,8 @@ def test_bad_mount_points_and_caches_are_one_line_errors(
         assert "not empty" in mount_error(full, "--cache-dir", cache)
         assert "already a mount point" in mount_error(readonly, "--cache-dir", cache)
         assert "not writable" in mount_error(plain, "--cache-dir", readonly / "cache")
+        assert mount_error(plain, "--cache-dir", a_file) == (
+            f"snapfs: cache directory {a_file} is not a directory")  # was "not writable: File exists"
         assert "no repository" in one_error(
             snapfs.with_repo(str(tmp_path / "no-repo"))("mount", plain, "--cache-dir", cache),
             EXIT_NOT_FOUND)
