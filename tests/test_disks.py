@@ -1134,6 +1134,16 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(served: Served, tmp_path: Pat
     assert "smaller" in error("disk", "create", "e", "--from", "vm-1", "--size", "1M",
                               code=EXIT_USAGE)
     assert "bad disk name" in error("disk", "create", "a/b", "--size", "1M", code=EXIT_USAGE)
+    # past what a file offset can say: was an OverflowError in the daemon, "a garbled reply" here
+    assert "at most 8 EiB" in error("disk", "create", "e", "--size", "9999999T", code=EXIT_USAGE)
+    # more than the state directory's file system can hold (ext4: 16 TiB), if it cannot
+    overlays = set(s.tmp.glob("cache/disks/*/*.overlay"))
+    result = snapfs("disk", "create", "e", "--size", "17T")
+    if result.returncode == 0:
+        snapfs.ok("disk", "delete", "e")
+    else:
+        assert "File too large" in one_error(result, EXIT_GENERAL)
+        assert set(s.tmp.glob("cache/disks/*/*.overlay")) == overlays  # none left behind
     assert "nosuch" in error("snapshot", "create", "--disk", "nosuch", code=EXIT_NOT_FOUND)
     assert "bad snapshot name" in error("snapshot", "create", "--disk", "d", "--name", "a/b",
                                         code=EXIT_USAGE)
