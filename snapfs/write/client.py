@@ -34,8 +34,9 @@ def snapshot_disks(repository: str, disks: list[str], name: str | None, tags: li
     if freeze:  # imported only to freeze (here and in ``frozen`` below): it brings logging
         from snapfs.write.freeze import check_mountpoint, frozen
 
-        for mountpoint in freeze:
-            check_mountpoint(mountpoint)  # before freezing anything
+        # checked before freezing anything; one given twice (or by two paths) is frozen once,
+        # not refused as "frozen already" by its second freeze
+        freeze = list(dict.fromkeys(check_mountpoint(mountpoint) for mountpoint in freeze))
     message: dict[str, Any] = {"op": "snapshot", "disks": disks, "name": name, "tags": tags,
                                "consistency": "frozen" if freeze else "crash"}
     with contextlib.ExitStack() as stack:
