@@ -885,3 +885,32 @@ def test_export_does_not_replace_a_file(snapfs: Snapfs, tmp_path: Path) -> None:
     assert out.read_bytes() == b"precious"
     snapfs.ok("export", "one", out, "--force")
     assert sha256_file(out) == sha256_file(source)
+
+
+@needs_root
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part
+def test_export_overwrites_a_block_device_only_when_forced_and_never_one_in_use(
+        snapfs: Snapfs, tmp_path: Path) -> None:
+    # a device was overwritten without --force, even while mounted (a typo away from /dev/sda)
+    snapfs.ok("init")
+    source = random_image(tmp_path / "d.img", MiB, seed=13)
+    snapfs.ok("snapshot", "create", source, "--name", "one")
+    backing = tmp_path / "device.img"
+    backing.write_bytes(b"precious" * (MiB // 8))
+    loop = subprocess.run(["losetup", "-f", "--show", str(backing)], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    try:
+        assert one_error(snapfs("export", "one", loop), EXIT_GENERAL) == (
+            f"snapfs: {loop} is a block device; use --force to overwrite it")
+        holder = os.open(loop, os.O_RDONLY | os.O_EXCL)  # as a mount holds it
+        try:
+            assert "in use" in one_error(snapfs("export", "one", loop, "--force"), EXIT_GENERAL)
+        finally:
+            os.close(holder)
+        with open(loop, "rb") as f:
+            assert f.read() == b"precious" * (MiB // 8)
+        snapfs.ok("export", "one", loop, "--force")
+        with open(loop, "rb") as f:
+            assert f.read() == source.read_bytes()
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
