@@ -32,7 +32,7 @@ from diskimages import change_image, copy_image, make_image, random_image, share
 from mountutil import MOUNTS, mounted, pid_running, wait_for
 from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error
 
-from snapfs.cli.browse import stop_signals_interrupt
+from snapfs.cli.context import stop_signals_interrupt
 
 pytestmark = MOUNTS
 MiB = 1 << 20

@@ -702,6 +702,37 @@ def test_kill_9_during_snapshot(snapfs: Snapfs, store: ObjectStore, tmp_path: Pa
     assert snapfs.json("verify")["snapshots"] == 2
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the same on both stores
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_command_stopped_by_sigterm_or_sighup_undoes_what_it_began(
+        signum: int, snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> None:
+    # as ^C does; they ended the process where it stood: a lock left, a partial export left
+    snapfs.ok("init")
+    source = random_image(tmp_path / "big.img", 40 * MiB, seed=14)
+    proc = snapfs.popen("snapshot", "create", source, "--rate", "4")
+    try:
+        wait_for(lambda: pack_names(store) or proc.poll() is not None, 60, "the first pack")
+        assert proc.poll() is None, "the snapshot ended before it could be stopped"
+        os.kill(proc.pid, signum)
+    finally:
+        _, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stderr) == (130, "snapfs: interrupted\n")
+    assert list(store.list("locks/")) == [] and list(store.list("snapshots/")) == []
+
+    snapfs.ok("snapshot", "create", source, "--name", "whole")
+    out = tmp_path / "out.img"
+    proc = snapfs.popen("export", "whole", out)
+    partial = tmp_path / "out.img.snapfs-partial"
+    try:
+        wait_for(lambda: partial.exists() or proc.poll() is not None, 60, "the partial file")
+        assert proc.poll() is None, "the export ended before it could be stopped"
+        os.kill(proc.pid, signum)
+    finally:
+        _, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stderr) == (130, "snapfs: interrupted\n")
+    assert not partial.exists() and not out.exists()
+
+
 # -- stores that cannot be reached or refuse us (S3) -------------------------------------------
 
 

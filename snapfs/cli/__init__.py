@@ -23,7 +23,7 @@ from typing import Any
 
 import click
 
-from snapfs.cli.context import CliConfig, log_to_stderr
+from snapfs.cli.context import CliConfig, log_to_stderr, stop_signals_interrupt
 from snapfs.errors import SnapfsError
 
 #: every command: the module of ``snapfs.cli`` that defines it (as the attribute of its name,
@@ -149,6 +149,8 @@ def cli(ctx: click.Context, repo: str | None, endpoint_url: str | None, debug: b
     ctx.obj = CliConfig(repo, endpoint_url, debug)
     if debug or ctx.invoked_subcommand not in SET_UP_THEIR_LOGGING:
         log_to_stderr(debug)
+    if ctx.invoked_subcommand != "mount":  # the daemon has its own signal handling
+        ctx.with_resource(stop_signals_interrupt())
 
 
 def main() -> None:
