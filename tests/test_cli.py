@@ -274,6 +274,23 @@ def test_unknown_format_version_is_refused(snapfs: Snapfs, store: ObjectStore,
     assert not (tmp_path / "out.img").exists()
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the same on both stores
+def test_a_damaged_snapshot_root_is_named(snapfs: Snapfs, store: ObjectStore,
+                                          tmp_path: Path) -> None:
+    # every command said only "snapshot root is not valid JSON": which of them, nobody knew
+    snapfs.ok("init")
+    source = random_image(tmp_path / "d.img", MiB, seed=15)
+    damaged = snapfs.json("snapshot", "create", source, "--name", "one")["id"]
+    snapfs.ok("snapshot", "create", source, "--name", "two")
+    store.put(f"snapshots/{damaged}", b"garbage")
+    before = objects(store)
+    for _args, result in snapfs.each(("snapshot", "list"), ("verify",), ("prune",),
+                                     ("snapshot", "delete", "two")):
+        line = one_error(result, EXIT_INTEGRITY)
+        assert f"snapshots/{damaged} in {store.url} is damaged" in line, line
+    assert objects(store) == before
+
+
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # both: test_repository.py
 def test_init_never_overwrites(snapfs: Snapfs, store: ObjectStore, tmp_path: Path,
                                make_store: MakeStore) -> None:

@@ -271,7 +271,16 @@ class Repository:
         return [key for key, _size in self.store.list("snapshots/")]
 
     def _fetch_roots(self, keys: list[str]) -> list[SnapshotRoot]:
-        roots = [SnapshotRoot.decode(data) for data in self._get_many(keys).values()]
+        roots = []
+        for key, data in self._get_many(keys).items():
+            try:
+                roots.append(SnapshotRoot.decode(data))
+            except CorruptBlock as e:
+                # Which one: a damaged root stops every command that lists the snapshots (and
+                # must: garbage collection cannot tell what it referenced).
+                raise CorruptBlock(f"{key} in {self.store.url} is damaged ({e.message}): put it "
+                                   "back from a copy, or move it aside if that snapshot is "
+                                   "lost") from None
         roots.sort(key=lambda r: (r.created, r.id))
         return roots
 
