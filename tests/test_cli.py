@@ -275,13 +275,14 @@ def test_unknown_format_version_is_refused(snapfs: Snapfs, store: ObjectStore,
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the same on both stores
-def test_a_damaged_snapshot_root_is_named(snapfs: Snapfs, store: ObjectStore,
+def test_a_damaged_snapshot_root_or_index_is_named(snapfs: Snapfs, store: ObjectStore,
                                           tmp_path: Path) -> None:
     # every command said only "snapshot root is not valid JSON": which of them, nobody knew
     snapfs.ok("init")
     source = random_image(tmp_path / "d.img", MiB, seed=15)
     damaged = snapfs.json("snapshot", "create", source, "--name", "one")["id"]
     snapfs.ok("snapshot", "create", source, "--name", "two")
+    before_damage = store.get(f"snapshots/{damaged}")
     store.put(f"snapshots/{damaged}", b"garbage")
     before = objects(store)
     for _args, result in snapfs.each(("snapshot", "list"), ("verify",), ("prune",),
@@ -289,6 +290,13 @@ def test_a_damaged_snapshot_root_is_named(snapfs: Snapfs, store: ObjectStore,
         line = one_error(result, EXIT_INTEGRITY)
         assert f"snapshots/{damaged} in {store.url} is damaged" in line, line
     assert objects(store) == before
+    # and so is a damaged index object
+    store.put(f"snapshots/{damaged}", before_damage)
+    (index_key, _), = store.list("index/")
+    store.put(index_key, b"garbage")
+    for _args, result in snapfs.each(("verify",), ("export", "two", tmp_path / "out.img"),
+                                     ("snapshot", "create", source)):
+        assert f"{index_key} in {store.url} is damaged" in one_error(result, EXIT_INTEGRITY)
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # both: test_repository.py

@@ -345,7 +345,13 @@ class Repository:
     def fetch_index_files(self, names: Iterable[str]) -> dict[str, IndexFile]:
         """The named index objects, decoded; names deleted since they were listed are left out."""
         found = self._get_many([f"index/{name}" for name in names])
-        return {key.rpartition("/")[2]: IndexFile.decode(data) for key, data in found.items()}
+        files = {}
+        for key, data in found.items():
+            try:
+                files[key.rpartition("/")[2]] = IndexFile.decode(data)
+            except CorruptBlock as e:  # which one, as for a damaged root
+                raise CorruptBlock(f"{key} in {self.store.url} is damaged ({e.message})") from None
+        return files
 
     @staticmethod
     def index_from_files(files: dict[str, IndexFile]) -> BlobIndex:
