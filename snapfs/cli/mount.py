@@ -52,7 +52,7 @@ def parse_rate(text: str) -> float:
 @click.argument("mountpoint")
 @click.option("--cache-dir", metavar="DIR", help="Local block cache, kept across mounts "
               "(default: $SNAPFS_CACHE_DIR or ~/.cache/snapfs).")
-@click.option("--cache-size", default="20G", show_default=True,
+@click.option("--cache-size", default="20G", show_default=True, metavar="SIZE",
               help="Cap on the cache's size (K, M, G, T).")
 @click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C unmounts.")
 @click.option("--no-background", is_flag=True,

@@ -12,6 +12,7 @@ from snapfs.repo.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL
 
 @click.command()
 @click.option("--block-size", default=str(DEFAULT_BLOCK_SIZE // 1024) + "K", show_default=True,
+              metavar="SIZE",
               help="Unit of change tracking and dedup: a power of two from 4K to 4M.")
 @click.option("--compression-level", default=DEFAULT_COMPRESSION_LEVEL, show_default=True,
               type=int, help="zstd level for blocks (-7 to 22).")
@@ -36,7 +37,7 @@ def init(config: CliConfig, block_size: str, compression_level: int, json_output
 @click.argument("snap")
 @click.argument("out")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an existing file.")
-@click.option("--json", "json_output", is_flag=True)
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def export(config: CliConfig, snap: str, out: str, force: bool, json_output: bool) -> None:
     """Write snapshot SNAP out as a raw image file (or onto a block device)."""
@@ -53,7 +54,7 @@ def export(config: CliConfig, snap: str, out: str, force: bool, json_output: boo
 
 @click.command()
 @click.argument("snaps", nargs=-1, metavar="[SNAP]...")
-@click.option("--json", "json_output", is_flag=True)
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def verify(config: CliConfig, snaps: tuple[str, ...], json_output: bool) -> None:
     """Check that every block of SNAPs (default: all) is present and intact."""
@@ -76,7 +77,7 @@ def verify(config: CliConfig, snaps: tuple[str, ...], json_output: bool) -> None
 
 
 @click.command()
-@click.option("--json", "json_output", is_flag=True)
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def prune(config: CliConfig, json_output: bool) -> None:
     """Delete the blobs no snapshot uses (delete does this too) and repack sparse packs."""

@@ -34,7 +34,7 @@ def snapshot(ctx: click.Context) -> None:
 
 @snapshot.command()
 @click.argument("source", required=False)
-@click.option("--name", help="A unique name (default: DISK-YYYYMMDD-HHMMSS).")
+@click.option("--name", metavar="NAME", help="A unique name (default: DISK-YYYYMMDD-HHMMSS).")
 @click.option("--disk", "disks", multiple=True, metavar="NAME",
               help="Without SOURCE: a disk the running mount serves (repeat for a consistency "
                    "group). With SOURCE: the disk SOURCE is a snapshot of (default: its file "
@@ -49,7 +49,7 @@ def snapshot(ctx: click.Context) -> None:
               help="Thaw after this long and take a crash-consistent snapshot instead.")
 @click.option("--no-wait", is_flag=True,
               help="Served disks: return once the snapshot is closed (it uploads meanwhile).")
-@click.option("--tag", "tags", multiple=True, help="A tag to attach (repeatable).")
+@click.option("--tag", "tags", multiple=True, metavar="TAG", help="A tag to attach (repeatable).")
 @click.option("--rate", type=float, metavar="MB/s", help="Cap upload throughput (10^6 bytes/s).")
 @click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
@@ -115,8 +115,8 @@ def _create_of_disks(config: CliConfig, disks: list[str], name: str | None, pare
 
 
 @snapshot.command("list")
-@click.option("--disk", help="Only snapshots of this disk.")
-@click.option("--json", "json_output", is_flag=True)
+@click.option("--disk", metavar="DISK", help="Only snapshots of this disk.")
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
     """List snapshots, oldest first; snapshots of served disks still uploading (or failed) are
@@ -224,7 +224,7 @@ def _unfinished(config: CliConfig) -> list[dict[str, Any]]:
 
 @snapshot.command()
 @click.argument("snap")
-@click.option("--json", "json_output", is_flag=True)
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def show(config: CliConfig, snap: str, json_output: bool) -> None:
     """Show one snapshot."""
@@ -244,7 +244,7 @@ def show(config: CliConfig, snap: str, json_output: bool) -> None:
 @click.option("--force", is_flag=True,
               help="Delete even a snapshot that a disk whose daemon is not running here holds "
                    "(that disk can then no longer be read or snapshotted).")
-@click.option("--json", "json_output", is_flag=True)
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def delete(config: CliConfig, snaps: tuple[str, ...], force: bool, json_output: bool) -> None:
     """Delete snapshots and the blocks no other snapshot uses."""
@@ -277,9 +277,10 @@ def delete(config: CliConfig, snaps: tuple[str, ...], force: bool, json_output: 
 
 @snapshot.command()
 @keep_options
-@click.option("--disk", help="Only this disk's snapshots (default: every disk, each on its own).")
+@click.option("--disk", metavar="DISK",
+              help="Only this disk's snapshots (default: every disk, each on its own).")
 @click.option("-n", "--dry-run", is_flag=True, help="Say what would be forgotten; delete nothing.")
-@click.option("--json", "json_output", is_flag=True)
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool,
            **keep: Any) -> None:
