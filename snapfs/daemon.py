@@ -258,11 +258,13 @@ class MountDaemon:
             return {"ok": False, "code": e.exit_code, "error": e.message}
         except (KeyError, TypeError) as e:
             return {"ok": False, "code": 2, "error": f"malformed {op} request: {e}"}
-        except Exception as e:  # a bug: the client says so in one line, the log has the rest
-            log.exception("control request %r failed", op)
+        except Exception as e:  # a bug: the command says so in one line, the log has the rest
+            log.exception("control request %s failed", op)
+            where = ("its stderr" if self.options.foreground
+                     else f"its log {self.files.log_file(self.options.cache_dir)}")
             return {"ok": False, "code": 1,
-                    "error": f"the daemon failed to answer {op!r} ({type(e).__name__}: {e}); "
-                             f"its log {self.files.log_file(self.options.cache_dir)} has the details"}
+                    "error": f"the snapfs daemon failed to do {op}: {type(e).__name__}: {e} "
+                             f"({where} has the details)"}
 
     async def stats(self) -> dict[str, Any]:
         cache = await trio.to_thread.run_sync(self._cache_stats)

@@ -190,6 +190,8 @@ def check_cache_dir(directory: str) -> None:
     """Create the cache directory if needed and make sure we can write in it (before forking,
     so the user sees the error)."""
     probe = Path(directory) / f".probe-{os.getpid()}"
+    if os.path.lexists(directory) and not os.path.isdir(directory):  # not "File exists"
+        raise SnapfsError(f"cache directory {directory} is not a directory")
     try:
         os.makedirs(directory, exist_ok=True)
         probe.write_bytes(b"")

@@ -647,7 +647,13 @@ class _Restorer:
                    advance: Callable[[int], None]) -> os.stat_result:
         """Copy the open ``source`` to ``name``; the copy's stat."""
         temp = _temp_name()
-        fd = os.open(temp, _CREATE_FLAGS, 0o600, dir_fd=parent_fd)
+        try:
+            fd = os.open(temp, _CREATE_FLAGS, 0o600, dir_fd=parent_fd)
+        except OSError:
+            raise  # nothing made (with O_EXCL, a file of that name is someone else's)
+        except BaseException:  # a stop signal handled the moment the file was made
+            _unlink_quietly(parent_fd, temp)
+            raise
         try:
             try:
                 self.drop_acls(fd)  # before the data goes in

@@ -32,7 +32,7 @@ from diskimages import change_image, copy_image, make_image, random_image, share
 from mountutil import MOUNTS, mounted, pid_running, wait_for
 from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error
 
-from snapfs.cli.browse import stop_signals_interrupt
+from snapfs.cli.context import stop_signals_interrupt
 
 pytestmark = MOUNTS
 MiB = 1 << 20
@@ -497,7 +497,7 @@ def test_restore_files_all_then_again_with_each_conflict_policy(
     assert result.returncode == 1, result.stderr
     assert result.stderr.splitlines() == [
         f"snapfs: failed: {rel}: the target has a directory in its place"]
-    assert result.stdout.startswith("restored 1 files") and "0 skipped, 1 failed" in result.stdout
+    assert result.stdout.startswith("restored 1 file (") and "0 skipped, 1 failed" in result.stdout
 
 
 def test_restore_files_with_include_and_exclude(env: Env, source: dict[str, Path]) -> None:

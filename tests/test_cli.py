@@ -226,6 +226,36 @@ def test_no_repository(snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> No
     assert "-r REPO" in one_error(result, EXIT_USAGE)
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # a path, not a bucket
+def test_a_repository_path_that_is_a_file_or_cannot_be_made(snapfs: Snapfs,
+                                                            tmp_path: Path) -> None:
+    # these said "PATH: : File exists" and "PATH: config: Not a directory" (exit 5)
+    afile = tmp_path / "notes.txt"
+    afile.write_text("not a repository")
+    in_file = snapfs.with_repo(str(afile))
+    assert one_error(in_file("init"), EXIT_GENERAL) == (
+        f"snapfs: {afile} exists and is not a directory")
+    for _args, result in in_file.each(("snapshot", "list"), ("verify",), ("prune",),
+                                      ("snapshot", "create", afile)):
+        assert one_error(result, EXIT_NOT_FOUND) == f"snapfs: no repository at {afile}"
+    below = snapfs.with_repo(str(afile / "repo"))
+    assert one_error(below("init"), EXIT_GENERAL) == (
+        f"snapfs: cannot create {afile}/repo: a file is in the way")
+    assert one_error(below("snapshot", "list"), EXIT_NOT_FOUND) == (
+        f"snapfs: no repository at {afile}/repo")
+    assert afile.read_text() == "not a repository"
+    if have_root():  # root without the capabilities that let it write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        result = subprocess.run(
+            ["setpriv", "--bounding-set=-dac_override", "--inh-caps=-dac_override",
+             *snapfs.with_repo(str(locked / "repo")).command(("init",))],
+            capture_output=True, text=True, env=snapfs.env, timeout=60)
+        assert one_error(result, EXIT_STORE) == (
+            f"snapfs: cannot create {locked}/repo: permission denied")
+        assert list(locked.iterdir()) == []
+
+
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # both: test_repository.py
 def test_unknown_format_version_is_refused(snapfs: Snapfs, store: ObjectStore,
                                            tmp_path: Path) -> None:
@@ -244,6 +274,31 @@ def test_unknown_format_version_is_refused(snapfs: Snapfs, store: ObjectStore,
     assert one_error(snapfs("init"), EXIT_GENERAL).endswith("already a snapfs repository; not touching it")
     assert objects(store) == before
     assert not (tmp_path / "out.img").exists()
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the same on both stores
+def test_a_damaged_snapshot_root_or_index_is_named(snapfs: Snapfs, store: ObjectStore,
+                                          tmp_path: Path) -> None:
+    # every command said only "snapshot root is not valid JSON": which of them, nobody knew
+    snapfs.ok("init")
+    source = random_image(tmp_path / "d.img", MiB, seed=15)
+    damaged = snapfs.json("snapshot", "create", source, "--name", "one")["id"]
+    snapfs.ok("snapshot", "create", source, "--name", "two")
+    before_damage = store.get(f"snapshots/{damaged}")
+    store.put(f"snapshots/{damaged}", b"garbage")
+    before = objects(store)
+    for _args, result in snapfs.each(("snapshot", "list"), ("verify",), ("prune",),
+                                     ("snapshot", "delete", "two")):
+        line = one_error(result, EXIT_INTEGRITY)
+        assert f"snapshots/{damaged} in {store.url} is damaged" in line, line
+    assert objects(store) == before
+    # and so is a damaged index object
+    store.put(f"snapshots/{damaged}", before_damage)
+    (index_key, _), = store.list("index/")
+    store.put(index_key, b"garbage")
+    for _args, result in snapfs.each(("verify",), ("export", "two", tmp_path / "out.img"),
+                                     ("snapshot", "create", source)):
+        assert f"{index_key} in {store.url} is damaged" in one_error(result, EXIT_INTEGRITY)
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # both: test_repository.py
@@ -271,6 +326,49 @@ def test_bad_block_size_is_a_usage_error(snapfs: Snapfs, store: ObjectStore) -> 
     for size in ("3K", "12K", "8M", "lots"):
         one_error(snapfs("init", "--block-size", size), EXIT_USAGE)
     assert not store.container_exists() or objects(store) == {}
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # it fails before the store
+def test_a_mistake_on_the_command_line_is_one_line_too(snapfs: Snapfs, store: ObjectStore,
+                                                       tmp_path: Path) -> None:
+    # click's own report was four lines (usage, a hint, a blank line, the error)
+    snapfs.ok("init")
+    before = objects(store)
+    for args, expect in [
+            (("snapshot", "create", tmp_path / "d.img", "--rate", "fast"), "'--rate'"),
+            (("init", "--compression-level", "high"), "'--compression-level'"),
+            (("snapshot", "delete"), "missing argument 'SNAP...'"),
+            (("snapshot", "forget", "--keep-last", "0"), "'--keep-last'"),
+            (("restore-files", "x"), "missing option '--to'"),
+            (("restore-files", "x", "--to", tmp_path, "--on-conflict", "merge"), "'merge'"),
+            (("snapshot", "list", "--colour"), "no such option '--colour'"),
+            (("snapshots",), "no such command 'snapshots'")]:
+        result = snapfs(*args)
+        line = one_error(result, EXIT_USAGE)
+        assert expect in line and "--help" in line, line
+        assert result.stdout == ""
+    assert objects(store) == before
+    # what asks for help still gets it, on stdout
+    result = snapfs("snapshot", "--help")
+    assert result.returncode == 0 and "forget" in result.stdout and result.stderr == ""
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # it fails before the store
+def test_a_rate_or_time_that_is_not_a_number_is_a_usage_error(snapfs: Snapfs, store: ObjectStore,
+                                                              tmp_path: Path) -> None:
+    # "nan" passed the "<= 0" checks: a snapshot was taken at a rate of nan MB/s
+    snapfs.ok("init")
+    source = random_image(tmp_path / "d.img", MiB, seed=7)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    before = objects(store)
+    for args, option in [(("snapshot", "create", source, "--rate", "nan"), "--rate"),
+                         (("snapshot", "create", source, "--rate", "-1"), "--rate"),
+                         (("snapshot", "create", "--disk", "d", "--freeze-timeout", "nan"),
+                          "--freeze-timeout"),
+                         (("mount", mountpoint, "--hydrate-rate", "nan"), "--hydrate-rate")]:
+        assert option in one_error(snapfs(*args), EXIT_USAGE)
+    assert objects(store) == before and not os.path.ismount(mountpoint)
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # it fails before the store
@@ -311,6 +409,22 @@ def test_unknown_and_ambiguous_snapshots(snapfs: Snapfs, store: ObjectStore, tmp
     assert objects(store) == before
     assert not out.exists()
     assert snapfs.json("snapshot", "show", "abcdef0000000002")["name"] == "twin-2"
+    # a prefix too short to be one says so
+    assert one_error(snapfs("snapshot", "show", "abc"), EXIT_NOT_FOUND).endswith(
+        "(a prefix of an id needs at least 4 characters)")
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part
+def test_show_lists_tags_as_words(snapfs: Snapfs, tmp_path: Path) -> None:
+    snapfs.ok("init")
+    image = random_image(tmp_path / "d.img", MiB, seed=6)
+    snapfs.ok("snapshot", "create", image, "--name", "tagged", "--tag", "before-upgrade",
+              "--tag", "keep")
+    snapfs.ok("snapshot", "create", image, "--name", "plain")
+    lines = snapfs.ok("snapshot", "show", "tagged").splitlines()
+    assert "tags:              before-upgrade, keep" in lines  # was "['before-upgrade', 'keep']"
+    assert "tags:              -" in snapfs.ok("snapshot", "show", "plain").splitlines()
+    assert snapfs.json("snapshot", "show", "tagged")["tags"] == ["before-upgrade", "keep"]
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # both: test_repository.py
@@ -375,6 +489,14 @@ def test_forget_by_retention_policy(snapfs: Snapfs, store: ObjectStore, tmp_path
     # bad policies: one line, a usage error, nothing deleted
     before = objects(store)
     assert "stored retention policy" in one_error(snapfs("snapshot", "forget"), EXIT_USAGE)
+    # a tag that no snapshot of a disk carries (a typo) would forget that disk whole
+    for dry_run in ([], ["--dry-run"]):
+        assert one_error(snapfs("snapshot", "forget", "--keep-tag", "pined", *dry_run),
+                         EXIT_USAGE) == (
+            "snapfs: the retention policy keeps no snapshot of disk db.img: refusing to forget "
+            "its only snapshot; delete by name with snapshot delete")
+    assert "all 3 of its snapshots" in one_error(
+        snapfs("snapshot", "forget", "--keep-tag", "pined", "--disk", "vm.img"), EXIT_USAGE)
     assert "cannot read duration" in one_error(
         snapfs("snapshot", "forget", "--keep-within", "3x"), EXIT_USAGE)
     assert "no snapshots of disk 'nosuch'" in one_error(
@@ -571,7 +693,7 @@ def test_bad_source(kind: str, snapfs: Snapfs, store: ObjectStore, tmp_path: Pat
         if rescue.ident is not None:  # started
             rescue.join()
     assert rescued != [True], "snapshot create blocked opening a FIFO"
-    line = one_error(result, EXIT_GENERAL)
+    line = one_error(result, EXIT_NOT_FOUND if kind == "missing" else EXIT_GENERAL)
     assert str(source) in line and expect in line, line
     assert objects(store) == before
 
@@ -649,6 +771,37 @@ def test_kill_9_during_snapshot(snapfs: Snapfs, store: ObjectStore, tmp_path: Pa
     assert snapfs.json("verify")["snapshots"] == 2
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the same on both stores
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_command_stopped_by_sigterm_or_sighup_undoes_what_it_began(
+        signum: int, snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> None:
+    # as ^C does; they ended the process where it stood: a lock left, a partial export left
+    snapfs.ok("init")
+    source = random_image(tmp_path / "big.img", 40 * MiB, seed=14)
+    proc = snapfs.popen("snapshot", "create", source, "--rate", "4")
+    try:
+        wait_for(lambda: pack_names(store) or proc.poll() is not None, 60, "the first pack")
+        assert proc.poll() is None, "the snapshot ended before it could be stopped"
+        os.kill(proc.pid, signum)
+    finally:
+        _, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stderr) == (130, "snapfs: interrupted\n")
+    assert list(store.list("locks/")) == [] and list(store.list("snapshots/")) == []
+
+    snapfs.ok("snapshot", "create", source, "--name", "whole")
+    out = tmp_path / "out.img"
+    proc = snapfs.popen("export", "whole", out)
+    partial = tmp_path / "out.img.snapfs-partial"
+    try:
+        wait_for(lambda: partial.exists() or proc.poll() is not None, 60, "the partial file")
+        assert proc.poll() is None, "the export ended before it could be stopped"
+        os.kill(proc.pid, signum)
+    finally:
+        _, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stderr) == (130, "snapfs: interrupted\n")
+    assert not partial.exists() and not out.exists()
+
+
 # -- stores that cannot be reached or refuse us (S3) -------------------------------------------
 
 
@@ -670,6 +823,25 @@ def test_unreachable_store(tmp_path: Path) -> None:
         assert elapsed < 20, f"{args}: gave up after {elapsed:.1f} s"
         assert endpoint in line
         assert secret not in result.stderr + result.stdout
+
+
+def test_a_malformed_s3_location_or_endpoint_is_a_usage_error(tmp_path: Path) -> None:
+    # these ended in a ValueError's traceback (ours for the bucket, botocore's for the URL)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ACCESS_KEY_ID="some-access-key", AWS_SECRET_ACCESS_KEY="some-secret",
+               AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+    for repo, endpoint, expect in [
+            ("s3://", None, "needs a bucket"),
+            ("s3:///prefix", "http://127.0.0.1:1", "needs a bucket"),
+            ("s3://bucket", "notaurl", "not an S3 endpoint URL: 'notaurl'"),
+            ("s3://bucket", "127.0.0.1:9000", "not an S3 endpoint URL: '127.0.0.1:9000'"),
+            ("s3://bucket", "http://key:hunter2@host:port", "not an S3 endpoint URL")]:
+        for args in (("snapshot", "list"), ("init",)):
+            result = Snapfs(repo, endpoint, env)(*args, timeout=60)
+            assert expect in one_error(result, EXIT_USAGE)
+            assert "hunter2" not in result.stderr
+    result = Snapfs("s3://bucket", None, {**env, "AWS_ENDPOINT_URL": "bad"})("snapshot", "list")
+    assert "not an S3 endpoint URL: 'bad'" in one_error(result, EXIT_USAGE)
 
 
 @pytest.fixture
@@ -736,7 +908,7 @@ def test_corrupt_block(snapfs: Snapfs, store: ObjectStore, images: Images, tmp_p
     problems = [line for line in result.stdout.splitlines() if line.startswith("problem: ")]
     assert len(problems) == 1
     assert problems[0].startswith(f"problem: snapshot vm-1 ({root_id}): block at offset {n * 16384}: ")
-    assert "1 problems" in result.stdout
+    assert result.stdout.startswith("problem: ") and result.stdout.endswith(": 1 problem\n")
     report = json.loads(snapfs("verify", "--json").stdout)
     assert report["ok"] is False and len(report["problems"]) == 1
 
@@ -813,3 +985,32 @@ def test_export_does_not_replace_a_file(snapfs: Snapfs, tmp_path: Path) -> None:
     assert out.read_bytes() == b"precious"
     snapfs.ok("export", "one", out, "--force")
     assert sha256_file(out) == sha256_file(source)
+
+
+@needs_root
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part
+def test_export_overwrites_a_block_device_only_when_forced_and_never_one_in_use(
+        snapfs: Snapfs, tmp_path: Path) -> None:
+    # a device was overwritten without --force, even while mounted (a typo away from /dev/sda)
+    snapfs.ok("init")
+    source = random_image(tmp_path / "d.img", MiB, seed=13)
+    snapfs.ok("snapshot", "create", source, "--name", "one")
+    backing = tmp_path / "device.img"
+    backing.write_bytes(b"precious" * (MiB // 8))
+    loop = subprocess.run(["losetup", "-f", "--show", str(backing)], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    try:
+        assert one_error(snapfs("export", "one", loop), EXIT_GENERAL) == (
+            f"snapfs: {loop} is a block device; use --force to overwrite it")
+        holder = os.open(loop, os.O_RDONLY | os.O_EXCL)  # as a mount holds it
+        try:
+            assert "in use" in one_error(snapfs("export", "one", loop, "--force"), EXIT_GENERAL)
+        finally:
+            os.close(holder)
+        with open(loop, "rb") as f:
+            assert f.read() == b"precious" * (MiB // 8)
+        snapfs.ok("export", "one", loop, "--force")
+        with open(loop, "rb") as f:
+            assert f.read() == source.read_bytes()
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)

@@ -211,4 +211,5 @@ def test_a_mistyped_command_is_still_answered_with_a_suggestion() -> None:
     result = subprocess.run([sys.executable, "-m", "snapfs", "snapshto"], capture_output=True,
                             text=True)
     assert result.returncode == 2
-    assert "No such command 'snapshto'. Did you mean 'snapshot'?" in result.stderr
+    assert result.stderr == ("snapfs: no such command 'snapshto'. Did you mean 'snapshot'? "
+                             "(try 'snapfs --help')\n")

@@ -29,7 +29,7 @@ def test_demo_runs_through_and_leaves_nothing_mounted(tmp_path: Path) -> None:
     written, read, uploaded = map(int, changed.groups())
     assert 0 < written == read and 0 < uploaded <= written
     assert re.search(r"disk work rolled back to day2 \((\d+) blocks reset\)", out)
-    assert "restored 1 files" in out
+    assert "restored 1 file (" in out
     with open("/proc/mounts") as f:
         assert str(work) not in f.read()
     assert not work.exists()  # removed at the end (SNAPFS_DEMO_KEEP unset)

@@ -37,7 +37,15 @@ from diskimages import (
     shared_image,
 )
 from mountutil import MOUNTS, MountedDaemon, mounted, pid_running, wait_for
-from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error, tmpfs
+from testkit import (
+    EXIT_GENERAL,
+    EXIT_NOT_FOUND,
+    EXIT_USAGE,
+    Snapfs,
+    bar_totals,
+    one_error,
+    tmpfs,
+)
 
 from snapfs.repo.lock import RepositoryLock
 from snapfs.repo.repository import Repository
@@ -533,6 +541,26 @@ def test_blocks_staged_while_the_disk_was_quiet_are_not_read_again_by_its_snapsh
     assert same_bytes(s.export("staged"), s.copy("d", "staged"))
 
 
+def test_on_a_terminal_a_disk_snapshot_draws_its_upload_in_bytes(served: Served,
+                                                                  base_image: Path) -> None:
+    # the bar once counted blocks as bytes: 200 changed blocks showed as "200 bytes"
+    s = served
+    s.snapfs.ok("disk", "create", "d", "--from", "vm-1")
+    nblocks = os.path.getsize(base_image) // BS
+    numbers = random.Random(12).sample(range(128, nblocks - 1), 200)
+    write_blocks(s.disk("d"), dict(zip(numbers, random_blocks(13, 200), strict=True)))
+    code, drawn = s.snapfs.on_terminal("snapshot", "create", "--disk", "d", "--name", "seen")
+    assert code == 0, drawn
+    totals = bar_totals(drawn)
+    assert totals and all(abs(t - 200 * BS) <= 0.05 * 200 * BS for t in totals), drawn
+    assert s.snapshots()["seen"]["state"] == "accomplished"
+    # with --json, no bar even on a terminal: the JSON alone
+    write_blocks(s.disk("d"), {numbers[0]: random_blocks(14, 1)[0]})
+    code, drawn = s.snapfs.on_terminal("snapshot", "create", "--disk", "d", "--json")
+    assert code == 0, drawn
+    assert bar_totals(drawn) == [] and json.loads(drawn)["state"] == "accomplished"
+
+
 def test_three_disks_of_one_snapshot_fetch_each_block_once(
     served: Served, base_image: Path
 ) -> None:
@@ -955,7 +983,10 @@ def test_freeze_makes_a_clean_filesystem_snapshot_and_thaws(served: Served, tmp_
     text = "not fsync'd, but frozen file systems are written back first\n"
     with attached(s.disk("d")) as loop, ext4_mounted(loop, tmp_path / "fs") as fs:
         (fs / "unsynced.txt").write_text(text)
-        task = s.snapshot("--disk", "d", "--name", "frozen", "--freeze", fs)
+        # given twice (once through a symlink): frozen once, not "frozen already"
+        link = tmp_path / "fs-link"
+        link.symlink_to(fs)
+        task = s.snapshot("--disk", "d", "--name", "frozen", "--freeze", fs, "--freeze", link)
         assert task["state"] == "accomplished" and task["consistency"] == "frozen"
         # thawed: the file system takes writes again
         (fs / "after.txt").write_text("after\n")
@@ -1142,6 +1173,16 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(served: Served, tmp_path: Pat
     assert "smaller" in error("disk", "create", "e", "--from", "vm-1", "--size", "1M",
                               code=EXIT_USAGE)
     assert "bad disk name" in error("disk", "create", "a/b", "--size", "1M", code=EXIT_USAGE)
+    # past what a file offset can say: was an OverflowError in the daemon, "a garbled reply" here
+    assert "at most 8 EiB" in error("disk", "create", "e", "--size", "9999999T", code=EXIT_USAGE)
+    # more than the state directory's file system can hold (ext4: 16 TiB), if it cannot
+    overlays = set(s.tmp.glob("cache/disks/*/*.overlay"))
+    result = snapfs("disk", "create", "e", "--size", "17T")
+    if result.returncode == 0:
+        snapfs.ok("disk", "delete", "e")
+    else:
+        assert "File too large" in one_error(result, EXIT_GENERAL)
+        assert set(s.tmp.glob("cache/disks/*/*.overlay")) == overlays  # none left behind
     assert "nosuch" in error("snapshot", "create", "--disk", "nosuch", code=EXIT_NOT_FOUND)
     assert "bad snapshot name" in error("snapshot", "create", "--disk", "d", "--name", "a/b",
                                         code=EXIT_USAGE)

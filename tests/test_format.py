@@ -172,6 +172,23 @@ def test_decode_many_gives_each_blob_what_decode_gives_it(codec: BlockCodec) -> 
         codec.decode_many([blobs[1], bytes(unknown)], str)
 
 
+def test_a_flipped_byte_in_a_batch_is_that_blob_s_error_never_a_zstd_exception(
+        codec: BlockCodec) -> None:
+    # A damaged frame header once made zstd's size query raise ZstdError out of the whole
+    # batch: `verify` and `export` of a repository with such a pack ended in a traceback.
+    plain = text(2048)
+    blob = codec.encode(plain)
+    other = codec.encode(text(BS))
+    assert blob[3] == CODEC_ZSTD
+    for pos in range(len(blob)):
+        if pos in (2, 3):
+            continue  # version and codec: one this snapfs does not know fails the call
+        for mask in (0x01, 0x80):
+            out = codec.decode_many([other, flipped(blob, pos, mask)], str)
+            assert out[0] == text(BS)
+            assert out[1] == plain or isinstance(out[1], CorruptBlock), (pos, mask, out[1])
+
+
 def test_decode_many_without_copies_gives_views_that_outlive_the_call(codec: BlockCodec) -> None:
     good = [text(BS - 5 * i) + rand(32, seed=i) for i in range(5)]
     blobs = [codec.encode(p) for p in good]

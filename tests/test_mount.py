@@ -379,6 +379,8 @@ def test_bad_mount_points_and_caches_are_one_line_errors(
         assert "not empty" in mount_error(full, "--cache-dir", cache)
         assert "already a mount point" in mount_error(readonly, "--cache-dir", cache)
         assert "not writable" in mount_error(plain, "--cache-dir", readonly / "cache")
+        assert mount_error(plain, "--cache-dir", a_file) == (
+            f"snapfs: cache directory {a_file} is not a directory")  # was "not writable: File exists"
         assert "no repository" in one_error(
             snapfs.with_repo(str(tmp_path / "no-repo"))("mount", plain, "--cache-dir", cache),
             EXIT_NOT_FOUND)
@@ -425,6 +427,16 @@ def test_umount_kills_a_daemon_that_does_not_exit(snapfs: Snapfs, tmp_path: Path
         assert not pid_running(daemon.pid)
         assert not is_mount_point(daemon.mountpoint)
         assert not daemon.pid_file.exists() and not daemon.socket.exists()
+
+
+def test_umount_with_a_timeout_that_is_no_time_is_refused(snapfs: Snapfs, tmp_path: Path) -> None:
+    # --timeout 0 or -5 killed the daemon at once instead of letting it store what it holds
+    with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache") as daemon:
+        for timeout in ("0", "-5", "nan"):
+            line = one_error(snapfs("umount", daemon.mountpoint, "--timeout", timeout), EXIT_USAGE)
+            assert "--timeout" in line
+        assert pid_running(daemon.pid) and is_mount_point(daemon.mountpoint)
+        assert os.listdir(daemon.images) == ["vm-1.img"]
 
 
 #: ``snapfs ARGS...`` in this process, then the modules it imported, as JSON

@@ -13,7 +13,7 @@ import pytest
 
 from snapfs.errors import UsageError
 from snapfs.format.manifest import SnapshotRoot
-from snapfs.repo.retention import Duration, RetentionPolicy, decide
+from snapfs.repo.retention import Duration, RetentionPolicy, decide, emptied_disks
 
 START = datetime(2026, 1, 1, 9, 0, tzinfo=UTC)
 
@@ -159,6 +159,17 @@ def test_an_empty_policy_keeps_nothing() -> None:
     assert RetentionPolicy().empty()
     assert not RetentionPolicy(tags=frozenset({"x"})).empty()
     assert kept(daily(3), RetentionPolicy()) == {}
+
+
+def test_a_tag_that_no_snapshot_of_a_disk_carries_leaves_it_empty() -> None:
+    # the one way a policy forgets every snapshot of a disk; forget refuses it (test_cli.py)
+    roots = daily(4) + daily(2, disk="db")
+    roots[1].tags = ["pinned"]
+    policy = RetentionPolicy(tags=frozenset({"pinned"}))
+    assert emptied_disks(decide(roots, policy, tz=UTC)) == {"db": 2}
+    assert emptied_disks(decide(roots, policy, tz=UTC, only="vm")) == {}
+    assert emptied_disks(decide(roots, policy, tz=UTC, protected={"db-0000": "base"})) == {}
+    assert emptied_disks(decide(roots, RetentionPolicy(last=1), tz=UTC)) == {}
 
 
 def test_a_stored_policy_reads_back_and_a_bad_one_is_refused() -> None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import pty
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -70,6 +73,45 @@ class Snapfs:
 
     def with_repo(self, repo: str | None) -> Snapfs:
         return dataclasses.replace(self, repo=repo)
+
+    def on_terminal(self, *args: Any, timeout: float = 120) -> tuple[int, str]:
+        """``snapfs ARGS`` with stdin, stdout and stderr on a pseudo-terminal, as a user at a
+        shell runs it: its exit code and everything it drew, escape sequences removed."""
+        main, tty = pty.openpty()
+        env = {**self.env, "TERM": "xterm", "COLUMNS": "120"}
+        try:
+            proc = subprocess.Popen(self.command(args), stdin=tty, stdout=tty, stderr=tty,
+                                    env=env, close_fds=True)
+        finally:
+            os.close(tty)
+        chunks = []
+        try:
+            while True:
+                try:
+                    chunk = os.read(main, 65536)
+                except OSError:  # EIO: every end of the terminal's other side is closed
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            code = proc.wait(timeout)
+        finally:
+            os.close(main)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        drawn = b"".join(chunks).decode(errors="replace")
+        return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn)
+
+
+#: what a progress bar of rich's shows of its task: done/total and their unit (decimal)
+BAR_FIGURES = re.compile(r"(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?) (bytes|kB|MB|GB)")
+_BAR_UNITS = {"bytes": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}
+
+
+def bar_totals(drawn: str) -> list[float]:
+    """The totals, in bytes, of every progress bar frame in ``drawn`` (``on_terminal``)."""
+    return [float(total) * _BAR_UNITS[unit] for _done, total, unit in BAR_FIGURES.findall(drawn)]
 
 
 def one_error(result: subprocess.CompletedProcess[str], code: int) -> str:

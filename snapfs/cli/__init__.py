@@ -17,11 +17,13 @@ asking a running daemon, as the disk commands do, logs nothing here.
 from __future__ import annotations
 
 import importlib
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import click
 
-from snapfs.cli.context import CliConfig, log_to_stderr
+from snapfs.cli.context import CliConfig, log_to_stderr, stop_signals_interrupt
 from snapfs.errors import SnapfsError
 
 #: every command: the module of ``snapfs.cli`` that defines it (as the attribute of its name,
@@ -62,6 +64,30 @@ SET_UP_THEIR_LOGGING = frozenset({"snapshot", "disk", "umount", "stats"})
 
 
 class SnapfsGroup(click.Group):
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        """click's, except that a mistake on the command line is one line too, as every other
+        error is (click's own report is a usage line, a hint, a blank line and the error)."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()  # a bare ``snapfs`` or ``snapfs disk``: the help it asks for
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            hint = f" (try '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"snapfs: {_one_line(e.format_message())}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"snapfs: {_one_line(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:  # a confirmation answered no, or ^C / end of input at its prompt
+            click.echo("snapfs: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -99,6 +125,19 @@ class SnapfsGroup(click.Group):
         listing.format_commands(ctx, formatter)
 
 
+def _one_line(message: str) -> str:
+    """click's message (some have a second line: "Did you mean …?") as one line in snapfs's
+    style: each part lower case first, without its final full stop, joined by "; "."""
+    parts = []
+    for line in message.splitlines():
+        line = line.strip().removesuffix(".")
+        if line[:1].isupper() and line[1:2].islower():
+            line = line[0].lower() + line[1:]
+        if line:
+            parts.append(line)
+    return "; ".join(parts)
+
+
 @click.group(cls=SnapfsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-r", "--repo", envvar="SNAPFS_REPO", metavar="REPO",
               help="Repository: a local directory or s3://bucket/prefix (env SNAPFS_REPO).")
@@ -112,6 +151,8 @@ def cli(ctx: click.Context, repo: str | None, endpoint_url: str | None, debug: b
     ctx.obj = CliConfig(repo, endpoint_url, debug)
     if debug or ctx.invoked_subcommand not in SET_UP_THEIR_LOGGING:
         log_to_stderr(debug)
+    if ctx.invoked_subcommand != "mount":  # the daemon has its own signal handling
+        ctx.with_resource(stop_signals_interrupt())
 
 
 def main() -> None:

@@ -7,16 +7,13 @@ undoes.
 
 from __future__ import annotations
 
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
 from snapfs.cli.context import CliConfig, pass_config
 from snapfs.cli.mount import default_cache_dir
-from snapfs.cli.output import emit_json, human_size, parse_size, progress_for
+from snapfs.cli.output import counted, emit_json, human_size, parse_size, progress_for
 from snapfs.progress import NO_PROGRESS
 
 if TYPE_CHECKING:
@@ -76,32 +73,6 @@ def unbrowse(directory: str) -> None:
     click.echo(unbrowse_directory(directory))
 
 
-#: what else stops a command (kill, timeout(1), systemd, a closed terminal): restore-files
-#: unwinds on them as on ^C, so its temporary browse is undone and no temporary file is left
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-
-
-@contextmanager
-def stop_signals_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise ``KeyboardInterrupt`` in the block, as SIGINT does; the
-    handlers from before are back after it. Only the first such signal interrupts: a repeat
-    while the block unwinds is ignored, so that it cannot cut the clean-up short (SIGKILL
-    still can)."""
-    received: list[int] = []
-
-    def interrupt(signum: int, frame: Any) -> None:
-        if not received:
-            received.append(signum)
-            raise KeyboardInterrupt
-
-    previous = {signum: signal.signal(signum, interrupt) for signum in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 def _print_entries(report: RestoreReport) -> None:
     for failure in report.failures:
         click.echo(f"snapfs: failed: {failure}", err=True)
@@ -134,14 +105,13 @@ def restore_files(config: CliConfig, snap: str, target: str, includes: tuple[str
 
     restore = RestoreOptions(includes, excludes, on_conflict)  # bad patterns fail first
     bar = progress_for(json_output)
-    try:
-        with stop_signals_interrupt():
-            try:
-                state, report = restore_from_snapshot(_options(config, snap, "", fuse2fs),
-                                                      target, restore, bar or NO_PROGRESS)
-            finally:
-                if bar is not None:
-                    bar.close()
+    try:  # (SIGTERM and SIGHUP interrupt it as ^C does: cli.context.stop_signals_interrupt)
+        try:
+            state, report = restore_from_snapshot(_options(config, snap, "", fuse2fs),
+                                                  target, restore, bar or NO_PROGRESS)
+        finally:
+            if bar is not None:
+                bar.close()
     except RestoreStopped as e:
         # what was done before the stop is not lost: the report so far, then the one line
         if json_output:
@@ -155,7 +125,7 @@ def restore_files(config: CliConfig, snap: str, target: str, includes: tuple[str
     else:
         _print_entries(report)
         links = f", {report.links} of them hard links" if report.links else ""
-        click.echo(f"restored {report.restored} files ({human_size(report.bytes)}{links}) from "
+        click.echo(f"restored {counted(report.restored, 'file')} ({human_size(report.bytes)}{links}) from "
                    f"{state.snapshot_name} into {target}: {report.skipped} skipped, "
                    f"{report.failed} failed")
     if report.failed:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import TYPE_CHECKING
 
 import click
@@ -42,3 +46,41 @@ def log_to_stderr(debug: bool) -> None:
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="snapfs: %(levelname)s: %(message)s")
+
+
+#: what else stops a command (kill, timeout(1), systemd, a closed terminal)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP interrupt the block as ^C does, so that a command undoes what it had
+    begun (an export's partial file, a snapshot's lock, restore-files' temporary browse) rather
+    than end where it stood. The signal goes to the SIGINT handler in place: Python's (which
+    raises ``KeyboardInterrupt``) or, inside ``trio.run``, trio's (which keeps it out of code
+    that must not be interrupted). Only the first such signal interrupts: a repeat while the
+    block unwinds is ignored, so that it cannot cut the clean-up short (SIGKILL still can). A
+    signal ignored when the block began (``nohup``) stays ignored; the handlers from before are
+    back after it."""
+    received: list[int] = []
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        if received:
+            return
+        received.append(signum)
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)  # raises, or (trio, protected code) defers it
+            return
+        raise KeyboardInterrupt  # SIGINT ignored (a script's background job): all the same
+
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum, handler in previous.items():
+        if handler != signal.SIG_IGN:
+            signal.signal(signum, interrupt)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)

@@ -21,7 +21,7 @@ def disk() -> None:
 @click.argument("name")
 @click.option("--from", "source", metavar="SNAP", help="The snapshot it starts as.")
 @click.option("--size", metavar="SIZE", help="Its size (default: the snapshot's; may grow it).")
-@click.option("--json", "json_output", is_flag=True)
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def create(config: CliConfig, name: str, source: str | None, size: str | None,
            json_output: bool) -> None:
@@ -42,7 +42,7 @@ def create(config: CliConfig, name: str, source: str | None, size: str | None,
 
 
 @disk.command("list")
-@click.option("--json", "json_output", is_flag=True)
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def list_(config: CliConfig, json_output: bool) -> None:
     """List the disks, with what was written and what is uploading."""
@@ -76,7 +76,7 @@ def delete(config: CliConfig, name: str) -> None:
 @click.argument("name")
 @click.argument("snap")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--json", "json_output", is_flag=True)
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def rollback(config: CliConfig, name: str, snap: str, yes: bool, json_output: bool) -> None:
     """Make disk NAME equal snapshot SNAP; what was written since is lost."""

@@ -52,7 +52,7 @@ def parse_rate(text: str) -> float:
 @click.argument("mountpoint")
 @click.option("--cache-dir", metavar="DIR", help="Local block cache, kept across mounts "
               "(default: $SNAPFS_CACHE_DIR or ~/.cache/snapfs).")
-@click.option("--cache-size", default="20G", show_default=True,
+@click.option("--cache-size", default="20G", show_default=True, metavar="SIZE",
               help="Cap on the cache's size (K, M, G, T).")
 @click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C unmounts.")
 @click.option("--no-background", is_flag=True,
@@ -79,7 +79,7 @@ def mount(config: CliConfig, mountpoint: str, cache_dir: str | None, cache_size:
     from snapfs.mount import MountOptions  # light: the daemon's libraries load after the fork
     from snapfs.mount import mount as mount_repository
 
-    if hydrate_rate is not None and hydrate_rate <= 0:
+    if hydrate_rate is not None and not hydrate_rate > 0:  # (nan too)
         raise UsageError("--hydrate-rate must be a positive number of MB/s")
     capacity = parse_size(cache_size)
     if capacity < MIN_CACHE_SIZE:
@@ -111,6 +111,9 @@ def umount(mountpoint: str, timeout: float) -> None:
     """Unmount MOUNTPOINT and wait until its daemon has exited (also cleans up after a daemon
     that died)."""
     from snapfs.control import unmount
+
+    if not timeout > 0:  # 0 or less killed the daemon at once, with its uploads and profiles
+        raise UsageError("--timeout must be a positive number of seconds")
 
     click.echo(unmount(mountpoint, timeout))
 

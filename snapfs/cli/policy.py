@@ -25,9 +25,9 @@ def _whose(disk: str | None) -> str:
 
 @policy.command("set")
 @keep_options
-@click.option("--disk", help="The disk it is for (default: every disk without a policy of its "
-                             "own).")
-@click.option("--json", "json_output", is_flag=True)
+@click.option("--disk", metavar="DISK",
+              help="The disk it is for (default: every disk without a policy of its own).")
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def set_(config: CliConfig, disk: str | None, json_output: bool, **keep: Any) -> None:
     """Store a retention policy (replacing the one stored for the same disk, if any)."""
@@ -42,7 +42,7 @@ def set_(config: CliConfig, disk: str | None, json_output: bool, **keep: Any) ->
 
 
 @policy.command()
-@click.option("--json", "json_output", is_flag=True)
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def show(config: CliConfig, json_output: bool) -> None:
     """Show the stored retention policies."""
@@ -61,7 +61,8 @@ def show(config: CliConfig, json_output: bool) -> None:
 
 
 @policy.command()
-@click.option("--disk", help="The disk whose policy to delete (default: the default policy).")
+@click.option("--disk", metavar="DISK",
+              help="The disk whose policy to delete (default: the default policy).")
 @pass_config
 def delete(config: CliConfig, disk: str | None) -> None:
     """Delete a stored retention policy."""

@@ -5,13 +5,14 @@ from __future__ import annotations
 import click
 
 from snapfs.cli.context import CliConfig, pass_config
-from snapfs.cli.output import emit_json, human_size, parse_size, run_async
+from snapfs.cli.output import counted, emit_json, human_size, parse_size, run_async
 from snapfs.errors import IntegrityError
 from snapfs.repo.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL
 
 
 @click.command()
 @click.option("--block-size", default=str(DEFAULT_BLOCK_SIZE // 1024) + "K", show_default=True,
+              metavar="SIZE",
               help="Unit of change tracking and dedup: a power of two from 4K to 4M.")
 @click.option("--compression-level", default=DEFAULT_COMPRESSION_LEVEL, show_default=True,
               type=int, help="zstd level for blocks (-7 to 22).")
@@ -36,7 +37,7 @@ def init(config: CliConfig, block_size: str, compression_level: int, json_output
 @click.argument("snap")
 @click.argument("out")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an existing file.")
-@click.option("--json", "json_output", is_flag=True)
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def export(config: CliConfig, snap: str, out: str, force: bool, json_output: bool) -> None:
     """Write snapshot SNAP out as a raw image file (or onto a block device)."""
@@ -53,7 +54,7 @@ def export(config: CliConfig, snap: str, out: str, force: bool, json_output: boo
 
 @click.command()
 @click.argument("snaps", nargs=-1, metavar="[SNAP]...")
-@click.option("--json", "json_output", is_flag=True)
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def verify(config: CliConfig, snaps: tuple[str, ...], json_output: bool) -> None:
     """Check that every block of SNAPs (default: all) is present and intact."""
@@ -68,15 +69,15 @@ def verify(config: CliConfig, snaps: tuple[str, ...], json_output: bool) -> None
     else:
         for line in report.problems:
             click.echo(f"problem: {line}")
-        click.echo(f"checked {report.snapshots} snapshots, {report.blobs_checked} blobs, "
-                   f"{human_size(report.bytes_checked)}: "
-                   + ("no problems" if report.ok else f"{len(report.problems)} problems"))
+        click.echo(f"checked {counted(report.snapshots, 'snapshot')}, "
+                   f"{counted(report.blobs_checked, 'blob')}, {human_size(report.bytes_checked)}: "
+                   + ("no problems" if report.ok else counted(len(report.problems), "problem")))
     if not report.ok:
         raise SystemExit(IntegrityError.exit_code)
 
 
 @click.command()
-@click.option("--json", "json_output", is_flag=True)
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def prune(config: CliConfig, json_output: bool) -> None:
     """Delete the blobs no snapshot uses (delete does this too) and repack sparse packs."""
@@ -87,15 +88,16 @@ def prune(config: CliConfig, json_output: bool) -> None:
     if json_output:
         emit_json(stats)
     else:
-        click.echo(f"freed {human_size(stats['bytes_freed'])}: {stats['packs_deleted']} packs "
-                   f"deleted, {stats['packs_repacked']} repacked")
+        click.echo(f"freed {human_size(stats['bytes_freed'])}: "
+                   f"{counted(stats['packs_deleted'], 'pack')} deleted, "
+                   f"{stats['packs_repacked']} repacked")
 
 
 @click.command()
 @click.option("--all", "everything", is_flag=True,
               help="Also remove locks that are not stale yet, except those of live processes "
                    "on this host: for a host that died holding one.")
-@click.option("--json", "json_output", is_flag=True)
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def unlock(config: CliConfig, everything: bool, json_output: bool) -> None:
     """Remove stale repository locks (or, with --all, every lock not in use on this host)."""

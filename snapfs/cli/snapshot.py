@@ -8,7 +8,14 @@ import click
 
 from snapfs.cli.context import CliConfig, log_to_stderr, pass_config
 from snapfs.cli.keep import keep_options, policy_from
-from snapfs.cli.output import emit_json, human_size, progress_for, run_async, table_lines
+from snapfs.cli.output import (
+    counted,
+    emit_json,
+    human_size,
+    progress_for,
+    run_async,
+    table_lines,
+)
 from snapfs.errors import NotFoundError, NotMounted, SnapfsError, SnapshotNotFound, UsageError
 from snapfs.progress import NO_PROGRESS
 
@@ -27,7 +34,7 @@ def snapshot(ctx: click.Context) -> None:
 
 @snapshot.command()
 @click.argument("source", required=False)
-@click.option("--name", help="A unique name (default: DISK-YYYYMMDD-HHMMSS).")
+@click.option("--name", metavar="NAME", help="A unique name (default: DISK-YYYYMMDD-HHMMSS).")
 @click.option("--disk", "disks", multiple=True, metavar="NAME",
               help="Without SOURCE: a disk the running mount serves (repeat for a consistency "
                    "group). With SOURCE: the disk SOURCE is a snapshot of (default: its file "
@@ -42,7 +49,7 @@ def snapshot(ctx: click.Context) -> None:
               help="Thaw after this long and take a crash-consistent snapshot instead.")
 @click.option("--no-wait", is_flag=True,
               help="Served disks: return once the snapshot is closed (it uploads meanwhile).")
-@click.option("--tag", "tags", multiple=True, help="A tag to attach (repeatable).")
+@click.option("--tag", "tags", multiple=True, metavar="TAG", help="A tag to attach (repeatable).")
 @click.option("--rate", type=float, metavar="MB/s", help="Cap upload throughput (10^6 bytes/s).")
 @click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
@@ -51,7 +58,7 @@ def create(config: CliConfig, source: str | None, name: str | None, disks: tuple
            tags: tuple[str, ...], rate: float | None, json_output: bool) -> None:
     """Snapshot SOURCE (an image file or block device: full the first time, then incremental),
     or, without SOURCE, the --disk disks the running mount serves (only their changed blocks)."""
-    if rate is not None and rate <= 0:
+    if rate is not None and not rate > 0:  # (nan too)
         raise UsageError("--rate must be a positive number of MB/s")
     if source is not None or freeze:
         log_to_stderr(config.debug)  # the library logs, and so does freezing; asking does not
@@ -85,7 +92,7 @@ def _create_of_disks(config: CliConfig, disks: list[str], name: str | None, pare
     if parent or rate:
         raise UsageError("--parent and --rate are for SOURCE snapshots; a disk's snapshot "
                          "follows its last one")
-    if freeze_timeout <= 0:
+    if not freeze_timeout > 0:  # (nan too)
         raise UsageError("--freeze-timeout must be positive")
     bar = progress_for(json_output)
     try:
@@ -108,8 +115,8 @@ def _create_of_disks(config: CliConfig, disks: list[str], name: str | None, pare
 
 
 @snapshot.command("list")
-@click.option("--disk", help="Only snapshots of this disk.")
-@click.option("--json", "json_output", is_flag=True)
+@click.option("--disk", metavar="DISK", help="Only snapshots of this disk.")
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
     """List snapshots, oldest first; snapshots of served disks still uploading (or failed) are
@@ -217,7 +224,7 @@ def _unfinished(config: CliConfig) -> list[dict[str, Any]]:
 
 @snapshot.command()
 @click.argument("snap")
-@click.option("--json", "json_output", is_flag=True)
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def show(config: CliConfig, snap: str, json_output: bool) -> None:
     """Show one snapshot."""
@@ -227,7 +234,9 @@ def show(config: CliConfig, snap: str, json_output: bool) -> None:
         emit_json(doc)
         return
     for key, value in doc.items():
-        click.echo(f"{key + ':':18} {value if value is not None else '-'}")
+        if isinstance(value, list):  # tags: as words, not as a Python list
+            value = ", ".join(map(str, value))
+        click.echo(f"{key + ':':18} {value if value not in (None, '') else '-'}")
 
 
 @snapshot.command()
@@ -235,7 +244,7 @@ def show(config: CliConfig, snap: str, json_output: bool) -> None:
 @click.option("--force", is_flag=True,
               help="Delete even a snapshot that a disk whose daemon is not running here holds "
                    "(that disk can then no longer be read or snapshotted).")
-@click.option("--json", "json_output", is_flag=True)
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def delete(config: CliConfig, snaps: tuple[str, ...], force: bool, json_output: bool) -> None:
     """Delete snapshots and the blocks no other snapshot uses."""
@@ -263,14 +272,15 @@ def delete(config: CliConfig, snaps: tuple[str, ...], force: bool, json_output: 
     if json_output:
         emit_json(stats)
     else:
-        click.echo(f"deleted {len(chosen)} snapshots; freed {human_size(stats['bytes_freed'])}")
+        click.echo(f"deleted {counted(len(chosen), 'snapshot')}; freed {human_size(stats['bytes_freed'])}")
 
 
 @snapshot.command()
 @keep_options
-@click.option("--disk", help="Only this disk's snapshots (default: every disk, each on its own).")
+@click.option("--disk", metavar="DISK",
+              help="Only this disk's snapshots (default: every disk, each on its own).")
 @click.option("-n", "--dry-run", is_flag=True, help="Say what would be forgotten; delete nothing.")
-@click.option("--json", "json_output", is_flag=True)
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool,
            **keep: Any) -> None:
@@ -283,7 +293,7 @@ def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool
     or parent, an image held open). Periods are counted in local time, and only those that
     have a snapshot: --keep-daily 30 keeps thirty days' last snapshots even if some days had
     none. --keep-within counts back from the disk's newest snapshot, not from now."""
-    from snapfs.repo.retention import decide
+    from snapfs.repo.retention import decide, emptied_disks
 
     given = policy_from(**keep)
     repo = config.open_repository()
@@ -299,6 +309,12 @@ def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool
                              "policy set); to delete snapshots by name, use snapshot delete")
         policy = {r.disk: per_disk.get(r.disk, default) for r in roots}
     decisions = decide(roots, policy, _needed(config, repo), only=disk)
+    emptied = emptied_disks(decisions)  # a --keep-tag that matches nothing, most likely
+    if emptied:
+        name, count = min(emptied.items())
+        what = "its only snapshot" if count == 1 else f"all {count} of its snapshots"
+        raise UsageError(f"the retention policy keeps no snapshot of disk {name}: refusing to "
+                         f"forget {what}; delete by name with snapshot delete")
     doomed = [d.root for d in decisions if not d.keep]
     stats: dict[str, Any] = {}
     if doomed and not dry_run:
@@ -331,10 +347,11 @@ def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool
              for d in decisions]
     click.echo("\n".join(table_lines(rows)))
     if not doomed:
-        click.echo(f"nothing to forget: every one of {len(decisions)} snapshots is kept")
+        click.echo("nothing to forget: " + ("the one snapshot is kept" if len(decisions) == 1
+                   else f"every one of {len(decisions)} snapshots is kept"))
     elif dry_run:
-        click.echo(f"would forget {len(doomed)} of {len(decisions)} snapshots (dry run: "
+        click.echo(f"would forget {len(doomed)} of {counted(len(decisions), 'snapshot')} (dry run: "
                    "nothing deleted)")
     else:
-        click.echo(f"forgot {len(doomed)} of {len(decisions)} snapshots; freed "
+        click.echo(f"forgot {len(doomed)} of {counted(len(decisions), 'snapshot')}; freed "
                    f"{human_size(stats['bytes_freed'])}")

@@ -150,7 +150,7 @@ class BlockCodec:
             magic, version, codec, raw_len, digest = HEADER.unpack_from(blob)
             payload = memoryview(blob)[HEADER_SIZE:]
             if (magic == BLOCK_MAGIC and version == BLOCK_VERSION and codec == CODEC_ZSTD
-                    and raw_len <= MAX_RAW and zstandard.frame_content_size(payload) == raw_len):
+                    and raw_len <= MAX_RAW and _frame_size(payload) == raw_len):
                 frames.append(payload)
                 batched.append((i, raw_len, digest))
         if frames:
@@ -172,3 +172,13 @@ class BlockCodec:
                 except IntegrityError as e:
                     out[i] = e
         return out  # type: ignore[return-value]
+
+
+def _frame_size(payload: memoryview) -> int | None:
+    """The content size a zstd frame's header claims (-1: not said), or None for a header zstd
+    cannot read: a damaged frame goes to ``decode``, which says so, instead of raising
+    ``ZstdError`` out of a whole batch."""
+    try:
+        return int(zstandard.frame_content_size(payload))
+    except zstandard.ZstdError:
+        return None

@@ -3,8 +3,10 @@
 To a file: the image is written to ``OUT.snapfs-partial`` beside it (zero blocks left as
 holes), fsynced, then renamed to OUT, so OUT is either absent, the old file (untouched unless
 ``force``), or the complete, verified image. Any error (a missing or corrupt block, a full disk)
-removes the partial file. To a block device: written in place (zero blocks written as zeros,
-since a device keeps old contents), after checking the device is large enough.
+removes the partial file. To a block device: only with ``force`` (it is overwritten, whatever it
+held), opened exclusively (a mounted device, or one another program holds so, is refused), and
+written in place (zero blocks written as zeros, since a device keeps old contents), after
+checking the device is large enough.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ class _Target:
         except OSError as e:
             raise SnapfsError(f"cannot use {path}: {e.strerror}") from None
         if st is not None and stat.S_ISBLK(st.st_mode):
+            if not force:
+                raise SnapfsError(f"{path} is a block device; use --force to overwrite it")
             self.is_device = True
             self.write_path = path
-            flags = os.O_WRONLY
+            flags = os.O_WRONLY | os.O_EXCL  # EBUSY if mounted or held exclusively
         elif st is not None and not stat.S_ISREG(st.st_mode):
             raise SnapfsError(f"{path} is neither a regular file nor a block device")
         else:
@@ -53,6 +57,9 @@ class _Target:
         try:
             self.fd = os.open(self.write_path, flags | os.O_CLOEXEC, 0o644)
         except OSError as e:
+            if self.is_device and e.errno == errno.EBUSY:
+                raise SnapfsError(f"{path} is in use (mounted, or held by another program); "
+                                  "not writing to it") from None
             raise SnapfsError(f"cannot write {self.write_path}: {e.strerror}") from None
         try:
             if self.is_device:

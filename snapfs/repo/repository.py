@@ -271,7 +271,16 @@ class Repository:
         return [key for key, _size in self.store.list("snapshots/")]
 
     def _fetch_roots(self, keys: list[str]) -> list[SnapshotRoot]:
-        roots = [SnapshotRoot.decode(data) for data in self._get_many(keys).values()]
+        roots = []
+        for key, data in self._get_many(keys).items():
+            try:
+                roots.append(SnapshotRoot.decode(data))
+            except CorruptBlock as e:
+                # Which one: a damaged root stops every command that lists the snapshots (and
+                # must: garbage collection cannot tell what it referenced).
+                raise CorruptBlock(f"{key} in {self.store.url} is damaged ({e.message}): put it "
+                                   "back from a copy, or move it aside if that snapshot is "
+                                   "lost") from None
         roots.sort(key=lambda r: (r.created, r.id))
         return roots
 
@@ -308,6 +317,9 @@ class Repository:
         if len(prefixed) > 1:
             ids = ", ".join(r.id for r in prefixed)
             raise AmbiguousSnapshot(f"snapshot {ref!r} is ambiguous: {ids}")
+        if ref and any(r.id.startswith(ref) for r in roots):  # too short a prefix
+            raise SnapshotNotFound(f"no snapshot {ref!r} in {self.store.url} (a prefix of an id "
+                                   "needs at least 4 characters)")
         raise SnapshotNotFound(f"no snapshot {ref!r} in {self.store.url}")
 
     def write_root(self, root: SnapshotRoot) -> None:
@@ -333,7 +345,13 @@ class Repository:
     def fetch_index_files(self, names: Iterable[str]) -> dict[str, IndexFile]:
         """The named index objects, decoded; names deleted since they were listed are left out."""
         found = self._get_many([f"index/{name}" for name in names])
-        return {key.rpartition("/")[2]: IndexFile.decode(data) for key, data in found.items()}
+        files = {}
+        for key, data in found.items():
+            try:
+                files[key.rpartition("/")[2]] = IndexFile.decode(data)
+            except CorruptBlock as e:  # which one, as for a damaged root
+                raise CorruptBlock(f"{key} in {self.store.url} is damaged ({e.message})") from None
+        return files
 
     @staticmethod
     def index_from_files(files: dict[str, IndexFile]) -> BlobIndex:

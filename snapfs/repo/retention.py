@@ -25,7 +25,9 @@ The rules, in the spirit of restic's ``forget`` and borg's ``prune``:
 - A snapshot whose creation time cannot be read is kept: nothing is forgotten on a guess.
 
 A policy without any rule keeps nothing and is refused by the CLI: forgetting everything is
-``snapshot delete``'s job.
+``snapshot delete``'s job. So is a policy that would forget every snapshot of a disk (only
+``tags`` can, when no snapshot carries them: a typo in a tag, most likely), as restic refuses
+``forget --keep-tag`` that empties a group: ``emptied_disks`` finds them.
 
 Policies can be stored in the repository (``snapfs policy set``: one for every disk, and one per
 disk that overrides it), so that a backup job runs ``snapshot forget`` with no rules and each
@@ -234,6 +236,18 @@ def decide(roots: Iterable[SnapshotRoot],
                 if not d.keep:
                     d.reasons.append("group")
     return [d for d in decisions if only is None or d.root.disk == only]
+
+
+def emptied_disks(decisions: Iterable[Decision]) -> dict[str, int]:
+    """The disks of which ``decisions`` keep no snapshot at all, with how many they forget."""
+    kept: set[str] = set()
+    forgotten: dict[str, int] = {}
+    for d in decisions:
+        if d.keep:
+            kept.add(d.root.disk)
+        else:
+            forgotten[d.root.disk] = forgotten.get(d.root.disk, 0) + 1
+    return {disk: n for disk, n in forgotten.items() if disk not in kept}
 
 
 def _apply_rules(members: list[tuple[datetime, Decision]], policy: RetentionPolicy) -> None:

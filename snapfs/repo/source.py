@@ -14,7 +14,7 @@ import os
 import stat
 from collections.abc import Iterator
 
-from snapfs.errors import SourceChanged, SourceError
+from snapfs.errors import NotFoundError, SourceChanged, SourceError
 
 SECTOR = 512
 
@@ -26,8 +26,9 @@ class Source:
             # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below);
             # it changes nothing for reads of regular files and block devices.
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            raise SourceError(f"source {path} does not exist") from None
+        except FileNotFoundError:  # named and not there: exit code 3, as a missing snapshot
+            raise SourceError(f"source {path} does not exist",
+                              NotFoundError.exit_code) from None
         except OSError as e:
             raise SourceError(f"cannot open source {path}: {e.strerror}") from None
         try:

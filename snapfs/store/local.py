@@ -29,18 +29,20 @@ class LocalStore(ObjectStore):
             raise ValueError(f"bad key {key!r}")
         return self.root / key
 
-    def _fail(self, e: OSError, key: str) -> SnapfsError:
+    def _fail(self, e: OSError, key: str, where: str | None = None) -> SnapfsError:
+        """The error of an operation on ``key``, said as ``where`` ("URL: KEY: ") and why."""
+        where = where or f"{self.url}: {key}: "
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return AccessDenied(f"{self.url}: permission denied for {key}")
+            return AccessDenied(where + "permission denied")
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return NoSpace(f"{self.url}: no space left writing {key}")
-        return StoreError(f"{self.url}: {key}: {e.strerror}")
+            return NoSpace(where + "no space left on the device")
+        return StoreError(where + (e.strerror or str(e)))
 
     def get(self, key: str) -> bytes:
         try:
             with open(self._path(key), "rb") as f:
                 return f.read()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # (a file where a directory should be)
             raise ObjectNotFound(f"{self.url}: no object {key}") from None
         except OSError as e:
             raise self._fail(e, key) from None
@@ -48,7 +50,7 @@ class LocalStore(ObjectStore):
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         try:
             fd = os.open(self._path(key), os.O_RDONLY)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise ObjectNotFound(f"{self.url}: no object {key}") from None
         except OSError as e:
             raise self._fail(e, key) from None
@@ -118,8 +120,12 @@ class LocalStore(ObjectStore):
     def ensure_container(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # a file (or a link to one) is in the way
+            raise SnapfsError(f"{self.url} exists and is not a directory") from None
+        except NotADirectoryError:
+            raise SnapfsError(f"cannot create {self.url}: a file is in the way") from None
         except OSError as e:
-            raise self._fail(e, "") from None
+            raise self._fail(e, "", f"cannot create {self.url}: ") from None
 
     def container_exists(self) -> bool:
         return self.root.is_dir()

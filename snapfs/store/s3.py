@@ -16,6 +16,7 @@ skips them.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -33,7 +34,14 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from snapfs.errors import AccessDenied, ObjectNotFound, SnapfsError, StoreError, StoreUnavailable
+from snapfs.errors import (
+    AccessDenied,
+    ObjectNotFound,
+    SnapfsError,
+    StoreError,
+    StoreUnavailable,
+    UsageError,
+)
 from snapfs.store.base import ObjectStore
 
 # Error codes, as S3 and S3-compatible servers spell them (HEAD responses carry only the status).
@@ -77,6 +85,20 @@ def _without_userinfo(endpoint: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
+def _check_endpoint(endpoint: str) -> None:
+    """Refuse, in one line, an endpoint botocore would refuse with a ValueError (and one it
+    would take for a host without a scheme)."""
+    parts = urlsplit(endpoint)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        shown = re.sub(r"//[^/@]*@", "//", endpoint)  # never a password
+        raise UsageError(f"not an S3 endpoint URL: {shown!r} (--endpoint-url or "
+                         "AWS_ENDPOINT_URL: http:// or https://HOST[:PORT])")
+
+
 class S3Store(ObjectStore):
     """Objects under ``prefix`` in ``bucket``.
 
@@ -99,7 +121,7 @@ class S3Store(ObjectStore):
 
     def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None) -> None:
         if not bucket:
-            raise ValueError("an S3 location needs a bucket: s3://BUCKET[/PREFIX]")
+            raise UsageError("an S3 location needs a bucket: s3://BUCKET[/PREFIX]")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint_url = (
@@ -108,6 +130,8 @@ class S3Store(ObjectStore):
             or os.environ.get("AWS_ENDPOINT_URL")
             or None
         )
+        if self.endpoint_url:
+            _check_endpoint(self.endpoint_url)
         self._base = f"{self.prefix}/" if self.prefix else ""
         location = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         if self.endpoint_url:

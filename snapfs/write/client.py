@@ -34,8 +34,9 @@ def snapshot_disks(repository: str, disks: list[str], name: str | None, tags: li
     if freeze:  # imported only to freeze (here and in ``frozen`` below): it brings logging
         from snapfs.write.freeze import check_mountpoint, frozen
 
-        for mountpoint in freeze:
-            check_mountpoint(mountpoint)  # before freezing anything
+        # checked before freezing anything; one given twice (or by two paths) is frozen once,
+        # not refused as "frozen already" by its second freeze
+        freeze = list(dict.fromkeys(check_mountpoint(mountpoint) for mountpoint in freeze))
     message: dict[str, Any] = {"op": "snapshot", "disks": disks, "name": name, "tags": tags,
                                "consistency": "frozen" if freeze else "crash"}
     with contextlib.ExitStack() as stack:
@@ -50,8 +51,10 @@ def snapshot_disks(repository: str, disks: list[str], name: str | None, tags: li
     task["frozen_seconds"] = round(max((f.frozen_seconds for f in freezes), default=0.0), 3)
     if not wait:
         return task
-    total = sum(p["blocks"] for p in task["parts"])
-    progress.start("snapshot", total)
+    # the bar counts bytes, as every other one does: the changed blocks times their size
+    # (a daemon started before the summary said it leaves the bar counting blocks)
+    block_size = task.get("block_size", 1)
+    progress.start("snapshot", sum(p["blocks"] for p in task["parts"]) * block_size)
     done = 0
     while task["state"] == "progressing":
         fresh = request(files, {"op": "task", "id": task["id"], "wait": POLL_WAIT})["task"]
@@ -61,6 +64,6 @@ def snapshot_disks(repository: str, disks: list[str], name: str | None, tags: li
         task = fresh
         now = sum(p.get("progress", {}).get("blocks_done", 0) for p in task["parts"])
         if now > done:
-            progress.advance(now - done)
+            progress.advance((now - done) * block_size)
             done = now
     return task

@@ -43,10 +43,20 @@ class Overlay:
         self.path = directory / f"{disk_id}.overlay"
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            if os.fstat(self.fd).st_size < size:
-                os.ftruncate(self.fd, size)
         except OSError as e:
             raise _io_error(f"overlay {self.path}", e) from None
+        try:
+            if os.fstat(self.fd).st_size < size:
+                os.ftruncate(self.fd, size)
+        except (OSError, OverflowError) as e:
+            # a new disk larger than the state directory's file system allows (EFBIG): leave
+            # no file behind (an overlay that exists already is a disk's, and is kept)
+            os.close(self.fd)
+            if size and not os.path.getsize(self.path):
+                self.path.unlink(missing_ok=True)
+            if isinstance(e, OverflowError):
+                e = OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+            raise _io_error(f"overlay of {size} bytes in {directory}", e) from None
         self._cow: dict[int, CowFile] = {}
 
     def close(self) -> None:

@@ -67,6 +67,8 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+#: the largest disk: the last 512-byte boundary a file offset (off_t) can reach
+MAX_DISK_SIZE = (1 << 63) - 512
 UPLOAD_ATTEMPTS = 3
 RETRY_DELAY = 2.0
 DEPENDED_RETRY_DELAY = 30.0
@@ -382,6 +384,8 @@ class DiskService:
                                  f"{base_size} bytes, --size asks for {size}")
         if size <= 0 or size % 512:
             raise UsageError(f"disk size must be a positive multiple of 512 bytes, not {size}")
+        if size > MAX_DISK_SIZE:  # past what a file offset can say: no overlay could be made
+            raise UsageError(f"disk size must be at most 8 EiB ({MAX_DISK_SIZE} bytes), not {size}")
         record = DiskRecord(name=name, id=new_id(), size=size, block_size=bs,
                             base=snapshot_id, parent=snapshot_id, source=source_name,
                             created=now_iso(), gen=1,
@@ -803,6 +807,7 @@ class DiskService:
             parts.append(doc)
         doc = dataclasses.asdict(task)
         doc["parts"] = parts
+        doc["block_size"] = self.repo.block_size  # what a part's blocks are in bytes
         return doc
 
     def task_list(self) -> list[dict[str, Any]]:
