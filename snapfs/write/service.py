@@ -50,6 +50,7 @@ from snapfs.errors import (
     UsageError,
 )
 from snapfs.format.manifest import SnapshotRoot, check_snapshot_name
+from snapfs.host import boot_id
 from snapfs.hydration.scheduler import Hydrator, Priority
 from snapfs.image.catalog import SnapshotCatalog
 from snapfs.image.view import ImageView
@@ -111,13 +112,6 @@ def check_disk_name(name: str) -> str:
         raise UsageError(f"bad disk name {name!r}: use letters, digits, '.', '_' and '-' "
                          "(up to 100, not starting with '.', '_' or '-')")
     return name
-
-
-def boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return "unknown"
 
 
 class DiskService:
