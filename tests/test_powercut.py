@@ -32,7 +32,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import shutil
+import struct
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,8 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from diskimages import random_image
-from mountutil import MOUNTS, mounted
+from diskimages import random_image, same_bytes
+from mountutil import MOUNTS, mounted, wait_for
 from powercut import Rig, have_tools, rig
 from testkit import Snapfs
 
@@ -158,6 +162,118 @@ class Served:
         return out
 
 
+# -- versioned writes --------------------------------------------------------------------------
+
+
+def unit_bytes(unit: int, version: int) -> bytes:
+    """What version ``version`` (1, 2, ...) of 4 KiB unit ``unit`` holds."""
+    head = MAGIC + struct.pack("<II", unit, version)
+    return head + random.Random(unit << 32 | version).randbytes(UNIT - len(head))
+
+
+@dataclasses.dataclass
+class Versions:
+    """Per unit of one disk: the last version written (``issued``) and the last one an fsync
+    acknowledged (``acked``)."""
+
+    issued: dict[int, int] = dataclasses.field(default_factory=dict)
+    acked: dict[int, int] = dataclasses.field(default_factory=dict)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def copy(self) -> tuple[dict[int, int], dict[int, int]]:
+        with self.lock:
+            return dict(self.issued), dict(self.acked)
+
+
+class VersionedWriter(threading.Thread):
+    """Writes new versions of random units of a disk (single units, and sometimes the four of
+    one block in one write), and fsyncs every ``fsync_every`` writes."""
+
+    def __init__(self, path: Path, units: int, fsync_every: int, seed: int) -> None:
+        super().__init__(daemon=True)
+        self.path = path
+        self.units = units
+        self.fsync_every = fsync_every
+        self.rng = random.Random(seed)
+        self.versions = Versions()
+        self.writes = 0
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            unsynced: dict[int, int] = {}
+            while not self._halt.is_set():
+                if self.rng.random() < 0.25:  # a whole block
+                    first = self.rng.randrange(self.units // 4) * 4
+                    units = list(range(first, first + 4))
+                else:
+                    units = [self.rng.randrange(self.units)]
+                with self.versions.lock:
+                    new = {u: self.versions.issued.get(u, 0) + 1 for u in units}
+                    self.versions.issued.update(new)
+                data = b"".join(unit_bytes(u, v) for u, v in new.items())
+                assert os.pwrite(fd, data, units[0] * UNIT) == len(data)
+                unsynced.update(new)
+                self.writes += 1
+                if self.writes % self.fsync_every == 0:
+                    os.fsync(fd)
+                    with self.versions.lock:
+                        self.versions.acked.update(unsynced)
+                    unsynced.clear()
+        except BaseException as e:  # noqa: B036 - reported by stop()
+            self.error = e
+        finally:
+            os.close(fd)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(60)
+        assert not self.is_alive(), "the writer hangs"
+        assert self.error is None, self.error
+
+
+def check_units(image: bytes, base: bytes, acked: dict[int, int], issued: dict[int, int],
+                where: str) -> int:
+    """Every unit of a disk's bytes holds its base bytes (if no version was acknowledged) or a
+    whole version between the acknowledged one and the last one issued. Returns how many hold
+    a version that was issued but not acknowledged before the cut."""
+    assert len(image) == len(base)
+    later = 0
+    for u in range(len(image) // UNIT):
+        got = image[u * UNIT : (u + 1) * UNIT]
+        low = acked.get(u, 0)
+        if got[: len(MAGIC)] != MAGIC:
+            assert low == 0, f"{where}: unit {u}: version {low} was acknowledged, it reads base bytes"
+            assert got == base[u * UNIT : (u + 1) * UNIT], \
+                f"{where}: unit {u} reads neither a version written nor its base bytes" + (
+                    " but zeros" if got == bytes(UNIT) else "")
+            continue
+        unit, version = struct.unpack_from("<II", got, len(MAGIC))
+        assert unit == u, f"{where}: unit {u} holds unit {unit}'s version {version}"
+        assert got == unit_bytes(u, version), f"{where}: unit {u}: version {version} is torn"
+        assert low <= version <= issued.get(u, 0), \
+            f"{where}: unit {u}: version {version}, acknowledged {low}, issued {issued.get(u, 0)}"
+        later += version > low
+    return later
+
+
+@dataclasses.dataclass
+class Cut:
+    clone: Path
+    acked: dict[str, dict[int, int]]  # per disk, before the clone began
+    issued: dict[str, dict[int, int]]  # per disk, once it was taken
+
+
+def cut_now(power: Rig, writers: dict[str, VersionedWriter], *writeback: tuple[Path, int, int]
+            ) -> Cut:
+    acked = {name: w.versions.copy()[1] for name, w in writers.items()}
+    clone = power.cut(*writeback)
+    issued = {name: w.versions.copy()[0] for name, w in writers.items()}
+    return Cut(clone, acked, issued)
+
+
 # -- the rig itself ----------------------------------------------------------------------------
 
 
@@ -182,3 +298,139 @@ def test_a_cut_keeps_what_was_flushed_and_loses_what_was_not(power: Rig, tmp_pat
             assert not (fs / d.name / "never-flushed").exists()
     finally:
         shutil.rmtree(d)
+
+
+# -- disks written through a cut ---------------------------------------------------------------
+
+
+def test_fsynced_writes_and_their_changed_blocks_survive_power_cuts_while_disks_are_written(
+    power: Rig, host: Host, base_image: Path, tmp_path: Path
+) -> None:
+    """Two disks, one fsync'd often and one seldom, written while the daemon hydrates their
+    base in the background; cut three times: as it is, in the middle of writing back the disk
+    state and the cache index (their data pages reached the device, their first pages, lmdb's
+    meta pages, not), and with only those first pages and half of an overlay written back."""
+    base = base_image.read_bytes()
+    snapfs = host.snapfs()
+    cuts: list[Cut] = []
+    with mounted(snapfs, tmp_path / "mnt", host.cache(), "--hydrate-rate", "2") as daemon:
+        snapfs.ok("disk", "create", "a", "--from", "vm-1")
+        snapfs.ok("disk", "create", "b", "--from", "vm-1")
+        disks = daemon.mountpoint / "disks"
+        writers = {"a": VersionedWriter(disks / "a.img", BASE_SIZE // UNIT, 200, seed=1),
+                   "b": VersionedWriter(disks / "b.img", BASE_SIZE // UNIT, 7, seed=2)}
+        for w in writers.values():
+            w.start()
+        try:
+            overlay = next((host.cache() / "disks").glob("*/*.overlay"))
+            lmdbs = [*host.state_files(), host.cache_index()]
+            head = 2 * 4096  # lmdb's two meta pages
+            for delay, writeback in [
+                (0.8, []),
+                (0.6, [(f, head, 0) for f in lmdbs]),
+                (0.6, [*((f, 0, head) for f in lmdbs), (overlay, 0, BASE_SIZE // 2)]),
+            ]:
+                time.sleep(delay)
+                cuts.append(cut_now(power, writers, *writeback))
+        finally:
+            for w in writers.values():
+                w.stop()
+        assert all(w.writes > 20 for w in writers.values()), {n: w.writes for n, w in writers.items()}
+
+    for i, cut in enumerate(cuts):
+        with rebooted(power, host, cut.clone, tmp_path / f"cut{i}") as s:
+            listed = s.disks()
+            assert set(listed) == {"a", "b"}
+            for name in ("a", "b"):
+                check_units(s.disk(name).read_bytes(), base, cut.acked[name], cut.issued[name],
+                            f"cut {i}, disk {name}")
+            assert s.mountpoint.joinpath("snapshots", "vm-1.img").read_bytes() == base
+            log = s.log.read_text()
+            assert "compares checksums instead" in log  # marks since the last fsync: gone
+            copies = {name: s.copy(name, "now") for name in ("a", "b")}
+            task = s.snapfs.json("snapshot", "create", "--disk", "a", "--disk", "b",
+                                 "--name", "after")
+            assert task["state"] == "accomplished", task
+            for name in ("a", "b"):
+                assert same_bytes(s.export(f"after-{name}"), copies[name]), (i, name)
+            s.snapfs.ok("verify")
+
+
+# -- an upload cut -----------------------------------------------------------------------------
+
+
+def test_a_snapshot_whose_upload_is_cut_is_stored_after_the_restart(
+    power: Rig, host: Host, tmp_path: Path
+) -> None:
+    """A snapshot of a disk, with blocks written again (copy-on-write) after its closing; cut at
+    once after the closing was acknowledged (``--no-wait``), in the middle of its upload, and
+    after it was stored and another file's fsync committed ext4's journal (which holds the
+    removal of its copy-on-write file) while the disk's state was not synced since. After
+    each, the snapshot is stored whole, the disk keeps the writes after the closing, and the
+    repository verifies clean."""
+    snapfs = host.snapfs()
+    nblocks = 512
+    first = {n: random.Random(n).randbytes(BS) for n in range(nblocks - 12)}
+    later = {n: random.Random(1000 + n).randbytes(BS) for n in (0, 5, 300)}
+    cuts: list[tuple[Path, dict[int, bytes]]] = []
+    with mounted(snapfs, tmp_path / "mnt", host.cache(), "--no-background",
+                 "--simulate-bandwidth", "2MB/s") as daemon:
+        snapfs.ok("disk", "create", "d", "--size", f"{nblocks * BS // MiB}M")
+        disk = daemon.mountpoint / "disks" / "d.img"
+        write_blocks(disk, first)
+        at_closing = tmp_path / "at-closing.img"
+        shutil.copyfile(disk, at_closing)
+        task = snapfs.json("snapshot", "create", "--disk", "d", "--name", "up", "--no-wait")
+        assert task["state"] == "progressing"
+        cuts.append((power.cut(), {}))
+        write_blocks(disk, later)
+
+        def progress() -> dict[str, Any]:
+            (doc,) = snapfs.json("snapshot", "list", "--disk", "d")
+            return doc
+
+        wait_for(lambda: (progress()["progress"] or {}).get("blocks_done", 0) > 0, 30,
+                 "the upload to read blocks")
+        cuts.append((power.cut(), later))
+        wait_for(lambda: progress()["state"] == "accomplished", 60, "the upload to end")
+        other = host.root / "other"
+        other.write_bytes(b"x")
+        fd = os.open(other, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # commits ext4's journal, and only that
+        finally:
+            os.close(fd)
+        cuts.append((power.cut(), later))
+
+    for i, (clone, acked) in enumerate(cuts):
+        with rebooted(power, host, clone, tmp_path / f"cut{i}") as s:
+            wait_for(lambda s=s, i=i: stored(s, "up", f"cut {i}"), 60,
+                     f"cut {i}: the snapshot to be stored")
+            assert set(s.snapshots()) == {"vm-1", "up"}
+            # and the daemon knows: the disk's next snapshot is incremental to it
+            wait_for(lambda: not s.disks()["d"]["uploading"], 30, f"cut {i}: the upload's end")
+            assert s.disks()["d"]["parent"] == s.snapshots()["up"]["id"], i
+            assert same_bytes(s.export("up"), at_closing), i
+            now = s.disk("d").read_bytes()
+            for n, data in acked.items():
+                assert now[n * BS : (n + 1) * BS] == data, (i, n)
+            s.snapfs.ok("verify")
+
+
+def stored(s: Served, name: str, where: str) -> bool:
+    """Whether snapshot ``name`` is stored; it must be known, and must not have failed."""
+    doc = s.snapshots().get(name)
+    assert doc is not None, f"{where}: the snapshot closed before the cut is gone"
+    assert doc["state"] != "failed", (where, doc)
+    return bool(doc["state"] == "accomplished")
+
+
+def write_blocks(path: Path, blocks: dict[int, bytes]) -> None:
+    """pwrite each block at its number, then fsync."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for n, data in blocks.items():
+            assert os.pwrite(fd, data, n * BS) == len(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

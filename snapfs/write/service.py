@@ -15,8 +15,10 @@ at a time, in order (a disk's next snapshot is incremental to the one before). A
 ``rollback``) or ``failed`` after retries (its changed blocks merge back into the open
 generation, so the next snapshot uploads them; later tasks of the same disks fail with it, as
 their parent is gone). A task whose pending snapshot a disk was created from never fails: it
-keeps retrying, since that disk reads from it. After kill -9 the next daemon finds the task
-still ``progressing`` and uploads it again from the durable local copy.
+keeps retrying, since that disk reads from it. The closing is durable (with the closed
+generations' marks, after their bytes) before it is acknowledged, so after kill -9 or a power
+cut the next daemon finds the task still ``progressing`` and uploads it again from the durable
+local copy. A part's end is recorded durably before its copy-on-write file goes.
 
 Staging (``_stage_ahead``): while no upload runs, the changed blocks of open generations that
 were not rewritten for a while are read, hashed and compressed ahead of their snapshot (paced
@@ -32,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -40,6 +43,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import lmdb
 import trio
 
 from snapfs.errors import (
@@ -182,6 +186,9 @@ class DiskService:
                 record.trusted = False
                 self._state.put_disk(record)
             self._load_disk(record)
+            # a dead daemon's journal (kill -9; after a reboot it is gone): its disks' bytes
+            # are flushed, then their marks made durable
+            self._state.sync(record, self.disks[record.name].overlay.sync_all)
         for task in self._state.tasks():
             self.tasks[task.id] = task
 
@@ -239,9 +246,12 @@ class DiskService:
             lock.release_quietly()
         for disk in self.disks.values():
             try:
+                if self._state is not None:
+                    self._state.sync(disk.record, disk.overlay.sync)
                 disk.overlay.close()
-            except OSError:
-                pass
+            except (OSError, lmdb.Error) as e:
+                log.error("disk %s: could not flush it at the stop (%s); its writes since "
+                          "the last fsync may not survive a power cut", disk.name, e)
         if self._state is not None:
             self._state.stop()
             self._state.close()
@@ -494,7 +504,7 @@ class DiskService:
                     # Reset blocks keep their space in the overlay (a later write reuses it; the
                     # disk's deletion frees it): punching a hole per block costs a syscall each,
                     # and rollback must cost what changed, with as little per block as possible.
-                    state.rollback(new, reset, drop, clear_all)
+                    state.rollback(new, reset, drop, clear_all, disk.overlay.sync)
                     if clear_all:
                         disk.overlay.clear()
                         disk.overlay.grow(new.size)
@@ -555,6 +565,8 @@ class DiskService:
         task = SnapshotTask(id=new_id(), state="progressing", created=now_iso(), parts=parts,
                             group=new_id() if len(disks) > 1 else None, tags=list(tags or []),
                             consistency=consistency)
+        # most of what the closing flushes, before it holds the disks' write locks
+        await trio.to_thread.run_sync(_flush, disks)
         async with contextlib.AsyncExitStack() as stack:
             started = trio.current_time()
             for disk in sorted(disks, key=lambda d: d.name):  # one order: no deadlock
@@ -572,7 +584,10 @@ class DiskService:
                 part.parent = disk.closed[-1].snapshot_id if disk.closed else disk.record.parent
                 part.blocks = len(disk.changed)
                 records.append(dataclasses.replace(disk.record, gen=disk.record.gen + 1))
-            await trio.to_thread.run_sync(state.put_task, task, records)
+            # durable, with the closed generations' marks (after their bytes): a power cut
+            # after the closing resumes this upload, never loses it
+            await trio.to_thread.run_sync(state.put_task, task, records,
+                                          functools.partial(_flush, disks))
             for disk, part, record in zip(disks, parts, records, strict=True):
                 disk.record = record
                 closed = disk.close_generation(task.id, part.snapshot_id)
@@ -918,6 +933,12 @@ class DiskService:
                 callback(rewritten)
             except Exception:  # the change is made; a stale kernel cache must not undo the reply
                 log.exception("telling the file system about a change of disks failed")
+
+
+def _flush(disks: list[Disk]) -> None:
+    """Make the bytes of every write to ``disks`` so far durable (a worker thread's call)."""
+    for disk in disks:
+        disk.overlay.sync()
 
 
 class MissingImage:
