@@ -34,6 +34,7 @@ import dataclasses
 import os
 import random
 import shutil
+import signal
 import struct
 import threading
 import time
@@ -363,11 +364,11 @@ def test_a_snapshot_whose_upload_is_cut_is_stored_after_the_restart(
     power: Rig, host: Host, tmp_path: Path
 ) -> None:
     """A snapshot of a disk, with blocks written again (copy-on-write) after its closing; cut at
-    once after the closing was acknowledged (``--no-wait``), in the middle of its upload, and
-    after it was stored and another file's fsync committed ext4's journal (which holds the
-    removal of its copy-on-write file) while the disk's state was not synced since. After
-    each, the snapshot is stored whole, the disk keeps the writes after the closing, and the
-    repository verifies clean."""
+    once after the closing was acknowledged (``--no-wait``), in the middle of its upload, the
+    moment its root was stored (the daemon stopped there: its state does not know), and after
+    it was stored and another file's fsync committed ext4's journal (which holds the removal of
+    its copy-on-write file). After each, the snapshot is stored whole, the disk keeps the
+    writes after the closing, and the repository verifies clean."""
     snapfs = host.snapfs()
     nblocks = 512
     first = {n: random.Random(n).randbytes(BS) for n in range(nblocks - 12)}
@@ -392,14 +393,17 @@ def test_a_snapshot_whose_upload_is_cut_is_stored_after_the_restart(
         wait_for(lambda: (progress()["progress"] or {}).get("blocks_done", 0) > 0, 30,
                  "the upload to read blocks")
         cuts.append((power.cut(), later))
-        wait_for(lambda: progress()["state"] == "accomplished", 60, "the upload to end")
-        other = host.root / "other"
-        other.write_bytes(b"x")
-        fd = os.open(other, os.O_RDONLY)
+        root = host.root / "repo" / "snapshots" / task["parts"][0]["snapshot_id"]
+        wait_for(root.exists, 60, "the snapshot's root to be stored")
+        os.kill(daemon.pid, signal.SIGSTOP)  # before it records that (a durable commit)
         try:
-            os.fsync(fd)  # commits ext4's journal, and only that
+            commit_journal(host.root)  # what the daemon's fsync of the directory did
+            stored_root = root.read_bytes()
+            cuts.append((power.cut(), later))
         finally:
-            os.close(fd)
+            os.kill(daemon.pid, signal.SIGCONT)
+        wait_for(lambda: progress()["state"] == "accomplished", 60, "the upload to end")
+        commit_journal(host.root)
         cuts.append((power.cut(), later))
 
     for i, (clone, acked) in enumerate(cuts):
@@ -410,6 +414,9 @@ def test_a_snapshot_whose_upload_is_cut_is_stored_after_the_restart(
             # and the daemon knows: the disk's next snapshot is incremental to it
             wait_for(lambda: not s.disks()["d"]["uploading"], 30, f"cut {i}: the upload's end")
             assert s.disks()["d"]["parent"] == s.snapshots()["up"]["id"], i
+            if i == 2:  # taken as it was stored: a root is never written again
+                again = Path(s.snapfs.repo or "") / "snapshots" / root.name
+                assert again.read_bytes() == stored_root
             assert same_bytes(s.export("up"), at_closing), i
             now = s.disk("d").read_bytes()
             for n, data in acked.items():
@@ -423,6 +430,18 @@ def stored(s: Served, name: str, where: str) -> bool:
     assert doc is not None, f"{where}: the snapshot closed before the cut is gone"
     assert doc["state"] != "failed", (where, doc)
     return bool(doc["state"] == "accomplished")
+
+
+def commit_journal(directory: Path) -> None:
+    """Commit the running transaction of ext4's journal (as any fsync on it does), and write
+    nothing else back: an fsync of a small file of our own."""
+    other = directory / "other"
+    other.write_bytes(b"x")
+    fd = os.open(other, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_blocks(path: Path, blocks: dict[int, bytes]) -> None:

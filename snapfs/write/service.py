@@ -18,7 +18,8 @@ their parent is gone). A task whose pending snapshot a disk was created from nev
 keeps retrying, since that disk reads from it. The closing is durable (with the closed
 generations' marks, after their bytes) before it is acknowledged, so after kill -9 or a power
 cut the next daemon finds the task still ``progressing`` and uploads it again from the durable
-local copy. A part's end is recorded durably before its copy-on-write file goes.
+local copy, or finds its root stored already and takes it as it is. A part's end is recorded
+durably before its copy-on-write file goes.
 
 Staging (``_stage_ahead``): while no upload runs, the changed blocks of open generations that
 were not rewritten for a while are read, hashed and compressed ahead of their snapshot (paced
@@ -49,6 +50,7 @@ import trio
 from snapfs.errors import (
     DuplicateName,
     NotFoundError,
+    ObjectNotFound,
     SnapfsError,
     SnapshotNotFound,
     UsageError,
@@ -731,18 +733,25 @@ class DiskService:
 
         progress = self.progress.setdefault(part.snapshot_id, UploadProgress())
         progress.blocks_done = progress.blocks_uploaded = 0
-        self._uploading += 1
-        try:
-            root, packs, index_name = await upload_generation(
-                self.repo, self.hydrator.index, disk, closed, part, parent, parent_page,
-                group=task.group, tags=task.tags, progress=progress, pace=self._pace,
-                busy=self._busy, fresh_index=self._fresh_index, unreleased=self._unreleased)
-        finally:
-            self._uploading -= 1
-        for pack, entries in packs.items():
-            self.hydrator.index.add_pack(pack, entries)
-        if index_name is not None:  # so that ``refresh_index`` finds the index current
-            self.hydrator.index.index_names.append(index_name)
+        root = await trio.to_thread.run_sync(self._root_stored, part.snapshot_id)
+        if root is not None:
+            # stored by an attempt whose end this state did not record: a daemon that died
+            # (or lost power) after the root's PUT, or a PUT that failed after it was done
+            log.info("snapshot %s of disk %s was stored already", root.name, disk.name)
+            await self.hydrator.refresh_index()
+        else:
+            self._uploading += 1
+            try:
+                root, packs, index_name = await upload_generation(
+                    self.repo, self.hydrator.index, disk, closed, part, parent, parent_page,
+                    group=task.group, tags=task.tags, progress=progress, pace=self._pace,
+                    busy=self._busy, fresh_index=self._fresh_index, unreleased=self._unreleased)
+            finally:
+                self._uploading -= 1
+            for pack, entries in packs.items():
+                self.hydrator.index.add_pack(pack, entries)
+            if index_name is not None:  # so that ``refresh_index`` finds the index current
+                self.hydrator.index.index_names.append(index_name)
         self.stored[root.id] = root
         view = closed.view
         if view is not None:
@@ -761,6 +770,13 @@ class DiskService:
 
             await trio.to_thread.run_sync(drop)
         log.info("snapshot %s of disk %s stored: %s", root.name, disk.name, root.stats)
+
+    def _root_stored(self, snapshot_id: str) -> SnapshotRoot | None:
+        """The root of ``snapshot_id`` if the repository holds it (blocking)."""
+        try:
+            return SnapshotRoot.decode(self.repo.store.get(f"snapshots/{snapshot_id}"))
+        except ObjectNotFound:
+            return None
 
     async def _fail(self, task: SnapshotTask, reason: str) -> None:
         """Give ``task`` up: its changed blocks count as changed again, and later tasks of the
