@@ -2,8 +2,9 @@
 
 kill -9 (``test_disks``) keeps the kernel's page cache; a power cut loses everything that had
 not reached the device. Here the mount daemon's cache directory (block cache and disk state)
-and its repository live on an ext4 file system whose device is a loop device over a file on
-XFS with reflink (``powercut.Rig``). A cut clones that file (FICLONE) while the daemon and the
+and its repository (a local directory store, so that it is cut at the same instant) live on an
+ext4 file system whose device is a loop device over a file on XFS with reflink
+(``powercut.Rig``). A cut clones that file (FICLONE) while the daemon and the
 writers run; the clone holds what the device had received, neither more nor less: everything
 an fsync flushed and whatever writeback sent, nothing that sat only in ext4's page cache
 (``test_a_cut_keeps_what_was_flushed_and_loses_what_was_not`` checks that on every run: a
@@ -24,8 +25,14 @@ rebooted). Then the promise is checked there:
 - the changed blocks are not lost: the next snapshot of the disks is byte for byte the disks
   as they read (``export``), so everything written since their base is in it;
 - the block cache serves nothing wrong: the base snapshot's image reads as the source image;
-- a snapshot whose upload was cut completes after the restart, or is reported failed; the
-  repository ``verify``s clean; and nothing is half stored.
+- a snapshot whose upload was cut (at its closing, in the middle, the moment its root was
+  stored with the daemon stopped right there, and after its end) is stored whole after the
+  restart, exactly once, and the daemon knows it (the disk's next snapshot is incremental to
+  it); the repository ``verify``s clean, and holds no other snapshot.
+
+Each of these found a loss before the fixes that came with them (see git log): blocks that
+read as zeros after a cut because another disk's fsync made their marks durable before their
+bytes, a snapshot closed with ``--no-wait`` that vanished, a stored snapshot reported failed.
 """
 
 from __future__ import annotations
@@ -95,11 +102,11 @@ class Host:
     root: Path
     env: dict[str, str]
 
-    def snapfs(self, root: Path | None = None) -> Snapfs:
-        return Snapfs(str((root or self.root) / "repo"), None, self.env)
+    def snapfs(self) -> Snapfs:
+        return Snapfs(str(self.root / "repo"), None, self.env)
 
-    def cache(self, root: Path | None = None) -> Path:
-        return (root or self.root) / "cache"
+    def cache(self) -> Path:
+        return self.root / "cache"
 
     def state_files(self) -> list[Path]:
         """The data files of the disks' lmdb environments (state, and journal if any)."""
@@ -336,7 +343,7 @@ def test_fsynced_writes_and_their_changed_blocks_survive_power_cuts_while_disks_
         finally:
             for w in writers.values():
                 w.stop()
-        assert all(w.writes > 20 for w in writers.values()), {n: w.writes for n, w in writers.items()}
+        assert all(w.writes > 10 for w in writers.values()), {n: w.writes for n, w in writers.items()}
 
     for i, cut in enumerate(cuts):
         with rebooted(power, host, cut.clone, tmp_path / f"cut{i}") as s:
@@ -395,7 +402,10 @@ def test_a_snapshot_whose_upload_is_cut_is_stored_after_the_restart(
                  "the upload to read blocks")
         cuts.append((power.cut(), later))
         root = host.root / "repo" / "snapshots" / task["parts"][0]["snapshot_id"]
-        wait_for(root.exists, 60, "the snapshot's root to be stored")
+        deadline = time.monotonic() + 60
+        while not root.exists():  # polled closely: the daemon records it milliseconds later
+            assert time.monotonic() < deadline, "the snapshot's root is not stored"
+            time.sleep(0.0005)
         os.kill(daemon.pid, signal.SIGSTOP)  # before it records that (a durable commit)
         try:
             commit_journal(host.root)  # what the daemon's fsync of the directory did
@@ -416,6 +426,7 @@ def test_a_snapshot_whose_upload_is_cut_is_stored_after_the_restart(
             wait_for(lambda: not s.disks()["d"]["uploading"], 30, f"cut {i}: the upload's end")
             assert s.disks()["d"]["parent"] == s.snapshots()["up"]["id"], i
             if i == 2:  # taken as it was stored: a root is never written again
+                assert "stored already" in s.log.read_text()  # the cut came before its end
                 again = Path(s.snapfs.repo or "") / "snapshots" / root.name
                 assert again.read_bytes() == stored_root
             assert same_bytes(s.export("up"), at_closing), i
