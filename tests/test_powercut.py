@@ -360,6 +360,7 @@ def test_fsynced_writes_and_their_changed_blocks_survive_power_cuts_while_disks_
             task = s.snapfs.json("snapshot", "create", "--disk", "a", "--disk", "b",
                                  "--name", "after")
             assert task["state"] == "accomplished", task
+            assert {p["snapshot"]["source"] for p in task["parts"]} == {"checksum comparison"}
             for name in ("a", "b"):
                 assert same_bytes(s.export(f"after-{name}"), copies[name]), (i, name)
             s.snapfs.ok("verify")

@@ -575,11 +575,15 @@ class DiskService:
                 await stack.enter_async_context(disk.write_lock)
             if deadline is not None and trio.current_time() - started > deadline:
                 task.consistency = "crash"
-            for disk in disks:
+            for disk, part in zip(disks, parts, strict=True):
                 if not disk.record.trusted:  # compare every written block, as of this instant
                     await trio.to_thread.run_sync(state.mark, disk.record, disk.record.gen, [],
                                                   list(disk.present))
                     disk.changed.update(disk.present)
+                    part.compared = True
+                    log.warning("disk %s: its changed-block record is not trusted after an "
+                                "unclean reboot; its snapshot compares the checksums of its %d "
+                                "written blocks instead", disk.name, len(disk.present))
             records = []
             for disk, part in zip(disks, parts, strict=True):
                 part.gen = disk.record.gen

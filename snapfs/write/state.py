@@ -116,6 +116,9 @@ class SnapshotPart:
     size: int
     blocks: int = 0  # changed blocks to upload
     done: bool = False  # its root is stored
+    #: closed while the disk's changed sets were not trusted: every block it ever wrote is in
+    #: the generation, and the snapshot differs from its parent where a checksum does
+    compared: bool = False
 
 
 @dataclass
