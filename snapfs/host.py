@@ -1,6 +1,8 @@
-"""Facts about this host that several layers need: its name, and whether a process lives.
+"""Facts about this host that several layers need: its name, its boot, and whether a process
+lives.
 
-(Repository locks and the shared block cache both recognise the leftovers of dead processes.)
+(Repository locks and the shared block cache both recognise the leftovers of dead processes; the
+block cache and the disks' state both tell a power loss from kill -9 by the boot.)
 """
 
 from __future__ import annotations
@@ -31,3 +33,18 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def boot_id() -> str:
+    """This boot's identity: a reboot since a process last wrote unsynced state means that
+    state may be lost or torn (kill -9 keeps it: the kernel's cache survives the process).
+    ``SNAPFS_BOOT_ID`` stands in for the kernel's, for tests that cut the power of a file
+    system (a clone of its device) without rebooting the machine."""
+    explicit = os.environ.get("SNAPFS_BOOT_ID")
+    if explicit:
+        return explicit
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"

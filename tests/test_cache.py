@@ -483,9 +483,10 @@ def test_an_unreadable_segment_is_a_miss(tmp_path: Path, caplog: pytest.LogCaptu
 @pytest.mark.skipif(not have_root(), reason="needs root (tmpfs)")
 def test_a_cache_file_system_that_runs_out_leaves_blocks_uncached(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """ENOSPC that no free-space check foresees: a tmpfs with room for bytes but for six
-    files (its root, the cache's directory and index, lmdb's two files, one segment)."""
-    with tmpfs(tmp_path / "small", "2M", inodes=6) as small:
+    """ENOSPC that no free-space check foresees: a tmpfs with room for bytes but for seven
+    files (its root, the cache's directory and index, lmdb's two files, the marker of the
+    process that has it open, one segment)."""
+    with tmpfs(tmp_path / "small", "2M", inodes=7) as small:
         cache = BlockCache(small / "c", capacity=1 << 30, segment_size=1 << 20)
         try:  # (closed whatever happens: an open cache would keep the tmpfs busy)
             runs = [[block(64 * r + i) for i in range(16)] for r in range(16)]  # 16 x 256 KiB
@@ -628,3 +629,39 @@ def test_a_truncated_index_is_moved_aside_not_a_sigbus(tmp_path: Path) -> None:
     assert result.stderr.count("\n") == 1
     assert len(list(directory.glob("index.lmdb.broken-*"))) == 1
     assert [p.name for p in directory.glob("seg-*.dat")] == ["seg-00000001.dat"]  # a new one
+
+
+def test_an_index_left_open_in_another_boot_is_set_aside(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A process that dies (kill -9) leaves the index whole, since its pages were in the
+    kernel's cache; one that had it open when the machine went down may have left it torn
+    (test_powercut cuts the power for real), so the next boot starts an empty cache."""
+    directory = tmp_path / "c"
+
+    def die_writing(tag: str, boot: str) -> None:
+        env = dict(os.environ, SNAPFS_BOOT_ID=boot)
+        proc = subprocess.run([sys.executable, "-c", WRITER, str(directory), str(64 << 20), tag,
+                               "40", "die"], env=env, timeout=120)
+        assert proc.returncode == 0
+
+    die_writing("a", "boot-1")
+    monkeypatch.setenv("SNAPFS_BOOT_ID", "boot-1")  # the same boot: kill -9
+    cache = BlockCache(directory, capacity=64 << 20)
+    assert cache.get(expected("a", 39)[0]) == expected("a", 39)[1]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+    assert len(list(directory.glob("running-*"))) == 1  # its own; the dead one's is gone
+    cache.close()
+    assert list(directory.glob("running-*")) == []
+
+    die_writing("b", "boot-1")
+    monkeypatch.setenv("SNAPFS_BOOT_ID", "boot-2")  # the machine went down meanwhile
+    cache = BlockCache(directory, capacity=64 << 20)
+    assert cache.entries() == 0 and cache.get(expected("b", 0)[0]) is None
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "had it open when the machine went down" in warning
+    assert list(directory.glob("seg-*.dat")) == []
+    cache.put(*expected("c", 0))
+    cache.close()
+    cache = BlockCache(directory, capacity=64 << 20)  # closed cleanly: kept
+    assert cache.get(expected("c", 0)[0]) == expected("c", 0)[1]
+    cache.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -118,6 +119,44 @@ def test_disk_state_is_distrusted_only_after_an_unclean_stop_in_another_boot(
     assert start("boot-1", stop=True) is True  # killed, but in the same boot: page cache kept
     assert start("boot-2", stop=False) is True  # the last one stopped cleanly
     assert start("boot-3", stop=True) is False  # a reboot after an unclean stop
+
+
+def test_marks_are_durable_only_after_their_bytes_and_a_journal_is_read_only_in_its_boot(
+    tmp_path: Path,
+) -> None:
+    """Marks go to the journal; ``sync`` folds them into the durable state after ``flush``
+    (the disk's bytes), never before; a journal of another boot is deleted unread. (What a
+    power cut does to it: test_powercut.)"""
+    a, b = record("a", "00000000000000aa"), record("b", "00000000000000ab")
+    state = DiskState(tmp_path / "state")
+    state.start("boot-1")
+    for r in (a, b):
+        state.put_disk(r)
+    state.mark(a, 1, present=[1, 2], changed=[1, 2])
+    state.mark(b, 1, present=[7], changed=[7])
+
+    def durable(r: DiskRecord) -> list[int]:
+        with state._env.begin(db=state._present) as txn:
+            return [struct.unpack(">Q", k[8:])[0] for k, _ in txn.cursor() if k[:8] == r.key]
+
+    seen_at_flush: list[list[int]] = []
+    state.sync(a, lambda: seen_at_flush.append(durable(a)))
+    assert seen_at_flush == [[]] and durable(a) == [1, 2]
+    assert durable(b) == [] and state.present(b) == [7]  # b's bytes were not flushed
+    state.mark(a, 1, present=[3], changed=[3])
+    state.close()
+
+    state = DiskState(tmp_path / "state")
+    assert state.start("boot-1") is True  # kill -9: the journal is whole
+    assert state.present(a) == [1, 2, 3] and state.present(b) == [7]
+    state.close()
+
+    state = DiskState(tmp_path / "state")
+    assert state.start("boot-2") is False  # a power loss: only what was synced
+    assert state.present(a) == [1, 2] and state.changed(a) == {1: [1, 2]}
+    assert state.present(b) == [] and state.changed(b) == {}
+    state.stop()
+    state.close()
 
 
 # -- a Disk over a real snapshot -----------------------------------------------------------------

@@ -18,8 +18,15 @@ torn segment) costs a refetch, never a wrong read. That is why neither the segme
 are synced per block (lmdb runs with ``sync=False``; ``flush`` syncs both, and is called
 periodically and at close). An lmdb index that cannot be used when the cache opens is moved
 aside and the cache starts empty: one lmdb refuses, or one whose data file is shorter than the
-pages its meta page names (a power loss with ``sync=False`` can leave that, and lmdb would
-SIGBUS on the first read of a missing page).
+pages its meta page names (lmdb would SIGBUS on the first read of a missing page), or one that
+a process had open when the machine went down. With ``sync=False`` a power loss in the middle
+of the kernel's writeback can leave lmdb's meta page and the pages it names from different
+commits, or pages of the last synced tree overwritten by later commits: an index lmdb opens
+that then fails its lookups and writes, reads as empty, or worse. So every process that opens
+the cache leaves a marker, an empty file ``running-PID-BOOT-RANDOM`` (BOOT: a hash of the boot's
+id), on the device before it commits anything and removed after its last sync; a marker of
+another boot means that the index may be torn. (A marker of this boot whose process is gone is kill -9's: lmdb's pages were in the
+kernel's cache, whole.)
 
 Eviction is by segment, oldest first (a FIFO of segments, as log-structured caches do): when the
 total passes the capacity, the oldest segment that no live process is still appending to loses
@@ -53,8 +60,11 @@ round). ``close`` waits for the calls under way; calls after it are misses and c
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
+import secrets
 import struct
 import threading
 import time
@@ -67,7 +77,7 @@ import lmdb
 import xxhash
 
 from snapfs.errors import SnapfsError
-from snapfs.host import pid_alive
+from snapfs.host import boot_id, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +94,22 @@ IOV_MAX = 1024
 CLOSE_WAIT = 10.0  # seconds ``close`` waits for the calls under way
 RESERVE_SHARE = 0.05  # of the cache's file system kept free, by default ...
 RESERVE_MAX = 2 << 30  # ... up to this much
+
+
+def _boot_tag() -> str:
+    """This boot, as a word fit for a file name."""
+    return hashlib.sha1(boot_id().encode()).hexdigest()[:16]
+
+
+def _create_synced(path: Path) -> None:
+    """An empty file at ``path``, whose name is on the device (no data block needed: it can
+    still be made on a file system that is full)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _pwrite_all(fd: int, parts: list[bytes | memoryview], offset: int) -> None:
@@ -152,18 +178,45 @@ class BlockCache:
         self._last_flush = time.monotonic()
 
     def _open_index(self) -> None:
-        """Open the lmdb index; one that cannot be used is moved aside, its segments deleted,
-        and the cache starts empty (see the module docstring)."""
-        path = self.dir / "index.lmdb"
+        """Open the lmdb index, and mark it open by this process; one that cannot be used is
+        moved aside, its segments deleted, and the cache starts empty (see the module
+        docstring). One process at a time, so that two starting at once after a reboot do not
+        both set it aside (the second, the first one's new index)."""
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            broken = self._try_open(path)
-        except lmdb.Error as e:
-            broken = str(e)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the directory's own lock: no file of its own
+            torn = self._markers_of_other_boots()
+            # before anything is committed: a commit may reach the device before a sync
+            self._marker: Path | None = self.dir / (
+                f"running-{os.getpid()}-{_boot_tag()}-{secrets.token_hex(4)}")
+            try:
+                _create_synced(self._marker)
+            except OSError as e:  # a cache that works still beats none
+                log.warning("cache %s: cannot mark it in use (%s); after a power loss it "
+                            "would not be known to need setting aside", self.dir, e)
+                self._marker = None
+            self._open_index_locked(torn)
+        finally:
+            os.close(fd)
+
+    def _open_index_locked(self, torn: list[Path]) -> None:
+        path = self.dir / "index.lmdb"
+        if torn:
+            broken: str | None = (f"{torn[0].name} had it open when the machine went down: a "
+                                  "power loss may have torn it")
+        else:
+            try:
+                broken = self._try_open(path)
+            except lmdb.Error as e:
+                broken = str(e)
+        for marker in torn:  # the index they name is set aside below
+            marker.unlink(missing_ok=True)
         if broken is None:
             return
         aside = path.with_name(f"index.lmdb.broken-{int(time.time())}-{os.getpid()}")
         log.warning("cache index %s unusable (%s); starting an empty cache", path, broken)
-        path.rename(aside)
+        if path.exists():
+            path.rename(aside)
         for seg in self.dir.glob("seg-*.dat"):
             seg.unlink()
         try:
@@ -172,6 +225,23 @@ class BlockCache:
             broken = str(e)
         if broken is not None:
             raise SnapfsError(f"cannot create a cache index at {path}: {broken}")
+
+    def _markers_of_other_boots(self) -> list[Path]:
+        """Markers of processes that had the cache open in another boot; those of this boot
+        whose processes are gone (kill -9) are removed."""
+        this_boot = _boot_tag()
+        out = []
+        for marker in self.dir.glob("running-*"):
+            try:
+                _, pid_text, boot, _ = marker.name.split("-")
+                pid = int(pid_text)
+            except ValueError:
+                continue
+            if boot != this_boot:
+                out.append(marker)
+            elif pid != os.getpid() and not pid_alive(pid):
+                marker.unlink(missing_ok=True)
+        return out
 
     def _try_open(self, path: Path) -> str | None:
         """Open the index at ``path`` and its databases; what is wrong with it if it is
@@ -772,4 +842,10 @@ class BlockCache:
                 f.close()
             self._files.clear()
             self._doomed.clear()
-        self._env.close()
+        try:
+            self._env.sync(True)  # the segments' closing above, before the marker goes
+            self._env.close()
+            if self._marker is not None:
+                self._marker.unlink(missing_ok=True)
+        except (OSError, lmdb.Error) as e:
+            self._trouble("close the index", e, "it is set aside after a reboot")

@@ -14,7 +14,9 @@ Writes (``Disk.write``), in order, under the disk's write lock:
 3. ``pwrite`` to the overlay, then one lmdb commit marking the blocks present and changed in
    the open generation (before the write is acknowledged: dm-era's rule).
 
-An fsync (``Disk.sync``) makes the overlay, the copy-on-write files and the marks durable.
+An fsync (``Disk.sync``) makes the overlay and the copy-on-write files durable, then the marks
+(until then they are in the state's journal, which a power cut may tear: a mark durable before
+its block's bytes would make the block read as a hole).
 
 Closing a generation (``Disk.close_generation``) happens under the write lock, so every write
 acknowledged before it belongs to the closed generation and every later one to the next: that
@@ -298,12 +300,9 @@ class Disk:
         return saved
 
     async def sync(self) -> None:
-        """Make every acknowledged write, and its marks, durable."""
-        def sync() -> None:
-            self.overlay.sync()
-            self.state.sync()
-
-        await trio.to_thread.run_sync(sync)
+        """Make every acknowledged write, and its marks, durable (the bytes first: see
+        ``state``)."""
+        await trio.to_thread.run_sync(self.state.sync, self.record, self.overlay.sync)
         self.counters.fsyncs += 1
 
     # -- staging ---------------------------------------------------------------------------------

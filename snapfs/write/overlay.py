@@ -98,8 +98,19 @@ class Overlay:
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
-        for cow in self._cow.values():
+        for cow in list(self._cow.values()):  # a write may open one meanwhile
             cow.sync()
+
+    def sync_all(self) -> None:
+        """``sync``, and every copy-on-write file of this disk, open here or not (after a
+        restart: what a dead daemon appended may still be only in the kernel's cache)."""
+        self.sync()
+        for path in self.dir.glob(f"{self.disk_id}.cow-*"):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
 
     def cow(self, gen: int) -> CowFile:
         cow = self._cow.get(gen)

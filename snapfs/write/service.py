@@ -15,8 +15,11 @@ at a time, in order (a disk's next snapshot is incremental to the one before). A
 ``rollback``) or ``failed`` after retries (its changed blocks merge back into the open
 generation, so the next snapshot uploads them; later tasks of the same disks fail with it, as
 their parent is gone). A task whose pending snapshot a disk was created from never fails: it
-keeps retrying, since that disk reads from it. After kill -9 the next daemon finds the task
-still ``progressing`` and uploads it again from the durable local copy.
+keeps retrying, since that disk reads from it. The closing is durable (with the closed
+generations' marks, after their bytes) before it is acknowledged, so after kill -9 or a power
+cut the next daemon finds the task still ``progressing`` and uploads it again from the durable
+local copy, or finds its root stored already and takes it as it is. A part's end is recorded
+durably before its copy-on-write file goes.
 
 Staging (``_stage_ahead``): while no upload runs, the changed blocks of open generations that
 were not rewritten for a while are read, hashed and compressed ahead of their snapshot (paced
@@ -32,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -40,16 +44,19 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import lmdb
 import trio
 
 from snapfs.errors import (
     DuplicateName,
     NotFoundError,
+    ObjectNotFound,
     SnapfsError,
     SnapshotNotFound,
     UsageError,
 )
 from snapfs.format.manifest import SnapshotRoot, check_snapshot_name
+from snapfs.host import boot_id
 from snapfs.hydration.scheduler import Hydrator, Priority
 from snapfs.image.catalog import SnapshotCatalog
 from snapfs.image.view import ImageView
@@ -113,13 +120,6 @@ def check_disk_name(name: str) -> str:
         raise UsageError(f"bad disk name {name!r}: use letters, digits, '.', '_' and '-' "
                          "(up to 100, not starting with '.', '_' or '-')")
     return name
-
-
-def boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return "unknown"
 
 
 class DiskService:
@@ -190,6 +190,9 @@ class DiskService:
                 record.trusted = False
                 self._state.put_disk(record)
             self._load_disk(record)
+            # a dead daemon's journal (kill -9; after a reboot it is gone): its disks' bytes
+            # are flushed, then their marks made durable
+            self._state.sync(record, self.disks[record.name].overlay.sync_all)
         for task in self._state.tasks():
             self.tasks[task.id] = task
 
@@ -247,9 +250,12 @@ class DiskService:
             lock.release_quietly()
         for disk in self.disks.values():
             try:
+                if self._state is not None:
+                    self._state.sync(disk.record, disk.overlay.sync)
                 disk.overlay.close()
-            except OSError:
-                pass
+            except (OSError, lmdb.Error) as e:
+                log.error("disk %s: could not flush it at the stop (%s); its writes since "
+                          "the last fsync may not survive a power cut", disk.name, e)
         if self._state is not None:
             self._state.stop()
             self._state.close()
@@ -504,7 +510,7 @@ class DiskService:
                     # Reset blocks keep their space in the overlay (a later write reuses it; the
                     # disk's deletion frees it): punching a hole per block costs a syscall each,
                     # and rollback must cost what changed, with as little per block as possible.
-                    state.rollback(new, reset, drop, clear_all)
+                    state.rollback(new, reset, drop, clear_all, disk.overlay.sync)
                     if clear_all:
                         disk.overlay.clear()
                         disk.overlay.grow(new.size)
@@ -565,24 +571,33 @@ class DiskService:
         task = SnapshotTask(id=new_id(), state="progressing", created=now_iso(), parts=parts,
                             group=new_id() if len(disks) > 1 else None, tags=list(tags or []),
                             consistency=consistency)
+        # most of what the closing flushes, before it holds the disks' write locks
+        await trio.to_thread.run_sync(_flush, disks)
         async with contextlib.AsyncExitStack() as stack:
             started = trio.current_time()
             for disk in sorted(disks, key=lambda d: d.name):  # one order: no deadlock
                 await stack.enter_async_context(disk.write_lock)
             if deadline is not None and trio.current_time() - started > deadline:
                 task.consistency = "crash"
-            for disk in disks:
+            for disk, part in zip(disks, parts, strict=True):
                 if not disk.record.trusted:  # compare every written block, as of this instant
                     await trio.to_thread.run_sync(state.mark, disk.record, disk.record.gen, [],
                                                   list(disk.present))
                     disk.changed.update(disk.present)
+                    part.compared = True
+                    log.warning("disk %s: its changed-block record is not trusted after an "
+                                "unclean reboot; its snapshot compares the checksums of its %d "
+                                "written blocks instead", disk.name, len(disk.present))
             records = []
             for disk, part in zip(disks, parts, strict=True):
                 part.gen = disk.record.gen
                 part.parent = disk.closed[-1].snapshot_id if disk.closed else disk.record.parent
                 part.blocks = len(disk.changed)
                 records.append(dataclasses.replace(disk.record, gen=disk.record.gen + 1))
-            await trio.to_thread.run_sync(state.put_task, task, records)
+            # durable, with the closed generations' marks (after their bytes): a power cut
+            # after the closing resumes this upload, never loses it
+            await trio.to_thread.run_sync(state.put_task, task, records,
+                                          functools.partial(_flush, disks))
             for disk, part, record in zip(disks, parts, records, strict=True):
                 disk.record = record
                 closed = disk.close_generation(task.id, part.snapshot_id)
@@ -726,18 +741,25 @@ class DiskService:
 
         progress = self.progress.setdefault(part.snapshot_id, UploadProgress())
         progress.blocks_done = progress.blocks_uploaded = 0
-        self._uploading += 1
-        try:
-            root, packs, index_name = await upload_generation(
-                self.repo, self.hydrator.index, disk, closed, part, parent, parent_page,
-                group=task.group, tags=task.tags, progress=progress, pace=self._pace,
-                busy=self._busy, fresh_index=self._fresh_index, unreleased=self._unreleased)
-        finally:
-            self._uploading -= 1
-        for pack, entries in packs.items():
-            self.hydrator.index.add_pack(pack, entries)
-        if index_name is not None:  # so that ``refresh_index`` finds the index current
-            self.hydrator.index.index_names.append(index_name)
+        root = await trio.to_thread.run_sync(self._root_stored, part.snapshot_id)
+        if root is not None:
+            # stored by an attempt whose end this state did not record: a daemon that died
+            # (or lost power) after the root's PUT, or a PUT that failed after it was done
+            log.info("snapshot %s of disk %s was stored already", root.name, disk.name)
+            await self.hydrator.refresh_index()
+        else:
+            self._uploading += 1
+            try:
+                root, packs, index_name = await upload_generation(
+                    self.repo, self.hydrator.index, disk, closed, part, parent, parent_page,
+                    group=task.group, tags=task.tags, progress=progress, pace=self._pace,
+                    busy=self._busy, fresh_index=self._fresh_index, unreleased=self._unreleased)
+            finally:
+                self._uploading -= 1
+            for pack, entries in packs.items():
+                self.hydrator.index.add_pack(pack, entries)
+            if index_name is not None:  # so that ``refresh_index`` finds the index current
+                self.hydrator.index.index_names.append(index_name)
         self.stored[root.id] = root
         view = closed.view
         if view is not None:
@@ -756,6 +778,13 @@ class DiskService:
 
             await trio.to_thread.run_sync(drop)
         log.info("snapshot %s of disk %s stored: %s", root.name, disk.name, root.stats)
+
+    def _root_stored(self, snapshot_id: str) -> SnapshotRoot | None:
+        """The root of ``snapshot_id`` if the repository holds it (blocking)."""
+        try:
+            return SnapshotRoot.decode(self.repo.store.get(f"snapshots/{snapshot_id}"))
+        except ObjectNotFound:
+            return None
 
     async def _fail(self, task: SnapshotTask, reason: str) -> None:
         """Give ``task`` up: its changed blocks count as changed again, and later tasks of the
@@ -929,6 +958,12 @@ class DiskService:
                 callback(rewritten)
             except Exception:  # the change is made; a stale kernel cache must not undo the reply
                 log.exception("telling the file system about a change of disks failed")
+
+
+def _flush(disks: list[Disk]) -> None:
+    """Make the bytes of every write to ``disks`` so far durable (a worker thread's call)."""
+    for disk in disks:
+        disk.overlay.sync()
 
 
 class MissingImage:

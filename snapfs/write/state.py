@@ -1,7 +1,8 @@
 """The durable state of a host's writable disks: one lmdb environment per repository.
 
 Lives in ``STATE/disks/REPO-ID/state.lmdb`` (STATE is the daemon's cache directory) beside each
-disk's overlay and copy-on-write files (``overlay``). Named databases:
+disk's overlay and copy-on-write files (``overlay``) and ``journal.lmdb`` (below). Named
+databases:
 
 ``disks``    name -> ``DiskRecord`` (JSON)
 ``present``  disk id (8 bytes) + block (8) -> ``b""``: the block lives in the overlay
@@ -16,12 +17,25 @@ closing it for a snapshot records the task and opens ``gen + 1`` in one transact
 consistency group), which is the snapshot's instant. Its ``changed`` entries stay after its upload
 (they tell ``rollback`` what changed since each snapshot); its ``cow`` entries go with its upload.
 
-Durability: the environment is opened without a sync per commit (a write's marks are committed
-before the write is acknowledged, which survives kill -9 since the pages are in the kernel's
-cache); ``sync`` (from an fsync of a disk image, a closing, a clean shutdown) makes everything
-durable. After a reboot that was not preceded by a clean shutdown, commits since the last sync
-may be gone: the daemon then distrusts the changed sets (``trusted``), and the next snapshot of
-each disk compares checksums instead.
+Durability, and what a power cut may leave. ``state.lmdb`` is durable: lmdb syncs every
+commit to it, and lmdb's commits are crash-safe only so (opened without a sync per commit, a
+power cut in the middle of the kernel's writeback leaves a meta page naming pages that never
+reached the device, or pages of the last synced tree overwritten by later commits: the whole
+environment can read as empty). A write's marks (``mark``) and copy-on-write entries
+(``put_cow``) are committed before the write is acknowledged, but to ``journal.lmdb``, which is
+never synced: one cheap commit each, which survives kill -9 (the pages are in the kernel's
+cache). ``sync`` (from an fsync of a disk image) folds a disk's journal entries into the durable
+environment, in this order: read them, flush the disk's files (overlay and copy-on-write files),
+commit them durably, delete them from the journal; so no mark is ever durable before the bytes
+it stands for, which another disk's fsync or the kernel's writeback would otherwise make it. The
+closing of a generation (``put_task`` with ``flush``) and a rollback fold the same way, in their
+own durable commit.
+
+After a reboot ``start`` deletes the journal without reading it (it may be torn). If the reboot
+was not preceded by a clean shutdown, every write since its disk's last fsync may have lost its
+marks while its bytes reached the overlay: the daemon then distrusts the changed sets
+(``trusted``), and the next snapshot of each disk compares checksums instead. In the same boot
+(kill -9) the journal is whole, and the daemon folds it once it has flushed the disks' files.
 
 Every method is one transaction and blocks: call it from a worker thread, never across an
 ``await`` (an lmdb transaction never moves between threads).
@@ -34,8 +48,9 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -101,6 +116,9 @@ class SnapshotPart:
     size: int
     blocks: int = 0  # changed blocks to upload
     done: bool = False  # its root is stored
+    #: closed while the disk's changed sets were not trusted: every block it ever wrote is in
+    #: the generation, and the snapshot differs from its parent where a checksum does
+    compared: bool = False
 
 
 @dataclass
@@ -140,7 +158,7 @@ class DiskState:
         try:
             directory.mkdir(parents=True, exist_ok=True)
             self._env = lmdb.open(str(directory / "state.lmdb"), map_size=MAP_SIZE, max_dbs=8,
-                                  sync=False, metasync=False, readahead=False)
+                                  readahead=False)
         except (OSError, lmdb.Error) as e:
             raise SnapfsError(f"disk state in {directory} cannot be opened: {e}") from None
         self._disks = self._env.open_db(b"disks")
@@ -149,26 +167,59 @@ class DiskState:
         self._cow = self._env.open_db(b"cow")
         self._tasks = self._env.open_db(b"tasks")
         self._meta = self._env.open_db(b"meta")
+        self._journal: Journal | None = None  # opened by ``start`` or on first use
+
+    @property
+    def journal(self) -> Journal:
+        if self._journal is None:
+            self._journal = Journal(self.dir / "journal.lmdb")
+        return self._journal
 
     def close(self) -> None:
-        self._env.sync(True)
+        if self._journal is not None:
+            self._journal.close()
         self._env.close()
 
-    def sync(self) -> None:
-        self._env.sync(True)
+    # -- folding the journal ---------------------------------------------------------------------
+
+    def sync(self, record: DiskRecord, flush: Callable[[], None]) -> None:
+        """Make the marks of ``record``'s acknowledged writes durable: ``flush`` makes their
+        bytes durable first (the disk's overlay and copy-on-write files)."""
+        taken = self.journal.entries(record.key)
+        flush()
+        if any(taken.values()):
+            with self._env.begin(write=True) as txn:
+                self._put_entries(txn, taken)
+            self.journal.delete(taken)
+
+    def _put_entries(self, txn: lmdb.Transaction, taken: dict[str, list[tuple[bytes, bytes]]]
+                     ) -> None:
+        for name, entries in taken.items():
+            db = self._dbs()[name]
+            for k, v in entries:
+                txn.put(k, v, db=db)
+
+    def _dbs(self) -> dict[str, Any]:
+        return {"present": self._present, "changed": self._changed, "cow": self._cow}
 
     # -- the clean-shutdown marker -----------------------------------------------------------
 
     def start(self, boot_id: str) -> bool:
         """Record that a daemon runs in this boot; True if the state can be trusted (the last
-        daemon stopped cleanly, or this boot is the one it ran in)."""
+        daemon stopped cleanly, or this boot is the one it ran in). A journal of another boot
+        is deleted unread: after an unclean stop it may be torn, and after a clean one it holds
+        nothing that is not durable already (but its deletions were not synced either)."""
         with self._env.begin(write=True, db=self._meta) as txn:
             fresh = txn.get(b"boot_id") is None
             clean = fresh or txn.get(b"clean") == b"1"
             same_boot = txn.get(b"boot_id") == boot_id.encode()
             txn.put(b"boot_id", boot_id.encode())
             txn.put(b"clean", b"0")
-        self._env.sync(True)
+        if not same_boot:
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
+            shutil.rmtree(self.dir / "journal.lmdb", ignore_errors=True)
         return clean or same_boot
 
     def holder_id(self) -> str:
@@ -186,9 +237,9 @@ class DiskState:
         return hashlib.sha256(where).hexdigest()[:16]
 
     def stop(self) -> None:
+        """A clean stop: every disk was ``sync``'d (the journal holds nothing of them)."""
         with self._env.begin(write=True, db=self._meta) as txn:
             txn.put(b"clean", b"1")
-        self._env.sync(True)
 
     # -- records ---------------------------------------------------------------------------------
 
@@ -203,18 +254,27 @@ class DiskState:
     def put_disk(self, record: DiskRecord) -> None:
         with self._env.begin(write=True, db=self._disks) as txn:
             txn.put(record.name.encode(), record.encode())
-        self._env.sync(True)
 
-    def put_task(self, task: SnapshotTask, records: Iterable[DiskRecord] = ()) -> None:
-        """Store a task and the records it changed, atomically. Not synced: it is the instant
-        of a closing, which writes wait for. If a power loss takes it back, the closing never
-        happened (the generation's blocks are still the open generation's: the next snapshot
-        takes them) or the upload is done again under the same snapshot ID; kill -9 loses
-        nothing, the commit is in the kernel's cache."""
+    def put_task(self, task: SnapshotTask, records: Iterable[DiskRecord] = (),
+                 flush: Callable[[], None] | None = None) -> None:
+        """Store a task and the records it changed, durably and atomically. With ``flush`` (a
+        closing: the caller holds the disks' write locks), the journal entries of those disks
+        are folded in the same commit, after ``flush`` made their bytes durable: the closed
+        generation is durable whole, with its task, before the closing is acknowledged."""
+        records = list(records)
+        taken: dict[str, list[tuple[bytes, bytes]]] = {}
+        if flush is not None:
+            for record in records:
+                for name, entries in self.journal.entries(record.key).items():
+                    taken.setdefault(name, []).extend(entries)
+            flush()
         with self._env.begin(write=True) as txn:
+            self._put_entries(txn, taken)
             txn.put(task.id.encode(), task.encode(), db=self._tasks)
             for record in records:
                 txn.put(record.name.encode(), record.encode(), db=self._disks)
+        if taken:
+            self.journal.delete(taken)
 
     def delete_task(self, task_id: str) -> None:
         with self._env.begin(write=True, db=self._tasks) as txn:
@@ -226,49 +286,57 @@ class DiskState:
             txn.delete(record.name.encode(), db=self._disks)
             for db in (self._present, self._changed, self._cow):
                 _delete_prefix(txn, db, key)
-        self._env.sync(True)
+        self.journal.delete_prefix(key)
 
     # -- blocks ----------------------------------------------------------------------------------
 
     def present(self, record: DiskRecord) -> list[int]:
-        return [_BLOCK.unpack_from(k, 8)[0] for k in _keys(self._env, self._present, record.key)]
+        keys = {*_keys(self._env, self._present, record.key),
+                *self.journal.keys("present", record.key)}
+        return sorted(_BLOCK.unpack_from(k, 8)[0] for k in keys)
 
     def changed(self, record: DiskRecord) -> dict[int, list[int]]:
         """Every generation's changed blocks (open, closed and uploaded ones)."""
+        keys = {*_keys(self._env, self._changed, record.key),
+                *self.journal.keys("changed", record.key)}
         out: dict[int, list[int]] = {}
-        for k in _keys(self._env, self._changed, record.key):
+        for k in sorted(keys):
             out.setdefault(_GEN.unpack_from(k, 8)[0], []).append(_BLOCK.unpack_from(k, 12)[0])
         return out
 
     def cow(self, record: DiskRecord, gen: int) -> dict[int, int]:
         prefix = record.key + _GEN.pack(gen)
         with self._env.begin(db=self._cow) as txn:
-            return {_BLOCK.unpack_from(k, 12)[0]: _OFFSET.unpack(v)[0]
-                    for k, v in _prefixed(txn, self._cow, prefix)}
+            entries = list(_prefixed(txn, self._cow, prefix))
+        entries += self.journal.items("cow", prefix)
+        return {_BLOCK.unpack_from(k, 12)[0]: _OFFSET.unpack(v)[0] for k, v in entries}
 
     def mark(self, record: DiskRecord, gen: int, present: Iterable[int], changed: Iterable[int]) -> None:
-        """Blocks now in the overlay, and blocks written in generation ``gen``."""
+        """Blocks now in the overlay, and blocks written in generation ``gen`` (journaled)."""
         key = record.key
-        with self._env.begin(write=True) as txn:
-            for n in present:
-                txn.put(_present_key(key, n), b"", db=self._present)
-            for n in changed:
-                txn.put(_gen_key(key, gen, n), b"", db=self._changed)
+        self.journal.put([("present", _present_key(key, n)) for n in present]
+                         + [("changed", _gen_key(key, gen, n)) for n in changed])
 
     def put_cow(self, record: DiskRecord, gen: int, entries: Iterable[tuple[int, int]]) -> None:
-        with self._env.begin(write=True, db=self._cow) as txn:
-            for n, offset in entries:
-                txn.put(_gen_key(record.key, gen, n), _OFFSET.pack(offset))
+        self.journal.put([("cow", _gen_key(record.key, gen, n), _OFFSET.pack(offset))
+                          for n, offset in entries])
 
     def drop_cow(self, record: DiskRecord, gen: int) -> None:
+        prefix = record.key + _GEN.pack(gen)
+        self.journal.delete_prefix(prefix, "cow")
         with self._env.begin(write=True, db=self._cow) as txn:
-            _delete_prefix(txn, self._cow, record.key + _GEN.pack(gen))
+            _delete_prefix(txn, self._cow, prefix)
 
     def merge_changed(self, record: DiskRecord, from_gen: int, into_gen: int) -> None:
         """A failed upload: generation ``from_gen``'s blocks count as changed in ``into_gen``
-        (so the next snapshot uploads them), and ``from_gen`` is gone."""
+        (so the next snapshot uploads them), and ``from_gen`` is gone. (Its closing made its
+        marks durable; what the journal holds of it moves there.)"""
         key = record.key
         prefix = key + _GEN.pack(from_gen)
+        journaled = self.journal.keys("changed", prefix)
+        self.journal.delete_prefix(prefix, "changed", "cow")
+        self.journal.put([("changed", _gen_key(key, into_gen, _BLOCK.unpack_from(k, 12)[0]))
+                          for k in journaled])
         with self._env.begin(write=True) as txn:
             blocks = [_BLOCK.unpack_from(k, 12)[0]
                       for k, _ in _prefixed(txn, self._changed, prefix)]
@@ -276,14 +344,17 @@ class DiskState:
             _delete_prefix(txn, self._cow, prefix)
             for n in blocks:
                 txn.put(_gen_key(key, into_gen, n), b"", db=self._changed)
-        self._env.sync(True)
 
     def rollback(self, record: DiskRecord, unpresent: Iterable[int], drop_gens: Iterable[int],
-                 clear_present: bool) -> None:
+                 clear_present: bool, flush: Callable[[], None] = lambda: None) -> None:
         """Forget overlay blocks (all of them with ``clear_present``) and generations, and store
-        the new record, in one transaction."""
+        the new record, in one durable transaction that first folds the disk's journal (after
+        ``flush``, as ``sync`` does; the caller holds the write lock)."""
         key = record.key
+        taken = self.journal.entries(key)
+        flush()
         with self._env.begin(write=True) as txn:
+            self._put_entries(txn, taken)
             if clear_present:
                 _delete_prefix(txn, self._present, key)
             else:
@@ -293,7 +364,62 @@ class DiskState:
                 _delete_prefix(txn, self._changed, key + _GEN.pack(gen))
                 _delete_prefix(txn, self._cow, key + _GEN.pack(gen))
             txn.put(record.name.encode(), record.encode(), db=self._disks)
-        self._env.sync(True)
+        self.journal.delete(taken)
+
+
+class Journal:
+    """The marks and copy-on-write entries of writes not fsync'd yet: the ``present``,
+    ``changed`` and ``cow`` databases of ``DiskState`` (same keys and values), in an
+    environment that is never synced. Read only in the boot that wrote it."""
+
+    NAMES = ("present", "changed", "cow")
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self._env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=4, sync=False,
+                                  metasync=False, readahead=False)
+        except lmdb.Error as e:
+            raise SnapfsError(f"disk state journal {path} cannot be opened: {e}") from None
+        self._dbs = {name: self._env.open_db(name.encode()) for name in self.NAMES}
+
+    def close(self) -> None:
+        self._env.close()
+
+    def put(self, entries: list[tuple[str, bytes]] | list[tuple[str, bytes, bytes]]) -> None:
+        if not entries:
+            return
+        with self._env.begin(write=True) as txn:
+            for entry in entries:
+                txn.put(entry[1], entry[2] if len(entry) == 3 else b"", db=self._dbs[entry[0]])
+
+    def entries(self, prefix: bytes) -> dict[str, list[tuple[bytes, bytes]]]:
+        """Every entry whose key starts with ``prefix``, by database."""
+        with self._env.begin() as txn:
+            return {name: list(_prefixed(txn, db, prefix)) for name, db in self._dbs.items()}
+
+    def keys(self, name: str, prefix: bytes) -> list[bytes]:
+        return [k for k, _ in self.items(name, prefix)]
+
+    def items(self, name: str, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        with self._env.begin() as txn:
+            return list(_prefixed(txn, self._dbs[name], prefix))
+
+    def delete(self, taken: dict[str, list[tuple[bytes, bytes]]]) -> None:
+        """Delete entries folded into the durable environment. One written again meanwhile
+        (the same key: the same block of the same generation) is durable already."""
+        if not any(taken.values()):
+            return
+        with self._env.begin(write=True) as txn:
+            for name, entries in taken.items():
+                for k, _ in entries:
+                    txn.delete(k, db=self._dbs[name])
+
+    def delete_prefix(self, prefix: bytes, *names: str) -> None:
+        """Delete the entries of ``names`` (all of them if none) whose keys start with
+        ``prefix`` (a generation's prefix is for ``changed`` and ``cow`` only)."""
+        with self._env.begin(write=True) as txn:
+            for name in names or self.NAMES:
+                _delete_prefix(txn, self._dbs[name], prefix)
 
 
 def _keys(env: lmdb.Environment, db: Any, prefix: bytes) -> list[bytes]:

@@ -67,7 +67,6 @@ async def upload_generation(
     group: str | None,
     tags: list[str],
     progress: UploadProgress,
-    trusted: bool = True,
     rate: float | None = None,
     pace: Pacer | None = None,
     busy: Callable[[], bool] = lambda: False,
@@ -76,8 +75,9 @@ async def upload_generation(
 ) -> tuple[SnapshotRoot, dict[str, list], str | None]:
     """Store ``closed`` as snapshot ``part.snapshot_id``; return its root, the packs it added
     and the name of the index object naming them (for the caller's index). ``parent_page(p)``
-    gives the IDs of the parent's page ``p``. Without ``trusted`` changed sets, every block
-    ever written is compared instead.
+    gives the IDs of the parent's page ``p``. (A disk whose changed sets are not trusted after
+    an unclean reboot had every block it ever wrote marked in ``closed`` at its closing,
+    ``part.compared``: the manifest then differs from the parent only where a checksum does.)
 
     Blobs are deduplicated against the index as it is once the shared lock is held
     (``fresh_index``, if given, is awaited then): garbage collection runs only under the
@@ -99,7 +99,7 @@ async def upload_generation(
                 nursery.start_soon(refresh_lock, lock, store_limiter)
                 root, packs, index_name = await _upload(
                     repo, index, disk, closed, part, parent, parent_page, group, tags,
-                    progress, trusted, rate, store_limiter, pace, busy)
+                    progress, rate, store_limiter, pace, busy)
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
@@ -135,23 +135,16 @@ async def _encode_on_cores(repo: Repository, blocks: list[bytes], index: BlobInd
 async def _upload(
     repo: Repository, index: BlobIndex, disk: Disk, closed: ClosedGeneration,
     part: SnapshotPart, parent: SnapshotRoot | None, parent_page: PageLoader,
-    group: str | None, tags: list[str], progress: UploadProgress, trusted: bool,
+    group: str | None, tags: list[str], progress: UploadProgress,
     rate: float | None, store_limiter: trio.CapacityLimiter, pace: Pacer | None,
     busy: Callable[[], bool],
 ) -> tuple[SnapshotRoot, dict[str, list], str | None]:
     bs = disk.block_size
     nblocks = -(-part.size // bs)
     per_page = DEFAULT_ENTRIES_PER_PAGE
-    if trusted:
-        changed = list(closed.blocks)
-    else:  # compare every block this disk ever wrote with the parent's entry
-        changed = list(disk.present)
-        log.warning("disk %s: its changed-block record is not trusted after an unclean "
-                    "restart; comparing the checksums of its %d written blocks instead",
-                    disk.name, len(changed))
-    changed = [n for n in changed if n < nblocks]
+    changed = [n for n in closed.blocks if n < nblocks]
     progress.blocks_total = len(changed)
-    staged = closed.staged if trusted else {}
+    staged = closed.staged
     assembler = PackAssembler(repo.config.pack_size)
     uploader = PackUploader(repo, store_limiter, RateLimiter(rate), pace=pace)
     ids: dict[int, bytes] = {}
@@ -257,7 +250,7 @@ async def _upload(
         "pages_written": pages_written,
         "bytes_uploaded": uploader.stats.bytes,
         "objects_written": uploader.stats.objects + 1,
-        "source": "changed-block tracking" if trusted else "checksum comparison",
+        "source": "checksum comparison" if part.compared else "changed-block tracking",
     }
     progress.timings["index"] = round(trio.current_time() - step, 4)
     step = trio.current_time()
