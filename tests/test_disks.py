@@ -892,6 +892,35 @@ def test_a_disk_on_a_full_cache_file_system_takes_the_space_the_cache_held(
         assert sha256_file(s.disk("d")) == sha256_file(expected)
 
 
+def test_a_disk_takes_the_space_of_blocks_another_daemon_sharing_the_cache_filled(
+        snapfs: Snapfs, tmp_path: Path, base_image: Path) -> None:
+    """Two daemons share one cache on a small file system; the one that serves no disk read
+    the whole image, so the cache's segments are its files (open for its reads). A disk's
+    writes in the other daemon evict them, and the space must come back at once: a segment
+    evicted by one process must not stay allocated while another still holds it open."""
+    with tmpfs(tmp_path / "small", "48M") as small, \
+            serving(snapfs, tmp_path, "--cache-size", "1G", cache=str(small / "cache")) as s, \
+            mounted(snapfs, tmp_path / "mnt2", small / "cache", "--no-background",
+                    "--cache-size", "1G") as other:
+        image = other.images / "vm-1.img"
+        assert sha256_file(image) == sha256_file(base_image)  # cached by the other daemon
+        s.snapfs.ok("disk", "create", "d", "--from", "vm-1")
+        cached = s.snapfs.json("stats", s.mountpoint)["cache"]["bytes"]
+        free = shutil.disk_usage(small).free
+        assert cached > 16 * MiB and free < 24 * MiB
+        count = 28 * MiB // BS  # more than is free, less than is free with the cache gone
+        nblocks = os.path.getsize(base_image) // BS
+        written = dict(zip(range(nblocks - count, nblocks), random_blocks(6, count),
+                           strict=True))
+        write_blocks(s.disk("d"), written)  # fsync'd: would fail with ENOSPC
+        assert read_blocks(s.disk("d"), list(written)) == written
+        expected = tmp_path / "expected.img"
+        shutil.copyfile(base_image, expected)
+        write_blocks(expected, written)
+        assert sha256_file(s.disk("d")) == sha256_file(expected)
+        assert sha256_file(image) == sha256_file(base_image)  # read through again, right
+
+
 def test_a_disk_whose_size_is_not_a_multiple_of_the_block_size(served: Served) -> None:
     s = served
     s.snapfs.ok("disk", "create", "e", "--size", "1000K")  # 62.5 blocks

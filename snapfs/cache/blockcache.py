@@ -42,10 +42,12 @@ way (``ensure_free``) before they write: the cache holds copies, a disk the only
 closed (and so may be evicted) only once the appends into it under way have ended: a write never
 loses its file, and never its segment's record, which it would otherwise have to recreate for
 bytes no file holds. (Should another process evict it anyway, judging this one dead, the write
-caches nothing.) A pread under way in this process finishes first (its file is closed after);
-other processes never find entries for it again, and their open file handles keep the bytes
-readable until they close them. A lookup that finds a segment gone (evicted since its entries
-were read) is a miss, not a bad block.
+caches nothing.) An evicted segment's file is emptied before it is unlinked, so that its space
+comes back at once: other processes sharing the cache keep segment files open for their reads,
+and an unlinked file would hold its space until they closed it. Other processes never find
+entries for it again; a pread under way, here or there, may read it short, and a lookup that
+finds a segment gone (evicted since its entries were read: a short read of an unlinked file,
+or no file) is a miss, not a bad block.
 
 The cache's own I/O errors (its file system full or failing, a damaged lmdb page) never fail a
 read: a lookup that fails is a miss, a write that fails leaves the blocks uncached (the caller
@@ -311,9 +313,19 @@ class BlockCache:
             return None
         try:
             # one pread per block: a pread of a whole stretch and slices of it copy twice
-            return [os.pread(fd, length, offset) for offset, length in spans]
+            datas = [os.pread(fd, length, offset) for offset, length in spans]
+            if any(len(d) < length for d, (_, length) in zip(datas, spans, strict=True)) \
+                    and self._evicted(fd):
+                return None
+            return datas
         finally:
             self._done_with_file(seg)
+
+    @staticmethod
+    def _evicted(fd: int) -> bool:
+        """Whether a segment file that read short was evicted (emptied and unlinked, by this
+        process or another) while we read it: its blocks are gone, not bad."""
+        return os.fstat(fd).st_nlink == 0
 
     def _preadv(self, seg: int, extents: list[tuple[int, list[memoryview]]]) -> list[int] | None:
         """Read each ``(offset, buffers)`` extent of one segment into its buffers (one preadv
@@ -333,6 +345,9 @@ class BlockCache:
                     if n < want:  # the end of the file: a torn segment
                         break
                 out.append(got)
+            if any(got < sum(len(b) for b in buffers)
+                   for got, (_, buffers) in zip(out, extents, strict=True)) and self._evicted(fd):
+                return None
             return out
         finally:
             self._done_with_file(seg)
@@ -724,8 +739,13 @@ class BlockCache:
             self._add_total(txn, -victim_size)
         with self._lock:
             self._retire_file(victim)
+        path = self._seg_path(victim)
         try:
-            self._seg_path(victim).unlink()
+            # emptied before it is unlinked: another process sharing the cache may hold it
+            # open (for its reads, for as long as it likes), and an unlinked file keeps its
+            # space until its last fd is closed; a disk's write may be waiting for that space
+            os.truncate(path, 0)
+            path.unlink()
         except FileNotFoundError:
             pass
         log.debug("evicted cache segment %d", victim)
