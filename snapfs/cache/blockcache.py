@@ -34,7 +34,8 @@ its entries and its file is unlinked.
 
 The cache also keeps ``reserve`` bytes of its file system free (by default 5% of it, at most
 2 GiB, as cachefilesd culls below a share of free space): before each append it evicts until
-the append leaves that much, and if it cannot (nothing left to evict, the space taken by
+the append leaves that much (counting this process's appends that passed their check and have
+not written yet: several fetch threads append at once), and if it cannot (nothing left to evict, the space taken by
 others), it caches nothing until there is room again, and says so once. Its capacity is a cap,
 not a promise: a host whose disk is fuller than the cache's capacity allows gets a smaller
 cache, not a full disk. Writable disks keep their overlays beside the cache and ask it to give
@@ -160,6 +161,10 @@ class BlockCache:
         self.short_of_space = False  # caching paused: the reserve could not be kept
         self._open_index()
         self._lock = threading.Lock()  # guards the append position and the file table
+        #: taken around a free-space check and the reservation of what it allowed: appends in
+        #: other threads that passed their check but have not written yet count as used
+        self._room_lock = threading.Lock()
+        self._unwritten = 0  # bytes of appends allowed by their check, not written yet
         self._idle = threading.Condition(self._lock)  # notified when the last call under way ends
         self._calls = 0  # public calls under way (``close`` waits for them)
         self._closed = False
@@ -621,8 +626,18 @@ class BlockCache:
         if checksums is None:
             checksums = [xxhash.xxh3_128_digest(plain) for _, plain in items]
         nbytes = sum(len(plain) for _, plain in items)
-        if not self._room_for(nbytes):
-            return False
+        with self._room_lock:
+            if not self._room_for(nbytes + self._unwritten):
+                return False
+            self._unwritten += nbytes
+        try:
+            return self._append(items, checksums, nbytes)
+        finally:
+            with self._room_lock:
+                self._unwritten -= nbytes
+
+    def _append(self, items: Sequence[tuple[bytes, bytes | memoryview]],
+                checksums: Sequence[bytes], nbytes: int) -> bool:
         with self._lock:
             if self._current is None or self._append_pos >= self.segment_size:
                 self._start_segment()
@@ -765,7 +780,8 @@ class BlockCache:
         if not self._enter():
             return False
         try:
-            return self._make_room(nbytes)
+            with self._room_lock:  # the cache's appends under way will take their space too
+                return self._make_room(nbytes + self._unwritten)
         except (OSError, lmdb.Error) as e:
             self._trouble("evict segments", e, "the cache may hold space a disk needs")
             return False
@@ -802,9 +818,10 @@ class BlockCache:
             log.info("cache %s: room on its file system again; caching resumed", self.dir)
         elif not room and not self.short_of_space:
             self.short_of_space = True
-            log.warning("cache %s: cannot keep %s of its file system free (%s free, nothing "
-                        "left to evict); blocks are served uncached until there is room",
-                        self.dir, _mib(self.reserve), _mib(self.free_space()))
+            log.warning("cache %s: cannot keep %s of its file system free (%s free, %s to "
+                        "write, nothing left to evict); blocks are served uncached until there "
+                        "is room", self.dir, _mib(self.reserve), _mib(self.free_space()),
+                        _mib(nbytes))
         return room
 
     # -- housekeeping ---------------------------------------------------------------------
