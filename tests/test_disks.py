@@ -940,6 +940,51 @@ def test_reads_on_a_tiny_cache_file_system_never_fill_it(
         assert "No space left" not in text and "ERROR" not in text, text
 
 
+def test_an_idle_cache_gives_way_to_others_and_says_truly_whether_it_caches(
+        snapfs: Snapfs, tmp_path: Path, base_image: Path) -> None:
+    """The cache keeps its reserve free and says whether it is paused while it caches
+    nothing, too: a ballast file that takes the space makes it evict, and then pause; once the
+    ballast goes, it resumes (stats said so only after the next block it was given)."""
+    with tmpfs(tmp_path / "small", "24M") as small, \
+            serving(snapfs, tmp_path, "--cache-size", "1G", cache=str(small / "cache")) as s:
+        assert sha256_file(s.image("vm-1")) == sha256_file(base_image)  # then idle
+
+        def cache() -> dict[str, Any]:
+            return s.snapfs.json("stats", s.mountpoint)["cache"]
+
+        before = cache()
+        reserve = before["reserve"]
+        assert before["bytes"] > 8 * MiB and not before["short_of_space"]
+        ballast = small / "ballast"
+        with open(ballast, "wb") as f:  # someone else's, leaving half the reserve free
+            f.write(bytes(shutil.disk_usage(small).free - reserve // 2))
+        assert shutil.disk_usage(small).free < reserve
+        wait_for(lambda: shutil.disk_usage(small).free >= reserve, 15, "the cache to give way")
+        assert cache()["bytes"] < before["bytes"]
+
+        def fill() -> bool:  # all of it, and what the cache gives up, until it has nothing left
+            fd = os.open(ballast, os.O_WRONLY | os.O_APPEND)
+            try:
+                with pytest.raises(OSError) as e:
+                    while True:
+                        os.write(fd, bytes(MiB))
+                assert e.value.errno == errno.ENOSPC
+                os.write(fd, bytes(shutil.disk_usage(small).free))
+            finally:
+                os.close(fd)
+            time.sleep(0.5)
+            return bool(cache()["short_of_space"])
+
+        wait_for(fill, 30, "the cache to say it is paused")
+        out = s.snapfs.ok("stats", s.mountpoint)
+        assert "not caching: its file system is down to" in out
+        ballast.unlink()
+        wait_for(lambda: not cache()["short_of_space"], 15, "the cache to resume")
+        assert "not caching" not in s.snapfs.ok("stats", s.mountpoint)
+        log = s.daemon.log.read_text()
+        assert log.count("caching resumed") == 1 and log.count("blocks are served uncached") == 1
+
+
 def test_a_disk_whose_size_is_not_a_multiple_of_the_block_size(served: Served) -> None:
     s = served
     s.snapfs.ok("disk", "create", "e", "--size", "1000K")  # 62.5 blocks

@@ -36,16 +36,19 @@ The cache also keeps ``reserve`` bytes of its file system free (by default 5% of
 2 GiB, as cachefilesd culls below a share of free space): before each append it evicts until
 the append leaves that much (counting this process's appends that passed their check and have
 not written yet: several fetch threads append at once), and if it cannot (nothing left to evict, the space taken by
-others), it caches nothing until there is room again, and says so once. Its capacity is a cap,
+others), it caches nothing until there is room again, and says so once. The daemon also
+checks every few seconds (``keep_reserve``), so that the cache gives way to others and says
+truly whether it is paused while it caches nothing. Its capacity is a cap,
 not a promise: a host whose disk is fuller than the cache's capacity allows gets a smaller
 cache, not a full disk. Writable disks keep their overlays beside the cache and ask it to give
 way (``ensure_free``) before they write: the cache holds copies, a disk the only one. A segment this process has stopped appending to is marked
 closed (and so may be evicted) only once the appends into it under way have ended: a write never
 loses its file, and never its segment's record, which it would otherwise have to recreate for
 bytes no file holds. (Should another process evict it anyway, judging this one dead, the write
-caches nothing.) An evicted segment's file is emptied before it is unlinked, so that its space
-comes back at once: other processes sharing the cache keep segment files open for their reads,
-and an unlinked file would hold its space until they closed it. Other processes never find
+caches nothing.) An evicted segment's file is emptied before its entries are dropped and it is
+unlinked, so that its space comes back at once: other processes sharing the cache keep segment
+files open for their reads, an unlinked file would hold its space until they closed it, and on
+a file system filled to the last block the lmdb commit that drops the entries needs space. Other processes never find
 entries for it again; a pread under way, here or there, may read it short, and a lookup that
 finds a segment gone (evicted since its entries were read: a short read of an unlinked file,
 or no file) is a miss, not a bad block.
@@ -328,9 +331,10 @@ class BlockCache:
 
     @staticmethod
     def _evicted(fd: int) -> bool:
-        """Whether a segment file that read short was evicted (emptied and unlinked, by this
-        process or another) while we read it: its blocks are gone, not bad."""
-        return os.fstat(fd).st_nlink == 0
+        """Whether a segment file that read short was evicted (emptied, then unlinked, by
+        this process or another) while we read it: its blocks are gone, not bad."""
+        st = os.fstat(fd)
+        return st.st_nlink == 0 or st.st_size == 0
 
     def _preadv(self, seg: int, extents: list[tuple[int, list[memoryview]]]) -> list[int] | None:
         """Read each ``(offset, buffers)`` extent of one segment into its buffers (one preadv
@@ -724,9 +728,15 @@ class BlockCache:
 
     def _evict_oldest(self, needed: Callable[[int], bool]) -> int:
         """Evict the oldest segment that no live process appends to, if ``needed`` of the
-        cache's total (read in the same transaction) says so. Its size (at least 1), or 0 if
-        nothing was evicted."""
-        with self._env.begin(write=True) as txn:
+        cache's total says so. Its size (at least 1), or 0 if nothing was evicted.
+
+        Its file is emptied first, then its entries are dropped: an lmdb commit needs free
+        pages, and on a file system that others have filled to the last block the commit
+        would fail for want of the very space the eviction is for. Entries left pointing into
+        an emptied file (the commit failed, or has not happened yet) read short: misses. The
+        file is unlinked last; emptied, it holds no space even where another process sharing
+        the cache keeps it open for its reads."""
+        with self._env.begin() as txn:
             raw = txn.get(TOTAL_BYTES, db=self._meta)
             if not needed(U64.unpack(raw)[0] if raw else 0):
                 return 0
@@ -738,31 +748,30 @@ class BlockCache:
                     continue  # someone still appends to it
                 victim, victim_size = SEG.unpack(key)[0], size
                 break
-            if victim is None:
-                return 0
-            prefix = SEG.pack(victim)
-            cur = txn.cursor(db=self._members)
-            if cur.set_range(prefix):
-                while cur.key()[:4] == prefix:
-                    block_id = cur.key()[4:]
-                    raw = txn.get(block_id, db=self._blocks)
-                    if raw is not None and ENTRY.unpack(raw)[0] == victim:
-                        txn.delete(block_id, db=self._blocks)
-                    if not cur.delete():
-                        break
-            txn.delete(prefix, db=self._segments)
-            self._add_total(txn, -victim_size)
-        with self._lock:
-            self._retire_file(victim)
+        if victim is None:
+            return 0
         path = self._seg_path(victim)
         try:
-            # emptied before it is unlinked: another process sharing the cache may hold it
-            # open (for its reads, for as long as it likes), and an unlinked file keeps its
-            # space until its last fd is closed; a disk's write may be waiting for that space
             os.truncate(path, 0)
-            path.unlink()
         except FileNotFoundError:
             pass
+        prefix = SEG.pack(victim)
+        with self._env.begin(write=True) as txn:
+            if txn.get(prefix, db=self._segments) is not None:  # else evicted by another
+                cur = txn.cursor(db=self._members)
+                if cur.set_range(prefix):
+                    while cur.key()[:4] == prefix:
+                        block_id = cur.key()[4:]
+                        raw = txn.get(block_id, db=self._blocks)
+                        if raw is not None and ENTRY.unpack(raw)[0] == victim:
+                            txn.delete(block_id, db=self._blocks)
+                        if not cur.delete():
+                            break
+                txn.delete(prefix, db=self._segments)
+                self._add_total(txn, -victim_size)
+        with self._lock:
+            self._retire_file(victim)
+        path.unlink(missing_ok=True)
         log.debug("evicted cache segment %d", victim)
         return max(victim_size, 1)
 
@@ -802,6 +811,21 @@ class BlockCache:
                 break
             freed += got
         return self.free_space() >= want
+
+    def keep_reserve(self) -> None:
+        """Evict what keeps the reserve free, and pause or resume caching, as an append would
+        (the daemon calls it every few seconds: space that others take or give back is seen
+        while nothing is cached, and ``short_of_space`` stays true to the file system).
+        Blocking, thread-safe."""
+        if not self._enter():
+            return
+        try:
+            with self._room_lock:
+                self._room_for(self._unwritten)
+        except OSError as e:  # statvfs: the daemon goes on, and the appends check again
+            self._trouble("check its free space", e, "its reserve is kept at the next append")
+        finally:
+            self._leave()
 
     def _room_for(self, nbytes: int) -> bool:
         """Whether an append of ``nbytes`` may go ahead, after evicting what keeps the reserve
