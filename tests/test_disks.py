@@ -36,7 +36,7 @@ from diskimages import (
     sha256_file,
     shared_image,
 )
-from mountutil import MOUNTS, MountedDaemon, mounted, pid_running, wait_for
+from mountutil import MOUNTS, MountedDaemon, is_mount_point, mounted, pid_running, wait_for
 from testkit import (
     EXIT_GENERAL,
     EXIT_NOT_FOUND,
@@ -983,6 +983,25 @@ def test_an_idle_cache_gives_way_to_others_and_says_truly_whether_it_caches(
         assert "not caching" not in s.snapfs.ok("stats", s.mountpoint)
         log = s.daemon.log.read_text()
         assert log.count("caching resumed") == 1 and log.count("blocks are served uncached") == 1
+
+
+def test_a_mount_whose_cache_file_system_is_full_fails_in_one_line(
+        snapfs: Snapfs, tmp_path: Path) -> None:
+    """A new cache directory on a file system with no free block: lmdb's first write into its
+    lock file (a mapping of a file extended without blocks) was a SIGBUS that killed the
+    daemon, which said only 'see the log' (an empty log, on the full file system)."""
+    with tmpfs(tmp_path / "small", "4M") as small:
+        (small / "ballast").write_bytes(b"")
+        with open(small / "ballast", "ab") as f, pytest.raises(OSError):
+            while True:
+                f.write(bytes(64 << 10))
+                f.flush()
+        (tmp_path / "mnt").mkdir()
+        line = one_error(snapfs("mount", tmp_path / "mnt", "--cache-dir", small / "cache"),
+                         EXIT_GENERAL)
+        assert "No space left on device" in line and str(small / "cache") in line, line
+        assert not is_mount_point(tmp_path / "mnt")
+        assert not list((small / "cache").glob("running-*"))
 
 
 def test_a_disk_whose_size_is_not_a_multiple_of_the_block_size(served: Served) -> None:

@@ -82,6 +82,7 @@ from typing import IO
 import lmdb
 import xxhash
 
+from snapfs.cache.lmdbenv import open_env
 from snapfs.errors import SnapfsError
 from snapfs.host import boot_id, pid_alive
 
@@ -205,7 +206,12 @@ class BlockCache:
                 log.warning("cache %s: cannot mark it in use (%s); after a power loss it "
                             "would not be known to need setting aside", self.dir, e)
                 self._marker = None
-            self._open_index_locked(torn)
+            try:
+                self._open_index_locked(torn)
+            except BaseException:
+                if self._marker is not None:
+                    self._marker.unlink(missing_ok=True)
+                raise
         finally:
             os.close(fd)
 
@@ -256,8 +262,11 @@ class BlockCache:
     def _try_open(self, path: Path) -> str | None:
         """Open the index at ``path`` and its databases; what is wrong with it if it is
         truncated (closed again then). Raises lmdb.Error if lmdb refuses it."""
-        env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=4, sync=False, metasync=False,
-                        readahead=False)
+        try:
+            env = open_env(path, map_size=MAP_SIZE, max_dbs=4, sync=False, metasync=False,
+                           readahead=False)
+        except OSError as e:  # its file system (full, most likely), not the index: kept
+            raise SnapfsError(f"cannot open the cache index {path}: {e.strerror}") from None
         try:
             # every page up to last_pgno must be in the file: lmdb maps the file and would
             # SIGBUS on reading a page past its end, killing the daemon on its first lookup
