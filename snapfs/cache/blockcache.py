@@ -811,15 +811,13 @@ class BlockCache:
         free = self.free_space()
         if free >= want:
             return True
-        # evict what the shortfall needs, not until statvfs agrees: a segment another
-        # process still holds open frees its space only when that process closes it
-        freed = 0
-        while freed < want - free:
-            got = self._evict_oldest(lambda total: total > 0)
-            if not got:
+        # until statvfs agrees: an evicted segment's space comes back at once (its file is
+        # emptied), and what it held may differ from its recorded size (holes)
+        while free < want:
+            if not self._evict_oldest(lambda total: total > 0):
                 break
-            freed += got
-        return self.free_space() >= want
+            free = self.free_space()
+        return free >= want
 
     def keep_reserve(self) -> None:
         """Evict what keeps the reserve free, and pause or resume caching, as an append would
