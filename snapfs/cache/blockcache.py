@@ -33,25 +33,26 @@ total passes the capacity, the oldest segment that no live process is still appe
 its entries and its file is unlinked.
 
 The cache also keeps ``reserve`` bytes of its file system free (by default 5% of it, at most
-2 GiB, as cachefilesd culls below a share of free space): before each append it evicts until
-the append leaves that much (counting this process's appends that passed their check and have
-not written yet: several fetch threads append at once), and if it cannot (nothing left to evict, the space taken by
-others), it caches nothing until there is room again, and says so once. The daemon also
-checks every few seconds (``keep_reserve``), so that the cache gives way to others and says
-truly whether it is paused while it caches nothing. Its capacity is a cap,
-not a promise: a host whose disk is fuller than the cache's capacity allows gets a smaller
-cache, not a full disk. Writable disks keep their overlays beside the cache and ask it to give
-way (``ensure_free``) before they write: the cache holds copies, a disk the only one. A segment this process has stopped appending to is marked
-closed (and so may be evicted) only once the appends into it under way have ended: a write never
-loses its file, and never its segment's record, which it would otherwise have to recreate for
-bytes no file holds. (Should another process evict it anyway, judging this one dead, the write
-caches nothing.) An evicted segment's file is emptied before its entries are dropped and it is
-unlinked, so that its space comes back at once: other processes sharing the cache keep segment
-files open for their reads, an unlinked file would hold its space until they closed it, and on
-a file system filled to the last block the lmdb commit that drops the entries needs space. Other processes never find
-entries for it again; a pread under way, here or there, may read it short, and a lookup that
-finds a segment gone (evicted since its entries were read: a short read of an unlinked file,
-or no file) is a miss, not a bad block.
+2 GiB, as cachefilesd culls below a share of free space): before each append it evicts until the
+append leaves that much (counting this process's appends that passed their check and have not
+written yet: several fetch threads append at once), and if it cannot (nothing left to evict, the
+space taken by others), it caches nothing until there is room again, and says so once. The
+daemon also checks every few seconds (``keep_reserve``), so that the cache gives way to others
+and says truly whether it is paused while it caches nothing. Its capacity is a cap, not a
+promise: a host whose disk is fuller than the cache's capacity allows gets a smaller cache, not
+a full disk. Writable disks keep their overlays beside the cache and ask it to give way
+(``ensure_free``) before they write: the cache holds copies, a disk the only one. A segment this
+process has stopped appending to is marked closed (and so may be evicted) only once the appends
+into it under way have ended: a write never loses its file, and never its segment's record,
+which it would otherwise have to recreate for bytes no file holds. (Should another process evict
+it anyway, judging this one dead, the write caches nothing.) An evicted segment's file is
+emptied before its entries are dropped and it is unlinked, so that its space comes back at once:
+other processes sharing the cache keep segment files open for their reads, an unlinked file
+would hold its space until they closed it, and on a file system filled to the last block the
+lmdb commit that drops the entries needs space. Other processes never find entries for it again;
+a pread under way, here or there, may read it short, and a lookup that finds a segment gone
+(evicted since its entries were read: a short read of an unlinked file, or no file) is a miss,
+not a bad block.
 
 The cache's own I/O errors (its file system full or failing, a damaged lmdb page) never fail a
 read: a lookup that fails is a miss, a write that fails leaves the blocks uncached (the caller

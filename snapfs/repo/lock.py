@@ -6,13 +6,14 @@ So ``create`` holds a shared lock from before it loads the index until its root 
 garbage collection holds an exclusive one. Removing a snapshot root alone is always safe.
 
 A lock is an object ``locks/ID`` with its holder's host, pid, kind and time. A lock is stale,
-and ignored (and removed by the next exclusive locker), when its holder is a dead process on this
-host (its pid gone, or taken by a process that started after the lock was written), or, from
-another host, when it was not refreshed for ``STALE_AFTER`` seconds (holders refresh every
+and ignored (and removed by the next exclusive locker), when its holder is a dead process on
+this host (its pid gone, or taken by a process that started after the lock was written), or,
+from another host, when it was not refreshed for ``STALE_AFTER`` seconds (holders refresh every
 ``REFRESH_EVERY``; every holder, exclusive ones too: a collection of a large repository may take
-longer). A lock of a live process on this host is never stale, however old: it is in use.
-A lock object that cannot be read is ignored by every locker and removed by ``unlock``. Two lockers racing both see each other after writing and the later one backs
-off, so at worst both fail and are retried by their users, never both proceed.
+longer). A lock of a live process on this host is never stale, however old: it is in use. A lock
+object that cannot be read is ignored by every locker and removed by ``unlock``. Two lockers
+racing both see each other after writing and the later one backs off, so at worst both fail and
+are retried by their users, never both proceed.
 
 A host that died holding an exclusive lock would hold up every snapshot for ``STALE_AFTER``;
 ``snapfs unlock --all`` (``remove_locks``) lets its owner remove it sooner: every lock but those
