@@ -623,7 +623,6 @@ def test_unlock_removes_stale_locks_and_with_all_those_of_a_dead_host(
     snapfs.ok("prune")
 
 
-@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # a lock is a lock on both
 def test_unlock_never_removes_the_lock_of_a_live_process_here_however_old(
         snapfs: Snapfs, store: ObjectStore) -> None:
     """A lock of a live process on this host is in use, even one written more than 30 minutes
