@@ -61,6 +61,8 @@ SAVE_TIMEOUT = 20.0
 #: the trio thread answers the kernel's requests, and behind a worker thread's hashing or
 #: encoding each of them waited up to the whole interval
 SWITCH_INTERVAL = 0.0005
+#: seconds between checks of the block cache's reserve while nothing may be cached
+RESERVE_CHECK_EVERY = 2.0
 
 
 def hydration_config(options: MountOptions) -> HydrationConfig:
@@ -127,6 +129,7 @@ class MountDaemon:
             self.catalog.load(opened.roots, opened.index)
             await nursery.start(self.hydrator.run)
             nursery.start_soon(self.sweeper.run)
+            nursery.start_soon(self._keep_cache_reserve)
             if self.disks is not None and self.disks.enabled:
                 await self.disks.start()
                 self.ops._sync_disks()
@@ -153,6 +156,12 @@ class MountDaemon:
                 log.warning("access profiles not saved: %s", e.message)
         if scope.cancelled_caught:
             log.warning("access profiles not saved: the store took over %.0f s", SAVE_TIMEOUT)
+
+    async def _keep_cache_reserve(self) -> None:
+        """The cache's reserve kept free while nothing is cached, too (see ``BlockCache``)."""
+        while True:
+            await trio.sleep(RESERVE_CHECK_EVERY)
+            await trio.to_thread.run_sync(self.cache.keep_reserve)
 
     def shutdown(self) -> None:
         """Leave the FUSE loop (``run`` then unmounts and cleans up); callable on the trio

@@ -35,6 +35,21 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def pid_started_after(pid: int, when: float) -> bool:
+    """Whether the process with this pid on this host started after ``when`` (a Unix time),
+    give or take a second: if so, it is not the process that was using the pid then (pids are
+    reused). False when it cannot be told (no such process, no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # field 22, counted after the command (which may hold spaces), in ticks since boot
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+    return btime + ticks / os.sysconf("SC_CLK_TCK") > when + 1.0
+
+
 def boot_id() -> str:
     """This boot's identity: a reboot since a process last wrote unsynced state means that
     state may be lost or torn (kill -9 keeps it: the kernel's cache survives the process).

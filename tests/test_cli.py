@@ -623,6 +623,44 @@ def test_unlock_removes_stale_locks_and_with_all_those_of_a_dead_host(
     snapfs.ok("prune")
 
 
+def test_unlock_never_removes_the_lock_of_a_live_process_here_however_old(
+        snapfs: Snapfs, store: ObjectStore) -> None:
+    """A lock of a live process on this host is in use, even one written more than 30 minutes
+    ago (a collection of a large repository): neither `unlock` nor a locker may take it as
+    stale. A pid that a process started since has taken over is not its holder, though; and a
+    lock object that cannot be read, which every locker ignores, is removed and named."""
+    from snapfs.host import hostname
+
+    snapfs.ok("init")
+    with open("/proc/stat") as f:
+        booted = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    if time.time() - booted < 31 * 60:
+        pytest.skip("needs a process started more than 30 minutes ago (pid 1: up 31 minutes)")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        def lock(name: str, pid: int, when: float) -> None:
+            store.put(f"locks/{name}", json.dumps({"host": hostname(), "pid": pid,
+                                                   "kind": "exclusive", "purpose": name,
+                                                   "time": when}).encode())
+
+        lock("long-collection", 1, booted + 60)  # pid 1 has held it since
+        lock("reused-pid", sleeper.pid, time.time() - 60)  # its holder died, sleep took the pid
+        store.put("locks/torn", b'{"host": ')
+        report = snapfs.json("unlock")
+        assert [i["id"] for i in report["removed"]] == ["reused-pid"]
+        assert [i["id"] for i in report["kept"]] == ["long-collection"]
+        assert report["unreadable_removed"] == ["torn"]
+        line = one_error(snapfs("prune"), EXIT_LOCKED)  # the collection is still under way
+        assert "long-collection (pid 1 on" in line and "unlock --all" not in line
+        out = snapfs.ok("unlock", "--all")
+        assert "kept lock long-collection" in out and "in use on this host" in out
+        assert [k for k, _ in store.list("locks/")] == ["locks/long-collection"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        store.delete("locks/long-collection")
+
+
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part
 def test_snapshot_names_fit_a_file_name_in_every_mount(snapfs: Snapfs, store: ObjectStore,
                                                        tmp_path: Path) -> None:

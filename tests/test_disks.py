@@ -36,7 +36,7 @@ from diskimages import (
     sha256_file,
     shared_image,
 )
-from mountutil import MOUNTS, MountedDaemon, mounted, pid_running, wait_for
+from mountutil import MOUNTS, MountedDaemon, is_mount_point, mounted, pid_running, wait_for
 from testkit import (
     EXIT_GENERAL,
     EXIT_NOT_FOUND,
@@ -890,6 +890,118 @@ def test_a_disk_on_a_full_cache_file_system_takes_the_space_the_cache_held(
         shutil.copyfile(base_image, expected)
         write_blocks(expected, written)
         assert sha256_file(s.disk("d")) == sha256_file(expected)
+
+
+def test_a_disk_takes_the_space_of_blocks_another_daemon_sharing_the_cache_filled(
+        snapfs: Snapfs, tmp_path: Path, base_image: Path) -> None:
+    """Two daemons share one cache on a small file system; the one that serves no disk read
+    the whole image, so the cache's segments are its files (open for its reads). A disk's
+    writes in the other daemon evict them, and the space must come back at once: a segment
+    evicted by one process must not stay allocated while another still holds it open."""
+    with tmpfs(tmp_path / "small", "48M") as small, \
+            serving(snapfs, tmp_path, "--cache-size", "1G", cache=str(small / "cache")) as s, \
+            mounted(snapfs, tmp_path / "mnt2", small / "cache", "--no-background",
+                    "--cache-size", "1G") as other:
+        image = other.images / "vm-1.img"
+        assert sha256_file(image) == sha256_file(base_image)  # cached by the other daemon
+        s.snapfs.ok("disk", "create", "d", "--from", "vm-1")
+        cached = s.snapfs.json("stats", s.mountpoint)["cache"]["bytes"]
+        free = shutil.disk_usage(small).free
+        assert cached > 16 * MiB and free < 24 * MiB
+        count = 28 * MiB // BS  # more than is free, less than is free with the cache gone
+        nblocks = os.path.getsize(base_image) // BS
+        written = dict(zip(range(nblocks - count, nblocks), random_blocks(6, count),
+                           strict=True))
+        write_blocks(s.disk("d"), written)  # fsync'd: would fail with ENOSPC
+        assert read_blocks(s.disk("d"), list(written)) == written
+        expected = tmp_path / "expected.img"
+        shutil.copyfile(base_image, expected)
+        write_blocks(expected, written)
+        assert sha256_file(s.disk("d")) == sha256_file(expected)
+        assert sha256_file(image) == sha256_file(base_image)  # read through again, right
+
+
+def test_reads_on_a_tiny_cache_file_system_never_fill_it(
+        snapfs: Snapfs, tmp_path: Path, base_image: Path) -> None:
+    """A cache on a file system of a few MiB, much smaller than the image read through it:
+    concurrent fetches each found room for their own run, and together filled the file
+    system (its writes and then its index failed with ENOSPC, the disk state could not be
+    closed at the stop). Appends that passed their check count until written."""
+    with tmpfs(tmp_path / "small", "6M") as small:
+        with serving(snapfs, tmp_path, "--cache-size", "1G", cache=str(small / "cache")) as s:
+            for _ in range(2):
+                assert sha256_file(s.image("vm-1")) == sha256_file(base_image)
+            cache = s.snapfs.json("stats", s.mountpoint)["cache"]
+            assert cache["errors"] == 0 and cache["bytes"] > 2 * MiB
+            assert cache["free"] >= cache["reserve"] > 0
+            assert shutil.disk_usage(small).free >= cache["reserve"]
+            log = s.daemon.log
+        text = log.read_text()
+        assert "No space left" not in text and "ERROR" not in text, text
+
+
+def test_an_idle_cache_gives_way_to_others_and_says_truly_whether_it_caches(
+        snapfs: Snapfs, tmp_path: Path, base_image: Path) -> None:
+    """The cache keeps its reserve free and says whether it is paused while it caches
+    nothing, too: a ballast file that takes the space makes it evict, and then pause; once the
+    ballast goes, it resumes (stats said so only after the next block it was given)."""
+    with tmpfs(tmp_path / "small", "24M") as small, \
+            serving(snapfs, tmp_path, "--cache-size", "1G", cache=str(small / "cache")) as s:
+        assert sha256_file(s.image("vm-1")) == sha256_file(base_image)  # then idle
+
+        def cache() -> dict[str, Any]:
+            return s.snapfs.json("stats", s.mountpoint)["cache"]
+
+        before = cache()
+        reserve = before["reserve"]
+        assert before["bytes"] > 8 * MiB and not before["short_of_space"]
+        ballast = small / "ballast"
+        with open(ballast, "wb") as f:  # someone else's, leaving half the reserve free
+            f.write(bytes(shutil.disk_usage(small).free - reserve // 2))
+        assert shutil.disk_usage(small).free < reserve
+        wait_for(lambda: shutil.disk_usage(small).free >= reserve, 15, "the cache to give way")
+        assert cache()["bytes"] < before["bytes"]
+
+        def fill() -> bool:  # all of it, and what the cache gives up, until it has nothing left
+            fd = os.open(ballast, os.O_WRONLY | os.O_APPEND)
+            try:
+                with pytest.raises(OSError) as e:
+                    while True:
+                        os.write(fd, bytes(MiB))
+                assert e.value.errno == errno.ENOSPC
+                os.write(fd, bytes(shutil.disk_usage(small).free))
+            finally:
+                os.close(fd)
+            time.sleep(0.5)
+            return bool(cache()["short_of_space"])
+
+        wait_for(fill, 30, "the cache to say it is paused")
+        out = s.snapfs.ok("stats", s.mountpoint)
+        assert "not caching: its file system is down to" in out
+        ballast.unlink()
+        wait_for(lambda: not cache()["short_of_space"], 15, "the cache to resume")
+        assert "not caching" not in s.snapfs.ok("stats", s.mountpoint)
+        log = s.daemon.log.read_text()
+        assert log.count("caching resumed") == 1 and log.count("blocks are served uncached") == 1
+
+
+def test_a_mount_whose_cache_file_system_is_full_fails_in_one_line(
+        snapfs: Snapfs, tmp_path: Path) -> None:
+    """A new cache directory on a file system with no free block: lmdb's first write into its
+    lock file (a mapping of a file extended without blocks) was a SIGBUS that killed the
+    daemon, which said only 'see the log' (an empty log, on the full file system)."""
+    with tmpfs(tmp_path / "small", "4M") as small:
+        (small / "ballast").write_bytes(b"")
+        with open(small / "ballast", "ab") as f, pytest.raises(OSError):
+            while True:
+                f.write(bytes(64 << 10))
+                f.flush()
+        (tmp_path / "mnt").mkdir()
+        line = one_error(snapfs("mount", tmp_path / "mnt", "--cache-dir", small / "cache"),
+                         EXIT_GENERAL)
+        assert "No space left on device" in line and str(small / "cache") in line, line
+        assert not is_mount_point(tmp_path / "mnt")
+        assert not list((small / "cache").glob("running-*"))
 
 
 def test_a_disk_whose_size_is_not_a_multiple_of_the_block_size(served: Served) -> None:

@@ -811,3 +811,30 @@ def test_a_lock_whose_removal_fails_is_kept_to_let_go_of_later(
     path.write_bytes(b"{}")  # the store works again and the object is back
     assert lock.release_quietly() is True and not lock.held
     assert not path.exists()
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # a lock is a lock on both
+def test_a_long_collection_keeps_its_exclusive_lock_fresh(
+        make_store: Callable[[str], ObjectStore], store_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another host takes a lock not refreshed for 30 minutes as dead; a collection of a
+    large repository can take longer, and then a snapshot elsewhere would reuse blobs it is
+    deleting. It refreshes its lock as snapshots do (every 5 minutes; 50 ms here)."""
+    import snapfs.repo.gc as gc
+    import snapfs.repo.lock as lock
+    from snapfs.repo.lock import read_locks
+
+    repo = Repository.init(make_store(store_url))
+    seen: list[float] = []
+
+    async def slow_collect(repo: Repository, limiter: trio.CapacityLimiter) -> dict[str, Any]:
+        for _ in range(5):
+            await trio.sleep(0.3)
+            seen.extend(i.time for i in await trio.to_thread.run_sync(read_locks, repo.store))
+        return {"packs_deleted": 0}
+
+    monkeypatch.setattr(lock, "REFRESH_EVERY", 0.05)
+    monkeypatch.setattr(gc, "_collect", slow_collect)
+    trio.run(collect_garbage, repo)
+    assert len(seen) == 5 and seen == sorted(set(seen))  # newer each time it looked
+    assert read_locks(repo.store) == []

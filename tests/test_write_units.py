@@ -273,6 +273,60 @@ async def scenario(repo: Repository, hydrator: Hydrator, view: ImageView, size: 
     state.close()
 
 
+class Killed(BaseException):
+    """The daemon's death (kill -9) at the instant a write's bytes reached the overlay."""
+
+
+class DyingOverlay(Overlay):
+    """An overlay whose process dies right after the next pwrite, once ``die`` is set."""
+
+    die = False
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        super().pwrite(offset, data)
+        if self.die:
+            raise Killed
+
+
+def test_a_write_killed_after_its_bytes_is_in_the_changed_set(
+    repo_with_snapshot: tuple[Repository, bytes], tmp_path: Path
+) -> None:
+    """kill -9 between a write's pwrite into the overlay and its marks: the disk reads the new
+    bytes (its block was present already), so the changed set must have the block, or the next
+    snapshot differs from the disk there (found by killing a daemon at random instants)."""
+    repo, _base = repo_with_snapshot
+
+    async def body(hydrator: Hydrator, view: ImageView) -> None:
+        size = 48 * BS
+        state = DiskState(tmp_path / "state")
+        state.start("boot-1")
+        rec = dataclasses.replace(record("d", "00000000000000d2", size), base=view.root.id,
+                                  parent=view.root.id)
+        state.put_disk(rec)
+        overlay = DyingOverlay(tmp_path / "state", rec.id, size)
+        disk = Disk(rec, state, overlay, view, Bitmap(rec.nblocks), Bitmap(rec.nblocks))
+        await disk.write(7 * BS, bytes([1]) * BS)
+        await disk.sync()
+        async with disk.write_lock:  # a snapshot closes generation 1
+            disk.record = dataclasses.replace(disk.record, gen=2)
+            disk.close_generation("t1", "0000000000000052")
+        overlay.die = True
+        with pytest.raises(Killed):
+            await disk.write(7 * BS, bytes([2]) * BS)  # present: the disk reads it now
+        with pytest.raises(Killed):
+            await disk.write(9 * BS, bytes([3]) * BS)  # not present: it reads the base
+        overlay.close()
+        state.close()
+
+        state = DiskState(tmp_path / "state")  # the next daemon, in the same boot
+        assert state.start("boot-1") is True
+        assert state.present(rec) == [7]
+        assert 7 in state.changed(rec).get(2, [])
+        state.close()
+
+    run_over_base(repo, tmp_path, body)
+
+
 # -- staging ahead of a snapshot -----------------------------------------------------------------
 
 

@@ -33,19 +33,26 @@ total passes the capacity, the oldest segment that no live process is still appe
 its entries and its file is unlinked.
 
 The cache also keeps ``reserve`` bytes of its file system free (by default 5% of it, at most
-2 GiB, as cachefilesd culls below a share of free space): before each append it evicts until
-the append leaves that much, and if it cannot (nothing left to evict, the space taken by
-others), it caches nothing until there is room again, and says so once. Its capacity is a cap,
-not a promise: a host whose disk is fuller than the cache's capacity allows gets a smaller
-cache, not a full disk. Writable disks keep their overlays beside the cache and ask it to give
-way (``ensure_free``) before they write: the cache holds copies, a disk the only one. A segment this process has stopped appending to is marked
-closed (and so may be evicted) only once the appends into it under way have ended: a write never
-loses its file, and never its segment's record, which it would otherwise have to recreate for
-bytes no file holds. (Should another process evict it anyway, judging this one dead, the write
-caches nothing.) A pread under way in this process finishes first (its file is closed after);
-other processes never find entries for it again, and their open file handles keep the bytes
-readable until they close them. A lookup that finds a segment gone (evicted since its entries
-were read) is a miss, not a bad block.
+2 GiB, as cachefilesd culls below a share of free space): before each append it evicts until the
+append leaves that much (counting this process's appends that passed their check and have not
+written yet: several fetch threads append at once), and if it cannot (nothing left to evict, the
+space taken by others), it caches nothing until there is room again, and says so once. The
+daemon also checks every few seconds (``keep_reserve``), so that the cache gives way to others
+and says truly whether it is paused while it caches nothing. Its capacity is a cap, not a
+promise: a host whose disk is fuller than the cache's capacity allows gets a smaller cache, not
+a full disk. Writable disks keep their overlays beside the cache and ask it to give way
+(``ensure_free``) before they write: the cache holds copies, a disk the only one. A segment this
+process has stopped appending to is marked closed (and so may be evicted) only once the appends
+into it under way have ended: a write never loses its file, and never its segment's record,
+which it would otherwise have to recreate for bytes no file holds. (Should another process evict
+it anyway, judging this one dead, the write caches nothing.) An evicted segment's file is
+emptied before its entries are dropped and it is unlinked, so that its space comes back at once:
+other processes sharing the cache keep segment files open for their reads, an unlinked file
+would hold its space until they closed it, and on a file system filled to the last block the
+lmdb commit that drops the entries needs space. Other processes never find entries for it again;
+a pread under way, here or there, may read it short, and a lookup that finds a segment gone
+(evicted since its entries were read: a short read of an unlinked file, or no file) is a miss,
+not a bad block.
 
 The cache's own I/O errors (its file system full or failing, a damaged lmdb page) never fail a
 read: a lookup that fails is a miss, a write that fails leaves the blocks uncached (the caller
@@ -76,6 +83,7 @@ from typing import IO
 import lmdb
 import xxhash
 
+from snapfs.cache.lmdbenv import open_env
 from snapfs.errors import SnapfsError
 from snapfs.host import boot_id, pid_alive
 
@@ -158,6 +166,10 @@ class BlockCache:
         self.short_of_space = False  # caching paused: the reserve could not be kept
         self._open_index()
         self._lock = threading.Lock()  # guards the append position and the file table
+        #: taken around a free-space check and the reservation of what it allowed: appends in
+        #: other threads that passed their check but have not written yet count as used
+        self._room_lock = threading.Lock()
+        self._unwritten = 0  # bytes of appends allowed by their check, not written yet
         self._idle = threading.Condition(self._lock)  # notified when the last call under way ends
         self._calls = 0  # public calls under way (``close`` waits for them)
         self._closed = False
@@ -195,7 +207,12 @@ class BlockCache:
                 log.warning("cache %s: cannot mark it in use (%s); after a power loss it "
                             "would not be known to need setting aside", self.dir, e)
                 self._marker = None
-            self._open_index_locked(torn)
+            try:
+                self._open_index_locked(torn)
+            except BaseException:
+                if self._marker is not None:
+                    self._marker.unlink(missing_ok=True)
+                raise
         finally:
             os.close(fd)
 
@@ -246,8 +263,11 @@ class BlockCache:
     def _try_open(self, path: Path) -> str | None:
         """Open the index at ``path`` and its databases; what is wrong with it if it is
         truncated (closed again then). Raises lmdb.Error if lmdb refuses it."""
-        env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=4, sync=False, metasync=False,
-                        readahead=False)
+        try:
+            env = open_env(path, map_size=MAP_SIZE, max_dbs=4, sync=False, metasync=False,
+                           readahead=False)
+        except OSError as e:  # its file system (full, most likely), not the index: kept
+            raise SnapfsError(f"cannot open the cache index {path}: {e.strerror}") from None
         try:
             # every page up to last_pgno must be in the file: lmdb maps the file and would
             # SIGBUS on reading a page past its end, killing the daemon on its first lookup
@@ -311,9 +331,20 @@ class BlockCache:
             return None
         try:
             # one pread per block: a pread of a whole stretch and slices of it copy twice
-            return [os.pread(fd, length, offset) for offset, length in spans]
+            datas = [os.pread(fd, length, offset) for offset, length in spans]
+            if any(len(d) < length for d, (_, length) in zip(datas, spans, strict=True)) \
+                    and self._evicted(fd):
+                return None
+            return datas
         finally:
             self._done_with_file(seg)
+
+    @staticmethod
+    def _evicted(fd: int) -> bool:
+        """Whether a segment file that read short was evicted (emptied, then unlinked, by
+        this process or another) while we read it: its blocks are gone, not bad."""
+        st = os.fstat(fd)
+        return st.st_nlink == 0 or st.st_size == 0
 
     def _preadv(self, seg: int, extents: list[tuple[int, list[memoryview]]]) -> list[int] | None:
         """Read each ``(offset, buffers)`` extent of one segment into its buffers (one preadv
@@ -333,6 +364,9 @@ class BlockCache:
                     if n < want:  # the end of the file: a torn segment
                         break
                 out.append(got)
+            if any(got < sum(len(b) for b in buffers)
+                   for got, (_, buffers) in zip(out, extents, strict=True)) and self._evicted(fd):
+                return None
             return out
         finally:
             self._done_with_file(seg)
@@ -606,8 +640,18 @@ class BlockCache:
         if checksums is None:
             checksums = [xxhash.xxh3_128_digest(plain) for _, plain in items]
         nbytes = sum(len(plain) for _, plain in items)
-        if not self._room_for(nbytes):
-            return False
+        with self._room_lock:
+            if not self._room_for(nbytes + self._unwritten):
+                return False
+            self._unwritten += nbytes
+        try:
+            return self._append(items, checksums, nbytes)
+        finally:
+            with self._room_lock:
+                self._unwritten -= nbytes
+
+    def _append(self, items: Sequence[tuple[bytes, bytes | memoryview]],
+                checksums: Sequence[bytes], nbytes: int) -> bool:
         with self._lock:
             if self._current is None or self._append_pos >= self.segment_size:
                 self._start_segment()
@@ -694,9 +738,15 @@ class BlockCache:
 
     def _evict_oldest(self, needed: Callable[[int], bool]) -> int:
         """Evict the oldest segment that no live process appends to, if ``needed`` of the
-        cache's total (read in the same transaction) says so. Its size (at least 1), or 0 if
-        nothing was evicted."""
-        with self._env.begin(write=True) as txn:
+        cache's total says so. Its size (at least 1), or 0 if nothing was evicted.
+
+        Its file is emptied first, then its entries are dropped: an lmdb commit needs free
+        pages, and on a file system that others have filled to the last block the commit
+        would fail for want of the very space the eviction is for. Entries left pointing into
+        an emptied file (the commit failed, or has not happened yet) read short: misses. The
+        file is unlinked last; emptied, it holds no space even where another process sharing
+        the cache keeps it open for its reads."""
+        with self._env.begin() as txn:
             raw = txn.get(TOTAL_BYTES, db=self._meta)
             if not needed(U64.unpack(raw)[0] if raw else 0):
                 return 0
@@ -708,26 +758,30 @@ class BlockCache:
                     continue  # someone still appends to it
                 victim, victim_size = SEG.unpack(key)[0], size
                 break
-            if victim is None:
-                return 0
-            prefix = SEG.pack(victim)
-            cur = txn.cursor(db=self._members)
-            if cur.set_range(prefix):
-                while cur.key()[:4] == prefix:
-                    block_id = cur.key()[4:]
-                    raw = txn.get(block_id, db=self._blocks)
-                    if raw is not None and ENTRY.unpack(raw)[0] == victim:
-                        txn.delete(block_id, db=self._blocks)
-                    if not cur.delete():
-                        break
-            txn.delete(prefix, db=self._segments)
-            self._add_total(txn, -victim_size)
-        with self._lock:
-            self._retire_file(victim)
+        if victim is None:
+            return 0
+        path = self._seg_path(victim)
         try:
-            self._seg_path(victim).unlink()
+            os.truncate(path, 0)
         except FileNotFoundError:
             pass
+        prefix = SEG.pack(victim)
+        with self._env.begin(write=True) as txn:
+            if txn.get(prefix, db=self._segments) is not None:  # else evicted by another
+                cur = txn.cursor(db=self._members)
+                if cur.set_range(prefix):
+                    while cur.key()[:4] == prefix:
+                        block_id = cur.key()[4:]
+                        raw = txn.get(block_id, db=self._blocks)
+                        if raw is not None and ENTRY.unpack(raw)[0] == victim:
+                            txn.delete(block_id, db=self._blocks)
+                        if not cur.delete():
+                            break
+                txn.delete(prefix, db=self._segments)
+                self._add_total(txn, -victim_size)
+        with self._lock:
+            self._retire_file(victim)
+        path.unlink(missing_ok=True)
         log.debug("evicted cache segment %d", victim)
         return max(victim_size, 1)
 
@@ -745,7 +799,8 @@ class BlockCache:
         if not self._enter():
             return False
         try:
-            return self._make_room(nbytes)
+            with self._room_lock:  # the cache's appends under way will take their space too
+                return self._make_room(nbytes + self._unwritten)
         except (OSError, lmdb.Error) as e:
             self._trouble("evict segments", e, "the cache may hold space a disk needs")
             return False
@@ -757,15 +812,28 @@ class BlockCache:
         free = self.free_space()
         if free >= want:
             return True
-        # evict what the shortfall needs, not until statvfs agrees: a segment another
-        # process still holds open frees its space only when that process closes it
-        freed = 0
-        while freed < want - free:
-            got = self._evict_oldest(lambda total: total > 0)
-            if not got:
+        # until statvfs agrees: an evicted segment's space comes back at once (its file is
+        # emptied), and what it held may differ from its recorded size (holes)
+        while free < want:
+            if not self._evict_oldest(lambda total: total > 0):
                 break
-            freed += got
-        return self.free_space() >= want
+            free = self.free_space()
+        return free >= want
+
+    def keep_reserve(self) -> None:
+        """Evict what keeps the reserve free, and pause or resume caching, as an append would
+        (the daemon calls it every few seconds: space that others take or give back is seen
+        while nothing is cached, and ``short_of_space`` stays true to the file system).
+        Blocking, thread-safe."""
+        if not self._enter():
+            return
+        try:
+            with self._room_lock:
+                self._room_for(self._unwritten)
+        except OSError as e:  # statvfs: the daemon goes on, and the appends check again
+            self._trouble("check its free space", e, "its reserve is kept at the next append")
+        finally:
+            self._leave()
 
     def _room_for(self, nbytes: int) -> bool:
         """Whether an append of ``nbytes`` may go ahead, after evicting what keeps the reserve
@@ -782,9 +850,10 @@ class BlockCache:
             log.info("cache %s: room on its file system again; caching resumed", self.dir)
         elif not room and not self.short_of_space:
             self.short_of_space = True
-            log.warning("cache %s: cannot keep %s of its file system free (%s free, nothing "
-                        "left to evict); blocks are served uncached until there is room",
-                        self.dir, _mib(self.reserve), _mib(self.free_space()))
+            log.warning("cache %s: cannot keep %s of its file system free (%s free, %s to "
+                        "write, nothing left to evict); blocks are served uncached until there "
+                        "is room", self.dir, _mib(self.reserve), _mib(self.free_space()),
+                        _mib(nbytes))
         return room
 
     # -- housekeeping ---------------------------------------------------------------------

@@ -104,14 +104,18 @@ def unlock(config: CliConfig, everything: bool, json_output: bool) -> None:
     from snapfs.repo.lock import remove_locks
 
     repo = config.open_repository()  # a repository, not any directory
-    removed, kept = remove_locks(repo.store, everything)
+    removed, kept, unreadable = remove_locks(repo.store, everything)
     if json_output:
-        emit_json({"removed": [i.as_dict() for i in removed], "kept": [i.as_dict() for i in kept]})
+        emit_json({"removed": [i.as_dict() for i in removed], "kept": [i.as_dict() for i in kept],
+                   "unreadable_removed": [k.removeprefix("locks/") for k in unreadable]})
         return
     for info in removed:
         click.echo(f"removed lock {info.key.removeprefix('locks/')}: {info.describe()}")
+    for key in unreadable:
+        click.echo(f"removed lock {key.removeprefix('locks/')}: unreadable (ignored by every "
+                   "locker)")
     for info in kept:
         why = "in use on this host" if info.live_here else "not stale (use --all if its host died)"
         click.echo(f"kept lock {info.key.removeprefix('locks/')}: {info.describe()}, {why}")
-    if not removed and not kept:
+    if not removed and not kept and not unreadable:
         click.echo("no locks")

@@ -38,7 +38,7 @@ from snapfs.format.manifest import (
 )
 from snapfs.format.pack import KIND_DATA, KIND_PAGE
 from snapfs.progress import NO_PROGRESS, Progress
-from snapfs.repo.lock import REFRESH_EVERY, SNAPSHOT_LOCK_PATIENCE, RepositoryLock
+from snapfs.repo.lock import SNAPSHOT_LOCK_PATIENCE, RepositoryLock, refresh_lock
 from snapfs.repo.packer import FullPack, PackAssembler, PackUploader
 from snapfs.repo.parallel import single_error
 from snapfs.repo.repository import BlobIndex, Repository, new_id, now_iso
@@ -205,12 +205,6 @@ async def create_snapshot(
                 await trio.to_thread.run_sync(lock.release_quietly, limiter=store_limiter)
     finally:
         source.close()
-
-
-async def refresh_lock(lock: RepositoryLock, limiter: trio.CapacityLimiter) -> None:
-    while True:
-        await trio.sleep(REFRESH_EVERY)
-        await trio.to_thread.run_sync(lock.refresh, limiter=limiter)
 
 
 async def _create_locked(

@@ -26,7 +26,7 @@ from snapfs.format.block import ZERO_ID
 from snapfs.format.index import IndexFile
 from snapfs.format.manifest import SnapshotRoot
 from snapfs.format.pack import PackEntry
-from snapfs.repo.lock import RepositoryLock
+from snapfs.repo.lock import RepositoryLock, refresh_lock
 from snapfs.repo.packer import FullPack, PackAssembler, PackUploader
 from snapfs.repo.parallel import map_in_threads, single_error
 from snapfs.repo.repository import BlobIndex, Repository, pack_key
@@ -51,11 +51,15 @@ async def delete_snapshots(
     lock = RepositoryLock(repo.store, "exclusive", purpose)
     await trio.to_thread.run_sync(lock.acquire, limiter=limiter)
     try:
-        if recheck is not None:
-            roots = await trio.to_thread.run_sync(recheck, roots, limiter=limiter)
-        for root in roots:
-            await trio.to_thread.run_sync(repo.delete_root, root.id, limiter=limiter)
-        stats = await _collect(repo, limiter)
+        with single_error():  # the collection's error, not trio's group of it
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(refresh_lock, lock, limiter)
+                if recheck is not None:
+                    roots = await trio.to_thread.run_sync(recheck, roots, limiter=limiter)
+                for root in roots:
+                    await trio.to_thread.run_sync(repo.delete_root, root.id, limiter=limiter)
+                stats = await _collect(repo, limiter)
+                nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(lock.release_quietly, limiter=limiter)
@@ -67,7 +71,12 @@ async def collect_garbage(repo: Repository) -> dict[str, Any]:
     lock = RepositoryLock(repo.store, "exclusive", "prune")
     await trio.to_thread.run_sync(lock.acquire, limiter=limiter)
     try:
-        return await _collect(repo, limiter)
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(refresh_lock, lock, limiter)
+                stats = await _collect(repo, limiter)
+                nursery.cancel_scope.cancel()
+        return stats
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(lock.release_quietly, limiter=limiter)

@@ -6,10 +6,14 @@ So ``create`` holds a shared lock from before it loads the index until its root 
 garbage collection holds an exclusive one. Removing a snapshot root alone is always safe.
 
 A lock is an object ``locks/ID`` with its holder's host, pid, kind and time. A lock is stale,
-and ignored (and removed by the next exclusive locker), when its holder is a dead process on this
-host, or when it was not refreshed for ``STALE_AFTER`` seconds (holders refresh every
-``REFRESH_EVERY``). Two lockers racing both see each other after writing and the later one backs
-off, so at worst both fail and are retried by their users, never both proceed.
+and ignored (and removed by the next exclusive locker), when its holder is a dead process on
+this host (its pid gone, or taken by a process that started after the lock was written), or,
+from another host, when it was not refreshed for ``STALE_AFTER`` seconds (holders refresh every
+``REFRESH_EVERY``; every holder, exclusive ones too: a collection of a large repository may take
+longer). A lock of a live process on this host is never stale, however old: it is in use. A lock
+object that cannot be read is ignored by every locker and removed by ``unlock``. Two lockers
+racing both see each other after writing and the later one backs off, so at worst both fail and
+are retried by their users, never both proceed.
 
 A host that died holding an exclusive lock would hold up every snapshot for ``STALE_AFTER``;
 ``snapfs unlock --all`` (``remove_locks``) lets its owner remove it sooner: every lock but those
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 import trio
 
 from snapfs.errors import ObjectNotFound, RepositoryLocked, SnapfsError
-from snapfs.host import hostname, pid_alive
+from snapfs.host import hostname, pid_alive, pid_started_after
 from snapfs.repo.repository import new_id
 from snapfs.store.base import ObjectStore
 
@@ -55,15 +59,18 @@ class LockInfo:
 
     @property
     def stale(self) -> bool:
-        """Ignored by every locker: its holder died on this host, or stopped refreshing it."""
-        if self.host == hostname() and not pid_alive(self.pid):
-            return True
+        """Ignored by every locker: its holder died on this host, or (elsewhere) stopped
+        refreshing it."""
+        if self.host == hostname():
+            return not self.live_here
         return time.time() - self.time > STALE_AFTER
 
     @property
     def live_here(self) -> bool:
-        """Held by a running process on this host: surely in use."""
-        return self.host == hostname() and pid_alive(self.pid)
+        """Held by a running process on this host: surely in use (a process that started
+        after the lock was written has only inherited its pid)."""
+        return self.host == hostname() and pid_alive(self.pid) \
+            and not pid_started_after(self.pid, self.time)
 
     def as_dict(self) -> dict[str, object]:
         return {"id": self.key.removeprefix("locks/"), "kind": self.kind,
@@ -72,34 +79,52 @@ class LockInfo:
                 "stale": self.stale}
 
 
-def read_locks(store: ObjectStore) -> list[LockInfo]:
-    """Every lock in the repository (an unreadable lock object is logged and skipped)."""
+def read_locks(store: ObjectStore, unreadable: list[str] | None = None) -> list[LockInfo]:
+    """Every lock in the repository. An unreadable lock object is skipped, and its key added
+    to ``unreadable`` if given (else logged: lockers ignore it, ``unlock`` removes it)."""
     found = []
     for key, _ in store.list("locks/"):
         try:
             doc = json.loads(store.get(key))
-            found.append(LockInfo(key, doc["host"], int(doc["pid"]), doc["kind"],
-                                  doc.get("purpose", "?"), float(doc["time"])))
+            found.append(LockInfo(key, str(doc["host"]), int(doc["pid"]), str(doc["kind"]),
+                                  str(doc.get("purpose", "?")), float(doc["time"])))
         except ObjectNotFound:
             continue
         except (ValueError, KeyError, TypeError):
-            log.warning("ignoring unreadable lock object %s", key)
+            if unreadable is not None:
+                unreadable.append(key)
+            else:
+                log.warning("ignoring unreadable lock object %s (`snapfs unlock` removes it)",
+                            key)
     return found
 
 
 def remove_locks(store: ObjectStore, everything: bool = False
-                 ) -> tuple[list[LockInfo], list[LockInfo]]:
-    """Remove the stale locks, or with ``everything`` every lock but those of live processes
-    on this host (for a host that died holding one: only its owner knows it will not come
-    back). The locks removed and the locks kept."""
-    removed, kept = [], []
-    for info in read_locks(store):
+                 ) -> tuple[list[LockInfo], list[LockInfo], list[str]]:
+    """Remove the stale locks and the lock objects that cannot be read (every locker ignores
+    them), or with ``everything`` every lock but those of live processes on this host (for a
+    host that died holding one: only its owner knows it will not come back). The locks
+    removed, the locks kept, and the keys of the unreadable objects removed."""
+    removed: list[LockInfo] = []
+    kept: list[LockInfo] = []
+    unreadable: list[str] = []
+    for info in read_locks(store, unreadable):
         if info.stale or (everything and not info.live_here):
             store.delete(info.key)
             removed.append(info)
         else:
             kept.append(info)
-    return removed, kept
+    for key in unreadable:
+        store.delete(key)
+    return removed, kept, unreadable
+
+
+async def refresh_lock(lock: RepositoryLock, limiter: trio.CapacityLimiter) -> None:
+    """Keep ``lock`` fresh while it is held (run it beside the work the lock covers, and
+    cancel it after): other hosts take a lock not refreshed for ``STALE_AFTER`` as dead."""
+    while True:
+        await trio.sleep(REFRESH_EVERY)
+        await trio.to_thread.run_sync(lock.refresh, limiter=limiter)
 
 
 

@@ -283,6 +283,14 @@ class Disk:
             by_gen.setdefault(closed.gen, []).append((n, at))
         for g, entries in by_gen.items():
             self.state.put_cow(self.record, g, entries)
+        # the changed marks before the bytes: a daemon killed between the two would otherwise
+        # leave bytes the disk reads (its block was present already) that its changed set
+        # misses, and every later snapshot would differ from the disk there. A changed mark
+        # without its bytes costs only the upload of a block that did not change. (Its
+        # present mark waits for the bytes: without them it would read as zeros, not as the
+        # base. Durability is ``state``'s: a fold flushes the bytes before committing marks.)
+        if fresh:
+            self.state.mark(self.record, gen, [], fresh)
         if partial:
             buf = bytearray(min(stop * bs, self.size) - first * bs)
             for n in partial:
@@ -295,8 +303,8 @@ class Disk:
             overlay.pwrite(first * bs, buf)
         else:
             overlay.pwrite(offset, data)
-        if new_present or fresh:
-            self.state.mark(self.record, gen, new_present, fresh)
+        if new_present:
+            self.state.mark(self.record, gen, new_present, [])
         return saved
 
     async def sync(self) -> None:

@@ -57,6 +57,7 @@ from typing import Any, cast
 
 import lmdb
 
+from snapfs.cache.lmdbenv import open_env
 from snapfs.errors import SnapfsError
 from snapfs.host import machine_id
 
@@ -157,8 +158,8 @@ class DiskState:
         self.dir = directory
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            self._env = lmdb.open(str(directory / "state.lmdb"), map_size=MAP_SIZE, max_dbs=8,
-                                  readahead=False)
+            self._env = open_env(directory / "state.lmdb", map_size=MAP_SIZE, max_dbs=8,
+                                 readahead=False)
         except (OSError, lmdb.Error) as e:
             raise SnapfsError(f"disk state in {directory} cannot be opened: {e}") from None
         self._disks = self._env.open_db(b"disks")
@@ -376,9 +377,9 @@ class Journal:
 
     def __init__(self, path: Path) -> None:
         try:
-            self._env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=4, sync=False,
-                                  metasync=False, readahead=False)
-        except lmdb.Error as e:
+            self._env = open_env(path, map_size=MAP_SIZE, max_dbs=4, sync=False,
+                                 metasync=False, readahead=False)
+        except (OSError, lmdb.Error) as e:
             raise SnapfsError(f"disk state journal {path} cannot be opened: {e}") from None
         self._dbs = {name: self._env.open_db(name.encode()) for name in self.NAMES}
 

@@ -26,8 +26,8 @@ import trio
 from snapfs.format.block import ZERO_ID
 from snapfs.format.manifest import DEFAULT_ENTRIES_PER_PAGE, SnapshotRoot, encode_page
 from snapfs.format.pack import KIND_DATA, KIND_PAGE
-from snapfs.repo.create import encode_chunk, refresh_lock
-from snapfs.repo.lock import SNAPSHOT_LOCK_PATIENCE, RepositoryLock
+from snapfs.repo.create import encode_chunk
+from snapfs.repo.lock import SNAPSHOT_LOCK_PATIENCE, RepositoryLock, refresh_lock
 from snapfs.repo.packer import FullPack, PackAssembler, PackUploader
 from snapfs.repo.parallel import single_error
 from snapfs.repo.repository import BlobIndex, Repository, now_iso
