@@ -11,6 +11,7 @@ checking the device is large enough.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -130,12 +131,11 @@ async def export_snapshot(
         else:
             where[bid].append(n)
     runs = plan_runs(where, index)
-    target = _Target(out, root.size, force)
-    progress.start("export", sum(loc.raw_length * len(where[b]) for _, run in runs for b, loc in run))
     written = 0
 
     def fetch(job: tuple[str, Run]) -> int:
         pack, run = job
+        assert target is not None  # opened before the first job
         data = repo.fetch_run(pack, run)
         start = run[0][1].offset
         nbytes = 0
@@ -153,7 +153,11 @@ async def export_snapshot(
         written += nbytes
         progress.advance(nbytes)
 
+    target: _Target | None = None
     try:
+        target = _Target(out, root.size, force)
+        progress.start("export",
+                       sum(loc.raw_length * len(where[b]) for _, run in runs for b, loc in run))
         with single_error():
             await map_in_threads(fetch, runs, limiter, done)
             if target.is_device:
@@ -162,8 +166,14 @@ async def export_snapshot(
                     length = min(bs, root.size - n * bs)
                     await trio.to_thread.run_sync(target.pwrite, zero[:length], n * bs)
             await trio.to_thread.run_sync(target.commit)
-    except BaseException:
-        target.abort()
+    except BaseException as e:
+        if target is not None:
+            target.abort()
+        elif not isinstance(e, SnapfsError):
+            # a stop (^C, SIGTERM) that landed while the target was being opened: its partial
+            # file may be there already, and nobody else would remove it
+            with contextlib.suppress(OSError):
+                os.unlink(out + PARTIAL_SUFFIX)
         raise
     return {
         "snapshot": root.id,
