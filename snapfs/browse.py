@@ -74,7 +74,7 @@ from snapfs.errors import FormatError, MountError, NotMounted, SnapfsError, Snap
 from snapfs.format.manifest import SnapshotRoot
 from snapfs.mount import MountOptions, check_mountpoint, mount
 from snapfs.progress import NO_PROGRESS, Progress
-from snapfs.repo.repository import Repository
+from snapfs.repo.repository import Repository, warn_unreadable
 from snapfs.restore import RestoreOptions, RestoreReport, restore_files
 from snapfs.store import open_store
 
@@ -234,7 +234,10 @@ def browse(options: BrowseOptions) -> BrowseState:
         location = repository_location(options.repository)
         store = open_store(location, options.endpoint_url)
         try:
-            root = Repository.open(store).resolve(options.snapshot)
+            repo = Repository.open(store)
+            listing = repo.list_snapshots()
+            root = repo.resolve(options.snapshot, listing)
+            warn_unreadable(listing.unreadable, store.url, "left out")
             store_url = store.url
         finally:
             store.close()  # before mount() forks: no store client crosses a fork

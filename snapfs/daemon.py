@@ -126,7 +126,7 @@ class MountDaemon:
         async with trio.open_nursery() as nursery:
             self._cancel_scope = nursery.cancel_scope
             await nursery.start(self._watch_signals)
-            self.catalog.load(opened.roots, opened.index)
+            self.catalog.load(opened.listing, opened.index)
             await nursery.start(self.hydrator.run)
             nursery.start_soon(self.sweeper.run)
             nursery.start_soon(self._keep_cache_reserve)

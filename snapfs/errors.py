@@ -83,6 +83,11 @@ class MissingBlock(IntegrityError):
     pass
 
 
+class RootsUnreadable(IntegrityError):
+    """A snapshot root that is listed cannot be read (damaged, or of an unknown format): what
+    needs that snapshot, or needs to know every snapshot, cannot go on."""
+
+
 class PackMissing(MissingBlock):
     """A pack the index names is not in the store (deleted, or repacked by garbage collection
     since the index was read)."""

@@ -52,9 +52,8 @@ from snapfs.control import PidFile, RunFiles, mount_entry
 from snapfs.errors import MountError, NotFoundError, SnapfsError, UsageError
 
 if TYPE_CHECKING:
-    from snapfs.format.manifest import SnapshotRoot
     from snapfs.repo.indexcache import IndexCache
-    from snapfs.repo.repository import BlobIndex, Repository
+    from snapfs.repo.repository import BlobIndex, Repository, SnapshotListing
     from snapfs.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -337,8 +336,8 @@ class OpenRepository:
 
     store: ObjectStore
     repo: Repository
-    roots: list[SnapshotRoot]  # every snapshot
-    index: BlobIndex  # loaded after ``roots`` were listed, so it covers them
+    listing: SnapshotListing  # every snapshot (and the roots that cannot be read)
+    index: BlobIndex  # loaded after the roots were listed, so it covers them
     index_cache: IndexCache  # the host's, which later reloads of the index go through
 
 
@@ -363,13 +362,13 @@ def open_repository(options: MountOptions, meanwhile: threading.Thread | None = 
         if meanwhile is not None:
             meanwhile.start()
         try:
-            roots, index = repo.snapshots_and_index(index_cache)
+            listing, index = repo.snapshots_and_index(index_cache)
         except RuntimeError as e:
             if meanwhile is None or not _import_deadlock(e):
                 raise
             meanwhile.join()  # see _Preload
-            roots, index = repo.snapshots_and_index(index_cache)
+            listing, index = repo.snapshots_and_index(index_cache)
     except BaseException:
         store.close()
         raise
-    return OpenRepository(store, repo, roots, index, index_cache)
+    return OpenRepository(store, repo, listing, index, index_cache)

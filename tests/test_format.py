@@ -347,7 +347,7 @@ def sample_root(**changes: object) -> SnapshotRoot:
     fields: dict[str, object] = dict(
         id="0123456789abcdef", name="db-nightly", disk="db", parent="fedcba9876543210",
         size=10 * BS + 1536, block_size=BS, created="2024-01-01T00:00:00.000Z",
-        entries_per_page=4096, pages=["aa" * 32, ZERO_ID.hex()], tags=["nightly", "keep"],
+        entries_per_page=8, pages=["aa" * 32, ZERO_ID.hex()], tags=["nightly", "keep"],
         group="g1", stats={"blocks_uploaded": 3, "bytes_read": 12345},
     )
     fields.update(changes)
@@ -388,7 +388,7 @@ def test_snapshot_root_unknown_version_and_not_a_root() -> None:
 @pytest.mark.parametrize(("field", "value"), [
     ("created", 1700000000), ("id", 7), ("size", "10"), ("size", -1), ("block_size", 0),
     ("pages", "aa"), ("pages", [1]), ("tags", "x"), ("parent", 3), ("stats", []),
-    ("entries_per_page", True),
+    ("entries_per_page", True), ("tags", ["x", 1]),
 ])
 def test_snapshot_root_with_a_field_of_the_wrong_type_is_corrupt(field: str, value: object) -> None:
     """A damaged or foreign root fails with one clear error where it is read, not with a
@@ -401,6 +401,22 @@ def test_snapshot_root_with_a_field_of_the_wrong_type_is_corrupt(field: str, val
     if field not in ("parent", "tags", "stats"):  # those have defaults
         with pytest.raises(CorruptBlock, match="lacks fields"):
             SnapshotRoot.decode(json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize("pages", [
+    ["aa" * 32],  # one page short of the 11 blocks' two
+    ["aa" * 32, ZERO_ID.hex(), "bb" * 32],  # one too many
+    ["aa" * 32, "zz" * 32],  # not hex
+    ["aa" * 31, ZERO_ID.hex()],  # too short for a page ID
+    ["aa" * 16 + " " + "aa" * 15 + "a", ZERO_ID.hex()],  # what bytes.fromhex would take
+])
+def test_snapshot_root_with_a_malformed_page_list_is_corrupt(pages: list[str]) -> None:
+    """What garbage collection and verify compute with (a page ID per page of blocks) is
+    checked where the root is read: they would otherwise fail with a traceback."""
+    doc = json.loads(sample_root().encode())
+    doc["pages"] = pages
+    with pytest.raises(CorruptBlock, match="malformed page list"):
+        SnapshotRoot.decode(json.dumps(doc).encode())
 
 
 def test_snapshot_root_ignores_fields_it_does_not_know() -> None:

@@ -106,9 +106,9 @@ def test_snapshots_and_index_are_a_listing_then_a_load(repo: Repository, tmp_pat
     reference = repo.load_index()
     fetched(repo)
 
-    roots, index = repo.snapshots_and_index(IndexCache(tmp_path / "cache"))
-    assert roots == repo.snapshots()
-    assert [r.name for r in roots] == ["a", "b", "c"]
+    listing, index = repo.snapshots_and_index(IndexCache(tmp_path / "cache"))
+    assert listing.roots == repo.snapshots() and listing.unreadable == []
+    assert [r.name for r in listing.roots] == ["a", "b", "c"]
     assert sorted(fetched(repo)) == sorted(reference.index_names)
     assert_same(index, reference)
     _, again = repo.snapshots_and_index(IndexCache(tmp_path / "cache"))
@@ -130,8 +130,8 @@ def test_objects_deleted_after_the_listing_are_left_out(tmp_path: Path) -> None:
     for seed, name in ((1, "a"), (2, "b")):
         snapshot(repo, image(tmp_path, f"{name}.img", seed), name)
     assert [r.name for r in repo.snapshots()] == ["a", "b"]
-    roots, index = repo.snapshots_and_index()
-    assert [r.name for r in roots] == ["a", "b"]
+    listing, index = repo.snapshots_and_index()
+    assert [r.name for r in listing.roots] == ["a", "b"] and listing.unreadable == []
     assert len(index.index_names) == 2 and "0123456789abcdef" not in index.index_names
 
 

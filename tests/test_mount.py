@@ -22,6 +22,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -183,6 +184,59 @@ def test_snapshots_taken_after_mounting_appear_and_deleted_ones_go(
         wait_for(lambda: "late.img" not in os.listdir(daemon.images), 10, "late.img to go")
         wait_for(lambda: not (daemon.images / "late.img").exists(), 5, "late.img to be forgotten")
         assert read_all(daemon.images / "later.img") == read_all(late)
+
+
+def test_a_damaged_root_is_logged_once_and_the_other_snapshots_are_served(
+    snapfs: Snapfs, tmp_path: Path
+) -> None:
+    assert snapfs.repo is not None
+    roots = Path(snapfs.repo, "snapshots")
+    images = {name: random_image(tmp_path / f"{name}.img", MiB, seed=seed)
+              for name, seed in (("a", 31), ("b", 32))}
+    ids = {name: snapfs.ok("snapshot", "create", path, "--name", name).strip()
+           for name, path in images.items()}
+    (roots / ids["a"]).write_bytes(b"\x00" * 10)  # bit rot took it whole
+    hint = "delete it (snapfs snapshot delete {}) or put it back from a copy"
+
+    def logged(snap_id: str) -> list[str]:
+        return [line for line in daemon.log.read_text().splitlines() if f"/{snap_id} " in line]
+
+    def refreshed() -> None:
+        """A name the catalog does not know makes it read the repository again (at most every
+        2 s), and so does a listing; a few of each, a few seconds apart."""
+        for _ in range(3):
+            assert not (daemon.images / "nothing.img").exists()
+            sorted(os.listdir(daemon.images))
+            time.sleep(2.1)
+
+    with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache", "--no-background") as daemon:
+        assert sorted(os.listdir(daemon.images)) == ["b.img", "vm-1.img"]
+        assert read_all(daemon.images / "b.img") == read_all(images["b"])
+        refreshed()
+        assert [line.partition(" WARNING ")[2] for line in logged(ids["a"])] == [
+            f"snapfs.repo.repository: snapshots/{ids['a']} in {snapfs.repo} is damaged (snapshot "
+            f"root is not valid JSON): not served; {hint.format(ids['a'])}"]
+
+        # a root that goes bad under a served snapshot: served as it was read, logged once
+        good_b = (roots / ids["b"]).read_bytes()
+        (roots / ids["b"]).write_bytes(good_b[:-1])
+        refreshed()
+        assert read_all(daemon.images / "b.img") == read_all(images["b"])
+        assert [line.partition(" WARNING ")[2] for line in logged(ids["b"])] == [
+            f"snapfs.repo.repository: snapshots/{ids['b']} in {snapfs.repo} is damaged (snapshot "
+            f"root is not valid JSON): still served as it was read before; "
+            f"{hint.format(ids['b'])}"]
+        (roots / ids["b"]).write_bytes(good_b)  # put back from a copy
+
+        # the damaged one goes by its id, while the other snapshots are served
+        result = snapfs("snapshot", "delete", ids["a"])
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        refreshed()
+        assert sorted(os.listdir(daemon.images)) == ["b.img", "vm-1.img"]
+        assert read_all(daemon.images / "b.img") == read_all(images["b"])
+    log = daemon.log.read_text()
+    assert len(logged(ids["a"])) == 1 and len(logged(ids["b"])) == 1
+    assert "Traceback" not in log and " ERROR " not in log
 
 
 def test_nothing_is_writable(snapfs: Snapfs, tmp_path: Path) -> None:
@@ -571,7 +625,7 @@ def test_the_repository_is_read_again_if_an_import_lock_cycle_failed_it(
     preload = mount_module._Preload()
     opened = mount_module.open_repository(options, preload)
     try:
-        assert [r.name for r in opened.roots] == ["a"]
+        assert [r.name for r in opened.listing.roots] == ["a"]
         assert calls[1:] == [True]  # read once more, after the thread had ended
     finally:
         opened.store.close()

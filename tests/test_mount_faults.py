@@ -157,7 +157,7 @@ def test_background_sweep_finishes_once_the_store_is_back(server: SeaweedServer,
         hydrator = Hydrator(Repository(S3Store("faults", "sweep", endpoint_url="http://127.0.0.1:9"),
                                        repo.config), index, cache, config)
         catalog = SnapshotCatalog(repo, hydrator)
-        catalog.load(repo.snapshots(), index)  # as a daemon starts: nothing asked of the store
+        catalog.load(repo.list_snapshots(), index)  # as a daemon starts: nothing asked of the store
         view = catalog.images()["vm.img"]
         return await view.read(0, len(source)), failed_while_down
 

@@ -50,6 +50,7 @@ from snapfs.errors import (
     MissingBlock,
     RepositoryExists,
     RepositoryNotFound,
+    RootsUnreadable,
     SnapfsError,
     SnapshotNotFound,
     SourceChanged,
@@ -730,6 +731,56 @@ def test_unknown_and_ambiguous_snapshot_references(store_url: str, make_store: M
     with pytest.raises(AmbiguousSnapshot, match="'twin' is ambiguous"):
         repo.resolve("twin")
     assert repo.resolve("abcdef01").name == "twin"
+
+
+def test_a_root_damaged_after_the_listing_stops_deletes_before_they_delete_anything(
+        store_url: str, make_store: MakeStore, tmp_path: Path) -> None:
+    """Garbage collection cannot know what an unreadable root needs: it refuses, and so does a
+    delete whose caller listed the snapshots before the root went bad (the check is made again
+    under the exclusive lock). Deleting the bad root itself is what lets collection run."""
+    repo = Repository.init(make_store(store_url))
+    a = create(repo, random_image(tmp_path / "a.img", MiB, seed=21), disk="a").root
+    b = create(repo, random_image(tmp_path / "b.img", MiB, seed=22), disk="b").root
+    roots = repo.snapshots()
+    repo.store.put(f"snapshots/{b.id}", b'{"format": "snapfs-snapshot", "vers')
+    before = {key: repo.store.get(key) for key, _ in repo.store.list("")}
+    subject = f"snapshots/{b.id} in {repo.store.url} is damaged (snapshot root is not valid JSON)"
+    with pytest.raises(RootsUnreadable) as caught:
+        trio.run(collect_garbage, repo)
+    assert caught.value.message.startswith(f"{subject}: not collecting garbage")
+    with pytest.raises(RootsUnreadable) as caught:
+        trio.run(delete_snapshots, repo, [r for r in roots if r.id == a.id])
+    assert caught.value.message.startswith(f"{subject}: not deleting anything")
+    with pytest.raises(RootsUnreadable) as caught:
+        repo.snapshots()
+    assert caught.value.message.startswith(subject)
+    assert {key: repo.store.get(key) for key, _ in repo.store.list("")} == before
+
+    listing = repo.list_snapshots()
+    assert listing.roots == [a]
+    (unreadable,) = listing.unreadable
+    assert (unreadable.key, unreadable.snapshot_id) == (f"snapshots/{b.id}", b.id)
+    stats = trio.run(lambda: delete_snapshots(repo, [], unreadable=[unreadable]))
+    assert stats["deleted"] == [b.id] and stats["bytes_freed"] > 0
+    assert repo.snapshots() == [a] and verify(repo).ok
+
+
+def test_a_root_that_cannot_be_read_is_found_by_its_key(store_url: str, make_store: MakeStore,
+                                                       tmp_path: Path) -> None:
+    repo = Repository.init(make_store(store_url))
+    a = create(repo, random_image(tmp_path / "a.img", MiB, seed=23), disk="a", name="a").root
+    odd = a.id[:8] + "zzzz"  # shares a prefix with a's id
+    repo.store.put(f"snapshots/{odd}", b"junk")
+    listing = repo.list_snapshots()
+    assert repo.find(odd, listing).snapshot_id == odd  # type: ignore[union-attr]
+    assert repo.find(odd[:10], listing).snapshot_id == odd  # type: ignore[union-attr]
+    assert repo.find(a.id, listing) == a and repo.resolve("a", listing) == a
+    with pytest.raises(AmbiguousSnapshot, match=f"{a.id}, {odd}|{odd}, {a.id}"):
+        repo.find(a.id[:8], listing)  # the healthy one is not taken on a guess
+    with pytest.raises(RootsUnreadable, match=f"snapshots/{odd} in .* is damaged"):
+        repo.resolve(odd[:10], listing)
+    with pytest.raises(SnapshotNotFound):
+        repo.find("nothing", listing)
 
 
 def test_duplicate_name_is_refused_and_stores_nothing(store_url: str, make_store: MakeStore,

@@ -42,9 +42,12 @@ def init(config: CliConfig, block_size: str, compression_level: int, json_output
 def export(config: CliConfig, snap: str, out: str, force: bool, json_output: bool) -> None:
     """Write snapshot SNAP out as a raw image file (or onto a block device)."""
     from snapfs.repo.export import export_snapshot
+    from snapfs.repo.repository import warn_unreadable
 
     repo = config.open_repository()
-    root = repo.resolve(snap)
+    listing = repo.list_snapshots()
+    root = repo.resolve(snap, listing)
+    warn_unreadable(listing.unreadable, repo.store.url, "left out")
     result = run_async(lambda p: export_snapshot(repo, root, out, force, p), json_output)
     if json_output:
         emit_json(result)
@@ -57,13 +60,23 @@ def export(config: CliConfig, snap: str, out: str, force: bool, json_output: boo
 @click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def verify(config: CliConfig, snaps: tuple[str, ...], json_output: bool) -> None:
-    """Check that every block of SNAPs (default: all) is present and intact."""
+    """Check that every block of SNAPs (default: all) is present and intact.
+
+    A snapshot root that cannot be read is a problem too (if named, or without SNAPs)."""
+    from snapfs.repo.repository import UnreadableRoot, warn_unreadable
     from snapfs.repo.verify import verify_snapshots
 
     repo = config.open_repository()
-    roots = repo.snapshots()
-    chosen = [repo.resolve(s, roots) for s in snaps] if snaps else roots
-    report = run_async(lambda p: verify_snapshots(repo, chosen, p), json_output)
+    listing = repo.list_snapshots()
+    if snaps:  # a root that cannot be read is a problem if named, else a warning
+        found = [repo.find(s, listing) for s in snaps]
+        chosen = list({r.id: r for r in found if not isinstance(r, UnreadableRoot)}.values())
+        bad = list({u.key: u for u in found if isinstance(u, UnreadableRoot)}.values())
+        warn_unreadable([u for u in listing.unreadable if u not in bad], repo.store.url,
+                        "not verified")
+    else:
+        chosen, bad = listing.roots, listing.unreadable
+    report = run_async(lambda p: verify_snapshots(repo, chosen, p, bad), json_output)
     if json_output:
         emit_json(report.as_dict())
     else:

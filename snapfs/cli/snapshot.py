@@ -21,7 +21,7 @@ from snapfs.progress import NO_PROGRESS
 
 if TYPE_CHECKING:
     from snapfs.format.manifest import SnapshotRoot
-    from snapfs.repo.repository import Repository
+    from snapfs.repo.repository import Repository, UnreadableRoot
 
 
 @click.group()
@@ -124,7 +124,10 @@ def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
     # the daemon's unfinished snapshots first, then the stored ones: an upload that ends in
     # between is then found stored (asked the other way round, it was in neither answer)
     unfinished = _unfinished(config)
-    roots = [r for r in config.open_repository().snapshots() if disk is None or r.disk == disk]
+    repo = config.open_repository()
+    listing = repo.list_snapshots()
+    _warn_unreadable(repo, listing.unreadable, "not listed")
+    roots = [r for r in listing.roots if disk is None or r.disk == disk]
     docs = [r.summary() for r in roots]
     stored = {r.id for r in roots}
     for doc in unfinished:
@@ -139,24 +142,32 @@ def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
     click.echo("\n".join(table_lines(rows)))
 
 
-def _refuse_if_needed(config: CliConfig, repo: Repository, chosen: dict[str, Any],
+def _refuse_if_needed(config: CliConfig, repo: Repository, chosen: dict[str, str],
                       force: bool) -> None:
     """A snapshot that is needed may not be deleted: see ``_needed``. ``force`` overrides
-    the holds of daemons that are not running here, never what a running daemon needs."""
+    the holds of daemons that are not running here, never what a running daemon needs.
+    ``chosen``: the snapshots to delete, id -> name (a root that cannot be read: its id)."""
     live = _needed_here(config)
     held = {} if force else _held(repo)
-    for snap_id, root in chosen.items():
+    for snap_id, name in chosen.items():
         reason = live.get(snap_id)
         if reason is not None and reason.startswith("open "):
-            raise UsageError(f"snapshot {root.name} is {reason} (browsed or being read): "
+            raise UsageError(f"snapshot {name} is {reason} (browsed or being read): "
                              "unbrowse or close it first")
         if reason is not None:
-            raise UsageError(f"snapshot {root.name} is the {reason}: delete the disk (or roll it "
+            raise UsageError(f"snapshot {name} is the {reason}: delete the disk (or roll it "
                              "back to another snapshot) first")
         reason = held.get(snap_id)
         if reason is not None:
-            raise UsageError(f"snapshot {root.name} is the {reason}: delete that disk there "
+            raise UsageError(f"snapshot {name} is the {reason}: delete that disk there "
                              "first (or, if that state is lost for good, --force)")
+
+
+def _warn_unreadable(repo: Repository, unreadable: list[UnreadableRoot], consequence: str) -> None:
+    if unreadable:
+        from snapfs.repo.repository import warn_unreadable
+
+        warn_unreadable(unreadable, repo.store.url, consequence)
 
 
 def _needed(config: CliConfig, repo: Repository) -> dict[str, str]:
@@ -228,7 +239,10 @@ def _unfinished(config: CliConfig) -> list[dict[str, Any]]:
 @pass_config
 def show(config: CliConfig, snap: str, json_output: bool) -> None:
     """Show one snapshot."""
-    root = config.open_repository().resolve(snap)
+    repo = config.open_repository()
+    listing = repo.list_snapshots()
+    root = repo.resolve(snap, listing)
+    _warn_unreadable(repo, listing.unreadable, "left out")
     doc = root.summary()
     if json_output:
         emit_json(doc)
@@ -247,13 +261,18 @@ def show(config: CliConfig, snap: str, json_output: bool) -> None:
 @click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
 @pass_config
 def delete(config: CliConfig, snaps: tuple[str, ...], force: bool, json_output: bool) -> None:
-    """Delete snapshots and the blocks no other snapshot uses."""
+    """Delete snapshots and the blocks no other snapshot uses.
+
+    A snapshot whose root cannot be read (damaged) is deleted by its id (or a unique prefix of
+    it) as its object's key names it; while one is left, nothing else can be deleted, since
+    garbage collection could not tell which blocks it needs."""
     from snapfs.repo.gc import delete_snapshots
+    from snapfs.repo.repository import UnreadableRoot, refuse_unreadable
 
     repo = config.open_repository()
-    roots = repo.snapshots()
+    listing = repo.list_snapshots()
     try:
-        chosen = {r.id: r for r in (repo.resolve(s, roots) for s in snaps)}
+        found = [repo.find(s, listing) for s in snaps]
     except SnapshotNotFound:
         for doc in _unfinished(config):
             if doc["name"] in snaps or doc["id"] in snaps:
@@ -261,18 +280,28 @@ def delete(config: CliConfig, snaps: tuple[str, ...], force: bool, json_output: 
                                  + ("delete it once it is stored" if doc["state"] == "progressing"
                                     else "it was never stored")) from None
         raise
-    _refuse_if_needed(config, repo, chosen, force)
+    chosen = {r.id: r for r in found if not isinstance(r, UnreadableRoot)}
+    bad = {u.key: u for u in found if isinstance(u, UnreadableRoot)}
+    others = [u for u in listing.unreadable if u.key not in bad]
+    if others:
+        raise refuse_unreadable(others, repo.store.url, "not deleting anything: garbage "
+                                "collection cannot know which blocks that snapshot needs",
+                                "try again")
+    names = {**{u.snapshot_id: u.snapshot_id for u in bad.values()},
+             **{i: r.name for i, r in chosen.items()}}
+    _refuse_if_needed(config, repo, names, force)
 
     def recheck(roots: list[SnapshotRoot]) -> list[SnapshotRoot]:
-        _refuse_if_needed(config, repo, {r.id: r for r in roots}, force)  # again, locked
+        _refuse_if_needed(config, repo, names, force)  # again, locked
         return roots
 
-    stats = run_async(lambda _p: delete_snapshots(repo, list(chosen.values()), recheck),
+    stats = run_async(lambda _p: delete_snapshots(repo, list(chosen.values()), recheck,
+                                                  unreadable=list(bad.values())),
                       json_output)
     if json_output:
         emit_json(stats)
     else:
-        click.echo(f"deleted {counted(len(chosen), 'snapshot')}; freed {human_size(stats['bytes_freed'])}")
+        click.echo(f"deleted {counted(len(names), 'snapshot')}; freed {human_size(stats['bytes_freed'])}")
 
 
 @snapshot.command()
@@ -292,12 +321,20 @@ def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool
     rest of its consistency group and any snapshot this host still needs (a served disk's base
     or parent, an image held open). Periods are counted in local time, and only those that
     have a snapshot: --keep-daily 30 keeps thirty days' last snapshots even if some days had
-    none. --keep-within counts back from the disk's newest snapshot, not from now."""
+    none. --keep-within counts back from the disk's newest snapshot, not from now. While a
+    snapshot root cannot be read, forget refuses (dry run too): delete that snapshot by its id,
+    or put its root back, first."""
+    from snapfs.repo.repository import refuse_unreadable
     from snapfs.repo.retention import decide, emptied_disks
 
     given = policy_from(**keep)
     repo = config.open_repository()
-    roots = repo.snapshots()
+    listing = repo.list_snapshots()
+    if listing.unreadable:  # see README: counting without it could forget what it would keep
+        raise refuse_unreadable(listing.unreadable, repo.store.url, "forget cannot tell which "
+                                "disk and consistency group that snapshot belongs to, nor "
+                                "collect garbage", "run forget again")
+    roots = listing.roots
     if disk is not None and not any(r.disk == disk for r in roots):
         raise NotFoundError(f"no snapshots of disk {disk!r} in {repo.store.url}")
     if not given.empty():

@@ -12,6 +12,7 @@ repository and it is written exactly once, after every page and block it names i
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -27,6 +28,8 @@ ROOT_FORMAT = "snapfs-snapshot"
 ROOT_VERSION = 1
 
 DEFAULT_ENTRIES_PER_PAGE = 4096
+#: a page ID as a root lists it
+_PAGE_ID = re.compile(f"[0-9a-fA-F]{{{2 * ID_SIZE}}}")
 #: the longest snapshot name, in bytes of UTF-8: NAME.img must be a file name in every mount
 NAME_MAX_BYTES = 200
 
@@ -116,9 +119,15 @@ class SnapshotRoot:
                 or not all(type(n) is int and n >= 0 for n in numbers) \
                 or not root.block_size or not root.entries_per_page \
                 or not isinstance(root.pages, list) or not all(isinstance(p, str) for p in root.pages) \
-                or not isinstance(root.tags, list) or not isinstance(root.stats, dict) \
+                or not isinstance(root.tags, list) or not all(isinstance(t, str) for t in root.tags) \
+                or not isinstance(root.stats, dict) \
                 or not isinstance(root.parent, str | None) or not isinstance(root.group, str | None):
             raise CorruptBlock(f"snapshot root {str(root.id)[:16]} has fields of the wrong type")
+        # What garbage collection and verify take for granted (one page ID of the right size
+        # per page of blocks), checked here so that a bad root is named, not a traceback.
+        if len(root.pages) != -(-root.blocks_total // root.entries_per_page) \
+                or not all(_PAGE_ID.fullmatch(p) for p in root.pages):
+            raise CorruptBlock(f"snapshot root {root.id[:16]} has a malformed page list")
         return root
 
     def summary(self) -> dict[str, Any]:

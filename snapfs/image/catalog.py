@@ -6,6 +6,12 @@ index objects changed (new snapshots' packs, or garbage collection's rewrite: th
 host's ``IndexCache`` when the daemon passes one, so only new index objects are fetched). The first list and index may come from ``load`` instead (the daemon
 reads them while it starts). Views are stable objects: a refresh never replaces the view of a
 snapshot that is still there, so open files keep their read-ahead state and statistics.
+
+A root that cannot be read (damaged) is not served and never fails a refresh: the other
+snapshots are served as ever, and the daemon logs it once (again only if it is repaired and
+damaged anew). A snapshot served already whose root is damaged later stays served as it was
+read (its blocks are intact, and garbage collection refuses to run until the root is deleted or
+repaired); deleting the root drops it, as for any snapshot.
 """
 
 from __future__ import annotations
@@ -15,11 +21,16 @@ from collections.abc import Callable
 
 import trio
 
-from snapfs.format.manifest import SnapshotRoot
 from snapfs.hydration.scheduler import Hydrator
 from snapfs.image.view import PROFILE_MAX, ImageView
 from snapfs.repo.indexcache import IndexCache
-from snapfs.repo.repository import BlobIndex, Repository
+from snapfs.repo.repository import (
+    BlobIndex,
+    Repository,
+    SnapshotListing,
+    UnreadableRoot,
+    warn_unreadable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +44,7 @@ class SnapshotCatalog:
         self.interval = interval
         self._views: dict[str, ImageView] = {}  # file name -> view
         self._by_id: dict[str, ImageView] = {}
+        self._unreadable: list[UnreadableRoot] = []  # as the last listing found them (logged)
         self._last_refresh = -1e9
         self._refreshing: trio.Event | None = None
         if index_cache is not None:
@@ -50,6 +62,13 @@ class SnapshotCatalog:
     def by_snapshot_id(self, snapshot_id: str) -> ImageView | None:
         return self._by_id.get(snapshot_id)
 
+    def listing(self) -> SnapshotListing:
+        """The snapshots served whose roots can be read, and the roots the last listing could
+        not read."""
+        bad = {u.snapshot_id for u in self._unreadable}
+        return SnapshotListing([v.root for v in self._views.values() if v.root.id not in bad],
+                               list(self._unreadable))
+
     async def refresh(self, force: bool = False) -> None:
         if self._refreshing is not None:  # one refresh at a time; others wait for it
             await self._refreshing.wait()
@@ -58,10 +77,10 @@ class SnapshotCatalog:
             return
         self._refreshing = trio.Event()
         try:
-            roots = await trio.to_thread.run_sync(self.repo.snapshots)
+            listing = await trio.to_thread.run_sync(self.repo.list_snapshots)
             # new snapshots bring new index objects; garbage collection replaces them
             await self.hydrator.refresh_index()
-            self._update(roots)
+            self._update(listing)
         finally:
             # a failed refresh waits its turn too: with the store down, every lookup of an
             # unknown name must not pay the store's retries again
@@ -69,16 +88,26 @@ class SnapshotCatalog:
             self._refreshing.set()
             self._refreshing = None
 
-    def load(self, roots: list[SnapshotRoot], index: BlobIndex) -> None:
-        """The first refresh, from what the daemon read while it started (``roots``, then
-        ``index``, loaded after them: see ``Repository.snapshots_and_index``). Call on the trio
+    def load(self, listing: SnapshotListing, index: BlobIndex) -> None:
+        """The first refresh, from what the daemon read while it started (``listing``, then
+        ``index``, loaded after it: see ``Repository.snapshots_and_index``). Call on the trio
         thread: the next refresh that is not forced waits ``interval`` from now."""
         self.hydrator.index = index
-        self._update(roots)
+        self._update(listing)
         self._last_refresh = trio.current_time()
 
-    def _update(self, roots: list[SnapshotRoot]) -> None:
-        """Views for ``roots``: the ones already there kept, new ones made, others dropped."""
+    def _update(self, listing: SnapshotListing) -> None:
+        """Views for the listed roots: the ones already there kept, new ones made, others
+        dropped; roots that cannot be read logged when first found so."""
+        known = set(self._unreadable)
+        new = [u for u in listing.unreadable if u not in known]
+        url = self.repo.store.url
+        warn_unreadable([u for u in new if u.snapshot_id not in self._by_id], url, "not served")
+        warn_unreadable([u for u in new if u.snapshot_id in self._by_id], url,
+                        "still served as it was read before")
+        self._unreadable = listing.unreadable
+        roots = listing.roots + [self._by_id[u.snapshot_id].root for u in listing.unreadable
+                                 if u.snapshot_id in self._by_id]
         views: dict[str, ImageView] = {}
         by_id: dict[str, ImageView] = {}
         for root in roots:

@@ -41,7 +41,7 @@ from snapfs.progress import NO_PROGRESS, Progress
 from snapfs.repo.lock import SNAPSHOT_LOCK_PATIENCE, RepositoryLock, refresh_lock
 from snapfs.repo.packer import FullPack, PackAssembler, PackUploader
 from snapfs.repo.parallel import single_error
-from snapfs.repo.repository import BlobIndex, Repository, new_id, now_iso
+from snapfs.repo.repository import BlobIndex, Repository, new_id, now_iso, warn_unreadable
 from snapfs.repo.source import Source
 from snapfs.throttle import RateLimiter
 
@@ -216,7 +216,11 @@ async def _create_locked(
     store_limiter: trio.CapacityLimiter,
     started: float,
 ) -> CreateResult:
-    roots = await trio.to_thread.run_sync(repo.snapshots, limiter=store_limiter)
+    listing = await trio.to_thread.run_sync(repo.list_snapshots, limiter=store_limiter)
+    # a root that cannot be read: its name and whether it was this disk's newest are not known,
+    # which costs at most a name that repeats or a parent that is not the newest
+    warn_unreadable(listing.unreadable, repo.store.url, "left out")
+    roots = listing.roots
     disk = options.disk or default_disk_name(source.path)
     taken = {r.name for r in roots}
     if options.name is not None:
@@ -226,7 +230,7 @@ async def _create_locked(
     else:
         name = default_snapshot_name(disk, taken)
     if options.parent:
-        parent: SnapshotRoot | None = repo.resolve(options.parent, roots)
+        parent: SnapshotRoot | None = repo.resolve(options.parent, listing)
     else:
         same_disk = [r for r in roots if r.disk == disk]
         parent = same_disk[-1] if same_disk else None

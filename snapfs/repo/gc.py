@@ -10,6 +10,11 @@ Order, so that a crash at any point loses nothing that a root references:
 2. write one new index of every live pack, superseding all older index objects;
 3. delete the older index objects;
 4. delete packs that are no longer indexed: empty ones, repacked ones, orphans of crashed runs.
+
+Nothing is collected while a snapshot root cannot be read (damaged, or of an unknown format):
+which blobs that snapshot needs cannot be known, and guessing could delete them. Collection
+refuses (``RootsUnreadable``, naming the root and how to go on), and so does deleting snapshots,
+before it deletes any root, unless the unreadable roots are among those it deletes.
 """
 
 from __future__ import annotations
@@ -29,7 +34,13 @@ from snapfs.format.pack import PackEntry
 from snapfs.repo.lock import RepositoryLock, refresh_lock
 from snapfs.repo.packer import FullPack, PackAssembler, PackUploader
 from snapfs.repo.parallel import map_in_threads, single_error
-from snapfs.repo.repository import BlobIndex, Repository, pack_key
+from snapfs.repo.repository import (
+    BlobIndex,
+    Repository,
+    UnreadableRoot,
+    pack_key,
+    refuse_unreadable,
+)
 from snapfs.throttle import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -41,12 +52,15 @@ REPACK_BELOW = 0.5
 async def delete_snapshots(
     repo: Repository, roots: list[SnapshotRoot],
     recheck: Callable[[list[SnapshotRoot]], list[SnapshotRoot]] | None = None,
-    purpose: str = "snapshot delete",
+    purpose: str = "snapshot delete", unreadable: list[UnreadableRoot] | None = None,
 ) -> dict[str, Any]:
-    """Delete ``roots`` and collect what only they used. ``recheck`` (in a worker thread, once
-    the exclusive lock is held) gives the roots that may still go, or raises: what needs a
-    snapshot (a disk made from it, a hold) may have appeared since the caller decided, and a
-    disk is made under the shared lock, so what the recheck sees stays true until the end."""
+    """Delete ``roots`` and the ``unreadable`` roots, and collect what only they used.
+    ``recheck`` (in a worker thread, once the exclusive lock is held) gives the roots that may
+    still go, or raises: what needs a snapshot (a disk made from it, a hold) may have appeared
+    since the caller decided, and a disk is made under the shared lock, so what the recheck sees
+    stays true until the end. Refuses, deleting nothing, while a root that is not among those
+    to delete cannot be read."""
+    unreadable = unreadable or []
     limiter = trio.CapacityLimiter(repo.store.concurrency)
     lock = RepositoryLock(repo.store, "exclusive", purpose)
     await trio.to_thread.run_sync(lock.acquire, limiter=limiter)
@@ -54,16 +68,26 @@ async def delete_snapshots(
         with single_error():  # the collection's error, not trio's group of it
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(refresh_lock, lock, limiter)
+                listing = await trio.to_thread.run_sync(repo.list_snapshots, limiter=limiter)
+                doomed_keys = {u.key for u in unreadable}
+                others = [u for u in listing.unreadable if u.key not in doomed_keys]
+                if others:
+                    raise refuse_unreadable(others, repo.store.url, "not deleting anything: "
+                                            "garbage collection cannot know which blocks that "
+                                            "snapshot needs", "try again")
                 if recheck is not None:
                     roots = await trio.to_thread.run_sync(recheck, roots, limiter=limiter)
                 for root in roots:
                     await trio.to_thread.run_sync(repo.delete_root, root.id, limiter=limiter)
+                for bad in unreadable:
+                    await trio.to_thread.run_sync(repo.delete_root, bad.snapshot_id,
+                                                  limiter=limiter)
                 stats = await _collect(repo, limiter)
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(lock.release_quietly, limiter=limiter)
-    return {"deleted": [r.id for r in roots], **stats}
+    return {"deleted": [r.id for r in roots] + [u.snapshot_id for u in unreadable], **stats}
 
 
 async def collect_garbage(repo: Repository) -> dict[str, Any]:
@@ -102,7 +126,12 @@ def live_blobs(repo: Repository, index: BlobIndex, roots: list[SnapshotRoot]) ->
 async def _collect(repo: Repository, limiter: trio.CapacityLimiter) -> dict[str, Any]:
     started = time.monotonic()
     index = await trio.to_thread.run_sync(repo.load_index, limiter=limiter)
-    roots = await trio.to_thread.run_sync(repo.snapshots, limiter=limiter)
+    listing = await trio.to_thread.run_sync(repo.list_snapshots, limiter=limiter)
+    if listing.unreadable:
+        raise refuse_unreadable(listing.unreadable, repo.store.url, "not collecting garbage, "
+                                "since which blocks that snapshot needs cannot be known",
+                                "run prune")
+    roots = listing.roots
     live = await trio.to_thread.run_sync(live_blobs, repo, index, roots)
     stored = dict(await trio.to_thread.run_sync(lambda: list(repo.store.list("packs/"))))
     stored_packs = {key.rpartition("/")[2]: size for key, size in stored.items()}

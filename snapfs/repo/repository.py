@@ -15,6 +15,13 @@ Object layout in the store::
 This module never writes blobs; ``create`` and ``gc`` do, through ``PackWriter``. Every blob it
 returns has been decoded and checked twice: the codec's xxh3 checksum, and the keyed BLAKE3 of
 the plain bytes against the ID the caller asked for (so a blob in the wrong place is caught too).
+
+A snapshot root that is listed but cannot be read (bit rot, a truncated upload by a foreign tool,
+fields of the wrong type, an id other than its key's, a format this snapfs does not know) is an
+``UnreadableRoot`` in ``list_snapshots``: the other snapshots stay usable, and each caller says
+what it does without it. What must know every snapshot (garbage collection, retention) refuses
+while one is unreadable (``RootsUnreadable``); ``snapshots()`` raises it. A root deleted between
+the LIST and its GET is not damage: it is simply not there.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import logging
 import secrets
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 from urllib.parse import quote, unquote
@@ -39,6 +47,7 @@ from snapfs.errors import (
     PackMissing,
     RepositoryExists,
     RepositoryNotFound,
+    RootsUnreadable,
     SnapshotNotFound,
     UsageError,
 )
@@ -197,6 +206,63 @@ class BlobIndex:
         return loc
 
 
+class UnreadableRoot(NamedTuple):
+    """A listed snapshot root that cannot be read. ``snapshot_id`` is what its key names (the
+    only id it can be deleted by); ``problem`` says why, as "is damaged (…)"."""
+
+    key: str
+    snapshot_id: str
+    problem: str
+
+    def describe(self, url: str) -> str:
+        return f"{self.key} in {url} {self.problem}"
+
+
+@dataclass
+class SnapshotListing:
+    """The repository's snapshots, oldest first, and the roots that could not be read."""
+
+    roots: list[SnapshotRoot] = field(default_factory=list)
+    unreadable: list[UnreadableRoot] = field(default_factory=list)
+
+
+def delete_hint(unreadable: list[UnreadableRoot]) -> str:
+    """How to get rid of ``unreadable`` roots, for a message: the command that deletes them."""
+    ids = " ".join(u.snapshot_id for u in unreadable)
+    them = "it" if len(unreadable) == 1 else "them"
+    return f"delete {them} (snapfs snapshot delete {ids}) or put {them} back from a copy"
+
+
+def unreadable_subject(unreadable: list[UnreadableRoot], url: str) -> str:
+    """The first of ``unreadable`` described, and how many more there are (one line)."""
+    first = unreadable[0].describe(url)
+    rest = unreadable[1:]
+    if not rest:
+        return first
+    more = ", ".join(u.key for u in rest)
+    return f"{first}, and {len(rest)} more root{'s' if len(rest) > 1 else ''} cannot be read ({more})"
+
+
+def unreadable_warning(root: UnreadableRoot, url: str, consequence: str) -> str:
+    """The line that reports one unreadable root to a user who is doing something else."""
+    return f"{root.describe(url)}: {consequence}; {delete_hint([root])}"
+
+
+def warn_unreadable(unreadable: list[UnreadableRoot], url: str, consequence: str) -> None:
+    """Log one warning line per unreadable root: what the caller does without it
+    (``consequence``: "left out") and how to get rid of it."""
+    for root in unreadable:
+        log.warning("%s", unreadable_warning(root, url, consequence))
+
+
+def refuse_unreadable(unreadable: list[UnreadableRoot], url: str, why: str,
+                      then: str) -> RootsUnreadable:
+    """The error of a command that cannot run while ``unreadable`` roots exist: ``why`` (what it
+    cannot know), then how to go on (``then``: "run prune again")."""
+    return RootsUnreadable(f"{unreadable_subject(unreadable, url)}: {why}; "
+                           f"{delete_hint(unreadable)}, then {then}")
+
+
 class Repository:
     def __init__(self, store: ObjectStore, config: RepoConfig) -> None:
         self.store = store
@@ -252,37 +318,53 @@ class Repository:
     # -- catalog -----------------------------------------------------------------------
 
     def snapshots(self) -> list[SnapshotRoot]:
-        """Every snapshot, oldest first."""
+        """Every snapshot, oldest first; ``RootsUnreadable`` if a root cannot be read (for what
+        must know them all: garbage collection)."""
+        listing = self.list_snapshots()
+        if listing.unreadable:
+            raise refuse_unreadable(listing.unreadable, self.store.url,
+                                    "what that snapshot holds cannot be known", "try again")
+        return listing.roots
+
+    def list_snapshots(self) -> SnapshotListing:
+        """Every snapshot that can be read, oldest first, and the roots that cannot."""
         return self._fetch_roots(self._root_keys())
 
     def snapshots_and_index(self, cache: IndexCache | None = None,
-                            ) -> tuple[list[SnapshotRoot], BlobIndex]:
-        """Every snapshot, and an index that covers them all, in about the time of the slower
-        of the two: the roots are listed first, then fetched while the index loads. (Listed
-        first: a root is stored only after its index objects, so an index listed after the
-        roots has every block they name.)"""
+                            ) -> tuple[SnapshotListing, BlobIndex]:
+        """Every snapshot (as ``list_snapshots``), and an index that covers them all, in about
+        the time of the slower of the two: the roots are listed first, then fetched while the
+        index loads. (Listed first: a root is stored only after its index objects, so an index
+        listed after the roots has every block they name.)"""
         keys = self._root_keys()
         with ThreadPoolExecutor(1, thread_name_prefix="snapfs-index") as pool:
             index = pool.submit(self.load_index, cache)
-            roots = self._fetch_roots(keys)
-            return roots, index.result()
+            listing = self._fetch_roots(keys)
+            return listing, index.result()
 
     def _root_keys(self) -> list[str]:
         return [key for key, _size in self.store.list("snapshots/")]
 
-    def _fetch_roots(self, keys: list[str]) -> list[SnapshotRoot]:
-        roots = []
+    def _fetch_roots(self, keys: list[str]) -> SnapshotListing:
+        listing = SnapshotListing()
         for key, data in self._get_many(keys).items():
+            snapshot_id = key.removeprefix("snapshots/")
             try:
-                roots.append(SnapshotRoot.decode(data))
+                root = SnapshotRoot.decode(data)
             except CorruptBlock as e:
-                # Which one: a damaged root stops every command that lists the snapshots (and
-                # must: garbage collection cannot tell what it referenced).
-                raise CorruptBlock(f"{key} in {self.store.url} is damaged ({e.message}): put it "
-                                   "back from a copy, or move it aside if that snapshot is "
-                                   "lost") from None
-        roots.sort(key=lambda r: (r.created, r.id))
-        return roots
+                problem = f"is damaged ({e.message})"
+            except FormatError as e:  # a newer snapfs's, perhaps: not ours to read either
+                problem = f"cannot be read by this snapfs ({e.message})"
+            else:
+                if root.id == snapshot_id:
+                    listing.roots.append(root)
+                    continue
+                # a copy under another key: deleting "it" by its id would delete the other
+                problem = f"is damaged (it names itself snapshot {root.id[:40]!r})"
+            listing.unreadable.append(UnreadableRoot(key, snapshot_id, problem))
+        listing.roots.sort(key=lambda r: (r.created, r.id))
+        listing.unreadable.sort(key=lambda u: u.key)
+        return listing
 
     def _get_many(self, keys: list[str]) -> dict[str, bytes]:
         """The objects at ``keys``, fetched up to the store's concurrency at once (a mount or a
@@ -302,22 +384,42 @@ class Repository:
                 found = list(pool.map(get, keys))
         return {key: data for key, data in zip(keys, found, strict=True) if data is not None}
 
-    def resolve(self, ref: str, roots: list[SnapshotRoot] | None = None) -> SnapshotRoot:
-        """A snapshot by exact id, exact name, or unique id prefix (at least 4 characters)."""
-        if roots is None:
-            roots = self.snapshots()
-        exact = [r for r in roots if r.id == ref] or [r for r in roots if r.name == ref]
+    def resolve(self, ref: str, listing: SnapshotListing | list[SnapshotRoot] | None = None,
+                ) -> SnapshotRoot:
+        """A snapshot by exact id, exact name, or unique id prefix (at least 4 characters);
+        ``RootsUnreadable`` if ``ref`` names a root that cannot be read."""
+        found = self.find(ref, listing)
+        if isinstance(found, UnreadableRoot):
+            raise RootsUnreadable(f"{found.describe(self.store.url)}: that snapshot cannot be "
+                                  f"read; {delete_hint([found])}")
+        return found
+
+    def find(self, ref: str, listing: SnapshotListing | list[SnapshotRoot] | None = None,
+             ) -> SnapshotRoot | UnreadableRoot:
+        """As ``resolve``, but a root that cannot be read is found too (by its key's id, or a
+        unique prefix of it): for deleting it. Its id counts in every ambiguity."""
+        if listing is None:
+            listing = self.list_snapshots()
+        elif isinstance(listing, list):
+            listing = SnapshotListing(listing)
+        roots, unreadable = listing.roots, listing.unreadable
+        exact: list[SnapshotRoot | UnreadableRoot] = [r for r in roots if r.id == ref]
+        exact += [u for u in unreadable if u.snapshot_id == ref]
+        if not exact:
+            exact = [r for r in roots if r.name == ref]
         if len(exact) == 1:
             return exact[0]
         if len(exact) > 1:
             raise AmbiguousSnapshot(f"snapshot name {ref!r} is ambiguous; use an id")
-        prefixed = [r for r in roots if len(ref) >= 4 and r.id.startswith(ref)]
+        by_id: dict[str, SnapshotRoot | UnreadableRoot] = {r.id: r for r in roots}
+        by_id.update((u.snapshot_id, u) for u in unreadable)
+        ids = list(by_id)
+        prefixed = [i for i in ids if len(ref) >= 4 and i.startswith(ref)]
         if len(prefixed) == 1:
-            return prefixed[0]
+            return by_id[prefixed[0]]
         if len(prefixed) > 1:
-            ids = ", ".join(r.id for r in prefixed)
-            raise AmbiguousSnapshot(f"snapshot {ref!r} is ambiguous: {ids}")
-        if ref and any(r.id.startswith(ref) for r in roots):  # too short a prefix
+            raise AmbiguousSnapshot(f"snapshot {ref!r} is ambiguous: {', '.join(prefixed)}")
+        if ref and any(i.startswith(ref) for i in ids):  # too short a prefix
             raise SnapshotNotFound(f"no snapshot {ref!r} in {self.store.url} (a prefix of an id "
                                    "needs at least 4 characters)")
         raise SnapshotNotFound(f"no snapshot {ref!r} in {self.store.url}")

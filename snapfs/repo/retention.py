@@ -23,6 +23,9 @@ The rules, in the spirit of restic's ``forget`` and borg's ``prune``:
 - ``protected`` snapshots (the base or parent of a disk being served) are kept, with the reason
   the caller gives.
 - A snapshot whose creation time cannot be read is kept: nothing is forgotten on a guess.
+- A snapshot whose root cannot be read at all never reaches ``decide``: ``snapshot forget``
+  refuses while one exists. Its disk, time and group are unknown, and judging the others without
+  it could forget one it would keep (a group member it keeps, on another disk).
 
 A policy without any rule keeps nothing and is refused by the CLI: forgetting everything is
 ``snapshot delete``'s job. So is a policy that would forget every snapshot of a disk (only

@@ -2,7 +2,8 @@
 
 Each referenced blob is fetched (neighbours in one ranged GET), decoded, checked against its
 xxh3 checksum and its keyed ID. Problems are collected, not raised, so one run reports all of
-them, each naming the snapshot and the disk offset it affects.
+them, each naming the snapshot and the disk offset it affects. A snapshot root that cannot be
+read is a problem too, named by its object.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from snapfs.format.manifest import SnapshotRoot
 from snapfs.progress import NO_PROGRESS, Progress
 from snapfs.repo.parallel import map_in_threads, single_error
 from snapfs.repo.readplan import Run, plan_runs
-from snapfs.repo.repository import BlobIndex, Repository
+from snapfs.repo.repository import BlobIndex, Repository, UnreadableRoot, delete_hint
 
 
 @dataclass
@@ -28,6 +29,7 @@ class VerifyReport:
     blobs_checked: int = 0
     bytes_checked: int = 0
     problems: list[str] = field(default_factory=list)
+    unreadable_roots: list[str] = field(default_factory=list)  # their keys (snapshots/ID)
     seconds: float = 0.0
 
     @property
@@ -37,14 +39,20 @@ class VerifyReport:
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "snapshots": self.snapshots, "blobs_checked": self.blobs_checked,
                 "bytes_checked": self.bytes_checked, "problems": self.problems,
-                "seconds": self.seconds}
+                "unreadable_roots": self.unreadable_roots, "seconds": self.seconds}
 
 
 async def verify_snapshots(
-    repo: Repository, roots: list[SnapshotRoot], progress: Progress = NO_PROGRESS
+    repo: Repository, roots: list[SnapshotRoot], progress: Progress = NO_PROGRESS,
+    unreadable: list[UnreadableRoot] | None = None,
 ) -> VerifyReport:
+    """Check ``roots``; ``unreadable`` roots (which cannot be checked) are problems at once."""
     started = time.monotonic()
     report = VerifyReport(snapshots=len(roots))
+    for u in unreadable or []:
+        report.unreadable_roots.append(u.key)
+        report.problems.append(f"{u.key} {u.problem}: its snapshot cannot be read; "
+                               f"{delete_hint([u])}")
     limiter = trio.CapacityLimiter(repo.store.concurrency)
     index = await trio.to_thread.run_sync(repo.load_index, limiter=limiter)
 

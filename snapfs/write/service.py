@@ -358,10 +358,10 @@ class DiskService:
             if ref in (view.snapshot_id, view.name.removesuffix(".img")):
                 return view.snapshot_id, view.size, view.name.removesuffix(".img")
         try:  # the snapshots known already (refreshed every few seconds), else a fresh listing
-            root = self.repo.resolve(ref, [v.root for v in self.catalog.images().values()])
+            root = self.repo.resolve(ref, self.catalog.listing())
         except SnapshotNotFound:
             await self.catalog.refresh(force=True)
-            root = self.repo.resolve(ref, [v.root for v in self.catalog.images().values()])
+            root = self.repo.resolve(ref, self.catalog.listing())
         return root.id, root.size, root.name
 
     def _taken_names(self) -> set[str]:
