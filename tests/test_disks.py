@@ -932,7 +932,8 @@ def test_reads_on_a_tiny_cache_file_system_never_fill_it(
             for _ in range(2):
                 assert sha256_file(s.image("vm-1")) == sha256_file(base_image)
             cache = s.snapfs.json("stats", s.mountpoint)["cache"]
-            assert cache["errors"] == 0 and cache["bytes"] > 2 * MiB
+            # (how much it holds at the end depends on when it last evicted: some, not none)
+            assert cache["errors"] == 0 and cache["bytes"] > MiB
             assert cache["free"] >= cache["reserve"] > 0
             assert shutil.disk_usage(small).free >= cache["reserve"]
             log = s.daemon.log

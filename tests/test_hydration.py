@@ -926,12 +926,13 @@ def test_a_cache_that_cannot_store_costs_no_read_and_no_false_progress(
     # progress says what the cache holds: the blocks it could not store are still missing
     assert len(uncached) > len(ids) // 2
     assert pending == uncached and stats["blocks_missing"] == len(uncached)
-    # it stopped caching to keep its reserve free (and may have met ENOSPC on the way)
-    assert cache.bad == 0 and cache.short_of_space
+    # it evicted and paused by turns to keep its reserve free (whether it is paused at the end
+    # depends on the timing of its last eviction), and may have met ENOSPC on the way
+    assert cache.bad == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    # once per kind: no room to keep free; a segment write, an lmdb commit, the commit marking
-    # a segment closed that ran out of space all the same
-    assert 1 <= len(warnings) <= 4, warnings
+    # ENOSPC once per kind at most (a segment write, an lmdb commit, the commit marking a
+    # segment closed); a pause once each time it pauses
+    assert len([w for w in warnings if "No space left on device" in w]) <= 3, warnings
     assert all("No space left on device" in w or "cannot keep" in w for w in warnings), warnings
 
 
