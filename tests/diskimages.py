@@ -68,6 +68,18 @@ def write_at(path: Path, offset: int, data: bytes) -> None:
         os.close(fd)
 
 
+def write_blocks(path: Path, blocks: dict[int, bytes], block_size: int = 16 * 1024) -> None:
+    """pwrite each block at its number (in ``block_size`` units: snapfs init's default), then
+    fsync."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for n, data in blocks.items():
+            assert os.pwrite(fd, data, n * block_size) == len(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def release_fifo_reader(path: Path) -> bool:
     """Let a process blocked opening the FIFO ``path`` for reading go on, by opening it for
     writing. Whether anyone had it open for reading (else nothing happens)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -112,3 +113,48 @@ def mounted(snapfs: Snapfs, mountpoint: Path, cache_dir: Path, *args: Any) -> It
         except AssertionError:
             daemon.kill()
             raise
+
+
+@dataclasses.dataclass
+class Served:
+    """A running mount of a repository, and the disk commands on it."""
+
+    snapfs: Snapfs
+    daemon: MountedDaemon
+    tmp: Path
+
+    @property
+    def mountpoint(self) -> Path:
+        return self.daemon.mountpoint
+
+    def disk(self, name: str) -> Path:
+        return self.mountpoint / "disks" / f"{name}.img"
+
+    def image(self, name: str) -> Path:
+        return self.mountpoint / "snapshots" / f"{name}.img"
+
+    def disks(self) -> dict[str, dict[str, Any]]:
+        return {d["name"]: d for d in self.snapfs.json("disk", "list")}
+
+    def snapshot(self, *args: Any) -> dict[str, Any]:
+        """``snapshot create ARGS --json``: the task."""
+        task: dict[str, Any] = self.snapfs.json("snapshot", "create", *args)
+        return task
+
+    def snapshots(self) -> dict[str, dict[str, Any]]:
+        return {d["name"]: d for d in self.snapfs.json("snapshot", "list")}
+
+    def export(self, snap: str) -> Path:
+        out = self.tmp / f"export-{snap}.img"
+        self.snapfs.ok("export", snap, out, "--force")
+        return out
+
+    def copy(self, name: str, label: str) -> Path:
+        """A copy of disk ``name`` as it is now (read through the mount)."""
+        out = self.tmp / f"copy-{name}-{label}.img"
+        shutil.copyfile(self.disk(name), out)
+        return out
+
+    def hydrator(self) -> dict[str, Any]:
+        stats: dict[str, Any] = self.snapfs.json("stats", self.mountpoint)["hydrator"]
+        return stats

@@ -12,7 +12,6 @@ context, so they are gone before the FUSE mount is.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -35,8 +34,16 @@ from diskimages import (
     same_bytes,
     sha256_file,
     shared_image,
+    write_blocks,
 )
-from mountutil import MOUNTS, MountedDaemon, is_mount_point, mounted, pid_running, wait_for
+from mountutil import (
+    MOUNTS,
+    Served,
+    is_mount_point,
+    mounted,
+    pid_running,
+    wait_for,
+)
 from testkit import (
     EXIT_GENERAL,
     EXIT_NOT_FOUND,
@@ -120,51 +127,6 @@ def snapfs_any_store(store_url: str, store_endpoint: str | None, runtime_dir: Pa
     return snapfs
 
 
-@dataclasses.dataclass
-class Served:
-    """A running mount of a repository, and the disk commands on it."""
-
-    snapfs: Snapfs
-    daemon: MountedDaemon
-    tmp: Path
-
-    @property
-    def mountpoint(self) -> Path:
-        return self.daemon.mountpoint
-
-    def disk(self, name: str) -> Path:
-        return self.mountpoint / "disks" / f"{name}.img"
-
-    def image(self, name: str) -> Path:
-        return self.mountpoint / "snapshots" / f"{name}.img"
-
-    def disks(self) -> dict[str, dict[str, Any]]:
-        return {d["name"]: d for d in self.snapfs.json("disk", "list")}
-
-    def snapshot(self, *args: Any) -> dict[str, Any]:
-        """``snapshot create ARGS --json``: the task."""
-        task: dict[str, Any] = self.snapfs.json("snapshot", "create", *args)
-        return task
-
-    def snapshots(self) -> dict[str, dict[str, Any]]:
-        return {d["name"]: d for d in self.snapfs.json("snapshot", "list")}
-
-    def export(self, snap: str) -> Path:
-        out = self.tmp / f"export-{snap}.img"
-        self.snapfs.ok("export", snap, out, "--force")
-        return out
-
-    def copy(self, name: str, label: str) -> Path:
-        """A copy of disk ``name`` as it is now (read through the mount)."""
-        out = self.tmp / f"copy-{name}-{label}.img"
-        shutil.copyfile(self.disk(name), out)
-        return out
-
-    def hydrator(self) -> dict[str, Any]:
-        stats: dict[str, Any] = self.snapfs.json("stats", self.mountpoint)["hydrator"]
-        return stats
-
-
 @contextmanager
 def serving(snapfs: Snapfs, tmp_path: Path, *args: Any, cache: str = "cache") -> Iterator[Served]:
     with mounted(snapfs, tmp_path / "mnt", tmp_path / cache, "--no-background", *args) as daemon:
@@ -218,17 +180,6 @@ def pattern(seq: int) -> bytes:
 def random_blocks(seed: int, count: int) -> list[bytes]:
     rng = random.Random(seed)
     return [rng.randbytes(BS) for _ in range(count)]
-
-
-def write_blocks(path: Path, blocks: dict[int, bytes]) -> None:
-    """pwrite each block at its number, then fsync."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        for n, data in blocks.items():
-            assert os.pwrite(fd, data, n * BS) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_blocks(path: Path, numbers: list[int]) -> dict[int, bytes]:
@@ -864,6 +815,31 @@ def test_kill_9_with_two_snapshots_waiting_to_upload_stores_both_after_the_resta
         assert s.disks()["d"]["blocks_changed"] == 3
 
 
+def write_past_the_free_space(s: Served, small: Path, base_image: Path, seed: int
+                              ) -> dict[int, bytes]:
+    """Disk ``d`` of ``s`` (made from ``base_image``, whose every block the cache on ``small``
+    holds) written at its end, fsync'd, with more than ``small`` has free and less than it
+    would have without the cache; the blocks written, checked read back."""
+    cached = s.snapfs.json("stats", s.mountpoint)["cache"]["bytes"]
+    free = shutil.disk_usage(small).free
+    assert cached > 16 * MiB and free < 24 * MiB
+    count = 28 * MiB // BS  # more than is free, less than is free with the cache gone
+    nblocks = os.path.getsize(base_image) // BS
+    written = dict(zip(range(nblocks - count, nblocks), random_blocks(seed, count), strict=True))
+    write_blocks(s.disk("d"), written)  # fsync'd: would fail with ENOSPC
+    assert read_blocks(s.disk("d"), list(written)) == written
+    return written
+
+
+def assert_disk_is(s: Served, name: str, base_image: Path, written: dict[int, bytes],
+                   tmp_path: Path) -> None:
+    """Disk ``name`` reads as ``base_image`` with ``written`` on top, every byte."""
+    expected = tmp_path / "expected.img"
+    shutil.copyfile(base_image, expected)
+    write_blocks(expected, written)
+    assert sha256_file(s.disk(name)) == sha256_file(expected)
+
+
 def test_a_disk_on_a_full_cache_file_system_takes_the_space_the_cache_held(
         snapfs: Snapfs, tmp_path: Path, base_image: Path) -> None:
     """The cache holds copies, a disk's written blocks the only one: on a file system too small
@@ -874,22 +850,12 @@ def test_a_disk_on_a_full_cache_file_system_takes_the_space_the_cache_held(
         s.snapfs.ok("disk", "create", "d", "--from", "vm-1")
         assert sha256_file(s.disk("d")) == sha256_file(base_image)  # every block now cached
         cached = s.snapfs.json("stats", s.mountpoint)["cache"]["bytes"]
-        free = shutil.disk_usage(small).free
-        assert cached > 16 * MiB and free < 24 * MiB
-        count = 28 * MiB // BS  # more than is free, less than is free with the cache gone
-        nblocks = os.path.getsize(base_image) // BS
-        written = dict(zip(range(nblocks - count, nblocks), random_blocks(5, count),
-                           strict=True))
-        write_blocks(s.disk("d"), written)  # fsync'd: would fail with ENOSPC
-        assert read_blocks(s.disk("d"), list(written)) == written
+        written = write_past_the_free_space(s, small, base_image, seed=5)
         cache = s.snapfs.json("stats", s.mountpoint)["cache"]
         assert cache["bytes"] < cached - 8 * MiB
         assert cache["free"] >= cache["reserve"] > 0
         # the blocks it gave up come from the store again, right
-        expected = tmp_path / "expected.img"
-        shutil.copyfile(base_image, expected)
-        write_blocks(expected, written)
-        assert sha256_file(s.disk("d")) == sha256_file(expected)
+        assert_disk_is(s, "d", base_image, written, tmp_path)
 
 
 def test_a_disk_takes_the_space_of_blocks_another_daemon_sharing_the_cache_filled(
@@ -905,19 +871,8 @@ def test_a_disk_takes_the_space_of_blocks_another_daemon_sharing_the_cache_fille
         image = other.images / "vm-1.img"
         assert sha256_file(image) == sha256_file(base_image)  # cached by the other daemon
         s.snapfs.ok("disk", "create", "d", "--from", "vm-1")
-        cached = s.snapfs.json("stats", s.mountpoint)["cache"]["bytes"]
-        free = shutil.disk_usage(small).free
-        assert cached > 16 * MiB and free < 24 * MiB
-        count = 28 * MiB // BS  # more than is free, less than is free with the cache gone
-        nblocks = os.path.getsize(base_image) // BS
-        written = dict(zip(range(nblocks - count, nblocks), random_blocks(6, count),
-                           strict=True))
-        write_blocks(s.disk("d"), written)  # fsync'd: would fail with ENOSPC
-        assert read_blocks(s.disk("d"), list(written)) == written
-        expected = tmp_path / "expected.img"
-        shutil.copyfile(base_image, expected)
-        write_blocks(expected, written)
-        assert sha256_file(s.disk("d")) == sha256_file(expected)
+        written = write_past_the_free_space(s, small, base_image, seed=6)
+        assert_disk_is(s, "d", base_image, written, tmp_path)
         assert sha256_file(image) == sha256_file(base_image)  # read through again, right
 
 

@@ -52,8 +52,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from diskimages import random_image, same_bytes
-from mountutil import MOUNTS, mounted, wait_for
+from diskimages import random_image, same_bytes, write_blocks
+from mountutil import MOUNTS, Served, mounted, wait_for
 from powercut import Rig, have_tools, rig
 from testkit import Snapfs
 
@@ -140,34 +140,7 @@ def rebooted(power: Rig, host: Host, clone: Path, where: Path, *args: Any) -> It
         root = fs / host.root.name
         snapfs = Snapfs(str(root / "repo"), None, env)
         with mounted(snapfs, where / "mnt", root / "cache", *args) as daemon:
-            yield Served(snapfs, daemon.mountpoint, where, daemon.log)
-
-
-@dataclasses.dataclass
-class Served:
-    snapfs: Snapfs
-    mountpoint: Path
-    tmp: Path
-    log: Path
-
-    def disk(self, name: str) -> Path:
-        return self.mountpoint / "disks" / f"{name}.img"
-
-    def disks(self) -> dict[str, dict[str, Any]]:
-        return {d["name"]: d for d in self.snapfs.json("disk", "list")}
-
-    def snapshots(self) -> dict[str, dict[str, Any]]:
-        return {d["name"]: d for d in self.snapfs.json("snapshot", "list")}
-
-    def export(self, snap: str) -> Path:
-        out = self.tmp / f"export-{snap}.img"
-        self.snapfs.ok("export", snap, out, "--force")
-        return out
-
-    def copy(self, name: str, label: str) -> Path:
-        out = self.tmp / f"copy-{name}-{label}.img"
-        shutil.copyfile(self.disk(name), out)
-        return out
+            yield Served(snapfs, daemon, where)
 
 
 # -- versioned writes --------------------------------------------------------------------------
@@ -353,7 +326,7 @@ def test_fsynced_writes_and_their_changed_blocks_survive_power_cuts_while_disks_
                 check_units(s.disk(name).read_bytes(), base, cut.acked[name], cut.issued[name],
                             f"cut {i}, disk {name}")
             assert s.mountpoint.joinpath("snapshots", "vm-1.img").read_bytes() == base
-            log = s.log.read_text()
+            log = s.daemon.log.read_text()
             assert "starting an empty cache" in log  # the daemon had it open: maybe torn
             assert "compares checksums instead" in log  # marks since the last fsync: gone
             copies = {name: s.copy(name, "now") for name in ("a", "b")}
@@ -427,7 +400,7 @@ def test_a_snapshot_whose_upload_is_cut_is_stored_after_the_restart(
             wait_for(lambda: not s.disks()["d"]["uploading"], 30, f"cut {i}: the upload's end")
             assert s.disks()["d"]["parent"] == s.snapshots()["up"]["id"], i
             if i == 2:  # taken as it was stored: a root is never written again
-                assert "stored already" in s.log.read_text()  # the cut came before its end
+                assert "stored already" in s.daemon.log.read_text()  # the cut came before its end
                 again = Path(s.snapfs.repo or "") / "snapshots" / root.name
                 assert again.read_bytes() == stored_root
             assert same_bytes(s.export("up"), at_closing), i
@@ -457,12 +430,3 @@ def commit_journal(directory: Path) -> None:
         os.close(fd)
 
 
-def write_blocks(path: Path, blocks: dict[int, bytes]) -> None:
-    """pwrite each block at its number, then fsync."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        for n, data in blocks.items():
-            assert os.pwrite(fd, data, n * BS) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
