@@ -12,6 +12,7 @@ context, so they are gone before the FUSE mount is.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -44,6 +45,7 @@ from mountutil import (
     pid_running,
     wait_for,
 )
+from powercut import failing_writes
 from testkit import (
     EXIT_GENERAL,
     EXIT_NOT_FOUND,
@@ -740,6 +742,45 @@ def test_after_an_unclean_reboot_rollback_resets_every_block_the_disk_holds(
         snapfs.ok("disk", "rollback", "d", "s1", "--yes")
         assert read_blocks(s.disk("d"), [0, 5]) == first
         assert s.disk("d").read_bytes() == s.export("s1").read_bytes()
+
+
+def test_a_stop_whose_flush_fails_is_not_clean_and_the_next_boot_compares_checksums(
+    snapfs: Snapfs, tmp_path: Path,
+) -> None:
+    """The disk state on a file system whose device refuses the writeback of a disk's last
+    writes (not fsync'd: their marks are only in the journal), for real (``failing_writes``):
+    the flush at the stop fails. That stop must not be recorded as clean: after a reboot the
+    journal is deleted unread, and a start that trusted the changed sets would miss those
+    blocks in the next snapshot."""
+    synced = dict(zip((0, 1, 2), random_blocks(71, 3), strict=True))
+    unsynced = dict(zip(range(100, 116), random_blocks(72, 16), strict=True))
+
+    def booted(boot: str) -> Snapfs:
+        return dataclasses.replace(snapfs, env=dict(snapfs.env, SNAPFS_BOOT_ID=boot))
+
+    with failing_writes(tmp_path / "faulty") as fs:
+        cache = str(fs.root / "cache")
+        with serving(booted("boot-1"), tmp_path, cache=cache) as s:
+            s.snapfs.ok("disk", "create", "d", "--size", "4M")
+            write_blocks(s.disk("d"), synced)
+            (overlay,) = (fs.root / "cache" / "disks").glob("*/*.overlay")
+            fs.starve(overlay, 100 * BS, 16 * BS)
+            fd = os.open(s.disk("d"), os.O_WRONLY)
+            try:  # acknowledged by the daemon, never fsync'd
+                for n, data in unsynced.items():
+                    assert os.pwrite(fd, data, n * BS) == BS
+            finally:
+                os.close(fd)
+            log = s.daemon.log
+        assert "could not flush it at the stop" in log.read_text()
+        fs.relieve()
+        with serving(booted("boot-2"), tmp_path, cache=cache) as s:
+            assert s.disks()["d"]["trusted"] is False
+            now = s.copy("d", "now")
+            task = s.snapshot("--disk", "d", "--name", "after")
+            assert task["state"] == "accomplished", task
+            assert task["parts"][0]["snapshot"]["source"] == "checksum comparison"
+            assert same_bytes(s.export("after"), now)
 
 
 def test_kill_9_during_an_upload_resumes_it_after_the_restart(

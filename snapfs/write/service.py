@@ -246,20 +246,35 @@ class DiskService:
         return out
 
     def close(self) -> None:
+        """Flush every disk and record a clean stop, only if every disk was flushed: a
+        clean stop lets the next start after a reboot trust the changed sets and delete the
+        journal unread, so a disk whose marks are still only in the journal must leave the
+        state unclean (its next snapshot then compares checksums, and misses nothing)."""
         for lock in self._unreleased:  # a last try; else they go stale (see ``repo.lock``)
             lock.release_quietly()
+        flushed = True
         for disk in self.disks.values():
             try:
                 if self._state is not None:
                     self._state.sync(disk.record, disk.overlay.sync)
                 disk.overlay.close()
             except (OSError, lmdb.Error) as e:
+                flushed = False
                 log.error("disk %s: could not flush it at the stop (%s); its writes since "
                           "the last fsync may not survive a power cut", disk.name, e)
         if self._state is not None:
-            self._state.stop()
-            self._state.close()
-            self._state = None
+            try:
+                if flushed:
+                    self._state.stop()
+                else:
+                    log.error("the disks' state is left marked as not stopped cleanly: after "
+                              "a reboot, the next snapshot of each disk compares checksums")
+            except (OSError, lmdb.Error) as e:
+                log.error("could not record a clean stop of the disks' state (%s): after a "
+                          "reboot, the next snapshot of each disk compares checksums", e)
+            finally:
+                self._state.close()
+                self._state = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
