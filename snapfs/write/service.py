@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 import lmdb
 import trio
 
+from snapfs.dirsync import make_dirs
 from snapfs.errors import (
     DuplicateName,
     NotFoundError,
@@ -167,7 +168,7 @@ class DiskService:
     def open(self) -> None:
         """Take the state directory's lock and load every disk (blocking: before trio runs or
         in a thread). Without the lock, disks are not served here (``enabled`` is False)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.dir)
         fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -58,6 +58,7 @@ from typing import Any, cast
 import lmdb
 
 from snapfs.cache.lmdbenv import open_env
+from snapfs.dirsync import make_dirs
 from snapfs.errors import SnapfsError
 from snapfs.host import machine_id
 
@@ -157,7 +158,7 @@ class DiskState:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            make_dirs(directory)
             self._env = open_env(directory / "state.lmdb", map_size=MAP_SIZE, max_dbs=8,
                                  readahead=False)
         except (OSError, lmdb.Error) as e:
