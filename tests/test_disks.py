@@ -12,6 +12,7 @@ context, so they are gone before the FUSE mount is.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -854,6 +855,77 @@ def test_kill_9_with_two_snapshots_waiting_to_upload_stores_both_after_the_resta
         assert same_bytes(s.export("c2"), at_c2)
         assert same_bytes(s.copy("d", "after"), final)
         assert s.disks()["d"]["blocks_changed"] == 3
+
+
+@contextmanager
+def killed_at_write(pid: int, path: Path) -> Iterator[None]:
+    """kill -9 of ``pid`` at the instant one of its threads enters a write to ``path``, which is
+    not made: strace, attached to every thread, delivers SIGKILL there."""
+    calls = "pwrite64,pwritev,pwritev2,write,writev"
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-P", os.path.realpath(path),
+         "-e", f"trace={calls}", "-e", f"inject={calls}:error=EIO:signal=SIGKILL",
+         "-p", str(pid)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        def attached() -> bool:
+            tracers = []
+            for status in Path(f"/proc/{pid}/task").glob("*/status"):
+                with contextlib.suppress(OSError):
+                    tracers += [line.split()[1] for line in status.read_text().splitlines()
+                                if line.startswith("TracerPid:")]
+            return bool(tracers) and all(t == str(tracer.pid) for t in tracers)
+
+        wait_for(attached, 10, "strace to attach to the daemon")
+        yield
+    finally:
+        if tracer.poll() is None:
+            tracer.terminate()
+        tracer.wait(10)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_kill_9_in_a_disk_delete_leaves_nothing_of_the_disk_after_the_restart(
+    snapfs: Snapfs, tmp_path: Path
+) -> None:
+    """A ``disk delete`` killed the moment its durable commit (the record, the durable marks)
+    is made, before it deletes the disk's journal entries (the marks of writes not fsync'd yet)
+    and its files: the next start drops them, and keeps every other disk."""
+    kept = dict(zip((0, 7), random_blocks(81, 2), strict=True))
+    with serving(snapfs, tmp_path) as s:
+        (state_dir,) = (tmp_path / "cache" / "disks").iterdir()
+        snapfs.ok("disk", "create", "kept", "--size", "4M")
+        write_blocks(s.disk("kept"), kept)
+        (kept_overlay,) = state_dir.glob("*.overlay")
+        snapfs.ok("disk", "create", "gone", "--size", "4M")
+        (gone_id,) = {p.name.split(".")[0] for p in state_dir.glob("*.overlay")} - {
+            kept_overlay.name.split(".")[0]}
+        fd = os.open(s.disk("gone"), os.O_WRONLY)
+        try:  # marks only in the journal
+            for n in (1, 2, 3):
+                assert os.pwrite(fd, random_blocks(82 + n, 1)[0], n * BS) == BS
+        finally:
+            os.close(fd)
+        with killed_at_write(s.daemon.pid, state_dir / "journal.lmdb" / "data.mdb"):
+            assert snapfs("disk", "delete", "gone").returncode != 0  # its daemon died in it
+            wait_for(lambda: not pid_running(s.daemon.pid), 10, "the daemon to be killed")
+        assert "daemon had died" in snapfs.ok("umount", s.mountpoint)
+
+    def left() -> tuple[list[str], dict[str, list[tuple[bytes, bytes]]]]:
+        files = sorted(p.name for p in state_dir.glob(f"{gone_id}.*"))
+        state = DiskState(state_dir)
+        try:
+            assert [r.name for r in state.disks()] == ["kept"]
+            return files, state.journal.entries(bytes.fromhex(gone_id))
+        finally:
+            state.close()
+
+    files, journaled = left()  # what the kill left
+    assert files == [f"{gone_id}.overlay"] and journaled["present"] and journaled["changed"]
+    with serving(snapfs, tmp_path) as s:
+        assert set(s.disks()) == {"kept"}
+        assert read_blocks(s.disk("kept"), list(kept)) == kept
+    files, journaled = left()
+    assert files == [] and not any(journaled.values())
 
 
 def write_past_the_free_space(s: Served, small: Path, base_image: Path, seed: int

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from snapfs.dirsync import fsync_dir
 from snapfs.errors import NoSpace, SnapfsError
 
 log = logging.getLogger(__name__)
+
+_FILE_NAME = re.compile(r"([0-9a-f]{16})\.(?:overlay|cow-([0-9]+))")
 
 
 def _io_error(what: str, e: OSError) -> SnapfsError:
@@ -201,3 +204,18 @@ def _open_or_create(path: Path) -> tuple[int, bool]:
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), True
     except FileExistsError:
         return os.open(path, os.O_RDWR | os.O_CLOEXEC), False
+
+
+def leftover_files(directory: Path, disk_ids: set[str], uploading: set[tuple[str, int]]
+                   ) -> list[Path]:
+    """The files in ``directory`` of disks other than ``disk_ids``, and the copy-on-write files
+    of generations other than ``uploading`` ((disk id, generation) of parts still to upload)."""
+    out = []
+    for path in directory.iterdir():
+        m = _FILE_NAME.fullmatch(path.name)
+        if m is None:
+            continue
+        disk, gen = m.group(1), m.group(2)
+        if disk not in disk_ids or (gen is not None and (disk, int(gen)) not in uploading):
+            out.append(path)
+    return sorted(out)

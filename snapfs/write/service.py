@@ -19,7 +19,8 @@ keeps retrying, since that disk reads from it. The closing is durable (with the 
 generations' marks, after their bytes) before it is acknowledged, so after kill -9 or a power
 cut the next daemon finds the task still ``progressing`` and uploads it again from the durable
 local copy, or finds its root stored already and takes it as it is. A part's end is recorded
-durably before its copy-on-write file goes.
+durably before its copy-on-write file goes; what a cut leaves of a deleted disk or an ended
+upload (journal and state entries, files) the next start deletes (``_drop_leftovers``).
 
 Staging (``_stage_ahead``): while no upload runs, the changed blocks of open generations that
 were not rewritten for a while are read, hashed and compressed ahead of their snapshot (paced
@@ -67,7 +68,7 @@ from snapfs.repo.parallel import single_error
 from snapfs.repo.repository import BlobIndex, Repository, new_id, now_iso
 from snapfs.write.bitmap import Bitmap
 from snapfs.write.disk import ClosedGeneration, Disk, Image, PendingSnapshot, Staged, read_lower
-from snapfs.write.overlay import Overlay
+from snapfs.write.overlay import Overlay, leftover_files
 from snapfs.write.state import DiskRecord, DiskState, SnapshotPart, SnapshotTask
 from snapfs.write.uploader import UploadProgress, upload_generation
 
@@ -196,6 +197,33 @@ class DiskService:
             self._state.sync(record, self.disks[record.name].overlay.sync_all)
         for task in self._state.tasks():
             self.tasks[task.id] = task
+        self._drop_leftovers()
+
+    def _drop_leftovers(self) -> None:
+        """Delete what a kill -9 or a power cut left of disks that are gone and of uploads that
+        ended (in ``disk delete`` or ``create``, or at an upload's end, between the durable
+        commit and the rest): their journal and state entries and their files (removals are
+        not synced: see ``overlay``). Files beside a state that was never started are kept
+        (a state directory that lost its environment: they are not known to be leftovers)."""
+        state = self._state
+        assert state is not None
+        disk_ids = {d.record.id for d in self.disks.values()}
+        uploading = {(p.disk_id, p.gen) for t in self.tasks.values() if t.state == "progressing"
+                     for p in t.parts if not p.done}
+        try:
+            dropped = state.drop_leftovers(disk_ids, uploading)
+            if dropped:
+                log.info("dropped %d state entries of deleted disks or ended uploads", dropped)
+            files = leftover_files(self.dir, disk_ids, uploading)
+            if files and state.fresh:
+                log.warning("%s: files of no known disk beside a new disk state (%s); kept",
+                            self.dir, ", ".join(p.name for p in files))
+                return
+            for path in files:
+                log.info("deleting %s, left by a deleted disk or an ended upload", path.name)
+                path.unlink(missing_ok=True)
+        except (OSError, lmdb.Error) as e:  # only space is lost: the disks are served all the same
+            log.warning("could not delete what deleted disks or ended uploads left: %s", e)
 
     def _load_disk(self, record: DiskRecord) -> None:
         assert self._state is not None
