@@ -19,14 +19,28 @@ the cut that finds unsynced structures half on the device; waiting for the flush
 at it would make tests slow and their outcome luck.
 
 Everything the rig attaches or mounts is undone in ``finally`` blocks, innermost first.
+
+``failing_writes`` is the other fault a machine's storage has, made for real: writes to chosen
+blocks of a file that the device refuses, so that writeback and fsync fail with an I/O error
+while the file system goes on (device-mapper's error targets are not available here)::
+
+    tmpfs ─ device.img (every page allocated) ─ loop ─ ext4
+                       └ holes punched under chosen blocks of a file on the ext4; tmpfs full
+
+The loop driver writes what ext4 sends it into ``device.img``: a write to a page the tmpfs holds
+already needs no memory, one into a hole needs a page the full tmpfs cannot give, and fails
+(ENOSPC). The chosen blocks are allocated in ext4 first as unwritten extents (read as zeros,
+whatever the device holds under them), so no other file ever lands on a hole.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -154,3 +168,74 @@ def rig(base: Path, outer_size: str = "4G", inner_size: str = "1G") -> Iterator[
                 yield Rig(outer, inner)
     finally:
         outer_img.unlink(missing_ok=True)
+
+
+class FailingFs:
+    """An ext4 file system (``root``) whose writes to chosen ranges of a file fail."""
+
+    def __init__(self, root: Path, device_file: Path, tmpfs: Path) -> None:
+        self.root = root
+        self.device_file = device_file
+        self.ballast = tmpfs / "ballast"
+
+    def starve(self, path: Path, offset: int, length: int) -> None:
+        """From now on, writeback of ``path`` (a file on ``root``) in ``offset .. offset +
+        length``, a range it has never written, fails on the device."""
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, offset, length)  # unwritten extents: read as zeros
+        finally:
+            os.close(fd)
+        extents = unwritten_extents(path)
+        assert extents, f"no unwritten extent in {path}"
+        for physical, blocks in extents:
+            run("fallocate", "--punch-hole", "--offset", str(physical * 4096),
+                "--length", str(blocks * 4096), self.device_file)
+        with open(self.ballast, "ab", buffering=0) as f:  # the tmpfs filled: a short write,
+            for chunk in (bytes(1 << 20), bytes(4096)):  # then ENOSPC
+                try:
+                    while f.write(chunk) == len(chunk):
+                        pass
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+
+    def relieve(self) -> None:
+        """Let writes succeed again (the device's file system has room for its holes)."""
+        self.ballast.unlink(missing_ok=True)
+
+
+def unwritten_extents(path: Path) -> list[tuple[int, int]]:
+    """(first physical 4 KiB block, blocks) of the unwritten extents of ``path`` on ext4."""
+    out = run("filefrag", "-v", "-b4096", path)
+    found = []
+    for line in out.splitlines():
+        m = re.match(r"\s*\d+:\s*\d+\.\.\s*\d+:\s*(\d+)\.\.\s*(\d+):\s*(\d+):.*unwritten",
+                     line)
+        if m:
+            found.append((int(m.group(1)), int(m.group(3))))
+    return found
+
+
+@contextlib.contextmanager
+def failing_writes(base: Path, size_mib: int = 64) -> Iterator[FailingFs]:
+    """An ext4 of ``size_mib`` on a loop device over a fully allocated file on a tmpfs at
+    ``base``, mounted at ``base/fs``; ``FailingFs.starve`` makes chosen writes fail."""
+    tmpfs = base / "tmpfs"
+    tmpfs.mkdir(parents=True, exist_ok=True)
+    run("mount", "-t", "tmpfs", "-o", f"size={size_mib + 16}M", "tmpfs", tmpfs)
+    try:
+        device = tmpfs / "device.img"
+        with open(device, "wb") as f:  # zeros written, not a sparse file: every page held
+            for _ in range(size_mib):
+                f.write(bytes(1 << 20))
+        # nothing punched back into holes: no discard, no zeroing by fallocate, nothing left
+        # for the kernel to initialise lazily (it would write into the device later)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096",
+                        "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0", str(device)],
+                       check=True, capture_output=True, env=dict(os.environ, UNIX_IO_NOZEROOUT="1"))
+        assert os.stat(device).st_blocks * 512 == size_mib << 20, "mkfs punched holes"
+        with loop_mounted(device, base / "fs") as root:
+            yield FailingFs(root, device, tmpfs)
+    finally:
+        unmount(tmpfs)

@@ -12,6 +12,8 @@ context, so they are gone before the FUSE mount is.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -44,6 +46,7 @@ from mountutil import (
     pid_running,
     wait_for,
 )
+from powercut import failing_writes
 from testkit import (
     EXIT_GENERAL,
     EXIT_NOT_FOUND,
@@ -742,6 +745,45 @@ def test_after_an_unclean_reboot_rollback_resets_every_block_the_disk_holds(
         assert s.disk("d").read_bytes() == s.export("s1").read_bytes()
 
 
+def test_a_stop_whose_flush_fails_is_not_clean_and_the_next_boot_compares_checksums(
+    snapfs: Snapfs, tmp_path: Path,
+) -> None:
+    """The disk state on a file system whose device refuses the writeback of a disk's last
+    writes (not fsync'd: their marks are only in the journal), for real (``failing_writes``):
+    the flush at the stop fails. That stop must not be recorded as clean: after a reboot the
+    journal is deleted unread, and a start that trusted the changed sets would miss those
+    blocks in the next snapshot."""
+    synced = dict(zip((0, 1, 2), random_blocks(71, 3), strict=True))
+    unsynced = dict(zip(range(100, 116), random_blocks(72, 16), strict=True))
+
+    def booted(boot: str) -> Snapfs:
+        return dataclasses.replace(snapfs, env=dict(snapfs.env, SNAPFS_BOOT_ID=boot))
+
+    with failing_writes(tmp_path / "faulty") as fs:
+        cache = str(fs.root / "cache")
+        with serving(booted("boot-1"), tmp_path, cache=cache) as s:
+            s.snapfs.ok("disk", "create", "d", "--size", "4M")
+            write_blocks(s.disk("d"), synced)
+            (overlay,) = (fs.root / "cache" / "disks").glob("*/*.overlay")
+            fs.starve(overlay, 100 * BS, 16 * BS)
+            fd = os.open(s.disk("d"), os.O_WRONLY)
+            try:  # acknowledged by the daemon, never fsync'd
+                for n, data in unsynced.items():
+                    assert os.pwrite(fd, data, n * BS) == BS
+            finally:
+                os.close(fd)
+            log = s.daemon.log
+        assert "could not flush it at the stop" in log.read_text()
+        fs.relieve()
+        with serving(booted("boot-2"), tmp_path, cache=cache) as s:
+            assert s.disks()["d"]["trusted"] is False
+            now = s.copy("d", "now")
+            task = s.snapshot("--disk", "d", "--name", "after")
+            assert task["state"] == "accomplished", task
+            assert task["parts"][0]["snapshot"]["source"] == "checksum comparison"
+            assert same_bytes(s.export("after"), now)
+
+
 def test_kill_9_during_an_upload_resumes_it_after_the_restart(
     snapfs: Snapfs, tmp_path: Path
 ) -> None:
@@ -813,6 +855,77 @@ def test_kill_9_with_two_snapshots_waiting_to_upload_stores_both_after_the_resta
         assert same_bytes(s.export("c2"), at_c2)
         assert same_bytes(s.copy("d", "after"), final)
         assert s.disks()["d"]["blocks_changed"] == 3
+
+
+@contextmanager
+def killed_at_write(pid: int, path: Path) -> Iterator[None]:
+    """kill -9 of ``pid`` at the instant one of its threads enters a write to ``path``, which is
+    not made: strace, attached to every thread, delivers SIGKILL there."""
+    calls = "pwrite64,pwritev,pwritev2,write,writev"
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-P", os.path.realpath(path),
+         "-e", f"trace={calls}", "-e", f"inject={calls}:error=EIO:signal=SIGKILL",
+         "-p", str(pid)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        def attached() -> bool:
+            tracers = []
+            for status in Path(f"/proc/{pid}/task").glob("*/status"):
+                with contextlib.suppress(OSError):
+                    tracers += [line.split()[1] for line in status.read_text().splitlines()
+                                if line.startswith("TracerPid:")]
+            return bool(tracers) and all(t == str(tracer.pid) for t in tracers)
+
+        wait_for(attached, 10, "strace to attach to the daemon")
+        yield
+    finally:
+        if tracer.poll() is None:
+            tracer.terminate()
+        tracer.wait(10)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_kill_9_in_a_disk_delete_leaves_nothing_of_the_disk_after_the_restart(
+    snapfs: Snapfs, tmp_path: Path
+) -> None:
+    """A ``disk delete`` killed the moment its durable commit (the record, the durable marks)
+    is made, before it deletes the disk's journal entries (the marks of writes not fsync'd yet)
+    and its files: the next start drops them, and keeps every other disk."""
+    kept = dict(zip((0, 7), random_blocks(81, 2), strict=True))
+    with serving(snapfs, tmp_path) as s:
+        (state_dir,) = (tmp_path / "cache" / "disks").iterdir()
+        snapfs.ok("disk", "create", "kept", "--size", "4M")
+        write_blocks(s.disk("kept"), kept)
+        (kept_overlay,) = state_dir.glob("*.overlay")
+        snapfs.ok("disk", "create", "gone", "--size", "4M")
+        (gone_id,) = {p.name.split(".")[0] for p in state_dir.glob("*.overlay")} - {
+            kept_overlay.name.split(".")[0]}
+        fd = os.open(s.disk("gone"), os.O_WRONLY)
+        try:  # marks only in the journal
+            for n in (1, 2, 3):
+                assert os.pwrite(fd, random_blocks(82 + n, 1)[0], n * BS) == BS
+        finally:
+            os.close(fd)
+        with killed_at_write(s.daemon.pid, state_dir / "journal.lmdb" / "data.mdb"):
+            assert snapfs("disk", "delete", "gone").returncode != 0  # its daemon died in it
+            wait_for(lambda: not pid_running(s.daemon.pid), 10, "the daemon to be killed")
+        assert "daemon had died" in snapfs.ok("umount", s.mountpoint)
+
+    def left() -> tuple[list[str], dict[str, list[tuple[bytes, bytes]]]]:
+        files = sorted(p.name for p in state_dir.glob(f"{gone_id}.*"))
+        state = DiskState(state_dir)
+        try:
+            assert [r.name for r in state.disks()] == ["kept"]
+            return files, state.journal.entries(bytes.fromhex(gone_id))
+        finally:
+            state.close()
+
+    files, journaled = left()  # what the kill left
+    assert files == [f"{gone_id}.overlay"] and journaled["present"] and journaled["changed"]
+    with serving(snapfs, tmp_path) as s:
+        assert set(s.disks()) == {"kept"}
+        assert read_blocks(s.disk("kept"), list(kept)) == kept
+    files, journaled = left()
+    assert files == [] and not any(journaled.values())
 
 
 def write_past_the_free_space(s: Served, small: Path, base_image: Path, seed: int

@@ -6,7 +6,9 @@ against a bytearray model of the disk."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import stat
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,7 +27,7 @@ from snapfs.repo.repository import Repository
 from snapfs.store.local import LocalStore
 from snapfs.write.bitmap import Bitmap
 from snapfs.write.disk import ClosedGeneration, Disk, PendingSnapshot
-from snapfs.write.overlay import Overlay
+from snapfs.write.overlay import Overlay, leftover_files
 from snapfs.write.service import encode_staged, stage_blocks
 from snapfs.write.state import DiskRecord, DiskState, SnapshotPart, SnapshotTask
 from snapfs.write.uploader import UploadProgress, upload_generation
@@ -157,6 +159,89 @@ def test_marks_are_durable_only_after_their_bytes_and_a_journal_is_read_only_in_
     assert state.present(b) == [] and state.changed(b) == {}
     state.stop()
     state.close()
+
+
+def test_a_start_drops_what_deleted_disks_and_ended_uploads_left(tmp_path: Path) -> None:
+    """What a kill -9 or a power cut can leave after the durable commit of a ``disk delete``
+    (the disk's journal entries, its files) or of an upload's end (its generation's
+    copy-on-write entries and file) is found and dropped; the rest is untouched."""
+    a, b = record("a", "00000000000000aa"), record("b", "00000000000000ab")
+    state = DiskState(tmp_path / "state")
+    state.start("boot-1")
+    for r in (a, b):
+        state.put_disk(r)
+    state.mark(a, 1, present=[1, 2], changed=[1, 2])
+    state.mark(b, 1, present=[3], changed=[3])
+    state.put_cow(a, 1, [(1, 0)])
+    state.put_cow(a, 2, [(2, 0)])
+    for r in (a, b):
+        state.sync(r, lambda: None)  # durable
+    state.mark(a, 3, present=[4], changed=[4])  # journaled
+    state.put_cow(a, 2, [(4, BS)])
+    state.mark(b, 1, present=[5], changed=[5])
+    with state._env.begin(write=True, db=state._disks) as txn:
+        txn.delete(b"b")  # b deleted, the rest of its deletion cut
+    # b: 2 durable, 2 journaled; a's generation 2 (its upload ended): 1 and 1
+    assert state.drop_leftovers({a.id}, {(a.id, 1)}) == 6
+    assert state.present(a) == [1, 2, 4] and state.changed(a) == {1: [1, 2], 3: [4]}
+    assert state.cow(a, 1) == {1: 0} and state.cow(a, 2) == {}
+    assert state.present(b) == [] and state.changed(b) == {}
+    assert state.drop_leftovers({a.id}, {(a.id, 1)}) == 0
+    assert state.drop_leftovers(set(), set()) == 7  # and then nothing is left of a either
+    assert state.present(a) == [] and state.changed(a) == {} and state.cow(a, 1) == {}
+    state.close()
+
+    for name in ("00000000000000aa.overlay", "00000000000000aa.cow-1", "00000000000000aa.cow-2",
+                 "00000000000000ab.overlay", "00000000000000ab.cow-1", "lock"):
+        (tmp_path / "state" / name).write_bytes(b"")
+    assert [p.name for p in leftover_files(tmp_path / "state", {a.id}, {(a.id, 1)})] == [
+        "00000000000000aa.cow-2", "00000000000000ab.cow-1", "00000000000000ab.overlay"]
+
+
+def test_new_files_of_a_disks_state_get_durable_names_and_no_write_syncs_a_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new name survives a power cut only once its directory is fsync'd: the state's
+    directories and lmdb environments when they are made, an overlay when its disk is created,
+    a copy-on-write file at the first sync after it was made (before the entries pointing into
+    it are made durable), and nothing on the path of a write."""
+    # A spy on os.fsync, not a fault: a name lost to a power cut cannot be caused on ext4 (it
+    # commits a new name with the file's own fsync), so which directories are fsync'd is watched.
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    where = tmp_path / "disks" / "repo-id"
+    state = DiskState(where)  # new directories, a new environment and its data file
+    assert synced == [str(tmp_path), str(tmp_path / "disks"), str(where), f"{where}/state.lmdb"]
+    try:
+        synced.clear()
+        overlay = Overlay(where, "00000000000000aa", 64 * BS)
+        assert synced == [str(where)]
+        overlay.close()
+        synced.clear()
+        overlay = Overlay(where, "00000000000000aa", 64 * BS)  # a restart: nothing new
+        assert synced == []
+        try:
+            overlay.pwrite(0, b"x" * BS)
+            overlay.cow(2).append(b"y" * BS)  # a write that saves a closed block first
+            overlay.cow(2).append(b"z" * BS)
+            assert synced == []
+            overlay.sync()
+            assert synced == [str(where)]
+            overlay.pwrite(BS, b"x" * BS)
+            overlay.cow(2).append(b"w" * BS)
+            overlay.sync()  # the file's name is durable already
+            assert synced == [str(where)]
+        finally:
+            overlay.close()
+    finally:
+        state.close()
 
 
 # -- a Disk over a real snapshot -----------------------------------------------------------------

@@ -84,6 +84,7 @@ import lmdb
 import xxhash
 
 from snapfs.cache.lmdbenv import open_env
+from snapfs.dirsync import fsync_dir, make_dirs
 from snapfs.errors import SnapfsError
 from snapfs.host import boot_id, pid_alive
 
@@ -113,11 +114,7 @@ def _create_synced(path: Path) -> None:
     """An empty file at ``path``, whose name is on the device (no data block needed: it can
     still be made on a file system that is full)."""
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path.parent)
 
 
 def _pwrite_all(fd: int, parts: list[bytes | memoryview], offset: int) -> None:
@@ -148,7 +145,7 @@ class BlockCache:
         self.dir = Path(directory)
         self.capacity = capacity
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.dir)  # the disks' state lives in it too
             probe = self.dir / f".write-test-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()

@@ -8,7 +8,11 @@ disk it serves) rather than raising. So the lock file's blocks are allocated fir
 larger than it would have made as it is (room for more readers). Its data file is written with
 ``pwrite``, whose failures are errors already.
 
-Used by the block cache's index and by the disks' state and journal; imports nothing of snapfs.
+A new environment's directory and data file are made durable in their parents (``dirsync``)
+before ``open_env`` returns, so before its first commit: lmdb syncs its data file at a commit,
+never the directory that names it.
+
+Used by the block cache's index and by the disks' state and journal; imports only ``dirsync``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Any
 
 import lmdb
 
+from snapfs.dirsync import fsync_dir, make_dirs
+
 #: bytes of lock file allocated ahead of lmdb: its header and 126 readers take about 8 KiB
 LOCK_FILE_BYTES = 64 << 10
 
@@ -29,7 +35,8 @@ def open_env(path: str | os.PathLike[str], **options: Any) -> lmdb.Environment:
     allocated first (those of a lock file in use already as far as they can be). Raises
     OSError (``ENOSPC`` when the file system is full) or lmdb.Error."""
     directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dirs(directory)
+    new = not (directory / "data.mdb").exists()
     fd = os.open(directory / "lock.mdb", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         size = os.fstat(fd).st_size
@@ -43,4 +50,11 @@ def open_env(path: str | os.PathLike[str], **options: Any) -> lmdb.Environment:
                 raise
     finally:
         os.close(fd)
-    return lmdb.open(str(directory), **options)
+    env = lmdb.open(str(directory), **options)
+    if new:
+        try:
+            fsync_dir(directory)
+        except OSError:
+            env.close()
+            raise
+    return env

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from snapfs.dirsync import fsync_dir, make_dirs
 from snapfs.errors import AccessDenied, NoSpace, ObjectNotFound, SnapfsError, StoreError
 from snapfs.store.base import ObjectStore
 
@@ -66,7 +67,7 @@ class LocalStore(ObjectStore):
         path = self._path(key)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data):x}{TMP_SUFFIX}")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(path.parent)  # a new directory's name is durable too
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 view = memoryview(data)
@@ -76,11 +77,7 @@ class LocalStore(ObjectStore):
             finally:
                 os.close(fd)
             os.rename(tmp, path)
-            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(path.parent)
         except OSError as e:
             try:
                 tmp.unlink()

@@ -10,6 +10,13 @@ generation had at its closing, saved just before a later write overwrote them, a
 order they were saved (their offsets are kept in ``state``). It lives until the generation's
 snapshot is stored.
 
+Names (``dirsync``): a new overlay's name is made durable in its directory when it is created,
+before the disk's record is stored; a new copy-on-write file's name at the next ``sync`` (an
+fsync of the disk, or a closing), before the entries that point into it are made durable, so
+never on the path of a write. Removals are not synced: a file whose removal a power cut undid
+belongs to a disk or a generation the durable state no longer has, and the next start deletes
+it (``DiskService.open``).
+
 Blocking file I/O: call from worker threads.
 """
 
@@ -18,12 +25,16 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
+from snapfs.dirsync import fsync_dir
 from snapfs.errors import NoSpace, SnapfsError
 
 log = logging.getLogger(__name__)
+
+_FILE_NAME = re.compile(r"([0-9a-f]{16})\.(?:overlay|cow-([0-9]+))")
 
 
 def _io_error(what: str, e: OSError) -> SnapfsError:
@@ -42,7 +53,7 @@ class Overlay:
         self.make_room = make_room or (lambda nbytes: None)
         self.path = directory / f"{disk_id}.overlay"
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self.fd, created = _open_or_create(self.path)
         except OSError as e:
             raise _io_error(f"overlay {self.path}", e) from None
         try:
@@ -57,6 +68,12 @@ class Overlay:
             if isinstance(e, OverflowError):
                 e = OSError(errno.EFBIG, os.strerror(errno.EFBIG))
             raise _io_error(f"overlay of {size} bytes in {directory}", e) from None
+        if created:
+            try:
+                fsync_dir(directory)
+            except OSError as e:
+                os.close(self.fd)
+                raise _io_error(f"overlay {self.path}", e) from None
         self._cow: dict[int, CowFile] = {}
 
     def close(self) -> None:
@@ -98,8 +115,15 @@ class Overlay:
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
+        named = []
         for cow in list(self._cow.values()):  # a write may open one meanwhile
             cow.sync()
+            if not cow.name_synced:
+                named.append(cow)
+        if named:  # new since the last sync: their names too, once
+            fsync_dir(self.dir)
+            for cow in named:
+                cow.name_synced = True
 
     def sync_all(self) -> None:
         """``sync``, and every copy-on-write file of this disk, open here or not (after a
@@ -111,6 +135,7 @@ class Overlay:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
+        fsync_dir(self.dir)  # the dead daemon's new names may not have been synced
 
     def cow(self, gen: int) -> CowFile:
         cow = self._cow.get(gen)
@@ -137,7 +162,9 @@ class CowFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self.fd, created = _open_or_create(path)
+            #: False until an fsync of its directory made its name durable (``Overlay.sync``)
+            self.name_synced = not created
             self.end = os.fstat(self.fd).st_size
         except OSError as e:
             raise _io_error(f"copy-on-write file {path}", e) from None
@@ -169,3 +196,26 @@ class CowFile:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _open_or_create(path: Path) -> tuple[int, bool]:
+    """A read-write descriptor of ``path``, and whether this call created the file."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), True
+    except FileExistsError:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC), False
+
+
+def leftover_files(directory: Path, disk_ids: set[str], uploading: set[tuple[str, int]]
+                   ) -> list[Path]:
+    """The files in ``directory`` of disks other than ``disk_ids``, and the copy-on-write files
+    of generations other than ``uploading`` ((disk id, generation) of parts still to upload)."""
+    out = []
+    for path in directory.iterdir():
+        m = _FILE_NAME.fullmatch(path.name)
+        if m is None:
+            continue
+        disk, gen = m.group(1), m.group(2)
+        if disk not in disk_ids or (gen is not None and (disk, int(gen)) not in uploading):
+            out.append(path)
+    return sorted(out)

@@ -19,7 +19,8 @@ keeps retrying, since that disk reads from it. The closing is durable (with the 
 generations' marks, after their bytes) before it is acknowledged, so after kill -9 or a power
 cut the next daemon finds the task still ``progressing`` and uploads it again from the durable
 local copy, or finds its root stored already and takes it as it is. A part's end is recorded
-durably before its copy-on-write file goes.
+durably before its copy-on-write file goes; what a cut leaves of a deleted disk or an ended
+upload (journal and state entries, files) the next start deletes (``_drop_leftovers``).
 
 Staging (``_stage_ahead``): while no upload runs, the changed blocks of open generations that
 were not rewritten for a while are read, hashed and compressed ahead of their snapshot (paced
@@ -47,6 +48,7 @@ from typing import Any, TypeVar
 import lmdb
 import trio
 
+from snapfs.dirsync import make_dirs
 from snapfs.errors import (
     DuplicateName,
     NotFoundError,
@@ -66,7 +68,7 @@ from snapfs.repo.parallel import single_error
 from snapfs.repo.repository import BlobIndex, Repository, new_id, now_iso
 from snapfs.write.bitmap import Bitmap
 from snapfs.write.disk import ClosedGeneration, Disk, Image, PendingSnapshot, Staged, read_lower
-from snapfs.write.overlay import Overlay
+from snapfs.write.overlay import Overlay, leftover_files
 from snapfs.write.state import DiskRecord, DiskState, SnapshotPart, SnapshotTask
 from snapfs.write.uploader import UploadProgress, upload_generation
 
@@ -167,7 +169,7 @@ class DiskService:
     def open(self) -> None:
         """Take the state directory's lock and load every disk (blocking: before trio runs or
         in a thread). Without the lock, disks are not served here (``enabled`` is False)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.dir)
         fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -195,6 +197,33 @@ class DiskService:
             self._state.sync(record, self.disks[record.name].overlay.sync_all)
         for task in self._state.tasks():
             self.tasks[task.id] = task
+        self._drop_leftovers()
+
+    def _drop_leftovers(self) -> None:
+        """Delete what a kill -9 or a power cut left of disks that are gone and of uploads that
+        ended (in ``disk delete`` or ``create``, or at an upload's end, between the durable
+        commit and the rest): their journal and state entries and their files (removals are
+        not synced: see ``overlay``). Files beside a state that was never started are kept
+        (a state directory that lost its environment: they are not known to be leftovers)."""
+        state = self._state
+        assert state is not None
+        disk_ids = {d.record.id for d in self.disks.values()}
+        uploading = {(p.disk_id, p.gen) for t in self.tasks.values() if t.state == "progressing"
+                     for p in t.parts if not p.done}
+        try:
+            dropped = state.drop_leftovers(disk_ids, uploading)
+            if dropped:
+                log.info("dropped %d state entries of deleted disks or ended uploads", dropped)
+            files = leftover_files(self.dir, disk_ids, uploading)
+            if files and state.fresh:
+                log.warning("%s: files of no known disk beside a new disk state (%s); kept",
+                            self.dir, ", ".join(p.name for p in files))
+                return
+            for path in files:
+                log.info("deleting %s, left by a deleted disk or an ended upload", path.name)
+                path.unlink(missing_ok=True)
+        except (OSError, lmdb.Error) as e:  # only space is lost: the disks are served all the same
+            log.warning("could not delete what deleted disks or ended uploads left: %s", e)
 
     def _load_disk(self, record: DiskRecord) -> None:
         assert self._state is not None
@@ -246,20 +275,35 @@ class DiskService:
         return out
 
     def close(self) -> None:
+        """Flush every disk and record a clean stop, only if every disk was flushed: a
+        clean stop lets the next start after a reboot trust the changed sets and delete the
+        journal unread, so a disk whose marks are still only in the journal must leave the
+        state unclean (its next snapshot then compares checksums, and misses nothing)."""
         for lock in self._unreleased:  # a last try; else they go stale (see ``repo.lock``)
             lock.release_quietly()
+        flushed = True
         for disk in self.disks.values():
             try:
                 if self._state is not None:
                     self._state.sync(disk.record, disk.overlay.sync)
                 disk.overlay.close()
             except (OSError, lmdb.Error) as e:
+                flushed = False
                 log.error("disk %s: could not flush it at the stop (%s); its writes since "
                           "the last fsync may not survive a power cut", disk.name, e)
         if self._state is not None:
-            self._state.stop()
-            self._state.close()
-            self._state = None
+            try:
+                if flushed:
+                    self._state.stop()
+                else:
+                    log.error("the disks' state is left marked as not stopped cleanly: after "
+                              "a reboot, the next snapshot of each disk compares checksums")
+            except (OSError, lmdb.Error) as e:
+                log.error("could not record a clean stop of the disks' state (%s): after a "
+                          "reboot, the next snapshot of each disk compares checksums", e)
+            finally:
+                self._state.close()
+                self._state = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

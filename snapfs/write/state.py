@@ -37,6 +37,10 @@ marks while its bytes reached the overlay: the daemon then distrusts the changed
 (``trusted``), and the next snapshot of each disk compares checksums instead. In the same boot
 (kill -9) the journal is whole, and the daemon folds it once it has flushed the disks' files.
 
+Deleting a disk, and ending an upload (``drop_cow``), is a durable commit followed by the rest
+(the journal's entries, then the files): a cut in between leaves entries and files that nothing
+names. The next start deletes them (``drop_leftovers``, and ``DiskService`` the files).
+
 Every method is one transaction and blocks: call it from a worker thread, never across an
 ``await`` (an lmdb transaction never moves between threads).
 """
@@ -58,6 +62,7 @@ from typing import Any, cast
 import lmdb
 
 from snapfs.cache.lmdbenv import open_env
+from snapfs.dirsync import make_dirs
 from snapfs.errors import SnapfsError
 from snapfs.host import machine_id
 
@@ -157,7 +162,7 @@ class DiskState:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            make_dirs(directory)
             self._env = open_env(directory / "state.lmdb", map_size=MAP_SIZE, max_dbs=8,
                                  readahead=False)
         except (OSError, lmdb.Error) as e:
@@ -169,6 +174,9 @@ class DiskState:
         self._tasks = self._env.open_db(b"tasks")
         self._meta = self._env.open_db(b"meta")
         self._journal: Journal | None = None  # opened by ``start`` or on first use
+        #: set by ``start``: this state had never been started (a new directory, or one whose
+        #: environment was lost): files beside it are not known to be leftovers
+        self.fresh = False
 
     @property
     def journal(self) -> Journal:
@@ -211,7 +219,7 @@ class DiskState:
         is deleted unread: after an unclean stop it may be torn, and after a clean one it holds
         nothing that is not durable already (but its deletions were not synced either)."""
         with self._env.begin(write=True, db=self._meta) as txn:
-            fresh = txn.get(b"boot_id") is None
+            fresh = self.fresh = txn.get(b"boot_id") is None
             clean = fresh or txn.get(b"clean") == b"1"
             same_boot = txn.get(b"boot_id") == boot_id.encode()
             txn.put(b"boot_id", boot_id.encode())
@@ -241,6 +249,22 @@ class DiskState:
         """A clean stop: every disk was ``sync``'d (the journal holds nothing of them)."""
         with self._env.begin(write=True, db=self._meta) as txn:
             txn.put(b"clean", b"1")
+
+    def drop_leftovers(self, disk_ids: set[str], uploading: set[tuple[str, int]]) -> int:
+        """Delete the entries, durable or journaled, of disks other than ``disk_ids`` (a
+        ``delete_disk`` cut between its durable commit and its journal's) and the copy-on-write
+        entries of generations other than ``uploading`` ((disk id, generation) of parts still to
+        upload: an upload's end cut before ``drop_cow``). After the journal was folded: a
+        folded entry is durable. How many entries were deleted."""
+        disks = {bytes.fromhex(d) for d in disk_ids}
+        gens = {bytes.fromhex(d) + _GEN.pack(g) for d, g in uploading}
+        dropped = 0
+        with self._env.begin(write=True) as txn:
+            for db in (self._present, self._changed):
+                dropped += _drop_unless(txn, db, 8, disks.__contains__)
+            dropped += _drop_unless(txn, self._cow, 12, gens.__contains__)
+        dropped += self.journal.drop_unless(disks, gens)
+        return dropped
 
     # -- records ---------------------------------------------------------------------------------
 
@@ -415,6 +439,13 @@ class Journal:
                 for k, _ in entries:
                     txn.delete(k, db=self._dbs[name])
 
+    def drop_unless(self, disks: set[bytes], gens: set[bytes]) -> int:
+        """``DiskState.drop_leftovers`` for the journal."""
+        with self._env.begin(write=True) as txn:
+            return (_drop_unless(txn, self._dbs["present"], 8, disks.__contains__)
+                    + _drop_unless(txn, self._dbs["changed"], 8, disks.__contains__)
+                    + _drop_unless(txn, self._dbs["cow"], 12, gens.__contains__))
+
     def delete_prefix(self, prefix: bytes, *names: str) -> None:
         """Delete the entries of ``names`` (all of them if none) whose keys start with
         ``prefix`` (a generation's prefix is for ``changed`` and ``cow`` only)."""
@@ -446,3 +477,32 @@ def _delete_prefix(txn: lmdb.Transaction, db: Any, prefix: bytes) -> None:
     while bytes(cursor.key()).startswith(prefix):
         if not cursor.delete():
             break
+
+
+def _drop_unless(txn: lmdb.Transaction, db: Any, width: int, keep: Callable[[bytes], bool]) -> int:
+    """Delete the entries of ``db`` whose key's first ``width`` bytes ``keep`` refuses: one seek
+    per prefix kept (a disk's changed sets may hold millions of entries), not a walk of them
+    all. How many were deleted."""
+    cursor = txn.cursor(db=db)
+    dropped = 0
+    found = cursor.first()
+    while found:
+        prefix = bytes(cursor.key())[:width]
+        if keep(prefix):
+            after = _successor(prefix)
+            found = after is not None and cursor.set_range(after)
+            continue
+        while bytes(cursor.key()).startswith(prefix):
+            if not cursor.delete():
+                break
+            dropped += 1
+        found = bool(cursor.key())  # unpositioned past the last entry
+    return dropped
+
+
+def _successor(prefix: bytes) -> bytes | None:
+    """The first key after every key that starts with ``prefix`` (None: there is none)."""
+    value = int.from_bytes(prefix, "big") + 1
+    if value >> (8 * len(prefix)):
+        return None
+    return value.to_bytes(len(prefix), "big")

@@ -1,0 +1,45 @@
+"""Making the names in a directory durable: the one place that fsyncs directories.
+
+POSIX makes a file's new name (or a rename, or a removal) durable only once its directory is
+fsync'd; an fsync of the file itself covers its bytes. ext4 happens to commit a new name with the
+file's own fsync (one journal), other file systems (XFS without it, btrfs in some cases, network
+file systems) need not: after a power cut a file fsync'd many times may be gone.
+
+Callers fsync a directory where a name is made that later state relies on (a disk's overlay at
+its creation, a copy-on-write file before the first fsync that makes its entries durable, an
+lmdb environment when it is created), never on a path every write takes.
+
+Blocking: call from worker threads. Imports nothing of snapfs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make the names in directory ``path`` as they are now durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(path: str | os.PathLike[str]) -> None:
+    """``mkdir -p path``, each directory it creates made durable in its parent."""
+    missing = []
+    at = Path(path)
+    while not at.is_dir():
+        missing.append(at)
+        if at.parent == at:
+            break
+        at = at.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:  # made meanwhile by another process: synced all the same
+            if not directory.is_dir():
+                raise
+        fsync_dir(directory.parent)
