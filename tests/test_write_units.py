@@ -29,7 +29,7 @@ from snapfs.write.bitmap import Bitmap
 from snapfs.write.disk import ClosedGeneration, Disk, PendingSnapshot
 from snapfs.write.overlay import Overlay, leftover_files
 from snapfs.write.service import encode_staged, stage_blocks
-from snapfs.write.state import DiskRecord, DiskState, SnapshotPart, SnapshotTask
+from snapfs.write.state import DiskRecord, DiskState, SnapshotPart, SnapshotTask, _gen_key
 from snapfs.write.uploader import UploadProgress, upload_generation
 
 BS = 16 * 1024
@@ -83,9 +83,17 @@ def test_disk_state_keeps_blocks_per_disk_and_generation(tmp_path: Path) -> None
     assert state.changed(a) == {1: [1, 2, 3], 2: [2, 4]}
     assert state.cow(a, 1) == {2: 0, 3: BS} and state.cow(a, 2) == {}
 
-    # a failed upload of generation 1: its blocks count as changed in 2, its cow entries go
-    state.merge_changed(a, 1, 2)
-    assert state.changed(a) == {2: [1, 2, 3, 4]} and state.cow(a, 1) == {}
+    # a failed upload of generation 1: in one commit with the task stored failed, its blocks
+    # count as changed in 2 (those the journal holds too) and its cow entries go
+    state.journal.put([("changed", _gen_key(a.key, 1, 5)), ("cow", _gen_key(a.key, 1, 6))])
+    failed = SnapshotTask(id="t0", state="failed", created="2026-01-01T00:00:00Z",
+                          parts=[SnapshotPart("a", a.id, 1, "s0", "a-0", None, a.size, blocks=3)],
+                          reason="the store refused")
+    state.fail_task(failed, [(a, 1, 2)])
+    assert state.changed(a) == {2: [1, 2, 3, 4, 5]} and state.cow(a, 1) == {}
+    assert state.tasks() == [failed]
+    assert not state.journal.keys("changed", a.key + (1).to_bytes(4, "big"))
+    state.delete_task("t0")
 
     task = SnapshotTask(id="t1", state="progressing", created="2026-01-01T00:00:01Z",
                         parts=[SnapshotPart("a", a.id, 2, "s1", "a-1", None, a.size, blocks=4)])

@@ -838,21 +838,33 @@ class DiskService:
             t.state = "failed"
             t.reason = reason if t is task else f"its parent snapshot failed: {reason}"
             t.finished = now_iso()
+            ends = []
             for part in t.parts:
                 disk = self.disks.get(part.disk)
                 if part.done or disk is None:
                     continue
                 closed = next((c for c in disk.closed if c.gen == part.gen), None)
-                if closed is None:
-                    continue
-                async with disk.write_lock:
-                    await trio.to_thread.run_sync(state.merge_changed, disk.record, part.gen,
-                                                  disk.record.gen)
+                if closed is not None:
+                    ends.append((part, disk, closed))
+            async with contextlib.AsyncExitStack() as stack:
+                for _, disk, _ in sorted(ends, key=lambda e: e[1].name):  # one order: no deadlock
+                    await stack.enter_async_context(disk.write_lock)
+                # the task's failure and its generations' blocks, counted as changed again,
+                # in one commit (see ``DiskState.fail_task``)
+                await trio.to_thread.run_sync(
+                    state.fail_task, t,
+                    [(disk.record, part.gen, disk.record.gen) for part, disk, _ in ends])
+                for _, disk, closed in ends:
                     disk.changed.update(closed.blocks)
                     disk.finish_generation(closed)
-                    await trio.to_thread.run_sync(disk.overlay.drop_cow, part.gen)
+
+                def drop(ends: list[tuple[SnapshotPart, Disk, ClosedGeneration]] = ends) -> None:
+                    for part, disk, _ in ends:
+                        disk.overlay.drop_cow(part.gen)
+
+                await trio.to_thread.run_sync(drop)
+            for part, _, _ in ends:
                 self.pending.pop(part.snapshot_id, None)
-            await trio.to_thread.run_sync(state.put_task, t)
             self._ended(t)
             log.error("snapshot task %s failed: %s", t.id, t.reason)
         failed = [t for t in self.tasks.values() if t.state == "failed"]

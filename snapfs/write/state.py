@@ -352,23 +352,29 @@ class DiskState:
         with self._env.begin(write=True, db=self._cow) as txn:
             _delete_prefix(txn, self._cow, prefix)
 
-    def merge_changed(self, record: DiskRecord, from_gen: int, into_gen: int) -> None:
-        """A failed upload: generation ``from_gen``'s blocks count as changed in ``into_gen``
-        (so the next snapshot uploads them), and ``from_gen`` is gone. (Its closing made its
-        marks durable; what the journal holds of it moves there.)"""
-        key = record.key
-        prefix = key + _GEN.pack(from_gen)
-        journaled = self.journal.keys("changed", prefix)
-        self.journal.delete_prefix(prefix, "changed", "cow")
-        self.journal.put([("changed", _gen_key(key, into_gen, _BLOCK.unpack_from(k, 12)[0]))
-                          for k in journaled])
+    def fail_task(self, task: SnapshotTask,
+                  merges: Iterable[tuple[DiskRecord, int, int]] = ()) -> None:
+        """A failed upload, in one durable commit: ``task`` stored (failed) and, for each
+        (record, from_gen, into_gen), generation ``from_gen``'s blocks counted as changed in
+        ``into_gen`` (so the next snapshot uploads them), its own entries gone. One commit,
+        because a cut between the two would leave a task still ``progressing`` whose closed
+        generation had lost its blocks: the resumed upload would store a snapshot without them.
+        (The closing made the generation's marks durable; what the journal holds of it, which
+        later copy-on-write entries may be, is folded in the same commit, then deleted.)"""
+        merges = list(merges)
+        journaled = [self.journal.keys("changed", r.key + _GEN.pack(g)) for r, g, _ in merges]
         with self._env.begin(write=True) as txn:
-            blocks = [_BLOCK.unpack_from(k, 12)[0]
-                      for k, _ in _prefixed(txn, self._changed, prefix)]
-            _delete_prefix(txn, self._changed, prefix)
-            _delete_prefix(txn, self._cow, prefix)
-            for n in blocks:
-                txn.put(_gen_key(key, into_gen, n), b"", db=self._changed)
+            for (record, from_gen, into_gen), keys in zip(merges, journaled, strict=True):
+                prefix = record.key + _GEN.pack(from_gen)
+                blocks = {_BLOCK.unpack_from(k, 12)[0]
+                          for k in [*keys, *(k for k, _ in _prefixed(txn, self._changed, prefix))]}
+                _delete_prefix(txn, self._changed, prefix)
+                _delete_prefix(txn, self._cow, prefix)
+                for n in blocks:
+                    txn.put(_gen_key(record.key, into_gen, n), b"", db=self._changed)
+            txn.put(task.id.encode(), task.encode(), db=self._tasks)
+        for record, from_gen, _ in merges:  # what a cut leaves here, a start drops (leftovers)
+            self.journal.delete_prefix(record.key + _GEN.pack(from_gen), "changed", "cow")
 
     def rollback(self, record: DiskRecord, unpresent: Iterable[int], drop_gens: Iterable[int],
                  clear_present: bool, flush: Callable[[], None] = lambda: None) -> None:
