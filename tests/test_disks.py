@@ -1030,6 +1030,14 @@ def test_rollback_is_refused_while_attached_and_resets_only_what_changed(
     assert task["parts"][0]["snapshot"]["blocks_read"] == 1
     assert same_bytes(s.export("s3"), s.copy("d", "s3"))
 
+    # one of a thing is counted in the singular
+    write_blocks(disk, {4: random_blocks(26, 1)[0]})
+    out = s.snapfs.ok("disk", "rollback", "d", "s3", "--yes")
+    assert out == "disk d rolled back to s3 (1 block reset)\n"
+    with open(disk, "rb"):
+        error = one_error(s.snapfs("disk", "delete", "d"), EXIT_GENERAL)
+    assert error == "snapfs: cannot delete disk d: it is open (1 handle)"
+
     s.snapfs.ok("disk", "delete", "d")
     assert s.disks() == {} and os.listdir(s.mountpoint / "disks") == []
 

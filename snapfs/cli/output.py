@@ -36,11 +36,6 @@ def human_size(n: int) -> str:
     raise AssertionError
 
 
-def counted(n: int, noun: str) -> str:
-    """``1 file``, ``2 files``: a count and its noun in the right number."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 def table_lines(rows: Sequence[Sequence[str]]) -> list[str]:
     """Rows (the first one the header) as left-aligned columns two spaces apart."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import click
 
 from snapfs.cli.context import CliConfig, pass_config
-from snapfs.cli.output import counted, emit_json, human_size, parse_size, run_async
+from snapfs.cli.output import emit_json, human_size, parse_size, run_async
 from snapfs.errors import IntegrityError
+from snapfs.plural import counted
 from snapfs.repo.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL
 
 

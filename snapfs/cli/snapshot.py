@@ -9,7 +9,6 @@ import click
 from snapfs.cli.context import CliConfig, log_to_stderr, pass_config
 from snapfs.cli.keep import keep_options, policy_from
 from snapfs.cli.output import (
-    counted,
     emit_json,
     human_size,
     progress_for,
@@ -17,6 +16,7 @@ from snapfs.cli.output import (
     table_lines,
 )
 from snapfs.errors import NotFoundError, NotMounted, SnapfsError, SnapshotNotFound, UsageError
+from snapfs.plural import counted
 from snapfs.progress import NO_PROGRESS
 
 if TYPE_CHECKING:

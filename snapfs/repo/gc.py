@@ -31,6 +31,7 @@ from snapfs.format.block import ZERO_ID
 from snapfs.format.index import IndexFile
 from snapfs.format.manifest import SnapshotRoot
 from snapfs.format.pack import PackEntry
+from snapfs.plural import counted
 from snapfs.repo.lock import RepositoryLock, refresh_lock
 from snapfs.repo.packer import FullPack, PackAssembler, PackUploader
 from snapfs.repo.parallel import map_in_threads, single_error
@@ -156,8 +157,8 @@ async def _collect(repo: Repository, limiter: trio.CapacityLimiter) -> dict[str,
     if live - claimed:
         missing = len(live - claimed)
         raise IntegrityError(
-            f"{missing} blobs that snapshots use are in no stored pack; not collecting garbage "
-            "(run verify)"
+            f"snapshots use {counted(missing, 'blob')} that no stored pack holds; not collecting "
+            "garbage (run verify)"
         )
 
     uploader = PackUploader(repo, limiter, RateLimiter(None))
