@@ -98,7 +98,7 @@ def prune(config: CliConfig, json_output: bool) -> None:
     from snapfs.repo.gc import collect_garbage
 
     repo = config.open_repository()
-    stats = run_async(lambda _p: collect_garbage(repo), json_output)
+    stats = run_async(lambda p: collect_garbage(repo, p), json_output)
     if json_output:
         emit_json(stats)
     else:

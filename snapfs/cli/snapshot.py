@@ -295,8 +295,8 @@ def delete(config: CliConfig, snaps: tuple[str, ...], force: bool, json_output: 
         _refuse_if_needed(config, repo, names, force)  # again, locked
         return roots
 
-    stats = run_async(lambda _p: delete_snapshots(repo, list(chosen.values()), recheck,
-                                                  unreadable=list(bad.values())),
+    stats = run_async(lambda p: delete_snapshots(repo, list(chosen.values()), recheck,
+                                                 unreadable=list(bad.values()), progress=p),
                       json_output)
     if json_output:
         emit_json(stats)
@@ -368,7 +368,8 @@ def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool
                     by_id[root.id].reasons.append(needed[root.id])
             return [r for r in roots if r.id not in needed]
 
-        stats = run_async(lambda _p: delete_snapshots(repo, doomed, recheck, "snapshot forget"),
+        stats = run_async(lambda p: delete_snapshots(repo, doomed, recheck, "snapshot forget",
+                                                     progress=p),
                           json_output)
         doomed = [d.root for d in decisions if not d.keep]
     if json_output:
