@@ -120,7 +120,8 @@ def _create_of_disks(config: CliConfig, disks: list[str], name: str | None, pare
 @pass_config
 def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
     """List snapshots, oldest first; snapshots of served disks still uploading (or failed) are
-    listed too, with their state."""
+    listed too, with their state, and under the table why one failed (or why its upload is
+    being retried)."""
     # the daemon's unfinished snapshots first, then the stored ones: an upload that ends in
     # between is then found stored (asked the other way round, it was in neither answer)
     unfinished = _unfinished(config)
@@ -140,6 +141,12 @@ def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
     rows += [(d["id"], d["name"], d["disk"], human_size(d["size"]),
               d["created"][:19].replace("T", " "), d["state"], d["parent"] or "-") for d in docs]
     click.echo("\n".join(table_lines(rows)))
+    # reasons are long (a store's error, a lock's holder): under the table, one line each
+    notes = [f"snapshot {d['name']} failed: {d['reason']}" if d["state"] == "failed"
+             else f"snapshot {d['name']} is retrying its upload, which failed: {d['reason']}"
+             for d in docs if d.get("reason") and d["state"] in ("failed", "progressing")]
+    if notes:
+        click.echo("\n" + "\n".join(notes))
 
 
 def _refuse_if_needed(config: CliConfig, repo: Repository, chosen: dict[str, str],
