@@ -6,8 +6,10 @@
    a directory, is empty and is not a mount point already (a dead FUSE mount included); no
    daemon serves it (its pid file is locked, see ``control``); the cache directory is writable.
    (Several daemons may share one cache directory: ``BlockCache`` is multi-process safe.)
-2. Unless ``foreground``: fork. The parent waits on a pipe for one line from the child,
-   ``ready`` or ``error CODE MESSAGE``, then returns or raises that error; the child starts a
+2. Unless ``foreground``: fork. The parent waits on a pipe for the child's report, a line
+   ``warning MESSAGE`` for each snapshot root that cannot be read (the parent logs them once
+   mounted, as every command that lists snapshots does; the daemon logs them too), then
+   ``ready`` or ``error CODE MESSAGE``, and returns or raises that error; the child starts a
    new session (``setsid``), moves to ``/`` (so it keeps no directory busy), and sends its
    stdin to /dev/null and its stdout, stderr and log records to ``<cache>/daemon-KEY.log``.
 3. The child opens the store and repository and reads the snapshot list and index
@@ -132,12 +134,17 @@ def mount(options: MountOptions, announce: Callable[[str], None]) -> None:
         if not handed_over:
             files.remove()  # still under our lock, so nobody else's files
         pid_file.close()  # a forked child holds the same locks on
-    if report.startswith("ready"):
+    lines = report.splitlines()
+    warnings = [line.removeprefix("warning ") for line in lines if line.startswith("warning ")]
+    outcome = next((line for line in reversed(lines) if not line.startswith("warning ")), "")
+    if outcome.startswith("ready"):
+        for warning in warnings:
+            log.warning("%s", warning)
         announce(f"mounted {options.repository} at {files.mountpoint} "
                  f"(pid {child}, log {log_file})")
         return
     os.waitpid(child, 0)
-    kind, _, rest = report.partition(" ")
+    kind, _, rest = outcome.partition(" ")
     code, _, message = rest.partition(" ")
     if kind == "error" and code.isdigit() and message.strip():
         raise SnapfsError(message.strip(), int(code))
@@ -211,20 +218,25 @@ def _read_all(fd: int) -> str:
 
 
 class _Report:
-    """The child's one line to the waiting parent; only the first call says anything."""
+    """The child's report to the waiting parent: warnings, then one last line (``ready`` or
+    ``error``); only the first last line is sent."""
 
     def __init__(self, fd: int) -> None:
         self._fd: int | None = fd
 
-    def _send(self, line: str) -> None:
+    def _send(self, line: str, last: bool = True) -> None:
         if self._fd is None:
             return
         try:
-            os.write(self._fd, line.encode() + b"\n")
+            os.write(self._fd, " ".join(line.split("\n")).encode() + b"\n")
         except OSError:
             pass  # the parent is gone (killed): nobody to tell
-        os.close(self._fd)
-        self._fd = None
+        if last:
+            os.close(self._fd)
+            self._fd = None
+
+    def warning(self, message: str) -> None:
+        self._send(f"warning {message}", last=False)
 
     def ready(self) -> None:
         self._send("ready")
@@ -244,7 +256,7 @@ def _daemon_child(options: MountOptions, files: RunFiles, pid_file: PidFile,
         _redirect_stdio(log_file)
         _log_to_stderr(options.debug)
         pid_file.write_pid(os.getpid())
-        _serve(options, files, report.ready)
+        _serve(options, files, report.ready, report.warning)
         code = 0
     except SnapfsError as e:
         log.error("%s", e.message)
@@ -262,16 +274,23 @@ def _daemon_child(options: MountOptions, files: RunFiles, pid_file: PidFile,
             os._exit(code)
 
 
-def _serve(options: MountOptions, files: RunFiles, ready: Callable[[], None]) -> None:
+def _serve(options: MountOptions, files: RunFiles, ready: Callable[[], None],
+           warn: Callable[[str], None] | None = None) -> None:
     """Serve in this process until unmounted: the repository first (so that a bad one fails
     before anything else), with the daemon's libraries loading meanwhile (``_Preload``), then
-    the mount."""
+    the mount. ``warn`` gets the line that names each snapshot root that cannot be read (in
+    the foreground the daemon's log, which is stderr, says it)."""
     preload = _Preload()
     try:
         opened = open_repository(options, preload)
     finally:
         if preload.ident is not None:
             preload.join()
+    if warn is not None:
+        from snapfs.repo.repository import unreadable_warning
+
+        for root in opened.listing.unreadable:
+            warn(unreadable_warning(root, opened.repo.store.url, "not served"))
     from snapfs.daemon import serve
 
     serve(options, files, ready, opened)

@@ -67,6 +67,7 @@ class MountedDaemon:
     pid: int
     cache_dir: Path
     runtime_dir: Path
+    said: str = ""  # what ``snapfs mount`` printed on stderr
 
     @property
     def images(self) -> Path:
@@ -101,7 +102,8 @@ def mounted(snapfs: Snapfs, mountpoint: Path, cache_dir: Path, *args: Any) -> It
     result = snapfs("mount", mountpoint, "--cache-dir", cache_dir, *args)
     assert result.returncode == 0, (result.stdout, result.stderr)
     pid_file = runtime_dir / f"{mount_key(str(mountpoint))}.pid"
-    daemon = MountedDaemon(mountpoint, int(pid_file.read_text()), cache_dir, runtime_dir)
+    daemon = MountedDaemon(mountpoint, int(pid_file.read_text()), cache_dir, runtime_dir,
+                           result.stderr)
     try:
         wait_for(lambda: os.path.ismount(mountpoint), 10, f"{mountpoint} to be mounted")
         yield daemon

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -717,6 +718,57 @@ def test_snapshot_create_waits_for_a_short_collection(snapfs: Snapfs, store: Obj
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert json.loads(out)["name"] == "waited"
+
+
+#: the phases of a garbage collection as its bar shows them (see snapfs.repo.gc)
+GC_PHASES = ("reading index", "reading snapshots", "reading manifests", "deleting index",
+             "deleting packs")
+
+
+def bar_phases(drawn: str) -> dict[str, tuple[int, int, str]]:
+    """Each counted phase a bar drew (``on_terminal``), as its last frame showed it: done,
+    total and unit."""
+    found = re.findall(r"([a-z]+ [a-z]+) +\S+ +(\d+)/(\d+) ([a-z]+)", drawn)
+    return {label: (int(done), int(total), unit) for label, done, total, unit in found}
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # what is drawn, not the store
+def test_delete_forget_and_prune_show_their_phases_on_a_terminal_only(
+        snapfs: Snapfs, tmp_path: Path) -> None:
+    snapfs.ok("init")
+    image = random_image(tmp_path / "d.img", 2 * MiB, seed=19)
+    for seed, name in enumerate(("one", "two", "three")):
+        write_at(image, 0, random_image(tmp_path / "part", MiB, seed=seed).read_bytes())
+        snapfs.ok("snapshot", "create", image, "--name", name)
+
+    code, drawn = snapfs.on_terminal("snapshot", "delete", "one")
+    assert code == 0, drawn
+    phases = bar_phases(drawn)
+    assert phases["deleting snapshots"] == (1, 1, "snapshot")
+    assert phases["reading index"] == (3, 3, "objects")  # one for each snapshot
+    assert phases["reading snapshots"] == (2, 2, "snapshots")
+    assert all(done == total > 0 for done, total, _ in phases.values()), phases
+    assert set(GC_PHASES) <= set(phases)
+    assert drawn.splitlines()[-1].startswith("deleted 1 snapshot; freed ")
+
+    code, drawn = snapfs.on_terminal("snapshot", "forget", "--keep-last", "1")
+    assert code == 0, drawn
+    phases = bar_phases(drawn)
+    assert phases["deleting snapshots"] == (1, 1, "snapshot")
+    assert phases["reading snapshots"] == (1, 1, "snapshot") and set(GC_PHASES) <= set(phases)
+    assert drawn.splitlines()[-1].startswith("forgot 1 of 2 snapshots; freed ")
+
+    # the bar is drawn on stderr: stdout, sent elsewhere, has the result alone
+    code, drawn, out = snapfs.stderr_on_terminal("prune")
+    assert code == 0, drawn
+    assert set(bar_phases(drawn)) == set(GC_PHASES) - {"deleting packs"}  # none to delete
+    assert "freed" not in drawn
+    assert out == "freed 0 B: 0 packs deleted, 0 repacked\n"
+    # nothing drawn into JSON, nor when stderr is not a terminal
+    code, drawn = snapfs.on_terminal("prune", "--json")
+    assert code == 0 and json.loads(drawn)["packs_deleted"] == 0 and not bar_phases(drawn)
+    result = snapfs("prune")
+    assert (result.stdout, result.stderr) == ("freed 0 B: 0 packs deleted, 0 repacked\n", "")
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # a lock is a lock on both

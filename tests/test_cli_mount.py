@@ -56,3 +56,24 @@ def test_stats_view_shows_progress_and_time_left() -> None:
     assert "300 to go at 160.0 KiB/s, about 30s left" in text  # 4.7 MiB at 160 KiB/s
     assert "vm-1.img  64.0 MiB  25.0%     300 blocks  30s   7      5     20 blocks  0.50 s" in text
     assert "1 failed" in text and "5 hits" in text
+
+
+def test_stats_view_counts_one_of_a_thing_in_the_singular() -> None:
+    doc = {
+        "repository": "/r", "mountpoint": "/mnt", "pid": 42, "uptime_seconds": 3.0,
+        "images": {"vm-1.img": {"size": 1 << 20, "hydrated_fraction": 0.5, "blocks_missing": 1,
+                                "bytes_missing": 1 << 14, "eta_seconds": 1.0, "reads": 1,
+                                "cache_hits": 1, "blocks_fetched": 1, "wait_seconds": 0.0}},
+        "hydrator": {"blocks_fetched": 1, "bytes_fetched": 1 << 14, "requests": 1,
+                     "waiting_reads": 1, "cache_hits": 1, "background_blocks": 1,
+                     "background_bytes": 1 << 14},
+        "cache": {"bytes": 1 << 14, "capacity": 20 << 30, "blocks": 1},
+    }
+    lines = format_stats(doc)
+    text = "\n".join(lines)
+    assert "blocks" not in text and "requests" not in text and "hits" not in text, text
+    assert "vm-1.img  1.0 MiB  50.0%     1 block  1s    1      1     1 block  0.00 s" in lines
+    assert "fetched     1 block, 16.0 KiB in 1 request (0 failed, 0 corrupt)" in lines
+    assert "waiting     reads waited on the store for 1 block, 0.00 s in all" in lines
+    assert lines[-2] == ("cache       1 hit; 16.0 KiB of 20.0 GiB used (1 block)")
+    assert lines[-1].startswith("background  1 block (16.0 KiB) so far")

@@ -640,6 +640,9 @@ def test_a_failed_upload_is_reported_and_the_next_snapshot_uploads_its_blocks(
     assert "snapshot failed" in error and "locked" in error
     doc = s.snapshots()["doomed"]
     assert doc["state"] == "failed" and "locked" in doc["reason"]
+    header, row, *notes = s.snapfs.ok("snapshot", "list", "--disk", "d").splitlines()
+    assert row.split()[:2] == [doc["id"], "doomed"] and "failed" in row.split()
+    assert notes == ["", f"snapshot doomed failed: {doc['reason']}"]  # why, without --json
     listed = s.disks()["d"]
     assert (listed["blocks_changed"], listed["uploading"]) == (9, [])  # merged back
     assert s.snapfs.json("snapshot", "list", "--disk", "d") == [doc]
@@ -674,6 +677,9 @@ def test_a_disk_made_from_a_pending_snapshot_keeps_its_whole_chain_alive(
             states = {name: (d["state"], d.get("reason")) for name, d in s.snapshots().items()}
             assert states["c1"][0] == "progressing" and "locked" in states["c1"][1], states
             assert states["c2"][0] == "progressing", states
+            listed = s.snapfs.ok("snapshot", "list").splitlines()
+            assert (f"snapshot c1 is retrying its upload, which failed: {states['c1'][1]}"
+                    in listed)
             assert s.disk("e").read_bytes() == want
             assert "once it is stored" in one_error(s.snapfs("snapshot", "delete", "c1"),
                                                     EXIT_USAGE)
@@ -1142,6 +1148,14 @@ def test_rollback_is_refused_while_attached_and_resets_only_what_changed(
     assert task["parts"][0]["parent"] == s.snapshots()["vm-1"]["id"]
     assert task["parts"][0]["snapshot"]["blocks_read"] == 1
     assert same_bytes(s.export("s3"), s.copy("d", "s3"))
+
+    # one of a thing is counted in the singular
+    write_blocks(disk, {4: random_blocks(26, 1)[0]})
+    out = s.snapfs.ok("disk", "rollback", "d", "s3", "--yes")
+    assert out == "disk d rolled back to s3 (1 block reset)\n"
+    with open(disk, "rb"):
+        error = one_error(s.snapfs("disk", "delete", "d"), EXIT_GENERAL)
+    assert error == "snapfs: cannot delete disk d: it is open (1 handle)"
 
     s.snapfs.ok("disk", "delete", "d")
     assert s.disks() == {} and os.listdir(s.mountpoint / "disks") == []

@@ -210,6 +210,10 @@ def test_a_damaged_root_is_logged_once_and_the_other_snapshots_are_served(
             time.sleep(2.1)
 
     with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache", "--no-background") as daemon:
+        # the mount command says so, as every command that lists snapshots does
+        assert daemon.said.splitlines() == [
+            f"snapfs: WARNING: snapshots/{ids['a']} in {snapfs.repo} is damaged (snapshot root "
+            f"is not valid JSON): not served; {hint.format(ids['a'])}"]
         assert sorted(os.listdir(daemon.images)) == ["b.img", "vm-1.img"]
         assert read_all(daemon.images / "b.img") == read_all(images["b"])
         refreshed()
@@ -241,6 +245,7 @@ def test_a_damaged_root_is_logged_once_and_the_other_snapshots_are_served(
 
 def test_nothing_is_writable(snapfs: Snapfs, tmp_path: Path) -> None:
     with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache") as daemon:
+        assert daemon.said == ""  # no warning where there is nothing to warn of
         image = daemon.images / "vm-1.img"
         for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
             with pytest.raises(OSError) as e:

@@ -108,9 +108,36 @@ def verify(repo: Repository, roots: list[SnapshotRoot] | None = None) -> VerifyR
     return report
 
 
-def delete(repo: Repository, *roots: SnapshotRoot) -> dict[str, Any]:
-    stats: dict[str, Any] = trio.run(delete_snapshots, repo, list(roots))
+def delete(repo: Repository, *roots: SnapshotRoot, progress: Any = None) -> dict[str, Any]:
+    if progress is None:
+        stats: dict[str, Any] = trio.run(delete_snapshots, repo, list(roots))
+    else:
+        stats = trio.run(lambda: delete_snapshots(repo, list(roots), progress=progress))
     return stats
+
+
+class Phases:
+    """A progress sink that records every phase: label, unit, total, and the amount advanced
+    (from worker threads too)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None, int]] = []
+        self.advanced: list[int] = []
+        self._lock = threading.Lock()
+
+    def start(self, label: str, total: int, unit: str | None = None) -> None:
+        with self._lock:
+            self.seen.append((label, unit, total))
+            self.advanced.append(0)
+
+    def advance(self, amount: int) -> None:
+        with self._lock:
+            self.advanced[-1] += amount
+
+    def finished(self) -> list[tuple[str, str | None, int]]:
+        """The phases, each checked to have advanced exactly to its total."""
+        assert self.advanced == [total for _, _, total in self.seen], (self.seen, self.advanced)
+        return self.seen
 
 
 # -- looking at the store directly -------------------------------------------------------------
@@ -360,13 +387,13 @@ def live_blobs(repo: Repository, remaining: dict[str, Path]) -> set[bytes]:
 
 
 def delete_and_check(
-    repo: Repository, victim: SnapshotRoot, remaining: dict[str, Path]
+    repo: Repository, victim: SnapshotRoot, remaining: dict[str, Path], progress: Any = None,
 ) -> tuple[dict[str, Any], GcExpectation]:
     store = repo.store
     index_before = repo.load_index()
     packs_before = pack_names(store)
     assert set(index_before.packs) == set(packs_before)
-    stats = delete(repo, victim)
+    stats = delete(repo, victim, progress=progress)
     assert not store.exists(f"snapshots/{victim.id}")
     live = live_blobs(repo, remaining)
     want = expect_gc(index_before, live)
@@ -453,14 +480,37 @@ def test_mostly_dead_pack_is_repacked_and_dead_packs_deleted(
     b = create(repo, disk, disk="d").root
     assert b.stats["blocks_changed"] == len(rewrite)
     assert b.stats["blocks_uploaded"] == len(rewrite)
+    index_objects = len(stored_index(repo.store))
+    assert index_objects == 2  # one per create
 
-    stats, want = delete_and_check(repo, a, {b.id: disk})
+    phases = Phases()
+    stats, want = delete_and_check(repo, a, {b.id: disk}, phases)
     assert set(want.repacked) == {mostly}
     assert want.repacked[mostly] == {e.blob_id for e in index.packs[mostly]
                                      if where[e.blob_id] not in rewrite}
     assert wholly in want.emptied
     assert stats["packs_repacked"] == 1
     assert stats["bytes_repacked"] > 0
+    # what a terminal's bar shows, phase by phase: each counted, and each run to its end
+    assert phases.finished() == [
+        ("deleting snapshots", "snapshot", 1),
+        ("reading index", "object", index_objects),
+        ("reading snapshots", "snapshot", 1),
+        ("reading manifests", "page", len(b.pages)),
+        ("repacking", "pack", 1),
+        ("deleting index", "object", index_objects),
+        ("deleting packs", "pack", len(want.emptied) + 1),  # the repacked one too
+    ]
+    assert stats["packs_deleted"] == len(want.emptied) >= 1
+
+    # nothing left to collect: one index object, no pack to repack or delete
+    phases = Phases()
+    stats = trio.run(collect_garbage, repo, phases)
+    assert (stats["packs_deleted"], stats["packs_repacked"]) == (0, 0)
+    assert phases.finished() == [
+        ("reading index", "object", 1), ("reading snapshots", "snapshot", 1),
+        ("reading manifests", "page", len(b.pages)), ("repacking", "pack", 0),
+        ("deleting index", "object", 1), ("deleting packs", "pack", 0)]
     out = tmp_path / "b.img"
     export(repo, b, out)
     assert sha256_file(out) == sha256_file(disk)
@@ -878,7 +928,8 @@ def test_a_long_collection_keeps_its_exclusive_lock_fresh(
     repo = Repository.init(make_store(store_url))
     seen: list[float] = []
 
-    async def slow_collect(repo: Repository, limiter: trio.CapacityLimiter) -> dict[str, Any]:
+    async def slow_collect(repo: Repository, limiter: trio.CapacityLimiter,
+                           progress: Any) -> dict[str, Any]:
         for _ in range(5):
             await trio.sleep(0.3)
             seen.extend(i.time for i in await trio.to_thread.run_sync(read_locks, repo.store))

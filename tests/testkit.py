@@ -77,10 +77,21 @@ class Snapfs:
     def on_terminal(self, *args: Any, timeout: float = 120) -> tuple[int, str]:
         """``snapfs ARGS`` with stdin, stdout and stderr on a pseudo-terminal, as a user at a
         shell runs it: its exit code and everything it drew, escape sequences removed."""
+        code, drawn, _ = self._on_terminal(args, timeout, piped_stdout=False)
+        return code, drawn
+
+    def stderr_on_terminal(self, *args: Any, timeout: float = 120) -> tuple[int, str, str]:
+        """As ``on_terminal``, but with stdout piped (``snapfs ARGS > file`` at a shell): the
+        exit code, what was drawn on the terminal, and stdout."""
+        return self._on_terminal(args, timeout, piped_stdout=True)
+
+    def _on_terminal(self, args: tuple[Any, ...], timeout: float, piped_stdout: bool,
+                     ) -> tuple[int, str, str]:
         main, tty = pty.openpty()
         env = {**self.env, "TERM": "xterm", "COLUMNS": "120"}
         try:
-            proc = subprocess.Popen(self.command(args), stdin=tty, stdout=tty, stderr=tty,
+            proc = subprocess.Popen(self.command(args), stdin=tty,
+                                    stdout=subprocess.PIPE if piped_stdout else tty, stderr=tty,
                                     env=env, close_fds=True)
         finally:
             os.close(tty)
@@ -94,14 +105,17 @@ class Snapfs:
                 if not chunk:
                     break
                 chunks.append(chunk)
+            out = proc.stdout.read().decode() if proc.stdout is not None else ""
             code = proc.wait(timeout)
         finally:
             os.close(main)
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
         drawn = b"".join(chunks).decode(errors="replace")
-        return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn)
+        return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn), out
 
 
 #: what a progress bar of rich's shows of its task: done/total and their unit (decimal)

@@ -13,7 +13,8 @@ import click
 
 from snapfs.cli.context import CliConfig, pass_config
 from snapfs.cli.mount import default_cache_dir
-from snapfs.cli.output import counted, emit_json, human_size, parse_size, progress_for
+from snapfs.cli.output import emit_json, human_size, parse_size, progress_for
+from snapfs.plural import counted
 from snapfs.progress import NO_PROGRESS
 
 if TYPE_CHECKING:
@@ -124,7 +125,8 @@ def restore_files(config: CliConfig, snap: str, target: str, includes: tuple[str
         emit_json({"snapshot": state.snapshot_id, "target": target, **report.as_dict()})
     else:
         _print_entries(report)
-        links = f", {report.links} of them hard links" if report.links else ""
+        links = ("" if not report.links else ", 1 of them a hard link" if report.links == 1
+                 else f", {report.links} of them hard links")
         click.echo(f"restored {counted(report.restored, 'file')} ({human_size(report.bytes)}{links}) from "
                    f"{state.snapshot_name} into {target}: {report.skipped} skipped, "
                    f"{report.failed} failed")

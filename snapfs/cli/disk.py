@@ -10,6 +10,7 @@ import click
 from snapfs.cli.context import CliConfig, pass_config
 from snapfs.cli.output import emit_json, human_size, parse_size, table_lines
 from snapfs.errors import UsageError
+from snapfs.plural import counted
 
 
 @click.group()
@@ -97,4 +98,4 @@ def rollback(config: CliConfig, name: str, snap: str, yes: bool, json_output: bo
                    "(every written block reset)")
     else:
         click.echo(f"disk {name} rolled back to {result['snapshot_name']} "
-                   f"({result['blocks_reset']} blocks reset)")
+                   f"({counted(result['blocks_reset'], 'block')} reset)")

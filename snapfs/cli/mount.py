@@ -15,6 +15,7 @@ import click
 from snapfs.cli.context import CliConfig, pass_config
 from snapfs.cli.output import emit_json, human_size, parse_size, table_lines
 from snapfs.errors import UsageError
+from snapfs.plural import counted
 
 
 def default_cache_dir() -> str:
@@ -169,32 +170,32 @@ def format_stats(doc: dict[str, Any]) -> list[str]:
         missing_blocks += missing or 0
         missing_bytes += image.get("bytes_missing") or 0
         rows.append((name, human_size(image.get("size", 0)), _percent(image.get("hydrated_fraction")),
-                     f"{missing} blocks" if missing is not None else "-",
+                     counted(missing, "block") if missing is not None else "-",
                      _duration(image.get("eta_seconds")) if missing else "-",
                      str(image.get("reads", 0)), str(image.get("cache_hits", 0)),
-                     f"{image.get('blocks_fetched', 0)} blocks",
+                     counted(image.get("blocks_fetched", 0), "block"),
                      f"{image.get('wait_seconds', 0):.2f} s"))
     if len(rows) == 1:
         lines.append("no snapshots in the repository yet")
     else:
         lines += table_lines(rows)
     lines.append("")
-    lines.append(f"fetched     {h.get('blocks_fetched', 0)} blocks, "
-                 f"{human_size(h.get('bytes_fetched', 0))} in {h.get('requests', 0)} requests "
+    lines.append(f"fetched     {counted(h.get('blocks_fetched', 0), 'block')}, "
+                 f"{human_size(h.get('bytes_fetched', 0))} in {counted(h.get('requests', 0), 'request')} "
                  f"({h.get('failed_requests', 0)} failed, {h.get('corrupt_blocks', 0)} corrupt)")
     lines.append(f"latency     p50 {_ms(h.get('fetch_latency_ms_p50'))}, "
                  f"p99 {_ms(h.get('fetch_latency_ms_p99'))} per request")
-    lines.append(f"waiting     reads waited on the store for {h.get('waiting_reads', 0)} blocks, "
+    lines.append(f"waiting     reads waited on the store for {counted(h.get('waiting_reads', 0), 'block')}, "
                  f"{h.get('wait_seconds', 0):.2f} s in all")
-    lines.append(f"cache       {h.get('cache_hits', 0)} hits; "
+    lines.append(f"cache       {counted(h.get('cache_hits', 0), 'hit')}; "
                  f"{human_size(cache.get('bytes', 0))} of {human_size(cache.get('capacity', 0))} "
-                 f"used ({cache.get('blocks', 0)} blocks)"
+                 f"used ({counted(cache.get('blocks', 0), 'block')})"
                  + (f"; not caching: its file system is down to {human_size(cache.get('free', 0))} "
                     f"free, and it keeps {human_size(cache.get('reserve', 0))}"
                     if cache.get("short_of_space") else ""))
     done = h.get("background_blocks", 0)
     rate = h.get("background_rate_bytes_per_s") or 0
-    background = f"{done} blocks ({human_size(h.get('background_bytes', 0))}) so far"
+    background = f"{counted(done, 'block')} ({human_size(h.get('background_bytes', 0))}) so far"
     if missing_blocks:
         eta = missing_bytes / rate if rate else None
         background += f"; {missing_blocks} to go at {human_size(rate)}/s, " + (

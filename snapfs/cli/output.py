@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from snapfs.errors import UsageError
+from snapfs.plural import counted
 
 if TYPE_CHECKING:
     from snapfs.progress import Progress as ProgressSink
@@ -36,11 +37,6 @@ def human_size(n: int) -> str:
     raise AssertionError
 
 
-def counted(n: int, noun: str) -> str:
-    """``1 file``, ``2 files``: a count and its noun in the right number."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 def table_lines(rows: Sequence[Sequence[str]]) -> list[str]:
     """Rows (the first one the header) as left-aligned columns two spaces apart."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -53,40 +49,65 @@ def emit_json(doc: Any) -> None:
 
 
 class TerminalProgress:
-    """A rich progress bar on stderr, shown only when stderr is a terminal."""
+    """A rich progress bar on stderr, shown only when stderr is a terminal: one line per phase
+    (``start``), which counts bytes (with a speed) or things of a unit ("3/40 packs"). A
+    counted phase with nothing to count (no pack to repack) is not shown."""
 
     def __init__(self) -> None:
         self._bar: Any = None
         self._task: Any = None
 
-    def start(self, label: str, total: int) -> None:
+    def start(self, label: str, total: int, unit: str | None = None) -> None:
+        if unit is not None and total == 0:
+            self._task = None
+            return
         if self._bar is None:
             # imported here: rich costs ~0.1 s at start-up, and scripts never draw a bar
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+            amount, speed = _amount_columns()
             self._bar = Progress(
-                TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                TransferSpeedColumn(), TimeRemainingColumn(), transient=True,
-                console=None, redirect_stdout=False, redirect_stderr=False,
+                TextColumn("{task.description}"), BarColumn(), amount, speed,
+                TimeRemainingColumn(), transient=True, console=Console(stderr=True),
+                redirect_stdout=False, redirect_stderr=False,
             )
             self._bar.start()
-        self._task = self._bar.add_task(label, total=total)
+        self._task = self._bar.add_task(label, total=total, unit=unit)
 
     def advance(self, amount: int) -> None:
-        if self._bar is not None:
+        if self._bar is not None and self._task is not None:
             self._bar.advance(self._task, amount)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+def _amount_columns() -> tuple[Any, Any]:
+    """rich columns for how far a phase is (sizes, or "3/40 packs") and how fast (bytes only).
+    Made when the first bar is: they subclass rich's, which is imported only to draw one."""
+    from rich.progress import DownloadColumn, ProgressColumn, Task, TransferSpeedColumn
+    from rich.text import Text
+
+    class Amount(DownloadColumn):
+        def render(self, task: Task) -> Text:
+            unit = task.fields.get("unit")
+            if unit is None:
+                return super().render(task)
+            total = int(task.total or 0)
+            return Text(f"{int(task.completed)}/{counted(total, unit)}", style="progress.download")
+
+    class Speed(ProgressColumn):
+        def __init__(self) -> None:
+            super().__init__()
+            self._bytes = TransferSpeedColumn()
+
+        def render(self, task: Task) -> Text:
+            return self._bytes.render(task) if task.fields.get("unit") is None else Text("")
+
+    return Amount(), Speed()
 
 
 def progress_for(json_output: bool) -> TerminalProgress | None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import click
 
 from snapfs.cli.context import CliConfig, pass_config
-from snapfs.cli.output import counted, emit_json, human_size, parse_size, run_async
+from snapfs.cli.output import emit_json, human_size, parse_size, run_async
 from snapfs.errors import IntegrityError
+from snapfs.plural import counted
 from snapfs.repo.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL
 
 
@@ -97,7 +98,7 @@ def prune(config: CliConfig, json_output: bool) -> None:
     from snapfs.repo.gc import collect_garbage
 
     repo = config.open_repository()
-    stats = run_async(lambda _p: collect_garbage(repo), json_output)
+    stats = run_async(lambda p: collect_garbage(repo, p), json_output)
     if json_output:
         emit_json(stats)
     else:

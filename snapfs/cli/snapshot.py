@@ -9,7 +9,6 @@ import click
 from snapfs.cli.context import CliConfig, log_to_stderr, pass_config
 from snapfs.cli.keep import keep_options, policy_from
 from snapfs.cli.output import (
-    counted,
     emit_json,
     human_size,
     progress_for,
@@ -17,6 +16,7 @@ from snapfs.cli.output import (
     table_lines,
 )
 from snapfs.errors import NotFoundError, NotMounted, SnapfsError, SnapshotNotFound, UsageError
+from snapfs.plural import counted
 from snapfs.progress import NO_PROGRESS
 
 if TYPE_CHECKING:
@@ -120,7 +120,8 @@ def _create_of_disks(config: CliConfig, disks: list[str], name: str | None, pare
 @pass_config
 def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
     """List snapshots, oldest first; snapshots of served disks still uploading (or failed) are
-    listed too, with their state."""
+    listed too, with their state, and under the table why one failed (or why its upload is
+    being retried)."""
     # the daemon's unfinished snapshots first, then the stored ones: an upload that ends in
     # between is then found stored (asked the other way round, it was in neither answer)
     unfinished = _unfinished(config)
@@ -140,6 +141,12 @@ def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
     rows += [(d["id"], d["name"], d["disk"], human_size(d["size"]),
               d["created"][:19].replace("T", " "), d["state"], d["parent"] or "-") for d in docs]
     click.echo("\n".join(table_lines(rows)))
+    # reasons are long (a store's error, a lock's holder): under the table, one line each
+    notes = [f"snapshot {d['name']} failed: {d['reason']}" if d["state"] == "failed"
+             else f"snapshot {d['name']} is retrying its upload, which failed: {d['reason']}"
+             for d in docs if d.get("reason") and d["state"] in ("failed", "progressing")]
+    if notes:
+        click.echo("\n" + "\n".join(notes))
 
 
 def _refuse_if_needed(config: CliConfig, repo: Repository, chosen: dict[str, str],
@@ -295,8 +302,8 @@ def delete(config: CliConfig, snaps: tuple[str, ...], force: bool, json_output: 
         _refuse_if_needed(config, repo, names, force)  # again, locked
         return roots
 
-    stats = run_async(lambda _p: delete_snapshots(repo, list(chosen.values()), recheck,
-                                                  unreadable=list(bad.values())),
+    stats = run_async(lambda p: delete_snapshots(repo, list(chosen.values()), recheck,
+                                                 unreadable=list(bad.values()), progress=p),
                       json_output)
     if json_output:
         emit_json(stats)
@@ -368,7 +375,8 @@ def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool
                     by_id[root.id].reasons.append(needed[root.id])
             return [r for r in roots if r.id not in needed]
 
-        stats = run_async(lambda _p: delete_snapshots(repo, doomed, recheck, "snapshot forget"),
+        stats = run_async(lambda p: delete_snapshots(repo, doomed, recheck, "snapshot forget",
+                                                     progress=p),
                           json_output)
         doomed = [d.root for d in decisions if not d.keep]
     if json_output:

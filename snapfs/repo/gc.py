@@ -15,6 +15,11 @@ Nothing is collected while a snapshot root cannot be read (damaged, or of an unk
 which blobs that snapshot needs cannot be known, and guessing could delete them. Collection
 refuses (``RootsUnreadable``, naming the root and how to go on), and so does deleting snapshots,
 before it deletes any root, unless the unreadable roots are among those it deletes.
+
+Progress (``snapfs.progress``), phase by phase, counted in what each phase goes through:
+"deleting snapshots" (roots), "reading index" (index objects), "reading snapshots" (roots),
+"reading manifests" (manifest pages), "repacking" (packs read and copied), "deleting index"
+(superseded index objects), "deleting packs".
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from snapfs.format.block import ZERO_ID
 from snapfs.format.index import IndexFile
 from snapfs.format.manifest import SnapshotRoot
 from snapfs.format.pack import PackEntry
+from snapfs.plural import counted
+from snapfs.progress import NO_PROGRESS, Progress
 from snapfs.repo.lock import RepositoryLock, refresh_lock
 from snapfs.repo.packer import FullPack, PackAssembler, PackUploader
 from snapfs.repo.parallel import map_in_threads, single_error
@@ -53,6 +60,7 @@ async def delete_snapshots(
     repo: Repository, roots: list[SnapshotRoot],
     recheck: Callable[[list[SnapshotRoot]], list[SnapshotRoot]] | None = None,
     purpose: str = "snapshot delete", unreadable: list[UnreadableRoot] | None = None,
+    progress: Progress = NO_PROGRESS,
 ) -> dict[str, Any]:
     """Delete ``roots`` and the ``unreadable`` roots, and collect what only they used.
     ``recheck`` (in a worker thread, once the exclusive lock is held) gives the roots that may
@@ -77,12 +85,12 @@ async def delete_snapshots(
                                             "snapshot needs", "try again")
                 if recheck is not None:
                     roots = await trio.to_thread.run_sync(recheck, roots, limiter=limiter)
-                for root in roots:
-                    await trio.to_thread.run_sync(repo.delete_root, root.id, limiter=limiter)
-                for bad in unreadable:
-                    await trio.to_thread.run_sync(repo.delete_root, bad.snapshot_id,
-                                                  limiter=limiter)
-                stats = await _collect(repo, limiter)
+                doomed = [r.id for r in roots] + [u.snapshot_id for u in unreadable]
+                progress.start("deleting snapshots", len(doomed), "snapshot")
+                for snapshot_id in doomed:
+                    await trio.to_thread.run_sync(repo.delete_root, snapshot_id, limiter=limiter)
+                    progress.advance(1)
+                stats = await _collect(repo, limiter, progress)
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
@@ -90,7 +98,7 @@ async def delete_snapshots(
     return {"deleted": [r.id for r in roots] + [u.snapshot_id for u in unreadable], **stats}
 
 
-async def collect_garbage(repo: Repository) -> dict[str, Any]:
+async def collect_garbage(repo: Repository, progress: Progress = NO_PROGRESS) -> dict[str, Any]:
     limiter = trio.CapacityLimiter(repo.store.concurrency)
     lock = RepositoryLock(repo.store, "exclusive", "prune")
     await trio.to_thread.run_sync(lock.acquire, limiter=limiter)
@@ -98,7 +106,7 @@ async def collect_garbage(repo: Repository) -> dict[str, Any]:
         with single_error():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(refresh_lock, lock, limiter)
-                stats = await _collect(repo, limiter)
+                stats = await _collect(repo, limiter, progress)
                 nursery.cancel_scope.cancel()
         return stats
     finally:
@@ -106,11 +114,15 @@ async def collect_garbage(repo: Repository) -> dict[str, Any]:
             await trio.to_thread.run_sync(lock.release_quietly, limiter=limiter)
 
 
-def live_blobs(repo: Repository, index: BlobIndex, roots: list[SnapshotRoot]) -> set[bytes]:
+def live_blobs(repo: Repository, index: BlobIndex, roots: list[SnapshotRoot],
+               progress: Progress = NO_PROGRESS) -> set[bytes]:
+    """Every blob ``roots`` use: their manifest pages and the blocks these name."""
     live: set[bytes] = set()
     seen_pages: set[bytes] = set()
+    progress.start("reading manifests", sum(len(r.pages) for r in roots), "page")
     for root in roots:
         for page_hex, count in zip(root.pages, repo.page_lengths(root), strict=True):
+            progress.advance(1)
             pid = bytes.fromhex(page_hex)
             if pid == ZERO_ID or pid in seen_pages:
                 continue
@@ -123,16 +135,17 @@ def live_blobs(repo: Repository, index: BlobIndex, roots: list[SnapshotRoot]) ->
     return live
 
 
-async def _collect(repo: Repository, limiter: trio.CapacityLimiter) -> dict[str, Any]:
+async def _collect(repo: Repository, limiter: trio.CapacityLimiter,
+                   progress: Progress = NO_PROGRESS) -> dict[str, Any]:
     started = time.monotonic()
-    index = await trio.to_thread.run_sync(repo.load_index, limiter=limiter)
-    listing = await trio.to_thread.run_sync(repo.list_snapshots, limiter=limiter)
+    index = await trio.to_thread.run_sync(repo.load_index, None, progress, limiter=limiter)
+    listing = await trio.to_thread.run_sync(repo.list_snapshots, progress, limiter=limiter)
     if listing.unreadable:
         raise refuse_unreadable(listing.unreadable, repo.store.url, "not collecting garbage, "
                                 "since which blocks that snapshot needs cannot be known",
                                 "run prune")
     roots = listing.roots
-    live = await trio.to_thread.run_sync(live_blobs, repo, index, roots)
+    live = await trio.to_thread.run_sync(live_blobs, repo, index, roots, progress)
     stored = dict(await trio.to_thread.run_sync(lambda: list(repo.store.list("packs/"))))
     stored_packs = {key.rpartition("/")[2]: size for key, size in stored.items()}
 
@@ -156,8 +169,8 @@ async def _collect(repo: Repository, limiter: trio.CapacityLimiter) -> dict[str,
     if live - claimed:
         missing = len(live - claimed)
         raise IntegrityError(
-            f"{missing} blobs that snapshots use are in no stored pack; not collecting garbage "
-            "(run verify)"
+            f"snapshots use {counted(missing, 'blob')} that no stored pack holds; not collecting "
+            "garbage (run verify)"
         )
 
     uploader = PackUploader(repo, limiter, RateLimiter(None))
@@ -182,7 +195,14 @@ async def _collect(repo: Repository, limiter: trio.CapacityLimiter) -> dict[str,
             receive.close()
             async with send:
                 fetched: list[list[tuple[PackEntry, bytes]]] = []
-                await map_in_threads(fetch, repack, limiter, lambda _j, r: fetched.append(r))
+
+                def fetched_one(_job: tuple[str, list[PackEntry]],
+                                blobs: list[tuple[PackEntry, bytes]]) -> None:
+                    fetched.append(blobs)
+                    progress.advance(1)
+
+                progress.start("repacking", len(repack), "pack")
+                await map_in_threads(fetch, repack, limiter, fetched_one)
                 for blobs in fetched:
                     for e, piece in blobs:
                         repacked_bytes += e.length
@@ -194,10 +214,14 @@ async def _collect(repo: Repository, limiter: trio.CapacityLimiter) -> dict[str,
 
     new_index = IndexFile(packs={**keep, **uploader.index_file.packs}, supersedes=index.index_names)
     await trio.to_thread.run_sync(repo.write_index, new_index, limiter=limiter)
+    progress.start("deleting index", len(index.index_names), "object")
     for name in index.index_names:
         await trio.to_thread.run_sync(repo.store.delete, f"index/{name}", limiter=limiter)
+        progress.advance(1)
     doomed = [p for p in stored_packs if p not in new_index.packs]
-    await map_in_threads(lambda p: repo.store.delete(pack_key(p)), doomed, limiter)
+    progress.start("deleting packs", len(doomed), "pack")
+    await map_in_threads(lambda p: repo.store.delete(pack_key(p)), doomed, limiter,
+                         lambda _p, _r: progress.advance(1))
     return {
         "packs_deleted": len(doomed) - len(repack),
         "packs_repacked": len(repack),

@@ -30,7 +30,7 @@ import bisect
 import itertools
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -61,6 +61,7 @@ from snapfs.format.repoconfig import (
     check_block_size,
     check_compression_level,
 )
+from snapfs.progress import NO_PROGRESS, Progress
 from snapfs.repo.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
 from snapfs.store.base import ObjectStore
 
@@ -326,9 +327,11 @@ class Repository:
                                     "what that snapshot holds cannot be known", "try again")
         return listing.roots
 
-    def list_snapshots(self) -> SnapshotListing:
+    def list_snapshots(self, progress: Progress = NO_PROGRESS) -> SnapshotListing:
         """Every snapshot that can be read, oldest first, and the roots that cannot."""
-        return self._fetch_roots(self._root_keys())
+        keys = self._root_keys()
+        progress.start("reading snapshots", len(keys), "snapshot")
+        return self._fetch_roots(keys, lambda: progress.advance(1))
 
     def snapshots_and_index(self, cache: IndexCache | None = None,
                             ) -> tuple[SnapshotListing, BlobIndex]:
@@ -345,9 +348,10 @@ class Repository:
     def _root_keys(self) -> list[str]:
         return [key for key, _size in self.store.list("snapshots/")]
 
-    def _fetch_roots(self, keys: list[str]) -> SnapshotListing:
+    def _fetch_roots(self, keys: list[str], done: Callable[[], None] | None = None,
+                     ) -> SnapshotListing:
         listing = SnapshotListing()
-        for key, data in self._get_many(keys).items():
+        for key, data in self._get_many(keys, done).items():
             snapshot_id = key.removeprefix("snapshots/")
             try:
                 root = SnapshotRoot.decode(data)
@@ -366,15 +370,20 @@ class Repository:
         listing.unreadable.sort(key=lambda u: u.key)
         return listing
 
-    def _get_many(self, keys: list[str]) -> dict[str, bytes]:
+    def _get_many(self, keys: list[str], done: Callable[[], None] | None = None,
+                  ) -> dict[str, bytes]:
         """The objects at ``keys``, fetched up to the store's concurrency at once (a mount or a
         listing of many snapshots must not pay one round trip after another); keys deleted
-        since they were listed are left out."""
+        since they were listed are left out. ``done`` is called (on a worker thread) as each
+        key has been asked for."""
         def get(key: str) -> bytes | None:
             try:
                 return self.store.get(key)
             except ObjectNotFound:
                 return None
+            finally:
+                if done is not None:
+                    done()
 
         if len(keys) <= 1:
             found = [get(key) for key in keys]
@@ -433,20 +442,25 @@ class Repository:
 
     # -- index -------------------------------------------------------------------------
 
-    def load_index(self, cache: IndexCache | None = None) -> BlobIndex:
+    def load_index(self, cache: IndexCache | None = None, progress: Progress = NO_PROGRESS,
+                   ) -> BlobIndex:
         """The union of every index object in the store. With ``cache`` (the host's index
         cache, see ``indexcache``), only index objects the cache has not seen are fetched."""
         if cache is not None:
             return cache.load(self)
-        files = self.fetch_index_files(self.list_index_names())
+        names = self.list_index_names()
+        progress.start("reading index", len(names), "object")
+        files = self.fetch_index_files(names, lambda: progress.advance(1))
         return self.index_from_files(files)
 
     def list_index_names(self) -> set[str]:
         return {key.rpartition("/")[2] for key, _size in self.store.list("index/")}
 
-    def fetch_index_files(self, names: Iterable[str]) -> dict[str, IndexFile]:
-        """The named index objects, decoded; names deleted since they were listed are left out."""
-        found = self._get_many([f"index/{name}" for name in names])
+    def fetch_index_files(self, names: Iterable[str], done: Callable[[], None] | None = None,
+                          ) -> dict[str, IndexFile]:
+        """The named index objects, decoded; names deleted since they were listed are left out.
+        ``done``: as for ``_get_many``."""
+        found = self._get_many([f"index/{name}" for name in names], done)
         files = {}
         for key, data in found.items():
             try:

@@ -62,6 +62,7 @@ from snapfs.host import boot_id
 from snapfs.hydration.scheduler import Hydrator, Priority
 from snapfs.image.catalog import SnapshotCatalog
 from snapfs.image.view import ImageView
+from snapfs.plural import counted
 from snapfs.repo.create import default_snapshot_name, encode_chunk
 from snapfs.repo.lock import RepositoryLock
 from snapfs.repo.parallel import single_error
@@ -485,7 +486,8 @@ class DiskService:
             raise DiskBusy(f"cannot {doing} disk {disk.name}: it is attached to "
                            f"{', '.join(loops)} (detach it with losetup -d)")
         if disk.opens:
-            raise DiskBusy(f"cannot {doing} disk {disk.name}: it is open ({disk.opens} handles)")
+            raise DiskBusy(f"cannot {doing} disk {disk.name}: it is open "
+                           f"({counted(disk.opens, 'handle')})")
         if disk.closed:
             raise DiskBusy(f"cannot {doing} disk {disk.name}: its snapshot "
                            f"{disk.closed[0].snapshot_id} is still uploading")
@@ -579,7 +581,7 @@ class DiskService:
         self._notify(rewritten=name)
         lap("notify")
         log.info("disk %s rolled back to %s (%s)", name, snap_name,
-                 "all written blocks reset" if clear_all else f"{len(reset)} blocks reset")
+                 "all written blocks reset" if clear_all else f"{counted(len(reset), 'block')} reset")
         return {"disk": name, "snapshot": snapshot_id, "snapshot_name": snap_name,
                 "blocks_reset": len(reset) if not clear_all else None, "whole_overlay": clear_all,
                 "seconds": round(time.monotonic() - started, 4), "timings": timings}
