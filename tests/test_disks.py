@@ -790,6 +790,39 @@ def test_a_stop_whose_flush_fails_is_not_clean_and_the_next_boot_compares_checks
             assert same_bytes(s.export("after"), now)
 
 
+def test_a_failed_fsync_keeps_failing_rather_than_acknowledge_lost_writes(
+    snapfs: Snapfs, tmp_path: Path,
+) -> None:
+    """A disk's writes whose writeback the state directory's device refuses, for real
+    (``failing_writes``): the fsync fails. The kernel reports a lost writeback only once, so a
+    second fsync of the overlay would succeed and acknowledge bytes the device never got (and
+    make their marks durable). It must fail as well, even once the device has room again, and
+    so must a snapshot of the disk, whose closing flushes it."""
+    lost = dict(zip(range(100, 104), random_blocks(73, 4), strict=True))
+    with failing_writes(tmp_path / "faulty") as fs:
+        with serving(snapfs, tmp_path, cache=str(fs.root / "cache")) as s:
+            s.snapfs.ok("disk", "create", "d", "--size", "4M")
+            (overlay,) = (fs.root / "cache" / "disks").glob("*/*.overlay")
+            fs.starve(overlay, 100 * BS, 4 * BS)
+            fd = os.open(s.disk("d"), os.O_WRONLY)
+            try:
+                for n, data in lost.items():
+                    assert os.pwrite(fd, data, n * BS) == BS
+                with pytest.raises(OSError) as first:
+                    os.fsync(fd)
+                fs.relieve()
+                with pytest.raises(OSError) as again:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            assert first.value.errno in (errno.EIO, errno.ENOSPC)
+            assert again.value.errno == first.value.errno
+            result = s.snapfs("snapshot", "create", "--disk", "d", "--name", "after")
+            assert result.returncode != 0 and "a flush failed" in result.stderr, result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+            assert "after" not in s.snapshots()
+
+
 def test_kill_9_during_an_upload_resumes_it_after_the_restart(
     snapfs: Snapfs, tmp_path: Path
 ) -> None:

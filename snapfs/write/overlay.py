@@ -75,6 +75,8 @@ class Overlay:
                 os.close(self.fd)
                 raise _io_error(f"overlay {self.path}", e) from None
         self._cow: dict[int, CowFile] = {}
+        #: the error of the first flush that failed (``sync``)
+        self.failed: SnapfsError | None = None
 
     def close(self) -> None:
         for cow in self._cow.values():
@@ -114,16 +116,29 @@ class Overlay:
         os.ftruncate(self.fd, size)
 
     def sync(self) -> None:
-        os.fdatasync(self.fd)
-        named = []
-        for cow in list(self._cow.values()):  # a write may open one meanwhile
-            cow.sync()
-            if not cow.name_synced:
-                named.append(cow)
-        if named:  # new since the last sync: their names too, once
-            fsync_dir(self.dir)
-            for cow in named:
-                cow.name_synced = True
+        """Make every write so far durable. Once a flush has failed, every later one fails
+        too (``failed``): the kernel reports a lost writeback once, and an fsync after it that
+        succeeded would acknowledge writes the device never got."""
+        if self.failed is not None:
+            raise self.failed
+        try:
+            os.fdatasync(self.fd)
+            named = []
+            for cow in list(self._cow.values()):  # a write may open one meanwhile
+                cow.sync()
+                if not cow.name_synced:
+                    named.append(cow)
+            if named:  # new since the last sync: their names too, once
+                fsync_dir(self.dir)
+                for cow in named:
+                    cow.name_synced = True
+        except OSError as e:
+            kind = NoSpace if e.errno == errno.ENOSPC else SnapfsError
+            self.failed = kind(f"overlay {self.path}: a flush failed ({e.strerror}); writes "
+                               "since the last fsync may be lost, and this disk's fsyncs fail "
+                               "until the daemon restarts")
+            log.error("%s", self.failed.message)
+            raise self.failed from None
 
     def sync_all(self) -> None:
         """``sync``, and every copy-on-write file of this disk, open here or not (after a

@@ -288,7 +288,7 @@ class DiskService:
                 if self._state is not None:
                     self._state.sync(disk.record, disk.overlay.sync)
                 disk.overlay.close()
-            except (OSError, lmdb.Error) as e:
+            except (OSError, lmdb.Error, SnapfsError) as e:
                 flushed = False
                 log.error("disk %s: could not flush it at the stop (%s); its writes since "
                           "the last fsync may not survive a power cut", disk.name, e)
