@@ -497,13 +497,21 @@ class DiskService:
         disk = self.disk(name)
         await self._check_idle(disk, "delete")
 
-        def delete() -> None:
-            state.delete_disk(disk.record)
+        def remove() -> None:
             disk.overlay.close()
             disk.overlay.remove()
 
-        del self.disks[name]
-        await trio.to_thread.run_sync(delete)
+        del self.disks[name]  # opened by no one while its state is deleted
+        try:
+            await trio.to_thread.run_sync(state.delete_disk, disk.record)
+        except BaseException:
+            self.disks[name] = disk  # the state has it still: so does the daemon
+            raise
+        try:
+            await trio.to_thread.run_sync(remove)
+        except OSError as e:  # deleted all the same: its files are left for the next start
+            log.warning("disk %s deleted, but its files were not (%s); the next start "
+                        "deletes them", name, e)
         log.info("disk %s deleted", name)
         self._notify()
 
