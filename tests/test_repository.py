@@ -516,6 +516,34 @@ def test_mostly_dead_pack_is_repacked_and_dead_packs_deleted(
     assert sha256_file(out) == sha256_file(disk)
 
 
+def test_many_mostly_dead_packs_are_repacked_a_few_at_a_time(
+    store_url: str, make_store: MakeStore, tmp_path: Path
+) -> None:
+    """More packs to repack than the store reads at once: they are read and repacked in turns
+    (what is held in memory is one turn's live blobs), and every live blob lands in a new
+    pack."""
+    repo = Repository.init(make_store(store_url), pack_size=1 << 18)
+    bs = repo.block_size
+    disk = random_image(tmp_path / "disk.img", 8 * MiB, seed=11)  # 512 incompressible blocks
+    a = create(repo, disk, disk="d").root
+    index = repo.load_index()
+    data_packs = [p for p, es in index.packs.items() if es[0].kind == KIND_DATA]
+    assert len(data_packs) > repo.store.concurrency  # two turns at least
+    where = {repo.keyer.block_id(b): n for n, b in nonzero_blocks(disk, bs).items()}
+    # three quarters of every data pack's blocks rewritten: each is mostly dead once A goes
+    rewrite = [where[e.blob_id] for p in data_packs
+               for i, e in enumerate(index.packs[p]) if i % 4 != 0]
+    for i, n in enumerate(rewrite):
+        write_at(disk, n * bs, random_bytes(bs, 2000 + i))
+    b = create(repo, disk, disk="d").root
+    stats, want = delete_and_check(repo, a, {b.id: disk})
+    assert set(want.repacked) == set(data_packs)
+    assert stats["packs_repacked"] == len(data_packs)
+    out = tmp_path / "b.img"
+    export(repo, b, out)
+    assert sha256_file(out) == sha256_file(disk)
+
+
 # -- damage: a flipped byte, a missing pack ----------------------------------------------------
 
 

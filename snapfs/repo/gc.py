@@ -202,13 +202,19 @@ async def _collect(repo: Repository, limiter: trio.CapacityLimiter,
                     progress.advance(1)
 
                 progress.start("repacking", len(repack), "pack")
-                await map_in_threads(fetch, repack, limiter, fetched_one)
-                for blobs in fetched:
-                    for e, piece in blobs:
-                        repacked_bytes += e.length
-                        full = assembler.add(e.blob_id, e.kind, piece, e.raw_length)
-                        if full is not None:
-                            await send.send(full)
+                # as many packs at a time as are read at once: what is held in memory is their
+                # live blobs, not those of every pack to repack (which may be most of the data)
+                step = int(limiter.total_tokens)
+                for first in range(0, len(repack), step):
+                    await map_in_threads(fetch, repack[first : first + step], limiter,
+                                         fetched_one)
+                    for blobs in fetched:
+                        for e, piece in blobs:
+                            repacked_bytes += e.length
+                            full = assembler.add(e.blob_id, e.kind, piece, e.raw_length)
+                            if full is not None:
+                                await send.send(full)
+                    fetched.clear()
                 for full in assembler.flush():
                     await send.send(full)
 
