@@ -221,9 +221,8 @@ async def _collect(repo: Repository, limiter: trio.CapacityLimiter,
     new_index = IndexFile(packs={**keep, **uploader.index_file.packs}, supersedes=index.index_names)
     await trio.to_thread.run_sync(repo.write_index, new_index, limiter=limiter)
     progress.start("deleting index", len(index.index_names), "object")
-    for name in index.index_names:
-        await trio.to_thread.run_sync(repo.store.delete, f"index/{name}", limiter=limiter)
-        progress.advance(1)
+    await map_in_threads(lambda name: repo.store.delete(f"index/{name}"), index.index_names,
+                         limiter, lambda _n, _r: progress.advance(1))
     doomed = [p for p in stored_packs if p not in new_index.packs]
     progress.start("deleting packs", len(doomed), "pack")
     await map_in_threads(lambda p: repo.store.delete(pack_key(p)), doomed, limiter,
