@@ -1,7 +1,7 @@
 """An S3 bucket (AWS, SeaweedFS, Ceph, MinIO) as an object store, through boto3's botocore.
 
-Owns one S3 client per store, created lazily on first use (after a daemon forks) and shared by
-every thread, and the translation of botocore's errors into ``snapfs.errors``: a missing key or
+Owns a store's S3 clients (two: see Timeouts), each created lazily on first use (after a daemon
+forks) and shared by every thread, and the translation of botocore's errors into ``snapfs.errors``: a missing key or
 bucket is ``ObjectNotFound``, refused credentials are ``AccessDenied``, an endpoint that cannot be
 reached, times out, or keeps failing with 5xx or throttling after bounded retries is
 ``StoreUnavailable``. It must not let a botocore exception escape, and must never put
@@ -17,12 +17,14 @@ them). A PUT's answer comes once the server has stored the whole body, and repea
 sends its pack again, so it gets a longer one, ``put_timeout``. botocore fixes timeouts per
 client, hence two clients on one session (the one for PUTs made on the first PUT: a read-only
 command or a mount that only reads never makes it). Each call makes ``attempts`` tries in all
-(botocore's standard retry mode, with its jittered backoff and throttling detection); callers
-that retry on their own count these (``ObjectStore.attempts``). So a hung store fails a read or
-a DELETE after about ``attempts`` x ``read_timeout`` (15 s), and a PUT after about ``attempts``
-x (``put_timeout`` + 1 s: a large body first waits up to a second for ``100 Continue``) (48 s),
-or sooner: a body that stops going out fails after ``connect_timeout`` (urllib3 sends with
-that timeout on the socket), 3 x 4 s for a pack.
+(botocore's standard retry mode, with its jittered backoff and throttling detection; its
+retry quota, spent after some 35 retries that did not succeed, leaves one try a call until
+calls succeed again, so a long outage only fails faster); callers that retry on their own
+count these (``ObjectStore.attempts``). So a hung store fails a read or a DELETE after about
+``attempts`` x ``read_timeout`` (15 s), and a PUT after about ``attempts`` x (``put_timeout``
++ 1 s: a large body first waits up to a second for ``100 Continue``) (48 s), or sooner: a body
+that stops going out fails after ``connect_timeout`` (urllib3 sends with that timeout on the
+socket), 3 x 4 s for a pack.
 """
 
 from __future__ import annotations
