@@ -28,6 +28,7 @@ from snapfs.hydration.budget import MemoryBudget
 from snapfs.hydration.scheduler import (
     AROUND_PROBE,
     AROUND_TRIAL,
+    FAILED_MEMORY,
     HydrationConfig,
     Hydrator,
     Priority,
@@ -830,6 +831,7 @@ def test_a_hung_store_fails_reads_after_bounded_retries(repo_and_image, tmp_path
         waited.append(await timed_failure(hydrator, next(iter(packs[other]))))
         assert release_fifo_reader(path)  # the "server" answers: both hung calls return
         await wait_until(lambda: hydrator._store_limiter.borrowed_tokens == 0, 10)
+        await trio.sleep(FAILED_MEMORY)  # until then, a read of a block that just failed fails
         got_other = await hydrator.read_blocks(list(packs[other]))
         path.unlink()
         aside.rename(path)
@@ -849,6 +851,107 @@ def test_a_hung_store_fails_reads_after_bounded_retries(repo_and_image, tmp_path
     assert failed == 4
     assert got_other == list(packs[other].values())
     assert got_hung == list(packs[hung].values())
+
+
+class RetryingStore(CountingStore):
+    """A local store that says each of its calls makes 3 tries, as S3's does (it makes one:
+    only what the hydrator does with the claim is tested)."""
+
+    attempts = 3
+
+
+@pytest.mark.parametrize("retrying", [False, True], ids=["one-try-calls", "retrying-calls"])
+def test_retries_do_not_multiply_and_a_failure_is_not_waited_for_twice(
+        repo_and_image, tmp_path: Path, retrying: bool) -> None:
+    """A fetch makes ``attempts`` tries of the store in all: calls to a store that retries
+    inside each call are made once. A read of a block whose fetch just failed (the kernel's
+    retry of a failed read) fails at once without a call; after ``FAILED_MEMORY`` it fetches
+    again. A background fetch makes one call whatever the store."""
+    repo, _, data, _ = repo_and_image
+    packs = data_blocks_by_pack(repo, data)
+    bad, good = list(packs)[:2]
+    store = (RetryingStore if retrying else CountingStore)(tmp_path / "repo")
+    repo = Repository(store, repo.config)
+    path = store.root / pack_key(bad)
+    path.rename(path.with_name(path.name + ".aside"))
+    path.mkdir()  # every read of it fails (EISDIR)
+    cache = open_cache(tmp_path)
+    bad_ids = list(packs[bad])
+
+    def calls() -> int:
+        return [key for key, _, _ in store.ranges].count(pack_key(bad))
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        counts = []
+        for priority in (Priority.WAITING, Priority.BACKGROUND):
+            with pytest.raises(StoreUnavailable):
+                await hydrator.read_blob(bad_ids[0], priority)
+            counts.append(calls())
+            await trio.sleep(FAILED_MEMORY)
+        with pytest.raises(StoreUnavailable):
+            await hydrator.read_blob(bad_ids[1])
+        before = calls()
+        with pytest.raises(StoreUnavailable):  # at once, no call
+            await hydrator.read_blob(bad_ids[1])
+        again = calls() - before, hydrator.counters.failed_again
+        await trio.sleep(FAILED_MEMORY)
+        with pytest.raises(StoreUnavailable):  # forgotten: tried again
+            await hydrator.read_blob(bad_ids[1])
+        got = await hydrator.read_blocks(list(packs[good]))  # other packs are not concerned
+        return counts, again, calls() - before, got
+
+    config = HydrationConfig(background=False, attempts=3, retry_delay=0.01)
+    try:
+        counts, again, after, got = trio.run(with_hydrator, repo, cache, config, body)
+    finally:
+        cache.close()
+    waiting = 1 if retrying else 3
+    assert counts == [waiting, waiting + 1]  # background: one call
+    assert again == (0, 1)
+    assert after == waiting
+    assert got == list(packs[good].values())
+
+
+class SlowStore(CountingStore):
+    """A local store whose ranged GETs take ``delay`` seconds: a slow transfer that moves."""
+
+    delay = 0.6
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        threading.Event().wait(self.delay)
+        return super().get_range(key, offset, length)
+
+
+@pytest.mark.parametrize("bounded", [False, True], ids=["no-stall-timeout", "stall-timeout"])
+def test_store_timeout_is_for_stores_that_do_not_bound_their_stalls(
+        repo_and_image, tmp_path: Path, bounded: bool) -> None:
+    """``store_timeout`` is a total per try: it cuts a call to a store that has no stall
+    timeout of its own, never one to a store that has (S3: a transfer that moves is not cut
+    short, one that stops fails in the store)."""
+    repo, _, data, _ = repo_and_image
+    packs = data_blocks_by_pack(repo, data)
+    pack = next(iter(packs))
+    store = SlowStore(tmp_path / "repo")
+    if bounded:
+        store.stall_timeout = 5.0
+    repo = Repository(store, repo.config)
+    cache = open_cache(tmp_path)
+    config = HydrationConfig(background=False, attempts=1, store_timeout=0.2)
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        try:
+            return await hydrator.read_blocks(list(packs[pack]))
+        except StoreUnavailable as e:
+            return e
+
+    try:
+        got = trio.run(with_hydrator, repo, cache, config, body)
+    finally:
+        cache.close()
+    if bounded:
+        assert got == list(packs[pack].values())
+    else:
+        assert isinstance(got, StoreUnavailable) and "no answer in 0.2 s" in str(got)
 
 
 class UnwrappedErrorStore(CountingStore):

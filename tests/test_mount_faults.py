@@ -1,16 +1,21 @@
-"""A lazy mount whose store goes down and comes back: real SeaweedFS, killed and restarted.
+"""A lazy mount whose store goes down and comes back: real SeaweedFS, killed and restarted,
+or stopped (SIGSTOP: the kernel still accepts its connections, nothing answers them) and
+continued.
 
 Reads of uncached blocks fail with EIO within seconds (bounded retries), cached blocks keep
 reading, the daemon stays up and answers ``stats``, and once the store is back the same reads
-return the right bytes, and the background sweep finishes what the outage interrupted.
+return the right bytes, and the background sweep finishes what the outage interrupted. A mount
+whose store hangs also unmounts in bounded time.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import signal
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,7 +26,7 @@ from testkit import Snapfs, wait_until
 
 from snapfs.cache import BlockCache
 from snapfs.errors import SnapfsError
-from snapfs.hydration.scheduler import HydrationConfig, Hydrator
+from snapfs.hydration.scheduler import FAILED_MEMORY, HydrationConfig, Hydrator
 from snapfs.image.catalog import SnapshotCatalog
 from snapfs.image.sweep import Sweeper
 from snapfs.repo.create import CreateOptions, create_snapshot
@@ -71,22 +76,42 @@ def wait_until_serving(server: SeaweedServer, prefix: str = "repo") -> None:
         store.close()
 
 
-def test_store_down_then_back(server: SeaweedServer, tmp_path: Path,
-                              monkeypatch: pytest.MonkeyPatch) -> None:
+@contextmanager
+def stopped(server: SeaweedServer) -> Iterator[None]:
+    """The store hangs: SeaweedFS stopped (SIGSTOP), so the kernel completes connections to it
+    and takes requests into its buffers, and nothing ever answers; continued (SIGCONT)
+    afterwards, whatever happens."""
+    assert server.pid is not None
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+
+
+def snapshot_on(server: SeaweedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                prefix: str, size: str, data: str, seed: int) -> tuple[Snapfs, bytes]:
+    """A repository at ``prefix`` on ``server`` holding one snapshot ``vm`` of a new image; the
+    ``snapfs`` command for it, and the image's bytes."""
     for name, value in (("AWS_ACCESS_KEY_ID", ACCESS), ("AWS_SECRET_ACCESS_KEY", SECRET),
                         ("AWS_DEFAULT_REGION", "us-east-1")):
         monkeypatch.setenv(name, value)  # for this process's own S3 client
-    image = make_image(tmp_path / "disk.img", size="64M", data="24M", seed=3)
-    source = image.read_bytes()
+    image = make_image(tmp_path / "disk.img", size=size, data=data, seed=seed)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SNAPFS_"))}
     env.update(AWS_ACCESS_KEY_ID=ACCESS, AWS_SECRET_ACCESS_KEY=SECRET, AWS_DEFAULT_REGION="us-east-1",
                AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
     runtime = Path(f"/tmp/snapfs-faults-{os.getpid()}")
     runtime.mkdir(mode=0o700, exist_ok=True)
     env["SNAPFS_RUNTIME_DIR"] = str(runtime)
-    snapfs = Snapfs("s3://faults/repo", server.endpoint_url, env)
+    snapfs = Snapfs(f"s3://faults/{prefix}", server.endpoint_url, env)
     snapfs.ok("init")
     snapfs.ok("snapshot", "create", image, "--name", "vm")
+    return snapfs, image.read_bytes()
+
+
+def test_store_down_then_back(server: SeaweedServer, tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    snapfs, source = snapshot_on(server, tmp_path, monkeypatch, "repo", "64M", "24M", seed=3)
 
     nonzero = [o for o in range(8 << 20, len(source), BS) if source[o : o + BS] != bytes(BS)]
     later = nonzero[len(nonzero) // 2]  # a block nobody has read yet
@@ -115,6 +140,47 @@ def test_store_down_then_back(server: SeaweedServer, tmp_path: Path,
         drop_page_cache()
         assert pread(served, 0, len(source)) == source
         snapfs.ok("umount", daemon.mountpoint)
+
+
+def test_store_hangs_then_answers(server: SeaweedServer, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hung store fails a waiting read with EIO in seconds (S3 reads give up on a request
+    that has no byte for 5 s, 3 tries: about 15 s, and the kernel's retry fails at once; it
+    was about 180 s: 3 tries of 30 s, then as many for the kernel's retry), reads of cached
+    blocks go on, the same read succeeds once the store answers again, and ``umount`` of a
+    mount whose store hangs ends in bounded time, its daemon exiting by itself."""
+    snapfs, source = snapshot_on(server, tmp_path, monkeypatch, "hung", "32M", "12M", seed=4)
+    nonzero = [o for o in range(4 << 20, len(source), BS) if source[o : o + BS] != bytes(BS)]
+    later = nonzero[len(nonzero) // 2]  # a block nobody has read yet
+    with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache", "--no-background") as daemon:
+        served = daemon.images / "vm.img"
+        assert pread(served, 0, 4 << 20) == source[: 4 << 20]  # now in the block cache
+
+        with stopped(server):
+            drop_page_cache()  # so reads reach the daemon, not the kernel's copy
+            assert pread(served, 0, 4 << 20) == source[: 4 << 20]  # cached: still readable
+
+            started = time.monotonic()
+            with pytest.raises(OSError) as e:
+                pread(served, later, 4096)
+            waited = time.monotonic() - started
+            assert e.value.errno == errno.EIO
+            assert waited < 30, waited  # bounded: about 15 s
+            assert pid_running(daemon.pid)
+            stats = snapfs.json("stats", daemon.mountpoint)
+            assert stats["hydrator"]["failed_requests"] >= 1, stats
+            assert pread(served, 0, 4 << 20) == source[: 4 << 20]  # and still readable
+        wait_until_serving(server, "hung")
+        time.sleep(FAILED_MEMORY)  # the failure is forgotten by then (the kernel's retry is not)
+        assert pread(served, later, 4096) == source[later : later + 4096]
+
+        with stopped(server):  # storing its access profile hangs: it gives up in time
+            started = time.monotonic()
+            result = snapfs("umount", daemon.mountpoint)
+            waited = time.monotonic() - started
+        assert result.returncode == 0, (result.stdout, result.stderr)
+        assert result.stdout == f"unmounted {daemon.mountpoint}\n"  # not killed
+        assert waited < 50, waited  # the daemon's own limits: 15 s, then 20 s at most
 
 
 def test_background_sweep_finishes_once_the_store_is_back(server: SeaweedServer, tmp_path: Path,

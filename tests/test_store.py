@@ -323,7 +323,81 @@ def test_s3_persistent_slowdown_is_unavailable_after_bounded_retries(
             thread.join()
     assert endpoint in str(caught.value)
     assert "SlowDown" in str(caught.value)
-    assert seen == ["GET /snapfs-test/repo/config"] * S3Store.total_attempts
+    assert seen == ["GET /snapfs-test/repo/config"] * S3Store.attempts
+
+
+def stalling_handler(seen: list[str], release: threading.Event) -> type[BaseHTTPRequestHandler]:
+    """A handler for an S3 server that hangs on ``silent`` (it takes the request and never
+    answers, until ``release``) and is slow but steady on ``trickle`` (its body comes in six
+    pieces 0.2 s apart), noting each request in ``seen``."""
+
+    class Stalling(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self) -> None:
+            seen.append(f"{self.command} {self.path}")
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            if self.path.endswith("/silent"):
+                release.wait(60)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(6 * len(TRICKLE)))
+            self.end_headers()
+            for _ in range(6):
+                time.sleep(0.2)
+                self.wfile.write(TRICKLE)
+                self.wfile.flush()
+
+        do_GET = do_PUT = _answer
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    return Stalling
+
+
+TRICKLE = b"x" * 1000
+
+
+def test_s3_a_stalled_request_fails_and_a_slow_one_does_not(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """botocore's read timeout is a stall timeout: a request that has no byte for
+    ``read_timeout`` (``put_timeout`` for a PUT) fails, tried ``attempts`` times; a
+    transfer that takes longer but keeps moving is not cut short."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "anything")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "anything-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setattr(S3Store, "read_timeout", 0.5)
+    monkeypatch.setattr(S3Store, "put_timeout", 1.0)
+    seen: list[str] = []
+    release = threading.Event()
+    with ThreadingHTTPServer(("127.0.0.1", 0), stalling_handler(seen, release)) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+            s = make_store("s3://snapfs-test/repo", endpoint_url=endpoint)
+            started = time.monotonic()
+            assert s.get("trickle") == 6 * TRICKLE
+            assert time.monotonic() - started > 2 * S3Store.read_timeout  # and not cut short
+            with pytest.raises(StoreUnavailable, match="ReadTimeoutError"):
+                s.get("silent")
+            with pytest.raises(StoreUnavailable, match="ReadTimeoutError"):
+                s.put("silent", b"x")
+            assert isinstance(s, S3Store)  # the timeouts each kind of call waits for
+            assert s._s3().meta.config.read_timeout == 0.5
+            assert s._s3_puts().meta.config.read_timeout == 1.0
+            s.close()
+        finally:
+            release.set()
+            server.shutdown()
+            thread.join()
+    assert seen == (["GET /snapfs-test/repo/trickle"] + ["GET /snapfs-test/repo/silent"] * S3Store.attempts
+                    + ["PUT /snapfs-test/repo/silent"] * S3Store.attempts)
 
 
 @pytest.mark.s3

@@ -34,22 +34,36 @@ Rules it keeps (DESIGN.md, "Hydration order"):
   reads around. Random reads (a database) thus soon stop paying for neighbours they never read
   (their GETs were 16× larger and each cached ~30 blocks, +2 ms a read at p50), and a
   directory walk or a mount brings them back.
-- A store that is slow or down fails a waiting read with ``StoreUnavailable`` after
-  ``attempts`` tries with backoff: seconds, never forever. A corrupt blob fails at once with
-  ``CorruptBlock``, logged with its ID, and is never cached.
-- A store that hangs (a dead NFS server, a stalled connection) costs an attempt after
-  ``store_timeout`` seconds: the attempt (waiting for a fetch slot, the GET, decoding and
-  caching its run) counts as failed and is retried like any store error, and its thread is
-  abandoned. An abandoned thread keeps its fetch slot (its ``_store_limiter`` token) until its
-  call returns, on purpose: however long the store hangs, at most ``fetchers`` threads hang
-  with it (releasing the slot at the timeout would add a hung thread per attempt, without
-  bound). The price: once they all hang, every fetch fails the same way, each within its own
-  timeout, even from a pack that would answer; the slots come back when the calls return
-  (S3 calls always do: the client has its own timeouts), and a call that never returns (a hard
-  NFS mount whose server never comes back) keeps its slot until the daemon restarts. An
-  abandoned attempt whose GET returns late stops there (it neither hands over nor caches; the
-  attempt after it does). A read waits at most ``attempts`` times ``store_timeout`` plus the
-  backoff for its own fetch, and longer if every worker is busy with a fetch of its own.
+- A store that is slow, down or hung fails a waiting read with ``StoreUnavailable`` after
+  bounded tries, in seconds, never forever; a slow transfer that still moves is not cut short.
+  A fetch makes ``attempts`` tries of the store in all, the store's own retries counted
+  (``ObjectStore.attempts``), so that they do not multiply: S3 retries inside each call (3
+  tries), and a fetch from it is one call; a local directory does not, and a fetch from it is
+  ``attempts`` calls, ``retry_delay`` apart and doubling. Background work (the sweep's runs and
+  the manifest pages its scan loads) is not in a hurry and makes one call: its blocks stay
+  missing and the sweep tries them again later (``sweep_retry``, growing), so a store that is
+  down or hung costs the sweep one failed call per run, not a burst of quick ones. A corrupt
+  blob fails at once with ``CorruptBlock``, logged with its ID, and is never cached.
+- The kernel tries a buffered read that failed once more at once (its page alone): so that it
+  does not wait for a store that is down or hung all over again, a waiting read of a block
+  whose fetch the store failed less than ``FAILED_MEMORY`` seconds ago fails at once with the
+  same error (for half a second only: after that the next read fetches again).
+- A store that hangs (accepts a request and never answers): a store with a
+  ``stall_timeout`` (S3: a try that moves no byte for 5 s fails, however long a transfer that
+  moves takes) fails the call by itself, so a waiting read on a hung S3 store fails after about
+  3 x 5 s (15 s) and never holds a fetch slot longer. A store without one (a directory on a
+  dead NFS server) costs a try after ``store_timeout`` seconds, a total: the try (waiting for a
+  fetch slot, the GET, decoding and caching its run) counts as failed and is retried like any
+  store error, and its thread is abandoned. An abandoned thread keeps its fetch slot (its
+  ``_store_limiter`` token) until its call returns, on purpose: however long the store hangs,
+  at most ``fetchers`` threads hang with it (releasing the slot at the timeout would add a hung
+  thread per try, without bound). The price: once they all hang, every fetch fails the same
+  way, each within its own timeout, even from a pack that would answer; the slots come back
+  when the calls return, and a call that never returns (a hard NFS mount whose server never
+  comes back) keeps its slot until the daemon restarts. An abandoned try whose GET returns
+  late stops there (it neither hands over nor caches; the try after it does). A read waits at
+  most its fetch's tries (each bounded as above) plus the backoff, and longer if every worker
+  is busy with a fetch of its own.
 - Nothing a fetch runs into ends the daemon: an error other than a ``SnapfsError`` (a bug, an
   error a store did not wrap) is logged with its traceback and fails the fetch's reads. The
   cache's own I/O errors cost no read at all (``BlockCache``): a block it could not store is
@@ -76,6 +90,7 @@ import enum
 import heapq
 import itertools
 import logging
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -110,6 +125,9 @@ AROUND_TRIAL = 8  # read-around GETs made before whether it pays decides
 AROUND_PAYS = 4  # read-around goes on while at least 1 in this many of its GETs paid
 AROUND_PROBE = 8  # while it does not pay, 1 waiting GET in this many still reads around
 AROUND_TRACKED = 4096  # blocks read-around brought that are remembered until someone reads them
+#: seconds a block whose fetch the store failed fails again at once (see the module docstring)
+FAILED_MEMORY = 0.5
+FAILED_TRACKED = 4096  # such blocks remembered at most
 
 
 class Priority(enum.IntEnum):
@@ -126,6 +144,8 @@ class HydrationConfig:
     background: bool = True
     hydrate_rate: float | None = None  # bytes per second for background work
     prefetch_list: str | None = None
+    #: tries of the store a fetch someone may wait on makes in all, the store's own retries
+    #: included (``ObjectStore.attempts``); background fetches make one call
     attempts: int = 3
     retry_delay: float = 0.25  # doubled after each failed attempt
     max_run: int = 1 << 20  # bytes one GET may span for foreground runs
@@ -137,7 +157,9 @@ class HydrationConfig:
     sweep_retry: float = 30.0  # the sweep's first wait before it tries failed blocks again
     readahead_budget: int = 64 << 20  # raw bytes of read-ahead queued at once, for all images
     readahead_memory: int = 64 << 20  # plain bytes held in read-ahead buffers, for all images
-    #: seconds one fetch attempt may take (an S3 GET of a few MiB takes well under one)
+    #: seconds one fetch attempt may take in all, on a store that does not bound its own
+    #: stalls (``ObjectStore.stall_timeout`` is None: a local directory, maybe on NFS); a
+    #: store that does (S3) is trusted to, and a slow transfer from it is never cut short
     store_timeout: float = 30.0
 
 
@@ -242,6 +264,8 @@ class Hydrator:
         #: between a cache lookup on a worker thread and the decision to fetch
         self._recent: OrderedDict[bytes, bytes] = OrderedDict()
         self._recent_bytes = 0
+        #: blocks whose fetch the store failed lately: block -> (trio clock, the error)
+        self._failed: OrderedDict[bytes, tuple[float, SnapfsError]] = OrderedDict()
         self._recent_waiting: deque[tuple[float, int]] = deque()  # (time, bytes) of waiting misses
         self._background_done: deque[tuple[float, int]] = deque()  # (time, raw bytes) hydrated
         self._last_waiting = -1e9
@@ -317,6 +341,8 @@ class Hydrator:
         self.counters.cache_hits += len(block_ids) - len(missing)
         tally.cache_hits += len(block_ids) - len(missing)
         if missing:
+            if self._failed:
+                self._fail_again([block_ids[i] for i in missing])
             fetches = {block_ids[i]: self._request(block_ids[i], priority, notify=False)
                        for i in missing}
             self._notify()
@@ -714,7 +740,8 @@ class Hydrator:
 
         try:
             results, around, stored = await self._fetch_with_retries(
-                pack, wanted, early, [(f.block_id, f.loc) for f in extras])
+                pack, wanted, early, [(f.block_id, f.loc) for f in extras],
+                background=background)
         except SnapfsError as e:
             for f in run + extras:
                 if not f.done.is_set():  # a late abandoned attempt may have handed it over
@@ -774,7 +801,7 @@ class Hydrator:
         await self._rate.take(span)
         try:
             results, _, kept = await self._fetch_with_retries(run.pack, wanted, None, [],
-                                                              copy=False)
+                                                              copy=False, background=True)
         except SnapfsError as e:
             for bid, _ in wanted:  # its blocks stay missing: a later sweep queues them again
                 del self._in_runs[bid]
@@ -815,14 +842,18 @@ class Hydrator:
     async def _fetch_with_retries(self, pack: str, wanted: list[tuple[bytes, Location]],
                                   early: Callable[[Pieces], None] | None,
                                   around: list[tuple[bytes, Location]], copy: bool = True,
-                                  relocate: bool = True) -> tuple[Pieces, Pieces, bool]:
+                                  relocate: bool = True, background: bool = False,
+                                  ) -> tuple[Pieces, Pieces, bool]:
         """``_fetch_decode_cache`` on a worker thread, tried again after a store error or
-        after ``store_timeout`` (see the module docstring); if the pack is gone, read where the
-        reloaded index says the blobs are now. Returns (plain, error) per blob of ``wanted``
-        and of ``around``, and whether the blobs fetched were cached."""
+        after ``store_timeout`` (see the module docstring: how many calls, and when a call
+        has a timeout here); if the pack is gone, read where the reloaded index says the blobs
+        are now. Returns (plain, error) per blob of ``wanted`` and of ``around``, and whether
+        the blobs fetched were cached."""
         delay = self.config.retry_delay
-        timeout = self.config.store_timeout
-        for attempt in range(1, self.config.attempts + 1):
+        store = self.repo.store
+        timeout = self.config.store_timeout if store.stall_timeout is None else math.inf
+        calls = 1 if background else max(1, -(-self.config.attempts // store.attempts))
+        for attempt in range(1, calls + 1):
             self.counters.requests += 1
             try:
                 with trio.fail_after(timeout):
@@ -834,7 +865,7 @@ class Hydrator:
                 self.counters.failed_requests += 1
                 if not relocate:
                     raise
-                results, stored = await self._relocated(pack, wanted, early, copy)
+                results, stored = await self._relocated(pack, wanted, early, copy, background)
                 return results, [(None, None)] * len(around), stored  # neighbours: a guess anyway
             except IntegrityError:
                 self.counters.failed_requests += 1
@@ -843,9 +874,9 @@ class Hydrator:
                 self.counters.failed_requests += 1
                 reason = e if isinstance(e, StoreError) else \
                     f"{self.repo.store.url}: pack {pack[:12]}: no answer in {timeout:g} s"
-                if attempt == self.config.attempts:
-                    log.warning("giving up on pack %s after %d attempts: %s", pack[:12], attempt,
-                                reason)
+                if attempt == calls:
+                    log.warning("giving up on pack %s after %d %s: %s", pack[:12], attempt,
+                                "call" if attempt == 1 else "calls", reason)
                     raise StoreUnavailable(f"store unavailable: {reason}") from None
                 await trio.sleep(delay)
                 delay *= 2
@@ -866,7 +897,7 @@ class Hydrator:
 
     async def _relocated(self, pack: str, wanted: list[tuple[bytes, Location]],
                          early: Callable[[Pieces], None] | None, copy: bool,
-                         ) -> tuple[Pieces, bool]:
+                         background: bool) -> tuple[Pieces, bool]:
         """The blobs of ``wanted`` read from the packs the reloaded index names, now that
         ``pack`` is gone (garbage collection repacked them), and whether they were cached;
         ``PackMissing`` again if the index has them nowhere else."""
@@ -885,7 +916,8 @@ class Hydrator:
         for new_pack, places in by_pack.items():
             places.sort(key=lambda i: moved[i][1].offset)
             got, _, stored_here = await self._fetch_with_retries(
-                new_pack, [moved[i] for i in places], None, [], copy, relocate=False)
+                new_pack, [moved[i] for i in places], None, [], copy, relocate=False,
+                background=background)
             stored = stored and stored_here
             for i, piece in zip(places, got, strict=True):
                 results[i] = piece
@@ -955,7 +987,26 @@ class Hydrator:
         self._inflight.pop(f.block_id, None)
         if data is not None:
             self._remember(f.block_id, data)
+        elif isinstance(error, StoreUnavailable):
+            failed = self._failed
+            failed.pop(f.block_id, None)
+            failed[f.block_id] = (trio.current_time(), error)
+            if len(failed) > FAILED_TRACKED:
+                failed.popitem(last=False)
         f.done.set()
+
+    def _fail_again(self, block_ids: list[bytes]) -> None:
+        """Raise the error of a fetch of one of ``block_ids`` that the store failed less than
+        ``FAILED_MEMORY`` seconds ago (none in flight again), and forget older failures."""
+        failed = self._failed
+        forget = trio.current_time() - FAILED_MEMORY
+        while failed and next(iter(failed.values()))[0] < forget:
+            failed.popitem(last=False)
+        for bid in block_ids:
+            last = failed.get(bid)
+            if last is not None and bid not in self._inflight:
+                self.counters.failed_again += 1
+                raise last[1]
 
     def _remember(self, block_id: bytes, data: bytes) -> None:
         """Keep a fetched block's bytes in ``_recent`` (bounded by RECENT_BYTES)."""

@@ -39,6 +39,7 @@ class HydrationStats:
     read_around_gets: int = 0  # GETs that brought such blocks
     read_around_paid: int = 0  # of those, the ones with a block that was read afterwards
     corrupt_blocks: int = 0
+    failed_again: int = 0  # reads failed at once: their block's fetch had failed just before
 
 
 @dataclass

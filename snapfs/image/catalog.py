@@ -131,15 +131,19 @@ class SnapshotCatalog:
 
     async def save_profiles(self) -> None:
         """Store each read image's access profile beside its snapshot: this mount's first reads
-        first, then what earlier profiles had that this mount did not read."""
+        first, then what earlier profiles had that this mount did not read. Runs at shutdown
+        under the daemon's time limit: a store call that hangs is abandoned when it is reached
+        (a profile is only a hint, and its PUT is atomic: late or never, it harms nothing), so
+        the daemon exits in bounded time whatever the store does."""
         for view in list(self._views.values()):
             if not view.profile:
                 continue
-            old = await trio.to_thread.run_sync(self.repo.read_profile, view.root.id)
+            old = await trio.to_thread.run_sync(self.repo.read_profile, view.root.id,
+                                                abandon_on_cancel=True)
             mine = set(view.profile)
             merged = view.profile + [n for n in old if n not in mine]
             await trio.to_thread.run_sync(self.repo.write_profile, view.root.id,
-                                          merged[:PROFILE_MAX])
+                                          merged[:PROFILE_MAX], abandon_on_cancel=True)
 
     def _blocks_cached(self, block_ids: list[bytes]) -> None:
         for view in self._views.values():

@@ -16,6 +16,13 @@ from collections.abc import Iterator
 class ObjectStore(ABC):
     #: how many calls may usefully run at once (sizes the callers' limiters and pools)
     concurrency: int = 8
+    #: tries each call makes before it raises (1: it does not retry; a caller that retries on
+    #: its own counts these, so that retries do not multiply: ``Hydrator``)
+    attempts: int = 1
+    #: seconds after which the store itself fails a try that moves no bytes (a server that
+    #: accepts but never answers), or None if nothing bounds a call (a directory on a hung NFS
+    #: server blocks it forever): a caller that must not hang then needs a timeout of its own
+    stall_timeout: float | None = None
 
     #: where the store is, for messages: never contains credentials
     url: str

@@ -1,16 +1,30 @@
 """An S3 bucket (AWS, SeaweedFS, Ceph, MinIO) as an object store, through boto3's botocore.
 
-Owns one S3 client per store, created lazily on first use (after a daemon forks) and shared by
-every thread, and the translation of botocore's errors into ``snapfs.errors``: a missing key or
+Owns a store's S3 clients (two: see Timeouts), each created lazily on first use (after a daemon
+forks) and shared by every thread, and the translation of botocore's errors into ``snapfs.errors``: a missing key or
 bucket is ``ObjectNotFound``, refused credentials are ``AccessDenied``, an endpoint that cannot be
 reached, times out, or keeps failing with 5xx or throttling after bounded retries is
 ``StoreUnavailable``. It must not let a botocore exception escape, and must never put
 credentials into a message or into ``url``.
 
-Objects live at ``PREFIX/KEY`` in the bucket (just ``KEY`` when the prefix is empty). A PUT is
-atomic in S3, so ``put`` needs no temporary object. Keys ending in ``/`` are directory markers
-that some servers (SeaweedFS among them) may list; snapfs never writes such keys, so ``list``
-skips them.
+Timeouts: a store that accepts connections but never answers (a hung server, a stalled
+connection) must fail a call in seconds. botocore's ``read_timeout`` bounds each wait for the
+socket to yield bytes (the first byte of a response, then every read of its body), not the
+whole call: a slow but progressing transfer is never cut off by it, a silent one is. So it is a
+stall timeout, and a short one, ``read_timeout``, suits every request but a PUT (GET, ranged
+GET, HEAD, LIST, DELETE: small answers, cheap to repeat, and a read through a mount waits on
+them). A PUT's answer comes once the server has stored the whole body, and repeating a PUT
+sends its pack again, so it gets a longer one, ``put_timeout``. botocore fixes timeouts per
+client, hence two clients on one session (the one for PUTs made on the first PUT: a read-only
+command or a mount that only reads never makes it). Each call makes ``attempts`` tries in all
+(botocore's standard retry mode, with its jittered backoff and throttling detection; its
+retry quota, spent after some 35 retries that did not succeed, leaves one try a call until
+calls succeed again, so a long outage only fails faster); callers that retry on their own
+count these (``ObjectStore.attempts``). So a hung store fails a read or a DELETE after about
+``attempts`` x ``read_timeout`` (15 s), and a PUT after about ``attempts`` x (``put_timeout``
++ 1 s: a large body first waits up to a second for ``100 Continue``) (48 s), or sooner: a body
+that stops going out fails after ``connect_timeout`` (urllib3 sends with that timeout on the
+socket), 3 x 4 s for a pack.
 """
 
 from __future__ import annotations
@@ -110,14 +124,21 @@ class S3Store(ObjectStore):
 
     concurrency = 16
 
-    #: an unreachable store fails in seconds, not minutes: 4 attempts in all (standard mode), so
-    #: a refused connection fails within about a second, a silent host within 4 x 3 s, and
-    #: throttling or 5xx after backoffs of at most 1 + 2 + 4 s.
+    #: an unreachable store fails in seconds, not minutes: 3 attempts in all (standard mode's
+    #: default), so a refused connection fails within about a second, a silent host within
+    #: 3 x 3 s, a hung one (it accepts, never answers) within 3 x ``read_timeout`` for a read,
+    #: and throttling or 5xx after backoffs of at most 1 + 2 s (see the module docstring).
+    attempts = 3
     connect_timeout = 3.0
+    #: seconds a request but a PUT may wait for its next byte (a stall, not a whole transfer):
+    #: S3 answers a GET's first byte in tens of milliseconds, and a healthy stream never stops
+    #: for seconds
+    read_timeout = 5.0
+    #: the same for a PUT, whose answer comes once the server has stored the whole body
+    put_timeout = 15.0
+    stall_timeout = read_timeout
     #: keys per LIST request (S3's most)
     list_page_size = 1000
-    read_timeout = 30.0
-    total_attempts = 4
 
     def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None) -> None:
         if not bucket:
@@ -140,42 +161,61 @@ class S3Store(ObjectStore):
         else:
             self._where = "AWS S3"
             self.url = location
-        self._client: Any = None
+        self._session: Any = None
+        self._reader: Any = None
+        self._putter: Any = None
         self._client_lock = threading.Lock()
 
-    # -- the client ---------------------------------------------------------------------------
+    # -- the clients --------------------------------------------------------------------------
 
     def _s3(self) -> Any:
-        client = self._client
+        """The client for every request but a PUT: ``read_timeout``."""
+        client = self._reader
         if client is not None:
             return client
         with self._client_lock:
-            if self._client is None:
-                self._client = self._make_client()
-            return self._client
+            if self._reader is None:
+                self._reader = self._make_client(self.read_timeout)
+            return self._reader
 
-    def _make_client(self) -> Any:
+    def _s3_puts(self) -> Any:
+        """The client for PUTs: ``put_timeout``."""
+        client = self._putter
+        if client is not None:
+            return client
+        with self._client_lock:
+            if self._putter is None:
+                self._putter = self._make_client(self.put_timeout)
+            return self._putter
+
+    def _make_client(self, read_timeout: float) -> Any:
+        """A client whose reads of the socket stall for at most ``read_timeout`` s; call with
+        ``_client_lock`` held."""
         options: dict[str, Any] = {}
         if self.endpoint_url:
             options["s3"] = {"addressing_style": "path"}
         config = Config(
             max_pool_connections=self.concurrency,
-            retries={"mode": "standard", "total_max_attempts": self.total_attempts},
+            retries={"mode": "standard", "total_max_attempts": self.attempts},
             connect_timeout=self.connect_timeout,
-            read_timeout=self.read_timeout,
+            read_timeout=read_timeout,
             **options,
         )
-        # A session per store: a default session is not safe to share between threads. botocore
-        # directly, not boto3 (which wraps this same session and client): importing boto3 costs
-        # start-up time on top of botocore's, and snapfs needs none of its resource layer.
-        session = botocore.session.get_session()
-        return session.create_client("s3", endpoint_url=self.endpoint_url, config=config)
+        # A session per store: a default session is not safe to share between threads (its two
+        # clients are made under the lock). botocore directly, not boto3 (which wraps this same
+        # session and client): importing boto3 costs start-up time on top of botocore's, and
+        # snapfs needs none of its resource layer.
+        if self._session is None:
+            self._session = botocore.session.get_session()
+        return self._session.create_client("s3", endpoint_url=self.endpoint_url, config=config)
 
     def close(self) -> None:
         with self._client_lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
+            clients = (self._reader, self._putter)
+            self._reader = self._putter = None
+        for client in clients:
+            if client is not None:
+                client.close()
 
     # -- keys and errors ----------------------------------------------------------------------
 
@@ -203,14 +243,14 @@ class S3Store(ObjectStore):
             if code in _UNAVAILABLE or status >= 500 or status == 429:
                 return StoreUnavailable(
                     f"{self._where} is unavailable ({code or status}) for {what} "
-                    f"in bucket {self.bucket}, after {self.total_attempts} attempts"
+                    f"in bucket {self.bucket}, after {self.attempts} attempts"
                 )
             return StoreError(f"{self.url}: {what}: {code or status} {error.get('Message', '')}")
         if isinstance(e, (ConnectionError, HTTPClientError, IncompleteReadError)):
             # Connection refused, DNS, TLS, connect/read timeouts, a connection cut mid-body.
             return StoreUnavailable(
                 f"cannot reach {self._where} for {what} in bucket {self.bucket} "
-                f"after {self.total_attempts} attempts ({type(e).__name__})"
+                f"after {self.attempts} attempts ({type(e).__name__})"
             )
         if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
             return AccessDenied(
@@ -270,7 +310,7 @@ class S3Store(ObjectStore):
     def put(self, key: str, data: bytes) -> None:
         full = self._key(key)
         try:
-            self._s3().put_object(Bucket=self.bucket, Key=full, Body=data)
+            self._s3_puts().put_object(Bucket=self.bucket, Key=full, Body=data)
         except (BotoCoreError, ClientError) as e:
             if self._code(e) == "NoSuchBucket":
                 raise StoreError(

@@ -5,6 +5,12 @@ Every call waits ``latency`` seconds (first byte), and the bytes it moves share 
 ``bandwidth`` bytes per second with every other call (a reservation on a shared timeline, so
 parallel calls do not each get the full bandwidth). Calls run on worker threads, so sleeping here
 blocks nothing but the caller.
+
+It keeps the inner store's ``attempts`` and ``stall_timeout``: those bound a call on a store that
+hangs, and the delay added here is a transfer that progresses, never a stall. Over an S3 store
+nothing then cuts a slowed call short; over a local directory the hydrator's ``store_timeout``
+(a total per try) covers the delay too, so a link booked for longer than that by the calls
+queued on it (under 1 MB/s, the sweep's runs alone) fails reads as a hung store would.
 """
 
 from __future__ import annotations
@@ -22,6 +28,11 @@ class SimulatedStore(ObjectStore):
         self.latency = latency
         self.bandwidth = bandwidth
         self.concurrency = inner.concurrency
+        # the inner store's tries and timeouts are the ones that bound a call: the simulated
+        # delay is a transfer that progresses, never a stall, and is added to each call once
+        # (not retried)
+        self.attempts = inner.attempts
+        self.stall_timeout = inner.stall_timeout
         self.url = inner.url  # the same repository: browse looks for a daemon serving it
         self.simulation = f"{latency * 1000:.0f} ms a request"
         self.simulation += f", {bandwidth / 1e6:.0f} MB/s" if bandwidth else ""
