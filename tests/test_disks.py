@@ -821,6 +821,8 @@ def test_a_failed_fsync_keeps_failing_rather_than_acknowledge_lost_writes(
             assert result.returncode != 0 and "a flush failed" in result.stderr, result.stderr
             assert len(result.stderr.strip().splitlines()) == 1, result.stderr
             assert "after" not in s.snapshots()
+            assert "a flush failed" in s.disks()["d"]["failed"]
+            assert "disk d failed: overlay " in s.snapfs.ok("disk", "list")
 
 
 def test_kill_9_during_an_upload_resumes_it_after_the_restart(

@@ -60,6 +60,9 @@ def list_(config: CliConfig, json_output: bool) -> None:
                      human_size(d["blocks_changed"] * d["block_size"]),
                      ",".join(d["uploading"]) or "-", str(d["open"])))
     click.echo("\n".join(table_lines(rows)))
+    for d in disks:
+        if d.get("failed"):
+            click.echo(f"disk {d['name']} failed: {d['failed']}")
 
 
 @disk.command()

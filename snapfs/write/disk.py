@@ -446,6 +446,8 @@ class Disk:
             "uploading": [c.snapshot_id for c in self.closed],
             "open": self.opens,
             "trusted": self.record.trusted,
+            # a flush failed: fsyncs and snapshots of this disk fail until the daemon restarts
+            "failed": None if self.overlay.failed is None else self.overlay.failed.message,
             **self.counters.__dict__,
         }
 
