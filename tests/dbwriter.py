@@ -11,9 +11,10 @@ slot of ACKS, a file of one int64 per database that the test maps too: a commit 
 after it was acknowledged, and before the next one begins, so a reading of ACKS is a lower bound
 of what is durable and one more than it an upper bound of what may be on the disk.
 
-SIGTERM stops it after the commit in progress (exit 0). A failed commit (the disk's daemon was
-killed) ends it with exit 3 and one line on stderr. ``expected_row`` is what row n holds, for the
-test's check of a database it finds on a restored disk (``check``).
+It stops after the round in progress once the test asks (``Acks.request_stop``: a slot of ACKS,
+not a signal, which could interrupt a system call of SQLite's), and exits 0. A failed commit (the
+disk's daemon was killed) ends it with exit 3 and one line on stderr. ``expected_row`` is what
+row n holds, for the test's check of a database it finds on a restored disk.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import mmap
-import signal
 import sqlite3
 import sys
 from pathlib import Path
@@ -45,24 +45,35 @@ SCHEMA = [
 
 
 class Acks:
-    """The ACKS file mapped: slot i is the last commit acknowledged on database i. Aligned
-    native int64 stores and loads, so a reader never sees half of an update."""
+    """The ACKS file mapped: slot i is the last commit acknowledged on database i, and one more
+    slot says whether the writer is asked to stop. Aligned native int64 stores and loads, so a
+    reader never sees half of an update."""
 
     def __init__(self, path: Path, count: int, create: bool = False) -> None:
         if create:
-            path.write_bytes(bytes(8 * count))
+            path.write_bytes(bytes(8 * (count + 1)))
+        self.count = count
         self._file = open(path, "r+b")  # closed by close()
-        self._map = mmap.mmap(self._file.fileno(), 8 * count)
-        self._slots = (ctypes.c_int64 * count).from_buffer(self._map)
+        self._map = mmap.mmap(self._file.fileno(), 8 * (count + 1))
+        self._slots = (ctypes.c_int64 * (count + 1)).from_buffer(self._map)
 
     def __getitem__(self, i: int) -> int:
+        assert 0 <= i < self.count
         return int(self._slots[i])
 
     def __setitem__(self, i: int, n: int) -> None:
+        assert 0 <= i < self.count
         self._slots[i] = n
 
     def snapshot(self) -> list[int]:
-        return list(self._slots)
+        return list(self._slots[: self.count])
+
+    def request_stop(self) -> None:
+        self._slots[self.count] = 1
+
+    @property
+    def stop_requested(self) -> bool:
+        return bool(self._slots[self.count])
 
     def close(self) -> None:
         del self._slots
@@ -84,20 +95,13 @@ def open_database(path: str, journal_mode: str, synchronous: str) -> sqlite3.Con
 
 def main(argv: list[str]) -> int:
     acks_path, journal_mode, synchronous, *paths = argv
-    stopping = False
-
-    def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
     acks = Acks(Path(acks_path), len(paths))
     try:
         cons = [open_database(p, journal_mode, synchronous) for p in paths]
         heads = {con.execute("SELECT n FROM head").fetchone()[0] for con in cons}
         assert len(heads) == 1, f"the databases were left at different rounds: {heads}"
         (n,) = heads
-        while not stopping:
+        while not acks.stop_requested:
             n += 1
             key, payload = expected_row(n)
             for i, con in enumerate(cons):

@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -126,8 +125,8 @@ class Writer:
         assert self.proc.poll() is None, f"the writer failed: {self.proc.communicate()[1]}"
 
     def stop(self) -> list[int]:
-        """SIGTERM: it stops after its commit in progress. The last commits it made."""
-        self.proc.send_signal(signal.SIGTERM)
+        """Stop it after its round in progress. The last commits it made."""
+        self.acks.request_stop()
         _, err = self.proc.communicate(timeout=60)
         assert self.proc.returncode == 0, err
         return self.acks.snapshot()
