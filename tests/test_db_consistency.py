@@ -351,8 +351,8 @@ def test_kill_9_of_the_daemon_while_a_database_commits_keeps_every_acknowledged_
     would read as the base's, not as zeros), with a snapshot closed while the database commits
     and its upload held back, so that the kill also finds copies kept for it: after the
     restart, the disk holds every acknowledged commit, that snapshot is stored as it was
-    closed, and the disk's next snapshot (incremental: only the blocks its changed set names)
-    is the disk as it reads."""
+    closed, the disk's next snapshot (incremental: only the blocks its changed set names) is the
+    disk as it reads, and the repository verifies clean."""
     with serving(snapfs, tmp_path) as s:
         seeded = seed(s, "wal")
         s.snapfs.ok("disk", "create", "d", "--from", "base")
@@ -385,3 +385,4 @@ def test_kill_9_of_the_daemon_while_a_database_commits_keeps_every_acknowledged_
         with ExitStack() as stack:
             fs = restore(s, "after-kill", stack)
             check_database(fs / "app.db", now, now, "snapshot after-kill")
+        s.snapfs.ok("verify")
