@@ -306,6 +306,9 @@ def request(files: RunFiles, message: dict[str, Any], timeout: float = REQUEST_T
         except OSError as e:
             raise MountError(f"cannot talk to the snapfs daemon of {files.mountpoint}: "
                              f"{e.strerror}") from None
+    if not reply:  # the connection closed without a byte: the daemon stopped (or was killed)
+        raise MountError(f"the snapfs daemon of {files.mountpoint} stopped before it replied; "
+                         "what was asked may or may not be done")
     try:
         doc = json.loads(reply)
     except ValueError:

@@ -5,6 +5,10 @@ until the path is a mount point, and in ``finally`` unmounts with ``fusermount3 
 for the daemon's pid to exit, and kills it if it lingers (``MountedDaemon.kill``, the same code
 the kill -9 test uses, so the cleanup branch is exercised). The daemon's run files live in a
 short per-session directory (``SNAPFS_RUNTIME_DIR``) so tests never touch /run/snapfs.
+
+``attached`` and ``ext4_mounted`` put a served disk (or any image) on a loop device and its ext4
+on a directory, undone in ``finally``; used inside the FUSE mount's context, they are gone before
+the FUSE mount is.
 """
 
 from __future__ import annotations
@@ -160,3 +164,34 @@ class Served:
     def hydrator(self) -> dict[str, Any]:
         stats: dict[str, Any] = self.snapfs.json("stats", self.mountpoint)["hydrator"]
         return stats
+
+
+# -- loop devices and ext4, always undone ------------------------------------------------------
+
+
+@contextmanager
+def attached(image: Path) -> Iterator[str]:
+    """``image`` attached read-write to a loop device, detached afterwards."""
+    loop = subprocess.run(["losetup", "-f", "--show", str(image)], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    try:
+        yield loop
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+
+
+@contextmanager
+def ext4_mounted(device: str, where: Path, *options: str) -> Iterator[Path]:
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", *(["-o", ",".join(options)] if options else []), device, str(where)],
+                   check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def fsck_clean(image: Path | str) -> None:
+    """``fsck.ext4 -n -f``: the file system is consistent as it is (no journal to replay)."""
+    result = subprocess.run(["fsck.ext4", "-n", "-f", str(image)], capture_output=True, text=True)
+    assert result.returncode == 0, (result.stdout, result.stderr)

@@ -41,6 +41,9 @@ from diskimages import (
 from mountutil import (
     MOUNTS,
     Served,
+    attached,
+    ext4_mounted,
+    fsck_clean,
     is_mount_point,
     mounted,
     pid_running,
@@ -55,9 +58,9 @@ from testkit import (
     bar_totals,
     one_error,
     tmpfs,
+    uploads_held,
 )
 
-from snapfs.repo.lock import RepositoryLock
 from snapfs.repo.repository import Repository
 from snapfs.store import open_store
 from snapfs.write.state import DiskState
@@ -140,36 +143,6 @@ def serving(snapfs: Snapfs, tmp_path: Path, *args: Any, cache: str = "cache") ->
 def served(snapfs: Snapfs, tmp_path: Path) -> Iterator[Served]:
     with serving(snapfs, tmp_path) as s:
         yield s
-
-
-# -- loop devices and ext4, always undone ------------------------------------------------------
-
-
-@contextmanager
-def attached(image: Path) -> Iterator[str]:
-    """``image`` attached read-write to a loop device, detached afterwards."""
-    loop = subprocess.run(["losetup", "-f", "--show", str(image)], check=True,
-                          capture_output=True, text=True).stdout.strip()
-    try:
-        yield loop
-    finally:
-        subprocess.run(["losetup", "-d", loop], check=True)
-
-
-@contextmanager
-def ext4_mounted(device: str, where: Path, *options: str) -> Iterator[Path]:
-    where.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", *(["-o", ",".join(options)] if options else []), device, str(where)],
-                   check=True)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=True)
-
-
-def fsck_clean(image: Path) -> None:
-    result = subprocess.run(["fsck.ext4", "-n", "-f", str(image)], capture_output=True, text=True)
-    assert result.returncode == 0, (result.stdout, result.stderr)
 
 
 # -- what the test writes, and how to recognise it ---------------------------------------------
@@ -255,22 +228,6 @@ def writes_held(image: Path, nblocks: int) -> int:
 #: how long a disk snapshot's upload attempts take to run out while the repository is locked:
 #: three attempts that each wait 10 s for the lock, 2 and 4 s apart
 UPLOAD_ATTEMPTS_SECONDS = 40.0
-
-
-@contextmanager
-def uploads_held(snapfs: Snapfs) -> Iterator[None]:
-    """An exclusive repository lock held by this (live) process, as ``prune`` holds it: a
-    disk's snapshot closes, but its upload cannot take its shared lock (it retries) until the
-    block ends."""
-    store = open_store(str(snapfs.repo))
-    try:
-        lock = RepositoryLock(store, "exclusive", "test: holding uploads back").acquire()
-        try:
-            yield
-        finally:
-            lock.release()
-    finally:
-        store.close()
 
 
 def wait_accomplished(served: Served, name: str, timeout: float = 60) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """What several test files share: running the real ``snapfs`` command, checking its one-line
 errors, damaging a stored object the way bit rot would, a small file system that fills up for
-real, and waiting in trio for state that other tasks own."""
+real, holding a running daemon's uploads back, and waiting in trio for state that other tasks
+own."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from typing import Any
 
 import trio
 
-from snapfs.store import ObjectStore
+from snapfs.repo.lock import RepositoryLock
+from snapfs.store import ObjectStore, open_store
 from snapfs.store.local import LocalStore
 
 #: the exit codes README.md gives (written out here, not imported from snapfs)
@@ -175,3 +177,19 @@ def tmpfs(mountpoint: Path, size: str, inodes: int | None = None) -> Iterator[Pa
         yield mountpoint
     finally:
         subprocess.run(["umount", "--lazy", str(mountpoint)], check=True)
+
+
+@contextmanager
+def uploads_held(snapfs: Snapfs) -> Iterator[None]:
+    """An exclusive repository lock held by this (live) process, as ``prune`` holds it: a
+    disk's snapshot closes, but its upload cannot take its shared lock (it retries) until the
+    block ends."""
+    store = open_store(str(snapfs.repo))
+    try:
+        lock = RepositoryLock(store, "exclusive", "test: holding uploads back").acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+    finally:
+        store.close()

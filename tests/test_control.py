@@ -1,0 +1,55 @@
+"""``control.request``, the CLI's side of a daemon's control socket, against a socket the test
+serves: what a command says when the daemon goes away in the middle of a request."""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from snapfs.control import RunFiles, request
+from snapfs.errors import MountError
+
+
+@contextmanager
+def daemon_answering(answer: bytes) -> Iterator[RunFiles]:
+    """A control socket whose daemon reads one request, sends ``answer`` and closes."""
+    with tempfile.TemporaryDirectory(prefix="snapfs-ctl-", dir="/tmp") as d:  # short: a socket
+        files = RunFiles("/mnt/disks", "k", Path(d) / "k.pid", Path(d) / "k.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.bind(str(files.socket))
+            server.listen()
+            server.settimeout(60)
+
+            def serve() -> None:
+                conn, _ = server.accept()
+                with conn:
+                    conn.makefile("rb").readline()
+                    conn.sendall(answer)
+
+            thread = threading.Thread(target=serve)
+            thread.start()
+            try:
+                yield files
+            finally:
+                thread.join()
+
+
+def test_a_daemon_that_stops_before_it_replies_is_said_to_have_stopped() -> None:
+    """As kill -9 of a daemon leaves a command waiting for its snapshot's upload: the
+    connection closes without a byte. That is no garbled reply."""
+    with daemon_answering(b"") as files, pytest.raises(MountError) as e:
+        request(files, {"op": "task", "id": "x", "wait": 0.5})
+    assert str(e.value) == ("the snapfs daemon of /mnt/disks stopped before it replied; what "
+                            "was asked may or may not be done")
+
+
+@pytest.mark.parametrize("answer", [b"{not json\n", b"[1]\n", b'{"ok": tr'])
+def test_a_reply_that_is_not_one_is_garbled(answer: bytes) -> None:
+    with daemon_answering(answer) as files, pytest.raises(MountError, match="garbled reply"):
+        request(files, {"op": "task", "id": "x"})
