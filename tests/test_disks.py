@@ -552,6 +552,10 @@ def test_an_upload_waits_for_a_short_garbage_collection(served: Served) -> None:
         proc = s.snapfs.popen("snapshot", "create", "--disk", "d", "--name", "waited", "--json")
         time.sleep(7.0)  # longer than the retries of an attempt that fails at once (2 + 4 s)
         assert proc.poll() is None
+        # meanwhile the disk cannot be rolled back or deleted, and the refusal names the snapshot
+        for command in (("disk", "rollback", "d", "vm-1", "--yes"), ("disk", "delete", "d")):
+            error = one_error(s.snapfs(*command), EXIT_GENERAL)
+            assert "its snapshot waited is still uploading" in error, error
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert json.loads(out)["state"] == "accomplished"

@@ -489,8 +489,11 @@ class DiskService:
             raise DiskBusy(f"cannot {doing} disk {disk.name}: it is open "
                            f"({counted(disk.opens, 'handle')})")
         if disk.closed:
-            raise DiskBusy(f"cannot {doing} disk {disk.name}: its snapshot "
-                           f"{disk.closed[0].snapshot_id} is still uploading")
+            closed = disk.closed[0]
+            shown = closed.view.name.removesuffix(".img") if closed.view is not None \
+                else closed.snapshot_id
+            raise DiskBusy(f"cannot {doing} disk {disk.name}: its snapshot {shown} is still "
+                           "uploading")
 
     async def delete_disk(self, name: str) -> None:
         state = self._require()
