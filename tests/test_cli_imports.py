@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import os
 import pkgutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import import_module
@@ -24,6 +22,7 @@ from typing import Any
 
 import click
 import pytest
+from testkit import answering_once
 
 import snapfs.cli
 from snapfs.cli import COMMANDS, cli
@@ -120,24 +119,16 @@ def fake_daemon(runtime: Path, repository: str, reply: dict[str, Any]
     assert pid_file is not None
     files.write_info({"repository": repository, "mountpoint": "/nowhere", "disks": True})
     requests: list[dict[str, Any]] = []
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
-        server.bind(str(files.socket))
-        server.listen()
-        server.settimeout(60)
 
-        def answer() -> None:
-            conn, _ = server.accept()
-            with conn:
-                requests.append(json.loads(conn.makefile().readline()))
-                conn.sendall(json.dumps({"ok": True, **reply}).encode() + b"\n")
+    def answer(line: bytes) -> bytes:
+        requests.append(json.loads(line))
+        return json.dumps({"ok": True, **reply}).encode() + b"\n"
 
-        thread = threading.Thread(target=answer)
-        thread.start()
-        try:
+    try:
+        with answering_once(files.socket, answer):
             yield requests
-        finally:
-            thread.join()
-            pid_file.close()
+    finally:
+        pid_file.close()
 
 
 @pytest.mark.parametrize("debug", [False, True])

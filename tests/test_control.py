@@ -3,14 +3,13 @@ serves: what a command says when the daemon goes away in the middle of a request
 
 from __future__ import annotations
 
-import socket
 import tempfile
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from testkit import answering_once
 
 from snapfs.control import RunFiles, request
 from snapfs.errors import MountError
@@ -21,23 +20,8 @@ def daemon_answering(answer: bytes) -> Iterator[RunFiles]:
     """A control socket whose daemon reads one request, sends ``answer`` and closes."""
     with tempfile.TemporaryDirectory(prefix="snapfs-ctl-", dir="/tmp") as d:  # short: a socket
         files = RunFiles("/mnt/disks", "k", Path(d) / "k.pid", Path(d) / "k.sock")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
-            server.bind(str(files.socket))
-            server.listen()
-            server.settimeout(60)
-
-            def serve() -> None:
-                conn, _ = server.accept()
-                with conn:
-                    conn.makefile("rb").readline()
-                    conn.sendall(answer)
-
-            thread = threading.Thread(target=serve)
-            thread.start()
-            try:
-                yield files
-            finally:
-                thread.join()
+        with answering_once(files.socket, lambda _line: answer):
+            yield files
 
 
 def test_a_daemon_that_stops_before_it_replies_is_said_to_have_stopped() -> None:

@@ -10,8 +10,10 @@ import json
 import os
 import pty
 import re
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -193,3 +195,25 @@ def uploads_held(snapfs: Snapfs) -> Iterator[None]:
             lock.release()
     finally:
         store.close()
+
+
+@contextmanager
+def answering_once(path: Path, answer: Callable[[bytes], bytes]) -> Iterator[None]:
+    """A Unix socket at ``path``, as a daemon's control socket: it accepts one connection on a
+    thread, reads one line and sends ``answer(line)``, then closes it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen()
+        server.settimeout(60)
+
+        def serve() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(answer(conn.makefile("rb").readline()))
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        try:
+            yield
+        finally:
+            thread.join()
