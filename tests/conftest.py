@@ -3,11 +3,14 @@
 ``store_url`` is parametrized over the local directory store and S3 (marked ``s3``); only the s3
 parameter starts SeaweedFS, so a run of local-only tests never does. ``make_store`` opens a store
 for a location (S3 locations default to the session's SeaweedFS) and closes it after the test.
+``runtime_dir`` is a module's directory for daemons' pid files and control sockets.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -101,3 +104,14 @@ def make_store(request: pytest.FixtureRequest) -> Iterator[MakeStore]:
     yield make
     for store in opened:
         store.close()
+
+
+@pytest.fixture(scope="module")
+def runtime_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A directory of this module's own for daemons' run files (``SNAPFS_RUNTIME_DIR``), short
+    because a Unix socket's path must fit in 108 bytes."""
+    module = request.module.__name__.rpartition(".")[2].removeprefix("test_")
+    path = Path(f"/tmp/snapfs-run-{os.getpid()}-{module}")
+    path.mkdir(mode=0o700)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

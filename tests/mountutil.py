@@ -195,3 +195,18 @@ def fsck_clean(image: Path | str) -> None:
     """``fsck.ext4 -n -f``: the file system is consistent as it is (no journal to replay)."""
     result = subprocess.run(["fsck.ext4", "-n", "-f", str(image)], capture_output=True, text=True)
     assert result.returncode == 0, (result.stdout, result.stderr)
+
+
+def make_env(runtime_dir: Path, request: pytest.FixtureRequest, s3: bool) -> dict[str, str]:
+    """The environment of a ``snapfs`` run by a test: none of the caller's ``AWS_`` and
+    ``SNAPFS_`` settings, daemons' run files in ``runtime_dir``, and with ``s3`` the
+    session's SeaweedFS credentials."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AWS_") and not k.startswith("SNAPFS_")}
+    env["SNAPFS_RUNTIME_DIR"] = str(runtime_dir)
+    if s3:
+        seaweed = request.getfixturevalue("seaweed")
+        env.update(AWS_ACCESS_KEY_ID=seaweed.access_key, AWS_SECRET_ACCESS_KEY=seaweed.secret_key,
+                   AWS_DEFAULT_REGION="us-east-1",
+                   AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+    return env

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -66,14 +65,6 @@ MODES = {"wal": ("WAL", "FULL"), "delete": ("DELETE", "EXTRA")}
 
 
 # -- fixtures ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def runtime_dir() -> Iterator[Path]:
-    path = Path(f"/tmp/snapfs-db-run-{os.getpid()}")  # short: a socket path fits 108 bytes
-    path.mkdir(mode=0o700)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

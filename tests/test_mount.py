@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,6 +31,7 @@ from diskimages import make_image, random_image, sha256_file, shared_image
 from mountutil import (
     MOUNTS,
     is_mount_point,
+    make_env,
     mounted,
     pid_running,
     wait_for,
@@ -61,27 +62,6 @@ def base_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 64 MiB ext4 image with ~24 MiB of real files (the one test_cli and others share)."""
     return shared_image(tmp_path_factory.getbasetemp() / "shared-images", "base.img",
                         lambda p: make_image(p, seed=1))
-
-
-@pytest.fixture(scope="session")
-def runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    # Short, because a Unix socket path must fit in 108 bytes.
-    path = Path(f"/tmp/snapfs-test-run-{os.getpid()}")
-    path.mkdir(mode=0o700)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def make_env(runtime_dir: Path, request: pytest.FixtureRequest, s3: bool) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("AWS_") and not k.startswith("SNAPFS_")}
-    env["SNAPFS_RUNTIME_DIR"] = str(runtime_dir)
-    if s3:
-        seaweed = request.getfixturevalue("seaweed")
-        env.update(AWS_ACCESS_KEY_ID=seaweed.access_key, AWS_SECRET_ACCESS_KEY=seaweed.secret_key,
-                   AWS_DEFAULT_REGION="us-east-1",
-                   AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-    return env
 
 
 @pytest.fixture

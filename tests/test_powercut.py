@@ -87,14 +87,6 @@ def base_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def runtime_dir() -> Iterator[Path]:
-    path = Path(f"/tmp/snapfs-pc-run-{os.getpid()}")  # short: a socket path fits 108 bytes
-    path.mkdir(mode=0o700)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @dataclasses.dataclass
 class Host:
     """A repository and a cache directory on the rig's file system (``root``)."""
