@@ -70,6 +70,15 @@ def record(name: str, disk_id: str, size: int = 64 * BS) -> DiskRecord:
                       source=None, created="2026-01-01T00:00:00Z")
 
 
+def started_state(tmp_path: Path, *records: DiskRecord) -> DiskState:
+    """A disk state at ``tmp_path/state`` started in boot ``boot-1``, holding ``records``."""
+    state = DiskState(tmp_path / "state")
+    state.start("boot-1")
+    for r in records:
+        state.put_disk(r)
+    return state
+
+
 def test_disk_state_keeps_blocks_per_disk_and_generation(tmp_path: Path) -> None:
     state = DiskState(tmp_path / "state")
     a, b = record("a", "00000000000000aa"), record("b", "00000000000000ab")
@@ -138,10 +147,7 @@ def test_marks_are_durable_only_after_their_bytes_and_a_journal_is_read_only_in_
     (the disk's bytes), never before; a journal of another boot is deleted unread. (What a
     power cut does to it: test_powercut.)"""
     a, b = record("a", "00000000000000aa"), record("b", "00000000000000ab")
-    state = DiskState(tmp_path / "state")
-    state.start("boot-1")
-    for r in (a, b):
-        state.put_disk(r)
+    state = started_state(tmp_path, a, b)
     state.mark(a, 1, present=[1, 2], changed=[1, 2])
     state.mark(b, 1, present=[7], changed=[7])
 
@@ -174,10 +180,7 @@ def test_a_start_drops_what_deleted_disks_and_ended_uploads_left(tmp_path: Path)
     (the disk's journal entries, its files) or of an upload's end (its generation's
     copy-on-write entries and file) is found and dropped; the rest is untouched."""
     a, b = record("a", "00000000000000aa"), record("b", "00000000000000ab")
-    state = DiskState(tmp_path / "state")
-    state.start("boot-1")
-    for r in (a, b):
-        state.put_disk(r)
+    state = started_state(tmp_path, a, b)
     state.mark(a, 1, present=[1, 2], changed=[1, 2])
     state.mark(b, 1, present=[3], changed=[3])
     state.put_cow(a, 1, [(1, 0)])
