@@ -162,31 +162,30 @@ class S3Store(ObjectStore):
             self._where = "AWS S3"
             self.url = location
         self._session: Any = None
-        self._reader: Any = None
-        self._putter: Any = None
+        self._clients: dict[float, Any] = {}  # by read timeout: see ``_client``
         self._client_lock = threading.Lock()
 
     # -- the clients --------------------------------------------------------------------------
 
     def _s3(self) -> Any:
         """The client for every request but a PUT: ``read_timeout``."""
-        client = self._reader
-        if client is not None:
-            return client
-        with self._client_lock:
-            if self._reader is None:
-                self._reader = self._make_client(self.read_timeout)
-            return self._reader
+        return self._client(self.read_timeout)
 
     def _s3_puts(self) -> Any:
         """The client for PUTs: ``put_timeout``."""
-        client = self._putter
+        return self._client(self.put_timeout)
+
+    def _client(self, read_timeout: float) -> Any:
+        """The client whose reads of the socket stall for at most ``read_timeout`` s, made on
+        its first use."""
+        client = self._clients.get(read_timeout)
         if client is not None:
             return client
         with self._client_lock:
-            if self._putter is None:
-                self._putter = self._make_client(self.put_timeout)
-            return self._putter
+            client = self._clients.get(read_timeout)
+            if client is None:
+                client = self._clients[read_timeout] = self._make_client(read_timeout)
+            return client
 
     def _make_client(self, read_timeout: float) -> Any:
         """A client whose reads of the socket stall for at most ``read_timeout`` s; call with
@@ -211,11 +210,10 @@ class S3Store(ObjectStore):
 
     def close(self) -> None:
         with self._client_lock:
-            clients = (self._reader, self._putter)
-            self._reader = self._putter = None
+            clients = list(self._clients.values())
+            self._clients.clear()
         for client in clients:
-            if client is not None:
-                client.close()
+            client.close()
 
     # -- keys and errors ----------------------------------------------------------------------
 
