@@ -258,13 +258,9 @@ class DiskState:
         folded entry is durable. How many entries were deleted."""
         disks = {bytes.fromhex(d) for d in disk_ids}
         gens = {bytes.fromhex(d) + _GEN.pack(g) for d, g in uploading}
-        dropped = 0
         with self._env.begin(write=True) as txn:
-            for db in (self._present, self._changed):
-                dropped += _drop_unless(txn, db, 8, disks.__contains__)
-            dropped += _drop_unless(txn, self._cow, 12, gens.__contains__)
-        dropped += self.journal.drop_unless(disks, gens)
-        return dropped
+            dropped = _drop_unknown(txn, self._dbs(), disks, gens)
+        return dropped + self.journal.drop_unless(disks, gens)
 
     # -- records ---------------------------------------------------------------------------------
 
@@ -448,9 +444,7 @@ class Journal:
     def drop_unless(self, disks: set[bytes], gens: set[bytes]) -> int:
         """``DiskState.drop_leftovers`` for the journal."""
         with self._env.begin(write=True) as txn:
-            return (_drop_unless(txn, self._dbs["present"], 8, disks.__contains__)
-                    + _drop_unless(txn, self._dbs["changed"], 8, disks.__contains__)
-                    + _drop_unless(txn, self._dbs["cow"], 12, gens.__contains__))
+            return _drop_unknown(txn, self._dbs, disks, gens)
 
     def delete_prefix(self, prefix: bytes, *names: str) -> None:
         """Delete the entries of ``names`` (all of them if none) whose keys start with
@@ -476,13 +470,17 @@ def _prefixed(txn: lmdb.Transaction, db: Any, prefix: bytes) -> Iterator[tuple[b
             yield k, v
 
 
-def _delete_prefix(txn: lmdb.Transaction, db: Any, prefix: bytes) -> None:
+def _delete_prefix(txn: lmdb.Transaction, db: Any, prefix: bytes) -> int:
+    """Delete the entries of ``db`` whose keys start with ``prefix``; how many."""
     cursor = txn.cursor(db=db)
+    deleted = 0
     if not cursor.set_range(prefix):
-        return
+        return 0
     while bytes(cursor.key()).startswith(prefix):
         if not cursor.delete():
             break
+        deleted += 1
+    return deleted
 
 
 def _drop_unless(txn: lmdb.Transaction, db: Any, width: int, keep: Callable[[bytes], bool]) -> int:
@@ -497,13 +495,18 @@ def _drop_unless(txn: lmdb.Transaction, db: Any, width: int, keep: Callable[[byt
         if keep(prefix):
             after = _successor(prefix)
             found = after is not None and cursor.set_range(after)
-            continue
-        while bytes(cursor.key()).startswith(prefix):
-            if not cursor.delete():
-                break
-            dropped += 1
-        found = bool(cursor.key())  # unpositioned past the last entry
+        else:
+            dropped += _delete_prefix(txn, db, prefix)
+            found = cursor.set_range(prefix)  # the first key after the deleted ones
     return dropped
+
+
+def _drop_unknown(txn: lmdb.Transaction, dbs: dict[str, Any], disks: set[bytes],
+                  gens: set[bytes]) -> int:
+    """``DiskState.drop_leftovers`` in the databases ``dbs`` (the state's or the journal's)."""
+    return (_drop_unless(txn, dbs["present"], 8, disks.__contains__)
+            + _drop_unless(txn, dbs["changed"], 8, disks.__contains__)
+            + _drop_unless(txn, dbs["cow"], 12, gens.__contains__))
 
 
 def _successor(prefix: bytes) -> bytes | None:
