@@ -467,6 +467,11 @@ class PendingSnapshot:
         self.mtime_ns = time.time_ns()
         self.stored: Image | None = None  # once uploaded: read through the stored snapshot
 
+    @property
+    def snapshot_name(self) -> str:
+        """The snapshot's name (``name`` is its file's, NAME.img)."""
+        return self.name.removesuffix(".img")
+
     async def read(self, offset: int, length: int) -> bytes:
         if self.stored is not None:
             return await self.stored.read(offset, length)

@@ -41,7 +41,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -400,8 +400,8 @@ class DiskService:
         """(snapshot ID, size, name) of a stored or pending snapshot named or ID-prefixed
         ``ref``."""
         for view in self.pending.values():
-            if ref in (view.snapshot_id, view.name.removesuffix(".img")):
-                return view.snapshot_id, view.size, view.name.removesuffix(".img")
+            if ref in (view.snapshot_id, view.snapshot_name):
+                return view.snapshot_id, view.size, view.snapshot_name
         try:  # the snapshots known already (refreshed every few seconds), else a fresh listing
             root = self.repo.resolve(ref, self.catalog.listing())
         except SnapshotNotFound:
@@ -411,7 +411,7 @@ class DiskService:
 
     def _taken_names(self) -> set[str]:
         names = {v.root.name for v in self.catalog.images().values()}
-        names |= {v.name.removesuffix(".img") for v in self.pending.values()}
+        names |= {v.snapshot_name for v in self.pending.values()}
         return names
 
     # -- disks ---------------------------------------------------------------------------------
@@ -490,8 +490,7 @@ class DiskService:
                            f"({counted(disk.opens, 'handle')})")
         if disk.closed:
             closed = disk.closed[0]
-            shown = closed.view.name.removesuffix(".img") if closed.view is not None \
-                else closed.snapshot_id
+            shown = closed.view.snapshot_name if closed.view is not None else closed.snapshot_id
             raise DiskBusy(f"cannot {doing} disk {disk.name}: its snapshot {shown} is still "
                            "uploading")
 
@@ -630,10 +629,8 @@ class DiskService:
                             consistency=consistency)
         # most of what the closing flushes, before it holds the disks' write locks
         await trio.to_thread.run_sync(_flush, disks)
-        async with contextlib.AsyncExitStack() as stack:
-            started = trio.current_time()
-            for disk in sorted(disks, key=lambda d: d.name):  # one order: no deadlock
-                await stack.enter_async_context(disk.write_lock)
+        started = trio.current_time()
+        async with _write_locks(disks):
             if deadline is not None and trio.current_time() - started > deadline:
                 task.consistency = "crash"
             for disk, part in zip(disks, parts, strict=True):
@@ -859,9 +856,7 @@ class DiskService:
                 closed = next((c for c in disk.closed if c.gen == part.gen), None)
                 if closed is not None:
                     ends.append((part, disk, closed))
-            async with contextlib.AsyncExitStack() as stack:
-                for _, disk, _ in sorted(ends, key=lambda e: e[1].name):  # one order: no deadlock
-                    await stack.enter_async_context(disk.write_lock)
+            async with _write_locks([disk for _, disk, _ in ends]):
                 # the task's failure and its generations' blocks, counted as changed again,
                 # in one commit (see ``DiskState.fail_task``)
                 await trio.to_thread.run_sync(
@@ -1027,6 +1022,16 @@ class DiskService:
                 callback(rewritten)
             except Exception:  # the change is made; a stale kernel cache must not undo the reply
                 log.exception("telling the file system about a change of disks failed")
+
+
+@contextlib.asynccontextmanager
+async def _write_locks(disks: list[Disk]) -> AsyncIterator[None]:
+    """Hold the write locks of ``disks``, taken in one order (by name) so that two holders of
+    several never deadlock."""
+    async with contextlib.AsyncExitStack() as stack:
+        for disk in sorted(disks, key=lambda d: d.name):
+            await stack.enter_async_context(disk.write_lock)
+        yield
 
 
 def _flush(disks: list[Disk]) -> None:
