@@ -95,7 +95,7 @@ async def delete_snapshots(
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(lock.release_quietly, limiter=limiter)
-    return {"deleted": [r.id for r in roots] + [u.snapshot_id for u in unreadable], **stats}
+    return {"deleted": doomed, **stats}
 
 
 async def collect_garbage(repo: Repository, progress: Progress = NO_PROGRESS) -> dict[str, Any]:
