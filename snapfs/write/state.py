@@ -62,7 +62,6 @@ from typing import Any, cast
 import lmdb
 
 from snapfs.cache.lmdbenv import open_env
-from snapfs.dirsync import make_dirs
 from snapfs.errors import SnapfsError
 from snapfs.host import machine_id
 
@@ -162,7 +161,6 @@ class DiskState:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         try:
-            make_dirs(directory)
             self._env = open_env(directory / "state.lmdb", map_size=MAP_SIZE, max_dbs=8,
                                  readahead=False)
         except (OSError, lmdb.Error) as e:
