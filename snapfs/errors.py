@@ -119,6 +119,11 @@ class RepositoryLocked(SnapfsError):
     exit_code = 6
 
 
+class KeptBlocksLost(IntegrityError):
+    """A snapshot still uploading kept a block's contents at its closing aside, and a failed
+    flush may have lost them: the block cannot be read as of that closing."""
+
+
 class NoSpace(SnapfsError):
     """The local disk filled up while writing."""
 

@@ -766,6 +766,110 @@ def test_a_failed_fsync_keeps_failing_rather_than_acknowledge_lost_writes(
             assert "disk d failed: overlay " in s.snapfs.ok("disk", "list")
 
 
+def drop_cached(path: Path) -> None:
+    """Make the kernel drop the clean cached pages of ``path`` (as memory pressure would)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def kept_blocks_lost(s: Served, fs: Any) -> Iterator[None]:
+    """Close a snapshot of a new disk ``d`` whose upload waits (``uploads_held``, until the
+    block ends), then write blocks of it, whose contents at the closing go to the snapshot's
+    copy-on-write file; the flush of that file fails on the device (``failing_writes``), and
+    its pages are dropped from the kernel's cache: what the file held for them is lost."""
+    s.snapfs.ok("disk", "create", "d", "--size", "4M")
+    write_blocks(s.disk("d"), dict(enumerate(random_blocks(81, 256))))
+    with uploads_held(s.snapfs):
+        task = s.snapshot("--disk", "d", "--name", "kept", "--no-wait")
+        assert task["state"] == "progressing", task
+        later = dict(zip(range(100, 109), random_blocks(82, 9), strict=True))
+        write_blocks(s.disk("d"), {100: later.pop(100)})  # its old contents start the cow file
+        (cow,) = (fs.root / "cache" / "disks").glob("*/*.cow-*")
+        fs.starve(cow, BS, 8 * BS)
+        fd = os.open(s.disk("d"), os.O_WRONLY)
+        try:
+            for n, data in later.items():
+                assert os.pwrite(fd, data, n * BS) == BS
+            with pytest.raises(OSError):
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        drop_cached(cow)
+        yield
+
+
+def test_a_snapshot_whose_kept_blocks_a_failed_flush_may_have_lost_is_never_stored(
+    snapfs: Snapfs, tmp_path: Path,
+) -> None:
+    """While a snapshot uploads, the closing's contents of blocks written since are kept in
+    its copy-on-write file. When a flush of that file fails (for real), the device may not
+    have them, and once the kernel drops its pages they read as what the device has: an upload
+    that went on would store those bytes as the disk at its closing. It must fail instead, at
+    once and saying why; its blocks count as changed again."""
+    with failing_writes(tmp_path / "faulty") as fs:
+        with serving(snapfs, tmp_path, cache=str(fs.root / "cache")) as s:
+            with kept_blocks_lost(s, fs):
+                # the snapshot is readable on this host while it uploads, but not those blocks:
+                # EIO, not other bytes (the first kept block was synced before the failure)
+                image = s.image("kept")
+                assert read_blocks(image, [100]) == {100: random_blocks(81, 256)[100]}
+                with pytest.raises(OSError) as e:
+                    read_blocks(image, [101])
+                assert e.value.errno == errno.EIO
+
+            def ended() -> bool:
+                return bool(s.snapshots()["kept"]["state"] != "progressing")
+
+            wait_for(ended, 60, "the upload to end")
+            doc = s.snapshots()["kept"]
+            # (before the fix: accomplished, and the export differed from ``at_closing``)
+            assert doc["state"] == "failed", doc
+            assert "a flush failed" in doc["reason"], doc
+            assert s.disks()["d"]["blocks_changed"] == 256
+            result = snapfs("export", "kept", tmp_path / "kept.img")
+            assert result.returncode != 0, "a failed snapshot was stored"
+
+
+def test_a_flush_that_failed_before_a_restart_is_not_forgotten(
+    snapfs: Snapfs, tmp_path: Path,
+) -> None:
+    """The same loss, then kill -9 of the daemon and a start on a device that works again:
+    there an fsync succeeds, so only the failure's record (``ID.failed``) tells the new daemon
+    that the upload it resumes kept contents it may have lost. The upload fails, the disk's
+    changed set is not trusted, and its next snapshot compares checksums: it equals the disk.
+    Then the record is forgotten."""
+    with failing_writes(tmp_path / "faulty") as fs:
+        cache = fs.root / "cache"
+        with serving(snapfs, tmp_path, cache=str(cache)) as s:
+            with kept_blocks_lost(s, fs):
+                s.daemon.kill()
+            snapfs.ok("umount", s.mountpoint)
+        fs.relieve()
+        (note,) = cache.glob("disks/*/*.failed")
+        assert "a flush failed" in json.loads(note.read_text())["message"]
+        with serving(snapfs, tmp_path, cache=str(cache)) as s:
+            def ended() -> bool:
+                return bool(s.snapshots()["kept"]["state"] != "progressing")
+
+            wait_for(ended, 60, "the resumed upload to end")
+            doc = s.snapshots()["kept"]
+            assert doc["state"] == "failed" and "may be lost" in doc["reason"], doc
+            disk = s.disks()["d"]
+            assert disk["trusted"] is False and disk["failed"] is None
+            assert disk["failed_before_restart"] is None  # no upload it concerned is left
+            assert "disk d: a flush failed before this start" in s.daemon.log.read_text()
+            assert not note.exists()
+            now = s.copy("d", "now")
+            task = s.snapshot("--disk", "d", "--name", "after")
+            assert task["state"] == "accomplished", task
+            assert task["parts"][0]["snapshot"]["source"] == "checksum comparison"
+            assert same_bytes(s.export("after"), now)
+
+
 def test_kill_9_during_an_upload_resumes_it_after_the_restart(
     snapfs: Snapfs, tmp_path: Path
 ) -> None:

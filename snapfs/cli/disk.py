@@ -63,6 +63,9 @@ def list_(config: CliConfig, json_output: bool) -> None:
     for d in disks:
         if d.get("failed"):
             click.echo(f"disk {d['name']} failed: {d['failed']}")
+        elif d.get("failed_before_restart"):
+            click.echo(f"disk {d['name']} failed before the daemon restarted: "
+                       f"{d['failed_before_restart']}")
 
 
 @disk.command()

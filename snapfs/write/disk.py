@@ -48,7 +48,7 @@ from typing import Protocol
 
 import trio
 
-from snapfs.errors import SnapfsError
+from snapfs.errors import KeptBlocksLost, SnapfsError
 from snapfs.format.block import zero_bytes
 from snapfs.write.bitmap import Bitmap
 from snapfs.write.overlay import Overlay
@@ -129,6 +129,11 @@ class ClosedGeneration:
     view: PendingSnapshot | None = None
     staged: dict[int, Staged] = field(default_factory=dict)  # taken over at the closing
     staged_bytes: int = 0
+
+    @property
+    def snapshot_name(self) -> str:
+        """Its snapshot's name for people (its id until the pending view exists)."""
+        return self.view.snapshot_name if self.view is not None else self.snapshot_id
 
 
 @dataclass
@@ -407,10 +412,22 @@ class Disk:
             at = closed.cowed.get(n)
             if at is None:
                 out.append(self.overlay.pread(n * bs, self._extent(n)))
-            else:
-                cow = cow or self.overlay.cow(closed.gen)
-                out.append(cow.pread(at, self._extent(n)))
+                continue
+            lost_from = self.overlay.lost_from(closed.gen)
+            if lost_from is not None and at >= lost_from:
+                raise KeptBlocksLost(
+                    f"disk {self.name}: a flush failed before the contents of block {n} at the "
+                    f"closing of snapshot {closed.snapshot_name} were durable, and they may be "
+                    f"lost ({self.flush_failure()})")
+            cow = cow or self.overlay.cow(closed.gen)
+            out.append(cow.pread(at, self._extent(n)))
         return out
+
+    def flush_failure(self) -> str | None:
+        """What made a flush of this disk fail, in this run or before the last restart."""
+        if self.overlay.failed is not None:
+            return self.overlay.failed.message
+        return self.overlay.failed_before
 
     async def read_closed_range(self, closed: ClosedGeneration, offset: int,
                                 length: int) -> bytes | None:
@@ -448,6 +465,9 @@ class Disk:
             "trusted": self.record.trusted,
             # a flush failed: fsyncs and snapshots of this disk fail until the daemon restarts
             "failed": None if self.overlay.failed is None else self.overlay.failed.message,
+            # one failed before the restart: snapshots then still uploading may have lost the
+            # contents they kept aside (until none of them is left)
+            "failed_before_restart": self.overlay.failed_before,
             **self.counters.__dict__,
         }
 

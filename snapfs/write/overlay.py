@@ -10,6 +10,16 @@ generation had at its closing, saved just before a later write overwrote them, a
 order they were saved (their offsets are kept in ``state``). It lives until the generation's
 snapshot is stored.
 
+A failed flush (``sync``). The kernel reports a lost writeback once, so after it every fsync
+of the disk fails until the daemon restarts (``failed``). What a copy-on-write file held beyond
+its last successful sync may be gone from the device, and reads of it return what the device
+has once the kernel drops the pages: ``lost_from(gen)`` says from which offset, so that the
+disk refuses those blocks to an upload or a reader rather than return other bytes. A new
+start would not know (an fsync after a restart succeeds): the failure is written to
+``ID.failed`` (JSON: the message, the time, and the offset from which each copy-on-write file
+may be lost), best effort and synced, and read back at the next start (``failed_before``).
+``forget_failure`` deletes it once no generation it names is still uploading.
+
 Names (``dirsync``): a new overlay's name is made durable in its directory when it is created,
 before the disk's record is stored; a new copy-on-write file's name at the next ``sync`` (an
 fsync of the disk, or a closing), before the entries that point into it are made durable, so
@@ -23,9 +33,11 @@ Blocking file I/O: call from worker threads.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +46,7 @@ from snapfs.errors import NoSpace, SnapfsError
 
 log = logging.getLogger(__name__)
 
-_FILE_NAME = re.compile(r"([0-9a-f]{16})\.(?:overlay|cow-([0-9]+))")
+_FILE_NAME = re.compile(r"([0-9a-f]{16})\.(?:overlay|failed|cow-([0-9]+))")
 
 
 def _io_error(what: str, e: OSError) -> SnapfsError:
@@ -77,6 +89,12 @@ class Overlay:
         self._cow: dict[int, CowFile] = {}
         #: the error of the first flush that failed (``sync``)
         self.failed: SnapfsError | None = None
+        self.failure_path = directory / f"{disk_id}.failed"
+        #: generation -> offset of its copy-on-write file from which the contents may be lost
+        self._lost_from: dict[int, int] = {}
+        #: "TIME: MESSAGE" of a flush that failed before the daemon restarted (``ID.failed``)
+        self.failed_before: str | None = None
+        self._read_failure()
 
     def close(self) -> None:
         for cow in self._cow.values():
@@ -138,7 +156,71 @@ class Overlay:
                                "since the last fsync may be lost, and this disk's fsyncs fail "
                                "until the daemon restarts")
             log.error("%s", self.failed.message)
+            self._note_failure()
             raise self.failed from None
+
+    # -- a failed flush, and what it may have cost -------------------------------------------
+
+    def lost_from(self, gen: int) -> int | None:
+        """The offset of generation ``gen``'s copy-on-write file from which its contents may
+        be lost to a failed flush (None: nothing of it is)."""
+        if gen in self._lost_from:
+            return self._lost_from[gen]
+        if self.failed is not None:  # a file made since the failure: nothing of it synced
+            cow = self._cow.get(gen)
+            return cow.synced if cow is not None else 0
+        return None
+
+    def _note_failure(self) -> None:
+        """Remember, beyond a restart, which copy-on-write contents the failed flush may have
+        cost (best effort: the device may refuse this file too)."""
+        for path in self.dir.glob(f"{self.disk_id}.cow-*"):
+            gen = int(path.name.rsplit("-", 1)[1])
+            cow = self._cow.get(gen)
+            if gen not in self._lost_from:
+                # a file not opened since the last start was synced whole by it
+                self._lost_from[gen] = cow.synced if cow is not None else path.stat().st_size
+        assert self.failed is not None
+        note = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "message": self.failed.message,
+                "lost_from": {str(g): at for g, at in self._lost_from.items()}}
+        try:
+            tmp = self.failure_path.with_suffix(".failed-new")
+            with open(tmp, "w") as f:
+                json.dump(note, f)
+                f.flush()
+                os.fdatasync(f.fileno())
+            os.rename(tmp, self.failure_path)
+            fsync_dir(self.dir)
+        except OSError as e:
+            log.error("overlay %s: could not record the failed flush (%s); after a restart "
+                      "its snapshots still uploading are not known to have lost blocks",
+                      self.path, e.strerror)
+
+    def _read_failure(self) -> None:
+        try:
+            note = json.loads(self.failure_path.read_text())
+            lost = {int(g): int(at) for g, at in note["lost_from"].items()}
+            self.failed_before = f"{note['at']}: {note['message']}"
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            lost = {}  # unreadable: every copy-on-write content is suspect
+            self.failed_before = (f"a flush failed before the restart (its record "
+                                  f"{self.failure_path.name} is unreadable: {e})")
+        for path in self.dir.glob(f"{self.disk_id}.cow-*"):
+            # a file the note does not name was made after the failure: nothing of it synced
+            gen = int(path.name.rsplit("-", 1)[1])
+            self._lost_from[gen] = lost.get(gen, 0)
+
+    def forget_failure(self, uploading: set[int]) -> None:
+        """Forget a failed flush once no generation in ``uploading`` (those still to upload)
+        may have lost copy-on-write contents to it, and the daemon has restarted since."""
+        if self.failed_before is None or any(g in self._lost_from for g in uploading):
+            return
+        self.failure_path.unlink(missing_ok=True)
+        self.failed_before = None
+        self._lost_from.clear()
 
     def sync_all(self) -> None:
         """``sync``, and every copy-on-write file of this disk, open here or not (after a
@@ -159,6 +241,7 @@ class Overlay:
         return cow
 
     def drop_cow(self, gen: int) -> None:
+        self._lost_from.pop(gen, None)
         cow = self._cow.pop(gen, None)
         if cow is not None:
             cow.close()
@@ -181,6 +264,8 @@ class CowFile:
             #: False until an fsync of its directory made its name durable (``Overlay.sync``)
             self.name_synced = not created
             self.end = os.fstat(self.fd).st_size
+            #: ``end`` at the last successful ``sync`` (an existing file: the start syncs it)
+            self.synced = self.end
         except OSError as e:
             raise _io_error(f"copy-on-write file {path}", e) from None
 
@@ -207,7 +292,9 @@ class CowFile:
         return data
 
     def sync(self) -> None:
+        end = self.end
         os.fdatasync(self.fd)
+        self.synced = end
 
     def close(self) -> None:
         os.close(self.fd)

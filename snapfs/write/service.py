@@ -51,6 +51,7 @@ import trio
 from snapfs.dirsync import make_dirs
 from snapfs.errors import (
     DuplicateName,
+    KeptBlocksLost,
     NotFoundError,
     ObjectNotFound,
     SnapfsError,
@@ -189,10 +190,16 @@ class DiskService:
         self.enabled = True
         records = self._state.disks()
         for record in records:
-            if not trusted and record.trusted:
+            self._load_disk(record)
+            failed_before = self.disks[record.name].overlay.failed_before
+            if failed_before is not None:
+                log.warning("disk %s: a flush failed before this start (%s); its changed-block "
+                            "record is not trusted, and its snapshots still uploading fail if "
+                            "they need contents kept aside that it may have lost",
+                            record.name, failed_before)
+            if (not trusted or failed_before is not None) and record.trusted:
                 record.trusted = False
                 self._state.put_disk(record)
-            self._load_disk(record)
             # a dead daemon's journal (kill -9; after a reboot it is gone): its disks' bytes
             # are flushed, then their marks made durable
             self._state.sync(record, self.disks[record.name].overlay.sync_all)
@@ -489,10 +496,8 @@ class DiskService:
             raise DiskBusy(f"cannot {doing} disk {disk.name}: it is open "
                            f"({counted(disk.opens, 'handle')})")
         if disk.closed:
-            closed = disk.closed[0]
-            shown = closed.view.snapshot_name if closed.view is not None else closed.snapshot_id
-            raise DiskBusy(f"cannot {doing} disk {disk.name}: its snapshot {shown} is still "
-                           "uploading")
+            raise DiskBusy(f"cannot {doing} disk {disk.name}: its snapshot "
+                           f"{disk.closed[0].snapshot_name} is still uploading")
 
     async def delete_disk(self, name: str) -> None:
         state = self._require()
@@ -693,7 +698,9 @@ class DiskService:
                 break
             except SnapfsError as e:
                 depended = self._depended_on(task)
-                if attempt < UPLOAD_ATTEMPTS or depended:
+                # contents a failed flush may have lost do not come back by trying again
+                hopeless = isinstance(e, KeptBlocksLost)
+                if (attempt < UPLOAD_ATTEMPTS and not hopeless) or depended:
                     delay = DEPENDED_RETRY_DELAY if attempt >= UPLOAD_ATTEMPTS else RETRY_DELAY * attempt
                     log.warning("snapshot task %s: upload failed (%s); retrying in %.0f s%s",
                                 task.id, e.message, delay,
@@ -829,6 +836,7 @@ class DiskService:
             def drop() -> None:
                 state.drop_cow(record, closed.gen)
                 disk.overlay.drop_cow(closed.gen)
+                disk.overlay.forget_failure({c.gen for c in disk.closed})
 
             await trio.to_thread.run_sync(drop)
         log.info("snapshot %s of disk %s stored: %s", root.name, disk.name, root.stats)
@@ -869,6 +877,7 @@ class DiskService:
                 def drop(ends: list[tuple[SnapshotPart, Disk, ClosedGeneration]] = ends) -> None:
                     for part, disk, _ in ends:
                         disk.overlay.drop_cow(part.gen)
+                        disk.overlay.forget_failure({c.gen for c in disk.closed})
 
                 await trio.to_thread.run_sync(drop)
             for part, _, _ in ends:
