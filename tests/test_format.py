@@ -341,6 +341,12 @@ def test_damaged_manifest_page_is_refused() -> None:
         decode_page(page[:-1])
     with pytest.raises(CorruptBlock, match="count"):
         decode_page(page + b"\x00" * 32)
+    # whole, but not as long as the snapshot's size says that page is
+    assert decode_page(page, 4) == [b"\x05" * 32] * 4
+    with pytest.raises(CorruptBlock, match=r"^manifest page 3 of vm\.img names 4 blocks, not 5$"):
+        decode_page(page, 5, "manifest page 3 of vm.img")
+    with pytest.raises(CorruptBlock, match=r"^manifest page names 1 block, not 2$"):
+        decode_page(encode_page([ZERO_ID]), 2)
 
 
 def sample_root(**changes: object) -> SnapshotRoot:

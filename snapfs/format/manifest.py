@@ -20,6 +20,7 @@ from typing import Any
 from snapfs.errors import CorruptBlock, FormatError, UsageError
 from snapfs.format.block import ID_SIZE, ZERO_ID
 from snapfs.format.versioned import decode_versioned, encode_versioned
+from snapfs.plural import counted
 
 PAGE_MAGIC = b"SNMP"
 PAGE_VERSION = 1
@@ -61,7 +62,10 @@ def encode_page(ids: list[bytes]) -> bytes:
     return PAGE_HEADER.pack(PAGE_MAGIC, PAGE_VERSION, len(ids)) + b"".join(ids)
 
 
-def decode_page(plain: bytes) -> list[bytes]:
+def decode_page(plain: bytes, expected: int | None = None, what: str = "manifest page",
+                ) -> list[bytes]:
+    """The block IDs of a manifest page; ``CorruptBlock`` unless there are ``expected`` of
+    them (if given: what the snapshot's size says that page holds)."""
     if len(plain) < PAGE_HEADER.size:
         raise CorruptBlock("manifest page is truncated")
     magic, version, count = PAGE_HEADER.unpack_from(plain)
@@ -72,6 +76,8 @@ def decode_page(plain: bytes) -> list[bytes]:
     body = plain[PAGE_HEADER.size :]
     if len(body) != count * ID_SIZE:
         raise CorruptBlock("manifest page length does not match its count")
+    if expected is not None and count != expected:
+        raise CorruptBlock(f"{what} names {counted(count, 'block')}, not {expected}")
     return [body[i * ID_SIZE : (i + 1) * ID_SIZE] for i in range(count)]
 
 

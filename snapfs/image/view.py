@@ -49,7 +49,7 @@ from typing import Any
 
 import trio
 
-from snapfs.errors import CorruptBlock, SnapfsError
+from snapfs.errors import SnapfsError
 from snapfs.format.block import ZERO_ID, zero_bytes
 from snapfs.format.manifest import SnapshotRoot, decode_page
 from snapfs.hydration.budget import MemoryBudget
@@ -150,6 +150,9 @@ class ImageView:
 
     # -- the block map ------------------------------------------------------------------
 
+    def _page_name(self, p: int) -> str:
+        return f"manifest page {p} of {self.name}"
+
     async def page(self, p: int, priority: Priority = Priority.WAITING) -> list[bytes]:
         """Block IDs of page ``p``. Two callers loading one page share its fetch through the
         hydrator (which also raises a background load's priority for a waiting reader)."""
@@ -162,9 +165,8 @@ class ImageView:
             ids = [ZERO_ID] * self._page_lens[p]
         else:
             plain = await self.hydrator.read_blob(page_id, priority)
-            ids = await trio.to_thread.run_sync(decode_page, plain)
-            if len(ids) != self._page_lens[p]:
-                raise CorruptBlock(f"manifest page {p} of {self.name} has {len(ids)} entries")
+            ids = await trio.to_thread.run_sync(decode_page, plain, self._page_lens[p],
+                                                self._page_name(p))
         self._pages[p] = ids
         if len(self._pages) > PAGE_CACHE:
             self._pages.popitem(last=False)
@@ -180,10 +182,10 @@ class ImageView:
             return
         plains = await self.hydrator.read_blocks([bytes.fromhex(self.root.pages[p]) for p in wanted],
                                                  priority=priority)  # fmt: skip
-        decoded = await trio.to_thread.run_sync(lambda: [decode_page(x) for x in plains])
+        decoded = await trio.to_thread.run_sync(
+            lambda: [decode_page(x, self._page_lens[p], self._page_name(p))
+                     for p, x in zip(wanted, plains, strict=True)])
         for p, ids in zip(wanted, decoded, strict=True):
-            if len(ids) != self._page_lens[p]:
-                raise CorruptBlock(f"manifest page {p} of {self.name} has {len(ids)} entries")
             self._pages[p] = ids
             if len(self._pages) > PAGE_CACHE:
                 self._pages.popitem(last=False)

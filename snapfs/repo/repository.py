@@ -610,10 +610,8 @@ class Repository:
         loc = index.locate(page_id)
         if loc.kind != KIND_PAGE:
             raise CorruptBlock(f"blob {page_id.hex()[:16]} is not a manifest page")
-        ids = decode_page(self.read_blob(index, page_id))
-        if len(ids) != count:
-            raise CorruptBlock(f"manifest page {page_id.hex()[:16]} has {len(ids)} entries, not {count}")
-        return ids
+        return decode_page(self.read_blob(index, page_id), count,
+                           f"manifest page {page_id.hex()[:16]}")
 
     def page_lengths(self, root: SnapshotRoot) -> list[int]:
         total = root.blocks_total
