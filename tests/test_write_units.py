@@ -255,6 +255,35 @@ def test_new_files_of_a_disks_state_get_durable_names_and_no_write_syncs_a_direc
         state.close()
 
 
+def test_an_unreadable_record_of_a_failed_flush_makes_every_kept_content_suspect(
+    tmp_path: Path,
+) -> None:
+    """``ID.failed`` (see ``overlay``) names the offsets from which copy-on-write files may be
+    lost; one that cannot be read (torn by the failing device, say) must not be taken for no
+    failure: every copy-on-write file then counts as lost from its start, until no upload that
+    it concerns is left."""
+    disk_id = "00000000000000aa"
+    overlay = Overlay(tmp_path, disk_id, 64 * BS)
+    overlay.cow(3).append(b"y" * BS)
+    overlay.sync()
+    overlay.close()
+    assert Overlay(tmp_path, disk_id, 64 * BS).lost_from(3) is None  # no failure: all good
+    (tmp_path / f"{disk_id}.failed").write_text('{"at": "2026-12-06T')
+    overlay = Overlay(tmp_path, disk_id, 64 * BS)
+    try:
+        assert overlay.failed_before is not None and "unreadable" in overlay.failed_before
+        assert overlay.lost_from(3) == 0
+        assert overlay.lost_from(4) is None  # a generation closed after the restart
+        overlay.forget_failure({3})  # its upload is still to come
+        assert (tmp_path / f"{disk_id}.failed").exists()
+        overlay.drop_cow(3)
+        overlay.forget_failure(set())
+        assert not (tmp_path / f"{disk_id}.failed").exists()
+        assert overlay.failed_before is None and overlay.lost_from(3) is None
+    finally:
+        overlay.close()
+
+
 # -- a Disk over a real snapshot -----------------------------------------------------------------
 
 

@@ -174,17 +174,17 @@ class Overlay:
     def _note_failure(self) -> None:
         """Remember, beyond a restart, which copy-on-write contents the failed flush may have
         cost (best effort: the device may refuse this file too)."""
-        for path in self.dir.glob(f"{self.disk_id}.cow-*"):
-            gen = int(path.name.rsplit("-", 1)[1])
-            cow = self._cow.get(gen)
-            if gen not in self._lost_from:
-                # a file not opened since the last start was synced whole by it
-                self._lost_from[gen] = cow.synced if cow is not None else path.stat().st_size
         assert self.failed is not None
-        note = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "message": self.failed.message,
-                "lost_from": {str(g): at for g, at in self._lost_from.items()}}
         try:
+            for path in self.dir.glob(f"{self.disk_id}.cow-*"):
+                gen = int(path.name.rsplit("-", 1)[1])
+                cow = self._cow.get(gen)
+                if gen not in self._lost_from:
+                    # a file not opened since the last start was synced whole by it
+                    self._lost_from[gen] = cow.synced if cow is not None else path.stat().st_size
+            note = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "message": self.failed.message,
+                    "lost_from": {str(g): at for g, at in self._lost_from.items()}}
             tmp = self.failure_path.with_suffix(".failed-new")
             with open(tmp, "w") as f:
                 json.dump(note, f)
