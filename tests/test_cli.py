@@ -32,6 +32,7 @@ from diskimages import (
     have_root,
     random_image,
     release_fifo_reader,
+    same_bytes,
     sha256_file,
     standard_images,
     write_at,
@@ -1175,6 +1176,95 @@ def test_missing_block(snapfs: Snapfs, store: ObjectStore, images: Images, tmp_p
     line = one_error(snapfs("prune"), EXIT_INTEGRITY)  # refuses to collect around a hole
     assert "verify" in line
     assert objects(store) == before
+
+
+# -- repairing the index ------------------------------------------------------------------------
+
+
+def index_names(store: ObjectStore) -> list[str]:
+    return sorted(key.rpartition("/")[2] for key, _ in store.list("index/"))
+
+
+def test_repair_index_rebuilds_lost_and_damaged_index_objects_from_the_packs(
+    snapfs: Snapfs, store: ObjectStore, images: Images, tmp_path: Path
+) -> None:
+    """The index only says where blobs are; the packs name their own. One index object lost
+    and the other damaged: reads and garbage collection fail, saying what to run; ``repair
+    index`` rebuilds the index from the packs' trailers, and every snapshot reads back whole."""
+    snapfs.ok("init")
+    snapfs.ok("snapshot", "create", images.base, "--name", "vm-1")
+    snapfs.ok("snapshot", "create", images.other, "--name", "other-1")
+    healthy = objects(store)
+    lost, damaged = index_names(store)
+    out = snapfs.ok("repair", "index")
+    assert "the index is complete" in out and "nothing to repair" in out
+    assert objects(store) == healthy  # nothing rewritten
+
+    store.delete(f"index/{lost}")
+    store.put(f"index/{damaged}", b"SNIX\x01 not what an index holds")
+    line = one_error(snapfs("export", "vm-1", tmp_path / "vm.img"), EXIT_INTEGRITY)
+    assert f"index/{damaged}" in line and "snapfs repair index" in line
+    one_error(snapfs("prune"), EXIT_INTEGRITY)
+
+    report = snapfs.json("repair", "index", "--json")
+    assert report["rewritten"] is True and report["damaged_index"] == [damaged]
+    packs = pack_names(store)
+    assert report["packs"] == report["packs_added"] == report["packs_read"] == len(packs)
+    assert report["packs_unreadable"] == {} and report["incomplete"] == {}
+    (rebuilt,) = index_names(store)  # one object, replacing both
+    assert rebuilt not in (lost, damaged)
+    assert {k: v for k, v in objects(store).items() if not k.startswith(("index/", "locks/"))} \
+        == {k: v for k, v in healthy.items() if not k.startswith(("index/", "locks/"))}
+    snapfs.ok("verify")
+    for name, image in (("vm-1", images.base), ("other-1", images.other)):
+        snapfs.ok("export", name, tmp_path / f"{name}.img", "--force")
+        assert same_bytes(tmp_path / f"{name}.img", image)
+    snapfs.ok("prune")
+    assert pack_names(store) == packs  # every pack is used
+
+
+def test_repair_index_says_what_no_stored_pack_holds(
+    snapfs: Snapfs, store: ObjectStore, images: Images, tmp_path: Path
+) -> None:
+    """A pack gone, and a pack whose trailer is damaged while the index object naming it is
+    lost: ``repair index`` drops the one, reports the other, and names each snapshot that
+    still lacks blobs (exit 3). With the pack put back whole, a second repair finds it."""
+    snapfs.ok("init")
+    snapfs.ok("snapshot", "create", images.base, "--name", "vm-1")
+    first = set(pack_names(store))
+    (first_index,) = index_names(store)
+    other = random_image(tmp_path / "random.img", 4 * MiB, seed=5)  # no blob in common
+    snapfs.ok("snapshot", "create", other, "--name", "other-1")
+    (second_index,) = set(index_names(store)) - {first_index}
+    index = Repository.open(store).load_index()
+    gone = next(p for p in sorted(first) if index.packs[p][0].kind == KIND_DATA)
+    victim = next(p for p in sorted(pack_names(store) - first)  # a pack other-1 wrote
+                  if index.packs[p][0].kind == KIND_DATA)
+    whole = store.get(pack_key(victim))
+    store.delete(pack_key(gone))
+    store.put(pack_key(victim), whole[:-9] + b"XNPK" + whole[-5:])  # the footer's magic
+    store.delete(f"index/{second_index}")
+
+    result = snapfs("repair", "index")
+    assert result.returncode == EXIT_INTEGRITY, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"pack {victim[:12]}: its trailer cannot be read (pack footer has a bad magic); " \
+           "its blobs are not indexed" in lines
+    incomplete = [line for line in lines if line.startswith("snapshot ")]
+    assert [line.split()[1] for line in incomplete] == ["other-1", "vm-1"], lines
+    assert all("that no stored pack holds" in line for line in incomplete)
+    assert "dropped 1 pack no longer stored" in lines[-1], lines
+
+    store.put(pack_key(victim), whole)
+    result = snapfs("repair", "index", "--json")
+    assert result.returncode == EXIT_INTEGRITY, result.stderr
+    report = json.loads(result.stdout)
+    assert report["packs_added"] == 1 and report["packs_unreadable"] == {}
+    assert list(report["incomplete"]) == ["vm-1"]  # its pack is gone for good
+    snapfs.ok("verify", "other-1")
+    snapfs.ok("export", "other-1", tmp_path / "other.img")
+    assert same_bytes(tmp_path / "other.img", other)
+    assert snapfs("verify", "vm-1").returncode == EXIT_INTEGRITY
 
 
 # -- the local disk fills up -------------------------------------------------------------------

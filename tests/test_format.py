@@ -36,7 +36,15 @@ from snapfs.format.block import (
 )
 from snapfs.format.index import IndexFile
 from snapfs.format.manifest import SnapshotRoot, decode_page, encode_page
-from snapfs.format.pack import KIND_DATA, KIND_PAGE, PackBuilder, PackEntry, read_trailer
+from snapfs.format.pack import (
+    KIND_DATA,
+    KIND_PAGE,
+    PackBuilder,
+    PackEntry,
+    read_tail,
+    read_trailer,
+    trailer_size,
+)
 from snapfs.format.repoconfig import RepoConfig, check_block_size, check_compression_level
 from snapfs.repo.create import ManifestBuilder, block_ranges
 from snapfs.repo.readplan import Run, plan_runs
@@ -268,6 +276,24 @@ def test_damaged_pack_trailer_is_refused(codec: BlockCodec) -> None:
     past = data[:second_offset] + (10**5).to_bytes(4, "little") + data[second_offset + 4 :]
     with pytest.raises(CorruptBlock, match="past the blobs"):
         read_trailer(past)
+
+
+def test_a_pack_trailer_is_read_from_the_packs_end_alone(codec: BlockCodec) -> None:
+    """``repair index`` fetches only a pack's last bytes: its footer says how many it needs."""
+    builder = PackBuilder()
+    for i in range(3):
+        builder.add(bytes([i]) * 32, KIND_DATA, codec.encode(rand(5000, seed=i)), 5000)
+    _name, data, entries = builder.finish()
+    need = trailer_size(data[-9:], len(data))
+    assert need == 9 + 3 * 45
+    assert read_tail(data[-need:], len(data)) == entries
+    assert read_tail(data[-need - 100 :], len(data)) == entries  # more than needed
+    with pytest.raises(ValueError, match=f"last {need} bytes"):
+        read_tail(data[-need + 1 :], len(data))
+    with pytest.raises(CorruptBlock, match="longer than the pack"):  # a pack cut short
+        trailer_size(data[-9:], need - 1)
+    with pytest.raises(CorruptBlock, match="past the blobs"):  # the blobs cut away
+        read_tail(data[-need:], need + 100)
 
 
 # -- index objects -----------------------------------------------------------------------------

@@ -37,6 +37,8 @@ COMMANDS = {
                              "intact."),
     "prune": ("repository", "Delete the blobs no snapshot uses (delete does this too) and repack "
                             "sparse packs."),
+    "repair": ("repository", "Rebuild what can be rebuilt of a damaged repository (its index, "
+                             "from the packs)."),
     "unlock": ("repository", "Remove stale repository locks (or, with --all, every lock not in "
                              "use on this host)."),
     "snapshot": ("snapshot", "Create, list, show, delete and forget snapshots."),

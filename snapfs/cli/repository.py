@@ -107,6 +107,37 @@ def prune(config: CliConfig, json_output: bool) -> None:
                    f"{stats['packs_repacked']} repacked")
 
 
+@click.group()
+def repair() -> None:
+    """Rebuild what can be rebuilt of a damaged repository (its index, from the packs)."""
+
+
+@repair.command("index")
+@click.option("--read-all-packs", is_flag=True,
+              help="Read the trailer of every pack, not only of those no index object names "
+                   "(for an index object that can be read but is wrong).")
+@click.option("--json", "json_output", is_flag=True, help="Print the result as JSON.")
+@pass_config
+def repair_index_(config: CliConfig, read_all_packs: bool, json_output: bool) -> None:
+    """Rebuild the index from the packs' trailers: for index objects that were lost or damaged.
+
+    The index only says where each blob is; every pack names its own blobs, so nothing the
+    packs hold is lost with an index object. Index objects that cannot be read are replaced,
+    packs no index names are added, packs that are gone are dropped. Then each snapshot is
+    checked for blobs that no stored pack holds (exit 3 if one has any)."""
+    from snapfs.repo.repair import repair_index, summary
+
+    repo = config.open_repository()
+    report = run_async(lambda p: repair_index(repo, read_all_packs, p), json_output)
+    if json_output:
+        emit_json(report.as_dict())
+    else:
+        for line in summary(report):
+            click.echo(line)
+    if report.incomplete:
+        raise SystemExit(IntegrityError.exit_code)
+
+
 @click.command()
 @click.option("--all", "everything", is_flag=True,
               help="Also remove locks that are not stale yet, except those of live processes "

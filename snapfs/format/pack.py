@@ -76,18 +76,35 @@ def pack_name(data: bytes) -> str:
 
 
 def read_trailer(data: bytes) -> list[PackEntry]:
-    """Parse the entries of a whole pack (used by verify and repack)."""
-    if len(data) < FOOTER.size:
+    """Parse the entries of a whole pack."""
+    return read_tail(data, len(data))
+
+
+def trailer_size(tail: bytes, pack_size: int) -> int:
+    """How many bytes at the end of a pack of ``pack_size`` bytes its trailer and footer take,
+    from ``tail``, at least the pack's last ``FOOTER.size`` bytes."""
+    if pack_size < FOOTER.size or len(tail) < FOOTER.size:
         raise CorruptBlock("pack too short for a footer")
-    magic, version, count = FOOTER.unpack_from(data, len(data) - FOOTER.size)
+    magic, version, count = FOOTER.unpack_from(tail, len(tail) - FOOTER.size)
     if magic != PACK_MAGIC:
         raise CorruptBlock("pack footer has a bad magic")
     if version != PACK_VERSION:
         raise FormatError(f"unknown pack format version {version}")
-    start = len(data) - FOOTER.size - count * ENTRY.size
-    if start < 0:
+    size = FOOTER.size + count * ENTRY.size
+    if size > pack_size:
         raise CorruptBlock("pack trailer is longer than the pack")
-    entries = list(map(PackEntry._make, ENTRY.iter_unpack(memoryview(data)[start : len(data) - FOOTER.size])))
+    return int(size)
+
+
+def read_tail(tail: bytes, pack_size: int) -> list[PackEntry]:
+    """Parse the entries of a pack of ``pack_size`` bytes from ``tail``, its last bytes (at
+    least ``trailer_size`` of them): an index is rebuilt from these alone."""
+    size = trailer_size(tail, pack_size)
+    if len(tail) < size:
+        raise ValueError(f"the pack's last {size} bytes are needed, not {len(tail)}")
+    start = pack_size - size  # where the trailer starts in the pack
+    body = memoryview(tail)[len(tail) - size : len(tail) - FOOTER.size]
+    entries = list(map(PackEntry._make, ENTRY.iter_unpack(body)))
     if any(e.offset + e.length > start for e in entries):
         raise CorruptBlock("pack entry points past the blobs")
     return entries

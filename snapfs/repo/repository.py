@@ -203,7 +203,8 @@ class BlobIndex:
     def locate(self, blob_id: bytes) -> Location:
         loc = self.get(blob_id)
         if loc is None:
-            raise MissingBlock(f"blob {blob_id.hex()[:16]} is not in the repository index")
+            raise MissingBlock(f"blob {blob_id.hex()[:16]} is not in the repository index "
+                               "(snapfs repair index finds it if a pack still holds it)")
         return loc
 
 
@@ -466,7 +467,9 @@ class Repository:
             try:
                 files[key.rpartition("/")[2]] = IndexFile.decode(data)
             except CorruptBlock as e:  # which one, as for a damaged root
-                raise CorruptBlock(f"{key} in {self.store.url} is damaged ({e.message})") from None
+                raise CorruptBlock(f"{key} in {self.store.url} is damaged ({e.message}); "
+                                   "snapfs repair index rebuilds the index from the packs"
+                                   ) from None
         return files
 
     @staticmethod

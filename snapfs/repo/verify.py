@@ -82,7 +82,8 @@ async def verify_snapshots(
         if bid in index:
             present.append(bid)
         else:
-            bad[bid] = f"missing (blob {bid.hex()[:16]} is in no pack)"
+            bad[bid] = (f"missing (blob {bid.hex()[:16]} is in no indexed pack; snapfs repair "
+                        "index finds it if a pack still holds it)")
     runs = plan_runs(present, index)
     progress.start("verify", sum(loc.length for _, run in runs for _, loc in run))
 

@@ -1,0 +1,226 @@
+"""Rebuilding the repository index from the packs (``snapfs repair index``).
+
+The index (``index/``) is a map, not data: every pack ends with a trailer naming the blobs it
+holds and where (``format.pack``), so an index object that was deleted, or damaged so that it
+cannot be decoded, loses no block. Until it is repaired, though, the blocks it named cannot be
+found (reads fail with EIO, ``verify`` reports them missing, garbage collection refuses), and a
+damaged index object stops everything that loads the index.
+
+``repair_index``, under the exclusive lock (no snapshot is being stored meanwhile):
+1. reads every index object it can; one that cannot be decoded is replaced, never trusted;
+2. lists the packs and reads the trailer of each pack that no readable index object names
+   (every pack with ``read_all_packs``): one ranged GET of its last ``TAIL_GUESS`` bytes, a
+   second one if its trailer is longer;
+3. if anything was missing, damaged, or names packs that are gone: writes one index object
+   of every stored pack it knows, superseding all the others, then deletes them (the order of
+   ``gc``: a crash in between leaves both, which readers resolve through ``supersedes``);
+4. reports what each snapshot still lacks: blobs that no stored pack holds (lost for good,
+   unless the pack is put back), found by reading its manifest pages through the new index.
+
+A trailer is trusted as far as its structure goes; every blob it names is still checked
+against its ID whenever it is read, as every blob always is. A pack whose trailer cannot be
+read is reported; what a readable index object says of it is kept, and a pack no readable
+index object names stays out of the index (its blobs missing; ``prune`` deletes it once no
+snapshot needs what it would hold).
+
+Progress phases: "reading index" (index objects), "reading pack trailers" (packs), "deleting
+index" (replaced index objects), "reading manifests" (manifest pages).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from snapfs.errors import FormatError, IntegrityError, ObjectNotFound
+from snapfs.format.block import ZERO_ID
+from snapfs.format.index import IndexFile
+from snapfs.format.pack import PackEntry, read_tail, trailer_size
+from snapfs.plural import counted
+from snapfs.progress import NO_PROGRESS, Progress
+from snapfs.repo.lock import RepositoryLock, refresh_lock
+from snapfs.repo.parallel import map_in_threads, single_error
+from snapfs.repo.repository import BlobIndex, Repository, pack_key
+
+#: bytes read from a pack's end to find its trailer at once (about 1450 entries; a 16 MiB pack
+#: of 16 KiB blocks has about 1000-3000: a second GET for the rest when needed)
+TAIL_GUESS = 64 * 1024
+
+
+@dataclass
+class RepairReport:
+    index_objects: int = 0  # read (readable and not)
+    damaged_index: list[str] = field(default_factory=list)  # names of those that were not
+    packs: int = 0  # stored
+    packs_read: int = 0  # whose trailer was read
+    packs_added: int = 0  # stored packs no readable index object named
+    packs_unreadable: dict[str, str] = field(default_factory=dict)  # pack -> why
+    packs_gone: int = 0  # named by the index, not stored
+    rewritten: bool = False  # a new index object replaced the others
+    blobs_indexed: int = 0
+    #: snapshot name -> blobs it uses that no stored pack holds
+    incomplete: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index_objects": self.index_objects, "damaged_index": self.damaged_index,
+                "packs": self.packs, "packs_read": self.packs_read,
+                "packs_added": self.packs_added, "packs_unreadable": self.packs_unreadable,
+                "packs_gone": self.packs_gone, "rewritten": self.rewritten,
+                "blobs_indexed": self.blobs_indexed, "incomplete": self.incomplete,
+                "seconds": self.seconds}
+
+
+async def repair_index(repo: Repository, read_all_packs: bool = False,
+                       progress: Progress = NO_PROGRESS) -> RepairReport:
+    started = time.monotonic()
+    limiter = trio.CapacityLimiter(repo.store.concurrency)
+    lock = RepositoryLock(repo.store, "exclusive", "repair index")
+    await trio.to_thread.run_sync(lock.acquire, limiter=limiter)
+    try:
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(refresh_lock, lock, limiter)
+                report, index = await _rebuild(repo, read_all_packs, limiter, progress)
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(lock.release_quietly, limiter=limiter)
+    # outside the lock: reading manifests changes nothing
+    report.incomplete = await _incomplete(repo, index, limiter, progress)
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+async def _rebuild(repo: Repository, read_all_packs: bool, limiter: trio.CapacityLimiter,
+                   progress: Progress) -> tuple[RepairReport, BlobIndex]:
+    report = RepairReport()
+    names = sorted(await trio.to_thread.run_sync(repo.list_index_names, limiter=limiter))
+    report.index_objects = len(names)
+    files: dict[str, IndexFile] = {}
+
+    def fetch(name: str) -> IndexFile | str | None:
+        try:
+            return IndexFile.decode(repo.store.get(f"index/{name}"))
+        except ObjectNotFound:
+            return None  # deleted since the listing: not ours to replace
+        except (IntegrityError, FormatError) as e:  # not the store's failures: those raise
+            return e.message
+
+    def fetched(name: str, result: IndexFile | str | None) -> None:
+        progress.advance(1)
+        if isinstance(result, IndexFile):
+            files[name] = result
+        elif isinstance(result, str):
+            report.damaged_index.append(name)
+
+    progress.start("reading index", len(names), "object")
+    await map_in_threads(fetch, names, limiter, fetched)
+    report.damaged_index.sort()
+
+    stored = dict(await trio.to_thread.run_sync(lambda: list(repo.store.list("packs/")),
+                                                limiter=limiter))
+    sizes = {key.rpartition("/")[2]: size for key, size in stored.items()}
+    report.packs = len(sizes)
+    # what the readable index objects say, as readers take it (superseded objects left out)
+    known = Repository.index_from_files(files).packs
+    report.packs_gone = sum(1 for pack in known if pack not in sizes)
+    packs = {pack: entries for pack, entries in known.items() if pack in sizes}
+    to_read = sorted(sizes if read_all_packs else (p for p in sizes if p not in packs))
+    report.packs_added = sum(1 for p in to_read if p not in packs)
+
+    def trailer(pack: str) -> list[PackEntry] | str:
+        size = sizes[pack]
+        try:
+            tail = repo.store.get_range(pack_key(pack), max(0, size - TAIL_GUESS),
+                                        min(size, TAIL_GUESS))
+            need = trailer_size(tail, size)
+            if need > len(tail):
+                tail = repo.store.get_range(pack_key(pack), size - need, need)
+            return read_tail(tail, size)
+        except ObjectNotFound:
+            return "deleted while it was read"
+        except (IntegrityError, FormatError) as e:
+            return e.message
+
+    def read(pack: str, result: list[PackEntry] | str) -> None:
+        progress.advance(1)
+        report.packs_read += 1
+        if isinstance(result, str):  # what a readable index object says of it stays
+            report.packs_unreadable[pack] = result
+        else:
+            packs[pack] = result
+
+    progress.start("reading pack trailers", len(to_read), "pack")
+    await map_in_threads(trailer, to_read, limiter, read)
+
+    index = BlobIndex()
+    for pack, entries in packs.items():
+        index.add_pack(pack, entries)
+    report.blobs_indexed = len(index)
+    changed = (report.damaged_index or report.packs_gone or report.packs_added
+               or report.packs_unreadable or read_all_packs)
+    if changed:
+        new = IndexFile(packs=packs, supersedes=[*files, *report.damaged_index])
+        await trio.to_thread.run_sync(repo.write_index, new, limiter=limiter)
+        old = [*files, *report.damaged_index]
+        progress.start("deleting index", len(old), "object")
+        await map_in_threads(lambda name: repo.store.delete(f"index/{name}"), old, limiter,
+                             lambda _n, _r: progress.advance(1))
+        report.rewritten = True
+    return report, index
+
+
+async def _incomplete(repo: Repository, index: BlobIndex, limiter: trio.CapacityLimiter,
+                      progress: Progress) -> dict[str, int]:
+    """Snapshot name -> how many of the blobs it uses (pages and blocks) ``index`` lacks."""
+    listing = await trio.to_thread.run_sync(repo.list_snapshots, limiter=limiter)
+    progress.start("reading manifests", sum(len(r.pages) for r in listing.roots), "page")
+    out: dict[str, int] = {}
+    for root in listing.roots:
+        missing: set[bytes] = set()
+        for page_hex, count in zip(root.pages, repo.page_lengths(root), strict=True):
+            progress.advance(1)
+            page_id = bytes.fromhex(page_hex)
+            if page_id == ZERO_ID:
+                continue
+            if page_id not in index:
+                missing.add(page_id)
+                continue
+            try:
+                ids = await trio.to_thread.run_sync(repo.read_page, index, page_id, count,
+                                                    limiter=limiter)
+            except IntegrityError:
+                missing.add(page_id)
+                continue
+            missing.update(i for i in ids if i != ZERO_ID and i not in index)
+        if missing:
+            out[root.name] = len(missing)
+    return out
+
+
+def summary(report: RepairReport) -> list[str]:
+    """What ``snapfs repair index`` says, a line each."""
+    lines = [f"pack {pack[:12]}: its trailer cannot be read ({why}); its blobs are not indexed"
+             for pack, why in sorted(report.packs_unreadable.items())]
+    for name, count in sorted(report.incomplete.items()):
+        lines.append(f"snapshot {name} uses {counted(count, 'blob')} that no stored pack "
+                     "holds: those blocks cannot be read (verify names them)")
+    if not report.rewritten:
+        lines.append(f"the index is complete: {counted(report.packs, 'pack')}, "
+                     f"{counted(report.blobs_indexed, 'blob')}; nothing to repair")
+        return lines
+    what = []
+    if report.damaged_index:
+        what.append(f"replaced {counted(len(report.damaged_index), 'damaged index object')}")
+    if report.packs_added:
+        what.append(f"added {counted(report.packs_added, 'pack')} no index named")
+    if report.packs_gone:
+        what.append(f"dropped {counted(report.packs_gone, 'pack')} no longer stored")
+    lines.append(f"rebuilt the index: {counted(report.packs, 'pack')}, "
+                 f"{counted(report.blobs_indexed, 'blob')}"
+                 + (f" ({'; '.join(what)})" if what else ""))
+    return lines
