@@ -38,7 +38,7 @@ from snapfs.format.manifest import SnapshotRoot
 from snapfs.format.pack import PackEntry
 from snapfs.plural import counted
 from snapfs.progress import NO_PROGRESS, Progress
-from snapfs.repo.lock import RepositoryLock, refresh_lock
+from snapfs.repo.lock import exclusively
 from snapfs.repo.packer import FullPack, PackAssembler, PackUploader
 from snapfs.repo.parallel import map_in_threads, single_error
 from snapfs.repo.repository import (
@@ -70,48 +70,29 @@ async def delete_snapshots(
     to delete cannot be read."""
     unreadable = unreadable or []
     limiter = trio.CapacityLimiter(repo.store.concurrency)
-    lock = RepositoryLock(repo.store, "exclusive", purpose)
-    await trio.to_thread.run_sync(lock.acquire, limiter=limiter)
-    try:
-        with single_error():  # the collection's error, not trio's group of it
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(refresh_lock, lock, limiter)
-                listing = await trio.to_thread.run_sync(repo.list_snapshots, limiter=limiter)
-                doomed_keys = {u.key for u in unreadable}
-                others = [u for u in listing.unreadable if u.key not in doomed_keys]
-                if others:
-                    raise refuse_unreadable(others, repo.store.url, "not deleting anything: "
-                                            "garbage collection cannot know which blocks that "
-                                            "snapshot needs", "try again")
-                if recheck is not None:
-                    roots = await trio.to_thread.run_sync(recheck, roots, limiter=limiter)
-                doomed = [r.id for r in roots] + [u.snapshot_id for u in unreadable]
-                progress.start("deleting snapshots", len(doomed), "snapshot")
-                for snapshot_id in doomed:
-                    await trio.to_thread.run_sync(repo.delete_root, snapshot_id, limiter=limiter)
-                    progress.advance(1)
-                stats = await _collect(repo, limiter, progress)
-                nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(lock.release_quietly, limiter=limiter)
+    async with exclusively(repo.store, purpose, limiter):
+        listing = await trio.to_thread.run_sync(repo.list_snapshots, limiter=limiter)
+        doomed_keys = {u.key for u in unreadable}
+        others = [u for u in listing.unreadable if u.key not in doomed_keys]
+        if others:
+            raise refuse_unreadable(others, repo.store.url, "not deleting anything: garbage "
+                                    "collection cannot know which blocks that snapshot needs",
+                                    "try again")
+        if recheck is not None:
+            roots = await trio.to_thread.run_sync(recheck, roots, limiter=limiter)
+        doomed = [r.id for r in roots] + [u.snapshot_id for u in unreadable]
+        progress.start("deleting snapshots", len(doomed), "snapshot")
+        for snapshot_id in doomed:
+            await trio.to_thread.run_sync(repo.delete_root, snapshot_id, limiter=limiter)
+            progress.advance(1)
+        stats = await _collect(repo, limiter, progress)
     return {"deleted": doomed, **stats}
 
 
 async def collect_garbage(repo: Repository, progress: Progress = NO_PROGRESS) -> dict[str, Any]:
     limiter = trio.CapacityLimiter(repo.store.concurrency)
-    lock = RepositoryLock(repo.store, "exclusive", "prune")
-    await trio.to_thread.run_sync(lock.acquire, limiter=limiter)
-    try:
-        with single_error():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(refresh_lock, lock, limiter)
-                stats = await _collect(repo, limiter, progress)
-                nursery.cancel_scope.cancel()
-        return stats
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(lock.release_quietly, limiter=limiter)
+    async with exclusively(repo.store, "prune", limiter):
+        return await _collect(repo, limiter, progress)
 
 
 def live_blobs(repo: Repository, index: BlobIndex, roots: list[SnapshotRoot],

@@ -26,12 +26,15 @@ import json
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
 
 from snapfs.errors import ObjectNotFound, RepositoryLocked, SnapfsError
 from snapfs.host import hostname, pid_alive, pid_started_after
+from snapfs.repo.parallel import single_error
 from snapfs.repo.repository import new_id
 from snapfs.store.base import ObjectStore
 
@@ -125,6 +128,26 @@ async def refresh_lock(lock: RepositoryLock, limiter: trio.CapacityLimiter) -> N
     while True:
         await trio.sleep(REFRESH_EVERY)
         await trio.to_thread.run_sync(lock.refresh, limiter=limiter)
+
+
+@asynccontextmanager
+async def exclusively(store: ObjectStore, purpose: str, limiter: trio.CapacityLimiter,
+                      ) -> AsyncIterator[None]:
+    """The block runs under the repository's exclusive lock, taken at once or not at all
+    (``RepositoryLocked``), kept fresh meanwhile and let go of after, even on an error (a
+    removal that fails leaves a lock that goes stale). An error of the block comes out as
+    itself, not in trio's group."""
+    lock = RepositoryLock(store, "exclusive", purpose)
+    await trio.to_thread.run_sync(lock.acquire, limiter=limiter)
+    try:
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(refresh_lock, lock, limiter)
+                yield
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(lock.release_quietly, limiter=limiter)
 
 
 

@@ -41,8 +41,8 @@ from snapfs.format.index import IndexFile
 from snapfs.format.pack import PackEntry, read_tail, trailer_size
 from snapfs.plural import counted
 from snapfs.progress import NO_PROGRESS, Progress
-from snapfs.repo.lock import RepositoryLock, refresh_lock
-from snapfs.repo.parallel import map_in_threads, single_error
+from snapfs.repo.lock import exclusively
+from snapfs.repo.parallel import map_in_threads
 from snapfs.repo.repository import BlobIndex, Repository, pack_key
 
 #: bytes read from a pack's end to find its trailer at once (about 1450 entries; a 16 MiB pack
@@ -78,17 +78,8 @@ async def repair_index(repo: Repository, read_all_packs: bool = False,
                        progress: Progress = NO_PROGRESS) -> RepairReport:
     started = time.monotonic()
     limiter = trio.CapacityLimiter(repo.store.concurrency)
-    lock = RepositoryLock(repo.store, "exclusive", "repair index")
-    await trio.to_thread.run_sync(lock.acquire, limiter=limiter)
-    try:
-        with single_error():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(refresh_lock, lock, limiter)
-                report, index = await _rebuild(repo, read_all_packs, limiter, progress)
-                nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(lock.release_quietly, limiter=limiter)
+    async with exclusively(repo.store, "repair index", limiter):
+        report, index = await _rebuild(repo, read_all_packs, limiter, progress)
     # outside the lock: reading manifests changes nothing
     report.incomplete = await _incomplete(repo, index, limiter, progress)
     report.seconds = round(time.monotonic() - started, 3)
