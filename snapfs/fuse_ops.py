@@ -39,7 +39,8 @@ The rules it keeps:
   not known refresh the catalog (which rate-limits itself). Failed lookups are not cached by the
   kernel (ENOENT, never a negative entry), so a name looked up too early appears later. If the
   store cannot be read, a listing shows the images already known (and logs why); a lookup of an
-  unknown name fails with EIO rather than claim it does not exist.
+  unknown name fails with EIO rather than claim it does not exist, also within the catalog's
+  interval after the refresh that failed.
 """
 
 from __future__ import annotations
@@ -239,8 +240,8 @@ class SnapshotFS(pyfuse3.Operations):
                 self._disk_of[inode] = disk
         self._sync_names()
 
-    async def _refresh(self) -> None:
-        await self._catalog.refresh()
+    async def _refresh(self, strict: bool = False) -> None:
+        await self._catalog.refresh(strict=strict)
         self._sync_names()
 
     def _children(self, inode: int) -> list[tuple[bytes, int]]:
@@ -296,7 +297,7 @@ class SnapshotFS(pyfuse3.Operations):
         if parent_inode == SNAPSHOTS_INODE:
             self._sync_names()
             if name not in self._names:
-                await self._refresh()
+                await self._refresh(strict=True)
 
         for child, inode in self._children(parent_inode):
             if child == name:

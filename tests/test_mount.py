@@ -166,6 +166,49 @@ def test_snapshots_taken_after_mounting_appear_and_deleted_ones_go(
         assert read_all(daemon.images / "later.img") == read_all(late)
 
 
+def test_an_index_object_damaged_while_mounted_holds_back_only_the_snapshot_it_serves(
+    snapfs: Snapfs, base_image: Path, tmp_path: Path
+) -> None:
+    """A new snapshot whose index object is damaged before the daemon reads it: the daemon
+    serves what it had, says which object is damaged and what to run, and shows the new
+    snapshot once ``repair index`` has rebuilt the index."""
+    assert snapfs.repo is not None
+    index_dir = Path(snapfs.repo, "index")
+    late = random_image(tmp_path / "late.img", 3 * MiB, seed=8)
+    with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache") as daemon:
+        before = set(os.listdir(index_dir))
+        snapfs.ok("snapshot", "create", late, "--name", "late")
+        (new,) = set(os.listdir(index_dir)) - before
+        (index_dir / new).write_bytes(b"SNIX\x01 damaged")
+
+        def named() -> list[str]:
+            return [line for line in daemon.log.read_text().splitlines() if f"index/{new}" in line]
+
+        def listed_without_it() -> bool:  # a listing reads the repository again (every 2 s)
+            assert "late.img" not in os.listdir(daemon.images)
+            return bool(named())
+
+        wait_for(listed_without_it, 10, "the daemon to name the damaged index object")
+        assert "snapfs repair index" in named()[0]
+        # looking the name up fails: EIO, since the daemon cannot tell that it does not exist
+        with pytest.raises(OSError) as e:
+            os.stat(daemon.images / "late.img")
+        assert e.value.errno == errno.EIO
+        assert read_all(daemon.images / "vm-1.img") == read_all(base_image)
+        snapfs.ok("repair", "index")
+
+        def appeared() -> bool:  # EIO until the next refresh (the last one failed)
+            try:
+                return (daemon.images / "late.img").exists()
+            except OSError as e:
+                if e.errno != errno.EIO:
+                    raise
+                return False
+
+        wait_for(appeared, 10, "late.img to appear")
+        assert read_all(daemon.images / "late.img") == read_all(late)
+
+
 def test_a_damaged_root_is_logged_once_and_the_other_snapshots_are_served(
     snapfs: Snapfs, tmp_path: Path
 ) -> None:

@@ -111,6 +111,7 @@ from snapfs.format.block import recorded_checksum
 from snapfs.format.pack import KIND_PAGE
 from snapfs.hydration.budget import MemoryBudget
 from snapfs.hydration.stats import HydrationStats, LatencyWindow, ReadTally
+from snapfs.plural import counted
 from snapfs.repo.repository import BlobIndex, Location, Repository
 from snapfs.throttle import RateLimiter
 
@@ -306,7 +307,7 @@ class Hydrator:
             if listed == set(self.index.index_names):
                 return False
             self.index = await trio.to_thread.run_sync(self.index_loader)
-            log.info("repository index reloaded (%d index objects)", len(listed))
+            log.info("repository index reloaded (%s)", counted(len(listed), "index object"))
             return True
 
     # -- asking for blocks ------------------------------------------------------------

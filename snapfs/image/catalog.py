@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import trio
 
+from snapfs.errors import SnapfsError
 from snapfs.hydration.scheduler import Hydrator
 from snapfs.image.view import PROFILE_MAX, ImageView
 from snapfs.repo.indexcache import IndexCache
@@ -47,6 +48,8 @@ class SnapshotCatalog:
         self._unreadable: list[UnreadableRoot] = []  # as the last listing found them (logged)
         self._last_refresh = -1e9
         self._refreshing: trio.Event | None = None
+        #: the error of the last refresh, if it failed
+        self.failure: SnapfsError | None = None
         if index_cache is not None:
             self.hydrator.index_loader = lambda: repo.load_index(index_cache)
         self.hydrator.on_cached.append(self._blocks_cached)
@@ -69,18 +72,31 @@ class SnapshotCatalog:
         return SnapshotListing([v.root for v in self._views.values() if v.root.id not in bad],
                                list(self._unreadable))
 
-    async def refresh(self, force: bool = False) -> None:
+    async def refresh(self, force: bool = False, strict: bool = False) -> None:
+        """Read the repository's snapshots (and new index objects) again, unless that was done
+        less than ``interval`` ago (``force``: even then). ``strict``: a call that does not
+        read them itself raises the error of the last refresh, if it failed (a lookup of a name
+        not known must not be told that it does not exist while the repository cannot be read,
+        whichever lookup the refresh ran for)."""
         if self._refreshing is not None:  # one refresh at a time; others wait for it
             await self._refreshing.wait()
+        elif force or trio.current_time() - self._last_refresh >= self.interval:
+            await self._read_again()
             return
-        if not force and trio.current_time() - self._last_refresh < self.interval:
-            return
+        if strict and self.failure is not None:
+            raise self.failure
+
+    async def _read_again(self) -> None:
         self._refreshing = trio.Event()
         try:
             listing = await trio.to_thread.run_sync(self.repo.list_snapshots)
             # new snapshots bring new index objects; garbage collection replaces them
             await self.hydrator.refresh_index()
             self._update(listing)
+            self.failure = None
+        except SnapfsError as e:
+            self.failure = e
+            raise
         finally:
             # a failed refresh waits its turn too: with the store down, every lookup of an
             # unknown name must not pay the store's retries again

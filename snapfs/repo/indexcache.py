@@ -51,6 +51,7 @@ import xxhash
 
 from snapfs.errors import CorruptBlock, FormatError
 from snapfs.format.pack import PackEntry
+from snapfs.plural import counted
 from snapfs.repo.repository import BlobIndex, Location, Repository
 
 log = logging.getLogger(__name__)
@@ -313,8 +314,9 @@ class IndexCache:
             else:
                 packed = packed.merged(new, superseded, packs)
             self._write(path, packed)
-        log.info("index: %d objects, %d from the host's cache, %d fetched; %d blobs",
-                 len(packed.names), len(packed.names) - len(new), len(files), len(packed))
+        log.info("index: %s, %d from the host's cache, %d fetched; %s",
+                 counted(len(packed.names), "object"), len(packed.names) - len(new), len(files),
+                 counted(len(packed), "blob"))
         with self._lock:
             self._held[path] = packed
         index = packed.index()
