@@ -30,6 +30,7 @@ from snapfs.repo.readplan import Run, plan_runs
 from snapfs.repo.repository import Repository
 
 PARTIAL_SUFFIX = ".snapfs-partial"
+IOV_MAX = os.sysconf("SC_IOV_MAX")  # pieces one pwritev takes
 
 
 class _Target:
@@ -82,13 +83,22 @@ class _Target:
         return SnapfsError(f"writing {self.path}: {e.strerror}")
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
-        view = memoryview(data)
-        while view:
+        self.pwritev([data], offset)
+
+    def pwritev(self, pieces: list[bytes | memoryview], offset: int) -> None:
+        """Write ``pieces`` one after another from ``offset``, in one call where the kernel
+        takes them all."""
+        views = [memoryview(p) for p in pieces]
+        while views:
             try:
-                n = os.pwrite(self.fd, view, offset)
+                n = os.pwritev(self.fd, views[:IOV_MAX], offset)
             except OSError as e:
                 raise self.error(e) from None
-            view, offset = view[n:], offset + n
+            offset += n
+            while views and n >= len(views[0]):
+                n -= len(views.pop(0))
+            if n:
+                views[0] = views[0][n:]
 
     def commit(self) -> None:
         try:
@@ -138,14 +148,24 @@ async def export_snapshot(
         assert target is not None  # opened before the first job
         data = repo.fetch_run(pack, run)
         start = run[0][1].offset
-        nbytes = 0
+        placed: list[tuple[int, bytes | memoryview]] = []
         for (bid, _), plain in zip(run, repo.decode_pieces(data, start, run, copy=False),
                                    strict=True):
             if isinstance(plain, IntegrityError):
                 raise plain
-            for n in where[bid]:
-                target.pwrite(plain, n * bs)
-                nbytes += len(plain)
+            placed.extend((n, plain) for n in where[bid])
+        # blocks that follow each other on the disk in one write (a run usually holds many:
+        # a snapshot stores a disk's blocks in their order), not a write each
+        placed.sort(key=lambda p: p[0])
+        nbytes = 0
+        first = 0
+        for i in range(1, len(placed) + 1):
+            if i == len(placed) or placed[i][0] != placed[i - 1][0] + 1 \
+                    or len(placed[i - 1][1]) != bs:
+                pieces = [plain for _, plain in placed[first:i]]
+                target.pwritev(pieces, placed[first][0] * bs)
+                nbytes += sum(len(p) for p in pieces)
+                first = i
         return nbytes
 
     def done(_job: tuple[str, Run], nbytes: int) -> None:
