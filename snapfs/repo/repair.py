@@ -56,7 +56,7 @@ class RepairReport:
     damaged_index: list[str] = field(default_factory=list)  # names of those that were not
     packs: int = 0  # stored
     packs_read: int = 0  # whose trailer was read
-    packs_added: int = 0  # stored packs no readable index object named
+    packs_added: int = 0  # stored packs no readable index object named, now indexed
     packs_unreadable: dict[str, str] = field(default_factory=dict)  # pack -> why
     packs_gone: int = 0  # named by the index, not stored
     rewritten: bool = False  # a new index object replaced the others
@@ -121,7 +121,6 @@ async def _rebuild(repo: Repository, read_all_packs: bool, limiter: trio.Capacit
     report.packs_gone = sum(1 for pack in known if pack not in sizes)
     packs = {pack: entries for pack, entries in known.items() if pack in sizes}
     to_read = sorted(sizes if read_all_packs else (p for p in sizes if p not in packs))
-    report.packs_added = sum(1 for p in to_read if p not in packs)
 
     def trailer(pack: str) -> list[PackEntry] | str:
         size = sizes[pack]
@@ -143,6 +142,7 @@ async def _rebuild(repo: Repository, read_all_packs: bool, limiter: trio.Capacit
         if isinstance(result, str):  # what a readable index object says of it stays
             report.packs_unreadable[pack] = result
         else:
+            report.packs_added += pack not in packs
             packs[pack] = result
 
     progress.start("reading pack trailers", len(to_read), "pack")
@@ -152,9 +152,7 @@ async def _rebuild(repo: Repository, read_all_packs: bool, limiter: trio.Capacit
     for pack, entries in packs.items():
         index.add_pack(pack, entries)
     report.blobs_indexed = len(index)
-    changed = (report.damaged_index or report.packs_gone or report.packs_added
-               or report.packs_unreadable or read_all_packs)
-    if changed:
+    if report.damaged_index or report.packs_gone or report.packs_added or read_all_packs:
         new = IndexFile(packs=packs, supersedes=[*files, *report.damaged_index])
         await trio.to_thread.run_sync(repo.write_index, new, limiter=limiter)
         old = [*files, *report.damaged_index]
