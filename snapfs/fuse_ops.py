@@ -161,6 +161,8 @@ class SnapshotFS(pyfuse3.Operations):
         # behind a dentry that would otherwise live for IMAGE_TIMEOUT
         catalog.on_change.append(self._sync_names)
         self._open_dirs: dict[int, _OpenDir] = {}
+        #: why the last listing could not refresh (logged once while it stays the same)
+        self._listing_trouble: str | None = None
         self._next_handle = 1
         self._session_live = False
 
@@ -361,9 +363,14 @@ class SnapshotFS(pyfuse3.Operations):
                 try:
                     await self._refresh()
                 except SnapfsError as e:  # the images already known stay listable
-                    log.warning("listing %s without refreshing: %s", SNAPSHOTS_DIR.decode(),
-                                e.message)
+                    if e.message != self._listing_trouble:  # not every 2 s while it lasts
+                        log.warning("listing %s without refreshing: %s",
+                                    SNAPSHOTS_DIR.decode(), e.message)
+                        self._listing_trouble = e.message
                     self._sync_names()
+                else:
+                    if self._catalog.failure is None:
+                        self._listing_trouble = None
             directory.listing = [(b".", directory.inode), (b"..", ROOT_INODE),
                                  *self._children(directory.inode)]
         for position in range(start_id, len(directory.listing)):

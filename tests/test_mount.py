@@ -190,6 +190,9 @@ def test_an_index_object_damaged_while_mounted_holds_back_only_the_snapshot_it_s
 
         wait_for(listed_without_it, 10, "the daemon to name the damaged index object")
         assert "snapfs repair index" in named()[0]
+        time.sleep(2.1)  # the next listing reads the repository again, and fails the same way
+        assert "late.img" not in os.listdir(daemon.images)
+        assert len(named()) == 1  # said once
         # looking the name up fails: EIO, since the daemon cannot tell that it does not exist
         with pytest.raises(OSError) as e:
             os.stat(daemon.images / "late.img")
