@@ -693,11 +693,20 @@ def test_retention_policies_stored_in_the_repository(snapfs: Snapfs, store: Obje
                                           EXIT_USAGE)
     snapfs.ok("policy", "delete")
     assert set(snapfs.json("policy", "show")["disks"]) == {"a/b c"}
-    # a damaged policy is one clear line, not a guess
+    # a damaged policy is one clear line, not a guess: which object, and the way on
     key = next(k for k, _ in store.list("policies/"))
     store.put(key, b"{not json")
-    assert "retention policy is not valid JSON" in one_error(snapfs("snapshot", "forget"),
-                                                             EXIT_INTEGRITY)
+    line = one_error(snapfs("snapshot", "forget"), EXIT_INTEGRITY)
+    assert f"{key} in " in line and "retention policy is not valid JSON" in line
+    assert "snapfs policy delete --disk a/b c" in line
+    snapfs.ok("policy", "delete", "--disk", "a/b c")
+    # so is a damaged hold, which stops deletes: what it keeps cannot be known
+    store.put("holds/0123456789abcdef", b'{"version": 1}')
+    line = one_error(snapfs("snapshot", "delete", "db.v2-1"), EXIT_INTEGRITY)
+    assert "holds/0123456789abcdef in " in line and "damaged" in line
+    assert "writes it again when it starts" in line
+    store.delete("holds/0123456789abcdef")
+    snapfs.ok("snapshot", "delete", "db.v2-1")
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # a lock is a lock on both

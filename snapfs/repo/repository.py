@@ -563,8 +563,17 @@ class Repository:
         from snapfs.format.hold import Hold
 
         keys = [key for key, _size in self.store.list("holds/")]
-        return {key.rpartition("/")[2]: Hold.decode(data)
-                for key, data in self._get_many(keys).items()}
+        holds = {}
+        for key, data in self._get_many(keys).items():
+            try:
+                holds[key.rpartition("/")[2]] = Hold.decode(data)
+            except (CorruptBlock, FormatError) as e:
+                raise type(e)(
+                    f"{key} in {self.store.url} is damaged ({e.message}), so which snapshots a "
+                    "host's disks need cannot be known; the daemon that wrote it writes it "
+                    "again when it starts, and if no host will, remove that object from the "
+                    "store") from None
+        return holds
 
     def write_hold(self, holder: str, hold: Hold) -> None:
         self.store.put(f"holds/{holder}", hold.encode())
@@ -587,7 +596,16 @@ class Repository:
         from snapfs.repo.retention import RetentionPolicy
 
         keys = [key for key, _size in self.store.list("policies/")]
-        found = {key: RetentionPolicy.decode(data) for key, data in self._get_many(keys).items()}
+        found = {}
+        for key, data in self._get_many(keys).items():
+            try:
+                found[key] = RetentionPolicy.decode(data)
+            except (CorruptBlock, FormatError) as e:
+                disk = ("" if key == "policies/default"
+                        else f" --disk {unquote(key.removeprefix('policies/disk/'))}")
+                raise type(e)(f"{key} in {self.store.url} is damaged ({e.message}); set that "
+                              f"policy again (snapfs policy set{disk} …) or delete it (snapfs "
+                              f"policy delete{disk})") from None
         default = found.pop("policies/default", None)
         prefix = "policies/disk/"
         return default, {unquote(key[len(prefix):]): p for key, p in found.items()
