@@ -46,6 +46,7 @@ from snapfs.fuse_ops import SnapshotFS
 from snapfs.hydration.scheduler import HydrationConfig, Hydrator
 from snapfs.image.catalog import SnapshotCatalog
 from snapfs.image.sweep import Sweeper
+from snapfs.repo.lock import SNAPSHOT_LOCK_PATIENCE
 from snapfs.repo.parallel import single_error
 from snapfs.repo.repository import Repository
 from snapfs.write.service import DiskService
@@ -70,6 +71,11 @@ def hydration_config(options: MountOptions) -> HydrationConfig:
                            read_around=options.read_around, prefetch_list=options.prefetch_list)
 
 
+def lock_patience(options: MountOptions) -> float:
+    """How long each upload attempt of a disk snapshot waits for a gc's exclusive lock."""
+    return SNAPSHOT_LOCK_PATIENCE if options.lock_patience is None else options.lock_patience
+
+
 def serve(options: MountOptions, files: RunFiles, ready: Callable[[], None],
           opened: OpenRepository) -> None:
     """Mount what ``opened`` holds, serve until unmounted, close everything (``opened.store``
@@ -82,7 +88,8 @@ def serve(options: MountOptions, files: RunFiles, ready: Callable[[], None],
             hydrator = Hydrator(repo, opened.index, cache, hydration_config(options))
             catalog = SnapshotCatalog(repo, hydrator, index_cache=opened.index_cache)
             disks = DiskService(options.cache_dir, repo, hydrator, catalog,
-                                disk_path=lambda name: f"{options.mountpoint}/disks/{name}.img")
+                                disk_path=lambda name: f"{options.mountpoint}/disks/{name}.img",
+                                upload_lock_patience=lock_patience(options))
             disks.open()
             try:
                 daemon = MountDaemon(options, files, repo, cache, hydrator, catalog, disks)

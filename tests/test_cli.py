@@ -505,7 +505,9 @@ def test_a_rate_or_time_that_is_not_a_number_is_a_usage_error(snapfs: Snapfs, st
                          (("snapshot", "create", source, "--rate", "-1"), "--rate"),
                          (("snapshot", "create", "--disk", "d", "--freeze-timeout", "nan"),
                           "--freeze-timeout"),
-                         (("mount", mountpoint, "--hydrate-rate", "nan"), "--hydrate-rate")]:
+                         (("mount", mountpoint, "--hydrate-rate", "nan"), "--hydrate-rate"),
+                         (("mount", mountpoint, "--lock-patience", "nan"), "--lock-patience"),
+                         (("mount", mountpoint, "--lock-patience", "0"), "--lock-patience")]:
         assert option in one_error(snapfs(*args), EXIT_USAGE)
     assert objects(store) == before and not os.path.ismount(mountpoint)
 
