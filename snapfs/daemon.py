@@ -44,7 +44,7 @@ from snapfs.control import MAX_MESSAGE, REQUEST_TIMEOUT, RunFiles
 from snapfs.errors import MountError, SnapfsError
 from snapfs.fuse_ops import SnapshotFS
 from snapfs.hydration.scheduler import HydrationConfig, Hydrator
-from snapfs.image.catalog import SnapshotCatalog
+from snapfs.image.catalog import REFRESH_INTERVAL, SnapshotCatalog
 from snapfs.image.sweep import Sweeper
 from snapfs.repo.lock import SNAPSHOT_LOCK_PATIENCE
 from snapfs.repo.parallel import single_error
@@ -76,6 +76,11 @@ def lock_patience(options: MountOptions) -> float:
     return SNAPSHOT_LOCK_PATIENCE if options.lock_patience is None else options.lock_patience
 
 
+def refresh_interval(options: MountOptions) -> float:
+    """How often at most lookups and listings read the snapshot list again."""
+    return REFRESH_INTERVAL if options.refresh_interval is None else options.refresh_interval
+
+
 def serve(options: MountOptions, files: RunFiles, ready: Callable[[], None],
           opened: OpenRepository) -> None:
     """Mount what ``opened`` holds, serve until unmounted, close everything (``opened.store``
@@ -86,7 +91,8 @@ def serve(options: MountOptions, files: RunFiles, ready: Callable[[], None],
         cache = BlockCache(options.cache_dir, options.cache_size)
         try:
             hydrator = Hydrator(repo, opened.index, cache, hydration_config(options))
-            catalog = SnapshotCatalog(repo, hydrator, index_cache=opened.index_cache)
+            catalog = SnapshotCatalog(repo, hydrator, refresh_interval(options),
+                                      index_cache=opened.index_cache)
             disks = DiskService(options.cache_dir, repo, hydrator, catalog,
                                 disk_path=lambda name: f"{options.mountpoint}/disks/{name}.img",
                                 upload_lock_patience=lock_patience(options))
