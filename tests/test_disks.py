@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -219,9 +220,11 @@ def writes_held(image: Path, nblocks: int) -> int:
 
 
 def wait_failed_attempts(served: Served, count: int, timeout: float = 60) -> None:
-    """Wait until the daemon has logged ``count`` failed upload attempts."""
+    """Wait until the daemon has logged ``count`` failed upload attempts: each is retried
+    (``upload failed (...); retrying``) or gives its task up (``snapshot task ID failed``)."""
     def failed() -> int:
-        return sum("upload failed" in line for line in served.daemon.log.read_text().splitlines())
+        return len(re.findall(r"snapshot task \S+(?:: upload failed \(| failed: )",
+                              served.daemon.log.read_text()))
 
     wait_for(lambda: failed() >= count, timeout, f"{count} failed upload attempts")
 
