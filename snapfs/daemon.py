@@ -172,8 +172,9 @@ class MountDaemon:
 
     async def _keep_cache_reserve(self) -> None:
         """The cache's reserve kept free while nothing is cached, too (see ``BlockCache``)."""
+        every = self.options.reserve_interval
         while True:
-            await trio.sleep(RESERVE_CHECK_EVERY)
+            await trio.sleep(RESERVE_CHECK_EVERY if every is None else every)
             await trio.to_thread.run_sync(self.cache.keep_reserve)
 
     def shutdown(self) -> None:

@@ -91,6 +91,9 @@ class MountOptions:
     #: seconds at least between two readings of the snapshot list for lookups and listings;
     #: None: ``snapfs.image.catalog.REFRESH_INTERVAL``
     refresh_interval: float | None = None
+    #: seconds between checks of the block cache's reserve, also while nothing is cached;
+    #: None: ``snapfs.daemon.RESERVE_CHECK_EVERY``
+    reserve_interval: float | None = None
 
     def fuse_options(self) -> set[str]:
         options = {"fsname=snapfs", "subtype=snapfs", "default_permissions"}

@@ -512,7 +512,9 @@ def test_a_rate_or_time_that_is_not_a_number_is_a_usage_error(snapfs: Snapfs, st
                          (("mount", mountpoint, "--lock-patience", "nan"), "--lock-patience"),
                          (("mount", mountpoint, "--lock-patience", "0"), "--lock-patience"),
                          (("mount", mountpoint, "--refresh-interval", "nan"),
-                          "--refresh-interval")]:
+                          "--refresh-interval"),
+                         (("mount", mountpoint, "--reserve-interval", "0"),
+                          "--reserve-interval")]:
         assert option in one_error(snapfs(*args), EXIT_USAGE)
     assert objects(store) == before and not os.path.ismount(mountpoint)
 
