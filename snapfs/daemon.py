@@ -71,14 +71,10 @@ def hydration_config(options: MountOptions) -> HydrationConfig:
                            read_around=options.read_around, prefetch_list=options.prefetch_list)
 
 
-def lock_patience(options: MountOptions) -> float:
-    """How long each upload attempt of a disk snapshot waits for a gc's exclusive lock."""
-    return SNAPSHOT_LOCK_PATIENCE if options.lock_patience is None else options.lock_patience
-
-
-def refresh_interval(options: MountOptions) -> float:
-    """How often at most lookups and listings read the snapshot list again."""
-    return REFRESH_INTERVAL if options.refresh_interval is None else options.refresh_interval
+def given(seconds: float | None, default: float) -> float:
+    """A mount option of seconds (``MountOptions.lock_patience`` ...), or its default where
+    the command did not give it."""
+    return default if seconds is None else seconds
 
 
 def serve(options: MountOptions, files: RunFiles, ready: Callable[[], None],
@@ -91,11 +87,13 @@ def serve(options: MountOptions, files: RunFiles, ready: Callable[[], None],
         cache = BlockCache(options.cache_dir, options.cache_size)
         try:
             hydrator = Hydrator(repo, opened.index, cache, hydration_config(options))
-            catalog = SnapshotCatalog(repo, hydrator, refresh_interval(options),
+            catalog = SnapshotCatalog(repo, hydrator,
+                                      given(options.refresh_interval, REFRESH_INTERVAL),
                                       index_cache=opened.index_cache)
             disks = DiskService(options.cache_dir, repo, hydrator, catalog,
                                 disk_path=lambda name: f"{options.mountpoint}/disks/{name}.img",
-                                upload_lock_patience=lock_patience(options))
+                                upload_lock_patience=given(options.lock_patience,
+                                                           SNAPSHOT_LOCK_PATIENCE))
             disks.open()
             try:
                 daemon = MountDaemon(options, files, repo, cache, hydrator, catalog, disks)
@@ -172,9 +170,9 @@ class MountDaemon:
 
     async def _keep_cache_reserve(self) -> None:
         """The cache's reserve kept free while nothing is cached, too (see ``BlockCache``)."""
-        every = self.options.reserve_interval
+        every = given(self.options.reserve_interval, RESERVE_CHECK_EVERY)
         while True:
-            await trio.sleep(RESERVE_CHECK_EVERY if every is None else every)
+            await trio.sleep(every)
             await trio.to_thread.run_sync(self.cache.keep_reserve)
 
     def shutdown(self) -> None:
