@@ -44,8 +44,9 @@ from snapfs.control import MAX_MESSAGE, REQUEST_TIMEOUT, RunFiles
 from snapfs.errors import MountError, SnapfsError
 from snapfs.fuse_ops import SnapshotFS
 from snapfs.hydration.scheduler import HydrationConfig, Hydrator
-from snapfs.image.catalog import SnapshotCatalog
+from snapfs.image.catalog import REFRESH_INTERVAL, SnapshotCatalog
 from snapfs.image.sweep import Sweeper
+from snapfs.repo.lock import SNAPSHOT_LOCK_PATIENCE
 from snapfs.repo.parallel import single_error
 from snapfs.repo.repository import Repository
 from snapfs.write.service import DiskService
@@ -70,6 +71,12 @@ def hydration_config(options: MountOptions) -> HydrationConfig:
                            read_around=options.read_around, prefetch_list=options.prefetch_list)
 
 
+def given(seconds: float | None, default: float) -> float:
+    """A mount option of seconds (``MountOptions.lock_patience`` ...), or its default where
+    the command did not give it."""
+    return default if seconds is None else seconds
+
+
 def serve(options: MountOptions, files: RunFiles, ready: Callable[[], None],
           opened: OpenRepository) -> None:
     """Mount what ``opened`` holds, serve until unmounted, close everything (``opened.store``
@@ -80,9 +87,13 @@ def serve(options: MountOptions, files: RunFiles, ready: Callable[[], None],
         cache = BlockCache(options.cache_dir, options.cache_size)
         try:
             hydrator = Hydrator(repo, opened.index, cache, hydration_config(options))
-            catalog = SnapshotCatalog(repo, hydrator, index_cache=opened.index_cache)
+            catalog = SnapshotCatalog(repo, hydrator,
+                                      given(options.refresh_interval, REFRESH_INTERVAL),
+                                      index_cache=opened.index_cache)
             disks = DiskService(options.cache_dir, repo, hydrator, catalog,
-                                disk_path=lambda name: f"{options.mountpoint}/disks/{name}.img")
+                                disk_path=lambda name: f"{options.mountpoint}/disks/{name}.img",
+                                upload_lock_patience=given(options.lock_patience,
+                                                           SNAPSHOT_LOCK_PATIENCE))
             disks.open()
             try:
                 daemon = MountDaemon(options, files, repo, cache, hydrator, catalog, disks)
@@ -159,8 +170,9 @@ class MountDaemon:
 
     async def _keep_cache_reserve(self) -> None:
         """The cache's reserve kept free while nothing is cached, too (see ``BlockCache``)."""
+        every = given(self.options.reserve_interval, RESERVE_CHECK_EVERY)
         while True:
-            await trio.sleep(RESERVE_CHECK_EVERY)
+            await trio.sleep(every)
             await trio.to_thread.run_sync(self.cache.keep_reserve)
 
     def shutdown(self) -> None:

@@ -85,6 +85,15 @@ class MountOptions:
     #: measuring what a remote store would feel like from a local one
     simulate_latency: float | None = None
     simulate_bandwidth: float | None = None
+    #: seconds each attempt of a disk snapshot's upload waits for a garbage collection's
+    #: exclusive lock; None: ``snapfs.repo.lock.SNAPSHOT_LOCK_PATIENCE`` (a plain value here)
+    lock_patience: float | None = None
+    #: seconds at least between two readings of the snapshot list for lookups and listings;
+    #: None: ``snapfs.image.catalog.REFRESH_INTERVAL``
+    refresh_interval: float | None = None
+    #: seconds between checks of the block cache's reserve, also while nothing is cached;
+    #: None: ``snapfs.daemon.RESERVE_CHECK_EVERY``
+    reserve_interval: float | None = None
 
     def fuse_options(self) -> set[str]:
         options = {"fsname=snapfs", "subtype=snapfs", "default_permissions"}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from testkit import SEAWEED_STOP_TIMEOUT
 
 from snapfs.store import ObjectStore, open_store
 from snapfs.testing.seaweedfs import SeaweedServer
@@ -46,7 +47,8 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]
         mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(data / "no-aws-credentials"))
         for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
             mp.delenv(name, raising=False)
-        with SeaweedServer(data, access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY) as server:
+        with SeaweedServer(data, access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY,
+                           stop_timeout=SEAWEED_STOP_TIMEOUT) as server:
             yield server
 
 

@@ -320,33 +320,36 @@ def test_a_damaged_snapshot_root_leaves_the_other_snapshots_usable(
         assert result.stderr.splitlines() == [damaged_root_warning(store, bad, why, consequence)]
         return result.stdout
 
-    listed = snapfs("snapshot", "list")
+    # the commands that change nothing, side by side
+    out, refused_out = tmp_path / "three.img", tmp_path / "two.img"
+    (listed, listed_json, shown, exported, checked, show_bad, show_prefix, export_bad, verified,
+     verified_json) = [result for _args, result in snapfs.each(
+        ("snapshot", "list"), ("snapshot", "list", "--json"), ("snapshot", "show", "one"),
+        ("export", "three", out), ("verify", three), ("snapshot", "show", bad),
+        ("snapshot", "show", bad[:6]), ("export", bad[:6], refused_out), ("verify",),
+        ("verify", "--json"))]
     assert [line.split()[:2] for line in warned(listed, "not listed").splitlines()[1:]] == [
         [one, "one"], [three, "three"]]
-    listed = snapfs("snapshot", "list", "--json")
-    assert [d["id"] for d in json.loads(warned(listed, "not listed"))] == [one, three]
-    assert "name:              one" in warned(snapfs("snapshot", "show", "one"), "left out")
-    out = tmp_path / "three.img"
-    assert warned(snapfs("export", "three", out), "left out").startswith("exported three")
+    assert [d["id"] for d in json.loads(warned(listed_json, "not listed"))] == [one, three]
+    assert "name:              one" in warned(shown, "left out")
+    assert warned(exported, "left out").startswith("exported three")
     assert sha256_file(out) == sha256_file(first)
     out.unlink()
-    checked = snapfs("verify", three)
     assert warned(checked, "not verified").endswith(": no problems\n")
 
     # the damaged one itself: named as it is, by its id or a prefix of it
-    for ref in (bad, bad[:6]):
-        line = one_error(snapfs("snapshot", "show", ref), EXIT_INTEGRITY)
+    for result in (show_bad, show_prefix):
+        line = one_error(result, EXIT_INTEGRITY)
         assert line == damaged_root_refusal(store, bad, why, "that snapshot cannot be read")
-    line = one_error(snapfs("export", bad[:6], out), EXIT_INTEGRITY)
+    line = one_error(export_bad, EXIT_INTEGRITY)
     assert line == damaged_root_refusal(store, bad, why, "that snapshot cannot be read")
-    assert not out.exists()
-    result = snapfs("verify")
-    assert result.returncode == EXIT_INTEGRITY and result.stderr == ""
-    problem, summary = result.stdout.splitlines()
+    assert not refused_out.exists()
+    assert verified.returncode == EXIT_INTEGRITY and verified.stderr == ""
+    problem, summary = verified.stdout.splitlines()
     assert problem == (f"problem: snapshots/{bad} is damaged ({why}): its snapshot cannot be "
                        f"read; delete it (snapfs snapshot delete {bad}) or put it back from a copy")
     assert summary.startswith("checked 2 snapshots, ") and summary.endswith(": 1 problem")
-    report = json.loads(snapfs("verify", "--json").stdout)
+    report = json.loads(verified_json.stdout)
     assert report["ok"] is False and report["snapshots"] == 2
     assert report["unreadable_roots"] == [f"snapshots/{bad}"] and len(report["problems"]) == 1
 
@@ -506,7 +509,13 @@ def test_a_rate_or_time_that_is_not_a_number_is_a_usage_error(snapfs: Snapfs, st
                          (("snapshot", "create", source, "--rate", "-1"), "--rate"),
                          (("snapshot", "create", "--disk", "d", "--freeze-timeout", "nan"),
                           "--freeze-timeout"),
-                         (("mount", mountpoint, "--hydrate-rate", "nan"), "--hydrate-rate")]:
+                         (("mount", mountpoint, "--hydrate-rate", "nan"), "--hydrate-rate"),
+                         (("mount", mountpoint, "--lock-patience", "nan"), "--lock-patience"),
+                         (("mount", mountpoint, "--lock-patience", "0"), "--lock-patience"),
+                         (("mount", mountpoint, "--refresh-interval", "nan"),
+                          "--refresh-interval"),
+                         (("mount", mountpoint, "--reserve-interval", "0"),
+                          "--reserve-interval")]:
         assert option in one_error(snapfs(*args), EXIT_USAGE)
     assert objects(store) == before and not os.path.ismount(mountpoint)
 

@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -125,6 +126,19 @@ def served(snapfs: Snapfs, tmp_path: Path) -> Iterator[Served]:
         yield s
 
 
+#: ``mount`` options for tests whose uploads find the repository locked on every attempt: each
+#: attempt waits 1 s for the lock instead of 10, so the three still fail on the lock (2 and 4 s
+#: apart) in 9 s rather than 36
+IMPATIENT = ("--lock-patience", "1")
+
+
+@pytest.fixture
+def served_impatient(snapfs: Snapfs, tmp_path: Path) -> Iterator[Served]:
+    """``served``, its uploads waiting 1 s for the repository lock (``IMPATIENT``)."""
+    with serving(snapfs, tmp_path, *IMPATIENT) as s:
+        yield s
+
+
 # -- what the test writes, and how to recognise it ---------------------------------------------
 
 
@@ -205,9 +219,14 @@ def writes_held(image: Path, nblocks: int) -> int:
     return k
 
 
-#: how long a disk snapshot's upload attempts take to run out while the repository is locked:
-#: three attempts that each wait 10 s for the lock, 2 and 4 s apart
-UPLOAD_ATTEMPTS_SECONDS = 40.0
+def wait_failed_attempts(served: Served, count: int, timeout: float = 60) -> None:
+    """Wait until the daemon has logged ``count`` failed upload attempts: each is retried
+    (``upload failed (...); retrying``) or gives its task up (``snapshot task ID failed``)."""
+    def failed() -> int:
+        return len(re.findall(r"snapshot task \S+(?:: upload failed \(| failed: )",
+                              served.daemon.log.read_text()))
+
+    wait_for(lambda: failed() >= count, timeout, f"{count} failed upload attempts")
 
 
 def wait_accomplished(served: Served, name: str, timeout: float = 60) -> dict[str, Any]:
@@ -569,9 +588,9 @@ def test_an_upload_the_store_refuses_fails_cleanly_and_the_daemon_stays(served: 
 
 
 def test_a_failed_upload_is_reported_and_the_next_snapshot_uploads_its_blocks(
-    served: Served,
+    served_impatient: Served,
 ) -> None:
-    s = served
+    s = served_impatient
     s.snapfs.ok("disk", "create", "d", "--size", "4M")
     first = dict(zip(range(0, 18, 2), random_blocks(41, 9), strict=True))
     write_blocks(s.disk("d"), first)
@@ -605,7 +624,7 @@ def test_a_disk_made_from_a_pending_snapshot_keeps_its_whole_chain_alive(
     (the repository is locked) past its attempts: giving it up would fail c2 with it and
     leave e reading from a snapshot that will never exist, so neither is given up, and both
     are stored once the repository is free (here after a restart, which retries at once)."""
-    with serving(snapfs, tmp_path) as s:
+    with serving(snapfs, tmp_path, *IMPATIENT) as s:
         s.snapfs.ok("disk", "create", "d", "--size", "4M")
         write_blocks(s.disk("d"), dict(zip(range(10), random_blocks(51, 10), strict=True)))
         with uploads_held(s.snapfs):
@@ -614,7 +633,7 @@ def test_a_disk_made_from_a_pending_snapshot_keeps_its_whole_chain_alive(
             s.snapfs.ok("snapshot", "create", "--disk", "d", "--name", "c2", "--no-wait")
             want = s.image("c2").read_bytes()
             s.snapfs.ok("disk", "create", "e", "--from", "c2")
-            time.sleep(UPLOAD_ATTEMPTS_SECONDS)  # all three attempts have failed by now
+            wait_failed_attempts(s, 3)  # c1's (c2 waits behind it): all three attempts
             states = {name: (d["state"], d.get("reason")) for name, d in s.snapshots().items()}
             assert states["c1"][0] == "progressing" and "locked" in states["c1"][1], states
             assert states["c2"][0] == "progressing", states
@@ -1099,9 +1118,12 @@ def test_an_idle_cache_gives_way_to_others_and_says_truly_whether_it_caches(
         snapfs: Snapfs, tmp_path: Path, base_image: Path) -> None:
     """The cache keeps its reserve free and says whether it is paused while it caches
     nothing, too: a ballast file that takes the space makes it evict, and then pause; once the
-    ballast goes, it resumes (stats said so only after the next block it was given)."""
+    ballast goes, it resumes (stats said so only after the next block it was given). The
+    cache checks its reserve every 0.25 s instead of 2 s: it gives up its blocks a reserve's
+    worth a check, a dozen checks in all."""
     with tmpfs(tmp_path / "small", "24M") as small, \
-            serving(snapfs, tmp_path, "--cache-size", "1G", cache=str(small / "cache")) as s:
+            serving(snapfs, tmp_path, "--cache-size", "1G", "--reserve-interval", "0.25",
+                    cache=str(small / "cache")) as s:
         assert sha256_file(s.image("vm-1")) == sha256_file(base_image)  # then idle
 
         def cache() -> dict[str, Any]:

@@ -22,7 +22,7 @@ import pytest
 import trio
 from diskimages import make_image
 from mountutil import mounted, pid_running
-from testkit import Snapfs, wait_until
+from testkit import SEAWEED_STOP_TIMEOUT, Snapfs, wait_until
 
 from snapfs.cache import BlockCache
 from snapfs.errors import SnapfsError
@@ -40,7 +40,8 @@ BS = 16384
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
-    with SeaweedServer(tmp_path_factory.mktemp("weed-faults"), ACCESS, SECRET) as sw:
+    with SeaweedServer(tmp_path_factory.mktemp("weed-faults"), ACCESS, SECRET,
+                       stop_timeout=SEAWEED_STOP_TIMEOUT) as sw:
         yield sw
 
 

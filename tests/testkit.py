@@ -1,7 +1,7 @@
 """What several test files share: running the real ``snapfs`` command, checking its one-line
 errors, damaging a stored object the way bit rot would, a small file system that fills up for
-real, holding a running daemon's uploads back, and waiting in trio for state that other tasks
-own."""
+real, holding a running daemon's uploads back, waiting in trio for state that other tasks
+own, and how long a test's SeaweedFS gets to stop."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ from snapfs.store.local import LocalStore
 EXIT_GENERAL, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTEGRITY, EXIT_STORE, EXIT_LOCKED = 1, 2, 3, 4, 5, 6
 
 SNAPFS = str(Path(sys.executable).with_name("snapfs"))
+
+#: seconds a test's SeaweedFS gets to exit on SIGTERM before it is killed (``stop_timeout``):
+#: weed takes about 15 s, so the default 5 s always ran out and the pid was killed anyway; its
+#: data is a test's temporary directory, with nothing to keep
+SEAWEED_STOP_TIMEOUT = 0.5
 
 
 @dataclasses.dataclass

@@ -71,17 +71,32 @@ def parse_rate(text: str) -> float:
               help="Add this latency to every store request (for measurements).")
 @click.option("--simulate-bandwidth", metavar="100MB/s",
               help="Cap the link to the store at this rate (for measurements).")
+@click.option("--lock-patience", type=float, metavar="SECONDS",
+              help="How long each attempt of a disk snapshot's upload waits for a garbage "
+              "collection's lock before it fails (default: 10).")
+@click.option("--refresh-interval", type=float, metavar="SECONDS",
+              help="How often at most a lookup of an unknown name or a listing of snapshots/ "
+              "reads the repository's snapshot list again (default: 2).")
+@click.option("--reserve-interval", type=float, metavar="SECONDS",
+              help="How often the cache makes sure it leaves its file system's reserve free, "
+              "also while it caches nothing (default: 2).")
 @pass_config
 def mount(config: CliConfig, mountpoint: str, cache_dir: str | None, cache_size: str,
           foreground: bool, no_background: bool, hydrate_rate: float | None,
           read_around: str, prefetch_list: str | None, allow_other: bool, simulate_latency: str | None,
-          simulate_bandwidth: str | None) -> None:
+          simulate_bandwidth: str | None, lock_patience: float | None,
+          refresh_interval: float | None, reserve_interval: float | None) -> None:
     """Serve every snapshot of REPO as MOUNTPOINT/snapshots/NAME.img, fetched as it is read."""
     from snapfs.mount import MountOptions  # light: the daemon's libraries load after the fork
     from snapfs.mount import mount as mount_repository
 
     if hydrate_rate is not None and not hydrate_rate > 0:  # (nan too)
         raise UsageError("--hydrate-rate must be a positive number of MB/s")
+    for name, seconds in (("--lock-patience", lock_patience),
+                          ("--refresh-interval", refresh_interval),
+                          ("--reserve-interval", reserve_interval)):
+        if seconds is not None and not 0 < seconds < float("inf"):  # (nan too)
+            raise UsageError(f"{name} must be a positive number of seconds")
     capacity = parse_size(cache_size)
     if capacity < MIN_CACHE_SIZE:
         raise UsageError(f"--cache-size must be at least {MIN_CACHE_SIZE >> 20}M (got {cache_size})")
@@ -100,6 +115,9 @@ def mount(config: CliConfig, mountpoint: str, cache_dir: str | None, cache_size:
         prefetch_list=os.path.abspath(prefetch_list) if prefetch_list else None,
         simulate_latency=parse_duration(simulate_latency) if simulate_latency else None,
         simulate_bandwidth=parse_rate(simulate_bandwidth) if simulate_bandwidth else None,
+        lock_patience=lock_patience,
+        refresh_interval=refresh_interval,
+        reserve_interval=reserve_interval,
     )
     mount_repository(options, click.echo)
 

@@ -35,9 +35,13 @@ from snapfs.repo.repository import (
 
 log = logging.getLogger(__name__)
 
+#: seconds at least between two refreshes that are not forced (a lookup of an unknown name, a
+#: listing): a process looking up many names that do not exist must not list the store each time
+REFRESH_INTERVAL = 2.0
+
 
 class SnapshotCatalog:
-    def __init__(self, repo: Repository, hydrator: Hydrator, interval: float = 2.0,
+    def __init__(self, repo: Repository, hydrator: Hydrator, interval: float = REFRESH_INTERVAL,
                  index_cache: IndexCache | None = None) -> None:
         self.repo = repo
         self.index_cache = index_cache

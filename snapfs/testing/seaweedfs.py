@@ -17,6 +17,9 @@ Quirks of weed 4.x it works around (see also FIELD-NOTES.md):
   with fresh ports.
 - with many buckets it runs out of writable volumes unless ``-volume.max`` is raised and the
   volume size limit lowered (each new bucket takes several volumes at once).
+- started again on its own data (``crash`` then ``restart``), its master waits for a Raft
+  election before S3 answers: about 17 s with the default 10 s election timeout, about 3 s
+  with ``-master.electionTimeout=1s`` (one master: no peer to wait for), which we give.
 - on SIGTERM it takes about 15 s to exit (the volume server's ``-volume.preStopSeconds``, set
   to 0 here, then a gRPC graceful stop that waits on open streams), so ``stop`` waits
   ``stop_timeout`` (5 s) and then SIGKILLs the pid it started.
@@ -161,6 +164,7 @@ class SeaweedServer:
             f"-master.port.grpc={master + _GRPC_OFFSET}",
             "-master.volumeSizeLimitMB=1024",
             "-master.telemetry=false",
+            "-master.electionTimeout=1s",
             f"-volume.port={volume}",
             f"-volume.port.grpc={volume + _GRPC_OFFSET}",
             "-volume.max=100",

@@ -65,7 +65,7 @@ from snapfs.image.catalog import SnapshotCatalog
 from snapfs.image.view import ImageView
 from snapfs.plural import counted
 from snapfs.repo.create import default_snapshot_name, encode_chunk
-from snapfs.repo.lock import RepositoryLock
+from snapfs.repo.lock import SNAPSHOT_LOCK_PATIENCE, RepositoryLock
 from snapfs.repo.parallel import single_error
 from snapfs.repo.repository import BlobIndex, Repository, new_id, now_iso
 from snapfs.write.bitmap import Bitmap
@@ -128,13 +128,16 @@ def check_disk_name(name: str) -> str:
 
 class DiskService:
     def __init__(self, state_dir: str | os.PathLike[str], repo: Repository, hydrator: Hydrator,
-                 catalog: SnapshotCatalog, disk_path: Callable[[str], str] | None = None) -> None:
+                 catalog: SnapshotCatalog, disk_path: Callable[[str], str] | None = None,
+                 upload_lock_patience: float = SNAPSHOT_LOCK_PATIENCE) -> None:
         self.repo = repo
         self.hydrator = hydrator
         self.catalog = catalog
         self.dir = Path(state_dir) / "disks" / repo.config.id
         #: where the kernel sees a disk's image (to find loop devices attached to it)
         self.disk_path = disk_path or (lambda name: name)
+        #: seconds each upload attempt waits for a garbage collection's exclusive lock
+        self.upload_lock_patience = upload_lock_patience
         self.disks: dict[str, Disk] = {}
         self.pending: dict[str, PendingSnapshot] = {}  # snapshot id -> view, while uploading
         self.tasks: dict[str, SnapshotTask] = {}
@@ -814,7 +817,8 @@ class DiskService:
                 root, packs, index_name = await upload_generation(
                     self.repo, self.hydrator.index, disk, closed, part, parent, parent_page,
                     group=task.group, tags=task.tags, progress=progress, pace=self._pace,
-                    busy=self._busy, fresh_index=self._fresh_index, unreleased=self._unreleased)
+                    busy=self._busy, fresh_index=self._fresh_index, unreleased=self._unreleased,
+                    lock_patience=self.upload_lock_patience)
             finally:
                 self._uploading -= 1
             for pack, entries in packs.items():

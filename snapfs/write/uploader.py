@@ -72,6 +72,7 @@ async def upload_generation(
     busy: Callable[[], bool] = lambda: False,
     fresh_index: Callable[[], Awaitable[BlobIndex]] | None = None,
     unreleased: list[RepositoryLock] | None = None,
+    lock_patience: float = SNAPSHOT_LOCK_PATIENCE,
 ) -> tuple[SnapshotRoot, dict[str, list], str | None]:
     """Store ``closed`` as snapshot ``part.snapshot_id``; return its root, the packs it added
     and the name of the index object naming them (for the caller's index). ``parent_page(p)``
@@ -82,12 +83,13 @@ async def upload_generation(
     Blobs are deduplicated against the index as it is once the shared lock is held
     (``fresh_index``, if given, is awaited then): garbage collection runs only under the
     exclusive lock, so no blob this snapshot reuses can be deleted or moved until its root is
-    stored. An index read before the lock may name blobs that are gone since."""
+    stored. An index read before the lock may name blobs that are gone since. The lock is
+    waited for up to ``lock_patience`` seconds (a garbage collection's exclusive lock)."""
     started = time.monotonic()
     lock = RepositoryLock(repo.store, "shared", f"snapshot of disk {disk.name}")
     store_limiter = trio.CapacityLimiter(repo.store.concurrency)
     # a forget or prune holds the exclusive lock for seconds: wait for it rather than fail
-    await lock.acquire_waiting(SNAPSHOT_LOCK_PATIENCE, store_limiter)
+    await lock.acquire_waiting(lock_patience, store_limiter)
     progress.timings["lock"] = round(time.monotonic() - started, 4)
     try:
         if fresh_index is not None:
