@@ -175,7 +175,9 @@ def test_an_index_object_damaged_while_mounted_holds_back_only_the_snapshot_it_s
     assert snapfs.repo is not None
     index_dir = Path(snapfs.repo, "index")
     late = random_image(tmp_path / "late.img", 3 * MiB, seed=8)
-    with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache") as daemon:
+    interval = 0.3  # the snapshot list read again at most this often (2 s by default)
+    with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache",
+                 "--refresh-interval", str(interval)) as daemon:
         before = set(os.listdir(index_dir))
         snapfs.ok("snapshot", "create", late, "--name", "late")
         (new,) = set(os.listdir(index_dir)) - before
@@ -184,13 +186,13 @@ def test_an_index_object_damaged_while_mounted_holds_back_only_the_snapshot_it_s
         def named() -> list[str]:
             return [line for line in daemon.log.read_text().splitlines() if f"index/{new}" in line]
 
-        def listed_without_it() -> bool:  # a listing reads the repository again (every 2 s)
+        def listed_without_it() -> bool:  # a listing reads the repository again
             assert "late.img" not in os.listdir(daemon.images)
             return bool(named())
 
         wait_for(listed_without_it, 10, "the daemon to name the damaged index object")
         assert "snapfs repair index" in named()[0]
-        time.sleep(2.1)  # the next listing reads the repository again, and fails the same way
+        time.sleep(interval + 0.1)  # the next listing reads it again, and fails the same way
         assert "late.img" not in os.listdir(daemon.images)
         assert len(named()) == 1  # said once
         # looking the name up fails: EIO, since the daemon cannot tell that it does not exist
