@@ -45,10 +45,14 @@ class FakeCatalog:
         self.upcoming: dict[str, FakeView] = {}
         self.refreshes = 0
         self.fail: Exception | None = None
+        self.failure: Exception | None = None  # the last refresh's error, as the real one's
         self.on_change: list[Any] = []
 
-    async def refresh(self) -> None:
+    async def refresh(self, force: bool = False, strict: bool = False) -> None:
+        """Reads the repository every time (the real catalog at most every 2 s: ``strict``
+        then raises the last error, which this one raises anyway)."""
         self.refreshes += 1
+        self.failure = self.fail
         if self.fail is not None:
             raise self.fail
         changed = bool(self.upcoming)

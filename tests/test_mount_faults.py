@@ -91,7 +91,8 @@ def stopped(server: SeaweedServer) -> Iterator[None]:
 
 
 def snapshot_on(server: SeaweedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                prefix: str, size: str, data: str, seed: int) -> tuple[Snapfs, bytes]:
+                runtime: Path, prefix: str, size: str, data: str, seed: int,
+                ) -> tuple[Snapfs, bytes]:
     """A repository at ``prefix`` on ``server`` holding one snapshot ``vm`` of a new image; the
     ``snapfs`` command for it, and the image's bytes."""
     for name, value in (("AWS_ACCESS_KEY_ID", ACCESS), ("AWS_SECRET_ACCESS_KEY", SECRET),
@@ -101,8 +102,6 @@ def snapshot_on(server: SeaweedServer, tmp_path: Path, monkeypatch: pytest.Monke
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SNAPFS_"))}
     env.update(AWS_ACCESS_KEY_ID=ACCESS, AWS_SECRET_ACCESS_KEY=SECRET, AWS_DEFAULT_REGION="us-east-1",
                AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-    runtime = Path(f"/tmp/snapfs-faults-{os.getpid()}")
-    runtime.mkdir(mode=0o700, exist_ok=True)
     env["SNAPFS_RUNTIME_DIR"] = str(runtime)
     snapfs = Snapfs(f"s3://faults/{prefix}", server.endpoint_url, env)
     snapfs.ok("init")
@@ -111,8 +110,9 @@ def snapshot_on(server: SeaweedServer, tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_store_down_then_back(server: SeaweedServer, tmp_path: Path,
-                              monkeypatch: pytest.MonkeyPatch) -> None:
-    snapfs, source = snapshot_on(server, tmp_path, monkeypatch, "repo", "64M", "24M", seed=3)
+                              monkeypatch: pytest.MonkeyPatch, runtime_dir: Path) -> None:
+    snapfs, source = snapshot_on(server, tmp_path, monkeypatch, runtime_dir, "repo", "64M",
+                                 "24M", seed=3)
 
     nonzero = [o for o in range(8 << 20, len(source), BS) if source[o : o + BS] != bytes(BS)]
     later = nonzero[len(nonzero) // 2]  # a block nobody has read yet
@@ -144,13 +144,13 @@ def test_store_down_then_back(server: SeaweedServer, tmp_path: Path,
 
 
 def test_store_hangs_then_answers(server: SeaweedServer, tmp_path: Path,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                  monkeypatch: pytest.MonkeyPatch, runtime_dir: Path) -> None:
     """A hung store fails a waiting read with EIO in seconds (S3 reads give up on a request
     that has no byte for 5 s, 3 tries: about 15 s, and the kernel's retry fails at once; it
     was about 180 s: 3 tries of 30 s, then as many for the kernel's retry), reads of cached
     blocks go on, the same read succeeds once the store answers again, and ``umount`` of a
     mount whose store hangs ends in bounded time, its daemon exiting by itself."""
-    snapfs, source = snapshot_on(server, tmp_path, monkeypatch, "hung", "32M", "12M", seed=4)
+    snapfs, source = snapshot_on(server, tmp_path, monkeypatch, runtime_dir, "hung", "32M", "12M", seed=4)
     nonzero = [o for o in range(4 << 20, len(source), BS) if source[o : o + BS] != bytes(BS)]
     later = nonzero[len(nonzero) // 2]  # a block nobody has read yet
     with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache", "--no-background") as daemon:
