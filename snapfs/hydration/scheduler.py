@@ -876,8 +876,8 @@ class Hydrator:
                 reason = e if isinstance(e, StoreError) else \
                     f"{self.repo.store.url}: pack {pack[:12]}: no answer in {timeout:g} s"
                 if attempt == calls:
-                    log.warning("giving up on pack %s after %d %s: %s", pack[:12], attempt,
-                                "call" if attempt == 1 else "calls", reason)
+                    log.warning("giving up on pack %s after %s: %s", pack[:12],
+                                counted(attempt, "call"), reason)
                     raise StoreUnavailable(f"store unavailable: {reason}") from None
                 await trio.sleep(delay)
                 delay *= 2
