@@ -7,7 +7,8 @@ file systems) need not: after a power cut a file fsync'd many times may be gone.
 
 Callers fsync a directory where a name is made that later state relies on (a disk's overlay at
 its creation, a copy-on-write file before the first fsync that makes its entries durable, an
-lmdb environment when it is created), never on a path every write takes.
+lmdb environment when it is created), never on a path every write takes. ``replace_durably``
+writes a whole file that way: all of it or, after a crash, none of it.
 
 Blocking: call from worker threads. Imports nothing of snapfs.
 """
@@ -43,3 +44,26 @@ def make_dirs(path: str | os.PathLike[str]) -> None:
             if not directory.is_dir():
                 raise
         fsync_dir(directory.parent)
+
+
+def replace_durably(path: Path, data: bytes, tmp: Path) -> None:
+    """Make ``path`` hold ``data``, durably and whole: written to ``tmp`` (in the same
+    directory), fsync'd, renamed over ``path``, and the rename made durable. On an error
+    ``tmp`` is removed and the error raised; ``path`` is then as it was, or already new."""
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+    except OSError:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from snapfs.dirsync import fsync_dir, make_dirs
+from snapfs.dirsync import make_dirs, replace_durably
 from snapfs.errors import AccessDenied, NoSpace, ObjectNotFound, SnapfsError, StoreError
 from snapfs.store.base import ObjectStore
 
@@ -68,21 +68,8 @@ class LocalStore(ObjectStore):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data):x}{TMP_SUFFIX}")
         try:
             make_dirs(path.parent)  # a new directory's name is durable too
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, path)
-            fsync_dir(path.parent)
+            replace_durably(path, data, tmp)
         except OSError as e:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
             raise self._fail(e, key) from None
 
     def delete(self, key: str) -> None:

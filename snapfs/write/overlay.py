@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from snapfs.dirsync import fsync_dir
+from snapfs.dirsync import fsync_dir, replace_durably
 from snapfs.errors import NoSpace, SnapfsError
 
 log = logging.getLogger(__name__)
@@ -185,13 +185,8 @@ class Overlay:
             note = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "message": self.failed.message,
                     "lost_from": {str(g): at for g, at in self._lost_from.items()}}
-            tmp = self.failure_path.with_suffix(".failed-new")
-            with open(tmp, "w") as f:
-                json.dump(note, f)
-                f.flush()
-                os.fdatasync(f.fileno())
-            os.rename(tmp, self.failure_path)
-            fsync_dir(self.dir)
+            replace_durably(self.failure_path, json.dumps(note).encode(),
+                            self.failure_path.with_suffix(".failed-new"))
         except OSError as e:
             log.error("overlay %s: could not record the failed flush (%s); after a restart "
                       "its snapshots still uploading are not known to have lost blocks",
