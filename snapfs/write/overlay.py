@@ -176,8 +176,7 @@ class Overlay:
         cost (best effort: the device may refuse this file too)."""
         assert self.failed is not None
         try:
-            for path in self.dir.glob(f"{self.disk_id}.cow-*"):
-                gen = int(path.name.rsplit("-", 1)[1])
+            for gen, path in self._cow_files().items():
                 cow = self._cow.get(gen)
                 if gen not in self._lost_from:
                     # a file not opened since the last start was synced whole by it
@@ -203,9 +202,8 @@ class Overlay:
             lost = {}  # unreadable: every copy-on-write content is suspect
             self.failed_before = (f"a flush failed before the restart (its record "
                                   f"{self.failure_path.name} is unreadable: {e})")
-        for path in self.dir.glob(f"{self.disk_id}.cow-*"):
+        for gen in self._cow_files():
             # a file the note does not name was made after the failure: nothing of it synced
-            gen = int(path.name.rsplit("-", 1)[1])
             self._lost_from[gen] = lost.get(gen, 0)
 
     def forget_failure(self, uploading: set[int]) -> None:
@@ -221,13 +219,22 @@ class Overlay:
         """``sync``, and every copy-on-write file of this disk, open here or not (after a
         restart: what a dead daemon appended may still be only in the kernel's cache)."""
         self.sync()
-        for path in self.dir.glob(f"{self.disk_id}.cow-*"):
+        for path in self._cow_files().values():
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
         fsync_dir(self.dir)  # the dead daemon's new names may not have been synced
+
+    def _cow_files(self) -> dict[int, Path]:
+        """This disk's copy-on-write files in its directory, open here or not, by generation."""
+        files = {}
+        for path in self.dir.glob(f"{self.disk_id}.cow-*"):
+            m = _FILE_NAME.fullmatch(path.name)
+            if m is not None and m.group(2) is not None:
+                files[int(m.group(2))] = path
+        return files
 
     def cow(self, gen: int) -> CowFile:
         cow = self._cow.get(gen)
