@@ -445,8 +445,16 @@ class Disk:
         return data[skip : skip + length]
 
     def finish_generation(self, closed: ClosedGeneration) -> None:
-        """Forget ``closed`` (stored, or given up); the caller drops its cow file."""
+        """Forget ``closed`` (stored, or given up); the caller drops its cow file
+        (``drop_cow``)."""
         self.closed.remove(closed)
+
+    def drop_cow(self, gen: int) -> None:
+        """After ``finish_generation``: generation ``gen``'s copy-on-write file deleted, and a
+        flush that failed before the last restart forgotten once no generation still uploading
+        may have lost contents to it. Blocking: call from a worker thread."""
+        self.overlay.drop_cow(gen)
+        self.overlay.forget_failure({c.gen for c in self.closed})
 
     def stats(self) -> dict[str, object]:
         return {

@@ -839,8 +839,7 @@ class DiskService:
 
             def drop() -> None:
                 state.drop_cow(record, closed.gen)
-                disk.overlay.drop_cow(closed.gen)
-                disk.overlay.forget_failure({c.gen for c in disk.closed})
+                disk.drop_cow(closed.gen)
 
             await trio.to_thread.run_sync(drop)
         log.info("snapshot %s of disk %s stored: %s", root.name, disk.name, root.stats)
@@ -880,8 +879,7 @@ class DiskService:
 
                 def drop(ends: list[tuple[SnapshotPart, Disk, ClosedGeneration]] = ends) -> None:
                     for part, disk, _ in ends:
-                        disk.overlay.drop_cow(part.gen)
-                        disk.overlay.forget_failure({c.gen for c in disk.closed})
+                        disk.drop_cow(part.gen)
 
                 await trio.to_thread.run_sync(drop)
             for part, _, _ in ends:
