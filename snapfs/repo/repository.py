@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
 from urllib.parse import quote, unquote
 
 from snapfs.errors import (
@@ -48,6 +48,7 @@ from snapfs.errors import (
     RepositoryExists,
     RepositoryNotFound,
     RootsUnreadable,
+    SnapfsError,
     SnapshotNotFound,
     UsageError,
 )
@@ -71,6 +72,7 @@ if TYPE_CHECKING:
     from snapfs.repo.retention import RetentionPolicy
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: at most this many GETs at once when reading many small objects (roots, index objects)
 MAX_FETCH_THREADS = 8
@@ -462,15 +464,25 @@ class Repository:
         """The named index objects, decoded; names deleted since they were listed are left out.
         ``done``: as for ``_get_many``."""
         found = self._get_many([f"index/{name}" for name in names], done)
-        files = {}
+        files = self._decoded(found, IndexFile.decode, (CorruptBlock,),
+                              lambda _key: "; snapfs repair index rebuilds the index from the "
+                                           "packs")
+        return {key.rpartition("/")[2]: f for key, f in files.items()}
+
+    def _decoded(self, found: dict[str, bytes], decode: Callable[[bytes], T],
+                 errors: tuple[type[SnapfsError], ...], way_on: Callable[[str], str],
+                 ) -> dict[str, T]:
+        """Each object of ``found`` (key: bytes) decoded. One that cannot be (``errors``)
+        raises its error again, naming the object (as for a damaged root), then
+        ``way_on(key)``: what the user can do about it."""
+        out = {}
         for key, data in found.items():
             try:
-                files[key.rpartition("/")[2]] = IndexFile.decode(data)
-            except CorruptBlock as e:  # which one, as for a damaged root
-                raise CorruptBlock(f"{key} in {self.store.url} is damaged ({e.message}); "
-                                   "snapfs repair index rebuilds the index from the packs"
-                                   ) from None
-        return files
+                out[key] = decode(data)
+            except errors as e:
+                raise type(e)(f"{key} in {self.store.url} is damaged ({e.message})"
+                              f"{way_on(key)}") from None
+        return out
 
     @staticmethod
     def index_from_files(files: dict[str, IndexFile]) -> BlobIndex:
@@ -563,17 +575,12 @@ class Repository:
         from snapfs.format.hold import Hold
 
         keys = [key for key, _size in self.store.list("holds/")]
-        holds = {}
-        for key, data in self._get_many(keys).items():
-            try:
-                holds[key.rpartition("/")[2]] = Hold.decode(data)
-            except (CorruptBlock, FormatError) as e:
-                raise type(e)(
-                    f"{key} in {self.store.url} is damaged ({e.message}), so which snapshots a "
-                    "host's disks need cannot be known; the daemon that wrote it writes it "
-                    "again when it starts, and if no host will, remove that object from the "
-                    "store") from None
-        return holds
+        holds = self._decoded(self._get_many(keys), Hold.decode, (CorruptBlock, FormatError),
+                              lambda _key: ", so which snapshots a host's disks need cannot be "
+                                           "known; the daemon that wrote it writes it again "
+                                           "when it starts, and if no host will, remove that "
+                                           "object from the store")
+        return {key.rpartition("/")[2]: hold for key, hold in holds.items()}
 
     def write_hold(self, holder: str, hold: Hold) -> None:
         self.store.put(f"holds/{holder}", hold.encode())
@@ -595,17 +602,15 @@ class Repository:
         """The stored retention policies: the default one (None if unset) and each disk's."""
         from snapfs.repo.retention import RetentionPolicy
 
+        def way_on(key: str) -> str:
+            disk = ("" if key == "policies/default"
+                    else f" --disk {unquote(key.removeprefix('policies/disk/'))}")
+            return (f"; set that policy again (snapfs policy set{disk} …) or delete it (snapfs "
+                    f"policy delete{disk})")
+
         keys = [key for key, _size in self.store.list("policies/")]
-        found = {}
-        for key, data in self._get_many(keys).items():
-            try:
-                found[key] = RetentionPolicy.decode(data)
-            except (CorruptBlock, FormatError) as e:
-                disk = ("" if key == "policies/default"
-                        else f" --disk {unquote(key.removeprefix('policies/disk/'))}")
-                raise type(e)(f"{key} in {self.store.url} is damaged ({e.message}); set that "
-                              f"policy again (snapfs policy set{disk} …) or delete it (snapfs "
-                              f"policy delete{disk})") from None
+        found = self._decoded(self._get_many(keys), RetentionPolicy.decode,
+                              (CorruptBlock, FormatError), way_on)
         default = found.pop("policies/default", None)
         prefix = "policies/disk/"
         return default, {unquote(key[len(prefix):]): p for key, p in found.items()
