@@ -37,6 +37,7 @@ from diskimages import (
     standard_images,
     write_at,
 )
+from mountutil import wait_for
 from testkit import (
     EXIT_GENERAL,
     EXIT_INTEGRITY,
@@ -119,14 +120,6 @@ def indexed_packs(store: ObjectStore) -> set[str]:
     for key, _ in store.list("index/"):
         packs |= set(IndexFile.decode(store.get(key)).packs)
     return packs
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def free_port() -> int:

@@ -239,6 +239,13 @@ def wait_accomplished(served: Served, name: str, timeout: float = 60) -> dict[st
     return served.snapshots()[name]
 
 
+def wait_ended(served: Served, name: str, timeout: float = 60) -> dict[str, Any]:
+    """Snapshot ``name`` as listed once its upload ended (stored, or failed)."""
+    wait_for(lambda: served.snapshots()[name]["state"] != "progressing", timeout,
+             f"the upload of {name} to end")
+    return served.snapshots()[name]
+
+
 # -- a disk used as ext4 -------------------------------------------------------------------------
 
 
@@ -840,11 +847,7 @@ def test_a_snapshot_whose_kept_blocks_a_failed_flush_may_have_lost_is_never_stor
                     read_blocks(image, [101])
                 assert e.value.errno == errno.EIO
 
-            def ended() -> bool:
-                return bool(s.snapshots()["kept"]["state"] != "progressing")
-
-            wait_for(ended, 60, "the upload to end")
-            doc = s.snapshots()["kept"]
+            doc = wait_ended(s, "kept")
             # (before the fix: accomplished, and the export differed from ``at_closing``)
             assert doc["state"] == "failed", doc
             assert "a flush failed" in doc["reason"], doc
@@ -871,11 +874,7 @@ def test_a_flush_that_failed_before_a_restart_is_not_forgotten(
         (note,) = cache.glob("disks/*/*.failed")
         assert "a flush failed" in json.loads(note.read_text())["message"]
         with serving(snapfs, tmp_path, cache=str(cache)) as s:
-            def ended() -> bool:
-                return bool(s.snapshots()["kept"]["state"] != "progressing")
-
-            wait_for(ended, 60, "the resumed upload to end")
-            doc = s.snapshots()["kept"]
+            doc = wait_ended(s, "kept")
             assert doc["state"] == "failed" and "may be lost" in doc["reason"], doc
             disk = s.disks()["d"]
             assert disk["trusted"] is False and disk["failed"] is None
