@@ -33,6 +33,7 @@ from mountutil import MOUNTS, mounted, pid_running, wait_for
 from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error
 
 from snapfs.cli.context import stop_signals_interrupt
+from snapfs.cli.output import run_async
 
 pytestmark = MOUNTS
 MiB = 1 << 20
@@ -595,6 +596,30 @@ def test_stop_signals_interrupt_once_and_only_inside_the_block() -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # while unwinding: ignored
         time.sleep(0.01)
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_command_is_interrupted_at_a_checkpoint_never_between_two_bytecodes(
+        signum: signal.Signals) -> None:
+    """A signal that lands in the middle of ``nursery.start_soon`` used to leave a task created
+    and never run: CI once printed "coroutine ... was never awaited" after "interrupted". A
+    stretch without a checkpoint stands for that moment here: it must run to its end."""
+    import trio
+
+    reached = []
+
+    async def command(progress: object) -> None:
+        os.kill(os.getpid(), signum)
+        for _ in range(200_000):  # the handler runs between two of these bytecodes
+            pass
+        reached.append("the end of the stretch")
+        await trio.lowlevel.checkpoint()
+        reached.append("past the checkpoint")
+
+    with stop_signals_interrupt(), pytest.raises(KeyboardInterrupt):
+        run_async(command)
+    assert reached == ["the end of the stretch"]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])

@@ -117,7 +117,13 @@ def progress_for(json_output: bool) -> TerminalProgress | None:
 
 
 def run_async(fn: Callable[[ProgressSink], Awaitable[T]], json_output: bool = False) -> T:
-    """Run one async library call under trio with a progress bar if on a terminal."""
+    """Run one async library call under trio with a progress bar if on a terminal.
+
+    ^C (and SIGTERM or SIGHUP, which ``stop_signals_interrupt`` turns into it) interrupts at
+    the next checkpoint, never between two bytecodes of the library or of trio: there it could
+    leave a task created and never run (a "coroutine was never awaited" warning after
+    "interrupted") or a clean-up half done. The library does its long work on worker threads,
+    so a checkpoint is never far."""
     import trio  # imported here, as everything heavy in the CLI: only commands that use it pay
 
     from snapfs.progress import NO_PROGRESS
@@ -126,7 +132,8 @@ def run_async(fn: Callable[[ProgressSink], Awaitable[T]], json_output: bool = Fa
     bar = progress_for(json_output)
     try:
         with single_error():
-            return trio.run(fn, bar or NO_PROGRESS)
+            return trio.run(fn, bar or NO_PROGRESS,
+                            restrict_keyboard_interrupt_to_checkpoints=True)
     finally:
         if bar is not None:
             bar.close()
