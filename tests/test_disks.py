@@ -856,6 +856,35 @@ def test_a_snapshot_whose_kept_blocks_a_failed_flush_may_have_lost_is_never_stor
             assert result.returncode != 0, "a failed snapshot was stored"
 
 
+def test_a_snapshot_that_cannot_be_stored_waits_for_the_disks_that_read_from_it(
+    snapfs: Snapfs, tmp_path: Path,
+) -> None:
+    """The same loss, with a disk created from the snapshot while it uploads: giving the
+    snapshot up would take that disk's base away, so it stays, progressing. Trying again
+    cannot bring the lost contents back: it waits, saying why and for which disks, and fails
+    as soon as none reads from it (it used to retry every 30 s for ever)."""
+    with failing_writes(tmp_path / "faulty") as fs:
+        with serving(snapfs, tmp_path, cache=str(fs.root / "cache")) as s:
+            with kept_blocks_lost(s, fs):
+                snapfs.ok("disk", "create", "r", "--from", "kept")
+                with pytest.raises(OSError) as e:
+                    read_blocks(s.disk("r"), [101])
+                assert e.value.errno == errno.EIO
+            wait_for(lambda: s.snapshots()["kept"].get("read_by") == ["r"], 30,
+                     "the snapshot to wait for the disk that reads from it")
+            doc = s.snapshots()["kept"]
+            assert doc["state"] == "progressing" and "a flush failed" in doc["reason"], doc
+            listing = snapfs.ok("snapshot", "list")
+            assert "snapshot kept cannot be stored: " in listing
+            assert "it fails once no disk reads from it (delete or roll back r)" in listing
+            assert "retrying" not in s.daemon.log.read_text()
+
+            snapfs.ok("disk", "delete", "r")
+            doc = wait_ended(s, "kept", timeout=10)
+            assert doc["state"] == "failed" and "a flush failed" in doc["reason"], doc
+            assert s.disks()["d"]["blocks_changed"] == 256
+
+
 def test_a_flush_that_failed_before_a_restart_is_not_forgotten(
     snapfs: Snapfs, tmp_path: Path,
 ) -> None:

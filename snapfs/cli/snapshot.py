@@ -142,11 +142,19 @@ def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
               d["created"][:19].replace("T", " "), d["state"], d["parent"] or "-") for d in docs]
     click.echo("\n".join(table_lines(rows)))
     # reasons are long (a store's error, a lock's holder): under the table, one line each
-    notes = [f"snapshot {d['name']} failed: {d['reason']}" if d["state"] == "failed"
-             else f"snapshot {d['name']} is retrying its upload, which failed: {d['reason']}"
-             for d in docs if d.get("reason") and d["state"] in ("failed", "progressing")]
+    notes = [_note(d) for d in docs if d.get("reason") and d["state"] in ("failed", "progressing")]
     if notes:
         click.echo("\n" + "\n".join(notes))
+
+
+def _note(doc: dict[str, Any]) -> str:
+    """Why snapshot ``doc`` (failed, or progressing with a reason) is not stored, in a line."""
+    if doc["state"] == "failed":
+        return f"snapshot {doc['name']} failed: {doc['reason']}"
+    if doc.get("read_by"):
+        return (f"snapshot {doc['name']} cannot be stored: {doc['reason']}; it fails once no "
+                f"disk reads from it (delete or roll back {', '.join(doc['read_by'])})")
+    return f"snapshot {doc['name']} is retrying its upload, which failed: {doc['reason']}"
 
 
 def _refuse_if_needed(config: CliConfig, repo: Repository, chosen: dict[str, str],
@@ -234,7 +242,8 @@ def _unfinished(config: CliConfig) -> list[dict[str, Any]]:
             out.append({"id": part["snapshot_id"], "name": part["name"], "disk": part["disk"],
                         "parent": part["parent"], "size": part["size"],
                         "created": task["created"], "state": task["state"],
-                        "reason": task["reason"], "group": task["group"],
+                        "reason": task["reason"], "read_by": task["read_by"],
+                        "group": task["group"],
                         "tags": task["tags"], "blocks_changed": part["blocks"],
                         "progress": part.get("progress")})
     return out

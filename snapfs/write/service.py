@@ -15,7 +15,8 @@ at a time, in order (a disk's next snapshot is incremental to the one before). A
 ``rollback``) or ``failed`` after retries (its changed blocks merge back into the open
 generation, so the next snapshot uploads them; later tasks of the same disks fail with it, as
 their parent is gone). A task whose pending snapshot a disk was created from never fails: it
-keeps retrying, since that disk reads from it. The closing is durable (with the closed
+keeps retrying, since that disk reads from it; one that can never be stored (its kept blocks
+may be lost) waits, not retrying, until no disk reads from it, then fails. The closing is durable (with the closed
 generations' marks, after their bytes) before it is acknowledged, so after kill -9 or a power
 cut the next daemon finds the task still ``progressing`` and uploads it again from the durable
 local copy, or finds its root stored already and takes it as it is. A part's end is recorded
@@ -157,6 +158,7 @@ class DiskService:
         #: contents were rewritten (a rollback) if any: the FUSE adapter invalidates its caches
         self.changed: list[Callable[[str | None], None]] = []
         self._holds_stale = trio.Event()  # set when what the disks need may have changed
+        self._disks_changed = trio.Event()  # set when disks were created, rolled back, deleted
         self._hold_lock = trio.Lock()
         #: repository locks whose removal failed (the store was down): let go of later, or
         #: every garbage collection would wait for them to go stale (30 minutes)
@@ -700,10 +702,13 @@ class DiskService:
                             await self._upload_part(task, part)
                 break
             except SnapfsError as e:
-                depended = self._depended_on(task)
-                # contents a failed flush may have lost do not come back by trying again
-                hopeless = isinstance(e, KeptBlocksLost)
-                if (attempt < UPLOAD_ATTEMPTS and not hopeless) or depended:
+                if isinstance(e, KeptBlocksLost):
+                    # contents a failed flush may have lost do not come back by trying again
+                    await self._while_read_from(task, e.message)
+                    await self._fail(task, e.message)
+                    return
+                depended = bool(self._readers(task))
+                if attempt < UPLOAD_ATTEMPTS or depended:
                     delay = DEPENDED_RETRY_DELAY if attempt >= UPLOAD_ATTEMPTS else RETRY_DELAY * attempt
                     log.warning("snapshot task %s: upload failed (%s); retrying in %.0f s%s",
                                 task.id, e.message, delay,
@@ -773,11 +778,27 @@ class DiskService:
         await self.hydrator.refresh_index()
         return self.hydrator.index
 
-    def _depended_on(self, task: SnapshotTask) -> bool:
-        """Whether a disk reads from a snapshot that giving ``task`` up would lose: its own, or
+    def _readers(self, task: SnapshotTask) -> list[str]:
+        """The disks that read from a snapshot that giving ``task`` up would lose: its own, or
         one of a later task that would fail with it (``_doomed_with``)."""
         ids = {p.snapshot_id for t in self._doomed_with(task) for p in t.parts}
-        return any(d.record.base in ids for d in self.disks.values())
+        return sorted(d.name for d in self.disks.values() if d.record.base in ids)
+
+    async def _while_read_from(self, task: SnapshotTask, reason: str) -> None:
+        """Keep ``task``, which can never be stored, while disks read from its snapshot: giving
+        it up would take their base away. It waits, not retrying, until they are deleted or
+        rolled back, and says so in ``snapshot list``."""
+        readers = self._readers(task)
+        if not readers:
+            return
+        task.reason = reason
+        task.read_by = readers
+        log.error("snapshot task %s cannot be stored: %s; it fails once no disk reads from "
+                  "it (delete or roll back %s)", task.id, reason, ", ".join(readers))
+        while readers:
+            self._disks_changed = trio.Event()
+            await self._disks_changed.wait()
+            readers = task.read_by = self._readers(task)
 
     def _doomed_with(self, task: SnapshotTask) -> list[SnapshotTask]:
         """``task`` and the later progressing tasks of the same disks: their parents are its
@@ -1028,6 +1049,7 @@ class DiskService:
 
     def _notify(self, rewritten: str | None = None) -> None:
         self._holds_stale.set()
+        self._disks_changed.set()
         for callback in self.changed:
             try:
                 callback(rewritten)

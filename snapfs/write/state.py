@@ -137,6 +137,9 @@ class SnapshotTask:
     reason: str | None = None
     finished: str | None = None
     consistency: str = "crash"  # or "frozen" when --freeze held for the instant
+    #: disks whose base is a snapshot of this task that can never be stored: it stays until
+    #: they no longer read from it
+    read_by: list[str] = field(default_factory=list)
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
