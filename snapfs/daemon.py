@@ -6,7 +6,7 @@ repository ``snapfs.mount`` opened and read (its snapshot list and index). It op
 cache and disks, then under one trio run: the signal watcher (SIGTERM, SIGINT: unmount and
 exit), the catalog (from that list and index), the hydrator's fetch workers, the sweep (hints,
 then background hydration), the control socket, and ``pyfuse3.main()``. It calls ``ready`` once
-the kernel has the mount.
+the mount answers (and its kernel read-ahead is widened).
 
 The session ends when the file system is unmounted (``snapfs umount``, ``fusermount3 -u``), on
 a signal, or on a ``shutdown`` request: then ``pyfuse3.close(unmount=True)`` (a lazy unmount if
@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 
 #: how long a clean shutdown may spend storing access profiles before it gives up on them
 SAVE_TIMEOUT = 20.0
+#: the kernel's read-ahead for the mount, in KiB: 1 MiB, the largest read request FUSE sends
+#: (256 pages), instead of the 128 KiB default, so a sequential reader of an image (a copy, a
+#: loop device under a file restore) costs one request per MiB instead of eight
+KERNEL_READ_AHEAD_KB = 1024
 #: how long a thread holding the GIL keeps it while another waits (Python's default is 5 ms):
 #: the trio thread answers the kernel's requests, and behind a worker thread's hashing or
 #: encoding each of them waited up to the whole interval
@@ -153,7 +157,7 @@ class MountDaemon:
             self._fuse_live = True
             try:
                 log.info("mounted %s at %s", self.repo.store.url, self.options.mountpoint)
-                ready()
+                nursery.start_soon(self._announce, ready)
                 await pyfuse3.main()
             finally:
                 self._fuse_live = False
@@ -167,6 +171,28 @@ class MountDaemon:
                 log.warning("access profiles not saved: %s", e.message)
         if scope.cancelled_caught:
             log.warning("access profiles not saved: the store took over %.0f s", SAVE_TIMEOUT)
+
+    async def _announce(self, ready: Callable[[], None]) -> None:
+        """Call ``ready`` once the mount answers, its read-ahead set (see below)."""
+        await self._widen_read_ahead()
+        ready()
+
+    async def _widen_read_ahead(self) -> None:
+        """Set the kernel's read-ahead for this mount to ``KERNEL_READ_AHEAD_KB`` (best effort:
+        only root may, and the default only costs speed). Not before the kernel has the reply
+        to FUSE's INIT, which lowers it to what that reply allows (128 KiB): the ``stat`` that
+        finds the mount's device is answered only after it, by this daemon (on a thread, so
+        that the FUSE loop answers it)."""
+        def widen() -> None:
+            device = os.stat(self.options.mountpoint).st_dev
+            path = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
+            with open(path, "w") as f:
+                f.write(str(KERNEL_READ_AHEAD_KB))
+
+        try:
+            await trio.to_thread.run_sync(widen, abandon_on_cancel=True)
+        except OSError as e:
+            log.debug("kernel read-ahead of %s left as it was: %s", self.options.mountpoint, e)
 
     async def _keep_cache_reserve(self) -> None:
         """The cache's reserve kept free while nothing is cached, too (see ``BlockCache``)."""

@@ -28,7 +28,7 @@ import pytest
 from diskimages import have_root
 from testkit import Snapfs
 
-from snapfs.control import mount_key
+from snapfs.control import mount_entry, mount_key
 
 FUSERMOUNT = "fusermount3"
 
@@ -60,9 +60,7 @@ def pid_running(pid: int) -> bool:
 
 def is_mount_point(path: Path) -> bool:
     """Like ``os.path.ismount``, but also true for a FUSE mount whose daemon died."""
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
+    return mount_entry(str(path)) is not None
 
 
 @dataclasses.dataclass
