@@ -1270,6 +1270,40 @@ def test_rollback_of_a_disk_the_kernel_never_looked_up(served: Served) -> None:
     assert "0 blocks reset" in out
 
 
+def test_a_rollback_that_waited_for_the_lock_refuses_a_disk_opened_or_deleted_meanwhile(
+    served: Served,
+) -> None:
+    """A rollback waits for the repository's lock (a gc holds it for seconds) after it found
+    the disk idle: what was done to the disk meanwhile is found when the wait ends."""
+    s = served
+    s.snapfs.ok("disk", "create", "d", "--from", "vm-1")
+    disk = s.disk("d")
+    written = random_blocks(31, 1)[0]
+    write_blocks(disk, {5: written})
+    with uploads_held(s.snapfs):
+        rollback = s.snapfs.popen("disk", "rollback", "d", "vm-1", "--yes")
+        time.sleep(1)  # it found d idle and waits for the lock
+        fd = os.open(disk, os.O_RDWR)
+    try:
+        _, err = rollback.communicate(timeout=60)
+        assert (rollback.returncode, err) == (
+            EXIT_GENERAL, "snapfs: cannot roll back disk d: it is open (1 handle)\n")
+        assert os.pread(fd, BS, 5 * BS) == written
+    finally:
+        os.close(fd)
+
+    # deleted and made again meanwhile: the new disk d is not the one to roll back
+    with uploads_held(s.snapfs):
+        rollback = s.snapfs.popen("disk", "rollback", "d", "vm-1", "--yes")
+        time.sleep(1)
+        s.snapfs.ok("disk", "delete", "d")
+        s.snapfs.ok("disk", "create", "d", "--size", "1M")
+    _, err = rollback.communicate(timeout=60)
+    assert rollback.returncode == EXIT_NOT_FOUND and "deleted meanwhile" in err, err
+    assert (s.disks()["d"]["size"], s.disks()["d"]["source"]) == (MiB, None)
+    assert os.path.getsize(disk) == MiB
+
+
 # -- freeze --------------------------------------------------------------------------------------
 
 

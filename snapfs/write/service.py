@@ -491,6 +491,13 @@ class DiskService:
         # after close() returns: give handles that are going away that moment.
         with trio.move_on_after(RELEASE_GRACE):
             await disk.idle.wait()
+        self._check_still_idle(disk, doing)
+
+    def _check_still_idle(self, disk: Disk, doing: str) -> None:
+        """``_check_idle`` without the grace: also for after an ``await`` that may have let
+        someone open or attach the disk, snapshot it, or delete it."""
+        if self.disks.get(disk.name) is not disk:
+            raise NotFoundError(f"cannot {doing} disk {disk.name}: it was deleted meanwhile")
         loops = attached_loops(self.disk_path(disk.name))
         if loops:
             raise DiskBusy(f"cannot {doing} disk {disk.name}: it is attached to "
@@ -545,10 +552,15 @@ class DiskService:
         if snapshot_id in self.pending:
             raise DiskBusy(f"snapshot {snap_name} is still uploading; roll back once it is stored")
         base = await self._image(snapshot_id)
-        record = disk.record
-        at = next((i for i, (sid, _g) in enumerate(record.lineage) if sid == snapshot_id), None)
+
         async def reset_to_snapshot() -> tuple[bool, list[int]]:
             async with disk.write_lock:
+                # checked again: the wait for the repository's lock (seconds, while a gc holds
+                # it) left time to open, attach, snapshot or delete the disk
+                self._check_still_idle(disk, "roll back")
+                record = disk.record
+                at = next((i for i, (sid, _g) in enumerate(record.lineage) if sid == snapshot_id),
+                          None)
                 # the changed sets tell what differs from one of the disk's own snapshots only
                 # while they are trusted: after an unclean reboot they may miss writes (see
                 # ``boot_id``), and then every block the disk holds is reset instead
