@@ -594,6 +594,23 @@ def test_an_upload_the_store_refuses_fails_cleanly_and_the_daemon_stays(served: 
     assert same_bytes(s.export("stored"), s.copy("d", "stored"))
 
 
+def test_a_snapshot_is_dated_when_it_was_closed_not_when_its_upload_ended(
+    served: Served,
+) -> None:
+    s = served
+    s.snapfs.ok("disk", "create", "d", "--size", "1M")
+    write_blocks(s.disk("d"), {0: random_blocks(40, 1)[0]})
+    with uploads_held(s.snapfs):
+        task = s.snapshot("--disk", "d", "--name", "late", "--no-wait")
+        listed = s.snapshots()["late"]
+        assert (listed["state"], listed["created"]) == ("progressing", task["created"])
+        time.sleep(1.5)  # the upload waits for the lock
+    stored = wait_accomplished(s, "late")
+    assert stored["created"] == task["created"]
+    show = s.snapfs.json("snapshot", "show", "late")
+    assert show["created"] == task["created"]
+
+
 def test_a_failed_upload_is_reported_and_the_next_snapshot_uploads_its_blocks(
     served_impatient: Served,
 ) -> None:

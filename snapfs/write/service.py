@@ -651,6 +651,7 @@ class DiskService:
         await trio.to_thread.run_sync(_flush, disks)
         started = trio.current_time()
         async with _write_locks(disks):
+            task.created = now_iso()  # the snapshots' point in time, their roots' ``created``
             if deadline is not None and trio.current_time() - started > deadline:
                 task.consistency = "crash"
             for disk, part in zip(disks, parts, strict=True):
@@ -828,7 +829,8 @@ class DiskService:
             try:
                 root, packs, index_name = await upload_generation(
                     self.repo, self.hydrator.index, disk, closed, part, parent, parent_page,
-                    group=task.group, tags=task.tags, progress=progress, pace=self._pace,
+                    group=task.group, tags=task.tags, progress=progress, created=task.created,
+                    pace=self._pace,
                     busy=self._busy, fresh_index=self._fresh_index, unreleased=self._unreleased,
                     lock_patience=self.upload_lock_patience)
             finally:
