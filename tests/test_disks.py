@@ -1522,6 +1522,8 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(served: Served, tmp_path: Pat
     assert "bad disk name" in error("disk", "create", "a/b", "--size", "1M", code=EXIT_USAGE)
     # past what a file offset can say: was an OverflowError in the daemon, "a garbled reply" here
     assert "at most 8 EiB" in error("disk", "create", "e", "--size", "9999999T", code=EXIT_USAGE)
+    # past what a float can say: was an OverflowError's traceback in the command
+    assert "not a size" in error("disk", "create", "e", "--size", "9" * 400, code=EXIT_USAGE)
     # more than the state directory's file system can hold (ext4: 16 TiB), if it cannot
     overlays = set(s.tmp.glob("cache/disks/*/*.overlay"))
     result = snapfs("disk", "create", "e", "--size", "17T")
