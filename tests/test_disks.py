@@ -1330,10 +1330,18 @@ def test_freeze_makes_a_clean_filesystem_snapshot_and_thaws(served: Served, tmp_
     text = "not fsync'd, but frozen file systems are written back first\n"
     with attached(s.disk("d")) as loop, ext4_mounted(loop, tmp_path / "fs") as fs:
         (fs / "unsynced.txt").write_text(text)
-        # given twice (once through a symlink): frozen once, not "frozen already"
+        # given three times (through a symlink, and its bind mount): frozen once, not
+        # "frozen already"
         link = tmp_path / "fs-link"
         link.symlink_to(fs)
-        task = s.snapshot("--disk", "d", "--name", "frozen", "--freeze", fs, "--freeze", link)
+        bound = tmp_path / "fs-bound"
+        bound.mkdir()
+        subprocess.run(["mount", "--bind", str(fs), str(bound)], check=True)
+        try:
+            task = s.snapshot("--disk", "d", "--name", "frozen", "--freeze", fs,
+                              "--freeze", link, "--freeze", bound)
+        finally:
+            subprocess.run(["umount", str(bound)], check=True)
         assert task["state"] == "accomplished" and task["consistency"] == "frozen"
         # thawed: the file system takes writes again
         (fs / "after.txt").write_text("after\n")

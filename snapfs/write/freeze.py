@@ -66,6 +66,17 @@ def check_mountpoint(path: str) -> str:
     return real
 
 
+def distinct_mountpoints(paths: list[str]) -> list[str]:
+    """``paths`` checked (``check_mountpoint``), one per file system: one given twice (by two
+    paths, or mounted at two places: a bind mount) is frozen once, not refused as "frozen
+    already" by its second freeze."""
+    by_fs: dict[int, str] = {}
+    for path in paths:
+        real = check_mountpoint(path)
+        by_fs.setdefault(os.stat(real).st_dev, real)
+    return list(by_fs.values())
+
+
 @contextmanager
 def frozen(mountpoint: str, timeout: float) -> Iterator[Freeze]:
     real = check_mountpoint(mountpoint)
