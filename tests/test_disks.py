@@ -1343,6 +1343,13 @@ def test_freeze_makes_a_clean_filesystem_snapshot_and_thaws(served: Served, tmp_
         finally:
             subprocess.run(["umount", str(bound)], check=True)
         assert task["state"] == "accomplished" and task["consistency"] == "frozen"
+        # frozen longer than allowed: thawed then, and said once (it was said twice, once as
+        # "frozen for 0.0 s, longer than allowed")
+        result = s.snapfs("snapshot", "create", "--disk", "d", "--name", "late", "--freeze", fs,
+                          "--freeze-timeout", "0.001", "--json")
+        assert result.returncode == 0 and json.loads(result.stdout)["consistency"] == "crash"
+        assert result.stderr == ("warning: the file systems stayed frozen longer than 0.001 s "
+                                 "and were thawed: the snapshot is crash-consistent\n")
         # thawed: the file system takes writes again
         (fs / "after.txt").write_text("after\n")
         fd = os.open(fs / "after.txt", os.O_RDONLY)

@@ -51,10 +51,9 @@ class Freeze:
             except OSError as e:
                 if e.errno != errno.EINVAL:  # EINVAL: not frozen (someone thawed it)
                     log.error("thawing %s failed: %s", self.mountpoint, e.strerror)
-            if early:
-                log.warning("%s stayed frozen for %.1f s, longer than allowed: thawed; the "
-                            "snapshot will be crash-consistent", self.mountpoint,
-                            self.frozen_seconds)
+            if early:  # the command says so once it ends (``consistency``: crash)
+                log.debug("%s stayed frozen for %.3f s, longer than allowed: thawed",
+                          self.mountpoint, self.frozen_seconds)
 
 
 def check_mountpoint(path: str) -> str:
