@@ -1049,6 +1049,44 @@ def test_kill_9_in_a_disk_delete_leaves_nothing_of_the_disk_after_the_restart(
     assert files == [] and not any(journaled.values())
 
 
+@contextmanager
+def syncs_delayed(pid: int, path: Path, seconds: float) -> Iterator[None]:
+    """Every fdatasync of ``pid`` on ``path`` waits ``seconds`` before it is made (strace)."""
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-P", os.path.realpath(path),
+         "-e", "trace=fdatasync", "-e", f"inject=fdatasync:delay_enter={int(seconds * 1e6)}",
+         "-p", str(pid)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: any(line.split()[1] == str(tracer.pid)
+                             for status in Path(f"/proc/{pid}/task").glob("*/status")
+                             for line in status.read_text().splitlines()
+                             if line.startswith("TracerPid:")),
+                 10, "strace to attach to the daemon")
+        yield
+    finally:
+        tracer.terminate()
+        tracer.wait(10)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_a_disk_is_not_deleted_while_a_snapshot_of_it_flushes_it(served: Served) -> None:
+    """A snapshot flushes its disks before it closes them, outside their write locks: a delete
+    meanwhile closed the overlay under the flush (the snapshot failed 'a flush failed (Bad
+    file descriptor)'), or the closing wrote the deleted disk's record back."""
+    s = served
+    s.snapfs.ok("disk", "create", "d", "--size", "1M")
+    (overlay,) = (s.tmp / "cache" / "disks").glob("*/*.overlay")
+    with syncs_delayed(s.daemon.pid, overlay, 1.5):
+        snapshot = s.snapfs.popen("snapshot", "create", "--disk", "d", "--name", "s1")
+        time.sleep(0.5)  # its flush waits
+        error = one_error(s.snapfs("disk", "delete", "d"), EXIT_GENERAL)
+        assert error == "snapfs: cannot delete disk d: a snapshot of it is being taken"
+        out, err = snapshot.communicate(timeout=60)
+    assert (snapshot.returncode, err) == (0, ""), err
+    assert s.snapshots()["s1"]["state"] == "accomplished"
+    s.snapfs.ok("disk", "delete", "d")
+
+
 def write_past_the_free_space(s: Served, small: Path, base_image: Path, seed: int
                               ) -> dict[int, bytes]:
     """Disk ``d`` of ``s`` (made from ``base_image``, whose every block the cache on ``small``

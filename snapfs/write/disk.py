@@ -163,6 +163,7 @@ class Disk:
         self.closed: list[ClosedGeneration] = []
         self.write_lock = trio.Lock()
         self.opens = 0  # open file handles (the FUSE adapter counts them)
+        self.closing = 0  # snapshot requests flushing and closing it now
         self.idle = trio.Event()  # set while no handle is open
         self.idle.set()
         self.counters = DiskCounters()

@@ -41,7 +41,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -505,6 +505,8 @@ class DiskService:
         if disk.opens:
             raise DiskBusy(f"cannot {doing} disk {disk.name}: it is open "
                            f"({counted(disk.opens, 'handle')})")
+        if disk.closing:
+            raise DiskBusy(f"cannot {doing} disk {disk.name}: a snapshot of it is being taken")
         if disk.closed:
             raise DiskBusy(f"cannot {doing} disk {disk.name}: its snapshot "
                            f"{disk.closed[0].snapshot_name} is still uploading")
@@ -647,36 +649,39 @@ class DiskService:
         task = SnapshotTask(id=new_id(), state="progressing", created=now_iso(), parts=parts,
                             group=new_id() if len(disks) > 1 else None, tags=list(tags or []),
                             consistency=consistency)
-        # most of what the closing flushes, before it holds the disks' write locks
-        await trio.to_thread.run_sync(_flush, disks)
-        started = trio.current_time()
-        async with _write_locks(disks):
-            task.created = now_iso()  # the snapshots' point in time, their roots' ``created``
-            if deadline is not None and trio.current_time() - started > deadline:
-                task.consistency = "crash"
-            for disk, part in zip(disks, parts, strict=True):
-                if not disk.record.trusted:  # compare every written block, as of this instant
-                    await trio.to_thread.run_sync(state.mark, disk.record, disk.record.gen, [],
-                                                  list(disk.present))
-                    disk.changed.update(disk.present)
-                    part.compared = True
-                    log.warning("disk %s: its changed-block record is not trusted after an "
-                                "unclean reboot; its snapshot compares the checksums of its %d "
-                                "written blocks instead", disk.name, len(disk.present))
-            records = []
-            for disk, part in zip(disks, parts, strict=True):
-                part.gen = disk.record.gen
-                part.parent = disk.closed[-1].snapshot_id if disk.closed else disk.record.parent
-                part.blocks = len(disk.changed)
-                records.append(dataclasses.replace(disk.record, gen=disk.record.gen + 1))
-            # durable, with the closed generations' marks (after their bytes): a power cut
-            # after the closing resumes this upload, never loses it
-            await trio.to_thread.run_sync(state.put_task, task, records,
-                                          functools.partial(_flush, disks))
-            for disk, part, record in zip(disks, parts, records, strict=True):
-                disk.record = record
-                closed = disk.close_generation(task.id, part.snapshot_id)
-                self._add_pending(disk, closed, part)
+        # a delete or rollback meanwhile is refused (``_check_still_idle``): the flush below
+        # gives them time, and the closing must not find its disk gone
+        with _being_closed(disks):
+            # most of what the closing flushes, before it holds the disks' write locks
+            await trio.to_thread.run_sync(_flush, disks)
+            started = trio.current_time()
+            async with _write_locks(disks):
+                task.created = now_iso()  # the snapshots' point in time, their roots' ``created``
+                if deadline is not None and trio.current_time() - started > deadline:
+                    task.consistency = "crash"
+                for disk, part in zip(disks, parts, strict=True):
+                    if not disk.record.trusted:  # compare every written block, as of this instant
+                        await trio.to_thread.run_sync(state.mark, disk.record, disk.record.gen, [],
+                                                      list(disk.present))
+                        disk.changed.update(disk.present)
+                        part.compared = True
+                        log.warning("disk %s: its changed-block record is not trusted after an "
+                                    "unclean reboot; its snapshot compares the checksums of its %d "
+                                    "written blocks instead", disk.name, len(disk.present))
+                records = []
+                for disk, part in zip(disks, parts, strict=True):
+                    part.gen = disk.record.gen
+                    part.parent = disk.closed[-1].snapshot_id if disk.closed else disk.record.parent
+                    part.blocks = len(disk.changed)
+                    records.append(dataclasses.replace(disk.record, gen=disk.record.gen + 1))
+                # durable, with the closed generations' marks (after their bytes): a power cut
+                # after the closing resumes this upload, never loses it
+                await trio.to_thread.run_sync(state.put_task, task, records,
+                                              functools.partial(_flush, disks))
+                for disk, part, record in zip(disks, parts, records, strict=True):
+                    disk.record = record
+                    closed = disk.close_generation(task.id, part.snapshot_id)
+                    self._add_pending(disk, closed, part)
         self.tasks[task.id] = task
         self._queue_send.send_nowait(task.id)
         log.info("snapshot task %s closed %s", task.id,
@@ -1057,6 +1062,18 @@ async def _write_locks(disks: list[Disk]) -> AsyncIterator[None]:
         for disk in sorted(disks, key=lambda d: d.name):
             await stack.enter_async_context(disk.write_lock)
         yield
+
+
+@contextlib.contextmanager
+def _being_closed(disks: list[Disk]) -> Iterator[None]:
+    """Count ``disks`` as being closed for a snapshot while the block runs (``Disk.closing``)."""
+    for disk in disks:
+        disk.closing += 1
+    try:
+        yield
+    finally:
+        for disk in disks:
+            disk.closing -= 1
 
 
 def _flush(disks: list[Disk]) -> None:
