@@ -1241,6 +1241,9 @@ def test_a_disk_whose_size_is_not_a_multiple_of_the_block_size(served: Served) -
     disk = s.disk("e")
     size = 1000 * 1024
     assert os.path.getsize(disk) == size and is_zero(disk.read_bytes())
+    listed = s.disks()["e"]  # with when it was made and where its image is
+    assert (listed["size"], listed["path"], listed["source"]) == (size, str(disk), None)
+    assert listed["created"][:4].isdigit() and listed["id"]
     fd = os.open(disk, os.O_RDWR)
     try:
         assert os.pwrite(fd, b"\x5a" * 300, size - 300) == 300  # the end of the short block

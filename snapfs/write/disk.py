@@ -460,6 +460,8 @@ class Disk:
     def stats(self) -> dict[str, object]:
         return {
             "name": self.name,
+            "id": self.record.id,
+            "created": self.record.created,
             "size": self.size,
             "block_size": self.block_size,
             "source": self.record.source,

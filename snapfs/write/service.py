@@ -620,7 +620,9 @@ class DiskService:
 
     def disk_list(self) -> list[dict[str, Any]]:
         self._require()
-        return [disk.stats() for _, disk in sorted(self.disks.items())]
+        # with the image's path, for ``losetup`` and scripts
+        return [{**disk.stats(), "path": self.disk_path(name)}
+                for name, disk in sorted(self.disks.items())]
 
     # -- snapshots ----------------------------------------------------------------------------
 
