@@ -604,6 +604,8 @@ def test_a_snapshot_is_dated_when_it_was_closed_not_when_its_upload_ended(
         task = s.snapshot("--disk", "d", "--name", "late", "--no-wait")
         listed = s.snapshots()["late"]
         assert (listed["state"], listed["created"]) == ("progressing", task["created"])
+        _, row = s.snapfs.ok("disk", "list").splitlines()
+        assert row.split()[-2:] == ["late", "0"]  # uploading: by name, not by id
         time.sleep(1.5)  # the upload waits for the lock
     stored = wait_accomplished(s, "late")
     assert stored["created"] == task["created"]

@@ -472,6 +472,7 @@ class Disk:
             "blocks_changed": len(self.changed),  # since the last snapshot closed
             "blocks_staged_now": len(self.staged),  # of those, ready for the next snapshot
             "uploading": [c.snapshot_id for c in self.closed],
+            "uploading_names": [c.snapshot_name for c in self.closed],  # the same, for people
             "open": self.opens,
             "trusted": self.record.trusted,
             # a flush failed: fsyncs and snapshots of this disk fail until the daemon restarts
