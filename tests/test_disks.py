@@ -54,6 +54,7 @@ from mountutil import (
 from powercut import failing_writes
 from testkit import (
     EXIT_GENERAL,
+    EXIT_INTEGRITY,
     EXIT_NOT_FOUND,
     EXIT_USAGE,
     Snapfs,
@@ -546,6 +547,42 @@ def test_a_disk_grown_past_an_odd_sized_snapshot(served: Served, tmp_path: Path)
     assert s.image("g1").read_bytes() == copy.read_bytes()
     s.snapfs.ok("disk", "create", "g2", "--from", "g1")
     assert s.disk("g2").read_bytes() == copy.read_bytes()
+
+
+@contextmanager
+def packs_gone(snapfs: Snapfs) -> Iterator[None]:
+    """The local repository's packs out of reach while the block runs (a store that fails)."""
+    packs = Path(str(snapfs.repo)) / "packs"
+    packs.rename(packs.with_name("packs-away"))
+    try:
+        yield
+    finally:
+        packs.with_name("packs-away").rename(packs)
+
+
+def test_a_disk_grown_past_an_odd_sized_snapshot_whose_last_block_cannot_be_read(
+    served: Served, tmp_path: Path,
+) -> None:
+    """The short last block of the snapshot is padded into the grown disk's overlay, read from
+    the store: when that read failed, the disk was left unpadded (made by a create that said
+    it failed, or rolled back), and its snapshots held that short block mid-way: their images
+    read short from there on."""
+    s = served
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(random.Random(33).randbytes(62 * BS + BS // 2))
+    s.snapfs.ok("snapshot", "create", odd, "--name", "odd")
+    with packs_gone(s.snapfs):
+        one_error(s.snapfs("disk", "create", "g", "--from", "odd", "--size", "2M"),
+                  EXIT_INTEGRITY)
+        assert "g" not in s.disks()  # not made after all
+        s.snapfs.ok("disk", "create", "h", "--size", "2M")
+        one_error(s.snapfs("disk", "rollback", "h", "odd", "--yes"), EXIT_INTEGRITY)
+    s.snapfs.ok("disk", "create", "g", "--from", "odd", "--size", "2M")
+    for name in ("g", "h"):
+        s.snapshot("--disk", name, "--name", f"{name}1")
+        copy = s.copy(name, f"{name}1")
+        assert copy.read_bytes()[: odd.stat().st_size] == odd.read_bytes()
+        assert s.image(f"{name}1").read_bytes() == copy.read_bytes()
 
 
 def test_an_upload_waits_for_a_short_garbage_collection(served: Served) -> None:

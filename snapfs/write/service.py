@@ -468,7 +468,15 @@ class DiskService:
             return disk
 
         disk = await self._needing_stored(snapshot_id, f"disk create {name}", make)
-        await self._pad_short_base_block(disk)
+        try:
+            await self._pad_short_base_block(disk)
+        except BaseException:
+            # not made after all (the store failed): no one can have opened it, since the file
+            # system learns of a disk only once it is made
+            with trio.CancelScope(shield=True):
+                await self._remove(disk)
+            self._notify()
+            raise
         log.info("disk %s created (%d bytes, from %s)", name, size, source_name or "nothing")
         self._notify()
         return disk
@@ -477,7 +485,9 @@ class DiskService:
         """A disk bigger than a base whose size is not a whole number of blocks: the base's
         short last block is a whole block of the disk (zeros after the base's end). It is
         written to the overlay as such (and so counts as changed), because a snapshot's
-        manifest may hold a short block only at its very end."""
+        manifest may hold a short block only at its very end: by ``create_disk`` and
+        ``rollback``, and again by ``snapshot`` in case the store failed them (or the daemon
+        died) before it was made."""
         base, bs = disk.base, disk.block_size
         if base is None or base.size >= disk.size or not base.size % bs:
             return
@@ -512,9 +522,16 @@ class DiskService:
                            f"{disk.closed[0].snapshot_name} is still uploading")
 
     async def delete_disk(self, name: str) -> None:
-        state = self._require()
         disk = self.disk(name)
         await self._check_idle(disk, "delete")
+        await self._remove(disk)
+        log.info("disk %s deleted", name)
+        self._notify()
+
+    async def _remove(self, disk: Disk) -> None:
+        """Forget ``disk`` (which no one has open) and delete its state and files."""
+        state = self._require()
+        name = disk.name
 
         def remove() -> None:
             disk.overlay.close()
@@ -531,8 +548,6 @@ class DiskService:
         except OSError as e:  # deleted all the same: its files are left for the next start
             log.warning("disk %s deleted, but its files were not (%s); the next start "
                         "deletes them", name, e)
-        log.info("disk %s deleted", name)
-        self._notify()
 
     async def rollback(self, name: str, ref: str) -> dict[str, Any]:
         """Make disk ``name`` equal snapshot ``ref``: resetting only the blocks that changed
@@ -654,6 +669,8 @@ class DiskService:
         # a delete or rollback meanwhile is refused (``_check_still_idle``): the flush below
         # gives them time, and the closing must not find its disk gone
         with _being_closed(disks):
+            for disk in disks:  # if a pad was not made (the store failed in a rollback)
+                await self._pad_short_base_block(disk)
             # most of what the closing flushes, before it holds the disks' write locks
             await trio.to_thread.run_sync(_flush, disks)
             started = trio.current_time()
