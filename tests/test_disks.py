@@ -1392,7 +1392,7 @@ def test_a_rollback_that_waited_for_the_lock_refuses_a_disk_opened_or_deleted_me
     # deleted and made again meanwhile: the new disk d is not the one to roll back
     with uploads_held(s.snapfs):
         rollback = s.snapfs.popen("disk", "rollback", "d", "vm-1", "--yes")
-        time.sleep(1)
+        time.sleep(2)  # (had it asked after the delete, it would roll the new d back)
         s.snapfs.ok("disk", "delete", "d")
         s.snapfs.ok("disk", "create", "d", "--size", "1M")
     _, err = rollback.communicate(timeout=60)
