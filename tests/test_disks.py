@@ -1115,9 +1115,9 @@ def test_a_disk_is_not_deleted_while_a_snapshot_of_it_flushes_it(served: Served)
     s = served
     s.snapfs.ok("disk", "create", "d", "--size", "1M")
     (overlay,) = (s.tmp / "cache" / "disks").glob("*/*.overlay")
-    with syncs_delayed(s.daemon.pid, overlay, 1.5):
+    with syncs_delayed(s.daemon.pid, overlay, 3):
         snapshot = s.snapfs.popen("snapshot", "create", "--disk", "d", "--name", "s1")
-        time.sleep(0.5)  # its flush waits
+        time.sleep(1.5)  # its flush waits
         error = one_error(s.snapfs("disk", "delete", "d"), EXIT_GENERAL)
         assert error == "snapfs: cannot delete disk d: a snapshot of it is being taken"
         out, err = snapshot.communicate(timeout=60)
