@@ -643,6 +643,11 @@ def test_a_snapshot_is_dated_when_it_was_closed_not_when_its_upload_ended(
         assert (listed["state"], listed["created"]) == ("progressing", task["created"])
         _, row = s.snapfs.ok("disk", "list").splitlines()
         assert row.split()[-2:] == ["late", "0"]  # uploading: by name, not by id
+        # listed, so not "no snapshot 'late'"
+        for doing, args in (("export", ("export", "late", s.tmp / "late.img")),
+                            ("show", ("snapshot", "show", "late"))):
+            assert one_error(s.snapfs(*args), EXIT_USAGE) == (
+                f"snapfs: snapshot late is progressing, not stored: {doing} it once it is stored")
         time.sleep(1.5)  # the upload waits for the lock
     stored = wait_accomplished(s, "late")
     assert stored["created"] == task["created"]
