@@ -459,7 +459,7 @@ def test_init_never_overwrites(snapfs: Snapfs, store: ObjectStore, tmp_path: Pat
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # both: test_repository.py
 def test_bad_block_size_is_a_usage_error(snapfs: Snapfs, store: ObjectStore) -> None:
-    for size in ("3K", "12K", "8M", "lots"):
+    for size in ("3K", "12K", "8M", "lots", "9" * 400):  # the last was a traceback
         one_error(snapfs("init", "--block-size", size), EXIT_USAGE)
     assert not store.container_exists() or objects(store) == {}
 

@@ -54,6 +54,7 @@ from mountutil import (
 from powercut import failing_writes
 from testkit import (
     EXIT_GENERAL,
+    EXIT_INTEGRITY,
     EXIT_NOT_FOUND,
     EXIT_USAGE,
     Snapfs,
@@ -548,6 +549,42 @@ def test_a_disk_grown_past_an_odd_sized_snapshot(served: Served, tmp_path: Path)
     assert s.disk("g2").read_bytes() == copy.read_bytes()
 
 
+@contextmanager
+def packs_gone(snapfs: Snapfs) -> Iterator[None]:
+    """The local repository's packs out of reach while the block runs (a store that fails)."""
+    packs = Path(str(snapfs.repo)) / "packs"
+    packs.rename(packs.with_name("packs-away"))
+    try:
+        yield
+    finally:
+        packs.with_name("packs-away").rename(packs)
+
+
+def test_a_disk_grown_past_an_odd_sized_snapshot_whose_last_block_cannot_be_read(
+    served: Served, tmp_path: Path,
+) -> None:
+    """The short last block of the snapshot is padded into the grown disk's overlay, read from
+    the store: when that read failed, the disk was left unpadded (made by a create that said
+    it failed, or rolled back), and its snapshots held that short block mid-way: their images
+    read short from there on."""
+    s = served
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(random.Random(33).randbytes(62 * BS + BS // 2))
+    s.snapfs.ok("snapshot", "create", odd, "--name", "odd")
+    with packs_gone(s.snapfs):
+        one_error(s.snapfs("disk", "create", "g", "--from", "odd", "--size", "2M"),
+                  EXIT_INTEGRITY)
+        assert "g" not in s.disks()  # not made after all
+        s.snapfs.ok("disk", "create", "h", "--size", "2M")
+        one_error(s.snapfs("disk", "rollback", "h", "odd", "--yes"), EXIT_INTEGRITY)
+    s.snapfs.ok("disk", "create", "g", "--from", "odd", "--size", "2M")
+    for name in ("g", "h"):
+        s.snapshot("--disk", name, "--name", f"{name}1")
+        copy = s.copy(name, f"{name}1")
+        assert copy.read_bytes()[: odd.stat().st_size] == odd.read_bytes()
+        assert s.image(f"{name}1").read_bytes() == copy.read_bytes()
+
+
 def test_an_upload_waits_for_a_short_garbage_collection(served: Served) -> None:
     """A forget or prune holds the exclusive lock for seconds: a disk snapshot taken meanwhile
     waits for it instead of failing (a nightly snapshot must not be lost to a nightly forget)."""
@@ -592,6 +629,30 @@ def test_an_upload_the_store_refuses_fails_cleanly_and_the_daemon_stays(served: 
     task = s.snapshot("--disk", "d", "--name", "stored")
     assert task["state"] == "accomplished"
     assert same_bytes(s.export("stored"), s.copy("d", "stored"))
+
+
+def test_a_snapshot_is_dated_when_it_was_closed_not_when_its_upload_ended(
+    served: Served,
+) -> None:
+    s = served
+    s.snapfs.ok("disk", "create", "d", "--size", "1M")
+    write_blocks(s.disk("d"), {0: random_blocks(40, 1)[0]})
+    with uploads_held(s.snapfs):
+        task = s.snapshot("--disk", "d", "--name", "late", "--no-wait")
+        listed = s.snapshots()["late"]
+        assert (listed["state"], listed["created"]) == ("progressing", task["created"])
+        _, row = s.snapfs.ok("disk", "list").splitlines()
+        assert row.split()[-2:] == ["late", "0"]  # uploading: by name, not by id
+        # listed, so not "no snapshot 'late'"
+        for doing, args in (("export", ("export", "late", s.tmp / "late.img")),
+                            ("show", ("snapshot", "show", "late"))):
+            assert one_error(s.snapfs(*args), EXIT_USAGE) == (
+                f"snapfs: snapshot late is progressing, not stored: {doing} it once it is stored")
+        time.sleep(1.5)  # the upload waits for the lock
+    stored = wait_accomplished(s, "late")
+    assert stored["created"] == task["created"]
+    show = s.snapfs.json("snapshot", "show", "late")
+    assert show["created"] == task["created"]
 
 
 def test_a_failed_upload_is_reported_and_the_next_snapshot_uploads_its_blocks(
@@ -1061,6 +1122,44 @@ def test_kill_9_in_a_disk_delete_leaves_nothing_of_the_disk_after_the_restart(
     assert files == [] and not any(journaled.values())
 
 
+@contextmanager
+def syncs_delayed(pid: int, path: Path, seconds: float) -> Iterator[None]:
+    """Every fdatasync of ``pid`` on ``path`` waits ``seconds`` before it is made (strace)."""
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-P", os.path.realpath(path),
+         "-e", "trace=fdatasync", "-e", f"inject=fdatasync:delay_enter={int(seconds * 1e6)}",
+         "-p", str(pid)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: any(line.split()[1] == str(tracer.pid)
+                             for status in Path(f"/proc/{pid}/task").glob("*/status")
+                             for line in status.read_text().splitlines()
+                             if line.startswith("TracerPid:")),
+                 10, "strace to attach to the daemon")
+        yield
+    finally:
+        tracer.terminate()
+        tracer.wait(10)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_a_disk_is_not_deleted_while_a_snapshot_of_it_flushes_it(served: Served) -> None:
+    """A snapshot flushes its disks before it closes them, outside their write locks: a delete
+    meanwhile closed the overlay under the flush (the snapshot failed 'a flush failed (Bad
+    file descriptor)'), or the closing wrote the deleted disk's record back."""
+    s = served
+    s.snapfs.ok("disk", "create", "d", "--size", "1M")
+    (overlay,) = (s.tmp / "cache" / "disks").glob("*/*.overlay")
+    with syncs_delayed(s.daemon.pid, overlay, 3):
+        snapshot = s.snapfs.popen("snapshot", "create", "--disk", "d", "--name", "s1")
+        time.sleep(1.5)  # its flush waits
+        error = one_error(s.snapfs("disk", "delete", "d"), EXIT_GENERAL)
+        assert error == "snapfs: cannot delete disk d: a snapshot of it is being taken"
+        out, err = snapshot.communicate(timeout=60)
+    assert (snapshot.returncode, err) == (0, ""), err
+    assert s.snapshots()["s1"]["state"] == "accomplished"
+    s.snapfs.ok("disk", "delete", "d")
+
+
 def write_past_the_free_space(s: Served, small: Path, base_image: Path, seed: int
                               ) -> dict[int, bytes]:
     """Disk ``d`` of ``s`` (made from ``base_image``, whose every block the cache on ``small``
@@ -1215,6 +1314,9 @@ def test_a_disk_whose_size_is_not_a_multiple_of_the_block_size(served: Served) -
     disk = s.disk("e")
     size = 1000 * 1024
     assert os.path.getsize(disk) == size and is_zero(disk.read_bytes())
+    listed = s.disks()["e"]  # with when it was made and where its image is
+    assert (listed["size"], listed["path"], listed["source"]) == (size, str(disk), None)
+    assert listed["created"][:4].isdigit() and listed["id"]
     fd = os.open(disk, os.O_RDWR)
     try:
         assert os.pwrite(fd, b"\x5a" * 300, size - 300) == 300  # the end of the short block
@@ -1299,6 +1401,40 @@ def test_rollback_of_a_disk_the_kernel_never_looked_up(served: Served) -> None:
     assert "0 blocks reset" in out
 
 
+def test_a_rollback_that_waited_for_the_lock_refuses_a_disk_opened_or_deleted_meanwhile(
+    served: Served,
+) -> None:
+    """A rollback waits for the repository's lock (a gc holds it for seconds) after it found
+    the disk idle: what was done to the disk meanwhile is found when the wait ends."""
+    s = served
+    s.snapfs.ok("disk", "create", "d", "--from", "vm-1")
+    disk = s.disk("d")
+    written = random_blocks(31, 1)[0]
+    write_blocks(disk, {5: written})
+    with uploads_held(s.snapfs):
+        rollback = s.snapfs.popen("disk", "rollback", "d", "vm-1", "--yes")
+        time.sleep(1)  # it found d idle and waits for the lock
+        fd = os.open(disk, os.O_RDWR)
+    try:
+        _, err = rollback.communicate(timeout=60)
+        assert (rollback.returncode, err) == (
+            EXIT_GENERAL, "snapfs: cannot roll back disk d: it is open (1 handle)\n")
+        assert os.pread(fd, BS, 5 * BS) == written
+    finally:
+        os.close(fd)
+
+    # deleted and made again meanwhile: the new disk d is not the one to roll back
+    with uploads_held(s.snapfs):
+        rollback = s.snapfs.popen("disk", "rollback", "d", "vm-1", "--yes")
+        time.sleep(2)  # (had it asked after the delete, it would roll the new d back)
+        s.snapfs.ok("disk", "delete", "d")
+        s.snapfs.ok("disk", "create", "d", "--size", "1M")
+    _, err = rollback.communicate(timeout=60)
+    assert rollback.returncode == EXIT_NOT_FOUND and "deleted meanwhile" in err, err
+    assert (s.disks()["d"]["size"], s.disks()["d"]["source"]) == (MiB, None)
+    assert os.path.getsize(disk) == MiB
+
+
 # -- freeze --------------------------------------------------------------------------------------
 
 
@@ -1308,11 +1444,26 @@ def test_freeze_makes_a_clean_filesystem_snapshot_and_thaws(served: Served, tmp_
     text = "not fsync'd, but frozen file systems are written back first\n"
     with attached(s.disk("d")) as loop, ext4_mounted(loop, tmp_path / "fs") as fs:
         (fs / "unsynced.txt").write_text(text)
-        # given twice (once through a symlink): frozen once, not "frozen already"
+        # given three times (through a symlink, and its bind mount): frozen once, not
+        # "frozen already"
         link = tmp_path / "fs-link"
         link.symlink_to(fs)
-        task = s.snapshot("--disk", "d", "--name", "frozen", "--freeze", fs, "--freeze", link)
+        bound = tmp_path / "fs-bound"
+        bound.mkdir()
+        subprocess.run(["mount", "--bind", str(fs), str(bound)], check=True)
+        try:
+            task = s.snapshot("--disk", "d", "--name", "frozen", "--freeze", fs,
+                              "--freeze", link, "--freeze", bound)
+        finally:
+            subprocess.run(["umount", str(bound)], check=True)
         assert task["state"] == "accomplished" and task["consistency"] == "frozen"
+        # frozen longer than allowed: thawed then, and said once (it was said twice, once as
+        # "frozen for 0.0 s, longer than allowed")
+        result = s.snapfs("snapshot", "create", "--disk", "d", "--name", "late", "--freeze", fs,
+                          "--freeze-timeout", "0.001", "--json")
+        assert result.returncode == 0 and json.loads(result.stdout)["consistency"] == "crash"
+        assert result.stderr == ("warning: the file systems stayed frozen longer than 0.001 s "
+                                 "and were thawed: the snapshot is crash-consistent\n")
         # thawed: the file system takes writes again
         (fs / "after.txt").write_text("after\n")
         fd = os.open(fs / "after.txt", os.O_RDONLY)
@@ -1500,6 +1651,8 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(served: Served, tmp_path: Pat
     assert "bad disk name" in error("disk", "create", "a/b", "--size", "1M", code=EXIT_USAGE)
     # past what a file offset can say: was an OverflowError in the daemon, "a garbled reply" here
     assert "at most 8 EiB" in error("disk", "create", "e", "--size", "9999999T", code=EXIT_USAGE)
+    # past what a float can say: was an OverflowError's traceback in the command
+    assert "not a size" in error("disk", "create", "e", "--size", "9" * 400, code=EXIT_USAGE)
     # more than the state directory's file system can hold (ext4: 16 TiB), if it cannot
     overlays = set(s.tmp.glob("cache/disks/*/*.overlay"))
     result = snapfs("disk", "create", "e", "--size", "17T")

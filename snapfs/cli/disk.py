@@ -58,7 +58,9 @@ def list_(config: CliConfig, json_output: bool) -> None:
         rows.append((d["name"], human_size(d["size"]), d["source"] or "-",
                      human_size(d["blocks_written"] * d["block_size"]),
                      human_size(d["blocks_changed"] * d["block_size"]),
-                     ",".join(d["uploading"]) or "-", str(d["open"])))
+                     # (a daemon started before the names were listed: the ids)
+                     ",".join(d.get("uploading_names", d["uploading"])) or "-",
+                     str(d["open"])))
     click.echo("\n".join(table_lines(rows)))
     for d in disks:
         if d.get("failed"):

@@ -23,10 +23,16 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 def parse_size(text: str) -> int:
     """``16K``, ``4M``, ``1G``, ``1.5T`` or plain bytes (binary units; a trailing B or iB is ok)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    # (at most 30 digits a side: 10**30 bytes is past any size, and a longer number was a
+    # traceback, from float's overflow or int's limit on digits)
+    m = re.fullmatch(r"\s*(\d{1,30}(?:\.\d{1,30})?)\s*([KMGT]?)(?:i?B)?\s*", text,
+                     re.IGNORECASE)
     if not m:
         raise UsageError(f"not a size: {text!r} (try 16K, 4M, 1G)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    # in integers: a float lost bytes past 2**53
+    whole, _, fraction = m.group(1).partition(".")
+    unit = _UNITS[m.group(2).upper()]
+    return int(whole) * unit + int(fraction or "0") * unit // 10 ** len(fraction)
 
 
 def human_size(n: int) -> str:

@@ -6,7 +6,7 @@ import click
 
 from snapfs.cli.context import CliConfig, pass_config
 from snapfs.cli.output import emit_json, human_size, parse_size, run_async
-from snapfs.errors import IntegrityError
+from snapfs.errors import IntegrityError, SnapshotNotFound
 from snapfs.plural import counted
 from snapfs.repo.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL
 
@@ -47,7 +47,13 @@ def export(config: CliConfig, snap: str, out: str, force: bool, json_output: boo
 
     repo = config.open_repository()
     listing = repo.list_snapshots()
-    root = repo.resolve(snap, listing)
+    try:
+        root = repo.resolve(snap, listing)
+    except SnapshotNotFound:
+        from snapfs.cli.snapshot import refuse_unstored
+
+        refuse_unstored(config, [snap], "export")
+        raise
     warn_unreadable(listing.unreadable, repo.store.url, "left out")
     result = run_async(lambda p: export_snapshot(repo, root, out, force, p), json_output)
     if json_output:

@@ -20,6 +20,8 @@ from snapfs.plural import counted
 from snapfs.progress import NO_PROGRESS
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from snapfs.format.manifest import SnapshotRoot
     from snapfs.repo.repository import Repository, UnreadableRoot
 
@@ -224,6 +226,17 @@ def _needed_here(config: CliConfig) -> dict[str, str]:
     return needed
 
 
+def refuse_unstored(config: CliConfig, snaps: Sequence[str], doing: str) -> None:
+    """For a command that did not find one of ``snaps`` in the repository: the reason, if it
+    names a snapshot of a served disk that is not stored (uploading, or failed); it is listed
+    by ``snapshot list``, so "no snapshot" would mislead."""
+    for doc in _unfinished(config):
+        if doc["name"] in snaps or doc["id"] in snaps:
+            raise UsageError(f"snapshot {doc['name']} is {doc['state']}, not stored: "
+                             + (f"{doing} it once it is stored" if doc["state"] == "progressing"
+                                else "it was never stored"))
+
+
 def _unfinished(config: CliConfig) -> list[dict[str, Any]]:
     """Snapshots of served disks that are not stored: progressing, or failed (with why)."""
     from snapfs.write.client import call
@@ -257,7 +270,11 @@ def show(config: CliConfig, snap: str, json_output: bool) -> None:
     """Show one snapshot."""
     repo = config.open_repository()
     listing = repo.list_snapshots()
-    root = repo.resolve(snap, listing)
+    try:
+        root = repo.resolve(snap, listing)
+    except SnapshotNotFound:
+        refuse_unstored(config, [snap], "show")
+        raise
     _warn_unreadable(repo, listing.unreadable, "left out")
     doc = root.summary()
     if json_output:
@@ -290,11 +307,7 @@ def delete(config: CliConfig, snaps: tuple[str, ...], force: bool, json_output: 
     try:
         found = [repo.find(s, listing) for s in snaps]
     except SnapshotNotFound:
-        for doc in _unfinished(config):
-            if doc["name"] in snaps or doc["id"] in snaps:
-                raise UsageError(f"snapshot {doc['name']} is {doc['state']}, not stored: "
-                                 + ("delete it once it is stored" if doc["state"] == "progressing"
-                                    else "it was never stored")) from None
+        refuse_unstored(config, snaps, "delete")
         raise
     chosen = {r.id: r for r in found if not isinstance(r, UnreadableRoot)}
     bad = {u.key: u for u in found if isinstance(u, UnreadableRoot)}

@@ -32,11 +32,9 @@ def snapshot_disks(repository: str, disks: list[str], name: str | None, tags: li
     upload unless ``wait`` is False."""
     files = find_repository_daemon(repository)
     if freeze:  # imported only to freeze (here and in ``frozen`` below): it brings logging
-        from snapfs.write.freeze import check_mountpoint, frozen
+        from snapfs.write.freeze import distinct_mountpoints, frozen
 
-        # checked before freezing anything; one given twice (or by two paths) is frozen once,
-        # not refused as "frozen already" by its second freeze
-        freeze = list(dict.fromkeys(check_mountpoint(mountpoint) for mountpoint in freeze))
+        freeze = distinct_mountpoints(freeze)  # checked before freezing anything
     message: dict[str, Any] = {"op": "snapshot", "disks": disks, "name": name, "tags": tags,
                                "consistency": "frozen" if freeze else "crash"}
     with contextlib.ExitStack() as stack:

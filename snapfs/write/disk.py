@@ -163,6 +163,7 @@ class Disk:
         self.closed: list[ClosedGeneration] = []
         self.write_lock = trio.Lock()
         self.opens = 0  # open file handles (the FUSE adapter counts them)
+        self.closing = 0  # snapshot requests flushing and closing it now
         self.idle = trio.Event()  # set while no handle is open
         self.idle.set()
         self.counters = DiskCounters()
@@ -459,6 +460,8 @@ class Disk:
     def stats(self) -> dict[str, object]:
         return {
             "name": self.name,
+            "id": self.record.id,
+            "created": self.record.created,
             "size": self.size,
             "block_size": self.block_size,
             "source": self.record.source,
@@ -469,6 +472,7 @@ class Disk:
             "blocks_changed": len(self.changed),  # since the last snapshot closed
             "blocks_staged_now": len(self.staged),  # of those, ready for the next snapshot
             "uploading": [c.snapshot_id for c in self.closed],
+            "uploading_names": [c.snapshot_name for c in self.closed],  # the same, for people
             "open": self.opens,
             "trusted": self.record.trusted,
             # a flush failed: fsyncs and snapshots of this disk fail until the daemon restarts

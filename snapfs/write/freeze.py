@@ -51,10 +51,9 @@ class Freeze:
             except OSError as e:
                 if e.errno != errno.EINVAL:  # EINVAL: not frozen (someone thawed it)
                     log.error("thawing %s failed: %s", self.mountpoint, e.strerror)
-            if early:
-                log.warning("%s stayed frozen for %.1f s, longer than allowed: thawed; the "
-                            "snapshot will be crash-consistent", self.mountpoint,
-                            self.frozen_seconds)
+            if early:  # the command says so once it ends (``consistency``: crash)
+                log.debug("%s stayed frozen for %.3f s, longer than allowed: thawed",
+                          self.mountpoint, self.frozen_seconds)
 
 
 def check_mountpoint(path: str) -> str:
@@ -64,6 +63,17 @@ def check_mountpoint(path: str) -> str:
     if not os.path.ismount(real):
         raise UsageError(f"cannot freeze {path}: not a mount point")
     return real
+
+
+def distinct_mountpoints(paths: list[str]) -> list[str]:
+    """``paths`` checked (``check_mountpoint``), one per file system: one given twice (by two
+    paths, or mounted at two places: a bind mount) is frozen once, not refused as "frozen
+    already" by its second freeze."""
+    by_fs: dict[int, str] = {}
+    for path in paths:
+        real = check_mountpoint(path)
+        by_fs.setdefault(os.stat(real).st_dev, real)
+    return list(by_fs.values())
 
 
 @contextmanager

@@ -42,7 +42,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -470,7 +470,15 @@ class DiskService:
             return disk
 
         disk = await self._needing_stored(snapshot_id, f"disk create {name}", make)
-        await self._pad_short_base_block(disk)
+        try:
+            await self._pad_short_base_block(disk)
+        except BaseException:
+            # not made after all (the store failed): no one can have opened it, since the file
+            # system learns of a disk only once it is made
+            with trio.CancelScope(shield=True):
+                await self._remove(disk)
+            self._notify()
+            raise
         log.info("disk %s created (%d bytes, from %s)", name, size, source_name or "nothing")
         self._notify()
         return disk
@@ -479,7 +487,9 @@ class DiskService:
         """A disk bigger than a base whose size is not a whole number of blocks: the base's
         short last block is a whole block of the disk (zeros after the base's end). It is
         written to the overlay as such (and so counts as changed), because a snapshot's
-        manifest may hold a short block only at its very end."""
+        manifest may hold a short block only at its very end: by ``create_disk`` and
+        ``rollback``, and again by ``snapshot`` in case the store failed them (or the daemon
+        died) before it was made."""
         base, bs = disk.base, disk.block_size
         if base is None or base.size >= disk.size or not base.size % bs:
             return
@@ -493,6 +503,13 @@ class DiskService:
         # after close() returns: give handles that are going away that moment.
         with trio.move_on_after(RELEASE_GRACE):
             await disk.idle.wait()
+        self._check_still_idle(disk, doing)
+
+    def _check_still_idle(self, disk: Disk, doing: str) -> None:
+        """``_check_idle`` without the grace: also for after an ``await`` that may have let
+        someone open or attach the disk, snapshot it, or delete it."""
+        if self.disks.get(disk.name) is not disk:
+            raise NotFoundError(f"cannot {doing} disk {disk.name}: it was deleted meanwhile")
         loops = attached_loops(self.disk_path(disk.name))
         if loops:
             raise DiskBusy(f"cannot {doing} disk {disk.name}: it is attached to "
@@ -500,14 +517,23 @@ class DiskService:
         if disk.opens:
             raise DiskBusy(f"cannot {doing} disk {disk.name}: it is open "
                            f"({counted(disk.opens, 'handle')})")
+        if disk.closing:
+            raise DiskBusy(f"cannot {doing} disk {disk.name}: a snapshot of it is being taken")
         if disk.closed:
             raise DiskBusy(f"cannot {doing} disk {disk.name}: its snapshot "
                            f"{disk.closed[0].snapshot_name} is still uploading")
 
     async def delete_disk(self, name: str) -> None:
-        state = self._require()
         disk = self.disk(name)
         await self._check_idle(disk, "delete")
+        await self._remove(disk)
+        log.info("disk %s deleted", name)
+        self._notify()
+
+    async def _remove(self, disk: Disk) -> None:
+        """Forget ``disk`` (which no one has open) and delete its state and files."""
+        state = self._require()
+        name = disk.name
 
         def remove() -> None:
             disk.overlay.close()
@@ -524,8 +550,6 @@ class DiskService:
         except OSError as e:  # deleted all the same: its files are left for the next start
             log.warning("disk %s deleted, but its files were not (%s); the next start "
                         "deletes them", name, e)
-        log.info("disk %s deleted", name)
-        self._notify()
 
     async def rollback(self, name: str, ref: str) -> dict[str, Any]:
         """Make disk ``name`` equal snapshot ``ref``: resetting only the blocks that changed
@@ -547,10 +571,15 @@ class DiskService:
         if snapshot_id in self.pending:
             raise DiskBusy(f"snapshot {snap_name} is still uploading; roll back once it is stored")
         base = await self._image(snapshot_id)
-        record = disk.record
-        at = next((i for i, (sid, _g) in enumerate(record.lineage) if sid == snapshot_id), None)
+
         async def reset_to_snapshot() -> tuple[bool, list[int]]:
             async with disk.write_lock:
+                # checked again: the wait for the repository's lock (seconds, while a gc holds
+                # it) left time to open, attach, snapshot or delete the disk
+                self._check_still_idle(disk, "roll back")
+                record = disk.record
+                at = next((i for i, (sid, _g) in enumerate(record.lineage) if sid == snapshot_id),
+                          None)
                 # the changed sets tell what differs from one of the disk's own snapshots only
                 # while they are trusted: after an unclean reboot they may miss writes (see
                 # ``boot_id``), and then every block the disk holds is reset instead
@@ -608,7 +637,9 @@ class DiskService:
 
     def disk_list(self) -> list[dict[str, Any]]:
         self._require()
-        return [disk.stats() for _, disk in sorted(self.disks.items())]
+        # with the image's path, for ``losetup`` and scripts
+        return [{**disk.stats(), "path": self.disk_path(name)}
+                for name, disk in sorted(self.disks.items())]
 
     # -- snapshots ----------------------------------------------------------------------------
 
@@ -637,35 +668,41 @@ class DiskService:
         task = SnapshotTask(id=new_id(), state="progressing", created=now_iso(), parts=parts,
                             group=new_id() if len(disks) > 1 else None, tags=list(tags or []),
                             consistency=consistency)
-        # most of what the closing flushes, before it holds the disks' write locks
-        await trio.to_thread.run_sync(_flush, disks)
-        started = trio.current_time()
-        async with _write_locks(disks):
-            if deadline is not None and trio.current_time() - started > deadline:
-                task.consistency = "crash"
-            for disk, part in zip(disks, parts, strict=True):
-                if not disk.record.trusted:  # compare every written block, as of this instant
-                    await trio.to_thread.run_sync(state.mark, disk.record, disk.record.gen, [],
-                                                  list(disk.present))
-                    disk.changed.update(disk.present)
-                    part.compared = True
-                    log.warning("disk %s: its changed-block record is not trusted after an "
-                                "unclean reboot; its snapshot compares the checksums of its %d "
-                                "written blocks instead", disk.name, len(disk.present))
-            records = []
-            for disk, part in zip(disks, parts, strict=True):
-                part.gen = disk.record.gen
-                part.parent = disk.closed[-1].snapshot_id if disk.closed else disk.record.parent
-                part.blocks = len(disk.changed)
-                records.append(dataclasses.replace(disk.record, gen=disk.record.gen + 1))
-            # durable, with the closed generations' marks (after their bytes): a power cut
-            # after the closing resumes this upload, never loses it
-            await trio.to_thread.run_sync(state.put_task, task, records,
-                                          functools.partial(_flush, disks))
-            for disk, part, record in zip(disks, parts, records, strict=True):
-                disk.record = record
-                closed = disk.close_generation(task.id, part.snapshot_id)
-                self._add_pending(disk, closed, part)
+        # a delete or rollback meanwhile is refused (``_check_still_idle``): the flush below
+        # gives them time, and the closing must not find its disk gone
+        with _being_closed(disks):
+            for disk in disks:  # if a pad was not made (the store failed in a rollback)
+                await self._pad_short_base_block(disk)
+            # most of what the closing flushes, before it holds the disks' write locks
+            await trio.to_thread.run_sync(_flush, disks)
+            started = trio.current_time()
+            async with _write_locks(disks):
+                task.created = now_iso()  # the snapshots' point in time, their roots' ``created``
+                if deadline is not None and trio.current_time() - started > deadline:
+                    task.consistency = "crash"
+                for disk, part in zip(disks, parts, strict=True):
+                    if not disk.record.trusted:  # compare every written block, as of this instant
+                        await trio.to_thread.run_sync(state.mark, disk.record, disk.record.gen, [],
+                                                      list(disk.present))
+                        disk.changed.update(disk.present)
+                        part.compared = True
+                        log.warning("disk %s: its changed-block record is not trusted after an "
+                                    "unclean reboot; its snapshot compares the checksums of its %d "
+                                    "written blocks instead", disk.name, len(disk.present))
+                records = []
+                for disk, part in zip(disks, parts, strict=True):
+                    part.gen = disk.record.gen
+                    part.parent = disk.closed[-1].snapshot_id if disk.closed else disk.record.parent
+                    part.blocks = len(disk.changed)
+                    records.append(dataclasses.replace(disk.record, gen=disk.record.gen + 1))
+                # durable, with the closed generations' marks (after their bytes): a power cut
+                # after the closing resumes this upload, never loses it
+                await trio.to_thread.run_sync(state.put_task, task, records,
+                                              functools.partial(_flush, disks))
+                for disk, part, record in zip(disks, parts, records, strict=True):
+                    disk.record = record
+                    closed = disk.close_generation(task.id, part.snapshot_id)
+                    self._add_pending(disk, closed, part)
         self.tasks[task.id] = task
         self._queue_send.send_nowait(task.id)
         log.info("snapshot task %s closed %s", task.id,
@@ -837,7 +874,8 @@ class DiskService:
             try:
                 root, packs, index_name = await upload_generation(
                     self.repo, self.hydrator.index, disk, closed, part, parent, parent_page,
-                    group=task.group, tags=task.tags, progress=progress, pace=self._pace,
+                    group=task.group, tags=task.tags, progress=progress, created=task.created,
+                    pace=self._pace,
                     busy=self._busy, fresh_index=self._fresh_index, unreleased=self._unreleased,
                     lock_patience=self.upload_lock_patience)
             finally:
@@ -1065,6 +1103,18 @@ async def _write_locks(disks: list[Disk]) -> AsyncIterator[None]:
         for disk in sorted(disks, key=lambda d: d.name):
             await stack.enter_async_context(disk.write_lock)
         yield
+
+
+@contextlib.contextmanager
+def _being_closed(disks: list[Disk]) -> Iterator[None]:
+    """Count ``disks`` as being closed for a snapshot while the block runs (``Disk.closing``)."""
+    for disk in disks:
+        disk.closing += 1
+    try:
+        yield
+    finally:
+        for disk in disks:
+            disk.closing -= 1
 
 
 def _flush(disks: list[Disk]) -> None:

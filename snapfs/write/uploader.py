@@ -67,6 +67,7 @@ async def upload_generation(
     group: str | None,
     tags: list[str],
     progress: UploadProgress,
+    created: str | None = None,
     rate: float | None = None,
     pace: Pacer | None = None,
     busy: Callable[[], bool] = lambda: False,
@@ -75,7 +76,9 @@ async def upload_generation(
     lock_patience: float = SNAPSHOT_LOCK_PATIENCE,
 ) -> tuple[SnapshotRoot, dict[str, list], str | None]:
     """Store ``closed`` as snapshot ``part.snapshot_id``; return its root, the packs it added
-    and the name of the index object naming them (for the caller's index). ``parent_page(p)``
+    and the name of the index object naming them (for the caller's index). ``created``: the
+    instant ``closed`` was closed, the snapshot's point in time (default: now; an upload may
+    end hours later, after an outage). ``parent_page(p)``
     gives the IDs of the parent's page ``p``. (A disk whose changed sets are not trusted after
     an unclean reboot had every block it ever wrote marked in ``closed`` at its closing,
     ``part.compared``: the manifest then differs from the parent only where a checksum does.)
@@ -101,7 +104,7 @@ async def upload_generation(
                 nursery.start_soon(refresh_lock, lock, store_limiter)
                 root, packs, index_name = await _upload(
                     repo, index, disk, closed, part, parent, parent_page, group, tags,
-                    progress, rate, store_limiter, pace, busy)
+                    created or now_iso(), progress, rate, store_limiter, pace, busy)
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
@@ -137,7 +140,7 @@ async def _encode_on_cores(repo: Repository, blocks: list[bytes], index: BlobInd
 async def _upload(
     repo: Repository, index: BlobIndex, disk: Disk, closed: ClosedGeneration,
     part: SnapshotPart, parent: SnapshotRoot | None, parent_page: PageLoader,
-    group: str | None, tags: list[str], progress: UploadProgress,
+    group: str | None, tags: list[str], created: str, progress: UploadProgress,
     rate: float | None, store_limiter: trio.CapacityLimiter, pace: Pacer | None,
     busy: Callable[[], bool],
 ) -> tuple[SnapshotRoot, dict[str, list], str | None]:
@@ -237,7 +240,7 @@ async def _upload(
         parent=parent.id if parent else None,
         size=part.size,
         block_size=bs,
-        created=now_iso(),
+        created=created,
         entries_per_page=per_page,
         pages=[p.hex() for p in pages],
         tags=list(tags),
