@@ -72,7 +72,7 @@ from snapfs.control import (
 )
 from snapfs.errors import FormatError, MountError, NotMounted, SnapfsError, SnapshotNotFound
 from snapfs.format.manifest import SnapshotRoot
-from snapfs.mount import MountOptions, check_mountpoint, mount
+from snapfs.mount import MountOptions, check_cache_dir, check_mountpoint, mount
 from snapfs.progress import NO_PROGRESS, Progress
 from snapfs.repo.repository import Repository, warn_unreadable
 from snapfs.restore import RestoreOptions, RestoreReport, restore_files
@@ -160,8 +160,12 @@ def repository_location(repository: str) -> str:
 
 def private_root(cache_dir: str) -> Path:
     """``CACHE/browse-mnt``: browse's daemon mount points and restore's temporary mounts."""
+    check_cache_dir(cache_dir)  # one line, as for mount, for a cache that cannot be used
     path = Path(os.path.abspath(cache_dir)) / PRIVATE_DIR
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise SnapfsError(f"cannot make {path}: {e.strerror}") from None
     return path
 
 

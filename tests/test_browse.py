@@ -533,6 +533,23 @@ def test_a_restore_whose_browse_fails_leaves_nothing_behind(env: Env) -> None:
     assert mounts_under(env.tmp) == [] and loops_under(env.tmp) == {}
 
 
+def test_a_cache_directory_that_cannot_be_used_is_one_line(env: Env) -> None:
+    # browse and restore-files start a daemon with its cache, and keep their temporary mounts
+    # there: a cache directory that cannot be made or written is one line, as for mount
+    where = env.empty_dir("where")
+    a_file = env.tmp / "a-file"
+    a_file.write_text("x")
+    target = env.tmp / "target"
+    for cache, reason in ((a_file, "not a directory"),
+                          (a_file / "below", "not writable: Not a directory")):
+        environ = {**env.snapfs.env, "SNAPFS_CACHE_DIR": str(cache)}
+        for args in (("browse", "vm-1", where), ("restore-files", "vm-1", "--to", target)):
+            message = one_error(env.snapfs(*args, env=environ), EXIT_GENERAL)
+            assert f"cache directory {cache} is {reason}" in message
+    assert not target.exists()
+    assert mounts_under(env.tmp) == [] and loops_under(env.tmp) == {}
+
+
 @pytest.fixture(scope="module")
 def odd_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An ext4 image with what images made from /usr lack: a big file (64 MiB, random), a file
