@@ -317,6 +317,11 @@ def test_browse_reuses_a_running_daemon_and_leaves_it_running(
         assert state["image"] == str(daemon.images / "vm-1.img")
         biggest = max(files_of(source["vm-1"]), key=lambda p: (source["vm-1"] / p).stat().st_size)
         assert_same_files(source["vm-1"], where, [biggest])
+        # the browse's loop device holds the image (fuser -m does not show it): umount says so
+        assert one_error(env.snapfs("umount", daemon.mountpoint), EXIT_GENERAL) == (
+            f"snapfs: {daemon.mountpoint} is busy: browsed at {where}; undo it first with: "
+            f"snapfs unbrowse {where}")
+        assert pid_running(daemon.pid)
 
         out = env.unbrowse(where)
         assert out.strip() == f"unbrowsed {where}"
