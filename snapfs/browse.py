@@ -10,9 +10,10 @@ order, and undoes what it did (in reverse) if a later step fails:
    ``repository`` is the store's URL. Browse's own daemon is preferred if several serve it.
    Otherwise browse starts its own (``snapfs.mount.mount``, daemonized, no background
    hydration: it exists to serve what is browsed) at a private mount point,
-   ``CACHE/browse-mnt/RKEY`` (RKEY: 16 hex digits of the SHA-1 of the store URL). A daemon at
-   such a mount point is *browse's own*: the last ``unbrowse`` that used it stops it. Any other
-   daemon is the user's and is never stopped.
+   ``CACHE/browse-mnt/RKEY`` (RKEY: 16 hex digits of the SHA-1 of the store URL), detaching
+   first the dead mount a killed daemon of its own left there. A daemon at such a mount point
+   is *browse's own*: the last ``unbrowse`` that used it stops it. Any other daemon is the
+   user's and is never stopped.
 3. The image, ``MNT/snapshots/NAME.img`` (the one whose ``stats`` entry names the snapshot's
    id), is probed with ``blkid -p``. Only ext2/ext3/ext4 are opened; anything else is one line
    naming what was found ("found: swap", "found: nothing recognisable").
@@ -292,12 +293,30 @@ def _daemon_for(options: BrowseOptions, location: str, store_url: str) -> tuple[
         return min(serving, key=lambda mp: (mp != str(private), mp)), False
     private_root(options.cache_dir)
     private.mkdir(mode=0o700, exist_ok=True)
+    _detach_if_dead(private)
     mount(MountOptions(
         repository=location, endpoint_url=options.endpoint_url, mountpoint=str(private),
         cache_dir=options.cache_dir, cache_size=options.cache_size, debug=options.debug,
         background=False,
     ), log.info)
     return str(private), True
+
+
+def _detach_if_dead(mountpoint: Path) -> None:
+    """Detach browse's own mount point if its daemon died (kill -9, the OOM killer), as
+    ``snapfs umount`` would: it is browse's to clean up, not a path to send the user to. A live
+    daemon there (one that did not answer ``stats``) is left alone, and ``mount`` refuses the
+    mount point. A browse still using the dead daemon's image reads EIO as before, and its
+    ``unbrowse`` undoes it (its state names this mount point: it keeps the next daemon)."""
+    files = RunFiles.for_mountpoint(str(mountpoint))
+    entry = mount_entry(files.mountpoint)
+    if entry is None or not entry.is_snapfs:
+        return
+    daemon = find_daemon(files)
+    if daemon is not None:
+        daemon.close()
+        return
+    log.info("%s", unmount(files.mountpoint))
 
 
 def find_daemons(store_url: str) -> list[str]:

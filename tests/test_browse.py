@@ -391,6 +391,25 @@ def test_browse_with_fuse2fs(env: Env, source: dict[str, Path]) -> None:
     assert not pid_running(state["daemon_pid"]) and mounts_under(env.tmp) == []
 
 
+def test_browse_after_its_daemon_died_detaches_the_dead_mount_and_starts_another(
+    env: Env, source: dict[str, Path]
+) -> None:
+    where = env.empty_dir("where")
+    dead = env.browse("vm-1", where)
+    os.kill(dead["daemon_pid"], signal.SIGKILL)
+    wait_for(lambda: not pid_running(dead["daemon_pid"]), 10, "the daemon to die")
+    # its private mount point is browse's own: not one to send the user to snapfs umount for
+    again = env.empty_dir("again")
+    state = env.browse("vm-2", again)
+    assert state["daemon_started"] and state["daemon_pid"] != dead["daemon_pid"]
+    assert state["daemon_mountpoint"] == dead["daemon_mountpoint"]
+    some = files_of(source["vm-2"])[:20]
+    assert_same_files(source["vm-2"], again, some)
+    assert "serves other browses" in env.unbrowse(again)  # the first browse names it too
+    assert "stopped its snapfs daemon" in env.unbrowse(where)
+    assert mounts_under(env.tmp) == [] and loops_under(env.tmp) == {}
+
+
 def test_unbrowse_after_the_daemon_died_or_someone_undid_part_of_it(env: Env, tmp_path: Path
                                                                      ) -> None:
     # the daemon killed: the files read as EIO; unbrowse still undoes everything
