@@ -122,14 +122,16 @@ def mount(config: CliConfig, mountpoint: str, cache_dir: str | None, cache_size:
     mount_repository(options, click.echo)
 
 
+# MOUNTPOINT is a plain string, not a click.Path, for umount and stats: click stat()s a Path,
+# and a hung daemon never answers a stat of its mount point (see control.real_path)
 @click.command()
-@click.argument("mountpoint", type=click.Path())
+@click.argument("mountpoint")
 @click.option("--timeout", default=60.0, show_default=True, metavar="SECONDS",
               help="How long to wait for the daemon to exit before killing it.")
 def umount(mountpoint: str, timeout: float) -> None:
     """Unmount MOUNTPOINT and wait until its daemon has exited (also cleans up after a daemon
     that died)."""
-    from snapfs.control import unmount
+    from snapfs.control import real_path, unmount
 
     if not timeout > 0:  # 0 or less killed the daemon at once, with its uploads and profiles
         raise UsageError("--timeout must be a positive number of seconds")
@@ -142,7 +144,7 @@ def umount(mountpoint: str, timeout: float) -> None:
         # a browse's loop device holds the image, which fuser -m does not show: name the browse
         from snapfs.browse import all_states
 
-        where = os.path.realpath(mountpoint)
+        where = real_path(mountpoint)
         browsed = [s.directory for s in all_states() if s.daemon_mountpoint == where]
         if not browsed:
             raise
@@ -152,7 +154,7 @@ def umount(mountpoint: str, timeout: float) -> None:
 
 
 @click.command()
-@click.argument("mountpoint", type=click.Path())
+@click.argument("mountpoint")
 @click.option("--json", "json_output", is_flag=True, help="Print the daemon's raw statistics.")
 def stats(mountpoint: str, json_output: bool) -> None:
     """Show how far each image is hydrated and how the store is doing."""
