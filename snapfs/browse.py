@@ -20,8 +20,9 @@ order, and undoes what it did (in reverse) if a later step fails:
 4. As root: ``losetup -f --show -r IMAGE`` and ``mount -t ext4 -o ro,noload,nosuid,nodev`` of
    the loop device on DIR (``noload``: a journal is never replayed on a snapshot; ``nosuid``,
    ``nodev``: a snapshot's set-id programs and device nodes grant nothing). Otherwise, or with
-   ``use_fuse2fs``: ``fuse2fs -o ro,fakeroot IMAGE DIR``. The kernel path is preferred because
-   fuse2fs 1.47 misbehaves after a read error.
+   ``use_fuse2fs``: ``fuse2fs -o ro,norecovery,fakeroot IMAGE DIR`` (``norecovery``: no
+   journal replay either). The kernel path is preferred because fuse2fs 1.47 misbehaves after
+   a read error.
 5. What was done is written to ``RUNDIR/browse-KEY.json`` (KEY: ``control.mount_key(DIR)``):
    the loop device and its image, the daemon's mount point, whether the daemon is browse's own.
    ``unbrowse DIR`` reads only that file: it unmounts DIR (``umount``, or ``fusermount3 -u``
@@ -86,6 +87,9 @@ STATE_VERSION = 1
 #: filesystems the kernel (and fuse2fs) open read-only for us
 OPENABLE = ("ext2", "ext3", "ext4")
 KERNEL_MOUNT_OPTIONS = "ro,noload,nosuid,nodev"
+#: ``norecovery``, fuse2fs's ``noload``: without it fuse2fs refuses a journal that needs
+#: recovery, which is every snapshot of a filesystem that was mounted when it was taken
+FUSE2FS_MOUNT_OPTIONS = "ro,norecovery,fakeroot"
 PRIVATE_DIR = "browse-mnt"
 #: how long a new snapshot may take to appear in a running daemon's catalog (it refreshes at
 #: most every 2 s)
@@ -272,7 +276,7 @@ def _attach(image: Path, directory: str, filesystem: str, use_fuse2fs: bool,
     """Mount the image's filesystem read-only at ``directory``; the loop device used, if any.
     Each step done pushes its undoing onto ``undo``."""
     if use_fuse2fs:
-        _run(["fuse2fs", "-o", "ro,fakeroot", str(image), directory],
+        _run(["fuse2fs", "-o", FUSE2FS_MOUNT_OPTIONS, str(image), directory],
              f"fuse2fs cannot mount {image.name}")
         undo.callback(_quietly, fusermount, directory)
         return None
@@ -528,5 +532,10 @@ def _run(cmd: list[str], failure: str) -> str:
 
 
 def _first_line(result: subprocess.CompletedProcess[str]) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    return lines[0].strip() if lines else f"exit status {result.returncode}"
+    """The tool's complaint: the first line of its stderr, else the last of its stdout (where
+    fuse2fs says why, after "Mounting read-only."), else its exit status."""
+    lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+    if lines:
+        return lines[0]
+    lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit status {result.returncode}"

@@ -32,6 +32,7 @@ from diskimages import change_image, copy_image, make_image, random_image, share
 from mountutil import MOUNTS, mounted, pid_running, wait_for
 from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error
 
+from snapfs.browse import _first_line
 from snapfs.cli.context import stop_signals_interrupt
 from snapfs.cli.output import run_async
 
@@ -389,6 +390,39 @@ def test_browse_with_fuse2fs(env: Env, source: dict[str, Path]) -> None:
         (where / "new-file").write_bytes(b"x")
     assert "stopped its snapfs daemon" in env.unbrowse(where)
     assert not pid_running(state["daemon_pid"]) and mounts_under(env.tmp) == []
+
+
+def test_a_snapshot_of_a_mounted_filesystem_is_browsed_and_restored_with_fuse2fs(
+    env: Env
+) -> None:
+    # a snapshot of a disk in use has a journal that "needs recovery": never replayed on a
+    # snapshot (the kernel mounts it with noload), and fuse2fs refused it ("exit status 3")
+    files = env.empty_dir("files")
+    (files / "hello.txt").write_text("hello from a live disk\n")
+    image = env.tmp / "live.img"
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(files), str(image), "16M"], check=True,
+                   capture_output=True)
+    subprocess.run(["debugfs", "-w", "-R", "feature needs_recovery", str(image)], check=True,
+                   capture_output=True)
+    env.snapfs.ok("snapshot", "create", image, "--name", "live")
+    where = env.empty_dir("where")
+    env.browse("live", where, "--fuse2fs")
+    assert (where / "hello.txt").read_text() == "hello from a live disk\n"
+    env.unbrowse(where)
+    target = env.tmp / "target"
+    report = env.snapfs.json("restore-files", "live", "--to", target, "--fuse2fs")
+    assert (report["restored"], report["failed"]) == (1, 0)
+    assert (target / "hello.txt").read_text() == "hello from a live disk\n"
+
+
+def test_a_system_tools_complaint_on_stdout_is_the_reason_given() -> None:
+    # fuse2fs says why it fails on stdout, not stderr
+    said = subprocess.CompletedProcess(["fuse2fs"], 3, "Mounting read-only.\nJournal needs "
+                                       "recovery; running `e2fsck -E journal_only' is required.\n",
+                                       "")
+    assert _first_line(said) == "Journal needs recovery; running `e2fsck -E journal_only' is required."
+    assert _first_line(subprocess.CompletedProcess(["x"], 1, "", "")) == "exit status 1"
+    assert _first_line(subprocess.CompletedProcess(["x"], 1, "out\n", "err\n")) == "err"
 
 
 def test_browse_after_its_daemon_died_detaches_the_dead_mount_and_starts_another(
