@@ -38,8 +38,10 @@ unlike a flock, it is not inherited by the daemon ``mount`` forks. A browse kill
 (kill -9) can leave a loop device attached; ``losetup -a`` shows it.
 
 ``restore_from_snapshot`` is ``restore-files``: browse at a temporary directory under
-``CACHE/browse-mnt``, ``restore.restore_files`` from there, unbrowse however that ends. An error
-that stops the copy comes out as ``RestoreStopped``, with the report of what was done so far.
+``CACHE/browse-mnt`` (``restore-PID-…``), ``restore.restore_files`` from there, unbrowse however
+that ends. An error that stops the copy comes out as ``RestoreStopped``, with the report of what
+was done so far. A restore killed outright (kill -9) leaves its browse behind: the next one
+undoes it, its pid being gone (or reused by a process that started later).
 
 This module blocks (subprocesses, the control socket); it is for the CLI.
 """
@@ -53,6 +55,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -74,6 +77,7 @@ from snapfs.control import (
 )
 from snapfs.errors import FormatError, MountError, NotMounted, SnapfsError, SnapshotNotFound
 from snapfs.format.manifest import SnapshotRoot
+from snapfs.host import pid_alive, pid_started_after
 from snapfs.mount import MountOptions, check_cache_dir, check_mountpoint, mount
 from snapfs.progress import NO_PROGRESS, Progress
 from snapfs.repo.repository import Repository, warn_unreadable
@@ -97,6 +101,8 @@ IMAGE_WAIT = 6.0
 #: how long a daemon may stay busy after its image was let go of (loop device, fuse2fs exiting)
 RELEASE_WAIT = 10.0
 STATS_TIMEOUT = 5.0
+#: the temporary directory of a restore: ``restore-PID-RANDOM``
+_RESTORE_DIR = re.compile(r"restore-(\d+)-\w+")
 
 
 @dataclass(frozen=True)
@@ -472,7 +478,9 @@ def restore_from_snapshot(options: BrowseOptions, target: str, restore: RestoreO
     """``restore_files`` from the snapshot, browsed at a temporary directory under
     ``CACHE/browse-mnt`` (``options.directory`` is not used) and unbrowsed however it ends.
     An error of the restore itself comes as ``RestoreStopped``."""
-    temp = tempfile.mkdtemp(prefix="restore-", dir=private_root(options.cache_dir))
+    root = private_root(options.cache_dir)
+    _undo_killed_restores(root)
+    temp = tempfile.mkdtemp(prefix=f"restore-{os.getpid()}-", dir=root)
     try:
         with browsing(dataclasses.replace(options, directory=temp)) as state:
             report = RestoreReport()
@@ -486,6 +494,35 @@ def restore_from_snapshot(options: BrowseOptions, target: str, restore: RestoreO
             os.rmdir(temp)
         except OSError as e:  # still mounted: unbrowse failed, and said why
             log.debug("%s left behind: %s", temp, e.strerror)
+
+
+def _undo_killed_restores(root: Path) -> None:
+    """Unbrowse the temporary browses of restores that were killed outright (kill -9, the OOM
+    killer: no chance to undo their own), and remove their directories. Their directory names
+    the restore's pid (``restore-PID-…``): a browse whose process lives, and started before
+    the browse did, is a restore still running, and is left alone."""
+    for state in all_states():
+        where = Path(state.directory)
+        m = _RESTORE_DIR.fullmatch(where.name)
+        if where.parent != root or m is None:
+            continue
+        pid = int(m.group(1))
+        try:
+            browsed_at = state_file(state.directory).stat().st_mtime
+        except FileNotFoundError:
+            continue  # undone meanwhile
+        if pid_alive(pid) and not pid_started_after(pid, browsed_at):
+            continue
+        try:
+            log.info("a killed restore's browse: %s", unbrowse(state.directory))
+        except SnapfsError as e:
+            log.warning("could not undo the browse of a killed restore at %s: %s",
+                        state.directory, e.message)
+            continue
+        try:
+            os.rmdir(where)
+        except OSError:
+            pass
 
 
 # -- helpers -------------------------------------------------------------------------------------

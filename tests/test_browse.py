@@ -729,6 +729,32 @@ def test_restore_files_stopped_by_a_signal_undoes_everything(
     assert list((env.cache / "browse-mnt").iterdir()) == []
 
 
+def test_a_restore_killed_outright_is_undone_by_the_next(env: Env, odd_image: Path) -> None:
+    """kill -9 (the OOM killer) gives restore-files no chance to unbrowse: its temporary browse
+    (mount, loop device, state, private daemon) stays until the next restore-files undoes it."""
+    env.snapfs.ok("snapshot", "create", odd_image, "--name", "odd", "--disk", "odd")
+    proc = env.snapfs.popen("restore-files", "odd", "--to", env.tmp / "target")
+    try:
+        deadline = time.monotonic() + 60
+        while not env.browse_states():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the restore never browsed"
+        proc.kill()
+        proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert env.browse_states() and loops_under(env.tmp)  # what kill -9 leaves
+
+    report = env.snapfs.json("restore-files", "odd", "--to", env.tmp / "again", "--include",
+                             "links/orig")
+    assert (report["restored"], report["failed"]) == (1, 0)
+    assert mounts_under(env.tmp) == [] and loops_under(env.tmp) == {}
+    assert env.browse_states() == [] and env.daemon_pid_files() == []
+    assert list((env.cache / "browse-mnt").iterdir()) == []
+
+
 @contextmanager
 def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
     where.mkdir()
