@@ -10,17 +10,19 @@ order, and undoes what it did (in reverse) if a later step fails:
    ``repository`` is the store's URL. Browse's own daemon is preferred if several serve it.
    Otherwise browse starts its own (``snapfs.mount.mount``, daemonized, no background
    hydration: it exists to serve what is browsed) at a private mount point,
-   ``CACHE/browse-mnt/RKEY`` (RKEY: 16 hex digits of the SHA-1 of the store URL). A daemon at
-   such a mount point is *browse's own*: the last ``unbrowse`` that used it stops it. Any other
-   daemon is the user's and is never stopped.
+   ``CACHE/browse-mnt/RKEY`` (RKEY: 16 hex digits of the SHA-1 of the store URL), detaching
+   first the dead mount a killed daemon of its own left there. A daemon at such a mount point
+   is *browse's own*: the last ``unbrowse`` that used it stops it. Any other daemon is the
+   user's and is never stopped.
 3. The image, ``MNT/snapshots/NAME.img`` (the one whose ``stats`` entry names the snapshot's
    id), is probed with ``blkid -p``. Only ext2/ext3/ext4 are opened; anything else is one line
    naming what was found ("found: swap", "found: nothing recognisable").
 4. As root: ``losetup -f --show -r IMAGE`` and ``mount -t ext4 -o ro,noload,nosuid,nodev`` of
    the loop device on DIR (``noload``: a journal is never replayed on a snapshot; ``nosuid``,
    ``nodev``: a snapshot's set-id programs and device nodes grant nothing). Otherwise, or with
-   ``use_fuse2fs``: ``fuse2fs -o ro,fakeroot IMAGE DIR``. The kernel path is preferred because
-   fuse2fs 1.47 misbehaves after a read error.
+   ``use_fuse2fs``: ``fuse2fs -o ro,norecovery,fakeroot IMAGE DIR`` (``norecovery``: no
+   journal replay either). The kernel path is preferred because fuse2fs 1.47 misbehaves after
+   a read error.
 5. What was done is written to ``RUNDIR/browse-KEY.json`` (KEY: ``control.mount_key(DIR)``):
    the loop device and its image, the daemon's mount point, whether the daemon is browse's own.
    ``unbrowse DIR`` reads only that file: it unmounts DIR (``umount``, or ``fusermount3 -u``
@@ -36,8 +38,10 @@ unlike a flock, it is not inherited by the daemon ``mount`` forks. A browse kill
 (kill -9) can leave a loop device attached; ``losetup -a`` shows it.
 
 ``restore_from_snapshot`` is ``restore-files``: browse at a temporary directory under
-``CACHE/browse-mnt``, ``restore.restore_files`` from there, unbrowse however that ends. An error
-that stops the copy comes out as ``RestoreStopped``, with the report of what was done so far.
+``CACHE/browse-mnt`` (``restore-PID-…``), ``restore.restore_files`` from there, unbrowse however
+that ends. An error that stops the copy comes out as ``RestoreStopped``, with the report of what
+was done so far. A restore killed outright (kill -9) leaves its browse behind: the next one
+undoes it, its pid being gone (or reused by a process that started later).
 
 This module blocks (subprocesses, the control socket); it is for the CLI.
 """
@@ -51,6 +55,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -72,7 +77,8 @@ from snapfs.control import (
 )
 from snapfs.errors import FormatError, MountError, NotMounted, SnapfsError, SnapshotNotFound
 from snapfs.format.manifest import SnapshotRoot
-from snapfs.mount import MountOptions, check_mountpoint, mount
+from snapfs.host import pid_alive, pid_started_after
+from snapfs.mount import MountOptions, check_cache_dir, check_mountpoint, mount
 from snapfs.progress import NO_PROGRESS, Progress
 from snapfs.repo.repository import Repository, warn_unreadable
 from snapfs.restore import RestoreOptions, RestoreReport, restore_files
@@ -85,6 +91,9 @@ STATE_VERSION = 1
 #: filesystems the kernel (and fuse2fs) open read-only for us
 OPENABLE = ("ext2", "ext3", "ext4")
 KERNEL_MOUNT_OPTIONS = "ro,noload,nosuid,nodev"
+#: ``norecovery``, fuse2fs's ``noload``: without it fuse2fs refuses a journal that needs
+#: recovery, which is every snapshot of a filesystem that was mounted when it was taken
+FUSE2FS_MOUNT_OPTIONS = "ro,norecovery,fakeroot"
 PRIVATE_DIR = "browse-mnt"
 #: how long a new snapshot may take to appear in a running daemon's catalog (it refreshes at
 #: most every 2 s)
@@ -92,6 +101,8 @@ IMAGE_WAIT = 6.0
 #: how long a daemon may stay busy after its image was let go of (loop device, fuse2fs exiting)
 RELEASE_WAIT = 10.0
 STATS_TIMEOUT = 5.0
+#: the temporary directory of a restore: ``restore-PID-RANDOM``
+_RESTORE_DIR = re.compile(r"restore-(\d+)-\w+")
 
 
 @dataclass(frozen=True)
@@ -160,8 +171,12 @@ def repository_location(repository: str) -> str:
 
 def private_root(cache_dir: str) -> Path:
     """``CACHE/browse-mnt``: browse's daemon mount points and restore's temporary mounts."""
+    check_cache_dir(cache_dir)  # one line, as for mount, for a cache that cannot be used
     path = Path(os.path.abspath(cache_dir)) / PRIVATE_DIR
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise SnapfsError(f"cannot make {path}: {e.strerror}") from None
     return path
 
 
@@ -267,7 +282,7 @@ def _attach(image: Path, directory: str, filesystem: str, use_fuse2fs: bool,
     """Mount the image's filesystem read-only at ``directory``; the loop device used, if any.
     Each step done pushes its undoing onto ``undo``."""
     if use_fuse2fs:
-        _run(["fuse2fs", "-o", "ro,fakeroot", str(image), directory],
+        _run(["fuse2fs", "-o", FUSE2FS_MOUNT_OPTIONS, str(image), directory],
              f"fuse2fs cannot mount {image.name}")
         undo.callback(_quietly, fusermount, directory)
         return None
@@ -288,12 +303,30 @@ def _daemon_for(options: BrowseOptions, location: str, store_url: str) -> tuple[
         return min(serving, key=lambda mp: (mp != str(private), mp)), False
     private_root(options.cache_dir)
     private.mkdir(mode=0o700, exist_ok=True)
+    _detach_if_dead(private)
     mount(MountOptions(
         repository=location, endpoint_url=options.endpoint_url, mountpoint=str(private),
         cache_dir=options.cache_dir, cache_size=options.cache_size, debug=options.debug,
         background=False,
     ), log.info)
     return str(private), True
+
+
+def _detach_if_dead(mountpoint: Path) -> None:
+    """Detach browse's own mount point if its daemon died (kill -9, the OOM killer), as
+    ``snapfs umount`` would: it is browse's to clean up, not a path to send the user to. A live
+    daemon there (one that did not answer ``stats``) is left alone, and ``mount`` refuses the
+    mount point. A browse still using the dead daemon's image reads EIO as before, and its
+    ``unbrowse`` undoes it (its state names this mount point: it keeps the next daemon)."""
+    files = RunFiles.for_mountpoint(str(mountpoint))
+    entry = mount_entry(files.mountpoint)
+    if entry is None or not entry.is_snapfs:
+        return
+    daemon = find_daemon(files)
+    if daemon is not None:
+        daemon.close()
+        return
+    log.info("%s", unmount(files.mountpoint))
 
 
 def find_daemons(store_url: str) -> list[str]:
@@ -445,7 +478,9 @@ def restore_from_snapshot(options: BrowseOptions, target: str, restore: RestoreO
     """``restore_files`` from the snapshot, browsed at a temporary directory under
     ``CACHE/browse-mnt`` (``options.directory`` is not used) and unbrowsed however it ends.
     An error of the restore itself comes as ``RestoreStopped``."""
-    temp = tempfile.mkdtemp(prefix="restore-", dir=private_root(options.cache_dir))
+    root = private_root(options.cache_dir)
+    _undo_killed_restores(root)
+    temp = tempfile.mkdtemp(prefix=f"restore-{os.getpid()}-", dir=root)
     try:
         with browsing(dataclasses.replace(options, directory=temp)) as state:
             report = RestoreReport()
@@ -459,6 +494,35 @@ def restore_from_snapshot(options: BrowseOptions, target: str, restore: RestoreO
             os.rmdir(temp)
         except OSError as e:  # still mounted: unbrowse failed, and said why
             log.debug("%s left behind: %s", temp, e.strerror)
+
+
+def _undo_killed_restores(root: Path) -> None:
+    """Unbrowse the temporary browses of restores that were killed outright (kill -9, the OOM
+    killer: no chance to undo their own), and remove their directories. Their directory names
+    the restore's pid (``restore-PID-…``): a browse whose process lives, and started before
+    the browse did, is a restore still running, and is left alone."""
+    for state in all_states():
+        where = Path(state.directory)
+        m = _RESTORE_DIR.fullmatch(where.name)
+        if where.parent != root or m is None:
+            continue
+        pid = int(m.group(1))
+        try:
+            browsed_at = state_file(state.directory).stat().st_mtime
+        except FileNotFoundError:
+            continue  # undone meanwhile
+        if pid_alive(pid) and not pid_started_after(pid, browsed_at):
+            continue
+        try:
+            log.info("a killed restore's browse: %s", unbrowse(state.directory))
+        except SnapfsError as e:
+            log.warning("could not undo the browse of a killed restore at %s: %s",
+                        state.directory, e.message)
+            continue
+        try:
+            os.rmdir(where)
+        except OSError:
+            pass
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -505,5 +569,10 @@ def _run(cmd: list[str], failure: str) -> str:
 
 
 def _first_line(result: subprocess.CompletedProcess[str]) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    return lines[0].strip() if lines else f"exit status {result.returncode}"
+    """The tool's complaint: the first line of its stderr, else the last of its stdout (where
+    fuse2fs says why, after "Mounting read-only."), else its exit status."""
+    lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+    if lines:
+        return lines[0]
+    lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit status {result.returncode}"

@@ -39,6 +39,7 @@ import re
 import socket
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,25 @@ def runtime_dir() -> Path:
 def mount_key(mountpoint: str) -> str:
     import hashlib  # here: loading OpenSSL costs every command ~15 ms when the page cache is cold
 
-    return hashlib.sha1(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:16]
+    return hashlib.sha1(os.fsencode(real_path(mountpoint))).hexdigest()[:16]
+
+
+def real_path(path: str) -> str:
+    """``os.path.realpath(path)``, without asking the daemon of a mount point at ``path``.
+
+    realpath lstat()s every component, and a FUSE mount point's own attributes come from its
+    daemon (unless the kernel still has them from a recent look): ``stats`` or ``umount`` of a
+    daemon that hangs would hang with it, in the kernel, where ^C cannot end them. So the
+    parent is resolved, and PARENT/NAME is the answer when the mount table lists it (a mount
+    point cannot be replaced by a symlink). A path with ``..`` is left to realpath, which
+    resolves a symlink before the ``..`` after it."""
+    if ".." not in path.split("/"):
+        parent, name = os.path.split(os.path.abspath(path))
+        if name:
+            candidate = os.path.join(os.path.realpath(parent), name)
+            if any(target == candidate for target, _, _ in _mount_table()):
+                return candidate
+    return os.path.realpath(path)
 
 
 @dataclass(frozen=True)
@@ -93,7 +112,7 @@ class RunFiles:
 
     @classmethod
     def for_mountpoint(cls, mountpoint: str) -> RunFiles:
-        path = os.path.realpath(mountpoint)
+        path = real_path(mountpoint)
         key = mount_key(path)
         directory = runtime_dir()
         return cls(path, key, directory / f"{key}.pid", directory / f"{key}.sock")
@@ -146,9 +165,18 @@ def _unescape(field: str) -> str:
 def mount_entry(path: str) -> MountEntry | None:
     """What is mounted at ``path`` (the topmost mount), from /proc/self/mountinfo.
 
-    Unlike ``os.path.ismount``, this sees a FUSE mount whose daemon died (stat fails there)."""
-    target = os.path.realpath(path)
+    Unlike ``os.path.ismount``, this sees a FUSE mount whose daemon died (stat fails there),
+    and it never asks the daemon anything (``real_path``)."""
+    target = real_path(path)
     found = None
+    for where, fstype, source in _mount_table():
+        if where == target:
+            found = MountEntry(target, fstype, source)
+    return found
+
+
+def _mount_table() -> Iterator[tuple[str, str, str]]:
+    """(mount point, type, source) of each mount in /proc/self/mountinfo, in its order."""
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             fields = line.split()
@@ -156,9 +184,8 @@ def mount_entry(path: str) -> MountEntry | None:
                 sep = fields.index("-")
             except ValueError:
                 continue
-            if _unescape(fields[4]) == target and len(fields) > sep + 2:
-                found = MountEntry(target, fields[sep + 1], _unescape(fields[sep + 2]))
-    return found
+            if len(fields) > sep + 2:
+                yield _unescape(fields[4]), fields[sep + 1], _unescape(fields[sep + 2])
 
 
 def fusermount(mountpoint: str, lazy: bool = False) -> None:

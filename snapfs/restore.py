@@ -254,17 +254,23 @@ class PathSelector:
         excludes = _step(self.excludes, parent.excludes, name)
         if any(p.accepts(s, is_dir) for p, s in zip(self.excludes, excludes, strict=True)):
             return None
-        if parent.selected:  # the include states no longer matter below a taken directory
-            return Selection(True, (), excludes)
         includes = _step(self.includes, parent.includes, name)
         taking = [i for i, (p, s) in enumerate(zip(self.includes, includes, strict=True))
                   if p.accepts(s, is_dir)]
-        if taking:
-            self.included.update(taking)
-            return Selection(True, (), excludes)
+        self.included.update(taking)
+        if parent.selected or taking:
+            # taken whatever the includes say below; they are still followed, but only those
+            # that have taken nothing yet: an include inside a directory that another include
+            # takes (``etc`` and ``etc/passwd``) matched its path all the same
+            return Selection(True, self._unmatched(includes), excludes)
         if is_dir and any(p.alive(s) for p, s in zip(self.includes, includes, strict=True)):
             return Selection(False, includes, excludes)
         return None
+
+    def _unmatched(self, includes: tuple[_States, ...]) -> tuple[_States, ...]:
+        """The states of the includes that have taken no path yet; none for the others, which
+        costs nothing to step."""
+        return tuple(frozenset() if i in self.included else s for i, s in enumerate(includes))
 
     def selects(self, path: str, is_dir: bool = False) -> bool:
         """Whether ``path`` is taken; every component but the last is taken as a directory."""

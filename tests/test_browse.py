@@ -32,6 +32,7 @@ from diskimages import change_image, copy_image, make_image, random_image, share
 from mountutil import MOUNTS, mounted, pid_running, wait_for
 from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error
 
+from snapfs.browse import _first_line
 from snapfs.cli.context import stop_signals_interrupt
 from snapfs.cli.output import run_async
 
@@ -317,6 +318,11 @@ def test_browse_reuses_a_running_daemon_and_leaves_it_running(
         assert state["image"] == str(daemon.images / "vm-1.img")
         biggest = max(files_of(source["vm-1"]), key=lambda p: (source["vm-1"] / p).stat().st_size)
         assert_same_files(source["vm-1"], where, [biggest])
+        # the browse's loop device holds the image (fuser -m does not show it): umount says so
+        assert one_error(env.snapfs("umount", daemon.mountpoint), EXIT_GENERAL) == (
+            f"snapfs: {daemon.mountpoint} is busy: browsed at {where}; undo it first with: "
+            f"snapfs unbrowse {where}")
+        assert pid_running(daemon.pid)
 
         out = env.unbrowse(where)
         assert out.strip() == f"unbrowsed {where}"
@@ -384,6 +390,58 @@ def test_browse_with_fuse2fs(env: Env, source: dict[str, Path]) -> None:
         (where / "new-file").write_bytes(b"x")
     assert "stopped its snapfs daemon" in env.unbrowse(where)
     assert not pid_running(state["daemon_pid"]) and mounts_under(env.tmp) == []
+
+
+def test_a_snapshot_of_a_mounted_filesystem_is_browsed_and_restored_with_fuse2fs(
+    env: Env
+) -> None:
+    # a snapshot of a disk in use has a journal that "needs recovery": never replayed on a
+    # snapshot (the kernel mounts it with noload), and fuse2fs refused it ("exit status 3")
+    files = env.empty_dir("files")
+    (files / "hello.txt").write_text("hello from a live disk\n")
+    image = env.tmp / "live.img"
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(files), str(image), "16M"], check=True,
+                   capture_output=True)
+    subprocess.run(["debugfs", "-w", "-R", "feature needs_recovery", str(image)], check=True,
+                   capture_output=True)
+    env.snapfs.ok("snapshot", "create", image, "--name", "live")
+    where = env.empty_dir("where")
+    env.browse("live", where, "--fuse2fs")
+    assert (where / "hello.txt").read_text() == "hello from a live disk\n"
+    env.unbrowse(where)
+    target = env.tmp / "target"
+    report = env.snapfs.json("restore-files", "live", "--to", target, "--fuse2fs")
+    assert (report["restored"], report["failed"]) == (1, 0)
+    assert (target / "hello.txt").read_text() == "hello from a live disk\n"
+
+
+def test_a_system_tools_complaint_on_stdout_is_the_reason_given() -> None:
+    # fuse2fs says why it fails on stdout, not stderr
+    said = subprocess.CompletedProcess(["fuse2fs"], 3, "Mounting read-only.\nJournal needs "
+                                       "recovery; running `e2fsck -E journal_only' is required.\n",
+                                       "")
+    assert _first_line(said) == "Journal needs recovery; running `e2fsck -E journal_only' is required."
+    assert _first_line(subprocess.CompletedProcess(["x"], 1, "", "")) == "exit status 1"
+    assert _first_line(subprocess.CompletedProcess(["x"], 1, "out\n", "err\n")) == "err"
+
+
+def test_browse_after_its_daemon_died_detaches_the_dead_mount_and_starts_another(
+    env: Env, source: dict[str, Path]
+) -> None:
+    where = env.empty_dir("where")
+    dead = env.browse("vm-1", where)
+    os.kill(dead["daemon_pid"], signal.SIGKILL)
+    wait_for(lambda: not pid_running(dead["daemon_pid"]), 10, "the daemon to die")
+    # its private mount point is browse's own: not one to send the user to snapfs umount for
+    again = env.empty_dir("again")
+    state = env.browse("vm-2", again)
+    assert state["daemon_started"] and state["daemon_pid"] != dead["daemon_pid"]
+    assert state["daemon_mountpoint"] == dead["daemon_mountpoint"]
+    some = files_of(source["vm-2"])[:20]
+    assert_same_files(source["vm-2"], again, some)
+    assert "serves other browses" in env.unbrowse(again)  # the first browse names it too
+    assert "stopped its snapfs daemon" in env.unbrowse(where)
+    assert mounts_under(env.tmp) == [] and loops_under(env.tmp) == {}
 
 
 def test_unbrowse_after_the_daemon_died_or_someone_undid_part_of_it(env: Env, tmp_path: Path
@@ -533,6 +591,23 @@ def test_a_restore_whose_browse_fails_leaves_nothing_behind(env: Env) -> None:
     assert mounts_under(env.tmp) == [] and loops_under(env.tmp) == {}
 
 
+def test_a_cache_directory_that_cannot_be_used_is_one_line(env: Env) -> None:
+    # browse and restore-files start a daemon with its cache, and keep their temporary mounts
+    # there: a cache directory that cannot be made or written is one line, as for mount
+    where = env.empty_dir("where")
+    a_file = env.tmp / "a-file"
+    a_file.write_text("x")
+    target = env.tmp / "target"
+    for cache, reason in ((a_file, "not a directory"),
+                          (a_file / "below", "not writable: Not a directory")):
+        environ = {**env.snapfs.env, "SNAPFS_CACHE_DIR": str(cache)}
+        for args in (("browse", "vm-1", where), ("restore-files", "vm-1", "--to", target)):
+            message = one_error(env.snapfs(*args, env=environ), EXIT_GENERAL)
+            assert f"cache directory {cache} is {reason}" in message
+    assert not target.exists()
+    assert mounts_under(env.tmp) == [] and loops_under(env.tmp) == {}
+
+
 @pytest.fixture(scope="module")
 def odd_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An ext4 image with what images made from /usr lack: a big file (64 MiB, random), a file
@@ -649,6 +724,32 @@ def test_restore_files_stopped_by_a_signal_undoes_everything(
             proc.wait()
     assert (proc.returncode, stdout, stderr) == (130, "", "snapfs: interrupted\n")
     assert os.listdir(target) == []  # no partial file
+    assert mounts_under(env.tmp) == [] and loops_under(env.tmp) == {}
+    assert env.browse_states() == [] and env.daemon_pid_files() == []
+    assert list((env.cache / "browse-mnt").iterdir()) == []
+
+
+def test_a_restore_killed_outright_is_undone_by_the_next(env: Env, odd_image: Path) -> None:
+    """kill -9 (the OOM killer) gives restore-files no chance to unbrowse: its temporary browse
+    (mount, loop device, state, private daemon) stays until the next restore-files undoes it."""
+    env.snapfs.ok("snapshot", "create", odd_image, "--name", "odd", "--disk", "odd")
+    proc = env.snapfs.popen("restore-files", "odd", "--to", env.tmp / "target")
+    try:
+        deadline = time.monotonic() + 60
+        while not env.browse_states():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the restore never browsed"
+        proc.kill()
+        proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert env.browse_states() and loops_under(env.tmp)  # what kill -9 leaves
+
+    report = env.snapfs.json("restore-files", "odd", "--to", env.tmp / "again", "--include",
+                             "links/orig")
+    assert (report["restored"], report["failed"]) == (1, 0)
     assert mounts_under(env.tmp) == [] and loops_under(env.tmp) == {}
     assert env.browse_states() == [] and env.daemon_pid_files() == []
     assert list((env.cache / "browse-mnt").iterdir()) == []

@@ -22,7 +22,7 @@ from diskimages import have_root, release_fifo_reader
 from testkit import tmpfs, wait_until
 
 from snapfs.cache import BlockCache
-from snapfs.errors import CorruptBlock, SnapfsError, StoreUnavailable
+from snapfs.errors import CorruptBlock, SnapfsError, StoreUnavailable, UsageError
 from snapfs.format.block import ZERO_ID
 from snapfs.hydration.budget import MemoryBudget
 from snapfs.hydration.scheduler import (
@@ -364,6 +364,15 @@ def test_prefetch_list_parsing(tmp_path: Path) -> None:
     bad.write_text("s1.img 12\n")
     with pytest.raises(Exception, match="bad:1"):
         parse_prefetch_list(str(bad))
+
+
+def test_a_prefetch_list_that_is_not_text_is_a_usage_error(tmp_path: Path) -> None:
+    # a binary file given by mistake: one clear line, not "the mount daemon failed
+    # (UnicodeDecodeError)"
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"s1.img\n\xff\xfe\x00\x81\n")
+    with pytest.raises(UsageError, match=r"binary:2: not UTF-8 text"):
+        parse_prefetch_list(str(binary))
 
 
 class CountingCache(BlockCache):

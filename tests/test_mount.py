@@ -16,6 +16,7 @@ import errno
 import filecmp
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -29,6 +30,7 @@ from pathlib import Path
 import pytest
 from diskimages import make_image, random_image, sha256_file, shared_image
 from mountutil import (
+    FUSERMOUNT,
     MOUNTS,
     is_mount_point,
     make_env,
@@ -532,6 +534,41 @@ def test_umount_kills_a_daemon_that_does_not_exit(snapfs: Snapfs, tmp_path: Path
         assert not pid_running(daemon.pid)
         assert not is_mount_point(daemon.mountpoint)
         assert not daemon.pid_file.exists() and not daemon.socket.exists()
+
+
+def test_stats_and_umount_of_a_daemon_that_hung_before_anyone_looked_at_its_mount(
+    snapfs: Snapfs, tmp_path: Path
+) -> None:
+    # Nothing has stat'ed the mount point since it was mounted, so the kernel has no attributes
+    # of its root: a stat of it asks the daemon, which never answers, and waits in the kernel
+    # where ^C cannot end it. stats and umount must get by without one.
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    result = snapfs("mount", mountpoint, "--cache-dir", tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    pid = int(re.search(r"\(pid (\d+),", result.stdout).group(1))  # type: ignore[union-attr]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        stats = snapfs.popen("stats", mountpoint)
+        try:
+            time.sleep(0.5)  # connected, waiting for the answer
+            umount = snapfs("umount", mountpoint, "--timeout", "1", timeout=30)
+            assert umount.returncode == 0, umount.stderr
+            assert "was killed" in umount.stdout and str(pid) in umount.stdout
+            _, err = stats.communicate(timeout=30)
+        finally:
+            if stats.poll() is None:
+                stats.kill()
+                stats.wait()
+        assert stats.returncode != 0 and len(err.splitlines()) == 1, err
+        assert "the snapfs daemon of" in err  # killed before it replied: one line
+        assert not pid_running(pid) and not is_mount_point(mountpoint)
+    finally:
+        if pid_running(pid):
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not pid_running(pid), 10, "the daemon to die")
+        if is_mount_point(mountpoint):
+            subprocess.run([FUSERMOUNT, "-u", "-z", str(mountpoint)], capture_output=True)
 
 
 def test_umount_with_a_timeout_that_is_no_time_is_refused(snapfs: Snapfs, tmp_path: Path) -> None:

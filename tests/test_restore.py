@@ -407,6 +407,16 @@ def test_an_include_that_matches_nothing_is_reported(snap: Tree, tmp_path: Path)
     assert report.as_dict()["unmatched_includes"] == ["ect/*", "var/log"]
 
 
+def test_an_include_inside_a_directory_another_include_takes_is_not_reported(
+    snap: Tree, tmp_path: Path
+) -> None:
+    # the directory's include takes the path first: the inner one matched it all the same
+    report = restore(snap, tmp_path / "out",
+                     includes=("etc", "etc/passwd", "etc/ssh/*", "etc/nosuch", "var/**/big.log",
+                               "var"))
+    assert report.unmatched == ["etc/nosuch"]
+
+
 @needs_root
 def test_excludes_leave_out_paths_and_subtrees(snap: Tree, tmp_path: Path) -> None:
     source = snap.describe(skip_root_lost_found=True)

@@ -14,7 +14,7 @@ import click
 
 from snapfs.cli.context import CliConfig, pass_config
 from snapfs.cli.output import emit_json, human_size, parse_size, table_lines
-from snapfs.errors import UsageError
+from snapfs.errors import MountError, UsageError
 from snapfs.plural import counted
 
 
@@ -122,23 +122,39 @@ def mount(config: CliConfig, mountpoint: str, cache_dir: str | None, cache_size:
     mount_repository(options, click.echo)
 
 
+# MOUNTPOINT is a plain string, not a click.Path, for umount and stats: click stat()s a Path,
+# and a hung daemon never answers a stat of its mount point (see control.real_path)
 @click.command()
-@click.argument("mountpoint", type=click.Path())
+@click.argument("mountpoint")
 @click.option("--timeout", default=60.0, show_default=True, metavar="SECONDS",
               help="How long to wait for the daemon to exit before killing it.")
 def umount(mountpoint: str, timeout: float) -> None:
     """Unmount MOUNTPOINT and wait until its daemon has exited (also cleans up after a daemon
     that died)."""
-    from snapfs.control import unmount
+    from snapfs.control import real_path, unmount
 
     if not timeout > 0:  # 0 or less killed the daemon at once, with its uploads and profiles
         raise UsageError("--timeout must be a positive number of seconds")
 
-    click.echo(unmount(mountpoint, timeout))
+    try:
+        said = unmount(mountpoint, timeout)
+    except MountError as e:
+        if "busy" not in e.message:
+            raise
+        # a browse's loop device holds the image, which fuser -m does not show: name the browse
+        from snapfs.browse import all_states
+
+        where = real_path(mountpoint)
+        browsed = [s.directory for s in all_states() if s.daemon_mountpoint == where]
+        if not browsed:
+            raise
+        raise MountError(f"{where} is busy: browsed at {', '.join(browsed)}; undo it first with: "
+                         f"snapfs unbrowse {browsed[0]}") from None
+    click.echo(said)
 
 
 @click.command()
-@click.argument("mountpoint", type=click.Path())
+@click.argument("mountpoint")
 @click.option("--json", "json_output", is_flag=True, help="Print the daemon's raw statistics.")
 def stats(mountpoint: str, json_output: bool) -> None:
     """Show how far each image is hydrated and how the store is doing."""

@@ -57,11 +57,15 @@ def parse_prefetch_list(path: str) -> dict[str, list[tuple[int, int | None]]]:
     """Image name -> byte ranges (length None: to the end). Raises UsageError on bad lines."""
     out: dict[str, list[tuple[int, int | None]]] = {}
     try:
-        with open(path) as f:
+        with open(path, "rb") as f:
             lines = f.readlines()
     except OSError as e:
         raise UsageError(f"cannot read prefetch list {path}: {e.strerror}") from None
-    for lineno, line in enumerate(lines, 1):
+    for lineno, raw in enumerate(lines, 1):
+        try:  # image names are UTF-8, whatever the locale
+            line = raw.decode()
+        except UnicodeDecodeError:
+            raise UsageError(f"{path}:{lineno}: not UTF-8 text (is it a prefetch list?)") from None
         words = line.split("#", 1)[0].split()
         if not words:
             continue
