@@ -1189,6 +1189,31 @@ def test_missing_block(snapfs: Snapfs, store: ObjectStore, images: Images, tmp_p
     assert objects(store) == before
 
 
+def test_a_delete_whose_collection_fails_says_what_it_deleted(snapfs: Snapfs, store: ObjectStore,
+                                                              tmp_path: Path) -> None:
+    """``delete`` and ``forget`` delete the roots first, then collect garbage: when collecting
+    fails (here a damaged manifest page of a snapshot they keep), the error says which
+    snapshots are gone already and that prune collects what they used, rather than read as if
+    nothing had been deleted (the same command again then found no such snapshot)."""
+    snapfs.ok("init")
+    image = random_image(tmp_path / "vm.img", MiB, seed=21)
+    for n in range(3):
+        write_at(image, 0, bytes([n + 1]) * 16384)
+        snapfs.ok("snapshot", "create", image, "--name", f"vm-{n}")
+    kept = snapfs.json("snapshot", "create", random_image(tmp_path / "db.img", MiB, seed=22),
+                       "--name", "db-0")["id"]
+    repo = Repository.open(store)
+    loc = repo.load_index().locate(bytes.fromhex(repo.resolve(kept).pages[0]))
+    flip_byte(store, pack_key(loc.pack), loc.offset + HEADER_SIZE + loc.length // 2)
+
+    line = one_error(snapfs("snapshot", "delete", "vm-0"), EXIT_INTEGRITY)
+    assert line.startswith("snapfs: deleted 1 snapshot (vm-0) but collected no garbage: "), line
+    assert line.endswith("what only they used stays stored until snapfs prune succeeds"), line
+    line = one_error(snapfs("snapshot", "forget", "--keep-last", "1"), EXIT_INTEGRITY)
+    assert line.startswith("snapfs: deleted 1 snapshot (vm-1) but collected no garbage: "), line
+    assert {s["name"] for s in snapfs.json("snapshot", "list")} == {"vm-2", "db-0"}
+
+
 # -- repairing the index ------------------------------------------------------------------------
 
 
