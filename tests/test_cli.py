@@ -1264,7 +1264,7 @@ def test_repair_index_says_what_no_stored_pack_holds(
 ) -> None:
     """A pack gone, and a pack whose trailer is damaged while the index object naming it is
     lost: ``repair index`` drops the one, reports the other, and names each snapshot that
-    still lacks blobs (exit 3). With the pack put back whole, a second repair finds it."""
+    still lacks blobs (exit 4). With the pack put back whole, a second repair finds it."""
     snapfs.ok("init")
     snapfs.ok("snapshot", "create", images.base, "--name", "vm-1")
     first = set(pack_names(store))
