@@ -551,6 +551,49 @@ def test_mostly_dead_pack_is_repacked_and_dead_packs_deleted(
     assert sha256_file(out) == sha256_file(disk)
 
 
+def test_export_and_verify_follow_blobs_a_collection_moved_meanwhile(
+    store_url: str, make_store: MakeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Export and verify hold no lock: a delete, forget or prune elsewhere may repack the packs
+    they read after they read the index. They read the blobs where they went, rather than end
+    with "pack … is missing" (exit 4: missing data) about a snapshot that is whole; a pack that
+    is gone with its blobs is still missing."""
+    repo = Repository.init(make_store(store_url), pack_size=1 << 20)
+    bs = repo.block_size
+    disk = random_image(tmp_path / "disk.img", 4 * MiB, seed=30)
+    a = create(repo, disk, disk="d").root
+    for n in range(256):  # three blocks in four change: A's packs are mostly A's alone
+        if n % 4:
+            write_at(disk, n * bs, random_bytes(bs, 2000 + n))
+    b = create(repo, disk, disk="d").root
+    stale = repo.load_index()  # as export and verify read it, just before the collection
+    assert delete(repo, a)["packs_repacked"] >= 1
+    real_load_index = repo.load_index
+    loads: list[BlobIndex] = []
+
+    def load_index() -> BlobIndex:
+        loads.append(stale if not loads else real_load_index())
+        return loads[-1]
+
+    monkeypatch.setattr(repo, "load_index", load_index)
+    out = tmp_path / "b.img"
+    export(repo, b, out)
+    assert sha256_file(out) == sha256_file(disk)
+    assert len(loads) == 2  # the stale index, then once more for the packs that went
+    loads.clear()
+    report = verify(repo, [b])
+    assert report.problems == [] and report.blobs_checked == 256 + len(b.pages)
+
+    # a pack deleted outside garbage collection: its blobs are nowhere else
+    loads.clear()
+    index = real_load_index()
+    lost = index.locate(repo.keyer.block_id(nonzero_blocks(disk, bs)[1])).pack
+    repo.store.delete(pack_key(lost))
+    with pytest.raises(MissingBlock, match=f"pack {lost[:12]} is missing"):
+        export(repo, b, tmp_path / "again.img")
+    assert not (tmp_path / "again.img").exists()
+
+
 def test_many_mostly_dead_packs_are_repacked_a_few_at_a_time(
     store_url: str, make_store: MakeStore, tmp_path: Path
 ) -> None:

@@ -26,7 +26,7 @@ from snapfs.format.block import ZERO_ID
 from snapfs.format.manifest import SnapshotRoot
 from snapfs.progress import NO_PROGRESS, Progress
 from snapfs.repo.parallel import map_in_threads, single_error
-from snapfs.repo.readplan import Run, plan_runs
+from snapfs.repo.readplan import Run, RunReader, plan_runs
 from snapfs.repo.repository import Repository
 
 PARTIAL_SUFFIX = ".snapfs-partial"
@@ -143,14 +143,13 @@ async def export_snapshot(
     runs = plan_runs(where, index)
     written = 0
 
+    reader = RunReader(repo, index)
+
     def fetch(job: tuple[str, Run]) -> int:
         pack, run = job
         assert target is not None  # opened before the first job
-        data = repo.fetch_run(pack, run)
-        start = run[0][1].offset
         placed: list[tuple[int, bytes | memoryview]] = []
-        for (bid, _), plain in zip(run, repo.decode_pieces(data, start, run, copy=False),
-                                   strict=True):
+        for bid, plain in reader.read(pack, run, copy=False):
             if isinstance(plain, IntegrityError):
                 raise plain
             placed.extend((n, plain) for n in where[bid])
