@@ -1341,6 +1341,22 @@ def test_export_does_not_replace_a_file(snapfs: Snapfs, tmp_path: Path) -> None:
     assert sha256_file(out) == sha256_file(source)
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part
+def test_export_to_a_path_that_names_no_file_is_refused_at_once(snapfs: Snapfs,
+                                                                 tmp_path: Path) -> None:
+    """``export SNAP ""`` wrote the whole image to ./.snapfs-partial, then ended in a
+    traceback (renaming it to ""); ``DIR/`` wrote to DIR/.snapfs-partial."""
+    snapfs.ok("init")
+    snapfs.ok("snapshot", "create", random_image(tmp_path / "d.img", MiB, seed=14), "--name", "one")
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    for out in ("", "sub/", "missing/"):
+        line = one_error(snapfs("export", "one", out, cwd=work), EXIT_USAGE)
+        assert line == (f"snapfs: {out!r} is not a file name: export writes an image file (or "
+                        "onto a block device)")
+    assert [p.name for p in work.rglob("*")] == ["sub"]
+
+
 @needs_root
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part
 def test_export_overwrites_a_block_device_only_when_forced_and_never_one_in_use(

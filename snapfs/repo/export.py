@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from snapfs.errors import IntegrityError, NoSpace, SnapfsError
+from snapfs.errors import IntegrityError, NoSpace, SnapfsError, UsageError
 from snapfs.format.block import ZERO_ID
 from snapfs.format.manifest import SnapshotRoot
 from snapfs.progress import NO_PROGRESS, Progress
@@ -37,6 +37,11 @@ class _Target:
     def __init__(self, path: str, size: int, force: bool) -> None:
         self.path = path
         self.is_device = False
+        if not path or path.endswith("/"):
+            # "" wrote the whole image to ./.snapfs-partial, then failed to rename it with a
+            # traceback; "DIR/" to DIR/.snapfs-partial
+            raise UsageError(f"{path!r} is not a file name: export writes an image file (or "
+                             "onto a block device)")
         try:
             st = os.stat(path)
         except FileNotFoundError:
