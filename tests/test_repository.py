@@ -16,9 +16,11 @@ import os
 import random
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import blake3
@@ -41,6 +43,7 @@ from diskimages import (
 )
 from testkit import flip_byte
 
+import snapfs.repo.create as create_module
 from snapfs.errors import (
     AmbiguousSnapshot,
     CorruptBlock,
@@ -947,6 +950,45 @@ def test_duplicate_name_is_refused_and_stores_nothing(store_url: str, make_store
     with pytest.raises(DuplicateName, match="'nightly'"):
         create(repo, random_image(tmp_path / "b.img", MiB, seed=8), disk="b", name="nightly")
     assert objects(repo.store) == before
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_a_name_stored_by_another_create_meanwhile_is_not_taken_twice(
+    given: bool, store_url: str, make_store: MakeStore, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two creates at once (two hosts' cron jobs of /dev/vdb, the same --name) both found the
+    name free when they listed the snapshots, and both stored it: two snapshots of one name,
+    which exports, mounts and --parent could no longer tell apart. The second to finish now
+    refuses a name it was given, and takes another default name."""
+    repo = Repository.init(make_store(store_url))
+    # both in the same second (the clock of default names only: boto3 signs with the real one)
+    monkeypatch.setattr(create_module, "time", SimpleNamespace(
+        strftime=lambda fmt: "20260101-000000", monotonic=time.monotonic))
+    name = {"name": "nightly"} if given else {}
+    other: list[CreateResult] = []
+    real_load_index = repo.load_index
+    calls = []
+
+    def load_index(*args: Any) -> BlobIndex:
+        """Called after this create listed the snapshots: the other create runs to its end."""
+        calls.append(args)
+        if len(calls) == 1:
+            other.append(create(repo, random_image(tmp_path / "b.img", MiB, seed=51), disk="vdb",
+                                **name))
+        return real_load_index(*args)
+
+    monkeypatch.setattr(repo, "load_index", load_index)
+    source = random_image(tmp_path / "a.img", MiB, seed=50)
+    if given:
+        with pytest.raises(DuplicateName, match="'nightly' was stored while this one was taken"):
+            create(repo, source, disk="vdb", **name)
+        assert [r.name for r in repo.snapshots()] == ["nightly"]
+    else:
+        mine = create(repo, source, disk="vdb").root
+        assert other[0].root.name == "vdb-20260101-000000"
+        assert mine.name == "vdb-20260101-000000.2"
+        assert sorted(r.name for r in repo.snapshots()) == sorted([mine.name, other[0].root.name])
 
 
 @pytest.mark.parametrize("kind", ["missing", "odd-size", "empty", "directory", "fifo"])

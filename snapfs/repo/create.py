@@ -363,6 +363,16 @@ async def _create_locked(
     }
     if parent is None:
         root.stats.pop("blocks_changed")
+    # Another create (of the same disk, in the same second, for a default name) may have stored
+    # this name since the listing, as long as this one read and uploaded: names must stay
+    # unique, since a snapshot is found, exported and mounted by its name. Checked again this
+    # late, only creates that store their roots within the same moment can still both take it.
+    since = await trio.to_thread.run_sync(repo.roots_since, listing, limiter=store_limiter)
+    if any(r.name == name for r in since):
+        if options.name is not None:
+            raise DuplicateName(f"a snapshot named {name!r} was stored while this one was "
+                                "taken; nothing was recorded")
+        root.name = default_snapshot_name(disk, taken | {r.name for r in since})
     await trio.to_thread.run_sync(repo.write_root, root, limiter=store_limiter)
     stats = dict(root.stats)
     stats["seconds"] = round(time.monotonic() - started, 3)

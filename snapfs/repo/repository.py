@@ -336,6 +336,11 @@ class Repository:
         progress.start("reading snapshots", len(keys), "snapshot")
         return self._fetch_roots(keys, lambda: progress.advance(1))
 
+    def roots_since(self, listing: SnapshotListing) -> list[SnapshotRoot]:
+        """The snapshots stored since ``listing`` was read: those it does not name."""
+        known = {f"snapshots/{r.id}" for r in listing.roots} | {u.key for u in listing.unreadable}
+        return self._fetch_roots([k for k in self._root_keys() if k not in known]).roots
+
     def snapshots_and_index(self, cache: IndexCache | None = None,
                             ) -> tuple[SnapshotListing, BlobIndex]:
         """Every snapshot (as ``list_snapshots``), and an index that covers them all, in about
