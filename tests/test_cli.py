@@ -1303,6 +1303,30 @@ def test_repair_index_says_what_no_stored_pack_holds(
     assert snapfs("verify", "vm-1").returncode == EXIT_INTEGRITY
 
 
+def test_repair_index_does_not_say_an_indexed_pack_with_a_damaged_trailer_is_unindexed(
+        snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> None:
+    """``--read-all-packs`` reads the trailer of a pack that a readable index object names
+    too; when that trailer is damaged, what the index says of the pack is kept, and the line
+    said "its blobs are not indexed" all the same."""
+    snapfs.ok("init")
+    source = random_image(tmp_path / "d.img", MiB, seed=15)
+    snapfs.ok("snapshot", "create", source, "--name", "one")
+    index = Repository.open(store).load_index()
+    victim = next(p for p in sorted(pack_names(store)) if index.packs[p][0].kind == KIND_DATA)
+    whole = store.get(pack_key(victim))
+    store.put(pack_key(victim), whole[:-9] + b"XNPK" + whole[-5:])  # the footer's magic
+
+    result = snapfs("repair", "index", "--read-all-packs")
+    assert result.returncode == 0, result.stderr
+    assert f"pack {victim[:12]}: its trailer cannot be read (pack footer has a bad magic); " \
+           "the index keeps what it says of its blobs" in result.stdout.splitlines()
+    report = snapfs.json("repair", "index", "--read-all-packs")
+    assert report["packs_unreadable_indexed"] == [victim]
+    snapfs.ok("verify", "one")  # its blobs are read where the index says
+    snapfs.ok("export", "one", tmp_path / "out.img")
+    assert same_bytes(tmp_path / "out.img", source)
+
+
 # -- the local disk fills up -------------------------------------------------------------------
 
 
