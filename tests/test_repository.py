@@ -597,6 +597,23 @@ def test_export_and_verify_follow_blobs_a_collection_moved_meanwhile(
     assert not (tmp_path / "again.img").exists()
 
 
+def test_an_export_whose_snapshot_is_deleted_meanwhile_says_so(
+    store_url: str, make_store: MakeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delete (or forget) elsewhere took the snapshot being exported, and its blocks: the
+    export said "pack … is missing" (exit 4), as if the repository had lost data."""
+    repo = Repository.init(make_store(store_url))
+    a = create(repo, random_image(tmp_path / "a.img", MiB, seed=31), disk="a").root
+    stale = repo.load_index()  # as the export read it, just before the delete
+    delete(repo, a)
+    monkeypatch.setattr(repo, "load_index", lambda *args: stale)
+    out = tmp_path / "a.out"
+    with pytest.raises(SnapshotNotFound) as caught:
+        export(repo, a, out)
+    assert str(caught.value) == f"snapshot {a.name} ({a.id}) was deleted while it was exported"
+    assert list(tmp_path.glob("a.out*")) == []
+
+
 def test_many_mostly_dead_packs_are_repacked_a_few_at_a_time(
     store_url: str, make_store: MakeStore, tmp_path: Path
 ) -> None:

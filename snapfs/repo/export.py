@@ -21,7 +21,14 @@ from typing import Any
 
 import trio
 
-from snapfs.errors import IntegrityError, NoSpace, SnapfsError, UsageError
+from snapfs.errors import (
+    IntegrityError,
+    NoSpace,
+    PackMissing,
+    SnapfsError,
+    SnapshotNotFound,
+    UsageError,
+)
 from snapfs.format.block import ZERO_ID
 from snapfs.format.manifest import SnapshotRoot
 from snapfs.progress import NO_PROGRESS, Progress
@@ -133,6 +140,18 @@ async def export_snapshot(
     force: bool = False,
     progress: Progress = NO_PROGRESS,
 ) -> dict[str, Any]:
+    try:
+        return await _export(repo, root, out, force, progress)
+    except PackMissing:
+        if await trio.to_thread.run_sync(repo.store.exists, f"snapshots/{root.id}"):
+            raise
+        # not lost data: a delete or forget elsewhere took the snapshot, and its blocks, meanwhile
+        raise SnapshotNotFound(f"snapshot {root.name} ({root.id}) was deleted while it was "
+                               "exported") from None
+
+
+async def _export(repo: Repository, root: SnapshotRoot, out: str, force: bool,
+                  progress: Progress) -> dict[str, Any]:
     started = time.monotonic()
     limiter = trio.CapacityLimiter(repo.store.concurrency)
     index = await trio.to_thread.run_sync(repo.load_index, limiter=limiter)
