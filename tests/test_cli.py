@@ -1042,6 +1042,44 @@ def test_a_command_stopped_by_sigterm_or_sighup_undoes_what_it_began(
     assert not partial.exists() and not out.exists()
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part
+def test_sigterm_stops_a_command_cleanly_where_sigint_is_ignored(
+        snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> None:
+    """A script's background job (``snapfs … &``) starts with SIGINT ignored. SIGTERM then
+    raised KeyboardInterrupt wherever the process stood, inside trio's own code too: trio
+    abandoned the run ("Trio guest run got abandoned" on stderr), the lock stayed, and with
+    --debug the process hung. SIGINT itself stays ignored."""
+    snapfs.ok("init")
+    source = random_image(tmp_path / "big.img", 40 * MiB, seed=16)
+
+    def start() -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            snapfs.command(("snapshot", "create", source, "--rate", "4")), text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=snapfs.env,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+
+    proc = start()
+    try:
+        wait_for(lambda: pack_names(store) or proc.poll() is not None, 60, "the first pack")
+        assert proc.poll() is None, "the snapshot ended before it could be stopped"
+        os.kill(proc.pid, signal.SIGINT)  # ignored, as the shell asked
+        os.kill(proc.pid, signal.SIGTERM)
+    finally:
+        _, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stderr) == (130, "snapfs: interrupted\n")
+    assert list(store.list("locks/")) == [] and list(store.list("snapshots/")) == []
+
+    proc = start()
+    try:
+        wait_for(lambda: list(store.list("locks/")) or proc.poll() is not None, 60, "the lock")
+        os.kill(proc.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None, "SIGINT was not ignored"
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+
+
 # -- stores that cannot be reached or refuse us (S3) -------------------------------------------
 
 
