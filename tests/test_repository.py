@@ -614,6 +614,33 @@ def test_an_export_whose_snapshot_is_deleted_meanwhile_says_so(
     assert list(tmp_path.glob("a.out*")) == []
 
 
+def test_an_index_read_across_a_collection_is_listed_again(
+    store_url: str, make_store: MakeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index objects were listed, then a collection elsewhere superseded and deleted them
+    all before they were read: the index came out empty, and an export (or verify) of an
+    intact snapshot found every block missing."""
+    repo = Repository.init(make_store(store_url))
+    source = random_image(tmp_path / "a.img", MiB, seed=32)
+    a = create(repo, source, disk="a").root
+    b = create(repo, random_image(tmp_path / "b.img", MiB, seed=33), disk="b").root
+    stale = repo.list_index_names()  # as the export listed them, just before the delete
+    delete(repo, b)
+    assert not stale & repo.list_index_names()  # one new object superseded them all
+    real_list_index_names = repo.list_index_names
+    listings = []
+
+    def list_index_names() -> set[str]:
+        listings.append(stale if not listings else real_list_index_names())
+        return listings[-1]
+
+    monkeypatch.setattr(repo, "list_index_names", list_index_names)
+    out = tmp_path / "a.out"
+    export(repo, a, out)
+    assert sha256_file(out) == sha256_file(source)
+    assert len(listings) == 2
+
+
 def test_many_mostly_dead_packs_are_repacked_a_few_at_a_time(
     store_url: str, make_store: MakeStore, tmp_path: Path
 ) -> None:
