@@ -1042,6 +1042,44 @@ def test_a_command_stopped_by_sigterm_or_sighup_undoes_what_it_began(
     assert not partial.exists() and not out.exists()
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part
+def test_sigterm_stops_a_command_cleanly_where_sigint_is_ignored(
+        snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> None:
+    """A script's background job (``snapfs … &``) starts with SIGINT ignored. SIGTERM then
+    raised KeyboardInterrupt wherever the process stood, inside trio's own code too: trio
+    abandoned the run ("Trio guest run got abandoned" on stderr), the lock stayed, and with
+    --debug the process hung. SIGINT itself stays ignored."""
+    snapfs.ok("init")
+    source = random_image(tmp_path / "big.img", 40 * MiB, seed=16)
+
+    def start() -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            snapfs.command(("snapshot", "create", source, "--rate", "4")), text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=snapfs.env,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+
+    proc = start()
+    try:
+        wait_for(lambda: pack_names(store) or proc.poll() is not None, 60, "the first pack")
+        assert proc.poll() is None, "the snapshot ended before it could be stopped"
+        os.kill(proc.pid, signal.SIGINT)  # ignored, as the shell asked
+        os.kill(proc.pid, signal.SIGTERM)
+    finally:
+        _, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stderr) == (130, "snapfs: interrupted\n")
+    assert list(store.list("locks/")) == [] and list(store.list("snapshots/")) == []
+
+    proc = start()
+    try:
+        wait_for(lambda: list(store.list("locks/")) or proc.poll() is not None, 60, "the lock")
+        os.kill(proc.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None, "SIGINT was not ignored"
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+
+
 # -- stores that cannot be reached or refuse us (S3) -------------------------------------------
 
 
@@ -1189,6 +1227,31 @@ def test_missing_block(snapfs: Snapfs, store: ObjectStore, images: Images, tmp_p
     assert objects(store) == before
 
 
+def test_a_delete_whose_collection_fails_says_what_it_deleted(snapfs: Snapfs, store: ObjectStore,
+                                                              tmp_path: Path) -> None:
+    """``delete`` and ``forget`` delete the roots first, then collect garbage: when collecting
+    fails (here a damaged manifest page of a snapshot they keep), the error says which
+    snapshots are gone already and that prune collects what they used, rather than read as if
+    nothing had been deleted (the same command again then found no such snapshot)."""
+    snapfs.ok("init")
+    image = random_image(tmp_path / "vm.img", MiB, seed=21)
+    for n in range(3):
+        write_at(image, 0, bytes([n + 1]) * 16384)
+        snapfs.ok("snapshot", "create", image, "--name", f"vm-{n}")
+    kept = snapfs.json("snapshot", "create", random_image(tmp_path / "db.img", MiB, seed=22),
+                       "--name", "db-0")["id"]
+    repo = Repository.open(store)
+    loc = repo.load_index().locate(bytes.fromhex(repo.resolve(kept).pages[0]))
+    flip_byte(store, pack_key(loc.pack), loc.offset + HEADER_SIZE + loc.length // 2)
+
+    line = one_error(snapfs("snapshot", "delete", "vm-0"), EXIT_INTEGRITY)
+    assert line.startswith("snapfs: deleted 1 snapshot (vm-0) but collected no garbage: "), line
+    assert line.endswith("what only they used stays stored until snapfs prune succeeds"), line
+    line = one_error(snapfs("snapshot", "forget", "--keep-last", "1"), EXIT_INTEGRITY)
+    assert line.startswith("snapfs: deleted 1 snapshot (vm-1) but collected no garbage: "), line
+    assert {s["name"] for s in snapfs.json("snapshot", "list")} == {"vm-2", "db-0"}
+
+
 # -- repairing the index ------------------------------------------------------------------------
 
 
@@ -1239,7 +1302,7 @@ def test_repair_index_says_what_no_stored_pack_holds(
 ) -> None:
     """A pack gone, and a pack whose trailer is damaged while the index object naming it is
     lost: ``repair index`` drops the one, reports the other, and names each snapshot that
-    still lacks blobs (exit 3). With the pack put back whole, a second repair finds it."""
+    still lacks blobs (exit 4). With the pack put back whole, a second repair finds it."""
     snapfs.ok("init")
     snapfs.ok("snapshot", "create", images.base, "--name", "vm-1")
     first = set(pack_names(store))
@@ -1278,6 +1341,30 @@ def test_repair_index_says_what_no_stored_pack_holds(
     assert snapfs("verify", "vm-1").returncode == EXIT_INTEGRITY
 
 
+def test_repair_index_does_not_say_an_indexed_pack_with_a_damaged_trailer_is_unindexed(
+        snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> None:
+    """``--read-all-packs`` reads the trailer of a pack that a readable index object names
+    too; when that trailer is damaged, what the index says of the pack is kept, and the line
+    said "its blobs are not indexed" all the same."""
+    snapfs.ok("init")
+    source = random_image(tmp_path / "d.img", MiB, seed=15)
+    snapfs.ok("snapshot", "create", source, "--name", "one")
+    index = Repository.open(store).load_index()
+    victim = next(p for p in sorted(pack_names(store)) if index.packs[p][0].kind == KIND_DATA)
+    whole = store.get(pack_key(victim))
+    store.put(pack_key(victim), whole[:-9] + b"XNPK" + whole[-5:])  # the footer's magic
+
+    result = snapfs("repair", "index", "--read-all-packs")
+    assert result.returncode == 0, result.stderr
+    assert f"pack {victim[:12]}: its trailer cannot be read (pack footer has a bad magic); " \
+           "the index keeps what it says of its blobs" in result.stdout.splitlines()
+    report = snapfs.json("repair", "index", "--read-all-packs")
+    assert report["packs_unreadable_indexed"] == [victim]
+    snapfs.ok("verify", "one")  # its blobs are read where the index says
+    snapfs.ok("export", "one", tmp_path / "out.img")
+    assert same_bytes(tmp_path / "out.img", source)
+
+
 # -- the local disk fills up -------------------------------------------------------------------
 
 
@@ -1314,6 +1401,22 @@ def test_export_does_not_replace_a_file(snapfs: Snapfs, tmp_path: Path) -> None:
     assert out.read_bytes() == b"precious"
     snapfs.ok("export", "one", out, "--force")
     assert sha256_file(out) == sha256_file(source)
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part
+def test_export_to_a_path_that_names_no_file_is_refused_at_once(snapfs: Snapfs,
+                                                                 tmp_path: Path) -> None:
+    """``export SNAP ""`` wrote the whole image to ./.snapfs-partial, then ended in a
+    traceback (renaming it to ""); ``DIR/`` wrote to DIR/.snapfs-partial."""
+    snapfs.ok("init")
+    snapfs.ok("snapshot", "create", random_image(tmp_path / "d.img", MiB, seed=14), "--name", "one")
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    for out in ("", "sub/", "missing/"):
+        line = one_error(snapfs("export", "one", out, cwd=work), EXIT_USAGE)
+        assert line == (f"snapfs: {out!r} is not a file name: export writes an image file (or "
+                        "onto a block device)")
+    assert [p.name for p in work.rglob("*")] == ["sub"]
 
 
 @needs_root

@@ -19,6 +19,7 @@ import pytest
 from snapfs.errors import (
     CorruptBlock,
     FormatError,
+    IntegrityError,
     MissingBlock,
     RepositoryNotFound,
     SnapfsError,
@@ -486,6 +487,29 @@ def test_repo_config_with_unknown_features_is_refused(change: dict[str, object])
     doc.update(change)
     with pytest.raises(FormatError, match="features"):
         RepoConfig.decode(json.dumps(doc).encode(), "/repo")
+
+
+@pytest.mark.parametrize(("change", "damage"), [
+    ({"secret": None}, "it has no secret"),
+    ({"block_size": "16384"}, "its block_size is not a number"),
+    ({"block_size": True}, "its block_size is not a number"),
+    ({"encrypted": 0}, "its encrypted is not true or false"),
+    ({"block_size": 1000}, "block size must be a power of two from 4K to 4M, not 1000"),
+    ({"compression_level": 99}, "compression level must be from -7 to 22, not 99"),
+    ({"pack_size": 0}, "its pack size is not positive"),
+    ({"secret": "zz" * 32}, "its secret is not 32 bytes in hex"),
+    ({"secret": "11" * 16}, "its secret is not 32 bytes in hex"),
+])
+def test_a_damaged_config_is_one_clear_error(change: dict[str, object], damage: str) -> None:
+    """Fields that cannot be right (a config of a known version damaged by bit rot or a hand
+    edit) made every command end in a traceback: TypeError, ValueError."""
+    doc = json.loads(sample_config().encode())
+    doc.update(change)
+    doc = {k: v for k, v in doc.items() if v is not None}
+    with pytest.raises(IntegrityError) as caught:
+        RepoConfig.decode(json.dumps(doc).encode(), "/repo")
+    assert str(caught.value) == (f"/repo: the repository config is damaged ({damage}); put it "
+                                 "back from a copy")
 
 
 @pytest.mark.parametrize("data", [b"", b"\xff\xfe", b"{}", b'{"format": "borg"}', b"[]",

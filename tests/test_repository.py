@@ -16,9 +16,11 @@ import os
 import random
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import blake3
@@ -41,6 +43,7 @@ from diskimages import (
 )
 from testkit import flip_byte
 
+import snapfs.repo.create as create_module
 from snapfs.errors import (
     AmbiguousSnapshot,
     CorruptBlock,
@@ -306,6 +309,41 @@ def test_sparse_disk_reads_only_data_and_stores_no_zero_blocks(
     assert verify(repo).ok
 
 
+def test_a_disk_that_grew_or_shrank_is_snapshotted_against_its_parent(
+    store_url: str, make_store: MakeStore, tmp_path: Path
+) -> None:
+    """An image resized since its last snapshot (``qemu-img resize``, ``truncate``): the
+    parent's last page holds another number of blocks. Comparing with it used to read it as
+    if it had the new length, and every later snapshot of the disk failed with "manifest page
+    … names 64 blocks, not 4096" (exit 4, as if the repository were damaged)."""
+    repo = Repository.init(make_store(store_url))
+    bs = repo.block_size
+    disk = random_image(tmp_path / "disk.img", MiB, seed=40)  # 64 blocks of page 0
+    copies = []
+    first = create(repo, disk, disk="d")
+    copies.append(sha256_file(disk))
+
+    os.truncate(disk, 66 * MiB)  # grown into a second page of 4096 blocks
+    write_at(disk, 65 * MiB, random_bytes(MiB, 41))
+    grown = create(repo, disk, disk="d")
+    copies.append(sha256_file(disk))
+    assert grown.root.parent == first.root.id and len(grown.root.pages) == 2
+    assert grown.stats["blocks_changed"] == MiB // bs  # the new blocks; zeros are no change
+
+    write_at(disk, 0, random_bytes(bs, 42))
+    os.truncate(disk, MiB // 2)  # shrunk back into part of page 0
+    shrunk = create(repo, disk, disk="d")
+    copies.append(sha256_file(disk))
+    assert shrunk.root.parent == grown.root.id and len(shrunk.root.pages) == 1
+    assert shrunk.stats["blocks_changed"] == 1
+
+    for n, result in enumerate((first, grown, shrunk)):
+        out = tmp_path / f"out-{n}.img"
+        export(repo, result.root, out)
+        assert sha256_file(out) == copies[n]
+    assert verify(repo).ok
+
+
 def random_bytes(n: int, seed: int) -> bytes:
     import random
 
@@ -514,6 +552,93 @@ def test_mostly_dead_pack_is_repacked_and_dead_packs_deleted(
     out = tmp_path / "b.img"
     export(repo, b, out)
     assert sha256_file(out) == sha256_file(disk)
+
+
+def test_export_and_verify_follow_blobs_a_collection_moved_meanwhile(
+    store_url: str, make_store: MakeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Export and verify hold no lock: a delete, forget or prune elsewhere may repack the packs
+    they read after they read the index. They read the blobs where they went, rather than end
+    with "pack … is missing" (exit 4: missing data) about a snapshot that is whole; a pack that
+    is gone with its blobs is still missing."""
+    repo = Repository.init(make_store(store_url), pack_size=1 << 20)
+    bs = repo.block_size
+    disk = random_image(tmp_path / "disk.img", 4 * MiB, seed=30)
+    a = create(repo, disk, disk="d").root
+    for n in range(256):  # three blocks in four change: A's packs are mostly A's alone
+        if n % 4:
+            write_at(disk, n * bs, random_bytes(bs, 2000 + n))
+    b = create(repo, disk, disk="d").root
+    stale = repo.load_index()  # as export and verify read it, just before the collection
+    assert delete(repo, a)["packs_repacked"] >= 1
+    real_load_index = repo.load_index
+    loads: list[BlobIndex] = []
+
+    def load_index() -> BlobIndex:
+        loads.append(stale if not loads else real_load_index())
+        return loads[-1]
+
+    monkeypatch.setattr(repo, "load_index", load_index)
+    out = tmp_path / "b.img"
+    export(repo, b, out)
+    assert sha256_file(out) == sha256_file(disk)
+    assert len(loads) == 2  # the stale index, then once more for the packs that went
+    loads.clear()
+    report = verify(repo, [b])
+    assert report.problems == [] and report.blobs_checked == 256 + len(b.pages)
+
+    # a pack deleted outside garbage collection: its blobs are nowhere else
+    loads.clear()
+    index = real_load_index()
+    lost = index.locate(repo.keyer.block_id(nonzero_blocks(disk, bs)[1])).pack
+    repo.store.delete(pack_key(lost))
+    with pytest.raises(MissingBlock, match=f"pack {lost[:12]} is missing"):
+        export(repo, b, tmp_path / "again.img")
+    assert not (tmp_path / "again.img").exists()
+
+
+def test_an_export_whose_snapshot_is_deleted_meanwhile_says_so(
+    store_url: str, make_store: MakeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delete (or forget) elsewhere took the snapshot being exported, and its blocks: the
+    export said "pack … is missing" (exit 4), as if the repository had lost data."""
+    repo = Repository.init(make_store(store_url))
+    a = create(repo, random_image(tmp_path / "a.img", MiB, seed=31), disk="a").root
+    stale = repo.load_index()  # as the export read it, just before the delete
+    delete(repo, a)
+    monkeypatch.setattr(repo, "load_index", lambda *args: stale)
+    out = tmp_path / "a.out"
+    with pytest.raises(SnapshotNotFound) as caught:
+        export(repo, a, out)
+    assert str(caught.value) == f"snapshot {a.name} ({a.id}) was deleted while it was exported"
+    assert list(tmp_path.glob("a.out*")) == []
+
+
+def test_an_index_read_across_a_collection_is_listed_again(
+    store_url: str, make_store: MakeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index objects were listed, then a collection elsewhere superseded and deleted them
+    all before they were read: the index came out empty, and an export (or verify) of an
+    intact snapshot found every block missing."""
+    repo = Repository.init(make_store(store_url))
+    source = random_image(tmp_path / "a.img", MiB, seed=32)
+    a = create(repo, source, disk="a").root
+    b = create(repo, random_image(tmp_path / "b.img", MiB, seed=33), disk="b").root
+    stale = repo.list_index_names()  # as the export listed them, just before the delete
+    delete(repo, b)
+    assert not stale & repo.list_index_names()  # one new object superseded them all
+    real_list_index_names = repo.list_index_names
+    listings = []
+
+    def list_index_names() -> set[str]:
+        listings.append(stale if not listings else real_list_index_names())
+        return listings[-1]
+
+    monkeypatch.setattr(repo, "list_index_names", list_index_names)
+    out = tmp_path / "a.out"
+    export(repo, a, out)
+    assert sha256_file(out) == sha256_file(source)
+    assert len(listings) == 2
 
 
 def test_many_mostly_dead_packs_are_repacked_a_few_at_a_time(
@@ -869,6 +994,45 @@ def test_duplicate_name_is_refused_and_stores_nothing(store_url: str, make_store
     with pytest.raises(DuplicateName, match="'nightly'"):
         create(repo, random_image(tmp_path / "b.img", MiB, seed=8), disk="b", name="nightly")
     assert objects(repo.store) == before
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_a_name_stored_by_another_create_meanwhile_is_not_taken_twice(
+    given: bool, store_url: str, make_store: MakeStore, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two creates at once (two hosts' cron jobs of /dev/vdb, the same --name) both found the
+    name free when they listed the snapshots, and both stored it: two snapshots of one name,
+    which exports, mounts and --parent could no longer tell apart. The second to finish now
+    refuses a name it was given, and takes another default name."""
+    repo = Repository.init(make_store(store_url))
+    # both in the same second (the clock of default names only: boto3 signs with the real one)
+    monkeypatch.setattr(create_module, "time", SimpleNamespace(
+        strftime=lambda fmt: "20260101-000000", monotonic=time.monotonic))
+    name = {"name": "nightly"} if given else {}
+    other: list[CreateResult] = []
+    real_load_index = repo.load_index
+    calls = []
+
+    def load_index(*args: Any) -> BlobIndex:
+        """Called after this create listed the snapshots: the other create runs to its end."""
+        calls.append(args)
+        if len(calls) == 1:
+            other.append(create(repo, random_image(tmp_path / "b.img", MiB, seed=51), disk="vdb",
+                                **name))
+        return real_load_index(*args)
+
+    monkeypatch.setattr(repo, "load_index", load_index)
+    source = random_image(tmp_path / "a.img", MiB, seed=50)
+    if given:
+        with pytest.raises(DuplicateName, match="'nightly' was stored while this one was taken"):
+            create(repo, source, disk="vdb", **name)
+        assert [r.name for r in repo.snapshots()] == ["nightly"]
+    else:
+        mine = create(repo, source, disk="vdb").root
+        assert other[0].root.name == "vdb-20260101-000000"
+        assert mine.name == "vdb-20260101-000000.2"
+        assert sorted(r.name for r in repo.snapshots()) == sorted([mine.name, other[0].root.name])
 
 
 @pytest.mark.parametrize("kind", ["missing", "odd-size", "empty", "directory", "fifo"])

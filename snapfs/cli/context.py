@@ -61,7 +61,13 @@ def stop_signals_interrupt() -> Iterator[None]:
     that must not be interrupted). Only the first such signal interrupts: a repeat while the
     block unwinds is ignored, so that it cannot cut the clean-up short (SIGKILL still can). A
     signal ignored when the block began (``nohup``) stays ignored; the handlers from before are
-    back after it."""
+    back after it.
+
+    SIGINT ignored (a script's background job, ``snapfs … &``) stays ignored too, but trio
+    defers an interrupt to a checkpoint only through the SIGINT handler it installs, and it
+    installs one only over Python's default: so Python's stands in for the block, with SIGINT
+    itself blocked. (Raising ``KeyboardInterrupt`` straight from a SIGTERM made trio abandon
+    its run wherever it stood: the lock left, a hang with ``--debug``.)"""
     received: list[int] = []
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
@@ -75,6 +81,10 @@ def stop_signals_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt  # SIGINT ignored (a script's background job): all the same
 
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    sigint_ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if sigint_ignored:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     for signum, handler in previous.items():
         if handler != signal.SIG_IGN:
             signal.signal(signum, interrupt)
@@ -84,3 +94,6 @@ def stop_signals_interrupt() -> Iterator[None]:
         for signum, handler in previous.items():
             if handler is not None:
                 signal.signal(signum, handler)
+        if sigint_ignored:  # ignored first: a SIGINT that came meanwhile is dropped
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

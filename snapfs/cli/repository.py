@@ -130,7 +130,7 @@ def repair_index_(config: CliConfig, read_all_packs: bool, json_output: bool) ->
     The index only says where each blob is; every pack names its own blobs, so nothing the
     packs hold is lost with an index object. Index objects that cannot be read are replaced,
     packs no index names are added, packs that are gone are dropped. Then each snapshot is
-    checked for blobs that no stored pack holds (exit 3 if one has any)."""
+    checked for blobs that no stored pack holds (exit 4 if one has any)."""
     from snapfs.repo.repair import repair_index, summary
 
     repo = config.open_repository()

@@ -1,6 +1,7 @@
 """The repository's ``config`` object: format version, block size, codec, secret.
 
-Stored as JSON with a magic and a version; ``decode`` refuses any version it does not know.
+Stored as JSON with a magic and a version; ``decode`` refuses any version it does not know, and
+(as damaged) a config of this version whose fields cannot be right.
 The secret keys the block-ID hash. It is stored in plain text: snapfs repositories are not
 encrypted yet, and the secret's job is collision resistance against disk contents, not secrecy
 of the store.
@@ -9,9 +10,11 @@ of the store.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import MISSING, asdict, dataclass
+from typing import Any
 
-from snapfs.errors import FormatError, RepositoryNotFound, UsageError
+from snapfs.errors import FormatError, IntegrityError, RepositoryNotFound, UsageError
 
 CONFIG_FORMAT = "snapfs-repository"
 CONFIG_VERSION = 1
@@ -63,8 +66,45 @@ class RepoConfig:
         if doc.get("codec") != "zstd" or doc.get("encrypted"):
             raise FormatError(f"{where}: repository uses features this snapfs does not know")
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in doc.items() if k in known})
+        fields = {k: v for k, v in doc.items() if k in known}
+        damage = _damage(fields)
+        if damage is not None:
+            # a config of this format and version that cannot be right (bit rot, a hand edit):
+            # every command would otherwise fail with a traceback of its own
+            raise IntegrityError(f"{where}: the repository config is damaged ({damage}); put it "
+                                 "back from a copy")
+        return cls(**fields)
 
     @property
     def secret_bytes(self) -> bytes:
         return bytes.fromhex(self.secret)
+
+
+#: the type of every field a config holds, and how a message names it (``bool`` is no ``int``
+#: here, nor the reverse)
+_FIELD_TYPES: dict[str, tuple[type, str]] = {
+    "id": (str, "text"), "block_size": (int, "a number"), "codec": (str, "text"),
+    "compression_level": (int, "a number"), "pack_size": (int, "a number"),
+    "secret": (str, "text"), "created": (str, "text"), "encrypted": (bool, "true or false"),
+}
+
+
+def _damage(fields: dict[str, Any]) -> str | None:
+    """What is wrong with a config's ``fields`` (those ``RepoConfig`` knows), or None."""
+    for name, f in RepoConfig.__dataclass_fields__.items():
+        if name not in fields and f.default is MISSING:
+            return f"it has no {name}"
+    for name, value in fields.items():
+        kind, what = _FIELD_TYPES[name]
+        if type(value) is not kind:
+            return f"its {name} is not {what}"
+    try:
+        check_block_size(fields["block_size"])
+        check_compression_level(fields["compression_level"])
+    except UsageError as e:
+        return e.message
+    if fields["pack_size"] <= 0:
+        return "its pack size is not positive"
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", fields["secret"]):
+        return "its secret is not 32 bytes in hex"
+    return None

@@ -245,6 +245,9 @@ async def _create_locked(
     cpu_limiter = trio.CapacityLimiter(CPU_WORKERS)
     counts = CreateCounts()
     parent_pages = parent.pages if parent and parent.entries_per_page == manifest.per_page else None
+    # the parent's pages hold as many blocks as its own size gives: a disk that grew or shrank
+    # since has one page of another length (and more or fewer pages)
+    parent_page_lens = repo.page_lengths(parent) if parent is not None else []
     data_bytes = sum(min(last * bs, source.size) - first * bs for first, last in ranges)
     progress.start("snapshot", data_bytes)
 
@@ -279,9 +282,12 @@ async def _create_locked(
             old_pid = bytes.fromhex(parent_pages[page])
             if old_pid != manifest.page_ids[page]:
                 old = await trio.to_thread.run_sync(
-                    repo.read_page, index, old_pid, manifest.page_len(page), limiter=store_limiter
+                    repo.read_page, index, old_pid, parent_page_lens[page], limiter=store_limiter
                 )
-                counts.blocks_changed += sum(1 for a, b in zip(old, ids, strict=True) if a != b)
+                common = min(len(old), len(ids))
+                counts.blocks_changed += sum(1 for a, b in zip(old[:common], ids[:common],
+                                                               strict=True) if a != b)
+                counts.blocks_changed += sum(1 for i in ids[common:] if i != ZERO_ID)
         elif parent_pages is not None:
             counts.blocks_changed += sum(1 for i in ids if i != ZERO_ID)
 
@@ -357,6 +363,16 @@ async def _create_locked(
     }
     if parent is None:
         root.stats.pop("blocks_changed")
+    # Another create (of the same disk, in the same second, for a default name) may have stored
+    # this name since the listing, as long as this one read and uploaded: names must stay
+    # unique, since a snapshot is found, exported and mounted by its name. Checked again this
+    # late, only creates that store their roots within the same moment can still both take it.
+    since = await trio.to_thread.run_sync(repo.roots_since, listing, limiter=store_limiter)
+    if any(r.name == name for r in since):
+        if options.name is not None:
+            raise DuplicateName(f"a snapshot named {name!r} was stored while this one was "
+                                "taken; nothing was recorded")
+        root.name = default_snapshot_name(disk, taken | {r.name for r in since})
     await trio.to_thread.run_sync(repo.write_root, root, limiter=store_limiter)
     stats = dict(root.stats)
     stats["seconds"] = round(time.monotonic() - started, 3)

@@ -21,12 +21,19 @@ from typing import Any
 
 import trio
 
-from snapfs.errors import IntegrityError, NoSpace, SnapfsError
+from snapfs.errors import (
+    IntegrityError,
+    NoSpace,
+    PackMissing,
+    SnapfsError,
+    SnapshotNotFound,
+    UsageError,
+)
 from snapfs.format.block import ZERO_ID
 from snapfs.format.manifest import SnapshotRoot
 from snapfs.progress import NO_PROGRESS, Progress
 from snapfs.repo.parallel import map_in_threads, single_error
-from snapfs.repo.readplan import Run, plan_runs
+from snapfs.repo.readplan import Run, RunReader, plan_runs
 from snapfs.repo.repository import Repository
 
 PARTIAL_SUFFIX = ".snapfs-partial"
@@ -37,6 +44,11 @@ class _Target:
     def __init__(self, path: str, size: int, force: bool) -> None:
         self.path = path
         self.is_device = False
+        if not path or path.endswith("/"):
+            # "" wrote the whole image to ./.snapfs-partial, then failed to rename it with a
+            # traceback; "DIR/" to DIR/.snapfs-partial
+            raise UsageError(f"{path!r} is not a file name: export writes an image file (or "
+                             "onto a block device)")
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -128,6 +140,18 @@ async def export_snapshot(
     force: bool = False,
     progress: Progress = NO_PROGRESS,
 ) -> dict[str, Any]:
+    try:
+        return await _export(repo, root, out, force, progress)
+    except PackMissing:
+        if await trio.to_thread.run_sync(repo.store.exists, f"snapshots/{root.id}"):
+            raise
+        # not lost data: a delete or forget elsewhere took the snapshot, and its blocks, meanwhile
+        raise SnapshotNotFound(f"snapshot {root.name} ({root.id}) was deleted while it was "
+                               "exported") from None
+
+
+async def _export(repo: Repository, root: SnapshotRoot, out: str, force: bool,
+                  progress: Progress) -> dict[str, Any]:
     started = time.monotonic()
     limiter = trio.CapacityLimiter(repo.store.concurrency)
     index = await trio.to_thread.run_sync(repo.load_index, limiter=limiter)
@@ -143,14 +167,13 @@ async def export_snapshot(
     runs = plan_runs(where, index)
     written = 0
 
+    reader = RunReader(repo, index)
+
     def fetch(job: tuple[str, Run]) -> int:
         pack, run = job
         assert target is not None  # opened before the first job
-        data = repo.fetch_run(pack, run)
-        start = run[0][1].offset
         placed: list[tuple[int, bytes | memoryview]] = []
-        for (bid, _), plain in zip(run, repo.decode_pieces(data, start, run, copy=False),
-                                   strict=True):
+        for bid, plain in reader.read(pack, run, copy=False):
             if isinstance(plain, IntegrityError):
                 raise plain
             placed.extend((n, plain) for n in where[bid])

@@ -3,14 +3,21 @@
 Used by export, verify and repack. A run is a list of (blob ID, Location) in one pack, sorted by
 offset, whose span is at most ``max_span`` bytes and whose gaps are at most ``max_gap``: one GET
 per run instead of one per blob, without fetching much that nobody asked for.
+
+``RunReader`` reads runs for export and verify, which hold no lock: a garbage collection (a
+``delete``, ``forget`` or ``prune`` elsewhere) may repack a pack after they read the index and
+delete it. Its blobs are then read where the index, read again, says they went, as the mount
+does (``HydrationScheduler._relocated``); a pack gone whose blobs went nowhere is missing.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Iterable
 
-from snapfs.repo.repository import BlobIndex, Location
+from snapfs.errors import IntegrityError, PackMissing
+from snapfs.repo.repository import BlobIndex, Location, Repository
 
 Run = list[tuple[bytes, Location]]
 
@@ -40,3 +47,45 @@ def plan_runs(
         if run:
             runs.append((pack, run))
     return runs
+
+
+class RunReader:
+    """Reads runs of ``plan_runs`` from worker threads, decoded and verified, following blobs
+    that garbage collection moved since ``index`` was read (see the module's docstring)."""
+
+    def __init__(self, repo: Repository, index: BlobIndex) -> None:
+        self.repo = repo
+        self.index = index
+        self._reloading = threading.Lock()
+        self._gone: set[str] = set()  # packs found missing
+
+    def read(self, pack: str, run: Run, copy: bool = True
+             ) -> list[tuple[bytes, bytes | memoryview | IntegrityError]]:
+        """(blob ID, its plain bytes or what is wrong with it) for every blob of ``run``;
+        ``PackMissing`` if ``pack`` is gone and the index has them nowhere else."""
+        try:
+            data = self.repo.fetch_run(pack, run)
+        except PackMissing:
+            return self._moved(pack, run, copy)
+        return list(zip((bid for bid, _ in run),
+                        self.repo.decode_pieces(data, run[0][1].offset, run, copy=copy),
+                        strict=True))
+
+    def _moved(self, pack: str, run: Run, copy: bool
+               ) -> list[tuple[bytes, bytes | memoryview | IntegrityError]]:
+        with self._reloading:  # once for a pack that went, not once for each of its runs
+            if pack not in self._gone:
+                self._gone.add(pack)
+                if pack in self.index.packs:
+                    self.index = self.repo.load_index()
+            index = self.index
+        moved = [index.get(bid) for bid, _ in run]
+        if any(loc is None or loc.pack == pack for loc in moved):
+            raise PackMissing(f"pack {pack[:12]} is missing from {self.repo.store.url}")
+        out: list[tuple[bytes, bytes | memoryview | IntegrityError]] = []
+        for new_pack, new_run in plan_runs((bid for bid, _ in run), index):
+            data = self.repo.fetch_run(new_pack, new_run)
+            out.extend(zip((bid for bid, _ in new_run),
+                           self.repo.decode_pieces(data, new_run[0][1].offset, new_run, copy=copy),
+                           strict=True))
+        return out

@@ -58,6 +58,8 @@ class RepairReport:
     packs_read: int = 0  # whose trailer was read
     packs_added: int = 0  # stored packs no readable index object named, now indexed
     packs_unreadable: dict[str, str] = field(default_factory=dict)  # pack -> why
+    #: those of them a readable index object names: what it says of them is kept
+    packs_unreadable_indexed: list[str] = field(default_factory=list)
     packs_gone: int = 0  # named by the index, not stored
     rewritten: bool = False  # a new index object replaced the others
     blobs_indexed: int = 0
@@ -69,6 +71,7 @@ class RepairReport:
         return {"index_objects": self.index_objects, "damaged_index": self.damaged_index,
                 "packs": self.packs, "packs_read": self.packs_read,
                 "packs_added": self.packs_added, "packs_unreadable": self.packs_unreadable,
+                "packs_unreadable_indexed": self.packs_unreadable_indexed,
                 "packs_gone": self.packs_gone, "rewritten": self.rewritten,
                 "blobs_indexed": self.blobs_indexed, "incomplete": self.incomplete,
                 "seconds": self.seconds}
@@ -141,6 +144,8 @@ async def _rebuild(repo: Repository, read_all_packs: bool, limiter: trio.Capacit
         report.packs_read += 1
         if isinstance(result, str):  # what a readable index object says of it stays
             report.packs_unreadable[pack] = result
+            if pack in packs:
+                report.packs_unreadable_indexed.append(pack)
         else:
             report.packs_added += pack not in packs
             packs[pack] = result
@@ -193,7 +198,11 @@ async def _incomplete(repo: Repository, index: BlobIndex, limiter: trio.Capacity
 
 def summary(report: RepairReport) -> list[str]:
     """What ``snapfs repair index`` says, a line each."""
-    lines = [f"pack {pack[:12]}: its trailer cannot be read ({why}); its blobs are not indexed"
+    # a pack a readable index object names keeps its entries (--read-all-packs read it too):
+    # saying its blobs were not indexed sent the user looking for blobs that are
+    lines = [f"pack {pack[:12]}: its trailer cannot be read ({why}); "
+             + ("the index keeps what it says of its blobs"
+                if pack in report.packs_unreadable_indexed else "its blobs are not indexed")
              for pack, why in sorted(report.packs_unreadable.items())]
     for name, count in sorted(report.incomplete.items()):
         lines.append(f"snapshot {name} uses {counted(count, 'blob')} that no stored pack "

@@ -90,6 +90,10 @@ def new_id(nbytes: int = 8) -> str:
     return secrets.token_hex(nbytes)
 
 
+#: how many times ``load_index`` lists the index again when objects it listed went meanwhile
+INDEX_RELISTS = 5
+
+
 class Location(NamedTuple):
     """Where one blob is: a byte range of a pack."""
 
@@ -336,6 +340,11 @@ class Repository:
         progress.start("reading snapshots", len(keys), "snapshot")
         return self._fetch_roots(keys, lambda: progress.advance(1))
 
+    def roots_since(self, listing: SnapshotListing) -> list[SnapshotRoot]:
+        """The snapshots stored since ``listing`` was read: those it does not name."""
+        known = {f"snapshots/{r.id}" for r in listing.roots} | {u.key for u in listing.unreadable}
+        return self._fetch_roots([k for k in self._root_keys() if k not in known]).roots
+
     def snapshots_and_index(self, cache: IndexCache | None = None,
                             ) -> tuple[SnapshotListing, BlobIndex]:
         """Every snapshot (as ``list_snapshots``), and an index that covers them all, in about
@@ -454,6 +463,15 @@ class Repository:
         names = self.list_index_names()
         progress.start("reading index", len(names), "object")
         files = self.fetch_index_files(names, lambda: progress.advance(1))
+        # An object deleted between the listing and its GET was superseded by a garbage
+        # collection (a delete, forget or prune elsewhere: export and verify hold no lock),
+        # whose own index object may have come after the listing: without it, every blob the
+        # lost objects named was missing. List again, a few times while collections go on.
+        for _ in range(INDEX_RELISTS):
+            if set(files) >= names:
+                break
+            names = self.list_index_names()
+            files.update(self.fetch_index_files(names - set(files)))
         return self.index_from_files(files)
 
     def list_index_names(self) -> set[str]:

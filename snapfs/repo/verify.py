@@ -19,7 +19,7 @@ from snapfs.format.block import ZERO_ID
 from snapfs.format.manifest import SnapshotRoot
 from snapfs.progress import NO_PROGRESS, Progress
 from snapfs.repo.parallel import map_in_threads, single_error
-from snapfs.repo.readplan import Run, plan_runs
+from snapfs.repo.readplan import Run, RunReader, plan_runs
 from snapfs.repo.repository import BlobIndex, Repository, UnreadableRoot, delete_hint
 
 
@@ -87,16 +87,17 @@ async def verify_snapshots(
     runs = plan_runs(present, index)
     progress.start("verify", sum(loc.length for _, run in runs for _, loc in run))
 
+    reader = RunReader(repo, index)
+
     def check(job: tuple[str, Run]) -> tuple[int, int, dict[bytes, str]]:
         pack, run = job
         try:
-            data = repo.fetch_run(pack, run)
+            pieces = reader.read(pack, run, copy=False)
         except IntegrityError as e:
             return 0, 0, {bid: str(e) for bid, _ in run}
         nbytes = 0
         problems = {}
-        for (bid, _), plain in zip(run, repo.decode_pieces(data, run[0][1].offset, run, copy=False),
-                                   strict=True):
+        for bid, plain in pieces:
             if isinstance(plain, IntegrityError):
                 problems[bid] = str(plain)
             else:
