@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import blake3
 import pytest
@@ -71,6 +71,7 @@ from snapfs.repo.verify import VerifyReport, verify_snapshots
 from snapfs.store import ObjectStore
 
 MakeStore = Callable[..., ObjectStore]
+T = TypeVar("T")
 
 needs_root = pytest.mark.skipif(not have_root(), reason="changing an ext4 image needs a loop mount")
 
@@ -572,12 +573,7 @@ def test_export_and_verify_follow_blobs_a_collection_moved_meanwhile(
     stale = repo.load_index()  # as export and verify read it, just before the collection
     assert delete(repo, a)["packs_repacked"] >= 1
     real_load_index = repo.load_index
-    loads: list[BlobIndex] = []
-
-    def load_index() -> BlobIndex:
-        loads.append(stale if not loads else real_load_index())
-        return loads[-1]
-
+    load_index, loads = stale_first(stale, real_load_index)
     monkeypatch.setattr(repo, "load_index", load_index)
     out = tmp_path / "b.img"
     export(repo, b, out)
@@ -595,6 +591,19 @@ def test_export_and_verify_follow_blobs_a_collection_moved_meanwhile(
     with pytest.raises(MissingBlock, match=f"pack {lost[:12]} is missing"):
         export(repo, b, tmp_path / "again.img")
     assert not (tmp_path / "again.img").exists()
+
+
+def stale_first(stale: T, fresh: Callable[[], T]) -> tuple[Callable[[], T], list[T]]:
+    """A stand-in for a repository read that a collection elsewhere overtakes: its first call
+    answers ``stale`` (what the read saw before the collection; the race itself cannot be
+    timed for real), later ones ``fresh()``. The list holds each answer."""
+    answers: list[T] = []
+
+    def read() -> T:
+        answers.append(stale if not answers else fresh())
+        return answers[-1]
+
+    return read, answers
 
 
 def test_an_export_whose_snapshot_is_deleted_meanwhile_says_so(
@@ -627,13 +636,7 @@ def test_an_index_read_across_a_collection_is_listed_again(
     stale = repo.list_index_names()  # as the export listed them, just before the delete
     delete(repo, b)
     assert not stale & repo.list_index_names()  # one new object superseded them all
-    real_list_index_names = repo.list_index_names
-    listings = []
-
-    def list_index_names() -> set[str]:
-        listings.append(stale if not listings else real_list_index_names())
-        return listings[-1]
-
+    list_index_names, listings = stale_first(stale, repo.list_index_names)
     monkeypatch.setattr(repo, "list_index_names", list_index_names)
     out = tmp_path / "a.out"
     export(repo, a, out)
