@@ -539,7 +539,10 @@ def _quietly(undo: Callable[..., object], *args: Any) -> None:
 
 def _detach(loop_device: str, image: str) -> None:
     """``losetup -d`` the device if it is still bound to ``image`` (else the kernel has given
-    its number to someone else since, or it is detached already)."""
+    its number to someone else since, or it is detached already). Once the daemon's mount is
+    gone from the mount table (its daemon died, and a later browse or ``snapfs umount`` took
+    the dead mount point away lazily), the kernel names the image by its path inside that mount
+    (``/snapshots/NAME.img``): that is still ours (it was left attached for ever)."""
     backing = Path("/sys/block") / os.path.basename(loop_device) / "loop" / "backing_file"
     try:
         bound_to = backing.read_text().strip()
@@ -547,7 +550,8 @@ def _detach(loop_device: str, image: str) -> None:
         if e.errno in (errno.ENOENT, errno.ENXIO):
             return
         raise
-    if bound_to.removesuffix(" (deleted)") != image:
+    inside_mount = "/" + "/".join(Path(image).parts[-2:])
+    if bound_to.removesuffix(" (deleted)") not in (image, inside_mount):
         log.info("%s now serves %s: left alone", loop_device, bound_to)
         return
     _run(["losetup", "-d", loop_device], f"cannot detach {loop_device}")

@@ -61,14 +61,16 @@ def mounts_under(root: Path) -> list[tuple[str, str]]:
 
 
 def loops_under(root: Path) -> dict[str, str]:
-    """Loop device -> backing file, for the loop devices whose file is below ``root``."""
+    """Loop device -> backing file, for the loop devices whose file is below ``root``, or is an
+    image on a snapfs mount that is no longer in the mount table (the kernel then names it by
+    its path inside the mount, ``/snapshots/NAME.img``: such a device is always a leak)."""
     found = {}
     for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
         try:
             path = backing.read_text().strip()
         except OSError:
             continue  # detached meanwhile
-        if path.startswith(f"{root}/"):
+        if path.startswith((f"{root}/", "/snapshots/", "/disks/")):
             found[f"/dev/{backing.parent.parent.name}"] = path
     return found
 
