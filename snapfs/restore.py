@@ -34,7 +34,9 @@ special files are not kept (each name is recreated).
 
 Fifos are recreated, block and character devices too when running as root (``mknod`` needs it);
 sockets, and devices when not root, are left out: each counts as skipped and is listed in
-``RestoreReport.special``. ``lost+found`` at the root is left out silently. The target directory
+``RestoreReport.special``. ``lost+found`` at the root is left out silently, unless an include
+names it (not a wildcard: ``lost+found`` or ``lost+found/#12``), as after an fsck that put the
+files it recovered there. The target directory
 itself is taken as given (created if missing, its own metadata untouched); ``restored`` and
 ``skipped`` count non-directory entries, directories are created as needed and counted only
 when they fail.
@@ -238,6 +240,8 @@ class PathSelector:
     def __init__(self, includes: tuple[str, ...] = (), excludes: tuple[str, ...] = ()) -> None:
         self.includes = [PathPattern(p) for p in includes]
         self.excludes = [PathPattern(p) for p in excludes]
+        #: an include names the root's lost+found (which is otherwise left out)
+        self.names_lost_found = any(_components(p)[:1] == [LOST_FOUND] for p in includes)
         #: the includes that took a path so far (their indexes): one that takes nothing is
         #: most likely a typo, which the user should hear of
         self.included: set[int] = set()
@@ -473,7 +477,7 @@ class _Restorer:
                 self.fail(rel or ".", f"cannot list the directory: {e.strerror}")
             return
         for name in names:
-            if not rel and name == LOST_FOUND:
+            if not rel and name == LOST_FOUND and not self.selector.names_lost_found:
                 continue
             path = f"{rel}/{name}" if rel else name
             if name in ("", ".", "..") or "/" in name or "\0" in name:

@@ -381,6 +381,10 @@ ETC = {"etc", "etc/passwd", "etc/passwd-", "etc/shadow", "etc/motd", "etc/ssh",
             "home/bob", "home/bob/bob.conf", "usr", "usr/bin", "usr/bin/tool",
         }),
         (("nothing/matches",), set()),
+        # the root's lost+found only when named: after an fsck it holds the files it recovered
+        (("lost+found",), {"lost+found", "lost+found/#1234"}),
+        (("lost+found/#*",), {"lost+found", "lost+found/#1234"}),
+        (("*/#1234",), set()),
     ],
 )
 def test_includes_select_exactly(
