@@ -75,7 +75,14 @@ from snapfs.control import (
     runtime_dir,
     unmount,
 )
-from snapfs.errors import FormatError, MountError, NotMounted, SnapfsError, SnapshotNotFound
+from snapfs.errors import (
+    FormatError,
+    MountBusy,
+    MountError,
+    NotMounted,
+    SnapfsError,
+    SnapshotNotFound,
+)
 from snapfs.format.manifest import SnapshotRoot
 from snapfs.host import pid_alive, pid_started_after
 from snapfs.mount import MountOptions, check_cache_dir, check_mountpoint, mount
@@ -442,8 +449,8 @@ def _stop_daemon(mountpoint: str, timeout: float = 60.0) -> str:
         except NotMounted:
             said = f"{mountpoint} was not mounted any more"
             break
-        except MountError as e:
-            if "busy" not in e.message or time.monotonic() > deadline:
+        except MountBusy:
+            if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
     try:
@@ -567,7 +574,7 @@ def _run(cmd: list[str], failure: str) -> str:
     if result.returncode != 0:
         reason = _first_line(result)
         if "busy" in reason:
-            raise MountError(f"{failure}: it is busy (a process still uses it, see fuser -m)")
+            raise MountBusy(f"{failure}: it is busy (a process still uses it, see fuser -m)")
         raise MountError(f"{failure}: {reason}")
     return result.stdout
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapfs.errors import MountError, NotMounted, SnapfsError
+from snapfs.errors import MountBusy, MountError, NotMounted, SnapfsError
 
 FSNAME = "snapfs"
 FSTYPE = "fuse.snapfs"  # fuse.SUBTYPE, from the subtype= mount option
@@ -200,7 +200,7 @@ def fusermount(mountpoint: str, lazy: bool = False) -> None:
     if result.returncode != 0:
         reason = result.stderr.strip().rpartition(": ")[2] or f"exit status {result.returncode}"
         if "busy" in reason.lower():
-            raise MountError(f"{mountpoint} is busy: a process still uses it (see fuser -m)")
+            raise MountBusy(f"{mountpoint} is busy: a process still uses it (see fuser -m)")
         raise MountError(f"cannot unmount {mountpoint}: {reason}")
 
 

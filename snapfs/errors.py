@@ -133,5 +133,9 @@ class MountError(SnapfsError):
     busy, a daemon that does not answer)."""
 
 
+class MountBusy(MountError):
+    """A mount that cannot be undone now: a process (or a loop device) still uses it."""
+
+
 class NotMounted(NotFoundError):
     """Nothing (or no snapfs daemon) is mounted where the user pointed."""

@@ -14,7 +14,7 @@ import click
 
 from snapfs.cli.context import CliConfig, pass_config
 from snapfs.cli.output import emit_json, human_size, parse_size, table_lines
-from snapfs.errors import MountError, UsageError
+from snapfs.errors import MountBusy, UsageError
 from snapfs.plural import counted
 
 
@@ -138,9 +138,7 @@ def umount(mountpoint: str, timeout: float) -> None:
 
     try:
         said = unmount(mountpoint, timeout)
-    except MountError as e:
-        if "busy" not in e.message:
-            raise
+    except MountBusy:
         # a browse's loop device holds the image, which fuser -m does not show: name the browse
         from snapfs.browse import all_states
 
@@ -148,7 +146,7 @@ def umount(mountpoint: str, timeout: float) -> None:
         browsed = [s.directory for s in all_states() if s.daemon_mountpoint == where]
         if not browsed:
             raise
-        raise MountError(f"{where} is busy: browsed at {', '.join(browsed)}; undo it first with: "
+        raise MountBusy(f"{where} is busy: browsed at {', '.join(browsed)}; undo it first with: "
                          f"snapfs unbrowse {browsed[0]}") from None
     click.echo(said)
 
