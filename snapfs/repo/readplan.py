@@ -64,9 +64,13 @@ class RunReader:
         """(blob ID, its plain bytes or what is wrong with it) for every blob of ``run``;
         ``PackMissing`` if ``pack`` is gone and the index has them nowhere else."""
         try:
-            data = self.repo.fetch_run(pack, run)
+            return self._fetched(pack, run, copy)
         except PackMissing:
             return self._moved(pack, run, copy)
+
+    def _fetched(self, pack: str, run: Run, copy: bool
+                 ) -> list[tuple[bytes, bytes | memoryview | IntegrityError]]:
+        data = self.repo.fetch_run(pack, run)
         return list(zip((bid for bid, _ in run),
                         self.repo.decode_pieces(data, run[0][1].offset, run, copy=copy),
                         strict=True))
@@ -84,8 +88,5 @@ class RunReader:
             raise PackMissing(f"pack {pack[:12]} is missing from {self.repo.store.url}")
         out: list[tuple[bytes, bytes | memoryview | IntegrityError]] = []
         for new_pack, new_run in plan_runs((bid for bid, _ in run), index):
-            data = self.repo.fetch_run(new_pack, new_run)
-            out.extend(zip((bid for bid, _ in new_run),
-                           self.repo.decode_pieces(data, new_run[0][1].offset, new_run, copy=copy),
-                           strict=True))
+            out.extend(self._fetched(new_pack, new_run, copy))
         return out
