@@ -158,7 +158,9 @@ class DiskService:
         #: contents were rewritten (a rollback) if any: the FUSE adapter invalidates its caches
         self.changed: list[Callable[[str | None], None]] = []
         self._holds_stale = trio.Event()  # set when what the disks need may have changed
-        self._disks_changed = trio.Event()  # set when disks were created, rolled back, deleted
+        #: set (and replaced) when disks were created, rolled back or deleted: any number of
+        #: tasks may wait on it
+        self._disks_changed = trio.Event()
         self._hold_lock = trio.Lock()
         #: repository locks whose removal failed (the store was down): let go of later, or
         #: every garbage collection would wait for them to go stale (30 minutes)
@@ -833,7 +835,6 @@ class DiskService:
         log.error("snapshot task %s cannot be stored: %s; it fails once no disk reads from "
                   "it (delete or roll back %s)", task.id, reason, ", ".join(readers))
         while readers:
-            self._disks_changed = trio.Event()
             await self._disks_changed.wait()
             readers = task.read_by = self._readers(task)
 
@@ -1088,6 +1089,7 @@ class DiskService:
     def _notify(self, rewritten: str | None = None) -> None:
         self._holds_stale.set()
         self._disks_changed.set()
+        self._disks_changed = trio.Event()
         for callback in self.changed:
             try:
                 callback(rewritten)
