@@ -16,13 +16,19 @@ order, and undoes what it did (in reverse) if a later step fails:
    user's and is never stopped.
 3. The image, ``MNT/snapshots/NAME.img`` (the one whose ``stats`` entry names the snapshot's
    id), is probed with ``blkid -p``. Only ext2/ext3/ext4 are opened; anything else is one line
-   naming what was found ("found: swap", "found: nothing recognisable").
-4. As root: ``losetup -f --show -r IMAGE`` and ``mount -t ext4 -o ro,noload,nosuid,nodev`` of
-   the loop device on DIR (``noload``: a journal is never replayed on a snapshot; ``nosuid``,
-   ``nodev``: a snapshot's set-id programs and device nodes grant nothing). Otherwise, or with
-   ``use_fuse2fs``: ``fuse2fs -o ro,norecovery,fakeroot IMAGE DIR`` (``norecovery``: no
-   journal replay either). The kernel path is preferred because fuse2fs 1.47 misbehaves after
-   a read error.
+   naming what was found ("found: swap", "found: nothing recognisable"). An image with a
+   partition table (MBR or GPT, as most VM disks have) is opened at one partition: the one
+   ``partition`` names, else its only partition holding a filesystem browse opens (with
+   several, the message lists them and asks for ``--partition``). ``partx`` reads the table,
+   ``blkid -p -O OFFSET -S SIZE`` probes each partition; only the sectors those two read are
+   fetched.
+4. As root: ``losetup -f --show -r IMAGE`` (with ``--offset`` and ``--sizelimit`` for a
+   partition) and ``mount -t ext4 -o ro,noload,nosuid,nodev`` of the loop device on DIR
+   (``noload``: a journal is never replayed on a snapshot; ``nosuid``, ``nodev``: a snapshot's
+   set-id programs and device nodes grant nothing). Otherwise, or with ``use_fuse2fs``:
+   ``fuse2fs -o ro,norecovery,fakeroot[,offset=OFFSET] IMAGE DIR`` (``norecovery``: no journal
+   replay either). The kernel path is preferred because fuse2fs 1.47 misbehaves after a read
+   error.
 5. What was done is written to ``RUNDIR/browse-KEY.json`` (KEY: ``control.mount_key(DIR)``):
    the loop device and its image, the daemon's mount point, whether the daemon is browse's own.
    ``unbrowse DIR`` reads only that file: it unmounts DIR (``umount``, or ``fusermount3 -u``
@@ -65,6 +71,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from snapfs.cli.output import human_size
 from snapfs.control import (
     RunFiles,
     find_daemon,
@@ -82,6 +89,7 @@ from snapfs.errors import (
     NotMounted,
     SnapfsError,
     SnapshotNotFound,
+    UsageError,
 )
 from snapfs.format.manifest import SnapshotRoot
 from snapfs.host import pid_alive, pid_started_after
@@ -122,6 +130,7 @@ class BrowseOptions:
     endpoint_url: str | None = None
     use_fuse2fs: bool = False  # default: a loop device as root, fuse2fs otherwise
     debug: bool = False
+    partition: int | None = None  # of a partitioned image (None: its only openable one)
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,9 @@ class BrowseState:
     daemon_private: bool
     #: this browse started the daemon (for messages only; ownership is ``daemon_private``)
     daemon_started: bool
+    #: the partition of a partitioned image that holds the filesystem (None: the whole image;
+    #: a state written before partitions were opened has none)
+    partition: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -269,35 +281,40 @@ def browse(options: BrowseOptions) -> BrowseState:
             undo.callback(_quietly, _stop_daemon, daemon_mp)
         files = RunFiles.for_mountpoint(daemon_mp)
         image, pid = _image_of(files, root)
-        filesystem = check_filesystem(image, root)
+        place = locate_filesystem(image, root, options.partition)
         use_fuse2fs = options.use_fuse2fs or os.geteuid() != 0
-        loop_device = _attach(image, directory, filesystem, use_fuse2fs, undo)
+        loop_device = _attach(image, directory, place, use_fuse2fs, undo)
         state = BrowseState(
             directory=directory, repository=store_url, snapshot_id=root.id,
-            snapshot_name=root.name, image=str(image), filesystem=filesystem,
+            snapshot_name=root.name, image=str(image), filesystem=place.filesystem,
             method="fuse2fs" if use_fuse2fs else "loop",
             loop_device=loop_device, daemon_mountpoint=daemon_mp, daemon_pid=pid,
             daemon_private=private, daemon_started=started,
+            partition=place.partition.number if place.partition else None,
         )
         _write_state(state)
         undo.pop_all()
     return state
 
 
-def _attach(image: Path, directory: str, filesystem: str, use_fuse2fs: bool,
+def _attach(image: Path, directory: str, place: Place, use_fuse2fs: bool,
             undo: ExitStack) -> str | None:
-    """Mount the image's filesystem read-only at ``directory``; the loop device used, if any.
-    Each step done pushes its undoing onto ``undo``."""
+    """Mount the filesystem at ``place`` in the image read-only at ``directory``; the loop
+    device used, if any. Each step done pushes its undoing onto ``undo``."""
+    where = image.name if place.partition is None else (
+        f"partition {place.partition.number} of {image.name}")
     if use_fuse2fs:
-        _run(["fuse2fs", "-o", FUSE2FS_MOUNT_OPTIONS, str(image), directory],
-             f"fuse2fs cannot mount {image.name}")
+        options = FUSE2FS_MOUNT_OPTIONS + (f",offset={place.offset}" if place.offset else "")
+        _run(["fuse2fs", "-o", options, str(image), directory], f"fuse2fs cannot mount {where}")
         undo.callback(_quietly, fusermount, directory)
         return None
-    loop_device = _run(["losetup", "-f", "--show", "-r", str(image)],
+    extent = [] if place.partition is None else [
+        "--offset", str(place.partition.offset), "--sizelimit", str(place.partition.size)]
+    loop_device = _run(["losetup", "-f", "--show", "-r", *extent, str(image)],
                        "cannot attach a loop device").strip()
     undo.callback(_quietly, _detach, loop_device, str(image))
     _run(["mount", "-t", "ext4", "-o", KERNEL_MOUNT_OPTIONS, loop_device, directory],
-         f"cannot mount the {filesystem} filesystem of {image.name}")
+         f"cannot mount the {place.filesystem} filesystem of {where}")
     undo.callback(_quietly, _run, ["umount", directory], f"cannot unmount {directory}")
     return loop_device
 
@@ -380,16 +397,54 @@ def _image_of(files: RunFiles, root: SnapshotRoot) -> tuple[Path, int | None]:
         time.sleep(0.1)
 
 
-def detect_filesystem(image: str) -> str | None:
-    """What ``blkid`` finds on ``image``: a filesystem type, a partition table, or None."""
+@dataclass(frozen=True)
+class Partition:
+    """One entry of an image's partition table (``partx``), and what ``blkid`` finds in it."""
+
+    number: int
+    offset: int  # bytes from the start of the image
+    size: int  # bytes
+    filesystem: str | None
+    label: str | None
+
+    def describe(self) -> str:
+        found = self.filesystem or "nothing recognisable"
+        if self.label:
+            found += f" {self.label!r}"
+        return f"{self.number} ({found}, {human_size(self.size)})"
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where browse finds the filesystem it opens: the whole image, or one partition."""
+
+    filesystem: str
+    partition: Partition | None = None
+
+    @property
+    def offset(self) -> int:
+        return self.partition.offset if self.partition else 0
+
+
+def _probe(image: str, offset: int | None = None, size: int | None = None) -> dict[str, str]:
+    """``blkid``'s low-level probe of ``image`` (or of ``size`` bytes at ``offset``)."""
+    cmd = ["blkid", "-p", "-o", "export"]
+    if offset is not None:
+        cmd += ["-O", str(offset)]
+    if size is not None:
+        cmd += ["-S", str(size)]
     try:
-        result = subprocess.run(["blkid", "-p", "-o", "export", image], capture_output=True,
-                                text=True, timeout=120)
+        result = subprocess.run([*cmd, image], capture_output=True, text=True, timeout=120)
     except FileNotFoundError:
         raise SnapfsError("blkid is not installed (apt-get install util-linux)") from None
     if result.returncode not in (0, 2):  # 2: nothing found
         raise SnapfsError(f"cannot probe {image}: {_first_line(result)}")
-    fields = dict(line.partition("=")[::2] for line in result.stdout.splitlines())
+    return dict(line.partition("=")[::2] for line in result.stdout.splitlines())
+
+
+def detect_filesystem(image: str) -> str | None:
+    """What ``blkid`` finds on ``image``: a filesystem type, a partition table, or None."""
+    fields = _probe(image)
     if fields.get("TYPE"):
         return fields["TYPE"]
     if fields.get("PTTYPE"):
@@ -397,13 +452,64 @@ def detect_filesystem(image: str) -> str | None:
     return None
 
 
-def check_filesystem(image: Path, root: SnapshotRoot) -> str:
-    found = detect_filesystem(str(image))
-    if found not in OPENABLE:
-        raise SnapfsError(f"snapshot {root.name} holds no filesystem snapfs can open "
-                          f"(found: {found or 'nothing recognisable'}; it opens "
+def list_partitions(image: str) -> list[Partition]:
+    """The partitions of ``image``'s table (MBR or GPT; ``partx`` reads it, in 512-byte
+    sectors for an image file), each probed for a filesystem."""
+    try:
+        result = subprocess.run(["partx", "--raw", "--noheadings", "--output", "NR,START,SECTORS",
+                                 image], capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise SnapfsError("partx is not installed (apt-get install util-linux)") from None
+    if result.returncode != 0:
+        raise SnapfsError(f"cannot read the partition table of {image}: {_first_line(result)}")
+    out = []
+    for line in result.stdout.splitlines():
+        number, start, sectors = (int(x) for x in line.split())
+        offset, size = start * 512, sectors * 512
+        fields = _probe(image, offset, size)
+        out.append(Partition(number, offset, size, fields.get("TYPE") or None,
+                             fields.get("LABEL") or None))
+    return out
+
+
+def locate_filesystem(image: Path, root: SnapshotRoot, partition: int | None = None) -> Place:
+    """The filesystem browse opens in ``root``'s image: on the whole image, or on partition
+    ``partition`` of its table, or on its one partition that holds a filesystem snapfs opens
+    (several: the user must choose, and the message lists them)."""
+    fields = _probe(str(image))
+    table = fields.get("PTTYPE")
+    whole = fields.get("TYPE")
+    if partition is None and (whole or not table):
+        if whole not in OPENABLE:
+            raise SnapfsError(f"snapshot {root.name} holds no filesystem snapfs can open "
+                              f"(found: {whole or 'nothing recognisable'}; it opens "
+                              f"{', '.join(OPENABLE)})")
+        return Place(whole)
+    if not table:
+        raise UsageError(f"snapshot {root.name} has no partition table (found: "
+                          f"{whole or 'nothing recognisable'}): leave out --partition")
+    parts = list_partitions(str(image))
+    listed = "; ".join(p.describe() for p in parts) or "none"
+    if partition is not None:
+        chosen = next((p for p in parts if p.number == partition), None)
+        if chosen is None:
+            raise UsageError(f"snapshot {root.name} has no partition {partition} (its {table} "
+                              f"partition table has: {listed})")
+        if chosen.filesystem not in OPENABLE:
+            raise SnapfsError(f"partition {partition} of snapshot {root.name} holds no "
+                              f"filesystem snapfs can open (found: "
+                              f"{chosen.filesystem or 'nothing recognisable'}; it opens "
+                              f"{', '.join(OPENABLE)})")
+        return Place(chosen.filesystem, chosen)
+    openable = [p for p in parts if p.filesystem in OPENABLE]
+    if len(openable) == 1:
+        return Place(openable[0].filesystem or "", openable[0])
+    if not openable:
+        raise SnapfsError(f"snapshot {root.name} holds no filesystem snapfs can open (found: a "
+                          f"{table} partition table, partitions: {listed}; it opens "
                           f"{', '.join(OPENABLE)})")
-    return found
+    raise UsageError(f"snapshot {root.name} holds {len(openable)} filesystems on its {table} "
+                      f"partition table: choose one with --partition N (partitions: {listed})")
 
 
 # -- unbrowse ------------------------------------------------------------------------------------

@@ -15,7 +15,10 @@ import hashlib
 import os
 import random
 import shutil
+import struct
 import subprocess
+import uuid
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -205,3 +208,75 @@ def standard_images(base_temp: Path) -> tuple[Path, Path, Path]:
                            lambda p: change_image(copy_image(base, p), percent=1, seed=2))
     other = shared_image(d, "other.img", lambda p: make_image(p, seed=3))
     return base, changed, other
+
+
+#: GPT partition type of a Linux filesystem
+LINUX_FILESYSTEM = "0fc63daf-8483-4772-8e79-3d69d8477de4"
+SECTOR = 512
+
+
+def partitioned_image(out: Path, table: str, parts: list[tuple[int, str | Path | None]],
+                      size: int | None = None) -> list[int]:
+    """A disk image with an MBR (``table="dos"``) or GPT partition table, written here byte by
+    byte (no partitioning tool is needed), and a filesystem in each partition: ``parts`` are
+    (size in bytes, content), content a directory to make an ext4 of (``mkfs.ext4 -d``),
+    ``"swap"`` for ``mkswap``, or None for an empty partition. Partitions start at 1 MiB and
+    follow each other on MiB boundaries. Returns each partition's offset in bytes."""
+    offsets, at = [], MiB
+    for part_size, _ in parts:
+        offsets.append(at)
+        at += part_size
+    size = size or at + MiB  # room for GPT's backup at the end
+    with open(out, "wb") as f:
+        f.truncate(size)
+    sectors = size // SECTOR
+    spans = [(o // SECTOR, s // SECTOR) for o, (s, _) in zip(offsets, parts, strict=True)]
+    if table == "dos":
+        boot = bytearray(SECTOR)
+        for i, (start, count) in enumerate(spans):
+            boot[446 + 16 * i : 462 + 16 * i] = struct.pack("<B3sB3sII", 0, b"\0\0\0", 0x83,
+                                                            b"\0\0\0", start, count)
+        boot[510:] = b"\x55\xaa"
+        write_at(out, 0, bytes(boot))
+    else:
+        _write_gpt(out, sectors, spans)
+    for offset, (part_size, content) in zip(offsets, parts, strict=True):
+        if content == "swap":
+            with open(out, "r+b") as f:  # mkswap has no offset: a swap header by hand
+                page = bytearray(4096)
+                page[1024:1036] = struct.pack("<III", 1, part_size // 4096 - 1, 0)
+                page[4086:] = b"SWAPSPACE2"
+                f.seek(offset)
+                f.write(page)
+        elif content is not None:
+            subprocess.run(["mkfs.ext4", "-q", "-F", "-E", f"offset={offset}", "-d", str(content),
+                            "-L", Path(content).name, str(out), f"{part_size // 1024}k"],
+                           check=True, capture_output=True)
+    return offsets
+
+
+def _write_gpt(out: Path, sectors: int, spans: list[tuple[int, int]]) -> None:
+    """A protective MBR, GPT headers (primary at LBA 1, backup at the last LBA) and 128
+    partition entries of 128 bytes (32 sectors) after each header / before the backup."""
+    protective = bytearray(SECTOR)
+    protective[446:462] = struct.pack("<B3sB3sII", 0, b"\0\0\0", 0xEE, b"\0\0\0", 1,
+                                      min(sectors - 1, 0xFFFFFFFF))
+    protective[510:] = b"\x55\xaa"
+    entries = bytearray(128 * 128)
+    for i, (start, count) in enumerate(spans):
+        entries[128 * i : 128 * (i + 1)] = (
+            uuid.UUID(LINUX_FILESYSTEM).bytes_le + uuid.uuid4().bytes_le
+            + struct.pack("<QQQ", start, start + count - 1, 0)
+            + f"part{i + 1}".encode("utf-16-le").ljust(72, b"\0"))
+    entries_crc = zlib.crc32(entries)
+    disk_guid = uuid.uuid4().bytes_le
+
+    def header(current: int, backup: int, entries_lba: int) -> bytes:
+        fields = [b"EFI PART", 0x00010000, 92, 0, 0, current, backup, 34, sectors - 34,
+                  disk_guid, entries_lba, 128, 128, entries_crc]
+        crc = zlib.crc32(struct.pack("<8sIIIIQQQQ16sQIII", *fields))
+        fields[3] = crc
+        return struct.pack("<8sIIIIQQQQ16sQIII", *fields).ljust(SECTOR, b"\0")
+
+    write_at(out, 0, bytes(protective) + header(1, sectors - 1, 2) + bytes(entries))
+    write_at(out, (sectors - 33) * SECTOR, bytes(entries) + header(sectors - 1, 1, sectors - 33))

@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from diskimages import change_image, copy_image, make_image, random_image, shared_image
+from diskimages import (
+    change_image,
+    copy_image,
+    make_image,
+    partitioned_image,
+    random_image,
+    shared_image,
+)
 from mountutil import MOUNTS, mounted, pid_running, wait_for
 from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error
 
@@ -144,9 +151,23 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     big_blocks = odd / "big-blocks.img"
     subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "65536", "-d", str(files), str(big_blocks),
                     "32M"], check=True, capture_output=True)
+    # partitioned disks as VMs have them: an MBR with /boot, / and swap; a GPT with one
+    # filesystem and an empty partition
+    for name, files_in in (("boot", {"vmlinuz": b"kernel\n" * 1000, "grub/grub.cfg": b"menu\n"}),
+                           ("root", {"etc/hostname": b"vm\n", "home/u/notes.txt": b"x" * 70000,
+                                     "var/empty": b""})):
+        for rel, data in files_in.items():
+            (odd / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            (odd / name / rel).write_bytes(data)
+    (odd / "root" / "etc" / "motd").symlink_to("hostname")
+    mbr, gpt = odd / "mbr.img", odd / "gpt.img"
+    partitioned_image(mbr, "dos", [(4 * MiB, odd / "boot"), (8 * MiB, odd / "root"),
+                                   (2 * MiB, "swap")])
+    partitioned_image(gpt, "gpt", [(1 * MiB, None), (8 * MiB, odd / "root")])
     return {"vm-1": base, "vm-2": changed, "zeros": zeros, "swap": swap,
             "random": random_image(odd / "random.img", 4 * MiB, seed=5),
-            "big-blocks": big_blocks}
+            "big-blocks": big_blocks, "mbr": mbr, "gpt": gpt,
+            "boot-files": odd / "boot", "root-files": odd / "root"}
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +188,7 @@ def module_repo(tmp_path_factory: pytest.TempPathFactory, images: dict[str, Path
     snapfs = Snapfs(str(repo), None, {k: v for k, v in os.environ.items()
                                       if not k.startswith("SNAPFS_")})
     snapfs.ok("init")
-    for name in ("vm-1", "vm-2", "zeros", "random", "swap", "big-blocks"):
+    for name in ("vm-1", "vm-2", "zeros", "random", "swap", "big-blocks", "mbr", "gpt"):
         snapfs.ok("snapshot", "create", images[name], "--name", name, "--disk",
                   "vm" if name.startswith("vm-") else name)
     return repo

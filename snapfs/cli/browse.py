@@ -28,19 +28,30 @@ CACHE_SIZE = "20G"
 ON_CONFLICT = ("skip", "overwrite")
 
 
-def _options(config: CliConfig, snap: str, directory: str, fuse2fs: bool) -> BrowseOptions:
+def _options(config: CliConfig, snap: str, directory: str, fuse2fs: bool,
+             partition: int | None) -> BrowseOptions:
     from snapfs.browse import BrowseOptions
 
     return BrowseOptions(
         repository=config.require_repo(), snapshot=snap, directory=directory,
         cache_dir=default_cache_dir(), cache_size=parse_size(CACHE_SIZE),
         endpoint_url=config.endpoint_url, use_fuse2fs=fuse2fs, debug=config.debug,
+        partition=partition,
     )
+
+
+#: a partitioned image's partition to open (``partx``'s numbers: 1-4 primary, 5+ logical)
+PARTITION = click.option(
+    "--partition", type=click.IntRange(min=1), metavar="N",
+    help="Of a partitioned disk image (MBR or GPT): the partition whose filesystem to open "
+         "(default: the only one holding a filesystem snapfs opens).")
 
 
 def _describe(state: BrowseState) -> str:
     how = f"{state.filesystem} on {state.loop_device}" if state.loop_device else (
         f"{state.filesystem} via fuse2fs")
+    if state.partition is not None:
+        how = f"partition {state.partition}, {how}"
     daemon = "started" if state.daemon_started else "reused"
     return (f"browsing {state.snapshot_name} ({state.snapshot_id}) at {state.directory}: {how}; "
             f"snapfs daemon {daemon} at {state.daemon_mountpoint} (pid {state.daemon_pid})")
@@ -51,14 +62,15 @@ def _describe(state: BrowseState) -> str:
 @click.argument("directory", type=click.Path())
 @click.option("--fuse2fs", is_flag=True,
               help="Mount with fuse2fs instead of a loop device (the default when not root).")
+@PARTITION
 @click.option("--json", "json_output", is_flag=True, help="Print what was done as JSON.")
 @pass_config
-def browse(config: CliConfig, snap: str, directory: str, fuse2fs: bool,
+def browse(config: CliConfig, snap: str, directory: str, fuse2fs: bool, partition: int | None,
            json_output: bool) -> None:
     """Mount the files inside snapshot SNAP read-only at DIRECTORY (undo with unbrowse)."""
     from snapfs.browse import browse as browse_snapshot
 
-    state = browse_snapshot(_options(config, snap, directory, fuse2fs))
+    state = browse_snapshot(_options(config, snap, directory, fuse2fs, partition))
     if json_output:
         emit_json(state.as_dict())
     else:
@@ -95,11 +107,12 @@ def _print_entries(report: RestoreReport) -> None:
               show_default=True, help="What to do with an entry already in the target.")
 @click.option("--fuse2fs", is_flag=True,
               help="Read the snapshot through fuse2fs instead of a loop device.")
+@PARTITION
 @click.option("--json", "json_output", is_flag=True, help="Print the report as JSON.")
 @pass_config
 def restore_files(config: CliConfig, snap: str, target: str, includes: tuple[str, ...],
                   excludes: tuple[str, ...], on_conflict: str, fuse2fs: bool,
-                  json_output: bool) -> None:
+                  partition: int | None, json_output: bool) -> None:
     """Copy files out of snapshot SNAP into a directory, keeping their metadata."""
     from snapfs.browse import RestoreStopped, restore_from_snapshot
     from snapfs.restore import RestoreOptions
@@ -108,7 +121,7 @@ def restore_files(config: CliConfig, snap: str, target: str, includes: tuple[str
     bar = progress_for(json_output)
     try:  # (SIGTERM and SIGHUP interrupt it as ^C does: cli.context.stop_signals_interrupt)
         try:
-            state, report = restore_from_snapshot(_options(config, snap, "", fuse2fs),
+            state, report = restore_from_snapshot(_options(config, snap, "", fuse2fs, partition),
                                                   target, restore, bar or NO_PROGRESS)
         finally:
             if bar is not None:
