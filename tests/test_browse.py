@@ -539,6 +539,55 @@ def test_bad_input_is_one_line_and_leaves_nothing_behind(env: Env) -> None:
     env.unbrowse(where)
 
 
+def test_a_partitioned_disk_is_browsed_and_restored_at_one_partition(
+    env: Env, images: dict[str, Path]
+) -> None:
+    boot, root = images["boot-files"], images["root-files"]
+    where = env.empty_dir("where")
+
+    def error(*args: Any, code: int) -> str:
+        return one_error(env.snapfs(*args), code)
+
+    # two filesystems on the MBR: the user chooses, and is told the choices
+    message = error("browse", "mbr", where, code=EXIT_USAGE)
+    assert "snapshot mbr holds 2 filesystems on its dos partition table: choose one with " \
+           "--partition N (partitions: 1 (ext4 'boot', 4.0 MiB); 2 (ext4 'root', 8.0 MiB); " \
+           "3 (swap, 2.0 MiB))" in message
+    assert "found: swap" in error("browse", "mbr", where, "--partition", "3", code=EXIT_GENERAL)
+    assert "has no partition 4 (its dos partition table has: 1 (" in error(
+        "browse", "mbr", where, "--partition", "4", code=EXIT_USAGE)
+    assert "snapshot vm-1 has no partition table (found: ext4): leave out --partition" in error(
+        "browse", "vm-1", where, "--partition", "1", code=EXIT_USAGE)
+    assert mounts_under(env.tmp) == [] and loops_under(env.tmp) == {}
+    assert env.daemon_pid_files() == [] and env.browse_states() == []
+
+    state = env.browse("mbr", where, "--partition", "2")
+    assert (state["partition"], state["filesystem"]) == (2, "ext4")
+    assert tree(where) == {**tree(root), "lost+found": "dir"}
+    assert_same_files(root, where, files_of(root))
+    assert os.readlink(where / "etc" / "motd") == "hostname"
+    assert "partition 1, ext4 on /dev/loop" in env.snapfs.ok("browse", "mbr",
+                                                             env.empty_dir("boot"),
+                                                             "--partition", "1")
+    assert_same_files(boot, env.tmp / "boot", files_of(boot))
+    env.unbrowse(env.tmp / "boot")
+    env.unbrowse(where)
+
+    # the GPT's one filesystem is found by itself, through a loop device and through fuse2fs
+    for method in ((), ("--fuse2fs",)):
+        state = env.browse("gpt", where, *method)
+        assert state["partition"] == 2 and state["method"] == ("fuse2fs" if method else "loop")
+        assert_same_files(root, where, files_of(root))
+        env.unbrowse(where)
+
+    target = env.tmp / "target"
+    report = env.snapfs.json("restore-files", "mbr", "--partition", "1", "--to", target)
+    assert (report["restored"], report["failed"]) == (len(files_of(boot)), 0)
+    assert tree(target) == tree(boot)
+    assert_same_files(boot, target, files_of(boot))
+    assert mounts_under(env.tmp) == [] and loops_under(env.tmp) == {}
+
+
 # -- restore-files -------------------------------------------------------------------------------
 
 
@@ -705,6 +754,10 @@ def test_a_command_is_interrupted_at_a_checkpoint_never_between_two_bytecodes(
     stretch without a checkpoint stands for that moment here: it must run to its end."""
     import trio
 
+    # as a terminal gives them: pytest run as a script's background job inherits SIGINT
+    # ignored (and under nohup, SIGHUP), and an ignored signal stays ignored by design
+    before = signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT
+                           else signal.SIG_DFL)
     reached = []
 
     async def command(progress: object) -> None:
@@ -715,8 +768,11 @@ def test_a_command_is_interrupted_at_a_checkpoint_never_between_two_bytecodes(
         await trio.lowlevel.checkpoint()
         reached.append("past the checkpoint")
 
-    with stop_signals_interrupt(), pytest.raises(KeyboardInterrupt):
-        run_async(command)
+    try:
+        with stop_signals_interrupt(), pytest.raises(KeyboardInterrupt):
+            run_async(command)
+    finally:
+        signal.signal(signum, before)
     assert reached == ["the end of the stretch"]
 
 
