@@ -1,9 +1,12 @@
 """Checking that snapshots can be restored: every page and block present and intact.
 
 Each referenced blob is fetched (neighbours in one ranged GET), decoded, checked against its
-xxh3 checksum and its keyed ID. Problems are collected, not raised, so one run reports all of
-them, each naming the snapshot and the disk offset it affects. A snapshot root that cannot be
-read is a problem too, named by its object.
+xxh3 checksum and its keyed ID; and every block's length is checked against its place (the
+disk's block size, the rest of the disk for its last block), from the index, so that a short
+block in the middle of a map (the image would read short from there) is found although the blob
+itself is intact. Problems are collected, not raised, so one run reports all of them, each
+naming the snapshot and the disk offset it affects. A snapshot root that cannot be read is a
+problem too, named by its object.
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ async def verify_snapshots(
     bad: dict[bytes, str] = {}  # blob ID -> what is wrong with it
     for root in roots:
         need.update(pid for pid in map(bytes.fromhex, root.pages) if pid != ZERO_ID)
-        for page_hex, count in zip(root.pages, repo.page_lengths(root), strict=True):
+        misfits: list[tuple[int, int, int]] = []
+        for p, (page_hex, count) in enumerate(zip(root.pages, repo.page_lengths(root), strict=True)):
             try:
                 ids = await trio.to_thread.run_sync(
                     repo.read_page, index, bytes.fromhex(page_hex), count, limiter=limiter
@@ -73,6 +77,9 @@ async def verify_snapshots(
                 bad[bytes.fromhex(page_hex)] = str(e)
                 continue
             need.update(ids)
+            misfits += _misfits(root, p * root.entries_per_page, ids, index)
+        if misfits:
+            report.problems.append(_misfit_line(root, misfits))
     need.discard(ZERO_ID)
 
     present = []
@@ -126,6 +133,35 @@ OFFSETS_SHOWN = 8
 
 def _label(root: SnapshotRoot) -> str:
     return f"snapshot {root.name} ({root.id})"
+
+
+def _misfits(root: SnapshotRoot, first: int, ids: list[bytes], index: BlobIndex,
+             ) -> list[tuple[int, int, int]]:
+    """(disk offset, length, length its place needs) of each block among ``ids`` (blocks
+    ``first``, ``first + 1``, ...) whose plain length does not fit its place in the disk:
+    every block is a whole block but the last, which holds the rest of the disk. (A block
+    missing from the index is reported as missing.)"""
+    bs = root.block_size
+    last = root.blocks_total - 1
+    tail = root.size - last * bs
+    out = []
+    for n, bid in enumerate(ids, first):
+        if bid == ZERO_ID:
+            continue  # a hole is any length
+        loc = index.get(bid)
+        want = tail if n == last else bs
+        if loc is not None and loc.raw_length != want:
+            out.append((n * bs, loc.raw_length, want))
+    return out
+
+
+def _misfit_line(root: SnapshotRoot, misfits: list[tuple[int, int, int]]) -> str:
+    shown = "; ".join(f"offset {offset} holds {length} bytes, not {want}"
+                      for offset, length, want in misfits[:OFFSETS_SHOWN])
+    more = f"; and {len(misfits) - OFFSETS_SHOWN} more" if len(misfits) > OFFSETS_SHOWN else ""
+    noun = "a block" if len(misfits) == 1 else f"{len(misfits)} blocks"
+    return (f"{_label(root)}: {noun} of the wrong length (its image reads wrong from there): "
+            f"{shown}{more}")
 
 
 async def _where(repo: Repository, index: BlobIndex, roots: list[SnapshotRoot],
