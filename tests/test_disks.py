@@ -711,9 +711,21 @@ def test_a_disk_made_from_a_pending_snapshot_keeps_its_whole_chain_alive(
             assert s.disk("e").read_bytes() == want
             assert "once it is stored" in one_error(s.snapfs("snapshot", "delete", "c1"),
                                                     EXIT_USAGE)
+            # a snapshot create that waits for its upload does not wait for ever behind c1
+            write_blocks(s.disk("d"), {20: random_blocks(53, 1)[0]})
+            result = s.snapfs("snapshot", "create", "--disk", "d", "--name", "c3", "--json")
+            assert result.returncode == EXIT_GENERAL, (result.stdout, result.stderr)
+            assert json.loads(result.stdout)["state"] == "progressing"
+            line = one_error(result, EXIT_GENERAL)
+            assert line.startswith(
+                "snapfs: snapshot c3 is not stored: it waits behind snapshot c1, which failed to "
+                "upload 3 times (") and line.endswith(
+                ") and is retried every 30 s for as long as disk e reads from it (snapfs "
+                "snapshot list shows how it goes)"), line
     with serving(snapfs, tmp_path) as s:
         wait_accomplished(s, "c1")
         wait_accomplished(s, "c2")
+        wait_accomplished(s, "c3")
         assert s.disk("e").read_bytes() == want
         assert s.export("c2").read_bytes() == want
 

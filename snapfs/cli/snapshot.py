@@ -107,6 +107,10 @@ def _create_of_disks(config: CliConfig, disks: list[str], name: str | None, pare
         emit_json(task)
     if task["state"] == "failed":
         raise SnapfsError(f"snapshot failed: {task['reason']}")
+    if task["state"] == "progressing" and task.get("stuck") and not no_wait:
+        names = ", ".join(part["name"] for part in task["parts"])
+        raise SnapfsError(f"snapshot {names} is not stored: {task['stuck']} (snapfs snapshot "
+                          "list shows how it goes)")
     if freeze and task["consistency"] == "crash":
         click.echo(f"warning: the file systems stayed frozen longer than {freeze_timeout:g} s "
                    "and were thawed: the snapshot is crash-consistent", err=True)

@@ -29,7 +29,8 @@ def snapshot_disks(repository: str, disks: list[str], name: str | None, tags: li
                    progress: Progress = NO_PROGRESS) -> dict[str, Any]:
     """Snapshot served disks at one instant (a consistency group if several), with the file
     systems in ``freeze`` frozen just for that instant. Returns the task's summary, after the
-    upload unless ``wait`` is False."""
+    upload unless ``wait`` is False, or once the daemon says the upload has no end in sight
+    (``stuck``: it, or the one ahead of it, is kept for disks that read from it)."""
     files = find_repository_daemon(repository)
     if freeze:  # imported only to freeze (here and in ``frozen`` below): it brings logging
         from snapfs.write.freeze import distinct_mountpoints, frozen
@@ -54,7 +55,7 @@ def snapshot_disks(repository: str, disks: list[str], name: str | None, tags: li
     block_size = task.get("block_size", 1)
     progress.start("snapshot", sum(p["blocks"] for p in task["parts"]) * block_size)
     done = 0
-    while task["state"] == "progressing":
+    while task["state"] == "progressing" and not task.get("stuck"):
         fresh = request(files, {"op": "task", "id": task["id"], "wait": POLL_WAIT})["task"]
         fresh["frozen_seconds"] = task["frozen_seconds"]
         if task["consistency"] == "crash":

@@ -150,6 +150,7 @@ class DiskService:
         self._state: DiskState | None = None
         self._loaded_changed: dict[str, dict[int, list[int]]] = {}  # between open and start
         self._queue_send, self._queue_recv = trio.open_memory_channel[str](1000)
+        self._current: SnapshotTask | None = None  # the task the queue is uploading
         self._finished: dict[str, trio.Event] = {}  # task id -> set when it ends
         self._uploading = 0  # uploads running now: the sweep yields to them too
         self._rest_until = 0.0  # trio clock: background disk work rests until then (``_pace``)
@@ -333,7 +334,11 @@ class DiskService:
             async for task_id in self._queue_recv:
                 task = self.tasks.get(task_id)
                 if task is not None and task.state == "progressing":
-                    await self._upload_task(task)
+                    self._current = task
+                    try:
+                        await self._upload_task(task)
+                    finally:
+                        self._current = None
             nursery.cancel_scope.cancel()
 
     async def _stage_ahead(self) -> None:
@@ -746,9 +751,11 @@ class DiskService:
                     await self._while_read_from(task, e.message)
                     await self._fail(task, e.message)
                     return
-                depended = bool(self._readers(task))
+                readers = self._readers(task)
+                depended = bool(readers)
                 if attempt < UPLOAD_ATTEMPTS or depended:
                     delay = DEPENDED_RETRY_DELAY if attempt >= UPLOAD_ATTEMPTS else RETRY_DELAY * attempt
+                    task.retried_for = readers if attempt >= UPLOAD_ATTEMPTS else []
                     log.warning("snapshot task %s: upload failed (%s); retrying in %.0f s%s",
                                 task.id, e.message, delay,
                                 " (a disk reads from it, so it is never given up)" if depended else "")
@@ -972,7 +979,27 @@ class DiskService:
         doc = dataclasses.asdict(task)
         doc["parts"] = parts
         doc["block_size"] = self.repo.block_size  # what a part's blocks are in bytes
+        doc["stuck"] = self._stuck(task)
         return doc
+
+    def _stuck(self, task: SnapshotTask) -> str | None:
+        """Why ``task``'s upload has no end in sight, if so: it, or the task ahead of it in the
+        queue, is kept for the disks that read from it (retried every 30 s, or waiting for
+        them to go). A waiting ``snapshot create`` stops waiting then, and says this."""
+        head = self._current
+        if task.state != "progressing" or head is None or not (head.read_by or head.retried_for):
+            return None
+        disks = head.read_by or head.retried_for
+        reads = f"disk {disks[0]} reads" if len(disks) == 1 else f"disks {', '.join(disks)} read"
+        if head.read_by:
+            why = (f"cannot be stored ({head.reason}) and fails once no disk reads from it "
+                   f"(delete or roll back {', '.join(disks)})")
+        else:
+            why = (f"failed to upload {UPLOAD_ATTEMPTS} times ({head.reason}) and is retried "
+                   f"every {DEPENDED_RETRY_DELAY:.0f} s for as long as {reads} from it")
+        if head is task:
+            return f"it {why}"
+        return f"it waits behind snapshot {', '.join(p.name for p in head.parts)}, which {why}"
 
     def task_list(self) -> list[dict[str, Any]]:
         return [self._summary(t) for t in sorted(self.tasks.values(), key=lambda t: t.created)]

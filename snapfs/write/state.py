@@ -140,6 +140,9 @@ class SnapshotTask:
     #: disks whose base is a snapshot of this task that can never be stored: it stays until
     #: they no longer read from it
     read_by: list[str] = field(default_factory=list)
+    #: disks that read from a snapshot of this task, for which its upload, failed as many times
+    #: as a task is tried, is retried without end
+    retried_for: list[str] = field(default_factory=list)
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
