@@ -139,3 +139,10 @@ class MountBusy(MountError):
 
 class NotMounted(NotFoundError):
     """Nothing (or no snapfs daemon) is mounted where the user pointed."""
+
+
+class Interrupted(SnapfsError):
+    """^C (or SIGTERM, SIGHUP) after a command had done part of its work that cannot be undone:
+    the message says what was done."""
+
+    exit_code = 130

@@ -1250,6 +1250,40 @@ def test_missing_block(snapfs: Snapfs, store: ObjectStore, images: Images, tmp_p
     assert objects(store) == before
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_a_delete_stopped_while_it_collects_says_what_it_deleted(tmp_path: Path) -> None:
+    """SIGTERM (as ^C) once the root is deleted, while garbage collection writes the new index
+    (strace holds that rename for 3 s): the command says what it deleted, not a bare
+    "interrupted" that reads as if nothing had been; prune then collects what it left."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPFS_")}
+    snapfs = Snapfs(str(tmp_path / "repo"), None, env)
+    snapfs.ok("init")
+    for n in range(3):
+        snapfs.ok("snapshot", "create", random_image(tmp_path / f"v{n}.img", MiB, seed=40 + n),
+                  "--name", f"s{n}")
+    root = tmp_path / "repo" / "snapshots" / snapfs.json("snapshot", "show", "s1")["id"]
+    # the 1st rename takes the lock, the 2nd stores the collection's new index
+    proc = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=rename",
+         "-e", "inject=rename:delay_enter=3000000:when=2", *snapfs.command(("snapshot", "delete", "s1"))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for(lambda: not root.exists(), 30, "the root to be deleted")
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        os.kill(int(children[0]), signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (out, err)
+    assert err == ("snapfs: interrupted after deleting 1 snapshot (s1): what only they used "
+                   "stays stored until snapfs prune succeeds\n")
+    assert [d["name"] for d in snapfs.json("snapshot", "list")] == ["s0", "s2"]
+    assert snapfs.json("prune")["bytes_freed"] > 0
+    assert snapfs.json("verify")["ok"] is True
+
+
 def test_a_delete_whose_collection_fails_says_what_it_deleted(snapfs: Snapfs, store: ObjectStore,
                                                               tmp_path: Path) -> None:
     """``delete`` and ``forget`` delete the roots first, then collect garbage: when collecting

@@ -31,7 +31,7 @@ from typing import Any
 
 import trio
 
-from snapfs.errors import IntegrityError, SnapfsError
+from snapfs.errors import IntegrityError, Interrupted, SnapfsError
 from snapfs.format.block import ZERO_ID
 from snapfs.format.index import IndexFile
 from snapfs.format.manifest import SnapshotRoot
@@ -85,15 +85,20 @@ async def delete_snapshots(
         for snapshot_id in doomed:
             await trio.to_thread.run_sync(repo.delete_root, snapshot_id, limiter=limiter)
             progress.advance(1)
+        names = [r.name for r in roots] + [u.snapshot_id for u in unreadable]
         try:
-            stats = await _collect(repo, limiter, progress)
+            with single_error():
+                stats = await _collect(repo, limiter, progress)
         except SnapfsError as e:
             # the roots are gone whatever comes next: said alone, the error read as if nothing
             # had been deleted, and the same command again found no such snapshot
-            names = [r.name for r in roots] + [u.snapshot_id for u in unreadable]
             raise type(e)(f"deleted {counted(len(names), 'snapshot')} ({', '.join(names)}) but "
                           f"collected no garbage: {e.message}; what only they used stays "
                           "stored until snapfs prune succeeds", e.exit_code) from e
+        except KeyboardInterrupt:  # the same, for ^C (plain "interrupted" read as nothing done)
+            raise Interrupted(f"interrupted after deleting {counted(len(names), 'snapshot')} "
+                              f"({', '.join(names)}): what only they used stays stored until "
+                              "snapfs prune succeeds") from None
     return {"deleted": doomed, **stats}
 
 
