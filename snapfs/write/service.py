@@ -15,8 +15,10 @@ at a time, in order (a disk's next snapshot is incremental to the one before). A
 ``rollback``) or ``failed`` after retries (its changed blocks merge back into the open
 generation, so the next snapshot uploads them; later tasks of the same disks fail with it, as
 their parent is gone). A task whose pending snapshot a disk was created from never fails: it
-keeps retrying, since that disk reads from it; one that can never be stored (its kept blocks
-may be lost) waits, not retrying, until no disk reads from it, then fails. The closing is durable (with the closed
+keeps retrying (every 30 s after its third failure), since that disk reads from it; one that can
+never be stored (its kept blocks may be lost) waits, not retrying, until no disk reads from it,
+then fails: it waits off the queue (parked), so that other disks' tasks go on meanwhile (later
+tasks of its own disks wait with it, and fail with it). The closing is durable (with the closed
 generations' marks, after their bytes) before it is acknowledged, so after kill -9 or a power
 cut the next daemon finds the task still ``progressing`` and uploads it again from the durable
 local copy, or finds its root stored already and takes it as it is. A part's end is recorded
@@ -151,6 +153,10 @@ class DiskService:
         self._loaded_changed: dict[str, dict[int, list[int]]] = {}  # between open and start
         self._queue_send, self._queue_recv = trio.open_memory_channel[str](1000)
         self._current: SnapshotTask | None = None  # the task the queue is uploading
+        #: tasks that can never be stored, kept off the queue while disks read from them
+        #: (``_park``); later tasks of their disks wait with them, other disks' tasks go on
+        self._parked: dict[str, SnapshotTask] = {}
+        self._run_nursery: trio.Nursery | None = None
         self._finished: dict[str, trio.Event] = {}  # task id -> set when it ends
         self._uploading = 0  # uploads running now: the sweep yields to them too
         self._rest_until = 0.0  # trio clock: background disk work rests until then (``_pace``)
@@ -327,12 +333,16 @@ class DiskService:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """The upload queue: one task at a time, in the order they were closed."""
         async with trio.open_nursery() as nursery:
+            self._run_nursery = nursery
             nursery.start_soon(self._stage_ahead)
             nursery.start_soon(self._publish_holds)
             nursery.start_soon(self._let_go_of_locks)
             task_status.started()
             async for task_id in self._queue_recv:
                 task = self.tasks.get(task_id)
+                if task is not None and any(task in self._doomed_with(parked)
+                                            for parked in self._parked.values()):
+                    continue  # it needs a parked task's snapshot: it fails with it
                 if task is not None and task.state == "progressing":
                     self._current = task
                     try:
@@ -748,8 +758,10 @@ class DiskService:
             except SnapfsError as e:
                 if isinstance(e, KeptBlocksLost):
                     # contents a failed flush may have lost do not come back by trying again
-                    await self._while_read_from(task, e.message)
-                    await self._fail(task, e.message)
+                    if self._readers(task):
+                        self._park(task, e.message)
+                    else:
+                        await self._fail(task, e.message)
                     return
                 readers = self._readers(task)
                 depended = bool(readers)
@@ -829,6 +841,22 @@ class DiskService:
         one of a later task that would fail with it (``_doomed_with``)."""
         ids = {p.snapshot_id for t in self._doomed_with(task) for p in t.parts}
         return sorted(d.name for d in self.disks.values() if d.record.base in ids)
+
+    def _park(self, task: SnapshotTask, reason: str) -> None:
+        """Take ``task``, which can never be stored, off the queue: it waits for the disks that
+        read from it to go (``_while_read_from``), then fails, beside the queue, which goes on
+        with the tasks of other disks (those of its own disks fail with it)."""
+        assert self._run_nursery is not None
+        self._parked[task.id] = task
+
+        async def wait_then_fail() -> None:
+            try:
+                await self._while_read_from(task, reason)
+                await self._fail(task, reason)
+            finally:
+                self._parked.pop(task.id, None)
+
+        self._run_nursery.start_soon(wait_then_fail)
 
     async def _while_read_from(self, task: SnapshotTask, reason: str) -> None:
         """Keep ``task``, which can never be stored, while disks read from its snapshot: giving
@@ -983,12 +1011,18 @@ class DiskService:
         return doc
 
     def _stuck(self, task: SnapshotTask) -> str | None:
-        """Why ``task``'s upload has no end in sight, if so: it, or the task ahead of it in the
-        queue, is kept for the disks that read from it (retried every 30 s, or waiting for
-        them to go). A waiting ``snapshot create`` stops waiting then, and says this."""
-        head = self._current
-        if task.state != "progressing" or head is None or not (head.read_by or head.retried_for):
+        """Why ``task``'s upload has no end in sight, if so: it, or a task it waits behind (a
+        parked one of its disks, or the one the queue is retrying), is kept for the disks that
+        read from it (waiting for them to go, or retried every 30 s). A waiting ``snapshot
+        create`` stops waiting then, and says this."""
+        if task.state != "progressing":
             return None
+        head = next((p for p in self._parked.values()
+                     if p.read_by and (p is task or task in self._doomed_with(p))), None)
+        if head is None:
+            head = self._current
+            if head is None or not head.retried_for:
+                return None
         disks = head.read_by or head.retried_for
         reads = f"disk {disks[0]} reads" if len(disks) == 1 else f"disks {', '.join(disks)} read"
         if head.read_by:
