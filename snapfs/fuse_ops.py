@@ -30,8 +30,9 @@ The rules it keeps:
   before its snapshot was deleted stays readable, and a long-lived mount that sees snapshots
   come and go does not grow.
 - Disks (``DiskService``) are not immutable: their attributes time out in a second, they are
-  opened without ``keep_cache``, a write past the end fails with ENOSPC and their size cannot be
-  changed (``truncate`` fails with EPERM). ``fsync`` returns once the disk's written data and
+  opened without ``keep_cache``, a write across the end writes what fits and returns that
+  count (with O_DIRECT it fails whole), one at or past the end fails with ENOSPC, and their
+  size cannot be changed (``truncate`` fails with EPERM). ``fsync`` returns once the disk's written data and
   changed-block marks are durable. Open handles are counted on the disk, so a disk that is in
   use is never deleted or rolled back. Disks created or deleted through the control socket
   appear and go at once (the service notifies us; we invalidate the kernel's entries).
@@ -154,6 +155,7 @@ class SnapshotFS(pyfuse3.Operations):
         self._next_inode = FIRST_IMAGE_INODE
         self._open_files: dict[int, ReadOnlyImage] = {}
         self._open_disks: dict[int, Disk] = {}
+        self._direct: set[int] = set()  # handles of disks opened with O_DIRECT
         if disks is not None:
             disks.changed.append(self._sync_disks)
         # a refresh by anyone (the sweep's, every half minute) retires the kernel's entries for
@@ -394,6 +396,8 @@ class SnapshotFS(pyfuse3.Operations):
                 raise _fail(errno.EPERM)  # a disk's size is fixed
             handle = self._new_handle()
             self._open_disks[handle] = disk
+            if flags & os.O_DIRECT:
+                self._direct.add(handle)
             disk.handle_opened()
             return pyfuse3.FileInfo(fh=handle, keep_cache=False)
         view = self._views.get(inode)
@@ -426,8 +430,17 @@ class SnapshotFS(pyfuse3.Operations):
         disk = self._open_disks.get(fh)
         if disk is None:
             raise _fail(errno.EBADF if fh not in self._open_files else errno.EROFS)
-        if off + len(buf) > disk.size:
+        if off >= disk.size:
             raise _fail(errno.ENOSPC)  # a disk does not grow by writing past its end
+        if off + len(buf) > disk.size:
+            # as a block device does: what fits is written and the short count says so (the
+            # caller's next write, at the end, gets ENOSPC). Failing the whole request would
+            # leave the disk's last bytes unwritten by a copy of a bigger image. Not for
+            # O_DIRECT: the kernel turns a short reply to an asynchronous direct write into
+            # EIO, which would say the disk failed; ENOSPC for the whole request is the truth.
+            if fh in self._direct:
+                raise _fail(errno.ENOSPC)
+            buf = buf[: disk.size - off]
         return await disk.write(off, buf)
 
     @_errno_boundary
@@ -488,6 +501,7 @@ class SnapshotFS(pyfuse3.Operations):
     @_errno_boundary
     async def release(self, fh: int) -> None:
         self._open_files.pop(fh, None)
+        self._direct.discard(fh)
         disk = self._open_disks.pop(fh, None)
         if disk is not None:
             disk.handle_released()
