@@ -504,8 +504,12 @@ def test_three_disks_of_one_snapshot_fetch_each_block_once(
 
 def test_a_disk_larger_than_its_snapshot(served: Served, base_image: Path) -> None:
     s = served
-    s.snapfs.ok("disk", "create", "big", "--from", "vm-1", "--size", "96M")
+    created = s.snapfs.json("disk", "create", "big", "--from", "vm-1", "--size", "96M")
     disk = s.disk("big")
+    # the facts of disk list, the image's path included (it was missing here)
+    listed = s.snapfs.json("disk", "list")
+    assert created["path"] == listed[0]["path"] == str(disk)
+    assert created.keys() == listed[0].keys()
     size = os.path.getsize(base_image)
     assert os.path.getsize(disk) == 96 * MiB
     data = disk.read_bytes()

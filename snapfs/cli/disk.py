@@ -39,7 +39,7 @@ def create(config: CliConfig, name: str, source: str | None, size: str | None,
     else:
         d = reply["disk"]
         click.echo(f"disk {d['name']} created ({human_size(d['size'])}, from "
-                   f"{d['source'] or 'nothing'})")
+                   f"{d['source'] or 'nothing'}): {d['path']}")
 
 
 @disk.command("list")
