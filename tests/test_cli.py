@@ -880,6 +880,22 @@ def test_snapshot_names_fit_a_file_name_in_every_mount(snapfs: Snapfs, store: Ob
     assert made["disk"] == "../web/a\tb"  # the label is kept as given
     assert made["name"].startswith("_web_a_b-") and "/" not in made["name"]
     assert snapfs.json("snapshot", "create", image, "--name", "ünïcode ok")["name"] == "ünïcode ok"
+    # a label or a tag with a newline is kept as given, and printed escaped: it broke its row
+    lined = snapfs.json("snapshot", "create", image, "--disk", "two\nlines", "--tag", "x\ny")
+    assert (lined["disk"], lined["tags"]) == ("two\nlines", ["x\ny"])
+    rows = snapfs.ok("snapshot", "list").splitlines()
+    assert len(rows) == 1 + 3 and "two\\nlines" in rows[3]
+    rows = snapfs.ok("snapshot", "forget", "--keep-last", "1", "--dry-run").splitlines()
+    assert len(rows) == 1 + 3 + 1 and "two\\nlines" in rows[3]
+    assert "tags:              x\\ny" in snapfs.ok("snapshot", "show", lined["id"]).splitlines()
+    # an empty one is refused (it was stored as a tag, or taken for no --disk at all)
+    before = objects(store)
+    for args in (("snapshot", "create", image, "--tag", ""),
+                 ("snapshot", "create", image, "--disk", ""),
+                 ("snapshot", "forget", "--keep-tag", "", "--dry-run"),
+                 ("policy", "set", "--keep-tag", ""), ("policy", "set", "--disk", "", "--keep-last", "1")):
+        assert "must not be empty" in one_error(snapfs(*args), EXIT_USAGE)
+    assert objects(store) == before
 
 
 # -- bad sources -------------------------------------------------------------------------------

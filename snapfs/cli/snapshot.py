@@ -11,6 +11,7 @@ from snapfs.cli.keep import keep_options, policy_from
 from snapfs.cli.output import (
     emit_json,
     human_size,
+    printable,
     progress_for,
     run_async,
     table_lines,
@@ -62,6 +63,10 @@ def create(config: CliConfig, source: str | None, name: str | None, disks: tuple
     or, without SOURCE, the --disk disks the running mount serves (only their changed blocks)."""
     if rate is not None and not rate > 0:  # (nan too)
         raise UsageError("--rate must be a positive number of MB/s")
+    if "" in tags:  # (an unset variable in `--tag "$TAG"`, most likely)
+        raise UsageError("--tag must not be empty")
+    if "" in disks:  # was taken as no --disk at all: the default label, silently
+        raise UsageError("--disk must not be empty")
     if source is not None or freeze:
         log_to_stderr(config.debug)  # the library logs, and so does freezing; asking does not
     if source is None:
@@ -283,7 +288,7 @@ def show(config: CliConfig, snap: str, json_output: bool) -> None:
     for key, value in doc.items():
         if isinstance(value, list):  # tags: as words, not as a Python list
             value = ", ".join(map(str, value))
-        click.echo(f"{key + ':':18} {value if value not in (None, '') else '-'}")
+        click.echo(f"{key + ':':18} {printable(str(value)) if value not in (None, '') else '-'}")
 
 
 @snapshot.command()
