@@ -85,7 +85,13 @@ from snapfs.errors import (
 )
 from snapfs.format.manifest import SnapshotRoot
 from snapfs.host import pid_alive, pid_started_after
-from snapfs.mount import MountOptions, check_cache_dir, check_mountpoint, mount
+from snapfs.mount import (
+    MountOptions,
+    check_cache_dir,
+    check_mountpoint,
+    check_outside_repository,
+    mount,
+)
 from snapfs.progress import NO_PROGRESS, Progress
 from snapfs.repo.repository import Repository, warn_unreadable
 from snapfs.restore import RestoreOptions, RestoreReport, restore_files
@@ -254,6 +260,7 @@ def browse(options: BrowseOptions) -> BrowseState:
                              f"{directory}")
         check_mountpoint(directory)
         location = repository_location(options.repository)
+        check_outside_repository(directory, location)
         store = open_store(location, options.endpoint_url)
         try:
             repo = Repository.open(store)
