@@ -492,6 +492,10 @@ def restore_from_snapshot(options: BrowseOptions, target: str, restore: RestoreO
     """``restore_files`` from the snapshot, browsed at a temporary directory under
     ``CACHE/browse-mnt`` (``options.directory`` is not used) and unbrowsed however it ends.
     An error of the restore itself comes as ``RestoreStopped``."""
+    # (files under packs/ are taken for packs: prune counts them as deleted, repair index
+    # as unreadable)
+    check_outside_repository(os.path.realpath(target), repository_location(options.repository),
+                             "restore target")
     root = private_root(options.cache_dir)
     _undo_killed_restores(root)
     temp = tempfile.mkdtemp(prefix=f"restore-{os.getpid()}-", dir=root)

@@ -202,15 +202,16 @@ def check_mountpoint(path: str) -> None:
         raise MountError(f"mount point {path} is not empty")
 
 
-def check_outside_repository(mountpoint: str, repository: str) -> None:
-    """Refuse a mount point inside a local repository: the repository's listings (garbage
-    collection's of its packs, ``repair index``'s) would walk into the mount, and the daemon
-    would read its own images as the repository's objects."""
+def check_outside_repository(path: str, repository: str, what: str = "mount point") -> None:
+    """Refuse a mount point (or a restore's target: ``what``) at real path ``path`` inside a
+    local repository: the repository's listings (garbage collection's of its packs, ``repair
+    index``'s) would walk into the mount (or collect the restored files), and the daemon would
+    read its own images as the repository's objects."""
     if "://" in repository:
         return
     top = os.path.realpath(repository)
-    if mountpoint == top or mountpoint.startswith(top.rstrip(os.sep) + os.sep):
-        raise UsageError(f"mount point {mountpoint} is inside the repository {repository}")
+    if path == top or path.startswith(top.rstrip(os.sep) + os.sep):
+        raise UsageError(f"{what} {path} is inside the repository {repository}")
 
 
 def check_cache_dir(directory: str) -> None:

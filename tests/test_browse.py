@@ -502,6 +502,9 @@ def test_bad_input_is_one_line_and_leaves_nothing_behind(env: Env) -> None:
     inside = Path(env.snapfs.repo) / "packs" / "files"
     inside.mkdir()
     assert "inside the repository" in error("browse", "vm-1", inside, code=EXIT_USAGE)
+    assert "inside the repository" in error("restore-files", "vm-1", "--to", inside / "to",
+                                            code=EXIT_USAGE)
+    assert not (inside / "to").exists()
     assert mounts_under(env.tmp) == [] and env.browse_states() == []
     inside.rmdir()
     for snap, found in (("zeros", "nothing recognisable"), ("random", "nothing recognisable"),
