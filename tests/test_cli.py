@@ -1432,7 +1432,13 @@ def test_export_to_a_path_that_names_no_file_is_refused_at_once(snapfs: Snapfs,
         line = one_error(snapfs("export", "one", out, cwd=work), EXIT_USAGE)
         assert line == (f"snapfs: {out!r} is not a file name: export writes an image file (or "
                         "onto a block device)")
+    # "-" is standard output for restic dump and borg export-tar: it wrote a file named "-"
+    line = one_error(snapfs("export", "one", "-", cwd=work), EXIT_USAGE)
+    assert line == ("snapfs: export cannot write to standard output ('-'): it writes an image "
+                    "file (or onto a block device); for a file named '-', give ./-")
     assert [p.name for p in work.rglob("*")] == ["sub"]
+    assert snapfs("export", "one", "./-", cwd=work).returncode == 0
+    assert sorted(p.name for p in work.rglob("*")) == ["-", "sub"]
 
 
 @needs_root
