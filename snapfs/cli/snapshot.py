@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from snapfs.cli.context import CliConfig, log_to_stderr, pass_config
+from snapfs.cli.context import CliConfig, SubcommandGroup, log_to_stderr, pass_config
 from snapfs.cli.keep import keep_options, policy_from
 from snapfs.cli.output import (
     emit_json,
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from snapfs.repo.repository import Repository, UnreadableRoot
 
 
-@click.group()
+@click.group(cls=SubcommandGroup)
 @click.pass_context
 def snapshot(ctx: click.Context) -> None:
     """Create, list, show, delete and forget snapshots."""
