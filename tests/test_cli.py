@@ -609,6 +609,14 @@ def test_forget_by_retention_policy(snapfs: Snapfs, store: ObjectStore, tmp_path
     assert reasons == {"vm-0": [], "vm-1": ["tag pinned"], "vm-2": [], "vm-3": ["daily"],
                        "vm-4": ["daily"], "db-0": ["daily"]}
     assert plan["dry_run"] is True and plan["forgotten"] == []
+    # the tables show local time, as the days are counted (and default names made): UTC was
+    # shown, so that a snapshot kept as one day's seemed to be of the day before
+    tokyo = {**snapfs.env, "TZ": "Asia/Tokyo"}  # UTC+9 all year
+    rows = snapfs("snapshot", "list", env=tokyo).stdout.splitlines()
+    assert "  2026-01-01 22:00:00  " in rows[2] and "vm-1" in rows[2]
+    rows = snapfs("snapshot", "forget", "--keep-daily", "2", "--dry-run", env=tokyo
+                  ).stdout.splitlines()
+    assert "  2026-01-05 21:00:00  daily" in rows[5] and "vm-4" in rows[5]
 
     done = snapfs.json("snapshot", "forget", "--keep-daily", "2", "--keep-tag", "pinned")
     assert sorted(done["forgotten"]) == sorted([ids[0], ids[2]])

@@ -54,6 +54,18 @@ def printable(text: str) -> str:
     return text.translate(_ESCAPES)
 
 
+def local_time(created: str) -> str:
+    """A root's creation time (ISO 8601 in UTC) as a table shows it: in local time, to the
+    second, as the default names (DISK-YYYYMMDD-HHMMSS) and forget's days count it."""
+    from datetime import datetime
+
+    try:
+        when = datetime.fromisoformat(created)
+    except ValueError:  # (not a time at all: shown as it is)
+        return created
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
 def table_lines(rows: Sequence[Sequence[str]]) -> list[str]:
     """Rows (the first one the header) as left-aligned columns two spaces apart, each cell on
     one line (``printable``)."""

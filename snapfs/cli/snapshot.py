@@ -11,6 +11,7 @@ from snapfs.cli.keep import keep_options, policy_from
 from snapfs.cli.output import (
     emit_json,
     human_size,
+    local_time,
     printable,
     progress_for,
     run_async,
@@ -146,7 +147,7 @@ def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
         return
     rows = [("ID", "NAME", "DISK", "SIZE", "CREATED", "STATE", "PARENT")]
     rows += [(d["id"], d["name"], d["disk"], human_size(d["size"]),
-              d["created"][:19].replace("T", " "), d["state"], d["parent"] or "-") for d in docs]
+              local_time(d["created"]), d["state"], d["parent"] or "-") for d in docs]
     click.echo("\n".join(table_lines(rows)))
     # reasons are long (a store's error, a lock's holder): under the table, one line each
     notes = [_note(d) for d in docs if d.get("reason") and d["state"] in ("failed", "progressing")]
@@ -415,7 +416,7 @@ def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool
         return
     rows = [("ACTION", "ID", "NAME", "DISK", "CREATED", "KEPT FOR")]
     rows += [("keep" if d.keep else "forget", d.root.id, d.root.name, d.root.disk,
-              d.root.created[:19].replace("T", " "), ", ".join(d.reasons) or "-")
+              local_time(d.root.created), ", ".join(d.reasons) or "-")
              for d in decisions]
     click.echo("\n".join(table_lines(rows)))
     if not doomed:
