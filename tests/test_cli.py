@@ -249,6 +249,23 @@ def test_a_repository_path_that_is_a_file_or_cannot_be_made(snapfs: Snapfs,
         assert one_error(result, EXIT_STORE) == (
             f"snapfs: cannot create {locked}/repo: permission denied")
         assert list(locked.iterdir()) == []
+        # a parent that cannot be searched: was a traceback (PermissionError from is_dir)
+        hidden = tmp_path / "hidden"
+        hidden.mkdir(mode=0o000)
+        for args, key in ((("init",), ""), (("snapshot", "list"), " config:")):
+            result = subprocess.run(
+                ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                 "--inh-caps=-dac_override,-dac_read_search",
+                 *snapfs.with_repo(str(hidden / "repo")).command(args)],
+                capture_output=True, text=True, env=snapfs.env, timeout=60)
+            assert one_error(result, EXIT_STORE) == (
+                f"snapfs: {hidden}/repo:{key} permission denied"), args
+    # a name longer than a file name can be: was a traceback (OSError from is_dir)
+    long = tmp_path / ("x" * 300)
+    assert one_error(snapfs.with_repo(str(long))("init"), EXIT_STORE) == (
+        f"snapfs: {long}: File name too long")
+    assert one_error(snapfs.with_repo(str(long))("snapshot", "list"), EXIT_STORE) == (
+        f"snapfs: {long}: config: File name too long")
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # both: test_repository.py
