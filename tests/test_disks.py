@@ -1687,6 +1687,18 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(served: Served, tmp_path: Pat
                  ("snapshot", "create", "--disk", "d")):
         assert "no snapfs mount" in one_error(other(*args), EXIT_NOT_FOUND)
 
+    # a second mount of the repository with a cache directory of its own serves its own disks:
+    # the disk commands went to whichever daemon's key sorted first
+    with mounted(snapfs, tmp_path / "mnt2", tmp_path / "cache2", "--no-background") as other:
+        for args in (("disk", "list"), ("disk", "create", "e", "--size", "1M"),
+                     ("snapshot", "create", "--disk", "d")):
+            line = error(*args)
+            assert "2 snapfs mounts" in line and str(other.mountpoint) in line
+        assert os.listdir(other.mountpoint / "disks") == []
+        # what asks every daemon still works
+        assert [d["name"] for d in snapfs.json("snapshot", "list")] == ["vm-1"]
+        assert "nosuch" in error("snapshot", "show", "nosuch", code=EXIT_NOT_FOUND)
+
     # nothing was created or snapshotted by all that
     assert list(s.disks()) == ["d"]
     assert set(s.snapshots()) == {"vm-1"}

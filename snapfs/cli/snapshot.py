@@ -245,12 +245,16 @@ def refuse_unstored(config: CliConfig, snaps: Sequence[str], doing: str) -> None
 
 def _unfinished(config: CliConfig) -> list[dict[str, Any]]:
     """Snapshots of served disks that are not stored: progressing, or failed (with why)."""
-    from snapfs.write.client import call
+    from snapfs.control import disk_daemons, request
 
-    try:
-        tasks = call(config.require_repo(), {"op": "tasks"}, timeout=10.0)["tasks"]
-    except NotMounted:
-        return []  # no daemon serves this repository's disks here
+    tasks = []
+    # (every daemon serving disks of the repository: mounts on different cache directories
+    # each serve their own, and the disk commands refuse to choose, but listing must not)
+    for files in disk_daemons(config.require_repo()):
+        try:
+            tasks += request(files, {"op": "tasks"}, timeout=10.0)["tasks"]
+        except NotMounted:
+            continue  # (it ended meanwhile)
     out = []
     for task in tasks:
         if task["state"] == "accomplished":
