@@ -430,15 +430,16 @@ class Repository:
         by_id.update((u.snapshot_id, u) for u in unreadable)
         ids = list(by_id)
         if not exact:
-            exact = [r for r in roots if r.name == ref]
+            named = [r for r in roots if r.name == ref]
             # a name that is also a prefix of another snapshot's id: which one the user means
             # cannot be told, and the id may well have been copied from `snapshot list`
             others = [i for i in ids if len(ref) >= 4 and i.startswith(ref)
-                      and all(i != r.id for r in exact)]
-            if len(exact) == 1 and others:
+                      and all(i != r.id for r in named)]
+            if len(named) == 1 and others:
                 raise AmbiguousSnapshot(
-                    f"snapshot {ref!r} is ambiguous: the name of {exact[0].id} and a prefix of "
+                    f"snapshot {ref!r} is ambiguous: the name of {named[0].id} and a prefix of "
                     f"{', '.join(others)}; use a full id")
+            exact = list(named)
         if len(exact) == 1:
             return exact[0]
         if len(exact) > 1:
