@@ -38,7 +38,9 @@ def snapshot(ctx: click.Context) -> None:
 
 @snapshot.command()
 @click.argument("source", required=False)
-@click.option("--name", metavar="NAME", help="A unique name (default: DISK-YYYYMMDD-HHMMSS).")
+@click.option("--name", metavar="NAME",
+              help="A unique name (default: DISK-YYYYMMDD-HHMMSS, local time); with several "
+                   "--disk, each snapshot is named NAME-DISK.")
 @click.option("--disk", "disks", multiple=True, metavar="NAME",
               help="Without SOURCE: a disk the running mount serves (repeat for a consistency "
                    "group). With SOURCE: the disk SOURCE is a snapshot of (default: its file "
