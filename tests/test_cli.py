@@ -918,7 +918,7 @@ def test_snapshot_names_fit_a_file_name_in_every_mount(snapfs: Snapfs, store: Ob
     for args in (("snapshot", "create", image, "--tag", ""),
                  ("snapshot", "create", image, "--disk", ""),
                  ("snapshot", "forget", "--keep-tag", "", "--dry-run"),
-                 ("policy", "set", "--keep-tag", ""), ("policy", "set", "--disk", "", "--keep-last", "1")):
+                 ("policy", "set", "--keep-tag", "")):
         assert "must not be empty" in one_error(snapfs(*args), EXIT_USAGE)
     assert objects(store) == before
 

@@ -31,8 +31,6 @@ def _whose(disk: str | None) -> str:
 @pass_config
 def set_(config: CliConfig, disk: str | None, json_output: bool, **keep: Any) -> None:
     """Store a retention policy (replacing the one stored for the same disk, if any)."""
-    if disk == "":
-        raise UsageError("--disk must not be empty (leave it out for the default policy)")
     rules = policy_from(**keep)
     if rules.empty():
         raise UsageError("policy set needs at least one --keep-… rule")
