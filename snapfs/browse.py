@@ -93,7 +93,13 @@ from snapfs.errors import (
 )
 from snapfs.format.manifest import SnapshotRoot
 from snapfs.host import pid_alive, pid_started_after
-from snapfs.mount import MountOptions, check_cache_dir, check_mountpoint, mount
+from snapfs.mount import (
+    MountOptions,
+    check_cache_dir,
+    check_mountpoint,
+    check_outside_repository,
+    mount,
+)
 from snapfs.progress import NO_PROGRESS, Progress
 from snapfs.repo.repository import Repository, warn_unreadable
 from snapfs.restore import RestoreOptions, RestoreReport, restore_files
@@ -266,6 +272,7 @@ def browse(options: BrowseOptions) -> BrowseState:
                              f"{directory}")
         check_mountpoint(directory)
         location = repository_location(options.repository)
+        check_outside_repository(directory, location)
         store = open_store(location, options.endpoint_url)
         try:
             repo = Repository.open(store)
@@ -591,6 +598,10 @@ def restore_from_snapshot(options: BrowseOptions, target: str, restore: RestoreO
     """``restore_files`` from the snapshot, browsed at a temporary directory under
     ``CACHE/browse-mnt`` (``options.directory`` is not used) and unbrowsed however it ends.
     An error of the restore itself comes as ``RestoreStopped``."""
+    # (files under packs/ are taken for packs: prune counts them as deleted, repair index
+    # as unreadable)
+    check_outside_repository(os.path.realpath(target), repository_location(options.repository),
+                             "restore target")
     root = private_root(options.cache_dir)
     _undo_killed_restores(root)
     temp = tempfile.mkdtemp(prefix=f"restore-{os.getpid()}-", dir=root)

@@ -372,10 +372,21 @@ def repository_daemons(repository: str) -> list[tuple[RunFiles, dict[str, Any]]]
     return found
 
 
+def disk_daemons(repository: str) -> list[RunFiles]:
+    """The run files of every live daemon serving disks of ``repository`` on this host: one,
+    unless mounts of it on different cache directories each serve their own."""
+    return [files for files, info in repository_daemons(repository) if info.get("disks")]
+
+
 def find_repository_daemon(repository: str) -> RunFiles:
     """The run files of the live daemon serving ``repository``'s disks on this host."""
     found = repository_daemons(repository)
     serving = [files for files, info in found if info.get("disks")]
+    if len(serving) > 1:  # each from its own cache directory: which one is meant is unknown
+        raise SnapfsError(f"{len(serving)} snapfs mounts of {repository} on this host serve "
+                          f"disks, each from its own cache directory "
+                          f"({', '.join(f.mountpoint for f in serving)}): the disk commands "
+                          "cannot tell which is meant; unmount all but one")
     if serving:
         return serving[0]
     if found:

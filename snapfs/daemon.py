@@ -279,7 +279,8 @@ class MountDaemon:
             if op == "disk-create":
                 disk = await disks.create_disk(str(request["name"]), request.get("from"),
                                                request.get("size"))
-                return {"ok": True, "disk": disk.stats()}
+                # with the image's path, as ``disk-list`` gives it
+                return {"ok": True, "disk": {**disk.stats(), "path": disks.disk_path(disk.name)}}
             if op == "disk-list":
                 return {"ok": True, "disks": disks.disk_list()}
             if op == "disk-delete":

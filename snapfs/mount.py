@@ -112,6 +112,7 @@ def mount(options: MountOptions, announce: Callable[[str], None]) -> None:
     _check_simulation(options)
     files = RunFiles.for_mountpoint(options.mountpoint)
     check_mountpoint(files.mountpoint)
+    check_outside_repository(files.mountpoint, options.repository)
     pid_file = PidFile.try_claim(files.pid_file)
     if pid_file is None:
         holder = PidFile.holder(files.pid_file)
@@ -199,6 +200,18 @@ def check_mountpoint(path: str) -> None:
         raise MountError(f"{path} is already a mount point ({what} is mounted there)")
     if names:
         raise MountError(f"mount point {path} is not empty")
+
+
+def check_outside_repository(path: str, repository: str, what: str = "mount point") -> None:
+    """Refuse a mount point (or a restore's target: ``what``) at real path ``path`` inside a
+    local repository: the repository's listings (garbage collection's of its packs, ``repair
+    index``'s) would walk into the mount (or collect the restored files), and the daemon would
+    read its own images as the repository's objects."""
+    if "://" in repository:
+        return
+    top = os.path.realpath(repository)
+    if path == top or path.startswith(top.rstrip(os.sep) + os.sep):
+        raise UsageError(f"{what} {path} is inside the repository {repository}")
 
 
 def check_cache_dir(directory: str) -> None:

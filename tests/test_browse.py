@@ -518,6 +518,16 @@ def test_bad_input_is_one_line_and_leaves_nothing_behind(env: Env) -> None:
     assert "not a directory" in error("browse", "vm-1", a_file)
     assert "not empty" in error("browse", "vm-1", full)
     assert "-r REPO" in one_error(env.snapfs.with_repo(None)("browse", "vm-1", where), EXIT_USAGE)
+    # inside the repository: its listings would walk into the snapshot's files
+    assert env.snapfs.repo is not None and "://" not in env.snapfs.repo
+    inside = Path(env.snapfs.repo) / "packs" / "files"
+    inside.mkdir()
+    assert "inside the repository" in error("browse", "vm-1", inside, code=EXIT_USAGE)
+    assert "inside the repository" in error("restore-files", "vm-1", "--to", inside / "to",
+                                            code=EXIT_USAGE)
+    assert not (inside / "to").exists()
+    assert mounts_under(env.tmp) == [] and env.browse_states() == []
+    inside.rmdir()
     for snap, found in (("zeros", "nothing recognisable"), ("random", "nothing recognisable"),
                         ("swap", "swap")):
         message = error("browse", snap, where)

@@ -249,6 +249,23 @@ def test_a_repository_path_that_is_a_file_or_cannot_be_made(snapfs: Snapfs,
         assert one_error(result, EXIT_STORE) == (
             f"snapfs: cannot create {locked}/repo: permission denied")
         assert list(locked.iterdir()) == []
+        # a parent that cannot be searched: was a traceback (PermissionError from is_dir)
+        hidden = tmp_path / "hidden"
+        hidden.mkdir(mode=0o000)
+        for args, key in ((("init",), ""), (("snapshot", "list"), " config:")):
+            result = subprocess.run(
+                ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                 "--inh-caps=-dac_override,-dac_read_search",
+                 *snapfs.with_repo(str(hidden / "repo")).command(args)],
+                capture_output=True, text=True, env=snapfs.env, timeout=60)
+            assert one_error(result, EXIT_STORE) == (
+                f"snapfs: {hidden}/repo:{key} permission denied"), args
+    # a name longer than a file name can be: was a traceback (OSError from is_dir)
+    long = tmp_path / ("x" * 300)
+    assert one_error(snapfs.with_repo(str(long))("init"), EXIT_STORE) == (
+        f"snapfs: {long}: File name too long")
+    assert one_error(snapfs.with_repo(str(long))("snapshot", "list"), EXIT_STORE) == (
+        f"snapfs: {long}: config: File name too long")
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # both: test_repository.py
@@ -609,6 +626,14 @@ def test_forget_by_retention_policy(snapfs: Snapfs, store: ObjectStore, tmp_path
     assert reasons == {"vm-0": [], "vm-1": ["tag pinned"], "vm-2": [], "vm-3": ["daily"],
                        "vm-4": ["daily"], "db-0": ["daily"]}
     assert plan["dry_run"] is True and plan["forgotten"] == []
+    # the tables show local time, as the days are counted (and default names made): UTC was
+    # shown, so that a snapshot kept as one day's seemed to be of the day before
+    tokyo = {**snapfs.env, "TZ": "Asia/Tokyo"}  # UTC+9 all year
+    rows = snapfs("snapshot", "list", env=tokyo).stdout.splitlines()
+    assert "  2026-01-01 22:00:00  " in rows[2] and "vm-1" in rows[2]
+    rows = snapfs("snapshot", "forget", "--keep-daily", "2", "--dry-run", env=tokyo
+                  ).stdout.splitlines()
+    assert "  2026-01-05 21:00:00  daily" in rows[5] and "vm-4" in rows[5]
 
     done = snapfs.json("snapshot", "forget", "--keep-daily", "2", "--keep-tag", "pinned")
     assert sorted(done["forgotten"]) == sorted([ids[0], ids[2]])
@@ -880,6 +905,22 @@ def test_snapshot_names_fit_a_file_name_in_every_mount(snapfs: Snapfs, store: Ob
     assert made["disk"] == "../web/a\tb"  # the label is kept as given
     assert made["name"].startswith("_web_a_b-") and "/" not in made["name"]
     assert snapfs.json("snapshot", "create", image, "--name", "ünïcode ok")["name"] == "ünïcode ok"
+    # a label or a tag with a newline is kept as given, and printed escaped: it broke its row
+    lined = snapfs.json("snapshot", "create", image, "--disk", "two\nlines", "--tag", "x\ny")
+    assert (lined["disk"], lined["tags"]) == ("two\nlines", ["x\ny"])
+    rows = snapfs.ok("snapshot", "list").splitlines()
+    assert len(rows) == 1 + 3 and "two\\nlines" in rows[3]
+    rows = snapfs.ok("snapshot", "forget", "--keep-last", "1", "--dry-run").splitlines()
+    assert len(rows) == 1 + 3 + 1 and "two\\nlines" in rows[3]
+    assert "tags:              x\\ny" in snapfs.ok("snapshot", "show", lined["id"]).splitlines()
+    # an empty one is refused (it was stored as a tag, or taken for no --disk at all)
+    before = objects(store)
+    for args in (("snapshot", "create", image, "--tag", ""),
+                 ("snapshot", "create", image, "--disk", ""),
+                 ("snapshot", "forget", "--keep-tag", "", "--dry-run"),
+                 ("policy", "set", "--keep-tag", "")):
+        assert "must not be empty" in one_error(snapfs(*args), EXIT_USAGE)
+    assert objects(store) == before
 
 
 # -- bad sources -------------------------------------------------------------------------------
@@ -1473,7 +1514,13 @@ def test_export_to_a_path_that_names_no_file_is_refused_at_once(snapfs: Snapfs,
         line = one_error(snapfs("export", "one", out, cwd=work), EXIT_USAGE)
         assert line == (f"snapfs: {out!r} is not a file name: export writes an image file (or "
                         "onto a block device)")
+    # "-" is standard output for restic dump and borg export-tar: it wrote a file named "-"
+    line = one_error(snapfs("export", "one", "-", cwd=work), EXIT_USAGE)
+    assert line == ("snapfs: export cannot write to standard output ('-'): it writes an image "
+                    "file (or onto a block device); for a file named '-', give ./-")
     assert [p.name for p in work.rglob("*")] == ["sub"]
+    assert snapfs("export", "one", "./-", cwd=work).returncode == 0
+    assert sorted(p.name for p in work.rglob("*")) == ["-", "sub"]
 
 
 @needs_root

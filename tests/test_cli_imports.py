@@ -94,8 +94,24 @@ def test_local_repository_commands_do_not_import_boto3(tmp_path: Path) -> None:
 def test_help_lists_the_commands_without_importing_them() -> None:
     out, report = report_after(CLI, "--help")
     assert "restore-files  Copy files out of snapshot SNAP into a directory," in out
+    # each command's whole first line of help, wrapped: it was cut off with "..." at the
+    # terminal's width ("Mount the files inside snapshot SNAP read-only at...")
+    assert "..." not in out.partition("Commands:")[2]
+    words = " ".join(out.split())
+    for name, (_, text) in COMMANDS.items():
+        assert f"{name} {text}" in words
     assert not COMMAND_MODULES & set(report["modules"])
     assert report["logging"] is None
+
+
+def test_a_groups_help_lists_its_commands_whole() -> None:
+    out = subprocess.run([sys.executable, "-m", "snapfs", "snapshot", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "..." not in out.partition("Commands:")[2]
+    words = " ".join(out.split())
+    assert ("create Snapshot SOURCE (an image file or block device: full the first time, then "
+            "incremental), or, without SOURCE, the --disk disks the running mount serves (only "
+            "their changed blocks). delete Delete snapshots") in words
 
 
 def test_a_commands_help_imports_its_module_alone() -> None:

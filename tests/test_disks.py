@@ -506,8 +506,12 @@ def test_three_disks_of_one_snapshot_fetch_each_block_once(
 
 def test_a_disk_larger_than_its_snapshot(served: Served, base_image: Path) -> None:
     s = served
-    s.snapfs.ok("disk", "create", "big", "--from", "vm-1", "--size", "96M")
+    created = s.snapfs.json("disk", "create", "big", "--from", "vm-1", "--size", "96M")
     disk = s.disk("big")
+    # the facts of disk list, the image's path included (it was missing here)
+    listed = s.snapfs.json("disk", "list")
+    assert created["path"] == listed[0]["path"] == str(disk)
+    assert created.keys() == listed[0].keys()
     size = os.path.getsize(base_image)
     assert os.path.getsize(disk) == 96 * MiB
     data = disk.read_bytes()
@@ -1726,6 +1730,18 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(served: Served, tmp_path: Pat
     for args in (("disk", "list"), ("disk", "create", "e", "--size", "1M"),
                  ("snapshot", "create", "--disk", "d")):
         assert "no snapfs mount" in one_error(other(*args), EXIT_NOT_FOUND)
+
+    # a second mount of the repository with a cache directory of its own serves its own disks:
+    # the disk commands went to whichever daemon's key sorted first
+    with mounted(snapfs, tmp_path / "mnt2", tmp_path / "cache2", "--no-background") as other:
+        for args in (("disk", "list"), ("disk", "create", "e", "--size", "1M"),
+                     ("snapshot", "create", "--disk", "d")):
+            line = error(*args)
+            assert "2 snapfs mounts" in line and str(other.mountpoint) in line
+        assert os.listdir(other.mountpoint / "disks") == []
+        # what asks every daemon still works
+        assert [d["name"] for d in snapfs.json("snapshot", "list")] == ["vm-1"]
+        assert "nosuch" in error("snapshot", "show", "nosuch", code=EXIT_NOT_FOUND)
 
     # nothing was created or snapshotted by all that
     assert list(s.disks()) == ["d"]

@@ -360,10 +360,15 @@ def test_prefetch_list_parsing(tmp_path: Path) -> None:
     good = tmp_path / "list"
     good.write_text("# comment\ns1.img\ns2.img 4K 1M\n\n")
     assert parse_prefetch_list(str(good)) == {"s1.img": [(0, None)], "s2.img": [(4096, 1 << 20)]}
-    bad = tmp_path / "bad"
-    bad.write_text("s1.img 12\n")
-    with pytest.raises(Exception, match="bad:1"):
-        parse_prefetch_list(str(bad))
+    # a name may hold spaces and '#' (it was cut at the '#', or split into too many words)
+    spaced = tmp_path / "spaced"
+    spaced.write_text("  web 2 #3.img \nweb 2 #3.img 0 16K\n")
+    assert parse_prefetch_list(str(spaced)) == {"web 2 #3.img": [(0, None), (0, 16384)]}
+    for n, text in enumerate(("s1.img 12\n", "s1 0 4K\n", "s1.img 0 4K x\n")):
+        bad = tmp_path / f"bad{n}"
+        bad.write_text(text)
+        with pytest.raises(UsageError, match=f"bad{n}:1: expected"):
+            parse_prefetch_list(str(bad))
 
 
 def test_a_prefetch_list_that_is_not_text_is_a_usage_error(tmp_path: Path) -> None:

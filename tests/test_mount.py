@@ -493,6 +493,15 @@ def test_bad_mount_points_and_caches_are_one_line_errors(
             EXIT_NOT_FOUND)
         assert "-r REPO" in one_error(snapfs.with_repo(None)("mount", plain), EXIT_USAGE)
         assert "duration" in mount_error(plain, "--simulate-latency", "soon", code=EXIT_USAGE)
+        # inside the repository (here where garbage collection lists its packs): its listings
+        # would walk into the mount, and the daemon's store into its own images
+        assert snapfs.repo is not None and "://" not in snapfs.repo
+        inside = Path(snapfs.repo) / "packs" / "mnt"
+        inside.mkdir()
+        assert "inside the repository" in mount_error(inside, "--cache-dir", cache,
+                                                      code=EXIT_USAGE)
+        assert not is_mount_point(inside)
+        inside.rmdir()
         # none of that left a mount, a daemon or its run files behind
         assert not is_mount_point(plain) and os.listdir(plain) == []
         assert list(Path(snapfs.env["SNAPFS_RUNTIME_DIR"]).glob(f"{mount_key(str(plain))}.*")) == []

@@ -937,6 +937,15 @@ def test_unknown_and_ambiguous_snapshot_references(store_url: str, make_store: M
     with pytest.raises(AmbiguousSnapshot, match="'twin' is ambiguous"):
         repo.resolve("twin")
     assert repo.resolve("abcdef01").name == "twin"
+    # a name that is also a prefix of another snapshot's id: the id the user copied from the
+    # list must not find (and delete) the snapshot that happens to be named so
+    shadow = dataclasses.replace(root, id="feed" + "0" * 12, name=root.id[:6])
+    repo.write_root(shadow)
+    with pytest.raises(AmbiguousSnapshot, match=f"{shadow.id}.*{root.id}"):
+        repo.resolve(root.id[:6])
+    assert repo.resolve(root.id).name == "monday"
+    assert repo.resolve(shadow.id).name == root.id[:6]
+    assert repo.resolve("monday").id == root.id  # a name no id starts with is found as ever
 
 
 def test_a_root_damaged_after_the_listing_stops_deletes_before_they_delete_anything(

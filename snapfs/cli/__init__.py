@@ -23,7 +23,12 @@ from typing import Any
 
 import click
 
-from snapfs.cli.context import CliConfig, log_to_stderr, stop_signals_interrupt
+from snapfs.cli.context import (
+    CliConfig,
+    log_to_stderr,
+    stop_signals_interrupt,
+    write_command_list,
+)
 from snapfs.errors import SnapfsError
 
 #: every command: the module of ``snapfs.cli`` that defines it (as the attribute of its name,
@@ -121,10 +126,9 @@ class SnapfsGroup(click.Group):
             raise click.NoSuchCommand(e.command_name, possibilities=COMMANDS, ctx=ctx) from None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        # stand-ins with the table's helps, so that listing the commands imports none of them
-        listing = click.Group(commands=[click.Command(name, help=text)
-                                        for name, (_, text) in COMMANDS.items()])
-        listing.format_commands(ctx, formatter)
+        # the table's helps, so that listing the commands imports none of them
+        write_command_list(formatter, [(name, text) for name, (_, text)
+                                       in sorted(COMMANDS.items())])
 
 
 def _one_line(message: str) -> str:

@@ -38,6 +38,25 @@ class CliConfig:
 pass_config = click.make_pass_decorator(CliConfig)
 
 
+def write_command_list(formatter: click.HelpFormatter, helps: list[tuple[str, str]]) -> None:
+    """The "Commands" section of a group's ``--help``: each command with the whole first
+    paragraph of its help, wrapped (click cut it off at the terminal's width with "...", often
+    mid-phrase: "Mount the files inside snapshot SNAP read-only at...")."""
+    rows = [(name, " ".join(text.split("\n\n")[0].split())) for name, text in helps]
+    if rows:
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+class SubcommandGroup(click.Group):
+    """A noun's group (``snapshot``, ``disk``, …), its commands listed by
+    ``write_command_list``."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        write_command_list(formatter, [(name, command.help or "") for name, command
+                                       in sorted(self.commands.items()) if not command.hidden])
+
+
 def log_to_stderr(debug: bool) -> None:
     """Log records to stderr as ``snapfs: LEVEL: message``: from DEBUG with ``--debug``, else
     from WARNING. Called before a command's library runs (a second call changes nothing);

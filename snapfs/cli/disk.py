@@ -7,13 +7,13 @@ from typing import Any
 
 import click
 
-from snapfs.cli.context import CliConfig, pass_config
+from snapfs.cli.context import CliConfig, SubcommandGroup, pass_config
 from snapfs.cli.output import emit_json, human_size, parse_size, table_lines
 from snapfs.errors import UsageError
 from snapfs.plural import counted
 
 
-@click.group()
+@click.group(cls=SubcommandGroup)
 def disk() -> None:
     """Create, list, delete and roll back writable disks (served by a running mount)."""
 
@@ -39,7 +39,7 @@ def create(config: CliConfig, name: str, source: str | None, size: str | None,
     else:
         d = reply["disk"]
         click.echo(f"disk {d['name']} created ({human_size(d['size'])}, from "
-                   f"{d['source'] or 'nothing'})")
+                   f"{d['source'] or 'nothing'}): {d['path']}")
 
 
 @disk.command("list")

@@ -64,7 +64,8 @@ def parse_rate(text: str) -> float:
               help="Stored bytes on each side of a block a read waits for that its GET also "
               "brings, if not cached (0: only what is read).")
 @click.option("--prefetch-list", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Fetch these first: lines of 'NAME.img' or 'NAME.img OFFSET LENGTH'.")
+              help="Fetch these first: lines of 'NAME.img' or 'NAME.img OFFSET LENGTH' (4K, 1M); "
+                   "'#' begins a comment line.")
 @click.option("--allow-other", is_flag=True,
               help="Let every user read the images (needs user_allow_other if not root).")
 @click.option("--simulate-latency", metavar="20ms",

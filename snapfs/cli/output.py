@@ -43,8 +43,33 @@ def human_size(n: int) -> str:
     raise AssertionError
 
 
+#: control characters as a table or a ``show`` line prints them: a disk's label and a tag are
+#: kept as given (a label may come from a file name), but a newline in one broke its row in two
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {
+    ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"}
+
+
+def printable(text: str) -> str:
+    """``text`` on one line: its control characters escaped (``\\n``, ``\\t``, ``\\x1b``)."""
+    return text.translate(_ESCAPES)
+
+
+def local_time(created: str) -> str:
+    """A root's creation time (ISO 8601 in UTC) as a table shows it: in local time, to the
+    second, as the default names (DISK-YYYYMMDD-HHMMSS) and forget's days count it."""
+    from datetime import datetime
+
+    try:
+        when = datetime.fromisoformat(created)
+    except ValueError:  # (not a time at all: shown as it is)
+        return created
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
 def table_lines(rows: Sequence[Sequence[str]]) -> list[str]:
-    """Rows (the first one the header) as left-aligned columns two spaces apart."""
+    """Rows (the first one the header) as left-aligned columns two spaces apart, each cell on
+    one line (``printable``)."""
+    rows = [[printable(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
             for row in rows]

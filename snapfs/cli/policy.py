@@ -8,13 +8,13 @@ from typing import Any
 
 import click
 
-from snapfs.cli.context import CliConfig, pass_config
+from snapfs.cli.context import CliConfig, SubcommandGroup, pass_config
 from snapfs.cli.keep import keep_options, policy_from
 from snapfs.cli.output import emit_json, table_lines
 from snapfs.errors import NotFoundError, UsageError
 
 
-@click.group()
+@click.group(cls=SubcommandGroup)
 def policy() -> None:
     """Set, show and delete the retention policies that snapshot forget applies."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from snapfs.cli.context import CliConfig, pass_config
+from snapfs.cli.context import CliConfig, SubcommandGroup, pass_config
 from snapfs.cli.output import emit_json, human_size, parse_size, run_async
 from snapfs.errors import IntegrityError, SnapshotNotFound
 from snapfs.plural import counted
@@ -113,7 +113,7 @@ def prune(config: CliConfig, json_output: bool) -> None:
                    f"{stats['packs_repacked']} repacked")
 
 
-@click.group()
+@click.group(cls=SubcommandGroup)
 def repair() -> None:
     """Rebuild what can be rebuilt of a damaged repository (its index, from the packs)."""
 

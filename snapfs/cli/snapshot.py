@@ -6,11 +6,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from snapfs.cli.context import CliConfig, log_to_stderr, pass_config
+from snapfs.cli.context import CliConfig, SubcommandGroup, log_to_stderr, pass_config
 from snapfs.cli.keep import keep_options, policy_from
 from snapfs.cli.output import (
     emit_json,
     human_size,
+    local_time,
+    printable,
     progress_for,
     run_async,
     table_lines,
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
     from snapfs.repo.repository import Repository, UnreadableRoot
 
 
-@click.group()
+@click.group(cls=SubcommandGroup)
 @click.pass_context
 def snapshot(ctx: click.Context) -> None:
     """Create, list, show, delete and forget snapshots."""
@@ -36,7 +38,9 @@ def snapshot(ctx: click.Context) -> None:
 
 @snapshot.command()
 @click.argument("source", required=False)
-@click.option("--name", metavar="NAME", help="A unique name (default: DISK-YYYYMMDD-HHMMSS).")
+@click.option("--name", metavar="NAME",
+              help="A unique name (default: DISK-YYYYMMDD-HHMMSS, local time); with several "
+                   "--disk, each snapshot is named NAME-DISK.")
 @click.option("--disk", "disks", multiple=True, metavar="NAME",
               help="Without SOURCE: a disk the running mount serves (repeat for a consistency "
                    "group). With SOURCE: the disk SOURCE is a snapshot of (default: its file "
@@ -62,6 +66,10 @@ def create(config: CliConfig, source: str | None, name: str | None, disks: tuple
     or, without SOURCE, the --disk disks the running mount serves (only their changed blocks)."""
     if rate is not None and not rate > 0:  # (nan too)
         raise UsageError("--rate must be a positive number of MB/s")
+    if "" in tags:  # (an unset variable in `--tag "$TAG"`, most likely)
+        raise UsageError("--tag must not be empty")
+    if "" in disks:  # was taken as no --disk at all: the default label, silently
+        raise UsageError("--disk must not be empty")
     if source is not None or freeze:
         log_to_stderr(config.debug)  # the library logs, and so does freezing; asking does not
     if source is None:
@@ -145,7 +153,7 @@ def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
         return
     rows = [("ID", "NAME", "DISK", "SIZE", "CREATED", "STATE", "PARENT")]
     rows += [(d["id"], d["name"], d["disk"], human_size(d["size"]),
-              d["created"][:19].replace("T", " "), d["state"], d["parent"] or "-") for d in docs]
+              local_time(d["created"]), d["state"], d["parent"] or "-") for d in docs]
     click.echo("\n".join(table_lines(rows)))
     # reasons are long (a store's error, a lock's holder): under the table, one line each
     notes = [_note(d) for d in docs if d.get("reason") and d["state"] in ("failed", "progressing")]
@@ -243,12 +251,16 @@ def refuse_unstored(config: CliConfig, snaps: Sequence[str], doing: str) -> None
 
 def _unfinished(config: CliConfig) -> list[dict[str, Any]]:
     """Snapshots of served disks that are not stored: progressing, or failed (with why)."""
-    from snapfs.write.client import call
+    from snapfs.control import disk_daemons, request
 
-    try:
-        tasks = call(config.require_repo(), {"op": "tasks"}, timeout=10.0)["tasks"]
-    except NotMounted:
-        return []  # no daemon serves this repository's disks here
+    tasks = []
+    # (every daemon serving disks of the repository: mounts on different cache directories
+    # each serve their own, and the disk commands refuse to choose, but listing must not)
+    for files in disk_daemons(config.require_repo()):
+        try:
+            tasks += request(files, {"op": "tasks"}, timeout=10.0)["tasks"]
+        except NotMounted:
+            continue  # (it ended meanwhile)
     out = []
     for task in tasks:
         if task["state"] == "accomplished":
@@ -287,7 +299,7 @@ def show(config: CliConfig, snap: str, json_output: bool) -> None:
     for key, value in doc.items():
         if isinstance(value, list):  # tags: as words, not as a Python list
             value = ", ".join(map(str, value))
-        click.echo(f"{key + ':':18} {value if value not in (None, '') else '-'}")
+        click.echo(f"{key + ':':18} {printable(str(value)) if value not in (None, '') else '-'}")
 
 
 @snapshot.command()
@@ -414,7 +426,7 @@ def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool
         return
     rows = [("ACTION", "ID", "NAME", "DISK", "CREATED", "KEPT FOR")]
     rows += [("keep" if d.keep else "forget", d.root.id, d.root.name, d.root.disk,
-              d.root.created[:19].replace("T", " "), ", ".join(d.reasons) or "-")
+              local_time(d.root.created), ", ".join(d.reasons) or "-")
              for d in decisions]
     click.echo("\n".join(table_lines(rows)))
     if not doomed:

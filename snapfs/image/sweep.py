@@ -19,7 +19,8 @@ sweep tries them again, ``sweep_retry`` seconds later at first and twice as long
 try (at most ``RETRY_MAX``), so that an image becomes whole once the store is back.
 
 A prefetch list is a text file, one entry a line: ``NAME.img`` (the whole image) or
-``NAME.img OFFSET LENGTH`` (a byte range; sizes may use K/M/G suffixes). ``#`` starts a comment.
+``NAME.img OFFSET LENGTH`` (a byte range; sizes may use K/M/G suffixes). A line whose first
+character (after blanks) is ``#`` is a comment; a name may hold spaces and ``#``.
 """
 
 from __future__ import annotations
@@ -66,16 +67,19 @@ def parse_prefetch_list(path: str) -> dict[str, list[tuple[int, int | None]]]:
             line = raw.decode()
         except UnicodeDecodeError:
             raise UsageError(f"{path}:{lineno}: not UTF-8 text (is it a prefetch list?)") from None
-        words = line.split("#", 1)[0].split()
-        if not words:
+        # A snapshot's name may hold spaces and '#' ("web #2.img"): a line is the whole name,
+        # or the name then two words; '#' begins a comment only as a line's first character.
+        text = line.strip()
+        if not text or text.startswith("#"):
             continue
         try:
-            if len(words) == 1:
-                out.setdefault(words[0], []).append((0, None))
-            elif len(words) == 3:
-                out.setdefault(words[0], []).append((_size(words[1]), _size(words[2])))
+            if text.endswith(".img"):
+                out.setdefault(text, []).append((0, None))
             else:
-                raise ValueError(line)
+                words = text.rsplit(None, 2)
+                if len(words) != 3 or not words[0].endswith(".img"):
+                    raise ValueError(line)
+                out.setdefault(words[0], []).append((_size(words[1]), _size(words[2])))
         except ValueError:
             raise UsageError(
                 f"{path}:{lineno}: expected 'NAME.img' or 'NAME.img OFFSET LENGTH'"

@@ -49,6 +49,9 @@ class _Target:
             # traceback; "DIR/" to DIR/.snapfs-partial
             raise UsageError(f"{path!r} is not a file name: export writes an image file (or "
                              "onto a block device)")
+        if path == "-":  # (standard output for restic dump and borg export-tar)
+            raise UsageError("export cannot write to standard output ('-'): it writes an image "
+                             "file (or onto a block device); for a file named '-', give ./-")
         try:
             st = os.stat(path)
         except FileNotFoundError:

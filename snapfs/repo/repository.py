@@ -426,15 +426,24 @@ class Repository:
         roots, unreadable = listing.roots, listing.unreadable
         exact: list[SnapshotRoot | UnreadableRoot] = [r for r in roots if r.id == ref]
         exact += [u for u in unreadable if u.snapshot_id == ref]
+        by_id: dict[str, SnapshotRoot | UnreadableRoot] = {r.id: r for r in roots}
+        by_id.update((u.snapshot_id, u) for u in unreadable)
+        ids = list(by_id)
         if not exact:
-            exact = [r for r in roots if r.name == ref]
+            named = [r for r in roots if r.name == ref]
+            # a name that is also a prefix of another snapshot's id: which one the user means
+            # cannot be told, and the id may well have been copied from `snapshot list`
+            others = [i for i in ids if len(ref) >= 4 and i.startswith(ref)
+                      and all(i != r.id for r in named)]
+            if len(named) == 1 and others:
+                raise AmbiguousSnapshot(
+                    f"snapshot {ref!r} is ambiguous: the name of {named[0].id} and a prefix of "
+                    f"{', '.join(others)}; use a full id")
+            exact = list(named)
         if len(exact) == 1:
             return exact[0]
         if len(exact) > 1:
             raise AmbiguousSnapshot(f"snapshot name {ref!r} is ambiguous; use an id")
-        by_id: dict[str, SnapshotRoot | UnreadableRoot] = {r.id: r for r in roots}
-        by_id.update((u.snapshot_id, u) for u in unreadable)
-        ids = list(by_id)
         prefixed = [i for i in ids if len(ref) >= 4 and i.startswith(ref)]
         if len(prefixed) == 1:
             return by_id[prefixed[0]]

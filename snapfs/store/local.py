@@ -84,7 +84,7 @@ class LocalStore(ObjectStore):
         # Walk only the directory the prefix names, then filter by the rest of the prefix.
         base, _, _ = prefix.rpartition("/")
         top = self.root / base if base else self.root
-        if not top.is_dir():
+        if not self._is_dir(top):
             return
         for dirpath, _dirs, files in os.walk(top):
             for name in files:
@@ -99,7 +99,11 @@ class LocalStore(ObjectStore):
                         continue
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        path = self._path(key)
+        try:
+            return path.is_file()
+        except OSError as e:  # (as _is_dir)
+            raise self._fail(e, key) from None
 
     def ensure_container(self) -> None:
         try:
@@ -111,5 +115,13 @@ class LocalStore(ObjectStore):
         except OSError as e:
             raise self._fail(e, "", f"cannot create {self.url}: ") from None
 
+    def _is_dir(self, path: Path) -> bool:
+        """``path.is_dir()``, but a path that cannot be looked up (a parent that cannot be
+        searched, a name too long) is the store's error: pathlib raised it as it was."""
+        try:
+            return path.is_dir()
+        except OSError as e:
+            raise self._fail(e, "", f"{path}: ") from None
+
     def container_exists(self) -> bool:
-        return self.root.is_dir()
+        return self._is_dir(self.root)
