@@ -332,6 +332,10 @@ class MountDaemon:
         }
 
     def _cache_stats(self) -> dict[str, Any]:
+        try:
+            free: int | None = self.cache.free_space()
+        except OSError:  # its directory removed under the daemon: stats answer all the same
+            free = None
         return {
             "directory": str(self.cache.dir),
             "capacity": self.cache.capacity,
@@ -342,7 +346,7 @@ class MountDaemon:
             "bad": self.cache.bad,
             "errors": self.cache.errors,  # of its own files and index (each cost a miss)
             "reserve": self.cache.reserve,  # bytes of its file system it leaves free
-            "free": self.cache.free_space(),
+            "free": free,
             "short_of_space": self.cache.short_of_space,  # caching paused to keep the reserve
         }
 

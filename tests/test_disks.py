@@ -853,6 +853,36 @@ def test_a_failed_fsync_keeps_failing_rather_than_acknowledge_lost_writes(
             assert "disk d failed: overlay " in s.snapfs.ok("disk", "list")
 
 
+def test_a_cache_directory_deleted_under_the_daemon_fails_fsyncs_instead_of_losing_them(
+    served: Served, tmp_path: Path,
+) -> None:
+    """``rm -rf`` of the cache directory while the daemon serves a disk from it: the daemon
+    still writes into its open overlay, whose name is gone, so what it acknowledged would
+    vanish with the daemon's stop (the next start finds no disk at all). An fsync must fail
+    instead, and so must a snapshot of the disk; reads still give the disk's bytes, so that
+    they can be copied out, and stats still answers."""
+    s = served
+    s.snapfs.ok("disk", "create", "d", "--size", "4M")
+    before, after = random_blocks(91, 2)
+    write_blocks(s.disk("d"), {3: before})  # fsync'd while the overlay is there
+    shutil.rmtree(tmp_path / "cache")
+    fd = os.open(s.disk("d"), os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, after, 7 * BS) == BS
+        with pytest.raises(OSError) as failed:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert failed.value.errno == errno.EIO
+    assert read_blocks(s.disk("d"), [3, 7]) == {3: before, 7: after}
+    error = one_error(s.snapfs("snapshot", "create", "--disk", "d", "--name", "gone"),
+                      EXIT_GENERAL)
+    assert "was deleted" in error, error
+    assert "was deleted" in s.disks()["d"]["failed"]
+    stats = json.loads(s.snapfs.ok("stats", s.mountpoint, "--json"))
+    assert stats["disks"][0]["name"] == "d"
+
+
 def drop_cached(path: Path) -> None:
     """Make the kernel drop the clean cached pages of ``path`` (as memory pressure would)."""
     fd = os.open(path, os.O_RDONLY)
