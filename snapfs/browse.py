@@ -17,14 +17,14 @@ order, and undoes what it did (in reverse) if a later step fails:
 3. The image, ``MNT/snapshots/NAME.img`` (the one whose ``stats`` entry names the snapshot's
    id), is probed with ``blkid -p``. Only ext2/ext3/ext4 are opened; anything else is one line
    naming what was found ("found: swap", "found: nothing recognisable").
-4. As root: ``losetup -f --show -r IMAGE`` and ``mount -t ext4 -o ro,noload,nosuid,nodev`` of
+4. As root: ``losetup -f``, then ``losetup -r DEVICE IMAGE`` and ``mount -t ext4 -o ro,noload,nosuid,nodev`` of
    the loop device on DIR (``noload``: a journal is never replayed on a snapshot; ``nosuid``,
    ``nodev``: a snapshot's set-id programs and device nodes grant nothing). Otherwise, or with
    ``use_fuse2fs``: ``fuse2fs -o ro,norecovery,fakeroot IMAGE DIR`` (``norecovery``: no
    journal replay either). The kernel path is preferred because fuse2fs 1.47 misbehaves after
    a read error.
-5. What was done is written to ``RUNDIR/browse-KEY.json`` (KEY: ``control.mount_key(DIR)``):
-   the loop device and its image, the daemon's mount point, whether the daemon is browse's own.
+5. What is done is written to ``RUNDIR/browse-KEY.json`` (KEY: ``control.mount_key(DIR)``),
+   before it is done (see below): the loop device and its image, the daemon's mount point, whether the daemon is browse's own.
    ``unbrowse DIR`` reads only that file: it unmounts DIR (``umount``, or ``fusermount3 -u``
    for fuse2fs), detaches the loop device if it is still bound to the recorded image (a number
    the kernel gave to someone else since is left alone), removes the state file, and stops
@@ -34,8 +34,10 @@ order, and undoes what it did (in reverse) if a later step fails:
 RUNDIR is per user and, for root, under /run: a reboot, which ends every mount and loop device,
 also forgets every state. All of browse and unbrowse's bookkeeping (finding or starting the
 daemon, counting its users, stopping it) runs under ``RUNDIR/browse.lock``, a POSIX record lock:
-unlike a flock, it is not inherited by the daemon ``mount`` forks. A browse killed half way
-(kill -9) can leave a loop device attached; ``losetup -a`` shows it.
+unlike a flock, it is not inherited by the daemon ``mount`` forks. The state is written before
+anything is attached, and again with the loop device's name before the image is bound to it
+(a free device is found, written down, then bound), so that ``unbrowse DIR`` also undoes a
+browse killed half way (kill -9).
 
 ``restore_from_snapshot`` is ``restore-files``: browse at a temporary directory under
 ``CACHE/browse-mnt`` (``restore-PID-…``), ``restore.restore_files`` from there, unbrowse however
@@ -108,6 +110,8 @@ IMAGE_WAIT = 6.0
 #: how long a daemon may stay busy after its image was let go of (loop device, fuse2fs exiting)
 RELEASE_WAIT = 10.0
 STATS_TIMEOUT = 5.0
+#: loop devices tried when others take the free one found before it is bound
+LOOP_TRIES = 5
 #: the temporary directory of a restore: ``restore-PID-RANDOM``
 _RESTORE_DIR = re.compile(r"restore-(\d+)-\w+")
 
@@ -271,35 +275,52 @@ def browse(options: BrowseOptions) -> BrowseState:
         image, pid = _image_of(files, root)
         filesystem = check_filesystem(image, root)
         use_fuse2fs = options.use_fuse2fs or os.geteuid() != 0
-        loop_device = _attach(image, directory, filesystem, use_fuse2fs, undo)
         state = BrowseState(
             directory=directory, repository=store_url, snapshot_id=root.id,
             snapshot_name=root.name, image=str(image), filesystem=filesystem,
             method="fuse2fs" if use_fuse2fs else "loop",
-            loop_device=loop_device, daemon_mountpoint=daemon_mp, daemon_pid=pid,
+            loop_device=None, daemon_mountpoint=daemon_mp, daemon_pid=pid,
             daemon_private=private, daemon_started=started,
         )
+        # written before anything is attached, and again with the loop device before it is
+        # bound: a browse killed on the way (kill -9) leaves a state that unbrowse undoes
         _write_state(state)
+        undo.callback(state_file(directory).unlink, missing_ok=True)
+
+        def record(loop_device: str) -> None:
+            nonlocal state
+            state = dataclasses.replace(state, loop_device=loop_device)
+            _write_state(state)
+
+        _attach(image, directory, filesystem, use_fuse2fs, undo, record)
         undo.pop_all()
     return state
 
 
 def _attach(image: Path, directory: str, filesystem: str, use_fuse2fs: bool,
-            undo: ExitStack) -> str | None:
-    """Mount the image's filesystem read-only at ``directory``; the loop device used, if any.
-    Each step done pushes its undoing onto ``undo``."""
+            undo: ExitStack, record: Callable[[str], None]) -> None:
+    """Mount the image's filesystem read-only at ``directory``. Each step done pushes its
+    undoing onto ``undo``; the loop device is given to ``record`` before the image is bound
+    to it (a free one is found, then bound: ``losetup -f --show`` would bind it before its
+    name could be written down)."""
     if use_fuse2fs:
         _run(["fuse2fs", "-o", FUSE2FS_MOUNT_OPTIONS, str(image), directory],
              f"fuse2fs cannot mount {image.name}")
         undo.callback(_quietly, fusermount, directory)
-        return None
-    loop_device = _run(["losetup", "-f", "--show", "-r", str(image)],
-                       "cannot attach a loop device").strip()
+        return
+    for attempt in range(LOOP_TRIES):
+        loop_device = _run(["losetup", "-f"], "cannot find a free loop device").strip()
+        record(loop_device)
+        try:
+            _run(["losetup", "-r", loop_device, str(image)], "cannot attach a loop device")
+            break
+        except MountBusy:  # another process took that device meanwhile: find another
+            if attempt == LOOP_TRIES - 1:
+                raise
     undo.callback(_quietly, _detach, loop_device, str(image))
     _run(["mount", "-t", "ext4", "-o", KERNEL_MOUNT_OPTIONS, loop_device, directory],
          f"cannot mount the {filesystem} filesystem of {image.name}")
     undo.callback(_quietly, _run, ["umount", directory], f"cannot unmount {directory}")
-    return loop_device
 
 
 def _daemon_for(options: BrowseOptions, location: str, store_url: str) -> tuple[str, bool]:
