@@ -107,7 +107,8 @@ def serve(options: MountOptions, files: RunFiles, ready: Callable[[], None],
                     pass
                 files.write_info({"repository": options.repository, "repository_id": repo.config.id,
                                   "mountpoint": options.mountpoint, "pid": os.getpid(),
-                                  "disks": disks.enabled})
+                                  "disks": disks.enabled, "disk_state": str(disks.dir),
+                                  "cache_dir": os.path.abspath(options.cache_dir)})
                 with single_error():
                     trio.run(daemon.run, ready, opened)
             finally:

@@ -1251,6 +1251,28 @@ def test_a_disk_takes_the_space_of_blocks_another_daemon_sharing_the_cache_fille
         assert sha256_file(image) == sha256_file(base_image)  # read through again, right
 
 
+def test_when_the_daemon_serving_the_disks_dies_another_on_its_cache_says_what_to_do(
+        snapfs: Snapfs, tmp_path: Path) -> None:
+    """Two daemons on one cache: the first serves the disks, the second snapshots only. Once
+    the first is killed (kill -9) its disks are served by no one, and every disk command was
+    told that 'another daemon holds their state directory; see their logs', which no daemon
+    did: it must say that the daemon serving them stopped, and how to serve them again. Then
+    the disk comes back whole, with its fsync'd writes."""
+    written = dict(zip((2, 9), random_blocks(97, 2), strict=True))
+    with serving(snapfs, tmp_path) as s:
+        snapfs.ok("disk", "create", "d", "--size", "4M")
+        write_blocks(s.disk("d"), written)
+        with mounted(snapfs, tmp_path / "mnt2", tmp_path / "cache", "--no-background") as other:
+            s.daemon.kill()
+            wait_for(lambda: not pid_running(s.daemon.pid), 10, "the daemon to be killed")
+            error = one_error(snapfs("disk", "list"), EXIT_NOT_FOUND)
+            assert "stopped" in error and f"snapfs umount {other.mountpoint}" in error, error
+            snapfs.ok("umount", s.mountpoint)
+            snapfs.ok("umount", other.mountpoint)
+    with serving(snapfs, tmp_path) as s:
+        assert read_blocks(s.disk("d"), list(written)) == written
+
+
 def test_reads_on_a_tiny_cache_file_system_never_fill_it(
         snapfs: Snapfs, tmp_path: Path, base_image: Path) -> None:
     """A cache on a file system of a few MiB, much smaller than the image read through it:
