@@ -98,6 +98,30 @@ class LocalStore(ObjectStore):
                     except FileNotFoundError:
                         continue
 
+    def remove_partial_writes(self, prefixes: tuple[str, ...]) -> tuple[int, int]:
+        """The temporary files of ``put``s that never reached their rename (``list`` never
+        shows them, so nothing else would ever delete them: a killed snapshot leaves a pack's
+        worth)."""
+        count = size = 0
+        for prefix in prefixes:
+            top = self.root / prefix.rpartition("/")[0]
+            for dirpath, _dirs, files in os.walk(top):
+                for name in files:
+                    if not name.endswith(TMP_SUFFIX):
+                        continue
+                    path = os.path.join(dirpath, name)
+                    try:
+                        length = os.stat(path).st_size
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        continue
+                    except OSError as e:
+                        key = os.path.relpath(path, self.root).replace(os.sep, "/")
+                        raise self._fail(e, key) from None
+                    count += 1
+                    size += length
+        return count, size
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
