@@ -49,6 +49,7 @@ from testkit import (
     Snapfs,
     flip_byte,
     one_error,
+    tmpfs,
 )
 
 from snapfs.format.block import HEADER_SIZE, ZERO_ID
@@ -249,6 +250,25 @@ def test_a_repository_path_that_is_a_file_or_cannot_be_made(snapfs: Snapfs,
         assert one_error(result, EXIT_STORE) == (
             f"snapfs: cannot create {locked}/repo: permission denied")
         assert list(locked.iterdir()) == []
+
+
+@needs_root
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)
+def test_a_repository_on_a_read_only_file_system_says_so(snapfs: Snapfs, tmp_path: Path) -> None:
+    """A repository directory on a file system mounted read-only (a backup disk remounted ro
+    after an error): the commands that write said 'permission denied', which sends the
+    operator to the modes and owners; reads go on."""
+    with tmpfs(tmp_path / "ro", "8M") as fs:
+        repo = snapfs.with_repo(str(fs / "repo"))
+        repo.ok("init")
+        source = random_image(tmp_path / "a.img", MiB, seed=3)
+        repo.ok("snapshot", "create", source, "--name", "a")
+        subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
+        for _args, result in repo.each(("snapshot", "create", source), ("prune",),
+                                       ("snapshot", "delete", "a")):
+            error = one_error(result, EXIT_STORE)
+            assert "read-only file system" in error and "permission" not in error, error
+        assert repo.json("verify")["ok"] is True
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # both: test_repository.py

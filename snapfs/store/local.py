@@ -33,7 +33,9 @@ class LocalStore(ObjectStore):
     def _fail(self, e: OSError, key: str, where: str | None = None) -> SnapfsError:
         """The error of an operation on ``key``, said as ``where`` ("URL: KEY: ") and why."""
         where = where or f"{self.url}: {key}: "
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if e.errno == errno.EROFS:  # not the modes: the file system is mounted read-only
+            return AccessDenied(where + "read-only file system")
+        if e.errno in (errno.EACCES, errno.EPERM):
             return AccessDenied(where + "permission denied")
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             return NoSpace(where + "no space left on the device")
