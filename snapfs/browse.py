@@ -22,15 +22,16 @@ order, and undoes what it did (in reverse) if a later step fails:
    several, the message lists them and asks for ``--partition``). ``partx`` reads the table,
    ``blkid -p -O OFFSET -S SIZE`` probes each partition; only the sectors those two read are
    fetched.
-4. As root: ``losetup -f --show -r IMAGE`` (with ``--offset`` and ``--sizelimit`` for a
-   partition) and ``mount -t ext4 -o ro,noload,nosuid,nodev`` of the loop device on DIR
-   (``noload``: a journal is never replayed on a snapshot; ``nosuid``, ``nodev``: a snapshot's
-   set-id programs and device nodes grant nothing). Otherwise, or with ``use_fuse2fs``:
-   ``fuse2fs -o ro,norecovery,fakeroot[,offset=OFFSET] IMAGE DIR`` (``norecovery``: no journal
-   replay either). The kernel path is preferred because fuse2fs 1.47 misbehaves after a read
-   error.
-5. What was done is written to ``RUNDIR/browse-KEY.json`` (KEY: ``control.mount_key(DIR)``):
-   the loop device and its image, the daemon's mount point, whether the daemon is browse's own.
+4. As root: ``losetup -f``, then ``losetup -r DEVICE IMAGE`` (with ``--offset`` and
+   ``--sizelimit`` for a partition) and ``mount -t ext4 -o ro,noload,nosuid,nodev`` of the loop
+   device on DIR (``noload``: a journal is never replayed on a snapshot; ``nosuid``, ``nodev``:
+   a snapshot's set-id programs and device nodes grant nothing). Otherwise, or with
+   ``use_fuse2fs``: ``fuse2fs -o ro,norecovery,fakeroot[,offset=OFFSET] IMAGE DIR``
+   (``norecovery``: no journal replay either). The kernel path is preferred because fuse2fs
+   1.47 misbehaves after a read error.
+5. What is done is written to ``RUNDIR/browse-KEY.json`` (KEY: ``control.mount_key(DIR)``),
+   before it is done (see below): the loop device and its image, the daemon's mount point,
+   whether the daemon is browse's own.
    ``unbrowse DIR`` reads only that file: it unmounts DIR (``umount``, or ``fusermount3 -u``
    for fuse2fs), detaches the loop device if it is still bound to the recorded image (a number
    the kernel gave to someone else since is left alone), removes the state file, and stops
@@ -40,8 +41,10 @@ order, and undoes what it did (in reverse) if a later step fails:
 RUNDIR is per user and, for root, under /run: a reboot, which ends every mount and loop device,
 also forgets every state. All of browse and unbrowse's bookkeeping (finding or starting the
 daemon, counting its users, stopping it) runs under ``RUNDIR/browse.lock``, a POSIX record lock:
-unlike a flock, it is not inherited by the daemon ``mount`` forks. A browse killed half way
-(kill -9) can leave a loop device attached; ``losetup -a`` shows it.
+unlike a flock, it is not inherited by the daemon ``mount`` forks. The state is written before
+anything is attached, and again with the loop device's name before the image is bound to it
+(a free device is found, written down, then bound), so that ``unbrowse DIR`` also undoes a
+browse killed half way (kill -9).
 
 ``restore_from_snapshot`` is ``restore-files``: browse at a temporary directory under
 ``CACHE/browse-mnt`` (``restore-PID-…``), ``restore.restore_files`` from there, unbrowse however
@@ -122,6 +125,8 @@ IMAGE_WAIT = 6.0
 #: how long a daemon may stay busy after its image was let go of (loop device, fuse2fs exiting)
 RELEASE_WAIT = 10.0
 STATS_TIMEOUT = 5.0
+#: loop devices tried when others take the free one found before it is bound
+LOOP_TRIES = 5
 #: the temporary directory of a restore: ``restore-PID-RANDOM``
 _RESTORE_DIR = re.compile(r"restore-(\d+)-\w+")
 
@@ -290,40 +295,57 @@ def browse(options: BrowseOptions) -> BrowseState:
         image, pid = _image_of(files, root)
         place = locate_filesystem(image, root, options.partition)
         use_fuse2fs = options.use_fuse2fs or os.geteuid() != 0
-        loop_device = _attach(image, directory, place, use_fuse2fs, undo)
         state = BrowseState(
             directory=directory, repository=store_url, snapshot_id=root.id,
             snapshot_name=root.name, image=str(image), filesystem=place.filesystem,
             method="fuse2fs" if use_fuse2fs else "loop",
-            loop_device=loop_device, daemon_mountpoint=daemon_mp, daemon_pid=pid,
+            loop_device=None, daemon_mountpoint=daemon_mp, daemon_pid=pid,
             daemon_private=private, daemon_started=started,
             partition=place.partition.number if place.partition else None,
         )
+        # written before anything is attached, and again with the loop device before it is
+        # bound: a browse killed on the way (kill -9) leaves a state that unbrowse undoes
         _write_state(state)
+        undo.callback(state_file(directory).unlink, missing_ok=True)
+
+        def record(loop_device: str) -> None:
+            nonlocal state
+            state = dataclasses.replace(state, loop_device=loop_device)
+            _write_state(state)
+
+        _attach(image, directory, place, use_fuse2fs, undo, record)
         undo.pop_all()
     return state
 
 
 def _attach(image: Path, directory: str, place: Place, use_fuse2fs: bool,
-            undo: ExitStack) -> str | None:
-    """Mount the filesystem at ``place`` in the image read-only at ``directory``; the loop
-    device used, if any. Each step done pushes its undoing onto ``undo``."""
+            undo: ExitStack, record: Callable[[str], None]) -> None:
+    """Mount the filesystem at ``place`` in the image read-only at ``directory``. Each step done
+    pushes its undoing onto ``undo``; the loop device is given to ``record`` before the image
+    is bound to it (a free one is found, then bound: ``losetup -f --show`` would bind it before
+    its name could be written down)."""
     where = image.name if place.partition is None else (
         f"partition {place.partition.number} of {image.name}")
     if use_fuse2fs:
         options = FUSE2FS_MOUNT_OPTIONS + (f",offset={place.offset}" if place.offset else "")
         _run(["fuse2fs", "-o", options, str(image), directory], f"fuse2fs cannot mount {where}")
         undo.callback(_quietly, fusermount, directory)
-        return None
+        return
     extent = [] if place.partition is None else [
         "--offset", str(place.partition.offset), "--sizelimit", str(place.partition.size)]
-    loop_device = _run(["losetup", "-f", "--show", "-r", *extent, str(image)],
-                       "cannot attach a loop device").strip()
+    for attempt in range(LOOP_TRIES):
+        loop_device = _run(["losetup", "-f"], "cannot find a free loop device").strip()
+        record(loop_device)
+        try:
+            _run(["losetup", "-r", *extent, loop_device, str(image)], "cannot attach a loop device")
+            break
+        except MountBusy:  # another process took that device meanwhile: find another
+            if attempt == LOOP_TRIES - 1:
+                raise
     undo.callback(_quietly, _detach, loop_device, str(image))
     _run(["mount", "-t", "ext4", "-o", KERNEL_MOUNT_OPTIONS, loop_device, directory],
          f"cannot mount the {place.filesystem} filesystem of {where}")
     undo.callback(_quietly, _run, ["umount", directory], f"cannot unmount {directory}")
-    return loop_device
 
 
 def _daemon_for(options: BrowseOptions, location: str, store_url: str) -> tuple[str, bool]:

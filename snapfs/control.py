@@ -390,10 +390,34 @@ def find_repository_daemon(repository: str) -> RunFiles:
     if serving:
         return serving[0]
     if found:
+        orphaned = [(files, info) for files, info in found
+                    if info.get("disk_state") and flock_held(Path(info["disk_state"]) / "lock")
+                    is False]
+        if orphaned:  # its lock's holder died (kill -9) or unmounted: nothing serves the disks
+            files, info = orphaned[0]
+            raise NotMounted(
+                f"no snapfs mount of {repository} serves its disks: the daemon that did has "
+                f"stopped, and {files.mountpoint} serves snapshots only; to serve them, mount "
+                f"it again: snapfs umount {files.mountpoint} && snapfs -r {repository} mount "
+                f"{files.mountpoint} --cache-dir {info.get('cache_dir', 'CACHE')}")
         raise NotMounted(f"the snapfs mounts of {repository} on this host do not serve disks "
                          f"(another daemon holds their state directory); see their logs")
     raise NotMounted(f"no snapfs mount of {repository} runs on this host; "
                      f"start one with: snapfs -r {repository} mount MOUNTPOINT")
+
+
+def flock_held(path: Path) -> bool | None:
+    """Whether some process holds a flock on ``path`` (read from ``/proc/locks``, taking no
+    lock: a daemon starting that moment must not find it taken); None if it cannot be told."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any(fields[1:2] == ["FLOCK"] and where in fields
+               for fields in (line.split() for line in lines))
 
 
 def daemon_stats(mountpoint: str) -> dict[str, Any]:

@@ -107,7 +107,8 @@ def serve(options: MountOptions, files: RunFiles, ready: Callable[[], None],
                     pass
                 files.write_info({"repository": options.repository, "repository_id": repo.config.id,
                                   "mountpoint": options.mountpoint, "pid": os.getpid(),
-                                  "disks": disks.enabled})
+                                  "disks": disks.enabled, "disk_state": str(disks.dir),
+                                  "cache_dir": os.path.abspath(options.cache_dir)})
                 with single_error():
                     trio.run(daemon.run, ready, opened)
             finally:
@@ -333,6 +334,10 @@ class MountDaemon:
         }
 
     def _cache_stats(self) -> dict[str, Any]:
+        try:
+            free: int | None = self.cache.free_space()
+        except OSError:  # its directory removed under the daemon: stats answer all the same
+            free = None
         return {
             "directory": str(self.cache.dir),
             "capacity": self.cache.capacity,
@@ -343,7 +348,7 @@ class MountDaemon:
             "bad": self.cache.bad,
             "errors": self.cache.errors,  # of its own files and index (each cost a miss)
             "reserve": self.cache.reserve,  # bytes of its file system it leaves free
-            "free": self.cache.free_space(),
+            "free": free,
             "short_of_space": self.cache.short_of_space,  # caching paused to keep the reserve
         }
 

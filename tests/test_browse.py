@@ -467,6 +467,35 @@ def test_browse_after_its_daemon_died_detaches_the_dead_mount_and_starts_another
     assert mounts_under(env.tmp) == [] and loops_under(env.tmp) == {}
 
 
+@pytest.mark.parametrize("tool", ["losetup", "mount"])
+def test_a_browse_killed_once_its_loop_device_or_mount_is_made_is_undone_by_unbrowse(
+    env: Env, tmp_path: Path, tool: str
+) -> None:
+    """kill -9 of ``browse`` the moment ``losetup`` attached the image, or ``mount`` mounted
+    its filesystem on DIR: what it made (a loop device, an ext4 mount on DIR, its own daemon)
+    must be known to ``unbrowse DIR``, not left for ever with DIR 'not browsed' and 'already
+    a mount point' to a new browse. The instant is chosen by a wrapper of the real tool on
+    PATH that runs it, then kills its parent, the browse (it stands in for nothing)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    real = shutil.which(tool)
+    wrapper = bin_dir / tool
+    wrapper.write_text(f"#!/bin/sh\n{real} \"$@\"; status=$?\n"
+                       f"case \"$*\" in *snapshots/*|*ext4*) kill -9 $PPID;; esac\nexit $status\n")
+    wrapper.chmod(0o755)
+    where = env.empty_dir("where")
+    killed = env.snapfs("browse", "vm-1", where,
+                        env={**env.snapfs.env, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert loops_under(env.tmp)  # what the kill left
+    assert "unbrowsed" in env.unbrowse(where)
+    assert mounts_under(env.tmp) == [] and loops_under(env.tmp) == {}
+    assert env.browse_states() == [] and env.daemon_pid_files() == []
+    state = env.browse("vm-1", where)  # and DIR serves again
+    assert state["loop_device"] in loops_under(env.tmp)
+    env.unbrowse(where)
+
+
 def test_unbrowse_after_the_daemon_died_or_someone_undid_part_of_it(env: Env, tmp_path: Path
                                                                      ) -> None:
     # the daemon killed: the files read as EIO; unbrowse still undoes everything
@@ -825,7 +854,8 @@ def test_a_restore_killed_outright_is_undone_by_the_next(env: Env, odd_image: Pa
     proc = env.snapfs.popen("restore-files", "odd", "--to", env.tmp / "target")
     try:
         deadline = time.monotonic() + 60
-        while not env.browse_states():
+        # its state is written before the loop device is bound: wait for both
+        while not (env.browse_states() and loops_under(env.tmp)):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the restore never browsed"
         proc.kill()

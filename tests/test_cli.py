@@ -49,6 +49,7 @@ from testkit import (
     Snapfs,
     flip_byte,
     one_error,
+    tmpfs,
 )
 
 from snapfs.format.block import HEADER_SIZE, ZERO_ID
@@ -266,6 +267,25 @@ def test_a_repository_path_that_is_a_file_or_cannot_be_made(snapfs: Snapfs,
         f"snapfs: {long}: File name too long")
     assert one_error(snapfs.with_repo(str(long))("snapshot", "list"), EXIT_STORE) == (
         f"snapfs: {long}: config: File name too long")
+
+
+@needs_root
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)
+def test_a_repository_on_a_read_only_file_system_says_so(snapfs: Snapfs, tmp_path: Path) -> None:
+    """A repository directory on a file system mounted read-only (a backup disk remounted ro
+    after an error): the commands that write said 'permission denied', which sends the
+    operator to the modes and owners; reads go on."""
+    with tmpfs(tmp_path / "ro", "8M") as fs:
+        repo = snapfs.with_repo(str(fs / "repo"))
+        repo.ok("init")
+        source = random_image(tmp_path / "a.img", MiB, seed=3)
+        repo.ok("snapshot", "create", source, "--name", "a")
+        subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
+        for _args, result in repo.each(("snapshot", "create", source), ("prune",),
+                                       ("snapshot", "delete", "a")):
+            error = one_error(result, EXIT_STORE)
+            assert "read-only file system" in error and "permission" not in error, error
+        assert repo.json("verify")["ok"] is True
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # both: test_repository.py
@@ -1050,6 +1070,43 @@ def test_kill_9_during_snapshot(snapfs: Snapfs, store: ObjectStore, tmp_path: Pa
     assert pack_names(store) == indexed_packs(store), "no orphan pack is left"
     assert list(store.list("locks/")) == []
     assert snapfs.json("verify")["snapshots"] == 2
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # an S3 PUT leaves nothing
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_kill_9_while_a_pack_is_written_leaves_nothing_that_prune_keeps(
+        snapfs: Snapfs, store_url: str, tmp_path: Path) -> None:
+    """A local repository's objects are written to a temporary file, then renamed: a snapshot
+    killed before the rename left its temporary pack (16 MiB) for ever, since no listing shows
+    it, and prune said it freed 0 B. Every fsync waits a second here (strace) so that a pack's
+    temporary file is there when the snapshot is killed."""
+    snapfs.ok("init")
+    source = random_image(tmp_path / "big.img", 20 * MiB, seed=10)
+    proc = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fsync",
+         "-e", "inject=fsync:delay_enter=1000000",
+         *snapfs.command(("snapshot", "create", source))],
+        env=snapfs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def partial() -> list[Path]:
+        return list(Path(store_url).glob("packs/*/.*.tmp-snapfs"))
+
+    try:
+        wait_for(lambda: partial() or proc.poll() is not None, 60, "a pack being written")
+        assert proc.poll() is None, proc.communicate()
+        # snapfs itself, not strace (which would let it go on)
+        child = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
+        os.kill(int(child), signal.SIGKILL)
+    finally:
+        proc.communicate(timeout=60)
+    left = partial()
+    assert left
+    size = sum(p.stat().st_size for p in left)
+    pruned = snapfs.json("prune")
+    assert partial() == []
+    assert pruned["partial_objects_deleted"] == len(left) and pruned["bytes_freed"] >= size
+    assert [p for p in Path(store_url).rglob("*.tmp-snapfs") if p.parent.name != "locks"] == []
+    assert snapfs.json("verify")["ok"] is True
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the same on both stores

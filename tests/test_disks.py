@@ -871,6 +871,36 @@ def test_a_failed_fsync_keeps_failing_rather_than_acknowledge_lost_writes(
             assert "disk d failed: overlay " in s.snapfs.ok("disk", "list")
 
 
+def test_a_cache_directory_deleted_under_the_daemon_fails_fsyncs_instead_of_losing_them(
+    served: Served, tmp_path: Path,
+) -> None:
+    """``rm -rf`` of the cache directory while the daemon serves a disk from it: the daemon
+    still writes into its open overlay, whose name is gone, so what it acknowledged would
+    vanish with the daemon's stop (the next start finds no disk at all). An fsync must fail
+    instead, and so must a snapshot of the disk; reads still give the disk's bytes, so that
+    they can be copied out, and stats still answers."""
+    s = served
+    s.snapfs.ok("disk", "create", "d", "--size", "4M")
+    before, after = random_blocks(91, 2)
+    write_blocks(s.disk("d"), {3: before})  # fsync'd while the overlay is there
+    shutil.rmtree(tmp_path / "cache")
+    fd = os.open(s.disk("d"), os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, after, 7 * BS) == BS
+        with pytest.raises(OSError) as failed:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert failed.value.errno == errno.EIO
+    assert read_blocks(s.disk("d"), [3, 7]) == {3: before, 7: after}
+    error = one_error(s.snapfs("snapshot", "create", "--disk", "d", "--name", "gone"),
+                      EXIT_GENERAL)
+    assert "was deleted" in error, error
+    assert "was deleted" in s.disks()["d"]["failed"]
+    stats = json.loads(s.snapfs.ok("stats", s.mountpoint, "--json"))
+    assert stats["disks"][0]["name"] == "d"
+
+
 def drop_cached(path: Path) -> None:
     """Make the kernel drop the clean cached pages of ``path`` (as memory pressure would)."""
     fd = os.open(path, os.O_RDONLY)
@@ -1253,6 +1283,28 @@ def test_a_disk_takes_the_space_of_blocks_another_daemon_sharing_the_cache_fille
         written = write_past_the_free_space(s, small, base_image, seed=6)
         assert_disk_is(s, "d", base_image, written, tmp_path)
         assert sha256_file(image) == sha256_file(base_image)  # read through again, right
+
+
+def test_when_the_daemon_serving_the_disks_dies_another_on_its_cache_says_what_to_do(
+        snapfs: Snapfs, tmp_path: Path) -> None:
+    """Two daemons on one cache: the first serves the disks, the second snapshots only. Once
+    the first is killed (kill -9) its disks are served by no one, and every disk command was
+    told that 'another daemon holds their state directory; see their logs', which no daemon
+    did: it must say that the daemon serving them stopped, and how to serve them again. Then
+    the disk comes back whole, with its fsync'd writes."""
+    written = dict(zip((2, 9), random_blocks(97, 2), strict=True))
+    with serving(snapfs, tmp_path) as s:
+        snapfs.ok("disk", "create", "d", "--size", "4M")
+        write_blocks(s.disk("d"), written)
+        with mounted(snapfs, tmp_path / "mnt2", tmp_path / "cache", "--no-background") as other:
+            s.daemon.kill()
+            wait_for(lambda: not pid_running(s.daemon.pid), 10, "the daemon to be killed")
+            error = one_error(snapfs("disk", "list"), EXIT_NOT_FOUND)
+            assert "stopped" in error and f"snapfs umount {other.mountpoint}" in error, error
+            snapfs.ok("umount", s.mountpoint)
+            snapfs.ok("umount", other.mountpoint)
+    with serving(snapfs, tmp_path) as s:
+        assert read_blocks(s.disk("d"), list(written)) == written
 
 
 def test_reads_on_a_tiny_cache_file_system_never_fill_it(

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from diskimages import make_image
+from diskimages import make_image, random_image
 from mountutil import mounted, pid_running
-from testkit import SEAWEED_STOP_TIMEOUT, Snapfs, wait_until
+from testkit import EXIT_STORE, SEAWEED_STOP_TIMEOUT, Snapfs, wait_until
 
 from snapfs.cache import BlockCache
 from snapfs.errors import SnapfsError
@@ -235,3 +235,40 @@ def test_background_sweep_finishes_once_the_store_is_back(server: SeaweedServer,
         store.close()
     assert failed_while_down > 0  # the sweep had not finished when the store died
     assert data == source
+
+
+def test_a_snapshot_whose_store_goes_down_fails_in_one_line(
+        server: SeaweedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        runtime_dir: Path) -> None:
+    """SeaweedFS killed while ``snapshot create`` uploads (its lock stored): the PUTs fail, and
+    then so does the removal of its lock. That removal's warning came first, a second line
+    before the error that said the same (the store cannot be reached); the lock it leaves
+    holds nothing up."""
+    snapfs, _ = snapshot_on(server, tmp_path, monkeypatch, runtime_dir, "oneline", "16M", "4M",
+                            seed=5)
+    source = random_image(tmp_path / "big.img", 24 << 20, seed=6)
+    store = S3Store("faults", "oneline", endpoint_url=server.endpoint_url)
+    try:
+        proc = snapfs.popen("snapshot", "create", source, "--rate", "1")
+        try:
+            deadline = time.monotonic() + 60
+            while not any(store.list("locks/")):
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "the snapshot never took its lock"
+                time.sleep(0.05)
+            server.crash()
+            _, stderr = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if server.pid is None:
+                server.restart()
+        assert proc.returncode == EXIT_STORE, stderr
+        assert len(stderr.splitlines()) == 1 and "cannot reach" in stderr, stderr
+        wait_until_serving(server, "oneline")
+        assert len(list(store.list("locks/"))) == 1  # let go of later
+    finally:
+        store.close()
+    snapfs.ok("prune")
+    assert snapfs.json("verify")["ok"] is True

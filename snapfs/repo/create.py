@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -201,8 +202,10 @@ async def create_snapshot(
             with single_error():
                 return await _create_locked(repo, source, lock, options, progress, store_limiter, started)
         finally:
+            failing = sys.exc_info()[1] is not None
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(lock.release_quietly, limiter=store_limiter)
+                await trio.to_thread.run_sync(lock.release_quietly, failing,
+                                              limiter=store_limiter)
     finally:
         source.close()
 

@@ -10,6 +10,8 @@ Order, so that a crash at any point loses nothing that a root references:
 2. write one new index of every live pack, superseding all older index objects;
 3. delete the older index objects;
 4. delete packs that are no longer indexed: empty ones, repacked ones, orphans of crashed runs.
+Before all that it deletes what writers killed in the middle of a ``put`` left (a local
+directory's temporary files): no writer of packs, index or roots runs under the lock.
 
 Nothing is collected while a snapshot root cannot be read (damaged, or of an unknown format):
 which blobs that snapshot needs cannot be known, and guessing could delete them. Collection
@@ -140,6 +142,10 @@ async def _collect(repo: Repository, limiter: trio.CapacityLimiter,
                                 "run prune")
     roots = listing.roots
     live = await trio.to_thread.run_sync(live_blobs, repo, index, roots, progress)
+    # the exclusive lock keeps every writer of these out: what is half written there is a
+    # dead writer's (a local directory's temporary files, which no listing shows)
+    partial, partial_bytes = await trio.to_thread.run_sync(
+        repo.store.remove_partial_writes, ("packs/", "index/", "snapshots/"), limiter=limiter)
     stored = dict(await trio.to_thread.run_sync(lambda: list(repo.store.list("packs/"))))
     stored_packs = {key.rpartition("/")[2]: size for key, size in stored.items()}
 
@@ -225,7 +231,8 @@ async def _collect(repo: Repository, limiter: trio.CapacityLimiter,
         "packs_deleted": len(doomed) - len(repack),
         "packs_repacked": len(repack),
         "packs_written": uploader.stats.packs,
-        "bytes_freed": sum(stored_packs[p] for p in doomed) - uploader.stats.bytes,
+        "bytes_freed": sum(stored_packs[p] for p in doomed) - uploader.stats.bytes + partial_bytes,
+        "partial_objects_deleted": partial,
         "bytes_repacked": repacked_bytes,
         "seconds": round(time.monotonic() - started, 3),
     }

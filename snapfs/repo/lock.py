@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -146,8 +147,9 @@ async def exclusively(store: ObjectStore, purpose: str, limiter: trio.CapacityLi
                 yield
                 nursery.cancel_scope.cancel()
     finally:
+        failing = sys.exc_info()[1] is not None
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(lock.release_quietly, limiter=limiter)
+            await trio.to_thread.run_sync(lock.release_quietly, failing, limiter=limiter)
 
 
 
@@ -227,16 +229,19 @@ class RepositoryLock:
             self.store.delete(self.key)
             self.held = False
 
-    def release_quietly(self) -> bool:
+    def release_quietly(self, failing: bool = False) -> bool:
         """``release`` for a ``finally``: a store that fails now must not hide the error that
         is on its way out (nor turn a success into a failure). False if the lock object is
         still there: a dead process's lock is ignored at once on its host, and everywhere once
-        ``STALE_AFTER`` has passed; a long-lived process should try again (``held`` stays)."""
+        ``STALE_AFTER`` has passed; a long-lived process should try again (``held`` stays).
+        ``failing``: an error is on its way out (most likely the store's own, which this one
+        repeats): the lock left behind is logged, not warned of, so the error stays one line."""
         try:
             self.release()
         except SnapfsError as e:
-            log.warning("could not remove the lock %s (%s); it will be let go later", self.key,
-                        e.message)
+            log.log(logging.INFO if failing else logging.WARNING,
+                    "could not remove the lock %s (%s); it will be let go later", self.key,
+                    e.message)
             return False
         return True
 

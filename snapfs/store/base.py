@@ -55,5 +55,12 @@ class ObjectStore(ABC):
         """Whether the place the repository would live in exists at all."""
         return True
 
+    def remove_partial_writes(self, prefixes: tuple[str, ...]) -> tuple[int, int]:
+        """Remove what writers that died (kill -9, a power cut) left of objects they were
+        writing under ``prefixes``: (how many, bytes). Only while no writer of those prefixes
+        can be running (under the exclusive repository lock). A store whose ``put`` leaves
+        nothing half made (S3) has nothing to remove."""
+        return 0, 0
+
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         pass

@@ -33,7 +33,9 @@ class LocalStore(ObjectStore):
     def _fail(self, e: OSError, key: str, where: str | None = None) -> SnapfsError:
         """The error of an operation on ``key``, said as ``where`` ("URL: KEY: ") and why."""
         where = where or f"{self.url}: {key}: "
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if e.errno == errno.EROFS:  # not the modes: the file system is mounted read-only
+            return AccessDenied(where + "read-only file system")
+        if e.errno in (errno.EACCES, errno.EPERM):
             return AccessDenied(where + "permission denied")
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             return NoSpace(where + "no space left on the device")
@@ -97,6 +99,30 @@ class LocalStore(ObjectStore):
                         yield key, os.stat(full).st_size
                     except FileNotFoundError:
                         continue
+
+    def remove_partial_writes(self, prefixes: tuple[str, ...]) -> tuple[int, int]:
+        """The temporary files of ``put``s that never reached their rename (``list`` never
+        shows them, so nothing else would ever delete them: a killed snapshot leaves a pack's
+        worth)."""
+        count = size = 0
+        for prefix in prefixes:
+            top = self.root / prefix.rpartition("/")[0]
+            for dirpath, _dirs, files in os.walk(top):
+                for name in files:
+                    if not name.endswith(TMP_SUFFIX):
+                        continue
+                    path = os.path.join(dirpath, name)
+                    try:
+                        length = os.stat(path).st_size
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        continue
+                    except OSError as e:
+                        key = os.path.relpath(path, self.root).replace(os.sep, "/")
+                        raise self._fail(e, key) from None
+                    count += 1
+                    size += length
+        return count, size
 
     def exists(self, key: str) -> bool:
         path = self._path(key)

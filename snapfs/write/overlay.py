@@ -141,6 +141,8 @@ class Overlay:
             raise self.failed
         try:
             os.fdatasync(self.fd)
+            if os.fstat(self.fd).st_nlink == 0:
+                self._deleted()
             named = []
             for cow in list(self._cow.values()):  # a write may open one meanwhile
                 cow.sync()
@@ -158,6 +160,16 @@ class Overlay:
             log.error("%s", self.failed.message)
             self._note_failure()
             raise self.failed from None
+
+    def _deleted(self) -> None:
+        """The overlay's name is gone (its cache directory was removed under the daemon): its
+        bytes live only as long as this open file, and the next start knows no such disk. A
+        flush must not acknowledge them, now or later; they still read, to be copied out."""
+        self.failed = SnapfsError(f"overlay {self.path} was deleted under the running daemon "
+                                  "(its cache directory removed?): the disk's writes are lost "
+                                  "when the daemon stops; copy the disk out before that")
+        log.error("%s", self.failed.message)
+        raise self.failed
 
     # -- a failed flush, and what it may have cost -------------------------------------------
 
