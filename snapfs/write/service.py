@@ -75,7 +75,7 @@ from snapfs.write.bitmap import Bitmap
 from snapfs.write.disk import ClosedGeneration, Disk, Image, PendingSnapshot, Staged, read_lower
 from snapfs.write.overlay import Overlay, leftover_files
 from snapfs.write.state import DiskRecord, DiskState, SnapshotPart, SnapshotTask
-from snapfs.write.uploader import UploadProgress, upload_generation
+from snapfs.write.uploader import UploadProgress, shared_lock, upload_generation
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -751,9 +751,7 @@ class DiskService:
             attempt += 1
             try:
                 with single_error():  # a failing upload must be retried, never end the daemon
-                    for part in task.parts:
-                        if not part.done:
-                            await self._upload_part(task, part)
+                    await self._upload_parts(task)
                 break
             except SnapfsError as e:
                 if isinstance(e, KeptBlocksLost):
@@ -884,8 +882,37 @@ class DiskService:
                 doomed.append(other)
         return doomed
 
-    async def _upload_part(self, task: SnapshotTask, part: SnapshotPart) -> None:
-        state = self._require()
+    async def _upload_parts(self, task: SnapshotTask) -> None:
+        """Store the parts of ``task`` not stored yet. A consistency group's parts are stored
+        together: under one shared lock, every part's blocks and pages first, then their roots
+        one after another, so that a part that fails leaves no other part of the group stored
+        (a cut between two roots leaves the rest to the next attempt, which finds the first
+        ones stored). A part counts as done once every root is stored."""
+        parts = [p for p in task.parts if not p.done]
+        if len(task.parts) == 1:
+            for part in parts:
+                root, _ = await self._store_part(task, part)
+                await self._finish_part(task, part, root)
+            return
+        await self._release_leftover_locks()
+        stored: list[tuple[SnapshotRoot, bool]] = []
+        async with shared_lock(self.repo, f"snapshot of disks {', '.join(p.disk for p in parts)}",
+                               self.upload_lock_patience, self._unreleased) as limiter:
+            await self.hydrator.refresh_index()  # deduplicated against the index as it is now
+            for part in parts:
+                stored.append(await self._store_part(task, part, limiter))
+            for root, unstored in stored:
+                if unstored:
+                    await trio.to_thread.run_sync(self.repo.write_root, root, limiter=limiter)
+        for part, (root, _) in zip(parts, stored, strict=True):
+            await self._finish_part(task, part, root)
+
+    async def _store_part(self, task: SnapshotTask, part: SnapshotPart,
+                          under_lock: trio.CapacityLimiter | None = None,
+                          ) -> tuple[SnapshotRoot, bool]:
+        """Upload ``part``'s changed blocks and pages, and its root unless ``under_lock`` (the
+        group's shared lock is held: see ``upload_generation``); its root, and whether it is
+        still to be stored."""
         await self._release_leftover_locks()  # an attempt after the store came back: tidy first
         disk = self.disks[part.disk]
         closed = next(c for c in disk.closed if c.gen == part.gen)
@@ -905,21 +932,30 @@ class DiskService:
             # (or lost power) after the root's PUT, or a PUT that failed after it was done
             log.info("snapshot %s of disk %s was stored already", root.name, disk.name)
             await self.hydrator.refresh_index()
-        else:
-            self._uploading += 1
-            try:
-                root, packs, index_name = await upload_generation(
-                    self.repo, self.hydrator.index, disk, closed, part, parent, parent_page,
-                    group=task.group, tags=task.tags, progress=progress, created=task.created,
-                    pace=self._pace,
-                    busy=self._busy, fresh_index=self._fresh_index, unreleased=self._unreleased,
-                    lock_patience=self.upload_lock_patience)
-            finally:
-                self._uploading -= 1
-            for pack, entries in packs.items():
-                self.hydrator.index.add_pack(pack, entries)
-            if index_name is not None:  # so that ``refresh_index`` finds the index current
-                self.hydrator.index.index_names.append(index_name)
+            return root, False
+        self._uploading += 1
+        try:
+            root, packs, index_name = await upload_generation(
+                self.repo, self.hydrator.index, disk, closed, part, parent, parent_page,
+                group=task.group, tags=task.tags, progress=progress, created=task.created,
+                pace=self._pace,
+                busy=self._busy, fresh_index=self._fresh_index, unreleased=self._unreleased,
+                lock_patience=self.upload_lock_patience, under_lock=under_lock)
+        finally:
+            self._uploading -= 1
+        for pack, entries in packs.items():
+            self.hydrator.index.add_pack(pack, entries)
+        if index_name is not None:  # so that ``refresh_index`` finds the index current
+            self.hydrator.index.index_names.append(index_name)
+        return root, under_lock is not None
+
+    async def _finish_part(self, task: SnapshotTask, part: SnapshotPart,
+                           root: SnapshotRoot) -> None:
+        """``part`` is stored as ``root``: its image reads from the store, its disk's record
+        follows it, and its generation's copies kept aside go."""
+        state = self._require()
+        disk = self.disks[part.disk]
+        closed = next(c for c in disk.closed if c.gen == part.gen)
         self.stored[root.id] = root
         view = closed.view
         if view is not None:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -74,6 +75,7 @@ async def upload_generation(
     fresh_index: Callable[[], Awaitable[BlobIndex]] | None = None,
     unreleased: list[RepositoryLock] | None = None,
     lock_patience: float = SNAPSHOT_LOCK_PATIENCE,
+    under_lock: trio.CapacityLimiter | None = None,
 ) -> tuple[SnapshotRoot, dict[str, list], str | None]:
     """Store ``closed`` as snapshot ``part.snapshot_id``; return its root, the packs it added
     and the name of the index object naming them (for the caller's index). ``created``: the
@@ -87,33 +89,56 @@ async def upload_generation(
     (``fresh_index``, if given, is awaited then): garbage collection runs only under the
     exclusive lock, so no blob this snapshot reuses can be deleted or moved until its root is
     stored. An index read before the lock may name blobs that are gone since. The lock is
-    waited for up to ``lock_patience`` seconds (a garbage collection's exclusive lock)."""
+    waited for up to ``lock_patience`` seconds (a garbage collection's exclusive lock).
+
+    ``under_lock``: the caller holds the shared lock already (``shared_lock``, with its store
+    limiter, this), for the parts of a consistency group: then the root is returned, not
+    stored. The caller stores every part's root once every part's blocks and pages are stored,
+    before it lets go of the lock (until a root names them, only the lock keeps garbage
+    collection from taking them)."""
     started = time.monotonic()
-    lock = RepositoryLock(repo.store, "shared", f"snapshot of disk {disk.name}")
+    if under_lock is not None:
+        root, packs, index_name = await _upload(
+            repo, index, disk, closed, part, parent, parent_page, group, tags,
+            created or now_iso(), progress, rate, under_lock, pace, busy, store_root=False)
+    else:
+        async with shared_lock(repo, f"snapshot of disk {disk.name}", lock_patience,
+                               unreleased) as store_limiter:
+            progress.timings["lock"] = round(time.monotonic() - started, 4)
+            if fresh_index is not None:
+                index = await fresh_index()
+                progress.timings["index_checked"] = round(time.monotonic() - started, 4)
+            root, packs, index_name = await _upload(
+                repo, index, disk, closed, part, parent, parent_page, group, tags,
+                created or now_iso(), progress, rate, store_limiter, pace, busy)
+    root.stats["seconds"] = round(time.monotonic() - started, 3)
+    root.stats["timings"] = progress.timings
+    return root, packs, index_name
+
+
+@asynccontextmanager
+async def shared_lock(repo: Repository, purpose: str, patience: float = SNAPSHOT_LOCK_PATIENCE,
+                      unreleased: list[RepositoryLock] | None = None,
+                      ) -> AsyncIterator[trio.CapacityLimiter]:
+    """The block runs under a shared repository lock (waited for up to ``patience`` seconds:
+    a forget or prune holds the exclusive lock for seconds), kept fresh meanwhile; it gets the
+    limiter of the store's requests. A lock whose removal fails goes to ``unreleased`` (the
+    caller lets go of it later). An error of the block comes out as itself, not in trio's
+    group (the caller retries a ``SnapfsError``)."""
+    lock = RepositoryLock(repo.store, "shared", purpose)
     store_limiter = trio.CapacityLimiter(repo.store.concurrency)
-    # a forget or prune holds the exclusive lock for seconds: wait for it rather than fail
-    await lock.acquire_waiting(lock_patience, store_limiter)
-    progress.timings["lock"] = round(time.monotonic() - started, 4)
+    await lock.acquire_waiting(patience, store_limiter)
     try:
-        if fresh_index is not None:
-            index = await fresh_index()
-            progress.timings["index_checked"] = round(time.monotonic() - started, 4)
-        # the store's error, not trio's group of it: the caller retries a SnapfsError
         with single_error():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(refresh_lock, lock, store_limiter)
-                root, packs, index_name = await _upload(
-                    repo, index, disk, closed, part, parent, parent_page, group, tags,
-                    created or now_iso(), progress, rate, store_limiter, pace, busy)
+                yield store_limiter
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             released = await trio.to_thread.run_sync(lock.release_quietly, limiter=store_limiter)
             if not released and unreleased is not None:
-                unreleased.append(lock)  # the store failed: the caller lets go of it later
-    root.stats["seconds"] = round(time.monotonic() - started, 3)
-    root.stats["timings"] = progress.timings
-    return root, packs, index_name
+                unreleased.append(lock)
 
 
 async def _encode_on_cores(repo: Repository, blocks: list[bytes], index: BlobIndex,
@@ -142,7 +167,7 @@ async def _upload(
     part: SnapshotPart, parent: SnapshotRoot | None, parent_page: PageLoader,
     group: str | None, tags: list[str], created: str, progress: UploadProgress,
     rate: float | None, store_limiter: trio.CapacityLimiter, pace: Pacer | None,
-    busy: Callable[[], bool],
+    busy: Callable[[], bool], store_root: bool = True,
 ) -> tuple[SnapshotRoot, dict[str, list], str | None]:
     bs = disk.block_size
     nblocks = -(-part.size // bs)
@@ -258,9 +283,10 @@ async def _upload(
         "source": "checksum comparison" if part.compared else "changed-block tracking",
     }
     progress.timings["index"] = round(trio.current_time() - step, 4)
-    step = trio.current_time()
-    await trio.to_thread.run_sync(repo.write_root, root, limiter=store_limiter)
-    progress.timings["root"] = round(trio.current_time() - step, 4)
+    if store_root:
+        step = trio.current_time()
+        await trio.to_thread.run_sync(repo.write_root, root, limiter=store_limiter)
+        progress.timings["root"] = round(trio.current_time() - step, 4)
     progress.bytes_uploaded = uploader.stats.bytes
     return root, packs, index_name
 
