@@ -631,7 +631,8 @@ def restore_from_snapshot(options: BrowseOptions, target: str, restore: RestoreO
         with browsing(dataclasses.replace(options, directory=temp)) as state:
             report = RestoreReport()
             try:
-                restore_files(temp, target, restore, progress, report)
+                restore_files(temp, target, restore, progress, report,
+                              source_failing=lambda: store_failing(state.daemon_mountpoint))
             except SnapfsError as e:
                 raise RestoreStopped(e, state, report) from e
         return state, report
@@ -640,6 +641,20 @@ def restore_from_snapshot(options: BrowseOptions, target: str, restore: RestoreO
             os.rmdir(temp)
         except OSError as e:  # still mounted: unbrowse failed, and said why
             log.debug("%s left behind: %s", temp, e.strerror)
+
+
+def store_failing(daemon_mountpoint: str) -> str | None:
+    """Why the store of the daemon at ``daemon_mountpoint`` fails every fetch for now (its
+    last fetch that gave up on the store, none succeeding since), or None: also when the
+    daemon cannot be asked (a read's failure then counts for that file alone)."""
+    try:
+        stats = request(RunFiles.for_mountpoint(daemon_mountpoint), {"op": "stats"},
+                        STATS_TIMEOUT)["stats"]
+    except SnapfsError as e:
+        log.debug("could not ask the daemon at %s: %s", daemon_mountpoint, e.message)
+        return None
+    failing = stats.get("hydrator", {}).get("store_failing")
+    return failing if isinstance(failing, str) else None
 
 
 def _undo_killed_restores(root: Path) -> None:

@@ -101,7 +101,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from snapfs.errors import NoSpace, SnapfsError, UsageError
+from snapfs.errors import NoSpace, SnapfsError, StoreUnavailable, UsageError
 from snapfs.progress import NO_PROGRESS, Progress
 
 log = logging.getLogger(__name__)
@@ -347,13 +347,16 @@ def restore_files(
     options: RestoreOptions,
     progress: Progress = NO_PROGRESS,
     report: RestoreReport | None = None,
+    source_failing: Callable[[], str | None] | None = None,
 ) -> RestoreReport:
     """Copy the selected entries of the tree at ``source_root`` into ``target``.
 
     ``target`` is created if missing and must not lie inside ``source_root``. Progress is
     reported in bytes of file data, against a total counted by a first walk of the selection.
     The report (``report`` if given, which then holds what was done when the run stops with an
-    error) is returned.
+    error) is returned. ``source_failing``, asked after reading a file's data failed, says why
+    every read of the source will fail for now (its store does not answer), or None: the run
+    then stops (``StoreUnavailable``) rather than wait out each file's read.
     """
     selector = PathSelector(options.includes, options.excludes)
     source_real, target_real = os.path.realpath(source_root), os.path.realpath(target)
@@ -371,7 +374,7 @@ def restore_files(
             raise SnapfsError(f"cannot use {target} as the target: {e.strerror}") from None
         try:
             restorer = _Restorer(selector, options, progress, report or RestoreReport(),
-                                 target_fd)
+                                 target_fd, source_failing)
             progress.start("restore", restorer.scan(source_fd, "", selector.root(), 0))
             root = _Dir(None, "", "", None, source_fd, target_fd)
             restorer.restore_dir(root, selector.root(), 0)
@@ -389,6 +392,11 @@ def restore_files(
 
 class _EntryFailed(Exception):
     """One entry cannot be restored; the message is the reason shown to the user."""
+
+
+class _SourceReadFailed(_EntryFailed):
+    """Reading a file's data from the snapshot failed (``restore_files``' ``source_failing``
+    says whether the rest would fail too)."""
 
 
 class _Abandoned(Exception):
@@ -438,8 +446,10 @@ class _NoRoom(Exception):
 
 class _Restorer:
     def __init__(self, selector: PathSelector, options: RestoreOptions, progress: Progress,
-                 report: RestoreReport, target_root_fd: int) -> None:
+                 report: RestoreReport, target_root_fd: int,
+                 source_failing: Callable[[], str | None] | None = None) -> None:
         self.selector = selector
+        self.source_failing = source_failing
         self.overwrite = options.on_conflict == "overwrite"
         self.progress = progress
         self.report = report
@@ -649,6 +659,8 @@ class _Restorer:
         except (OSError, _EntryFailed) as e:
             self.fatal_if_target_unusable(e, path)
             self.fail(path, _reason(e))
+            if isinstance(e, _SourceReadFailed):
+                self.stop_if_source_fails(path)
         finally:
             if st.st_size > copied:
                 self.progress.advance(st.st_size - copied)
@@ -867,6 +879,15 @@ class _Restorer:
             raise _FATAL_TARGET_ERRORS[e.errno](
                 f"cannot write {path} in the target: {e.strerror}; restore stopped") from e
 
+    def stop_if_source_fails(self, path: str) -> None:
+        """After reading ``path`` from the snapshot failed: stop if ``source_failing`` says
+        why every read that needs the store will fail too (each would wait out its retries)."""
+        reason = self.source_failing() if self.source_failing is not None else None
+        if reason is not None:
+            raise StoreUnavailable(f"reading {path} from the snapshot failed: its store is not "
+                                   f"answering ({reason}); restore stopped (run it again once "
+                                   "the store is back: what is restored is skipped)")
+
     def stop_if_full(self, dir_fd: int, size: int, path: str, e: OSError) -> None:
         """After a file of ``size`` bytes did not fit (and was removed): stop if the target
         can take nothing more (the rule is in the module docstring)."""
@@ -894,7 +915,7 @@ def _copy_data(source: int, target: int, size: int, skip_zeros: bool,
             if e.errno == errno.ENXIO:  # nothing but a hole up to the end
                 break
             if e.errno != errno.EINVAL:
-                raise _EntryFailed(f"reading it from the snapshot failed: {e.strerror}") from None
+                raise _SourceReadFailed(f"reading it from the snapshot failed: {e.strerror}") from None
             start, end = offset, size  # no SEEK_DATA here: all of it is data
         if start >= size:
             break
@@ -903,7 +924,7 @@ def _copy_data(source: int, target: int, size: int, skip_zeros: bool,
             try:
                 data = os.pread(source, min(CHUNK, end - start), start)
             except OSError as e:
-                raise _EntryFailed(f"reading it from the snapshot failed: {e.strerror}") from None
+                raise _SourceReadFailed(f"reading it from the snapshot failed: {e.strerror}") from None
             if not data:
                 raise _EntryFailed("it became shorter while being restored")
             for run_start, run_end in (_data_runs(data) if skip_zeros else [(0, len(data))]):

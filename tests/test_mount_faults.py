@@ -24,6 +24,7 @@ from diskimages import make_image, random_image
 from mountutil import mounted, pid_running
 from testkit import EXIT_STORE, SEAWEED_STOP_TIMEOUT, Snapfs, wait_until
 
+from snapfs.browse import store_failing
 from snapfs.cache import BlockCache
 from snapfs.errors import SnapfsError
 from snapfs.hydration.scheduler import FAILED_MEMORY, HydrationConfig, Hydrator
@@ -170,10 +171,16 @@ def test_store_hangs_then_answers(server: SeaweedServer, tmp_path: Path,
             assert pid_running(daemon.pid)
             stats = snapfs.json("stats", daemon.mountpoint)
             assert stats["hydrator"]["failed_requests"] >= 1, stats
+            # what restore-files asks after a read failed: the store is not answering
+            assert "cannot reach" in (stats["hydrator"]["store_failing"] or ""), stats
+            monkeypatch.setenv("SNAPFS_RUNTIME_DIR", snapfs.env["SNAPFS_RUNTIME_DIR"])
+            assert store_failing(str(daemon.mountpoint)) == stats["hydrator"]["store_failing"]
             assert pread(served, 0, 4 << 20) == source[: 4 << 20]  # and still readable
         wait_until_serving(server, "hung")
         time.sleep(FAILED_MEMORY)  # the failure is forgotten by then (the kernel's retry is not)
         assert pread(served, later, 4096) == source[later : later + 4096]
+        assert snapfs.json("stats", daemon.mountpoint)["hydrator"]["store_failing"] is None
+        assert store_failing(str(daemon.mountpoint)) is None
 
         with stopped(server):  # storing its access profile hangs: it gives up in time
             started = time.monotonic()

@@ -30,7 +30,7 @@ import pytest
 from diskimages import have_root
 
 import snapfs.restore
-from snapfs.errors import NoSpace, UsageError
+from snapfs.errors import NoSpace, StoreUnavailable, UsageError
 from snapfs.restore import (
     PathPattern,
     PathSelector,
@@ -1000,10 +1000,28 @@ def test_a_file_the_mount_cannot_read_fails_and_the_rest_is_restored(tmp_path: P
                    check=True, capture_output=True)
     mountpoint, target = tmp_path / "mnt", tmp_path / "out"
 
+    asked: list[str] = []
     with loop_mounted(image, mountpoint):
         assert (mountpoint / "bad").stat().st_size == 16 * 1024  # listed fine, unreadable
         progress = RecordingProgress()
-        report = restore_files(str(mountpoint), str(target), RestoreOptions(), progress)
+        report = restore_files(str(mountpoint), str(target), RestoreOptions(), progress,
+                               source_failing=lambda: asked.append("fine") or None)
+
+        # the same, where the source says every read will fail for now (restore-files asks
+        # the daemon whether its store answers; a stand-in for that answer here): the run
+        # stops at the first file it could not read, rather than wait out every other file
+        stopped = RestoreReport()
+        with pytest.raises(StoreUnavailable) as e:
+            restore_files(str(mountpoint), str(tmp_path / "out2"), RestoreOptions(),
+                          report=stopped, source_failing=lambda: "the test's store is down")
+        assert str(e.value) == (
+            "reading bad from the snapshot failed: its store is not answering (the test's store "
+            "is down); restore stopped (run it again once the store is back: what is restored "
+            "is skipped)")
+        assert (stopped.restored, stopped.failed) == (1, 1)  # a-good; then bad, and no more
+        assert sorted(os.listdir(tmp_path / "out2")) == ["a-good"]
+
+    assert asked == ["fine"]  # asked once: after the one file it could not read
 
     assert report.failures == ["bad: reading it from the snapshot failed: Input/output error"]
     assert (report.restored, report.skipped, report.failed) == (3, 0, 1)

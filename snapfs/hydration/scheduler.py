@@ -267,6 +267,10 @@ class Hydrator:
         self._recent_bytes = 0
         #: blocks whose fetch the store failed lately: block -> (trio clock, the error)
         self._failed: OrderedDict[bytes, tuple[float, SnapfsError]] = OrderedDict()
+        #: why the store failed the last fetch that gave up on it, until a fetch succeeds: a
+        #: reader whose read failed learns from ``stats`` that others will fail too
+        #: (``restore-files`` stops then, rather than wait out every file)
+        self.store_failing: str | None = None
         self._recent_waiting: deque[tuple[float, int]] = deque()  # (time, bytes) of waiting misses
         self._background_done: deque[tuple[float, int]] = deque()  # (time, raw bytes) hydrated
         self._last_waiting = -1e9
@@ -878,6 +882,7 @@ class Hydrator:
                 if attempt == calls:
                     log.warning("giving up on pack %s after %s: %s", pack[:12],
                                 counted(attempt, "call"), reason)
+                    self.store_failing = str(reason)
                     raise StoreUnavailable(f"store unavailable: {reason}") from None
                 await trio.sleep(delay)
                 delay *= 2
@@ -893,6 +898,7 @@ class Hydrator:
                 raise SnapfsError(f"fetch from pack {pack[:12]} failed: {e!r}") from e
             self.counters.bytes_fetched += nbytes
             self.latency.add(latency)
+            self.store_failing = None
             return results, around_results, stored
         raise AssertionError("unreachable")
 
@@ -1046,4 +1052,5 @@ class Hydrator:
             "background_rate_bytes_per_s": round(self.background_rate()),
             "cache_bytes": self.cache.size,
             "cache_capacity": self.cache.capacity,
+            "store_failing": self.store_failing,
         }
