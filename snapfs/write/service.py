@@ -746,6 +746,9 @@ class DiskService:
 
     async def _upload_task(self, task: SnapshotTask) -> None:
         state = self._require()
+        # what an earlier daemon found (both are persisted with the task): this one's attempts
+        # find it again, or not
+        task.retried_for, task.read_by = [], []
         attempt = 0
         while True:
             attempt += 1
