@@ -471,16 +471,6 @@ def _probe(image: str, offset: int | None = None, size: int | None = None) -> di
     return dict(line.partition("=")[::2] for line in result.stdout.splitlines())
 
 
-def detect_filesystem(image: str) -> str | None:
-    """What ``blkid`` finds on ``image``: a filesystem type, a partition table, or None."""
-    fields = _probe(image)
-    if fields.get("TYPE"):
-        return fields["TYPE"]
-    if fields.get("PTTYPE"):
-        return f"a {fields['PTTYPE']} partition table"
-    return None
-
-
 def list_partitions(image: str) -> list[Partition]:
     """The partitions of ``image``'s table (MBR or GPT; ``partx`` reads it, in 512-byte
     sectors for an image file), each probed for a filesystem."""
@@ -510,9 +500,7 @@ def locate_filesystem(image: Path, root: SnapshotRoot, partition: int | None = N
     whole = fields.get("TYPE")
     if partition is None and (whole or not table):
         if whole not in OPENABLE:
-            raise SnapfsError(f"snapshot {root.name} holds no filesystem snapfs can open "
-                              f"(found: {whole or 'nothing recognisable'}; it opens "
-                              f"{', '.join(OPENABLE)})")
+            raise _unopenable(f"snapshot {root.name}", whole)
         return Place(whole)
     if not table:
         raise UsageError(f"snapshot {root.name} has no partition table (found: "
@@ -525,20 +513,21 @@ def locate_filesystem(image: Path, root: SnapshotRoot, partition: int | None = N
             raise UsageError(f"snapshot {root.name} has no partition {partition} (its {table} "
                               f"partition table has: {listed})")
         if chosen.filesystem not in OPENABLE:
-            raise SnapfsError(f"partition {partition} of snapshot {root.name} holds no "
-                              f"filesystem snapfs can open (found: "
-                              f"{chosen.filesystem or 'nothing recognisable'}; it opens "
-                              f"{', '.join(OPENABLE)})")
+            raise _unopenable(f"partition {partition} of snapshot {root.name}", chosen.filesystem)
         return Place(chosen.filesystem, chosen)
     openable = [p for p in parts if p.filesystem in OPENABLE]
     if len(openable) == 1:
         return Place(openable[0].filesystem or "", openable[0])
     if not openable:
-        raise SnapfsError(f"snapshot {root.name} holds no filesystem snapfs can open (found: a "
-                          f"{table} partition table, partitions: {listed}; it opens "
-                          f"{', '.join(OPENABLE)})")
+        raise _unopenable(f"snapshot {root.name}",
+                          f"a {table} partition table, partitions: {listed}")
     raise UsageError(f"snapshot {root.name} holds {len(openable)} filesystems on its {table} "
                       f"partition table: choose one with --partition N (partitions: {listed})")
+
+
+def _unopenable(what: str, found: str | None) -> SnapfsError:
+    return SnapfsError(f"{what} holds no filesystem snapfs can open (found: "
+                       f"{found or 'nothing recognisable'}; it opens {', '.join(OPENABLE)})")
 
 
 # -- unbrowse ------------------------------------------------------------------------------------

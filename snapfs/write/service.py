@@ -891,13 +891,13 @@ class DiskService:
         one after another, so that a part that fails leaves no other part of the group stored
         (a cut between two roots leaves the rest to the next attempt, which finds the first
         ones stored). A part counts as done once every root is stored."""
+        await self._release_leftover_locks()  # an attempt after the store came back: tidy first
         parts = [p for p in task.parts if not p.done]
         if len(task.parts) == 1:
             for part in parts:
                 root, _ = await self._store_part(task, part)
                 await self._finish_part(task, part, root)
             return
-        await self._release_leftover_locks()
         stored: list[tuple[SnapshotRoot, bool]] = []
         async with shared_lock(self.repo, f"snapshot of disks {', '.join(p.disk for p in parts)}",
                                self.upload_lock_patience, self._unreleased) as limiter:
@@ -916,7 +916,6 @@ class DiskService:
         """Upload ``part``'s changed blocks and pages, and its root unless ``under_lock`` (the
         group's shared lock is held: see ``upload_generation``); its root, and whether it is
         still to be stored."""
-        await self._release_leftover_locks()  # an attempt after the store came back: tidy first
         disk = self.disks[part.disk]
         closed = next(c for c in disk.closed if c.gen == part.gen)
         parent_view = None if part.parent is None else await self._find_stored(
