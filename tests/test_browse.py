@@ -37,7 +37,7 @@ from diskimages import (
     shared_image,
 )
 from mountutil import MOUNTS, mounted, pid_running, wait_for
-from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error
+from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error, reap
 
 from snapfs.browse import _first_line
 from snapfs.cli.context import stop_signals_interrupt
@@ -837,9 +837,7 @@ def test_restore_files_stopped_by_a_signal_undoes_everything(
         os.kill(proc.pid, signal.SIGCONT)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     assert (proc.returncode, stdout, stderr) == (130, "", "snapfs: interrupted\n")
     assert os.listdir(target) == []  # no partial file
     assert mounts_under(env.tmp) == [] and loops_under(env.tmp) == {}
@@ -861,9 +859,7 @@ def test_a_restore_killed_outright_is_undone_by_the_next(env: Env, odd_image: Pa
         proc.kill()
         proc.communicate()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     assert env.browse_states() and loops_under(env.tmp)  # what kill -9 leaves
 
     report = env.snapfs.json("restore-files", "odd", "--to", env.tmp / "again", "--include",

@@ -49,6 +49,7 @@ from testkit import (
     Snapfs,
     flip_byte,
     one_error,
+    reap,
     tmpfs,
 )
 
@@ -1020,9 +1021,7 @@ def test_source_changed_or_vanished_during_snapshot(
             source.unlink()
         stdout, stderr = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     line = one_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
                      EXIT_GENERAL)
     assert str(source) in line
@@ -1371,9 +1370,7 @@ def test_a_delete_stopped_while_it_collects_says_what_it_deleted(tmp_path: Path)
         os.kill(int(children[0]), signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     assert proc.returncode == 130, (out, err)
     assert err == ("snapfs: interrupted after deleting 1 snapshot (s1): what only they used "
                    "stays stored until snapfs prune succeeds\n")

@@ -22,7 +22,7 @@ import pytest
 import trio
 from diskimages import make_image, random_image
 from mountutil import mounted, pid_running
-from testkit import EXIT_STORE, SEAWEED_STOP_TIMEOUT, Snapfs, wait_until
+from testkit import EXIT_STORE, SEAWEED_STOP_TIMEOUT, Snapfs, reap, wait_until
 
 from snapfs.browse import store_failing
 from snapfs.cache import BlockCache
@@ -266,9 +266,7 @@ def test_a_snapshot_whose_store_goes_down_fails_in_one_line(
             server.crash()
             _, stderr = proc.communicate(timeout=120)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            reap(proc)
             if server.pid is None:
                 server.restart()
         assert proc.returncode == EXIT_STORE, stderr

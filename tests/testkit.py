@@ -118,13 +118,19 @@ class Snapfs:
             code = proc.wait(timeout)
         finally:
             os.close(main)
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            reap(proc)
             if proc.stdout is not None:
                 proc.stdout.close()
         drawn = b"".join(chunks).decode(errors="replace")
         return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn), out
+
+
+def reap(proc: subprocess.Popen[Any]) -> None:
+    """Kill ``proc`` if it still runs (a test's ``finally``: an assertion failed before the
+    process ended), and wait for it."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 #: what a progress bar of rich's shows of its task: done/total and their unit (decimal)
