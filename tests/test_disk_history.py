@@ -1,5 +1,6 @@
 """Writable disks against a model: a long random history of writes, snapshots, groups, new disks
-from snapshots, rollbacks and daemon restarts, after each step compared with plain bytes.
+from snapshots, rollbacks, deletions, prunes, restarts and kill -9 of the daemon, after each
+step compared with plain bytes.
 
 The model is a ``bytearray`` per disk and a ``bytes`` per snapshot, changed only by what a file
 or a block device would do with the same calls. Each step of the history is drawn from a seeded
@@ -9,8 +10,9 @@ disk's end, zeros over data), reads back through the same files and through
 ``snapshots/NAME.img``, and at the end exports every snapshot and compares the files.
 
 It is the test that answers "does my disk come back exactly as it was" for histories nobody
-wrote down by hand; the tests in ``test_disks.py`` check each rule on its own, with the kernel
-and ext4 in between.
+wrote down by hand. Before a kill -9 every disk is fsync'd (only fsync promises durability),
+and sometimes a snapshot is closed but not yet uploaded, which the next daemon must store.
+The tests in ``test_disks.py`` check each rule on its own, with the kernel and ext4 in between.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,6 +64,8 @@ class History:
         # the snapshots each disk was made from, rolled back to or snapshotted as: the only ones
         # `snapshot delete` may refuse to delete (a disk's base or parent)
         self.related: dict[str, set[str]] = {}
+        self.pending: str | None = None  # a snapshot closed, then the daemon killed
+        self.crashed = False
         self.count = 0  # names made so far
         self.steps = 0
         self.log: list[str] = []
@@ -196,6 +201,39 @@ class History:
         assert not self.s.disk(name).exists()
         self.note(f"delete disk {name}")
 
+    def crash(self, closing: bool | None = None) -> None:
+        """kill -9 of the daemon, with every disk fsync'd before it and, if ``closing`` (by
+        default at random), a snapshot of one closed but not uploaded (``--no-wait``): what the
+        next daemon must find."""
+        pending = None
+        if closing or (closing is None and self.rng.random() < 0.5):
+            name = self.rng.choice(sorted(self.disks))
+            pending = self.fresh("s")
+            self.s.snapfs.ok("snapshot", "create", "--disk", name, "--name", pending, "--no-wait")
+            self.snapshots[pending] = bytes(self.disks[name])
+            self.related[name].add(pending)
+        for name in self.disks:
+            fd = os.open(self.s.disk(name), os.O_RDWR)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.s.daemon.kill()
+        # what a user does next: umount detaches the dead mount point
+        self.s.snapfs.ok("umount", self.s.mountpoint)
+        self.pending = pending
+        self.note(f"kill -9 of the daemon{f' (snapshot {pending} closed)' if pending else ''}")
+
+    def settle(self) -> None:
+        """After a restart: a snapshot closed before a crash is uploaded by the new daemon."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        deadline = time.monotonic() + 60
+        while (state := self.s.snapshots()[pending]["state"]) != "accomplished":
+            assert state == "progressing" and time.monotonic() < deadline, (pending, state)
+            time.sleep(0.2)
+
     def compare_all(self) -> None:
         for name, model in self.disks.items():
             got = self.s.disk(name).read_bytes()
@@ -234,7 +272,7 @@ def test_a_random_history_of_disks_reads_back_as_its_model(
     options = ("--no-background",) if seed % 2 else ()
     steps = [("write", 40), ("read", 12), ("snapshot", 10), ("create", 6), ("rollback", 6),
              ("write_past_end", 2), ("delete_snapshot", 4), ("prune", 2), ("delete_disk", 2),
-             ("compare_all", 5), ("restart", 2)]
+             ("compare_all", 5), ("restart", 2), ("crash", 2)]
     kinds = [k for k, _ in steps]
     weights = [w for _, w in steps]
     history: History | None = None
@@ -246,9 +284,15 @@ def test_a_random_history_of_disks_reads_back_as_its_model(
                 history.create()  # the first disk, from s0
             history.s = served
             history.compare_all()  # after a restart: every byte as before it
+            history.settle()
             while history.steps < STEPS:
                 kind = rng.choices(kinds, weights)[0]
+                if kind == "crash" or history.steps == STEPS // 2 and not history.crashed:
+                    history.crashed = True
+                    history.crash(closing=kind != "crash" or None)
+                    break
                 if kind == "restart":
+                    history.note("restart of the daemon")
                     break
                 getattr(history, kind)()
                 history.steps += 1
@@ -257,7 +301,6 @@ def test_a_random_history_of_disks_reads_back_as_its_model(
                 history.compare_snapshots()
                 break
             history.steps += 1
-            history.note("restart of the daemon")
     # every snapshot stored, and exported from the store alone (no cache, no daemon) as modelled
     for snap, content in history.snapshots.items():
         out = tmp_path / f"export-{snap}.img"
