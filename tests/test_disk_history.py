@@ -244,7 +244,13 @@ class History:
                                      f"after: {self.log[-12:]}")
 
     def compare_snapshots(self) -> None:
-        served = {p.name.removesuffix(".img") for p in (self.s.mountpoint / "snapshots").iterdir()}
+        # a listing reads the snapshot list again at most every --refresh-interval (2 s): a
+        # snapshot deleted just now may still be listed until then
+        deadline = time.monotonic() + 10
+        while (served := {p.name.removesuffix(".img")
+                          for p in (self.s.mountpoint / "snapshots").iterdir()}) \
+                != set(self.snapshots) and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert served == set(self.snapshots), (served, self.log)
         for snap, content in self.snapshots.items():
             got = self.s.image(snap).read_bytes()
