@@ -737,8 +737,8 @@ def test_retention_policies_stored_in_the_repository(snapfs: Snapfs, store: Obje
     assert "no retention policy stored for disk web" in one_error(
         snapfs("policy", "delete", "--disk", "web"), EXIT_NOT_FOUND)
     assert "at least one --keep" in one_error(snapfs("policy", "set", "--disk", "x"), EXIT_USAGE)
-    assert "cannot be empty" in one_error(snapfs("policy", "set", "--disk", "", "--keep-last", "1"),
-                                          EXIT_USAGE)
+    assert "must not be empty" in one_error(
+        snapfs("policy", "set", "--disk", "", "--keep-last", "1"), EXIT_USAGE)
     snapfs.ok("policy", "delete")
     assert set(snapfs.json("policy", "show")["disks"]) == {"a/b c"}
     # a damaged policy is one clear line, not a guess: which object, and the way on
@@ -942,6 +942,57 @@ def test_snapshot_names_fit_a_file_name_in_every_mount(snapfs: Snapfs, store: Ob
                  ("policy", "set", "--keep-tag", "")):
         assert "must not be empty" in one_error(snapfs(*args), EXIT_USAGE)
     assert objects(store) == before
+
+
+def test_a_policys_disk_name_must_fit_an_object_name(snapfs: Snapfs, store: ObjectStore) -> None:
+    """A policy of disk NAME is the object ``policies/disk/NAME`` (percent-encoded): one too
+    long for a file name made ``policy set`` fail on a local store with the store's "File name
+    too long" (exit 5). The rule is the same on every store (a repository may be copied from
+    one to the other): a usage error, and nothing stored."""
+    snapfs.ok("init")
+    before = objects(store)
+    for long, encoded in (("x" * 201, 201), ("x" * 300, 300), ("é" * 34, 204),
+                          ("a.b" * 41, 205)):
+        line = one_error(snapfs("policy", "set", "--disk", long, "--keep-last", "1"), EXIT_USAGE)
+        assert "is too long for a retention policy: at most 200 bytes percent-encoded" in line
+        assert line.endswith(f"it has {encoded})")
+        # nothing to delete, whatever the store (a local one cannot hold such a name)
+        assert f"no retention policy stored for disk {long}" in one_error(
+            snapfs("policy", "delete", "--disk", long), EXIT_NOT_FOUND)
+    assert objects(store) == before
+    # the longest there can be, of each kind of byte
+    for longest in ("x" * 200, "é" * 33, "a.b" * 40):
+        snapfs.ok("policy", "set", "--disk", longest, "--keep-last", "1")
+    assert sorted(snapfs.json("policy", "show")["disks"]) == sorted(
+        ["x" * 200, "é" * 33, "a.b" * 40])
+    snapfs.ok("policy", "delete", "--disk", "é" * 33)
+    assert sorted(snapfs.json("policy", "show")["disks"]) == ["a.b" * 40, "x" * 200]
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # no store is asked
+def test_a_bad_name_is_refused_before_the_repository_or_daemon_is_asked(
+        snapfs: Snapfs, tmp_path: Path) -> None:
+    """Every name that becomes part of a file or object name is checked by its rule before
+    anything else: a bad one is exit 2 whether or not there is a repository (or a mount that
+    serves its disks), rather than "no repository" or "no mount" first."""
+    nowhere = snapfs.with_repo(str(tmp_path / "nowhere"))
+    image = random_image(tmp_path / "d.img", MiB, seed=3)
+    cases = [
+        (("policy", "set", "--disk", "x" * 201, "--keep-last", "1"), "too long for a retention"),
+        (("policy", "set", "--disk", "", "--keep-last", "1"), "--disk must not be empty"),
+        (("policy", "delete", "--disk", ""), "--disk must not be empty"),
+        (("snapshot", "create", image, "--name", ".hidden"), "bad snapshot name '.hidden'"),
+        (("snapshot", "create", image, "--disk", ""), "--disk must not be empty"),
+        # a served disk's snapshot, and a consistency group's NAME-DISK (199 + 2 bytes)
+        (("snapshot", "create", "--disk", "d1", "--name", "a/b"), "bad snapshot name 'a/b'"),
+        (("snapshot", "create", "--disk", "d1", "--disk", "d2", "--name", "n" * 199),
+         f"bad snapshot name '{'n' * 199}-d1'"),
+        (("disk", "create", "web/1", "--size", "1M"), "bad disk name 'web/1'"),
+        (("disk", "create", "x" * 101, "--size", "1M"), "bad disk name"),
+    ]
+    for args, said in cases:
+        assert said in one_error(nowhere(*args), EXIT_USAGE), args
+    assert not (tmp_path / "nowhere").exists()
 
 
 # -- bad sources -------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ class LocalStore(ObjectStore):
         except (FileNotFoundError, NotADirectoryError):  # (a file where a directory should be)
             raise ObjectNotFound(f"{self.url}: no object {key}") from None
         except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:  # no put could have made it
+                raise ObjectNotFound(f"{self.url}: no object {key}") from None
             raise self._fail(e, key) from None
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
@@ -80,7 +82,8 @@ class LocalStore(ObjectStore):
         except FileNotFoundError:
             pass
         except OSError as e:
-            raise self._fail(e, key) from None
+            if e.errno != errno.ENAMETOOLONG:  # (as get)
+                raise self._fail(e, key) from None
 
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         # Walk only the directory the prefix names, then filter by the rest of the prefix.
@@ -129,6 +132,8 @@ class LocalStore(ObjectStore):
         try:
             return path.is_file()
         except OSError as e:  # (as _is_dir)
+            if e.errno == errno.ENAMETOOLONG:  # (as get)
+                return False
             raise self._fail(e, key) from None
 
     def ensure_container(self) -> None:
