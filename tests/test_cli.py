@@ -1122,6 +1122,28 @@ def test_kill_9_during_snapshot(snapfs: Snapfs, store: ObjectStore, tmp_path: Pa
     assert snapfs.json("verify")["snapshots"] == 2
 
 
+def killed_while_writing(command: list[str], env: dict[str, str],
+                         written: Callable[[], list[Path]]) -> list[Path]:
+    """Run ``command`` with every fsync held for a second (strace), kill -9 it as soon as
+    ``written`` finds the temporary files of its ``put``, and return them: what a command
+    killed before its rename leaves in a local repository."""
+    proc = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fsync",
+         "-e", "inject=fsync:delay_enter=1000000", *command],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: written() or proc.poll() is not None, 60, "an object being written")
+        assert proc.poll() is None, proc.communicate()
+        # the command itself, not strace (which would let it go on)
+        child = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
+        os.kill(int(child), signal.SIGKILL)
+    finally:
+        proc.communicate(timeout=60)
+    left = written()
+    assert left
+    return left
+
+
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # an S3 PUT leaves nothing
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 def test_kill_9_while_a_pack_is_written_leaves_nothing_that_prune_keeps(
@@ -1132,30 +1154,74 @@ def test_kill_9_while_a_pack_is_written_leaves_nothing_that_prune_keeps(
     temporary file is there when the snapshot is killed."""
     snapfs.ok("init")
     source = random_image(tmp_path / "big.img", 20 * MiB, seed=10)
-    proc = subprocess.Popen(
-        ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fsync",
-         "-e", "inject=fsync:delay_enter=1000000",
-         *snapfs.command(("snapshot", "create", source))],
-        env=snapfs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def partial() -> list[Path]:
         return list(Path(store_url).glob("packs/*/.*.tmp-snapfs"))
 
-    try:
-        wait_for(lambda: partial() or proc.poll() is not None, 60, "a pack being written")
-        assert proc.poll() is None, proc.communicate()
-        # snapfs itself, not strace (which would let it go on)
-        child = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
-        os.kill(int(child), signal.SIGKILL)
-    finally:
-        proc.communicate(timeout=60)
-    left = partial()
-    assert left
+    left = killed_while_writing(snapfs.command(("snapshot", "create", source)), snapfs.env,
+                                partial)
     size = sum(p.stat().st_size for p in left)
     pruned = snapfs.json("prune")
     assert partial() == []
     assert pruned["partial_objects_deleted"] == len(left) and pruned["bytes_freed"] >= size
     assert [p for p in Path(store_url).rglob("*.tmp-snapfs") if p.parent.name != "locks"] == []
+    assert snapfs.json("verify")["ok"] is True
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # an S3 PUT leaves nothing
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_temporary_files_of_writers_that_take_no_lock_go_once_they_are_stale(
+        snapfs: Snapfs, store_url: str, tmp_path: Path) -> None:
+    """Locks, holds, access profiles, policies and the config are written without the
+    repository lock, so a temporary file of theirs may be a running writer's: prune left
+    every one for ever. It now deletes those that nothing wrote to for 30 minutes (as long as
+    a lock that is not refreshed counts as live), and no younger one. Each is left by a real
+    process killed at its fsync; a hold and a profile by the store's own ``put`` in a process
+    of its own (a daemon writes them when it chooses). Being 30 minutes old is made with
+    utime: a test cannot wait for it."""
+    repo = Path(store_url)
+
+    def temporary(pattern: str) -> Callable[[], list[Path]]:
+        return lambda: list(repo.glob(pattern))
+
+    left = killed_while_writing(snapfs.command(("init",)), snapfs.env,
+                                temporary(".config.*.tmp-snapfs"))
+    snapfs.ok("init")  # the leftover is no object: init finds the directory empty
+    source = random_image(tmp_path / "d.img", MiB, seed=4)
+    for args, pattern in ((("snapshot", "create", source), "locks/.*.tmp-snapfs"),
+                          (("policy", "set", "--disk", "web", "--keep-last", "1"),
+                           "policies/disk/.web.*.tmp-snapfs"),
+                          (("policy", "set", "--keep-last", "2"),
+                           "policies/.default.*.tmp-snapfs")):
+        left += killed_while_writing(snapfs.command(args), snapfs.env, temporary(pattern))
+    for key in ("holds/0123456789abcdef", "profiles/0123456789abcdef"):
+        put = (f"from snapfs.store.local import LocalStore\n"
+               f"LocalStore({str(repo)!r}).put({key!r}, b'x' * 1000)")
+        dirname, name = key.split("/")
+        left += killed_while_writing([sys.executable, "-c", put], snapfs.env,
+                                     temporary(f"{dirname}/.{name}.*.tmp-snapfs"))
+    assert len(left) == 6
+    sizes = {p: p.stat().st_size for p in left}
+
+    def temporary_files() -> set[Path]:
+        return set(repo.rglob("*.tmp-snapfs"))
+
+    assert temporary_files() == set(left)
+    # young: their writers may be alive (a put held up by a hung file system)
+    assert snapfs.json("prune")["partial_objects_deleted"] == 0
+    assert temporary_files() == set(left)
+    now = time.time()
+    young = left[-1]
+    os.utime(young, (now - 29 * 60, now - 29 * 60))
+    for path in left[:-1]:
+        os.utime(path, (now - 31 * 60, now - 31 * 60))
+    pruned = snapfs.json("prune")
+    assert temporary_files() == {young}
+    assert pruned["partial_objects_deleted"] == 5
+    assert pruned["bytes_freed"] >= sum(size for p, size in sizes.items() if p != young)
+    # nothing that is an object went with them
+    assert snapfs.json("policy", "show") == {"default": None, "disks": {}}
+    assert len(snapfs.json("snapshot", "list")) == 0
     assert snapfs.json("verify")["ok"] is True
 
 
