@@ -57,6 +57,7 @@ from snapfs.format.block import HEADER_SIZE, ZERO_ID
 from snapfs.format.index import IndexFile
 from snapfs.format.manifest import SnapshotRoot
 from snapfs.format.pack import KIND_DATA
+from snapfs.repo.export import partial_path
 from snapfs.repo.repository import Repository, pack_key
 from snapfs.store import ObjectStore
 
@@ -1692,6 +1693,28 @@ def test_export_to_a_path_that_names_no_file_is_refused_at_once(snapfs: Snapfs,
     assert [p.name for p in work.rglob("*")] == ["sub"]
     assert snapfs("export", "one", "./-", cwd=work).returncode == 0
     assert sorted(p.name for p in work.rglob("*")) == ["-", "sub"]
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part
+def test_export_to_the_longest_file_name_there_can_be(snapfs: Snapfs, tmp_path: Path) -> None:
+    """An image goes to OUT.snapfs-partial first: to an OUT of 241 to 255 bytes, a good file
+    name, export failed ("cannot write OUT.snapfs-partial: File name too long", exit 1). The
+    partial file is then OUT cut short, with a hash of OUT so that two such exports that
+    begin alike do not write one file."""
+    snapfs.ok("init")
+    source = random_image(tmp_path / "d.img", MiB, seed=15)
+    snapfs.ok("snapshot", "create", source, "--name", "one")
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("o" * 255, "é" * 127, "o" * 240):
+        snapfs.ok("export", "one", work / name)
+        assert (work / name).read_bytes() == source.read_bytes()
+        (work / name).unlink()
+    assert list(work.iterdir()) == []
+    partials = {partial_path(str(work / ("o" * 250 + end))) for end in "ab"}
+    assert len(partials) == 2
+    assert all(len(os.fsencode(os.path.basename(p))) == 255 for p in partials)
+    assert partial_path(str(work / ("o" * 240))) == str(work / ("o" * 240)) + ".snapfs-partial"
 
 
 @needs_root
