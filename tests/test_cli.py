@@ -267,8 +267,9 @@ def test_a_repository_path_that_is_a_file_or_cannot_be_made(snapfs: Snapfs,
     long = tmp_path / ("x" * 300)
     assert one_error(snapfs.with_repo(str(long))("init"), EXIT_STORE) == (
         f"snapfs: {long}: File name too long")
+    # (no object can be there: the repository's own path is what is said)
     assert one_error(snapfs.with_repo(str(long))("snapshot", "list"), EXIT_STORE) == (
-        f"snapfs: {long}: config: File name too long")
+        f"snapfs: {long}: File name too long")
 
 
 @needs_root
@@ -984,6 +985,9 @@ def test_a_bad_name_is_refused_before_the_repository_or_daemon_is_asked(
         (("policy", "delete", "--disk", ""), "--disk must not be empty"),
         (("snapshot", "create", image, "--name", ".hidden"), "bad snapshot name '.hidden'"),
         (("snapshot", "create", image, "--disk", ""), "--disk must not be empty"),
+        # (an unset variable: list showed an empty table, forget said "no snapshots of disk")
+        (("snapshot", "list", "--disk", ""), "--disk must not be empty"),
+        (("snapshot", "forget", "--disk", "", "--keep-last", "1"), "--disk must not be empty"),
         # a served disk's snapshot, and a consistency group's NAME-DISK (199 + 2 bytes)
         (("snapshot", "create", "--disk", "d1", "--name", "a/b"), "bad snapshot name 'a/b'"),
         (("snapshot", "create", "--disk", "d1", "--disk", "d2", "--name", "n" * 199),

@@ -141,6 +141,8 @@ def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
     """List snapshots, oldest first; snapshots of served disks still uploading (or failed) are
     listed too, with their state, and under the table why one failed (or why its upload is
     being retried)."""
+    if disk is not None:  # (an unset variable: listed nothing, as if the disk had none)
+        check_disk_label(disk)
     # the daemon's unfinished snapshots first, then the stored ones: an upload that ends in
     # between is then found stored (asked the other way round, it was in neither answer)
     unfinished = _unfinished(config)
@@ -378,6 +380,8 @@ def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool
     from snapfs.repo.retention import decide, emptied_disks
 
     given = policy_from(**keep)
+    if disk is not None:
+        check_disk_label(disk)
     repo = config.open_repository()
     listing = repo.list_snapshots()
     if listing.unreadable:  # see README: counting without it could forget what it would keep
