@@ -70,11 +70,11 @@ def check_disk_name(name: str) -> str:
     return name
 
 
-def check_disk_label(label: str, option: str = "--disk") -> str:
+def check_disk_label(label: str) -> str:
     """``label`` if it may name a disk's snapshots (any text but none: an unset variable in
     ``--disk "$DISK"``, most likely, which was taken as no label at all)."""
     if not label:
-        raise UsageError(f"{option} must not be empty")
+        raise UsageError("--disk must not be empty")
     return label
 
 

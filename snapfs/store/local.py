@@ -69,6 +69,8 @@ class LocalStore(ObjectStore):
         except (FileNotFoundError, NotADirectoryError):
             raise ObjectNotFound(f"{self.url}: no object {key}") from None
         except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:  # (as get)
+                raise ObjectNotFound(f"{self.url}: no object {key}") from None
             raise self._fail(e, key) from None
         try:
             # the read fails on its own too (EIO from a bad sector, EISDIR): a store error
