@@ -146,7 +146,10 @@ class PathPattern:
     Patterns are anchored at the root of the snapshot's filesystem (a leading ``/`` changes
     nothing): ``etc/*`` matches the entries of ``/etc``, ``*.conf`` only files at the root.
     Within a component ``*``, ``?`` and ``[...]`` work as in fnmatch (case-sensitive, ``*``
-    matches a leading dot too, ``[*]`` is a literal star) and never match ``/``. A component that
+    matches a leading dot too, ``[*]`` is a literal star) and never match ``/``. A backslash
+    makes the character after it literal, as restic's and rsync's patterns do: ``a\\*b`` is the
+    name ``a*b`` alone, ``\\[1]`` the name ``[1]``, ``a\\\\b`` a name with one backslash (inside
+    ``[...]`` a backslash is itself, as every character there is literal). A component that
     is exactly ``**`` matches any number of directories, including none: ``home/**/*.conf`` matches
     ``home/a.conf`` and ``home/u/.config/x.conf``, ``**/core`` a ``core`` anywhere; at the end it
     takes at least one (as in gitignore and rsync): ``etc/**`` matches what is inside ``etc``, not
@@ -167,9 +170,14 @@ class PathPattern:
             raise UsageError(f"empty path pattern: {text!r}")
         if ".." in parts:
             raise UsageError(f"path pattern with '..': {text!r} (patterns are relative to the root)")
-        # None stands for a ** component; a final one takes at least one component
+        globs = [_unescaped(p, text) for p in parts]
+        #: the first component's name, if it is one name and not a wildcard
+        self.first_name = globs[0][1]
+        # None stands for a ** component (as written: \*\* is the name "**"); a final one
+        # takes at least one component
         self._parts: list[re.Pattern[str] | None] = [
-            None if p == "**" else re.compile(fnmatch.translate(p)) for p in parts
+            None if p == "**" else re.compile(fnmatch.translate(glob))
+            for p, (glob, _name) in zip(parts, globs, strict=True)
         ]
         if parts[-1] == "**":
             self._parts.insert(-1, re.compile(fnmatch.translate("*")))
@@ -241,7 +249,7 @@ class PathSelector:
         self.includes = [PathPattern(p) for p in includes]
         self.excludes = [PathPattern(p) for p in excludes]
         #: an include names the root's lost+found (which is otherwise left out)
-        self.names_lost_found = any(_components(p)[:1] == [LOST_FOUND] for p in includes)
+        self.names_lost_found = any(p.first_name == LOST_FOUND for p in self.includes)
         #: the includes that took a path so far (their indexes): one that takes nothing is
         #: most likely a typo, which the user should hear of
         self.included: set[int] = set()
@@ -286,6 +294,49 @@ class PathSelector:
             if where is None:
                 return False
         return where is not None and where.selected
+
+
+def _unescaped(part: str, text: str) -> tuple[str, str | None]:
+    """One pattern component, its backslash escapes said in fnmatch's own terms (which has
+    none: ``\\*`` becomes ``[*]``), and the one name it matches if it has no wildcard."""
+    glob: list[str] = []
+    name: list[str] | None = []
+    i, n = 0, len(part)
+    while i < n:
+        c = part[i]
+        if c == "\\":
+            if i + 1 == n:
+                raise UsageError(f"path pattern {text!r} has a '\\' with nothing after it to "
+                                 "make literal ('\\\\' is a backslash)")
+            c = part[i + 1]
+            glob.append(f"[{c}]" if c in "*?[" else c)
+            if name is not None:
+                name.append(c)
+            i += 2
+            continue
+        if c == "[":  # a bracket as fnmatch finds it, written on as it is
+            j = i + 1
+            if j < n and part[j] == "!":
+                j += 1
+            if j < n and part[j] == "]":
+                j += 1
+            while j < n and part[j] != "]":
+                j += 1
+            if j < n:
+                glob.append(part[i : j + 1])
+                name = None
+                i = j + 1
+                continue
+            c = "[[]"  # none closes it: fnmatch takes it for itself too
+            if name is not None:
+                name.append("[")
+        elif c in "*?":
+            name = None
+        elif name is not None:
+            name.append(c)
+        glob.append(c)
+        i += 1
+    return "".join(glob), None if name is None else "".join(name)
 
 
 def _step(patterns: list[PathPattern], states: tuple[_States, ...], name: str

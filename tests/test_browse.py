@@ -689,6 +689,33 @@ def test_restore_files_with_include_and_exclude(env: Env, source: dict[str, Path
     assert_same_files(src, target, wanted)
 
 
+def test_restore_files_patterns_escape_wildcards_with_a_backslash(env: Env) -> None:
+    """A name with a literal '*', '?' or '[' could not be chosen alone: every pattern that
+    matched it matched its look-alikes too. A backslash makes the next character literal, as
+    in restic and rsync."""
+    content = env.tmp / "content"
+    names = ["a*b", "axb", "a?b", "a[1]b", "a1b", "a\\b", "ab"]
+    (content / "etc").mkdir(parents=True)
+    for n, name in enumerate(names):
+        (content / "etc" / name).write_bytes(name.encode() * (n + 1))
+    image = env.tmp / "stars.img"
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(content), str(image), "8M"], check=True,
+                   capture_output=True)
+    env.snapfs.ok("snapshot", "create", image, "--name", "stars", "--disk", "stars")
+    alone = env.tmp / "alone"
+    report = env.snapfs.json("restore-files", "stars", "--to", alone, "--include", r"etc/a\*b")
+    assert (report["restored"], report["failed"], report["unmatched_includes"]) == (1, 0, [])
+    assert files_of(alone) == ["etc/a*b"]
+    assert (alone / "etc/a*b").read_bytes() == b"a*b"
+    rest = env.tmp / "rest"
+    report = env.snapfs.json("restore-files", "stars", "--to", rest, "--include", "etc",
+                             "--exclude", r"etc/a\?b", "--exclude", r"etc/a\[1]b",
+                             "--exclude", r"etc/a\\b")
+    assert sorted(files_of(rest)) == ["etc/a*b", "etc/a1b", "etc/ab", "etc/axb"]
+    assert report["restored"] == 4
+    assert_same_files(content, rest, files_of(rest))
+
+
 def test_a_restore_whose_browse_fails_leaves_nothing_behind(env: Env) -> None:
     target = env.tmp / "target"
     assert "found: swap" in one_error(env.snapfs("restore-files", "swap", "--to", target),

@@ -57,6 +57,7 @@ from snapfs.format.block import HEADER_SIZE, ZERO_ID
 from snapfs.format.index import IndexFile
 from snapfs.format.manifest import SnapshotRoot
 from snapfs.format.pack import KIND_DATA
+from snapfs.repo.export import partial_path
 from snapfs.repo.repository import Repository, pack_key
 from snapfs.store import ObjectStore
 
@@ -266,8 +267,9 @@ def test_a_repository_path_that_is_a_file_or_cannot_be_made(snapfs: Snapfs,
     long = tmp_path / ("x" * 300)
     assert one_error(snapfs.with_repo(str(long))("init"), EXIT_STORE) == (
         f"snapfs: {long}: File name too long")
+    # (no object can be there: the repository's own path is what is said)
     assert one_error(snapfs.with_repo(str(long))("snapshot", "list"), EXIT_STORE) == (
-        f"snapfs: {long}: config: File name too long")
+        f"snapfs: {long}: File name too long")
 
 
 @needs_root
@@ -737,8 +739,8 @@ def test_retention_policies_stored_in_the_repository(snapfs: Snapfs, store: Obje
     assert "no retention policy stored for disk web" in one_error(
         snapfs("policy", "delete", "--disk", "web"), EXIT_NOT_FOUND)
     assert "at least one --keep" in one_error(snapfs("policy", "set", "--disk", "x"), EXIT_USAGE)
-    assert "cannot be empty" in one_error(snapfs("policy", "set", "--disk", "", "--keep-last", "1"),
-                                          EXIT_USAGE)
+    assert "must not be empty" in one_error(
+        snapfs("policy", "set", "--disk", "", "--keep-last", "1"), EXIT_USAGE)
     snapfs.ok("policy", "delete")
     assert set(snapfs.json("policy", "show")["disks"]) == {"a/b c"}
     # a damaged policy is one clear line, not a guess: which object, and the way on
@@ -944,6 +946,60 @@ def test_snapshot_names_fit_a_file_name_in_every_mount(snapfs: Snapfs, store: Ob
     assert objects(store) == before
 
 
+def test_a_policys_disk_name_must_fit_an_object_name(snapfs: Snapfs, store: ObjectStore) -> None:
+    """A policy of disk NAME is the object ``policies/disk/NAME`` (percent-encoded): one too
+    long for a file name made ``policy set`` fail on a local store with the store's "File name
+    too long" (exit 5). The rule is the same on every store (a repository may be copied from
+    one to the other): a usage error, and nothing stored."""
+    snapfs.ok("init")
+    before = objects(store)
+    for long, encoded in (("x" * 201, 201), ("x" * 300, 300), ("é" * 34, 204),
+                          ("a.b" * 41, 205)):
+        line = one_error(snapfs("policy", "set", "--disk", long, "--keep-last", "1"), EXIT_USAGE)
+        assert "is too long for a retention policy: at most 200 bytes percent-encoded" in line
+        assert line.endswith(f"it has {encoded})")
+        # nothing to delete, whatever the store (a local one cannot hold such a name)
+        assert f"no retention policy stored for disk {long}" in one_error(
+            snapfs("policy", "delete", "--disk", long), EXIT_NOT_FOUND)
+    assert objects(store) == before
+    # the longest there can be, of each kind of byte
+    for longest in ("x" * 200, "é" * 33, "a.b" * 40):
+        snapfs.ok("policy", "set", "--disk", longest, "--keep-last", "1")
+    assert sorted(snapfs.json("policy", "show")["disks"]) == sorted(
+        ["x" * 200, "é" * 33, "a.b" * 40])
+    snapfs.ok("policy", "delete", "--disk", "é" * 33)
+    assert sorted(snapfs.json("policy", "show")["disks"]) == ["a.b" * 40, "x" * 200]
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # no store is asked
+def test_a_bad_name_is_refused_before_the_repository_or_daemon_is_asked(
+        snapfs: Snapfs, tmp_path: Path) -> None:
+    """Every name that becomes part of a file or object name is checked by its rule before
+    anything else: a bad one is exit 2 whether or not there is a repository (or a mount that
+    serves its disks), rather than "no repository" or "no mount" first."""
+    nowhere = snapfs.with_repo(str(tmp_path / "nowhere"))
+    image = random_image(tmp_path / "d.img", MiB, seed=3)
+    cases = [
+        (("policy", "set", "--disk", "x" * 201, "--keep-last", "1"), "too long for a retention"),
+        (("policy", "set", "--disk", "", "--keep-last", "1"), "--disk must not be empty"),
+        (("policy", "delete", "--disk", ""), "--disk must not be empty"),
+        (("snapshot", "create", image, "--name", ".hidden"), "bad snapshot name '.hidden'"),
+        (("snapshot", "create", image, "--disk", ""), "--disk must not be empty"),
+        # (an unset variable: list showed an empty table, forget said "no snapshots of disk")
+        (("snapshot", "list", "--disk", ""), "--disk must not be empty"),
+        (("snapshot", "forget", "--disk", "", "--keep-last", "1"), "--disk must not be empty"),
+        # a served disk's snapshot, and a consistency group's NAME-DISK (199 + 2 bytes)
+        (("snapshot", "create", "--disk", "d1", "--name", "a/b"), "bad snapshot name 'a/b'"),
+        (("snapshot", "create", "--disk", "d1", "--disk", "d2", "--name", "n" * 199),
+         f"bad snapshot name '{'n' * 199}-d1'"),
+        (("disk", "create", "web/1", "--size", "1M"), "bad disk name 'web/1'"),
+        (("disk", "create", "x" * 101, "--size", "1M"), "bad disk name"),
+    ]
+    for args, said in cases:
+        assert said in one_error(nowhere(*args), EXIT_USAGE), args
+    assert not (tmp_path / "nowhere").exists()
+
+
 # -- bad sources -------------------------------------------------------------------------------
 
 
@@ -1071,6 +1127,28 @@ def test_kill_9_during_snapshot(snapfs: Snapfs, store: ObjectStore, tmp_path: Pa
     assert snapfs.json("verify")["snapshots"] == 2
 
 
+def killed_while_writing(command: list[str], env: dict[str, str],
+                         written: Callable[[], list[Path]]) -> list[Path]:
+    """Run ``command`` with every fsync held for a second (strace), kill -9 it as soon as
+    ``written`` finds the temporary files of its ``put``, and return them: what a command
+    killed before its rename leaves in a local repository."""
+    proc = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fsync",
+         "-e", "inject=fsync:delay_enter=1000000", *command],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: written() or proc.poll() is not None, 60, "an object being written")
+        assert proc.poll() is None, proc.communicate()
+        # the command itself, not strace (which would let it go on)
+        child = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
+        os.kill(int(child), signal.SIGKILL)
+    finally:
+        proc.communicate(timeout=60)
+    left = written()
+    assert left
+    return left
+
+
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # an S3 PUT leaves nothing
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 def test_kill_9_while_a_pack_is_written_leaves_nothing_that_prune_keeps(
@@ -1081,30 +1159,74 @@ def test_kill_9_while_a_pack_is_written_leaves_nothing_that_prune_keeps(
     temporary file is there when the snapshot is killed."""
     snapfs.ok("init")
     source = random_image(tmp_path / "big.img", 20 * MiB, seed=10)
-    proc = subprocess.Popen(
-        ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fsync",
-         "-e", "inject=fsync:delay_enter=1000000",
-         *snapfs.command(("snapshot", "create", source))],
-        env=snapfs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def partial() -> list[Path]:
         return list(Path(store_url).glob("packs/*/.*.tmp-snapfs"))
 
-    try:
-        wait_for(lambda: partial() or proc.poll() is not None, 60, "a pack being written")
-        assert proc.poll() is None, proc.communicate()
-        # snapfs itself, not strace (which would let it go on)
-        child = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
-        os.kill(int(child), signal.SIGKILL)
-    finally:
-        proc.communicate(timeout=60)
-    left = partial()
-    assert left
+    left = killed_while_writing(snapfs.command(("snapshot", "create", source)), snapfs.env,
+                                partial)
     size = sum(p.stat().st_size for p in left)
     pruned = snapfs.json("prune")
     assert partial() == []
     assert pruned["partial_objects_deleted"] == len(left) and pruned["bytes_freed"] >= size
     assert [p for p in Path(store_url).rglob("*.tmp-snapfs") if p.parent.name != "locks"] == []
+    assert snapfs.json("verify")["ok"] is True
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # an S3 PUT leaves nothing
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_temporary_files_of_writers_that_take_no_lock_go_once_they_are_stale(
+        snapfs: Snapfs, store_url: str, tmp_path: Path) -> None:
+    """Locks, holds, access profiles, policies and the config are written without the
+    repository lock, so a temporary file of theirs may be a running writer's: prune left
+    every one for ever. It now deletes those that nothing wrote to for 30 minutes (as long as
+    a lock that is not refreshed counts as live), and no younger one. Each is left by a real
+    process killed at its fsync; a hold and a profile by the store's own ``put`` in a process
+    of its own (a daemon writes them when it chooses). Being 30 minutes old is made with
+    utime: a test cannot wait for it."""
+    repo = Path(store_url)
+
+    def temporary(pattern: str) -> Callable[[], list[Path]]:
+        return lambda: list(repo.glob(pattern))
+
+    left = killed_while_writing(snapfs.command(("init",)), snapfs.env,
+                                temporary(".config.*.tmp-snapfs"))
+    snapfs.ok("init")  # the leftover is no object: init finds the directory empty
+    source = random_image(tmp_path / "d.img", MiB, seed=4)
+    for args, pattern in ((("snapshot", "create", source), "locks/.*.tmp-snapfs"),
+                          (("policy", "set", "--disk", "web", "--keep-last", "1"),
+                           "policies/disk/.web.*.tmp-snapfs"),
+                          (("policy", "set", "--keep-last", "2"),
+                           "policies/.default.*.tmp-snapfs")):
+        left += killed_while_writing(snapfs.command(args), snapfs.env, temporary(pattern))
+    for key in ("holds/0123456789abcdef", "profiles/0123456789abcdef"):
+        put = (f"from snapfs.store.local import LocalStore\n"
+               f"LocalStore({str(repo)!r}).put({key!r}, b'x' * 1000)")
+        dirname, name = key.split("/")
+        left += killed_while_writing([sys.executable, "-c", put], snapfs.env,
+                                     temporary(f"{dirname}/.{name}.*.tmp-snapfs"))
+    assert len(left) == 6
+    sizes = {p: p.stat().st_size for p in left}
+
+    def temporary_files() -> set[Path]:
+        return set(repo.rglob("*.tmp-snapfs"))
+
+    assert temporary_files() == set(left)
+    # young: their writers may be alive (a put held up by a hung file system)
+    assert snapfs.json("prune")["partial_objects_deleted"] == 0
+    assert temporary_files() == set(left)
+    now = time.time()
+    young = left[-1]
+    os.utime(young, (now - 29 * 60, now - 29 * 60))
+    for path in left[:-1]:
+        os.utime(path, (now - 31 * 60, now - 31 * 60))
+    pruned = snapfs.json("prune")
+    assert temporary_files() == {young}
+    assert pruned["partial_objects_deleted"] == 5
+    assert pruned["bytes_freed"] >= sum(size for p, size in sizes.items() if p != young)
+    # nothing that is an object went with them
+    assert snapfs.json("policy", "show") == {"default": None, "disks": {}}
+    assert len(snapfs.json("snapshot", "list")) == 0
     assert snapfs.json("verify")["ok"] is True
 
 
@@ -1575,6 +1697,28 @@ def test_export_to_a_path_that_names_no_file_is_refused_at_once(snapfs: Snapfs,
     assert [p.name for p in work.rglob("*")] == ["sub"]
     assert snapfs("export", "one", "./-", cwd=work).returncode == 0
     assert sorted(p.name for p in work.rglob("*")) == ["-", "sub"]
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part
+def test_export_to_the_longest_file_name_there_can_be(snapfs: Snapfs, tmp_path: Path) -> None:
+    """An image goes to OUT.snapfs-partial first: to an OUT of 241 to 255 bytes, a good file
+    name, export failed ("cannot write OUT.snapfs-partial: File name too long", exit 1). The
+    partial file is then OUT cut short, with a hash of OUT so that two such exports that
+    begin alike do not write one file."""
+    snapfs.ok("init")
+    source = random_image(tmp_path / "d.img", MiB, seed=15)
+    snapfs.ok("snapshot", "create", source, "--name", "one")
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("o" * 255, "é" * 127, "o" * 240):
+        snapfs.ok("export", "one", work / name)
+        assert (work / name).read_bytes() == source.read_bytes()
+        (work / name).unlink()
+    assert list(work.iterdir()) == []
+    partials = {partial_path(str(work / ("o" * 250 + end))) for end in "ab"}
+    assert len(partials) == 2
+    assert all(len(os.fsencode(os.path.basename(p))) == 255 for p in partials)
+    assert partial_path(str(work / ("o" * 240))) == str(work / ("o" * 240)) + ".snapfs-partial"
 
 
 @needs_root

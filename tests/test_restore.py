@@ -85,13 +85,29 @@ TEMP_PREFIX = ".snapfs-restore-"
         ("a**b", "axxb", False, True),  # ** inside a component is a plain *
         ("a**b", "ax/xb", False, False),
         ("Etc/*", "etc/passwd", False, False),  # case-sensitive
+        # a backslash makes the next character literal (restic, rsync)
+        (r"etc/a\*b", "etc/a*b", False, True),
+        (r"etc/a\*b", "etc/axb", False, False),
+        (r"a\?b", "a?b", False, True),
+        (r"a\?b", "axb", False, False),
+        (r"a\[1]b", "a[1]b", False, True),
+        (r"a\[1]b", "a1b", False, False),
+        (r"a\\b", "a\\b", False, True),
+        (r"a\\b", "ab", False, False),
+        (r"a\b", "ab", False, True),  # an ordinary character stays itself
+        (r"\*\*/x", "**/x", False, True),  # the name "**", not any directories
+        (r"\*\*/x", "d/x", False, False),
+        (r"a\**", "a*.txt", False, True),  # escaped and not, side by side
+        (r"a\**", "ab", False, False),
+        (r"[\]", "\\", False, True),  # inside [...] a backslash is itself
+        ("a[", "a[", False, True),  # a [ that nothing closes is itself (fnmatch)
     ],
 )
 def test_pattern_matches(pattern: str, path: str, is_dir: bool, expected: bool) -> None:
     assert PathPattern(pattern).matches(path, is_dir) is expected
 
 
-@pytest.mark.parametrize("pattern", ["", "/", "./", "../etc", "etc/../../x"])
+@pytest.mark.parametrize("pattern", ["", "/", "./", "../etc", "etc/../../x", "a\\", "a\\/b"])
 def test_useless_patterns_are_usage_errors(pattern: str) -> None:
     with pytest.raises(UsageError):
         PathPattern(pattern)
@@ -108,6 +124,12 @@ def test_selector_takes_whole_subtrees_and_walks_towards_includes() -> None:
     home = sel.child(root, "home", is_dir=True)
     assert home is not None and not home.selected  # walked, not taken
     assert sel.child(root, "usr", is_dir=True) is None  # nothing below can match: not walked
+
+
+def test_an_escaped_lost_found_names_it_and_a_wildcard_does_not() -> None:
+    assert PathSelector(includes=(r"lost\+found/x",)).names_lost_found
+    assert not PathSelector(includes=("lost+foun?",)).names_lost_found
+    assert not PathSelector(includes=(r"lost+foun\?",)).names_lost_found
 
 
 def test_excluded_directory_excludes_its_subtree() -> None:

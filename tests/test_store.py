@@ -475,3 +475,22 @@ def test_local_read_that_fails_after_open_is_a_store_error(tmp_path: Path) -> No
         s.get_range("packs/p1", 0, 100)
     assert type(caught.value) is StoreError
     assert str(caught.value) == f"{tmp_path / 'repo'}: packs/p1: Is a directory"
+
+
+def test_local_key_too_long_for_a_file_name_is_no_object_but_cannot_be_put(
+        tmp_path: Path) -> None:
+    """No object can be stored under a name longer than a file name, so asking for one finds
+    none (it was the store's error "File name too long", exit 5); writing one is that error."""
+    s = LocalStore(tmp_path / "repo")
+    s.put("policies/disk/web", b"kept")  # (a missing directory would be found first)
+    key = "policies/disk/" + "x" * 256
+    with pytest.raises(ObjectNotFound):
+        s.get(key)
+    with pytest.raises(ObjectNotFound):
+        s.get_range(key, 0, 10)
+    assert s.exists(key) is False
+    s.delete(key)
+    with pytest.raises(StoreError) as caught:
+        s.put(key, b"data")
+    assert str(caught.value).endswith(f"{key}: File name too long")
+    assert list(s.list("")) == [("policies/disk/web", 4)]

@@ -100,7 +100,8 @@ def _print_entries(report: RestoreReport) -> None:
 @click.option("--to", "target", required=True, type=click.Path(file_okay=False),
               help="Directory to restore into (created if missing).")
 @click.option("--include", "includes", multiple=True, metavar="GLOB",
-              help="Restore only paths matching GLOB (repeatable; ** spans directories).")
+              help="Restore only paths matching GLOB (repeatable; ** spans directories, "
+                   "\\ makes the next character literal).")
 @click.option("--exclude", "excludes", multiple=True, metavar="GLOB",
               help="Leave out paths matching GLOB (repeatable).")
 @click.option("--on-conflict", type=click.Choice(ON_CONFLICT), default="skip",

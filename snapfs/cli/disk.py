@@ -10,6 +10,7 @@ import click
 from snapfs.cli.context import CliConfig, SubcommandGroup, pass_config
 from snapfs.cli.output import emit_json, human_size, parse_size, table_lines
 from snapfs.errors import UsageError
+from snapfs.format.names import check_disk_name
 from snapfs.plural import counted
 
 
@@ -31,6 +32,7 @@ def create(config: CliConfig, name: str, source: str | None, size: str | None,
 
     if source is None and size is None:
         raise UsageError("give --from SNAP, --size SIZE, or both")
+    check_disk_name(name)  # (the daemon checks it too: this says so without one)
     nbytes = parse_size(size) if size is not None else None
     reply = call(config.require_repo(), {"op": "disk-create", "name": name, "from": source,
                                          "size": nbytes})

@@ -12,6 +12,7 @@ from snapfs.cli.context import CliConfig, SubcommandGroup, pass_config
 from snapfs.cli.keep import keep_options, policy_from
 from snapfs.cli.output import emit_json, table_lines
 from snapfs.errors import NotFoundError, UsageError
+from snapfs.format.names import policy_disk_part
 
 
 @click.group(cls=SubcommandGroup)
@@ -34,6 +35,8 @@ def set_(config: CliConfig, disk: str | None, json_output: bool, **keep: Any) ->
     rules = policy_from(**keep)
     if rules.empty():
         raise UsageError("policy set needs at least one --keep-… rule")
+    if disk is not None:
+        policy_disk_part(disk)  # before the repository is opened: the rule alone decides
     config.open_repository().write_policy(disk, rules)
     if json_output:
         emit_json({"disk": disk, "keep": rules.rules()})
@@ -66,6 +69,8 @@ def show(config: CliConfig, json_output: bool) -> None:
 @pass_config
 def delete(config: CliConfig, disk: str | None) -> None:
     """Delete a stored retention policy."""
+    if disk is not None:
+        policy_disk_part(disk, stored=False)
     if not config.open_repository().delete_policy(disk):
         raise NotFoundError(f"no retention policy stored for {_whose(disk)}")
     click.echo(f"deleted the retention policy of {_whose(disk)}")

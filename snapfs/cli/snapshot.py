@@ -18,6 +18,7 @@ from snapfs.cli.output import (
     table_lines,
 )
 from snapfs.errors import NotFoundError, NotMounted, SnapfsError, SnapshotNotFound, UsageError
+from snapfs.format.names import check_disk_label, check_snapshot_name, group_snapshot_names
 from snapfs.plural import counted
 from snapfs.progress import NO_PROGRESS
 
@@ -68,8 +69,8 @@ def create(config: CliConfig, source: str | None, name: str | None, disks: tuple
         raise UsageError("--rate must be a positive number of MB/s")
     if "" in tags:  # (an unset variable in `--tag "$TAG"`, most likely)
         raise UsageError("--tag must not be empty")
-    if "" in disks:  # was taken as no --disk at all: the default label, silently
-        raise UsageError("--disk must not be empty")
+    for disk in disks:  # "" was taken as no --disk at all: the default label, silently
+        check_disk_label(disk)
     if source is not None or freeze:
         log_to_stderr(config.debug)  # the library logs, and so does freezing; asking does not
     if source is None:
@@ -80,6 +81,8 @@ def create(config: CliConfig, source: str | None, name: str | None, disks: tuple
         raise UsageError("with SOURCE, give at most one --disk (the label of its lineage)")
     if freeze or no_wait:
         raise UsageError("--freeze and --no-wait are for disks the mount serves (no SOURCE)")
+    if name is not None:
+        check_snapshot_name(name)
     from snapfs.repo.create import CreateOptions, create_snapshot
 
     repo = config.open_repository()
@@ -104,6 +107,8 @@ def _create_of_disks(config: CliConfig, disks: list[str], name: str | None, pare
                          "follows its last one")
     if not freeze_timeout > 0:  # (nan too)
         raise UsageError("--freeze-timeout must be positive")
+    if name is not None:  # the daemon checks them too, but only after the freeze
+        group_snapshot_names(name, disks)
     bar = progress_for(json_output)
     try:
         task = snapshot_disks(config.require_repo(), disks, name, list(tags), list(freeze),
@@ -136,6 +141,8 @@ def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
     """List snapshots, oldest first; snapshots of served disks still uploading (or failed) are
     listed too, with their state, and under the table why one failed (or why its upload is
     being retried)."""
+    if disk is not None:  # (an unset variable: listed nothing, as if the disk had none)
+        check_disk_label(disk)
     # the daemon's unfinished snapshots first, then the stored ones: an upload that ends in
     # between is then found stored (asked the other way round, it was in neither answer)
     unfinished = _unfinished(config)
@@ -373,6 +380,8 @@ def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool
     from snapfs.repo.retention import decide, emptied_disks
 
     given = policy_from(**keep)
+    if disk is not None:
+        check_disk_label(disk)
     repo = config.open_repository()
     listing = repo.list_snapshots()
     if listing.unreadable:  # see README: counting without it could forget what it would keep

@@ -17,7 +17,7 @@ import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from snapfs.errors import CorruptBlock, FormatError, UsageError
+from snapfs.errors import CorruptBlock, FormatError
 from snapfs.format.block import ID_SIZE, ZERO_ID
 from snapfs.format.versioned import decode_versioned, encode_versioned
 from snapfs.plural import counted
@@ -31,31 +31,6 @@ ROOT_VERSION = 1
 DEFAULT_ENTRIES_PER_PAGE = 4096
 #: a page ID as a root lists it
 _PAGE_ID = re.compile(f"[0-9a-fA-F]{{{2 * ID_SIZE}}}")
-#: the longest snapshot name, in bytes of UTF-8: NAME.img must be a file name in every mount
-NAME_MAX_BYTES = 200
-
-
-def check_snapshot_name(name: str) -> str:
-    """``name`` if a snapshot may have it; else a ``UsageError`` that says the rule. Every
-    mount serves a snapshot as ``snapshots/NAME.img``: one name the kernel refuses (a ``/``)
-    made the whole directory unlistable, on every host, until that snapshot was deleted."""
-    bad = (not name or name.startswith(".") or "/" in name
-           or any(ord(c) < 32 or ord(c) == 127 for c in name))
-    try:
-        too_long = len(name.encode()) > NAME_MAX_BYTES
-    except UnicodeEncodeError:  # undecodable bytes from the command line
-        bad = too_long = True
-    if bad or too_long:
-        raise UsageError(f"bad snapshot name {name!r}: it must be UTF-8, 1 to {NAME_MAX_BYTES} "
-                         "bytes, without '/' or control characters, and not start with '.'")
-    return name
-
-
-def name_part(label: str) -> str:
-    """``label`` (a disk's label, which may be any text) made fit to begin a snapshot name."""
-    cleaned = "".join("_" if c == "/" or ord(c) < 32 or ord(c) == 127 else c for c in label)
-    fitted = cleaned.lstrip(".").encode(errors="replace")[: NAME_MAX_BYTES - 40]
-    return fitted.decode(errors="ignore") or "disk"
 
 
 def encode_page(ids: list[bytes]) -> bytes:

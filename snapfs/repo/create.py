@@ -30,13 +30,8 @@ import trio
 
 from snapfs.errors import DuplicateName
 from snapfs.format.block import ZERO_ID, zero_bytes
-from snapfs.format.manifest import (
-    DEFAULT_ENTRIES_PER_PAGE,
-    SnapshotRoot,
-    check_snapshot_name,
-    encode_page,
-    name_part,
-)
+from snapfs.format.manifest import DEFAULT_ENTRIES_PER_PAGE, SnapshotRoot, encode_page
+from snapfs.format.names import check_disk_label, check_snapshot_name, name_part
 from snapfs.format.pack import KIND_DATA, KIND_PAGE
 from snapfs.progress import NO_PROGRESS, Progress
 from snapfs.repo.lock import SNAPSHOT_LOCK_PATIENCE, RepositoryLock, refresh_lock
@@ -192,6 +187,11 @@ async def create_snapshot(
     progress: Progress = NO_PROGRESS,
 ) -> CreateResult:
     started = time.monotonic()
+    # before anything is opened or written (the lock): a bad name is the caller's mistake alone
+    if options.name is not None:
+        check_snapshot_name(options.name)
+    if options.disk is not None:
+        check_disk_label(options.disk)
     source = Source(source_path)
     lock = RepositoryLock(repo.store, "shared", f"snapshot create of {source_path}")
     store_limiter = trio.CapacityLimiter(repo.store.concurrency)

@@ -1,9 +1,9 @@
 """Writing a snapshot back out as a raw image file or onto a block device.
 
-To a file: the image is written to ``OUT.snapfs-partial`` beside it (zero blocks left as
-holes), fsynced, then renamed to OUT, so OUT is either absent, the old file (untouched unless
-``force``), or the complete, verified image. Any error (a missing or corrupt block, a full disk)
-removes the partial file. To a block device: only with ``force`` (it is overwritten, whatever it
+To a file: the image is written to ``OUT.snapfs-partial`` beside it (``partial_path``; zero
+blocks left as holes), fsynced, then renamed to OUT, so OUT is either absent, the old file
+(untouched unless ``force``), or the complete, verified image. Any error (a missing or corrupt
+block, a full disk) removes the partial file. To a block device: only with ``force`` (it is overwritten, whatever it
 held), opened exclusively (a mounted device, or one another program holds so, is refused), and
 written in place (zero blocks written as zeros, since a device keeps old contents), after
 checking the device is large enough.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import stat
 import time
@@ -38,6 +39,24 @@ from snapfs.repo.repository import Repository
 
 PARTIAL_SUFFIX = ".snapfs-partial"
 IOV_MAX = os.sysconf("SC_IOV_MAX")  # pieces one pwritev takes
+
+
+def partial_path(path: str) -> str:
+    """Where an image file is written before it is renamed to ``path``: ``path.snapfs-partial``,
+    or, where that is too long for a file name (OUT itself may have 255 bytes), OUT's name cut
+    short with 8 hex digits of its hash (two exports to long names that begin alike must not
+    share one)."""
+    directory, name = os.path.split(path)
+    encoded = os.fsencode(name)
+    try:
+        longest = os.pathconf(directory or ".", "PC_NAME_MAX")
+    except OSError:  # (no such directory: opening the file says so)
+        longest = 255
+    if len(encoded) + len(PARTIAL_SUFFIX) <= longest:
+        return path + PARTIAL_SUFFIX
+    tag = hashlib.sha256(encoded).hexdigest()[:8]
+    kept = encoded[: longest - len(PARTIAL_SUFFIX) - len(tag) - 1]
+    return os.path.join(directory, f"{os.fsdecode(kept)}-{tag}{PARTIAL_SUFFIX}")
 
 
 class _Target:
@@ -69,7 +88,7 @@ class _Target:
         else:
             if st is not None and not force:
                 raise SnapfsError(f"{path} exists; use --force to replace it")
-            self.write_path = path + PARTIAL_SUFFIX
+            self.write_path = partial_path(path)
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
             self.fd = os.open(self.write_path, flags | os.O_CLOEXEC, 0o644)
@@ -219,7 +238,7 @@ async def _export(repo: Repository, root: SnapshotRoot, out: str, force: bool,
             # a stop (^C, SIGTERM) that landed while the target was being opened: its partial
             # file may be there already, and nobody else would remove it
             with contextlib.suppress(OSError):
-                os.unlink(out + PARTIAL_SUFFIX)
+                os.unlink(partial_path(out))
         raise
     return {
         "snapshot": root.id,

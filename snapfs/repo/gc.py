@@ -11,7 +11,10 @@ Order, so that a crash at any point loses nothing that a root references:
 3. delete the older index objects;
 4. delete packs that are no longer indexed: empty ones, repacked ones, orphans of crashed runs.
 Before all that it deletes what writers killed in the middle of a ``put`` left (a local
-directory's temporary files): no writer of packs, index or roots runs under the lock.
+directory's temporary files): no writer of packs, index or roots runs under the lock. Writers
+of locks, holds, access profiles, policies and the config take no lock, so their temporary
+files go only once nothing has written to them for ``lock.STALE_AFTER``, the time after which
+a lock that is not refreshed is taken for a dead holder's.
 
 Nothing is collected while a snapshot root cannot be read (damaged, or of an unknown format):
 which blobs that snapshot needs cannot be known, and guessing could delete them. Collection
@@ -40,7 +43,7 @@ from snapfs.format.manifest import SnapshotRoot
 from snapfs.format.pack import PackEntry
 from snapfs.plural import counted
 from snapfs.progress import NO_PROGRESS, Progress
-from snapfs.repo.lock import exclusively
+from snapfs.repo.lock import STALE_AFTER, exclusively
 from snapfs.repo.packer import FullPack, PackAssembler, PackUploader
 from snapfs.repo.parallel import map_in_threads, single_error
 from snapfs.repo.repository import (
@@ -56,6 +59,8 @@ log = logging.getLogger(__name__)
 
 #: a pack whose live bytes are below this share of its blob bytes is rewritten
 REPACK_BELOW = 0.5
+#: where objects are written by commands that do not take the repository lock
+UNLOCKED_PREFIXES = ("locks/", "holds/", "profiles/", "policies/", "config")
 
 
 async def delete_snapshots(
@@ -146,6 +151,13 @@ async def _collect(repo: Repository, limiter: trio.CapacityLimiter,
     # dead writer's (a local directory's temporary files, which no listing shows)
     partial, partial_bytes = await trio.to_thread.run_sync(
         repo.store.remove_partial_writes, ("packs/", "index/", "snapshots/"), limiter=limiter)
+    # these are written without that lock (locks, a daemon's holds and profiles, policy set,
+    # init): a temporary file there is taken for a dead writer's once it has not been written
+    # to for as long as a lock that is not refreshed is (a put takes milliseconds)
+    unlocked, unlocked_bytes = await trio.to_thread.run_sync(
+        repo.store.remove_partial_writes, UNLOCKED_PREFIXES, STALE_AFTER, limiter=limiter)
+    partial += unlocked
+    partial_bytes += unlocked_bytes
     stored = dict(await trio.to_thread.run_sync(lambda: list(repo.store.list("packs/"))))
     stored_packs = {key.rpartition("/")[2]: size for key, size in stored.items()}
 

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 from snapfs.errors import (
     AmbiguousSnapshot,
@@ -50,11 +50,11 @@ from snapfs.errors import (
     RootsUnreadable,
     SnapfsError,
     SnapshotNotFound,
-    UsageError,
 )
 from snapfs.format.block import ZERO_ID, BlockCodec, BlockKeyer
 from snapfs.format.index import IndexFile
 from snapfs.format.manifest import SnapshotRoot, decode_page, empty_page
+from snapfs.format.names import policy_disk_part
 from snapfs.format.pack import KIND_PAGE, PackEntry
 from snapfs.format.profile import decode_profile, encode_profile
 from snapfs.format.repoconfig import (
@@ -618,12 +618,10 @@ class Repository:
     # -- retention policies ------------------------------------------------------------
 
     @staticmethod
-    def _policy_key(disk: str | None) -> str:
+    def _policy_key(disk: str | None, stored: bool = True) -> str:
         if disk is None:
             return "policies/default"
-        if not disk:
-            raise UsageError("a disk name cannot be empty")
-        return "policies/disk/" + quote(disk, safe="").replace(".", "%2E")
+        return "policies/disk/" + policy_disk_part(disk, stored)
 
     def retention_policies(self) -> tuple[RetentionPolicy | None, dict[str, RetentionPolicy]]:
         """The stored retention policies: the default one (None if unset) and each disk's."""
@@ -649,7 +647,7 @@ class Repository:
 
     def delete_policy(self, disk: str | None) -> bool:
         """Forget ``disk``'s stored policy (None: the default); False if there was none."""
-        key = self._policy_key(disk)
+        key = self._policy_key(disk, stored=False)
         if not self.store.exists(key):
             return False
         self.store.delete(key)

@@ -55,11 +55,14 @@ class ObjectStore(ABC):
         """Whether the place the repository would live in exists at all."""
         return True
 
-    def remove_partial_writes(self, prefixes: tuple[str, ...]) -> tuple[int, int]:
+    def remove_partial_writes(self, prefixes: tuple[str, ...], older_than: float | None = None,
+                              ) -> tuple[int, int]:
         """Remove what writers that died (kill -9, a power cut) left of objects they were
-        writing under ``prefixes``: (how many, bytes). Only while no writer of those prefixes
-        can be running (under the exclusive repository lock). A store whose ``put`` leaves
-        nothing half made (S3) has nothing to remove."""
+        writing under ``prefixes``: (how many, bytes). Without ``older_than``, only while no
+        writer of those prefixes can be running (under the exclusive repository lock); with
+        it, only what was last written to at least that many seconds ago (for prefixes whose
+        writers take no lock: by then their writer is taken for dead). A store whose ``put``
+        leaves nothing half made (S3) has nothing to remove."""
         return 0, 0
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,16 @@ from snapfs.errors import AccessDenied, NoSpace, ObjectNotFound, SnapfsError, St
 from snapfs.store.base import ObjectStore
 
 TMP_SUFFIX = ".tmp-snapfs"
+
+
+def _tmp_name(name: str, data: bytes) -> str:
+    """The temporary file ``put`` writes the object ``name`` (of its directory) to first."""
+    return f".{name}.{os.getpid()}.{id(data):x}{TMP_SUFFIX}"
+
+
+def _put_key(tmp_name: str) -> str:
+    """The name of the object that a ``_tmp_name`` was to become."""
+    return tmp_name.removeprefix(".").removesuffix(TMP_SUFFIX).rsplit(".", 2)[0]
 
 
 class LocalStore(ObjectStore):
@@ -48,6 +59,8 @@ class LocalStore(ObjectStore):
         except (FileNotFoundError, NotADirectoryError):  # (a file where a directory should be)
             raise ObjectNotFound(f"{self.url}: no object {key}") from None
         except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:  # no put could have made it
+                raise ObjectNotFound(f"{self.url}: no object {key}") from None
             raise self._fail(e, key) from None
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
@@ -56,6 +69,8 @@ class LocalStore(ObjectStore):
         except (FileNotFoundError, NotADirectoryError):
             raise ObjectNotFound(f"{self.url}: no object {key}") from None
         except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:  # (as get)
+                raise ObjectNotFound(f"{self.url}: no object {key}") from None
             raise self._fail(e, key) from None
         try:
             # the read fails on its own too (EIO from a bad sector, EISDIR): a store error
@@ -67,7 +82,7 @@ class LocalStore(ObjectStore):
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data):x}{TMP_SUFFIX}")
+        tmp = path.with_name(_tmp_name(path.name, data))
         try:
             make_dirs(path.parent)  # a new directory's name is durable too
             replace_durably(path, data, tmp)
@@ -80,7 +95,8 @@ class LocalStore(ObjectStore):
         except FileNotFoundError:
             pass
         except OSError as e:
-            raise self._fail(e, key) from None
+            if e.errno != errno.ENAMETOOLONG:  # (as get)
+                raise self._fail(e, key) from None
 
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         # Walk only the directory the prefix names, then filter by the rest of the prefix.
@@ -100,28 +116,38 @@ class LocalStore(ObjectStore):
                     except FileNotFoundError:
                         continue
 
-    def remove_partial_writes(self, prefixes: tuple[str, ...]) -> tuple[int, int]:
+    def remove_partial_writes(self, prefixes: tuple[str, ...], older_than: float | None = None,
+                              ) -> tuple[int, int]:
         """The temporary files of ``put``s that never reached their rename (``list`` never
         shows them, so nothing else would ever delete them: a killed snapshot leaves a pack's
-        worth)."""
+        worth) of keys under ``prefixes``; with ``older_than``, those not written to for that
+        many seconds."""
         count = size = 0
+        now = time.time()
         for prefix in prefixes:
-            top = self.root / prefix.rpartition("/")[0]
-            for dirpath, _dirs, files in os.walk(top):
+            base = prefix.rpartition("/")[0]
+            for dirpath, dirs, files in os.walk(self.root / base):
+                rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+                rel = "" if rel == "." else rel + "/"
+                # ("config" is at the top, beside packs/: only keys under the prefix count)
+                dirs[:] = [d for d in dirs if (rel + d + "/").startswith(prefix)
+                           or prefix.startswith(rel + d + "/")]
                 for name in files:
-                    if not name.endswith(TMP_SUFFIX):
+                    if not (name.endswith(TMP_SUFFIX)
+                            and (rel + _put_key(name)).startswith(prefix)):
                         continue
                     path = os.path.join(dirpath, name)
                     try:
-                        length = os.stat(path).st_size
+                        st = os.stat(path)
+                        if older_than is not None and now - st.st_mtime < older_than:
+                            continue
                         os.unlink(path)
                     except FileNotFoundError:
                         continue
                     except OSError as e:
-                        key = os.path.relpath(path, self.root).replace(os.sep, "/")
-                        raise self._fail(e, key) from None
+                        raise self._fail(e, rel + name) from None
                     count += 1
-                    size += length
+                    size += st.st_size
         return count, size
 
     def exists(self, key: str) -> bool:
@@ -129,6 +155,8 @@ class LocalStore(ObjectStore):
         try:
             return path.is_file()
         except OSError as e:  # (as _is_dir)
+            if e.errno == errno.ENAMETOOLONG:  # (as get)
+                return False
             raise self._fail(e, key) from None
 
     def ensure_container(self) -> None:

@@ -79,8 +79,9 @@ class SimulatedStore(ObjectStore):
     def ensure_container(self) -> None:
         self.inner.ensure_container()
 
-    def remove_partial_writes(self, prefixes: tuple[str, ...]) -> tuple[int, int]:
-        return self.inner.remove_partial_writes(prefixes)
+    def remove_partial_writes(self, prefixes: tuple[str, ...], older_than: float | None = None,
+                              ) -> tuple[int, int]:
+        return self.inner.remove_partial_writes(prefixes, older_than)
 
     def container_exists(self) -> bool:
         return self.inner.container_exists()

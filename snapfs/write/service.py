@@ -42,7 +42,6 @@ import fcntl
 import functools
 import logging
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -61,7 +60,8 @@ from snapfs.errors import (
     SnapshotNotFound,
     UsageError,
 )
-from snapfs.format.manifest import SnapshotRoot, check_snapshot_name
+from snapfs.format.manifest import SnapshotRoot
+from snapfs.format.names import check_disk_name, group_snapshot_names
 from snapfs.host import boot_id
 from snapfs.hydration.scheduler import Hydrator, Priority
 from snapfs.image.catalog import SnapshotCatalog
@@ -80,7 +80,6 @@ from snapfs.write.uploader import UploadProgress, shared_lock, upload_generation
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 #: the largest disk: the last 512-byte boundary a file offset (off_t) can reach
 MAX_DISK_SIZE = (1 << 63) - 512
 UPLOAD_ATTEMPTS = 3
@@ -120,13 +119,6 @@ async def encode_staged(repo: Repository, index: BlobIndex, contents: list[bytes
 
 class DiskBusy(SnapfsError):
     """A disk that is open, attached or uploading cannot be changed that way now."""
-
-
-def check_disk_name(name: str) -> str:
-    if not NAME_PATTERN.fullmatch(name):
-        raise UsageError(f"bad disk name {name!r}: use letters, digits, '.', '_' and '-' "
-                         "(up to 100, not starting with '.', '_' or '-')")
-    return name
 
 
 class DiskService:
@@ -670,12 +662,13 @@ class DiskService:
             raise UsageError("no disk named")
         disks = [self.disk(n) for n in dict.fromkeys(names)]
         taken = self._taken_names()
+        given = group_snapshot_names(name, [d.name for d in disks]) if name is not None else None
         parts = []
-        for disk in disks:
-            if name is None:
+        for i, disk in enumerate(disks):
+            if given is None:
                 snap_name = default_snapshot_name(disk.name, taken)
             else:
-                snap_name = check_snapshot_name(name if len(disks) == 1 else f"{name}-{disk.name}")
+                snap_name = given[i]
                 if snap_name in taken:
                     raise DuplicateName(f"a snapshot named {snap_name!r} already exists")
             taken.add(snap_name)
