@@ -1223,6 +1223,42 @@ def test_kill_9_in_a_disk_delete_leaves_nothing_of_the_disk_after_the_restart(
     assert files == [] and not any(journaled.values())
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_kill_9_in_a_rollback_leaves_a_disk_that_its_next_snapshot_holds(
+    snapfs: Snapfs, tmp_path: Path, base_image: Path
+) -> None:
+    """A ``disk rollback`` killed at its first write to the journal, with marks of writes not
+    fsync'd there. It folded them into its own durable commit (the new record, the reset
+    blocks' marks deleted), then deleted them from the journal: killed in between, the next
+    start folded them again, and the disk read its old bytes while its changed set said that
+    nothing had changed since the snapshot, so its next snapshot did not hold them. After the
+    restart the disk reads as before the rollback or as the snapshot, and a snapshot of it
+    holds what it reads."""
+    written = dict(zip((1, 2, 3), random_blocks(91, 3), strict=True))
+    with open(base_image, "rb") as f:
+        before = {n: os.pread(f.fileno(), BS, n * BS) for n in written}
+    with serving(snapfs, tmp_path) as s:
+        (state_dir,) = (tmp_path / "cache" / "disks").iterdir()
+        snapfs.ok("disk", "create", "d", "--from", "vm-1")
+        fd = os.open(s.disk("d"), os.O_WRONLY)
+        try:  # marks only in the journal
+            for n, data in written.items():
+                assert os.pwrite(fd, data, n * BS) == BS
+        finally:
+            os.close(fd)
+        with killed_at_write(s.daemon.pid, state_dir / "journal.lmdb" / "data.mdb"):
+            assert snapfs("disk", "rollback", "d", "vm-1", "--yes").returncode != 0
+            wait_for(lambda: not pid_running(s.daemon.pid), 10, "the daemon to be killed")
+        assert "daemon had died" in snapfs.ok("umount", s.mountpoint)
+
+    with serving(snapfs, tmp_path) as s:
+        assert read_blocks(s.disk("d"), list(written)) in (written, before)
+        s.snapshot("--disk", "d", "--name", "after")
+        assert same_bytes(s.export("after"), s.copy("d", "after"))
+        snapfs.ok("disk", "rollback", "d", "vm-1", "--yes")
+        assert sha256_file(s.disk("d")) == sha256_file(base_image)
+
+
 @contextmanager
 def syncs_delayed(pid: int, path: Path, seconds: float) -> Iterator[None]:
     """Every fdatasync of ``pid`` on ``path`` waits ``seconds`` before it is made (strace)."""
