@@ -10,9 +10,10 @@ would. ``strace -e inject=…:signal=SIGKILL:when=N`` counts calls per thread an
 call, and garbage collection spreads its deletes over a pool of threads, so its Nth is not the
 command's Nth change; this count is the command's, across every thread.
 
-``KILLPOINT_AT=N`` kills at the Nth change; ``KILLPOINT_RECORD=FILE`` appends a line per change
-instead (``rename packs``, ``DELETE index``: what and in which top-level folder), so that a test
-learns how many there are and where each phase begins.
+``KILLPOINT_AT=N`` kills at the Nth change, ``KILLPOINT_BEFORE=LABEL`` at the first change so
+labelled; ``KILLPOINT_RECORD=FILE`` appends a line per change instead, its label (``rename
+packs``, ``DELETE index``: what and in which top-level folder), so that a test learns how many
+there are and where each phase begins.
 """
 
 from __future__ import annotations
@@ -33,24 +34,27 @@ def kind_of(where: str) -> str:
 
 
 class Killpoint:
-    def __init__(self, scope: str, kill_at: int | None, record: str | None) -> None:
+    def __init__(self, scope: str, kill_at: int | None, before: str | None,
+                 record: str | None) -> None:
         # a local repository's directory, or s3://bucket/prefix (its requests: /bucket/prefix/)
         self.local = not scope.startswith("s3://")
         self.scope = (os.path.realpath(scope) + os.sep if self.local
                       else scope.removeprefix("s3:/").rstrip("/") + "/")
         self.kill_at = kill_at
+        self.before = before
         self.record = record
         self.count = 0
         self.lock = threading.Lock()
 
     def change(self, what: str, where: str) -> None:
+        label = f"{what} {kind_of(where)}"
         with self.lock:
             self.count += 1
-            if self.kill_at is not None and self.count >= self.kill_at:
+            if (self.kill_at is not None and self.count >= self.kill_at) or label == self.before:
                 os.kill(os.getpid(), signal.SIGKILL)
             if self.record is not None:
                 with open(self.record, "a") as f:
-                    f.write(f"{what} {kind_of(where)}\n")
+                    f.write(label + "\n")
 
     def local_path(self, path: Any) -> str | None:
         """The path relative to the repository, or None if it is not in there."""
@@ -86,6 +90,7 @@ class Killpoint:
 def main() -> None:
     at = os.environ.get("KILLPOINT_AT")
     sys.addaudithook(Killpoint(os.environ["KILLPOINT_SCOPE"], int(at) if at else None,
+                               os.environ.get("KILLPOINT_BEFORE"),
                                os.environ.get("KILLPOINT_RECORD")))
     sys.argv = ["snapfs", *sys.argv[1:]]
     from snapfs.cli import main as snapfs

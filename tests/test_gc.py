@@ -9,6 +9,7 @@ clean and leave no pack that nothing needs.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -156,10 +157,13 @@ def kill_points(changes: list[str], under_way: bool = True) -> list[int]:
 
 
 def run_killed(snapfs: Snapfs, url: str, args: tuple[str, ...], kill_at: int | None = None,
-               record: Path | None = None) -> subprocess.CompletedProcess[str]:
+               before: str | None = None, record: Path | None = None
+               ) -> subprocess.CompletedProcess[str]:
     env = {**snapfs.env, "KILLPOINT_SCOPE": url}
     if kill_at is not None:
         env["KILLPOINT_AT"] = str(kill_at)
+    if before is not None:
+        env["KILLPOINT_BEFORE"] = before
     if record is not None:
         env["KILLPOINT_RECORD"] = str(record)
     command = [sys.executable, KILLPOINT, *snapfs.with_repo(url).command(args)[1:]]
@@ -194,9 +198,11 @@ def test_a_collection_killed_at_any_step_costs_no_snapshot(
         command: str, store_url: str, store_endpoint: str | None, env: dict[str, str],
         make_store: MakeStore, tmp_path: Path) -> None:
     """The command is killed (SIGKILL) right before its 1st change to the repository, its
-    2nd, ..., its last (``kill_points``): taking its lock, deleting roots, writing repacked
-    packs and the new index, deleting old index objects and packs, letting its lock go. A
-    whole run first counts the changes and says where each phase begins."""
+    2nd, ..., its last (``kill_points``): letting go of the lock of a snapshot killed before
+    and taking its own, deleting roots, deleting the temporary file that snapshot left,
+    writing repacked packs and the new index, deleting old index objects and packs (the
+    killed snapshot's too), letting its lock go. A whole run first counts the changes and
+    says where each phase begins."""
     args, doomed, gone_before = COMMANDS[command]
     repo = Repository.init(make_store(store_url), pack_size=PACK_SIZE)
     sources = build(repo, tmp_path)
@@ -204,6 +210,13 @@ def test_a_collection_killed_at_any_step_costs_no_snapshot(
         repo.delete_root(repo.resolve(name).id)
     snapfs = Snapfs(store_url, store_endpoint, env)
     kept = sorted(set(sources) - doomed - gone_before)
+    s3 = store_url.startswith("s3://")
+    # what a snapshot killed before it stored its index leaves: packs that no index names and
+    # (in a local directory) the index's temporary file, which collection deletes too
+    cut = run_killed(snapfs, store_url, ("snapshot", "create",
+                                         random_image(tmp_path / "cut.img", MiB, seed=5)),
+                     before="PUT index" if s3 else "rename index")
+    assert cut.returncode == -signal.SIGKILL, cut.stderr
 
     # the whole command once, every change written down
     changes_file = tmp_path / "changes"
@@ -212,12 +225,16 @@ def test_a_collection_killed_at_any_step_costs_no_snapshot(
     done = run_killed(snapfs, whole, (*args, "--json"), record=changes_file)
     assert done.returncode == 0, done.stderr
     changes = changes_file.read_text().splitlines()
-    # the repository is one that collection must repack: new packs, then old ones deleted
+    stats = json.loads(done.stdout)
+    assert stats["packs_repacked"] >= 2 and stats["packs_deleted"] > stats["packs_repacked"]
+    assert stats["partial_objects_deleted"] == (0 if s3 else 1)
+    # a collection that deletes a temporary file, repacks, and deletes old packs (between
+    # taking its lock, which lets the killed snapshot's go, and letting its own go)
     phases = [c for i, c in enumerate(changes) if i == 0 or changes[i - 1] != c]
-    s3 = store_url.startswith("s3://")
-    for phase in (("PUT packs", "PUT index", "DELETE index", "DELETE packs") if s3 else
-                  ("rename packs", "rename index", "remove index", "remove packs")):
-        assert phase in phases, changes
+    assert [c for c in phases if not c.endswith(("locks", "snapshots", "profiles"))] == (
+        ["PUT packs", "PUT index", "DELETE index", "DELETE packs"] if s3 else
+        ["remove index", "open packs", "rename packs", "open index", "rename index",
+         "remove index", "remove packs"]), changes
     whole_repo = Repository.open(make_store(whole))
     assert check_snapshots(whole_repo, sources, tmp_path) == kept
     check_collected(whole_repo)
