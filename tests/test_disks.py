@@ -35,6 +35,7 @@ from diskimages import (
     distinct_nonzero,
     is_zero,
     make_image,
+    random_image,
     same_bytes,
     sha256_file,
     shared_image,
@@ -1153,10 +1154,11 @@ def test_kill_9_with_two_snapshots_waiting_to_upload_stores_both_after_the_resta
 
 
 @contextmanager
-def killed_at_write(pid: int, path: Path) -> Iterator[None]:
-    """kill -9 of ``pid`` at the instant one of its threads enters a write to ``path``, which is
-    not made: strace, attached to every thread, delivers SIGKILL there."""
-    calls = "pwrite64,pwritev,pwritev2,write,writev"
+def killed_at_write(pid: int, path: Path,
+                    calls: str = "pwrite64,pwritev,pwritev2,write,writev") -> Iterator[None]:
+    """kill -9 of ``pid`` at the instant one of its threads enters a write to ``path`` (or
+    another of the system ``calls`` on it), which is not made: strace, attached to every
+    thread, delivers SIGKILL there."""
     tracer = subprocess.Popen(
         ["strace", "-f", "-qq", "-o", "/dev/null", "-P", os.path.realpath(path),
          "-e", f"trace={calls}", "-e", f"inject={calls}:error=EIO:signal=SIGKILL",
@@ -1257,6 +1259,43 @@ def test_kill_9_in_a_rollback_leaves_a_disk_that_its_next_snapshot_holds(
         assert same_bytes(s.export("after"), s.copy("d", "after"))
         snapfs.ok("disk", "rollback", "d", "vm-1", "--yes")
         assert sha256_file(s.disk("d")) == sha256_file(base_image)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_kill_9_in_a_rollback_never_leaves_its_snapshot_unheld(
+    snapfs: Snapfs, tmp_path: Path
+) -> None:
+    """A ``disk rollback`` to a snapshot no disk needed yet, its daemon killed as it first
+    stores this host's hold (``holds/HOLDER``). The rollback made the disk need
+    the snapshot first, and stored the hold after: killed in between, the hold did not name
+    it, so a ``snapshot delete`` while the daemon was down deleted it and the disk lost every
+    block it had not written. Now the disk reads as before the rollback (the snapshot is not
+    needed and goes) or as the snapshot (and the delete is refused)."""
+    other = random_image(tmp_path / "other.img", 2 * MiB, seed=93)
+    snapfs.ok("snapshot", "create", other, "--name", "other")
+    written = dict(zip((1, 2, 3), random_blocks(94, 3), strict=True))
+    with serving(snapfs, tmp_path) as s:
+        snapfs.ok("disk", "create", "d", "--from", "vm-1")
+        write_blocks(s.disk("d"), written)  # fsync'd
+        holds = Path(snapfs.repo) / "holds"
+        assert len(list(holds.iterdir())) == 1
+        # a hold is stored once its directory is looked up (``make_dirs``), which no other
+        # step of a rollback does (strace does not match a rename by its target)
+        with killed_at_write(s.daemon.pid, holds, "stat,newfstatat,statx"):
+            assert snapfs("disk", "rollback", "d", "other", "--yes").returncode != 0
+            wait_for(lambda: not pid_running(s.daemon.pid), 10, "the daemon to be killed")
+        assert "daemon had died" in snapfs.ok("umount", s.mountpoint)
+        # reaped: its lock is another process's until then (``pid_alive`` counts a zombie)
+        wait_for(lambda: not Path(f"/proc/{s.daemon.pid}").exists(), 10, "the daemon reaped")
+
+    deleted = snapfs("snapshot", "delete", "other")
+    with serving(snapfs, tmp_path) as s:
+        now = read_blocks(s.disk("d"), list(written))
+        if deleted.returncode == 0:
+            assert now == written
+        else:
+            assert "needed" in one_error(deleted, EXIT_GENERAL)
+            assert now == {n: other.read_bytes()[n * BS : (n + 1) * BS] for n in written}
 
 
 @contextmanager
