@@ -1262,40 +1262,43 @@ def test_kill_9_in_a_rollback_leaves_a_disk_that_its_next_snapshot_holds(
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
-def test_kill_9_in_a_rollback_never_leaves_its_snapshot_unheld(
-    snapfs: Snapfs, tmp_path: Path
+@pytest.mark.parametrize("command", ["rollback", "create"])
+def test_kill_9_as_a_disk_comes_to_need_a_snapshot_never_leaves_it_unheld(
+    command: str, snapfs: Snapfs, tmp_path: Path
 ) -> None:
-    """A ``disk rollback`` to a snapshot no disk needed yet, its daemon killed as it first
-    stores this host's hold (``holds/HOLDER``). The rollback made the disk need
-    the snapshot first, and stored the hold after: killed in between, the hold did not name
-    it, so a ``snapshot delete`` while the daemon was down deleted it and the disk lost every
-    block it had not written. Now the disk reads as before the rollback (the snapshot is not
-    needed and goes) or as the snapshot (and the delete is refused)."""
+    """``disk rollback d other`` or ``disk create e --from other``, a snapshot no disk needed
+    yet, their daemon killed as it first stores this host's hold (``holds/HOLDER``). Each
+    made the disk need the snapshot first and stored the hold after: killed in between, the
+    hold did not name it, so a ``snapshot delete`` while the daemon was down deleted it and
+    the disk lost every block it had not written (they read EIO). Now the disk is as before
+    the command (the snapshot is not needed and goes) or reads the snapshot (and the delete
+    is refused)."""
     other = random_image(tmp_path / "other.img", 2 * MiB, seed=93)
     snapfs.ok("snapshot", "create", other, "--name", "other")
+    at_other = {n: other.read_bytes()[n * BS : (n + 1) * BS] for n in (1, 2, 3)}
     written = dict(zip((1, 2, 3), random_blocks(94, 3), strict=True))
+    name, args = {"rollback": ("d", ("disk", "rollback", "d", "other", "--yes")),
+                  "create": ("e", ("disk", "create", "e", "--from", "other"))}[command]
     with serving(snapfs, tmp_path) as s:
         snapfs.ok("disk", "create", "d", "--from", "vm-1")
         write_blocks(s.disk("d"), written)  # fsync'd
         holds = Path(snapfs.repo) / "holds"
         assert len(list(holds.iterdir())) == 1
         # a hold is stored once its directory is looked up (``make_dirs``), which no other
-        # step of a rollback does (strace does not match a rename by its target)
+        # step of these commands does (strace does not match a rename by its target)
         with killed_at_write(s.daemon.pid, holds, "stat,newfstatat,statx"):
-            assert snapfs("disk", "rollback", "d", "other", "--yes").returncode != 0
+            assert snapfs(*args).returncode != 0
             wait_for(lambda: not pid_running(s.daemon.pid), 10, "the daemon to be killed")
         assert "daemon had died" in snapfs.ok("umount", s.mountpoint)
-        # reaped: its lock is another process's until then (``pid_alive`` counts a zombie)
-        wait_for(lambda: not Path(f"/proc/{s.daemon.pid}").exists(), 10, "the daemon reaped")
 
     deleted = snapfs("snapshot", "delete", "other")
     with serving(snapfs, tmp_path) as s:
-        now = read_blocks(s.disk("d"), list(written))
         if deleted.returncode == 0:
-            assert now == written
+            assert set(s.disks()) == {"d"}
+            assert read_blocks(s.disk("d"), list(written)) == written
         else:
-            assert "needed" in one_error(deleted, EXIT_GENERAL)
-            assert now == {n: other.read_bytes()[n * BS : (n + 1) * BS] for n in written}
+            assert "snapshot other is the " in one_error(deleted, EXIT_USAGE)
+            assert read_blocks(s.disk(name), list(at_other)) == at_other
 
 
 @contextmanager

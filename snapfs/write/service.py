@@ -1172,7 +1172,7 @@ class DiskService:
             if not await trio.to_thread.run_sync(self.repo.store.exists,
                                                  f"snapshots/{snapshot_id}"):
                 raise SnapshotNotFound(f"snapshot {snapshot_id} was deleted meanwhile")
-            need = (snapshot_id, doing)
+            need = (snapshot_id, f"snapshot that {doing} needs")
             self._about_to_need.append(need)
             try:
                 await self._write_hold()
