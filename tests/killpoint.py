@@ -3,10 +3,10 @@ before its Nth change to a repository, or run whole while each change is written
 
 A change is what a crash between two of them could leave half done: a file opened for writing,
 a rename or an unlink under the repository's directory (``KILLPOINT_SCOPE``), or an S3 request
-that changes objects (PUT, DELETE, POST) under ``s3://bucket/prefix`` (the scope given so). Each is seen through
-Python's audit hooks, which run in the thread that makes the call, before the system call or
-the request is made, so the kill leaves the change undone, as a ``kill -9`` at that instant
-would. ``strace -e inject=…:signal=SIGKILL:when=N`` counts calls per thread and per system
+that changes objects (PUT, DELETE, POST) under ``s3://bucket/prefix`` (the scope given so).
+Each is seen through Python's audit hooks, which run in the thread that makes the call, before
+the system call or the request is made, so the kill leaves the change undone, as a ``kill -9``
+at that instant would. ``strace -e inject=…:signal=SIGKILL:when=N`` counts calls per thread and per system
 call, and garbage collection spreads its deletes over a pool of threads, so its Nth is not the
 command's Nth change; this count is the command's, across every thread.
 

@@ -5,6 +5,12 @@ its changes to the repository (``killpoint.py``), on a local directory and on Se
 After every kill the snapshots that were not being deleted must all be there, verify clean and
 export to exactly the bytes of their sources; ``prune`` run again must finish, leave verify
 clean and leave no pack that nothing needs.
+
+A run whole first lists the command's changes (27 to 31 here); it is then killed at the
+first, the second and the last change of each run of changes of one kind (``remove packs``
+×12 is one run; on S3, where a run costs three times more, the first and the last), so every
+phase is cut as it begins, once under way and at its end: 13 to 19 kills a command, then one
+run past its last change, which must end as an unkilled one does.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ import subprocess
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -53,14 +58,6 @@ def env(store_url: str, request: pytest.FixtureRequest) -> dict[str, str]:
                        AWS_DEFAULT_REGION="us-east-1",
                        AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
     return environ
-
-
-@dataclass
-class Scenario:
-    """A repository of two disks whose snapshots share blocks, and what each snapshot holds."""
-
-    url: str
-    sources: dict[str, str]  # snapshot name -> sha256 of the image it was taken of
 
 
 def rewrite(image: Path, blocks: list[int], seed: int) -> None:
