@@ -25,14 +25,23 @@ def machine_id() -> str:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (one we may not signal counts)."""
+    """Whether a process with this pid runs on this host (one we may not signal counts). A
+    zombie does not: it was killed and holds nothing open, but stays until its parent reaps
+    it, which a PID 1 that reaps nothing (as in many containers) never does."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc to tell: it exists
         return True
-    return True
+    return state not in ("Z", "X")
 
 
 def pid_started_after(pid: int, when: float) -> bool:

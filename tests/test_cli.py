@@ -911,6 +911,28 @@ def test_unlock_never_removes_the_lock_of_a_live_process_here_however_old(
         store.delete("locks/long-collection")
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # a lock is a lock on both
+def test_the_lock_of_a_killed_command_not_reaped_yet_is_stale(
+        snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> None:
+    """A command killed (kill -9) while it holds its lock is a zombie until its parent reaps
+    it, which a PID 1 that reaps nothing (as in many containers) never does: its pid still
+    answered a signal, so its lock was taken as in use, and every prune, delete and forget
+    said the repository was locked by it, and ``unlock --all`` kept it."""
+    snapfs.ok("init")
+    source = random_image(tmp_path / "vm.img", 8 * MiB, seed=95)
+    proc = snapfs.popen("snapshot", "create", source, "--rate", "1")
+    try:
+        wait_for(lambda: any(store.list("locks/")) or proc.poll() is not None, 60, "its lock")
+        os.kill(proc.pid, signal.SIGKILL)
+        wait_for(lambda: Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()[0]
+                 == "Z", 10, "the command to be a zombie")
+        snapfs.json("prune")  # not reaped: this test is its parent
+        assert [k for k, _ in store.list("locks/")] == []  # (an exclusive locker removes it)
+    finally:
+        reap(proc)
+        proc.communicate()
+
+
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part
 def test_snapshot_names_fit_a_file_name_in_every_mount(snapfs: Snapfs, store: ObjectStore,
                                                        tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from diskimages import (
     distinct_nonzero,
     is_zero,
     make_image,
+    random_image,
     same_bytes,
     sha256_file,
     shared_image,
@@ -1153,10 +1154,11 @@ def test_kill_9_with_two_snapshots_waiting_to_upload_stores_both_after_the_resta
 
 
 @contextmanager
-def killed_at_write(pid: int, path: Path) -> Iterator[None]:
-    """kill -9 of ``pid`` at the instant one of its threads enters a write to ``path``, which is
-    not made: strace, attached to every thread, delivers SIGKILL there."""
-    calls = "pwrite64,pwritev,pwritev2,write,writev"
+def killed_at_write(pid: int, path: Path,
+                    calls: str = "pwrite64,pwritev,pwritev2,write,writev") -> Iterator[None]:
+    """kill -9 of ``pid`` at the instant one of its threads enters a write to ``path`` (or
+    another of the system ``calls`` on it), which is not made: strace, attached to every
+    thread, delivers SIGKILL there."""
     tracer = subprocess.Popen(
         ["strace", "-f", "-qq", "-o", "/dev/null", "-P", os.path.realpath(path),
          "-e", f"trace={calls}", "-e", f"inject={calls}:error=EIO:signal=SIGKILL",
@@ -1221,6 +1223,82 @@ def test_kill_9_in_a_disk_delete_leaves_nothing_of_the_disk_after_the_restart(
         assert read_blocks(s.disk("kept"), list(kept)) == kept
     files, journaled = left()
     assert files == [] and not any(journaled.values())
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_kill_9_in_a_rollback_leaves_a_disk_that_its_next_snapshot_holds(
+    snapfs: Snapfs, tmp_path: Path, base_image: Path
+) -> None:
+    """A ``disk rollback`` killed at its first write to the journal, with marks of writes not
+    fsync'd there. It folded them into its own durable commit (the new record, the reset
+    blocks' marks deleted), then deleted them from the journal: killed in between, the next
+    start folded them again, and the disk read its old bytes while its changed set said that
+    nothing had changed since the snapshot, so its next snapshot did not hold them. After the
+    restart the disk reads as before the rollback or as the snapshot, and a snapshot of it
+    holds what it reads."""
+    written = dict(zip((1, 2, 3), random_blocks(91, 3), strict=True))
+    with open(base_image, "rb") as f:
+        before = {n: os.pread(f.fileno(), BS, n * BS) for n in written}
+    with serving(snapfs, tmp_path) as s:
+        (state_dir,) = (tmp_path / "cache" / "disks").iterdir()
+        snapfs.ok("disk", "create", "d", "--from", "vm-1")
+        fd = os.open(s.disk("d"), os.O_WRONLY)
+        try:  # marks only in the journal
+            for n, data in written.items():
+                assert os.pwrite(fd, data, n * BS) == BS
+        finally:
+            os.close(fd)
+        with killed_at_write(s.daemon.pid, state_dir / "journal.lmdb" / "data.mdb"):
+            assert snapfs("disk", "rollback", "d", "vm-1", "--yes").returncode != 0
+            wait_for(lambda: not pid_running(s.daemon.pid), 10, "the daemon to be killed")
+        assert "daemon had died" in snapfs.ok("umount", s.mountpoint)
+
+    with serving(snapfs, tmp_path) as s:
+        assert read_blocks(s.disk("d"), list(written)) in (written, before)
+        s.snapshot("--disk", "d", "--name", "after")
+        assert same_bytes(s.export("after"), s.copy("d", "after"))
+        snapfs.ok("disk", "rollback", "d", "vm-1", "--yes")
+        assert sha256_file(s.disk("d")) == sha256_file(base_image)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+@pytest.mark.parametrize("command", ["rollback", "create"])
+def test_kill_9_as_a_disk_comes_to_need_a_snapshot_never_leaves_it_unheld(
+    command: str, snapfs: Snapfs, tmp_path: Path
+) -> None:
+    """``disk rollback d other`` or ``disk create e --from other``, a snapshot no disk needed
+    yet, their daemon killed as it first stores this host's hold (``holds/HOLDER``). Each
+    made the disk need the snapshot first and stored the hold after: killed in between, the
+    hold did not name it, so a ``snapshot delete`` while the daemon was down deleted it and
+    the disk lost every block it had not written (they read EIO). Now the disk is as before
+    the command (the snapshot is not needed and goes) or reads the snapshot (and the delete
+    is refused)."""
+    other = random_image(tmp_path / "other.img", 2 * MiB, seed=93)
+    snapfs.ok("snapshot", "create", other, "--name", "other")
+    at_other = {n: other.read_bytes()[n * BS : (n + 1) * BS] for n in (1, 2, 3)}
+    written = dict(zip((1, 2, 3), random_blocks(94, 3), strict=True))
+    name, args = {"rollback": ("d", ("disk", "rollback", "d", "other", "--yes")),
+                  "create": ("e", ("disk", "create", "e", "--from", "other"))}[command]
+    with serving(snapfs, tmp_path) as s:
+        snapfs.ok("disk", "create", "d", "--from", "vm-1")
+        write_blocks(s.disk("d"), written)  # fsync'd
+        holds = Path(snapfs.repo) / "holds"
+        assert len(list(holds.iterdir())) == 1
+        # a hold is stored once its directory is looked up (``make_dirs``), which no other
+        # step of these commands does (strace does not match a rename by its target)
+        with killed_at_write(s.daemon.pid, holds, "stat,newfstatat,statx"):
+            assert snapfs(*args).returncode != 0
+            wait_for(lambda: not pid_running(s.daemon.pid), 10, "the daemon to be killed")
+        assert "daemon had died" in snapfs.ok("umount", s.mountpoint)
+
+    deleted = snapfs("snapshot", "delete", "other")
+    with serving(snapfs, tmp_path) as s:
+        if deleted.returncode == 0:
+            assert set(s.disks()) == {"d"}
+            assert read_blocks(s.disk("d"), list(written)) == written
+        else:
+            assert "snapshot other is the " in one_error(deleted, EXIT_USAGE)
+            assert read_blocks(s.disk(name), list(at_other)) == at_other
 
 
 @contextmanager

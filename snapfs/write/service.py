@@ -165,6 +165,8 @@ class DiskService:
         #: every garbage collection would wait for them to go stale (30 minutes)
         self._unreleased: list[RepositoryLock] = []
         self._hold_stored: dict[str, str] | None = None  # the hold as stored, once known
+        #: (snapshot id, why) of changes about to make a disk need a snapshot (``_needing_stored``)
+        self._about_to_need: list[tuple[str, str]] = []
         self._holder_id: str | None = None
 
     def _make_room(self, nbytes: int) -> None:
@@ -1077,6 +1079,8 @@ class DiskService:
                 needed.setdefault(disk.record.base, f"base of disk {name}")
             if disk.record.parent:
                 needed.setdefault(disk.record.parent, f"parent of disk {name}")
+        for snapshot_id, why in self._about_to_need:
+            needed.setdefault(snapshot_id, why)
         return needed
 
     async def _publish_holds(self) -> None:
@@ -1145,11 +1149,14 @@ class DiskService:
 
     async def _needing_stored(self, snapshot_id: str | None, doing: str,
                               change: Callable[[], Awaitable[T]]) -> T:
-        """Make ``change`` (which makes a disk need the stored snapshot ``snapshot_id``) and
-        store the hold naming it, under the repository's shared lock, after checking that the
-        snapshot is still stored. ``forget`` and ``delete`` delete roots only under the
+        """Make ``change`` (which makes a disk need the stored snapshot ``snapshot_id``) with
+        the hold naming it stored first, under the repository's shared lock, after checking
+        that the snapshot is still stored. ``forget`` and ``delete`` delete roots only under the
         exclusive lock and read the holds again once they have it, so either they see this
-        hold, or they deleted the snapshot before we looked and ``change`` is not made."""
+        hold, or they deleted the snapshot before we looked and ``change`` is not made. The
+        hold comes before the change: a daemon killed between the two otherwise left a disk
+        needing a snapshot that no hold named, which a delete or forget took while no daemon
+        answered for the disk (every block the disk had not written was lost)."""
         if snapshot_id is None or snapshot_id in self.pending:  # nothing stored to lose
             return await change()
         lock = RepositoryLock(self.repo.store, "shared", f"{doing} (snapfs daemon)")
@@ -1158,7 +1165,14 @@ class DiskService:
             if not await trio.to_thread.run_sync(self.repo.store.exists,
                                                  f"snapshots/{snapshot_id}"):
                 raise SnapshotNotFound(f"snapshot {snapshot_id} was deleted meanwhile")
-            result = await change()
+            need = (snapshot_id, f"snapshot that {doing} needs")
+            self._about_to_need.append(need)
+            try:
+                await self._write_hold()
+                result = await change()
+            finally:
+                self._about_to_need.remove(need)
+                self._holds_stale.set()  # not needed after all if the change failed
             await self._write_hold()
             return result
         finally:

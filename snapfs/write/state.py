@@ -28,8 +28,8 @@ cache). ``sync`` (from an fsync of a disk image) folds a disk's journal entries 
 environment, in this order: read them, flush the disk's files (overlay and copy-on-write files),
 commit them durably, delete them from the journal; so no mark is ever durable before the bytes
 it stands for, which another disk's fsync or the kernel's writeback would otherwise make it. The
-closing of a generation (``put_task`` with ``flush``) and a rollback fold the same way, in their
-own durable commit.
+closing of a generation (``put_task`` with ``flush``) folds the same way, in its own durable
+commit; a rollback folds (as ``sync``) before its commit, which deletes marks.
 
 After a reboot ``start`` deletes the journal without reading it (it may be torn). If the reboot
 was not preceded by a clean shutdown, every write since its disk's last fsync may have lost its
@@ -379,13 +379,17 @@ class DiskState:
     def rollback(self, record: DiskRecord, unpresent: Iterable[int], drop_gens: Iterable[int],
                  clear_present: bool, flush: Callable[[], None] = lambda: None) -> None:
         """Forget overlay blocks (all of them with ``clear_present``) and generations, and store
-        the new record, in one durable transaction that first folds the disk's journal (after
-        ``flush``, as ``sync`` does; the caller holds the write lock)."""
+        the new record, in one durable transaction (the caller holds the write lock).
+
+        The disk's journal is folded before, in a commit of its own (``sync``, after ``flush``):
+        a kill -9 between a commit and the deletion of what it folded leaves those entries in
+        the journal, and the next start folds them again. That is harmless after ``sync``, but
+        folded again after this commit they would mark present once more the blocks it resets:
+        the disk read their old bytes while its changed set said nothing had changed since the
+        snapshot, so its next snapshot did not hold them."""
         key = record.key
-        taken = self.journal.entries(key)
-        flush()
+        self.sync(record, flush)
         with self._env.begin(write=True) as txn:
-            self._put_entries(txn, taken)
             if clear_present:
                 _delete_prefix(txn, self._present, key)
             else:
@@ -395,7 +399,6 @@ class DiskState:
                 _delete_prefix(txn, self._changed, key + _GEN.pack(gen))
                 _delete_prefix(txn, self._cow, key + _GEN.pack(gen))
             txn.put(record.name.encode(), record.encode(), db=self._disks)
-        self.journal.delete(taken)
 
 
 class Journal:
