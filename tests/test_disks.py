@@ -1848,6 +1848,48 @@ def test_delete_force_overrides_a_hold_but_never_a_running_daemon(
     assert "vm-1" not in {x["name"] for x in snapfs.json("snapshot", "list")}
 
 
+def test_a_disk_whose_parent_was_deleted_behind_its_back_is_snapshotted_against_its_base(
+    snapfs: Snapfs, tmp_path: Path
+) -> None:
+    """``snapshot delete --force`` of a disk's parent while no daemon runs (or a daemon killed
+    before it stored the hold naming a new parent): the next snapshot of the disk cannot be
+    incremental to it. It was refused for ever ('is not in the repository (deleted?); the
+    snapshot after it cannot be made'); it is now made against the disk's base, comparing the
+    checksum of every block the disk wrote, and holds exactly what the disk reads."""
+    nblocks = 64 * MiB // BS
+    first = dict(zip(random.Random(41).sample(range(nblocks), 30), random_blocks(42, 30),
+                     strict=True))
+    with serving(snapfs, tmp_path) as s:
+        snapfs.ok("disk", "create", "d", "--from", "vm-1")
+        write_blocks(s.disk("d"), first)
+        s.snapshot("--disk", "d", "--name", "p1")
+    snapfs.ok("snapshot", "delete", "p1", "--force")  # taken as lost; the disk is not
+    again = {0: random_blocks(43, 1)[0], nblocks - 1: random_blocks(44, 1)[0]}
+    with serving(snapfs, tmp_path) as s:
+        write_blocks(s.disk("d"), again)
+        task = s.snapshot("--disk", "d", "--name", "p2")
+        assert task["state"] == "accomplished", task
+        (part,) = task["parts"]
+        assert part["parent"] == s.disks()["d"]["base"]  # vm-1, not the deleted p1
+        assert part["snapshot"]["source"] == "checksum comparison"
+        expected = s.copy("d", "p2")
+        assert same_bytes(s.export("p2"), expected)
+        # and the one after it is incremental to p2 again
+        write_blocks(s.disk("d"), {5: random_blocks(45, 1)[0]})
+        task = s.snapshot("--disk", "d", "--name", "p3")
+        assert task["parts"][0]["parent"] == part["snapshot_id"]
+        assert task["parts"][0]["snapshot"]["source"] == "changed-block tracking"
+        assert task["parts"][0]["snapshot"]["blocks_read"] == 1
+        assert same_bytes(s.export("p3"), s.copy("d", "p3"))
+    snapfs.ok("verify")
+    # with its base gone too, what the disk did not write is lost: refused, and said why
+    snapfs.ok("snapshot", "delete", "p3", "vm-1", "--force")
+    with serving(snapfs, tmp_path) as s:
+        line = one_error(snapfs("snapshot", "create", "--disk", "d"), EXIT_NOT_FOUND)
+        assert "its parent snapshot" in line and "and its base" in line \
+            and "no snapshot of it can be made" in line
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 

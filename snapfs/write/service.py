@@ -408,6 +408,32 @@ class DiskService:
             view = ImageView(self.repo, root, self.hydrator, f"{root.name}.img")
         return view
 
+    async def _parents_gone(self, disks: list[Disk]) -> set[str]:
+        """The stored parents of ``disks`` (what their next snapshots would be incremental to)
+        that a fresh listing of the repository no longer has: deleted behind the disk's back
+        (``snapshot delete --force`` while no daemon ran, or after a daemon was killed before
+        it stored the hold naming a new parent). A snapshot incremental to one would reference
+        pages garbage collection deleted, so it was refused for ever; it is made against the
+        disk's base instead (which reads every block the disk did not write), comparing the
+        checksums of the blocks it did. Nothing is taken for gone while the repository cannot
+        be listed: that raises, and the snapshot is refused now rather than made in vain."""
+        parents = {d.record.parent for d in disks if not d.closed and d.record.parent is not None}
+        parents -= self.pending.keys()
+        if not any(self._stored_view(p) is None for p in parents):
+            return set()
+        await self.catalog.refresh(force=True)
+        gone = {p for p in parents if self._stored_view(p) is None}
+        for disk in disks:
+            base = disk.record.base
+            if disk.record.parent in gone and base is not None and base not in self.pending \
+                    and self._stored_view(base) is None:
+                which = (f"its base snapshot {base} is" if base == disk.record.parent else
+                         f"its parent snapshot {disk.record.parent} and its base {base} are")
+                raise SnapshotNotFound(
+                    f"disk {disk.name}: {which} no longer in the repository: the blocks it did "
+                    f"not write cannot be read, so no snapshot of it can be made")
+        return gone
+
     async def _find_stored(self, snapshot_id: str, needed_for: str) -> ImageView:
         """``_stored_view``, listing the repository again if it is not known yet."""
         view = self._stored_view(snapshot_id)
@@ -685,6 +711,7 @@ class DiskService:
         with _being_closed(disks):
             for disk in disks:  # if a pad was not made (the store failed in a rollback)
                 await self._pad_short_base_block(disk)
+            gone = await self._parents_gone(disks)
             # most of what the closing flushes, before it holds the disks' write locks
             await trio.to_thread.run_sync(_flush, disks)
             started = trio.current_time()
@@ -693,18 +720,25 @@ class DiskService:
                 if deadline is not None and trio.current_time() - started > deadline:
                     task.consistency = "crash"
                 for disk, part in zip(disks, parts, strict=True):
-                    if not disk.record.trusted:  # compare every written block, as of this instant
+                    part.parent = disk.closed[-1].snapshot_id if disk.closed else disk.record.parent
+                    why = None
+                    if part.parent in gone:
+                        why = (f"its parent snapshot {part.parent} is no longer in the "
+                               f"repository; its snapshot is made against its base "
+                               f"{disk.record.base or '(none: an empty disk)'}")
+                        part.parent = disk.record.base
+                    elif not disk.record.trusted:
+                        why = "its changed-block record is not trusted after an unclean reboot"
+                    if why is not None:  # compare every written block, as of this instant
                         await trio.to_thread.run_sync(state.mark, disk.record, disk.record.gen, [],
                                                       list(disk.present))
                         disk.changed.update(disk.present)
                         part.compared = True
-                        log.warning("disk %s: its changed-block record is not trusted after an "
-                                    "unclean reboot; its snapshot compares the checksums of its %d "
-                                    "written blocks instead", disk.name, len(disk.present))
+                        log.warning("disk %s: %s; the snapshot compares the checksums of its %d "
+                                    "written blocks instead", disk.name, why, len(disk.present))
                 records = []
                 for disk, part in zip(disks, parts, strict=True):
                     part.gen = disk.record.gen
-                    part.parent = disk.closed[-1].snapshot_id if disk.closed else disk.record.parent
                     part.blocks = len(disk.changed)
                     records.append(dataclasses.replace(disk.record, gen=disk.record.gen + 1))
                 # durable, with the closed generations' marks (after their bytes): a power cut
