@@ -1517,6 +1517,42 @@ def test_repair_index_does_not_say_an_indexed_pack_with_a_damaged_trailer_is_uni
     assert same_bytes(tmp_path / "out.img", source)
 
 
+def test_repair_index_read_all_packs_rewrites_the_index_only_where_it_is_wrong(
+        snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> None:
+    """``--read-all-packs`` replaced the whole index on every run, even when every trailer
+    agreed with it ("rebuilt the index"), although the README says a repair without a problem
+    changes nothing. It now writes an index object only when a trailer says something else of
+    a pack than the index does, and then puts that right."""
+    snapfs.ok("init")
+    source = random_image(tmp_path / "d.img", MiB, seed=16)
+    snapfs.ok("snapshot", "create", source, "--name", "one")
+    healthy = objects(store)
+    report = snapfs.json("repair", "index", "--read-all-packs")
+    assert report["packs_read"] == len(pack_names(store)) > 0
+    assert report["rewritten"] is False and report["packs_corrected"] == 0
+    assert objects(store) == healthy
+    assert "nothing to repair" in snapfs.ok("repair", "index", "--read-all-packs")
+
+    # an index object that reads but is wrong: two data blobs of one pack swapped
+    (old,) = index_names(store)
+    index = IndexFile.decode(store.get(f"index/{old}"))
+    pack = next(p for p, entries in sorted(index.packs.items()) if entries[0].kind == KIND_DATA)
+    first, second = index.packs[pack][:2]
+    index.packs[pack][:2] = [first._replace(blob_id=second.blob_id),
+                             second._replace(blob_id=first.blob_id)]
+    Repository.open(store).write_index(index)
+    store.delete(f"index/{old}")
+    one_error(snapfs("export", "one", tmp_path / "bad.img"), EXIT_INTEGRITY)
+    assert "nothing to repair" in snapfs.ok("repair", "index")  # it trusts what reads
+
+    report = snapfs.json("repair", "index", "--read-all-packs")
+    assert report["rewritten"] is True and report["packs_corrected"] == 1
+    assert report["packs_added"] == report["packs_gone"] == 0
+    snapfs.ok("verify", "one")
+    snapfs.ok("export", "one", tmp_path / "out.img")
+    assert same_bytes(tmp_path / "out.img", source)
+
+
 # -- the local disk fills up -------------------------------------------------------------------
 
 
