@@ -552,6 +552,21 @@ def test_a_rate_or_time_that_is_not_a_number_is_a_usage_error(snapfs: Snapfs, st
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # it fails before the store
+def test_options_of_served_disks_are_refused_with_a_source(snapfs: Snapfs, store: ObjectStore,
+                                                           tmp_path: Path) -> None:
+    # --freeze and --no-wait were refused with SOURCE, but --freeze-timeout was taken and
+    # ignored: a snapshot was stored as if the option meant something for an image file
+    snapfs.ok("init")
+    source = random_image(tmp_path / "d.img", MiB, seed=8)
+    before = objects(store)
+    for option in (["--freeze-timeout", "3"], ["--freeze", str(tmp_path)], ["--no-wait"]):
+        line = one_error(snapfs("snapshot", "create", source, *option), EXIT_USAGE)
+        assert line == "snapfs: --freeze, --freeze-timeout and --no-wait are for disks the " \
+                       "mount serves (no SOURCE)", line
+    assert objects(store) == before
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # it fails before the store
 def test_a_cache_size_too_small_to_work_is_a_usage_error(snapfs: Snapfs, tmp_path: Path) -> None:
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()

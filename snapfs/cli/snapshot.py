@@ -78,8 +78,12 @@ def create(config: CliConfig, source: str | None, name: str | None, disks: tuple
         return
     if len(disks) > 1:
         raise UsageError("with SOURCE, give at most one --disk (the label of its lineage)")
-    if freeze or no_wait:
-        raise UsageError("--freeze and --no-wait are for disks the mount serves (no SOURCE)")
+    # --freeze-timeout has a default: only one given on the command line is a mistake here
+    timeout_given = click.get_current_context().get_parameter_source("freeze_timeout") \
+        is click.core.ParameterSource.COMMANDLINE
+    if freeze or no_wait or timeout_given:
+        raise UsageError("--freeze, --freeze-timeout and --no-wait are for disks the mount "
+                         "serves (no SOURCE)")
     from snapfs.repo.create import CreateOptions, create_snapshot
 
     repo = config.open_repository()
