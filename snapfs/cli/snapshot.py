@@ -6,7 +6,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from snapfs.cli.context import CliConfig, SubcommandGroup, log_to_stderr, pass_config
+from snapfs.cli.context import (
+    CliConfig,
+    SubcommandGroup,
+    log_to_stderr,
+    naming_the_disks_cache,
+    pass_config,
+)
 from snapfs.cli.keep import keep_options, policy_from
 from snapfs.cli.output import (
     emit_json,
@@ -110,8 +116,9 @@ def _create_of_disks(config: CliConfig, disks: list[str], name: str | None, pare
         raise UsageError("--freeze-timeout must be positive")
     bar = progress_for(json_output)
     try:
-        task = snapshot_disks(config.require_repo(), disks, name, list(tags), list(freeze),
-                              freeze_timeout, wait=not no_wait, progress=bar or NO_PROGRESS)
+        with naming_the_disks_cache(config):
+            task = snapshot_disks(config.require_repo(), disks, name, list(tags), list(freeze),
+                                  freeze_timeout, wait=not no_wait, progress=bar or NO_PROGRESS)
     finally:
         if bar is not None:
             bar.close()
