@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapfs.errors import MountBusy, MountError, NotMounted, SnapfsError
+from snapfs.errors import MountBusy, MountError, NoDiskDaemon, NotMounted, SnapfsError
 
 FSNAME = "snapfs"
 FSTYPE = "fuse.snapfs"  # fuse.SUBTYPE, from the subtype= mount option
@@ -402,8 +402,8 @@ def find_repository_daemon(repository: str) -> RunFiles:
                 f"{files.mountpoint} --cache-dir {info.get('cache_dir', 'CACHE')}")
         raise NotMounted(f"the snapfs mounts of {repository} on this host do not serve disks "
                          f"(another daemon holds their state directory); see their logs")
-    raise NotMounted(f"no snapfs mount of {repository} runs on this host; "
-                     f"start one with: snapfs -r {repository} mount MOUNTPOINT")
+    raise NoDiskDaemon(f"no snapfs mount of {repository} runs on this host; "
+                       f"start one with: snapfs -r {repository} mount MOUNTPOINT")
 
 
 def flock_held(path: Path) -> bool | None:

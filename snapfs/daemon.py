@@ -327,6 +327,7 @@ class MountDaemon:
             "uptime_seconds": round(time.time() - self.started, 3),
             "log": None if self.options.foreground else str(
                 self.files.log_file(self.options.cache_dir)),
+            "background": self.options.background,
             "images": images,
             "disks": self.disks.disk_list() if self.disks is not None and self.disks.enabled else [],
             "hydrator": self.hydrator.stats(),

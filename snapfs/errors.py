@@ -141,6 +141,10 @@ class NotMounted(NotFoundError):
     """Nothing (or no snapfs daemon) is mounted where the user pointed."""
 
 
+class NoDiskDaemon(NotMounted):
+    """No snapfs mount of a repository runs on this host, so nothing serves its disks."""
+
+
 class Interrupted(SnapfsError):
     """^C (or SIGTERM, SIGHUP) after a command had done part of its work that cannot be undone:
     the message says what was done."""

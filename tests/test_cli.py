@@ -554,6 +554,21 @@ def test_a_rate_or_time_that_is_not_a_number_is_a_usage_error(snapfs: Snapfs, st
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # it fails before the store
+def test_options_of_served_disks_are_refused_with_a_source(snapfs: Snapfs, store: ObjectStore,
+                                                           tmp_path: Path) -> None:
+    # --freeze and --no-wait were refused with SOURCE, but --freeze-timeout was taken and
+    # ignored: a snapshot was stored as if the option meant something for an image file
+    snapfs.ok("init")
+    source = random_image(tmp_path / "d.img", MiB, seed=8)
+    before = objects(store)
+    for option in (["--freeze-timeout", "3"], ["--freeze", str(tmp_path)], ["--no-wait"]):
+        line = one_error(snapfs("snapshot", "create", source, *option), EXIT_USAGE)
+        assert line == "snapfs: --freeze, --freeze-timeout and --no-wait are for disks the " \
+                       "mount serves (no SOURCE)", line
+    assert objects(store) == before
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # it fails before the store
 def test_a_cache_size_too_small_to_work_is_a_usage_error(snapfs: Snapfs, tmp_path: Path) -> None:
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
@@ -1657,6 +1672,42 @@ def test_repair_index_does_not_say_an_indexed_pack_with_a_damaged_trailer_is_uni
     report = snapfs.json("repair", "index", "--read-all-packs")
     assert report["packs_unreadable_indexed"] == [victim]
     snapfs.ok("verify", "one")  # its blobs are read where the index says
+    snapfs.ok("export", "one", tmp_path / "out.img")
+    assert same_bytes(tmp_path / "out.img", source)
+
+
+def test_repair_index_read_all_packs_rewrites_the_index_only_where_it_is_wrong(
+        snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> None:
+    """``--read-all-packs`` replaced the whole index on every run, even when every trailer
+    agreed with it ("rebuilt the index"), although the README says a repair without a problem
+    changes nothing. It now writes an index object only when a trailer says something else of
+    a pack than the index does, and then puts that right."""
+    snapfs.ok("init")
+    source = random_image(tmp_path / "d.img", MiB, seed=16)
+    snapfs.ok("snapshot", "create", source, "--name", "one")
+    healthy = objects(store)
+    report = snapfs.json("repair", "index", "--read-all-packs")
+    assert report["packs_read"] == len(pack_names(store)) > 0
+    assert report["rewritten"] is False and report["packs_corrected"] == 0
+    assert objects(store) == healthy
+    assert "nothing to repair" in snapfs.ok("repair", "index", "--read-all-packs")
+
+    # an index object that reads but is wrong: two data blobs of one pack swapped
+    (old,) = index_names(store)
+    index = IndexFile.decode(store.get(f"index/{old}"))
+    pack = next(p for p, entries in sorted(index.packs.items()) if entries[0].kind == KIND_DATA)
+    first, second = index.packs[pack][:2]
+    index.packs[pack][:2] = [first._replace(blob_id=second.blob_id),
+                             second._replace(blob_id=first.blob_id)]
+    Repository.open(store).write_index(index)
+    store.delete(f"index/{old}")
+    one_error(snapfs("export", "one", tmp_path / "bad.img"), EXIT_INTEGRITY)
+    assert "nothing to repair" in snapfs.ok("repair", "index")  # it trusts what reads
+
+    report = snapfs.json("repair", "index", "--read-all-packs")
+    assert report["rewritten"] is True and report["packs_corrected"] == 1
+    assert report["packs_added"] == report["packs_gone"] == 0
+    snapfs.ok("verify", "one")
     snapfs.ok("export", "one", tmp_path / "out.img")
     assert same_bytes(tmp_path / "out.img", source)
 

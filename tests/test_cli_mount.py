@@ -77,3 +77,24 @@ def test_stats_view_counts_one_of_a_thing_in_the_singular() -> None:
     assert "waiting     reads waited on the store for 1 block, 0.00 s in all" in lines
     assert lines[-2] == ("cache       1 hit; 16.0 KiB of 20.0 GiB used (1 block)")
     assert lines[-1].startswith("background  1 block (16.0 KiB) so far")
+
+
+def test_stats_view_promises_no_time_left_without_background_hydration() -> None:
+    """A mount with ``--no-background`` (and browse's own daemon) fetches a few hints at
+    first, which gives a rate: the view said "29795 to go at 108.0 KiB/s, about 1h 13m left"
+    of blocks that nothing would fetch until they are read."""
+    doc = {
+        "repository": "/r", "mountpoint": "/mnt", "pid": 42, "uptime_seconds": 3.0,
+        "background": False,
+        "images": {"vm-1.img": {"size": 64 << 20, "hydrated_fraction": 0.5, "blocks_missing": 300,
+                                "bytes_missing": 300 << 14, "eta_seconds": None, "reads": 1,
+                                "cache_hits": 1, "blocks_fetched": 1, "wait_seconds": 0.0}},
+        "hydrator": {"blocks_fetched": 11, "bytes_fetched": 11 << 14, "requests": 1,
+                     "waiting_reads": 1, "cache_hits": 1, "background_blocks": 10,
+                     "background_bytes": 10 << 14, "background_rate_bytes_per_s": 108 << 10},
+        "cache": {"bytes": 11 << 14, "capacity": 20 << 30, "blocks": 11},
+    }
+    lines = format_stats(doc)
+    assert lines[-1] == ("background  10 blocks (160.0 KiB) so far; 300 not fetched until read "
+                         "(no background hydration)")
+    assert "vm-1.img  64.0 MiB  50.0%     300 blocks  -     1" in "\n".join(lines)

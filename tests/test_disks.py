@@ -1893,6 +1893,24 @@ def test_a_disk_whose_parent_was_deleted_behind_its_back_is_snapshotted_against_
 # -- bad input -----------------------------------------------------------------------------------
 
 
+def test_with_no_mount_the_disk_commands_name_the_cache_that_holds_the_disks(
+        snapfs: Snapfs, tmp_path: Path) -> None:
+    """A disk lives in the cache directory of the mount that made it. With no mount running
+    (after a reboot, say) the disk commands said only "start one with: snapfs -r REPO mount
+    MOUNTPOINT", and a mount on the default cache then served none of the disks; the line now
+    names the cache directory that holds this host's disks (from its hold in the repository)."""
+    cache = tmp_path / "my cache"
+    with serving(snapfs, tmp_path, cache="my cache"):
+        snapfs.ok("disk", "create", "d", "--from", "vm-1")
+    for args in (("disk", "list"), ("disk", "delete", "d"), ("snapshot", "create", "--disk", "d")):
+        line = one_error(snapfs(*args), EXIT_NOT_FOUND)
+        assert line == (f"snapfs: no snapfs mount of {snapfs.repo} runs on this host; its disks "
+                        f"here are in the cache directory {cache}: start one with: snapfs -r "
+                        f"{snapfs.repo} mount MOUNTPOINT --cache-dir {cache}"), line
+    with serving(snapfs, tmp_path, cache="my cache"):  # as the line says: the disk is served
+        assert [d["name"] for d in snapfs.json("disk", "list")] == ["d"]
+
+
 def test_bad_input_is_one_line_and_a_non_zero_exit(served: Served, tmp_path: Path) -> None:
     s = served
     snapfs = s.snapfs

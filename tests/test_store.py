@@ -269,6 +269,11 @@ def test_s3_unreachable_endpoint_fails_fast(
     assert elapsed < 15, f"gave up only after {elapsed:.1f} s"
     assert endpoint in str(caught.value)
     assert "anything-secret" not in str(caught.value)
+    # the bucket once ("for head bucket snapfs-test in bucket snapfs-test" named it twice)
+    with pytest.raises(StoreUnavailable) as caught:
+        s.container_exists()
+    assert f"cannot reach {endpoint} for head bucket in bucket snapfs-test after 3 attempts" \
+        in str(caught.value)
 
 
 SLOW_DOWN = (

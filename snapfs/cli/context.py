@@ -1,7 +1,9 @@
-"""What every command gets from the top-level options: where the repository is, and how to log."""
+"""What every command gets from the top-level options: where the repository is, and how to log
+(and, for the disk commands, where this host keeps the repository's disks)."""
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from snapfs.errors import UsageError
+from snapfs.errors import NoDiskDaemon, SnapfsError, UsageError
 
 if TYPE_CHECKING:
     from snapfs.repo.repository import Repository
@@ -36,6 +38,42 @@ class CliConfig:
 
 
 pass_config = click.make_pass_decorator(CliConfig)
+
+
+@contextmanager
+def naming_the_disks_cache(config: CliConfig) -> Iterator[None]:
+    """Where no mount of the repository runs, say which cache directory holds its disks here.
+
+    A disk lives in the cache directory of the mount that made it: after a reboot, "start a
+    mount" alone sent users to the default cache, where none of their disks are. This host's
+    hold in the repository names the state directory (``CACHE/disks/REPO-ID``) of its disks."""
+    try:
+        yield
+    except NoDiskDaemon as e:
+        caches = _disk_caches(config)
+        if not caches:
+            raise
+        repo = config.require_repo()
+        where = (f"the cache directory {caches[0]}" if len(caches) == 1
+                 else f"the cache directories {', '.join(caches)}")
+        raise NoDiskDaemon(f"no snapfs mount of {repo} runs on this host; its disks here are "
+                           f"in {where}: start one with: snapfs -r {repo} mount MOUNTPOINT "
+                           f"--cache-dir {caches[0] if len(caches) == 1 else 'CACHE'}") from e
+
+
+def _disk_caches(config: CliConfig) -> list[str]:
+    """The cache directories on this host whose disk state this repository's holds name."""
+    from pathlib import Path
+
+    from snapfs.host import hostname, machine_id
+
+    try:
+        holds = config.open_repository().holds()
+    except SnapfsError:  # the store down, a damaged hold: the plain error says enough
+        return []
+    return sorted({str(Path(h.state).parents[1]) for h in holds.values()
+                   if h.host == hostname() and h.machine == machine_id()
+                   and os.path.isdir(h.state)})
 
 
 def write_command_list(formatter: click.HelpFormatter, helps: list[tuple[str, str]]) -> None:

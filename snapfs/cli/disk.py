@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from snapfs.cli.context import CliConfig, SubcommandGroup, pass_config
+from snapfs.cli.context import CliConfig, SubcommandGroup, naming_the_disks_cache, pass_config
 from snapfs.cli.output import emit_json, human_size, parse_size, table_lines
 from snapfs.errors import UsageError
 from snapfs.format.names import check_disk_name
@@ -34,8 +34,9 @@ def create(config: CliConfig, name: str, source: str | None, size: str | None,
         raise UsageError("give --from SNAP, --size SIZE, or both")
     check_disk_name(name)  # (the daemon checks it too: this says so without one)
     nbytes = parse_size(size) if size is not None else None
-    reply = call(config.require_repo(), {"op": "disk-create", "name": name, "from": source,
-                                         "size": nbytes})
+    with naming_the_disks_cache(config):
+        reply = call(config.require_repo(), {"op": "disk-create", "name": name, "from": source,
+                                             "size": nbytes})
     if json_output:
         emit_json(reply["disk"])
     else:
@@ -51,7 +52,8 @@ def list_(config: CliConfig, json_output: bool) -> None:
     """List the disks, with what was written and what is uploading."""
     from snapfs.write.client import call
 
-    disks: list[dict[str, Any]] = call(config.require_repo(), {"op": "disk-list"})["disks"]
+    with naming_the_disks_cache(config):
+        disks: list[dict[str, Any]] = call(config.require_repo(), {"op": "disk-list"})["disks"]
     if json_output:
         emit_json(disks)
         return
@@ -79,7 +81,8 @@ def delete(config: CliConfig, name: str) -> None:
     """Delete disk NAME and everything written to it (refused while it is open or attached)."""
     from snapfs.write.client import call
 
-    call(config.require_repo(), {"op": "disk-delete", "name": name})
+    with naming_the_disks_cache(config):
+        call(config.require_repo(), {"op": "disk-delete", "name": name})
     click.echo(f"disk {name} deleted")
 
 
@@ -99,7 +102,9 @@ def rollback(config: CliConfig, name: str, snap: str, yes: bool, json_output: bo
                              "pass --yes to confirm")
         click.confirm(f"Roll disk {name} back to {snap}? Everything written to it since is lost",
                       abort=True)
-    reply = call(config.require_repo(), {"op": "disk-rollback", "name": name, "snapshot": snap})
+    with naming_the_disks_cache(config):
+        reply = call(config.require_repo(),
+                     {"op": "disk-rollback", "name": name, "snapshot": snap})
     result = reply["rollback"]
     if json_output:
         emit_json(result)

@@ -229,7 +229,10 @@ def format_stats(doc: dict[str, Any]) -> list[str]:
     done = h.get("background_blocks", 0)
     rate = h.get("background_rate_bytes_per_s") or 0
     background = f"{counted(done, 'block')} ({human_size(h.get('background_bytes', 0))}) so far"
-    if missing_blocks:
+    if missing_blocks and doc.get("background") is False:
+        # hints give a rate for a while after the mount, but no sweep will fetch the rest
+        background += f"; {missing_blocks} not fetched until read (no background hydration)"
+    elif missing_blocks:
         eta = missing_bytes / rate if rate else None
         background += f"; {missing_blocks} to go at {human_size(rate)}/s, " + (
             f"about {_duration(eta)} left" if eta else "time left unknown")

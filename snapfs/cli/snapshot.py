@@ -6,7 +6,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from snapfs.cli.context import CliConfig, SubcommandGroup, log_to_stderr, pass_config
+from snapfs.cli.context import (
+    CliConfig,
+    SubcommandGroup,
+    log_to_stderr,
+    naming_the_disks_cache,
+    pass_config,
+)
 from snapfs.cli.keep import keep_options, policy_from
 from snapfs.cli.output import (
     emit_json,
@@ -79,8 +85,12 @@ def create(config: CliConfig, source: str | None, name: str | None, disks: tuple
         return
     if len(disks) > 1:
         raise UsageError("with SOURCE, give at most one --disk (the label of its lineage)")
-    if freeze or no_wait:
-        raise UsageError("--freeze and --no-wait are for disks the mount serves (no SOURCE)")
+    # --freeze-timeout has a default: only one given on the command line is a mistake here
+    timeout_given = click.get_current_context().get_parameter_source("freeze_timeout") \
+        is click.core.ParameterSource.COMMANDLINE
+    if freeze or no_wait or timeout_given:
+        raise UsageError("--freeze, --freeze-timeout and --no-wait are for disks the mount "
+                         "serves (no SOURCE)")
     if name is not None:
         check_snapshot_name(name)
     from snapfs.repo.create import CreateOptions, create_snapshot
@@ -111,8 +121,9 @@ def _create_of_disks(config: CliConfig, disks: list[str], name: str | None, pare
         group_snapshot_names(name, disks)
     bar = progress_for(json_output)
     try:
-        task = snapshot_disks(config.require_repo(), disks, name, list(tags), list(freeze),
-                              freeze_timeout, wait=not no_wait, progress=bar or NO_PROGRESS)
+        with naming_the_disks_cache(config):
+            task = snapshot_disks(config.require_repo(), disks, name, list(tags), list(freeze),
+                                  freeze_timeout, wait=not no_wait, progress=bar or NO_PROGRESS)
     finally:
         if bar is not None:
             bar.close()

@@ -410,6 +410,8 @@ class ImageView:
             remaining = self.pending_bytes  # kept up to date: stats must be O(1) on the trio thread
             rate = self.hydrator.background_rate()
             eta = round(remaining / rate, 1) if remaining and rate > 0 else (0.0 if not remaining else None)
+            if remaining and not self.hydrator.config.background:
+                eta = None  # no sweep runs: what hints did not bring waits for its first read
         return {
             "snapshot": self.root.id,
             "size": self.size,
@@ -420,7 +422,7 @@ class ImageView:
             "blocks_missing": len(self.pending) if self.data_blocks is not None else None,
             "hydrated_fraction": round(hydrated, 4) if hydrated is not None else None,
             "bytes_missing": remaining,
-            "eta_seconds": eta,  # at the recent background rate; None while it is unknown
+            "eta_seconds": eta,  # at the recent background rate; None if unknown or no sweep
             "cache_hits": self.tally.cache_hits,
             "blocks_fetched": self.tally.blocks_fetched,
             "wait_seconds": round(self.tally.wait_seconds, 3),

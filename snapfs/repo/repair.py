@@ -11,9 +11,11 @@ damaged index object stops everything that loads the index.
 2. lists the packs and reads the trailer of each pack that no readable index object names
    (every pack with ``read_all_packs``): one ranged GET of its last ``TAIL_GUESS`` bytes, a
    second one if its trailer is longer;
-3. if anything was missing, damaged, or names packs that are gone: writes one index object
+3. if anything was missing, damaged, or names packs that are gone, or (``read_all_packs``) a
+   readable index object says of a pack other than its trailer does: writes one index object
    of every stored pack it knows, superseding all the others, then deletes them (the order of
-   ``gc``: a crash in between leaves both, which readers resolve through ``supersedes``);
+   ``gc``: a crash in between leaves both, which readers resolve through ``supersedes``).
+   Otherwise it writes nothing, with ``read_all_packs`` too;
 4. reports what each snapshot still lacks: blobs that no stored pack holds (lost for good,
    unless the pack is put back), found by reading its manifest pages through the new index.
 
@@ -61,6 +63,8 @@ class RepairReport:
     #: those of them a readable index object names: what it says of them is kept
     packs_unreadable_indexed: list[str] = field(default_factory=list)
     packs_gone: int = 0  # named by the index, not stored
+    #: indexed packs whose trailer (read with ``read_all_packs``) lists other entries
+    packs_corrected: int = 0
     rewritten: bool = False  # a new index object replaced the others
     blobs_indexed: int = 0
     #: snapshot name -> blobs it uses that no stored pack holds
@@ -72,7 +76,8 @@ class RepairReport:
                 "packs": self.packs, "packs_read": self.packs_read,
                 "packs_added": self.packs_added, "packs_unreadable": self.packs_unreadable,
                 "packs_unreadable_indexed": self.packs_unreadable_indexed,
-                "packs_gone": self.packs_gone, "rewritten": self.rewritten,
+                "packs_gone": self.packs_gone, "packs_corrected": self.packs_corrected,
+                "rewritten": self.rewritten,
                 "blobs_indexed": self.blobs_indexed, "incomplete": self.incomplete,
                 "seconds": self.seconds}
 
@@ -147,7 +152,10 @@ async def _rebuild(repo: Repository, read_all_packs: bool, limiter: trio.Capacit
             if pack in packs:
                 report.packs_unreadable_indexed.append(pack)
         else:
-            report.packs_added += pack not in packs
+            if pack not in packs:
+                report.packs_added += 1
+            elif sorted(packs[pack]) != sorted(result):
+                report.packs_corrected += 1
             packs[pack] = result
 
     progress.start("reading pack trailers", len(to_read), "pack")
@@ -157,7 +165,10 @@ async def _rebuild(repo: Repository, read_all_packs: bool, limiter: trio.Capacit
     for pack, entries in packs.items():
         index.add_pack(pack, entries)
     report.blobs_indexed = len(index)
-    if report.damaged_index or report.packs_gone or report.packs_added or read_all_packs:
+    # a pack whose trailer agrees with the index needs no new index object: rewriting one
+    # anyway made every --read-all-packs on a healthy repository replace the whole index
+    if (report.damaged_index or report.packs_gone or report.packs_added
+            or report.packs_corrected):
         new = IndexFile(packs=packs, supersedes=[*files, *report.damaged_index])
         await trio.to_thread.run_sync(repo.write_index, new, limiter=limiter)
         old = [*files, *report.damaged_index]
@@ -218,6 +229,8 @@ def summary(report: RepairReport) -> list[str]:
         what.append(f"added {counted(report.packs_added, 'pack')} no index named")
     if report.packs_gone:
         what.append(f"dropped {counted(report.packs_gone, 'pack')} no longer stored")
+    if report.packs_corrected:
+        what.append(f"corrected what it said of {counted(report.packs_corrected, 'pack')}")
     lines.append(f"rebuilt the index: {counted(report.packs, 'pack')}, "
                  f"{counted(report.blobs_indexed, 'blob')}"
                  + (f" ({'; '.join(what)})" if what else ""))

@@ -398,13 +398,13 @@ class S3Store(ObjectStore):
                 raise AccessDenied(
                     f"{self._where}: bucket {self.bucket} belongs to someone else"
                 ) from e
-            raise self._fail(e, "", f"create bucket {self.bucket}") from e
+            raise self._fail(e, "", "create bucket") from e
 
     def container_exists(self) -> bool:
         try:
             self._s3().head_bucket(Bucket=self.bucket)
         except (BotoCoreError, ClientError) as e:
-            error = self._fail(e, "", f"head bucket {self.bucket}")
+            error = self._fail(e, "", "head bucket")
             if isinstance(error, ObjectNotFound):
                 return False
             raise error from e
