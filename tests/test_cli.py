@@ -124,6 +124,34 @@ def indexed_packs(store: ObjectStore) -> set[str]:
     return packs
 
 
+def stopped_at(snapfs: Snapfs, args: tuple[Any, ...], syscall: str, path: Path,
+               trace: Path) -> tuple[subprocess.Popen[str], int]:
+    """``snapfs ARGS`` run under strace, which stops it (SIGSTOP) when it makes ``syscall`` on
+    ``path`` (which it must do once only): strace's process, and snapfs's pid once it has
+    stopped there. A test acts on it there, whatever its own pace, then sends it SIGCONT; in
+    ``finally``, ``end_stopped``."""
+    proc = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", str(trace), "-P", str(path), "-e", f"trace={syscall}",
+         "-e", f"inject={syscall}:signal=SIGSTOP", *snapfs.command(args)],
+        env=snapfs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (trace.exists() and "stopped by SIGSTOP" in trace.read_text())
+                 or proc.poll() is not None, 60, f"snapfs to stop at its {syscall} of {path}")
+        assert proc.poll() is None, proc.communicate()
+        # snapfs itself, not strace
+        return proc, int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+    except BaseException:
+        reap(proc)
+        raise
+
+
+def end_stopped(proc: subprocess.Popen[str], pid: int) -> None:
+    """``reap`` for ``stopped_at``: a stopped snapfs would outlive strace."""
+    if proc.poll() is None:
+        os.kill(pid, signal.SIGKILL)
+    reap(proc)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -1015,28 +1043,17 @@ def test_source_changed_or_vanished_during_snapshot(
     kept = snapfs.json("snapshot", "create", random_image(tmp_path / "a.img", MiB, seed=6))
     packs_before = pack_names(store)
     source = random_image(tmp_path / "b.img", 20 * MiB, seed=7)
-    trace = tmp_path / "strace.out"
-    proc = subprocess.Popen(
-        ["strace", "-f", "-qq", "-o", str(trace), "-P", str(source), "-e", "trace=fadvise64",
-         "-e", "inject=fadvise64:signal=SIGSTOP", *snapfs.command(("snapshot", "create", source))],
-        env=snapfs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stopped = None
+    proc, pid = stopped_at(snapfs, ("snapshot", "create", source), "fadvise64", source,
+                           tmp_path / "strace.out")
     try:
-        wait_for(lambda: (trace.exists() and "stopped by SIGSTOP" in trace.read_text())
-                 or proc.poll() is not None, 60, "the snapshot to open its source")
-        assert proc.poll() is None, proc.communicate()
-        # snapfs itself, not strace
-        stopped = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
         if change == "write":
             write_at(source, 5 * MiB, b"a write during the snapshot")
         else:
             source.unlink()
-        os.kill(stopped, signal.SIGCONT)
+        os.kill(pid, signal.SIGCONT)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None and stopped is not None:
-            os.kill(stopped, signal.SIGKILL)  # stopped, it would outlive strace
-        reap(proc)
+        end_stopped(proc, pid)
     line = one_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
                      EXIT_GENERAL)
     assert str(source) in line
@@ -1125,6 +1142,7 @@ def test_kill_9_while_a_pack_is_written_leaves_nothing_that_prune_keeps(
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the same on both stores
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_command_stopped_by_sigterm_or_sighup_undoes_what_it_began(
         signum: int, snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> None:
@@ -1143,14 +1161,18 @@ def test_a_command_stopped_by_sigterm_or_sighup_undoes_what_it_began(
 
     snapfs.ok("snapshot", "create", source, "--name", "whole")
     out = tmp_path / "out.img"
-    proc = snapfs.popen("export", "whole", out)
     partial = tmp_path / "out.img.snapfs-partial"
+    # An export of 40 MiB from a local repository ends about 0.2 s after its partial file
+    # appears: it is stopped (strace) as it sizes the file, and the signal comes then.
+    proc, pid = stopped_at(snapfs, ("export", "whole", out), "ftruncate", partial,
+                           tmp_path / "strace.out")
     try:
-        wait_for(lambda: partial.exists() or proc.poll() is not None, 60, "the partial file")
-        assert proc.poll() is None, "the export ended before it could be stopped"
-        os.kill(proc.pid, signum)
-    finally:
+        assert partial.exists()
+        os.kill(pid, signum)
+        os.kill(pid, signal.SIGCONT)
         _, stderr = proc.communicate(timeout=60)
+    finally:
+        end_stopped(proc, pid)
     assert (proc.returncode, stderr) == (130, "snapfs: interrupted\n")
     assert not partial.exists() and not out.exists()
 
