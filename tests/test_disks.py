@@ -25,7 +25,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ from testkit import (
     Snapfs,
     bar_totals,
     one_error,
+    reap,
     tmpfs,
     uploads_held,
 )
@@ -1224,19 +1225,28 @@ def test_kill_9_in_a_disk_delete_leaves_nothing_of_the_disk_after_the_restart(
 
 
 @contextmanager
-def syncs_delayed(pid: int, path: Path, seconds: float) -> Iterator[None]:
-    """Every fdatasync of ``pid`` on ``path`` waits ``seconds`` before it is made (strace)."""
+def syncs_delayed(pid: int, path: Path, seconds: float, trace: Path
+                  ) -> Iterator[Callable[[], bool]]:
+    """Every fdatasync of ``pid`` on ``path`` waits ``seconds`` before it is made, or until
+    the block ends (strace, writing to ``trace``, detaches: a waiting call goes on at once).
+    Yields whether one waits now: strace writes a call's start when it begins and its
+    ' = result' when it returns (on the same line, or on a 'resumed' one)."""
     tracer = subprocess.Popen(
-        ["strace", "-f", "-qq", "-o", "/dev/null", "-P", os.path.realpath(path),
+        ["strace", "-f", "-qq", "-o", str(trace), "-P", os.path.realpath(path),
          "-e", "trace=fdatasync", "-e", f"inject=fdatasync:delay_enter={int(seconds * 1e6)}",
          "-p", str(pid)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+    def waiting() -> bool:
+        text = trace.read_text() if trace.exists() else ""
+        return text.count("fdatasync(") > text.count(" = ")
+
     try:
         wait_for(lambda: any(line.split()[1] == str(tracer.pid)
                              for status in Path(f"/proc/{pid}/task").glob("*/status")
                              for line in status.read_text().splitlines()
                              if line.startswith("TracerPid:")),
                  10, "strace to attach to the daemon")
-        yield
+        yield waiting
     finally:
         tracer.terminate()
         tracer.wait(10)
@@ -1246,16 +1256,25 @@ def syncs_delayed(pid: int, path: Path, seconds: float) -> Iterator[None]:
 def test_a_disk_is_not_deleted_while_a_snapshot_of_it_flushes_it(served: Served) -> None:
     """A snapshot flushes its disks before it closes them, outside their write locks: a delete
     meanwhile closed the overlay under the flush (the snapshot failed 'a flush failed (Bad
-    file descriptor)'), or the closing wrote the deleted disk's record back."""
+    file descriptor)'), or the closing wrote the deleted disk's record back. The delete comes
+    while the flush waits (it came 1.5 s after the snapshot's CLI started, which a loaded
+    machine's CLI start-up outlasts: the delete went first, or came after the 3 s the flush
+    was held)."""
     s = served
     s.snapfs.ok("disk", "create", "d", "--size", "1M")
     (overlay,) = (s.tmp / "cache" / "disks").glob("*/*.overlay")
-    with syncs_delayed(s.daemon.pid, overlay, 3):
+    # the flush waits until the delete has been answered, however long its CLI takes to start
+    with syncs_delayed(s.daemon.pid, overlay, 120, s.tmp / "strace.out") as syncing:
         snapshot = s.snapfs.popen("snapshot", "create", "--disk", "d", "--name", "s1")
-        time.sleep(1.5)  # its flush waits
-        error = one_error(s.snapfs("disk", "delete", "d"), EXIT_GENERAL)
-        assert error == "snapfs: cannot delete disk d: a snapshot of it is being taken"
-        out, err = snapshot.communicate(timeout=60)
+        try:
+            wait_for(lambda: syncing() or snapshot.poll() is not None, 60, "its flush")
+            assert snapshot.poll() is None, snapshot.communicate()
+            error = one_error(s.snapfs("disk", "delete", "d"), EXIT_GENERAL)
+            assert error == "snapfs: cannot delete disk d: a snapshot of it is being taken"
+        except BaseException:
+            reap(snapshot)
+            raise
+    out, err = snapshot.communicate(timeout=60)
     assert (snapshot.returncode, err) == (0, ""), err
     assert s.snapshots()["s1"]["state"] == "accomplished"
     s.snapfs.ok("disk", "delete", "d")
