@@ -1225,31 +1225,56 @@ def test_kill_9_in_a_disk_delete_leaves_nothing_of_the_disk_after_the_restart(
 
 
 @contextmanager
-def syncs_delayed(pid: int, path: Path, seconds: float, trace: Path
-                  ) -> Iterator[Callable[[], bool]]:
-    """Every fdatasync of ``pid`` on ``path`` waits ``seconds`` before it is made, or until
-    the block ends (strace, writing to ``trace``, detaches: a waiting call goes on at once).
-    Yields whether one waits now: strace writes a call's start when it begins and its
-    ' = result' when it returns (on the same line, or on a 'resumed' one)."""
+def traced(pid: int, path: Path, syscall: str, trace: Path, *inject: str) -> Iterator[None]:
+    """strace on ``pid``'s calls of ``syscall`` on ``path`` while the block runs, written to
+    ``trace`` (``inject``: its tampering, for ``-e inject=``); its end lets the process go."""
     tracer = subprocess.Popen(
         ["strace", "-f", "-qq", "-o", str(trace), "-P", os.path.realpath(path),
-         "-e", "trace=fdatasync", "-e", f"inject=fdatasync:delay_enter={int(seconds * 1e6)}",
+         "-e", f"trace={syscall}", *(a for i in inject for a in ("-e", f"inject={i}")),
          "-p", str(pid)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-
-    def waiting() -> bool:
-        text = trace.read_text() if trace.exists() else ""
-        return text.count("fdatasync(") > text.count(" = ")
-
     try:
         wait_for(lambda: any(line.split()[1] == str(tracer.pid)
                              for status in Path(f"/proc/{pid}/task").glob("*/status")
                              for line in status.read_text().splitlines()
                              if line.startswith("TracerPid:")),
                  10, "strace to attach to the daemon")
-        yield waiting
+        yield
     finally:
         tracer.terminate()
         tracer.wait(10)
+
+
+def calls(trace: Path, syscall: str) -> tuple[int, int]:
+    """How many calls of ``syscall`` a ``traced`` trace shows begun, and how many returned:
+    strace writes a call's start when it begins and its ' = result' when it returns (on the
+    same line, or on a 'resumed' one)."""
+    text = trace.read_text() if trace.exists() else ""
+    return text.count(f"{syscall}("), text.count(" = ")
+
+
+@contextmanager
+def syncs_delayed(pid: int, path: Path, seconds: float, trace: Path
+                  ) -> Iterator[Callable[[], bool]]:
+    """Every fdatasync of ``pid`` on ``path`` waits ``seconds`` before it is made, or until
+    the block ends. Yields whether one waits now."""
+    def waiting() -> bool:
+        begun, returned = calls(trace, "fdatasync")
+        return begun > returned
+
+    with traced(pid, path, "fdatasync", trace, f"fdatasync:delay_enter={int(seconds * 1e6)}"):
+        yield waiting
+
+
+@contextmanager
+def lock_waited_for(s: Served, lock: Path | None) -> Iterator[Callable[[], bool]]:
+    """Whether the daemon of ``s`` has tried to take the repository's lock while ``lock`` (of
+    ``uploads_held``) was held: every attempt reads it. A request that waits for the lock has
+    done what it does before (the idle check of a rollback, the snapshot's lookup of a disk
+    create), whatever its CLI's start-up took."""
+    assert lock is not None
+    trace = s.tmp / "lock-reads.out"
+    with traced(s.daemon.pid, lock, "openat", trace):
+        yield lambda: calls(trace, "openat")[0] > 0
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
@@ -1576,9 +1601,10 @@ def test_a_rollback_that_waited_for_the_lock_refuses_a_disk_opened_or_deleted_me
     disk = s.disk("d")
     written = random_blocks(31, 1)[0]
     write_blocks(disk, {5: written})
-    with uploads_held(s.snapfs):
+    with uploads_held(s.snapfs) as lock, lock_waited_for(s, lock) as waited:
         rollback = s.snapfs.popen("disk", "rollback", "d", "vm-1", "--yes")
-        time.sleep(1)  # it found d idle and waits for the lock
+        # it found d idle and waits for the lock
+        wait_for(lambda: waited() or rollback.poll() is not None, 60, "the rollback's wait")
         fd = os.open(disk, os.O_RDWR)
     try:
         _, err = rollback.communicate(timeout=60)
@@ -1589,9 +1615,10 @@ def test_a_rollback_that_waited_for_the_lock_refuses_a_disk_opened_or_deleted_me
         os.close(fd)
 
     # deleted and made again meanwhile: the new disk d is not the one to roll back
-    with uploads_held(s.snapfs):
+    with uploads_held(s.snapfs) as lock, lock_waited_for(s, lock) as waited:
         rollback = s.snapfs.popen("disk", "rollback", "d", "vm-1", "--yes")
-        time.sleep(2)  # (had it asked after the delete, it would roll the new d back)
+        # (had it asked after the delete, it would roll the new d back)
+        wait_for(lambda: waited() or rollback.poll() is not None, 60, "the rollback's wait")
         s.snapfs.ok("disk", "delete", "d")
         s.snapfs.ok("disk", "create", "d", "--size", "1M")
     _, err = rollback.communicate(timeout=60)
@@ -1770,11 +1797,13 @@ def test_a_disk_made_while_gc_runs_waits_for_it_and_never_gets_a_deleted_base(
         s.snapfs.ok("snapshot", "create", image, "--name", name)
         wait_for(lambda name=name: s.image(name).exists(), 10, f"{name} in the mount")
     repo = Repository.open(open_store(str(s.snapfs.repo)))
-    with uploads_held(s.snapfs):  # the exclusive lock, as a forget's collection holds it
+    # the exclusive lock, as a forget's collection holds it
+    with uploads_held(s.snapfs) as lock, lock_waited_for(s, lock) as waited:
         gone = s.snapfs.popen("disk", "create", "e1", "--from", "x1")
+        # (had it asked after the deletion, x1 would be unknown to it)
+        wait_for(lambda: waited() or gone.poll() is not None, 60, "e1's wait for the lock")
         kept = s.snapfs.popen("disk", "create", "e2", "--from", "x2")
-        time.sleep(1.0)
-        assert gone.poll() is None and kept.poll() is None  # both wait for the lock
+        assert gone.poll() is None and kept.poll() is None  # (e2's may still be starting)
         repo.delete_root(s.snapshots()["x1"]["id"])  # deleted under the exclusive lock
     _out, err = gone.communicate(timeout=60)
     assert gone.returncode == EXIT_NOT_FOUND and "deleted meanwhile" in err
