@@ -629,14 +629,16 @@ def test_a_disk_grown_past_an_odd_sized_snapshot_whose_last_block_cannot_be_read
         assert s.image(f"{name}1").read_bytes() == copy.read_bytes()
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 def test_an_upload_waits_for_a_short_garbage_collection(served: Served) -> None:
     """A forget or prune holds the exclusive lock for seconds: a disk snapshot taken meanwhile
     waits for it instead of failing (a nightly snapshot must not be lost to a nightly forget)."""
     s = served
     s.snapfs.ok("disk", "create", "d", "--size", "4M")
     write_blocks(s.disk("d"), dict(zip(range(8), random_blocks(91, 8), strict=True)))
-    with uploads_held(s.snapfs):
+    with uploads_held(s.snapfs) as lock, lock_waited_for(s, lock) as waited:
         proc = s.snapfs.popen("snapshot", "create", "--disk", "d", "--name", "waited", "--json")
+        wait_for(lambda: waited() or proc.poll() is not None, 60, "the upload's wait")
         time.sleep(7.0)  # longer than the retries of an attempt that fails at once (2 + 4 s)
         assert proc.poll() is None
         # meanwhile the disk cannot be rolled back or deleted, and the refusal names the snapshot
@@ -1591,6 +1593,7 @@ def test_rollback_of_a_disk_the_kernel_never_looked_up(served: Served) -> None:
     assert "0 blocks reset" in out
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 def test_a_rollback_that_waited_for_the_lock_refuses_a_disk_opened_or_deleted_meanwhile(
     served: Served,
 ) -> None:
@@ -1783,6 +1786,7 @@ def test_a_copied_disk_state_holds_on_its_own_and_a_moved_one_lifts_its_old_hold
         assert list(repo.holds().values())[0].state.startswith(str(tmp_path / "moved"))
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 def test_a_disk_made_while_gc_runs_waits_for_it_and_never_gets_a_deleted_base(
     served: Served, tmp_path: Path
 ) -> None:
