@@ -797,6 +797,16 @@ def test_snapshot_create_waits_for_a_short_collection(snapfs: Snapfs, store: Obj
     lock = RepositoryLock(store, "exclusive", "test: a collection").acquire()
     try:
         proc = snapfs.popen("snapshot", "create", image, "--name", "waited", "--json")
+
+        def opened() -> bool:  # it opens its source right before it tries the lock
+            fds = Path(f"/proc/{proc.pid}/fd")
+            try:
+                return any(os.readlink(fd) == os.path.realpath(image) for fd in fds.iterdir())
+            except FileNotFoundError:  # it ended, or an fd closed as it was listed
+                return proc.poll() is not None
+
+        # (3 s from its start were less than a loaded machine's CLI start-up takes)
+        wait_for(opened, 60, "the snapshot to open its source")
         time.sleep(3.0)
         assert proc.poll() is None  # waiting, not failed
     finally:
