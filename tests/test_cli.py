@@ -1084,7 +1084,10 @@ def test_kill_9_during_snapshot(snapfs: Snapfs, store: ObjectStore, tmp_path: Pa
                        "--name", "kept")
     packs_before = pack_names(store)
     source = random_image(tmp_path / "big.img", 40 * MiB, seed=9)
-    proc = snapfs.popen("snapshot", "create", source, "--rate", "4")
+    # The first 16 MiB pack is stored at once; --rate holds the other 24 MiB back for about
+    # 25 s, which the kill cuts short. (At 4 MB/s it was 6 s: a test process left waiting
+    # that long by a loaded machine would find the snapshot done.)
+    proc = snapfs.popen("snapshot", "create", source, "--rate", "1")
     try:
         wait_for(lambda: len(pack_names(store)) > len(packs_before) or proc.poll() is not None,
                  60, "the first pack")
@@ -1159,7 +1162,7 @@ def test_a_command_stopped_by_sigterm_or_sighup_undoes_what_it_began(
     # as ^C does; they ended the process where it stood: a lock left, a partial export left
     snapfs.ok("init")
     source = random_image(tmp_path / "big.img", 40 * MiB, seed=14)
-    proc = snapfs.popen("snapshot", "create", source, "--rate", "4")
+    proc = snapfs.popen("snapshot", "create", source, "--rate", "1")  # (kill_9_during_snapshot)
     try:
         wait_for(lambda: pack_names(store) or proc.poll() is not None, 60, "the first pack")
         assert proc.poll() is None, "the snapshot ended before it could be stopped"
@@ -1199,7 +1202,7 @@ def test_sigterm_stops_a_command_cleanly_where_sigint_is_ignored(
 
     def start() -> subprocess.Popen[str]:
         return subprocess.Popen(
-            snapfs.command(("snapshot", "create", source, "--rate", "4")), text=True,
+            snapfs.command(("snapshot", "create", source, "--rate", "1")), text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=snapfs.env,
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
 
