@@ -1448,16 +1448,16 @@ def test_an_idle_cache_gives_way_to_others_and_says_truly_whether_it_caches(
             finally:
                 os.close(fd)
 
-        # until it has nothing left: each round, its next check gives way (evicts) or pauses
-        while True:
+        def gave_way(held: int) -> bool:  # (its space comes back before its count goes down)
+            return shutil.disk_usage(small).free >= reserve and cache()["bytes"] < held
+
+        # until it has nothing left: each round, its next check gives way (evicts: so the
+        # rounds end) or pauses
+        while not cache()["short_of_space"]:
             held = cache()["bytes"]
             take_the_free_space()
-            wait_for(lambda: shutil.disk_usage(small).free >= reserve
-                     or cache()["short_of_space"], 15, "the cache to give way or pause")
-            now = cache()
-            if now["short_of_space"]:
-                break
-            assert now["bytes"] < held, now  # so the rounds end
+            wait_for(lambda held=held: gave_way(held) or cache()["short_of_space"], 15,
+                     "the cache to give way or pause")
         out = s.snapfs.ok("stats", s.mountpoint)
         assert "not caching: its file system is down to" in out
         ballast.unlink()
