@@ -28,7 +28,7 @@ import pytest
 from diskimages import have_root
 from testkit import Snapfs
 
-from snapfs.control import mount_entry, mount_key
+from snapfs.control import RunFiles, mount_entry, mount_key, request
 
 FUSERMOUNT = "fusermount3"
 
@@ -86,6 +86,14 @@ class MountedDaemon:
     @property
     def log(self) -> Path:
         return self.cache_dir / f"daemon-{mount_key(str(self.mountpoint))}.log"
+
+    def stats(self) -> dict[str, Any]:
+        """What ``snapfs stats --json`` prints, asked of the daemon's socket from this process:
+        for polls, since a CLI's start-up takes seconds on a loaded machine."""
+        files = RunFiles(str(self.mountpoint), mount_key(str(self.mountpoint)), self.pid_file,
+                         self.socket)
+        stats: dict[str, Any] = request(files, {"op": "stats"}, timeout=60)["stats"]
+        return stats
 
     def kill(self) -> None:
         """SIGKILL the daemon and wait until it is gone."""

@@ -125,6 +125,34 @@ def indexed_packs(store: ObjectStore) -> set[str]:
     return packs
 
 
+def stopped_at(snapfs: Snapfs, args: tuple[Any, ...], syscall: str, path: Path,
+               trace: Path) -> tuple[subprocess.Popen[str], int]:
+    """``snapfs ARGS`` run under strace, which stops it (SIGSTOP) when it makes ``syscall`` on
+    ``path`` (which it must do once only): strace's process, and snapfs's pid once it has
+    stopped there. A test acts on it there, whatever its own pace, then sends it SIGCONT; in
+    ``finally``, ``end_stopped``."""
+    proc = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", str(trace), "-P", str(path), "-e", f"trace={syscall}",
+         "-e", f"inject={syscall}:signal=SIGSTOP", *snapfs.command(args)],
+        env=snapfs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (trace.exists() and "stopped by SIGSTOP" in trace.read_text())
+                 or proc.poll() is not None, 60, f"snapfs to stop at its {syscall} of {path}")
+        assert proc.poll() is None, proc.communicate()
+        # snapfs itself, not strace
+        return proc, int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+    except BaseException:
+        reap(proc)
+        raise
+
+
+def end_stopped(proc: subprocess.Popen[str], pid: int) -> None:
+    """``reap`` for ``stopped_at``: a stopped snapfs would outlive strace."""
+    if proc.poll() is None:
+        os.kill(pid, signal.SIGKILL)
+    reap(proc)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -786,6 +814,16 @@ def test_snapshot_create_waits_for_a_short_collection(snapfs: Snapfs, store: Obj
     lock = RepositoryLock(store, "exclusive", "test: a collection").acquire()
     try:
         proc = snapfs.popen("snapshot", "create", image, "--name", "waited", "--json")
+
+        def opened() -> bool:  # it opens its source right before it tries the lock
+            fds = Path(f"/proc/{proc.pid}/fd")
+            try:
+                return any(os.readlink(fd) == os.path.realpath(image) for fd in fds.iterdir())
+            except FileNotFoundError:  # it ended, or an fd closed as it was listed
+                return proc.poll() is not None
+
+        # (3 s from its start were less than a loaded machine's CLI start-up takes)
+        wait_for(opened, 60, "the snapshot to open its source")
         time.sleep(3.0)
         assert proc.poll() is None  # waiting, not failed
     finally:
@@ -1094,33 +1132,38 @@ def test_bad_source(kind: str, snapfs: Snapfs, store: ObjectStore, tmp_path: Pat
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 @pytest.mark.parametrize("change", ["write", "unlink"])
 def test_source_changed_or_vanished_during_snapshot(
     change: str, snapfs: Snapfs, store: ObjectStore, tmp_path: Path
 ) -> None:
+    """The snapshot stops itself (strace sends it SIGSTOP) at its fadvise of the source, which
+    comes after the stat that its end compares with, and goes on once the source is changed.
+    (The change was made while --rate held the last pack back after the first was stored:
+    about 2 s, which a test process that a loaded machine leaves waiting that long misses;
+    the snapshot then rightly succeeded.)"""
     snapfs.ok("init")
     kept = snapfs.json("snapshot", "create", random_image(tmp_path / "a.img", MiB, seed=6))
     packs_before = pack_names(store)
     source = random_image(tmp_path / "b.img", 20 * MiB, seed=7)
-    # The first 16 MiB pack is stored at once; --rate holds the rest back for ~2 s.
-    proc = snapfs.popen("snapshot", "create", source, "--rate", "8")
+    proc, pid = stopped_at(snapfs, ("snapshot", "create", source), "fadvise64", source,
+                           tmp_path / "strace.out")
     try:
-        wait_for(lambda: len(pack_names(store)) > len(packs_before) or proc.poll() is not None,
-                 60, "the first pack")
-        assert proc.poll() is None, "the snapshot ended before the source could be changed"
         if change == "write":
             write_at(source, 5 * MiB, b"a write during the snapshot")
         else:
             source.unlink()
+        os.kill(pid, signal.SIGCONT)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
-        reap(proc)
+        end_stopped(proc, pid)
     line = one_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
                      EXIT_GENERAL)
     assert str(source) in line
     assert ("changed during the snapshot" if change == "write" else "vanished") in line
     assert [s["id"] for s in snapfs.json("snapshot", "list")] == [kept["id"]]
     assert snapfs.json("verify")["ok"] is True
+    assert pack_names(store) > packs_before, "the snapshot stored packs before it was refused"
     snapfs.ok("prune")
     assert pack_names(store) == packs_before
 
@@ -1134,7 +1177,10 @@ def test_kill_9_during_snapshot(snapfs: Snapfs, store: ObjectStore, tmp_path: Pa
                        "--name", "kept")
     packs_before = pack_names(store)
     source = random_image(tmp_path / "big.img", 40 * MiB, seed=9)
-    proc = snapfs.popen("snapshot", "create", source, "--rate", "4")
+    # The first 16 MiB pack is stored at once; --rate holds the other 24 MiB back for about
+    # 25 s, which the kill cuts short. (At 4 MB/s it was 6 s: a test process left waiting
+    # that long by a loaded machine would find the snapshot done.)
+    proc = snapfs.popen("snapshot", "create", source, "--rate", "1")
     try:
         wait_for(lambda: len(pack_names(store)) > len(packs_before) or proc.poll() is not None,
                  60, "the first pack")
@@ -1268,13 +1314,14 @@ def test_temporary_files_of_writers_that_take_no_lock_go_once_they_are_stale(
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the same on both stores
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_command_stopped_by_sigterm_or_sighup_undoes_what_it_began(
         signum: int, snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> None:
     # as ^C does; they ended the process where it stood: a lock left, a partial export left
     snapfs.ok("init")
     source = random_image(tmp_path / "big.img", 40 * MiB, seed=14)
-    proc = snapfs.popen("snapshot", "create", source, "--rate", "4")
+    proc = snapfs.popen("snapshot", "create", source, "--rate", "1")  # (kill_9_during_snapshot)
     try:
         wait_for(lambda: pack_names(store) or proc.poll() is not None, 60, "the first pack")
         assert proc.poll() is None, "the snapshot ended before it could be stopped"
@@ -1286,14 +1333,18 @@ def test_a_command_stopped_by_sigterm_or_sighup_undoes_what_it_began(
 
     snapfs.ok("snapshot", "create", source, "--name", "whole")
     out = tmp_path / "out.img"
-    proc = snapfs.popen("export", "whole", out)
     partial = tmp_path / "out.img.snapfs-partial"
+    # An export of 40 MiB from a local repository ends about 0.2 s after its partial file
+    # appears: it is stopped (strace) as it sizes the file, and the signal comes then.
+    proc, pid = stopped_at(snapfs, ("export", "whole", out), "ftruncate", partial,
+                           tmp_path / "strace.out")
     try:
-        wait_for(lambda: partial.exists() or proc.poll() is not None, 60, "the partial file")
-        assert proc.poll() is None, "the export ended before it could be stopped"
-        os.kill(proc.pid, signum)
-    finally:
+        assert partial.exists()
+        os.kill(pid, signum)
+        os.kill(pid, signal.SIGCONT)
         _, stderr = proc.communicate(timeout=60)
+    finally:
+        end_stopped(proc, pid)
     assert (proc.returncode, stderr) == (130, "snapfs: interrupted\n")
     assert not partial.exists() and not out.exists()
 
@@ -1310,7 +1361,7 @@ def test_sigterm_stops_a_command_cleanly_where_sigint_is_ignored(
 
     def start() -> subprocess.Popen[str]:
         return subprocess.Popen(
-            snapfs.command(("snapshot", "create", source, "--rate", "4")), text=True,
+            snapfs.command(("snapshot", "create", source, "--rate", "1")), text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=snapfs.env,
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
 

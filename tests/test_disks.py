@@ -25,7 +25,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,7 @@ from testkit import (
     Snapfs,
     bar_totals,
     one_error,
+    reap,
     tmpfs,
     uploads_held,
 )
@@ -629,14 +630,16 @@ def test_a_disk_grown_past_an_odd_sized_snapshot_whose_last_block_cannot_be_read
         assert s.image(f"{name}1").read_bytes() == copy.read_bytes()
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 def test_an_upload_waits_for_a_short_garbage_collection(served: Served) -> None:
     """A forget or prune holds the exclusive lock for seconds: a disk snapshot taken meanwhile
     waits for it instead of failing (a nightly snapshot must not be lost to a nightly forget)."""
     s = served
     s.snapfs.ok("disk", "create", "d", "--size", "4M")
     write_blocks(s.disk("d"), dict(zip(range(8), random_blocks(91, 8), strict=True)))
-    with uploads_held(s.snapfs):
+    with uploads_held(s.snapfs) as lock, lock_waited_for(s, lock) as waited:
         proc = s.snapfs.popen("snapshot", "create", "--disk", "d", "--name", "waited", "--json")
+        wait_for(lambda: waited() or proc.poll() is not None, 60, "the upload's wait")
         time.sleep(7.0)  # longer than the retries of an attempt that fails at once (2 + 4 s)
         assert proc.poll() is None
         # meanwhile the disk cannot be rolled back or deleted, and the refusal names the snapshot
@@ -1302,11 +1305,12 @@ def test_kill_9_as_a_disk_comes_to_need_a_snapshot_never_leaves_it_unheld(
 
 
 @contextmanager
-def syncs_delayed(pid: int, path: Path, seconds: float) -> Iterator[None]:
-    """Every fdatasync of ``pid`` on ``path`` waits ``seconds`` before it is made (strace)."""
+def traced(pid: int, path: Path, syscall: str, trace: Path, *inject: str) -> Iterator[None]:
+    """strace on ``pid``'s calls of ``syscall`` on ``path`` while the block runs, written to
+    ``trace`` (``inject``: its tampering, for ``-e inject=``); its end lets the process go."""
     tracer = subprocess.Popen(
-        ["strace", "-f", "-qq", "-o", "/dev/null", "-P", os.path.realpath(path),
-         "-e", "trace=fdatasync", "-e", f"inject=fdatasync:delay_enter={int(seconds * 1e6)}",
+        ["strace", "-f", "-qq", "-o", str(trace), "-P", os.path.realpath(path),
+         "-e", f"trace={syscall}", *(a for i in inject for a in ("-e", f"inject={i}")),
          "-p", str(pid)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:
         wait_for(lambda: any(line.split()[1] == str(tracer.pid)
@@ -1320,20 +1324,62 @@ def syncs_delayed(pid: int, path: Path, seconds: float) -> Iterator[None]:
         tracer.wait(10)
 
 
+def calls(trace: Path, syscall: str) -> tuple[int, int]:
+    """How many calls of ``syscall`` a ``traced`` trace shows begun, and how many returned:
+    strace writes a call's start when it begins and its ' = result' when it returns (on the
+    same line, or on a 'resumed' one)."""
+    text = trace.read_text() if trace.exists() else ""
+    return text.count(f"{syscall}("), text.count(" = ")
+
+
+@contextmanager
+def syncs_delayed(pid: int, path: Path, seconds: float, trace: Path
+                  ) -> Iterator[Callable[[], bool]]:
+    """Every fdatasync of ``pid`` on ``path`` waits ``seconds`` before it is made, or until
+    the block ends. Yields whether one waits now."""
+    def waiting() -> bool:
+        begun, returned = calls(trace, "fdatasync")
+        return begun > returned
+
+    with traced(pid, path, "fdatasync", trace, f"fdatasync:delay_enter={int(seconds * 1e6)}"):
+        yield waiting
+
+
+@contextmanager
+def lock_waited_for(s: Served, lock: Path | None) -> Iterator[Callable[[], bool]]:
+    """Whether the daemon of ``s`` has tried to take the repository's lock while ``lock`` (of
+    ``uploads_held``) was held: every attempt reads it. A request that waits for the lock has
+    done what it does before (the idle check of a rollback, the snapshot's lookup of a disk
+    create), whatever its CLI's start-up took."""
+    assert lock is not None
+    trace = s.tmp / "lock-reads.out"
+    with traced(s.daemon.pid, lock, "openat", trace):
+        yield lambda: calls(trace, "openat")[0] > 0
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 def test_a_disk_is_not_deleted_while_a_snapshot_of_it_flushes_it(served: Served) -> None:
     """A snapshot flushes its disks before it closes them, outside their write locks: a delete
     meanwhile closed the overlay under the flush (the snapshot failed 'a flush failed (Bad
-    file descriptor)'), or the closing wrote the deleted disk's record back."""
+    file descriptor)'), or the closing wrote the deleted disk's record back. The delete comes
+    while the flush waits (it came 1.5 s after the snapshot's CLI started, which a loaded
+    machine's CLI start-up outlasts: the delete went first, or came after the 3 s the flush
+    was held)."""
     s = served
     s.snapfs.ok("disk", "create", "d", "--size", "1M")
     (overlay,) = (s.tmp / "cache" / "disks").glob("*/*.overlay")
-    with syncs_delayed(s.daemon.pid, overlay, 3):
+    # the flush waits until the delete has been answered, however long its CLI takes to start
+    with syncs_delayed(s.daemon.pid, overlay, 120, s.tmp / "strace.out") as syncing:
         snapshot = s.snapfs.popen("snapshot", "create", "--disk", "d", "--name", "s1")
-        time.sleep(1.5)  # its flush waits
-        error = one_error(s.snapfs("disk", "delete", "d"), EXIT_GENERAL)
-        assert error == "snapfs: cannot delete disk d: a snapshot of it is being taken"
-        out, err = snapshot.communicate(timeout=60)
+        try:
+            wait_for(lambda: syncing() or snapshot.poll() is not None, 60, "its flush")
+            assert snapshot.poll() is None, snapshot.communicate()
+            error = one_error(s.snapfs("disk", "delete", "d"), EXIT_GENERAL)
+            assert error == "snapfs: cannot delete disk d: a snapshot of it is being taken"
+        except BaseException:
+            reap(snapshot)
+            raise
+    out, err = snapshot.communicate(timeout=60)
     assert (snapshot.returncode, err) == (0, ""), err
     assert s.snapshots()["s1"]["state"] == "accomplished"
     s.snapfs.ok("disk", "delete", "d")
@@ -1447,15 +1493,17 @@ def test_an_idle_cache_gives_way_to_others_and_says_truly_whether_it_caches(
     """The cache keeps its reserve free and says whether it is paused while it caches
     nothing, too: a ballast file that takes the space makes it evict, and then pause; once the
     ballast goes, it resumes (stats said so only after the next block it was given). The
-    cache checks its reserve every 0.25 s instead of 2 s: it gives up its blocks a reserve's
-    worth a check, a dozen checks in all."""
+    cache checks its reserve every 0.25 s instead of 2 s: it gives up a segment or two a check
+    (half a dozen checks in all). Its state is polled through its socket: a CLI's start-up
+    took 3-5 s under a load of 16, and the rounds of taking its space, one CLI each, outlasted
+    the 30 s they were given."""
     with tmpfs(tmp_path / "small", "24M") as small, \
             serving(snapfs, tmp_path, "--cache-size", "1G", "--reserve-interval", "0.25",
                     cache=str(small / "cache")) as s:
         assert sha256_file(s.image("vm-1")) == sha256_file(base_image)  # then idle
 
         def cache() -> dict[str, Any]:
-            return s.snapfs.json("stats", s.mountpoint)["cache"]
+            return s.daemon.stats()["cache"]
 
         before = cache()
         reserve = before["reserve"]
@@ -1467,7 +1515,7 @@ def test_an_idle_cache_gives_way_to_others_and_says_truly_whether_it_caches(
         wait_for(lambda: shutil.disk_usage(small).free >= reserve, 15, "the cache to give way")
         assert cache()["bytes"] < before["bytes"]
 
-        def fill() -> bool:  # all of it, and what the cache gives up, until it has nothing left
+        def take_the_free_space() -> None:  # all of it, and what the cache gives up meanwhile
             fd = os.open(ballast, os.O_WRONLY | os.O_APPEND)
             try:
                 with pytest.raises(OSError) as e:
@@ -1477,10 +1525,17 @@ def test_an_idle_cache_gives_way_to_others_and_says_truly_whether_it_caches(
                 os.write(fd, bytes(shutil.disk_usage(small).free))
             finally:
                 os.close(fd)
-            time.sleep(0.5)
-            return bool(cache()["short_of_space"])
 
-        wait_for(fill, 30, "the cache to say it is paused")
+        def gave_way(held: int) -> bool:  # (its space comes back before its count goes down)
+            return shutil.disk_usage(small).free >= reserve and cache()["bytes"] < held
+
+        # until it has nothing left: each round, its next check gives way (evicts: so the
+        # rounds end) or pauses
+        while not cache()["short_of_space"]:
+            held = cache()["bytes"]
+            take_the_free_space()
+            wait_for(lambda held=held: gave_way(held) or cache()["short_of_space"], 15,
+                     "the cache to give way or pause")
         out = s.snapfs.ok("stats", s.mountpoint)
         assert "not caching: its file system is down to" in out
         ballast.unlink()
@@ -1616,6 +1671,7 @@ def test_rollback_of_a_disk_the_kernel_never_looked_up(served: Served) -> None:
     assert "0 blocks reset" in out
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 def test_a_rollback_that_waited_for_the_lock_refuses_a_disk_opened_or_deleted_meanwhile(
     served: Served,
 ) -> None:
@@ -1626,9 +1682,10 @@ def test_a_rollback_that_waited_for_the_lock_refuses_a_disk_opened_or_deleted_me
     disk = s.disk("d")
     written = random_blocks(31, 1)[0]
     write_blocks(disk, {5: written})
-    with uploads_held(s.snapfs):
+    with uploads_held(s.snapfs) as lock, lock_waited_for(s, lock) as waited:
         rollback = s.snapfs.popen("disk", "rollback", "d", "vm-1", "--yes")
-        time.sleep(1)  # it found d idle and waits for the lock
+        # it found d idle and waits for the lock
+        wait_for(lambda: waited() or rollback.poll() is not None, 60, "the rollback's wait")
         fd = os.open(disk, os.O_RDWR)
     try:
         _, err = rollback.communicate(timeout=60)
@@ -1639,9 +1696,10 @@ def test_a_rollback_that_waited_for_the_lock_refuses_a_disk_opened_or_deleted_me
         os.close(fd)
 
     # deleted and made again meanwhile: the new disk d is not the one to roll back
-    with uploads_held(s.snapfs):
+    with uploads_held(s.snapfs) as lock, lock_waited_for(s, lock) as waited:
         rollback = s.snapfs.popen("disk", "rollback", "d", "vm-1", "--yes")
-        time.sleep(2)  # (had it asked after the delete, it would roll the new d back)
+        # (had it asked after the delete, it would roll the new d back)
+        wait_for(lambda: waited() or rollback.poll() is not None, 60, "the rollback's wait")
         s.snapfs.ok("disk", "delete", "d")
         s.snapfs.ok("disk", "create", "d", "--size", "1M")
     _, err = rollback.communicate(timeout=60)
@@ -1806,6 +1864,7 @@ def test_a_copied_disk_state_holds_on_its_own_and_a_moved_one_lifts_its_old_hold
         assert list(repo.holds().values())[0].state.startswith(str(tmp_path / "moved"))
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 def test_a_disk_made_while_gc_runs_waits_for_it_and_never_gets_a_deleted_base(
     served: Served, tmp_path: Path
 ) -> None:
@@ -1820,11 +1879,13 @@ def test_a_disk_made_while_gc_runs_waits_for_it_and_never_gets_a_deleted_base(
         s.snapfs.ok("snapshot", "create", image, "--name", name)
         wait_for(lambda name=name: s.image(name).exists(), 10, f"{name} in the mount")
     repo = Repository.open(open_store(str(s.snapfs.repo)))
-    with uploads_held(s.snapfs):  # the exclusive lock, as a forget's collection holds it
+    # the exclusive lock, as a forget's collection holds it
+    with uploads_held(s.snapfs) as lock, lock_waited_for(s, lock) as waited:
         gone = s.snapfs.popen("disk", "create", "e1", "--from", "x1")
+        # (had it asked after the deletion, x1 would be unknown to it)
+        wait_for(lambda: waited() or gone.poll() is not None, 60, "e1's wait for the lock")
         kept = s.snapfs.popen("disk", "create", "e2", "--from", "x2")
-        time.sleep(1.0)
-        assert gone.poll() is None and kept.poll() is None  # both wait for the lock
+        assert gone.poll() is None and kept.poll() is None  # (e2's may still be starting)
         repo.delete_root(s.snapshots()["x1"]["id"])  # deleted under the exclusive lock
     _out, err = gone.communicate(timeout=60)
     assert gone.returncode == EXIT_NOT_FOUND and "deleted meanwhile" in err

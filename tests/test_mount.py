@@ -565,11 +565,21 @@ def test_stats_and_umount_of_a_daemon_that_hung_before_anyone_looked_at_its_moun
     result = snapfs("mount", mountpoint, "--cache-dir", tmp_path / "cache")
     assert result.returncode == 0, result.stderr
     pid = int(re.search(r"\(pid (\d+),", result.stdout).group(1))  # type: ignore[union-attr]
+    sock = str(Path(snapfs.env["SNAPFS_RUNTIME_DIR"], f"{mount_key(str(mountpoint))}.sock"))
+
+    def waiting_to_be_accepted() -> bool:  # a connection to it (St 02: no accept, stopped)
+        with open("/proc/net/unix") as f:
+            return any(len(fields) == 8 and fields[7] == sock and fields[5] == "02"
+                       for fields in map(str.split, f))
+
     os.kill(pid, signal.SIGSTOP)
     try:
         stats = snapfs.popen("stats", mountpoint)
         try:
-            time.sleep(0.5)  # connected, waiting for the answer
+            # connected, waiting for the answer (after 0.5 s, when a loaded machine's CLI
+            # start-up took longer than the umount's and its 1 s, it found no daemon)
+            wait_for(lambda: waiting_to_be_accepted() or stats.poll() is not None, 60,
+                     "stats to connect")
             umount = snapfs("umount", mountpoint, "--timeout", "1", timeout=30)
             assert umount.returncode == 0, umount.stderr
             assert "was killed" in umount.stdout and str(pid) in umount.stdout

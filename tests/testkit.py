@@ -193,15 +193,16 @@ def tmpfs(mountpoint: Path, size: str, inodes: int | None = None) -> Iterator[Pa
 
 
 @contextmanager
-def uploads_held(snapfs: Snapfs) -> Iterator[None]:
+def uploads_held(snapfs: Snapfs) -> Iterator[Path | None]:
     """An exclusive repository lock held by this (live) process, as ``prune`` holds it: a
     disk's snapshot closes, but its upload cannot take its shared lock (it retries) until the
-    block ends."""
+    block ends. Yields the lock object's file in a local repository (every locker reads it)."""
     store = open_store(str(snapfs.repo))
     try:
         lock = RepositoryLock(store, "exclusive", "test: holding uploads back").acquire()
         try:
-            yield
+            yield Path(os.path.realpath(snapfs.repo), lock.key) \
+                if "://" not in str(snapfs.repo) else None
         finally:
             lock.release()
     finally:
