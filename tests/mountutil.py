@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from diskimages import have_root
-from testkit import Snapfs
+from testkit import Snapfs, store_env
 
 from snapfs.control import RunFiles, mount_entry, mount_key, request
 
@@ -204,15 +204,7 @@ def fsck_clean(image: Path | str) -> None:
 
 
 def make_env(runtime_dir: Path, request: pytest.FixtureRequest, s3: bool) -> dict[str, str]:
-    """The environment of a ``snapfs`` run by a test: none of the caller's ``AWS_`` and
-    ``SNAPFS_`` settings, daemons' run files in ``runtime_dir``, and with ``s3`` the
-    session's SeaweedFS credentials."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("AWS_") and not k.startswith("SNAPFS_")}
+    """``store_env``, with daemons' run files in ``runtime_dir``."""
+    env = store_env(request, s3)
     env["SNAPFS_RUNTIME_DIR"] = str(runtime_dir)
-    if s3:
-        seaweed = request.getfixturevalue("seaweed")
-        env.update(AWS_ACCESS_KEY_ID=seaweed.access_key, AWS_SECRET_ACCESS_KEY=seaweed.secret_key,
-                   AWS_DEFAULT_REGION="us-east-1",
-                   AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
     return env

@@ -50,6 +50,7 @@ from testkit import (
     flip_byte,
     one_error,
     reap,
+    store_env,
     tmpfs,
 )
 
@@ -74,14 +75,7 @@ needs_root = pytest.mark.skipif(not have_root(), reason="needs root (loop mount,
 
 @pytest.fixture
 def env(store_url: str, request: pytest.FixtureRequest) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items()
-               if not k.startswith("AWS_") and not k.startswith("SNAPFS_")}
-    if store_url.startswith("s3://"):
-        seaweed = request.getfixturevalue("seaweed")
-        environ.update(AWS_ACCESS_KEY_ID=seaweed.access_key, AWS_SECRET_ACCESS_KEY=seaweed.secret_key,
-                       AWS_DEFAULT_REGION="us-east-1",
-                       AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-    return environ
+    return store_env(request, store_url.startswith("s3://"))
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ run past its last change, which must end as an unkilled one does.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -29,7 +28,7 @@ from pathlib import Path
 import pytest
 import trio
 from diskimages import MiB, random_image, sha256_file, write_at
-from testkit import Snapfs, reap
+from testkit import Snapfs, reap, store_env
 
 from snapfs.format.index import IndexFile
 from snapfs.repo.create import CreateOptions, create_snapshot
@@ -50,14 +49,7 @@ PACK_SIZE = 256 * 1024
 
 @pytest.fixture
 def env(store_url: str, request: pytest.FixtureRequest) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items()
-               if not k.startswith("AWS_") and not k.startswith("SNAPFS_")}
-    if store_url.startswith("s3://"):
-        seaweed = request.getfixturevalue("seaweed")
-        environ.update(AWS_ACCESS_KEY_ID=seaweed.access_key, AWS_SECRET_ACCESS_KEY=seaweed.secret_key,
-                       AWS_DEFAULT_REGION="us-east-1",
-                       AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-    return environ
+    return store_env(request, store_url.startswith("s3://"))
 
 
 def rewrite(image: Path, blocks: list[int], seed: int) -> None:

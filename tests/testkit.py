@@ -125,6 +125,20 @@ class Snapfs:
         return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn), out
 
 
+def store_env(request: Any, s3: bool) -> dict[str, str]:
+    """The environment of a ``snapfs`` run by a test: none of the caller's ``AWS_`` and
+    ``SNAPFS_`` settings, and with ``s3`` the session's SeaweedFS credentials (``request``: the
+    test's ``pytest.FixtureRequest``, which starts the server if no test has yet)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AWS_") and not k.startswith("SNAPFS_")}
+    if s3:
+        seaweed = request.getfixturevalue("seaweed")
+        env.update(AWS_ACCESS_KEY_ID=seaweed.access_key, AWS_SECRET_ACCESS_KEY=seaweed.secret_key,
+                   AWS_DEFAULT_REGION="us-east-1",
+                   AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+    return env
+
+
 def reap(proc: subprocess.Popen[Any]) -> None:
     """Kill ``proc`` if it still runs (a test's ``finally``: an assertion failed before the
     process ended), and wait for it."""
