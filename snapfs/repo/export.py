@@ -3,10 +3,10 @@
 To a file: the image is written to ``OUT.snapfs-partial`` beside it (``partial_path``; zero
 blocks left as holes), fsynced, then renamed to OUT, so OUT is either absent, the old file
 (untouched unless ``force``), or the complete, verified image. Any error (a missing or corrupt
-block, a full disk) removes the partial file. To a block device: only with ``force`` (it is overwritten, whatever it
-held), opened exclusively (a mounted device, or one another program holds so, is refused), and
-written in place (zero blocks written as zeros, since a device keeps old contents), after
-checking the device is large enough.
+block, a full disk) removes the partial file. To a block device: only with ``force`` (it is
+overwritten, whatever it held), opened exclusively (a mounted device, or one another program
+holds so, is refused), and written in place (zero blocks written as zeros, since a device keeps
+old contents), after checking the device is large enough.
 """
 
 from __future__ import annotations
