@@ -2001,6 +2001,29 @@ def test_when_the_daemon_serving_the_disks_died_mounted_the_disk_commands_say_to
         assert read_blocks(s.disk("d"), list(written)) == written
 
 
+def test_disk_list_names_a_base_deleted_behind_the_disks_back_by_its_id(
+        snapfs: Snapfs, tmp_path: Path) -> None:
+    """After ``snapshot delete --force`` of a disk's base while no daemon ran, ``disk list``
+    still gave the base's old name as its SOURCE, which a new snapshot had taken since: the
+    disk seemed made from that one. The name is shown while that snapshot exists, else its id
+    and that it was deleted."""
+    with serving(snapfs, tmp_path):
+        snapfs.ok("disk", "create", "d", "--from", "vm-1")
+        (listed,) = snapfs.json("disk", "list")
+        base = listed["base"]
+        assert (listed["source"], listed["base_deleted"]) == ("vm-1", False)
+        assert re.search(r"^d +\S+ +\S+ +vm-1 ", snapfs.ok("disk", "list"), re.M)
+    snapfs.ok("snapshot", "delete", "vm-1", "--force")
+    snapfs.ok("snapshot", "create", random_image(tmp_path / "other.img", MiB, seed=99),
+              "--name", "vm-1")
+    with serving(snapfs, tmp_path):
+        (listed,) = snapfs.json("disk", "list")
+        assert (listed["source"], listed["base"], listed["base_deleted"]) == (None, base, True)
+        table = snapfs.ok("disk", "list")
+        assert re.search(rf"^d +\S+ +\S+ +{base} \(deleted\) ", table, re.M), table
+        assert "vm-1" not in table
+
+
 def test_bad_input_is_one_line_and_a_non_zero_exit(served: Served, tmp_path: Path) -> None:
     s = served
     snapfs = s.snapfs
