@@ -417,8 +417,8 @@ def find_repository_daemon(repository: str) -> RunFiles:
 def no_disk_daemon(repository: str, caches: list[str] | None = None) -> NoDiskDaemon:
     """The error for a repository that no mount on this host serves, saying how to start one:
     with ``--cache-dir`` when this host's disks of it are known to be in ``caches``, and after
-    detaching the mounts whose daemon died (mounting there again is refused until then, and
-    the user's first try is the mount point the disks were served at)."""
+    detaching the mount whose daemon served them and died (mounting there again is refused
+    until then, and the user's first try is the mount point the disks were served at)."""
     where = cache = ""
     if caches:
         where = (f"; its disks here are in the cache directory {caches[0]}" if len(caches) == 1
@@ -430,31 +430,35 @@ def no_disk_daemon(repository: str, caches: list[str] | None = None) -> NoDiskDa
         return NoDiskDaemon(f"{line}{';' if not caches else ':'} start one with: "
                             f"snapfs -r {repository} mount MOUNTPOINT{cache}")
     if len(dead) == 1:
-        return NoDiskDaemon(f"{line}; the daemon of the snapfs mount at {dead[0]} died and the "
-                            f"mount is still attached: detach it and mount again with: snapfs "
-                            f"umount {dead[0]} && snapfs -r {repository} mount {dead[0]}{cache}")
-    return NoDiskDaemon(f"{line}; the daemons of the snapfs mounts at {', '.join(dead)} died and "
-                        "the mounts are still attached: detach the one that served it and mount "
-                        "again with: snapfs umount MOUNTPOINT && snapfs -r "
-                        f"{repository} mount MOUNTPOINT{cache}")
+        mountpoint, its_cache = dead[0]
+        cache = cache or f" --cache-dir {its_cache}"  # (a disk made empty has no hold)
+        return NoDiskDaemon(f"{line}; the daemon of the snapfs mount at {mountpoint} died and "
+                            f"the mount is still attached: detach it and mount again with: "
+                            f"snapfs umount {mountpoint} && snapfs -r {repository} mount "
+                            f"{mountpoint}{cache}")
+    return NoDiskDaemon(f"{line}; the daemons of the snapfs mounts at "
+                        f"{', '.join(m for m, _ in dead)} died and the mounts are still "
+                        "attached: detach the one that served it and mount again with: snapfs "
+                        f"umount MOUNTPOINT && snapfs -r {repository} mount MOUNTPOINT{cache}")
 
 
-def dead_mounts(repository: str) -> list[str]:
-    """The mount points of ``repository`` whose daemon died (kill -9, a crash) and left the
-    mount attached: everything there fails with "Transport endpoint is not connected" until
-    ``snapfs umount`` detaches it. Known from the facts ``find_daemon`` kept of them; those of
-    mounts detached meanwhile (fusermount3, a reboot) are removed."""
+def dead_mounts(repository: str) -> list[tuple[str, str]]:
+    """(mount point, cache directory) of each mount serving ``repository``'s disks whose
+    daemon died (kill -9, a crash) and left the mount attached: everything there fails with
+    "Transport endpoint is not connected" until ``snapfs umount`` detaches it. Known from the
+    facts ``find_daemon`` kept of them; those of mounts detached meanwhile (fusermount3, a
+    reboot) are removed."""
     found = []
     for died in sorted(runtime_dir().glob("*.died")):
         try:
             info = json.loads(died.read_text())
-            where = str(info["mountpoint"])
+            where, cache = str(info["mountpoint"]), str(info["cache_dir"])
         except (OSError, ValueError, TypeError, KeyError):
             continue
         if not _still_attached(where):
             died.unlink(missing_ok=True)
-        elif same_repository(str(info.get("repository", "")), repository):
-            found.append(where)
+        elif info.get("disks") and same_repository(str(info.get("repository", "")), repository):
+            found.append((where, cache))
     return found
 
 

@@ -1999,6 +1999,16 @@ def test_when_the_daemon_serving_the_disks_died_mounted_the_disk_commands_say_to
     with serving(snapfs, tmp_path, cache="my cache") as s:  # as the line said: served again
         assert [d["name"] for d in snapfs.json("disk", "list")] == ["d"]
         assert read_blocks(s.disk("d"), list(written)) == written
+        # an empty disk needs no snapshot, so no hold names its cache: the dead mount's own
+        snapfs.ok("disk", "delete", "d")
+        snapfs.ok("disk", "create", "e", "--size", "1M")
+        s.daemon.kill()
+        line = one_error(snapfs("disk", "list"), EXIT_NOT_FOUND)
+        assert line == (f"snapfs: no snapfs mount of {snapfs.repo} runs on this host; the "
+                        f"daemon of the snapfs mount at {mnt} died and the mount is still "
+                        f"attached: detach it and mount again with: snapfs umount {mnt} && "
+                        f"snapfs -r {snapfs.repo} mount {mnt} --cache-dir {cache}"), line
+        snapfs.ok("umount", mnt)
 
 
 def test_disk_list_names_a_base_deleted_behind_the_disks_back_by_its_id(
