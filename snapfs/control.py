@@ -133,6 +133,11 @@ class RunFiles:
             return None
         return doc if isinstance(doc, dict) else None
 
+    @property
+    def died(self) -> Path:
+        """The facts of a daemon that died with its mount attached, kept until it is detached."""
+        return self.pid_file.with_suffix(".died")
+
     def log_file(self, cache_dir: str | os.PathLike[str]) -> Path:
         return Path(cache_dir) / f"daemon-{self.key}.log"
 
@@ -303,7 +308,11 @@ def find_daemon(files: RunFiles) -> Daemon | None:
         return Daemon(_read_pid(fd), fd)
     try:
         # Stale: removed while we hold the lock, so a daemon starting now cannot lose its files.
+        info = files.read_info()
         files.remove()
+        if info is not None and _still_attached(str(info.get("mountpoint", ""))):
+            # what the dead mount served, for the line that says to detach it (dead_mounts)
+            files.died.write_text(json.dumps(info))
     finally:
         os.close(fd)
     return None
@@ -402,8 +411,63 @@ def find_repository_daemon(repository: str) -> RunFiles:
                 f"{files.mountpoint} --cache-dir {info.get('cache_dir', 'CACHE')}")
         raise NotMounted(f"the snapfs mounts of {repository} on this host do not serve disks "
                          f"(another daemon holds their state directory); see their logs")
-    raise NoDiskDaemon(f"no snapfs mount of {repository} runs on this host; "
-                       f"start one with: snapfs -r {repository} mount MOUNTPOINT")
+    raise no_disk_daemon(repository)
+
+
+def no_disk_daemon(repository: str, caches: list[str] | None = None) -> NoDiskDaemon:
+    """The error for a repository that no mount on this host serves, saying how to start one:
+    with ``--cache-dir`` when this host's disks of it are known to be in ``caches``, and after
+    detaching the mount whose daemon served them and died (mounting there again is refused
+    until then, and the user's first try is the mount point the disks were served at)."""
+    where = cache = ""
+    if caches:
+        where = (f"; its disks here are in the cache directory {caches[0]}" if len(caches) == 1
+                 else f"; its disks here are in the cache directories {', '.join(caches)}")
+        cache = f" --cache-dir {caches[0] if len(caches) == 1 else 'CACHE'}"
+    line = f"no snapfs mount of {repository} runs on this host{where}"
+    dead = dead_mounts(repository)
+    if not dead:
+        return NoDiskDaemon(f"{line}{';' if not caches else ':'} start one with: "
+                            f"snapfs -r {repository} mount MOUNTPOINT{cache}")
+    if len(dead) == 1:
+        mountpoint, its_cache = dead[0]
+        cache = cache or f" --cache-dir {its_cache}"  # (a disk made empty has no hold)
+        return NoDiskDaemon(f"{line}; the daemon of the snapfs mount at {mountpoint} died and "
+                            f"the mount is still attached: detach it and mount again with: "
+                            f"snapfs umount {mountpoint} && snapfs -r {repository} mount "
+                            f"{mountpoint}{cache}")
+    return NoDiskDaemon(f"{line}; the daemons of the snapfs mounts at "
+                        f"{', '.join(m for m, _ in dead)} died and the mounts are still "
+                        "attached: detach the one that served it and mount again with: snapfs "
+                        f"umount MOUNTPOINT && snapfs -r {repository} mount MOUNTPOINT{cache}")
+
+
+def dead_mounts(repository: str) -> list[tuple[str, str]]:
+    """(mount point, cache directory) of each mount serving ``repository``'s disks whose
+    daemon died (kill -9, a crash) and left the mount attached: everything there fails with
+    "Transport endpoint is not connected" until ``snapfs umount`` detaches it. Known from the
+    facts ``find_daemon`` kept of them; those of mounts detached meanwhile (fusermount3, a
+    reboot) are removed."""
+    found = []
+    for died in sorted(runtime_dir().glob("*.died")):
+        try:
+            info = json.loads(died.read_text())
+            where, cache = str(info["mountpoint"]), str(info["cache_dir"])
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+        if not _still_attached(where):
+            died.unlink(missing_ok=True)
+        elif info.get("disks") and same_repository(str(info.get("repository", "")), repository):
+            found.append((where, cache))
+    return found
+
+
+def _still_attached(mountpoint: str) -> bool:
+    """Whether a snapfs mount at ``mountpoint`` is attached with no daemon answering it."""
+    if not mountpoint:
+        return False
+    entry = mount_entry(mountpoint)
+    return entry is not None and entry.is_snapfs and not _answers(mountpoint)
 
 
 def flock_held(path: Path) -> bool | None:
@@ -460,6 +524,7 @@ def unmount(mountpoint: str, timeout: float = 60.0) -> str:
                              "know (started with another SNAPFS_RUNTIME_DIR?); unmount it with "
                              "that setting, or with fusermount3 -u")
         fusermount(mp, lazy=True)
+        files.died.unlink(missing_ok=True)
         return f"detached {mp}: its daemon had died"
     try:
         if entry is not None:

@@ -281,7 +281,7 @@ class MountDaemon:
                 disk = await disks.create_disk(str(request["name"]), request.get("from"),
                                                request.get("size"))
                 # with the image's path, as ``disk-list`` gives it
-                return {"ok": True, "disk": {**disk.stats(), "path": disks.disk_path(disk.name)}}
+                return {"ok": True, "disk": disks.disk_facts(disk)}
             if op == "disk-list":
                 return {"ok": True, "disks": disks.disk_list()}
             if op == "disk-delete":

@@ -1817,6 +1817,40 @@ def test_export_to_a_path_that_names_no_file_is_refused_at_once(snapfs: Snapfs,
     assert sorted(p.name for p in work.rglob("*")) == ["-", "sub"]
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # a local repository's own
+def test_export_into_the_repository_is_refused(snapfs: Snapfs, tmp_path: Path) -> None:
+    """An export into a local repository's directory was written there: prune then counted an
+    image under packs/ as a pack it deleted ("freed 3.0 MiB: 1 pack deleted", the file still
+    there), and repair index called it an unreadable pack. It is refused as mount and
+    restore-files refuse such a target, whichever way the path reaches the repository."""
+    snapfs.ok("init")
+    snapfs.ok("snapshot", "create", random_image(tmp_path / "d.img", MiB, seed=16), "--name", "one")
+    assert snapfs.repo is not None and "://" not in snapfs.repo
+    repo = Path(snapfs.repo)
+    before = sorted(repo.rglob("*"))
+    (tmp_path / "link").symlink_to(repo / "packs")
+    work = tmp_path / "work"
+    work.mkdir()
+    for out, cwd, named in ((repo / "packs" / "out.img", None, repo / "packs" / "out.img"),
+                            (repo / "out.img", None, repo / "out.img"),
+                            (work / ".." / "link" / "out.img", None, repo / "packs" / "out.img"),
+                            ("out.img", repo / "snapshots", repo / "snapshots" / "out.img")):
+        line = one_error(snapfs("export", "one", out, cwd=cwd), EXIT_USAGE)
+        assert line == (f"snapfs: export target {os.path.realpath(named)} is inside the "
+                        f"repository {snapfs.repo}")
+    assert sorted(repo.rglob("*")) == before
+    # beside it is fine, and so is a link there to a file in it: the link is replaced, as
+    # a file would be (--force), and the repository is not written
+    (work / "in-repo").symlink_to(repo / "config")
+    config = (repo / "config").read_bytes()
+    snapfs.ok("export", "one", work / "in-repo", "--force")
+    assert not (work / "in-repo").is_symlink()
+    assert (work / "in-repo").read_bytes() == (tmp_path / "d.img").read_bytes()
+    assert (repo / "config").read_bytes() == config and sorted(repo.rglob("*")) == before
+    snapfs.ok("export", "one", tmp_path / "beside.img")
+    assert "no problems" in snapfs.ok("verify")
+
+
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the store plays no part
 def test_export_to_the_longest_file_name_there_can_be(snapfs: Snapfs, tmp_path: Path) -> None:
     """An image goes to OUT.snapfs-partial first: to an OUT of 241 to 255 bytes, a good file

@@ -1972,6 +1972,68 @@ def test_with_no_mount_the_disk_commands_name_the_cache_that_holds_the_disks(
         assert [d["name"] for d in snapfs.json("disk", "list")] == ["d"]
 
 
+def test_when_the_daemon_serving_the_disks_died_mounted_the_disk_commands_say_to_detach_it(
+        snapfs: Snapfs, tmp_path: Path) -> None:
+    """kill -9 of the daemon serving the disks leaves its mount attached. The disk commands
+    said to start a mount (at MOUNTPOINT), and one at the mount point the disks were served at
+    was refused ('a dead mount ... clean it up with: snapfs umount MNT'): the line now says to
+    detach it first, every time it is asked, and the commands it gives serve the disk again."""
+    cache = tmp_path / "my cache"
+    written = dict(zip((1, 7), random_blocks(98, 2), strict=True))
+    with serving(snapfs, tmp_path, cache="my cache") as s:
+        snapfs.ok("disk", "create", "d", "--from", "vm-1")
+        write_blocks(s.disk("d"), written)
+        s.daemon.kill()
+        mnt = s.mountpoint
+        for args in (("disk", "list"), ("disk", "list"), ("snapshot", "create", "--disk", "d")):
+            line = one_error(snapfs(*args), EXIT_NOT_FOUND)
+            assert line == (f"snapfs: no snapfs mount of {snapfs.repo} runs on this host; its "
+                            f"disks here are in the cache directory {cache}; the daemon of the "
+                            f"snapfs mount at {mnt} died and the mount is still attached: detach "
+                            f"it and mount again with: snapfs umount {mnt} && snapfs -r "
+                            f"{snapfs.repo} mount {mnt} --cache-dir {cache}"), line
+        assert "daemon had died" in snapfs.ok("umount", mnt)
+        line = one_error(snapfs("disk", "list"), EXIT_NOT_FOUND)
+        assert line.endswith(f"start one with: snapfs -r {snapfs.repo} mount MOUNTPOINT "
+                             f"--cache-dir {cache}"), line
+    with serving(snapfs, tmp_path, cache="my cache") as s:  # as the line said: served again
+        assert [d["name"] for d in snapfs.json("disk", "list")] == ["d"]
+        assert read_blocks(s.disk("d"), list(written)) == written
+        # an empty disk needs no snapshot, so no hold names its cache: the dead mount's own
+        snapfs.ok("disk", "delete", "d")
+        snapfs.ok("disk", "create", "e", "--size", "1M")
+        s.daemon.kill()
+        line = one_error(snapfs("disk", "list"), EXIT_NOT_FOUND)
+        assert line == (f"snapfs: no snapfs mount of {snapfs.repo} runs on this host; the "
+                        f"daemon of the snapfs mount at {mnt} died and the mount is still "
+                        f"attached: detach it and mount again with: snapfs umount {mnt} && "
+                        f"snapfs -r {snapfs.repo} mount {mnt} --cache-dir {cache}"), line
+        snapfs.ok("umount", mnt)
+
+
+def test_disk_list_names_a_base_deleted_behind_the_disks_back_by_its_id(
+        snapfs: Snapfs, tmp_path: Path) -> None:
+    """After ``snapshot delete --force`` of a disk's base while no daemon ran, ``disk list``
+    still gave the base's old name as its SOURCE, which a new snapshot had taken since: the
+    disk seemed made from that one. The name is shown while that snapshot exists, else its id
+    and that it was deleted."""
+    with serving(snapfs, tmp_path):
+        snapfs.ok("disk", "create", "d", "--from", "vm-1")
+        (listed,) = snapfs.json("disk", "list")
+        base = listed["base"]
+        assert (listed["source"], listed["base_deleted"]) == ("vm-1", False)
+        assert re.search(r"^d +\S+ +\S+ +vm-1 ", snapfs.ok("disk", "list"), re.M)
+    snapfs.ok("snapshot", "delete", "vm-1", "--force")
+    snapfs.ok("snapshot", "create", random_image(tmp_path / "other.img", MiB, seed=99),
+              "--name", "vm-1")
+    with serving(snapfs, tmp_path):
+        (listed,) = snapfs.json("disk", "list")
+        assert (listed["source"], listed["base"], listed["base_deleted"]) == (None, base, True)
+        table = snapfs.ok("disk", "list")
+        assert re.search(rf"^d +\S+ +\S+ +{base} \(deleted\) ", table, re.M), table
+        assert "vm-1" not in table
+
+
 def test_bad_input_is_one_line_and_a_non_zero_exit(served: Served, tmp_path: Path) -> None:
     s = served
     snapfs = s.snapfs

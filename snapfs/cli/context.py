@@ -50,15 +50,12 @@ def naming_the_disks_cache(config: CliConfig) -> Iterator[None]:
     try:
         yield
     except NoDiskDaemon as e:
+        from snapfs.control import no_disk_daemon
+
         caches = _disk_caches(config)
         if not caches:
             raise
-        repo = config.require_repo()
-        where = (f"the cache directory {caches[0]}" if len(caches) == 1
-                 else f"the cache directories {', '.join(caches)}")
-        raise NoDiskDaemon(f"no snapfs mount of {repo} runs on this host; its disks here are "
-                           f"in {where}: start one with: snapfs -r {repo} mount MOUNTPOINT "
-                           f"--cache-dir {caches[0] if len(caches) == 1 else 'CACHE'}") from e
+        raise no_disk_daemon(config.require_repo(), caches) from e
 
 
 def _disk_caches(config: CliConfig) -> list[str]:

@@ -59,7 +59,8 @@ def list_(config: CliConfig, json_output: bool) -> None:
         return
     rows = [("NAME", "SIZE", "SOURCE", "WRITTEN", "CHANGED", "UPLOADING", "OPEN")]
     for d in disks:
-        rows.append((d["name"], human_size(d["size"]), d["source"] or "-",
+        source = d["source"] or (f"{d['base']} (deleted)" if d.get("base_deleted") else "-")
+        rows.append((d["name"], human_size(d["size"]), source,
                      human_size(d["blocks_written"] * d["block_size"]),
                      human_size(d["blocks_changed"] * d["block_size"]),
                      # (a daemon started before the names were listed: the ids)

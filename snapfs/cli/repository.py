@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from snapfs.cli.context import CliConfig, SubcommandGroup, pass_config
@@ -42,9 +44,16 @@ def init(config: CliConfig, block_size: str, compression_level: int, json_output
 @pass_config
 def export(config: CliConfig, snap: str, out: str, force: bool, json_output: bool) -> None:
     """Write snapshot SNAP out as a raw image file (or onto a block device)."""
+    from snapfs.mount import check_outside_repository
     from snapfs.repo.export import export_snapshot
     from snapfs.repo.repository import warn_unreadable
 
+    # OUT's directory as it really is (the partial file goes there too), but not OUT's own
+    # link: a symbolic link at OUT is replaced, not written through. (prune takes a file under
+    # packs/ for a pack and counts it deleted; repair index calls it unreadable.)
+    where, name = os.path.split(out)
+    check_outside_repository(os.path.join(os.path.realpath(where or "."), name),
+                             config.require_repo(), "export target")
     repo = config.open_repository()
     listing = repo.list_snapshots()
     try:

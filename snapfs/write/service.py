@@ -674,9 +674,30 @@ class DiskService:
 
     def disk_list(self) -> list[dict[str, Any]]:
         self._require()
-        # with the image's path, for ``losetup`` and scripts
-        return [{**disk.stats(), "path": self.disk_path(name)}
-                for name, disk in sorted(self.disks.items())]
+        return [self.disk_facts(disk) for _, disk in sorted(self.disks.items())]
+
+    def disk_facts(self, disk: Disk) -> dict[str, Any]:
+        """What ``disk list`` says of ``disk``: its stats, with the image's path (for
+        ``losetup`` and scripts) and its base's name as it is now (``_source_now``)."""
+        return {**disk.stats(), **self._source_now(disk), "path": self.disk_path(disk.name)}
+
+    def _source_now(self, disk: Disk) -> dict[str, Any]:
+        """``source`` (the name of the disk's base) as the snapshots are named now: a base
+        deleted behind the disk's back (``snapshot delete --force`` while no daemon ran) left
+        its old name, which another snapshot may have taken since. Then None, and
+        ``base_deleted``. While the repository cannot be listed, the name it had."""
+        base = disk.record.base
+        if base is None:
+            return {"base_deleted": False}
+        pending = self.pending.get(base)
+        if pending is not None:
+            return {"source": pending.snapshot_name, "base_deleted": False}
+        view = self.catalog.by_snapshot_id(base)
+        if view is not None:
+            return {"source": view.root.name, "base_deleted": False}
+        if self.catalog.failure is not None:
+            return {"base_deleted": False}
+        return {"source": None, "base_deleted": True}
 
     # -- snapshots ----------------------------------------------------------------------------
 
