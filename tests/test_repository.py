@@ -345,6 +345,38 @@ def test_a_disk_that_grew_or_shrank_is_snapshotted_against_its_parent(
     assert verify(repo).ok
 
 
+def test_a_page_that_became_holes_counts_its_blocks_as_changed(
+    store_url: str, make_store: MakeStore, tmp_path: Path
+) -> None:
+    """A range of an image cut off and grown back (``truncate``), or punched (``fallocate``,
+    a TRIM passed through), that covers a whole manifest page: that page is never read, so
+    its blocks were never compared with the parent's and ``blocks_changed`` said 0 for data
+    that had become zeros (a snapshot of a wholly punched image: 0 changed of everything)."""
+    repo = Repository.init(make_store(store_url))
+    bs = repo.block_size
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"")
+    os.truncate(disk, 66 * MiB)  # two pages of 4096 blocks, the second short
+    write_at(disk, 0, random_bytes(MiB, 50))
+    write_at(disk, 65 * MiB, random_bytes(MiB, 51))
+    first = create(repo, disk, disk="d")
+
+    os.truncate(disk, 64 * MiB)
+    os.truncate(disk, 66 * MiB)  # the second page: nothing but a hole
+    second = create(repo, disk, disk="d")
+    assert second.root.parent == first.root.id
+    assert second.stats["blocks_changed"] == MiB // bs
+
+    os.truncate(disk, 0)
+    os.truncate(disk, 66 * MiB)  # the whole image
+    third = create(repo, disk, disk="d")
+    assert third.stats["blocks_changed"] == MiB // bs
+    assert third.stats["blocks_data"] == 0
+    out = tmp_path / "out.img"
+    export(repo, third.root, out)
+    assert os.path.getsize(out) == 66 * MiB and os.stat(out).st_blocks == 0
+
+
 def random_bytes(n: int, seed: int) -> bytes:
     import random
 

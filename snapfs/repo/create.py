@@ -243,6 +243,7 @@ async def _create_locked(
     nblocks = -(-source.size // bs)
     ranges = block_ranges(source.data_extents(), bs, nblocks)
     manifest = ManifestBuilder(nblocks, DEFAULT_ENTRIES_PER_PAGE, ranges)
+    hole_pages = [p for p, pid in enumerate(manifest.page_ids) if pid == ZERO_ID]
     assembler = PackAssembler(repo.config.pack_size)
     uploader = PackUploader(repo, store_limiter, RateLimiter(options.rate))
     cpu_limiter = trio.CapacityLimiter(CPU_WORKERS)
@@ -281,6 +282,9 @@ async def _create_locked(
                 encoded = await trio.to_thread.run_sync(repo.codec.encode, plain, limiter=cpu_limiter)
                 counts.pages_written += 1
                 await store_blob(send, pid, KIND_PAGE, encoded, len(plain))
+        await count_changed(page, ids)
+
+    async def count_changed(page: int, ids: list[bytes]) -> None:
         if parent_pages is not None and page < len(parent_pages):
             old_pid = bytes.fromhex(parent_pages[page])
             if old_pid != manifest.page_ids[page]:
@@ -334,6 +338,10 @@ async def _create_locked(
                 for full in assembler.flush():
                     await pack_send.send(full)
         nursery.cancel_scope.cancel()  # only the lock refresher is left
+    # a page of nothing but holes is never read, so never finished: its blocks are zeros now,
+    # and those that held data in the parent changed all the same (a range punched or cut off)
+    for page in hole_pages:
+        await count_changed(page, [ZERO_ID] * manifest.page_len(page))
 
     await trio.to_thread.run_sync(source.check_unchanged)
     if uploader.index_file.packs:
