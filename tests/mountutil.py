@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from diskimages import have_root
-from testkit import Snapfs, store_env
+from testkit import Snapfs, reap, store_env
 
 from snapfs.control import RunFiles, mount_entry, mount_key, request
 
@@ -46,6 +46,39 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
+
+
+def stopped_at(snapfs: Snapfs, args: tuple[Any, ...], syscall: str, trace: Path, *,
+               path: Path | None = None, when: int | None = None, follow: bool = True,
+               ) -> tuple[subprocess.Popen[str], int]:
+    """``snapfs ARGS`` run under strace, which stops it (SIGSTOP) when it makes ``syscall``
+    (only on ``path``, if given; only the ``when``-th such call, if given, else the first and
+    only one; in every thread unless not ``follow``): strace's process, and snapfs's pid once
+    it has stopped there. A test acts on it there, whatever its own pace, then sends it
+    SIGCONT; in ``finally``, ``end_stopped``."""
+    inject = f"inject={syscall}:signal=SIGSTOP" + (f":when={when}" if when is not None else "")
+    proc = subprocess.Popen(
+        ["strace", *(["-f"] if follow else []), "-qq", "-o", str(trace),
+         *(["-P", str(path)] if path is not None else []), "-e", f"trace={syscall}",
+         "-e", inject, *snapfs.command(args)],
+        env=snapfs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (trace.exists() and "stopped by SIGSTOP" in trace.read_text())
+                 or proc.poll() is not None, 60,
+                 f"snapfs to stop at its {syscall}" + (f" of {path}" if path else ""))
+        assert proc.poll() is None, proc.communicate()
+        # snapfs itself, not strace
+        return proc, int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+    except BaseException:
+        reap(proc)
+        raise
+
+
+def end_stopped(proc: subprocess.Popen[str], pid: int) -> None:
+    """``reap`` for ``stopped_at``: a stopped snapfs would outlive strace."""
+    if proc.poll() is None:
+        os.kill(pid, signal.SIGKILL)
+    reap(proc)
 
 
 def pid_running(pid: int) -> bool:

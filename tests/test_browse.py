@@ -36,7 +36,7 @@ from diskimages import (
     random_image,
     shared_image,
 )
-from mountutil import MOUNTS, mounted, pid_running, wait_for
+from mountutil import MOUNTS, end_stopped, mounted, pid_running, stopped_at, wait_for
 from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error, reap
 
 from snapfs.browse import _first_line
@@ -856,17 +856,9 @@ def test_restore_files_stopped_by_a_signal_undoes_everything(
     # test that looked for that name and then stopped it found the restore done on a loaded
     # machine. Only the command's own thread is traced (no -f): it copies the files, and its
     # private daemon, forked, writes the cache with the same call.
-    proc = subprocess.Popen(
-        ["strace", "-qq", "-o", str(trace), "-e", "trace=pwrite64",
-         "-e", "inject=pwrite64:signal=SIGSTOP:when=2",
-         *env.snapfs.command(("restore-files", "odd", "--to", target, "--include", "big"))],
-        env=env.snapfs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    pid = None
+    proc, pid = stopped_at(env.snapfs, ("restore-files", "odd", "--to", target, "--include", "big"),
+                           "pwrite64", trace, when=2, follow=False)
     try:
-        wait_for(lambda: (trace.exists() and "stopped by SIGSTOP" in trace.read_text())
-                 or proc.poll() is not None, 60, "the restore to stop in its copy of big")
-        assert proc.poll() is None, proc.communicate()
-        pid = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
         partial = temporary_files(target)
         assert len(partial) == 1 and os.path.getsize(partial[0]) > 0, partial
         assert env.browse_states() and loops_under(env.tmp)
@@ -874,9 +866,7 @@ def test_restore_files_stopped_by_a_signal_undoes_everything(
         os.kill(pid, signal.SIGCONT)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
-        if pid is not None and proc.poll() is None:  # stopped, it would outlive strace
-            os.kill(pid, signal.SIGKILL)
-        reap(proc)
+        end_stopped(proc, pid)
     assert (proc.returncode, stdout, stderr) == (130, "", "snapfs: interrupted\n")
     assert os.listdir(target) == []  # no partial file
     assert mounts_under(env.tmp) == [] and loops_under(env.tmp) == {}

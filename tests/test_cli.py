@@ -37,7 +37,7 @@ from diskimages import (
     standard_images,
     write_at,
 )
-from mountutil import wait_for
+from mountutil import end_stopped, stopped_at, wait_for
 from testkit import (
     EXIT_GENERAL,
     EXIT_INTEGRITY,
@@ -117,34 +117,6 @@ def indexed_packs(store: ObjectStore) -> set[str]:
     for key, _ in store.list("index/"):
         packs |= set(IndexFile.decode(store.get(key)).packs)
     return packs
-
-
-def stopped_at(snapfs: Snapfs, args: tuple[Any, ...], syscall: str, path: Path,
-               trace: Path) -> tuple[subprocess.Popen[str], int]:
-    """``snapfs ARGS`` run under strace, which stops it (SIGSTOP) when it makes ``syscall`` on
-    ``path`` (which it must do once only): strace's process, and snapfs's pid once it has
-    stopped there. A test acts on it there, whatever its own pace, then sends it SIGCONT; in
-    ``finally``, ``end_stopped``."""
-    proc = subprocess.Popen(
-        ["strace", "-f", "-qq", "-o", str(trace), "-P", str(path), "-e", f"trace={syscall}",
-         "-e", f"inject={syscall}:signal=SIGSTOP", *snapfs.command(args)],
-        env=snapfs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: (trace.exists() and "stopped by SIGSTOP" in trace.read_text())
-                 or proc.poll() is not None, 60, f"snapfs to stop at its {syscall} of {path}")
-        assert proc.poll() is None, proc.communicate()
-        # snapfs itself, not strace
-        return proc, int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
-    except BaseException:
-        reap(proc)
-        raise
-
-
-def end_stopped(proc: subprocess.Popen[str], pid: int) -> None:
-    """``reap`` for ``stopped_at``: a stopped snapfs would outlive strace."""
-    if proc.poll() is None:
-        os.kill(pid, signal.SIGKILL)
-    reap(proc)
 
 
 def free_port() -> int:
@@ -1140,8 +1112,8 @@ def test_source_changed_or_vanished_during_snapshot(
     kept = snapfs.json("snapshot", "create", random_image(tmp_path / "a.img", MiB, seed=6))
     packs_before = pack_names(store)
     source = random_image(tmp_path / "b.img", 20 * MiB, seed=7)
-    proc, pid = stopped_at(snapfs, ("snapshot", "create", source), "fadvise64", source,
-                           tmp_path / "strace.out")
+    proc, pid = stopped_at(snapfs, ("snapshot", "create", source), "fadvise64",
+                           tmp_path / "strace.out", path=source)
     try:
         if change == "write":
             write_at(source, 5 * MiB, b"a write during the snapshot")
@@ -1330,8 +1302,8 @@ def test_a_command_stopped_by_sigterm_or_sighup_undoes_what_it_began(
     partial = tmp_path / "out.img.snapfs-partial"
     # An export of 40 MiB from a local repository ends about 0.2 s after its partial file
     # appears: it is stopped (strace) as it sizes the file, and the signal comes then.
-    proc, pid = stopped_at(snapfs, ("export", "whole", out), "ftruncate", partial,
-                           tmp_path / "strace.out")
+    proc, pid = stopped_at(snapfs, ("export", "whole", out), "ftruncate",
+                           tmp_path / "strace.out", path=partial)
     try:
         assert partial.exists()
         os.kill(pid, signum)
