@@ -1162,25 +1162,8 @@ def killed_at_write(pid: int, path: Path,
     """kill -9 of ``pid`` at the instant one of its threads enters a write to ``path`` (or
     another of the system ``calls`` on it), which is not made: strace, attached to every
     thread, delivers SIGKILL there."""
-    tracer = subprocess.Popen(
-        ["strace", "-f", "-qq", "-o", "/dev/null", "-P", os.path.realpath(path),
-         "-e", f"trace={calls}", "-e", f"inject={calls}:error=EIO:signal=SIGKILL",
-         "-p", str(pid)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    try:
-        def attached() -> bool:
-            tracers = []
-            for status in Path(f"/proc/{pid}/task").glob("*/status"):
-                with contextlib.suppress(OSError):
-                    tracers += [line.split()[1] for line in status.read_text().splitlines()
-                                if line.startswith("TracerPid:")]
-            return bool(tracers) and all(t == str(tracer.pid) for t in tracers)
-
-        wait_for(attached, 10, "strace to attach to the daemon")
+    with traced(pid, path, calls, Path(os.devnull), f"{calls}:error=EIO:signal=SIGKILL"):
         yield
-    finally:
-        if tracer.poll() is None:
-            tracer.terminate()
-        tracer.wait(10)
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
@@ -1306,21 +1289,27 @@ def test_kill_9_as_a_disk_comes_to_need_a_snapshot_never_leaves_it_unheld(
 
 @contextmanager
 def traced(pid: int, path: Path, syscall: str, trace: Path, *inject: str) -> Iterator[None]:
-    """strace on ``pid``'s calls of ``syscall`` on ``path`` while the block runs, written to
-    ``trace`` (``inject``: its tampering, for ``-e inject=``); its end lets the process go."""
+    """strace on ``pid``'s calls of ``syscall`` (a comma-separated list) on ``path`` while the
+    block runs, in every thread, written to ``trace`` (``inject``: its tampering, for ``-e
+    inject=``); its end lets the process go (if still alive)."""
     tracer = subprocess.Popen(
         ["strace", "-f", "-qq", "-o", str(trace), "-P", os.path.realpath(path),
          "-e", f"trace={syscall}", *(a for i in inject for a in ("-e", f"inject={i}")),
          "-p", str(pid)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:
-        wait_for(lambda: any(line.split()[1] == str(tracer.pid)
-                             for status in Path(f"/proc/{pid}/task").glob("*/status")
-                             for line in status.read_text().splitlines()
-                             if line.startswith("TracerPid:")),
-                 10, "strace to attach to the daemon")
+        def attached() -> bool:  # to every thread: a call in one not traced yet goes unseen
+            tracers = []
+            for status in Path(f"/proc/{pid}/task").glob("*/status"):
+                with contextlib.suppress(OSError):
+                    tracers += [line.split()[1] for line in status.read_text().splitlines()
+                                if line.startswith("TracerPid:")]
+            return bool(tracers) and all(t == str(tracer.pid) for t in tracers)
+
+        wait_for(attached, 10, "strace to attach to the daemon")
         yield
     finally:
-        tracer.terminate()
+        if tracer.poll() is None:
+            tracer.terminate()
         tracer.wait(10)
 
 
