@@ -67,11 +67,16 @@ def stopped_at(snapfs: Snapfs, args: tuple[Any, ...], syscall: str, trace: Path,
                  or proc.poll() is not None, 60,
                  f"snapfs to stop at its {syscall}" + (f" of {path}" if path else ""))
         assert proc.poll() is None, proc.communicate()
-        # snapfs itself, not strace
-        return proc, int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        return proc, traced_child(proc)
     except BaseException:
         reap(proc)
         raise
+
+
+def traced_child(proc: subprocess.Popen[Any]) -> int:
+    """The pid of the command that ``strace`` (``proc``) runs: a signal for the command goes
+    there, not to strace (which would let it go on, or pass the signal on late)."""
+    return int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
 
 
 def end_stopped(proc: subprocess.Popen[str], pid: int) -> None:

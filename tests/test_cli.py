@@ -37,7 +37,7 @@ from diskimages import (
     standard_images,
     write_at,
 )
-from mountutil import end_stopped, stopped_at, wait_for
+from mountutil import end_stopped, stopped_at, traced_child, wait_for
 from testkit import (
     EXIT_GENERAL,
     EXIT_INTEGRITY,
@@ -1188,9 +1188,7 @@ def killed_while_writing(command: list[str], env: dict[str, str],
     try:
         wait_for(lambda: written() or proc.poll() is not None, 60, "an object being written")
         assert proc.poll() is None, proc.communicate()
-        # the command itself, not strace (which would let it go on)
-        child = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
-        os.kill(int(child), signal.SIGKILL)
+        os.kill(traced_child(proc), signal.SIGKILL)
     finally:
         proc.communicate(timeout=60)
     left = written()
@@ -1542,8 +1540,7 @@ def test_a_delete_stopped_while_it_collects_says_what_it_deleted(tmp_path: Path)
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         wait_for(lambda: not root.exists(), 30, "the root to be deleted")
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        os.kill(int(children[0]), signal.SIGTERM)
+        os.kill(traced_child(proc), signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
         reap(proc)
