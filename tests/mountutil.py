@@ -214,10 +214,11 @@ class Served:
 
 
 @contextmanager
-def attached(image: Path) -> Iterator[str]:
-    """``image`` attached read-write to a loop device, detached afterwards."""
-    loop = subprocess.run(["losetup", "-f", "--show", str(image)], check=True,
-                          capture_output=True, text=True).stdout.strip()
+def attached(image: Path, read_only: bool = False) -> Iterator[str]:
+    """``image`` attached to a loop device (read-write unless ``read_only``), detached
+    afterwards."""
+    loop = subprocess.run(["losetup", "-f", "--show", *(["-r"] if read_only else []),
+                           str(image)], check=True, capture_output=True, text=True).stdout.strip()
     try:
         yield loop
     finally:

@@ -36,7 +36,7 @@ from diskimages import (
     random_image,
     shared_image,
 )
-from mountutil import MOUNTS, end_stopped, mounted, pid_running, stopped_at, wait_for
+from mountutil import MOUNTS, attached, end_stopped, mounted, pid_running, stopped_at, wait_for
 from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error, reap
 
 from snapfs.browse import _first_line
@@ -110,16 +110,12 @@ def assert_same_files(expected_root: Path, root: Path, paths: list[str]) -> None
 def loop_mounted(image: Path, where: Path) -> Iterator[Path]:
     """``image`` loop-mounted read-only at ``where``, detached afterwards."""
     where.mkdir(parents=True, exist_ok=True)
-    loop = subprocess.run(["losetup", "-f", "--show", "-r", str(image)], check=True,
-                          capture_output=True, text=True).stdout.strip()
-    try:
+    with attached(image, read_only=True) as loop:
         subprocess.run(["mount", "-o", "ro,noload", loop, str(where)], check=True)
         try:
             yield where
         finally:
             subprocess.run(["umount", str(where)], check=True)
-    finally:
-        subprocess.run(["losetup", "-d", loop], check=True)
 
 
 # -- fixtures ------------------------------------------------------------------------------------

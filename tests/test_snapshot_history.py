@@ -22,19 +22,15 @@ model leaves them to ``test_retention.py``."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import random
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mountutil import MOUNTS, make_env, mounted
+from mountutil import MOUNTS, attached, make_env, mounted
 from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error
 
 pytestmark = MOUNTS
@@ -44,29 +40,11 @@ STEPS = 60
 #: disk labels that are no snapshot names as they are (a slash, a space, an accent)
 LABELS = ("web", "db/main", "café data")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-
-
 def punch_hole(path: Path, offset: int, length: int) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def attached_read_only(image: Path) -> Iterator[str]:
-    device = subprocess.run(["losetup", "-f", "--show", "-r", str(image)], check=True,
-                            capture_output=True, text=True).stdout.strip()
-    try:
-        yield device
-    finally:
-        subprocess.run(["losetup", "-d", device], check=True)
+    """A hole where ``path`` had bytes ``offset`` .. ``offset + length`` (the file keeps its
+    size; partial blocks at either end are zeroed): what a TRIM passed through does."""
+    subprocess.run(["fallocate", "--punch-hole", "--offset", str(offset), "--length",
+                    str(length), str(path)], check=True)
 
 
 def blocks(data: bytes) -> list[bytes | None]:
@@ -186,7 +164,7 @@ class History:
             name = self.fresh()
             args += ["--name", name]
         if self.rng.random() < 0.15:  # the same file as a block device: no holes, no mtime
-            with attached_read_only(self.paths[label]) as device:
+            with attached(self.paths[label], read_only=True) as device:
                 args[2] = device
                 made = self.snapfs.json(*args)
         else:
