@@ -106,12 +106,19 @@ class Command:
     purpose: str | None = None
     makes: str | None = None  # the snapshot or disk it makes
     target: str | None = None  # the snapshot it reads, deletes, starts from or rolls back to
-    disk: str | None = None  # the image label or served disk it snapshots or rolls back
+    disk: str | None = None  # the image label it snapshots, or the served disk it rolls back
+    group: tuple[str, ...] = ()  # the served disks it snapshots (several: a consistency group)
     targets: tuple[str, ...] = ()  # what a delete deletes
     keep: int = 0  # a forget's --keep-last
     out: Path | None = None  # an export's file
     result: subprocess.CompletedProcess[str] | None = None
     pid: int = 0
+
+    def snapshots_made(self) -> list[str]:
+        """The names of the snapshots it makes (a consistency group's are NAME-DISK)."""
+        if self.kind == "snapshot_disk" and len(self.group) > 1:
+            return [f"{self.makes}-{d}" for d in self.group]
+        return [self.makes] if self.makes is not None and self.kind != "disk_create" else []
 
     def describe(self) -> str:
         shown = " ".join(str(a) for a in self.args)
@@ -246,14 +253,15 @@ class History:
         return self.plan_create(rnd, self.rng.choice(sorted(self.snaps)))
 
     def plan_snapshot_disk(self, rnd: Round) -> Command | None:
-        free = [d for d in rnd.start_disks if all(c.disk != d for c in rnd.of("snapshot_disk"))]
+        free = [d for d in rnd.start_disks if all(d not in c.group for c in rnd.of("snapshot_disk"))]
         if not free:
             return None
-        disk = self.rng.choice(free)
+        group = tuple(self.rng.sample(free, 2 if len(free) > 1 and self.rng.random() < 0.3
+                                      else 1))
         name = self.fresh("s")
-        return Command("snapshot_disk",
-                       ("snapshot", "create", "--disk", disk, "--name", name, "--json"),
-                       makes=name, disk=disk)
+        return Command("snapshot_disk", ("snapshot", "create", *(a for d in group for a in
+                                                                   ("--disk", d)),
+                                         "--name", name, "--json"), makes=name, group=group)
 
     def plan_disk_create(self, rnd: Round) -> Command | None:
         if len(self.disks) + len(rnd.of("disk_create")) >= MAX_DISKS:
@@ -415,7 +423,7 @@ class History:
         if code == EXIT_GENERAL and command.kind == "rollback":
             assert "a snapshot of it is being taken" in line or "is still uploading" in line, \
                 context
-            assert any(c.disk == command.disk for c in rnd.of("snapshot_disk")), context
+            assert any(command.disk in c.group for c in rnd.of("snapshot_disk")), context
             return
         if code == EXIT_GENERAL and command.kind == "snapshot_disk":
             # its upload waited for a collection's lock, three times in vain
@@ -432,8 +440,8 @@ class History:
         holders = [m.groups() for m in found]
         for purpose, pid, _host in holders:
             if int(pid) == self.daemon.pid:
-                doing = [f"snapshot of disks {c.disk}" for c in rnd.of("snapshot_disk")]
-                doing += [f"snapshot of disk {c.disk}" for c in rnd.of("snapshot_disk")]
+                doing = [f"snapshot of disks {', '.join(c.group)}" for c in rnd.of("snapshot_disk")]
+                doing += [f"snapshot of disk {d}" for c in rnd.of("snapshot_disk") for d in c.group]
                 doing += [f"disk create {c.makes} (snapfs daemon)" for c in rnd.of("disk_create")]
                 doing += [f"disk rollback {c.disk} (snapfs daemon)" for c in rnd.of("rollback")]
                 assert purpose in doing, (purpose, doing, context)
@@ -456,21 +464,22 @@ class History:
 
     def did_snapshot_disk(self, rnd: Round, command: Command, task: dict[str, Any],
                           made: dict[str, Snap]) -> None:
-        assert command.makes is not None and command.disk is not None
+        """Each disk's snapshot holds the disk as it was when the round began, or, where a
+        rollback of it in the round came first, as the rollback left it."""
         assert task["state"] == "accomplished", task
-        [part] = task["parts"]
-        assert part["name"] == command.makes, task
-        root = self.repo.resolve(part["snapshot_id"])
-        content = self.repo_bytes(root.id)
-        before = rnd.start_disks[command.disk]
-        # a rollback of the same disk in the round may have come first: then the snapshot holds
-        # the rolled back disk (the disk's model says what that is, once the rollback settled)
-        rolled = [c for c in rnd.of("rollback") if c.disk == command.disk
-                  and c.result is not None and c.result.returncode == 0]
-        after = [self.rolled_back(before, self.snaps[c.target].content) for c in rolled
-                 if c.target is not None]
-        assert content in [before, *after], (command.describe(), self.history())
-        made[command.makes] = Snap(root.id, command.disk, content, root.created)
+        assert [p["name"] for p in task["parts"]] == command.snapshots_made(), task
+        assert len({p["snapshot"]["group"] for p in task["parts"]}) == 1, task
+        for disk, part in zip(command.group, task["parts"], strict=True):
+            root = self.repo.resolve(part["snapshot_id"])
+            content = self.repo_bytes(root.id)
+            before = rnd.start_disks[disk]
+            rolled = [c for c in rnd.of("rollback") if c.disk == disk
+                      and c.result is not None and c.result.returncode == 0]
+            after = [self.rolled_back(before, self.snaps[c.target].content) for c in rolled
+                     if c.target is not None]
+            assert content in [before, *after], (part["name"], command.describe(),
+                                                 self.history())
+            made[part["name"]] = Snap(root.id, disk, content, root.created)
 
     def did_disk_create(self, rnd: Round, command: Command, doc: dict[str, Any],
                         made: dict[str, Snap]) -> None:
@@ -527,7 +536,8 @@ class History:
         # everything there when it began but what the round may delete, and nothing it did not make
         listed = {d["name"] for d in docs if d["state"] == "accomplished"}
         assert {s for s in self.snaps if not rnd.doomed(s)} <= listed, (listed, self.history())
-        assert listed <= set(self.snaps) | {c.makes for c in rnd.commands if c.makes}, listed
+        assert listed <= set(self.snaps) | {n for c in rnd.commands for n in c.snapshots_made()}, \
+            listed
 
     def did_export(self, rnd: Round, command: Command, doc: dict[str, Any],
                    made: dict[str, Snap]) -> None:
