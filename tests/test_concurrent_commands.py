@@ -102,7 +102,8 @@ class Command:
 
     kind: str
     args: tuple[Any, ...]
-    #: the repository lock's purpose it takes (the daemon's, for disk commands)
+    #: the purpose of the repository lock it takes itself (for a disk command, the daemon
+    #: takes one: ``History.check_holders``)
     purpose: str | None = None
     makes: str | None = None  # the snapshot or disk it makes
     target: str | None = None  # the snapshot it reads, deletes, starts from or rolls back to
