@@ -609,6 +609,10 @@ def test_commands_at_the_same_time_cost_no_snapshot(
         store_url: str, store_endpoint: str | None, tmp_path: Path, runtime_dir: Path,
         make_store: Callable[..., ObjectStore], request: pytest.FixtureRequest,
         seed: int) -> None:
+    """``ROUNDS`` rounds from ``seed`` (module docstring): two image files with a snapshot
+    each and a served disk made from each, then in every round the sources change and several
+    commands run at once. A failure shows the history, each command with its exit code and
+    line, so that the seed runs it again."""
     s3 = store_url.startswith("s3://")
     rng = random.Random(seed)
     snapfs = Snapfs(store_url, store_endpoint, make_env(runtime_dir, request, s3))
@@ -644,7 +648,6 @@ def test_commands_at_the_same_time_cost_no_snapshot(
         check_collected(repo)
         for name in list(history.disks):
             snapfs.ok("disk", "delete", name)
-
 
 
 # -- what the stress test can only hit by chance, made to happen every time -------------------
