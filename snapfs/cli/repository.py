@@ -98,6 +98,8 @@ def verify(config: CliConfig, snaps: tuple[str, ...], json_output: bool) -> None
     else:
         for line in report.problems:
             click.echo(f"problem: {line}")
+        for snap_id in report.deleted:
+            click.echo(f"not verified: snapshot {snap_id} was deleted meanwhile")
         click.echo(f"checked {counted(report.snapshots, 'snapshot')}, "
                    f"{counted(report.blobs_checked, 'blob')}, {human_size(report.bytes_checked)}: "
                    + ("no problems" if report.ok else counted(len(report.problems), "problem")))
