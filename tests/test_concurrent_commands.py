@@ -679,17 +679,21 @@ def local_repo(tmp_path: Path, runtime_dir: Path, request: pytest.FixtureRequest
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
-@pytest.mark.parametrize("command", ["verify", "export"])
+@pytest.mark.parametrize("command", ["verify", "verify-named", "export"])
 def test_a_snapshot_deleted_while_it_is_read_is_no_damage(
         command: str, local_repo: tuple[Snapfs, Path], tmp_path: Path) -> None:
     """``verify`` (of every snapshot) and ``export`` list the snapshots, then load the index:
     a ``delete`` in between (stopped there with strace, as it lists ``index/``) collects what
     only the deleted snapshot used. Verify reported its manifest page as missing ("snapfs
     repair index finds it", exit 4), and export said the same where README promises "was
-    deleted while it was exported" (exit 3): a cron job's false alarm of lost data."""
+    deleted while it was exported" (exit 3): a cron job's false alarm of lost data. A
+    snapshot named to ``verify`` and deleted meanwhile was not verified, which exit 0 would
+    deny: exit 3, as export."""
     snapfs, repo = local_repo
-    args: tuple[Any, ...] = ("verify", "--json") if command == "verify" else \
-        ("export", "gone", tmp_path / "out.img")
+    args: tuple[Any, ...] = {
+        "verify": ("verify", "--json"),
+        "verify-named": ("verify", "gone", "--json"),
+        "export": ("export", "gone", tmp_path / "out.img")}[command]
     gone = snapfs.json("snapshot", "show", "gone")["id"]
     proc, pid = stopped_at(snapfs, args, "openat", tmp_path / "strace.out", path=repo / "index",
                            when=1)
@@ -705,6 +709,12 @@ def test_a_snapshot_deleted_while_it_is_read_is_no_damage(
         report = json.loads(out)
         assert (report["ok"], report["problems"], report["snapshots"],
                 report["deleted_meanwhile"]) == (True, [], 1, [gone]), report
+    elif command == "verify-named":
+        assert one_error(result, EXIT_NOT_FOUND) == (
+            f"snapfs: not verified: snapshot {gone} was deleted while it was verified")
+        report = json.loads(out)
+        assert (report["ok"], report["snapshots"], report["deleted_meanwhile"]) == (
+            True, 0, [gone]), report
     else:
         assert "was deleted while it was exported" in one_error(result, EXIT_NOT_FOUND)
         assert list(tmp_path.glob("out.img*")) == []
