@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import stat
 import struct
 import subprocess
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from diskimages import have_root
+from diskimages import have_root, make_socket
 
 import snapfs.restore
 from snapfs.errors import NoSpace, StoreUnavailable, UsageError
@@ -240,17 +239,6 @@ class Tree:
 
         walk(self.root, "")
         return out
-
-
-def make_socket(path: Path) -> None:
-    """A Unix socket file at ``path``, bound through ``/proc/self/fd`` so that a long path
-    (pytest's tmp_path) still fits in sun_path."""
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.bind(f"/proc/self/fd/{fd}/{path.name}")
-    finally:
-        os.close(fd)
 
 
 #: the special files of the tree a restore leaves out (the fifo and the device are restored)
