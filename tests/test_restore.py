@@ -497,6 +497,27 @@ def test_conflicts(snap: Tree, tmp_path: Path, on_conflict: str) -> None:
 
 @needs_root
 @pytest.mark.parametrize("on_conflict", ["skip", "overwrite"])
+def test_overwrite_gives_an_existing_directory_exactly_the_snapshots_attributes(
+    snap: Tree, tmp_path: Path, on_conflict: str
+) -> None:
+    """Overwrite restores the metadata of a directory it merges into: its extended attributes
+    become the snapshot's, none of the target's own left beside them; skip leaves them."""
+    alice = tmp_path / "out" / "home/alice"
+    alice.mkdir(parents=True)
+    mine = {"user.dir": b"mine", "user.stale": b"x", "trusted.stale": b"y"}
+    for name, value in mine.items():
+        os.setxattr(alice, name, value)
+
+    report = restore(snap, tmp_path / "out", includes=("home/alice",), on_conflict=on_conflict)
+
+    assert report.failed == 0
+    attrs = {a: os.getxattr(alice, a) for a in os.listxattr(alice)
+             if a.startswith(("user.", "trusted."))}
+    assert attrs == (mine if on_conflict == "skip" else {"user.dir": b"d"})
+
+
+@needs_root
+@pytest.mark.parametrize("on_conflict", ["skip", "overwrite"])
 def test_a_directory_where_a_file_goes_is_skipped_or_fails(
     snap: Tree, tmp_path: Path, on_conflict: str
 ) -> None:
