@@ -44,6 +44,7 @@ import re
 import stat
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,6 @@ LATER = time.time_ns() + 3600 * 10**9
 SECOND = 10**9
 VERSIONS = 3
 RESTORES = 7
-TEMP_PREFIX = ".snapfs-restore-"
 
 # -- the model ---------------------------------------------------------------------------------
 
@@ -399,6 +399,13 @@ def pattern_for(path: str, is_dir: bool, rng: random.Random) -> Pattern:
     if rng.random() < 0.1:
         text = "/" + text  # a leading / changes nothing
     return Pattern(parts, dir_only, text + ("/" if dir_only else ""))
+
+
+def inside(path: str, rng: random.Random) -> Pattern:
+    """``PATH/**``: what is inside the directory, not the directory itself."""
+    parts: list[list[Piece] | None] = [[("lit", c) for c in name] for name in path.split("/")]
+    text = "/".join(render(part, rng) for part in parts if part is not None)
+    return Pattern([*parts, None], False, f"{text}/**")
 
 
 def literal(text: str) -> Pattern:
@@ -835,8 +842,8 @@ class Generator:
                            "add"])
         if what == "data" and node.kind == "file":
             node.size, node.chunks = self.file_data()
-            write_data(full, node)
-            set_metadata(full, node)  # the same inode: every name of it changes
+            write_data(full, node)  # the same inode: every name of it changes
+            set_metadata(full, node)
         elif what == "remove":
             if node.kind == "dir":
                 subprocess.run(["rm", "-rf", "--", str(full)], check=True)
@@ -897,15 +904,8 @@ class History:
         self.targets: list[Target] = []
         self.gen = Generator(rng, self.sentinel)
         self.versions: dict[str, Tree] = {}  # snapshot name -> its tree
+        self.ids: dict[str, str] = {}  # snapshot name -> its id
         self.log: list[str] = []
-
-    def note(self, what: str) -> None:
-        self.log.append(what)
-
-    def history(self) -> str:
-        return "history:\n  " + "\n  ".join(self.log[-40:])
-
-    def setup(self) -> None:
         (self.sentinel / "sub").mkdir(parents=True)
         (self.sentinel / "victim").write_bytes(b"precious")
         (self.sentinel / "sub" / "inner").write_bytes(b"also precious")
@@ -913,15 +913,21 @@ class History:
         for path in ("sub/inner", "sub", "victim", "link"):  # reading it changes no atime
             os.utime(self.sentinel / path, ns=(LATER, 1_000_000_000 * SECOND),
                      follow_symlinks=False)
-        self.targets_dir.mkdir()
         self.outside = observe(self.sentinel)
-        self.outside_stat = os.stat(self.sentinel)
+        self.outside_mtime = os.stat(self.sentinel).st_mtime_ns
+        self.targets_dir.mkdir()
         subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-I", "256", "-N", "4096",
                         str(self.image), "96M"], check=True, capture_output=True)
 
+    def note(self, what: str) -> None:
+        self.log.append(what)
+
+    def history(self) -> str:
+        return "history:\n  " + "\n  ".join(self.log[-40:])
+
     def assert_outside_untouched(self, what: str) -> None:
         assert observe(self.sentinel) == self.outside, f"{what} changed the sentinel"
-        assert os.stat(self.sentinel).st_mtime_ns == self.outside_stat.st_mtime_ns, what
+        assert os.stat(self.sentinel).st_mtime_ns == self.outside_mtime, what
         assert set(os.listdir(self.tmp)) <= {"sentinel", "tree.img", "targets", "cache", "repo",
                                              "mnt", "browsed", "a-file"}, what
         assert sorted(os.listdir(self.targets_dir)) == sorted(
@@ -929,7 +935,10 @@ class History:
 
     def assert_nothing_left(self, what: str) -> None:
         assert mounts_under(self.tmp) == [], what
-        assert loops_under(self.tmp) == {}, what
+        # only those of images here: one of a snapfs mount gone (``/snapshots/…``) may be
+        # another test's, a moment before it detaches it (browse_env looks for those at the end)
+        assert [backing for backing in loops_under(self.tmp).values()
+                if backing.startswith(f"{self.tmp}/")] == [], what
         assert self.env.browse_states() == [], what
         browse_mnt = self.env.cache / "browse-mnt"
         assert not browse_mnt.exists() or list(browse_mnt.iterdir()) == [], what
@@ -963,6 +972,7 @@ class History:
                                     "--disk", "tree")
         assert made["name"] == name
         self.versions[name] = tree
+        self.ids[name] = made["id"]
         return tree
 
     # -- restores
@@ -1037,6 +1047,10 @@ class History:
         for _ in range(rng.choice([0, 0, 1, 1, 2])):
             path = rng.choice(paths)
             excludes.append(pattern_for(path, tree.kind(path) == "dir", rng))
+        directories = [p for p in paths if tree.kind(p) == "dir"]
+        if directories and rng.random() < 0.25:  # README's --exclude 'var/**': an empty var
+            (excludes if rng.random() < 0.7 else includes).append(
+                inside(rng.choice(directories), rng))
         return includes, excludes
 
     def restore(self) -> None:
@@ -1081,7 +1095,7 @@ class History:
             report = json.loads(result.stdout)
             snapshot = report.pop("snapshot")
             assert report.pop("target") == str(target.path)
-            assert snapshot == self.env.snapfs.json("snapshot", "show", name)["id"]
+            assert snapshot == self.ids[name]
             assert report == expected, (report, where)
         else:
             self.check_said(result, expected, name, target.path, where)
@@ -1178,14 +1192,16 @@ def ancestors(path: str) -> list[str]:
     return ["/".join(names[: i + 1]) for i in range(len(names))]
 
 
-def run_history(snapfs: Snapfs, seed: int, tmp: Path) -> None:
+def run_history(snapfs: Snapfs, seed: int, tmp: Path, versions: int = VERSIONS,
+                restores: int = RESTORES) -> None:
+    """``versions`` snapshots of a tree drawn from ``seed``, and ``restores`` restores, a browse
+    and a refused command among them, in the order the seed says."""
     rng = random.Random(seed)
     snapfs.ok("init")
     with browse_env(snapfs, tmp) as env:
         history = History(env, rng, tmp)
-        history.setup()
         tree = history.version(None)
-        steps = ["restore"] * RESTORES + ["version"] * (VERSIONS - 1) + ["browse", "refused"]
+        steps = ["restore"] * restores + ["version"] * (versions - 1) + ["browse", "refused"]
         rng.shuffle(steps)
         for step in steps:
             if step == "version":
@@ -1207,7 +1223,7 @@ def seeds(default: list[int]) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("seed", seeds([1, 2]))
+@pytest.mark.parametrize("seed", seeds([2, 3]))
 def test_restores_and_browses_of_random_trees_match_the_model(
         seed: int, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     run_history(Snapfs(str(tmp_path / "repo"), None, store_env(request, s3=False)), seed,
@@ -1217,9 +1233,11 @@ def test_restores_and_browses_of_random_trees_match_the_model(
 @pytest.mark.s3
 def test_restores_from_s3_match_the_model(tmp_path: Path, request: pytest.FixtureRequest,
                                           s3_bucket: str) -> None:
+    """A shorter history from a repository on S3: browse's own daemon reads it there."""
     seaweed = request.getfixturevalue("seaweed")
-    repo = f"s3://{s3_bucket}/restore-history-{os.getpid()}"
-    run_history(Snapfs(repo, seaweed.endpoint_url, store_env(request, s3=True)), 3, tmp_path)
+    repo = f"s3://{s3_bucket}/restore-history-{uuid.uuid4().hex[:12]}"
+    run_history(Snapfs(repo, seaweed.endpoint_url, store_env(request, s3=True)), 3, tmp_path,
+                versions=2, restores=3)
 
 
 def test_the_model_reads_patterns_as_the_readme_says() -> None:
