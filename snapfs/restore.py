@@ -919,7 +919,7 @@ class _Restorer:
             theirs = set(os.listxattr(source))
         except OSError as e:
             if e.errno != errno.ENOTSUP:
-                raise
+                raise _EntryFailed(f"cannot list its extended attributes: {e.strerror}") from None
             theirs = set()  # a source filesystem without xattrs: the snapshot has none
         try:
             ours = os.listxattr(target)
