@@ -274,18 +274,32 @@ def mounts_under(root: Path) -> list[tuple[str, str]]:
     return sorted(found, key=lambda m: -m[0].count("/"))
 
 
-def loops_under(root: Path) -> dict[str, str]:
+def loops_under(root: Path, settle: float = 5.0) -> dict[str, str]:
     """Loop device -> backing file, for the loop devices whose file is below ``root``, or is an
     image on a snapfs mount that is no longer in the mount table (the kernel then names it by
-    its path inside the mount, ``/snapshots/NAME.img``: such a device is always a leak)."""
-    found = {}
-    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-        try:
-            path = backing.read_text().strip()
-        except OSError:
-            continue  # detached meanwhile
-        if path.startswith((f"{root}/", "/snapshots/", "/disks/")):
-            found[f"/dev/{backing.parent.parent.name}"] = path
+    its path inside the mount, ``/snapshots/NAME.img``: such a device is a leak once it stays).
+    Which test such a device is from cannot be told, and another test's is named so for a
+    moment while its browse is undone (its daemon unmounted as the device is let go): one is
+    counted only if it is still there after ``settle`` seconds."""
+    def scan() -> dict[str, str]:
+        found = {}
+        for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+            try:
+                path = backing.read_text().strip()
+            except OSError:
+                continue  # detached meanwhile
+            if path.startswith((f"{root}/", "/snapshots/", "/disks/")):
+                found[f"/dev/{backing.parent.parent.name}"] = path
+        return found
+
+    found = scan()
+    deadline = time.monotonic() + settle
+    while any(not path.startswith(f"{root}/") for path in found.values()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+        again = scan()
+        found = {dev: path for dev, path in found.items()
+                 if path.startswith(f"{root}/") or again.get(dev) == path}
     return found
 
 
