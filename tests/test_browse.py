@@ -682,6 +682,28 @@ def odd_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return image
 
 
+def test_restore_files_says_each_entry_on_one_line_whatever_its_name(env: Env) -> None:
+    """A name may hold a newline or an escape character: what restore-files says of it on
+    stderr stays one line, its control characters escaped as labels' are."""
+    content = env.tmp / "content"
+    content.mkdir()
+    (content / "plain").write_bytes(b"x")
+    make_socket(content / "two\nlines")
+    make_socket(content / "esc\x1b[2Jape")
+    image = env.tmp / "names.img"
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(content), str(image), "8M"], check=True,
+                   capture_output=True)
+    env.snapfs.ok("snapshot", "create", image, "--name", "names", "--disk", "names")
+    result = env.snapfs("restore-files", "names", "--to", env.tmp / "target", "--include",
+                        "*", "--include", "no\tsuch")
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stderr.splitlines()) == [
+        "snapfs: left out: esc\\x1b[2Jape: socket",
+        "snapfs: left out: two\\nlines: socket",
+        "snapfs: warning: --include no\\tsuch matched nothing"]
+    assert os.listdir(env.tmp / "target") == ["plain"]
+
+
 def temporary_files(root: Path) -> list[str]:
     return [os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files
             if n.startswith(".snapfs-restore-")]

@@ -56,6 +56,8 @@ from diskimages import make_socket
 from mountutil import MOUNTS, Env, attached, browse_env, ext4_mounted, loops_under, mounts_under
 from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error, store_env
 
+from snapfs.cli.output import printable
+
 pytestmark = MOUNTS
 MiB = 1 << 20
 BLOCK = 4096
@@ -1113,9 +1115,11 @@ class History:
                 + [f"snapfs: left out: {s}" for s in expected["special"]]
                 + [f"snapfs: warning: --include {p} matched nothing"
                    for p in expected["unmatched_includes"]])
-        # a name that is no UTF-8 reaches stderr with its bytes as escapes
+        # one line each: control characters escaped (``printable``, as for labels), and a name
+        # that is no UTF-8 reaches stderr with its bytes as escapes
         assert result.stderr == "".join(
-            f"{line}\n".encode(errors="backslashreplace").decode() for line in said), where
+            f"{printable(line)}\n".encode(errors="backslashreplace").decode() for line in said), \
+            where
         links = expected["links"]
         links_said = ("" if not links else ", 1 of them a hard link" if links == 1
                       else f", {links} of them hard links")
