@@ -22,7 +22,9 @@ own default ACL) gives each entry created under it an ACL of its own, so every e
 stripped of ``system.posix_acl_access``/``system.posix_acl_default`` as soon as it is created
 (a file before its data goes in, a directory before anything goes into it; the group bits are
 cleared first, as without the ACL they would grant what the mask did), and then gets the
-source's. Overwrite does the same to an existing directory whose metadata it restores.
+source's. Overwrite does the same to an existing directory whose metadata it restores, and
+removes its other attributes the snapshot's directory lacks (all but ``security.*``), so that
+they are the snapshot's rather than a mix.
 
 Hard links are kept: the first name of a source inode with ``st_nlink > 1`` is copied, and each
 later name becomes a link to that copy. The copy is found again by its path in the target,
@@ -648,6 +650,8 @@ class _Restorer:
                 raise _Abandoned(here) from None
             try:
                 self.set_owner(here.target_fd, here.st)
+                if not created:  # overwrite: the snapshot's attributes, not a mix with the target's
+                    self.drop_other_xattrs(here.source_fd, here.target_fd)
                 self.copy_xattrs(here.source_fd, here.target_fd, follow=True)
             except (OSError, _EntryFailed) as e:
                 self.fail(here.rel, _reason(e))  # the contents still go in
@@ -903,6 +907,29 @@ class _Restorer:
                 os.chmod(target, mode & ~0o070)
         for attr in present:
             os.removexattr(target, attr)
+
+    @staticmethod
+    def drop_other_xattrs(source: int, target: int) -> None:
+        """Remove the extended attributes of a directory already in the target, whose metadata
+        overwrite restores, that the snapshot's directory does not have: ``copy_xattrs`` only
+        sets, and the directory would end with the target's attributes beside the snapshot's.
+        ``system.*`` (ACLs: ``drop_acls``) and ``security.*`` (the target system's labels) are
+        left alone."""
+        try:
+            theirs = set(os.listxattr(source))
+        except OSError as e:
+            if e.errno != errno.ENOTSUP:
+                raise _EntryFailed(f"cannot list its extended attributes: {e.strerror}") from None
+            theirs = set()  # a source filesystem without xattrs: the snapshot has none
+        try:
+            ours = os.listxattr(target)
+        except OSError as e:
+            if e.errno == errno.ENOTSUP:  # nor can the target have any
+                return
+            raise
+        for attr in ours:
+            if attr not in theirs and not attr.startswith(_OPTIONAL_XATTRS):
+                os.removexattr(target, attr)
 
     def copy_xattrs(self, source: int | str, target: int | str, follow: bool) -> None:
         try:

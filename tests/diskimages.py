@@ -15,6 +15,7 @@ import hashlib
 import os
 import random
 import shutil
+import socket
 import struct
 import subprocess
 import uuid
@@ -178,6 +179,17 @@ def same_bytes(a: Path, b: Path) -> bool:
                     return False
                 pos += n
     return True
+
+
+def make_socket(path: Path) -> None:
+    """A Unix socket file at ``path``, bound through ``/proc/self/fd`` so that a long path
+    (pytest's tmp_path) still fits in sun_path."""
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(f"/proc/self/fd/{fd}/{path.name}")
+    finally:
+        os.close(fd)
 
 
 def have_root() -> bool:

@@ -9,11 +9,17 @@ short per-session directory (``SNAPFS_RUNTIME_DIR``) so tests never touch /run/s
 ``attached`` and ``ext4_mounted`` put a served disk (or any image) on a loop device and its ext4
 on a directory, undone in ``finally``; used inside the FUSE mount's context, they are gone before
 the FUSE mount is.
+
+``browse_env`` runs ``browse`` and ``restore-files`` with a runtime directory and cache of a
+test's own, and fails the test that leaves a browse, a mount, a loop device or a daemon behind
+(found as the kernel tells it: ``mounts_under``, ``loops_under``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import os
 import shutil
 import signal
@@ -267,3 +273,131 @@ def make_env(runtime_dir: Path, request: pytest.FixtureRequest, s3: bool) -> dic
     env = store_env(request, s3)
     env["SNAPFS_RUNTIME_DIR"] = str(runtime_dir)
     return env
+
+
+# -- what the kernel says, read without snapfs ----------------------------------------------
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+
+
+def mounts_under(root: Path) -> list[tuple[str, str]]:
+    """(mount point, fstype) of every mount at or below ``root``, deepest first."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            where = _unescape(fields[4])
+            if where == str(root) or where.startswith(f"{root}/"):
+                found.append((where, fields[fields.index("-") + 1]))
+    return sorted(found, key=lambda m: -m[0].count("/"))
+
+
+def loops_under(root: Path, settle: float = 5.0) -> dict[str, str]:
+    """Loop device -> backing file, for the loop devices whose file is below ``root``, or is an
+    image on a snapfs mount that is no longer in the mount table (the kernel then names it by
+    its path inside the mount, ``/snapshots/NAME.img``: such a device is a leak once it stays).
+    Which test such a device is from cannot be told, and another test's is named so for a
+    moment while its browse is undone (its daemon unmounted as the device is let go): one is
+    counted only if it is still there after ``settle`` seconds."""
+    def scan() -> dict[str, str]:
+        found = {}
+        for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+            try:
+                path = backing.read_text().strip()
+            except OSError:
+                continue  # detached meanwhile
+            if path.startswith((f"{root}/", "/snapshots/", "/disks/")):
+                found[f"/dev/{backing.parent.parent.name}"] = path
+        return found
+
+    found = scan()
+    deadline = time.monotonic() + settle
+    while any(not path.startswith(f"{root}/") for path in found.values()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+        again = scan()
+        found = {dev: path for dev, path in found.items()
+                 if path.startswith(f"{root}/") or again.get(dev) == path}
+    return found
+
+
+# -- browse and restore-files, and what they must not leave behind ----------------------------
+
+_browse_envs = itertools.count()
+
+
+@dataclasses.dataclass
+class Env:
+    """``snapfs`` on a test's repository, with its own runtime directory (pid files, sockets,
+    browse states) and cache directory (``browse_env``)."""
+
+    snapfs: Snapfs
+    tmp: Path
+    runtime: Path
+    cache: Path
+
+    def empty_dir(self, name: str) -> Path:
+        path = self.tmp / name
+        path.mkdir()
+        return path
+
+    def browse(self, snap: str, directory: Path, *args: Any) -> dict[str, Any]:
+        doc: dict[str, Any] = self.snapfs.json("browse", snap, directory, *args)
+        return doc
+
+    def unbrowse(self, directory: Path) -> str:
+        return self.snapfs.ok("unbrowse", directory)
+
+    def browse_states(self) -> list[Path]:
+        return sorted(self.runtime.glob("browse-*.json"))
+
+    def daemon_pid_files(self) -> list[Path]:
+        return sorted(self.runtime.glob("*.pid"))
+
+    def left_behind(self) -> list[str]:
+        """Browses, mounts, loop devices and daemons of this test; each is undone."""
+        left = []
+        for state in self.browse_states():
+            directory = json.loads(state.read_text())["directory"]
+            left.append(f"a browse of {directory}")
+            self.snapfs("unbrowse", directory)
+        for where, fstype in mounts_under(self.tmp):
+            if fstype != "fuse.snapfs":
+                left.append(f"a {fstype} mount at {where}")
+                subprocess.run(["umount", "-l", where], capture_output=True)
+        for loop, backing in loops_under(self.tmp).items():
+            left.append(f"{loop} on {backing}")
+            subprocess.run(["losetup", "-d", loop], capture_output=True)
+        for where, _ in mounts_under(self.tmp):
+            left.append(f"a snapfs mount at {where}")
+            if self.snapfs("umount", where, "--timeout", "10").returncode != 0:
+                subprocess.run(["fusermount3", "-u", "-z", where], capture_output=True)
+        for pid_file in self.daemon_pid_files():
+            left.append(f"a daemon ({pid_file.name})")
+            pid = int(pid_file.read_text() or 0)
+            if pid and pid_running(pid):
+                os.kill(pid, signal.SIGKILL)
+                wait_for(lambda pid=pid: not pid_running(pid), 10, f"daemon {pid} to die")
+        return left
+
+
+@contextmanager
+def browse_env(snapfs: Snapfs, tmp: Path) -> Iterator[Env]:
+    """An ``Env`` for ``snapfs`` (its repository and environment) below ``tmp``, with a runtime
+    directory and a cache of its own; afterwards whatever it left behind (a browse, a mount, a
+    loop device, a daemon) is undone, and named in an assertion that fails the test."""
+    # short, because a Unix socket path must fit in 108 bytes
+    runtime = Path(f"/tmp/snapfs-test-browse-{os.getpid()}-{next(_browse_envs)}")
+    runtime.mkdir(mode=0o700)
+    cache = tmp / "cache"
+    environment = Env(dataclasses.replace(snapfs, env={
+        **snapfs.env, "SNAPFS_RUNTIME_DIR": str(runtime), "SNAPFS_CACHE_DIR": str(cache)}),
+        tmp, runtime, cache)
+    try:
+        yield environment
+    finally:
+        left = environment.left_behind()
+        shutil.rmtree(runtime, ignore_errors=True)
+    assert left == [], f"the test left behind: {left}"

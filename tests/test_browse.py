@@ -9,16 +9,13 @@ device or a daemon behind (after cleaning it up: unbrowse, umount -l, losetup -d
 
 from __future__ import annotations
 
-import dataclasses
 import filecmp
 import fnmatch
-import itertools
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import time
@@ -32,12 +29,33 @@ from diskimages import (
     change_image,
     copy_image,
     make_image,
+    make_socket,
     partitioned_image,
     random_image,
     shared_image,
 )
-from mountutil import MOUNTS, attached, end_stopped, mounted, pid_running, stopped_at, wait_for
-from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error, reap
+from mountutil import (
+    MOUNTS,
+    Env,
+    attached,
+    browse_env,
+    end_stopped,
+    loops_under,
+    mounted,
+    mounts_under,
+    pid_running,
+    stopped_at,
+    wait_for,
+)
+from testkit import (
+    EXIT_GENERAL,
+    EXIT_NOT_FOUND,
+    EXIT_USAGE,
+    Snapfs,
+    one_error,
+    reap,
+    store_env,
+)
 
 from snapfs.browse import _first_line
 from snapfs.cli.context import stop_signals_interrupt
@@ -45,41 +63,6 @@ from snapfs.cli.output import run_async
 
 pytestmark = MOUNTS
 MiB = 1 << 20
-_test_numbers = itertools.count()
-
-
-# -- what the kernel says, read without snapfs ---------------------------------------------------
-
-
-def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
-
-
-def mounts_under(root: Path) -> list[tuple[str, str]]:
-    """(mount point, fstype) of every mount at or below ``root``, deepest first."""
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            where = _unescape(fields[4])
-            if where == str(root) or where.startswith(f"{root}/"):
-                found.append((where, fields[fields.index("-") + 1]))
-    return sorted(found, key=lambda m: -m[0].count("/"))
-
-
-def loops_under(root: Path) -> dict[str, str]:
-    """Loop device -> backing file, for the loop devices whose file is below ``root``, or is an
-    image on a snapfs mount that is no longer in the mount table (the kernel then names it by
-    its path inside the mount, ``/snapshots/NAME.img``: such a device is always a leak)."""
-    found = {}
-    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-        try:
-            path = backing.read_text().strip()
-        except OSError:
-            continue  # detached meanwhile
-        if path.startswith((f"{root}/", "/snapshots/", "/disks/")):
-            found[f"/dev/{backing.parent.parent.name}"] = path
-    return found
 
 
 def _raise(e: OSError) -> None:
@@ -190,79 +173,13 @@ def module_repo(tmp_path_factory: pytest.TempPathFactory, images: dict[str, Path
     return repo
 
 
-@dataclasses.dataclass
-class Env:
-    """``snapfs`` on a private copy of the module's repository, with its own runtime
-    directory (pid files, sockets, browse states) and cache directory."""
-
-    snapfs: Snapfs
-    tmp: Path
-    runtime: Path
-    cache: Path
-
-    def empty_dir(self, name: str) -> Path:
-        path = self.tmp / name
-        path.mkdir()
-        return path
-
-    def browse(self, snap: str, directory: Path, *args: Any) -> dict[str, Any]:
-        doc: dict[str, Any] = self.snapfs.json("browse", snap, directory, *args)
-        return doc
-
-    def unbrowse(self, directory: Path) -> str:
-        return self.snapfs.ok("unbrowse", directory)
-
-    def browse_states(self) -> list[Path]:
-        return sorted(self.runtime.glob("browse-*.json"))
-
-    def daemon_pid_files(self) -> list[Path]:
-        return sorted(self.runtime.glob("*.pid"))
-
-    def left_behind(self) -> list[str]:
-        """Browses, mounts, loop devices and daemons of this test; each is undone."""
-        left = []
-        for state in self.browse_states():
-            directory = json.loads(state.read_text())["directory"]
-            left.append(f"a browse of {directory}")
-            self.snapfs("unbrowse", directory)
-        for where, fstype in mounts_under(self.tmp):
-            if fstype != "fuse.snapfs":
-                left.append(f"a {fstype} mount at {where}")
-                subprocess.run(["umount", "-l", where], capture_output=True)
-        for loop, backing in loops_under(self.tmp).items():
-            left.append(f"{loop} on {backing}")
-            subprocess.run(["losetup", "-d", loop], capture_output=True)
-        for where, _ in mounts_under(self.tmp):
-            left.append(f"a snapfs mount at {where}")
-            if self.snapfs("umount", where, "--timeout", "10").returncode != 0:
-                subprocess.run(["fusermount3", "-u", "-z", where], capture_output=True)
-        for pid_file in self.daemon_pid_files():
-            left.append(f"a daemon ({pid_file.name})")
-            pid = int(pid_file.read_text() or 0)
-            if pid and pid_running(pid):
-                os.kill(pid, signal.SIGKILL)
-                wait_for(lambda pid=pid: not pid_running(pid), 10, f"daemon {pid} to die")
-        return left
-
-
 @pytest.fixture
-def env(module_repo: Path, tmp_path: Path) -> Iterator[Env]:
+def env(module_repo: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
     repo = tmp_path / "repo"
     shutil.copytree(module_repo, repo)
-    # short, because a Unix socket path must fit in 108 bytes
-    runtime = Path(f"/tmp/snapfs-test-browse-{os.getpid()}-{next(_test_numbers)}")
-    runtime.mkdir(mode=0o700)
-    cache = tmp_path / "cache"
-    process_env = {k: v for k, v in os.environ.items()
-                   if not k.startswith("AWS_") and not k.startswith("SNAPFS_")}
-    process_env.update(SNAPFS_RUNTIME_DIR=str(runtime), SNAPFS_CACHE_DIR=str(cache))
-    environment = Env(Snapfs(str(repo), None, process_env), tmp_path, runtime, cache)
-    try:
+    with browse_env(Snapfs(str(repo), None, store_env(request, s3=False)),
+                    tmp_path) as environment:
         yield environment
-    finally:
-        left = environment.left_behind()
-        shutil.rmtree(runtime, ignore_errors=True)
-    assert left == [], f"the test left behind: {left}"
 
 
 # -- browse --------------------------------------------------------------------------------------
@@ -758,16 +675,33 @@ def odd_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.mkfifo(content / "fifo")
     os.chmod(content / "fifo", 0o620)  # past the umask
     os.mknod(content / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
-    fd = os.open(content, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        with socket.socket(socket.AF_UNIX) as sock:  # through the fd: the path may be long
-            sock.bind(f"/proc/self/fd/{fd}/sock")
-    finally:
-        os.close(fd)
+    make_socket(content / "sock")
     image = where / "odd.img"
     subprocess.run(["mkfs.ext4", "-q", "-d", str(content), str(image), "128M"], check=True,
                    capture_output=True)
     return image
+
+
+def test_restore_files_says_each_entry_on_one_line_whatever_its_name(env: Env) -> None:
+    """A name may hold a newline or an escape character: what restore-files says of it on
+    stderr stays one line, its control characters escaped as labels' are."""
+    content = env.tmp / "content"
+    content.mkdir()
+    (content / "plain").write_bytes(b"x")
+    make_socket(content / "two\nlines")
+    make_socket(content / "esc\x1b[2Jape")
+    image = env.tmp / "names.img"
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(content), str(image), "8M"], check=True,
+                   capture_output=True)
+    env.snapfs.ok("snapshot", "create", image, "--name", "names", "--disk", "names")
+    result = env.snapfs("restore-files", "names", "--to", env.tmp / "target", "--include",
+                        "*", "--include", "no\tsuch")
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stderr.splitlines()) == [
+        "snapfs: left out: esc\\x1b[2Jape: socket",
+        "snapfs: left out: two\\nlines: socket",
+        "snapfs: warning: --include no\\tsuch matched nothing"]
+    assert os.listdir(env.tmp / "target") == ["plain"]
 
 
 def temporary_files(root: Path) -> list[str]:

@@ -931,6 +931,33 @@ def test_unlock_never_removes_the_lock_of_a_live_process_here_however_old(
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # a lock is a lock on both
+def test_a_locked_error_says_since_when_the_holder_holds_the_lock(
+        snapfs: Snapfs, store: ObjectStore) -> None:
+    """A holder writes its lock again every 5 minutes (so that other hosts see it is alive):
+    the "locked" error said "since" that last write, and a collection that had run for an hour
+    seemed to have begun minutes ago. A refresh keeps the time the lock was taken."""
+    from snapfs.repo.lock import RepositoryLock
+
+    snapfs.ok("init")
+    lock = RepositoryLock(store, "exclusive", "test: a long collection").acquire()
+    try:
+        taken = json.loads(store.get(lock.key))
+        wait_for(lambda: int(time.time()) > int(taken["time"]), 5, "the next second")
+        lock.refresh()
+        refreshed = json.loads(store.get(lock.key))
+        assert refreshed["since"] == taken["since"] == taken["time"] < refreshed["time"]
+        line = one_error(snapfs("prune"), EXIT_LOCKED)
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(taken["time"]))
+        assert f"test: a long collection (pid {os.getpid()} on " in line, line
+        assert f", since {since});" in line, line
+        [kept] = snapfs.json("unlock")["kept"]
+        assert kept["since"] == time.strftime("%Y-%m-%dT%H:%M:%S%z",
+                                              time.localtime(taken["time"]))
+    finally:
+        lock.release()
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # a lock is a lock on both
 def test_the_lock_of_a_killed_command_not_reaped_yet_is_stale(
         snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> None:
     """A command killed (kill -9) while it holds its lock is a zombie until its parent reaps

@@ -28,16 +28,13 @@ from pathlib import Path
 import pytest
 import trio
 from diskimages import MiB, random_image, sha256_file, write_at
-from testkit import Snapfs, reap, store_env
+from testkit import Snapfs, check_collected, reap, store_env
 
-from snapfs.format.index import IndexFile
 from snapfs.repo.create import CreateOptions, create_snapshot
 from snapfs.repo.export import export_snapshot
-from snapfs.repo.gc import live_blobs
 from snapfs.repo.repository import Repository
 from snapfs.repo.verify import verify_snapshots
 from snapfs.store import ObjectStore
-from snapfs.store.local import TMP_SUFFIX, LocalStore
 
 MakeStore = Callable[..., ObjectStore]
 
@@ -92,14 +89,6 @@ def copy_repository(make_store: MakeStore, src: str, dst: str) -> None:
                       [key for key, _size in source.list("")]))
 
 
-def indexed_packs(store: ObjectStore) -> dict[str, set[bytes]]:
-    packs: dict[str, set[bytes]] = {}
-    for key, _ in store.list("index/"):
-        for pack, entries in IndexFile.decode(store.get(key)).packs.items():
-            packs.setdefault(pack, set()).update(e.blob_id for e in entries)
-    return packs
-
-
 def check_snapshots(repo: Repository, sources: dict[str, str], tmp_path: Path,
                     export: bool = True) -> list[str]:
     """The names of the snapshots listed, after checking that each verifies and (``export``)
@@ -115,20 +104,6 @@ def check_snapshots(repo: Repository, sources: dict[str, str], tmp_path: Path,
         assert sha256_file(out) == sources[root.name], root.name
         out.unlink()
     return sorted(r.name for r in listing.roots)
-
-
-def check_collected(repo: Repository) -> None:
-    """Every stored pack is indexed and holds a blob some snapshot uses, and every indexed
-    pack is stored; a local directory holds no temporary file of a write that never ended."""
-    store = repo.store
-    stored = {key.rpartition("/")[2] for key, _ in store.list("packs/")}
-    indexed = indexed_packs(store)
-    assert stored == set(indexed)
-    live = live_blobs(repo, repo.load_index(), repo.snapshots())
-    assert [p for p, blobs in indexed.items() if not blobs & live] == []
-    assert len(list(store.list("index/"))) == 1
-    if isinstance(store, LocalStore):
-        assert [p for p in store.root.rglob(f"*{TMP_SUFFIX}") if p.parent.name != "locks"] == []
 
 
 def kill_points(changes: list[str], under_way: bool = True) -> list[int]:

@@ -356,6 +356,43 @@ def test_access_profile_is_stored_and_used_as_hints(repo_and_image, tmp_path: Pa
     cache.close()
 
 
+def test_the_newest_snapshot_without_a_profile_is_hinted_from_its_ancestors(
+        repo_and_image, tmp_path: Path) -> None:
+    """No mount has read s3 (s1 -> s2 -> s3) yet: it is hinted with the blocks its nearest
+    ancestor's profile names (s1's), in its own version of them; s2, which s3 follows, borrows
+    nothing (every older snapshot would fetch the set again)."""
+    repo, store, data, s1 = repo_and_image
+    image = tmp_path / "disk.img"
+    profile = [5, 100, 3, 200]
+    rng = random.Random(7)
+    for name in ("s2", "s3"):  # each writes the profiled blocks anew: its own blocks there
+        with open(image, "r+b") as f:
+            for n in profile:
+                f.seek(n * BS)
+                f.write(rng.randbytes(BS))
+        trio.run(create_snapshot, repo, str(image), CreateOptions(name=name))
+    repo.write_profile(s1, profile)
+    cache = open_cache(tmp_path)
+    config = HydrationConfig(background=False)
+
+    async def mount(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        views = catalog.images()
+        at = {name: await views[f"{name}.img"].block_ids(0, views[f"{name}.img"].nblocks)
+              for name in ("s1", "s2", "s3")}
+        hinted = {name: sorted({at[name][n] for n in profile} - {ZERO_ID}) for name in at}
+        assert cache.missing(hinted["s1"] + hinted["s2"] + hinted["s3"])  # nothing yet
+        nursery.start_soon(Sweeper(catalog, hydrator, config).run)
+        # newest first: once s1's own hints are in, s2's turn has passed
+        await wait_until(lambda: not cache.missing(hinted["s3"] + hinted["s1"]), 30)
+        return hinted
+
+    hinted = trio.run(with_hydrator, repo, cache, config, mount)
+    assert len(hinted["s3"]) == len(hinted["s2"]) == len(profile)
+    assert cache.missing(hinted["s3"]) == []
+    assert cache.missing(hinted["s2"]) == hinted["s2"]
+    cache.close()
+
+
 def test_prefetch_list_parsing(tmp_path: Path) -> None:
     good = tmp_path / "list"
     good.write_text("# comment\ns1.img\ns2.img 4K 1M\n\n")

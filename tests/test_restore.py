@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import stat
 import struct
 import subprocess
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from diskimages import have_root
+from diskimages import have_root, make_socket
 
 import snapfs.restore
 from snapfs.errors import NoSpace, StoreUnavailable, UsageError
@@ -240,17 +239,6 @@ class Tree:
 
         walk(self.root, "")
         return out
-
-
-def make_socket(path: Path) -> None:
-    """A Unix socket file at ``path``, bound through ``/proc/self/fd`` so that a long path
-    (pytest's tmp_path) still fits in sun_path."""
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.bind(f"/proc/self/fd/{fd}/{path.name}")
-    finally:
-        os.close(fd)
 
 
 #: the special files of the tree a restore leaves out (the fifo and the device are restored)
@@ -505,6 +493,27 @@ def test_conflicts(snap: Tree, tmp_path: Path, on_conflict: str) -> None:
     # the directory was there already: merged into, its metadata restored only by overwrite
     assert (os.stat(target / "etc").st_mtime_ns == os.stat(snap.root / "etc").st_mtime_ns) is (
         on_conflict == "overwrite")
+
+
+@needs_root
+@pytest.mark.parametrize("on_conflict", ["skip", "overwrite"])
+def test_overwrite_gives_an_existing_directory_exactly_the_snapshots_attributes(
+    snap: Tree, tmp_path: Path, on_conflict: str
+) -> None:
+    """Overwrite restores the metadata of a directory it merges into: its extended attributes
+    become the snapshot's, none of the target's own left beside them; skip leaves them."""
+    alice = tmp_path / "out" / "home/alice"
+    alice.mkdir(parents=True)
+    mine = {"user.dir": b"mine", "user.stale": b"x", "trusted.stale": b"y"}
+    for name, value in mine.items():
+        os.setxattr(alice, name, value)
+
+    report = restore(snap, tmp_path / "out", includes=("home/alice",), on_conflict=on_conflict)
+
+    assert report.failed == 0
+    attrs = {a: os.getxattr(alice, a) for a in os.listxattr(alice)
+             if a.startswith(("user.", "trusted."))}
+    assert attrs == (mine if on_conflict == "skip" else {"user.dir": b"d"})
 
 
 @needs_root

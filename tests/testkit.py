@@ -1,8 +1,8 @@
 """What several test files share: running the real ``snapfs`` command, checking its one-line
-errors, damaging a stored object the way bit rot would, a small file system that fills up for
-real, holding a running daemon's uploads back, waiting in trio for state that other tasks
-own, waiting for a restarted store to serve packs again, and how long a test's SeaweedFS gets
-to stop."""
+errors, damaging a stored object the way bit rot would, checking that a prune left no pack
+behind that nothing needs, a small file system that fills up for real, holding a running
+daemon's uploads back, waiting in trio for state that other tasks own, waiting for a restarted
+store to serve packs again, and how long a test's SeaweedFS gets to stop."""
 
 from __future__ import annotations
 
@@ -24,9 +24,12 @@ from typing import Any
 import trio
 
 from snapfs.errors import SnapfsError
+from snapfs.format.index import IndexFile
+from snapfs.repo.gc import live_blobs
 from snapfs.repo.lock import RepositoryLock
+from snapfs.repo.repository import Repository
 from snapfs.store import ObjectStore, open_store
-from snapfs.store.local import LocalStore
+from snapfs.store.local import TMP_SUFFIX, LocalStore
 
 #: the exit codes README.md gives (written out here, not imported from snapfs)
 EXIT_GENERAL, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTEGRITY, EXIT_STORE, EXIT_LOCKED = 1, 2, 3, 4, 5, 6
@@ -182,6 +185,30 @@ def flip_byte(store: ObjectStore, key: str, offset: int) -> None:
         data = bytearray(store.get(key))
         data[offset] ^= 0x40
         store.put(key, bytes(data))
+
+
+def indexed_packs(store: ObjectStore) -> dict[str, set[bytes]]:
+    """Every pack the index objects name, with the blobs they say it holds."""
+    packs: dict[str, set[bytes]] = {}
+    for key, _ in store.list("index/"):
+        for pack, entries in IndexFile.decode(store.get(key)).packs.items():
+            packs.setdefault(pack, set()).update(e.blob_id for e in entries)
+    return packs
+
+
+def check_collected(repo: Repository) -> None:
+    """After a prune: every stored pack is indexed and holds a blob some snapshot uses, and
+    every indexed pack is stored, in one index object; a local directory holds no temporary
+    file of a write that never ended."""
+    store = repo.store
+    stored = {key.rpartition("/")[2] for key, _ in store.list("packs/")}
+    indexed = indexed_packs(store)
+    assert stored == set(indexed)
+    live = live_blobs(repo, repo.load_index(), repo.snapshots())
+    assert [p for p, blobs in indexed.items() if not blobs & live] == []
+    assert len(list(store.list("index/"))) == 1
+    if isinstance(store, LocalStore):
+        assert [p for p in store.root.rglob(f"*{TMP_SUFFIX}") if p.parent.name != "locks"] == []
 
 
 def wait_until_packs_read(store: ObjectStore, seconds: float = 60) -> None:

@@ -13,7 +13,7 @@ import click
 
 from snapfs.cli.context import CliConfig, pass_config
 from snapfs.cli.mount import default_cache_dir
-from snapfs.cli.output import emit_json, human_size, parse_size, progress_for
+from snapfs.cli.output import emit_json, human_size, parse_size, printable, progress_for
 from snapfs.plural import counted
 from snapfs.progress import NO_PROGRESS
 
@@ -87,12 +87,13 @@ def unbrowse(directory: str) -> None:
 
 
 def _print_entries(report: RestoreReport) -> None:
+    """One line each (a name may hold a newline: escaped, as labels are)."""
     for failure in report.failures:
-        click.echo(f"snapfs: failed: {failure}", err=True)
+        click.echo(f"snapfs: failed: {printable(failure)}", err=True)
     for special in report.special:
-        click.echo(f"snapfs: left out: {special}", err=True)
+        click.echo(f"snapfs: left out: {printable(special)}", err=True)
     for pattern in report.unmatched:
-        click.echo(f"snapfs: warning: --include {pattern} matched nothing", err=True)
+        click.echo(f"snapfs: warning: --include {printable(pattern)} matched nothing", err=True)
 
 
 @click.command("restore-files")

@@ -98,11 +98,18 @@ def verify(config: CliConfig, snaps: tuple[str, ...], json_output: bool) -> None
     else:
         for line in report.problems:
             click.echo(f"problem: {line}")
+        if not snaps:  # (a named one is the error below)
+            for snap_id in report.deleted:
+                click.echo(f"not verified: snapshot {snap_id} was deleted meanwhile")
         click.echo(f"checked {counted(report.snapshots, 'snapshot')}, "
                    f"{counted(report.blobs_checked, 'blob')}, {human_size(report.bytes_checked)}: "
                    + ("no problems" if report.ok else counted(len(report.problems), "problem")))
     if not report.ok:
         raise SystemExit(IntegrityError.exit_code)
+    if snaps and report.deleted:
+        # the user asked for these: exit 0 would say they were checked (export says the same)
+        raise SnapshotNotFound(f"not verified: snapshot {', '.join(report.deleted)} was "
+                               "deleted while it was verified")
 
 
 @click.command()

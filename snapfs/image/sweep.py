@@ -1,7 +1,8 @@
 """Hints and the background sweep: what the hydrator fetches when no one is waiting.
 
 For every image, once: first the hints (the access profile earlier mounts stored for this
-snapshot, and the user's ``--prefetch-list``) at HINT priority; then a scan of the block map that
+snapshot, and the user's ``--prefetch-list``) at HINT priority, the newest snapshots' first;
+then a scan of the block map that
 finds which blocks are not cached yet (this is what ``stats`` reports as hydration progress;
 it loads the map ``SCAN_PAGES`` pages a request, at BACKGROUND priority: the scan costs the
 daemon's CPU, which reads need more; a read that needs a page the scan has not loaded yet
@@ -17,6 +18,14 @@ A fetch that failed (the store was down, a blob is damaged) leaves its blocks mi
 scan that failed leaves its image unscanned: once the hydrator has no background work left, the
 sweep tries them again, ``sweep_retry`` seconds later at first and twice as long after each
 try (at most ``RETRY_MAX``), so that an image becomes whole once the store is back.
+
+The newest snapshot of a lineage (one no served snapshot follows) that no mount has read yet
+has no profile of its own; it takes the profile of its nearest ancestor that has one (at most
+``PROFILE_ANCESTORS`` back). Its blocks are numbered alike and most of them hold what they held
+then, so what the last mount of the disk read first (a filesystem's mount, the files a restore
+looked at) is fetched before anyone asks, which is the first mount of the snapshot a user
+reaches for after a loss: the newest one. Older snapshots without a profile get no borrowed
+hints: every one of them would fetch the ancestor's set again, wherever it differs.
 
 A prefetch list is a text file, one entry a line: ``NAME.img`` (the whole image) or
 ``NAME.img OFFSET LENGTH`` (a byte range; sizes may use K/M/G suffixes). A line whose first
@@ -43,6 +52,8 @@ BACKLOG_RUNS = 2
 PRESCAN_REFRESH = 30.0
 SCAN_PAGES = 8  # block-map pages the scan asks for at once (about 1 MiB, one GET)
 RETRY_MAX = 3600.0  # the longest wait before blocks whose fetch failed are tried again
+#: how far back the newest snapshot of a lineage looks for an ancestor's access profile
+PROFILE_ANCESTORS = 8
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -101,7 +112,11 @@ class Sweeper:
     async def run(self) -> None:
         while True:
             changed = self.catalog.changed
-            for view in list(self.catalog.images().values()):
+            # the newest first: the snapshot a user mounts to restore from is most often the
+            # last one, and each image's hints wait on a GET of its profile
+            newest_first = sorted(self.catalog.images().values(), key=lambda v: v.root.created,
+                                  reverse=True)
+            for view in newest_first:
                 if view.root.id not in self._hinted:
                     self._hinted.add(view.root.id)
                     await self._guard(self._hint(view), view)
@@ -154,7 +169,7 @@ class Sweeper:
         return True
 
     async def _hint(self, view: ImageView) -> None:
-        blocks: list[int] = await trio.to_thread.run_sync(self.hydrator.repo.read_profile, view.root.id)
+        blocks = await self._profile(view)
         for offset, length in self.prefetch.get(view.name, []):
             end = view.size if length is None else min(view.size, offset + length)
             blocks.extend(range(offset // view.block_size, -(-end // view.block_size)))
@@ -163,6 +178,30 @@ class Sweeper:
             missing = await trio.to_thread.run_sync(self.hydrator.cache.missing, ids)
             n = self.hydrator.prefetch(missing, Priority.HINT)
             log.info("%s: %d hinted blocks queued (%d already cached)", view.name, n, len(ids) - n)
+
+    async def _profile(self, view: ImageView) -> list[int]:
+        """``view``'s access profile; for the newest snapshot of a lineage that has none, its
+        nearest served ancestor's (see the module docstring)."""
+        read_profile = self.hydrator.repo.read_profile
+        blocks: list[int] = await trio.to_thread.run_sync(read_profile, view.root.id)
+        if blocks:
+            return blocks
+        images = self.catalog.images().values()
+        if any(v.root.parent == view.root.id for v in images):
+            return []  # a later snapshot follows it
+        ancestor = view
+        for _ in range(PROFILE_ANCESTORS):
+            parent = ancestor.root.parent
+            found = self.catalog.by_snapshot_id(parent) if parent is not None else None
+            if found is None:
+                return []  # the first snapshot of its lineage, or its parent was deleted
+            ancestor = found
+            blocks = await trio.to_thread.run_sync(read_profile, ancestor.root.id)
+            if blocks:
+                log.info("%s: no access profile yet; hints from that of %s", view.name,
+                         ancestor.name)
+                return blocks
+        return []
 
     async def _ids_of(self, view: ImageView, blocks: Iterable[int]) -> list[bytes]:
         out: dict[bytes, None] = {}

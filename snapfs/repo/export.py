@@ -24,8 +24,8 @@ import trio
 
 from snapfs.errors import (
     IntegrityError,
+    MissingBlock,
     NoSpace,
-    PackMissing,
     SnapfsError,
     SnapshotNotFound,
     UsageError,
@@ -164,7 +164,7 @@ async def export_snapshot(
 ) -> dict[str, Any]:
     try:
         return await _export(repo, root, out, force, progress)
-    except PackMissing:
+    except MissingBlock:  # (its manifest page too, gone from the index that was read after)
         if await trio.to_thread.run_sync(repo.store.exists, f"snapshots/{root.id}"):
             raise
         # not lost data: a delete or forget elsewhere took the snapshot, and its blocks, meanwhile
@@ -177,7 +177,9 @@ async def _export(repo: Repository, root: SnapshotRoot, out: str, force: bool,
     started = time.monotonic()
     limiter = trio.CapacityLimiter(repo.store.concurrency)
     index = await trio.to_thread.run_sync(repo.load_index, limiter=limiter)
-    block_map = await trio.to_thread.run_sync(repo.block_map, index, root, limiter=limiter)
+    reader = RunReader(repo, index)
+    block_map = await trio.to_thread.run_sync(repo.block_map, index, root, reader.read_page,
+                                              limiter=limiter)
     bs = root.block_size
     where: dict[bytes, list[int]] = defaultdict(list)
     zero_blocks = []
@@ -188,8 +190,6 @@ async def _export(repo: Repository, root: SnapshotRoot, out: str, force: bool,
             where[bid].append(n)
     runs = plan_runs(where, index)
     written = 0
-
-    reader = RunReader(repo, index)
 
     def fetch(job: tuple[str, Run]) -> int:
         pack, run = job

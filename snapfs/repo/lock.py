@@ -5,7 +5,8 @@ exists; if a deletion collected those blobs meanwhile, the new snapshot would po
 So ``create`` holds a shared lock from before it loads the index until its root is stored, and
 garbage collection holds an exclusive one. Removing a snapshot root alone is always safe.
 
-A lock is an object ``locks/ID`` with its holder's host, pid, kind and time. A lock is stale,
+A lock is an object ``locks/ID`` with its holder's host, pid, kind, the time it was taken
+(``since``, which the "locked" error names) and the time it was last written. A lock is stale,
 and ignored (and removed by the next exclusive locker), when its holder is a dead process on
 this host (its pid gone, or taken by a process that started after the lock was written), or,
 from another host, when it was not refreshed for ``STALE_AFTER`` seconds (holders refresh every
@@ -55,10 +56,11 @@ class LockInfo:
     pid: int
     kind: str
     purpose: str
-    time: float
+    time: float  # when it was last written (refreshed)
+    since: float  # when it was taken
 
     def describe(self) -> str:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.time))
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
         return f"{self.purpose} (pid {self.pid} on {self.host}, since {when})"
 
     @property
@@ -80,6 +82,7 @@ class LockInfo:
         return {"id": self.key.removeprefix("locks/"), "kind": self.kind,
                 "purpose": self.purpose, "host": self.host, "pid": self.pid,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.time)),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.since)),
                 "stale": self.stale}
 
 
@@ -90,8 +93,10 @@ def read_locks(store: ObjectStore, unreadable: list[str] | None = None) -> list[
     for key, _ in store.list("locks/"):
         try:
             doc = json.loads(store.get(key))
+            # (a lock written by a snapfs that did not record ``since``: its last write)
             found.append(LockInfo(key, str(doc["host"]), int(doc["pid"]), str(doc["kind"]),
-                                  str(doc.get("purpose", "?")), float(doc["time"])))
+                                  str(doc.get("purpose", "?")), float(doc["time"]),
+                                  float(doc.get("since", doc["time"]))))
         except ObjectNotFound:
             continue
         except (ValueError, KeyError, TypeError):
@@ -161,12 +166,17 @@ class RepositoryLock:
         self.purpose = purpose
         self.key = f"locks/{new_id(8)}"
         self.host = hostname()
-        self.started = time.time()
+        self.started = time.time()  # when it was last tried for: when it was taken, once held
         self.held = False
 
     def _body(self) -> bytes:
+        # a refresh keeps ``since``: the "locked" error says when the holder began, which for
+        # a long collection is long before its last refresh
+        now = time.time()
+        if not self.held:
+            self.started = now
         doc = {"host": self.host, "pid": os.getpid(), "kind": self.kind,
-               "purpose": self.purpose, "time": time.time()}
+               "purpose": self.purpose, "time": now, "since": self.started}
         return json.dumps(doc).encode()
 
     def _others(self) -> list[LockInfo]:

@@ -4,10 +4,11 @@ Used by export, verify and repack. A run is a list of (blob ID, Location) in one
 offset, whose span is at most ``max_span`` bytes and whose gaps are at most ``max_gap``: one GET
 per run instead of one per blob, without fetching much that nobody asked for.
 
-``RunReader`` reads runs for export and verify, which hold no lock: a garbage collection (a
-``delete``, ``forget`` or ``prune`` elsewhere) may repack a pack after they read the index and
-delete it. Its blobs are then read where the index, read again, says they went, as the mount
-does (``HydrationScheduler._relocated``); a pack gone whose blobs went nowhere is missing.
+``RunReader`` reads runs and manifest pages for export and verify, which hold no lock: a garbage
+collection (a ``delete``, ``forget`` or ``prune`` elsewhere) may repack a pack after they read
+the index and delete it. Its blobs are then read where the index, read again, says they went,
+as the mount does (``HydrationScheduler._relocated``); a pack gone whose blobs went nowhere is
+missing.
 """
 
 from __future__ import annotations
@@ -77,12 +78,7 @@ class RunReader:
 
     def _moved(self, pack: str, run: Run, copy: bool
                ) -> list[tuple[bytes, bytes | memoryview | IntegrityError]]:
-        with self._reloading:  # once for a pack that went, not once for each of its runs
-            if pack not in self._gone:
-                self._gone.add(pack)
-                if pack in self.index.packs:
-                    self.index = self.repo.load_index()
-            index = self.index
+        index = self._index_without(pack)
         moved = [index.get(bid) for bid, _ in run]
         if any(loc is None or loc.pack == pack for loc in moved):
             raise PackMissing(f"pack {pack[:12]} is missing from {self.repo.store.url}")
@@ -90,3 +86,28 @@ class RunReader:
         for new_pack, new_run in plan_runs((bid for bid, _ in run), index):
             out.extend(self._fetched(new_pack, new_run, copy))
         return out
+
+    def read_page(self, page_id: bytes, count: int) -> list[bytes]:
+        """``Repository.read_page``, following a page that garbage collection moved since the
+        index was read, as ``read`` follows blocks: a manifest page is a blob in a pack like
+        any other, and a pack repacked for its dead blocks may hold a page still in use."""
+        index = self.index
+        try:
+            return self.repo.read_page(index, page_id, count)
+        except PackMissing:
+            pack = index.locate(page_id).pack
+            moved = self._index_without(pack)
+            loc = moved.get(page_id)
+            if loc is None or loc.pack == pack:
+                raise
+            return self.repo.read_page(moved, page_id, count)
+
+    def _index_without(self, pack: str) -> BlobIndex:
+        """The index once ``pack`` was found gone: read again, once for a pack that went (not
+        once for each of its runs)."""
+        with self._reloading:
+            if pack not in self._gone:
+                self._gone.add(pack)
+                if pack in self.index.packs:
+                    self.index = self.repo.load_index()
+            return self.index

@@ -27,6 +27,7 @@ the LIST and its GET is not damage: it is simply not there.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import logging
 import secrets
@@ -669,14 +670,19 @@ class Repository:
         per = root.entries_per_page
         return [min(per, total - i * per) for i in range(len(root.pages))]
 
-    def block_map(self, index: BlobIndex, root: SnapshotRoot) -> list[bytes]:
-        """The whole block map of a snapshot (one ID per block). For export and verify;
-        the lazy mount reads pages one at a time instead."""
+    def block_map(self, index: BlobIndex, root: SnapshotRoot,
+                  read_page: Callable[[bytes, int], list[bytes]] | None = None) -> list[bytes]:
+        """The whole block map of a snapshot (one ID per block), its pages read with
+        ``read_page`` (default: ``self.read_page`` in ``index``; export, which holds no lock,
+        gives one that follows pages a garbage collection moved). For export and tests; the
+        lazy mount reads pages one at a time instead."""
+        if read_page is None:
+            read_page = functools.partial(self.read_page, index)
         ids: list[bytes] = []
         cache: dict[str, list[bytes]] = {}
         for page_hex, count in zip(root.pages, self.page_lengths(root), strict=True):
             key = f"{page_hex}:{count}"
             if key not in cache:
-                cache[key] = self.read_page(index, bytes.fromhex(page_hex), count)
+                cache[key] = read_page(bytes.fromhex(page_hex), count)
             ids.extend(cache[key])
         return ids

@@ -33,6 +33,7 @@ class VerifyReport:
     bytes_checked: int = 0
     problems: list[str] = field(default_factory=list)
     unreadable_roots: list[str] = field(default_factory=list)  # their keys (snapshots/ID)
+    deleted: list[str] = field(default_factory=list)  # ids of snapshots deleted meanwhile
     seconds: float = 0.0
 
     @property
@@ -42,7 +43,8 @@ class VerifyReport:
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "snapshots": self.snapshots, "blobs_checked": self.blobs_checked,
                 "bytes_checked": self.bytes_checked, "problems": self.problems,
-                "unreadable_roots": self.unreadable_roots, "seconds": self.seconds}
+                "unreadable_roots": self.unreadable_roots, "deleted_meanwhile": self.deleted,
+                "seconds": self.seconds}
 
 
 async def verify_snapshots(
@@ -58,6 +60,7 @@ async def verify_snapshots(
                                f"{delete_hint([u])}")
     limiter = trio.CapacityLimiter(repo.store.concurrency)
     index = await trio.to_thread.run_sync(repo.load_index, limiter=limiter)
+    reader = RunReader(repo, index)
 
     # First every blob once (a blob shared by many blocks or snapshots is checked once), with
     # the first place that needs it; then, only if some are bad, every place each bad one
@@ -71,7 +74,7 @@ async def verify_snapshots(
         for p, (page_hex, count) in enumerate(zip(root.pages, repo.page_lengths(root), strict=True)):
             try:
                 ids = await trio.to_thread.run_sync(
-                    repo.read_page, index, bytes.fromhex(page_hex), count, limiter=limiter
+                    reader.read_page, bytes.fromhex(page_hex), count, limiter=limiter
                 )
             except IntegrityError as e:
                 bad[bytes.fromhex(page_hex)] = str(e)
@@ -93,8 +96,6 @@ async def verify_snapshots(
                         "index finds it if a pack still holds it)")
     runs = plan_runs(present, index)
     progress.start("verify", sum(loc.length for _, run in runs for _, loc in run))
-
-    reader = RunReader(repo, index)
 
     def check(job: tuple[str, Run]) -> tuple[int, int, dict[bytes, str]]:
         pack, run = job
@@ -122,7 +123,14 @@ async def verify_snapshots(
     with single_error():
         await map_in_threads(check, runs, limiter, done)
     if bad:
-        report.problems.extend(await _where(repo, index, roots, bad, limiter))
+        # Verify takes no lock: a delete or forget elsewhere may have taken a snapshot, and the
+        # blobs only it used, while they were read. That is no damage, and such a snapshot is
+        # no longer there to verify.
+        gone = await trio.to_thread.run_sync(_deleted, repo, roots, limiter=limiter)
+        report.deleted = [r.id for r in gone]
+        roots = [r for r in roots if r.id not in report.deleted]
+        report.snapshots = len(roots)
+        report.problems.extend(await _where(repo, reader, roots, bad, limiter))
     report.seconds = round(time.monotonic() - started, 3)
     return report
 
@@ -164,7 +172,12 @@ def _misfit_line(root: SnapshotRoot, misfits: list[tuple[int, int, int]]) -> str
             f"{shown}{more}")
 
 
-async def _where(repo: Repository, index: BlobIndex, roots: list[SnapshotRoot],
+def _deleted(repo: Repository, roots: list[SnapshotRoot]) -> list[SnapshotRoot]:
+    """Those of ``roots`` that are no longer in the repository."""
+    return [r for r in roots if not repo.store.exists(f"snapshots/{r.id}")]
+
+
+async def _where(repo: Repository, reader: RunReader, roots: list[SnapshotRoot],
                  bad: dict[bytes, str], limiter: trio.CapacityLimiter) -> list[str]:
     """One line per bad blob and snapshot that needs it, with every disk offset it serves there
     (the first ``OFFSETS_SHOWN``, then a count) or the manifest page it is."""
@@ -179,7 +192,7 @@ async def _where(repo: Repository, index: BlobIndex, roots: list[SnapshotRoot],
                 lines.append(f"{label}: manifest page {page_hex[:16]}: {bad[pid]}")
                 continue
             try:
-                ids = await trio.to_thread.run_sync(repo.read_page, index, pid, count,
+                ids = await trio.to_thread.run_sync(reader.read_page, pid, count,
                                                     limiter=limiter)
             except IntegrityError:
                 continue  # reported by the first pass

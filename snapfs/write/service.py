@@ -741,6 +741,9 @@ class DiskService:
                 if deadline is not None and trio.current_time() - started > deadline:
                     task.consistency = "crash"
                 for disk, part in zip(disks, parts, strict=True):
+                    # its size too as of this instant: a rollback that held the disk while
+                    # this closing waited for it may have grown it
+                    part.size = disk.size
                     part.parent = disk.closed[-1].snapshot_id if disk.closed else disk.record.parent
                     why = None
                     if part.parent in gone:
