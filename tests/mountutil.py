@@ -92,6 +92,16 @@ def end_stopped(proc: subprocess.Popen[str], pid: int) -> None:
     reap(proc)
 
 
+def pread(path: Path, offset: int, length: int, direct: bool = False) -> bytes:
+    """One ``pread`` of ``path`` (``O_DIRECT`` if ``direct``: the kernel's page cache is not
+    asked, every byte comes from the daemon)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
 def pid_running(pid: int) -> bool:
     """Whether ``pid`` is a live process (a zombie waiting to be reaped counts as gone)."""
     try:
@@ -131,13 +141,23 @@ class MountedDaemon:
     def log(self) -> Path:
         return self.cache_dir / f"daemon-{mount_key(str(self.mountpoint))}.log"
 
+    def ask(self, op: str) -> dict[str, Any]:
+        """The daemon's answer to ``{"op": OP}`` on its control socket, from this process."""
+        files = RunFiles(str(self.mountpoint), mount_key(str(self.mountpoint)), self.pid_file,
+                         self.socket)
+        return request(files, {"op": op}, timeout=60)
+
     def stats(self) -> dict[str, Any]:
         """What ``snapfs stats --json`` prints, asked of the daemon's socket from this process:
         for polls, since a CLI's start-up takes seconds on a loaded machine."""
-        files = RunFiles(str(self.mountpoint), mount_key(str(self.mountpoint)), self.pid_file,
-                         self.socket)
-        stats: dict[str, Any] = request(files, {"op": "stats"}, timeout=60)["stats"]
+        stats: dict[str, Any] = self.ask("stats")["stats"]
         return stats
+
+    def snapshots_open(self) -> dict[str, dict[str, Any]]:
+        """The snapshots a process holds open on this mount, by id, as ``snapshot delete``
+        asks the daemon before it deletes one."""
+        held: dict[str, dict[str, Any]] = self.ask("snapshots-open")["open"]
+        return held
 
     def kill(self) -> None:
         """SIGKILL the daemon and wait until it is gone."""

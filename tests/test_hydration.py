@@ -644,6 +644,55 @@ def test_a_fetch_that_ends_during_a_cache_lookup_is_joined_not_repeated(repo_and
     cache.close()
 
 
+def test_a_block_cached_while_the_scan_looks_it_up_is_not_counted_missing(
+        repo_and_image, tmp_path: Path) -> None:
+    """The scan asks the cache on a worker thread which blocks of a page it lacks; a block a
+    reader fetched and cached meanwhile was then counted missing for ever (``stats`` showed
+    the image short of hydrated with nothing left to fetch, and the sweep fetched it again)."""
+    repo, store, data, _ = repo_and_image
+    x = repo.keyer.block_id(next(data[i : i + BS] for i in range(0, len(data), BS)
+                                 if data[i : i + BS] != bytes(BS)))
+
+    class GatedCache(BlockCache):
+        """Holds the scan's lookup (the first one of ``x``) until the test opens the gate,
+        after it has looked: the interleaving, which a real run meets only by chance (no
+        other change)."""
+
+        asked = threading.Event()
+        gate = threading.Event()
+
+        def missing(self, block_ids: list[bytes]) -> list[bytes]:
+            found = super().missing(block_ids)
+            if x in block_ids and not self.asked.is_set():
+                self.asked.set()
+                assert self.gate.wait(30)
+            return found
+
+    cache = GatedCache(tmp_path / "cache", capacity=256 << 20)
+    config = HydrationConfig(background=False, read_around=0)
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        cached: set[bytes] = set()
+        hydrator.on_cached.append(cached.update)
+        nursery.start_soon(Sweeper(catalog, hydrator, config).run)
+        view = catalog.images()["s1.img"]
+        await wait_until(GatedCache.asked.is_set, 30)  # the scan found x missing ...
+        await hydrator.read_blocks([x])  # ... a reader fetches it, and it is cached
+        await wait_until(lambda: x in cached, 10)
+        GatedCache.gate.set()
+        await wait_until(lambda: view.data_blocks is not None, 10)
+        pending = list(view.pending)
+        return pending, await trio.to_thread.run_sync(cache.missing, pending)
+
+    try:
+        pending, lacking = trio.run(with_hydrator, repo, cache, config, body)
+    finally:
+        GatedCache.gate.set()
+        cache.close()
+    assert x not in pending, "a block the cache holds is counted missing"
+    assert lacking == pending  # (and the others are missing indeed)
+
+
 def test_memory_budget_never_hands_out_a_buffer_someone_still_views() -> None:
     budget = MemoryBudget(1 << 20)
     buf, fresh = budget.buffer(4096)

@@ -21,12 +21,18 @@ from pathlib import Path
 import pytest
 import trio
 from diskimages import make_image, random_image
-from mountutil import mounted, pid_running
-from testkit import EXIT_STORE, SEAWEED_STOP_TIMEOUT, Snapfs, reap, wait_until
+from mountutil import mounted, pid_running, pread
+from testkit import (
+    EXIT_STORE,
+    SEAWEED_STOP_TIMEOUT,
+    Snapfs,
+    reap,
+    wait_until,
+    wait_until_packs_read,
+)
 
 from snapfs.browse import store_failing
 from snapfs.cache import BlockCache
-from snapfs.errors import SnapfsError
 from snapfs.hydration.scheduler import FAILED_MEMORY, HydrationConfig, Hydrator
 from snapfs.image.catalog import SnapshotCatalog
 from snapfs.image.sweep import Sweeper
@@ -51,29 +57,11 @@ def drop_page_cache() -> None:
         f.write("1\n")
 
 
-def pread(path: Path, offset: int, length: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
-
-
 def wait_until_serving(server: SeaweedServer, prefix: str = "repo") -> None:
-    """SeaweedFS answers S3 before its volume server is back: "back" means a pack of the
-    repository at ``prefix`` reads again."""
+    """Until the repository at ``prefix`` on the restarted ``server`` reads again."""
     store = S3Store("faults", prefix, endpoint_url=server.endpoint_url)
     try:
-        pack = next(key for key, _ in store.list("packs/"))
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                store.get_range(pack, 0, 1)
-                return
-            except SnapfsError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        wait_until_packs_read(store)
     finally:
         store.close()
 

@@ -1,8 +1,8 @@
 """What several test files share: running the real ``snapfs`` command, checking its one-line
 errors, damaging a stored object the way bit rot would, checking that a prune left no pack
 behind that nothing needs, a small file system that fills up for real, holding a running
-daemon's uploads back, waiting in trio for state that other tasks own, and how long a test's
-SeaweedFS gets to stop."""
+daemon's uploads back, waiting in trio for state that other tasks own, waiting for a restarted
+store to serve packs again, and how long a test's SeaweedFS gets to stop."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 import trio
 
+from snapfs.errors import SnapfsError
 from snapfs.format.index import IndexFile
 from snapfs.repo.gc import live_blobs
 from snapfs.repo.lock import RepositoryLock
@@ -207,6 +209,21 @@ def check_collected(repo: Repository) -> None:
     assert len(list(store.list("index/"))) == 1
     if isinstance(store, LocalStore):
         assert [p for p in store.root.rglob(f"*{TMP_SUFFIX}") if p.parent.name != "locks"] == []
+
+
+def wait_until_packs_read(store: ObjectStore, seconds: float = 60) -> None:
+    """Until a pack of the repository in ``store`` reads again: a restarted SeaweedFS answers
+    S3 before its volume server is back, so an answer alone does not say it is back."""
+    pack = next(key for key, _ in store.list("packs/"))
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            store.get_range(pack, 0, 1)
+            return
+        except SnapfsError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 async def wait_until(condition: Callable[[], bool], seconds: float) -> None:

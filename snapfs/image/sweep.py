@@ -223,8 +223,14 @@ class Sweeper:
             ids = await view.page(p, Priority.BACKGROUND)
             fresh = [b for b in dict.fromkeys(ids) if b != ZERO_ID and b not in seen]
             seen.update(fresh)
+            # pending before the cache is asked, and what it holds taken off after: a block
+            # that a reader's fetch caches while the lookup runs on its thread is taken off
+            # either way (by the lookup, or by the hydrator's notice), never left counted
+            # missing with nothing to fetch
+            view.add_pending(fresh)
             missing = await trio.to_thread.run_sync(self.hydrator.cache.missing, fresh)
-            view.add_pending(missing)
+            lacking = set(missing)
+            view.blocks_cached([b for b in fresh if b not in lacking])
             order.extend(missing)
         view.data_blocks = len(seen)
         if self.config.background:
