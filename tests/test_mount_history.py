@@ -61,6 +61,7 @@ from testkit import (
     EXIT_INTEGRITY,
     EXIT_USAGE,
     Snapfs,
+    first_difference,
     flip_byte,
     one_error,
     reap,
@@ -884,8 +885,7 @@ class History:
         for name, snap in self.snaps.items():
             got = mount.image(name).read_bytes()
             if got != snap.content:
-                bad = next((i for i, (a, b) in enumerate(zip(got, snap.content, strict=False))
-                            if a != b), min(len(got), len(snap.content)))
+                bad = first_difference(got, snap.content)
                 raise AssertionError(f"{name} on {mount.slot} ({len(got)} bytes, modelled "
                                      f"{len(snap.content)}) differs from byte {bad}; "
                                      + self.history())

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 from mountutil import MOUNTS, attached, make_env, mounted
-from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, one_error
+from testkit import EXIT_GENERAL, EXIT_NOT_FOUND, EXIT_USAGE, Snapfs, first_difference, one_error
 
 pytestmark = MOUNTS
 BS = 16 * 1024  # the repository's block size (snapfs init's default)
@@ -39,6 +39,7 @@ SECTOR = 512
 STEPS = 60
 #: disk labels that are no snapshot names as they are (a slash, a space, an accent)
 LABELS = ("web", "db/main", "café data")
+
 
 def punch_hole(path: Path, offset: int, length: int) -> None:
     """A hole where ``path`` had bytes ``offset`` .. ``offset + length`` (the file keeps its
@@ -205,8 +206,7 @@ class History:
         self.snapfs.ok("export", self.rng.choice([name, snap.id]), out, "--force")
         got = out.read_bytes()
         if got != snap.content:
-            bad = next((i for i, (a, b) in enumerate(zip(got, snap.content, strict=False))
-                        if a != b), min(len(got), len(snap.content)))
+            bad = first_difference(got, snap.content)
             raise AssertionError(f"export of {name} ({len(got)} bytes, modelled "
                                  f"{len(snap.content)}) differs from byte {bad}; "
                                  + self.history())

@@ -163,6 +163,13 @@ def bar_totals(drawn: str) -> list[float]:
     return [float(total) * _BAR_UNITS[unit] for _done, total, unit in BAR_FIGURES.findall(drawn)]
 
 
+def first_difference(got: bytes, want: bytes) -> int:
+    """The offset of the first byte where ``got`` and ``want`` differ (the shorter's length
+    if one is the other's beginning): what a failed comparison of images reports."""
+    return next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
+                min(len(got), len(want)))
+
+
 def one_error(result: subprocess.CompletedProcess[str], code: int) -> str:
     """The single stderr line of a failed command, after checking the exit code and form."""
     assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
