@@ -1753,6 +1753,54 @@ def test_repair_index_read_all_packs_rewrites_the_index_only_where_it_is_wrong(
     assert same_bytes(tmp_path / "out.img", source)
 
 
+def test_repair_packs_takes_out_a_damaged_blob_and_the_next_snapshot_mends_every_one_using_it(
+        snapfs: Snapfs, store: ObjectStore, tmp_path: Path) -> None:
+    """A blob damaged where it is stored (bit rot): while the index names it, a new snapshot of
+    the same bytes refers to the damaged copy (nothing uploaded), so nothing mended it.
+    ``repair packs`` rewrites its pack without it (the pack's other blobs kept) and names the
+    snapshots that lack it (exit 4); ``repair index`` does not bring it back; the next snapshot
+    of the source stores the block again, and every snapshot reads whole again."""
+    snapfs.ok("init")
+    source = random_image(tmp_path / "d.img", 2 * MiB, seed=21)
+    first = snapfs.json("snapshot", "create", source, "--name", "one")["id"]
+    healthy = objects(store, "packs/")
+    assert "no damaged blob; nothing to repair" in snapfs.ok("repair", "packs")
+    assert objects(store, "packs/") == healthy
+
+    repo = Repository.open(store)
+    index = repo.load_index()
+    bid = next(b for b in repo.block_map(index, repo.resolve(first)) if b != ZERO_ID)
+    loc = index.locate(bid)
+    flip_byte(store, pack_key(loc.pack), loc.offset + HEADER_SIZE + loc.length // 2)
+    assert bid.hex()[:16] in one_error(snapfs("export", "one", tmp_path / "bad.img"),
+                                       EXIT_INTEGRITY)
+    assert snapfs.json("snapshot", "create", source, "--name", "two")["blocks_uploaded"] == 0
+
+    result = snapfs("repair", "packs", "--json")
+    assert result.returncode == EXIT_INTEGRITY, result.stderr
+    report = json.loads(result.stdout)
+    assert report["damaged"] == {loc.pack: [f"{bid.hex()}: does not match its checksum or ID"]}
+    assert report["packs_rewritten"] == 1 and report["packs_unreadable"] == {}
+    assert report["blobs_kept"] == len(index.packs[loc.pack]) - 1
+    assert report["incomplete"] == {"one": 1, "two": 1}
+    assert loc.pack not in pack_names(store)
+    again = snapfs("repair", "index", "--read-all-packs", "--json")
+    assert again.returncode == EXIT_INTEGRITY, again.stderr
+    again_report = json.loads(again.stdout)
+    assert (again_report["rewritten"], again_report["packs_corrected"],
+            again_report["incomplete"]) == (False, 0, {"one": 1, "two": 1})
+    problems = snapfs("verify")
+    assert problems.returncode == EXIT_INTEGRITY and "2 problems" in problems.stdout
+
+    assert snapfs.json("snapshot", "create", source, "--name", "three")["blocks_uploaded"] == 1
+    snapfs.ok("verify")
+    for name in ("one", "two", "three"):
+        snapfs.ok("export", name, tmp_path / f"{name}.img")
+        assert same_bytes(tmp_path / f"{name}.img", source)
+    snapfs.ok("prune")
+    assert "no damaged blob; nothing to repair" in snapfs.ok("repair", "packs")
+
+
 # -- the local disk fills up -------------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""Rebuilding the repository index from the packs (``snapfs repair index``).
+"""Rebuilding the repository index from the packs (``snapfs repair index``), and taking
+damaged blobs out of the packs (``snapfs repair packs``).
 
 The index (``index/``) is a map, not data: every pack ends with a trailer naming the blobs it
 holds and where (``format.pack``), so an index object that was deleted, or damaged so that it
@@ -27,10 +28,25 @@ snapshot needs what it would hold).
 
 Progress phases: "reading index" (index objects), "reading pack trailers" (packs), "deleting
 index" (replaced index objects), "reading manifests" (manifest pages).
+
+``repair_packs``, under the exclusive lock, is for blobs that are damaged where they are stored
+(bit rot, a bad disk: ``verify`` reports them). While the index names a damaged blob, a new
+snapshot of a source that still holds its bytes references the damaged copy (the index says
+the repository has it), so nothing mends it. ``repair_packs`` reads every indexed pack whole
+and checks each blob against its checksum and its ID; each pack that holds a damaged one is
+rewritten with its intact blobs (verified again on the way), and the damaged copies go with the
+old pack, from the index and from the trailers alike (so that ``repair index`` cannot bring
+them back). A blob that then no stored pack holds is missing: reads of it fail, as they did,
+and the next ``snapshot create`` of a source that holds those bytes stores them again, which
+mends every snapshot that uses them (blobs are found by content). The crash rule is
+``prune``'s: new packs, the new index, then the old index objects and packs. Progress: "reading
+index", "checking packs" (packs), "rewriting packs" (packs), "deleting index", "deleting
+packs", "reading manifests".
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,8 +60,12 @@ from snapfs.format.pack import PackEntry, read_tail, trailer_size
 from snapfs.plural import counted
 from snapfs.progress import NO_PROGRESS, Progress
 from snapfs.repo.lock import exclusively
-from snapfs.repo.parallel import map_in_threads
+from snapfs.repo.packer import FullPack, PackAssembler, PackUploader
+from snapfs.repo.parallel import map_in_threads, single_error
 from snapfs.repo.repository import BlobIndex, Repository, pack_key
+from snapfs.throttle import RateLimiter
+
+log = logging.getLogger(__name__)
 
 #: bytes read from a pack's end to find its trailer at once (about 1450 entries; a 16 MiB pack
 #: of 16 KiB blocks has about 1000-3000: a second GET for the rest when needed)
@@ -205,6 +225,156 @@ async def _incomplete(repo: Repository, index: BlobIndex, limiter: trio.Capacity
         if missing:
             out[root.name] = len(missing)
     return out
+
+
+@dataclass
+class PackRepairReport:
+    packs: int = 0  # indexed packs read
+    blobs_checked: int = 0
+    bytes_checked: int = 0
+    #: pack -> the blobs in it that failed their check, "ID: why"
+    damaged: dict[str, list[str]] = field(default_factory=dict)
+    #: indexed packs that could not be read at all (gone): ``repair index`` drops them
+    packs_unreadable: dict[str, str] = field(default_factory=dict)
+    packs_rewritten: int = 0
+    blobs_kept: int = 0  # intact blobs copied out of the damaged packs
+    #: snapshot name -> blobs it uses that no stored pack holds, after the repair
+    incomplete: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"packs": self.packs, "blobs_checked": self.blobs_checked,
+                "bytes_checked": self.bytes_checked, "damaged": self.damaged,
+                "packs_unreadable": self.packs_unreadable,
+                "packs_rewritten": self.packs_rewritten, "blobs_kept": self.blobs_kept,
+                "incomplete": self.incomplete, "seconds": self.seconds}
+
+
+async def repair_packs(repo: Repository, progress: Progress = NO_PROGRESS) -> PackRepairReport:
+    started = time.monotonic()
+    limiter = trio.CapacityLimiter(repo.store.concurrency)
+    async with exclusively(repo.store, "repair packs", limiter):
+        report, index = await _rewrite_damaged(repo, limiter, progress)
+    # outside the lock: reading manifests changes nothing
+    report.incomplete = await _incomplete(repo, index, limiter, progress)
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+async def _rewrite_damaged(repo: Repository, limiter: trio.CapacityLimiter,
+                           progress: Progress) -> tuple[PackRepairReport, BlobIndex]:
+    report = PackRepairReport()
+    index = await trio.to_thread.run_sync(repo.load_index, None, progress, limiter=limiter)
+    packs = dict(index.packs)
+    report.packs = len(packs)
+
+    def check(pack: str) -> tuple[list[PackEntry], int] | str:
+        """The entries of ``pack`` that fail their check, and the bytes read; or why the
+        pack cannot be read. Nothing of its data is kept: a pack is read again to be
+        rewritten, so that only one pack a thread is held in memory."""
+        try:
+            data = memoryview(repo.store.get(pack_key(pack)))
+        except ObjectNotFound:
+            return "not in the store"
+        bad = []
+        for e in packs[pack]:
+            try:
+                repo.decode_verified(e.blob_id, data[e.offset : e.offset + e.length], "blob")
+            except IntegrityError:
+                bad.append(e)
+        return bad, len(data)
+
+    damaged: dict[str, list[PackEntry]] = {}
+
+    def checked(pack: str, result: tuple[list[PackEntry], int] | str) -> None:
+        progress.advance(1)
+        if isinstance(result, str):
+            report.packs_unreadable[pack] = result
+            return
+        bad, nbytes = result
+        report.blobs_checked += len(packs[pack])
+        report.bytes_checked += nbytes
+        if bad:
+            damaged[pack] = bad
+
+    progress.start("checking packs", len(packs), "pack")
+    await map_in_threads(check, sorted(packs), limiter, checked)
+    if not damaged:
+        return report, index
+    for pack, bad in sorted(damaged.items()):
+        report.damaged[pack] = [f"{e.blob_id.hex()}: does not match its checksum or ID"
+                                for e in bad]
+        log.warning("pack %s: %s damaged; the pack is rewritten without %s", pack[:12],
+                    counted(len(bad), "blob"), "it" if len(bad) == 1 else "them")
+
+    uploader = PackUploader(repo, limiter, RateLimiter(None))
+    assembler = PackAssembler(repo.config.pack_size)
+
+    def intact(pack: str) -> list[tuple[PackEntry, bytes]]:
+        data = memoryview(repo.store.get(pack_key(pack)))
+        doomed = {e.offset for e in damaged[pack]}
+        out = []
+        for e in packs[pack]:
+            if e.offset in doomed:
+                continue
+            piece = bytes(data[e.offset : e.offset + e.length])
+            # checked again: what is copied is what was read now, not what was read before
+            repo.decode_verified(e.blob_id, piece, f"blob {e.blob_id.hex()[:16]} in pack {pack[:12]}")
+            out.append((e, piece))
+        return out
+
+    send, receive = trio.open_memory_channel[FullPack](1)
+    with single_error():
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(uploader.run, receive.clone())
+            receive.close()
+            async with send:
+                progress.start("rewriting packs", len(damaged), "pack")
+                for pack in sorted(damaged):  # one at a time: damage is rare, memory is not
+                    for e, piece in await trio.to_thread.run_sync(intact, pack, limiter=limiter):
+                        report.blobs_kept += 1
+                        full = assembler.add(e.blob_id, e.kind, piece, e.raw_length)
+                        if full is not None:
+                            await send.send(full)
+                    progress.advance(1)
+                for full in assembler.flush():
+                    await send.send(full)
+    report.packs_rewritten = len(damaged)
+    kept = {pack: entries for pack, entries in packs.items() if pack not in damaged}
+    new = IndexFile(packs={**kept, **uploader.index_file.packs}, supersedes=index.index_names)
+    await trio.to_thread.run_sync(repo.write_index, new, limiter=limiter)
+    progress.start("deleting index", len(index.index_names), "object")
+    await map_in_threads(lambda name: repo.store.delete(f"index/{name}"), index.index_names,
+                         limiter, lambda _n, _r: progress.advance(1))
+    progress.start("deleting packs", len(damaged), "pack")
+    await map_in_threads(lambda p: repo.store.delete(pack_key(p)), sorted(damaged), limiter,
+                         lambda _p, _r: progress.advance(1))
+    repaired = BlobIndex()
+    for pack, entries in new.packs.items():
+        repaired.add_pack(pack, entries)
+    return report, repaired
+
+
+def pack_summary(report: PackRepairReport) -> list[str]:
+    """What ``snapfs repair packs`` says, a line each."""
+    lines = [f"pack {pack[:12]}: cannot be read ({why}); repair index drops it from the index"
+             for pack, why in sorted(report.packs_unreadable.items())]
+    for pack, blobs in sorted(report.damaged.items()):
+        lines += [f"pack {pack[:12]}: blob {line}" for line in blobs]
+    for name, count in sorted(report.incomplete.items()):
+        lines.append(f"snapshot {name} uses {counted(count, 'blob')} that no stored pack "
+                     "holds: a new snapshot of a source that still holds those blocks stores "
+                     "them again, and mends it")
+    checked = (f"checked {counted(report.packs, 'pack')}, {counted(report.blobs_checked, 'blob')}")
+    if not report.damaged:
+        lines.append(f"{checked}: no damaged blob; nothing to repair")
+    else:
+        damaged = sum(len(b) for b in report.damaged.values())
+        lines.append(f"{checked}: rewrote {counted(report.packs_rewritten, 'pack')} without "
+                     f"{counted(damaged, 'damaged blob')} (kept "
+                     f"{counted(report.blobs_kept, 'intact blob')})")
+    return lines
 
 
 def summary(report: RepairReport) -> list[str]:
