@@ -28,11 +28,11 @@ from pathlib import Path
 import pytest
 import trio
 from diskimages import MiB, random_image, sha256_file, write_at
-from testkit import Snapfs, check_collected, reap, store_env
+from testkit import Snapfs, check_collected, flip_byte, reap, store_env
 
 from snapfs.repo.create import CreateOptions, create_snapshot
 from snapfs.repo.export import export_snapshot
-from snapfs.repo.repository import Repository
+from snapfs.repo.repository import Repository, pack_key
 from snapfs.repo.verify import verify_snapshots
 from snapfs.store import ObjectStore
 
@@ -222,4 +222,69 @@ def test_a_collection_killed_at_any_step_costs_no_snapshot(
         assert (pruned.returncode, pruned.stderr) == (0, ""), (n, where, pruned.stderr)
         # blob by blob against their ids: the manifests, exported above, are as they were
         assert check_snapshots(repo, sources, tmp_path, export=False) == left
+        check_collected(repo)
+
+
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)
+def test_repair_packs_killed_at_any_step_costs_no_intact_blob(
+        store_url: str, store_endpoint: str | None, env: dict[str, str], make_store: MakeStore,
+        tmp_path: Path) -> None:
+    """``repair packs`` rewrites the pack of a damaged blob (one only vm-2 uses) with the
+    pack's intact blobs. Killed right before any of its changes (``kill_points``), it costs no
+    intact blob: every other snapshot verifies and exports after each kill, ``repair packs``
+    run again ends, and a new snapshot of vm-2's source mends vm-2 (its blob stored again)."""
+    repo = Repository.init(make_store(store_url), pack_size=PACK_SIZE)
+    sources = build(repo, tmp_path)
+    index = repo.load_index()
+    others = {b for name in sources if name != "vm-2"
+              for b in repo.block_map(index, repo.resolve(name))}
+    only_vm2 = [b for b in repo.block_map(index, repo.resolve("vm-2"))[96:112] if b not in others]
+    assert only_vm2
+    victim = index.locate(only_vm2[0])
+    assert len(index.packs[victim.pack]) > 1  # intact blobs to keep beside it
+    flip_byte(repo.store, pack_key(victim.pack), victim.offset + victim.length // 2)
+    snapfs = Snapfs(store_url, store_endpoint, env)
+    intact = sorted(set(sources) - {"vm-2"})
+
+    def check_intact(url: str, where: str) -> None:
+        repo = Repository.open(make_store(url))
+        roots = [r for r in repo.list_snapshots().roots if r.name != "vm-2"]
+        report = trio.run(verify_snapshots, repo, roots)
+        assert report.ok and sorted(r.name for r in roots) == intact, (where, report.problems)
+        for root in roots:
+            out = tmp_path / f"{root.name}.img"
+            trio.run(export_snapshot, repo, root, str(out))
+            assert sha256_file(out) == sources[root.name], (where, root.name)
+            out.unlink()
+
+    changes_file = tmp_path / "changes"
+    whole = location(store_url, tmp_path, "whole")
+    copy_repository(make_store, store_url, whole)
+    done = run_killed(snapfs, whole, ("repair", "packs", "--json"), record=changes_file)
+    assert done.returncode == 4, done.stderr  # vm-2 lacks the blob until mended
+    assert json.loads(done.stdout)["packs_rewritten"] == 1
+    changes = changes_file.read_text().splitlines()
+    phases = [c for i, c in enumerate(changes) if i == 0 or changes[i - 1] != c]
+    assert [c for c in phases if not c.endswith("locks")] == [
+        "open packs", "rename packs", "open index", "rename index", "remove index",
+        "remove packs"], changes
+
+    for n in [*kill_points(changes), len(changes) + 1]:
+        url = location(store_url, tmp_path, f"kill-{n}")
+        copy_repository(make_store, store_url, url)
+        result = run_killed(snapfs, url, ("repair", "packs"), kill_at=n)
+        where = changes[n - 1] if n <= len(changes) else "after its last change"
+        assert result.returncode == (-signal.SIGKILL if n <= len(changes) else 4), \
+            (n, where, result.stderr)
+        check_intact(url, where)
+        again = snapfs.with_repo(url)("repair", "packs")
+        assert again.returncode == 4 and "vm-2 uses 1 blob" in again.stdout, (n, where, again)
+        mend = snapfs.with_repo(url)("snapshot", "create", tmp_path / "vm.img", "--disk", "vm",
+                                     "--name", "vm-3")
+        assert mend.returncode == 0, (n, where, mend.stderr)
+        repo = Repository.open(make_store(url))
+        assert check_snapshots(repo, {**sources, "vm-3": sources["vm-2"]}, tmp_path) == \
+            sorted([*sources, "vm-3"]), (n, where)
+        pruned = snapfs.with_repo(url)("prune")
+        assert (pruned.returncode, pruned.stderr) == (0, ""), (n, where, pruned.stderr)
         check_collected(repo)
