@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,19 @@ from testkit import SEAWEED_STOP_TIMEOUT
 
 from snapfs.store import ObjectStore, open_store
 from snapfs.testing.seaweedfs import SeaweedServer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started under ``nohup`` (or by anything else that ignores SIGHUP) passes the
+    ignored SIGHUP to every ``snapfs`` it starts, and snapfs rightly leaves an ignored stop
+    signal ignored: the tests of what SIGHUP does would fail. The process that runs the tests
+    takes SIGHUP's default back for its children; under xdist that is each worker, and the
+    controller, which a terminal's hangup reaches, keeps what it was given."""
+    controller = getattr(config.option, "numprocesses", None) and \
+        not os.environ.get("PYTEST_XDIST_WORKER")
+    if not controller and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
 
 #: the identity the session's SeaweedFS requires (signed clients such as restic need one)
 S3_ACCESS_KEY = "snapfs-test-access"
