@@ -43,7 +43,7 @@ COMMANDS = {
     "prune": ("repository", "Delete the blobs no snapshot uses (delete does this too) and repack "
                             "sparse packs."),
     "repair": ("repository", "Rebuild what can be rebuilt of a damaged repository (its index, "
-                             "from the packs)."),
+                             "from the packs; its packs, without their damaged blobs)."),
     "unlock": ("repository", "Remove stale repository locks (or, with --all, every lock not in "
                              "use on this host)."),
     "snapshot": ("snapshot", "Create, list, show, delete and forget snapshots."),
