@@ -63,6 +63,67 @@ REPACK_BELOW = 0.5
 UNLOCKED_PREFIXES = ("locks/", "holds/", "profiles/", "policies/", "config")
 
 
+async def copy_blobs(repo: Repository, jobs: list[tuple[str, list[PackEntry]]],
+                     limiter: trio.CapacityLimiter, progress: Progress,
+                     at_once: int) -> PackUploader:
+    """Copy the blobs ``jobs`` name (a pack and the entries of it to keep, each) into new
+    packs, each read afresh and checked against its ID on the way, ``at_once`` packs read at a
+    time (what is held in memory); the uploader's ``index_file`` names the new packs. One
+    ``progress`` step per pack read. For ``prune``'s repack and ``repair packs``."""
+    uploader = PackUploader(repo, limiter, RateLimiter(None))
+    assembler = PackAssembler(repo.config.pack_size)
+
+    def fetch(job: tuple[str, list[PackEntry]]) -> list[tuple[PackEntry, bytes]]:
+        pack, entries = job
+        data = memoryview(repo.store.get(pack_key(pack)))
+        out = []
+        for e in entries:
+            piece = bytes(data[e.offset : e.offset + e.length])
+            repo.decode_verified(e.blob_id, piece, f"blob {e.blob_id.hex()[:16]} in pack {pack[:12]}")
+            out.append((e, piece))
+        return out
+
+    send, receive = trio.open_memory_channel[FullPack](1)
+    with single_error():
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(uploader.run, receive.clone())
+            receive.close()
+            async with send:
+                fetched: list[list[tuple[PackEntry, bytes]]] = []
+
+                def fetched_one(_job: tuple[str, list[PackEntry]],
+                                blobs: list[tuple[PackEntry, bytes]]) -> None:
+                    fetched.append(blobs)
+                    progress.advance(1)
+
+                for first in range(0, len(jobs), at_once):
+                    await map_in_threads(fetch, jobs[first : first + at_once], limiter,
+                                         fetched_one)
+                    for blobs in fetched:
+                        for e, piece in blobs:
+                            full = assembler.add(e.blob_id, e.kind, piece, e.raw_length)
+                            if full is not None:
+                                await send.send(full)
+                    fetched.clear()
+                for full in assembler.flush():
+                    await send.send(full)
+    return uploader
+
+
+async def replace_index(repo: Repository, new: IndexFile, doomed: list[str],
+                        limiter: trio.CapacityLimiter, progress: Progress) -> None:
+    """Store ``new`` (it supersedes the index objects it names), then delete those objects,
+    then the ``doomed`` packs: the order in which a crash loses nothing (module docstring)."""
+    await trio.to_thread.run_sync(repo.write_index, new, limiter=limiter)
+    progress.start("deleting index", len(new.supersedes), "object")
+    await map_in_threads(lambda name: repo.store.delete(f"index/{name}"), new.supersedes,
+                         limiter, lambda _n, _r: progress.advance(1))
+    progress.start("deleting packs", len(doomed), "pack")
+    await map_in_threads(lambda p: repo.store.delete(pack_key(p)), doomed, limiter,
+                         lambda _p, _r: progress.advance(1))
+
+
 async def delete_snapshots(
     repo: Repository, roots: list[SnapshotRoot],
     recheck: Callable[[list[SnapshotRoot]], list[SnapshotRoot]] | None = None,
@@ -185,66 +246,19 @@ async def _collect(repo: Repository, limiter: trio.CapacityLimiter,
             "garbage (run verify)"
         )
 
-    uploader = PackUploader(repo, limiter, RateLimiter(None))
-    assembler = PackAssembler(repo.config.pack_size)
-    repacked_bytes = 0
-
-    def fetch(job: tuple[str, list[PackEntry]]) -> list[tuple[PackEntry, bytes]]:
-        pack, entries = job
-        data = memoryview(repo.store.get(pack_key(pack)))
-        out = []
-        for e in entries:
-            piece = bytes(data[e.offset : e.offset + e.length])
-            repo.decode_verified(e.blob_id, piece, f"blob {e.blob_id.hex()[:16]} in pack {pack[:12]}")
-            out.append((e, piece))
-        return out
-
-    send, receive = trio.open_memory_channel[FullPack](1)
-    with single_error():
-        async with trio.open_nursery() as nursery:
-            for _ in range(2):
-                nursery.start_soon(uploader.run, receive.clone())
-            receive.close()
-            async with send:
-                fetched: list[list[tuple[PackEntry, bytes]]] = []
-
-                def fetched_one(_job: tuple[str, list[PackEntry]],
-                                blobs: list[tuple[PackEntry, bytes]]) -> None:
-                    fetched.append(blobs)
-                    progress.advance(1)
-
-                progress.start("repacking", len(repack), "pack")
-                # as many packs at a time as are read at once: what is held in memory is their
-                # live blobs, not those of every pack to repack (which may be most of the data)
-                step = int(limiter.total_tokens)
-                for first in range(0, len(repack), step):
-                    await map_in_threads(fetch, repack[first : first + step], limiter,
-                                         fetched_one)
-                    for blobs in fetched:
-                        for e, piece in blobs:
-                            repacked_bytes += e.length
-                            full = assembler.add(e.blob_id, e.kind, piece, e.raw_length)
-                            if full is not None:
-                                await send.send(full)
-                    fetched.clear()
-                for full in assembler.flush():
-                    await send.send(full)
-
+    progress.start("repacking", len(repack), "pack")
+    # as many packs at a time as are read at once: what is held in memory is their live
+    # blobs, not those of every pack to repack (which may be most of the data)
+    uploader = await copy_blobs(repo, repack, limiter, progress, int(limiter.total_tokens))
     new_index = IndexFile(packs={**keep, **uploader.index_file.packs}, supersedes=index.index_names)
-    await trio.to_thread.run_sync(repo.write_index, new_index, limiter=limiter)
-    progress.start("deleting index", len(index.index_names), "object")
-    await map_in_threads(lambda name: repo.store.delete(f"index/{name}"), index.index_names,
-                         limiter, lambda _n, _r: progress.advance(1))
     doomed = [p for p in stored_packs if p not in new_index.packs]
-    progress.start("deleting packs", len(doomed), "pack")
-    await map_in_threads(lambda p: repo.store.delete(pack_key(p)), doomed, limiter,
-                         lambda _p, _r: progress.advance(1))
+    await replace_index(repo, new_index, doomed, limiter, progress)
     return {
         "packs_deleted": len(doomed) - len(repack),
         "packs_repacked": len(repack),
         "packs_written": uploader.stats.packs,
         "bytes_freed": sum(stored_packs[p] for p in doomed) - uploader.stats.bytes + partial_bytes,
         "partial_objects_deleted": partial,
-        "bytes_repacked": repacked_bytes,
+        "bytes_repacked": sum(e.length for _pack, entries in repack for e in entries),
         "seconds": round(time.monotonic() - started, 3),
     }

@@ -59,11 +59,10 @@ from snapfs.format.index import IndexFile
 from snapfs.format.pack import PackEntry, read_tail, trailer_size
 from snapfs.plural import counted
 from snapfs.progress import NO_PROGRESS, Progress
+from snapfs.repo.gc import copy_blobs, replace_index
 from snapfs.repo.lock import exclusively
-from snapfs.repo.packer import FullPack, PackAssembler, PackUploader
-from snapfs.repo.parallel import map_in_threads, single_error
+from snapfs.repo.parallel import map_in_threads
 from snapfs.repo.repository import BlobIndex, Repository, pack_key
-from snapfs.throttle import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -307,49 +306,16 @@ async def _rewrite_damaged(repo: Repository, limiter: trio.CapacityLimiter,
         log.warning("pack %s: %s damaged; the pack is rewritten without %s", pack[:12],
                     counted(len(bad), "blob"), "it" if len(bad) == 1 else "them")
 
-    uploader = PackUploader(repo, limiter, RateLimiter(None))
-    assembler = PackAssembler(repo.config.pack_size)
-
-    def intact(pack: str) -> list[tuple[PackEntry, bytes]]:
-        data = memoryview(repo.store.get(pack_key(pack)))
-        doomed = {e.offset for e in damaged[pack]}
-        out = []
-        for e in packs[pack]:
-            if e.offset in doomed:
-                continue
-            piece = bytes(data[e.offset : e.offset + e.length])
-            # checked again: what is copied is what was read now, not what was read before
-            repo.decode_verified(e.blob_id, piece, f"blob {e.blob_id.hex()[:16]} in pack {pack[:12]}")
-            out.append((e, piece))
-        return out
-
-    send, receive = trio.open_memory_channel[FullPack](1)
-    with single_error():
-        async with trio.open_nursery() as nursery:
-            for _ in range(2):
-                nursery.start_soon(uploader.run, receive.clone())
-            receive.close()
-            async with send:
-                progress.start("rewriting packs", len(damaged), "pack")
-                for pack in sorted(damaged):  # one at a time: damage is rare, memory is not
-                    for e, piece in await trio.to_thread.run_sync(intact, pack, limiter=limiter):
-                        report.blobs_kept += 1
-                        full = assembler.add(e.blob_id, e.kind, piece, e.raw_length)
-                        if full is not None:
-                            await send.send(full)
-                    progress.advance(1)
-                for full in assembler.flush():
-                    await send.send(full)
+    intact = [(pack, [e for e in packs[pack] if e not in damaged[pack]])
+              for pack in sorted(damaged)]
+    progress.start("rewriting packs", len(intact), "pack")
+    # one at a time: a damaged pack's intact blobs are most of it
+    uploader = await copy_blobs(repo, intact, limiter, progress, at_once=1)
     report.packs_rewritten = len(damaged)
+    report.blobs_kept = sum(len(entries) for _pack, entries in intact)
     kept = {pack: entries for pack, entries in packs.items() if pack not in damaged}
     new = IndexFile(packs={**kept, **uploader.index_file.packs}, supersedes=index.index_names)
-    await trio.to_thread.run_sync(repo.write_index, new, limiter=limiter)
-    progress.start("deleting index", len(index.index_names), "object")
-    await map_in_threads(lambda name: repo.store.delete(f"index/{name}"), index.index_names,
-                         limiter, lambda _n, _r: progress.advance(1))
-    progress.start("deleting packs", len(damaged), "pack")
-    await map_in_threads(lambda p: repo.store.delete(pack_key(p)), sorted(damaged), limiter,
-                         lambda _p, _r: progress.advance(1))
+    await replace_index(repo, new, sorted(damaged), limiter, progress)
     repaired = BlobIndex()
     for pack, entries in new.packs.items():
         repaired.add_pack(pack, entries)
