@@ -52,6 +52,7 @@ from snapfs.errors import (
     IntegrityError,
     MissingBlock,
     RepositoryExists,
+    RepositoryLocked,
     RepositoryNotFound,
     RootsUnreadable,
     SnapfsError,
@@ -69,6 +70,7 @@ from snapfs.repo.gc import collect_garbage, delete_snapshots
 from snapfs.repo.repository import BlobIndex, Repository, pack_key
 from snapfs.repo.verify import VerifyReport, verify_snapshots
 from snapfs.store import ObjectStore
+from snapfs.store.local import LocalStore
 
 MakeStore = Callable[..., ObjectStore]
 T = TypeVar("T")
@@ -1148,6 +1150,95 @@ def test_a_lock_whose_removal_fails_is_kept_to_let_go_of_later(
     path.write_bytes(b"{}")  # the store works again and the object is back
     assert lock.release_quietly() is True and not lock.held
     assert not path.exists()
+
+
+class LockWritesMeet(LocalStore):
+    """``parties`` lockers write their locks together: each lock write waits until every
+    locker has taken its first look (and found nothing), and once written until every lock is:
+    the lockers then look for each other again only after all have written (the race a
+    store's latency makes likely, made certain)."""
+
+    def __init__(self, root: Path, parties: int) -> None:
+        super().__init__(root)
+        self.looked = threading.Barrier(parties, timeout=30)
+        self.written = threading.Barrier(parties, timeout=30)
+
+    def put(self, key: str, data: bytes) -> None:
+        if key.startswith("locks/"):
+            self.looked.wait()
+        super().put(key, data)
+        if key.startswith("locks/"):
+            self.written.wait()
+
+
+def _race(lockers: list[Any]) -> list[BaseException | None]:
+    """Each locker's ``acquire`` on a thread of its own, all at once: what each raised."""
+    outcome: list[BaseException | None] = [None] * len(lockers)
+
+    def take(i: int) -> None:
+        try:
+            lockers[i].acquire()
+        except BaseException as e:  # (asserted by the caller)
+            outcome[i] = e
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(len(lockers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return outcome
+
+
+@pytest.mark.parametrize("kinds", [("exclusive", "exclusive"), ("exclusive", "shared"),
+                                   ("shared", "exclusive"), ("exclusive",) * 3])
+def test_lockers_that_write_their_locks_at_once_let_exactly_one_proceed(
+        tmp_path: Path, kinds: tuple[str, ...]) -> None:
+    """Two prunes (or a prune and a snapshot) that take the lock at the same instant see each
+    other's lock after writing their own. Both used to back off and fail; now the one whose
+    lock sorts first proceeds and the others withdraw theirs."""
+    from snapfs.repo.lock import RepositoryLock
+
+    for winner in range(len(kinds)):
+        root = tmp_path / f"repo-{winner}"
+        Repository.init(LocalStore(root))
+        store = LockWritesMeet(root, len(kinds))
+        lockers = [RepositoryLock(store, kind, f"locker {i}") for i, kind in enumerate(kinds)]
+        for i, locker in enumerate(lockers):  # the winner's key sorts first
+            locker.key = f"locks/{(i - winner) % len(kinds)}{locker.key[7:]}"
+        outcome = _race(lockers)
+        assert [e is None for e in outcome] == [i == winner for i in range(len(kinds))]
+        assert all(isinstance(e, RepositoryLocked) and f"locker {winner}" in str(e)
+                   for e in outcome if e is not None)
+        assert lockers[winner].held
+        assert [key for key, _ in store.list("locks/")] == [lockers[winner].key]
+
+
+def test_a_lock_taken_between_our_two_looks_is_held_and_we_back_off(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock that sorts after ours may belong to a locker that looked before ours was
+    written, and so holds the lock: we wait for it to be withdrawn, it is not, and we fail
+    (never both proceed), taking ours away."""
+    import snapfs.repo.lock as lock_module
+
+    monkeypatch.setattr(lock_module, "RACE_WAIT", 0.5)
+    root = tmp_path / "repo"
+    Repository.init(LocalStore(root))
+    first = lock_module.RepositoryLock(LocalStore(root), "exclusive", "the holder")
+    first.key = "locks/f" + first.key[7:]
+
+    class HolderBetween(LocalStore):
+        def put(self, key: str, data: bytes) -> None:  # after our first look, before ours
+            first.acquire()
+            super().put(key, data)
+
+    ours = lock_module.RepositoryLock(HolderBetween(root), "exclusive", "the late one")
+    ours.key = "locks/0" + ours.key[7:]
+    started = time.monotonic()
+    with pytest.raises(RepositoryLocked, match="the holder"):
+        ours.acquire()
+    assert time.monotonic() - started >= 0.5
+    assert first.held and not ours.held
+    assert [key for key, _ in LocalStore(root).list("locks/")] == [first.key]
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # a lock is a lock on both
