@@ -1152,6 +1152,53 @@ def test_a_lock_whose_removal_fails_is_kept_to_let_go_of_later(
     assert not path.exists()
 
 
+class RootReads(LocalStore):
+    """A local store that records which snapshot roots were fetched."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.roots_read: list[str] = []
+
+    def get(self, key: str) -> bytes:
+        if key.startswith("snapshots/"):
+            self.roots_read.append(key.removeprefix("snapshots/"))
+        return super().get(key)
+
+
+def test_listing_again_fetches_only_the_roots_not_read_before(tmp_path: Path) -> None:
+    """A mount lists the snapshots again whenever a name it does not know is looked up; with
+    hundreds of snapshots, fetching every root each time made such a lookup wait for a GET per
+    snapshot. Only new roots are fetched, and those that could not be read (one may have been
+    put back); deleted ones drop out."""
+    store = RootReads(tmp_path / "repo")
+    repo = Repository.init(store)
+    ids = {}
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        ids[name] = create(repo, random_image(tmp_path / f"{name}.img", MiB, seed=seed),
+                           name=name).root.id
+    first = repo.list_snapshots()
+    assert [r.name for r in first.roots] == ["a", "b", "c"]
+    good_c = store.get(f"snapshots/{ids['c']}")
+    store.delete(f"snapshots/{ids['c']}")
+    first = repo.list_snapshots()
+    ids["d"] = create(repo, random_image(tmp_path / "d.img", MiB, seed=4), name="d").root.id
+    store.put(f"snapshots/{ids['c']}", good_c[:-1])  # back, damaged
+    store.roots_read.clear()
+
+    again = repo.list_snapshots_again(first)
+    assert sorted(store.roots_read) == sorted([ids["c"], ids["d"]])
+    assert [r.name for r in again.roots] == ["a", "b", "d"]
+    assert [u.snapshot_id for u in again.unreadable] == [ids["c"]]
+
+    store.put(f"snapshots/{ids['c']}", good_c)  # put back from a copy
+    store.delete(f"snapshots/{ids['a']}")
+    store.roots_read.clear()
+    third = repo.list_snapshots_again(again)
+    assert store.roots_read == [ids["c"]]
+    assert third == repo.list_snapshots()
+    assert [r.name for r in third.roots] == ["b", "c", "d"] and third.unreadable == []
+
+
 class LockWritesMeet(LocalStore):
     """``parties`` lockers write their locks together: each lock write waits until every
     locker has taken its first look (and found nothing), and once written until every lock is:
