@@ -49,7 +49,7 @@ MiB = 1 << 20
 STATS_KEYS = {"mountpoint", "repository", "pid", "started", "uptime_seconds", "log",
               "background", "images", "hydrator", "cache"}
 IMAGE_KEYS = {"snapshot", "size", "block_size", "reads", "bytes_read", "data_blocks",
-              "blocks_missing", "hydrated_fraction"}
+              "blocks_missing", "hydrated_fraction", "in_use"}
 HYDRATOR_KEYS = {"blocks_fetched", "bytes_fetched", "requests", "failed_requests", "cache_hits",
                  "waiting_reads", "wait_seconds", "background_blocks", "background_bytes",
                  "corrupt_blocks", "fetch_latency_ms_p50", "fetch_latency_ms_p99"}
@@ -124,15 +124,21 @@ def test_mount_serves_each_snapshot_as_its_image(
         image = doc["images"]["vm-1.img"]
         assert IMAGE_KEYS <= image.keys() and image["snapshot"] == snap_id
         assert HYDRATOR_KEYS <= doc["hydrator"].keys() and CACHE_KEYS <= doc["cache"].keys()
-        # no sweep: what is missing waits for a read, and no time left is promised for it
-        wait_for(lambda: snapfs.json("stats", mnt)["images"]["vm-1.img"]["blocks_missing"]
-                 is not None, 30, "the image's scan")
-        doc = snapfs.json("stats", mnt)
-        image = doc["images"]["vm-1.img"]
-        assert doc["background"] is False and image["blocks_missing"] == image["data_blocks"] > 0
-        assert image["eta_seconds"] is None
-        assert f"{image['blocks_missing']} not fetched until read (no background hydration)" \
-            in snapfs.ok("stats", mnt)
+        # not opened yet: not scanned (the sweep looks at the images in use only)
+        assert image["in_use"] is False and image["blocks_missing"] is None
+        assert re.search(r"^vm-1\.img +64\.0 MiB +not in use +- ", snapfs.ok("stats", mnt),
+                         re.MULTILINE)
+        with open(daemon.images / "vm-1.img", "rb"):
+            # no sweep: what is missing waits for a read, and no time left is promised for it
+            wait_for(lambda: snapfs.json("stats", mnt)["images"]["vm-1.img"]["blocks_missing"]
+                     is not None, 30, "the image's scan")
+            doc = snapfs.json("stats", mnt)
+            image = doc["images"]["vm-1.img"]
+            assert doc["background"] is False and image["in_use"] is True
+            assert image["blocks_missing"] == image["data_blocks"] > 0
+            assert image["eta_seconds"] is None
+            assert f"{image['blocks_missing']} not fetched until read (no background hydration)" \
+                in snapfs.ok("stats", mnt)
 
         assert sha256_file(daemon.images / "vm-1.img") == sha256_file(base_image)
 

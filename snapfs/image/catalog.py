@@ -62,13 +62,27 @@ class SnapshotCatalog:
             self.hydrator.index_loader = lambda: repo.load_index(index_cache)
         self.hydrator.on_cached.append(self._blocks_cached)
         self.hydrator.on_save.append(self.save_profiles)
-        #: wakes the sweep when images appear
+        #: the snapshots in use on this mount (opened, or a served disk's base): the ones the
+        #: background sweep hydrates (by ID; kept for the mount's life, a deleted one too)
+        self.in_use: set[str] = set()
+        #: wakes the sweep when images appear or come into use
         self.changed = trio.Event()
         #: called after a refresh that added or dropped images (the FUSE adapter's names)
         self.on_change: list[Callable[[], None]] = []
 
     def images(self) -> dict[str, ImageView]:
         return self._views
+
+    def use(self, snapshot_id: str) -> None:
+        """The snapshot is in use here (opened, or the base of a served disk): the background
+        sweep hydrates it from now on. Call on the trio thread."""
+        if snapshot_id not in self.in_use:
+            self.in_use.add(snapshot_id)
+            self._wake()
+
+    def _wake(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
 
     def by_snapshot_id(self, snapshot_id: str) -> ImageView | None:
         return self._by_id.get(snapshot_id)
@@ -140,8 +154,7 @@ class SnapshotCatalog:
         gone = self._by_id.keys() - by_id.keys()
         self._views, self._by_id = views, by_id
         if appeared:
-            self.changed.set()
-            self.changed = trio.Event()
+            self._wake()
         if appeared or gone:
             for callback in self.on_change:
                 callback()
