@@ -4,8 +4,9 @@ The synopsis (its block of ``snapfs ...`` lines) against every command's real he
 subprocess: each command has a line and each line names a command; each option a line gives
 exists, takes a value exactly when the real one does, and is repeatable there only if the real
 one is; each option a command takes is on one of its lines (a required one bare, never in
-brackets); a line's arguments are the command's, in order. The global options README lists
-are the real ones.
+brackets); a line's arguments are the command's, in order; a value that is no placeholder
+(``[--cache-size 20G]``) is the default; ``-r REPO`` is on the lines of the commands that need
+a repository, and only there. The global options README lists are the real ones.
 
 Then the JSON: every key README names for a command's ``--json`` (its lists of keys, and each
 "`KEY` in `--json`" in passing) is in what that command prints, run for real on a small local
@@ -29,7 +30,7 @@ import click
 import pytest
 from diskimages import MiB, random_image, write_at
 from mountutil import MOUNTS, Served, mounted, wait_for
-from testkit import Snapfs, store_env, uploads_held
+from testkit import EXIT_USAGE, SNAPFS, Snapfs, reap, store_env, uploads_held
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -346,6 +347,37 @@ def test_the_global_options_are_the_real_ones(
     assert sorted(sorted(o.names & named) for o in real) == sorted([n] for n in named)
     for command, usage in real_usages.items():  # "-h/--help works at every level"
         assert usage.option("-h") is usage.option("--help") is not None, command
+
+
+def test_a_synopsis_line_gives_a_repository_where_the_command_needs_one(
+        cli_env: dict[str, str], tmp_path: Path) -> None:
+    """``-r REPO`` on the lines of the commands that need a repository, and only there: each
+    line run as written without one (neither ``-r`` nor ``SNAPFS_REPO``), every argument and
+    value ``readme`` (a name, and a path in an empty directory), says it needs one or not.
+    Two commands check first what README says they need before they ask a repository:
+    ``disk rollback`` without a terminal needs ``--yes``, ``policy set`` a rule."""
+    assert "SNAPFS_REPO" not in cli_env
+    first_needed: dict[tuple[str, ...], list[str]] = {
+        ("disk", "rollback"): ["--yes"], ("policy", "set"): ["--keep-last", "1"]}
+    runs = []
+    for line in synopsis():
+        args = [*line.command, *("readme" for a in line.arguments if not a.optional),
+                *first_needed.get(line.command, [])]
+        for option in line.options:
+            if option.required:  # (written bare)
+                args += [*option.names, *(["readme"] if option.takes_value else [])]
+        runs.append((line, subprocess.Popen([SNAPFS, *args], cwd=tmp_path, env=cli_env,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                            text=True)))
+    needing = set()
+    for line, proc in runs:
+        try:
+            _, stderr = proc.communicate(timeout=60)
+        finally:
+            reap(proc)
+        if proc.returncode == EXIT_USAGE and "no repository given" in stderr:
+            needing.add(line.text)
+    assert {u.text for u in synopsis() if u.global_options} == needing
 
 
 # -- the JSON keys README names ---------------------------------------------------------------
