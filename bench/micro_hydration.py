@@ -227,6 +227,7 @@ def main() -> None:
                             config: HydrationConfig = config) -> dict[str, float]:
                 nonlocal stored
                 t, c0 = time.perf_counter(), cpu()
+                c.use(v.root.id)  # opened: the sweep hydrates it
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(Sweeper(c, h, config).run)
                     await poll(lambda: v.data_blocks is not None and not v.pending)
@@ -253,6 +254,7 @@ def main() -> None:
             async def rand(h: Hydrator, c: SnapshotCatalog, v: ImageView,
                            picks: list[int] = picks) -> dict[str, float]:
                 # the sweep's scan of the block map, as the mount benchmark waits for it
+                c.use(v.root.id)  # opened: the sweep scans it
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(Sweeper(c, h, HydrationConfig(background=False)).run)
                     await poll(lambda: v.data_blocks is not None)

@@ -31,8 +31,9 @@ Every run then measures, for every store (all figures in README.md of this direc
   cache dropped before each pass), beside ``restic mount`` (cold) and a trivial pyfuse3
   passthrough of the same image file (``passthrough.py``, page cache dropped too), read right
   after the warm read of each store (and once at the start of each run, for information);
-- background hydration of the whole image (default mount), from ``snapfs mount`` until
-  ``stats`` shows no block missing, beside 8 threads doing ranged GETs of the same blobs
+- background hydration of the whole image (default mount; the image is opened as soon as
+  the mount is up, as ``losetup`` would: the sweep hydrates the images in use), from ``snapfs
+  mount`` until ``stats`` shows no block missing, beside 8 threads doing ranged GETs of the same blobs
   (coalesced like the hydrator's background runs: gaps up to 64 KiB, up to 4 MiB a GET);
 - the daemon's RSS: 1 GiB mounted, after reading it; 100 GiB mounted, after reading 100 MiB;
 - mount time of the 100 GiB snapshot (``snapfs mount`` start to the image stat-able with its
@@ -753,14 +754,19 @@ class Bench:
         got: list[bytes] = []
         with self.snapfs_mounted(target, target.snapfs_repo, mnt, background=False,
                                  label=f"random-{target.name}"):  # fmt: skip
-            # The sweep's scan loads every manifest page at mount; let it finish, so that the
-            # reads measure block fetches (the scan's end is when stats knows data_blocks).
+            # Opened, the image is in use and the sweep's scan loads every manifest page; let
+            # it finish, so that the reads measure block fetches (the scan's end is when stats
+            # knows data_blocks).
+            fd = os.open(mnt / "snapshots" / f"{IMAGE_NAME}.img", os.O_RDONLY)
             t0 = time.perf_counter()
-            wait_for(lambda: daemon_stats(mnt)["images"][f"{IMAGE_NAME}.img"]["data_blocks"]
-                     is not None, 120, "the block-map scan", interval=0.05)  # fmt: skip
+            try:
+                wait_for(lambda: daemon_stats(mnt)["images"][f"{IMAGE_NAME}.img"]["data_blocks"]
+                         is not None, 120, "the block-map scan", interval=0.05)  # fmt: skip
+            except BaseException:
+                os.close(fd)
+                raise
             scan_wait = time.perf_counter() - t0
             load = os.getloadavg()[0]
-            fd = os.open(mnt / "snapshots" / f"{IMAGE_NAME}.img", os.O_RDONLY)
             try:
                 for off in offsets:
                     start = time.perf_counter()
@@ -883,17 +889,19 @@ class Bench:
                                  label=f"hydration-{target.name}") as m:  # fmt: skip
             t_mount = time.perf_counter()
             polls = 0
-            while True:
-                doc = daemon_stats(mnt)
-                polls += 1
-                img = doc["images"][f"{IMAGE_NAME}.img"]
-                if img["data_blocks"] is not None and img["blocks_missing"] == 0:
-                    break
-                if time.perf_counter() - t0 > 900:
-                    raise BenchError(f"background hydration not done after 900 s: {img}")
-                missing = img["blocks_missing"]
-                time.sleep(POLL_FINE if missing is not None and missing < POLL_FINE_BELOW else POLL)
-            t_done = time.perf_counter()
+            with open(mnt / "snapshots" / f"{IMAGE_NAME}.img", "rb"):  # in use: hydrated
+                while True:
+                    doc = daemon_stats(mnt)
+                    polls += 1
+                    img = doc["images"][f"{IMAGE_NAME}.img"]
+                    if img["data_blocks"] is not None and img["blocks_missing"] == 0:
+                        break
+                    if time.perf_counter() - t0 > 900:
+                        raise BenchError(f"background hydration not done after 900 s: {img}")
+                    missing = img["blocks_missing"]
+                    time.sleep(POLL_FINE if missing is not None and missing < POLL_FINE_BELOW
+                               else POLL)
+                t_done = time.perf_counter()
             mem = rss(m.pid)
             cpu = cpu_seconds(m.pid)
         h = doc["hydrator"]

@@ -317,7 +317,9 @@ class MountDaemon:
 
     async def stats(self) -> dict[str, Any]:
         cache = await trio.to_thread.run_sync(self._cache_stats)
-        images = {name: view.stats() for name, view in sorted(self.catalog.images().items())}
+        in_use = self.catalog.in_use
+        images = {name: {**view.stats(), "in_use": view.root.id in in_use}
+                  for name, view in sorted(self.catalog.images().items())}
         return {
             "mountpoint": self.options.mountpoint,
             "repository": self.repo.store.url,

@@ -408,6 +408,7 @@ class SnapshotFS(pyfuse3.Operations):
             raise _fail(errno.EROFS)
         handle = self._new_handle()
         self._open_files[handle] = view
+        self._catalog.use(view.snapshot_id)
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
     @_errno_boundary

@@ -308,8 +308,9 @@ def test_sweep_hydrates_everything_and_reports_progress(repo_and_image, tmp_path
     config = HydrationConfig(background=True)
 
     async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
-        nursery.start_soon(Sweeper(catalog, hydrator, config).run)
         view = catalog.images()["s1.img"]
+        catalog.use(view.root.id)  # opened: the sweep hydrates it
+        nursery.start_soon(Sweeper(catalog, hydrator, config).run)
         await wait_until(lambda: view.data_blocks is not None and not view.pending, 60)
         return view.stats()
 
@@ -344,8 +345,9 @@ def test_access_profile_is_stored_and_used_as_hints(repo_and_image, tmp_path: Pa
     config = HydrationConfig(background=False)
 
     async def second_mount(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
-        nursery.start_soon(Sweeper(catalog, hydrator, config).run)
         view = catalog.images()["s1.img"]
+        catalog.use(view.root.id)  # opened: the sweep hydrates it
+        nursery.start_soon(Sweeper(catalog, hydrator, config).run)
         wanted = [b for b in await view.block_ids(0, view.nblocks)]
         hinted = {wanted[n] for n in profile if wanted[n] != ZERO_ID}
         await wait_until(lambda: not cache.missing(sorted(hinted)), 30)
@@ -381,6 +383,7 @@ def test_the_newest_snapshot_without_a_profile_is_hinted_from_its_ancestors(
               for name in ("s1", "s2", "s3")}
         hinted = {name: sorted({at[name][n] for n in profile} - {ZERO_ID}) for name in at}
         assert cache.missing(hinted["s1"] + hinted["s2"] + hinted["s3"])  # nothing yet
+        catalog.use(views["s1.img"].root.id)  # opened: hinted by its own profile
         nursery.start_soon(Sweeper(catalog, hydrator, config).run)
         # newest first: once s1's own hints are in, s2's turn has passed
         await wait_until(lambda: not cache.missing(hinted["s3"] + hinted["s1"]), 30)
@@ -390,6 +393,39 @@ def test_the_newest_snapshot_without_a_profile_is_hinted_from_its_ancestors(
     assert len(hinted["s3"]) == len(hinted["s2"]) == len(profile)
     assert cache.missing(hinted["s3"]) == []
     assert cache.missing(hinted["s2"]) == hinted["s2"]
+    cache.close()
+
+
+def test_the_sweep_hydrates_only_the_images_in_use(repo_and_image, tmp_path: Path) -> None:
+    """A mount of a repository with many snapshots, made to restore one file, must not
+    download them all: the sweep fetches nothing of an image nobody opened, and hydrates one
+    once it is opened (``SnapshotCatalog.use``), and that one alone."""
+    repo, store, data, s1 = repo_and_image
+    other = make_image(tmp_path / "other.img", seed=2)
+    trio.run(create_snapshot, repo, str(tmp_path / "other.img"), CreateOptions(name="other"))
+    others = {repo.keyer.block_id(other[i : i + BS]) for i in range(0, len(other), BS)
+              if other[i : i + BS] != bytes(BS)}
+    others -= {repo.keyer.block_id(data[i : i + BS]) for i in range(0, len(data), BS)}
+    assert others
+    store.ranges.clear()
+    cache = open_cache(tmp_path)
+    config = HydrationConfig(background=True)
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        nursery.start_soon(Sweeper(catalog, hydrator, config).run)
+        await trio.sleep(1.0)
+        untouched = list(store.ranges)  # nothing in use: no block, no block-map page fetched
+        view, other_view = catalog.images()["s1.img"], catalog.images()["other.img"]
+        catalog.use(view.root.id)
+        await wait_until(lambda: view.data_blocks is not None and not view.pending, 60)
+        await trio.sleep(1.0)  # the old sweep scanned the next image at once
+        return untouched, view.stats(), other_view.stats()
+
+    untouched, stats, other_stats = trio.run(with_hydrator, repo, cache, config, body)
+    assert untouched == []
+    assert stats["hydrated_fraction"] == 1.0
+    assert other_stats["hydrated_fraction"] is None and other_stats["data_blocks"] is None
+    assert sorted(cache.missing(sorted(others))) == sorted(others)
     cache.close()
 
 
@@ -585,8 +621,9 @@ def test_background_sweep_fetches_whole_packs_in_few_gets(repo_and_image, tmp_pa
     config = HydrationConfig(background=True)
 
     async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
-        nursery.start_soon(Sweeper(catalog, hydrator, config).run)
         view = catalog.images()["s1.img"]
+        catalog.use(view.root.id)  # opened: the sweep hydrates it
+        nursery.start_soon(Sweeper(catalog, hydrator, config).run)
         await wait_until(lambda: view.data_blocks is not None and not view.pending, 60)
         return hydrator.counters
 
@@ -674,8 +711,9 @@ def test_a_block_cached_while_the_scan_looks_it_up_is_not_counted_missing(
     async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
         cached: set[bytes] = set()
         hydrator.on_cached.append(cached.update)
-        nursery.start_soon(Sweeper(catalog, hydrator, config).run)
         view = catalog.images()["s1.img"]
+        catalog.use(view.root.id)  # opened: the sweep hydrates it
+        nursery.start_soon(Sweeper(catalog, hydrator, config).run)
         await wait_until(GatedCache.asked.is_set, 30)  # the scan found x missing ...
         await hydrator.read_blocks([x])  # ... a reader fetches it, and it is cached
         await wait_until(lambda: x in cached, 10)
@@ -1106,8 +1144,9 @@ def test_a_cache_that_cannot_store_costs_no_read_and_no_false_progress(
     config = HydrationConfig(background=True, sweep_retry=3600)
 
     async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
-        nursery.start_soon(Sweeper(catalog, hydrator, config).run)
         view = catalog.images()["s1.img"]
+        catalog.use(view.root.id)  # opened: the sweep hydrates it
+        nursery.start_soon(Sweeper(catalog, hydrator, config).run)
         await wait_until(lambda: view.data_blocks is not None, 30)
         # the sweep fetches every block once (and the manifest pages): then it is done
         await wait_until(lambda: hydrator.counters.background_blocks
@@ -1160,8 +1199,9 @@ def test_an_unexpected_error_in_the_sweep_is_logged_and_tried_again(
     config = HydrationConfig(background=True, sweep_retry=0.1)
 
     async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
-        nursery.start_soon(Sweeper(catalog, hydrator, config).run)
         view = catalog.images()["s1.img"]
+        catalog.use(view.root.id)  # opened: the sweep hydrates it
+        nursery.start_soon(Sweeper(catalog, hydrator, config).run)
         await wait_until(lambda: view.data_blocks is not None and not view.pending, 60)
         return view.stats()
 

@@ -201,6 +201,7 @@ def test_background_sweep_finishes_once_the_store_is_back(server: SeaweedServer,
         catalog = SnapshotCatalog(repo, hydrator)
         await catalog.refresh(force=True)
         view = catalog.images()["vm.img"]
+        catalog.use(view.root.id)  # opened: the sweep hydrates it
         async with trio.open_nursery() as nursery:
             await nursery.start(hydrator.run)
             nursery.start_soon(Sweeper(catalog, hydrator, config).run)

@@ -52,6 +52,7 @@ from snapfs.errors import (
     IntegrityError,
     MissingBlock,
     RepositoryExists,
+    RepositoryLocked,
     RepositoryNotFound,
     RootsUnreadable,
     SnapfsError,
@@ -69,6 +70,7 @@ from snapfs.repo.gc import collect_garbage, delete_snapshots
 from snapfs.repo.repository import BlobIndex, Repository, pack_key
 from snapfs.repo.verify import VerifyReport, verify_snapshots
 from snapfs.store import ObjectStore
+from snapfs.store.local import LocalStore
 
 MakeStore = Callable[..., ObjectStore]
 T = TypeVar("T")
@@ -1148,6 +1150,142 @@ def test_a_lock_whose_removal_fails_is_kept_to_let_go_of_later(
     path.write_bytes(b"{}")  # the store works again and the object is back
     assert lock.release_quietly() is True and not lock.held
     assert not path.exists()
+
+
+class RootReads(LocalStore):
+    """A local store that records which snapshot roots were fetched."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.roots_read: list[str] = []
+
+    def get(self, key: str) -> bytes:
+        if key.startswith("snapshots/"):
+            self.roots_read.append(key.removeprefix("snapshots/"))
+        return super().get(key)
+
+
+def test_listing_again_fetches_only_the_roots_not_read_before(tmp_path: Path) -> None:
+    """A mount lists the snapshots again whenever a name it does not know is looked up; with
+    hundreds of snapshots, fetching every root each time made such a lookup wait for a GET per
+    snapshot. Only new roots are fetched, and those that could not be read (one may have been
+    put back); deleted ones drop out."""
+    store = RootReads(tmp_path / "repo")
+    repo = Repository.init(store)
+    ids = {}
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        ids[name] = create(repo, random_image(tmp_path / f"{name}.img", MiB, seed=seed),
+                           name=name).root.id
+    first = repo.list_snapshots()
+    assert [r.name for r in first.roots] == ["a", "b", "c"]
+    good_c = store.get(f"snapshots/{ids['c']}")
+    store.delete(f"snapshots/{ids['c']}")
+    first = repo.list_snapshots()
+    ids["d"] = create(repo, random_image(tmp_path / "d.img", MiB, seed=4), name="d").root.id
+    store.put(f"snapshots/{ids['c']}", good_c[:-1])  # back, damaged
+    store.roots_read.clear()
+
+    again = repo.list_snapshots_again(first)
+    assert sorted(store.roots_read) == sorted([ids["c"], ids["d"]])
+    assert [r.name for r in again.roots] == ["a", "b", "d"]
+    assert [u.snapshot_id for u in again.unreadable] == [ids["c"]]
+
+    store.put(f"snapshots/{ids['c']}", good_c)  # put back from a copy
+    store.delete(f"snapshots/{ids['a']}")
+    store.roots_read.clear()
+    third = repo.list_snapshots_again(again)
+    assert store.roots_read == [ids["c"]]
+    assert third == repo.list_snapshots()
+    assert [r.name for r in third.roots] == ["b", "c", "d"] and third.unreadable == []
+
+
+class LockWritesMeet(LocalStore):
+    """``parties`` lockers write their locks together: each lock write waits until every
+    locker has taken its first look (and found nothing), and once written until every lock is:
+    the lockers then look for each other again only after all have written (the race a
+    store's latency makes likely, made certain)."""
+
+    def __init__(self, root: Path, parties: int) -> None:
+        super().__init__(root)
+        self.looked = threading.Barrier(parties, timeout=30)
+        self.written = threading.Barrier(parties, timeout=30)
+
+    def put(self, key: str, data: bytes) -> None:
+        if key.startswith("locks/"):
+            self.looked.wait()
+        super().put(key, data)
+        if key.startswith("locks/"):
+            self.written.wait()
+
+
+def _race(lockers: list[Any]) -> list[BaseException | None]:
+    """Each locker's ``acquire`` on a thread of its own, all at once: what each raised."""
+    outcome: list[BaseException | None] = [None] * len(lockers)
+
+    def take(i: int) -> None:
+        try:
+            lockers[i].acquire()
+        except BaseException as e:  # (asserted by the caller)
+            outcome[i] = e
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(len(lockers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return outcome
+
+
+@pytest.mark.parametrize("kinds", [("exclusive", "exclusive"), ("exclusive", "shared"),
+                                   ("shared", "exclusive"), ("exclusive",) * 3])
+def test_lockers_that_write_their_locks_at_once_let_exactly_one_proceed(
+        tmp_path: Path, kinds: tuple[str, ...]) -> None:
+    """Two prunes (or a prune and a snapshot) that take the lock at the same instant see each
+    other's lock after writing their own. Both used to back off and fail; now the one whose
+    lock sorts first proceeds and the others withdraw theirs."""
+    from snapfs.repo.lock import RepositoryLock
+
+    for winner in range(len(kinds)):
+        root = tmp_path / f"repo-{winner}"
+        Repository.init(LocalStore(root))
+        store = LockWritesMeet(root, len(kinds))
+        lockers = [RepositoryLock(store, kind, f"locker {i}") for i, kind in enumerate(kinds)]
+        for i, locker in enumerate(lockers):  # the winner's key sorts first
+            locker.key = f"locks/{(i - winner) % len(kinds)}{locker.key[7:]}"
+        outcome = _race(lockers)
+        assert [e is None for e in outcome] == [i == winner for i in range(len(kinds))]
+        assert all(isinstance(e, RepositoryLocked) and f"locker {winner}" in str(e)
+                   for e in outcome if e is not None)
+        assert lockers[winner].held
+        assert [key for key, _ in store.list("locks/")] == [lockers[winner].key]
+
+
+def test_a_lock_taken_between_our_two_looks_is_held_and_we_back_off(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock that sorts after ours may belong to a locker that looked before ours was
+    written, and so holds the lock: we wait for it to be withdrawn, it is not, and we fail
+    (never both proceed), taking ours away."""
+    import snapfs.repo.lock as lock_module
+
+    monkeypatch.setattr(lock_module, "RACE_WAIT", 0.5)
+    root = tmp_path / "repo"
+    Repository.init(LocalStore(root))
+    first = lock_module.RepositoryLock(LocalStore(root), "exclusive", "the holder")
+    first.key = "locks/f" + first.key[7:]
+
+    class HolderBetween(LocalStore):
+        def put(self, key: str, data: bytes) -> None:  # after our first look, before ours
+            first.acquire()
+            super().put(key, data)
+
+    ours = lock_module.RepositoryLock(HolderBetween(root), "exclusive", "the late one")
+    ours.key = "locks/0" + ours.key[7:]
+    started = time.monotonic()
+    with pytest.raises(RepositoryLocked, match="the holder"):
+        ours.acquire()
+    assert time.monotonic() - started >= 0.5
+    assert first.held and not ours.held
+    assert [key for key, _ in LocalStore(root).list("locks/")] == [first.key]
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # a lock is a lock on both

@@ -185,8 +185,12 @@ def _ms(value: Any) -> str:
     return f"{value:.1f} ms" if isinstance(value, int | float) else "-"
 
 
-def _percent(fraction: Any) -> str:
-    return f"{fraction * 100:.1f}%" if isinstance(fraction, int | float) else "scanning"
+def _hydrated(image: dict[str, Any]) -> str:
+    fraction = image.get("hydrated_fraction")
+    if isinstance(fraction, int | float):
+        return f"{fraction * 100:.1f}%"
+    # the sweep scans and hydrates the images in use only (a daemon before that had no key)
+    return "not in use" if image.get("in_use") is False else "scanning"
 
 
 def format_stats(doc: dict[str, Any]) -> list[str]:
@@ -202,7 +206,7 @@ def format_stats(doc: dict[str, Any]) -> list[str]:
         missing = image.get("blocks_missing")
         missing_blocks += missing or 0
         missing_bytes += image.get("bytes_missing") or 0
-        rows.append((name, human_size(image.get("size", 0)), _percent(image.get("hydrated_fraction")),
+        rows.append((name, human_size(image.get("size", 0)), _hydrated(image),
                      counted(missing, "block") if missing is not None else "-",
                      _duration(image.get("eta_seconds")) if missing else "-",
                      str(image.get("reads", 0)), str(image.get("cache_hits", 0)),

@@ -7,11 +7,14 @@ host's ``IndexCache`` when the daemon passes one, so only new index objects are 
 reads them while it starts). Views are stable objects: a refresh never replaces the view of a
 snapshot that is still there, so open files keep their read-ahead state and statistics.
 
-A root that cannot be read (damaged) is not served and never fails a refresh: the other
-snapshots are served as ever, and the daemon logs it once (again only if it is repaired and
-damaged anew). A snapshot served already whose root is damaged later stays served as it was
-read (its blocks are intact, and garbage collection refuses to run until the root is deleted or
-repaired); deleting the root drops it, as for any snapshot.
+A refresh lists the roots' keys and fetches only the roots it has not read (a root is written
+once): with hundreds of snapshots, fetching them all made every lookup of an unknown name wait
+for a GET per snapshot. A root that cannot be read (damaged) is not served and never fails a
+refresh: the other snapshots are served as ever, the daemon logs it once (again only if it is
+repaired and damaged anew), and each refresh reads it again, in case it was put back. A root
+damaged after it was read is not read again, so the mount serves its snapshot as it was read
+(its blocks are intact); the commands that list snapshots report it, and garbage collection
+refuses to run until it is deleted or repaired. Deleting the root drops it, as for any snapshot.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class SnapshotCatalog:
         self._views: dict[str, ImageView] = {}  # file name -> view
         self._by_id: dict[str, ImageView] = {}
         self._unreadable: list[UnreadableRoot] = []  # as the last listing found them (logged)
+        self._read = SnapshotListing()  # the roots read so far (the next refresh reads the rest)
         self._last_refresh = -1e9
         self._refreshing: trio.Event | None = None
         #: the error of the last refresh, if it failed
@@ -58,7 +62,10 @@ class SnapshotCatalog:
             self.hydrator.index_loader = lambda: repo.load_index(index_cache)
         self.hydrator.on_cached.append(self._blocks_cached)
         self.hydrator.on_save.append(self.save_profiles)
-        #: wakes the sweep when images appear
+        #: the snapshots in use on this mount (opened, or a served disk's base): the ones the
+        #: background sweep hydrates (by ID; kept for the mount's life, a deleted one too)
+        self.in_use: set[str] = set()
+        #: wakes the sweep when images appear or come into use
         self.changed = trio.Event()
         #: called after a refresh that added or dropped images (the FUSE adapter's names)
         self.on_change: list[Callable[[], None]] = []
@@ -66,15 +73,23 @@ class SnapshotCatalog:
     def images(self) -> dict[str, ImageView]:
         return self._views
 
+    def use(self, snapshot_id: str) -> None:
+        """The snapshot is in use here (opened, or the base of a served disk): the background
+        sweep hydrates it from now on. Call on the trio thread."""
+        if snapshot_id not in self.in_use:
+            self.in_use.add(snapshot_id)
+            self._wake()
+
+    def _wake(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
     def by_snapshot_id(self, snapshot_id: str) -> ImageView | None:
         return self._by_id.get(snapshot_id)
 
     def listing(self) -> SnapshotListing:
-        """The snapshots served whose roots can be read, and the roots the last listing could
-        not read."""
-        bad = {u.snapshot_id for u in self._unreadable}
-        return SnapshotListing([v.root for v in self._views.values() if v.root.id not in bad],
-                               list(self._unreadable))
+        """The snapshots served, and the roots the last listing could not read."""
+        return SnapshotListing([v.root for v in self._views.values()], list(self._unreadable))
 
     async def refresh(self, force: bool = False, strict: bool = False) -> None:
         """Read the repository's snapshots (and new index objects) again, unless that was done
@@ -93,7 +108,7 @@ class SnapshotCatalog:
     async def _read_again(self) -> None:
         self._refreshing = trio.Event()
         try:
-            listing = await trio.to_thread.run_sync(self.repo.list_snapshots)
+            listing = await trio.to_thread.run_sync(self.repo.list_snapshots_again, self._read)
             # new snapshots bring new index objects; garbage collection replaces them
             await self.hydrator.refresh_index()
             self._update(listing)
@@ -120,17 +135,13 @@ class SnapshotCatalog:
         """Views for the listed roots: the ones already there kept, new ones made, others
         dropped; roots that cannot be read logged when first found so."""
         known = set(self._unreadable)
-        new = [u for u in listing.unreadable if u not in known]
-        url = self.repo.store.url
-        warn_unreadable([u for u in new if u.snapshot_id not in self._by_id], url, "not served")
-        warn_unreadable([u for u in new if u.snapshot_id in self._by_id], url,
-                        "still served as it was read before")
+        warn_unreadable([u for u in listing.unreadable if u not in known], self.repo.store.url,
+                        "not served")
         self._unreadable = listing.unreadable
-        roots = listing.roots + [self._by_id[u.snapshot_id].root for u in listing.unreadable
-                                 if u.snapshot_id in self._by_id]
+        self._read = listing
         views: dict[str, ImageView] = {}
         by_id: dict[str, ImageView] = {}
-        for root in roots:
+        for root in listing.roots:
             view = self._by_id.get(root.id)
             if view is None:
                 name = f"{root.name}.img"
@@ -143,8 +154,7 @@ class SnapshotCatalog:
         gone = self._by_id.keys() - by_id.keys()
         self._views, self._by_id = views, by_id
         if appeared:
-            self.changed.set()
-            self.changed = trio.Event()
+            self._wake()
         if appeared or gone:
             for callback in self.on_change:
                 callback()

@@ -1,8 +1,17 @@
 """Hints and the background sweep: what the hydrator fetches when no one is waiting.
 
-For every image, once: first the hints (the access profile earlier mounts stored for this
+Which images: those in use on this mount (opened since it started, or the base of a disk it
+serves: ``SnapshotCatalog.in_use``) get everything below; the newest snapshot of each lineage
+(one no served snapshot follows) gets its hints too, before anyone opens it, and so does an
+image the ``--prefetch-list`` names. Other images are fetched only as they are read. The sweep
+used to hydrate every snapshot of the repository: with hundreds of them, a mount made to
+restore one file downloaded the whole repository (paying the store's egress), churned a cache
+smaller than that through the images in use, and held block maps and a map of missing blocks
+per image (1.9 GB of memory for 300 snapshots of a 1 GiB disk).
+
+For every such image, once: first the hints (the access profile earlier mounts stored for this
 snapshot, and the user's ``--prefetch-list``) at HINT priority, the newest snapshots' first;
-then a scan of the block map that
+then, for an image in use, a scan of the block map that
 finds which blocks are not cached yet (this is what ``stats`` reports as hydration progress;
 it loads the map ``SCAN_PAGES`` pages a request, at BACKGROUND priority: the scan costs the
 daemon's CPU, which reads need more; a read that needs a page the scan has not loaded yet
@@ -109,22 +118,33 @@ class Sweeper:
         #: image -> (trio clock of its next try, the wait after that) for missing blocks
         self._retry: dict[str, tuple[float, float]] = {}
 
+    def _in_use(self) -> list[ImageView]:
+        in_use = self.catalog.in_use
+        return [v for v in self.catalog.images().values() if v.root.id in in_use]
+
+    def _to_hint(self) -> list[ImageView]:
+        """The images in use, the newest of each lineage, and those the prefetch list names."""
+        images = self.catalog.images().values()
+        followed = {v.root.parent for v in images}
+        return self._in_use() + [v for v in images
+                                 if v.root.id not in followed or v.name in self.prefetch]
+
     async def run(self) -> None:
         while True:
             changed = self.catalog.changed
             # the newest first: the snapshot a user mounts to restore from is most often the
             # last one, and each image's hints wait on a GET of its profile
-            newest_first = sorted(self.catalog.images().values(), key=lambda v: v.root.created,
-                                  reverse=True)
+            hinted = {v.root.id: v for v in self._to_hint()}
+            newest_first = sorted(hinted.values(), key=lambda v: v.root.created, reverse=True)
             for view in newest_first:
                 if view.root.id not in self._hinted:
                     self._hinted.add(view.root.id)
                     await self._guard(self._hint(view), view)
-            for view in list(self.catalog.images().values()):
+            for view in self._in_use():
                 if view.root.id not in self._scanned and self._due(view):
                     if await self._guard(self._scan_and_hydrate(view), view):
                         self._scanned.add(view.root.id)
-            unfinished = [v for v in self.catalog.images().values() if self._unfinished(v)]
+            unfinished = [v for v in self._in_use() if self._unfinished(v)]
             for view in unfinished:
                 if view.root.id in self._scanned and self.hydrator.background_idle() \
                         and self._due(view):

@@ -12,9 +12,15 @@ this host (its pid gone, or taken by a process that started after the lock was w
 from another host, when it was not refreshed for ``STALE_AFTER`` seconds (holders refresh every
 ``REFRESH_EVERY``; every holder, exclusive ones too: a collection of a large repository may take
 longer). A lock of a live process on this host is never stale, however old: it is in use. A lock
-object that cannot be read is ignored by every locker and removed by ``unlock``. Two lockers
-racing both see each other after writing and the later one backs off, so at worst both fail and
-are retried by their users, never both proceed.
+object that cannot be read is ignored by every locker and removed by ``unlock``.
+
+Taking a lock: look for conflicting locks, write ours, look again. Two lockers that write at
+about the same time both see each other the second time. Then the one whose key sorts after
+the other's withdraws its lock and fails, and the one that sorts first waits up to
+``RACE_WAIT`` for it to do so: one of them proceeds (where both used to fail). Never both:
+whichever looked last after writing saw the other's lock, and proceeds only if that lock was
+withdrawn. A lock that sorts after ours and stays was taken before we wrote ours (its locker
+looked before we wrote); we then fail after the wait, as the others do at once.
 
 A host that died holding an exclusive lock would hold up every snapshot for ``STALE_AFTER``;
 ``snapfs unlock --all`` (``remove_locks``) lets its owner remove it sooner: every lock but those
@@ -47,6 +53,9 @@ STALE_AFTER = 30 * 60
 #: collection's exclusive lock before it fails: a forget or prune holds it for seconds
 SNAPSHOT_LOCK_PATIENCE = 10.0
 REFRESH_EVERY = 5 * 60
+#: seconds a locker that wrote its lock beside a conflicting one sorting after it waits for that
+#: one to be withdrawn (its locker takes a store listing and a delete to do so)
+RACE_WAIT = 2.0
 
 
 @dataclass
@@ -202,7 +211,7 @@ class RepositoryLock:
         blocking = self._conflicts()
         if not blocking:
             self.store.put(self.key, self._body())
-            blocking = self._conflicts()
+            blocking = self._after_a_race(self._conflicts())
             if blocking:
                 self.store.delete(self.key)
         if blocking:
@@ -213,6 +222,17 @@ class RepositoryLock:
                                    f"ends{hint}")
         self.held = True
         return self
+
+    def _after_a_race(self, blocking: list[LockInfo]) -> list[LockInfo]:
+        """The conflicting locks left once lockers that wrote theirs beside ours have
+        withdrawn them: all of ``blocking`` sort after our key, so their lockers back off if
+        they saw ours (waited for up to ``RACE_WAIT``); any that sorts first, we back off."""
+        deadline = time.monotonic() + RACE_WAIT
+        while blocking and all(b.key > self.key for b in blocking) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+            blocking = self._conflicts()
+        return blocking
 
     async def acquire_waiting(self, patience: float,
                               limiter: trio.CapacityLimiter | None = None) -> RepositoryLock:

@@ -341,6 +341,19 @@ class Repository:
         progress.start("reading snapshots", len(keys), "snapshot")
         return self._fetch_roots(keys, lambda: progress.advance(1))
 
+    def list_snapshots_again(self, previous: SnapshotListing) -> SnapshotListing:
+        """``list_snapshots``, fetching only the roots that ``previous`` did not read: a root
+        is written once, so one read before is still what it was (one damaged since goes
+        unnoticed until a full listing). The roots it could not read are read again: one may
+        have been put back. A mount lists again whenever a name it does not know is looked up,
+        and fetching every root each time cost a GET per snapshot."""
+        keys = self._root_keys()
+        known = {f"snapshots/{r.id}": r for r in previous.roots}
+        listing = self._fetch_roots([k for k in keys if k not in known])
+        listing.roots += [known[k] for k in keys if k in known]
+        listing.roots.sort(key=lambda r: (r.created, r.id))
+        return listing
+
     def roots_since(self, listing: SnapshotListing) -> list[SnapshotRoot]:
         """The snapshots stored since ``listing`` was read: those it does not name."""
         known = {f"snapshots/{r.id}" for r in listing.roots} | {u.key for u in listing.unreadable}

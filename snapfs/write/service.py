@@ -391,9 +391,11 @@ class DiskService:
         return disk
 
     async def _image(self, snapshot_id: str | None) -> Image | None:
-        """The image of a stored or pending snapshot, by ID (None for None)."""
+        """The image of a stored or pending snapshot, by ID (None for None), as the base of a
+        disk: the background sweep hydrates it from now on (so the disk becomes local)."""
         if snapshot_id is None:
             return None
+        self.catalog.use(snapshot_id)
         pending = self.pending.get(snapshot_id)
         if pending is not None:
             return pending
