@@ -520,6 +520,31 @@ def test_on_a_terminal_a_disk_snapshot_draws_its_upload_in_bytes(served: Served,
     assert bar_totals(drawn) == [] and json.loads(drawn)["state"] == "accomplished"
 
 
+def test_the_sweep_hydrates_a_disks_snapshot_and_leaves_the_others_be(
+        snapfs: Snapfs, tmp_path: Path) -> None:
+    """The background sweep makes a served disk local in time: the snapshot it was made from
+    is in use without anyone opening its image, and is hydrated; a snapshot nobody uses is
+    not fetched at all."""
+    snapfs.ok("snapshot", "create", random_image(tmp_path / "other.img", 2 * MiB, seed=94),
+              "--name", "other")
+    with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache") as daemon:
+        snapfs.ok("disk", "create", "d1", "--from", "vm-1")
+
+        def images() -> dict[str, Any]:
+            doc: dict[str, Any] = snapfs.json("stats", daemon.mountpoint)["images"]
+            return doc
+
+        wait_for(lambda: images()["vm-1.img"]["blocks_missing"] == 0, 120,
+                 "the disk's snapshot hydrated")
+        time.sleep(1.0)  # the sweep has nothing else to do: it would be at the other by now
+        found = images()
+        assert found["vm-1.img"]["in_use"] is True and found["vm-1.img"]["data_blocks"] > 0
+        assert found["vm-1.img"]["reads"] == 0  # nobody read it: the sweep fetched it
+        assert found["other.img"]["in_use"] is False
+        assert found["other.img"]["data_blocks"] is None
+        assert found["other.img"]["blocks_fetched"] == 0
+
+
 def test_three_disks_of_one_snapshot_fetch_each_block_once(
     served: Served, base_image: Path
 ) -> None:
