@@ -23,6 +23,7 @@ CTX: Any = None  # the handlers never look at the request context
 class FakeView:
     def __init__(self, name: str, data: bytes, mtime_ns: int = 1_700_000_000_000_000_000) -> None:
         self.name = name
+        self.snapshot_id = f"id-of-{name}"
         self.data = data
         self.size = len(data)
         self.mtime_ns = mtime_ns
@@ -47,6 +48,10 @@ class FakeCatalog:
         self.fail: Exception | None = None
         self.failure: Exception | None = None  # the last refresh's error, as the real one's
         self.on_change: list[Any] = []
+        self.in_use: set[str] = set()
+
+    def use(self, snapshot_id: str) -> None:
+        self.in_use.add(snapshot_id)
 
     async def refresh(self, force: bool = False, strict: bool = False) -> None:
         """Reads the repository every time (the real catalog at most every 2 s: ``strict``
@@ -210,11 +215,13 @@ def test_write_opens_are_refused(fs: SnapshotFS, flags: int) -> None:
     run(body)
 
 
-def test_open_read_release(fs: SnapshotFS) -> None:
+def test_open_read_release(fs: SnapshotFS, catalog: FakeCatalog) -> None:
     async def body() -> None:
         ino = (await fs.lookup(SNAPSHOTS_INODE, b"vm-1.img", CTX)).st_ino
+        assert catalog.in_use == set()  # looked up, not opened: the sweep leaves it be
         info = await fs.open(ino, os.O_RDONLY, CTX)
         assert info.keep_cache
+        assert catalog.in_use == {"id-of-vm-1.img"}  # opened: the sweep hydrates it
         assert await fs.read(info.fh, 9995, 100) == b"56789"
         assert await fs.read(info.fh, 10000, 100) == b""
         await fs.release(info.fh)
