@@ -70,7 +70,7 @@ class MemoryBudget:
 
     def recycle(self, buf: bytearray) -> None:
         """Keep a buffer that its holder no longer uses, for ``buffer`` (up to
-        ``SPARE_BUFFERS``): a fresh 2 MiB buffer costs more than the reads that fill it
+        ``SPARE_BUFFERS``): a fresh 8 MiB buffer costs more than the reads that fill it
         (allocating, zeroing and faulting its pages in). The last reader may still hold a
         view of it: ``buffer`` checks."""
         if len(self._spares) < SPARE_BUFFERS:

@@ -11,7 +11,9 @@ Rules it keeps (DESIGN.md, "Hydration order"):
   image, see ``bulk``), or other foreground work runs (``foreground``: a writable disk's reads
   and writes), queued background fetches are not started and the sweep queues no more.
 - Neighbouring queued blocks of one pack are fetched with one ranged GET (a run): up to
-  ``max_run`` bytes for reads and read-ahead, ``max_background_run`` for background work.
+  ``max_run`` bytes for a run that a waiting read leads (it must not wait for megabytes of
+  read-ahead behind it), ``max_background_run`` for read-ahead, hints and background work
+  (fewer, larger GETs: each costs about a millisecond of the GIL in botocore).
 - Background work is queued as whole runs (``_Run``), cut when it is queued: the sweep hands
   over tens of thousands of blocks, and a fetch object, heap entry and event for each one cost
   the trio thread more than decoding them. A block of a queued run that someone asks for
@@ -149,8 +151,8 @@ class HydrationConfig:
     #: included (``ObjectStore.attempts``); background fetches make one call
     attempts: int = 3
     retry_delay: float = 0.25  # doubled after each failed attempt
-    max_run: int = 1 << 20  # bytes one GET may span for foreground runs
-    max_background_run: int = 4 << 20
+    max_run: int = 1 << 20  # bytes one GET may span for a run someone waits on
+    max_background_run: int = 4 << 20  # for other runs (read-ahead, hints, the sweep)
     max_gap: int = 64 << 10
     read_around: int = 64 << 10  # stored bytes on each side of a waiting read's GET it also brings
     read_around_max: int = 4 << 20  # plain bytes of such neighbours one GET may bring
@@ -631,8 +633,9 @@ class Hydrator:
 
     def _claim_run(self, first: _Fetch) -> list[_Fetch]:
         """``first`` plus queued neighbours in its pack that one GET can cover."""
-        limit = self.config.max_background_run if first.priority == Priority.BACKGROUND \
-            else self.config.max_run
+        # a read someone waits on must not wait for megabytes of read-ahead behind it
+        limit = self.config.max_run if first.priority == Priority.WAITING \
+            else self.config.max_background_run
         queued = self._queued_by_pack[first.loc.pack]
         run = queued.claim(first, limit, self.config.max_gap)
         for f in run:
