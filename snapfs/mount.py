@@ -171,11 +171,21 @@ def _absolute(options: MountOptions) -> MountOptions:
                                cache_dir=os.path.abspath(options.cache_dir))
 
 
+#: the longest ``--simulate-latency``, in seconds: more than an S3 request may wait for its first
+#: byte (5 s) is no link's. An hour held ``mount`` up for good (the daemon mounts once it has
+#: read the index), and more than ``time.sleep`` takes failed the daemon (OverflowError)
+MAX_SIMULATED_LATENCY = 10.0
+
+
 def _check_simulation(options: MountOptions) -> None:
     for name, value in (("--simulate-latency", options.simulate_latency),
                         ("--simulate-bandwidth", options.simulate_bandwidth)):
         if value is not None and value <= 0:
             raise UsageError(f"{name} must be positive")
+    latency = options.simulate_latency
+    if latency is not None and not latency <= MAX_SIMULATED_LATENCY:
+        raise UsageError(f"--simulate-latency must be at most {MAX_SIMULATED_LATENCY:g} s "
+                         f"(got {latency:g} s)")
 
 
 
