@@ -36,7 +36,7 @@ from typing import Any
 
 import click
 import pytest
-from diskimages import MiB, have_root, random_image
+from diskimages import MiB, have_root, random_image, release_fifo_reader
 from mountutil import loops_under, mounted, mounts_under, pid_running, wait_for
 from testkit import SNAPFS, Snapfs, store_env
 
@@ -239,12 +239,15 @@ def path_values(world: World, role: str) -> list[Value]:
     (here / "emptydir").mkdir()
     (here / "fulldir").mkdir()
     (here / "fulldir" / "x").write_text("x")
+    os.mkfifo(here / "fifo")  # (opened for reading, it waits for a writer)
+    (here / "loop").symlink_to("loop")
     missing, file, emptydir, fulldir = (here / "missing", here / "file", here / "emptydir",
                                         here / "fulldir")
+    fifo, loop = str(here / "fifo"), str(here / "loop")
     under_file = file / "x"
     in_repo = world.repo / "packs" / "x"
     ro_file, ro_dir = world.read_only / "file.img", world.read_only / "empty"
-    common = bad("", str(under_file), str(missing / "deeper" / "x"))
+    common = bad("", str(under_file), str(missing / "deeper" / "x"), loop, fifo)
     if role == "source":  # an image to read
         return [*ok(str(world.source), str(file), str(world.source) + "/."),
                 *common, *bad(str(missing), str(emptydir), str(here / "empty"), str(here / "odd"),
@@ -265,13 +268,14 @@ def path_values(world: World, role: str) -> list[Value]:
                    *([str(world.served / "snapshots")] if world.served else []))]
     if role == "target":  # a directory to write into, made if missing
         return [*ok(str(missing), str(emptydir), str(fulldir), str(missing / "deeper")),
-                *common[:2], *bad(str(file), str(ro_dir), str(ro_dir / "x"), str(in_repo),
+                *bad("", str(under_file), loop, fifo,str(file), str(ro_dir), str(ro_dir / "x"), str(in_repo),
                                   str(world.repo), str(here / ("x" * 300)))]
     if role == "list-file":  # a file to read lines from
         (here / "list").write_text("alpha.img\nbeta.img 0 4K\n# a comment\n")
         (here / "garbage").write_bytes(b"\xff\xfe\0zzz 1 2 3 4\n")
         return [*ok(str(here / "list"), str(here / "empty")),
-                *bad(str(missing), str(emptydir), "", str(under_file), str(here / "garbage"))]
+                *bad(str(missing), str(emptydir), "", str(under_file), str(here / "garbage"),
+                     fifo, loop, "/dev/zero")]
     raise AssertionError(role)
 
 
@@ -436,10 +440,13 @@ def repository_option(rng: random.Random, world: World) -> tuple[list[Token], st
     (here / "empty").mkdir()
     (here / "other").mkdir()
     (here / "other" / "config").write_text("{}")
+    os.mkfifo(here / "fifo")
+    (here / "loop").symlink_to("loop")
     where = rng.choice([str(world.repo)] * 12 + [
         str(here / "missing"), str(here / "file"), str(here / "empty"), str(here / "other"),
         str(world.repo / "packs"), str(here / "file" / "x"), "", str(world.read_only / "empty"),
-        "s3://", "s3:///prefix", "s3://Bad_Bucket!/x", "file:///tmp", str(world.repo) + "/"])
+        "s3://", "s3:///prefix", "s3://Bad_Bucket!/x", "file:///tmp", str(world.repo) + "/",
+        str(here / "fifo"), str(here / "loop")])
     label = None if where in (str(world.repo), str(world.repo) + "/") else where
     endpoint: list[Token] = ["--endpoint-url", "http://127.0.0.1:1"] \
         if where.startswith("s3:") else []
@@ -764,3 +771,29 @@ def test_a_simulated_latency_longer_than_any_links_is_refused(small_repo: Snapfs
             if pid and pid_running(pid):
                 os.kill(pid, signal.SIGKILL)
                 wait_for(lambda pid=pid: not pid_running(pid), 10, f"daemon {pid} to die")
+
+
+@pytest.mark.root
+@needs_root
+def test_a_prefetch_list_that_is_no_regular_file_is_refused(small_repo: Snapfs,
+                                                            tmp_path: Path) -> None:
+    """The daemon opened ``--prefetch-list`` after the fork: a FIFO held ``mount`` up until
+    something wrote to it."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    fifo = tmp_path / "list"
+    os.mkfifo(fifo)
+    runtime = Path(small_repo.env["SNAPFS_RUNTIME_DIR"])
+    try:
+        for path in (fifo, Path("/dev/zero")):
+            result = small_repo("mount", mountpoint, "--prefetch-list", path, timeout=20)
+            assert one_line(result.returncode, result.stderr, 2) == \
+                f"snapfs: prefetch list {path} is not a regular file"
+        assert not os.path.ismount(mountpoint)
+    finally:  # (what the old code left: a daemon waiting for the FIFO, which then mounts)
+        release_fifo_reader(fifo)
+        wait_for(lambda: not any(pid_running(int(p.read_text() or 0))
+                                 for p in runtime.glob("*.pid")) or os.path.ismount(mountpoint),
+                 10, "the daemon to mount or end")
+        if os.path.ismount(mountpoint):
+            small_repo.ok("umount", mountpoint)
