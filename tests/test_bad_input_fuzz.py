@@ -123,6 +123,17 @@ class World:
         return path
 
 
+def small_ext4(out: Path) -> Path:
+    """A 2 MiB ext4 image of a few files (``etc/a.txt``, ``var/b.bak``)."""
+    tree = out.with_suffix(".tree")
+    for name in ("etc/a.txt", "var/b.bak"):
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text(name)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "1024", "-d", str(tree), str(out), "2M"],
+                   check=True, capture_output=True)
+    return out
+
+
 def repository_state(repo: Path) -> dict[str, bytes]:
     """Every file of a local repository (temporary ones too) and its bytes, but its locks."""
     return {str(p.relative_to(repo)): p.read_bytes() for p in sorted(repo.rglob("*"))
@@ -155,6 +166,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
         # (a label and a tag may hold control characters: every message must escape them)
         snapfs.json("snapshot", "create", source, "--name", "gamma", "--disk", "two\nlines",
                     "--tag", "tab\there"),
+        # (a file system, so that browse and restore-files get past finding one)
+        snapfs.json("snapshot", "create", small_ext4(tmp / "fs.img"), "--name", "fs"),
     ]
     pristine = tmp / "repo.pristine"
     shutil.copytree(repo, pristine, symlinks=True)
@@ -179,8 +192,8 @@ ODD_TEXT = [*ok("x", "-", "*", "?", "%s", "{}", " x ", "snäp", "a b"),
 
 
 def snapshot_refs(world: World) -> list[Value]:
-    alpha, beta, _ = world.snapshots
-    return [*ok("alpha", beta["id"], beta["id"][:6], alpha["id"][:4]),
+    alpha, beta, _, _ = world.snapshots
+    return [*ok("alpha", beta["id"], beta["id"][:6], alpha["id"][:4], "fs", "fs", "gamma"),
             *bad("nosuch", "", alpha["id"][:3], "/", "..", f"../{alpha['id']}",
                  f"snapshots/{alpha['id']}", "alpha/", "x" * 300, "\x01", NOT_UTF8,
                  alpha["id"].upper(), f"{alpha['id']} ", f"{alpha['id']}0", "*", "alph?")]
@@ -497,8 +510,12 @@ def check_outcome(vector: Vector, code: int, stdout: str, stderr: str) -> None:
 def undo_success(world: World) -> None:
     """What a vector that succeeded leaves running: a browse is unbrowsed and a mount unmounted,
     through snapfs (so that its own way is tested too)."""
-    ours = [m for m in mounts_under(world.tmp) if m[0] not in world.kept_mounts()]
-    for where, fstype in sorted(ours, key=lambda m: m[1] == "fuse.snapfs"):
+    while True:  # browses first: unbrowse stops the daemon that browse started
+        ours = sorted((m for m in mounts_under(world.tmp) if m[0] not in world.kept_mounts()),
+                      key=lambda m: m[1] == "fuse.snapfs")
+        if not ours:
+            return
+        where, fstype = ours[0]
         verb = "umount" if fstype == "fuse.snapfs" else "unbrowse"
         code, out, err = run(world, [verb, where])
         assert code == 0, (verb, where, out, err)
@@ -603,7 +620,7 @@ def test_fuzz_the_commands_of_a_running_mount(seed: int, world: World) -> None:
                 assert pid_running(daemon.pid) and os.path.ismount(served), vector.shown()
             assert daemon.ask("disk-list")["disks"] == []
             assert sorted(p.name for p in daemon.images.iterdir()) == \
-                ["alpha.img", "beta.img", "gamma.img"]
+                ["alpha.img", "beta.img", "fs.img", "gamma.img"]
         finally:
             world.served = None
     assert not failed, f"{len(failed)} of {MOUNT_VECTORS} vectors failed:\n\n" + \
