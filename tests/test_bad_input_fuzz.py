@@ -17,7 +17,9 @@ runs as a real process against a small local repository, and for every one:
   lock, mount, loop device or daemon is left behind.
 
 ``SNAPFS_FUZZ_SEEDS`` runs other seeds by hand: ``7``, ``0-199`` or ``1,5,9``;
-``SNAPFS_FUZZ_VECTORS`` sets how many vectors each seed draws.
+``SNAPFS_FUZZ_VECTORS`` and ``SNAPFS_FUZZ_MOUNT_VECTORS`` set how many vectors each seed draws
+(without and beside a running mount). A failure lists every vector of the seed that failed,
+each with its command line, exit code and output.
 """
 
 from __future__ import annotations
@@ -49,12 +51,13 @@ DOCUMENTED_EXITS = {0, 1, 2, 3, 4, 5, 6, 130}
 WRITERS = {"init", "snapshot create", "snapshot delete", "snapshot forget", "prune",
            "repair index", "repair packs", "unlock", "policy set", "policy delete",
            "disk create", "disk delete", "disk rollback"}
-#: the commands that need a running mount of the repository to do anything (fuzzed with one in
-#: ``test_fuzz_with_a_mount``; without one they fail at once, which the main fuzz checks too)
 #: the commands that run a mount daemon, which stores the access profile of each image read
 #: (``profiles/ID``: hints of what to fetch first, not data) when it stops, as README says:
 #: they may change ``profiles/`` whether they succeed or not
 STORE_PROFILES = {"mount", "browse", "restore-files"}
+#: the commands that need a running mount of the repository to do anything (fuzzed beside one
+#: in ``test_fuzz_the_commands_of_a_running_mount``; without one they fail at once, which the
+#: main fuzz checks too)
 NEED_A_MOUNT = {"disk create", "disk delete", "disk rollback", "disk list", "stats"}
 #: seconds a vector may run: none of them has work to do that takes more than a few
 TIMEOUT = 60
@@ -366,9 +369,11 @@ class Vector:
     argv: list[Token]
     bad: list[str]  # why it cannot succeed (empty: it may)
     on_repository: bool = True  # whether -r names the module's repository
+    repo_from_env: str | None = None  # REPO given as SNAPFS_REPO rather than -r
 
     def shown(self) -> str:
-        return " ".join(repr(t) if not isinstance(t, str) or not t.isprintable() or " " in t
+        return (f"SNAPFS_REPO={self.repo_from_env!r} " if self.repo_from_env is not None
+                else "") + " ".join(repr(t) if not isinstance(t, str) or not t.isprintable() or " " in t
                         or not t else t for t in self.argv)
 
 
@@ -446,8 +451,8 @@ def draw(rng: random.Random, world: World, command: str, cmd: click.Command) -> 
 
 
 def repository_option(rng: random.Random, world: World) -> tuple[list[Token], str | None]:
-    """``-r REPO`` (or ``SNAPFS_REPO``), mostly the module's repository; else somewhere that
-    is none (which, for init, may become one) and what it is."""
+    """``-r REPO``, mostly the module's repository; else somewhere that is none (which, for
+    init, may become one) and what it is."""
     here = world.scratch()
     (here / "file").write_text("not a repository\n")
     (here / "empty").mkdir()
@@ -469,14 +474,6 @@ def repository_option(rng: random.Random, world: World) -> tuple[list[Token], st
 
 
 # -- running one, and what must hold ---------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Outcome:
-    vector: Vector
-    code: int
-    stdout: str
-    stderr: str
 
 
 def run(world: World, argv: list[Token], env: dict[str, str] | None = None,
@@ -535,7 +532,9 @@ def run_vector(world: World, vector: Vector, before: dict[str, bytes],
                daemons: frozenset[int] = frozenset()) -> dict[str, bytes]:
     """Run ``vector``, check all that must hold, and return the repository's state after it
     (the pristine one, restored, if it wrote). ``daemons``: those running before it."""
-    code, stdout, stderr = run(world, vector.argv)
+    env = None if vector.repo_from_env is None else \
+        {**world.snapfs.env, "SNAPFS_REPO": vector.repo_from_env}
+    code, stdout, stderr = run(world, vector.argv, env)
     check_outcome(vector, code, stdout, stderr)
     if code == 0:
         undo_success(world)
@@ -569,6 +568,9 @@ def vectors(seed: int, world: World, count: int, only: set[str] | None = None,
             vector = draw(rng, world, path, cmd)
         repo_args, elsewhere = repository_option(rng, world) if rng.random() < 0.97 \
             else ([], "no -r")
+        if repo_args[:1] == ["-r"] and rng.random() < 0.1:  # the same, from the environment
+            vector.repo_from_env = str(repo_args[1])
+            repo_args = repo_args[2:]
         vector.argv = [*repo_args, *vector.argv]
         vector.on_repository = elsewhere is None
         drawn.append(vector)
