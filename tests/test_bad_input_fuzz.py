@@ -64,7 +64,7 @@ TIMEOUT = 60
 
 
 def _seeds() -> list[int]:
-    spec = os.environ.get("SNAPFS_FUZZ_SEEDS", "0,1")
+    spec = os.environ.get("SNAPFS_FUZZ_SEEDS", "0")
     seeds: list[int] = []
     for part in spec.split(","):
         first, _, last = part.partition("-")
@@ -73,7 +73,7 @@ def _seeds() -> list[int]:
 
 
 SEEDS = _seeds()
-VECTORS = int(os.environ.get("SNAPFS_FUZZ_VECTORS", "90"))
+VECTORS = int(os.environ.get("SNAPFS_FUZZ_VECTORS", "120"))
 
 #: the fuzz needs root: a read-only tmpfs, and the mounts, browses and loop devices it makes
 needs_root = pytest.mark.skipif(not have_root() or not os.path.exists("/dev/fuse"),
@@ -114,6 +114,7 @@ class World:
     runtime: Path
     cache: Path
     served: Path | None = None  # a mount of the repository that vectors may name
+    scratches: list[Path] = dataclasses.field(default_factory=list)  # made for the next vector
 
     def kept_mounts(self) -> set[str]:
         """The mounts the vectors run among, which they must leave as they are."""
@@ -123,6 +124,7 @@ class World:
         """A new directory of its own for one vector's paths."""
         path = self.tmp / "v" / uuid.uuid4().hex[:8]
         path.mkdir(parents=True)
+        self.scratches.append(path)
         return path
 
 
@@ -141,6 +143,21 @@ def repository_state(repo: Path) -> dict[str, bytes]:
     """Every file of a local repository (temporary ones too) and its bytes, but its locks."""
     return {str(p.relative_to(repo)): p.read_bytes() for p in sorted(repo.rglob("*"))
             if p.is_file() and p.relative_to(repo).parts[0] != "locks"}
+
+
+def tree_state(roots: list[Path]) -> dict[str, bytes | str]:
+    """What is under ``roots``: each file's bytes, each link's target, each other entry's
+    kind; to show that a command that failed left the user's files as they were."""
+    state: dict[str, bytes | str] = {}
+    for root in roots:
+        for path in [root, *root.rglob("*")]:
+            if path.is_symlink():
+                state[str(path)] = f"-> {os.readlink(path)}"
+            elif path.is_file():
+                state[str(path)] = path.read_bytes()
+            else:
+                state[str(path)] = "dir" if path.is_dir() else "other"
+    return state
 
 
 def locks_left(repo: Path) -> list[str]:
@@ -368,6 +385,7 @@ class Vector:
     command: str
     argv: list[Token]
     bad: list[str]  # why it cannot succeed (empty: it may)
+    scratches: list[Path] = dataclasses.field(default_factory=list)  # its paths live there
     on_repository: bool = True  # whether -r names the module's repository
     repo_from_env: str | None = None  # REPO given as SNAPFS_REPO rather than -r
 
@@ -534,8 +552,13 @@ def run_vector(world: World, vector: Vector, before: dict[str, bytes],
     (the pristine one, restored, if it wrote). ``daemons``: those running before it."""
     env = None if vector.repo_from_env is None else \
         {**world.snapfs.env, "SNAPFS_REPO": vector.repo_from_env}
+    files = tree_state(vector.scratches)
+    source = world.source.read_bytes()
     code, stdout, stderr = run(world, vector.argv, env)
     check_outcome(vector, code, stdout, stderr)
+    assert world.source.read_bytes() == source, vector.shown()
+    if code != 0:  # (one that succeeded may have written: an export over a file, an init)
+        assert tree_state(vector.scratches) == files, f"{vector.shown()} changed files"
     if code == 0:
         undo_success(world)
     check_left_behind(world, set(daemons))
@@ -573,6 +596,7 @@ def vectors(seed: int, world: World, count: int, only: set[str] | None = None,
             repo_args = repo_args[2:]
         vector.argv = [*repo_args, *vector.argv]
         vector.on_repository = elsewhere is None
+        vector.scratches, world.scratches = world.scratches, []
         drawn.append(vector)
     return drawn
 
