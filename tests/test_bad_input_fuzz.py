@@ -840,3 +840,23 @@ def test_a_prefetch_list_that_is_no_regular_file_is_refused(small_repo: Snapfs,
                  10, "the daemon to mount or end")
         if os.path.ismount(mountpoint):
             small_repo.ok("umount", mountpoint)
+
+
+def test_init_inside_a_repository_is_refused(store_url: str, store_endpoint: str | None,
+                                             request: pytest.FixtureRequest,
+                                             make_store: Any) -> None:
+    """``init`` inside another repository (``REPO/packs/new``, ``REPO/sub``) made one whose
+    objects the outer one's prune deleted as packs no index names (its config, then every
+    pack of its snapshots), and that ``repair index`` read as packs."""
+    snapfs = Snapfs(store_url, store_endpoint, store_env(request, store_url.startswith("s3://")))
+    snapfs.ok("init")
+    store = make_store(store_url)
+    before = sorted(key for key, _ in store.list(""))
+    for inner in ("packs/new", "sub", "snapshots/x/y"):
+        result = snapfs.with_repo(f"{store_url}/{inner}")("init")
+        line = one_line(result.returncode, result.stderr, 2)
+        assert f"/{inner}" in line and line.endswith(
+            f" is inside the repository {store.url}: refusing to init there (its prune would "
+            "delete the new repository's objects)"), line
+    assert sorted(key for key, _ in store.list("")) == before
+    assert "0 packs deleted" in snapfs.ok("prune")
