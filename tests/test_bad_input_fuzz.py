@@ -482,7 +482,9 @@ def repository_option(rng: random.Random, world: World) -> tuple[list[Token], st
         str(here / "missing"), str(here / "file"), str(here / "empty"), str(here / "other"),
         str(world.repo / "packs"), str(here / "file" / "x"), "", str(world.read_only / "empty"),
         "s3://", "s3:///prefix", "s3://Bad_Bucket!/x", "file:///tmp", str(world.repo) + "/",
-        str(here / "fifo"), str(here / "loop")])
+        str(here / "fifo"), str(here / "loop"),
+        # (inside the repository: init must not make one there, see repository_state)
+        str(world.repo / "packs" / here.name), str(world.repo / here.name)])
     label = None if where in (str(world.repo), str(world.repo) + "/") else where
     endpoint: list[Token] = ["--endpoint-url", "http://127.0.0.1:1"] \
         if where.startswith("s3:") else []
