@@ -213,7 +213,7 @@ ODD_TEXT = [*ok("x", "-", "*", "?", "%s", "{}", " x ", "snäp", "a b"),
 
 def snapshot_refs(world: World) -> list[Value]:
     alpha, beta, _, _ = world.snapshots
-    return [*ok("alpha", beta["id"], beta["id"][:6], alpha["id"][:4], "fs", "fs", "gamma"),
+    return [*ok("alpha", beta["id"], beta["id"][:6], alpha["id"][:4], "fs", "gamma"),
             *bad("nosuch", "", alpha["id"][:3], "/", "..", f"../{alpha['id']}",
                  f"snapshots/{alpha['id']}", "alpha/", "x" * 300, "\x01", NOT_UTF8,
                  alpha["id"].upper(), f"{alpha['id']} ", f"{alpha['id']}0", "*", "alph?")]
@@ -282,9 +282,10 @@ def path_values(world: World, role: str) -> list[Value]:
     ro_file, ro_dir = world.read_only / "file.img", world.read_only / "empty"
     common = bad("", str(under_file), str(missing / "deeper" / "x"), loop, fifo)
     if role == "source":  # an image to read
-        return [*ok(str(world.source), str(file), str(world.source) + "/."),
+        return [*ok(str(world.source), str(file)),
                 *common, *bad(str(missing), str(emptydir), str(here / "empty"), str(here / "odd"),
-                              "/dev/null", "/dev/zero", str(world.repo / "config"), "-")]
+                              "/dev/null", "/dev/zero", str(world.repo / "config"), "-",
+                              str(world.source) + "/.")]
     if role == "out":  # a file to write
         return [*ok(str(here / "new.img"), str(here / "sub\nline.img"), str(file),
                     os.fsencode(str(here)) + b"/\xff.img", "/dev/null"),
@@ -296,9 +297,10 @@ def path_values(world: World, role: str) -> list[Value]:
                 *common, *bad(str(missing), str(file), str(fulldir), str(world.repo / "packs"),
                               str(world.repo), "/", str(world.read_only))]
     if role == "mounted":  # a mount (or browse) of snapfs: only the served one, if any
-        return [*ok(*([str(world.served)] if world.served else [])), *bad(str(missing), str(file), str(emptydir), str(fulldir), str(world.read_only),
-                   "", str(under_file), str(world.repo), "x" * 300, "/nonexistent/../tmp",
-                   *([str(world.served / "snapshots")] if world.served else []))]
+        return [*ok(*([str(world.served)] if world.served else [])),
+                *bad(str(missing), str(file), str(emptydir), str(fulldir), str(world.read_only),
+                     "", str(under_file), str(world.repo), "x" * 300, "/nonexistent/../tmp",
+                     *([str(world.served / "snapshots")] if world.served else []))]
     if role == "target":  # a directory to write into, made if missing
         return [*ok(str(missing), str(emptydir), str(fulldir), str(missing / "deeper")),
                 *bad("", str(under_file), loop, fifo,str(file), str(ro_dir), str(ro_dir / "x"), str(in_repo),
