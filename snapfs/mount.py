@@ -110,6 +110,8 @@ def mount(options: MountOptions, announce: Callable[[str], None]) -> None:
     mount."""
     options = _absolute(options)
     _check_simulation(options)
+    if options.prefetch_list is not None:
+        check_prefetch_list(options.prefetch_list)
     files = RunFiles.for_mountpoint(options.mountpoint)
     check_mountpoint(files.mountpoint)
     check_outside_repository(files.mountpoint, options.repository)
@@ -171,12 +173,37 @@ def _absolute(options: MountOptions) -> MountOptions:
                                cache_dir=os.path.abspath(options.cache_dir))
 
 
+#: the longest ``--simulate-latency``, in seconds: more than an S3 request may wait for its first
+#: byte (5 s) is no link's. An hour held ``mount`` up for good (the daemon mounts once it has
+#: read the index), and more than ``time.sleep`` takes failed the daemon (OverflowError)
+MAX_SIMULATED_LATENCY = 10.0
+
+
 def _check_simulation(options: MountOptions) -> None:
     for name, value in (("--simulate-latency", options.simulate_latency),
                         ("--simulate-bandwidth", options.simulate_bandwidth)):
         if value is not None and value <= 0:
             raise UsageError(f"{name} must be positive")
+    latency = options.simulate_latency
+    if latency is not None and not latency <= MAX_SIMULATED_LATENCY:
+        raise UsageError(f"--simulate-latency must be at most {MAX_SIMULATED_LATENCY:g} s "
+                         f"(got {latency:g} s)")
 
+
+
+def check_prefetch_list(path: str) -> None:
+    """A prefetch list must be a regular file that can be read, before the daemon starts: it
+    read the list after the fork, and a FIFO held ``mount`` up for good (until something wrote
+    to it), a device forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise UsageError(f"cannot read prefetch list {path}: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"prefetch list {path} is not a regular file")
+    finally:
+        os.close(fd)
 
 
 def check_mountpoint(path: str) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from snapfs.cli.context import CliConfig, pass_config
+from snapfs.cli.context import CliConfig, not_empty, pass_config
 from snapfs.cli.mount import default_cache_dir
 from snapfs.cli.output import emit_json, human_size, parse_size, printable, progress_for
 from snapfs.plural import counted
@@ -59,7 +59,7 @@ def _describe(state: BrowseState) -> str:
 
 @click.command()
 @click.argument("snap")
-@click.argument("directory", type=click.Path())
+@click.argument("directory", type=click.Path(), callback=not_empty)
 @click.option("--fuse2fs", is_flag=True,
               help="Mount with fuse2fs instead of a loop device (the default when not root).")
 @PARTITION
@@ -78,7 +78,7 @@ def browse(config: CliConfig, snap: str, directory: str, fuse2fs: bool, partitio
 
 
 @click.command()
-@click.argument("directory", type=click.Path())
+@click.argument("directory", type=click.Path(), callback=not_empty)
 def unbrowse(directory: str) -> None:
     """Unmount a browsed DIRECTORY, detach its loop device, stop the daemon browse started."""
     from snapfs.browse import unbrowse as unbrowse_directory
@@ -99,6 +99,7 @@ def _print_entries(report: RestoreReport) -> None:
 @click.command("restore-files")
 @click.argument("snap")
 @click.option("--to", "target", required=True, type=click.Path(file_okay=False),
+              callback=not_empty,
               help="Directory to restore into (created if missing).")
 @click.option("--include", "includes", multiple=True, metavar="GLOB",
               help="Restore only paths matching GLOB (repeatable; ** spans directories, "

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -34,7 +35,27 @@ class CliConfig:
     def require_repo(self) -> str:
         if not self.repo:
             raise UsageError("no repository given: use -r REPO or set SNAPFS_REPO")
+        scheme = _SCHEME.match(self.repo)
+        if scheme and scheme.group(1) != "s3":
+            raise UsageError(f"not a repository location: {self.repo!r} (a directory path, or "
+                             "s3://BUCKET[/PREFIX])")
         return self.repo
+
+
+#: a location that begins with a URL's scheme: ``s3://`` is the one snapfs knows. Any other
+#: (``file:///srv/repo``, borg's way to write a local path; ``sftp://``; ``S3://``) was taken
+#: for a directory of that name under the working directory, which ``init`` made
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def not_empty(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A click callback for a path that must not be ``""``: an unset variable in ``"$DIR"``,
+    most likely, which was taken for the working directory (a mount point, a browse's or a
+    restore's directory, a source), or for no such option at all (``--cache-dir``: the
+    default cache; ``--prefetch-list``: none)."""
+    if value == "" or isinstance(value, tuple) and "" in value:
+        raise click.BadParameter("must not be empty", ctx, param)
+    return value
 
 
 pass_config = click.make_pass_decorator(CliConfig)

@@ -38,11 +38,11 @@ def policy_from(keep_last: int | None, keep_hourly: int | None, keep_daily: int 
                 keep_weekly: int | None, keep_monthly: int | None, keep_yearly: int | None,
                 keep_within: str | None, keep_tags: tuple[str, ...]) -> Any:
     """The ``RetentionPolicy`` the options give (empty if none was given)."""
-    from snapfs.errors import UsageError
+    from snapfs.format.names import check_text
     from snapfs.repo.retention import Duration, RetentionPolicy
 
-    if "" in keep_tags:  # would keep the snapshots of an empty tag, which none can be given
-        raise UsageError("--keep-tag must not be empty")
+    for tag in keep_tags:  # "": would keep the snapshots of an empty tag, which none can have
+        check_text(tag, "--keep-tag")
     return RetentionPolicy(
         last=keep_last or 0, hourly=keep_hourly or 0, daily=keep_daily or 0,
         weekly=keep_weekly or 0, monthly=keep_monthly or 0, yearly=keep_yearly or 0,

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from snapfs.cli.context import CliConfig, pass_config
+from snapfs.cli.context import CliConfig, not_empty, pass_config
 from snapfs.cli.output import emit_json, human_size, parse_size, table_lines
 from snapfs.errors import MountBusy, UsageError
 from snapfs.plural import counted
@@ -50,8 +50,9 @@ def parse_rate(text: str) -> float:
 
 
 @click.command()
-@click.argument("mountpoint")
-@click.option("--cache-dir", metavar="DIR", help="Local block cache, kept across mounts "
+@click.argument("mountpoint", callback=not_empty)
+@click.option("--cache-dir", metavar="DIR", callback=not_empty,
+              help="Local block cache, kept across mounts "
               "(default: $SNAPFS_CACHE_DIR or ~/.cache/snapfs).")
 @click.option("--cache-size", default="20G", show_default=True, metavar="SIZE",
               help="Cap on the cache's size (K, M, G, T).")
@@ -64,6 +65,7 @@ def parse_rate(text: str) -> float:
               help="Stored bytes on each side of a block a read waits for that its GET also "
               "brings, if not cached (0: only what is read).")
 @click.option("--prefetch-list", type=click.Path(dir_okay=False), metavar="FILE",
+              callback=not_empty,
               help="Fetch these first: lines of 'NAME.img' or 'NAME.img OFFSET LENGTH' (4K, 1M); "
                    "'#' begins a comment line.")
 @click.option("--allow-other", is_flag=True,
@@ -126,7 +128,7 @@ def mount(config: CliConfig, mountpoint: str, cache_dir: str | None, cache_size:
 # MOUNTPOINT is a plain string, not a click.Path, for umount and stats: click stat()s a Path,
 # and a hung daemon never answers a stat of its mount point (see control.real_path)
 @click.command()
-@click.argument("mountpoint")
+@click.argument("mountpoint", callback=not_empty)
 @click.option("--timeout", default=60.0, show_default=True, metavar="SECONDS",
               help="How long to wait for the daemon to exit before killing it.")
 def umount(mountpoint: str, timeout: float) -> None:
@@ -153,7 +155,7 @@ def umount(mountpoint: str, timeout: float) -> None:
 
 
 @click.command()
-@click.argument("mountpoint")
+@click.argument("mountpoint", callback=not_empty)
 @click.option("--json", "json_output", is_flag=True, help="Print the daemon's raw statistics.")
 def stats(mountpoint: str, json_output: bool) -> None:
     """Show how far each image is hydrated and how the store is doing."""

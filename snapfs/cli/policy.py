@@ -10,7 +10,7 @@ import click
 
 from snapfs.cli.context import CliConfig, SubcommandGroup, pass_config
 from snapfs.cli.keep import keep_options, policy_from
-from snapfs.cli.output import emit_json, table_lines
+from snapfs.cli.output import emit_json, printable, table_lines
 from snapfs.errors import NotFoundError, UsageError
 from snapfs.format.names import policy_disk_part
 
@@ -21,7 +21,8 @@ def policy() -> None:
 
 
 def _whose(disk: str | None) -> str:
-    return f"disk {disk}" if disk is not None else "every disk without its own (default)"
+    # (on one line: a disk's label may hold a newline, and an error is one line)
+    return f"disk {printable(disk)}" if disk is not None else "every disk without its own (default)"
 
 
 @policy.command("set")
@@ -41,7 +42,7 @@ def set_(config: CliConfig, disk: str | None, json_output: bool, **keep: Any) ->
     if json_output:
         emit_json({"disk": disk, "keep": rules.rules()})
     else:
-        click.echo(f"retention policy of {_whose(disk)}: keep {rules}")
+        click.echo(f"retention policy of {_whose(disk)}: keep {printable(str(rules))}")
 
 
 @policy.command()

@@ -8,7 +8,7 @@ import click
 
 from snapfs.cli.context import CliConfig, SubcommandGroup, pass_config
 from snapfs.cli.output import emit_json, human_size, parse_size, run_async
-from snapfs.errors import IntegrityError, SnapshotNotFound
+from snapfs.errors import IntegrityError, SnapshotNotFound, UsageError
 from snapfs.plural import counted
 from snapfs.repo.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION_LEVEL
 
@@ -28,7 +28,12 @@ def init(config: CliConfig, block_size: str, compression_level: int, json_output
     from snapfs.store import open_store
 
     store = open_store(config.require_repo(), config.endpoint_url)
-    repo = Repository.init(store, check_block_size(parse_size(block_size)), compression_level)
+    block_bytes = check_block_size(parse_size(block_size))
+    outer = Repository.enclosing(config.require_repo(), config.endpoint_url)
+    if outer is not None:
+        raise UsageError(f"{store.url} is inside the repository {outer}: refusing to init there "
+                         "(its prune would delete the new repository's objects)")
+    repo = Repository.init(store, block_bytes, compression_level)
     if json_output:
         emit_json({"repository": store.url, "id": repo.config.id,
                    "block_size": repo.block_size, "compression_level": compression_level})

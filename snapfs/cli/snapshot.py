@@ -11,6 +11,7 @@ from snapfs.cli.context import (
     SubcommandGroup,
     log_to_stderr,
     naming_the_disks_cache,
+    not_empty,
     pass_config,
 )
 from snapfs.cli.keep import keep_options, policy_from
@@ -24,7 +25,12 @@ from snapfs.cli.output import (
     table_lines,
 )
 from snapfs.errors import NotFoundError, NotMounted, SnapfsError, SnapshotNotFound, UsageError
-from snapfs.format.names import check_disk_label, check_snapshot_name, group_snapshot_names
+from snapfs.format.names import (
+    check_disk_label,
+    check_snapshot_name,
+    check_text,
+    group_snapshot_names,
+)
 from snapfs.plural import counted
 from snapfs.progress import NO_PROGRESS
 
@@ -44,7 +50,7 @@ def snapshot(ctx: click.Context) -> None:
 
 
 @snapshot.command()
-@click.argument("source", required=False)
+@click.argument("source", required=False, callback=not_empty)
 @click.option("--name", metavar="NAME",
               help="A unique name (default: DISK-YYYYMMDD-HHMMSS, local time); with several "
                    "--disk, each snapshot is named NAME-DISK.")
@@ -56,6 +62,7 @@ def snapshot(ctx: click.Context) -> None:
               help="With SOURCE: the snapshot this one follows (default: the newest of the "
                    "same disk).")
 @click.option("--freeze", "freeze", multiple=True, metavar="MOUNTPOINT",
+              callback=not_empty,
               help="Served disks: freeze this file system (FIFREEZE) for the instant of "
                    "closing (repeatable).")
 @click.option("--freeze-timeout", type=float, default=10.0, show_default=True, metavar="SECONDS",
@@ -73,8 +80,8 @@ def create(config: CliConfig, source: str | None, name: str | None, disks: tuple
     or, without SOURCE, the --disk disks the running mount serves (only their changed blocks)."""
     if rate is not None and not rate > 0:  # (nan too)
         raise UsageError("--rate must be a positive number of MB/s")
-    if "" in tags:  # (an unset variable in `--tag "$TAG"`, most likely)
-        raise UsageError("--tag must not be empty")
+    for tag in tags:  # ("": an unset variable in `--tag "$TAG"`, most likely)
+        check_text(tag, "--tag")
     for disk in disks:  # "" was taken as no --disk at all: the default label, silently
         check_disk_label(disk)
     if source is not None or freeze:
@@ -415,8 +422,8 @@ def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool
     if emptied:
         name, count = min(emptied.items())
         what = "its only snapshot" if count == 1 else f"all {count} of its snapshots"
-        raise UsageError(f"the retention policy keeps no snapshot of disk {name}: refusing to "
-                         f"forget {what}; delete by name with snapshot delete")
+        raise UsageError(f"the retention policy keeps no snapshot of disk {printable(name)}: "
+                         f"refusing to forget {what}; delete by name with snapshot delete")
     doomed = [d.root for d in decisions if not d.keep]
     stats: dict[str, Any] = {}
     if doomed and not dry_run:

@@ -8,7 +8,7 @@ library that makes the name (a daemon's request, a caller that is not the CLI).
 - A served disk's name: every mount serves it as ``disks/NAME.img``, and it names the disk's
   state in the daemon's cache directory.
 - A disk's label (``snapshot create SOURCE --disk``, the lineage a snapshot belongs to) is any
-  non-empty text, kept as given; it becomes part of an object name only in a retention policy
+  non-empty UTF-8 text (so is a tag), kept as given; it becomes part of an object name only in a retention policy
   of that disk (``policies/disk/NAME``, percent-encoded), which must fit the longest file name.
 
 Pure: no I/O. The command line imports it to check names, so it stays light.
@@ -73,9 +73,21 @@ def check_disk_name(name: str) -> str:
 def check_disk_label(label: str) -> str:
     """``label`` if it may name a disk's snapshots (any text but none: an unset variable in
     ``--disk "$DISK"``, most likely, which was taken as no label at all)."""
-    if not label:
-        raise UsageError("--disk must not be empty")
-    return label
+    return check_text(label, "--disk")
+
+
+def check_text(text: str, what: str) -> str:
+    """``text`` if it may be stored as a disk's label or a tag (``what``: the option that
+    gave it): any text, but not none, and text: bytes of the command line that are not UTF-8
+    came as lone surrogates, which a JSON document stored (a snapshot root, a policy) holds
+    only as escapes that no other reader takes for text, and which no one can type again."""
+    if not text:
+        raise UsageError(f"{what} must not be empty")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} {_shown(text)} is not UTF-8 text") from None
+    return text
 
 
 def policy_disk_part(disk: str, stored: bool = True) -> str:

@@ -44,7 +44,9 @@ character (after blanks) is ``#`` is a comment; a name may hold spaces and ``#``
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 from collections.abc import Iterable
 
 import trio
@@ -77,8 +79,10 @@ def _size(text: str) -> int:
 def parse_prefetch_list(path: str) -> dict[str, list[tuple[int, int | None]]]:
     """Image name -> byte ranges (length None: to the end). Raises UsageError on bad lines."""
     out: dict[str, list[tuple[int, int | None]]] = {}
-    try:
-        with open(path, "rb") as f:
+    try:  # (not blocking: a FIFO waited for a writer for good)
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise UsageError(f"prefetch list {path} is not a regular file")
             lines = f.readlines()
     except OSError as e:
         raise UsageError(f"cannot read prefetch list {path}: {e.strerror}") from None

@@ -31,7 +31,7 @@ import trio
 from snapfs.errors import DuplicateName
 from snapfs.format.block import ZERO_ID, zero_bytes
 from snapfs.format.manifest import DEFAULT_ENTRIES_PER_PAGE, SnapshotRoot, encode_page
-from snapfs.format.names import check_disk_label, check_snapshot_name, name_part
+from snapfs.format.names import check_disk_label, check_snapshot_name, check_text, name_part
 from snapfs.format.pack import KIND_DATA, KIND_PAGE
 from snapfs.progress import NO_PROGRESS, Progress
 from snapfs.repo.lock import SNAPSHOT_LOCK_PATIENCE, RepositoryLock, refresh_lock
@@ -77,7 +77,10 @@ class CreateResult:
 
 
 def default_disk_name(path: str) -> str:
-    return os.path.basename(os.path.normpath(path)) or "disk"
+    """The source's file name: a file name's bytes that are not UTF-8 become U+FFFD, since a
+    label is stored as text (``check_text``)."""
+    name = os.path.basename(os.path.normpath(path))
+    return os.fsencode(name).decode(errors="replace") or "disk"
 
 
 def default_snapshot_name(disk: str, taken: set[str]) -> str:
@@ -192,6 +195,8 @@ async def create_snapshot(
         check_snapshot_name(options.name)
     if options.disk is not None:
         check_disk_label(options.disk)
+    for tag in options.tags:
+        check_text(tag, "a tag")
     source = Source(source_path)
     lock = RepositoryLock(repo.store, "shared", f"snapshot create of {source_path}")
     store_limiter = trio.CapacityLimiter(repo.store.concurrency)

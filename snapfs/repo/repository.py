@@ -30,6 +30,7 @@ import bisect
 import functools
 import itertools
 import logging
+import os
 import secrets
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -309,6 +310,30 @@ class Repository:
         )
         store.put("config", config.encode())
         return cls(store, config)
+
+    @staticmethod
+    def enclosing(location: str, endpoint_url: str | None = None) -> str | None:
+        """The repository that ``location`` lies inside (an ancestor directory or prefix whose
+        ``config`` is a snapfs repository's, of any version), or None. A repository made there
+        would be taken for the outer one's objects: its prune deletes whatever under
+        ``packs/`` no index names, ``repair index`` reads it as packs."""
+        from snapfs.store import open_store
+
+        for ancestor in _ancestors(location):
+            store = open_store(ancestor, endpoint_url)
+            try:
+                if store.exists("config"):
+                    RepoConfig.decode(store.get("config"), store.url)
+                    return store.url
+            except RepositoryNotFound:
+                pass  # a file named config, of something else
+            except (FormatError, IntegrityError):
+                return store.url  # a snapfs repository all the same
+            except SnapfsError:
+                pass  # cannot be asked (a bucket that is not there): init will say so
+            finally:
+                store.close()
+        return None
 
     @classmethod
     def open(cls, store: ObjectStore) -> Repository:
@@ -699,3 +724,19 @@ class Repository:
                 cache[key] = read_page(bytes.fromhex(page_hex), count)
             ids.extend(cache[key])
         return ids
+
+
+def _ancestors(location: str) -> list[str]:
+    """The locations that hold ``location``, nearest first: its parent directories (of its
+    real path), or the shorter prefixes of an S3 location in the same bucket."""
+    if location.startswith("s3://"):
+        bucket, _, prefix = location[len("s3://"):].partition("/")
+        parts = [p for p in prefix.split("/") if p]
+        return [f"s3://{bucket}/{'/'.join(parts[:n])}".rstrip("/")
+                for n in range(len(parts) - 1, -1, -1)]
+    path = os.path.realpath(location)
+    found = []
+    while (parent := os.path.dirname(path)) != path:
+        found.append(parent)
+        path = parent
+    return found
