@@ -190,7 +190,6 @@ def _check_simulation(options: MountOptions) -> None:
                          f"(got {latency:g} s)")
 
 
-
 def check_prefetch_list(path: str) -> None:
     """A prefetch list must be a regular file that can be read, before the daemon starts: it
     read the list after the fork, and a FIFO held ``mount`` up for good (until something wrote
