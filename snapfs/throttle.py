@@ -17,10 +17,16 @@ class RateLimiter:
         self._next = 0.0
 
     async def take(self, nbytes: int) -> None:
-        if self.rate is None:
-            return
+        start = self.reserve(nbytes)
+        if start > trio.current_time():
+            await trio.sleep_until(start)
+
+    def reserve(self, nbytes: int) -> float:
+        """Reserve the next ``nbytes / rate`` seconds of the budget: the trio time at which
+        the caller's turn comes (now, or already passed, without a rate)."""
         now = trio.current_time()
+        if self.rate is None:
+            return now
         start = max(now, self._next)
         self._next = start + nbytes / self.rate
-        if start > now:
-            await trio.sleep(start - now)
+        return start

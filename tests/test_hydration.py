@@ -429,6 +429,38 @@ def test_the_sweep_hydrates_only_the_images_in_use(repo_and_image, tmp_path: Pat
     cache.close()
 
 
+def test_a_read_never_waits_on_the_hydrate_rate(repo_and_image, tmp_path: Path) -> None:
+    """``--hydrate-rate`` paces background GETs; a read that needs a block of one waiting for
+    its turn (a sweep's run, or a block-map page the scan loads) must not wait for that turn.
+    At 1 KB/s here, each of those GETs would wait for minutes."""
+    repo, store, data, _ = repo_and_image
+    ids = list(dict.fromkeys(repo.keyer.block_id(data[i : i + BS]) for i in range(0, len(data), BS)
+                             if data[i : i + BS] != bytes(BS)))
+    cache = open_cache(tmp_path)
+    config = HydrationConfig(background=True, hydrate_rate=1000)
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        got = {}
+        # a run of the sweep, taken by a fetch slot and waiting for its turn
+        hydrator.prefetch(ids[:-8], Priority.BACKGROUND)
+        await wait_until(lambda: any(r.taken for r in hydrator._in_runs.values()), 10)
+        in_taken = next(b for b, r in hydrator._in_runs.items() if r.taken)
+        with trio.fail_after(10):
+            got[in_taken] = (await hydrator.read_blocks([in_taken]))[0]
+        # blocks the scan loads at BACKGROUND priority (as block-map pages), then a read of one
+        last = ids[-8:]
+        nursery.start_soon(lambda: hydrator.read_blocks(last, priority=Priority.BACKGROUND))
+        await trio.sleep(0.3)
+        with trio.fail_after(10):
+            got[last[0]] = (await hydrator.read_blocks([last[0]]))[0]
+        return got
+
+    got = trio.run(with_hydrator, repo, cache, config, body)
+    for bid, plain in got.items():
+        assert repo.keyer.block_id(plain) == bid
+    cache.close()
+
+
 def test_prefetch_list_parsing(tmp_path: Path) -> None:
     good = tmp_path / "list"
     good.write_text("# comment\ns1.img\ns2.img 4K 1M\n\n")

@@ -121,6 +121,9 @@ log = logging.getLogger(__name__)
 
 
 RECENT_BYTES = 32 << 20
+#: seconds between looks, while a background GET waits for its turn under ``--hydrate-rate``,
+#: whether a read has come to wait on one of its blocks
+THROTTLE_LOOK = 0.02
 RATE_WINDOW = 10.0
 BULK_WINDOW = 2.0
 BULK_BYTES = 32 << 20
@@ -532,7 +535,10 @@ class Hydrator:
         return f
 
     def _raise(self, f: _Fetch, priority: int) -> None:
-        if priority < f.priority and not f.taken:
+        if priority < f.priority and f.taken:
+            # in flight: no sooner for that, but a wait for ``--hydrate-rate`` ends (``_throttle``)
+            f.priority = priority
+        elif priority < f.priority:
             self._count_queued(f, -1)
             f.priority = priority
             self._count_queued(f, +1)
@@ -736,7 +742,7 @@ class Hydrator:
         wanted = [(f.block_id, f.loc) for f in run]
         if background:
             span = wanted[-1][1].offset + wanted[-1][1].length - wanted[0][1].offset
-            await self._rate.take(span)
+            await self._throttle(span, lambda: any(f.priority != Priority.BACKGROUND for f in run))
         early: Callable[[Pieces], None] | None = None
         if any(f.priority == Priority.WAITING for f in run):
             # someone waits: hand the blocks over before they are written to the cache (they
@@ -799,6 +805,17 @@ class Hydrator:
                 self._background_done.append((now, f.loc.raw_length))
             self._finish(f, data=plain)
 
+    async def _throttle(self, nbytes: int, someone_waits: Callable[[], bool]) -> None:
+        """A background GET's turn under ``--hydrate-rate``, or sooner once a read comes to wait
+        on one of its blocks: a read must not wait on the throttle. (The bytes stay counted:
+        the background work after it waits for them.)"""
+        start = self._rate.reserve(nbytes)
+        while not someone_waits():
+            left = start - trio.current_time()
+            if left <= 0:
+                return
+            await trio.sleep(min(THROTTLE_LOOK, left))
+
     async def _hydrate_run(self, run: _Run) -> None:
         """Fetch a background run: one GET, and one pass over its blocks on this thread."""
         run.taken = True
@@ -806,7 +823,7 @@ class Hydrator:
         self._background_queued -= len(wanted)
         self._background_queued_bytes -= sum(loc.length for _, loc in wanted)
         span = wanted[-1][1].offset + wanted[-1][1].length - wanted[0][1].offset
-        await self._rate.take(span)
+        await self._throttle(span, lambda: bool(run.waiters))
         try:
             results, _, kept = await self._fetch_with_retries(run.pack, wanted, None, [],
                                                               copy=False, background=True)
