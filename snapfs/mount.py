@@ -42,6 +42,7 @@ import errno
 import gc
 import logging
 import os
+import signal
 import stat
 import sys
 import threading
@@ -52,6 +53,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from snapfs.control import PidFile, RunFiles, mount_entry
 from snapfs.errors import MountError, NotFoundError, SnapfsError, UsageError
+from snapfs.interrupt import stop_signals_interrupt
 
 if TYPE_CHECKING:
     from snapfs.repo.indexcache import IndexCache
@@ -141,7 +143,12 @@ def mount(options: MountOptions, announce: Callable[[str], None]) -> None:
             _daemon_child(options, files, pid_file, log_file, write_end)
         handed_over = True
         os.close(write_end)
-        report = _read_all(read_end)
+        try:
+            with stop_signals_interrupt():
+                report = _read_all(read_end)
+        except BaseException:
+            _stop_starting_daemon(child, files)
+            raise
     finally:
         if not handed_over:
             files.remove()  # still under our lock, so nobody else's files
@@ -161,6 +168,28 @@ def mount(options: MountOptions, announce: Callable[[str], None]) -> None:
     if kind == "error" and code.isdigit() and message.strip():
         raise SnapfsError(message.strip(), int(code))
     raise MountError(f"the mount daemon exited before mounting; see {log_file}")
+
+
+def _stop_starting_daemon(child: int, files: RunFiles) -> None:
+    """The command was stopped (^C, SIGTERM, SIGHUP) before its daemon said it had mounted:
+    stop the daemon too, and wait for it. It used to go on and mount later, with nobody told.
+    Still starting, it dies at once (SIGTERM's default, and its setsid kept the terminal's ^C
+    from it); a daemon that has just mounted unmounts and exits as on ``umount``. The run
+    files a daemon killed before it could remove them are removed here: the command still
+    holds their lock, so no other mount can have claimed them."""
+    try:
+        os.kill(child, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    while True:
+        try:
+            os.waitpid(child, 0)
+            break
+        except ChildProcessError:
+            break
+        except KeyboardInterrupt:  # (impatient: ^C again) the daemon is on its way out anyway
+            return
+    files.remove()
 
 
 def _absolute(options: MountOptions) -> MountOptions:

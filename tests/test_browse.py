@@ -58,8 +58,8 @@ from testkit import (
 )
 
 from snapfs.browse import _first_line
-from snapfs.cli.context import stop_signals_interrupt
 from snapfs.cli.output import run_async
+from snapfs.interrupt import stop_signals_interrupt
 
 pytestmark = MOUNTS
 MiB = 1 << 20

@@ -553,6 +553,45 @@ def test_a_signal_unmounts_and_the_daemon_exits_cleanly(snapfs: Snapfs, tmp_path
         assert "exiting with status 0" in daemon.log.read_text()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_mount_stopped_while_its_daemon_starts_never_mounts(snapfs: Snapfs, tmp_path: Path,
+                                                             signum: int) -> None:
+    """^C (or a kill) of ``snapfs mount`` before its daemon said it had mounted stops the
+    daemon too: it used to go on and mount later, with nobody told. Each GET waits 1 s here, so
+    the daemon is still reading the repository when the command is stopped."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    pid_file = Path(snapfs.env["SNAPFS_RUNTIME_DIR"], f"{mount_key(str(mountpoint))}.pid")
+    command = snapfs.popen("mount", mountpoint, "--cache-dir", tmp_path / "cache",
+                           "--simulate-latency", "1s")
+    daemon = 0
+
+    def daemon_started() -> bool:  # (the daemon writes its pid; the command never does)
+        nonlocal daemon
+        text = pid_file.read_text().strip() if pid_file.exists() else ""
+        daemon = int(text) if text.isdigit() and int(text) != command.pid else 0
+        return daemon != 0
+
+    try:
+        wait_for(daemon_started, 30, "the daemon to start")
+        command.send_signal(signum)
+        out, err = command.communicate(timeout=60)
+        assert (command.returncode, out, err) == (130, "", "snapfs: interrupted\n")
+        assert not pid_running(daemon)  # stopped, and waited for
+        time.sleep(1.5)  # (what it would have had time to do)
+        assert not is_mount_point(mountpoint)
+        assert not pid_file.exists()
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait()
+        if daemon and pid_running(daemon):
+            os.kill(daemon, signal.SIGKILL)
+            wait_for(lambda: not pid_running(daemon), 10, "the daemon to die")
+        if is_mount_point(mountpoint):
+            subprocess.run([FUSERMOUNT, "-u", "-z", str(mountpoint)], check=False)
+
+
 def test_umount_kills_a_daemon_that_does_not_exit(snapfs: Snapfs, tmp_path: Path) -> None:
     with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache") as daemon:
         os.kill(daemon.pid, signal.SIGSTOP)  # hung: it will never see its session end

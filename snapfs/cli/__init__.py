@@ -23,13 +23,9 @@ from typing import Any
 
 import click
 
-from snapfs.cli.context import (
-    CliConfig,
-    log_to_stderr,
-    stop_signals_interrupt,
-    write_command_list,
-)
+from snapfs.cli.context import CliConfig, log_to_stderr, write_command_list
 from snapfs.errors import SnapfsError
+from snapfs.interrupt import stop_signals_interrupt
 
 #: every command: the module of ``snapfs.cli`` that defines it (as the attribute of its name,
 #: with ``_`` for ``-``), and the first paragraph of its help, which ``snapfs --help`` shows

@@ -122,7 +122,7 @@ def restore_files(config: CliConfig, snap: str, target: str, includes: tuple[str
 
     restore = RestoreOptions(includes, excludes, on_conflict)  # bad patterns fail first
     bar = progress_for(json_output)
-    try:  # (SIGTERM and SIGHUP interrupt it as ^C does: cli.context.stop_signals_interrupt)
+    try:  # (SIGTERM and SIGHUP interrupt it as ^C does: snapfs.interrupt.stop_signals_interrupt)
         try:
             state, report = restore_from_snapshot(_options(config, snap, "", fuse2fs, partition),
                                                   target, restore, bar or NO_PROGRESS)
