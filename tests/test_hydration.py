@@ -358,6 +358,40 @@ def test_access_profile_is_stored_and_used_as_hints(repo_and_image, tmp_path: Pa
     cache.close()
 
 
+def test_an_unopened_image_is_hinted_with_the_head_of_its_profile_only(
+        repo_and_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mount that read a whole image left a profile of all of it: the next mount fetched it
+    all as hints, for the newest snapshot of every lineage, opened or not. Unopened, an image
+    is hinted with the head of its profile (``HINTS_UNOPENED`` blocks, 6 here); the rest
+    follows once it is opened."""
+    import snapfs.image.sweep as sweep
+
+    monkeypatch.setattr(sweep, "HINTS_UNOPENED", 6)
+    repo, store, data, s1 = repo_and_image
+    nblocks = len(data) // BS
+    profile = list(range(nblocks - 1, -1, -1))  # all of it, from the end
+    repo.write_profile(s1, profile)
+    ids = [repo.keyer.block_id(data[n * BS : (n + 1) * BS]) for n in range(nblocks)]
+    zero = repo.keyer.block_id(bytes(BS))
+    data_ids = [ids[n] for n in profile if ids[n] != zero]
+    head = list(dict.fromkeys(ids[n] for n in profile[:6] if ids[n] != zero))
+    cache = open_cache(tmp_path)
+    config = HydrationConfig(background=False)
+
+    async def mount(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        nursery.start_soon(Sweeper(catalog, hydrator, config).run)
+        await wait_until(lambda: not cache.missing(head), 30)
+        await trio.sleep(0.5)  # the rest would have followed by now
+        unopened = len(set(data_ids)) - len(cache.missing(sorted(set(data_ids))))
+        catalog.use(catalog.images()["s1.img"].root.id)
+        await wait_until(lambda: not cache.missing(sorted(set(data_ids))), 30)
+        return unopened
+
+    unopened = trio.run(with_hydrator, repo, cache, config, mount)
+    assert head and unopened == len(head)
+    cache.close()
+
+
 def test_the_newest_snapshot_without_a_profile_is_hinted_from_its_ancestors(
         repo_and_image, tmp_path: Path) -> None:
     """No mount has read s3 (s1 -> s2 -> s3) yet: it is hinted with the blocks its nearest

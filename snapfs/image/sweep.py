@@ -10,7 +10,8 @@ smaller than that through the images in use, and held block maps and a map of mi
 per image (1.9 GB of memory for 300 snapshots of a 1 GiB disk).
 
 For every such image, once: first the hints (the access profile earlier mounts stored for this
-snapshot, and the user's ``--prefetch-list``) at HINT priority, the newest snapshots' first;
+snapshot, at most ``HINTS_UNOPENED`` of its blocks until the image is opened, and the user's
+``--prefetch-list``) at HINT priority, the newest snapshots' first;
 then, for an image in use, a scan of the block map that
 finds which blocks are not cached yet (this is what ``stats`` reports as hydration progress;
 it loads the map ``SCAN_PAGES`` pages a request, at BACKGROUND priority: the scan costs the
@@ -65,6 +66,10 @@ SCAN_PAGES = 8  # block-map pages the scan asks for at once (about 1 MiB, one GE
 RETRY_MAX = 3600.0  # the longest wait before blocks whose fetch failed are tried again
 #: how far back the newest snapshot of a lineage looks for an ancestor's access profile
 PROFILE_ANCESTORS = 8
+#: profile blocks hinted at most for an image nobody has opened (the newest of a lineage,
+#: before its first use; 64 MiB at 16 KiB): a profile of a whole image, left by a mount that
+#: read it all, fetched it all for each such image. The rest comes once it is opened.
+HINTS_UNOPENED = 4096
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -117,7 +122,7 @@ class Sweeper:
         self.hydrator = hydrator
         self.config = config
         self.prefetch = parse_prefetch_list(config.prefetch_list) if config.prefetch_list else {}
-        self._hinted: set[str] = set()
+        self._hinted: dict[str, bool] = {}  # image -> hinted in full (else up to HINTS_UNOPENED)
         self._scanned: set[str] = set()
         #: image -> (trio clock of its next try, the wait after that) for missing blocks
         self._retry: dict[str, tuple[float, float]] = {}
@@ -138,12 +143,14 @@ class Sweeper:
             changed = self.catalog.changed
             # the newest first: the snapshot a user mounts to restore from is most often the
             # last one, and each image's hints wait on a GET of its profile
-            hinted = {v.root.id: v for v in self._to_hint()}
-            newest_first = sorted(hinted.values(), key=lambda v: v.root.created, reverse=True)
+            to_hint = {v.root.id: v for v in self._to_hint()}
+            newest_first = sorted(to_hint.values(), key=lambda v: v.root.created, reverse=True)
             for view in newest_first:
-                if view.root.id not in self._hinted:
-                    self._hinted.add(view.root.id)
-                    await self._guard(self._hint(view), view)
+                whole = view.root.id in self.catalog.in_use
+                hinted = self._hinted.get(view.root.id)
+                if hinted is None or whole and not hinted:
+                    self._hinted[view.root.id] = whole
+                    await self._guard(self._hint(view, None if whole else HINTS_UNOPENED), view)
             for view in self._in_use():
                 if view.root.id not in self._scanned and self._due(view):
                     if await self._guard(self._scan_and_hydrate(view), view):
@@ -192,8 +199,10 @@ class Sweeper:
             return False
         return True
 
-    async def _hint(self, view: ImageView) -> None:
-        blocks = await self._profile(view)
+    async def _hint(self, view: ImageView, most: int | None) -> None:
+        """Queue the blocks of ``view``'s profile (the first ``most`` of them) and of the
+        prefetch list's ranges in it (all of them: the user asked)."""
+        blocks = (await self._profile(view))[:most]
         for offset, length in self.prefetch.get(view.name, []):
             end = view.size if length is None else min(view.size, offset + length)
             blocks.extend(range(offset // view.block_size, -(-end // view.block_size)))
