@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, NoReturn
 from snapfs.control import PidFile, RunFiles, mount_entry
 from snapfs.errors import MountError, NotFoundError, SnapfsError, UsageError
 from snapfs.interrupt import stop_signals_interrupt
+from snapfs.prefetch import parse_prefetch_list
 
 if TYPE_CHECKING:
     from snapfs.repo.indexcache import IndexCache
@@ -113,7 +114,8 @@ def mount(options: MountOptions, announce: Callable[[str], None]) -> None:
     options = _absolute(options)
     _check_simulation(options)
     if options.prefetch_list is not None:
-        check_prefetch_list(options.prefetch_list)
+        # here, not only in the daemon: a FIFO or a bad line is refused before it starts
+        parse_prefetch_list(options.prefetch_list)
     files = RunFiles.for_mountpoint(options.mountpoint)
     check_mountpoint(files.mountpoint)
     check_outside_repository(files.mountpoint, options.repository)
@@ -217,21 +219,6 @@ def _check_simulation(options: MountOptions) -> None:
     if latency is not None and not latency <= MAX_SIMULATED_LATENCY:
         raise UsageError(f"--simulate-latency must be at most {MAX_SIMULATED_LATENCY:g} s "
                          f"(got {latency:g} s)")
-
-
-def check_prefetch_list(path: str) -> None:
-    """A prefetch list must be a regular file that can be read, before the daemon starts: it
-    read the list after the fork, and a FIFO held ``mount`` up for good (until something wrote
-    to it), a device forever."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise UsageError(f"cannot read prefetch list {path}: {e.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UsageError(f"prefetch list {path} is not a regular file")
-    finally:
-        os.close(fd)
 
 
 def check_mountpoint(path: str) -> None:

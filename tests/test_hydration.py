@@ -34,8 +34,9 @@ from snapfs.hydration.scheduler import (
     Priority,
 )
 from snapfs.image.catalog import SnapshotCatalog
-from snapfs.image.sweep import Sweeper, parse_prefetch_list
+from snapfs.image.sweep import Sweeper
 from snapfs.image.view import READAHEAD_AFTER
+from snapfs.prefetch import parse_prefetch_list
 from snapfs.repo.create import CreateOptions, create_snapshot
 from snapfs.repo.repository import Repository, pack_key
 from snapfs.store.local import LocalStore
