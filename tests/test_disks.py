@@ -425,6 +425,59 @@ def test_a_consistency_group_is_stored_whole_or_not_at_all(
         subprocess.run(["umount", str(small)], check=True)
 
 
+def test_a_consistency_group_whose_first_root_is_stored_is_completed_never_given_up(
+    served: Served,
+) -> None:
+    """The store takes the first root of a group and refuses the second (a directory stands
+    where it goes: that one PUT fails, a fault caused for real). The task used to fail after
+    its three attempts, leaving the first disk's snapshot stored alone and listed as
+    accomplished: a group half-stored. Once a root may be stored, the task is retried until
+    the group is whole; meanwhile both members are listed as progressing, and a root is
+    listed as incomplete when its group is short of members with no upload to finish it."""
+    s = served
+    for n, name in enumerate(("ha", "hb")):
+        s.snapfs.ok("disk", "create", name, "--size", "4M")
+        write_blocks(s.disk(name), dict(enumerate(random_blocks(130 + n, 3))))
+    snapshots = Path(s.snapfs.repo or "") / "snapshots"
+    with uploads_held(s.snapfs):  # the ids are known before any upload begins
+        task = s.snapshot("--disk", "ha", "--disk", "hb", "--name", "h", "--no-wait")
+        ids = {p["name"]: p["snapshot_id"] for p in task["parts"]}
+        assert list(ids) == ["h-ha", "h-hb"]
+        refused = snapshots / ids["h-hb"]
+        refused.mkdir(parents=True)
+    try:
+        wait_failed_attempts(s, 3)  # as many times as a task that may be given up is tried
+        assert (snapshots / ids["h-ha"]).is_file()  # the first root is stored
+        listed = s.snapshots()
+        assert listed["h-ha"]["state"] == listed["h-hb"]["state"] == "progressing", listed
+        assert (listed["h-ha"]["group_size"], listed["h-ha"]["group_stored"]) == (2, 1)
+        waited = s.snapfs("snapshot", "create", "--disk", "ha", "--name", "behind")
+        line = one_error(waited, EXIT_GENERAL)
+        assert "which failed to upload 3 times (" in line \
+            and "until its whole consistency group is stored" in line, line
+        assert not re.search(r"snapshot task \S+ failed: ", s.daemon.log.read_text())
+    finally:
+        refused.rmdir()
+    for name in ("h-ha", "h-hb", "behind"):
+        listed = wait_accomplished(s, name)
+    listed = s.snapshots()
+    assert (listed["h-hb"]["group_size"], listed["h-hb"]["group_stored"]) == (2, 2)
+    for name in ("ha", "hb"):
+        assert same_bytes(s.export(f"h-{name}"), s.copy(name, f"h-{name}"))
+
+    # a member deleted (or never stored, its daemon's state lost): the other is incomplete
+    repo = Repository.open(open_store(str(s.snapfs.repo)))
+    repo.delete_root(ids["h-hb"])
+    listed = s.snapshots()
+    assert listed["h-ha"]["state"] == "incomplete", listed["h-ha"]
+    assert listed["h-ha"]["group_stored"] == 1
+    table = s.snapfs.ok("snapshot", "list").splitlines()
+    assert ("snapshot h-ha is stored, but only 1 of the 2 snapshots of its consistency group "
+            f"{listed['h-ha']['group']} are stored: it is consistent on its own, not with the "
+            "other disks") in table, table
+    assert s.snapfs.json("snapshot", "show", "h-ha")["state"] == "incomplete"
+
+
 # -- changed-block tracking ----------------------------------------------------------------------
 
 
@@ -792,7 +845,7 @@ def test_a_disk_made_from_a_pending_snapshot_keeps_its_whole_chain_alive(
             assert line.startswith(
                 "snapfs: snapshot c3 is not stored: it waits behind snapshot c1, which failed to "
                 "upload 3 times (") and line.endswith(
-                ") and is retried every 30 s for as long as disk e reads from it (snapfs "
+                ") and is retried, at most 30 s apart, for as long as disk e reads from it (snapfs "
                 "snapshot list shows how it goes)"), line
     with serving(snapfs, tmp_path) as s:
         wait_accomplished(s, "c1")

@@ -486,6 +486,7 @@ IN_PASSING = {
     "packs_corrected": "repair index", "unreadable_removed": "unlock",
     "stuck": "snapshot create --disk", "consistency": "snapshot create --disk",
     "read_by": "snapshot list", "reason": "snapshot list",
+    "group_size": "snapshot list of a group", "group_stored": "snapshot list of a group",
     "blocks_staged_now": "disk list",
     "unmatched_includes": "restore-files", "error": "restore-files",
 }
@@ -603,6 +604,17 @@ def test_disk_snapshots_print_readmes_keys(served: Served) -> None:
             set(waiting)
     wait_for(lambda: served.snapshots()[part["name"]]["state"] == "accomplished", 60,
              "the held upload to be stored")
+
+    # a consistency group: its members count themselves
+    served.snapfs.ok("disk", "create", "e", "--from", "fs")
+    task = served.snapshot("--disk", "d", "--disk", "e")
+    assert task["state"] == "accomplished", task
+    listed = {s["id"]: s for s in served.snapfs.json("snapshot", "list")}
+    for part in task["parts"]:
+        member = listed[part["snapshot_id"]]
+        assert {k for k, where in IN_PASSING.items() if where == "snapshot list of a group"} \
+            <= set(member)
+        assert (member["group_size"], member["group_stored"]) == (2, 2)
 
 
 @mounts

@@ -471,6 +471,20 @@ def test_local_failed_rename_leaves_no_temp_file(tmp_path: Path) -> None:
     assert list(s.list("")) == [("key/inside", 1)]
 
 
+def test_local_directory_is_no_object_and_cannot_be_replaced_by_one(tmp_path: Path) -> None:
+    """A key that names a directory holds no object (``list`` shows none there, and S3 has
+    none under a "directory" prefix); a put of that key fails, leaving the directory."""
+    s = LocalStore(tmp_path / "repo")
+    s.put("snapshots/inside/x", b"1")
+    with pytest.raises(ObjectNotFound):
+        s.get("snapshots/inside")
+    with pytest.raises(StoreError) as caught:
+        s.put("snapshots/inside", b"root")
+    assert str(caught.value) == f"{tmp_path / 'repo'}: snapshots/inside: Is a directory"
+    assert s.get("snapshots/inside/x") == b"1"
+    assert sorted(p.name for p in (tmp_path / "repo" / "snapshots").iterdir()) == ["inside"]
+
+
 def test_local_read_that_fails_after_open_is_a_store_error(tmp_path: Path) -> None:
     s = LocalStore(tmp_path / "repo")
     s.put("packs/p1", payload(1000))

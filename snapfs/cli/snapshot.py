@@ -168,7 +168,7 @@ def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
     listing = repo.list_snapshots()
     _warn_unreadable(repo, listing.unreadable, "not listed")
     roots = [r for r in listing.roots if disk is None or r.disk == disk]
-    docs = [r.summary() for r in roots]
+    docs = [_with_group(r, listing.roots, unfinished) for r in roots]
     stored = {r.id for r in roots}
     for doc in unfinished:
         if doc["id"] not in stored and (disk is None or doc["disk"] == disk):
@@ -181,15 +181,44 @@ def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
               local_time(d["created"]), d["state"], d["parent"] or "-") for d in docs]
     click.echo("\n".join(table_lines(rows)))
     # reasons are long (a store's error, a lock's holder): under the table, one line each
-    notes = [_note(d) for d in docs if d.get("reason") and d["state"] in ("failed", "progressing")]
+    notes = [_note(d) for d in docs
+             if d.get("reason") and d["state"] in ("failed", "progressing", "incomplete")]
     if notes:
         click.echo("\n" + "\n".join(notes))
 
 
+def _with_group(root: SnapshotRoot, roots: Sequence[SnapshotRoot],
+                unfinished: list[dict[str, Any]]) -> dict[str, Any]:
+    """``root``'s summary; for a member of a consistency group, with how many of the group's
+    snapshots are stored (``group_stored``, beside ``group_size``). A member whose group is
+    not whole is not done: ``progressing`` while a daemon here still uploads the rest,
+    ``incomplete`` if none does (its upload gave up after losing a disk's kept copy, or its
+    daemon's state is gone, or a member was deleted since), with the reason."""
+    doc = root.summary()
+    if root.group is None:
+        return doc
+    doc["group_stored"] = sum(1 for r in roots if r.group == root.group)
+    if root.group_size is None or doc["group_stored"] >= root.group_size:
+        return doc
+    uploading = next((u for u in unfinished if u["id"] == root.id), None)
+    if uploading is not None:
+        doc["state"], doc["reason"] = uploading["state"], uploading["reason"]
+        if doc["state"] == "progressing":
+            return doc
+    doc["state"] = "incomplete"
+    doc["reason"] = (f"only {doc['group_stored']} of the {root.group_size} snapshots of its "
+                     f"consistency group {root.group} are stored")
+    return doc
+
+
 def _note(doc: dict[str, Any]) -> str:
-    """Why snapshot ``doc`` (failed, or progressing with a reason) is not stored, in a line."""
+    """Why snapshot ``doc`` (failed, incomplete, or progressing with a reason) is not stored
+    (or not whole), in a line."""
     if doc["state"] == "failed":
         return f"snapshot {doc['name']} failed: {doc['reason']}"
+    if doc["state"] == "incomplete":
+        return (f"snapshot {doc['name']} is stored, but {doc['reason']}: it is consistent on "
+                "its own, not with the other disks")
     if doc.get("read_by"):
         return (f"snapshot {doc['name']} cannot be stored: {doc['reason']}; it fails once no "
                 f"disk reads from it (delete or roll back {', '.join(doc['read_by'])})")
@@ -317,7 +346,9 @@ def show(config: CliConfig, snap: str, json_output: bool) -> None:
         refuse_unstored(config, [snap], "show")
         raise
     _warn_unreadable(repo, listing.unreadable, "left out")
-    doc = root.summary()
+    whole = root.group_size is None or sum(1 for r in listing.roots if r.group == root.group) \
+        >= root.group_size
+    doc = _with_group(root, listing.roots, [] if whole else _unfinished(config))
     if json_output:
         emit_json(doc)
         return

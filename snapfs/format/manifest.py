@@ -76,6 +76,9 @@ class SnapshotRoot:
     state: str = "accomplished"
     tags: list[str] = field(default_factory=list)
     group: str | None = None
+    #: how many disks ``group`` has: a listing that finds fewer of its snapshots stored knows
+    #: the group is incomplete (none on roots written before it was recorded)
+    group_size: int | None = None
     stats: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -102,7 +105,8 @@ class SnapshotRoot:
                 or not isinstance(root.pages, list) or not all(isinstance(p, str) for p in root.pages) \
                 or not isinstance(root.tags, list) or not all(isinstance(t, str) for t in root.tags) \
                 or not isinstance(root.stats, dict) \
-                or not isinstance(root.parent, str | None) or not isinstance(root.group, str | None):
+                or not isinstance(root.parent, str | None) or not isinstance(root.group, str | None) \
+                or not (root.group_size is None or type(root.group_size) is int and root.group_size > 0):
             raise CorruptBlock(f"snapshot root {str(root.id)[:16]} has fields of the wrong type")
         # What garbage collection and verify take for granted (one page ID of the right size
         # per page of blocks), checked here so that a bad root is named, not a traceback.

@@ -58,6 +58,8 @@ class LocalStore(ObjectStore):
                 return f.read()
         except (FileNotFoundError, NotADirectoryError):  # (a file where a directory should be)
             raise ObjectNotFound(f"{self.url}: no object {key}") from None
+        except IsADirectoryError:  # a directory is no object (``list`` shows none, nor would S3)
+            raise ObjectNotFound(f"{self.url}: no object {key}") from None
         except OSError as e:
             if e.errno == errno.ENAMETOOLONG:  # no put could have made it
                 raise ObjectNotFound(f"{self.url}: no object {key}") from None

@@ -15,7 +15,9 @@ at a time, in order (a disk's next snapshot is incremental to the one before). A
 ``rollback``) or ``failed`` after retries (its changed blocks merge back into the open
 generation, so the next snapshot uploads them; later tasks of the same disks fail with it, as
 their parent is gone). A task whose pending snapshot a disk was created from never fails: it
-keeps retrying (every 30 s after its third failure), since that disk reads from it; one that can
+keeps retrying (ever less often, at most 30 s apart), since that disk reads from it; nor does a
+consistency group once its roots began to be stored (giving it up would leave the group
+half-stored: each member alone, crash-consistent with nothing); one that can
 never be stored (its kept blocks may be lost) waits, not retrying, until no disk reads from it,
 then fails: it waits off the queue (parked), so that other disks' tasks go on meanwhile (later
 tasks of its own disks wait with it, and fail with it). The closing is durable (with the closed
@@ -803,7 +805,7 @@ class DiskService:
         state = self._require()
         # what an earlier daemon found (both are persisted with the task): this one's attempts
         # find it again, or not
-        task.retried_for, task.read_by = [], []
+        task.retried_for, task.read_by, task.group_retried = [], [], False
         attempt = 0
         while True:
             attempt += 1
@@ -814,19 +816,29 @@ class DiskService:
             except SnapfsError as e:
                 if isinstance(e, KeptBlocksLost):
                     # contents a failed flush may have lost do not come back by trying again
+                    if task.roots_begun:
+                        log.error("snapshot task %s cannot complete its consistency group: the "
+                                  "snapshots of it stored already stay, listed as incomplete",
+                                  task.id)
                     if self._readers(task):
                         self._park(task, e.message)
                     else:
                         await self._fail(task, e.message)
                     return
                 readers = self._readers(task)
-                depended = bool(readers)
+                depended = bool(readers) or task.roots_begun
                 if attempt < UPLOAD_ATTEMPTS or depended:
-                    delay = DEPENDED_RETRY_DELAY if attempt >= UPLOAD_ATTEMPTS else RETRY_DELAY * attempt
+                    delay = min(RETRY_DELAY * attempt, DEPENDED_RETRY_DELAY)
                     task.retried_for = readers if attempt >= UPLOAD_ATTEMPTS else []
+                    task.group_retried = task.roots_begun and attempt >= UPLOAD_ATTEMPTS
+                    why = ""
+                    if readers:
+                        why = " (a disk reads from it, so it is never given up)"
+                    elif task.roots_begun:
+                        why = (" (part of its consistency group may be stored, so it is never"
+                               " given up)")
                     log.warning("snapshot task %s: upload failed (%s); retrying in %.0f s%s",
-                                task.id, e.message, delay,
-                                " (a disk reads from it, so it is never given up)" if depended else "")
+                                task.id, e.message, delay, why)
                     task.reason = e.message
                     await trio.sleep(delay)
                     continue
@@ -943,9 +955,11 @@ class DiskService:
     async def _upload_parts(self, task: SnapshotTask) -> None:
         """Store the parts of ``task`` not stored yet. A consistency group's parts are stored
         together: under one shared lock, every part's blocks and pages first, then their roots
-        one after another, so that a part that fails leaves no other part of the group stored
-        (a cut between two roots leaves the rest to the next attempt, which finds the first
-        ones stored). A part counts as done once every root is stored."""
+        one after another, so that a part that fails leaves no other part of the group stored.
+        A failure or a cut between two roots leaves the rest to the next attempt, which finds
+        the first ones stored; from the first root on (``roots_begun``) the task is never given
+        up, so the group is not left half-stored. A part counts as done once every root is
+        stored."""
         await self._release_leftover_locks()  # an attempt after the store came back: tidy first
         parts = [p for p in task.parts if not p.done]
         if len(task.parts) == 1:
@@ -959,8 +973,12 @@ class DiskService:
             await self.hydrator.refresh_index()  # deduplicated against the index as it is now
             for part in parts:
                 stored.append(await self._store_part(task, part, limiter))
+            if not task.roots_begun:  # durably, before a root may be stored
+                task.roots_begun = True
+                await trio.to_thread.run_sync(self._require().put_task, task)
             for root, unstored in stored:
                 if unstored:
+                    root.group_size = len(task.parts)
                     await trio.to_thread.run_sync(self.repo.write_root, root, limiter=limiter)
         for part, (root, _) in zip(parts, stored, strict=True):
             await self._finish_part(task, part, root)
@@ -1106,24 +1124,29 @@ class DiskService:
     def _stuck(self, task: SnapshotTask) -> str | None:
         """Why ``task``'s upload has no end in sight, if so: it, or a task it waits behind (a
         parked one of its disks, or the one the queue is retrying), is kept for the disks that
-        read from it (waiting for them to go, or retried every 30 s). A waiting ``snapshot
-        create`` stops waiting then, and says this."""
+        read from it (waiting for them to go, or retried at most 30 s apart), or is a group
+        whose roots began to be stored, retried so. A waiting ``snapshot create`` stops waiting
+        then, and says this."""
         if task.state != "progressing":
             return None
         head = next((p for p in self._parked.values()
                      if p.read_by and (p is task or task in self._doomed_with(p))), None)
         if head is None:
             head = self._current
-            if head is None or not head.retried_for:
+            if head is None or not (head.retried_for or head.group_retried):
                 return None
         disks = head.read_by or head.retried_for
         reads = f"disk {disks[0]} reads" if len(disks) == 1 else f"disks {', '.join(disks)} read"
+        retried = (f"failed to upload {UPLOAD_ATTEMPTS} times ({head.reason}) and is retried, "
+                   f"at most {DEPENDED_RETRY_DELAY:.0f} s apart,")
         if head.read_by:
             why = (f"cannot be stored ({head.reason}) and fails once no disk reads from it "
                    f"(delete or roll back {', '.join(disks)})")
+        elif disks:
+            why = f"{retried} for as long as {reads} from it"
         else:
-            why = (f"failed to upload {UPLOAD_ATTEMPTS} times ({head.reason}) and is retried "
-                   f"every {DEPENDED_RETRY_DELAY:.0f} s for as long as {reads} from it")
+            why = (f"{retried} until its whole consistency group is stored (part of it may be "
+                   "already)")
         if head is task:
             return f"it {why}"
         return f"it waits behind snapshot {', '.join(p.name for p in head.parts)}, which {why}"

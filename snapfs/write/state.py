@@ -143,6 +143,12 @@ class SnapshotTask:
     #: disks that read from a snapshot of this task, for which its upload, failed as many times
     #: as a task is tried, is retried without end
     retried_for: list[str] = field(default_factory=list)
+    #: a consistency group whose roots began to be stored (durably so before the first PUT):
+    #: some may be, so giving the task up would leave the group half-stored; it is retried
+    #: without end instead
+    roots_begun: bool = False
+    #: ``roots_begun``, and failed as many times as a task is tried: retried without end
+    group_retried: bool = False
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
