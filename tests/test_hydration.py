@@ -393,6 +393,37 @@ def test_an_unopened_image_is_hinted_with_the_head_of_its_profile_only(
     cache.close()
 
 
+def test_a_long_profile_is_queued_a_batch_at_a_time(
+        repo_and_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An opened image whose profile covers all of it (a mount read it whole): its hints were
+    queued at once, a fetch object each (the daemon held 240 MB for a 1 GiB image). They are
+    queued ``HINT_BATCH`` at a time (8 here), the next batch once fewer than that are left
+    queued, and every one of them is fetched."""
+    import snapfs.image.sweep as sweep
+
+    monkeypatch.setattr(sweep, "HINT_BATCH", 8)
+    repo, store, data, s1 = repo_and_image
+    nblocks = len(data) // BS
+    profile = list(range(nblocks - 1, -1, -1))
+    repo.write_profile(s1, profile)
+    zero = repo.keyer.block_id(bytes(BS))
+    ids = {repo.keyer.block_id(data[n * BS : (n + 1) * BS]) for n in range(nblocks)} - {zero}
+    assert len(ids) > 4 * 8
+    cache = open_cache(tmp_path)
+    config = HydrationConfig(background=False)
+
+    async def mount(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        catalog.use(catalog.images()["s1.img"].root.id)
+        nursery.start_soon(Sweeper(catalog, hydrator, config).run)
+        await wait_until(lambda: not cache.missing(sorted(ids)), 30)
+        return hydrator.hints_queued_most, hydrator.counters.blocks_fetched
+
+    most, fetched = trio.run(with_hydrator, repo, cache, config, mount)
+    assert 8 <= most < 2 * 8, most
+    assert fetched >= len(ids)
+    cache.close()
+
+
 def test_the_newest_snapshot_without_a_profile_is_hinted_from_its_ancestors(
         repo_and_image, tmp_path: Path) -> None:
     """No mount has read s3 (s1 -> s2 -> s3) yet: it is hinted with the blocks its nearest

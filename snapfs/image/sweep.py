@@ -11,7 +11,8 @@ per image (1.9 GB of memory for 300 snapshots of a 1 GiB disk).
 
 For every such image, once: first the hints (the access profile earlier mounts stored for this
 snapshot, at most ``HINTS_UNOPENED`` of its blocks until the image is opened, and the user's
-``--prefetch-list``) at HINT priority, the newest snapshots' first;
+``--prefetch-list``) at HINT priority, the newest snapshots' first, ``HINT_BATCH`` blocks
+queued at a time;
 then, for an image in use, a scan of the block map that
 finds which blocks are not cached yet (this is what ``stats`` reports as hydration progress;
 it loads the map ``SCAN_PAGES`` pages a request, at BACKGROUND priority: the scan costs the
@@ -66,6 +67,9 @@ PROFILE_ANCESTORS = 8
 #: before its first use; 64 MiB at 16 KiB): a profile of a whole image, left by a mount that
 #: read it all, fetched it all for each such image. The rest comes once it is opened.
 HINTS_UNOPENED = 4096
+#: hinted blocks queued at a time: the next batch goes once fewer than this are left queued
+#: (``Hydrator.hint_turn``), enough to keep every fetch slot on full runs
+HINT_BATCH = 2048
 
 class Sweeper:
     def __init__(self, catalog: SnapshotCatalog, hydrator: Hydrator, config: HydrationConfig) -> None:
@@ -152,7 +156,8 @@ class Sweeper:
 
     async def _hint(self, view: ImageView, most: int | None) -> None:
         """Queue the blocks of ``view``'s profile (the first ``most`` of them) and of the
-        prefetch list's ranges in it (all of them: the user asked)."""
+        prefetch list's ranges in it (all of them: the user asked), ``HINT_BATCH`` at a time:
+        this returns once the last batch is queued."""
         blocks = (await self._profile(view))[:most]
         for offset, length in self.prefetch.get(view.name, []):
             end = view.size if length is None else min(view.size, offset + length)
@@ -160,8 +165,11 @@ class Sweeper:
         if blocks:
             ids = await self._ids_of(view, blocks)
             missing = await trio.to_thread.run_sync(self.hydrator.cache.missing, ids)
-            n = self.hydrator.prefetch(missing, Priority.HINT)
-            log.info("%s: %d hinted blocks queued (%d already cached)", view.name, n, len(ids) - n)
+            log.info("%s: %d hinted blocks to fetch (%d already cached)", view.name,
+                     len(missing), len(ids) - len(missing))
+            for i in range(0, len(missing), HINT_BATCH):  # a batch at a time: see hint_turn
+                await self.hydrator.hint_turn(HINT_BATCH)
+                self.hydrator.prefetch(missing[i : i + HINT_BATCH], Priority.HINT)
 
     async def _profile(self, view: ImageView) -> list[int]:
         """``view``'s access profile; for the newest snapshot of a lineage that has none, its
