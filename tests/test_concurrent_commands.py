@@ -514,8 +514,10 @@ class History:
         for snap_id in doc["forgotten"]:
             assert snap_id in by_id, (snap_id, doc, self.history())
             name, snap = by_id[snap_id]
+            # (newest first as forget ranks them: by time, a tie by id, so that two snapshots
+            # of a disk made in the same millisecond by commands of one round still count)
             newer = [s for s in known.values() if s.label == snap.label
-                     and s.created > snap.created]
+                     and (s.created, s.id) > (snap.created, snap.id)]
             assert len(newer) >= command.keep, (name, command.describe(), self.history())
 
     def did_prune(self, rnd: Round, command: Command, doc: dict[str, Any],
