@@ -509,6 +509,8 @@ def test_a_mistake_on_the_command_line_is_one_line_too(snapfs: Snapfs, store: Ob
             (("init", "--compression-level", "high"), "'--compression-level'"),
             (("snapshot", "delete"), "missing argument 'SNAP...'"),
             (("snapshot", "forget", "--keep-last", "0"), "'--keep-last'"),
+            # (a policy is stored: 10**30 was, as given)
+            (("policy", "set", "--keep-daily", str(10**30)), "1<=x<=2147483647"),
             (("restore-files", "x"), "missing option '--to'"),
             (("restore-files", "x", "--to", tmp_path, "--on-conflict", "merge"), "'merge'"),
             (("snapshot", "list", "--colour"), "no such option '--colour'"),
@@ -757,8 +759,18 @@ def test_retention_policies_stored_in_the_repository(snapfs: Snapfs, store: Obje
     store.put(key, b"{not json")
     line = one_error(snapfs("snapshot", "forget"), EXIT_INTEGRITY)
     assert f"{key} in " in line and "retention policy is not valid JSON" in line
-    assert "snapfs policy delete --disk a/b c" in line
+    assert line.endswith("or delete it (snapfs policy delete --disk 'a/b c')"), line
     snapfs.ok("policy", "delete", "--disk", "a/b c")
+    # a label with control characters: still one line, a command a shell reads back
+    snapfs.ok("policy", "set", "--disk", "tab\there\nit's", "--keep-last", "1")
+    key = next(k for k, _ in store.list("policies/disk/"))
+    store.put(key, b"{not json")
+    line = one_error(snapfs("snapshot", "forget"), EXIT_INTEGRITY)
+    word = "$'tab\\x09here\\x0ait\\'s'"
+    assert line.endswith(f"or delete it (snapfs policy delete --disk {word})"), line
+    typed = subprocess.run(["bash", "-c", f"printf %s {word}"], capture_output=True, text=True)
+    assert typed.stdout == "tab\there\nit's"
+    snapfs.ok("policy", "delete", "--disk", "tab\there\nit's")
     # so is a damaged hold, which stops deletes: what it keeps cannot be known
     store.put("holds/0123456789abcdef", b'{"version": 1}')
     line = one_error(snapfs("snapshot", "delete", "db.v2-1"), EXIT_INTEGRITY)

@@ -11,15 +11,18 @@ import click
 F = TypeVar("F", bound=Callable[..., Any])
 
 _PERIOD_HELP = "Keep the newest snapshot of each of the last N {} that have one."
+#: the largest count a rule takes (restic's too): a policy is stored, and a count past any
+#: number of snapshots there can be keeps them all anyway
+KEEP_MAX = 2**31 - 1
 
 
 def keep_options(fn: F) -> F:
     """Add ``--keep-last`` … ``--keep-tag``; the command receives them as ``keep_*`` arguments
     and turns them into a policy with ``policy_from``."""
     options = [
-        click.option("--keep-last", type=click.IntRange(min=1), metavar="N",
+        click.option("--keep-last", type=click.IntRange(min=1, max=KEEP_MAX), metavar="N",
                      help="Keep the N newest snapshots of each disk."),
-        *[click.option(f"--keep-{period}", type=click.IntRange(min=1), metavar="N",
+        *[click.option(f"--keep-{period}", type=click.IntRange(min=1, max=KEEP_MAX), metavar="N",
                        help=_PERIOD_HELP.format(unit))
           for period, unit in [("hourly", "hours"), ("daily", "days"), ("weekly", "(ISO) weeks"),
                                ("monthly", "months"), ("yearly", "years")]],

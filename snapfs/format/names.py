@@ -108,6 +108,19 @@ def policy_disk_part(disk: str, stored: bool = True) -> str:
     return encoded
 
 
+def shell_word(text: str) -> str:
+    """``text`` as one word of a command a message suggests, on one line: quoted where a shell
+    needs it, and where it holds control characters as ``$'…'`` with them escaped (bash and
+    zsh read that back as the text it was)."""
+    if not any(ord(c) < 32 or ord(c) == 127 for c in text):
+        import shlex  # (here: this module is on every command's start-up path)
+
+        return shlex.quote(text)
+    escaped = "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or ord(c) == 127
+                      else "\\" + c if c in "\\'" else c for c in text)
+    return f"$'{escaped}'"
+
+
 def _shown(text: str, most: int = 60) -> str:
     """``text`` quoted for a message, cut short: a name too long to store is long to read too."""
     return repr(text) if len(text) <= most else repr(text[:most]) + "…"

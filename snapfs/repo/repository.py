@@ -56,7 +56,7 @@ from snapfs.errors import (
 from snapfs.format.block import ZERO_ID, BlockCodec, BlockKeyer
 from snapfs.format.index import IndexFile
 from snapfs.format.manifest import SnapshotRoot, decode_page, empty_page
-from snapfs.format.names import policy_disk_part
+from snapfs.format.names import policy_disk_part, shell_word
 from snapfs.format.pack import KIND_PAGE, PackEntry
 from snapfs.format.profile import decode_profile, encode_profile
 from snapfs.format.repoconfig import (
@@ -668,7 +668,7 @@ class Repository:
 
         def way_on(key: str) -> str:
             disk = ("" if key == "policies/default"
-                    else f" --disk {unquote(key.removeprefix('policies/disk/'))}")
+                    else f" --disk {shell_word(unquote(key.removeprefix('policies/disk/')))}")
             return (f"; set that policy again (snapfs policy set{disk} …) or delete it (snapfs "
                     f"policy delete{disk})")
 
