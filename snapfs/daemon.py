@@ -16,8 +16,10 @@ and closed, in that order; ``snapfs.mount`` removes the pid file and socket last
 Writable disks (``snapfs.write``): the daemon serves the disks kept in its cache directory for
 its repository (``DiskService``), unless another daemon on this host already does. The control
 socket takes the disk and snapshot requests the CLI sends (``disk-create``, ``disk-list``,
-``disk-delete``, ``disk-rollback``, ``snapshot``, ``task``, ``tasks``); a run file
-``RUNDIR/KEY.json`` names the repository, so the CLI finds the daemon from ``-r REPO`` alone.
+``disk-delete``, ``disk-rollback``, ``snapshot``, ``task``, ``tasks``), and ``refresh`` from
+the commands that create or delete snapshots (the catalog reads the snapshot list again at
+once); a run file ``RUNDIR/KEY.json`` names the repository, so the CLI finds the daemon from
+``-r REPO`` alone.
 
 Only ``snapfs.mount`` imports this module, and only where the daemon runs: it pulls in trio,
 pyfuse3, lmdb and the store's client library.
@@ -271,6 +273,9 @@ class MountDaemon:
                 return {"ok": True, "stats": await self.stats()}
             if op == "snapshots-open":
                 return {"ok": True, "open": self.ops.snapshots_open()}
+            if op == "refresh":  # a command here made or deleted snapshots: see them now
+                await self.catalog.refresh(force=True)
+                return {"ok": True}
             if disks is None or not disks.enabled:
                 if op in ("tasks", "disk-list"):
                     return {"ok": True, "tasks": [], "disks": []}

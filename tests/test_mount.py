@@ -196,6 +196,30 @@ def test_snapshots_taken_after_mounting_appear_and_deleted_ones_go(
         assert read_all(daemon.images / "later.img") == read_all(late)
 
 
+def test_a_name_taken_again_serves_the_new_snapshot_at_once(snapfs: Snapfs,
+                                                             tmp_path: Path) -> None:
+    """A snapshot deleted and another made under its name: the kernel and the daemon knew the
+    name, so nothing looked it up again until a listing or the sweep's refresh (up to 30 s),
+    and ``n.img`` served the deleted snapshot's image (its bytes, from the cache) meanwhile.
+    The commands tell the mounts on this host, which read the snapshot list again before the
+    command returns."""
+    old = random_image(tmp_path / "old.img", MiB, seed=41)
+    new = random_image(tmp_path / "new.img", MiB, seed=42)
+    with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache") as daemon:
+        snapfs.ok("snapshot", "create", old, "--name", "n")
+        assert read_all(daemon.images / "n.img") == read_all(old)  # no wait: it is there
+        snapfs.ok("snapshot", "delete", "n")
+        assert not (daemon.images / "n.img").exists()
+        snapfs.ok("snapshot", "create", new, "--name", "n")
+        assert read_all(daemon.images / "n.img") == read_all(new)
+        snapfs.ok("snapshot", "create", old, "--name", "o", "--disk", "o")
+        snapfs.ok("snapshot", "create", new, "--name", "o2", "--disk", "o")
+        assert (daemon.images / "o.img").exists()
+        snapfs.ok("snapshot", "forget", "--disk", "o", "--keep-last", "1")
+        assert not (daemon.images / "o.img").exists()
+        assert read_all(daemon.images / "o2.img") == read_all(new)
+
+
 def test_an_index_object_damaged_while_mounted_holds_back_only_the_snapshot_it_serves(
     snapfs: Snapfs, base_image: Path, tmp_path: Path
 ) -> None:
@@ -209,7 +233,10 @@ def test_an_index_object_damaged_while_mounted_holds_back_only_the_snapshot_it_s
     with mounted(snapfs, tmp_path / "mnt", tmp_path / "cache",
                  "--refresh-interval", str(interval)) as daemon:
         before = set(os.listdir(index_dir))
-        snapfs.ok("snapshot", "create", late, "--name", "late")
+        # made as on another host (a command here tells the mount, which reads it at once)
+        elsewhere = {**snapfs.env, "SNAPFS_RUNTIME_DIR": str(tmp_path / "elsewhere")}
+        made = snapfs("snapshot", "create", late, "--name", "late", env=elsewhere)
+        assert made.returncode == 0, made.stderr
         (new,) = set(os.listdir(index_dir)) - before
         (index_dir / new).write_bytes(b"SNIX\x01 damaged")
 

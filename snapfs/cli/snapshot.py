@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from snapfs.format.manifest import SnapshotRoot
     from snapfs.repo.repository import Repository, UnreadableRoot
 
+#: seconds a command waits for a mount here to read the changed snapshots (``refresh_mounts``)
+REFRESH_PATIENCE = 10.0
+
 
 @click.group(cls=SubcommandGroup)
 @click.pass_context
@@ -106,6 +109,7 @@ def create(config: CliConfig, source: str | None, name: str | None, disks: tuple
     options = CreateOptions(name=name, disk=disks[0] if disks else None, parent=parent,
                             tags=tags, rate=rate * 1e6 if rate else None)
     result = run_async(lambda p: create_snapshot(repo, source, options, p), json_output)
+    refresh_mounts(config)
     if json_output:
         emit_json(result.summary())
     else:
@@ -292,6 +296,23 @@ def _needed_here(config: CliConfig) -> dict[str, str]:
     return needed
 
 
+def refresh_mounts(config: CliConfig) -> None:
+    """Tell the daemons on this host that mount the repository that its snapshots changed,
+    and wait while they read them again: a new snapshot is in ``snapshots/`` when the command
+    returns, and a deleted one is gone from it. A name a deleted snapshot leaves is known to
+    the daemon and to the kernel, so nothing else asks again for up to 30 s (the sweep's
+    refresh): a new snapshot given that name was served as the old image meanwhile. Daemons
+    elsewhere see the change at their next refresh. Best effort: the change is made
+    whatever a daemon answers."""
+    from snapfs.control import repository_daemons, request
+
+    for files, _info in repository_daemons(config.require_repo()):
+        try:
+            request(files, {"op": "refresh"}, timeout=REFRESH_PATIENCE)
+        except SnapfsError:  # gone meanwhile, too slow, or the store failed it: it tries later
+            continue
+
+
 def refuse_unstored(config: CliConfig, snaps: Sequence[str], doing: str) -> None:
     """For a command that did not find one of ``snaps`` in the repository: the reason, if it
     names a snapshot of a served disk that is not stored (uploading, or failed); it is listed
@@ -396,9 +417,12 @@ def delete(config: CliConfig, snaps: tuple[str, ...], force: bool, json_output: 
         _refuse_if_needed(config, repo, names, force)  # again, locked
         return roots
 
-    stats = run_async(lambda p: delete_snapshots(repo, list(chosen.values()), recheck,
-                                                 unreadable=list(bad.values()), progress=p),
-                      json_output)
+    try:
+        stats = run_async(lambda p: delete_snapshots(repo, list(chosen.values()), recheck,
+                                                     unreadable=list(bad.values()), progress=p),
+                          json_output)
+    finally:  # (also after an error: the roots may be gone)
+        refresh_mounts(config)
     if json_output:
         emit_json(stats)
     else:
@@ -471,9 +495,12 @@ def forget(config: CliConfig, disk: str | None, dry_run: bool, json_output: bool
                     by_id[root.id].reasons.append(needed[root.id])
             return [r for r in roots if r.id not in needed]
 
-        stats = run_async(lambda p: delete_snapshots(repo, doomed, recheck, "snapshot forget",
-                                                     progress=p),
-                          json_output)
+        try:
+            stats = run_async(lambda p: delete_snapshots(repo, doomed, recheck,
+                                                         "snapshot forget", progress=p),
+                              json_output)
+        finally:
+            refresh_mounts(config)
         doomed = [d.root for d in decisions if not d.keep]
     if json_output:
         emit_json({"dry_run": dry_run,
