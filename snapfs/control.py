@@ -56,21 +56,29 @@ FUSERMOUNT = "fusermount3"
 # -- where things are ----------------------------------------------------------------------------
 
 
-def runtime_dir() -> Path:
-    """The directory of pid files and sockets (see the module docstring); created if missing."""
+def _runtime_path() -> Path:
     explicit = os.environ.get("SNAPFS_RUNTIME_DIR")
     if explicit:
-        path = Path(explicit)
-    elif os.environ.get("XDG_RUNTIME_DIR"):
-        path = Path(os.environ["XDG_RUNTIME_DIR"]) / "snapfs"
-    elif os.geteuid() == 0:
-        path = Path("/run/snapfs")
-    else:
-        path = Path(f"/tmp/snapfs-{os.geteuid()}")
+        return Path(explicit)
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(os.environ["XDG_RUNTIME_DIR"]) / "snapfs"
+    if os.geteuid() == 0:
+        return Path("/run/snapfs")
+    return Path(f"/tmp/snapfs-{os.geteuid()}")
+
+
+def runtime_dir(create: bool = True) -> Path:
+    """The directory of pid files and sockets (see the module docstring); created if missing
+    (``create=False``: not, for a caller that only looks for daemons: with no directory there
+    are none)."""
+    path = _runtime_path()
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if create:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = path.lstat()
     except OSError as e:
+        if not create and isinstance(e, FileNotFoundError):
+            return path  # (globbing it finds nothing)
         raise MountError(f"runtime directory {path} cannot be used: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
         raise MountError(f"runtime directory {path} is not a directory owned by this user")
@@ -367,7 +375,7 @@ def same_repository(a: str, b: str) -> bool:
 def repository_daemons(repository: str) -> list[tuple[RunFiles, dict[str, Any]]]:
     """The run files and facts of every live daemon that mounts ``repository`` on this host."""
     found: list[tuple[RunFiles, dict[str, Any]]] = []
-    for pid_file in sorted(runtime_dir().glob("*.pid")):
+    for pid_file in sorted(runtime_dir(create=False).glob("*.pid")):
         files = RunFiles("", pid_file.stem, pid_file, pid_file.with_suffix(".sock"))
         info = files.read_info()
         if info is None or not same_repository(str(info.get("repository", "")), repository):

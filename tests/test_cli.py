@@ -780,6 +780,26 @@ def test_retention_policies_stored_in_the_repository(snapfs: Snapfs, store: Obje
     snapfs.ok("snapshot", "delete", "db.v2-1")
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the runtime directory is local
+def test_a_runtime_directory_that_cannot_be_used_costs_no_snapshot(snapfs: Snapfs,
+                                                                   tmp_path: Path) -> None:
+    """A command that made a snapshot then tells the mounts here: a runtime directory it
+    cannot use (a file stands there) means there are none to tell, not a failed command whose
+    snapshot is stored all the same. (A delete asks the daemons here what they need first,
+    and refuses when it cannot.)"""
+    snapfs.ok("init")
+    image = tmp_path / "a.img"
+    image.write_bytes(os.urandom(64 << 10))
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_bytes(b"")
+    env = {**snapfs.env, "SNAPFS_RUNTIME_DIR": str(blocked)}
+    made = snapfs("snapshot", "create", image, "--name", "a", env=env)
+    assert made.returncode == 0 and made.stderr == "", made.stderr
+    assert "is not a directory owned by this user" in one_error(
+        snapfs("snapshot", "delete", "a", env=env), EXIT_GENERAL)
+    assert [s["name"] for s in snapfs.json("snapshot", "list")] == ["a"]
+
+
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # a lock is a lock on both
 def test_snapshot_create_waits_for_a_short_collection(snapfs: Snapfs, store: ObjectStore,
                                                       tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from testkit import answering_once
 
-from snapfs.control import RunFiles, request
+from snapfs.control import RunFiles, repository_daemons, request
 from snapfs.errors import MountError
 
 
@@ -37,3 +37,13 @@ def test_a_daemon_that_stops_before_it_replies_is_said_to_have_stopped() -> None
 def test_a_reply_that_is_not_one_is_garbled(answer: bytes) -> None:
     with daemon_answering(answer) as files, pytest.raises(MountError, match="garbled reply"):
         request(files, {"op": "task", "id": "x"})
+
+
+def test_looking_for_daemons_makes_no_runtime_directory(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every snapshot create, delete and forget looks for mounts to tell: with no runtime
+    directory there are none, and looking must not make one."""
+    where = tmp_path / "run"
+    monkeypatch.setenv("SNAPFS_RUNTIME_DIR", str(where))
+    assert repository_daemons(str(tmp_path / "repo")) == []
+    assert not where.exists()

@@ -306,7 +306,11 @@ def refresh_mounts(config: CliConfig) -> None:
     whatever a daemon answers."""
     from snapfs.control import repository_daemons, request
 
-    for files, _info in repository_daemons(config.require_repo()):
+    try:  # (a runtime directory that cannot be used: no daemon to tell, and the change is made)
+        daemons = repository_daemons(config.require_repo())
+    except SnapfsError:
+        return
+    for files, _info in daemons:
         try:
             request(files, {"op": "refresh"}, timeout=REFRESH_PATIENCE)
         except SnapfsError:  # gone meanwhile, too slow, or the store failed it: it tries later
