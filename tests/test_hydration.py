@@ -97,6 +97,48 @@ async def with_hydrator(repo: Repository, cache: BlockCache, config: HydrationCo
     return result
 
 
+def test_a_forced_refresh_reads_the_snapshots_after_it_was_asked(
+        repo_and_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command that made a snapshot asks the mount to refresh (``refresh(force=True)``)
+    while another refresh is under way, one that listed the snapshots before the new one was
+    stored. Waiting for that one was taken for done, and the new snapshot was missing until
+    the next refresh."""
+    repo, store, data, _ = repo_and_image
+    cache = open_cache(tmp_path)
+    listed, release = threading.Event(), threading.Event()
+    original = repo.list_snapshots_again
+    calls = []
+
+    def slow_first(previous):  # type: ignore[no-untyped-def]
+        calls.append(previous)
+        found = original(previous)
+        if len(calls) == 2:  # (the first: with_hydrator's own)
+            listed.set()
+            release.wait(30)
+        return found
+
+    monkeypatch.setattr(repo, "list_snapshots_again", slow_first)
+    image = tmp_path / "disk.img"
+
+    def make_s2() -> None:
+        with open(image, "r+b") as f:
+            f.write(random.Random(5).randbytes(BS))
+        trio.run(create_snapshot, repo, str(image), CreateOptions(name="s2"))
+
+    async def body(hydrator, catalog, nursery):  # type: ignore[no-untyped-def]
+        nursery.start_soon(catalog.refresh, True)  # under way, listing before s2
+        await trio.to_thread.run_sync(listed.wait, 30)
+        await trio.to_thread.run_sync(make_s2)
+        trio.lowlevel.current_trio_token().run_sync_soon(release.set)
+        await catalog.refresh(force=True)  # asked once s2 is stored
+        return sorted(catalog.images())
+
+    names = trio.run(with_hydrator, repo, cache, HydrationConfig(background=False), body)
+    assert names == ["s1.img", "s2.img"]
+    assert len(calls) == 3
+    cache.close()
+
+
 def test_random_concurrent_reads_return_the_source_bytes(repo_and_image, tmp_path: Path) -> None:
     repo, store, data, _ = repo_and_image
     cache = open_cache(tmp_path)

@@ -56,6 +56,8 @@ class SnapshotCatalog:
         self._read = SnapshotListing()  # the roots read so far (the next refresh reads the rest)
         self._last_refresh = -1e9
         self._refreshing: trio.Event | None = None
+        self._reads_begun = 0  # refreshes that began to read the repository
+        self._read_finished = 0  # the number (in that count) of the last one that ended
         #: the error of the last refresh, if it failed
         self.failure: SnapfsError | None = None
         if index_cache is not None:
@@ -93,13 +95,24 @@ class SnapshotCatalog:
 
     async def refresh(self, force: bool = False, strict: bool = False) -> None:
         """Read the repository's snapshots (and new index objects) again, unless that was done
-        less than ``interval`` ago (``force``: even then). ``strict``: a call that does not
-        read them itself raises the error of the last refresh, if it failed (a lookup of a name
-        not known must not be told that it does not exist while the repository cannot be read,
-        whichever lookup the refresh ran for)."""
-        if self._refreshing is not None:  # one refresh at a time; others wait for it
+        less than ``interval`` ago (``force``: even then, by a read that begins after this call:
+        one already under way may have listed the snapshots before the caller's change).
+        ``strict``: a call that does not read them itself raises the error of the last refresh,
+        if it failed (a lookup of a name not known must not be told that it does not exist
+        while the repository cannot be read, whichever lookup the refresh ran for)."""
+        if force:
+            wanted = self._reads_begun + 1
+            while self._read_finished < wanted:
+                if self._refreshing is None:
+                    await self._read_again()  # (raises its own failure)
+                    return
+                await self._refreshing.wait()  # one refresh at a time; others wait for it
+            if self.failure is not None:  # the read it waited for failed
+                raise self.failure
+            return
+        if self._refreshing is not None:
             await self._refreshing.wait()
-        elif force or trio.current_time() - self._last_refresh >= self.interval:
+        elif trio.current_time() - self._last_refresh >= self.interval:
             await self._read_again()
             return
         if strict and self.failure is not None:
@@ -107,6 +120,8 @@ class SnapshotCatalog:
 
     async def _read_again(self) -> None:
         self._refreshing = trio.Event()
+        self._reads_begun += 1
+        number = self._reads_begun
         try:
             listing = await trio.to_thread.run_sync(self.repo.list_snapshots_again, self._read)
             # new snapshots bring new index objects; garbage collection replaces them
@@ -120,6 +135,7 @@ class SnapshotCatalog:
             # a failed refresh waits its turn too: with the store down, every lookup of an
             # unknown name must not pay the store's retries again
             self._last_refresh = trio.current_time()
+            self._read_finished = number
             self._refreshing.set()
             self._refreshing = None
 
