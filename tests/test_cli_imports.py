@@ -78,6 +78,16 @@ def test_help_imports_nothing_heavy(args: list[str]) -> None:
     assert not {m for m in HEAVY if m in loaded}
 
 
+def test_version_is_given_not_looked_up() -> None:
+    """``snapfs --version`` asked importlib.metadata, which scans site-packages: a third of a
+    cold start. The version is snapfs.__version__, which the package's metadata takes too."""
+    from importlib.metadata import version
+
+    out, report = report_after(CLI, "--version")
+    assert out == f"snapfs, version {version('snapfs')}"
+    assert "importlib.metadata" not in report["modules"]
+
+
 def test_local_repository_commands_do_not_import_boto3(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     _, report = report_after(
