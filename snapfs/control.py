@@ -20,8 +20,8 @@ holds no lock.
 The protocol: the client connects, sends one JSON object on one line, and reads one JSON object
 on one line back. ``{"op": "stats"}`` answers ``{"ok": true, "stats": {...}}``; ``{"op":
 "shutdown"}`` answers ``{"ok": true}`` and the daemon then unmounts and exits; the disk and
-snapshot requests (and ``refresh``) are listed in ``daemon``. A refusal is ``{"ok": false, "error": "...",
-"code": N}``, which ``request`` raises as a ``SnapfsError`` with that message and exit code.
+snapshot requests (and ``refresh``) are listed in ``daemon``. A refusal is ``{"ok": false,
+"error": "...", "code": N}``, which ``request`` raises as a ``SnapfsError`` with that message and exit code.
 
 Commands that work on a repository's disks find its daemon with ``find_repository_daemon``
 (the live daemons whose ``KEY.json`` names the same repository).

@@ -35,7 +35,7 @@ from snapfs.plural import counted
 from snapfs.progress import NO_PROGRESS
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from snapfs.format.manifest import SnapshotRoot
     from snapfs.repo.repository import Repository, UnreadableRoot
@@ -172,7 +172,7 @@ def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
     listing = repo.list_snapshots()
     _warn_unreadable(repo, listing.unreadable, "not listed")
     roots = [r for r in listing.roots if disk is None or r.disk == disk]
-    docs = [_with_group(r, listing.roots, unfinished) for r in roots]
+    docs = [_with_group(r, listing.roots, lambda: unfinished) for r in roots]
     stored = {r.id for r in roots}
     for doc in unfinished:
         if doc["id"] not in stored and (disk is None or doc["disk"] == disk):
@@ -192,19 +192,20 @@ def list_(config: CliConfig, disk: str | None, json_output: bool) -> None:
 
 
 def _with_group(root: SnapshotRoot, roots: Sequence[SnapshotRoot],
-                unfinished: list[dict[str, Any]]) -> dict[str, Any]:
+                unfinished: Callable[[], list[dict[str, Any]]]) -> dict[str, Any]:
     """``root``'s summary; for a member of a consistency group, with how many of the group's
     snapshots are stored (``group_stored``, beside ``group_size``). A member whose group is
     not whole is not done: ``progressing`` while a daemon here still uploads the rest,
     ``incomplete`` if none does (its upload gave up after losing a disk's kept copy, or its
-    daemon's state is gone, or a member was deleted since), with the reason."""
+    daemon's state is gone, or a member was deleted since), with the reason. ``unfinished``
+    gives the daemons' unfinished snapshots (``_unfinished``), asked only for such a member."""
     doc = root.summary()
     if root.group is None:
         return doc
     doc["group_stored"] = sum(1 for r in roots if r.group == root.group)
     if root.group_size is None or doc["group_stored"] >= root.group_size:
         return doc
-    uploading = next((u for u in unfinished if u["id"] == root.id), None)
+    uploading = next((u for u in unfinished() if u["id"] == root.id), None)
     if uploading is not None:
         doc["state"], doc["reason"] = uploading["state"], uploading["reason"]
         if doc["state"] == "progressing":
@@ -371,9 +372,7 @@ def show(config: CliConfig, snap: str, json_output: bool) -> None:
         refuse_unstored(config, [snap], "show")
         raise
     _warn_unreadable(repo, listing.unreadable, "left out")
-    whole = root.group_size is None or sum(1 for r in listing.roots if r.group == root.group) \
-        >= root.group_size
-    doc = _with_group(root, listing.roots, [] if whole else _unfinished(config))
+    doc = _with_group(root, listing.roots, lambda: _unfinished(config))
     if json_output:
         emit_json(doc)
         return

@@ -71,6 +71,7 @@ HINTS_UNOPENED = 4096
 #: (``Hydrator.hint_turn``), enough to keep every fetch slot on full runs
 HINT_BATCH = 2048
 
+
 class Sweeper:
     def __init__(self, catalog: SnapshotCatalog, hydrator: Hydrator, config: HydrationConfig) -> None:
         self.catalog = catalog

@@ -56,9 +56,9 @@ class LocalStore(ObjectStore):
         try:
             with open(self._path(key), "rb") as f:
                 return f.read()
-        except (FileNotFoundError, NotADirectoryError):  # (a file where a directory should be)
-            raise ObjectNotFound(f"{self.url}: no object {key}") from None
-        except IsADirectoryError:  # a directory is no object (``list`` shows none, nor would S3)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            # (a file where a directory should be; or a directory, which is no object: ``list``
+            # shows none there, nor would S3)
             raise ObjectNotFound(f"{self.url}: no object {key}") from None
         except OSError as e:
             if e.errno == errno.ENAMETOOLONG:  # no put could have made it
