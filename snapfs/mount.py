@@ -42,6 +42,7 @@ import errno
 import gc
 import logging
 import os
+import select
 import signal
 import stat
 import sys
@@ -53,7 +54,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from snapfs.control import PidFile, RunFiles, mount_entry
 from snapfs.errors import MountError, NotFoundError, SnapfsError, UsageError
-from snapfs.interrupt import stop_signals_interrupt
+from snapfs.interrupt import STOP_SIGNALS
 from snapfs.prefetch import parse_prefetch_list
 
 if TYPE_CHECKING:
@@ -146,8 +147,7 @@ def mount(options: MountOptions, announce: Callable[[str], None]) -> None:
         handed_over = True
         os.close(write_end)
         try:
-            with stop_signals_interrupt():
-                report = _read_all(read_end)
+            report = _wait_for_report(read_end)
         except BaseException:
             _stop_starting_daemon(child, files)
             raise
@@ -273,12 +273,40 @@ def check_cache_dir(directory: str) -> None:
 # -- the child -----------------------------------------------------------------------------------
 
 
-def _read_all(fd: int) -> str:
-    chunks = []
-    with os.fdopen(fd, "rb") as f:
-        while chunk := f.read(4096):
-            chunks.append(chunk)
-    return b"".join(chunks).decode(errors="replace")
+def _wait_for_report(fd: int) -> str:
+    """All the daemon sends on ``fd`` until it closes it; ``KeyboardInterrupt`` once the
+    command is stopped (^C, SIGTERM, SIGHUP; one ignored when this began stays ignored). The
+    signals only note that they came and wake the wait (``signal.set_wakeup_fd``): a handler
+    that raised, as ``stop_signals_interrupt``'s do, had its exception swallowed when it ran
+    inside a finalizer ("Exception ignored in …"), and the command went on to report a mount
+    it had been told to stop (seen once in CI)."""
+    received: list[int] = []
+    signums = (signal.SIGINT, *STOP_SIGNALS)
+    previous = {signum: signal.getsignal(signum) for signum in signums}
+    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_wakeup = signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+    try:
+        for signum, handler in previous.items():
+            if handler != signal.SIG_IGN:
+                signal.signal(signum, lambda signum, _frame: received.append(signum))
+        chunks: list[bytes] = []
+        while not received:
+            ready, _, _ = select.select([fd, wake_read], [], [])
+            if wake_read in ready:
+                os.read(wake_read, 512)
+            if fd in ready and not received:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    return b"".join(chunks).decode(errors="replace")
+                chunks.append(chunk)
+        raise KeyboardInterrupt
+    finally:
+        signal.set_wakeup_fd(old_wakeup)
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        for each in (fd, wake_read, wake_write):
+            os.close(each)
 
 
 class _Report:
