@@ -17,7 +17,7 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -1286,6 +1286,70 @@ def test_a_lock_taken_between_our_two_looks_is_held_and_we_back_off(
     assert time.monotonic() - started >= 0.5
     assert first.held and not ours.held
     assert [key for key, _ in LocalStore(root).list("locks/")] == [first.key]
+
+
+class LockCalls(LocalStore):
+    """A local store that records its calls on lock objects, in order."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.calls: list[tuple[str, str]] = []
+
+    def put(self, key: str, data: bytes) -> None:
+        if key.startswith("locks/"):
+            self.calls.append(("put", key))
+        super().put(key, data)
+
+    def get(self, key: str) -> bytes:
+        if key.startswith("locks/"):
+            self.calls.append(("get", key))
+        return super().get(key)
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        if prefix == "locks/":
+            self.calls.append(("list", prefix))
+        return super().list(prefix)
+
+
+def test_a_snapshots_lock_is_written_first_and_looked_for_once(tmp_path: Path) -> None:
+    """A snapshot's shared lock, in the usual case (no collection runs): written, then one
+    look for an exclusive lock, which finds only ours and does not read it. Every snapshot
+    pays for these requests before its upload (four of them before: a look, the write, a
+    look and a read of our own lock; a round trip each, tens of ms on S3)."""
+    from snapfs.repo.lock import RepositoryLock
+
+    root = tmp_path / "repo"
+    Repository.init(LocalStore(root))
+    store = LockCalls(root)
+    lock = RepositoryLock(store, "shared", "a snapshot")
+    trio.run(lock.acquire_waiting, 5.0)
+    assert lock.held
+    assert store.calls == [("put", lock.key), ("list", "locks/")]
+
+
+def test_a_shared_locker_that_finds_a_collection_writes_no_lock_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a collection holds the exclusive lock, a snapshot's first try (which writes its
+    lock before it looks) sees it and withdraws; its later tries look first and write
+    nothing, and when its patience ends no lock of it is left."""
+    import snapfs.repo.lock as lock_module
+
+    monkeypatch.setattr(lock_module, "RACE_WAIT", 0.2)
+    root = tmp_path / "repo"
+    Repository.init(LocalStore(root))
+    collection = lock_module.RepositoryLock(LocalStore(root), "exclusive", "a collection")
+    collection.key = "locks/f" + collection.key[7:]  # sorts after ours: we wait, then go
+    collection.acquire()
+    store = LockCalls(root)
+    ours = lock_module.RepositoryLock(store, "shared", "a snapshot")
+    ours.key = "locks/0" + ours.key[7:]
+    with pytest.raises(RepositoryLocked, match="a collection"):
+        trio.run(ours.acquire_waiting, 1.0)
+    assert [c for c in store.calls if c[0] == "put"] == [("put", ours.key)]
+    assert store.calls[:2] == [("put", ours.key), ("list", "locks/")]
+    assert store.calls.count(("list", "locks/")) >= 3  # its look after writing, then its tries
+    assert not ours.held
+    assert [key for key, _ in LocalStore(root).list("locks/")] == [collection.key]
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # a lock is a lock on both

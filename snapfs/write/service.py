@@ -153,6 +153,9 @@ class DiskService:
         self._run_nursery: trio.Nursery | None = None
         self._finished: dict[str, trio.Event] = {}  # task id -> set when it ends
         self._uploading = 0  # uploads running now: the sweep yields to them too
+        #: snapshots closed by this daemon whose upload has not begun: no root of theirs can
+        #: be stored, so their first attempt need not ask the store (``_store_part``)
+        self._never_tried: set[str] = set()
         self._rest_until = 0.0  # trio clock: background disk work rests until then (``_pace``)
         hydrator.foreground.append(self._last_foreground)  # the sweep yields to disk I/O
         #: called when disks or pending snapshots come or go, with the name of a disk whose
@@ -775,6 +778,7 @@ class DiskService:
                                               functools.partial(_flush, disks))
                 for disk, part, record in zip(disks, parts, records, strict=True):
                     disk.record = record
+                    self._never_tried.add(part.snapshot_id)
                     closed = disk.close_generation(task.id, part.snapshot_id)
                     self._add_pending(disk, closed, part)
         self.tasks[task.id] = task
@@ -1001,7 +1005,11 @@ class DiskService:
 
         progress = self.progress.setdefault(part.snapshot_id, UploadProgress())
         progress.blocks_done = progress.blocks_uploaded = 0
-        root = await trio.to_thread.run_sync(self._root_stored, part.snapshot_id)
+        root: SnapshotRoot | None = None
+        if part.snapshot_id in self._never_tried:
+            self._never_tried.discard(part.snapshot_id)  # an attempt may store it from now on
+        else:
+            root = await trio.to_thread.run_sync(self._root_stored, part.snapshot_id)
         if root is not None:
             # stored by an attempt whose end this state did not record: a daemon that died
             # (or lost power) after the root's PUT, or a PUT that failed after it was done
