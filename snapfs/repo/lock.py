@@ -38,9 +38,10 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
 
@@ -51,6 +52,8 @@ from snapfs.repo.repository import new_id
 from snapfs.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 STALE_AFTER = 30 * 60
 #: seconds a snapshot (``snapshot create``, a disk's upload attempt) waits for a garbage
@@ -174,7 +177,6 @@ async def exclusively(store: ObjectStore, purpose: str, limiter: trio.CapacityLi
             await trio.to_thread.run_sync(lock.release_quietly, failing, limiter=limiter)
 
 
-
 class RepositoryLock:
     def __init__(self, store: ObjectStore, kind: str, purpose: str) -> None:
         assert kind in ("shared", "exclusive")
@@ -185,6 +187,7 @@ class RepositoryLock:
         self.host = hostname()
         self.started = time.time()  # when it was last tried for: when it was taken, once held
         self.held = False
+        self._written = False  # (our lock object: maybe there from a write that failed)
 
     def _body(self) -> bytes:
         # a refresh keeps ``since``: the "locked" error says when the holder began, which for
@@ -217,19 +220,32 @@ class RepositoryLock:
         """Take the lock, or raise ``RepositoryLocked``. ``look_first=False``, for a shared
         lock only: write it before looking for conflicts (see the module docstring)."""
         blocking = self._conflicts() if look_first or self.kind == "exclusive" else []
-        if not blocking:
-            self.store.put(self.key, self._body())
-            blocking = self._after_a_race(self._conflicts())
-            if blocking:
-                self.store.delete(self.key)
         if blocking:
-            what = "; ".join(b.describe() for b in blocking)
-            hint = "" if all(b.live_here for b in blocking) else \
-                " (if that process is gone for good, `snapfs unlock --all` removes its lock)"
-            raise RepositoryLocked(f"{self.store.url} is locked by {what}; try again when it "
-                                   f"ends{hint}")
-        self.held = True
+            raise self._locked(blocking)
+        self._write()
+        self._confirm()
         return self
+
+    def _write(self) -> None:
+        self._written = True  # (maybe: a PUT that failed may have been done)
+        self.store.put(self.key, self._body())
+
+    def _confirm(self) -> None:
+        """Look for conflicts once our lock is written: none, and it is held; else it is
+        withdrawn and ``RepositoryLocked`` raised."""
+        blocking = self._after_a_race(self._conflicts())
+        if blocking:
+            self.store.delete(self.key)
+            self._written = False
+            raise self._locked(blocking)
+        self.held = True
+
+    def _locked(self, blocking: list[LockInfo]) -> RepositoryLocked:
+        what = "; ".join(b.describe() for b in blocking)
+        hint = "" if all(b.live_here for b in blocking) else \
+            " (if that process is gone for good, `snapfs unlock --all` removes its lock)"
+        return RepositoryLocked(f"{self.store.url} is locked by {what}; try again when it "
+                                f"ends{hint}")
 
     def _after_a_race(self, blocking: list[LockInfo]) -> list[LockInfo]:
         """The conflicting locks left once lockers that wrote theirs beside ours have
@@ -243,22 +259,69 @@ class RepositoryLock:
         return blocking
 
     async def acquire_waiting(self, patience: float,
-                              limiter: trio.CapacityLimiter | None = None) -> RepositoryLock:
+                              limiter: trio.CapacityLimiter | None = None,
+                              then: Callable[[], Awaitable[T]] | None = None) -> T | None:
         """``acquire`` (in a worker thread), tried again for up to ``patience`` seconds while
         another holds a conflicting lock: a garbage collection ends in seconds (a stale lock
-        never does, so the wait is bounded). The waits are trio's, so cancellable."""
+        never does, so the wait is bounded). The waits are trio's, so cancellable.
+
+        ``then`` is awaited once the lock is written, and its result returned: what it reads
+        from the repository is as of a moment when the lock was in place, so no collection
+        deletes it meanwhile. A shared lock's first try awaits it beside the look that
+        confirms the lock, a round trip less before an upload; if that look finds a
+        collection, the result is dropped and ``then`` awaited again once the lock is held.
+        On an error (or a cancellation) no lock of ours is left."""
         deadline = trio.current_time() + patience
         delay = 0.1
-        look_first = False
-        while True:
+        try:
+            if self.kind == "shared":
+                held, result = await self._write_and_read(limiter, then)
+                if held:
+                    return result
+            while True:
+                try:
+                    await trio.to_thread.run_sync(self.acquire, limiter=limiter)
+                    break
+                except RepositoryLocked:
+                    if trio.current_time() + delay > deadline:
+                        raise
+                await trio.sleep(delay)
+                delay = min(2 * delay, 2.0)
+            return await then() if then is not None else None
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._withdraw_quietly, limiter=limiter)
+            raise
+
+    async def _write_and_read(self, limiter: trio.CapacityLimiter | None,
+                              then: Callable[[], Awaitable[T]] | None) -> tuple[bool, T | None]:
+        """A shared lock's first try: written at once, then ``then`` awaited beside the look
+        that confirms it. (False, None) if the look found a conflict (ours is withdrawn)."""
+        await trio.to_thread.run_sync(self._write, limiter=limiter)
+        result: list[T] = []
+
+        async def read_beside() -> None:
+            if then is not None:
+                result.append(await then())
+
+        try:
+            with single_error():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(read_beside)
+                    await trio.to_thread.run_sync(self._confirm, limiter=limiter)
+        except RepositoryLocked:
+            return False, None
+        return True, result[0] if result else None
+
+    def _withdraw_quietly(self) -> None:
+        """Remove our lock object if it may be there (an error is on its way out: a failed
+        removal is logged, and the lock goes stale)."""
+        if self._written:
             try:
-                return await trio.to_thread.run_sync(self.acquire, look_first, limiter=limiter)
-            except RepositoryLocked:
-                if trio.current_time() + delay > deadline:
-                    raise
-            look_first = True
-            await trio.sleep(delay)
-            delay = min(2 * delay, 2.0)
+                self.store.delete(self.key)
+            except SnapfsError as e:
+                log.info("could not remove the lock %s (%s)", self.key, e.message)
+        self._written = self.held = False
 
     def refresh(self) -> None:
         if self.held:
@@ -267,7 +330,7 @@ class RepositoryLock:
     def release(self) -> None:
         if self.held:
             self.store.delete(self.key)
-            self.held = False
+            self.held = self._written = False
 
     def release_quietly(self, failing: bool = False) -> bool:
         """``release`` for a ``finally``: a store that fails now must not hide the error that

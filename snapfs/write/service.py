@@ -973,8 +973,9 @@ class DiskService:
             return
         stored: list[tuple[SnapshotRoot, bool]] = []
         async with shared_lock(self.repo, f"snapshot of disks {', '.join(p.disk for p in parts)}",
-                               self.upload_lock_patience, self._unreleased) as limiter:
-            await self.hydrator.refresh_index()  # deduplicated against the index as it is now
+                               self.upload_lock_patience, self._unreleased,
+                               then=self.hydrator.refresh_index) as (limiter, _):
+            # (deduplicated against the index as it is now: read beside the lock's last look)
             for part in parts:
                 stored.append(await self._store_part(task, part, limiter))
             if not task.roots_begun:  # durably, before a root may be stored
