@@ -17,7 +17,7 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -59,6 +59,7 @@ from snapfs.errors import (
     SnapshotNotFound,
     SourceChanged,
     SourceError,
+    StoreUnavailable,
 )
 from snapfs.format.block import HEADER_SIZE, ZERO_ID
 from snapfs.format.index import IndexFile
@@ -1286,6 +1287,111 @@ def test_a_lock_taken_between_our_two_looks_is_held_and_we_back_off(
     assert time.monotonic() - started >= 0.5
     assert first.held and not ours.held
     assert [key for key, _ in LocalStore(root).list("locks/")] == [first.key]
+
+
+class LockCalls(LocalStore):
+    """A local store that records its calls on lock objects, in order."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.calls: list[tuple[str, str]] = []
+
+    def put(self, key: str, data: bytes) -> None:
+        if key.startswith("locks/"):
+            self.calls.append(("put", key))
+        super().put(key, data)
+
+    def get(self, key: str) -> bytes:
+        if key.startswith("locks/"):
+            self.calls.append(("get", key))
+        return super().get(key)
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        if prefix == "locks/":
+            self.calls.append(("list", prefix))
+        return super().list(prefix)
+
+
+def test_a_snapshots_lock_is_written_first_and_looked_for_once(tmp_path: Path) -> None:
+    """A snapshot's shared lock, in the usual case (no collection runs): written, then one
+    look for an exclusive lock, which finds only ours and does not read it, and beside that
+    look what the snapshot reads under the lock (its index). Every snapshot pays for these
+    round trips before its upload: there were five (a look, the write, a look and a read of
+    our own lock, then the index)."""
+    from snapfs.repo.lock import RepositoryLock
+
+    root = tmp_path / "repo"
+    Repository.init(LocalStore(root))
+    store = LockCalls(root)
+    lock = RepositoryLock(store, "shared", "a snapshot")
+
+    async def read_index() -> str:
+        store.calls.append(("read", "index"))
+        return "the index"
+
+    assert trio.run(lock.acquire_waiting, 5.0, None, read_index) == "the index"
+    assert lock.held
+    assert sorted(store.calls) == sorted([("put", lock.key), ("list", "locks/"),
+                                          ("read", "index")])
+    assert store.calls[0] == ("put", lock.key)  # read once the lock is there, never before
+
+
+def test_a_shared_locker_that_finds_a_collection_writes_no_lock_until_it_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a collection holds the exclusive lock, a snapshot's first try (which writes its
+    lock before it looks, and reads its index beside the look) sees it and withdraws; its
+    later tries look first and write nothing. The read beside is dropped: once the
+    collection ends and the lock is taken, it reads again, and that read is the one used."""
+    import snapfs.repo.lock as lock_module
+
+    monkeypatch.setattr(lock_module, "RACE_WAIT", 0.2)
+    root = tmp_path / "repo"
+    Repository.init(LocalStore(root))
+    collection = lock_module.RepositoryLock(LocalStore(root), "exclusive", "a collection")
+    collection.key = "locks/f" + collection.key[7:]  # sorts after ours: we wait, then go
+    collection.acquire()
+    store = LockCalls(root)
+    ours = lock_module.RepositoryLock(store, "shared", "a snapshot")
+    ours.key = "locks/0" + ours.key[7:]
+    reads: list[int] = []
+
+    async def read_index() -> int:
+        reads.append(len(reads) + 1)
+        return reads[-1]
+
+    async def main() -> int | None:
+        async with trio.open_nursery() as nursery:
+            async def collect_then_end() -> None:
+                await trio.sleep(1.0)
+                assert not ours.held
+                assert [key for key, _ in LocalStore(root).list("locks/")] == [collection.key]
+                await trio.to_thread.run_sync(collection.release)
+
+            nursery.start_soon(collect_then_end)
+            return await ours.acquire_waiting(10.0, None, read_index)
+
+    assert trio.run(main) == 2
+    assert ours.held and reads == [1, 2]
+    puts = [c for c in store.calls if c[0] == "put"]
+    assert puts == [("put", ours.key)] * 2  # its first try, and the try after the collection
+    assert store.calls.count(("list", "locks/")) >= 4  # looks after writing, and while held
+    assert [key for key, _ in LocalStore(root).list("locks/")] == [ours.key]
+
+
+def test_a_read_under_a_lock_that_fails_leaves_no_lock(tmp_path: Path) -> None:
+    from snapfs.repo.lock import RepositoryLock
+
+    root = tmp_path / "repo"
+    Repository.init(LocalStore(root))
+    lock = RepositoryLock(LocalStore(root), "shared", "a snapshot")
+
+    async def read_index() -> None:
+        raise StoreUnavailable("the store went away")
+
+    with pytest.raises(StoreUnavailable, match="went away"):
+        trio.run(lock.acquire_waiting, 5.0, None, read_index)
+    assert not lock.held
+    assert list(LocalStore(root).list("locks/")) == []
 
 
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # a lock is a lock on both

@@ -153,6 +153,9 @@ class DiskService:
         self._run_nursery: trio.Nursery | None = None
         self._finished: dict[str, trio.Event] = {}  # task id -> set when it ends
         self._uploading = 0  # uploads running now: the sweep yields to them too
+        #: snapshots closed by this daemon whose upload has not begun: no root of theirs can
+        #: be stored, so their first attempt need not ask the store (``_store_part``)
+        self._never_tried: set[str] = set()
         self._rest_until = 0.0  # trio clock: background disk work rests until then (``_pace``)
         hydrator.foreground.append(self._last_foreground)  # the sweep yields to disk I/O
         #: called when disks or pending snapshots come or go, with the name of a disk whose
@@ -775,6 +778,7 @@ class DiskService:
                                               functools.partial(_flush, disks))
                 for disk, part, record in zip(disks, parts, records, strict=True):
                     disk.record = record
+                    self._never_tried.add(part.snapshot_id)
                     closed = disk.close_generation(task.id, part.snapshot_id)
                     self._add_pending(disk, closed, part)
         self.tasks[task.id] = task
@@ -969,8 +973,9 @@ class DiskService:
             return
         stored: list[tuple[SnapshotRoot, bool]] = []
         async with shared_lock(self.repo, f"snapshot of disks {', '.join(p.disk for p in parts)}",
-                               self.upload_lock_patience, self._unreleased) as limiter:
-            await self.hydrator.refresh_index()  # deduplicated against the index as it is now
+                               self.upload_lock_patience, self._unreleased,
+                               then=self.hydrator.refresh_index) as (limiter, _):
+            # (deduplicated against the index as it is now: read beside the lock's last look)
             for part in parts:
                 stored.append(await self._store_part(task, part, limiter))
             if not task.roots_begun:  # durably, before a root may be stored
@@ -1001,7 +1006,11 @@ class DiskService:
 
         progress = self.progress.setdefault(part.snapshot_id, UploadProgress())
         progress.blocks_done = progress.blocks_uploaded = 0
-        root = await trio.to_thread.run_sync(self._root_stored, part.snapshot_id)
+        root: SnapshotRoot | None = None
+        if part.snapshot_id in self._never_tried:
+            self._never_tried.discard(part.snapshot_id)  # an attempt may store it from now on
+        else:
+            root = await trio.to_thread.run_sync(self._root_stored, part.snapshot_id)
         if root is not None:
             # stored by an attempt whose end this state did not record: a daemon that died
             # (or lost power) after the root's PUT, or a PUT that failed after it was done

@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 
@@ -40,9 +41,13 @@ log = logging.getLogger(__name__)
 
 BATCH_BLOCKS = 256  # blocks read, hashed and compressed per step (4 MiB at 16 KiB)
 PUT_STREAMS = 4
+#: the parent's pages loaded at once when a snapshot rewrites them (a GET each if not cached:
+#: one after another they cost a round trip each, as many as the pages the changes touch)
+PAGE_WINDOW = 32
 CPU_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 PageLoader = Callable[[int], Awaitable[list[bytes]]]
+T = TypeVar("T")
 #: awaited after each batch with the seconds it took: lets foreground I/O go first
 Pacer = Callable[[float], Awaitable[None]]
 
@@ -103,11 +108,11 @@ async def upload_generation(
             created or now_iso(), progress, rate, under_lock, pace, busy, store_root=False)
     else:
         async with shared_lock(repo, f"snapshot of disk {disk.name}", lock_patience,
-                               unreleased) as store_limiter:
+                               unreleased, then=fresh_index) as (store_limiter, fresh):
+            # (the index is read beside the lock's confirming look: the two are one step)
             progress.timings["lock"] = round(time.monotonic() - started, 4)
-            if fresh_index is not None:
-                index = await fresh_index()
-                progress.timings["index_checked"] = round(time.monotonic() - started, 4)
+            if fresh is not None:
+                index = fresh
             root, packs, index_name = await _upload(
                 repo, index, disk, closed, part, parent, parent_page, group, tags,
                 created or now_iso(), progress, rate, store_limiter, pace, busy)
@@ -119,20 +124,22 @@ async def upload_generation(
 @asynccontextmanager
 async def shared_lock(repo: Repository, purpose: str, patience: float = SNAPSHOT_LOCK_PATIENCE,
                       unreleased: list[RepositoryLock] | None = None,
-                      ) -> AsyncIterator[trio.CapacityLimiter]:
+                      then: Callable[[], Awaitable[T]] | None = None,
+                      ) -> AsyncIterator[tuple[trio.CapacityLimiter, T | None]]:
     """The block runs under a shared repository lock (waited for up to ``patience`` seconds:
     a forget or prune holds the exclusive lock for seconds), kept fresh meanwhile; it gets the
-    limiter of the store's requests. A lock whose removal fails goes to ``unreleased`` (the
-    caller lets go of it later). An error of the block comes out as itself, not in trio's
-    group (the caller retries a ``SnapfsError``)."""
+    limiter of the store's requests, and what ``then`` read under the lock (see
+    ``RepositoryLock.acquire_waiting``: the index, for an upload), or None. A lock whose
+    removal fails goes to ``unreleased`` (the caller lets go of it later). An error of the
+    block comes out as itself, not in trio's group (the caller retries a ``SnapfsError``)."""
     lock = RepositoryLock(repo.store, "shared", purpose)
     store_limiter = trio.CapacityLimiter(repo.store.concurrency)
-    await lock.acquire_waiting(patience, store_limiter)
+    read = await lock.acquire_waiting(patience, store_limiter, then)
     try:
         with single_error():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(refresh_lock, lock, store_limiter)
-                yield store_limiter
+                yield store_limiter, read
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
@@ -310,6 +317,18 @@ async def _pages(
     touched: dict[int, dict[int, bytes]] = {}
     for n, bid in ids.items():
         touched.setdefault(n // per_page, {})[n % per_page] = bid
+
+    def rewritten(p: int) -> bool:
+        return bool(touched.get(p)) or page_len(p, nblocks) != page_len(p, parent_nblocks)
+
+    # the parent's pages to rewrite, PAGE_WINDOW at a time loaded together (``loaded``)
+    to_load = [p for p in range(min(npages, len(parent_pages)))
+               if parent_pages[p] != ZERO_ID and rewritten(p)]
+    loaded: dict[int, list[bytes]] = {}
+
+    async def load(p: int) -> None:
+        loaded[p] = await parent_page(p)
+
     out: list[bytes] = []
     blocks_changed = 0
     written = 0
@@ -317,11 +336,17 @@ async def _pages(
         length = page_len(p, nblocks)
         old_length = page_len(p, parent_nblocks)
         changes = touched.get(p)
-        if not changes and length == old_length:
+        if not rewritten(p):
             out.append(parent_pages[p] if p < len(parent_pages) else ZERO_ID)
             continue
-        if p < len(parent_pages) and parent_pages[p] != ZERO_ID:
-            old = await parent_page(p)
+        if to_load and to_load[0] == p:  # the next window, loaded together
+            with single_error():
+                async with trio.open_nursery() as loaders:
+                    for q in to_load[:PAGE_WINDOW]:
+                        loaders.start_soon(load, q)
+            del to_load[:PAGE_WINDOW]
+        if p in loaded:
+            old = loaded.pop(p)
         else:
             old = [ZERO_ID] * old_length
         entries = old[:length] + [ZERO_ID] * (length - len(old))
