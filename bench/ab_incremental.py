@@ -43,7 +43,9 @@ BS = 16 << 10
 
 
 def run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    """``cmd``, in ``/``: ``python -m`` puts the working directory first on sys.path, and the
+    checkout's own snapfs would shadow the tree on PYTHONPATH."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, cwd="/")
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr.strip()}")
     return proc
@@ -89,7 +91,9 @@ def write_blocks(path: Path, count: int, seed: int) -> None:
 
 
 def cycle(rev: str, tree: Path, work: Path, repo: str, args: argparse.Namespace, n: int,
-          ) -> list[dict[str, Any]]:
+          seed: int) -> list[dict[str, Any]]:
+    """One mount of ``rev``'s daemon, ``args.rounds`` snapshots; ``seed``: of the data written
+    (new to the repository each round, for every revision)."""
     env = {**os.environ, "PYTHONPATH": str(tree), "SNAPFS_RUNTIME_DIR": str(work / "run")}
     snapfs = [PYTHON, "-m", "snapfs", "-r", repo]
     mnt = work / "mnt"
@@ -98,10 +102,10 @@ def cycle(rev: str, tree: Path, work: Path, repo: str, args: argparse.Namespace,
          "--simulate-latency", args.latency, "--no-background"], env)
     rounds = []
     try:
-        disk = f"d{n}"
+        disk = f"d{seed}"
         run([*snapfs, "disk", "create", disk, "--from", "s0"], env)
         for r in range(args.rounds):
-            write_blocks(mnt / "disks" / f"{disk}.img", args.blocks, seed=1000 * n + r)
+            write_blocks(mnt / "disks" / f"{disk}.img", args.blocks, seed=1000 * seed + r)
             settled = staged(env, repo, disk)
             started = time.perf_counter()
             out = run([*snapfs, "snapshot", "create", "--disk", disk, "--json"], env)
@@ -118,7 +122,7 @@ def cycle(rev: str, tree: Path, work: Path, repo: str, args: argparse.Namespace,
         run([*snapfs, "disk", "delete", disk], env)
     finally:
         subprocess.run([PYTHON, "-m", "snapfs", "umount", str(mnt)], env=env,
-                       capture_output=True, check=False)
+                       capture_output=True, check=False, cwd="/")
     return rounds
 
 
@@ -146,8 +150,8 @@ def main() -> int:
         env)
     rounds: list[dict[str, Any]] = []
     for n in range(args.cycles):
-        for rev in args.rev:
-            rounds += cycle(rev, trees[rev], work, repo, args, n)
+        for i, rev in enumerate(args.rev):
+            rounds += cycle(rev, trees[rev], work, repo, args, n, seed=n * len(args.rev) + i)
     medians = {}
     for rev in args.rev:
         mine = [r for r in rounds if r["rev"] == rev]
