@@ -42,9 +42,11 @@ class PackAssembler:
             return builder
         return None
 
-    def flush(self) -> list[FullPack]:
-        done = [b for b in self._open.values() if len(b)]
-        self._open = {KIND_DATA: PackBuilder(), KIND_PAGE: PackBuilder()}
+    def flush(self, kinds: tuple[int, ...] = (KIND_DATA, KIND_PAGE)) -> list[FullPack]:
+        """The open packs of ``kinds`` that hold a blob, to be stored as they are."""
+        done = [self._open[k] for k in kinds if len(self._open[k])]
+        for k in kinds:
+            self._open[k] = PackBuilder()
         return done
 
 

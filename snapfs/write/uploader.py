@@ -251,6 +251,10 @@ async def _upload(
                         await pace(trio.current_time() - batch_started)
             progress.timings["blocks"] = round(trio.current_time() - step, 4)
             step = trio.current_time()
+            # the last data pack goes now, while the pages are made (which may wait for the
+            # parent's pages from the store)
+            for full in assembler.flush((KIND_DATA,)):
+                await pack_send.send(full)
             pages, blocks_changed, pages_written = await _pages(
                 repo, ids, nblocks, per_page, parent, parent_page, index, assembler, pack_send)
             progress.timings["pages"] = round(trio.current_time() - step, 4)
