@@ -17,7 +17,6 @@ Pure: no I/O. The command line imports it to check names, so it stays light.
 from __future__ import annotations
 
 import re
-from urllib.parse import quote
 
 from snapfs.errors import UsageError
 
@@ -95,6 +94,8 @@ def policy_disk_part(disk: str, stored: bool = True) -> str:
     too (no ``.``/``..``, nothing hidden); a ``UsageError`` if that is too long for a file.
     ``stored=False``: for a policy looked for, to delete it, which may be that long (stored by
     a snapfs without this rule, on S3)."""
+    from urllib.parse import quote  # (here: every command imports this module, few need it)
+
     check_disk_label(disk)
     try:
         encoded = quote(disk, safe="").replace(".", "%2E")
