@@ -2,7 +2,7 @@
 """A/B of a served disk's staged incremental snapshot between two snapfs revisions, on a local
 repository whose daemon adds a round trip to every store request (``--simulate-latency``).
 
-    .venv/bin/python bench/ab_incremental.py --rev main~2 --rev main [--latency 20ms]
+    .venv/bin/python bench/ab_incremental.py --rev main~2 --rev main [--latency 20ms|none]
         [--rounds 4] [--cycles 3] [--blocks 1700] [--out bench/results/ab-incremental.json]
         [--work bench/work/ab-incremental]
 
@@ -98,8 +98,9 @@ def cycle(rev: str, tree: Path, work: Path, repo: str, args: argparse.Namespace,
     snapfs = [PYTHON, "-m", "snapfs", "-r", repo]
     mnt = work / "mnt"
     mnt.mkdir(exist_ok=True)
-    run([*snapfs, "mount", str(mnt), "--cache-dir", str(work / f"cache-{rev}"),
-         "--simulate-latency", args.latency, "--no-background"], env)
+    latency = ["--simulate-latency", args.latency] if args.latency != "none" else []
+    run([*snapfs, "mount", str(mnt), "--cache-dir", str(work / f"cache-{rev}"), *latency,
+         "--no-background"], env)
     rounds = []
     try:
         disk = f"d{seed}"
@@ -129,7 +130,8 @@ def cycle(rev: str, tree: Path, work: Path, repo: str, args: argparse.Namespace,
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rev", action="append", required=True, help="a git revision (give two)")
-    p.add_argument("--latency", default="20ms")
+    p.add_argument("--latency", default="20ms", help="added to every request ('none': the "
+                   "local store as it is)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--cycles", type=int, default=3)
     p.add_argument("--blocks", type=int, default=1700)
