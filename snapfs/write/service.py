@@ -1000,9 +1000,10 @@ class DiskService:
             part.parent, "the snapshot after it cannot be made")
         parent = parent_view.root if parent_view is not None else None
 
-        async def parent_page(p: int) -> list[bytes]:
+        async def parent_pages_of(ps: list[int]) -> list[list[bytes]]:
             assert parent_view is not None
-            return await parent_view.page(p, Priority.READAHEAD)
+            await parent_view.load_pages(ps, Priority.READAHEAD)  # together, then from memory
+            return [await parent_view.page(p, Priority.READAHEAD) for p in ps]
 
         progress = self.progress.setdefault(part.snapshot_id, UploadProgress())
         progress.blocks_done = progress.blocks_uploaded = 0
@@ -1020,7 +1021,7 @@ class DiskService:
         self._uploading += 1
         try:
             root, packs, index_name = await upload_generation(
-                self.repo, self.hydrator.index, disk, closed, part, parent, parent_page,
+                self.repo, self.hydrator.index, disk, closed, part, parent, parent_pages_of,
                 group=task.group, tags=task.tags, progress=progress, created=task.created,
                 pace=self._pace,
                 busy=self._busy, fresh_index=self._fresh_index, unreleased=self._unreleased,
