@@ -326,17 +326,23 @@ def run_over_base(repo: Repository, tmp_path: Path,
 
 
 async def upload_closed(repo: Repository, hydrator: Hydrator, view: ImageView, disk: Disk,
-                        closed: ClosedGeneration, name: str, size: int) -> SnapshotRoot:
-    """Upload generation 1 of ``disk`` (closed as ``closed``) as snapshot ``name`` of ``view``."""
+                        closed: ClosedGeneration, name: str, size: int,
+                        kept: list[tuple[bytes, bytes]] | None = None) -> SnapshotRoot:
+    """Upload generation 1 of ``disk`` (closed as ``closed``) as snapshot ``name`` of ``view``;
+    the pages it hands the cache go to ``kept``."""
     part = SnapshotPart("d", disk.record.id, 1, closed.snapshot_id, name, view.root.id, size,
                         blocks=len(closed.blocks))
 
     async def parent_pages_of(ps: list[int]) -> list[list[bytes]]:
         return [await view.page(p) for p in ps]
 
+    async def keep_pages(pages: list[tuple[bytes, bytes]]) -> None:
+        if kept is not None:
+            kept.extend(pages)
+
     root, _packs, _index_name = await upload_generation(
         repo, hydrator.index, disk, closed, part, view.root, parent_pages_of,
-        group=None, tags=[], progress=UploadProgress())
+        group=None, tags=[], progress=UploadProgress(), keep_pages=keep_pages)
     return root
 
 
@@ -389,8 +395,13 @@ async def scenario(repo: Repository, hydrator: Hydrator, view: ImageView, size: 
     assert await pending.read(0, size) == at_closing
     assert await pending.read(4 * BS - 5, 10) == at_closing[4 * BS - 5 : 4 * BS + 5]
 
-    root = await upload_closed(repo, hydrator, view, disk, closed, "s1", size)
+    kept: list[tuple[bytes, bytes]] = []
+    root = await upload_closed(repo, hydrator, view, disk, closed, "s1", size, kept)
     assert root.stats["blocks_read"] == len(changed)
+    # its one page, rewritten, handed on for the cache: the stored page's ID and bytes
+    assert [pid.hex() for pid, _ in kept] == root.pages
+    index = await trio.to_thread.run_sync(repo.load_index)
+    assert [repo.read_blob(index, pid) for pid, _ in kept] == [plain for _, plain in kept]
     assert disk.counters.snapshot_blocks_read == len(changed)
     stored = await stored_bytes(repo, root)
     assert len(stored) == size

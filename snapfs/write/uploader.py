@@ -45,6 +45,9 @@ PUT_STREAMS = 4
 #: cached: one after another they cost a round trip each, as many as the pages the changes
 #: touch); at most ``view.PAGE_CACHE``, which keeps them meanwhile
 PAGE_WINDOW = 32
+#: the pages of a new manifest handed to ``keep_pages`` at most (128 KiB each): the next
+#: snapshot of the disk rewrites some of them, and finds them in the cache, not the store
+KEPT_PAGES = 64
 CPU_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 #: the parent's pages ``ps`` (their block IDs), loaded together
@@ -83,6 +86,7 @@ async def upload_generation(
     unreleased: list[RepositoryLock] | None = None,
     lock_patience: float = SNAPSHOT_LOCK_PATIENCE,
     under_lock: trio.CapacityLimiter | None = None,
+    keep_pages: Callable[[list[tuple[bytes, bytes]]], Awaitable[None]] | None = None,
 ) -> tuple[SnapshotRoot, dict[str, list], str | None]:
     """Store ``closed`` as snapshot ``part.snapshot_id``; return its root, the packs it added
     and the name of the index object naming them (for the caller's index). ``created``: the
@@ -91,6 +95,8 @@ async def upload_generation(
     parent's pages ``ps``, loaded together. (A disk whose changed sets are not trusted after
     an unclean reboot had every block it ever wrote marked in ``closed`` at its closing,
     ``part.compared``: the manifest then differs from the parent only where a checksum does.)
+    ``keep_pages`` is given (ID, plain bytes) of the pages the snapshot rewrote (up to
+    ``KEPT_PAGES``) once they are stored, for the cache.
 
     Blobs are deduplicated against the index as it is once the shared lock is held
     (``fresh_index``, if given, is awaited then): garbage collection runs only under the
@@ -104,10 +110,12 @@ async def upload_generation(
     before it lets go of the lock (until a root names them, only the lock keeps garbage
     collection from taking them)."""
     started = time.monotonic()
+    made: list[tuple[bytes, bytes]] = []
     if under_lock is not None:
         root, packs, index_name = await _upload(
             repo, index, disk, closed, part, parent, parent_pages_of, group, tags,
-            created or now_iso(), progress, rate, under_lock, pace, busy, store_root=False)
+            created or now_iso(), progress, rate, under_lock, pace, busy, made,
+            store_root=False)
     else:
         async with shared_lock(repo, f"snapshot of disk {disk.name}", lock_patience,
                                unreleased, then=fresh_index) as (store_limiter, fresh):
@@ -117,9 +125,11 @@ async def upload_generation(
                 index = fresh
             root, packs, index_name = await _upload(
                 repo, index, disk, closed, part, parent, parent_pages_of, group, tags,
-                created or now_iso(), progress, rate, store_limiter, pace, busy)
+                created or now_iso(), progress, rate, store_limiter, pace, busy, made)
     root.stats["seconds"] = round(time.monotonic() - started, 3)
     root.stats["timings"] = progress.timings
+    if keep_pages is not None and made:
+        await keep_pages(made)
     return root, packs, index_name
 
 
@@ -176,7 +186,7 @@ async def _upload(
     part: SnapshotPart, parent: SnapshotRoot | None, parent_pages_of: PageLoader,
     group: str | None, tags: list[str], created: str, progress: UploadProgress,
     rate: float | None, store_limiter: trio.CapacityLimiter, pace: Pacer | None,
-    busy: Callable[[], bool], store_root: bool = True,
+    busy: Callable[[], bool], made: list[tuple[bytes, bytes]], store_root: bool = True,
 ) -> tuple[SnapshotRoot, dict[str, list], str | None]:
     bs = disk.block_size
     nblocks = -(-part.size // bs)
@@ -258,7 +268,8 @@ async def _upload(
             for full in assembler.flush((KIND_DATA,)):
                 await pack_send.send(full)
             pages, blocks_changed, pages_written = await _pages(
-                repo, ids, nblocks, per_page, parent, parent_pages_of, index, assembler, pack_send)
+                repo, ids, nblocks, per_page, parent, parent_pages_of, index, assembler,
+                pack_send, made)
             progress.timings["pages"] = round(trio.current_time() - step, 4)
             step = trio.current_time()
             for full in assembler.flush():
@@ -308,9 +319,11 @@ async def _pages(
     repo: Repository, ids: dict[int, bytes], nblocks: int, per_page: int,
     parent: SnapshotRoot | None, parent_pages_of: PageLoader, index: BlobIndex,
     assembler: PackAssembler, send: trio.MemorySendChannel[FullPack],
+    made: list[tuple[bytes, bytes]] | None = None,
 ) -> tuple[list[bytes], int, int]:
     """The new manifest's page IDs: the parent's where nothing changed, new pages elsewhere.
-    Returns (page IDs, entries that differ from the parent, pages written)."""
+    Returns (page IDs, entries that differ from the parent, pages written). The pages made
+    (ID, plain bytes) go to ``made``, up to ``KEPT_PAGES``."""
     npages = -(-nblocks // per_page)
     parent_nblocks = parent.blocks_total if parent else 0
     parent_pages = [bytes.fromhex(p) for p in parent.pages] if parent else []
@@ -361,6 +374,8 @@ async def _pages(
         plain = encode_page(entries)
         pid = repo.keyer.block_id(plain)
         out.append(pid)
+        if made is not None and len(made) < KEPT_PAGES:
+            made.append((pid, plain))
         if pid not in index and pid not in assembler.pending:
             encoded = await trio.to_thread.run_sync(repo.codec.encode, plain)
             written += 1
