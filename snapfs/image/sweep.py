@@ -212,7 +212,7 @@ class Sweeper:
         pages = len(view.root.pages)
         for p in range(pages):
             if p % SCAN_PAGES == 0:
-                await view.load_pages(p, min(pages, p + SCAN_PAGES), Priority.BACKGROUND)
+                await view.load_pages(range(p, min(pages, p + SCAN_PAGES)), Priority.BACKGROUND)
             ids = await view.page(p, Priority.BACKGROUND)
             fresh = [b for b in dict.fromkeys(ids) if b != ZERO_ID and b not in seen]
             seen.update(fresh)

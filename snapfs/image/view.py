@@ -172,11 +172,11 @@ class ImageView:
             self._pages.popitem(last=False)
         return ids
 
-    async def load_pages(self, first: int, stop: int, priority: Priority) -> None:
-        """Pages ``first`` .. ``stop - 1`` in memory, asked for in one call: a snapshot stores
-        its pages together, so their fetch is one GET (where a page at a time costs a round
-        trip each)."""
-        wanted = [p for p in range(first, stop)
+    async def load_pages(self, pages: Iterable[int], priority: Priority) -> None:
+        """``pages`` in memory (at most ``PAGE_CACHE``), asked for in one call: a snapshot
+        stores its pages together, so their fetch is a GET a run (where a page at a time
+        costs a round trip each), and cached ones are looked up together."""
+        wanted = [p for p in pages
                   if p not in self._pages and bytes.fromhex(self.root.pages[p]) != ZERO_ID]
         if not wanted:
             return

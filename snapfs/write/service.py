@@ -903,6 +903,16 @@ class DiskService:
     def _ended(self, task: SnapshotTask) -> None:
         self._finished.pop(task.id, trio.Event()).set()
 
+    async def _keep_pages(self, pages: list[tuple[bytes, bytes]]) -> None:
+        """The manifest pages a snapshot just stored (ID, plain bytes), into the cache in the
+        background: the disk's next snapshot rewrites some of them, and finds them there (no
+        GET, and no wait for the upload's end)."""
+        async def put() -> None:
+            await trio.to_thread.run_sync(self.hydrator.cache.put_many, pages)
+
+        if self._run_nursery is not None:
+            self._run_nursery.start_soon(put)
+
     async def _fresh_index(self) -> BlobIndex:
         """The index as the store has it now (see ``upload_generation``)."""
         await self.hydrator.refresh_index()
@@ -1000,9 +1010,10 @@ class DiskService:
             part.parent, "the snapshot after it cannot be made")
         parent = parent_view.root if parent_view is not None else None
 
-        async def parent_page(p: int) -> list[bytes]:
+        async def parent_pages_of(ps: list[int]) -> list[list[bytes]]:
             assert parent_view is not None
-            return await parent_view.page(p, Priority.READAHEAD)
+            await parent_view.load_pages(ps, Priority.READAHEAD)  # together, then from memory
+            return [await parent_view.page(p, Priority.READAHEAD) for p in ps]
 
         progress = self.progress.setdefault(part.snapshot_id, UploadProgress())
         progress.blocks_done = progress.blocks_uploaded = 0
@@ -1020,11 +1031,12 @@ class DiskService:
         self._uploading += 1
         try:
             root, packs, index_name = await upload_generation(
-                self.repo, self.hydrator.index, disk, closed, part, parent, parent_page,
+                self.repo, self.hydrator.index, disk, closed, part, parent, parent_pages_of,
                 group=task.group, tags=task.tags, progress=progress, created=task.created,
                 pace=self._pace,
                 busy=self._busy, fresh_index=self._fresh_index, unreleased=self._unreleased,
-                lock_patience=self.upload_lock_patience, under_lock=under_lock)
+                lock_patience=self.upload_lock_patience, under_lock=under_lock,
+                keep_pages=self._keep_pages)
         finally:
             self._uploading -= 1
         for pack, entries in packs.items():

@@ -41,12 +41,17 @@ log = logging.getLogger(__name__)
 
 BATCH_BLOCKS = 256  # blocks read, hashed and compressed per step (4 MiB at 16 KiB)
 PUT_STREAMS = 4
-#: the parent's pages loaded at once when a snapshot rewrites them (a GET each if not cached:
-#: one after another they cost a round trip each, as many as the pages the changes touch)
+#: the parent's pages loaded in one call when a snapshot rewrites them (a GET each if not
+#: cached: one after another they cost a round trip each, as many as the pages the changes
+#: touch); at most ``view.PAGE_CACHE``, which keeps them meanwhile
 PAGE_WINDOW = 32
+#: the pages of a new manifest handed to ``keep_pages`` at most (128 KiB each): the next
+#: snapshot of the disk rewrites some of them, and finds them in the cache, not the store
+KEPT_PAGES = 64
 CPU_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
-PageLoader = Callable[[int], Awaitable[list[bytes]]]
+#: the parent's pages ``ps`` (their block IDs), loaded together
+PageLoader = Callable[[list[int]], Awaitable[list[list[bytes]]]]
 T = TypeVar("T")
 #: awaited after each batch with the seconds it took: lets foreground I/O go first
 Pacer = Callable[[float], Awaitable[None]]
@@ -68,7 +73,7 @@ async def upload_generation(
     closed: ClosedGeneration,
     part: SnapshotPart,
     parent: SnapshotRoot | None,
-    parent_page: PageLoader,
+    parent_pages_of: PageLoader,
     *,
     group: str | None,
     tags: list[str],
@@ -81,14 +86,17 @@ async def upload_generation(
     unreleased: list[RepositoryLock] | None = None,
     lock_patience: float = SNAPSHOT_LOCK_PATIENCE,
     under_lock: trio.CapacityLimiter | None = None,
+    keep_pages: Callable[[list[tuple[bytes, bytes]]], Awaitable[None]] | None = None,
 ) -> tuple[SnapshotRoot, dict[str, list], str | None]:
     """Store ``closed`` as snapshot ``part.snapshot_id``; return its root, the packs it added
     and the name of the index object naming them (for the caller's index). ``created``: the
     instant ``closed`` was closed, the snapshot's point in time (default: now; an upload may
-    end hours later, after an outage). ``parent_page(p)``
-    gives the IDs of the parent's page ``p``. (A disk whose changed sets are not trusted after
+    end hours later, after an outage). ``parent_pages_of(ps)`` gives the IDs of the
+    parent's pages ``ps``, loaded together. (A disk whose changed sets are not trusted after
     an unclean reboot had every block it ever wrote marked in ``closed`` at its closing,
     ``part.compared``: the manifest then differs from the parent only where a checksum does.)
+    ``keep_pages`` is given (ID, plain bytes) of the pages the snapshot rewrote (up to
+    ``KEPT_PAGES``) once they are stored, for the cache.
 
     Blobs are deduplicated against the index as it is once the shared lock is held
     (``fresh_index``, if given, is awaited then): garbage collection runs only under the
@@ -102,10 +110,12 @@ async def upload_generation(
     before it lets go of the lock (until a root names them, only the lock keeps garbage
     collection from taking them)."""
     started = time.monotonic()
+    made: list[tuple[bytes, bytes]] = []
     if under_lock is not None:
         root, packs, index_name = await _upload(
-            repo, index, disk, closed, part, parent, parent_page, group, tags,
-            created or now_iso(), progress, rate, under_lock, pace, busy, store_root=False)
+            repo, index, disk, closed, part, parent, parent_pages_of, group, tags,
+            created or now_iso(), progress, rate, under_lock, pace, busy, made,
+            store_root=False)
     else:
         async with shared_lock(repo, f"snapshot of disk {disk.name}", lock_patience,
                                unreleased, then=fresh_index) as (store_limiter, fresh):
@@ -114,10 +124,12 @@ async def upload_generation(
             if fresh is not None:
                 index = fresh
             root, packs, index_name = await _upload(
-                repo, index, disk, closed, part, parent, parent_page, group, tags,
-                created or now_iso(), progress, rate, store_limiter, pace, busy)
+                repo, index, disk, closed, part, parent, parent_pages_of, group, tags,
+                created or now_iso(), progress, rate, store_limiter, pace, busy, made)
     root.stats["seconds"] = round(time.monotonic() - started, 3)
     root.stats["timings"] = progress.timings
+    if keep_pages is not None and made:
+        await keep_pages(made)
     return root, packs, index_name
 
 
@@ -171,10 +183,10 @@ async def _encode_on_cores(repo: Repository, blocks: list[bytes], index: BlobInd
 
 async def _upload(
     repo: Repository, index: BlobIndex, disk: Disk, closed: ClosedGeneration,
-    part: SnapshotPart, parent: SnapshotRoot | None, parent_page: PageLoader,
+    part: SnapshotPart, parent: SnapshotRoot | None, parent_pages_of: PageLoader,
     group: str | None, tags: list[str], created: str, progress: UploadProgress,
     rate: float | None, store_limiter: trio.CapacityLimiter, pace: Pacer | None,
-    busy: Callable[[], bool], store_root: bool = True,
+    busy: Callable[[], bool], made: list[tuple[bytes, bytes]], store_root: bool = True,
 ) -> tuple[SnapshotRoot, dict[str, list], str | None]:
     bs = disk.block_size
     nblocks = -(-part.size // bs)
@@ -256,7 +268,8 @@ async def _upload(
             for full in assembler.flush((KIND_DATA,)):
                 await pack_send.send(full)
             pages, blocks_changed, pages_written = await _pages(
-                repo, ids, nblocks, per_page, parent, parent_page, index, assembler, pack_send)
+                repo, ids, nblocks, per_page, parent, parent_pages_of, index, assembler,
+                pack_send, made)
             progress.timings["pages"] = round(trio.current_time() - step, 4)
             step = trio.current_time()
             for full in assembler.flush():
@@ -304,11 +317,13 @@ async def _upload(
 
 async def _pages(
     repo: Repository, ids: dict[int, bytes], nblocks: int, per_page: int,
-    parent: SnapshotRoot | None, parent_page: PageLoader, index: BlobIndex,
+    parent: SnapshotRoot | None, parent_pages_of: PageLoader, index: BlobIndex,
     assembler: PackAssembler, send: trio.MemorySendChannel[FullPack],
+    made: list[tuple[bytes, bytes]] | None = None,
 ) -> tuple[list[bytes], int, int]:
     """The new manifest's page IDs: the parent's where nothing changed, new pages elsewhere.
-    Returns (page IDs, entries that differ from the parent, pages written)."""
+    Returns (page IDs, entries that differ from the parent, pages written). The pages made
+    (ID, plain bytes) go to ``made``, up to ``KEPT_PAGES``."""
     npages = -(-nblocks // per_page)
     parent_nblocks = parent.blocks_total if parent else 0
     parent_pages = [bytes.fromhex(p) for p in parent.pages] if parent else []
@@ -330,9 +345,6 @@ async def _pages(
                if parent_pages[p] != ZERO_ID and rewritten(p)]
     loaded: dict[int, list[bytes]] = {}
 
-    async def load(p: int) -> None:
-        loaded[p] = await parent_page(p)
-
     out: list[bytes] = []
     blocks_changed = 0
     written = 0
@@ -344,10 +356,8 @@ async def _pages(
             out.append(parent_pages[p] if p < len(parent_pages) else ZERO_ID)
             continue
         if to_load and to_load[0] == p:  # the next window, loaded together
-            with single_error():
-                async with trio.open_nursery() as loaders:
-                    for q in to_load[:PAGE_WINDOW]:
-                        loaders.start_soon(load, q)
+            window = to_load[:PAGE_WINDOW]
+            loaded.update(zip(window, await parent_pages_of(window), strict=True))
             del to_load[:PAGE_WINDOW]
         if p in loaded:
             old = loaded.pop(p)
@@ -364,6 +374,8 @@ async def _pages(
         plain = encode_page(entries)
         pid = repo.keyer.block_id(plain)
         out.append(pid)
+        if made is not None and len(made) < KEPT_PAGES:
+            made.append((pid, plain))
         if pid not in index and pid not in assembler.pending:
             encoded = await trio.to_thread.run_sync(repo.codec.encode, plain)
             written += 1
