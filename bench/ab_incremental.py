@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """A/B of a served disk's staged incremental snapshot between two snapfs revisions, on a local
-repository whose daemon adds a round trip to every store request (``--simulate-latency``).
+repository whose daemon adds a round trip to every store request (``--simulate-latency``), or
+on SeaweedFS on loopback (``--store s3``).
 
     .venv/bin/python bench/ab_incremental.py --rev main~2 --rev main [--latency 20ms|none]
-        [--rounds 4] [--cycles 3] [--blocks 1700] [--out bench/results/ab-incremental.json]
-        [--work bench/work/ab-incremental]
+        [--store local|s3] [--rounds 4] [--cycles 3] [--blocks 1700]
+        [--out bench/results/ab-incremental.json] [--work bench/work/ab-incremental]
 
 Why: an incremental snapshot of a served disk is a handful of store requests one after
 another (the lock, the index, the parent's pages, the packs, the index object, the root), so
@@ -12,7 +13,8 @@ on a remote store its time is mostly round trips. SeaweedFS on loopback answers 
 hides them; 20 ms a request is closer to a cloud store's.
 
 Set-up, once: each revision's ``snapfs`` package is taken out of git (``git archive``) into
-WORK/trees/REV and compiled; a repository in WORK holds ``s0``, a 256 MiB image (64 MiB random
+WORK/trees/REV and compiled; a repository in WORK (or in a bucket of a SeaweedFS server
+started on 127.0.0.1 for the run, and stopped by its pid at the end) holds ``s0``, a 256 MiB image (64 MiB random
 data, the rest zeros). Then ``--cycles`` times, for each revision in turn: ``snapfs mount``
 with that tree first on PYTHONPATH (the CLI too), ``--simulate-latency``, its own cache
 directory and ``--no-background``; a disk ``dN`` from ``s0``; ``--rounds`` times: ``--blocks``
@@ -90,12 +92,12 @@ def write_blocks(path: Path, count: int, seed: int) -> None:
         os.close(fd)
 
 
-def cycle(rev: str, tree: Path, work: Path, repo: str, args: argparse.Namespace, n: int,
+def cycle(rev: str, tree: Path, work: Path, repo: list[str], args: argparse.Namespace, n: int,
           seed: int) -> list[dict[str, Any]]:
     """One mount of ``rev``'s daemon, ``args.rounds`` snapshots; ``seed``: of the data written
-    (new to the repository each round, for every revision)."""
+    (new to the repository each round, for every revision). ``repo``: its ``-r`` options."""
     env = {**os.environ, "PYTHONPATH": str(tree), "SNAPFS_RUNTIME_DIR": str(work / "run")}
-    snapfs = [PYTHON, "-m", "snapfs", "-r", repo]
+    snapfs = [PYTHON, "-m", "snapfs", *repo]
     mnt = work / "mnt"
     mnt.mkdir(exist_ok=True)
     latency = ["--simulate-latency", args.latency] if args.latency != "none" else []
@@ -107,7 +109,7 @@ def cycle(rev: str, tree: Path, work: Path, repo: str, args: argparse.Namespace,
         run([*snapfs, "disk", "create", disk, "--from", "s0"], env)
         for r in range(args.rounds):
             write_blocks(mnt / "disks" / f"{disk}.img", args.blocks, seed=1000 * seed + r)
-            settled = staged(env, repo, disk)
+            settled = staged(env, repo[1], disk)
             started = time.perf_counter()
             out = run([*snapfs, "snapshot", "create", "--disk", disk, "--json"], env)
             wall = time.perf_counter() - started
@@ -130,26 +132,47 @@ def cycle(rev: str, tree: Path, work: Path, repo: str, args: argparse.Namespace,
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rev", action="append", required=True, help="a git revision (give two)")
-    p.add_argument("--latency", default="20ms", help="added to every request ('none': the "
-                   "local store as it is)")
+    p.add_argument("--latency", help="added to every request (default: 20ms on the local "
+                   "store, none on s3; 'none': the store as it is)")
+    p.add_argument("--store", choices=("local", "s3"), default="local")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--cycles", type=int, default=3)
     p.add_argument("--blocks", type=int, default=1700)
     p.add_argument("--out", default=str(HERE / "bench/results/ab-incremental.json"))
     p.add_argument("--work", default=str(HERE / "bench/work/ab-incremental"))
     args = p.parse_args()
+    if args.latency is None:
+        args.latency = "20ms" if args.store == "local" else "none"
     work = Path(args.work).absolute()
     work.mkdir(parents=True, exist_ok=True)
     trees = {rev: tree_of(rev, work) for rev in args.rev}
-    repo = tempfile.mkdtemp(prefix="repo-", dir=work)
+    server = None
+    if args.store == "s3":
+        from snapfs.testing.seaweedfs import SeaweedServer
+
+        server = SeaweedServer(tempfile.mkdtemp(prefix="seaweed-", dir=work))
+        server.start()
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "snapfsbench")  # (any identity will do)
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "snapfsbench-secret")
+        repo = ["-r", f"s3://ab-bench/{os.getpid()}", "--endpoint-url", server.endpoint_url]
+    else:
+        repo = ["-r", tempfile.mkdtemp(prefix="repo-", dir=work)]
+    try:
+        return measure(args, trees, work, repo)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def measure(args: argparse.Namespace, trees: dict[str, Path], work: Path, repo: list[str],
+            ) -> int:
     image = work / "s0.img"
     with open(image, "wb") as f:
         f.write(random.Random(0).randbytes(64 << 20))
         f.truncate(256 << 20)
     env = {**os.environ, "PYTHONPATH": str(trees[args.rev[-1]])}
-    run([PYTHON, "-m", "snapfs", "-r", repo, "init"], env)
-    run([PYTHON, "-m", "snapfs", "-r", repo, "snapshot", "create", str(image), "--name", "s0"],
-        env)
+    run([PYTHON, "-m", "snapfs", *repo, "init"], env)
+    run([PYTHON, "-m", "snapfs", *repo, "snapshot", "create", str(image), "--name", "s0"], env)
     rounds: list[dict[str, Any]] = []
     for n in range(args.cycles):
         for i, rev in enumerate(args.rev):
