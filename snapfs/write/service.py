@@ -1264,10 +1264,14 @@ class DiskService:
         if snapshot_id is None or snapshot_id in self.pending:  # nothing stored to lose
             return await change()
         lock = RepositoryLock(self.repo.store, "shared", f"{doing} (snapfs daemon)")
-        await lock.acquire_waiting(LOCK_PATIENCE)
+
+        async def still_stored() -> bool:  # (once our lock is written: beside its last look)
+            return await trio.to_thread.run_sync(self.repo.store.exists,
+                                                 f"snapshots/{snapshot_id}")
+
+        stored = await lock.acquire_waiting(LOCK_PATIENCE, then=still_stored)
         try:
-            if not await trio.to_thread.run_sync(self.repo.store.exists,
-                                                 f"snapshots/{snapshot_id}"):
+            if not stored:
                 raise SnapshotNotFound(f"snapshot {snapshot_id} was deleted meanwhile")
             need = (snapshot_id, f"snapshot that {doing} needs")
             self._about_to_need.append(need)
