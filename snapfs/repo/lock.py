@@ -18,13 +18,16 @@ Taking a lock: look for conflicting locks, write ours, look again. A shared lock
 skips the first look: only an exclusive lock conflicts with it, and one is held only while a
 garbage collection runs, so the look would nearly always find nothing and cost a listing (tens
 of milliseconds on S3) before every snapshot. Its tries after a conflict look first, not to
-write a lock beside one that is known to be held. Two lockers that write at about the same
-time both see each other after writing. Then the one whose key sorts after
-the other's withdraws its lock and fails, and the one that sorts first waits up to
-``RACE_WAIT`` for it to do so: one of them proceeds (where both used to fail). Never both:
-whichever looked last after writing saw the other's lock, and proceeds only if that lock was
-withdrawn. A lock that sorts after ours and stays was taken before we wrote ours (its locker
-looked before we wrote); we then fail after the wait, as the others do at once.
+write a lock beside one that is known to be held. What a shared locker reads under its lock
+(``acquire_waiting``'s ``then``: an upload's index) may be read beside the look after writing,
+and is kept only if that look found no exclusive lock at all: one it waits for and sees go
+(below) may have been held by a collection that did its work meanwhile. Two lockers that write
+at about the same time both see each other after writing. Then the one whose key sorts after the
+other's withdraws its lock and fails, and the one that sorts first waits up to ``RACE_WAIT`` for
+it to do so: one of them proceeds (where both used to fail). Never both: whichever looked last
+after writing saw the other's lock, and proceeds only if that lock was withdrawn. A lock that
+sorts after ours and stays was taken before we wrote ours (its locker looked before we wrote);
+we then fail after the wait, as the others do at once.
 
 A host that died holding an exclusive lock would hold up every snapshot for ``STALE_AFTER``;
 ``snapfs unlock --all`` (``remove_locks``) lets its owner remove it sooner: every lock but those
