@@ -1378,6 +1378,48 @@ def test_a_shared_locker_that_finds_a_collection_writes_no_lock_until_it_ends(
     assert [key for key, _ in LocalStore(root).list("locks/")] == [ours.key]
 
 
+def test_a_read_beside_a_collection_that_ends_while_we_wait_is_done_again(
+        tmp_path: Path) -> None:
+    """Our lock written, its confirming look finds a collection's lock sorting after ours:
+    we wait for it to be withdrawn, as for a locker that wrote at the same instant. But it
+    was held, and its collection deletes a snapshot and ends while we wait: what we read
+    beside the look (the snapshot still there) is stale, and is read again once our lock
+    is held. (Found by ``test_a_disk_made_while_gc_runs_waits_for_it_and_never_gets_a_deleted_
+    base``: a disk was made from a snapshot deleted under it.)"""
+    from snapfs.repo.lock import RepositoryLock
+
+    root = tmp_path / "repo"
+    Repository.init(LocalStore(root))
+    store = LocalStore(root)
+    store.put("snapshots/x1", b"a root")
+    collection = RepositoryLock(LocalStore(root), "exclusive", "a collection")
+    collection.key = "locks/f" + collection.key[7:]  # sorts after ours: we wait for it
+    collection.acquire()
+    ours = RepositoryLock(store, "shared", "a disk from x1")
+    ours.key = "locks/0" + ours.key[7:]
+    reads: list[bool] = []
+    read_once = trio.Event()
+
+    async def still_stored() -> bool:
+        reads.append(await trio.to_thread.run_sync(store.exists, "snapshots/x1"))
+        read_once.set()
+        return reads[-1]
+
+    async def main() -> bool | None:
+        async def collect_then_end() -> None:
+            await read_once.wait()  # our lock is written and its look under way
+            await trio.sleep(0.2)
+            await trio.to_thread.run_sync(store.delete, "snapshots/x1")
+            await trio.to_thread.run_sync(collection.release)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collect_then_end)
+            return await ours.acquire_waiting(10.0, None, still_stored)
+
+    assert trio.run(main) is False
+    assert reads == [True, False] and ours.held
+
+
 def test_a_read_under_a_lock_that_fails_leaves_no_lock(tmp_path: Path) -> None:
     from snapfs.repo.lock import RepositoryLock
 

@@ -18,13 +18,16 @@ Taking a lock: look for conflicting locks, write ours, look again. A shared lock
 skips the first look: only an exclusive lock conflicts with it, and one is held only while a
 garbage collection runs, so the look would nearly always find nothing and cost a listing (tens
 of milliseconds on S3) before every snapshot. Its tries after a conflict look first, not to
-write a lock beside one that is known to be held. Two lockers that write at about the same
-time both see each other after writing. Then the one whose key sorts after
-the other's withdraws its lock and fails, and the one that sorts first waits up to
-``RACE_WAIT`` for it to do so: one of them proceeds (where both used to fail). Never both:
-whichever looked last after writing saw the other's lock, and proceeds only if that lock was
-withdrawn. A lock that sorts after ours and stays was taken before we wrote ours (its locker
-looked before we wrote); we then fail after the wait, as the others do at once.
+write a lock beside one that is known to be held. What a shared locker reads under its lock
+(``acquire_waiting``'s ``then``: an upload's index) may be read beside the look after writing,
+and is kept only if that look found no exclusive lock at all: one it waits for and sees go
+(below) may have been held by a collection that did its work meanwhile. Two lockers that write
+at about the same time both see each other after writing. Then the one whose key sorts after the
+other's withdraws its lock and fails, and the one that sorts first waits up to ``RACE_WAIT`` for
+it to do so: one of them proceeds (where both used to fail). Never both: whichever looked last
+after writing saw the other's lock, and proceeds only if that lock was withdrawn. A lock that
+sorts after ours and stays was taken before we wrote ours (its locker looked before we wrote);
+we then fail after the wait, as the others do at once.
 
 A host that died holding an exclusive lock would hold up every snapshot for ``STALE_AFTER``;
 ``snapfs unlock --all`` (``remove_locks``) lets its owner remove it sooner: every lock but those
@@ -230,15 +233,19 @@ class RepositoryLock:
         self._written = True  # (maybe: a PUT that failed may have been done)
         self.store.put(self.key, self._body())
 
-    def _confirm(self) -> None:
+    def _confirm(self) -> bool:
         """Look for conflicts once our lock is written: none, and it is held; else it is
-        withdrawn and ``RepositoryLocked`` raised."""
-        blocking = self._after_a_race(self._conflicts())
+        withdrawn and ``RepositoryLocked`` raised. Whether the first look found none: a
+        conflicting lock that went away while we waited (``_after_a_race``) may have been a
+        collection's that was held, not withdrawn, and did its work meanwhile."""
+        seen = self._conflicts()
+        blocking = self._after_a_race(seen)
         if blocking:
             self.store.delete(self.key)
             self._written = False
             raise self._locked(blocking)
         self.held = True
+        return not seen
 
     def _locked(self, blocking: list[LockInfo]) -> RepositoryLocked:
         what = "; ".join(b.describe() for b in blocking)
@@ -268,9 +275,11 @@ class RepositoryLock:
         ``then`` is awaited once the lock is written, and its result returned: what it reads
         from the repository is as of a moment when the lock was in place, so no collection
         deletes it meanwhile. A shared lock's first try awaits it beside the look that
-        confirms the lock, a round trip less before an upload; if that look finds a
-        collection, the result is dropped and ``then`` awaited again once the lock is held.
-        On an error (or a cancellation) no lock of ours is left."""
+        confirms the lock, a round trip less before an upload; if that look finds any
+        exclusive lock (even one that goes away while we wait for it: it may have been held,
+        by a collection that did its work meanwhile), the result is dropped and ``then``
+        awaited again once the lock is held. On an error (or a cancellation) no lock of ours
+        is left."""
         deadline = trio.current_time() + patience
         delay = 0.1
         try:
@@ -296,9 +305,11 @@ class RepositoryLock:
     async def _write_and_read(self, limiter: trio.CapacityLimiter | None,
                               then: Callable[[], Awaitable[T]] | None) -> tuple[bool, T | None]:
         """A shared lock's first try: written at once, then ``then`` awaited beside the look
-        that confirms it. (False, None) if the look found a conflict (ours is withdrawn)."""
+        that confirms it (again after it, if that look found a conflict that went away).
+        (False, None) if the look found a conflict that stayed (ours is withdrawn)."""
         await trio.to_thread.run_sync(self._write, limiter=limiter)
         result: list[T] = []
+        clean: list[bool] = []
 
         async def read_beside() -> None:
             if then is not None:
@@ -308,9 +319,11 @@ class RepositoryLock:
             with single_error():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(read_beside)
-                    await trio.to_thread.run_sync(self._confirm, limiter=limiter)
+                    clean.append(await trio.to_thread.run_sync(self._confirm, limiter=limiter))
         except RepositoryLocked:
             return False, None
+        if then is not None and not clean[0]:
+            return True, await then()  # read beside a collection that ended meanwhile: again
         return True, result[0] if result else None
 
     def _withdraw_quietly(self) -> None:
