@@ -551,26 +551,22 @@ async def staging_scenario(repo: Repository, hydrator: Hydrator, view: ImageView
     state.close()
 
 
-def test_the_parents_pages_a_snapshot_rewrites_are_loaded_together(tmp_path: Path) -> None:
-    """An incremental snapshot rewrites each manifest page its changes touch, from the
-    parent's page: loaded one after another, each cost a GET's round trip when not cached
-    (14 of them for the benchmark's 1% change). They are asked for together now, a window of
-    ``PAGE_WINDOW`` at a time (one GET a run of them, one look in the cache); the pages are
-    what they were."""
+def rewrite_pages(tmp_path: Path, old_pages: list[list[bytes]], changed: dict[int, bytes],
+                  ) -> tuple[Repository, SnapshotRoot, list[list[int]], list[bytes], int, int]:
+    """``_pages`` over a parent whose pages hold ``old_pages`` (block IDs), after ``changed``
+    (block number -> new ID): the repository, the parent's root, the pages asked of the
+    parent (a list a call), then the page IDs, entries changed and pages written."""
     from snapfs.format.manifest import encode_page
     from snapfs.repo.packer import PackAssembler
     from snapfs.write.uploader import _pages
 
     repo = Repository.init(LocalStore(tmp_path / "repo"), block_size=BS)
-    per_page, nblocks = 4, 40
-    old = [bytes([n + 1]) * 32 for n in range(nblocks)]  # the parent's block IDs
-    old_pages = [old[p : p + per_page] for p in range(0, nblocks, per_page)]
+    per_page = len(old_pages[0])
+    nblocks = per_page * len(old_pages)
     parent = SnapshotRoot(id="p", name="p", disk="d", parent=None, size=nblocks * BS,
                           block_size=BS, created="2026-01-01T00:00:00Z",
                           entries_per_page=per_page,
                           pages=[repo.keyer.block_id(encode_page(e)).hex() for e in old_pages])
-    changed = {5: b"\xa5" * 32, 13: b"\xad" * 32, 21: b"\xb5" * 32, 30: ZERO_ID}
-    touched = sorted({n // per_page for n in changed})
     asked: list[list[int]] = []
 
     async def parent_pages_of(ps: list[int]) -> list[list[bytes]]:
@@ -578,11 +574,29 @@ def test_the_parents_pages_a_snapshot_rewrites_are_loaded_together(tmp_path: Pat
         return [list(old_pages[p]) for p in ps]
 
     async def main() -> tuple[list[bytes], int, int]:
-        send, receive = trio.open_memory_channel[object](100)
+        send, _receive = trio.open_memory_channel[object](100)
         return await _pages(repo, changed, nblocks, per_page, parent, parent_pages_of,
                             repo.load_index(), PackAssembler(1 << 20), send)
 
     pages, blocks_changed, written = trio.run(main)
+    return repo, parent, asked, pages, blocks_changed, written
+
+
+def test_the_parents_pages_a_snapshot_rewrites_are_loaded_together(tmp_path: Path) -> None:
+    """An incremental snapshot rewrites each manifest page its changes touch, from the
+    parent's page: loaded one after another, each cost a GET's round trip when not cached
+    (14 of them for the benchmark's 1% change). They are asked for together now, a window of
+    ``PAGE_WINDOW`` at a time (one GET a run of them, one look in the cache); the pages are
+    what they were."""
+    from snapfs.format.manifest import encode_page
+
+    per_page, nblocks = 4, 40
+    old = [bytes([n + 1]) * 32 for n in range(nblocks)]  # the parent's block IDs
+    old_pages = [old[p : p + per_page] for p in range(0, nblocks, per_page)]
+    changed = {5: b"\xa5" * 32, 13: b"\xad" * 32, 21: b"\xb5" * 32, 30: ZERO_ID}
+    touched = sorted({n // per_page for n in changed})
+    repo, parent, asked, pages, blocks_changed, written = rewrite_pages(tmp_path, old_pages,
+                                                                        changed)
     assert asked == [touched]
     new = list(old)
     for n, bid in changed.items():
@@ -598,31 +612,12 @@ def test_a_window_of_the_parents_pages_is_loaded_at_a_time(
     """Many touched pages (a large change): asked for ``PAGE_WINDOW`` at a time, in order,
     each once, so that no more than a window of them is held at once."""
     import snapfs.write.uploader as uploader
-    from snapfs.format.manifest import encode_page
-    from snapfs.repo.packer import PackAssembler
 
     monkeypatch.setattr(uploader, "PAGE_WINDOW", 3)
-    repo = Repository.init(LocalStore(tmp_path / "repo"), block_size=BS)
-    per_page, nblocks = 2, 20
-    old_pages = [[bytes([p + 1]) * 32] * per_page for p in range(nblocks // per_page)]
-    parent = SnapshotRoot(id="p", name="p", disk="d", parent=None, size=nblocks * BS,
-                          block_size=BS, created="2026-01-01T00:00:00Z",
-                          entries_per_page=per_page,
-                          pages=[repo.keyer.block_id(encode_page(e)).hex() for e in old_pages])
-    changed = {n: bytes([200 + n]) * 32 for n in range(0, nblocks, 2) if n != 8}  # not page 4
-    asked: list[list[int]] = []
-
-    async def parent_pages_of(ps: list[int]) -> list[list[bytes]]:
-        asked.append(list(ps))
-        return [list(old_pages[p]) for p in ps]
-
-    async def main() -> tuple[list[bytes], int, int]:
-        send, receive = trio.open_memory_channel[object](100)
-        return await uploader._pages(repo, changed, nblocks, per_page, parent,
-                                     parent_pages_of, repo.load_index(), PackAssembler(1 << 20),
-                                     send)
-
-    pages, blocks_changed, written = trio.run(main)
+    old_pages = [[bytes([p + 1]) * 32] * 2 for p in range(10)]
+    changed = {n: bytes([200 + n]) * 32 for n in range(0, 20, 2) if n != 8}  # not page 4
+    _repo, parent, asked, pages, blocks_changed, written = rewrite_pages(tmp_path, old_pages,
+                                                                         changed)
     assert asked == [[0, 1, 2], [3, 5, 6], [7, 8, 9]]
     assert pages[4].hex() == parent.pages[4]
     assert blocks_changed == len(changed) and written == 9

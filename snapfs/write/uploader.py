@@ -99,7 +99,8 @@ async def upload_generation(
     ``KEPT_PAGES``) once they are stored, for the cache.
 
     Blobs are deduplicated against the index as it is once the shared lock is held
-    (``fresh_index``, if given, is awaited then): garbage collection runs only under the
+    (``fresh_index``, if given, is read under it, beside its last look: see
+    ``RepositoryLock.acquire_waiting``): garbage collection runs only under the
     exclusive lock, so no blob this snapshot reuses can be deleted or moved until its root is
     stored. An index read before the lock may name blobs that are gone since. The lock is
     waited for up to ``lock_patience`` seconds (a garbage collection's exclusive lock).
