@@ -140,14 +140,20 @@ def mount(options: MountOptions, announce: Callable[[str], None]) -> None:
         # What the two processes share stays shared: no collection in either (the parent's at
         # exit included) walks, and so copies, the pages of the objects they had at the fork.
         gc.freeze()
-        child = os.fork()
+        noted = _NotedSignals()  # from before the fork on: see _wait_for_report
+        try:
+            child = os.fork()
+        except BaseException:
+            noted.restore()
+            raise
         if child == 0:
+            noted.restore()
             os.close(read_end)
             _daemon_child(options, files, pid_file, log_file, write_end)
         handed_over = True
         os.close(write_end)
         try:
-            report = _wait_for_report(read_end)
+            report = _wait_for_report(read_end, noted)
         except BaseException:
             _stop_starting_daemon(child, files)
             raise
@@ -273,40 +279,54 @@ def check_cache_dir(directory: str) -> None:
 # -- the child -----------------------------------------------------------------------------------
 
 
-def _wait_for_report(fd: int) -> str:
-    """All the daemon sends on ``fd`` until it closes it; ``KeyboardInterrupt`` once the
-    command is stopped (^C, SIGTERM, SIGHUP; one ignored when this began stays ignored). The
-    signals only note that they came and wake the wait (``signal.set_wakeup_fd``): a handler
-    that raised, as ``stop_signals_interrupt``'s do, had its exception swallowed when it ran
-    inside a finalizer ("Exception ignored in …"), and the command went on to report a mount
-    it had been told to stop (seen once in CI)."""
-    received: list[int] = []
-    signums = (signal.SIGINT, *STOP_SIGNALS)
-    previous = {signum: signal.getsignal(signum) for signum in signums}
-    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    old_wakeup = signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
-    try:
-        for signum, handler in previous.items():
+class _NotedSignals:
+    """^C, SIGTERM and SIGHUP only noted (in ``received``, waking a ``select`` on
+    ``wake_read``), from before ``mount`` forks its daemon until it has read the daemon's
+    report; one ignored when this began stays ignored. ``restore`` puts back what was there
+    (the child calls it at once)."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.previous = {signum: signal.getsignal(signum)
+                         for signum in (signal.SIGINT, *STOP_SIGNALS)}
+        self.wake_read, self.wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.old_wakeup = signal.set_wakeup_fd(self.wake_write, warn_on_full_buffer=False)
+        for signum, handler in self.previous.items():
             if handler != signal.SIG_IGN:
-                signal.signal(signum, lambda signum, _frame: received.append(signum))
+                signal.signal(signum, lambda signum, _frame: self.received.append(signum))
+
+    def restore(self) -> None:
+        signal.set_wakeup_fd(self.old_wakeup)
+        for signum, handler in self.previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        for each in (self.wake_read, self.wake_write):
+            os.close(each)
+
+
+def _wait_for_report(fd: int, noted: _NotedSignals) -> str:
+    """All the daemon sends on ``fd`` until it closes it; ``KeyboardInterrupt`` once the
+    command is stopped (^C, SIGTERM, SIGHUP), then or since before the fork. The signals only
+    note that they came and wake the wait (``_NotedSignals``): a handler that raised had its
+    exception swallowed when it ran inside a finalizer ("Exception ignored in …"), and the
+    command went on to report a mount it had been told to stop. (Seen twice in CI: once
+    while this wait's handlers raised, and once when the signal came after the fork, before
+    this wait had put its own handlers in place: the daemon had written its pid first.)"""
+    try:
         chunks: list[bytes] = []
-        while not received:
-            ready, _, _ = select.select([fd, wake_read], [], [])
-            if wake_read in ready:
-                os.read(wake_read, 512)
-            if fd in ready and not received:
+        while not noted.received:
+            ready, _, _ = select.select([fd, noted.wake_read], [], [])
+            if noted.wake_read in ready:
+                os.read(noted.wake_read, 512)
+            if fd in ready and not noted.received:
                 chunk = os.read(fd, 4096)
                 if not chunk:
                     return b"".join(chunks).decode(errors="replace")
                 chunks.append(chunk)
         raise KeyboardInterrupt
     finally:
-        signal.set_wakeup_fd(old_wakeup)
-        for signum, handler in previous.items():
-            if handler is not None:
-                signal.signal(signum, handler)
-        for each in (fd, wake_read, wake_write):
-            os.close(each)
+        noted.restore()
+        os.close(fd)
 
 
 class _Report:
