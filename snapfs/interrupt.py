@@ -1,8 +1,8 @@
 """Stop signals for commands: SIGTERM and SIGHUP interrupt a block as ^C does.
 
 Used by the CLI around every command but ``mount`` (whose daemon has its own handling; while
-``mount`` waits for its daemon to start, it takes the same signals its own way:
-``snapfs.mount._wait_for_report``).
+``mount`` forks its daemon and waits for it to start, it takes the same signals its own way:
+``snapfs.mount._NotedSignals``).
 """
 
 from __future__ import annotations
