@@ -581,6 +581,21 @@ def test_a_signal_unmounts_and_the_daemon_exits_cleanly(snapfs: Snapfs, tmp_path
         assert "exiting with status 0" in daemon.log.read_text()
 
 
+def _never_mounted(mountpoint: Path, pid_file: Path) -> None:
+    time.sleep(1.5)  # (what a daemon left running would have had time to do)
+    assert not is_mount_point(mountpoint)
+    assert not pid_file.exists()
+
+
+def _end_leftover_daemon(daemon: int, mountpoint: Path) -> None:
+    """After a failed test of a stopped start: no daemon or mount left behind."""
+    if daemon and pid_running(daemon):
+        os.kill(daemon, signal.SIGKILL)
+        wait_for(lambda: not pid_running(daemon), 10, "the daemon to die")
+    if is_mount_point(mountpoint):
+        subprocess.run([FUSERMOUNT, "-u", "-z", str(mountpoint)], check=False)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_mount_stopped_while_its_daemon_starts_never_mounts(snapfs: Snapfs, tmp_path: Path,
                                                              signum: int) -> None:
@@ -606,18 +621,12 @@ def test_a_mount_stopped_while_its_daemon_starts_never_mounts(snapfs: Snapfs, tm
         out, err = command.communicate(timeout=60)
         assert (command.returncode, out, err) == (130, "", "snapfs: interrupted\n")
         assert not pid_running(daemon)  # stopped, and waited for
-        time.sleep(1.5)  # (what it would have had time to do)
-        assert not is_mount_point(mountpoint)
-        assert not pid_file.exists()
+        _never_mounted(mountpoint, pid_file)
     finally:
         if command.poll() is None:
             command.kill()
             command.wait()
-        if daemon and pid_running(daemon):
-            os.kill(daemon, signal.SIGKILL)
-            wait_for(lambda: not pid_running(daemon), 10, "the daemon to die")
-        if is_mount_point(mountpoint):
-            subprocess.run([FUSERMOUNT, "-u", "-z", str(mountpoint)], check=False)
+        _end_leftover_daemon(daemon, mountpoint)
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
@@ -657,20 +666,14 @@ def test_a_mount_stopped_just_after_it_forks_never_mounts(snapfs: Snapfs, tmp_pa
         _out, err = proc.communicate(timeout=60)
         assert (proc.returncode, err) == (130, "snapfs: interrupted\n")
         wait_for(lambda: not pid_running(daemon), 10, "the daemon to be stopped")
-        time.sleep(1.5)  # (what it would have had time to do)
-        assert not is_mount_point(mountpoint)
-        assert not pid_file.exists()
+        _never_mounted(mountpoint, pid_file)
     finally:
         if proc.poll() is None:
             if command:
                 os.kill(command, signal.SIGKILL)
             proc.kill()
             proc.wait()
-        if daemon and pid_running(daemon):
-            os.kill(daemon, signal.SIGKILL)
-            wait_for(lambda: not pid_running(daemon), 10, "the daemon to die")
-        if is_mount_point(mountpoint):
-            subprocess.run([FUSERMOUNT, "-u", "-z", str(mountpoint)], check=False)
+        _end_leftover_daemon(daemon, mountpoint)
 
 
 def test_umount_kills_a_daemon_that_does_not_exit(snapfs: Snapfs, tmp_path: Path) -> None:
