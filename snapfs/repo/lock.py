@@ -219,10 +219,9 @@ class RepositoryLock:
             return others
         return [o for o in others if o.kind == "exclusive"]
 
-    def acquire(self, look_first: bool = True) -> RepositoryLock:
-        """Take the lock, or raise ``RepositoryLocked``. ``look_first=False``, for a shared
-        lock only: write it before looking for conflicts (see the module docstring)."""
-        blocking = self._conflicts() if look_first or self.kind == "exclusive" else []
+    def acquire(self) -> RepositoryLock:
+        """Take the lock (looking for conflicts first), or raise ``RepositoryLocked``."""
+        blocking = self._conflicts()
         if blocking:
             raise self._locked(blocking)
         self._write()
@@ -309,7 +308,6 @@ class RepositoryLock:
         (False, None) if the look found a conflict that stayed (ours is withdrawn)."""
         await trio.to_thread.run_sync(self._write, limiter=limiter)
         result: list[T] = []
-        clean: list[bool] = []
 
         async def read_beside() -> None:
             if then is not None:
@@ -319,10 +317,10 @@ class RepositoryLock:
             with single_error():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(read_beside)
-                    clean.append(await trio.to_thread.run_sync(self._confirm, limiter=limiter))
+                    clean = await trio.to_thread.run_sync(self._confirm, limiter=limiter)
         except RepositoryLocked:
             return False, None
-        if then is not None and not clean[0]:
+        if then is not None and not clean:
             return True, await then()  # read beside a collection that ended meanwhile: again
         return True, result[0] if result else None
 
