@@ -66,15 +66,17 @@ def tree_of(rev: str, work: Path) -> Path:
     return tree
 
 
-def staged(env: dict[str, str], repo: str, disk: str, limit: float = 30.0) -> float:
-    """Seconds until the daemon has staged every changed block of ``disk``."""
+def staged(repo: str, disk: str, limit: float = 30.0) -> float:
+    """Seconds until the daemon has staged every changed block of ``disk``, asked on its
+    socket from this process (as ``run_disks.wait_staged`` does: a process a poll would load
+    the machine just before the timed command)."""
+    from snapfs.control import find_repository_daemon, request
+
     started = time.perf_counter()
-    code = ("import json, sys; from snapfs.control import find_repository_daemon, request; "
-            f"d = [d for d in request(find_repository_daemon({repo!r}), {{'op': 'disk-list'}})"
-            f"['disks'] if d['name'] == {disk!r}][0]; "
-            "print(d['blocks_staged_now'] >= d['blocks_changed'])")
     while time.perf_counter() - started < limit:
-        if run([PYTHON, "-c", code], env).stdout.strip() == "True":
+        disks = request(find_repository_daemon(repo), {"op": "disk-list"})["disks"]
+        found = next(d for d in disks if d["name"] == disk)
+        if found["blocks_staged_now"] >= found["blocks_changed"]:
             break
         time.sleep(0.1)
     return time.perf_counter() - started
@@ -96,7 +98,7 @@ def cycle(rev: str, tree: Path, work: Path, repo: list[str], args: argparse.Name
           seed: int) -> list[dict[str, Any]]:
     """One mount of ``rev``'s daemon, ``args.rounds`` snapshots; ``seed``: of the data written
     (new to the repository each round, for every revision). ``repo``: its ``-r`` options."""
-    env = {**os.environ, "PYTHONPATH": str(tree), "SNAPFS_RUNTIME_DIR": str(work / "run")}
+    env = {**os.environ, "PYTHONPATH": str(tree)}
     snapfs = [PYTHON, "-m", "snapfs", *repo]
     mnt = work / "mnt"
     mnt.mkdir(exist_ok=True)
@@ -109,7 +111,7 @@ def cycle(rev: str, tree: Path, work: Path, repo: list[str], args: argparse.Name
         run([*snapfs, "disk", "create", disk, "--from", "s0"], env)
         for r in range(args.rounds):
             write_blocks(mnt / "disks" / f"{disk}.img", args.blocks, seed=1000 * seed + r)
-            settled = staged(env, repo[1], disk)
+            settled = staged(repo[1], disk)
             started = time.perf_counter()
             out = run([*snapfs, "snapshot", "create", "--disk", disk, "--json"], env)
             wall = time.perf_counter() - started
@@ -145,6 +147,7 @@ def main() -> int:
         args.latency = "20ms" if args.store == "local" else "none"
     work = Path(args.work).absolute()
     work.mkdir(parents=True, exist_ok=True)
+    os.environ["SNAPFS_RUNTIME_DIR"] = str(work / "run")  # the daemons', for ``staged`` too
     trees = {rev: tree_of(rev, work) for rev in args.rev}
     server = None
     if args.store == "s3":
