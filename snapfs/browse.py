@@ -222,7 +222,7 @@ def is_private_mountpoint(path: str, store_url: str) -> bool:
 
 
 def state_file(directory: str) -> Path:
-    return runtime_dir() / f"browse-{mount_key(directory)}.json"
+    return Path(runtime_dir()) / f"browse-{mount_key(directory)}.json"
 
 
 def read_state(directory: str) -> BrowseState | None:
@@ -235,7 +235,7 @@ def read_state(directory: str) -> BrowseState | None:
 
 def all_states() -> list[BrowseState]:
     states = []
-    for path in sorted(runtime_dir().glob("browse-*.json")):
+    for path in sorted(Path(runtime_dir()).glob("browse-*.json")):
         try:
             states.append(BrowseState.decode(path.read_bytes(), path))
         except FileNotFoundError:
@@ -255,7 +255,8 @@ def _write_state(state: BrowseState) -> None:
 @contextmanager
 def _bookkeeping_lock() -> Iterator[None]:
     """The lock around finding, starting, counting and stopping daemons (see the docstring)."""
-    fd = os.open(runtime_dir() / "browse.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(os.path.join(runtime_dir(), "browse.lock"),
+                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX)
         yield
@@ -385,7 +386,7 @@ def _detach_if_dead(mountpoint: Path) -> None:
 def find_daemons(store_url: str) -> list[str]:
     """The mount points of the live, mounted daemons of this user that serve ``store_url``."""
     found = []
-    for pid_file in sorted(runtime_dir().glob("*.pid")):
+    for pid_file in sorted(Path(runtime_dir()).glob("*.pid")):
         key = pid_file.stem
         files = RunFiles(f"(the daemon of {pid_file})", key, pid_file, pid_file.with_suffix(".sock"))
         daemon = find_daemon(files)

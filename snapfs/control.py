@@ -26,7 +26,9 @@ snapshot requests (and ``refresh``) are listed in ``daemon``. A refusal is ``{"o
 Commands that work on a repository's disks find its daemon with ``find_repository_daemon``
 (the live daemons whose ``KEY.json`` names the same repository).
 
-This module blocks (it is for the CLI); the daemon's side of the socket is in ``mount``.
+This module blocks (it is for the CLI); the daemon's side of the socket is in ``mount``. Its
+paths are strings (``os.path``), not ``pathlib``'s: every disk command imports this module, and
+pathlib brings urllib.parse and ipaddress along (5 ms of a start on a cold page cache).
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from snapfs.errors import MountBusy, MountError, NoDiskDaemon, NotMounted, SnapfsError
@@ -56,29 +57,29 @@ FUSERMOUNT = "fusermount3"
 # -- where things are ----------------------------------------------------------------------------
 
 
-def _runtime_path() -> Path:
+def _runtime_path() -> str:
     explicit = os.environ.get("SNAPFS_RUNTIME_DIR")
     if explicit:
-        return Path(explicit)
+        return explicit
     if os.environ.get("XDG_RUNTIME_DIR"):
-        return Path(os.environ["XDG_RUNTIME_DIR"]) / "snapfs"
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "snapfs")
     if os.geteuid() == 0:
-        return Path("/run/snapfs")
-    return Path(f"/tmp/snapfs-{os.geteuid()}")
+        return "/run/snapfs"
+    return f"/tmp/snapfs-{os.geteuid()}"
 
 
-def runtime_dir(create: bool = True) -> Path:
+def runtime_dir(create: bool = True) -> str:
     """The directory of pid files and sockets (see the module docstring); created if missing
     (``create=False``: not, for a caller that only looks for daemons: with no directory there
     are none)."""
     path = _runtime_path()
     try:
         if create:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = path.lstat()
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
     except OSError as e:
         if not create and isinstance(e, FileNotFoundError):
-            return path  # (globbing it finds nothing)
+            return path  # (listing it finds nothing)
         raise MountError(f"runtime directory {path} cannot be used: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
         raise MountError(f"runtime directory {path} is not a directory owned by this user")
@@ -115,46 +116,72 @@ class RunFiles:
 
     mountpoint: str
     key: str
-    pid_file: Path
-    socket: Path
+    pid_file: str | os.PathLike[str]
+    socket: str | os.PathLike[str]
 
     @classmethod
     def for_mountpoint(cls, mountpoint: str) -> RunFiles:
         path = real_path(mountpoint)
         key = mount_key(path)
         directory = runtime_dir()
-        return cls(path, key, directory / f"{key}.pid", directory / f"{key}.sock")
+        return cls(path, key, os.path.join(directory, f"{key}.pid"),
+                   os.path.join(directory, f"{key}.sock"))
 
     @property
-    def info(self) -> Path:
-        return self.pid_file.with_suffix(".json")
+    def info(self) -> str:
+        return _beside(self.pid_file, ".json")
 
     def write_info(self, info: dict[str, Any]) -> None:
-        tmp = self.info.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(info))
-        tmp.replace(self.info)
+        tmp = _beside(self.pid_file, ".json.tmp")
+        _write_text(tmp, json.dumps(info))
+        os.replace(tmp, self.info)
 
     def read_info(self) -> dict[str, Any] | None:
         try:
-            doc = json.loads(self.info.read_text())
+            with open(self.info, encoding="utf-8") as f:
+                doc = json.load(f)
         except (OSError, ValueError):
             return None
         return doc if isinstance(doc, dict) else None
 
     @property
-    def died(self) -> Path:
+    def died(self) -> str:
         """The facts of a daemon that died with its mount attached, kept until it is detached."""
-        return self.pid_file.with_suffix(".died")
+        return _beside(self.pid_file, ".died")
 
-    def log_file(self, cache_dir: str | os.PathLike[str]) -> Path:
-        return Path(cache_dir) / f"daemon-{self.key}.log"
+    def log_file(self, cache_dir: str | os.PathLike[str]) -> str:
+        return os.path.join(cache_dir, f"daemon-{self.key}.log")
 
     def remove(self) -> None:
         for path in (self.socket, self.info, self.pid_file):
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
+            _unlink_if_there(path)
+
+
+def _beside(path: str | os.PathLike[str], suffix: str) -> str:
+    """``path`` with its suffix (``.pid``) replaced by ``suffix``."""
+    return os.path.splitext(os.fspath(path))[0] + suffix
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _unlink_if_there(path: str | os.PathLike[str]) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _run_files(suffix: str, create: bool = True) -> list[str]:
+    """The files of the runtime directory named ``*SUFFIX``, sorted."""
+    directory = runtime_dir(create)
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(os.path.join(directory, n) for n in names if n.endswith(suffix))
 
 
 # -- mount table ---------------------------------------------------------------------------------
@@ -223,12 +250,12 @@ def fusermount(mountpoint: str, lazy: bool = False) -> None:
 class PidFile:
     """A pid file whose exclusive flock this process holds for as long as it lives."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: str | os.PathLike[str], fd: int) -> None:
         self.path = path
         self.fd = fd
 
     @classmethod
-    def try_claim(cls, path: Path) -> PidFile | None:
+    def try_claim(cls, path: str | os.PathLike[str]) -> PidFile | None:
         """Lock ``path`` exclusively for this process (and the children it forks to), or None
         if another process holds it.
 
@@ -250,7 +277,7 @@ class PidFile:
             os.close(fd)
 
     @staticmethod
-    def holder(path: Path) -> int | None:
+    def holder(path: str | os.PathLike[str]) -> int | None:
         """The pid written in ``path`` (for messages about who holds it)."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -320,7 +347,7 @@ def find_daemon(files: RunFiles) -> Daemon | None:
         files.remove()
         if info is not None and _still_attached(str(info.get("mountpoint", ""))):
             # what the dead mount served, for the line that says to detach it (dead_mounts)
-            files.died.write_text(json.dumps(info))
+            _write_text(files.died, json.dumps(info))
     finally:
         os.close(fd)
     return None
@@ -375,8 +402,9 @@ def same_repository(a: str, b: str) -> bool:
 def repository_daemons(repository: str) -> list[tuple[RunFiles, dict[str, Any]]]:
     """The run files and facts of every live daemon that mounts ``repository`` on this host."""
     found: list[tuple[RunFiles, dict[str, Any]]] = []
-    for pid_file in sorted(runtime_dir(create=False).glob("*.pid")):
-        files = RunFiles("", pid_file.stem, pid_file, pid_file.with_suffix(".sock"))
+    for pid_file in _run_files(".pid", create=False):
+        key = os.path.basename(pid_file).removesuffix(".pid")
+        files = RunFiles("", key, pid_file, _beside(pid_file, ".sock"))
         info = files.read_info()
         if info is None or not same_repository(str(info.get("repository", "")), repository):
             continue
@@ -408,7 +436,7 @@ def find_repository_daemon(repository: str) -> RunFiles:
         return serving[0]
     if found:
         orphaned = [(files, info) for files, info in found
-                    if info.get("disk_state") and flock_held(Path(info["disk_state"]) / "lock")
+                    if info.get("disk_state") and flock_held(os.path.join(info["disk_state"], "lock"))
                     is False]
         if orphaned:  # its lock's holder died (kill -9) or unmounted: nothing serves the disks
             files, info = orphaned[0]
@@ -457,14 +485,15 @@ def dead_mounts(repository: str) -> list[tuple[str, str]]:
     facts ``find_daemon`` kept of them; those of mounts detached meanwhile (fusermount3, a
     reboot) are removed."""
     found = []
-    for died in sorted(runtime_dir().glob("*.died")):
+    for died in _run_files(".died"):
         try:
-            info = json.loads(died.read_text())
+            with open(died, encoding="utf-8") as f:
+                info = json.load(f)
             where, cache = str(info["mountpoint"]), str(info["cache_dir"])
         except (OSError, ValueError, TypeError, KeyError):
             continue
         if not _still_attached(where):
-            died.unlink(missing_ok=True)
+            _unlink_if_there(died)
         elif info.get("disks") and same_repository(str(info.get("repository", "")), repository):
             found.append((where, cache))
     return found
@@ -478,7 +507,7 @@ def _still_attached(mountpoint: str) -> bool:
     return entry is not None and entry.is_snapfs and not _answers(mountpoint)
 
 
-def flock_held(path: Path) -> bool | None:
+def flock_held(path: str | os.PathLike[str]) -> bool | None:
     """Whether some process holds a flock on ``path`` (read from ``/proc/locks``, taking no
     lock: a daemon starting that moment must not find it taken); None if it cannot be told."""
     try:
@@ -532,7 +561,7 @@ def unmount(mountpoint: str, timeout: float = 60.0) -> str:
                              "know (started with another SNAPFS_RUNTIME_DIR?); unmount it with "
                              "that setting, or with fusermount3 -u")
         fusermount(mp, lazy=True)
-        files.died.unlink(missing_ok=True)
+        _unlink_if_there(files.died)
         return f"detached {mp}: its daemon had died"
     try:
         if entry is not None:

@@ -104,7 +104,7 @@ def serve(options: MountOptions, files: RunFiles, ready: Callable[[], None],
             try:
                 daemon = MountDaemon(options, files, repo, cache, hydrator, catalog, disks)
                 try:
-                    files.socket.unlink()  # a dead predecessor's; we hold the pid file's lock
+                    os.unlink(files.socket)  # a dead predecessor's; we hold the pid file's lock
                 except FileNotFoundError:
                     pass
                 files.write_info({"repository": options.repository, "repository_id": repo.config.id,

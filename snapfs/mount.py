@@ -358,7 +358,7 @@ class _Report:
 
 
 def _daemon_child(options: MountOptions, files: RunFiles, pid_file: PidFile,
-                  log_file: Path, report_fd: int) -> NoReturn:
+                  log_file: str, report_fd: int) -> NoReturn:
     """The forked daemon: detach, serve until unmounted, clean up, exit. Never returns."""
     report = _Report(report_fd)
     code = 1
@@ -430,10 +430,10 @@ def _import_deadlock(e: BaseException) -> bool:
     return type(e).__name__ == "_DeadlockError"  # importlib's, a RuntimeError
 
 
-def _redirect_stdio(log_file: Path) -> None:
+def _redirect_stdio(log_file: str) -> None:
     try:
-        if log_file.stat().st_size > LOG_ROTATE_SIZE:
-            log_file.replace(log_file.with_suffix(".log.1"))
+        if os.stat(log_file).st_size > LOG_ROTATE_SIZE:
+            os.replace(log_file, log_file + ".1")
     except FileNotFoundError:
         pass
     log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

@@ -255,6 +255,54 @@ def test_pack_round_trip(codec: BlockCodec) -> None:
         assert codec.decode(data[e.offset : e.offset + e.length]) == plain
 
 
+def test_a_pack_split_keeps_every_blob_once_in_order(codec: BlockCodec) -> None:
+    """An upload's last pack goes out in pieces (``PackAssembler.flush``): each piece is a
+    whole pack of its own, every blob in exactly one, in the order added, of about equal size."""
+    builder = PackBuilder()
+    blobs = [(i.to_bytes(32, "big"), KIND_DATA, codec.encode(rand(3000 + 97 * i, seed=i)))
+             for i in range(40)]
+    for bid, kind, enc in blobs:
+        builder.add(bid, kind, enc, len(enc) + 1)
+    pieces = builder.split(3)
+    assert len(pieces) == 3
+    share = -(-builder.size // 3)
+    biggest = max(len(enc) for _bid, _kind, enc in blobs)
+    assert all(share <= p.size < share + biggest for p in pieces[:-1])
+    found = []
+    for piece in pieces:
+        _name, data, entries = piece.finish()
+        assert read_trailer(data) == entries
+        found += [(e.blob_id, e.kind, data[e.offset : e.offset + e.length]) for e in entries]
+        assert all(e.raw_length == e.length + 1 for e in entries)
+    assert found == blobs
+    assert [len(p) for p in builder.split(1)] == [40]
+    assert len(builder.split(100)) == 40  # never an empty piece: a blob each at most
+    one = PackBuilder()
+    one.add(b"\x01" * 32, KIND_DATA, codec.encode(rand(9000, seed=1)), 9000)
+    assert [len(p) for p in one.split(4)] == [1]
+
+
+def test_a_flushed_pack_is_split_into_pieces_of_a_mib_at_least(codec: BlockCodec) -> None:
+    from snapfs.repo.packer import MIN_PIECE, PackAssembler
+
+    assembler = PackAssembler(16 << 20)
+    for i in range(9):  # 4.5 MiB of data, incompressible
+        enc = codec.encode(rand(512 << 10, seed=i))
+        assert assembler.add(i.to_bytes(32, "big"), KIND_DATA, enc, 512 << 10) is None
+    page = codec.encode(encode_page([ZERO_ID] * 8))
+    assembler.add(b"\xff" * 32, KIND_PAGE, page, 8 * 32)
+    packs = assembler.flush(pieces=8)
+    data_packs = [p for p in packs if p.entries[0].kind == KIND_DATA]
+    assert len(data_packs) == 3  # 4.5 MiB: 4 shares at most, filled with whole blobs
+    assert all(p.size >= MIN_PIECE for p in data_packs)
+    assert [e.blob_id for p in data_packs for e in p.entries] == [
+        i.to_bytes(32, "big") for i in range(9)]
+    assert [len(p) for p in packs if p.entries[0].kind == KIND_PAGE] == [1]  # under a MiB
+    assert assembler.flush() == []  # nothing left open
+    assembler.add(b"\x02" * 32, KIND_DATA, codec.encode(rand(512 << 10, seed=1)), 512 << 10)
+    assert [len(p) for p in assembler.flush(pieces=3)] == [1]
+
+
 def test_damaged_pack_trailer_is_refused(codec: BlockCodec) -> None:
     builder = PackBuilder()
     builder.add(b"\x07" * 32, KIND_DATA, codec.encode(text(3000)), 3000)

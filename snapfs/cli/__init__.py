@@ -16,6 +16,7 @@ asking a running daemon, as the disk commands do, logs nothing here.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import sys
 from collections.abc import Sequence
@@ -160,4 +161,11 @@ def cli(ctx: click.Context, repo: str | None, endpoint_url: str | None, debug: b
 
 
 def main() -> None:
-    cli(prog_name="snapfs")
+    try:
+        cli(prog_name="snapfs")
+    finally:
+        # The process ends here (click exits), and the interpreter's last garbage collection
+        # would walk every object the imports made, with no cycle left worth freeing: about
+        # 7 ms, a tenth of a quick command such as a served disk's snapshot. Frozen objects
+        # are left out of it.
+        gc.freeze()

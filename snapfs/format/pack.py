@@ -64,6 +64,17 @@ class PackBuilder:
         self._parts.append(encoded)
         self._size += len(encoded)
 
+    def split(self, pieces: int) -> list[PackBuilder]:
+        """This pack's blobs, in order, as up to ``pieces`` packs of about equal size (fewer
+        if a blob is bigger than a share)."""
+        share = -(-self._size // max(1, pieces))
+        out = [PackBuilder()]
+        for entry, part in zip(self.entries, self._parts, strict=True):
+            if out[-1].size >= share:
+                out.append(PackBuilder())
+            out[-1].add(entry.blob_id, entry.kind, part, entry.raw_length)
+        return out
+
     def finish(self) -> tuple[str, bytes, list[PackEntry]]:
         trailer = b"".join(ENTRY.pack(*e) for e in self.entries)
         footer = FOOTER.pack(PACK_MAGIC, PACK_VERSION, len(self.entries))

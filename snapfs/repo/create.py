@@ -330,7 +330,8 @@ async def _create_locked(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(refresh_lock, lock, store_limiter)
         async with trio.open_nursery() as pipeline:
-            for _ in range(min(8, repo.store.concurrency)):  # PUT streams: 8 is where S3 flattens
+            streams = min(8, repo.store.concurrency)  # PUT streams: 8 is where S3 flattens
+            for _ in range(streams):
                 pipeline.start_soon(uploader.run, pack_recv.clone())
             pack_recv.close()
             async with pack_send:
@@ -340,7 +341,9 @@ async def _create_locked(
                     for _ in range(CPU_WORKERS):
                         encoders.start_soon(encode, chunk_recv.clone(), pack_send.clone())
                     chunk_recv.close()
-                for full in assembler.flush():
+                # (the packs before are stored or storing: the last ones go in pieces,
+                # side by side, and their page pack beside them)
+                for full in assembler.flush(pieces=streams - 1):
                     await pack_send.send(full)
         nursery.cancel_scope.cancel()  # only the lock refresher is left
     # a page of nothing but holes is never read, so never finished: its blocks are zeros now,

@@ -24,6 +24,11 @@ from snapfs.throttle import RateLimiter
 #: a pack that reached its size (or was flushed): the uploader finishes and stores it
 FullPack = PackBuilder
 
+#: the smallest piece ``flush`` splits a pack into. One PUT of 8 MiB took 68 ms on SeaweedFS
+#: here, and 2, 4 or 8 pieces of it side by side 52–56 ms; a cloud store's PUTs gain more, as
+#: each stream has its own bandwidth. Below 1 MiB a piece is mostly its request.
+MIN_PIECE = 1 << 20
+
 
 class PackAssembler:
     def __init__(self, target_size: int) -> None:
@@ -42,10 +47,16 @@ class PackAssembler:
             return builder
         return None
 
-    def flush(self, kinds: tuple[int, ...] = (KIND_DATA, KIND_PAGE)) -> list[FullPack]:
-        """The open packs of ``kinds`` that hold a blob, to be stored as they are."""
-        done = [self._open[k] for k in kinds if len(self._open[k])]
+    def flush(self, kinds: tuple[int, ...] = (KIND_DATA, KIND_PAGE),
+              pieces: int = 1) -> list[FullPack]:
+        """The open packs of ``kinds`` that hold a blob, to be stored: each as up to ``pieces``
+        packs of at least ``MIN_PIECE`` bytes. An upload's last pack is most of a small
+        upload, and its pieces go out as PUTs side by side, where the packs before it did."""
+        done = []
         for k in kinds:
+            pack = self._open[k]
+            if len(pack):
+                done += pack.split(min(pieces, pack.size // MIN_PIECE))
             self._open[k] = PackBuilder()
         return done
 

@@ -265,8 +265,9 @@ async def _upload(
             progress.timings["blocks"] = round(trio.current_time() - step, 4)
             step = trio.current_time()
             # the last data pack goes now, while the pages are made (which may wait for the
-            # parent's pages from the store)
-            for full in assembler.flush((KIND_DATA,)):
+            # parent's pages from the store), in pieces side by side; one stream is left for
+            # the page pack
+            for full in assembler.flush((KIND_DATA,), pieces=PUT_STREAMS - 1):
                 await pack_send.send(full)
             pages, blocks_changed, pages_written = await _pages(
                 repo, ids, nblocks, per_page, parent, parent_pages_of, index, assembler,
