@@ -552,10 +552,12 @@ async def staging_scenario(repo: Repository, hydrator: Hydrator, view: ImageView
 
 
 def rewrite_pages(tmp_path: Path, old_pages: list[list[bytes]], changed: dict[int, bytes],
+                  stored: list[tuple[bytes, bytes]] | None = None,
                   ) -> tuple[Repository, SnapshotRoot, list[list[int]], list[bytes], int, int]:
     """``_pages`` over a parent whose pages hold ``old_pages`` (block IDs), after ``changed``
     (block number -> new ID): the repository, the parent's root, the pages asked of the
-    parent (a list a call), then the page IDs, entries changed and pages written."""
+    parent (a list a call), then the page IDs, entries changed and pages written. The pages
+    put in packs go to ``stored`` (ID, encoded blob), in order."""
     from snapfs.format.manifest import encode_page
     from snapfs.repo.packer import PackAssembler
     from snapfs.write.uploader import _pages
@@ -574,9 +576,17 @@ def rewrite_pages(tmp_path: Path, old_pages: list[list[bytes]], changed: dict[in
         return [list(old_pages[p]) for p in ps]
 
     async def main() -> tuple[list[bytes], int, int]:
-        send, _receive = trio.open_memory_channel[object](100)
-        return await _pages(repo, changed, nblocks, per_page, parent, parent_pages_of,
-                            repo.load_index(), PackAssembler(1 << 20), send)
+        send, receive = trio.open_memory_channel[object](100)
+        assembler = PackAssembler(1 << 20)
+        result = await _pages(repo, changed, nblocks, per_page, parent, parent_pages_of,
+                              repo.load_index(), assembler, send)
+        send.close()
+        packs = [pack async for pack in receive] + assembler.flush()
+        if stored is not None:
+            for pack in packs:
+                _name, data, entries = pack.finish()
+                stored.extend((e.blob_id, data[e.offset : e.offset + e.length]) for e in entries)
+        return result
 
     pages, blocks_changed, written = trio.run(main)
     return repo, parent, asked, pages, blocks_changed, written
@@ -621,3 +631,31 @@ def test_a_window_of_the_parents_pages_is_loaded_at_a_time(
     assert asked == [[0, 1, 2], [3, 5, 6], [7, 8, 9]]
     assert pages[4].hex() == parent.pages[4]
     assert blocks_changed == len(changed) and written == 9
+
+
+def test_new_pages_are_stored_once_each_whatever_the_window(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new pages are encoded a window at a time (one worker call): every one is stored,
+    in order, once, whole, even a page that two places of the manifest hold (stored once) and
+    one that fills a window's last place."""
+    import snapfs.write.uploader as uploader
+    from snapfs.format.manifest import decode_page, encode_page
+
+    monkeypatch.setattr(uploader, "PAGE_WINDOW", 3)
+    old_pages = [[bytes([p + 1]) * 32] * 2 for p in range(8)]
+    same = b"\xee" * 32
+    changed = {n: bytes([200 + n]) * 32 for n in range(0, 16, 2)}
+    changed.update({2: same, 3: same, 10: same, 11: same})  # pages 1 and 5: the same page
+    stored: list[tuple[bytes, bytes]] = []
+    repo, _parent, _asked, pages, _changed, written = rewrite_pages(tmp_path, old_pages, changed,
+                                                                    stored)
+    new_ids = list(dict.fromkeys(pages))
+    assert len(new_ids) == 7 and pages[1] == pages[5]
+    assert written == 7
+    assert [pid for pid, _blob in stored] == new_ids
+    for pid, blob in stored:
+        plain = repo.codec.decode(blob)
+        assert repo.keyer.block_id(plain) == pid
+        p = pages.index(pid)
+        assert decode_page(plain) == [changed.get(2 * p + i, old_pages[p][i]) for i in range(2)]
+        assert plain == encode_page(decode_page(plain))

@@ -350,6 +350,22 @@ async def _pages(
     out: list[bytes] = []
     blocks_changed = 0
     written = 0
+    # the new pages, encoded (compressed and checksummed) a window at a time in one worker
+    # call: a call each cost more in handing over than in encoding
+    to_store: dict[bytes, bytes] = {}
+
+    async def store_pages() -> None:
+        nonlocal written
+        plains = list(to_store.values())
+        encoded = await trio.to_thread.run_sync(
+            lambda: [repo.codec.encode(plain) for plain in plains])
+        for (pid, plain), blob in zip(to_store.items(), encoded, strict=True):
+            full = assembler.add(pid, KIND_PAGE, blob, len(plain))
+            if full is not None:
+                await send.send(full)
+        written += len(to_store)
+        to_store.clear()
+
     for p in range(npages):
         length = page_len(p, nblocks)
         old_length = page_len(p, parent_nblocks)
@@ -379,9 +395,9 @@ async def _pages(
         if made is not None and len(made) < KEPT_PAGES:
             made.append((pid, plain))
         if pid not in index and pid not in assembler.pending:
-            encoded = await trio.to_thread.run_sync(repo.codec.encode, plain)
-            written += 1
-            full = assembler.add(pid, KIND_PAGE, encoded, len(plain))
-            if full is not None:
-                await send.send(full)
+            to_store[pid] = plain  # (a page made twice is stored once)
+            if len(to_store) >= PAGE_WINDOW:
+                await store_pages()
+    if to_store:
+        await store_pages()
     return out, blocks_changed, written
