@@ -11,6 +11,7 @@ input is one line and a non-zero exit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import filecmp
@@ -640,10 +641,11 @@ def test_a_mount_stopped_just_after_it_forks_never_mounts(snapfs: Snapfs, tmp_pa
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     pid_file = Path(snapfs.env["SNAPFS_RUNTIME_DIR"], f"{mount_key(str(mountpoint))}.pid")
-    # the command's fork returns 3 s late (the daemon runs meanwhile, and is not traced)
+    # the command's fork returns 6 s late (the daemon runs meanwhile, and is not traced); 3 s
+    # was once too little in CI, under load: the command had ended before the ^C was sent
     proc = subprocess.Popen(
         ["strace", "-qq", "-o", str(tmp_path / "trace"), "-e", "trace=clone",
-         "-e", "inject=clone:delay_exit=3000000",
+         "-e", "inject=clone:delay_exit=6000000",
          *snapfs.command(("mount", mountpoint, "--cache-dir", tmp_path / "cache",
                           "--simulate-latency", "1s"))],
         env=snapfs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -662,7 +664,12 @@ def test_a_mount_stopped_just_after_it_forks_never_mounts(snapfs: Snapfs, tmp_pa
                  != "", 30, "strace to start the command")
         command = traced_child(proc)
         wait_for(daemon_started, 30, "the daemon to start")
-        os.kill(command, signal.SIGINT)  # taken as its fork returns
+        try:
+            os.kill(command, signal.SIGINT)  # taken as its fork returns
+        except ProcessLookupError:
+            out, err = proc.communicate(timeout=60)
+            pytest.fail(f"the command ended before the ^C (exit {proc.returncode}, the daemon "
+                        f"pid {daemon}): {err.strip() or out.strip()}")
         _out, err = proc.communicate(timeout=60)
         assert (proc.returncode, err) == (130, "snapfs: interrupted\n")
         wait_for(lambda: not pid_running(daemon), 10, "the daemon to be stopped")
@@ -670,9 +677,13 @@ def test_a_mount_stopped_just_after_it_forks_never_mounts(snapfs: Snapfs, tmp_pa
     finally:
         if proc.poll() is None:
             if command:
-                os.kill(command, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # (it may have just ended)
+                    os.kill(command, signal.SIGKILL)
             proc.kill()
-            proc.wait()
+        proc.wait()
+        for stream in (proc.stdout, proc.stderr):  # (unread after a failure)
+            if stream is not None:
+                stream.close()
         _end_leftover_daemon(daemon, mountpoint)
 
 
