@@ -123,6 +123,19 @@ class _S3Loader(botocore.loaders.Loader):
         return ["s3"]
 
 
+def _read_body(body: Any) -> bytes:
+    """All of a GET's body, read through botocore's ``StreamingBody``, whose ``read`` turns a
+    connection cut or stalled mid-body into botocore's errors (``ResponseStreamingError``,
+    ``ReadTimeoutError``, ``IncompleteReadError``), which ``_fail`` maps. ``with body as b``
+    hands out the raw urllib3 stream instead: its errors escaped every handler (a store killed
+    while it answered ended a command in a traceback)."""
+    try:
+        data: bytes = body.read()
+    finally:
+        body.close()
+    return data
+
+
 class S3Store(ObjectStore):
     """Objects under ``prefix`` in ``bucket``.
 
@@ -288,9 +301,7 @@ class S3Store(ObjectStore):
         full = self._key(key)
         try:
             response = self._s3().get_object(Bucket=self.bucket, Key=full)
-            with response["Body"] as body:
-                data: bytes = body.read()
-            return data
+            return _read_body(response["Body"])
         except (BotoCoreError, ClientError) as e:
             raise self._fail(e, key, "get") from e
 
@@ -307,8 +318,7 @@ class S3Store(ObjectStore):
             response = self._s3().get_object(
                 Bucket=self.bucket, Key=full, Range=f"bytes={offset}-{offset + length - 1}"
             )
-            with response["Body"] as body:
-                data: bytes = body.read()
+            data = _read_body(response["Body"])
         except (BotoCoreError, ClientError) as e:
             if self._status(e) == 416 or self._code(e) == "InvalidRange":
                 return b""  # the range starts at or past the end of the object
