@@ -83,6 +83,7 @@ from snapfs.control import (
     mount_key,
     request,
     runtime_dir,
+    runtime_files,
     unmount,
 )
 from snapfs.errors import (
@@ -386,9 +387,8 @@ def _detach_if_dead(mountpoint: Path) -> None:
 def find_daemons(store_url: str) -> list[str]:
     """The mount points of the live, mounted daemons of this user that serve ``store_url``."""
     found = []
-    for pid_file in sorted(Path(runtime_dir()).glob("*.pid")):
-        key = pid_file.stem
-        files = RunFiles(f"(the daemon of {pid_file})", key, pid_file, pid_file.with_suffix(".sock"))
+    for pid_file in runtime_files(".pid"):
+        files = RunFiles.of_pid_file(pid_file, f"(the daemon of {pid_file})")
         daemon = find_daemon(files)
         if daemon is None:
             continue
@@ -402,7 +402,7 @@ def find_daemons(store_url: str) -> list[str]:
         if stats.get("repository") != store_url or not isinstance(mountpoint, str):
             continue
         entry = mount_entry(mountpoint)
-        if entry is not None and entry.is_snapfs and mount_key(mountpoint) == key:
+        if entry is not None and entry.is_snapfs and mount_key(mountpoint) == files.key:
             found.append(mountpoint)
     return found
 

@@ -127,6 +127,14 @@ class RunFiles:
         return cls(path, key, os.path.join(directory, f"{key}.pid"),
                    os.path.join(directory, f"{key}.sock"))
 
+    @classmethod
+    def of_pid_file(cls, pid_file: str, mountpoint: str = "") -> RunFiles:
+        """The run files of the daemon whose pid file is ``pid_file`` (``RUNDIR/KEY.pid``),
+        found by listing the runtime directory: its mount point is not known yet
+        (``mountpoint`` is what messages call it meanwhile)."""
+        key = os.path.basename(pid_file).removesuffix(".pid")
+        return cls(mountpoint, key, pid_file, _beside(pid_file, ".sock"))
+
     @property
     def info(self) -> str:
         return _beside(self.pid_file, ".json")
@@ -174,7 +182,7 @@ def _unlink_if_there(path: str | os.PathLike[str]) -> None:
         pass
 
 
-def _run_files(suffix: str, create: bool = True) -> list[str]:
+def runtime_files(suffix: str, create: bool = True) -> list[str]:
     """The files of the runtime directory named ``*SUFFIX``, sorted."""
     directory = runtime_dir(create)
     try:
@@ -402,9 +410,8 @@ def same_repository(a: str, b: str) -> bool:
 def repository_daemons(repository: str) -> list[tuple[RunFiles, dict[str, Any]]]:
     """The run files and facts of every live daemon that mounts ``repository`` on this host."""
     found: list[tuple[RunFiles, dict[str, Any]]] = []
-    for pid_file in _run_files(".pid", create=False):
-        key = os.path.basename(pid_file).removesuffix(".pid")
-        files = RunFiles("", key, pid_file, _beside(pid_file, ".sock"))
+    for pid_file in runtime_files(".pid", create=False):
+        files = RunFiles.of_pid_file(pid_file)
         info = files.read_info()
         if info is None or not same_repository(str(info.get("repository", "")), repository):
             continue
@@ -485,7 +492,7 @@ def dead_mounts(repository: str) -> list[tuple[str, str]]:
     facts ``find_daemon`` kept of them; those of mounts detached meanwhile (fusermount3, a
     reboot) are removed."""
     found = []
-    for died in _run_files(".died"):
+    for died in runtime_files(".died"):
         try:
             with open(died, encoding="utf-8") as f:
                 info = json.load(f)
