@@ -11,8 +11,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -253,13 +254,32 @@ def free_port() -> int:
     return port
 
 
-def test_s3_unreachable_endpoint_fails_fast(
-    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def fake_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Credentials for an endpoint that takes any (and no AWS config file of this host's)."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "anything")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "anything-secret")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+
+
+@contextmanager
+def fake_s3(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """An S3 endpoint on 127.0.0.1 whose requests ``handler`` answers while the block runs:
+    its URL."""
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()
+            thread.join()
+
+
+def test_s3_unreachable_endpoint_fails_fast(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake_credentials(monkeypatch, tmp_path)
     endpoint = f"http://127.0.0.1:{free_port()}"
     s = make_store("s3://snapfs-test/repo", endpoint_url=endpoint)
     started = time.monotonic()
@@ -309,23 +329,13 @@ def slow_down_handler(seen: list[str]) -> type[BaseHTTPRequestHandler]:
 def test_s3_persistent_slowdown_is_unavailable_after_bounded_retries(
     make_store: MakeStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "anything")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "anything-secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    fake_credentials(monkeypatch, tmp_path)
     seen: list[str] = []
-    with ThreadingHTTPServer(("127.0.0.1", 0), slow_down_handler(seen)) as server:
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-            s = make_store("s3://snapfs-test/repo", endpoint_url=endpoint)
-            with pytest.raises(StoreUnavailable) as caught:
-                s.get("config")
-            s.close()
-        finally:
-            server.shutdown()
-            thread.join()
+    with fake_s3(slow_down_handler(seen)) as endpoint:
+        s = make_store("s3://snapfs-test/repo", endpoint_url=endpoint)
+        with pytest.raises(StoreUnavailable) as caught:
+            s.get("config")
+        s.close()
     assert endpoint in str(caught.value)
     assert "SlowDown" in str(caught.value)
     assert seen == ["GET /snapfs-test/repo/config"] * S3Store.attempts
@@ -372,19 +382,13 @@ def test_s3_a_stalled_request_fails_and_a_slow_one_does_not(
     """botocore's read timeout is a stall timeout: a request that has no byte for
     ``read_timeout`` (``put_timeout`` for a PUT) fails, tried ``attempts`` times; a
     transfer that takes longer but keeps moving is not cut short."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "anything")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "anything-secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    fake_credentials(monkeypatch, tmp_path)
     monkeypatch.setattr(S3Store, "read_timeout", 0.5)
     monkeypatch.setattr(S3Store, "put_timeout", 1.0)
     seen: list[str] = []
     release = threading.Event()
-    with ThreadingHTTPServer(("127.0.0.1", 0), stalling_handler(seen, release)) as server:
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
+    with fake_s3(stalling_handler(seen, release)) as endpoint:
         try:
-            endpoint = f"http://127.0.0.1:{server.server_address[1]}"
             s = make_store("s3://snapfs-test/repo", endpoint_url=endpoint)
             started = time.monotonic()
             assert s.get("trickle") == 6 * TRICKLE
@@ -398,9 +402,7 @@ def test_s3_a_stalled_request_fails_and_a_slow_one_does_not(
             assert s._s3_puts().meta.config.read_timeout == 1.0
             s.close()
         finally:
-            release.set()
-            server.shutdown()
-            thread.join()
+            release.set()  # (the server's end waits for its handlers)
     assert seen == (["GET /snapfs-test/repo/trickle"] + ["GET /snapfs-test/repo/silent"] * S3Store.attempts
                     + ["PUT /snapfs-test/repo/silent"] * S3Store.attempts)
 
@@ -434,25 +436,15 @@ def test_s3_a_body_cut_short_is_the_store_unavailable(
     in CI) is the store being unavailable, as a refused connection is. The body was read
     through ``with response["Body"] as body``, which hands out urllib3's own stream: its
     ``ProtocolError`` escaped every handler, and ``snapshot create`` ended in a traceback."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "anything")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "anything-secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    fake_credentials(monkeypatch, tmp_path)
     seen: list[str] = []
-    with ThreadingHTTPServer(("127.0.0.1", 0), cutting_handler(seen)) as server:
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-            s = make_store("s3://snapfs-test/repo", endpoint_url=endpoint)
-            with pytest.raises(StoreUnavailable) as whole:
-                s.get("packs/p1")
-            with pytest.raises(StoreUnavailable) as part:
-                s.get_range("packs/p1", 0, 1000)
-            s.close()
-        finally:
-            server.shutdown()
-            thread.join()
+    with fake_s3(cutting_handler(seen)) as endpoint:
+        s = make_store("s3://snapfs-test/repo", endpoint_url=endpoint)
+        with pytest.raises(StoreUnavailable) as whole:
+            s.get("packs/p1")
+        with pytest.raises(StoreUnavailable) as part:
+            s.get_range("packs/p1", 0, 1000)
+        s.close()
     for caught in (whole, part):
         assert f"cannot reach {endpoint} for get packs/p1 in bucket snapfs-test" \
             in str(caught.value)
