@@ -262,6 +262,13 @@ def fake_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """A fake S3 server's handler that logs nothing (the test's output is its own)."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
 @contextmanager
 def fake_s3(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     """An S3 endpoint on 127.0.0.1 whose requests ``handler`` answers while the block runs:
@@ -305,7 +312,7 @@ SLOW_DOWN = (
 def slow_down_handler(seen: list[str]) -> type[BaseHTTPRequestHandler]:
     """A handler that answers every request as an overloaded S3 does, noting each in ``seen``."""
 
-    class SlowDown(BaseHTTPRequestHandler):
+    class SlowDown(QuietHandler):
         def _refuse(self) -> None:
             seen.append(f"{self.command} {self.path}")
             length = int(self.headers.get("Content-Length") or 0)
@@ -319,9 +326,6 @@ def slow_down_handler(seen: list[str]) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(SLOW_DOWN)
 
         do_GET = do_PUT = do_HEAD = do_DELETE = _refuse
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
 
     return SlowDown
 
@@ -346,7 +350,7 @@ def stalling_handler(seen: list[str], release: threading.Event) -> type[BaseHTTP
     answers, until ``release``) and is slow but steady on ``trickle`` (its body comes in six
     pieces 0.2 s apart), noting each request in ``seen``."""
 
-    class Stalling(BaseHTTPRequestHandler):
+    class Stalling(QuietHandler):
         protocol_version = "HTTP/1.1"
 
         def _answer(self) -> None:
@@ -366,9 +370,6 @@ def stalling_handler(seen: list[str], release: threading.Event) -> type[BaseHTTP
                 self.wfile.flush()
 
         do_GET = do_PUT = _answer
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
 
     return Stalling
 
@@ -411,7 +412,7 @@ def cutting_handler(seen: list[str]) -> type[BaseHTTPRequestHandler]:
     """A handler for an S3 server that dies while it answers a GET: it promises 1000 bytes,
     sends 100, and closes the connection."""
 
-    class Cutting(BaseHTTPRequestHandler):
+    class Cutting(QuietHandler):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
@@ -422,9 +423,6 @@ def cutting_handler(seen: list[str]) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(b"y" * 100)
             self.wfile.flush()
             self.close_connection = True
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
 
     return Cutting
 
