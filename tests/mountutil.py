@@ -80,9 +80,31 @@ def stopped_at(snapfs: Snapfs, args: tuple[Any, ...], syscall: str, trace: Path,
 
 
 def traced_child(proc: subprocess.Popen[Any]) -> int:
-    """The pid of the command that ``strace`` (``proc``) runs: a signal for the command goes
-    there, not to strace (which would let it go on, or pass the signal on late)."""
-    return int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+    """The pid of the command that ``strace`` (``proc``) runs, once it runs it: a signal for
+    the command goes there, not to strace (which would let it go on, or pass the signal on
+    late). As it starts, strace forks short-lived copies of itself that probe the kernel's
+    ptrace, so its first child may be one of those, gone a moment later (a ^C sent there went
+    nowhere, and a test saw its command end undisturbed: in CI, under load). The command is
+    the child whose command line is not strace's."""
+    def cmdline(pid: int) -> bytes | None:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+
+    own = cmdline(proc.pid)
+    found: list[int] = []
+
+    def command_started() -> bool:
+        try:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        except OSError:
+            return False
+        found[:] = [int(c) for c in children if cmdline(int(c)) not in (None, own)]
+        return bool(found)
+
+    wait_for(command_started, 30, "strace to start the command")
+    return found[0]
 
 
 def end_stopped(proc: subprocess.Popen[str], pid: int) -> None:
