@@ -3,7 +3,7 @@
 foreground writes during an upload, and rollback, each beside its reference.
 
     .venv/bin/python bench/run_disks.py [--runs 3] [--stores local,s3] [--size 1G --data 725M]
-        [--write-size 256M] [--write-rounds 3] [--rollback-blocks 2000]
+        [--write-size 256M] [--write-rounds 3] [--rollback-blocks 2000] [--busy-cores 0]
         [--out bench/results/disks.json]
         [--work bench/work/disks] [--base-dir bench/work/snapshot]
 
@@ -56,6 +56,10 @@ Local store only (they measure the host, not the store), every run:
    timed (the command, and the daemon's own time from its reply); the written blocks must read
    back as ``s0``'s bytes afterwards.
 
+``--busy-cores N`` runs N processes that spin on the CPU (at normal priority) for the whole
+benchmark, each ended by its pid: a machine whose other work wants the CPU too, where what a
+snapshot's upload takes from the foreground shows most.
+
 Nothing asserts on a time: the machine is shared, so the JSON keeps every raw figure and the
 load averages, and the table is medians. Cleanup, always (``finally``): ext4 mounts, loop
 devices, snapfs mounts (``snapfs umount``), SeaweedFS (by its pid).
@@ -104,6 +108,7 @@ class Config:
     out: Path
     work: Path
     base_dir: Path
+    busy_cores: int = 0
 
 
 say = rs.say
@@ -516,10 +521,24 @@ def parse_args(argv: list[str] | None) -> Config:
     p.add_argument("--out", type=Path, default=BENCH / "results" / "disks.json")
     p.add_argument("--work", type=Path, default=BENCH / "work" / "disks")
     p.add_argument("--base-dir", type=Path, default=BENCH / "work" / "snapshot")
+    p.add_argument("--busy-cores", type=int, default=0)
     a = p.parse_args(argv)
     stores = tuple(s for s in a.stores.split(",") if s)
     return Config(a.runs, stores, a.size, a.data, a.write_size, a.rollback_blocks,
-                  a.write_rounds, a.out, a.work.resolve(), a.base_dir.resolve())
+                  a.write_rounds, a.out, a.work.resolve(), a.base_dir.resolve(), a.busy_cores)
+
+
+@contextlib.contextmanager
+def busy_cores(n: int) -> Iterator[None]:
+    """``n`` processes spinning on the CPU meanwhile, ended by their pids."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(n)]
+    try:
+        yield
+    finally:
+        for proc in spinners:
+            proc.kill()
+            proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -537,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
                            "versions": rs.versions(), "stores": {}}
     seaweed_cfg = rs.BenchConfig(runs=1, stores=cfg.stores, size=cfg.size, data=cfg.data,
                                  block_sizes=(BLOCK,), out=cfg.out, work=cfg.work, keep=False)
-    with tempfile.TemporaryDirectory(dir=cfg.work), rs.seaweed(seaweed_cfg) as endpoint:
+    with (tempfile.TemporaryDirectory(dir=cfg.work), rs.seaweed(seaweed_cfg) as endpoint,
+          busy_cores(cfg.busy_cores)):
         for name in cfg.stores:
             store = rs.Store(name, cfg.work / f"store-{name}",
                              endpoint if name == "s3" else None)

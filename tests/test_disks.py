@@ -68,6 +68,7 @@ from testkit import (
 )
 
 from snapfs.control import RunFiles, mount_key, request
+from snapfs.niced import NICENESS, WORKERS
 from snapfs.repo.repository import Repository
 from snapfs.store import open_store
 from snapfs.write.state import DiskState
@@ -155,6 +156,17 @@ def pattern(seq: int) -> bytes:
 def random_blocks(seed: int, count: int) -> list[bytes]:
     rng = random.Random(seed)
     return [rng.randbytes(BS) for _ in range(count)]
+
+
+def thread_nice_values(pid: int) -> dict[int, int]:
+    """The nice value of each thread of process ``pid``, by thread id (``/proc``'s stat:
+    the 19th field, the 17th after the command name's closing parenthesis)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            out[int(tid)] = int(stat.rpartition(")")[2].split()[16])
+    return out
 
 
 def read_blocks(path: Path, numbers: list[int]) -> dict[int, bytes]:
@@ -539,6 +551,13 @@ def test_blocks_staged_while_the_disk_was_quiet_are_not_read_again_by_its_snapsh
     wait_for(lambda: s.disks()["d"]["blocks_staged_now"] == 40, 60, "the 40 blocks staged")
     listed = s.disks()["d"]
     assert listed["staging_reads"] == 40 and listed["snapshot_blocks_read"] == 0
+    # they were hashed and compressed on the daemon's low-priority threads, and only those
+    # gave way: the FUSE thread and trio's workers (a write's pwrite among them) did not
+    nice = thread_nice_values(s.daemon.pid)
+    lowered = [tid for tid, value in nice.items() if value == NICENESS]
+    assert 1 <= len(lowered) <= WORKERS, nice
+    assert nice[s.daemon.pid] == os.getpriority(os.PRIO_PROCESS, 0) < NICENESS, nice
+    assert len(nice) > len(lowered), nice
     # after staging: one staged block rewritten, one more block written
     fresh = next(n for n in range(128, nblocks - 1) if n not in numbers)
     write_blocks(s.disk("d"), {numbers[5]: random_blocks(10, 1)[0], fresh: random_blocks(11, 1)[0]})

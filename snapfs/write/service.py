@@ -68,6 +68,7 @@ from snapfs.host import boot_id
 from snapfs.hydration.scheduler import Hydrator, Priority
 from snapfs.image.catalog import SnapshotCatalog
 from snapfs.image.view import ImageView
+from snapfs.niced import NicedWorkers
 from snapfs.plural import counted
 from snapfs.repo.create import default_snapshot_name, encode_chunk
 from snapfs.repo.lock import SNAPSHOT_LOCK_PATIENCE, RepositoryLock
@@ -104,16 +105,22 @@ STAGE_PASS = 4096  # blocks at most per disk and pass
 STAGE_BUDGET = 64 << 20  # compressed bytes held staged, over every disk and closed generation
 
 
-async def stage_blocks(repo: Repository, index: BlobIndex, disk: Disk, blocks: list[int]) -> None:
+async def stage_blocks(repo: Repository, index: BlobIndex, disk: Disk, blocks: list[int],
+                       cpu: NicedWorkers | None = None) -> None:
     """Read, hash and compress ``blocks`` of ``disk``'s open generation ahead of its snapshot."""
     contents = await disk.read_for_staging(blocks)
-    disk.stage(blocks, await encode_staged(repo, index, contents))
+    disk.stage(blocks, await encode_staged(repo, index, contents, cpu))
 
 
-async def encode_staged(repo: Repository, index: BlobIndex, contents: list[bytes]) -> list[Staged]:
-    """``contents`` hashed, and compressed where the repository does not hold them (in a thread)."""
-    ids, new, _zeros = await trio.to_thread.run_sync(
-        encode_chunk, repo, b"".join(contents), index, set())
+async def encode_staged(repo: Repository, index: BlobIndex, contents: list[bytes],
+                        cpu: NicedWorkers | None = None) -> list[Staged]:
+    """``contents`` hashed, and compressed where the repository does not hold them (in a
+    thread: one of ``cpu``'s, which give way to the disks' I/O, if given)."""
+    data = b"".join(contents)
+    if cpu is not None:
+        ids, new, _zeros = await cpu.run(encode_chunk, repo, data, index, set())
+    else:
+        ids, new, _zeros = await trio.to_thread.run_sync(encode_chunk, repo, data, index, set())
     blobs = {bid: (blob, raw) for bid, blob, raw in new}
     return [Staged(bid, *blobs.get(bid, (None, len(data))))
             for bid, data in zip(ids, contents, strict=True)]
@@ -157,6 +164,8 @@ class DiskService:
         #: be stored, so their first attempt need not ask the store (``_store_part``)
         self._never_tried: set[str] = set()
         self._rest_until = 0.0  # trio clock: background disk work rests until then (``_pace``)
+        #: the threads that hash and compress for uploads and staging, at the lowest priority
+        self.cpu = NicedWorkers()
         hydrator.foreground.append(self._last_foreground)  # the sweep yields to disk I/O
         #: called when disks or pending snapshots come or go, with the name of a disk whose
         #: contents were rewritten (a rollback) if any: the FUSE adapter invalidates its caches
@@ -328,6 +337,7 @@ class DiskService:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        self.cpu.close()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """The upload queue: one task at a time, in the order they were closed."""
@@ -370,7 +380,7 @@ class DiskService:
 
     async def _stage_batch(self, disk: Disk, blocks: list[int]) -> None:
         try:
-            await stage_blocks(self.repo, self.hydrator.index, disk, blocks)
+            await stage_blocks(self.repo, self.hydrator.index, disk, blocks, self.cpu)
         except (OSError, ValueError) as e:  # the disk was deleted meanwhile
             log.debug("staging blocks of disk %s: %s", disk.name, e)
 
@@ -1036,7 +1046,7 @@ class DiskService:
                 pace=self._pace,
                 busy=self._busy, fresh_index=self._fresh_index, unreleased=self._unreleased,
                 lock_patience=self.upload_lock_patience, under_lock=under_lock,
-                keep_pages=self._keep_pages)
+                keep_pages=self._keep_pages, cpu=self.cpu)
         finally:
             self._uploading -= 1
         for pack, entries in packs.items():

@@ -28,6 +28,7 @@ import trio
 from snapfs.format.block import ZERO_ID
 from snapfs.format.manifest import DEFAULT_ENTRIES_PER_PAGE, SnapshotRoot, encode_page
 from snapfs.format.pack import KIND_DATA, KIND_PAGE
+from snapfs.niced import NicedWorkers
 from snapfs.repo.create import encode_chunk
 from snapfs.repo.lock import SNAPSHOT_LOCK_PATIENCE, RepositoryLock, refresh_lock
 from snapfs.repo.packer import FullPack, PackAssembler, PackUploader
@@ -87,6 +88,7 @@ async def upload_generation(
     lock_patience: float = SNAPSHOT_LOCK_PATIENCE,
     under_lock: trio.CapacityLimiter | None = None,
     keep_pages: Callable[[list[tuple[bytes, bytes]]], Awaitable[None]] | None = None,
+    cpu: NicedWorkers | None = None,
 ) -> tuple[SnapshotRoot, dict[str, list], str | None]:
     """Store ``closed`` as snapshot ``part.snapshot_id``; return its root, the packs it added
     and the name of the index object naming them (for the caller's index). ``created``: the
@@ -96,7 +98,8 @@ async def upload_generation(
     an unclean reboot had every block it ever wrote marked in ``closed`` at its closing,
     ``part.compared``: the manifest then differs from the parent only where a checksum does.)
     ``keep_pages`` is given (ID, plain bytes) of the pages the snapshot rewrote (up to
-    ``KEPT_PAGES``) once they are stored, for the cache.
+    ``KEPT_PAGES``) once they are stored, for the cache. ``cpu``: the threads that hash and
+    compress the blocks not staged (trio's, if not given).
 
     Blobs are deduplicated against the index as it is once the shared lock is held
     (``fresh_index``, if given, is read under it, beside its last look: see
@@ -115,7 +118,7 @@ async def upload_generation(
     if under_lock is not None:
         root, packs, index_name = await _upload(
             repo, index, disk, closed, part, parent, parent_pages_of, group, tags,
-            created or now_iso(), progress, rate, under_lock, pace, busy, made,
+            created or now_iso(), progress, rate, under_lock, pace, busy, made, cpu,
             store_root=False)
     else:
         async with shared_lock(repo, f"snapshot of disk {disk.name}", lock_patience,
@@ -126,7 +129,7 @@ async def upload_generation(
                 index = fresh
             root, packs, index_name = await _upload(
                 repo, index, disk, closed, part, parent, parent_pages_of, group, tags,
-                created or now_iso(), progress, rate, store_limiter, pace, busy, made)
+                created or now_iso(), progress, rate, store_limiter, pace, busy, made, cpu)
     root.stats["seconds"] = round(time.monotonic() - started, 3)
     root.stats["timings"] = progress.timings
     if keep_pages is not None and made:
@@ -162,18 +165,23 @@ async def shared_lock(repo: Repository, purpose: str, patience: float = SNAPSHOT
 
 
 async def _encode_on_cores(repo: Repository, blocks: list[bytes], index: BlobIndex,
-                           pending: set[bytes], cores: int
+                           pending: set[bytes], cores: int, cpu: NicedWorkers | None
                            ) -> tuple[list[bytes], list[tuple[bytes, bytes, int]]]:
     """``encode_chunk`` of consecutive ``blocks`` (whole blocks but maybe the last) split over
-    ``cores`` threads (zstd and BLAKE3 release the GIL): every block's ID, and the new blobs
-    encoded. A block new to two parts is encoded twice and stored once (``add`` checks)."""
+    ``cores`` threads (zstd and BLAKE3 release the GIL), ``cpu``'s if given: every block's ID,
+    and the new blobs encoded. A block new to two parts is encoded twice and stored once
+    (``add`` checks)."""
     step = -(-len(blocks) // cores)
     parts = [b"".join(blocks[i : i + step]) for i in range(0, len(blocks), step)]
     results: list[tuple[list[bytes], list[tuple[bytes, bytes, int]], int]] = [
         ([], [], 0) for _ in parts]
 
     async def encode(i: int) -> None:
-        results[i] = await trio.to_thread.run_sync(encode_chunk, repo, parts[i], index, pending)
+        if cpu is not None:
+            results[i] = await cpu.run(encode_chunk, repo, parts[i], index, pending)
+        else:
+            results[i] = await trio.to_thread.run_sync(encode_chunk, repo, parts[i], index,
+                                                       pending)
 
     async with trio.open_nursery() as nursery:
         for i in range(len(parts)):
@@ -187,7 +195,8 @@ async def _upload(
     part: SnapshotPart, parent: SnapshotRoot | None, parent_pages_of: PageLoader,
     group: str | None, tags: list[str], created: str, progress: UploadProgress,
     rate: float | None, store_limiter: trio.CapacityLimiter, pace: Pacer | None,
-    busy: Callable[[], bool], made: list[tuple[bytes, bytes]], store_root: bool = True,
+    busy: Callable[[], bool], made: list[tuple[bytes, bytes]], cpu: NicedWorkers | None,
+    store_root: bool = True,
 ) -> tuple[SnapshotRoot, dict[str, list], str | None]:
     bs = disk.block_size
     nblocks = -(-part.size // bs)
@@ -255,7 +264,7 @@ async def _upload(
                     # all cores when the disks are quiet, one while they are in use
                     batch_ids, new = await _encode_on_cores(repo, contents, index,
                                                             assembler.pending,
-                                                            1 if busy() else CPU_WORKERS)
+                                                            1 if busy() else CPU_WORKERS, cpu)
                     ids.update(zip(batch, batch_ids, strict=True))
                     for bid, blob, raw in new:
                         await add(pack_send, bid, KIND_DATA, blob, raw)
