@@ -309,10 +309,11 @@ def foreground_writes(b: Bench, n: int) -> dict[str, Any]:
             started = time.perf_counter()
             task = b.snapfs_json("snapshot", "create", "--disk", disk, "--no-wait")  # closed
             closed = time.perf_counter() - started
-            cowed = disk_counters(b, disk)["blocks_copied_on_write"]
+            before = daemon_figures(b, disk)
             during = fio_write(fs, size, "during.dat")
             fio_end = time.perf_counter() - started
-            cowed = disk_counters(b, disk)["blocks_copied_on_write"] - cowed
+            during["daemon"] = daemon_figures(b, disk, since=before)
+            cowed = during["daemon"]["blocks_copied_on_write"]
             task = wait_for_task(b.repo, task["id"])
             upload = time.perf_counter() - started
             if task["state"] != "accomplished":
@@ -320,7 +321,9 @@ def foreground_writes(b: Bench, n: int) -> dict[str, Any]:
                                     f"{task['reason']}")
             upload_file.unlink()  # room for the next round
             b.snapfs("snapshot", "create", "--disk", disk)  # nothing left to upload
+            before = daemon_figures(b, disk)
             after = fio_write(fs, size, "alone.dat")
+            after["daemon"] = daemon_figures(b, disk, since=before)
             reference = (alone["mib_per_s"] + after["mib_per_s"]) / 2
             rounds.append({"alone_before": alone, "during": during, "alone_after": after,
                            "closing_seconds": closed, "blocks_copied_on_write_during": cowed,
@@ -330,7 +333,12 @@ def foreground_writes(b: Bench, n: int) -> dict[str, Any]:
             say(f"[writes run {n}.{k + 1}] alone {alone['mib_per_s']:.0f} and "
                 f"{after['mib_per_s']:.0f} MiB/s, during an upload {during['mib_per_s']:.0f}"
                 f" MiB/s (upload {upload:.1f} s, fio {during['seconds']:.1f} s, {cowed} blocks "
-                "copied on write)")
+                f"copied on write; the daemon during / after: "
+                f"{during['daemon']['mean_write_bytes'] >> 10} / "
+                f"{after['daemon']['mean_write_bytes'] >> 10} KiB a write, "
+                f"{during['daemon']['cpu_seconds']:.2f} / {after['daemon']['cpu_seconds']:.2f} "
+                f"CPU s, {during['daemon']['context_switches']} / "
+                f"{after['daemon']['context_switches']} switches)")
             alone = after
     b.snapfs("disk", "delete", disk)
     alones = [rounds[0]["alone_before"]["mib_per_s"]] + [r["alone_after"]["mib_per_s"]
@@ -338,6 +346,34 @@ def foreground_writes(b: Bench, n: int) -> dict[str, Any]:
     return {"rounds": rounds, "alone_mib_s": median(alones),
             "during_mib_s": median([r["during"]["mib_per_s"] for r in rounds]),
             "ratio": median([r["ratio"] for r in rounds])}
+
+
+def daemon_figures(b: Bench, disk: str, since: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """The disk's counters (writes and bytes the kernel sent, fsyncs, blocks copied on write)
+    and the daemon's CPU seconds and context switches, or their growth ``since`` an earlier
+    call: what a fio job cost the daemon, to tell a slow round's cause."""
+    from snapfs.control import find_repository_daemon
+
+    files = find_repository_daemon(b.repo)
+    pid = int(Path(files.pid_file).read_text())
+    counters = disk_counters(b, disk)
+    out: dict[str, Any] = {k: counters[k] for k in ("writes", "bytes_written", "fsyncs",
+                                                    "blocks_copied_on_write")}
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    out["cpu_seconds"] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    switches = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+                if "ctxt_switches:" in line:  # voluntary and not
+                    switches += int(line.split()[1])
+    out["context_switches"] = switches
+    if since is not None:
+        out = {k: round(v - since[k], 3) for k, v in out.items()}
+        out["mean_write_bytes"] = out["bytes_written"] // max(1, out["writes"])
+    return out
 
 
 def disk_counters(b: Bench, disk: str) -> dict[str, Any]:

@@ -46,10 +46,12 @@ def make_dirs(path: str | os.PathLike[str]) -> None:
         fsync_dir(directory.parent)
 
 
-def replace_durably(path: Path, data: bytes, tmp: Path) -> None:
+def replace_durably(path: Path, data: bytes, tmp: Path, *, keep_cached: bool = True) -> None:
     """Make ``path`` hold ``data``, durably and whole: written to ``tmp`` (in the same
     directory), fsync'd, renamed over ``path``, and the rename made durable. On an error
-    ``tmp`` is removed and the error raised; ``path`` is then as it was, or already new."""
+    ``tmp`` is removed and the error raised; ``path`` is then as it was, or already new.
+    ``keep_cached=False``: once fsync'd, its pages leave the page cache (a file written for
+    keeping, not for reading back soon)."""
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
@@ -57,6 +59,8 @@ def replace_durably(path: Path, data: bytes, tmp: Path) -> None:
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
+            if not keep_cached:  # clean now: the kernel drops them at once
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
         os.rename(tmp, path)

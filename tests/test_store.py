@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -513,6 +514,34 @@ def test_local_failed_rename_leaves_no_temp_file(tmp_path: Path) -> None:
     assert leftovers == []
     assert sorted(p.name for p in (tmp_path / "repo").rglob("*")) == ["inside", "key"]
     assert list(s.list("")) == [("key/inside", 1)]
+
+
+def resident_bytes(path: Path) -> int:
+    """How much of ``path`` is in the page cache (``fincore``, util-linux)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES",
+                          str(path)], capture_output=True, text=True, check=True).stdout
+    return int(out)
+
+
+def test_local_put_leaves_what_it_stored_out_of_the_page_cache(tmp_path: Path) -> None:
+    """A stored object is not read back soon: its pages go, as a remote store's bytes leave
+    the host, and leave the memory to what the host is using (a served disk's writes)."""
+    fs_type = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    if fs_type == "tmpfs":
+        pytest.skip("tmpfs keeps every page of its files in memory")
+    data = payload(4 << 20)
+    control = tmp_path / "written-and-fsynced"
+    with open(control, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    assert resident_bytes(control) == len(data)  # what a file written this way keeps
+    s = LocalStore(tmp_path / "repo")
+    s.ensure_container()
+    s.put("packs/ab/pack", data)
+    assert resident_bytes(tmp_path / "repo" / "packs" / "ab" / "pack") == 0
+    assert s.get("packs/ab/pack") == data
 
 
 def test_local_directory_is_no_object_and_cannot_be_replaced_by_one(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """A directory on the local filesystem as an object store (the embedded default).
 
 Writes go to a temporary file in the same directory, are fsynced, then renamed over the key and
-the directory is fsynced, so a reader (or a crash) never sees half an object.
+the directory is fsynced, so a reader (or a crash) never sees half an object. What is written
+then leaves the page cache, as a remote store's bytes leave the host.
 """
 
 from __future__ import annotations
@@ -87,7 +88,11 @@ class LocalStore(ObjectStore):
         tmp = path.with_name(_tmp_name(path.name, data))
         try:
             make_dirs(path.parent)  # a new directory's name is durable too
-            replace_durably(path, data, tmp)
+            # not kept in the page cache: as with a remote store, what is stored leaves the
+            # host's memory to the disks and caches in use (an upload of a served disk's
+            # changes would otherwise fill as much page cache as it stores, beside the
+            # writes it must not slow)
+            replace_durably(path, data, tmp, keep_cached=False)
         except OSError as e:
             raise self._fail(e, key) from None
 
