@@ -80,14 +80,14 @@ def test_a_cancelled_caller_waits_for_its_job_to_end() -> None:
 
 
 def test_close_ends_the_threads() -> None:
-    async def main() -> None:
-        cpu = NicedWorkers(2)
-        both = threading.Barrier(2, timeout=10)  # so that the two jobs take the two threads
+    cpu = NicedWorkers(2)
+    both = threading.Barrier(2, timeout=10)  # so that the two jobs take the two threads
 
-        def tid_when_both_run() -> int:
-            both.wait()
-            return threading.get_native_id()
+    def tid_when_both_run() -> int:
+        both.wait()
+        return threading.get_native_id()
 
+    async def two_jobs() -> list[int]:
         tids: list[int] = []
 
         async def job() -> None:
@@ -96,15 +96,18 @@ def test_close_ends_the_threads() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(job)
             nursery.start_soon(job)
-        assert len(set(tids)) == 2
-        assert all(os.path.exists(f"/proc/self/task/{tid}") for tid in tids)
-        cpu.close()
-        # (joined, a thread may still be in the kernel's list for an instant)
-        with trio.move_on_after(10):
-            while any(os.path.exists(f"/proc/self/task/{tid}") for tid in tids):
-                await trio.sleep(0.01)
-        assert not any(os.path.exists(f"/proc/self/task/{tid}") for tid in tids)
-        assert await cpu.run(abs, -3) == 3  # a closed pool starts again when used
-        cpu.close()
+        return tids
 
-    trio.run(main)
+    def alive(tids: list[int]) -> list[int]:
+        return [tid for tid in tids if os.path.exists(f"/proc/self/task/{tid}")]
+
+    tids = trio.run(two_jobs)
+    assert len(set(tids)) == 2 and alive(tids) == tids
+    cpu.close()
+    deadline = time.monotonic() + 10  # (joined, a thread may be in the kernel's list an instant)
+    while alive(tids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert alive(tids) == []
+    again = trio.run(two_jobs)  # a closed pool starts again when used
+    assert set(again).isdisjoint(tids)
+    cpu.close()
