@@ -4,7 +4,7 @@ repository whose daemon adds a round trip to every store request (``--simulate-l
 on SeaweedFS on loopback (``--store s3``).
 
     .venv/bin/python bench/ab_incremental.py --rev main~2 --rev main [--latency 20ms|none]
-        [--store local|s3] [--rounds 4] [--cycles 3] [--blocks 1700]
+        [--store local|s3] [--rounds 4] [--cycles 3] [--blocks 1700] [--at-once]
         [--out bench/results/ab-incremental.json] [--work bench/work/ab-incremental]
 
 Why: an incremental snapshot of a served disk is a handful of store requests one after
@@ -20,7 +20,9 @@ with that tree first on PYTHONPATH (the CLI too), ``--simulate-latency``, its ow
 directory and ``--no-background``; a disk ``dN`` from ``s0``; ``--rounds`` times: ``--blocks``
 random 16 KiB blocks of it written (half random, half zeros: about 2:1 compressible) with an
 fsync, a wait on the daemon's socket until it has staged them, and ``snapshot create --disk dN
---json`` timed from the command's start to its end; then ``snapfs umount``. The JSON keeps
+--json`` timed from the command's start to its end (``--at-once``: right after the fsync,
+not waiting for the staging, so that the snapshot reads and compresses the blocks itself);
+then ``snapfs umount``. The JSON keeps
 every round (wall time, the daemon's time and its steps) and the medians per revision.
 Processes are ended by their pid; the mount is unmounted in ``finally``.
 """
@@ -111,7 +113,7 @@ def cycle(rev: str, tree: Path, work: Path, repo: list[str], args: argparse.Name
         run([*snapfs, "disk", "create", disk, "--from", "s0"], env)
         for r in range(args.rounds):
             write_blocks(mnt / "disks" / f"{disk}.img", args.blocks, seed=1000 * seed + r)
-            settled = staged(repo[1], disk)
+            settled = 0.0 if args.at_once else staged(repo[1], disk)
             started = time.perf_counter()
             out = run([*snapfs, "snapshot", "create", "--disk", disk, "--json"], env)
             wall = time.perf_counter() - started
@@ -140,6 +142,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--cycles", type=int, default=3)
     p.add_argument("--blocks", type=int, default=1700)
+    p.add_argument("--at-once", action="store_true",
+                   help="snapshot right after the writes' fsync, not once they are staged")
     p.add_argument("--out", default=str(HERE / "bench/results/ab-incremental.json"))
     p.add_argument("--work", default=str(HERE / "bench/work/ab-incremental"))
     args = p.parse_args()

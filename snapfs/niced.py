@@ -2,7 +2,7 @@
 the lowest CPU priority, so that the disk's own reads and writes go first.
 
 Cloud snapshots promise that taking one costs foreground I/O at most about 10%. The upload
-already rests while the disks are in use (``service.UPLOAD_SHARE_WHEN_BUSY``), but its batches
+already rests while the disks are in use (``pacing.UPLOAD_SHARE_WHEN_BUSY``), but its batches
 still hash and compress on every core while they run, beside the daemon's FUSE thread, the
 loop device's worker and the writer itself. On threads at nice 19 the kernel hands the CPU to
 those first whenever it is short, and the upload takes what is left; on a quiet machine nothing

@@ -77,6 +77,7 @@ from snapfs.repo.repository import BlobIndex, Repository, new_id, now_iso
 from snapfs.write.bitmap import Bitmap
 from snapfs.write.disk import ClosedGeneration, Disk, Image, PendingSnapshot, Staged, read_lower
 from snapfs.write.overlay import Overlay, leftover_files
+from snapfs.write.pacing import ForegroundPacer
 from snapfs.write.state import DiskRecord, DiskState, SnapshotPart, SnapshotTask
 from snapfs.write.uploader import UploadProgress, shared_lock, upload_generation
 
@@ -92,11 +93,6 @@ KEEP_FAILED = 20
 HOLD_RETRY = 30.0  # seconds before a hold that could not be stored is tried again
 LOCK_PATIENCE = 30.0  # seconds a disk create or rollback waits for a gc's exclusive lock
 LOCK_RETRY = 3.0  # seconds between tries to remove a lock whose removal failed
-#: while disks are read or written, uploads take at most this share of the time (the "at most
-#: ~10% of disk I/O" that cloud snapshots promise), so foreground I/O keeps the CPU and disk
-UPLOAD_SHARE_WHEN_BUSY = 0.1
-BUSY_WINDOW = 0.25  # seconds since the last disk read or write that count as busy
-REST_SLICE = 0.05  # a resting upload looks this often whether the disks fell quiet
 RELEASE_GRACE = 2.0  # seconds a closed handle may take to be released by the kernel
 #: staging: a block is staged once a pass finds it not rewritten since the previous pass
 STAGE_INTERVAL = 0.5
@@ -163,7 +159,8 @@ class DiskService:
         #: snapshots closed by this daemon whose upload has not begun: no root of theirs can
         #: be stored, so their first attempt need not ask the store (``_store_part``)
         self._never_tried: set[str] = set()
-        self._rest_until = 0.0  # trio clock: background disk work rests until then (``_pace``)
+        #: background disk work (uploads, staging) gives way to the disks' reads and writes
+        self.pacer = ForegroundPacer(self._last_io)
         #: the threads that hash and compress for uploads and staging, at the lowest priority
         self.cpu = NicedWorkers()
         hydrator.foreground.append(self._last_foreground)  # the sweep yields to disk I/O
@@ -376,7 +373,7 @@ class DiskService:
                         break
                     started = trio.current_time()
                     await self._stage_batch(disk, blocks[at : at + STAGE_BATCH])
-                    await self._pace(trio.current_time() - started)
+                    await self.pacer.pace(trio.current_time() - started)
 
     async def _stage_batch(self, disk: Disk, blocks: list[int]) -> None:
         try:
@@ -880,27 +877,6 @@ class DiskService:
         usually waits for, and which pace themselves against disk I/O already)."""
         return trio.current_time() if self._uploading else self._last_io()
 
-    def _busy(self) -> bool:
-        return trio.current_time() - self._last_io() < BUSY_WINDOW
-
-    async def _pace(self, batch_seconds: float) -> None:
-        """After a step of background disk work (an upload's batch or PUT, a staging batch):
-        while disks are in use, rest so that all of it together keeps its share of the time.
-        The rest is owed jointly: an upload runs several PUTs at once, and each resting only
-        for its own work gave the upload as a whole four times its share. The rest ends early
-        when the disks fall quiet."""
-        if not self._busy():
-            return
-        now = trio.current_time()
-        owed = batch_seconds * (1 - UPLOAD_SHARE_WHEN_BUSY) / UPLOAD_SHARE_WHEN_BUSY
-        self._rest_until = max(self._rest_until, now) + owed
-        until = self._rest_until
-        while True:  # polled: "quiet" is the absence of I/O for a while, not an event
-            left = until - trio.current_time()
-            if left <= 0 or not self._busy():
-                return
-            await trio.sleep(min(REST_SLICE, left))
-
     async def wait_task(self, task_id: str, patience: float) -> dict[str, Any]:
         """The task's summary once it has ended, or after ``patience`` seconds."""
         task = self.tasks.get(task_id)
@@ -1040,11 +1016,15 @@ class DiskService:
             return root, False
         self._uploading += 1
         try:
+            # it rests only for disk I/O that comes while it runs, not for the writes that
+            # went before the snapshot (see ``pacing``)
+            began = trio.current_time()
             root, packs, index_name = await upload_generation(
                 self.repo, self.hydrator.index, disk, closed, part, parent, parent_pages_of,
                 group=task.group, tags=task.tags, progress=progress, created=task.created,
-                pace=self._pace,
-                busy=self._busy, fresh_index=self._fresh_index, unreleased=self._unreleased,
+                pace=functools.partial(self.pacer.pace, since=began),
+                busy=functools.partial(self.pacer.busy, since=began),
+                fresh_index=self._fresh_index, unreleased=self._unreleased,
                 lock_patience=self.upload_lock_patience, under_lock=under_lock,
                 keep_pages=self._keep_pages, cpu=self.cpu)
         finally:
