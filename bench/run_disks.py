@@ -337,8 +337,7 @@ def foreground_writes(b: Bench, n: int) -> dict[str, Any]:
                 f"{during['daemon']['mean_write_bytes'] >> 10} / "
                 f"{after['daemon']['mean_write_bytes'] >> 10} KiB a write, "
                 f"{during['daemon']['cpu_seconds']:.2f} / {after['daemon']['cpu_seconds']:.2f} "
-                f"CPU s, {during['daemon']['context_switches']} / "
-                f"{after['daemon']['context_switches']} switches)")
+                "CPU s)")
             alone = after
     b.snapfs("disk", "delete", disk)
     alones = [rounds[0]["alone_before"]["mib_per_s"]] + [r["alone_after"]["mib_per_s"]
@@ -351,8 +350,8 @@ def foreground_writes(b: Bench, n: int) -> dict[str, Any]:
 def daemon_figures(b: Bench, disk: str, since: dict[str, Any] | None = None
                    ) -> dict[str, Any]:
     """The disk's counters (writes and bytes the kernel sent, fsyncs, blocks copied on write)
-    and the daemon's CPU seconds and context switches, or their growth ``since`` an earlier
-    call: what a fio job cost the daemon, to tell a slow round's cause."""
+    and the daemon's CPU seconds, or their growth ``since`` an earlier call: what a fio job
+    cost the daemon, to tell a slow round's cause."""
     from snapfs.control import find_repository_daemon
 
     files = find_repository_daemon(b.repo)
@@ -363,13 +362,6 @@ def daemon_figures(b: Bench, disk: str, since: dict[str, Any] | None = None
     ticks = os.sysconf("SC_CLK_TCK")
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     out["cpu_seconds"] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-    switches = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(FileNotFoundError):
-            for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
-                if "ctxt_switches:" in line:  # voluntary and not
-                    switches += int(line.split()[1])
-    out["context_switches"] = switches
     if since is not None:
         out = {k: round(v - since[k], 3) for k, v in out.items()}
         out["mean_write_bytes"] = out["bytes_written"] // max(1, out["writes"])
