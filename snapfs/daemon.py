@@ -247,6 +247,9 @@ class MountDaemon:
                     shutdown = True
                 else:
                     reply = await self._reply(op, request)
+                    # a name it made go (a deleted snapshot, a deleted disk) is gone from the
+                    # kernel too before the command hears back
+                    await self.ops.settle()
             except (trio.TooSlowError, trio.BrokenResourceError, ValueError) as e:
                 log.warning("control request dropped: %s", e or type(e).__name__)
                 return

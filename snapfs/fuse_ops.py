@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import pyfuse3
+import trio
 
 from snapfs.errors import NoSpace, SnapfsError
 from snapfs.image.view import ImageView
@@ -93,6 +94,7 @@ DIR_TIMEOUT = 60.0
 DISK_TIMEOUT = 1.0
 #: st_blksize: the preferred I/O size tools like cp and dd take from stat
 IO_SIZE = 128 * 1024
+UNSETTLED_KEPT = 256  # entries invalidated in the background that ``settle`` waits for, at most
 STATFS_BLOCK = 4096
 NAME_MAX = 255
 
@@ -167,6 +169,9 @@ class SnapshotFS(pyfuse3.Operations):
         self._listing_trouble: str | None = None
         self._next_handle = 1
         self._session_live = False
+        #: entries given to ``invalidate_entry_async`` that ``settle`` has not waited for:
+        #: (directory inode, name), the newest ``UNSETTLED_KEPT``
+        self._unsettled: dict[tuple[int, bytes], None] = {}
 
     def snapshots_open(self) -> dict[str, dict[str, Any]]:
         """The snapshots someone holds open here (a browse's loop device, a copy, a reader),
@@ -206,8 +211,33 @@ class SnapshotFS(pyfuse3.Operations):
         self._names = names
         for old, inode in stale:
             if self._session_live:
-                pyfuse3.invalidate_entry_async(SNAPSHOTS_INODE, old, ignore_enoent=True)
+                self._forget_entry_soon(SNAPSHOTS_INODE, old)
             self._drop_if_unused(inode)
+
+    def _forget_entry_soon(self, parent: int, name: bytes) -> None:
+        """Have the kernel forget ``name`` in ``parent``, from pyfuse3's notify thread: not
+        here, since we may be answering a request the kernel holds the directory for."""
+        pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+        self._unsettled[(parent, name)] = None
+        while len(self._unsettled) > UNSETTLED_KEPT:  # (the notify thread does them anyway)
+            del self._unsettled[next(iter(self._unsettled))]
+
+    async def settle(self) -> None:
+        """Return once the kernel has forgotten the entries invalidated so far, which
+        ``invalidate_entry_async`` does later, on its own thread. For a control request that
+        changed names (a refresh after a snapshot was deleted, a deleted disk): the command
+        that asked must not find the old name once it returns. Each is invalidated again,
+        synchronously, on a worker thread, so that this thread stays free for the requests
+        the kernel may finish first; the notify thread's own try then finds nothing."""
+        while self._unsettled and self._session_live:
+            parent, name = next(iter(self._unsettled))
+            del self._unsettled[(parent, name)]
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent, name)
+            except FileNotFoundError:
+                pass  # the kernel had forgotten it already
+            except OSError as e:  # it will time out in the kernel; nothing is served wrong
+                log.debug("could not invalidate %r in inode %d: %s", name, parent, e)
 
     def _drop_if_unused(self, inode: int) -> None:
         if self._lookups.get(inode, 0) <= 0 and inode not in self._names.values():
@@ -229,8 +259,7 @@ class SnapshotFS(pyfuse3.Operations):
                 if not disk.opens:
                     del self._disk_of[inode]
                 if self._session_live:
-                    pyfuse3.invalidate_entry_async(DISKS_INODE, os.fsencode(f"{name}.img"),
-                                                   ignore_enoent=True)
+                    self._forget_entry_soon(DISKS_INODE, os.fsencode(f"{name}.img"))
             elif self._session_live and rewritten == name:
                 try:
                     pyfuse3.invalidate_inode(inode, attr_only=False)
