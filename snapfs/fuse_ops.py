@@ -23,7 +23,9 @@ The rules it keeps:
   takes the name; the catalog then hands out a new ``ImageView``, which gets a new inode, and the
   kernel's entry for the old one is invalidated by whichever catalog refresh finds it out (a
   listing, a lookup, or the background sweep's, at least every 30 s: the kernel keeps names for
-  an hour and would not ask).
+  an hour and would not ask). pyfuse3 does that on its own thread, later; a control request
+  (a command's refresh, a disk deleted) returns only once the kernel has forgotten them
+  (``settle``).
 - Inode numbers are never reused while mounted. An image's inode (and its view, which holds
   page caches worth freeing) is kept while the catalog lists it or the kernel still knows it
   (its lookup count, which ``forget`` lowers; an open file keeps it known), so a file opened
