@@ -73,3 +73,11 @@ class NicedWorkers:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+
+
+async def run_on(cpu: NicedWorkers | None, fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` on one of ``cpu``'s threads, or on trio's if there is no pool (a caller
+    outside the daemon, a test)."""
+    if cpu is not None:
+        return await cpu.run(fn, *args)
+    return await trio.to_thread.run_sync(fn, *args)

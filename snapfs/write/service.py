@@ -68,7 +68,7 @@ from snapfs.host import boot_id
 from snapfs.hydration.scheduler import Hydrator, Priority
 from snapfs.image.catalog import SnapshotCatalog
 from snapfs.image.view import ImageView
-from snapfs.niced import NicedWorkers
+from snapfs.niced import NicedWorkers, run_on
 from snapfs.plural import counted
 from snapfs.repo.create import default_snapshot_name, encode_chunk
 from snapfs.repo.lock import SNAPSHOT_LOCK_PATIENCE, RepositoryLock
@@ -112,11 +112,7 @@ async def encode_staged(repo: Repository, index: BlobIndex, contents: list[bytes
                         cpu: NicedWorkers | None = None) -> list[Staged]:
     """``contents`` hashed, and compressed where the repository does not hold them (in a
     thread: one of ``cpu``'s, which give way to the disks' I/O, if given)."""
-    data = b"".join(contents)
-    if cpu is not None:
-        ids, new, _zeros = await cpu.run(encode_chunk, repo, data, index, set())
-    else:
-        ids, new, _zeros = await trio.to_thread.run_sync(encode_chunk, repo, data, index, set())
+    ids, new, _zeros = await run_on(cpu, encode_chunk, repo, b"".join(contents), index, set())
     blobs = {bid: (blob, raw) for bid, blob, raw in new}
     return [Staged(bid, *blobs.get(bid, (None, len(data))))
             for bid, data in zip(ids, contents, strict=True)]

@@ -28,7 +28,7 @@ import trio
 from snapfs.format.block import ZERO_ID
 from snapfs.format.manifest import DEFAULT_ENTRIES_PER_PAGE, SnapshotRoot, encode_page
 from snapfs.format.pack import KIND_DATA, KIND_PAGE
-from snapfs.niced import NicedWorkers
+from snapfs.niced import NicedWorkers, run_on
 from snapfs.repo.create import encode_chunk
 from snapfs.repo.lock import SNAPSHOT_LOCK_PATIENCE, RepositoryLock, refresh_lock
 from snapfs.repo.packer import FullPack, PackAssembler, PackUploader
@@ -177,11 +177,7 @@ async def _encode_on_cores(repo: Repository, blocks: list[bytes], index: BlobInd
         ([], [], 0) for _ in parts]
 
     async def encode(i: int) -> None:
-        if cpu is not None:
-            results[i] = await cpu.run(encode_chunk, repo, parts[i], index, pending)
-        else:
-            results[i] = await trio.to_thread.run_sync(encode_chunk, repo, parts[i], index,
-                                                       pending)
+        results[i] = await run_on(cpu, encode_chunk, repo, parts[i], index, pending)
 
     async with trio.open_nursery() as nursery:
         for i in range(len(parts)):
