@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""A/B of the lazy mount's reads between snapfs revisions: cold and warm sequential reads of an
+image, and its background hydration, on a local repository whose daemon adds a round trip to
+every store request (``--simulate-latency``).
+
+    .venv/bin/python bench/ab_mount_reads.py --rev main~1 --rev main [--rounds 3]
+        [--latency 20ms] [--image bench/work/snapshot/base-1G-725M.img]
+        [--out bench/results/ab-mount-reads.json] [--work bench/work/ab-mount-reads]
+
+Why: ``run_mount.py`` takes five minutes and measures much else; a change to the read path
+(the cache's writes, the fetch workers) wants alternated pairs of just these figures, since
+this machine's speed drifts within minutes (bench/README.md, "New memory is dear").
+
+Set-up, once: each revision's ``snapfs`` package is taken out of git into WORK/trees/REV
+(``ab_incremental.tree_of``); a repository in WORK holds one snapshot of IMAGE (default: the
+realistic 1 GiB image of ``run_mount.py``; made with the first revision). Then ``--rounds``
+times, for each revision in turn, with that tree first on PYTHONPATH (the CLI too), after
+dropping the page cache and a pause of ``--pause`` seconds before every mount:
+- ``cold``: ``snapfs mount --no-background`` with a fresh cache directory, the image read
+  whole in 1 MiB reads (``dd``), ``snapfs umount``;
+- ``warm``: the same cache mounted again and the image read again (its blocks come from the
+  cache's files, not the store);
+- ``hydration``: ``snapfs mount`` (background on) with a fresh cache directory, the image
+  opened as ``losetup`` would, ``stats --json`` polled until no block is missing; MiB/s of
+  stored bytes fetched, from the command's start.
+Each pass records the daemon's user and system CPU seconds. Reads are checked: every pass's
+xxh3-128 of the image must equal the source's. The JSON keeps every pass and the medians per
+revision; medians of the per-round ratios to the first revision are printed. Processes are
+ended by their pid (``snapfs umount``); the mount is unmounted in ``finally``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import xxhash
+from ab_incremental import HERE, PYTHON, run, tree_of
+from restic_peer import drop_caches
+
+IMAGE = HERE / "bench" / "work" / "snapshot" / "base-1G-725M.img"
+MIB = 1 << 20
+
+
+def image_digest(path: Path) -> tuple[str, int]:
+    """xxh3-128 of the file read in 1 MiB pieces, and its size."""
+    h = xxhash.xxh3_128()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(MIB):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def snapfs_cmd(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return run([PYTHON, "-m", "snapfs", *args], dict(os.environ, **env))
+
+
+def cpu(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+class Mounted:
+    """``snapfs mount`` of REPO at MNT with a tree first on PYTHONPATH, unmounted at the end."""
+
+    def __init__(self, tree: Path, repo: Path, mnt: Path, cache: Path, latency: str,
+                 background: bool) -> None:
+        self.env = {"PYTHONPATH": str(tree)}
+        self.mnt = mnt
+        args = ["-r", str(repo), "mount", str(mnt), "--cache-dir", str(cache),
+                "--simulate-latency", latency]
+        self.args = args if background else [*args, "--no-background"]
+
+    def __enter__(self) -> Mounted:
+        snapfs_cmd(self.args, self.env)
+        stats = json.loads(snapfs_cmd(["stats", str(self.mnt), "--json"], self.env).stdout)
+        self.pid = int(stats["pid"])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        snapfs_cmd(["umount", str(self.mnt)], self.env)
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def settle(pause: float) -> None:
+    drop_caches()
+    time.sleep(pause)
+
+
+def one_round(tree: Path, repo: Path, work: Path, args: argparse.Namespace,
+              want: tuple[str, int]) -> dict[str, Any]:
+    mnt = work / "mnt"
+    image = mnt / "snapshots" / "disk.img"
+    out: dict[str, Any] = {}
+    cache = fresh(work / "cache")
+    for label in ("cold", "warm"):
+        settle(args.pause)
+        with Mounted(tree, repo, mnt, cache, args.latency, background=False) as m:
+            t0 = time.perf_counter()
+            got = image_digest(image)
+            seconds = time.perf_counter() - t0
+            user, system = cpu(m.pid)
+        if got != want:
+            raise SystemExit(f"{label} read of {image} differs from the source image")
+        out[label] = {"seconds": seconds, "mib_s": want[1] / MIB / seconds,
+                      "daemon_user": user, "daemon_system": system}
+    cache = fresh(work / "cache")
+    settle(args.pause)
+    t0 = time.perf_counter()
+    with Mounted(tree, repo, mnt, cache, args.latency, background=True) as m:
+        with open(image, "rb"):  # in use: the sweep hydrates it
+            while True:
+                stats = json.loads(snapfs_cmd(["stats", str(mnt), "--json"], m.env).stdout)
+                img = stats["images"]["disk.img"]
+                if img["data_blocks"] is not None and img["blocks_missing"] == 0:
+                    break
+                if time.perf_counter() - t0 > 600:
+                    raise SystemExit(f"hydration not done after 600 s: {img}")
+                time.sleep(0.1)
+            seconds = time.perf_counter() - t0
+            user, system = cpu(m.pid)
+        got = image_digest(image)  # all from the cache now
+    if got != want:
+        raise SystemExit(f"the hydrated {image} differs from the source image")
+    fetched = stats["hydrator"]["bytes_fetched"]
+    out["hydration"] = {"seconds": seconds, "mib_s": fetched / MIB / seconds,
+                        "bytes_fetched": fetched, "daemon_user": user, "daemon_system": system}
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rev", action="append", required=True, help="a git revision (twice or more)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--latency", default="20ms")
+    p.add_argument("--pause", type=float, default=3.0, help="seconds after dropping the cache")
+    p.add_argument("--image", type=Path, default=IMAGE)
+    p.add_argument("--work", type=Path, default=HERE / "bench" / "work" / "ab-mount-reads")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    if len(args.rev) < 2:
+        p.error("give --rev at least twice")
+    if not args.image.is_file():
+        p.error(f"{args.image}: no such image (run bench/run_mount.py once, or give --image)")
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "mnt").mkdir(exist_ok=True)
+    trees = {rev: tree_of(rev, work) for rev in args.rev}
+    repo = fresh(work / "repo")
+    first = {"PYTHONPATH": str(trees[args.rev[0]])}
+    snapfs_cmd(["-r", str(repo), "init"], first)
+    snapfs_cmd(["-r", str(repo), "snapshot", "create", str(args.image), "--name", "disk"], first)
+    want = image_digest(args.image)
+    rounds: dict[str, list[dict[str, Any]]] = {rev: [] for rev in args.rev}
+    load = []
+    try:
+        for n in range(args.rounds):
+            for rev in args.rev:
+                load.append(os.getloadavg()[0])
+                r = one_round(trees[rev], repo, work, args, want)
+                rounds[rev].append(r)
+                print(f"round {n + 1} {rev}: cold {r['cold']['mib_s']:.0f} MiB/s, warm "
+                      f"{r['warm']['mib_s']:.0f} MiB/s, hydration {r['hydration']['seconds']:.2f} s "
+                      f"(daemon {r['hydration']['daemon_user']:.2f} user "
+                      f"{r['hydration']['daemon_system']:.2f} system)", flush=True)
+    finally:
+        if subprocess.run(["mountpoint", "-q", str(work / "mnt")]).returncode == 0:
+            subprocess.run([PYTHON, "-m", "snapfs", "umount", str(work / "mnt")], cwd="/")
+    medians = {rev: {kind: {key: statistics.median(r[kind][key] for r in rs)
+                            for key in rs[0][kind]} for kind in rs[0]}
+               for rev, rs in rounds.items()}
+    base = args.rev[0]
+    ratios = {rev: {kind: statistics.median(r[kind]["seconds"] / b[kind]["seconds"]
+                                            for r, b in zip(rounds[rev], rounds[base], strict=True))
+                    for kind in rounds[rev][0]} for rev in args.rev[1:]}
+    for rev, by_kind in ratios.items():
+        print(f"{rev} / {base}, time, median of the rounds' ratios: " +
+              ", ".join(f"{kind} {ratio:.2f}" for kind, ratio in by_kind.items()))
+    doc = {"benchmark": "ab_mount_reads", "revs": args.rev, "latency": args.latency,
+           "image": str(args.image), "image_bytes": want[1], "load1": load,
+           "rounds": rounds, "medians": medians, "time_ratios_to_first": ratios}
+    if args.out:
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
