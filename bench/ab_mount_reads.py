@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """A/B of the lazy mount's reads between snapfs revisions: cold and warm sequential reads of an
 image, and its background hydration, on a local repository whose daemon adds a round trip to
-every store request (``--simulate-latency``).
+every store request (``--simulate-latency``), or on SeaweedFS on loopback (``--store s3``).
 
     .venv/bin/python bench/ab_mount_reads.py --rev main~1 --rev main [--rounds 3]
-        [--latency 20ms] [--image bench/work/snapshot/base-1G-725M.img]
+        [--store local|s3] [--latency 20ms|none] [--image bench/work/snapshot/base-1G-725M.img]
         [--out bench/results/ab-mount-reads.json] [--work bench/work/ab-mount-reads]
 
 Why: ``run_mount.py`` takes five minutes and measures much else; a change to the read path
@@ -12,10 +12,13 @@ Why: ``run_mount.py`` takes five minutes and measures much else; a change to the
 this machine's speed drifts within minutes (bench/README.md, "New memory is dear").
 
 Set-up, once: each revision's ``snapfs`` package is taken out of git into WORK/trees/REV
-(``ab_incremental.tree_of``); a repository in WORK holds one snapshot of IMAGE (default: the
-realistic 1 GiB image of ``run_mount.py``; made with the first revision). Then ``--rounds``
-times, for each revision in turn, with that tree first on PYTHONPATH (the CLI too), after
-dropping the page cache and a pause of ``--pause`` seconds before every mount:
+(``ab_incremental.tree_of``); a repository in WORK (or in a bucket of a SeaweedFS server
+started on 127.0.0.1 for the run, and stopped by its pid at the end) holds one snapshot of IMAGE
+(default: the realistic 1 GiB image of ``run_mount.py``; made with the first revision). The
+latency is added on the local store only, by default (``--latency none`` to add none). Then
+``--rounds`` times, for each revision in turn (in the reverse order every other round), with
+that tree first on PYTHONPATH (the CLI too), after dropping the page cache and a pause of
+``--pause`` seconds before every mount:
 - ``cold``: ``snapfs mount --no-background`` with a fresh cache directory, the image read
   whole in 1 MiB reads (``dd``), ``snapfs umount``;
 - ``warm``: the same cache mounted again and the image read again (its blocks come from the
@@ -38,6 +41,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -73,14 +77,16 @@ def cpu(pid: int) -> tuple[float, float]:
 
 
 class Mounted:
-    """``snapfs mount`` of REPO at MNT with a tree first on PYTHONPATH, unmounted at the end."""
+    """``snapfs mount`` of the repository (``repo``: the CLI's options naming it) at MNT with
+    a tree first on PYTHONPATH, unmounted at the end."""
 
-    def __init__(self, tree: Path, repo: Path, mnt: Path, cache: Path, latency: str,
-                 background: bool) -> None:
+    def __init__(self, tree: Path, repo: list[str], mnt: Path, cache: Path,
+                 latency: str | None, background: bool) -> None:
         self.env = {"PYTHONPATH": str(tree)}
         self.mnt = mnt
-        args = ["-r", str(repo), "mount", str(mnt), "--cache-dir", str(cache),
-                "--simulate-latency", latency]
+        args = [*repo, "mount", str(mnt), "--cache-dir", str(cache)]
+        if latency is not None:
+            args += ["--simulate-latency", latency]
         self.args = args if background else [*args, "--no-background"]
 
     def __enter__(self) -> Mounted:
@@ -103,15 +109,15 @@ def settle(pause: float) -> None:
     time.sleep(pause)
 
 
-def one_round(tree: Path, repo: Path, work: Path, args: argparse.Namespace,
-              want: tuple[str, int]) -> dict[str, Any]:
+def one_round(tree: Path, repo: list[str], work: Path, args: argparse.Namespace,
+              want: tuple[str, int], latency: str | None) -> dict[str, Any]:
     mnt = work / "mnt"
     image = mnt / "snapshots" / "disk.img"
     out: dict[str, Any] = {}
     cache = fresh(work / "cache")
     for label in ("cold", "warm"):
         settle(args.pause)
-        with Mounted(tree, repo, mnt, cache, args.latency, background=False) as m:
+        with Mounted(tree, repo, mnt, cache, latency, background=False) as m:
             t0 = time.perf_counter()
             got = image_digest(image)
             seconds = time.perf_counter() - t0
@@ -123,7 +129,7 @@ def one_round(tree: Path, repo: Path, work: Path, args: argparse.Namespace,
     cache = fresh(work / "cache")
     settle(args.pause)
     t0 = time.perf_counter()
-    with Mounted(tree, repo, mnt, cache, args.latency, background=True) as m:
+    with Mounted(tree, repo, mnt, cache, latency, background=True) as m:
         with open(image, "rb"):  # in use: the sweep hydrates it
             while True:
                 stats = json.loads(snapfs_cmd(["stats", str(mnt), "--json"], m.env).stdout)
@@ -148,7 +154,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rev", action="append", required=True, help="a git revision (twice or more)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--latency", default="20ms")
+    p.add_argument("--store", choices=["local", "s3"], default="local")
+    p.add_argument("--latency", help="--simulate-latency (default 20ms locally, none on s3)")
     p.add_argument("--pause", type=float, default=3.0, help="seconds after dropping the cache")
     p.add_argument("--image", type=Path, default=IMAGE)
     p.add_argument("--work", type=Path, default=HERE / "bench" / "work" / "ab-mount-reads")
@@ -161,19 +168,43 @@ def main() -> int:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     (work / "mnt").mkdir(exist_ok=True)
+    if args.latency is None:
+        args.latency = "20ms" if args.store == "local" else "none"
+    latency = None if args.latency == "none" else args.latency
     trees = {rev: tree_of(rev, work) for rev in args.rev}
-    repo = fresh(work / "repo")
+    server = None
+    if args.store == "s3":
+        from snapfs.testing.seaweedfs import SeaweedServer
+
+        server = SeaweedServer(tempfile.mkdtemp(prefix="seaweed-", dir=work))
+        server.start()
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "snapfsbench")  # (any identity will do)
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "snapfsbench-secret")
+        repo = ["-r", f"s3://ab-mount-reads/{os.getpid()}", "--endpoint-url", server.endpoint_url]
+    else:
+        repo = ["-r", str(fresh(work / "repo"))]
+    try:
+        return measure(args, trees, work, repo, latency)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def measure(args: argparse.Namespace, trees: dict[str, Path], work: Path, repo: list[str],
+            latency: str | None) -> int:
     first = {"PYTHONPATH": str(trees[args.rev[0]])}
-    snapfs_cmd(["-r", str(repo), "init"], first)
-    snapfs_cmd(["-r", str(repo), "snapshot", "create", str(args.image), "--name", "disk"], first)
+    snapfs_cmd([*repo, "init"], first)
+    snapfs_cmd([*repo, "snapshot", "create", str(args.image), "--name", "disk"], first)
     want = image_digest(args.image)
     rounds: dict[str, list[dict[str, Any]]] = {rev: [] for rev in args.rev}
     load = []
     try:
         for n in range(args.rounds):
-            for rev in args.rev:
+            # ABBA: the order turns every round, so that neither revision always follows the
+            # other (a pass leaves the machine's memory in a state the next one pays for)
+            for rev in args.rev if n % 2 == 0 else args.rev[::-1]:
                 load.append(os.getloadavg()[0])
-                r = one_round(trees[rev], repo, work, args, want)
+                r = one_round(trees[rev], repo, work, args, want, latency)
                 rounds[rev].append(r)
                 print(f"round {n + 1} {rev}: cold {r['cold']['mib_s']:.0f} MiB/s, warm "
                       f"{r['warm']['mib_s']:.0f} MiB/s, hydration {r['hydration']['seconds']:.2f} s "
@@ -192,7 +223,8 @@ def main() -> int:
     for rev, by_kind in ratios.items():
         print(f"{rev} / {base}, time, median of the rounds' ratios: " +
               ", ".join(f"{kind} {ratio:.2f}" for kind, ratio in by_kind.items()))
-    doc = {"benchmark": "ab_mount_reads", "revs": args.rev, "latency": args.latency,
+    doc = {"benchmark": "ab_mount_reads", "revs": args.rev, "store": args.store,
+           "latency": args.latency,
            "image": str(args.image), "image_bytes": want[1], "load1": load,
            "rounds": rounds, "medians": medians, "time_ratios_to_first": ratios}
     if args.out:
