@@ -38,6 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -153,22 +155,28 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     os.environ["SNAPFS_RUNTIME_DIR"] = str(work / "run")  # the daemons', for ``staged`` too
     trees = {rev: tree_of(rev, work) for rev in args.rev}
-    server = None
-    if args.store == "s3":
-        from snapfs.testing.seaweedfs import SeaweedServer
+    with repository(args.store, work, "ab-bench") as repo:
+        return measure(args, trees, work, repo)
 
-        server = SeaweedServer(tempfile.mkdtemp(prefix="seaweed-", dir=work))
-        server.start()
+
+@contextmanager
+def repository(store: str, work: Path, bucket: str) -> Iterator[list[str]]:
+    """The CLI's options naming a new repository while the block runs: a directory in WORK,
+    or (``s3``) a prefix of ``bucket`` on a SeaweedFS server started on 127.0.0.1 for the
+    block and stopped by its pid after it."""
+    if store != "s3":
+        yield ["-r", tempfile.mkdtemp(prefix="repo-", dir=work)]
+        return
+    from snapfs.testing.seaweedfs import SeaweedServer
+
+    server = SeaweedServer(tempfile.mkdtemp(prefix="seaweed-", dir=work))
+    server.start()
+    try:
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "snapfsbench")  # (any identity will do)
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "snapfsbench-secret")
-        repo = ["-r", f"s3://ab-bench/{os.getpid()}", "--endpoint-url", server.endpoint_url]
-    else:
-        repo = ["-r", tempfile.mkdtemp(prefix="repo-", dir=work)]
-    try:
-        return measure(args, trees, work, repo)
+        yield ["-r", f"s3://{bucket}/{os.getpid()}", "--endpoint-url", server.endpoint_url]
     finally:
-        if server is not None:
-            server.stop()
+        server.stop()
 
 
 def measure(args: argparse.Namespace, trees: dict[str, Path], work: Path, repo: list[str],

@@ -41,13 +41,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import xxhash
-from ab_incremental import HERE, PYTHON, run, tree_of
+from ab_incremental import HERE, PYTHON, repository, run, tree_of
 from restic_peer import drop_caches
 
 IMAGE = HERE / "bench" / "work" / "snapshot" / "base-1G-725M.img"
@@ -172,22 +171,8 @@ def main() -> int:
         args.latency = "20ms" if args.store == "local" else "none"
     latency = None if args.latency == "none" else args.latency
     trees = {rev: tree_of(rev, work) for rev in args.rev}
-    server = None
-    if args.store == "s3":
-        from snapfs.testing.seaweedfs import SeaweedServer
-
-        server = SeaweedServer(tempfile.mkdtemp(prefix="seaweed-", dir=work))
-        server.start()
-        os.environ.setdefault("AWS_ACCESS_KEY_ID", "snapfsbench")  # (any identity will do)
-        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "snapfsbench-secret")
-        repo = ["-r", f"s3://ab-mount-reads/{os.getpid()}", "--endpoint-url", server.endpoint_url]
-    else:
-        repo = ["-r", str(fresh(work / "repo"))]
-    try:
+    with repository(args.store, work, "ab-mount-reads") as repo:
         return measure(args, trees, work, repo, latency)
-    finally:
-        if server is not None:
-            server.stop()
 
 
 def measure(args: argparse.Namespace, trees: dict[str, Path], work: Path, repo: list[str],
