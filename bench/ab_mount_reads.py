@@ -20,7 +20,7 @@ latency is added on the local store only, by default (``--latency none`` to add 
 that tree first on PYTHONPATH (the CLI too), after dropping the page cache and a pause of
 ``--pause`` seconds before every mount:
 - ``cold``: ``snapfs mount --no-background`` with a fresh cache directory, the image read
-  whole in 1 MiB reads (``dd``), ``snapfs umount``;
+  whole in 1 MiB reads (``run_mount.read_whole``, which hashes them), ``snapfs umount``;
 - ``warm``: the same cache mounted again and the image read again (its blocks come from the
   cache's files, not the store);
 - ``hydration``: ``snapfs mount`` (background on) with a fresh cache directory, the image
@@ -45,34 +45,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import xxhash
 from ab_incremental import HERE, PYTHON, repository, run, tree_of
 from restic_peer import drop_caches
+from run_mount import cpu_times, read_whole
 
 IMAGE = HERE / "bench" / "work" / "snapshot" / "base-1G-725M.img"
 MIB = 1 << 20
 
 
-def image_digest(path: Path) -> tuple[str, int]:
-    """xxh3-128 of the file read in 1 MiB pieces, and its size."""
-    h = xxhash.xxh3_128()
-    size = 0
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(MIB):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
 def snapfs_cmd(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return run([PYTHON, "-m", "snapfs", *args], dict(os.environ, **env))
-
-
-def cpu(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds of ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 class Mounted:
@@ -108,6 +90,12 @@ def settle(pause: float) -> None:
     time.sleep(pause)
 
 
+def image_digest(path: Path) -> tuple[str, int]:
+    """xxh3-128 of the file read front to back (``run_mount.read_whole``), and its size."""
+    r = read_whole(path)
+    return r["xxh3"], r["bytes"]
+
+
 def one_round(tree: Path, repo: list[str], work: Path, args: argparse.Namespace,
               want: tuple[str, int], latency: str | None) -> dict[str, Any]:
     mnt = work / "mnt"
@@ -117,10 +105,9 @@ def one_round(tree: Path, repo: list[str], work: Path, args: argparse.Namespace,
     for label in ("cold", "warm"):
         settle(args.pause)
         with Mounted(tree, repo, mnt, cache, latency, background=False) as m:
-            t0 = time.perf_counter()
-            got = image_digest(image)
-            seconds = time.perf_counter() - t0
-            user, system = cpu(m.pid)
+            r = read_whole(image)
+            got, seconds = (r["xxh3"], r["bytes"]), r["seconds"]
+            user, system = cpu_times(m.pid)
         if got != want:
             raise SystemExit(f"{label} read of {image} differs from the source image")
         out[label] = {"seconds": seconds, "mib_s": want[1] / MIB / seconds,
@@ -139,7 +126,7 @@ def one_round(tree: Path, repo: list[str], work: Path, args: argparse.Namespace,
                     raise SystemExit(f"hydration not done after 600 s: {img}")
                 time.sleep(0.1)
             seconds = time.perf_counter() - t0
-            user, system = cpu(m.pid)
+            user, system = cpu_times(m.pid)
         got = image_digest(image)  # all from the cache now
     if got != want:
         raise SystemExit(f"the hydrated {image} differs from the source image")

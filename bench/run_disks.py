@@ -81,7 +81,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -89,6 +89,10 @@ sys.path.insert(0, str(BENCH))
 
 import restic_peer as rp  # noqa: E402  (a sibling module, not a package)
 import run_snapshot as rs  # noqa: E402
+from run_mount import cpu_seconds  # noqa: E402
+
+if TYPE_CHECKING:
+    from snapfs.control import RunFiles
 
 SNAPFS = [str(ROOT / ".venv" / "bin" / "snapfs")]
 CHANGE_IMAGE = ROOT / "tools" / "change-image"
@@ -355,24 +359,22 @@ def daemon_figures(b: Bench, disk: str, since: dict[str, Any] | None = None
     from snapfs.control import find_repository_daemon
 
     files = find_repository_daemon(b.repo)
-    pid = int(Path(files.pid_file).read_text())
-    counters = disk_counters(b, disk)
+    counters = disk_counters(b, disk, files)
     out: dict[str, Any] = {k: counters[k] for k in ("writes", "bytes_written", "fsyncs",
                                                     "blocks_copied_on_write")}
-    ticks = os.sysconf("SC_CLK_TCK")
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    out["cpu_seconds"] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    out["cpu_seconds"] = cpu_seconds(int(Path(files.pid_file).read_text()))
     if since is not None:
         out = {k: round(v - since[k], 3) for k, v in out.items()}
         out["mean_write_bytes"] = out["bytes_written"] // max(1, out["writes"])
     return out
 
 
-def disk_counters(b: Bench, disk: str) -> dict[str, Any]:
-    """The daemon's figures for ``disk``, asked on its socket (no process started)."""
+def disk_counters(b: Bench, disk: str, files: RunFiles | None = None) -> dict[str, Any]:
+    """The daemon's figures for ``disk``, asked on its socket (no process started; ``files``:
+    the daemon's, if the caller has found them already)."""
     from snapfs.control import find_repository_daemon, request
 
-    disks = request(find_repository_daemon(b.repo), {"op": "disk-list"})["disks"]
+    disks = request(files or find_repository_daemon(b.repo), {"op": "disk-list"})["disks"]
     found: dict[str, Any] = next(d for d in disks if d["name"] == disk)
     return found
 
