@@ -87,7 +87,7 @@ def traced_child(proc: subprocess.Popen[Any]) -> int:
     nowhere, and a test saw its command end undisturbed: in CI, under load). The command is
     the child whose command line is neither strace's nor empty: a probe that has exited and
     that strace has not reaped yet is a zombie, whose command line reads empty (taking one
-    for the command failed the test again in CI at a569236)."""
+    for the command failed the test again in CI at cac8b96)."""
     def cmdline(pid: int) -> bytes | None:
         try:
             return Path(f"/proc/{pid}/cmdline").read_bytes()
